@@ -1,0 +1,111 @@
+"""Monet expert layers in factored form: horizontal (HD, eq. 6-12) and vertical (VD, eq. 13-15, A.1).
+
+Each layer holds E bottom/left halves and E top/right halves; expert (i, j) combines half i with
+half j, so N = E^2 experts cost O(E) parameters. The layer output is the routing-weighted sum over all
+N experts, but it is never expanded: the sums over i, j and the heads are reordered so that only
+E-sized routing vectors (g1, g2 per head) meet the E*m hidden units. This is exact because each head's
+g1 and g2 sum to 1 (see `monet.routing`). Hidden units are laid out expert-major ([E, m]), and the
+parameter names are the official ones (`u`, `v`, `b` for HD; `u1`, `u2`, `v11`..`v22`, `b1`, `b2` for VD).
+
+Shapes: x [B, T, d]; g1, g2 [B, T, H, E]; output [B, T, d].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from monet.config import MonetConfig
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """sigma(x) = relu(x)^2, the activation of the released models (`hidden_act="relu2"`)."""
+    return torch.relu(x).square()
+
+
+def activation(name: str):
+    """The expert nonlinearity by its Hugging Face name; "relu2" is the squared ReLU."""
+    return squared_relu if name == "relu2" else ACT2FN[name]
+
+
+class MonetHorizontalExperts(nn.Module):
+    """MoHDE: E_ij(x) = V_j sigma(U_i x + b1_i) + b2_j (eq. 6), summed as eq. 12.
+
+    `u` holds every U_i and b1_i (d -> E*m with bias), `v` every V_j (E*m -> d), `b` every b2_j ([E, d]).
+    """
+
+    def __init__(self, config: MonetConfig) -> None:
+        super().__init__()
+        self.experts, self.expert_dim = config.moe_experts, config.moe_dim
+        width = self.experts * self.expert_dim
+        self.act = activation(config.hidden_act)
+        self.u = nn.Linear(config.hidden_size, width)
+        self.v = nn.Linear(width, config.hidden_size, bias=False)
+        self.b = nn.Parameter(torch.zeros(self.experts, config.hidden_size))
+
+    def bottom(self, x: torch.Tensor) -> torch.Tensor:
+        """sigma(U_i x + b1_i) for every bottom half i: [B, T, E, m]."""
+        return self.act(self.u(x)).unflatten(-1, (self.experts, self.expert_dim))
+
+    def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+        g1, g2 = g1.to(x.dtype), g2.to(x.dtype)
+        hidden = self.bottom(x)
+        # Reduce over bottom halves per head, then spread over top halves (eq. 12, inner sums first):
+        per_head = g1 @ hidden                         # [B, T, H, m] = sum_i g1_hi sigma(U_i x + b1_i)
+        top_input = g2.transpose(-1, -2) @ per_head    # [B, T, E, m] = sum_h g2_hj per_head_h
+        return self.v(top_input.flatten(-2)) + g2.sum(dim=-2) @ self.b
+
+
+class MonetVerticalExperts(nn.Module):
+    """MoVDE (eq. 13-15): each expert's first layer is split into a left half (from i) and a right
+    half (from j), and its second layer into four blocks, giving the six terms of appendix A.1:
+
+        top    = V11_i s(U1_i x) + V12_i s(U2_j x) + b12_i     (X11 + X12 + X13)
+        bottom = V21_j s(U1_i x) + V22_j s(U2_j x) + b22_j     (X21 + X22 + X23)
+
+    `u1`/`u2` hold U1_i, b11_i / U2_j, b21_j (d -> E*m/2 with bias), `v11`, `v12`, `v21`, `v22` the
+    blocks (E*m/2 -> d/2), `b1` the b12_i and `b2` the b22_j ([E, d/2]).
+    """
+
+    def __init__(self, config: MonetConfig) -> None:
+        super().__init__()
+        self.experts, self.half_dim = config.moe_experts, config.moe_dim // 2
+        width, half_out = self.experts * self.half_dim, config.hidden_size // 2
+        self.act = activation(config.hidden_act)
+        self.u1 = nn.Linear(config.hidden_size, width)
+        self.u2 = nn.Linear(config.hidden_size, width)
+        self.v11 = nn.Linear(width, half_out, bias=False)
+        self.v12 = nn.Linear(width, half_out, bias=False)
+        self.v21 = nn.Linear(width, half_out, bias=False)
+        self.v22 = nn.Linear(width, half_out, bias=False)
+        self.b1 = nn.Parameter(torch.zeros(self.experts, half_out))
+        self.b2 = nn.Parameter(torch.zeros(self.experts, half_out))
+
+    def left(self, x: torch.Tensor) -> torch.Tensor:
+        """sigma(U1_i x + b11_i) for every left half i: [B, T, E, m/2]."""
+        return self.act(self.u1(x)).unflatten(-1, (self.experts, self.half_dim))
+
+    def right(self, x: torch.Tensor) -> torch.Tensor:
+        """sigma(U2_j x + b21_j) for every right half j: [B, T, E, m/2]."""
+        return self.act(self.u2(x)).unflatten(-1, (self.experts, self.half_dim))
+
+    def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+        g1, g2 = g1.to(x.dtype), g2.to(x.dtype)
+        h1, h2 = self.left(x), self.right(x)
+        s1, s2 = g1.sum(dim=-2), g2.sum(dim=-2)        # [B, T, E]: routing summed over heads
+        # Straight flows (eq. 23, 25): the other side's g sums to 1 per head.
+        straight1 = s1.unsqueeze(-1) * h1
+        straight2 = s2.unsqueeze(-1) * h2
+        # Cross flows (eq. 26-27): reduce one side per head, then spread over the other side.
+        cross12 = g1.transpose(-1, -2) @ (g2 @ h2)     # [B, T, E(i), m/2]
+        cross21 = g2.transpose(-1, -2) @ (g1 @ h1)     # [B, T, E(j), m/2]
+        top = self.v11(straight1.flatten(-2)) + self.v12(cross12.flatten(-2)) + s1 @ self.b1
+        bottom = self.v21(cross21.flatten(-2)) + self.v22(straight2.flatten(-2)) + s2 @ self.b2
+        return torch.cat((top, bottom), dim=-1)
+
+
+def build_experts(config: MonetConfig) -> nn.Module:
+    if config.moe_decompose == "horizontal":
+        return MonetHorizontalExperts(config)
+    return MonetVerticalExperts(config)

@@ -1,0 +1,171 @@
+"""Product-key routing with BatchNorm quantile thresholds, and the auxiliary losses (paper eq. 9, 16-17).
+
+For each token and head the router scores the E bottom halves (`w1`) and the E top halves (`w2`)
+separately. Instead of a top-k sort, each score is normalised with BatchNorm statistics (per head,
+over all tokens and all E entries) and compared with the standard-normal quantile
+sigma = Phi^-1(1 - k/E): if the logits were Gaussian, about k entries per head would pass. A head always
+keeps at least its best entry. The kept entries get a softmax of their RAW logits (float32), the
+others get exactly zero, so each head's g sums to 1 — the fact the factored expert sums rely on.
+
+Only the keep/drop decision depends on the BatchNorm statistics, and a comparison has no gradient,
+so the statistics are computed without autograd. In data-parallel training they are summed across
+ranks first, so every rank thresholds with the global batch's quantiles, as one device would.
+"""
+
+from __future__ import annotations
+
+from statistics import NormalDist
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from monet.config import MonetConfig
+
+
+def routing_threshold(topk: int, experts: int) -> float:
+    """sigma = Phi^-1(1 - k/E); with k = E every entry is kept (sigma = -inf)."""
+    if topk >= experts:
+        return float("-inf")
+    return NormalDist().inv_cdf(1.0 - topk / experts)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def batch_statistics(z: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Per-head (count, mean, biased variance) of logits z [..., H, E] over tokens and E entries.
+
+    Padding tokens (token_mask False) are left out. Sums are all-reduced across data-parallel ranks.
+    """
+    heads = z.shape[-2]
+    flat = z.reshape(-1, heads, z.shape[-1])
+    if token_mask is not None:
+        flat = flat[token_mask.reshape(-1)]
+    count = torch.tensor(float(flat.shape[0] * flat.shape[-1]), dtype=torch.float64, device=z.device)
+    sums = torch.stack([flat.sum(dim=(0, 2)).double(), flat.double().square().sum(dim=(0, 2))])
+    if _distributed():
+        dist.all_reduce(count)
+        dist.all_reduce(sums)
+    mean = sums[0] / count
+    var = (sums[1] / count - mean.square()).clamp_min(0.0)
+    return count, mean.to(z.dtype), var.to(z.dtype)
+
+
+class MonetRouter(nn.Module):
+    """Two key sets (w1 for bottom/left halves, w2 for top/right), H heads, BatchNorm thresholds."""
+
+    def __init__(self, config: MonetConfig) -> None:
+        super().__init__()
+        self.heads, self.experts = config.moe_heads, config.moe_experts
+        self.threshold = routing_threshold(config.moe_topk, config.moe_experts)
+        self.w1 = nn.Linear(config.hidden_size, self.heads * self.experts, bias=False)
+        self.w2 = nn.Linear(config.hidden_size, self.heads * self.experts, bias=False)
+        # affine=False BatchNorm modules only hold the running statistics (official key names).
+        self.norm1 = nn.BatchNorm1d(self.heads, affine=False)
+        self.norm2 = nn.BatchNorm1d(self.heads, affine=False)
+
+    def forward(
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, d] -> (g1, g2), each [B, T, H, E] in float32 (float64 for float64 input), rows summing
+        to 1 per head."""
+        shape = (*x.shape[:-1], self.heads, self.experts)
+        dtype = torch.promote_types(x.dtype, torch.float32)   # float32 at least (float64 stays float64)
+        z1 = self.w1(x).view(shape).to(dtype)
+        z2 = self.w2(x).view(shape).to(dtype)
+        return self._gate(z1, self.norm1, token_mask), self._gate(z2, self.norm2, token_mask)
+
+    def _gate(self, z: torch.Tensor, norm: nn.BatchNorm1d, token_mask: torch.Tensor | None) -> torch.Tensor:
+        keep = self._keep_mask(z, norm, token_mask)
+        return torch.softmax(z.masked_fill(~keep, float("-inf")), dim=-1)
+
+    @torch.no_grad()
+    def _keep_mask(self, z: torch.Tensor, norm: nn.BatchNorm1d, token_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.training:
+            count, mean, var = batch_statistics(z, token_mask)
+            _update_running_statistics(norm, count, mean, var)
+        else:
+            mean, var = norm.running_mean.to(z.dtype), norm.running_var.to(z.dtype)
+        normalised = (z - mean[:, None]) * torch.rsqrt(var[:, None] + norm.eps)
+        best = normalised.amax(dim=-1, keepdim=True)
+        return normalised >= best.clamp_max(self.threshold)
+
+
+@torch.no_grad()
+def _update_running_statistics(
+    norm: nn.BatchNorm1d, count: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
+) -> None:
+    """PyTorch BatchNorm semantics: exponential average with the unbiased batch variance."""
+    momentum = norm.momentum if norm.momentum is not None else 0.1
+    n = float(count)
+    unbiased = var * (n / max(n - 1.0, 1.0))
+    norm.running_mean.mul_(1 - momentum).add_(momentum * mean.to(norm.running_mean.dtype))
+    norm.running_var.mul_(1 - momentum).add_(momentum * unbiased.to(norm.running_var.dtype))
+    norm.num_batches_tracked.add_(1)
+
+
+def _token_mean(g: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Average routing probabilities over (non-padding) tokens: [..., H, E] -> [H, E].
+
+    Across data-parallel ranks the sums are all-reduced with autograd, so the loss is the global
+    batch's and its gradient matches a single device.
+    """
+    flat = g.reshape(-1, *g.shape[-2:])
+    if token_mask is not None:
+        flat = flat[token_mask.reshape(-1)]
+    total = flat.sum(dim=0)
+    count = torch.tensor(float(flat.shape[0]), device=g.device)
+    if _distributed():
+        from torch.distributed.nn.functional import all_reduce
+
+        total = all_reduce(total)
+        dist.all_reduce(count)
+    return total / count.clamp_min(1.0)
+
+
+def uniformity_loss(g1: torch.Tensor, g2: torch.Tensor, token_mask: torch.Tensor | None = None,
+                    eps: float = 1e-6) -> torch.Tensor:
+    """Eq. 16 with g-hat read as the routing probability averaged over the batch's tokens.
+
+    L_unif = -1/(2HE) * sum_{h,i} log(mean_t g1_thi + eps) - (same for g2). Up to the constant log E
+    this is KL(uniform || mean routing), minimal when every half is used equally; eps guards log 0.
+    """
+    loss = 0.0
+    for g in (g1, g2):
+        mean = _token_mean(g, token_mask)
+        loss = loss - torch.log(mean + eps).mean() / 2
+    return loss
+
+
+def ambiguity_loss(g1: torch.Tensor, g2: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 17 read as 1/(2H) * sum_h (1 - max_i g1_hi) + (same for g2), averaged over tokens.
+
+    The printed equation carries a leading minus sign, but the text says minimising it makes each
+    token pick its experts with high confidence; that is the sign used here (the loss is >= 0 and
+    falls as the largest routing probability of each head rises towards 1).
+    """
+    per_token = ((1 - g1.amax(dim=-1)).mean(dim=-1) + (1 - g2.amax(dim=-1)).mean(dim=-1)) / 2
+    if token_mask is not None:
+        return per_token[token_mask].mean() if token_mask.any() else per_token.sum() * 0
+    return per_token.mean()
+
+
+def apply_padding_to_mask(attention_mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """A [B, T] bool token mask from a 2D attention mask (None when every token is real)."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[-1] < shape[1]:
+        return None
+    mask = attention_mask[:, -shape[1]:].bool()
+    return None if bool(mask.all()) else mask
+
+
+__all__ = [
+    "MonetRouter",
+    "routing_threshold",
+    "batch_statistics",
+    "uniformity_loss",
+    "ambiguity_loss",
+    "apply_padding_to_mask",
+]
