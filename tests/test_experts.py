@@ -62,3 +62,33 @@ def test_exactness_needs_normalised_routing(cls):
     assert not torch.allclose(layer(x, g1, g2), naive_layer(layer, x, g1, g2))
     g1, g2 = g1 / g1.sum(-1, keepdim=True), g2 / g2.sum(-1, keepdim=True)
     torch.testing.assert_close(layer(x, g1, g2), naive_layer(layer, x, g1, g2))
+
+
+@pytest.mark.parametrize("cls", [MonetHorizontalExperts, MonetVerticalExperts])
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_edited_factored_equals_naive_masked_and_steered_sum(cls, shape):
+    hidden, experts, moe_dim, heads, topk, batch, length = shape
+    layer, router = _layer(cls, hidden, experts, moe_dim, heads, topk)
+    x = torch.randn(batch, length, hidden, dtype=torch.float64, requires_grad=True)
+    g1, g2 = router(x)
+    generator = torch.Generator().manual_seed(1)
+    chosen = torch.randperm(experts * experts, generator=generator)[: max(1, experts * experts // 3)].tolist()
+    masked = {(e // experts, e % experts) for e in chosen[: len(chosen) // 2 + 1]}
+    steered = {(e // experts, e % experts): 2.5 for e in chosen[len(chosen) // 2 + 1:]}
+    table = torch.zeros(experts * experts, dtype=torch.float64)
+    for i, j in masked:
+        table[i * experts + j] = 1.0                  # delete: remove the whole term
+    for (i, j), alpha in steered.items():
+        table[i * experts + j] = 1.0 - alpha          # steer: keep alpha times the term
+    layer.edit_weights = table
+    out = layer(x, g1, g2)
+    ref = naive_layer(layer, x, g1, g2, mask=masked, scale=steered)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    probe = torch.randn_like(out)
+    grads = torch.autograd.grad((out * probe).sum(), [x, *layer.parameters()], retain_graph=True)
+    ref_grads = torch.autograd.grad((ref * probe).sum(), [x, *layer.parameters()])
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    # An all-zero table is the unedited layer.
+    layer.edit_weights = torch.zeros_like(table)
+    torch.testing.assert_close(layer(x, g1, g2), naive_layer(layer, x, g1, g2))

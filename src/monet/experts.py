@@ -8,6 +8,12 @@ g1 and g2 sum to 1 (see `monet.routing`). Hidden units are laid out expert-major
 parameter names are the official ones (`u`, `v`, `b` for HD; `u1`, `u2`, `v11`..`v22`, `b1`, `b2` for VD).
 
 Shapes: x [B, T, d]; g1, g2 [B, T, H, E]; output [B, T, d].
+
+Editing (masking and steering, `monet.editing`): a layer may carry `edit_weights`, a [E*E] table
+holding, for expert (i, j) at i*E + j, the fraction of its term to remove (1 deletes it, 1 - alpha
+scales it by alpha, 0 leaves it). Only each token's active (i, j) pairs are looked up: their terms
+g1_hi g2_hj E_ij(x) are subtracted from the E-sized intermediate sums before the output
+projections, so an edited forward costs little more than a plain one and stays exact.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from monet.config import MonetConfig
+from monet.routing import active_pairs
 
 
 def squared_relu(x: torch.Tensor) -> torch.Tensor:
@@ -43,6 +50,7 @@ class MonetHorizontalExperts(nn.Module):
         self.u = nn.Linear(config.hidden_size, width)
         self.v = nn.Linear(width, config.hidden_size, bias=False)
         self.b = nn.Parameter(torch.zeros(self.experts, config.hidden_size))
+        self.register_buffer("edit_weights", None, persistent=False)
 
     def bottom(self, x: torch.Tensor) -> torch.Tensor:
         """sigma(U_i x + b1_i) for every bottom half i: [B, T, E, m]."""
@@ -54,7 +62,13 @@ class MonetHorizontalExperts(nn.Module):
         # Reduce over bottom halves per head, then spread over top halves (eq. 12, inner sums first):
         per_head = g1 @ hidden                         # [B, T, H, m] = sum_i g1_hi sigma(U_i x + b1_i)
         top_input = g2.transpose(-1, -2) @ per_head    # [B, T, E, m] = sum_h g2_hj per_head_h
-        return self.v(top_input.flatten(-2)) + g2.sum(dim=-2) @ self.b
+        bias_weight = g2.sum(dim=-2)                   # [B, T, E] = sum_h g2_hj (sum_i g1_hi = 1)
+        if self.edit_weights is not None:
+            i, j, c = edited_pairs(g1, g2, self.edit_weights)
+            # Remove c_ij (V_j sigma(U_i x + b1_i) + b2_j) for every edited active pair.
+            top_input = top_input.scatter_add(-2, _expand(j, self.expert_dim), -c.unsqueeze(-1) * _take(hidden, i))
+            bias_weight = bias_weight.scatter_add(-1, j, -c)
+        return self.v(top_input.flatten(-2)) + bias_weight @ self.b
 
 
 class MonetVerticalExperts(nn.Module):
@@ -81,6 +95,7 @@ class MonetVerticalExperts(nn.Module):
         self.v22 = nn.Linear(width, half_out, bias=False)
         self.b1 = nn.Parameter(torch.zeros(self.experts, half_out))
         self.b2 = nn.Parameter(torch.zeros(self.experts, half_out))
+        self.register_buffer("edit_weights", None, persistent=False)
 
     def left(self, x: torch.Tensor) -> torch.Tensor:
         """sigma(U1_i x + b11_i) for every left half i: [B, T, E, m/2]."""
@@ -100,9 +115,36 @@ class MonetVerticalExperts(nn.Module):
         # Cross flows (eq. 26-27): reduce one side per head, then spread over the other side.
         cross12 = g1.transpose(-1, -2) @ (g2 @ h2)     # [B, T, E(i), m/2]
         cross21 = g2.transpose(-1, -2) @ (g1 @ h1)     # [B, T, E(j), m/2]
+        if self.edit_weights is not None:
+            i, j, c = edited_pairs(g1, g2, self.edit_weights)
+            # Remove c_ij E_ij(x): row sums over j and column sums over i of c, and the cross terms.
+            rows = torch.zeros_like(s1).scatter_add(-1, i, c)
+            cols = torch.zeros_like(s2).scatter_add(-1, j, c)
+            width = _expand(i, self.half_dim)
+            straight1 = straight1 - rows.unsqueeze(-1) * h1
+            straight2 = straight2 - cols.unsqueeze(-1) * h2
+            cross12 = cross12.scatter_add(-2, width, -c.unsqueeze(-1) * _take(h2, j))
+            cross21 = cross21.scatter_add(-2, _expand(j, self.half_dim), -c.unsqueeze(-1) * _take(h1, i))
+            s1, s2 = s1 - rows, s2 - cols
         top = self.v11(straight1.flatten(-2)) + self.v12(cross12.flatten(-2)) + s1 @ self.b1
         bottom = self.v21(cross21.flatten(-2)) + self.v22(straight2.flatten(-2)) + s2 @ self.b2
         return torch.cat((top, bottom), dim=-1)
+
+
+def edited_pairs(g1: torch.Tensor, g2: torch.Tensor, edit_weights: torch.Tensor):
+    """Active pairs (i, j) [B, T, P] and their removal weights c = g1_hi g2_hj edit[i*E + j]."""
+    i, j, weight = active_pairs(g1, g2)
+    experts = g1.shape[-1]
+    return i, j, weight * edit_weights.to(weight.dtype)[i * experts + j]
+
+
+def _expand(index: torch.Tensor, width: int) -> torch.Tensor:
+    return index.unsqueeze(-1).expand(*index.shape, width)
+
+
+def _take(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """hidden [B, T, E, m] at per-token indices [B, T, P] -> [B, T, P, m]."""
+    return hidden.gather(-2, _expand(index, hidden.shape[-1]))
 
 
 def build_experts(config: MonetConfig) -> nn.Module:

@@ -34,6 +34,7 @@ from monet.experts import MonetHorizontalExperts, MonetVerticalExperts, build_ex
 from monet.routing import MonetRouter, ambiguity_loss, apply_padding_to_mask, uniformity_loss
 
 Routing = tuple[torch.Tensor, torch.Tensor]
+EXPERT_EDITS_FILE = "expert_edits.safetensors"   # written by `monet.editing`, beside model.safetensors
 
 
 @dataclass
@@ -281,7 +282,22 @@ class MonetPreTrainedModel(PreTrainedModel):
             )
         except (OSError, RuntimeError) as exc:
             raise MonetError(f"could not load the checkpoint at {pretrained_model_name_or_path}: {exc}") from exc
+        if path.is_dir() and (path / EXPERT_EDITS_FILE).is_file():
+            from monet.editing import load_edits   # persistent expert masks / steering saved beside the weights
+
+            load_edits(model, path)
         return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """Hugging Face `save_pretrained`, plus the expert edits (masks, steering) when any are applied."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        edits_path = Path(save_directory) / EXPERT_EDITS_FILE
+        if any(getattr(m, "edit_weights", None) is not None for m in self.modules()):
+            from monet.editing import save_edits
+
+            save_edits(self, save_directory)
+        elif edits_path.exists():
+            edits_path.unlink()   # a stale file from an earlier save would re-apply old edits
 
 
 def _load_config(path: Path) -> MonetConfig:

@@ -153,6 +153,32 @@ def ambiguity_loss(g1: torch.Tensor, g2: torch.Tensor, token_mask: torch.Tensor 
     return per_token.mean()
 
 
+def active_halves(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept entries of routing g [..., H, E] as (values, indices), each [..., H, K].
+
+    K is the largest number of kept entries of any (token, head) in the batch (about k, at least 1);
+    rows with fewer kept entries are padded with zero values.
+    """
+    kept = int((g > 0).sum(-1).max()) if g.numel() else 1
+    return g.topk(max(kept, 1), dim=-1)
+
+
+def active_pairs(g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every (head, i, j) with g1_hi * g2_hj > 0, without ever forming the E x E grid.
+
+    Returns (i, j, weight), each [..., P] with P = H * K1 * K2 (see `active_halves`): the bottom/left
+    index, the top/right index and the per-head product g1_hi * g2_hj (zero for padding entries).
+    The same (i, j) may appear once per head; its routing score is the sum of its weights.
+    """
+    v1, i1 = active_halves(g1)
+    v2, i2 = active_halves(g2)
+    shape = (*v1.shape[:-1], v1.shape[-1], v2.shape[-1])
+    weight = (v1.unsqueeze(-1) * v2.unsqueeze(-2)).flatten(-3)
+    i = i1.unsqueeze(-1).expand(shape).flatten(-3)
+    j = i2.unsqueeze(-2).expand(shape).flatten(-3)
+    return i, j, weight
+
+
 def apply_padding_to_mask(attention_mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
     """A [B, T] bool token mask from a 2D attention mask (None when every token is real)."""
     if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[-1] < shape[1]:
@@ -163,6 +189,8 @@ def apply_padding_to_mask(attention_mask: torch.Tensor | None, shape: torch.Size
 
 __all__ = [
     "MonetRouter",
+    "active_halves",
+    "active_pairs",
     "routing_threshold",
     "batch_statistics",
     "uniformity_loss",
