@@ -283,7 +283,7 @@ class MonetPreTrainedModel(PreTrainedModel):
         except (OSError, RuntimeError) as exc:
             raise MonetError(f"could not load the checkpoint at {pretrained_model_name_or_path}: {exc}") from exc
         if path.is_dir() and (path / EXPERT_EDITS_FILE).is_file():
-            from monet.editing import load_edits   # persistent expert masks / steering saved beside the weights
+            from monet.editing import load_edits  # persistent expert masks / steering saved beside the weights
 
             load_edits(model, path)
         return (model, info) if want_info else model
