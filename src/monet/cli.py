@@ -15,11 +15,15 @@ from monet.errors import MonetError
 
 # Modules that add subcommands, in the order `monet --help` lists them.
 _COMMAND_MODULES = [
+    "monet.demo",
     "monet.info",
     "monet.data.cli",
     "monet.train",
     "monet.evaluate",
     "monet.generation",
+    "monet.analysis.cli",
+    "monet.unlearn",
+    "monet.bench",
 ]
 
 
