@@ -141,3 +141,19 @@ def test_total_loss_is_lm_plus_weighted_aux():
     torch.testing.assert_close(out.aux_loss, out.unif_loss + out.amb_loss)
     logits = out.logits[:, :-1].reshape(-1, 256)
     torch.testing.assert_close(out.lm_loss, torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1)))
+
+
+def test_activation_checkpointing_updates_running_statistics_once():
+    torch.manual_seed(0)
+    model = monet.MonetForCausalLM(monet.preset("tiny")).train()
+    reference = monet.MonetForCausalLM(monet.preset("tiny")).train()
+    reference.load_state_dict(model.state_dict())
+    model.gradient_checkpointing_enable()
+    ids = torch.randint(3, 256, (2, 9))
+    model(ids, labels=ids).loss.backward()
+    reference(ids, labels=ids).loss.backward()
+    for ours, theirs in zip(model.model.layers[0].router.buffers(), reference.model.layers[0].router.buffers(),
+                            strict=True):
+        torch.testing.assert_close(ours, theirs)
+    grad = model.model.layers[1].moe.u2.weight.grad
+    torch.testing.assert_close(grad, reference.model.layers[1].moe.u2.weight.grad)

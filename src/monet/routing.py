@@ -86,12 +86,18 @@ class MonetRouter(nn.Module):
     def _keep_mask(self, z: torch.Tensor, norm: nn.BatchNorm1d, token_mask: torch.Tensor | None) -> torch.Tensor:
         if self.training:
             count, mean, var = batch_statistics(z, token_mask)
-            _update_running_statistics(norm, count, mean, var)
+            if not _recomputing_in_backward():   # activation checkpointing replays the forward once more
+                _update_running_statistics(norm, count, mean, var)
         else:
             mean, var = norm.running_mean.to(z.dtype), norm.running_var.to(z.dtype)
         normalised = (z - mean[:, None]) * torch.rsqrt(var[:, None] + norm.eps)
         best = normalised.amax(dim=-1, keepdim=True)
         return normalised >= best.clamp_max(self.threshold)
+
+
+def _recomputing_in_backward() -> bool:
+    """True while autograd runs a backward pass (where checkpointed layers recompute their forward)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 @torch.no_grad()
