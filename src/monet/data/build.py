@@ -1,0 +1,223 @@
+"""Build a labelled, tokenized dataset directory from one corpus source, atomically.
+
+``build_corpus`` collects documents from a source, drops exact duplicates, balances labels with a
+byte budget of ``max_bytes / n_labels`` each, splits by content hash, trains (or loads) the
+tokenizer on the training split only, and writes everything into ``OUT.tmp-XXXX`` which is renamed
+to ``OUT`` at the very end: a failed or interrupted build leaves no half-written dataset.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from monet.data.code import code_documents
+from monet.data.documents import VALIDATION_FRACTION, Document, assign_splits, balance, dedup
+from monet.data.domains import domain_documents
+from monet.data.languages import language_documents
+from monet.data.packages import cache_dir as default_cache_dir
+from monet.data.storage import FORMAT_VERSION, MANIFEST, SPLITS, read_manifest, token_dtype, write_json, write_split
+from monet.data.tokenizer import DEFAULT_VOCAB_SIZE, gpt2_tokenizer, load_raw_tokenizer, save_tokenizer, train_bpe
+from monet.data.toxicity import toxicity_documents
+from monet.errors import MonetError
+
+Builder = Callable[..., list[Document]]
+
+# source -> (document builder, default max_bytes). Defaults build in seconds on a laptop CPU.
+SOURCES: dict[str, tuple[Builder, int]] = {
+    "code": (code_documents, 8_000_000),
+    "domains": (domain_documents, 4_000_000),
+    "languages": (language_documents, 4_000_000),
+    "toxicity": (toxicity_documents, 4_000_000),
+}
+TOKENIZERS = ("bpe", "gpt2")
+ENCODE_BATCH = 512
+
+
+def check_source(source: str) -> Builder:
+    if source not in SOURCES:
+        raise MonetError(f"unknown corpus source {source!r}; choose one of {', '.join(SOURCES)}")
+    return SOURCES[source][0]
+
+
+def collect_documents(
+    source: str,
+    max_bytes: int | None = None,
+    seed: int = 0,
+    *,
+    cache: Path | None = None,
+    fetch: bool = False,
+    source_options: dict | None = None,
+    progress: bool = True,
+) -> list[Document]:
+    """Deduplicated, label-balanced documents of a source (before the split)."""
+    builder = check_source(source)
+    max_bytes = SOURCES[source][1] if max_bytes is None else int(max_bytes)
+    if max_bytes <= 0:
+        raise MonetError(f"max_bytes must be positive, got {max_bytes}")
+    cache = default_cache_dir(cache)
+    documents = builder(max_bytes, seed, cache=cache, fetch=fetch, progress=progress, **(source_options or {}))
+    documents = dedup(d for d in documents if d.text.strip())
+    labels = sorted({d.label for d in documents})
+    if len(labels) < 2:
+        raise MonetError(
+            f"the {source} source gave {len(labels)} label(s) ({', '.join(labels) or 'none'}); at least 2 are "
+            "needed. Install the packages it reads (see docs/data.md) or rerun with --fetch"
+        )
+    return balance(documents, max(1, max_bytes // len(labels)), seed)
+
+
+def _encode(tokenizer_dir: Path, texts: list[str], progress: bool) -> tuple[list[list[int]], int, int]:
+    """Token ids of ``<s> text </s>`` for each text, plus the bos and eos ids."""
+    raw = load_raw_tokenizer(tokenizer_dir)
+    bos = raw.token_to_id("<s>")
+    eos = raw.token_to_id("</s>")
+    if bos is None or eos is None:  # GPT-2 vocabulary: one special token for both
+        bos = eos = raw.token_to_id("<|endoftext|>")
+    out: list[list[int]] = []
+    bar = tqdm(total=len(texts), unit="doc", desc="tokenize", disable=not progress)
+    for start in range(0, len(texts), ENCODE_BATCH):
+        batch = raw.encode_batch(texts[start : start + ENCODE_BATCH], add_special_tokens=False)
+        out.extend([bos, *enc.ids, eos] for enc in batch)
+        bar.update(len(batch))
+    bar.close()
+    return out, bos, eos
+
+
+def _label_counts(documents: list[Document], token_lists: list[list[int]], labels: list[str]) -> dict:
+    counts = {label: {"documents": 0, "tokens": 0, "bytes": 0} for label in labels}
+    for doc, ids in zip(documents, token_lists, strict=True):
+        entry = counts[doc.label]
+        entry["documents"] += 1
+        entry["tokens"] += len(ids)
+        entry["bytes"] += len(doc.text.encode("utf-8"))
+    return counts
+
+
+def _prepare_out(out: Path, force: bool) -> bool:
+    """True if ``out`` already holds a complete dataset that should be kept."""
+    if (out / MANIFEST).is_file() and not force:
+        read_manifest(out)  # a corrupt manifest is an error, not "already built"
+        return True
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise MonetError(f"{out} exists and is not a dataset; choose another --out or pass --force to replace it")
+    return False
+
+
+def build_corpus(
+    source: str,
+    out_dir: str | Path,
+    max_bytes: int | None = None,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    tokenizer: str = "bpe",
+    seed: int = 0,
+    fetch: bool = False,
+    *,
+    cache_dir: str | Path | None = None,
+    force: bool = False,
+    validation_fraction: float = VALIDATION_FRACTION,
+    source_options: dict | None = None,
+    progress: bool = True,
+) -> Path:
+    """Build dataset ``out_dir`` from ``source`` (code, domains, languages, toxicity); returns its path.
+
+    An existing complete dataset is returned untouched unless ``force``. ``source_options`` are
+    passed to the source's builder (e.g. ``roots`` for code, ``dict_path`` for domains,
+    ``locale_dir``/``languages`` for languages, ``texts`` for toxicity).
+    """
+    check_source(source)
+    if tokenizer not in TOKENIZERS:
+        raise MonetError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
+    if tokenizer == "bpe" and vocab_size < 512:
+        raise MonetError(f"vocab size {vocab_size} is too small for a byte-level BPE; use at least 512")
+    if not 0 < validation_fraction < 1:
+        raise MonetError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    out = Path(out_dir).expanduser()
+    if _prepare_out(out, force):
+        return out
+    cache = default_cache_dir(cache_dir)
+    documents = collect_documents(
+        source, max_bytes, seed, cache=cache, fetch=fetch, source_options=source_options, progress=progress
+    )
+    by_split = assign_splits(documents, validation_fraction)
+    if not by_split["train"] or not by_split["validation"]:
+        raise MonetError(
+            f"only {len(documents)} documents: both splits need at least one; raise --max-bytes or add inputs"
+        )
+    labels = sorted({d.label for d in documents})
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{out.name}.tmp-"))
+    try:
+        if tokenizer == "bpe":
+            model = train_bpe((d.text for d in by_split["train"]), vocab_size)
+        else:
+            model = gpt2_tokenizer(cache, fetch)
+        save_tokenizer(model, tmp, kind=tokenizer)
+        actual_vocab = model.get_vocab_size()
+        splits = {}
+        special = {}
+        for split in SPLITS:
+            docs = by_split[split]
+            ids, bos, eos = _encode(tmp, [d.text for d in docs], progress)
+            special = {"bos_id": bos, "eos_id": eos}
+            metas = [{"source": d.source, "label": d.label, "sha256": d.digest, **d.meta} for d in docs]
+            counts = write_split(tmp, split, ids, [labels.index(d.label) for d in docs], metas, actual_vocab)
+            splits[split] = {**counts, "labels": _label_counts(docs, ids, labels)}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "source": source,
+            "labels": labels,
+            "vocab_size": actual_vocab,
+            "tokenizer": tokenizer,
+            "special_tokens": special,
+            "dtype": token_dtype(actual_vocab).name,
+            "splits": splits,
+            "options": {
+                "max_bytes": SOURCES[source][1] if max_bytes is None else int(max_bytes),
+                "vocab_size": vocab_size,
+                "tokenizer": tokenizer,
+                "seed": seed,
+                "fetch": fetch,
+                "validation_fraction": validation_fraction,
+                "source_options": {k: _jsonable(v) for k, v in sorted((source_options or {}).items())},
+            },
+        }
+        write_json(tmp / MANIFEST, manifest)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value] if len(value) <= 64 else f"<{len(value)} items>"
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, np.integer):
+        return int(value)
+    return str(value)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` into ``out``; an old ``out`` is set aside first, then deleted."""
+    old = None
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)

