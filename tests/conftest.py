@@ -17,3 +17,10 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not (path / "manifest.json").is_file():
         build_corpus("code", path, max_bytes=300_000, vocab_size=512, progress=False, cache_dir=base / "cache")
     return path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The test models are tiny: one thread avoids thread start-up and contention costs (several times faster).
+    import torch
+
+    torch.set_num_threads(1)

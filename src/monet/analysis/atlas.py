@@ -1,0 +1,586 @@
+"""The expert atlas: stream a labelled corpus through a model and keep, for every expert of every
+routing group, its top-activating contexts and running statistics (paper §4.3, Fig. 2; §5.1).
+
+Memory stays bounded whatever the corpus size: documents are cut into fixed windows, and per group
+the build keeps only running aggregates -- activation count, routing mass per label ([labels, N],
+float64), a fixed log-spaced histogram of scores ([N, bins], int32) -- and the top-K contexts of each
+expert as (score, document, position) in a `TopK` table of at most N*K rows plus a candidate buffer
+that is pruned with numpy sorts. Only each token's active experts are ever formed (see
+`monet.analysis.capture`), never the N = E^2 grid.
+
+The same machinery serves dense baselines (`mlp_type="dense"`): a "group" is then a decoder layer and
+a "unit" a neuron of its MLP hidden layer, scored by the positive part of act(gate(x)) * up(x), so the
+monosemanticity measures of `monet.analysis.monosemanticity` apply to both model types.
+
+On disk an atlas is a directory (written as ATLAS.tmp, then renamed)::
+
+    manifest.json          format version, model identity (config hash + weight fingerprint), data dir,
+                           split, labels, tokens per label, groups, units per group, histogram edges, options
+    experts.parquet        one row per (group, expert), sorted: count, score_sum, mean_score, density,
+                           max_score, mass_<label>..., hist_00..hist_NN
+    contexts.parquet       top-K contexts sorted by (group, expert, rank): doc, pos, score, label, token,
+                           tokens (a window of ids around the token, -1 outside the document), target
+    token_index.parquet    (token, group, expert) -> number of top contexts on that token, max/sum score
+    vocab.parquet          token id -> decoded text piece (what the viewer shows for each id)
+
+Scores: a token's score for expert (i, j) is sum_h g1_hi g2_hj (the official convention). Summed over
+all experts it equals H, so `100 * score / H` is the share of the token's routing mass that the expert
+receives -- the percentage shown by the queries and the viewer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from monet.errors import MonetError
+
+FORMAT_VERSION = 1
+CONTEXT_BEFORE = 12
+CONTEXT_AFTER = 4
+HIST_EDGES = np.logspace(-6.0, 0.0, 11)   # bins of score / H; below 1e-6 counts in the first bin
+BUFFER_ROWS = 4_000_000                    # candidate rows kept before a prune, per group
+TABLES = ("experts.parquet", "contexts.parquet", "token_index.parquet", "vocab.parquet")
+
+
+@dataclass
+class AtlasOptions:
+    """Build options (recorded in the manifest)."""
+
+    max_tokens: int | None = 1_000_000
+    top_k: int = 10
+    split: str = "validation"
+    batch_size: int = 16
+    seq_len: int = 256
+
+
+# --------------------------------------------------------------------------------------------- top-K
+
+@dataclass
+class TopK:
+    """The best K (score, doc, pos) of each of N units, with ties broken by the smallest (doc, pos).
+
+    New rows are filtered against a per-unit threshold (the current K-th score; rows equal to it are
+    kept, so the result does not depend on the order rows arrive in) and buffered; `prune` sorts table
+    and buffer together by (unit, -score, doc, pos) and keeps the first K of each unit.
+    """
+
+    units: int
+    k: int
+    unit: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    score: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    doc: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    pos: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+
+    def __post_init__(self) -> None:
+        self.threshold = np.full(self.units, -np.inf, np.float32)
+        self._buffer: list[tuple[np.ndarray, ...]] = []
+        self._buffered = 0
+
+    def add(self, unit: np.ndarray, score: np.ndarray, doc: np.ndarray, pos: np.ndarray) -> None:
+        """Offer rows (any order)."""
+        keep = score >= self.threshold[unit]
+        if not keep.any():
+            return
+        self._buffer.append((unit[keep].astype(np.int32), score[keep].astype(np.float32),
+                             doc[keep].astype(np.int32), pos[keep].astype(np.int32)))
+        self._buffered += int(keep.sum())
+        if self._buffered >= max(BUFFER_ROWS, 2 * self.units):
+            self.prune()
+
+    def prune(self) -> None:
+        if not self._buffer:
+            return
+        parts = [(self.unit, self.score, self.doc, self.pos), *self._buffer]
+        unit, score, doc, pos = (np.concatenate([p[c] for p in parts]) for c in range(4))
+        self._buffer, self._buffered = [], 0
+        self.unit, self.score, self.doc, self.pos = _keep_best(unit, score, doc, pos, self.k)
+        full = _ranks(self.unit) == self.k - 1
+        self.threshold[self.unit[full]] = self.score[full]
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(unit, rank, score, doc, pos), sorted by (unit, rank)."""
+        self.prune()
+        return self.unit, _ranks(self.unit).astype(np.int16), self.score, self.doc, self.pos
+
+
+def _ranks(sorted_units: np.ndarray) -> np.ndarray:
+    """Position of each row within its run of equal units (input sorted by unit)."""
+    n = len(sorted_units)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    starts = np.ones(n, bool)
+    starts[1:] = sorted_units[1:] != sorted_units[:-1]
+    first = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    return np.arange(n) - first
+
+
+def _keep_best(unit, score, doc, pos, k: int):
+    order = np.lexsort((pos, doc, -score.astype(np.float64), unit))
+    unit, score, doc, pos = unit[order], score[order], doc[order], pos[order]
+    keep = _ranks(unit) < k
+    return unit[keep], score[keep], doc[keep], pos[keep]
+
+
+# ------------------------------------------------------------------------------------- accumulators
+
+class GroupStats:
+    """Running aggregates of one routing group (or one dense layer): bounded, mergeable."""
+
+    def __init__(self, units: int, num_labels: int, top_k: int, scale: float) -> None:
+        self.units, self.scale = units, scale
+        self.count = np.zeros(units, np.int64)
+        self.mass = np.zeros((num_labels, units), np.float64)
+        self.hist = np.zeros((units, len(HIST_EDGES) - 1), np.int32)
+        self.top = TopK(units, top_k)
+
+    def add(self, unit: np.ndarray, score: np.ndarray, label: np.ndarray, doc: np.ndarray, pos: np.ndarray) -> None:
+        """One row per (token, active unit): unit id, score, and the token's label id, document, position."""
+        self.count += np.bincount(unit, minlength=self.units)
+        for lab in np.unique(label):
+            rows = label == lab
+            self.mass[lab] += np.bincount(unit[rows], weights=score[rows], minlength=self.units)
+        bins = np.clip(np.searchsorted(HIST_EDGES, score / self.scale, side="right") - 1, 0, len(HIST_EDGES) - 2)
+        flat = unit.astype(np.int64) * (len(HIST_EDGES) - 1) + bins
+        self.hist += np.bincount(flat, minlength=self.hist.size).reshape(self.hist.shape).astype(np.int32)
+        self.top.add(unit, score, doc, pos)
+
+    def state(self) -> dict[str, np.ndarray]:
+        unit, _, score, doc, pos = self.top.rows()
+        return {"count": self.count, "mass": self.mass, "hist": self.hist,
+                "top_unit": unit, "top_score": score, "top_doc": doc, "top_pos": pos}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray], top_k: int, scale: float) -> GroupStats:
+        stats = cls(int(state["count"].shape[0]), int(state["mass"].shape[0]), top_k, scale)
+        stats.count, stats.mass, stats.hist = state["count"].copy(), state["mass"].copy(), state["hist"].copy()
+        stats.top._buffer = [(state["top_unit"], state["top_score"], state["top_doc"], state["top_pos"])]
+        stats.top.prune()
+        return stats
+
+
+def merge(shards: list[GroupStats]) -> GroupStats:
+    """Combine the statistics of one group built on disjoint slices of the corpus (sum counts, mass and
+    histograms; merge the top-K tables). Two shards give exactly what one pass over both slices gives."""
+    if not shards:
+        raise MonetError("nothing to merge: no shards")
+    first = shards[0]
+    out = GroupStats(first.units, first.mass.shape[0], first.top.k, first.scale)
+    for shard in shards:
+        if shard.units != first.units or shard.mass.shape != first.mass.shape or shard.top.k != first.top.k:
+            raise MonetError("cannot merge atlas shards of different shapes (units, labels or top-k differ)")
+        out.count += shard.count
+        out.mass += shard.mass
+        out.hist += shard.hist
+        out.top._buffer.append(shard.top.rows()[:1] + shard.top.rows()[2:])
+    out.top.prune()
+    return out
+
+
+# -------------------------------------------------------------------------------- model activations
+
+def model_kind(model: torch.nn.Module) -> str:
+    kind = getattr(model.config, "mlp_type", "monet")
+    if kind not in ("monet", "dense"):
+        raise MonetError(f"the atlas supports Monet and dense models, not mlp_type={kind!r}")
+    return kind
+
+
+def unit_layout(model: torch.nn.Module) -> tuple[int, int, float]:
+    """(number of groups, units per group, score scale): the scale turns a score into a share of 1."""
+    config = model.config
+    if model_kind(model) == "monet":
+        return config.num_routing_groups, config.moe_experts**2, float(config.moe_heads)
+    return config.num_hidden_layers, config.intermediate_size, 1.0
+
+
+@torch.no_grad()
+def unit_activations(model: torch.nn.Module, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per group, the active units of every token as padded (ids [B, T, P] with -1 padding, scores).
+
+    Monet: the experts i*E + j of each routing group with score sum_h g1_hi g2_hj. Dense: the neurons of
+    each layer's MLP hidden layer with score max(act(gate x) * up x, 0) (zero scores are dropped).
+    """
+    body = getattr(model, "model", model)   # the decoder without the unembedding: logits are not needed
+    if model_kind(model) == "monet":
+        from monet.analysis.capture import capture_routing
+
+        with capture_routing(model) as capture:
+            body(input_ids=input_ids, use_cache=False)
+            return [(a.ids, a.scores) for a in (capture.experts(g) for g in range(len(capture.groups)))]
+    found: list[torch.Tensor] = []
+
+    def record(module, args, output):
+        x = args[0]
+        found.append(torch.relu(module.act(module.gate_proj(x)) * module.up_proj(x)).float().cpu())
+
+    mlps = [layer.mlp for layer in model.model.layers]
+    handles = [mlp.register_forward_hook(record) for mlp in mlps]
+    try:
+        body(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = []
+    for scores in found:
+        ids = torch.arange(scores.shape[-1]).expand_as(scores)
+        out.append((torch.where(scores > 0, ids, torch.full_like(ids, -1)), scores))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ windows
+
+def document_order(docs: np.ndarray) -> np.ndarray:
+    """Document indices interleaved round-robin over labels (in stream order within a label), so that a
+    token budget smaller than the corpus still covers every label."""
+    labels = docs[:, 2]
+    rank_in_label = np.zeros(len(docs), np.int64)
+    for label in np.unique(labels):
+        where = np.flatnonzero(labels == label)
+        rank_in_label[where] = np.arange(len(where))
+    return np.lexsort((labels, rank_in_label))
+
+
+def plan_windows(docs: np.ndarray, seq_len: int, max_tokens: int | None) -> np.ndarray:
+    """[n, 3] (doc, start, length): documents (in `document_order`) cut into windows of at most seq_len
+    tokens, until max_tokens tokens are covered (the last window may be cut short)."""
+    rows, total = [], 0
+    for doc in document_order(docs):
+        start, end = int(docs[doc, 0]), int(docs[doc, 1])
+        length = end - start
+        for offset in range(0, length, seq_len):
+            take = min(seq_len, length - offset)
+            if max_tokens is not None and total + take > max_tokens:
+                take = max_tokens - total
+            if take <= 0:
+                return np.asarray(rows, np.int64).reshape(-1, 3)
+            rows.append((doc, offset, take))
+            total += take
+    return np.asarray(rows, np.int64).reshape(-1, 3)
+
+
+def _batches(windows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    for first in range(0, len(windows), batch_size):
+        yield windows[first:first + batch_size]
+
+
+def batch_inputs(dataset, batch: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """Right-padded input ids [B, T] and a validity mask. Right padding needs no attention mask: causal
+    attention never lets a real token see the padding after it, and routing uses running statistics."""
+    width = int(batch[:, 2].max())
+    ids = np.zeros((len(batch), width), np.int64)
+    valid = np.zeros((len(batch), width), bool)
+    for row, (doc, offset, length) in enumerate(batch):
+        ids[row, :length] = dataset.document(int(doc))[offset:offset + length]
+        valid[row, :length] = True
+    return torch.from_numpy(ids), valid
+
+
+def accumulate_batch(stats: list[GroupStats], activations, batch: np.ndarray, valid: np.ndarray,
+                     label_of_doc: np.ndarray) -> None:
+    """Add one batch's active units to every group's aggregates."""
+    docs = np.broadcast_to(batch[:, :1], valid.shape)
+    pos = batch[:, 1:2] + np.arange(valid.shape[1])[None]
+    for group, (ids, scores) in zip(stats, activations, strict=True):
+        ids, scores = ids.numpy(), scores.numpy()
+        keep = (ids >= 0) & valid[..., None]
+        token_rows = np.nonzero(keep)
+        b, t = token_rows[0], token_rows[1]
+        doc = docs[b, t]
+        group.add(ids[keep].astype(np.int64), scores[keep].astype(np.float64), label_of_doc[doc], doc, pos[b, t])
+
+
+# ---------------------------------------------------------------------------------- model identity
+
+_VOLATILE_CONFIG_KEYS = {
+    "transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype", "auto_map",
+    "output_router_probs", "use_cache", "output_hidden_states", "output_attentions", "return_dict",
+}
+
+
+def model_identity(model: torch.nn.Module) -> dict[str, str]:
+    """A hash of the model's config and a fingerprint of some weights, to tell atlases of different
+    models apart (same shape but other weights included)."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state)[:: max(1, len(state) // 16)]:
+        tensor = state[name]
+        if tensor.is_floating_point() and tensor.numel():
+            digest.update(name.encode())
+            digest.update(tensor.detach().flatten()[:256].float().cpu().numpy().round(5).tobytes())
+    return {"config_hash": config_hash, "weights_fingerprint": digest.hexdigest()[:16]}
+
+
+# --------------------------------------------------------------------------------------------- build
+
+def _distributed() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def collect(model: torch.nn.Module, dataset, options: AtlasOptions, windows: np.ndarray | None = None,
+            progress: bool = True) -> tuple[list[GroupStats], int]:
+    """Run the model over the planned windows (or the given ones); returns per-group stats and tokens."""
+    groups, units, scale = unit_layout(model)
+    labels = len(dataset.labels)
+    stats = [GroupStats(units, labels, options.top_k, scale) for _ in range(groups)]
+    if windows is None:
+        windows = plan_windows(dataset.docs, options.seq_len, options.max_tokens)
+    label_of_doc = dataset.docs[:, 2].astype(np.int64)
+    device = next(model.parameters()).device
+    total = int(windows[:, 2].sum()) if len(windows) else 0
+    bar = tqdm(total=total, unit="tok", desc="atlas", disable=not progress, dynamic_ncols=True)
+    model.eval()
+    for batch in _batches(windows, options.batch_size):
+        input_ids, valid = batch_inputs(dataset, batch)
+        activations = unit_activations(model, input_ids.to(device))
+        accumulate_batch(stats, [(i.cpu(), s.cpu()) for i, s in activations], batch, valid, label_of_doc)
+        bar.update(int(valid.sum()))
+    bar.close()
+    return stats, total
+
+
+def label_tokens(dataset, windows: np.ndarray) -> np.ndarray:
+    """Tokens processed per label id."""
+    labels = dataset.docs[windows[:, 0], 2] if len(windows) else np.zeros(0, np.int64)
+    return np.bincount(labels, weights=windows[:, 2], minlength=len(dataset.labels)).astype(np.int64)
+
+
+def build_atlas(model: torch.nn.Module, tokenizer: Any, data_dir: str | Path, out: str | Path,
+                options: AtlasOptions | None = None, *, force: bool = False, progress: bool = True,
+                run: str | None = None) -> Path:
+    """Build the atlas of `model` on the `options.split` split of the dataset at `data_dir` into `out`.
+
+    Under torchrun (an initialised process group) each rank takes a contiguous slice of the windows
+    and writes its shard; rank 0 merges them and writes the tables.
+    """
+    from monet.data import TokenDataset
+
+    options = options or AtlasOptions()
+    _check_options(options, model)
+    out = Path(out)
+    if out.exists() and not force:
+        raise MonetError(f"{out} already exists; pass --force to replace it or choose another --out")
+    dataset = TokenDataset(data_dir, options.split)
+    if dataset.num_tokens == 0:
+        raise MonetError(f"the {options.split} split of {data_dir} is empty; use --split train or a larger corpus")
+    if dataset.vocab_size > model.config.vocab_size:
+        raise MonetError(f"dataset vocabulary ({dataset.vocab_size}) is larger than the model's "
+                         f"({model.config.vocab_size}): was the model trained on this data?")
+    rank, world = _distributed()
+    windows = plan_windows(dataset.docs, options.seq_len, options.max_tokens)
+    tmp = out.with_name(out.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    started = time.time()
+    try:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            mine = np.array_split(windows, world)[rank]
+            stats, _ = collect(model, dataset, options, mine, progress=progress and rank == 0)
+            save_shard(tmp / "shards" / f"rank-{rank:05d}.npz", stats)
+            dist.barrier()
+            if rank != 0:
+                return out
+            stats = [merge(list(group)) for group in zip(*[load_shard(p, options.top_k, stats[0].scale)
+                                                           for p in sorted((tmp / "shards").glob("*.npz"))],
+                                                          strict=True)]
+            shutil.rmtree(tmp / "shards")
+        else:
+            stats, _ = collect(model, dataset, options, windows, progress=progress)
+        manifest = _manifest(model, dataset, data_dir, options, windows, stats, run, time.time() - started)
+        write_tables(tmp, stats, dataset, tokenizer, manifest, progress=progress)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_options(options: AtlasOptions, model: torch.nn.Module) -> None:
+    if options.top_k < 1:
+        raise MonetError(f"--top-k must be at least 1, got {options.top_k}")
+    if options.batch_size < 1 or options.seq_len < 1:
+        raise MonetError("--batch-size and --seq-len must be positive")
+    if options.max_tokens is not None and options.max_tokens < 1:
+        raise MonetError(f"--max-tokens must be positive, got {options.max_tokens}")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and options.seq_len > limit:
+        raise MonetError(f"--seq-len {options.seq_len} exceeds the model's max_position_embeddings {limit}")
+
+
+def save_shard(path: Path, stats: list[GroupStats]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"g{g}_{k}": v for g, s in enumerate(stats) for k, v in s.state().items()}
+    tmp = path.with_name(path.name + ".part.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_shard(path: Path, top_k: int, scale: float) -> list[GroupStats]:
+    with np.load(path) as data:
+        groups = sorted({int(k.split("_")[0][1:]) for k in data.files})
+        return [GroupStats.from_state({k.split("_", 1)[1]: data[k] for k in data.files if k.startswith(f"g{g}_")},
+                                      top_k, scale) for g in groups]
+
+
+def _manifest(model, dataset, data_dir, options, windows, stats, run, seconds) -> dict:
+    config = model.config
+    groups, units, scale = unit_layout(model)
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": model_kind(model),
+        "model": {**model_identity(model), "run": str(run) if run else None,
+                  "name_or_path": getattr(config, "_name_or_path", "") or None},
+        "data": {"dir": str(Path(data_dir).resolve()), "split": options.split,
+                 "source": dataset.manifest.get("source")},
+        "labels": list(dataset.labels),
+        "label_tokens": label_tokens(dataset, windows).tolist(),
+        "tokens": int(windows[:, 2].sum()) if len(windows) else 0,
+        "documents": int(len(np.unique(windows[:, 0]))) if len(windows) else 0,
+        "groups": groups,
+        "units_per_group": units,
+        "experts_per_side": int(getattr(config, "moe_experts", 0)) if model_kind(model) == "monet" else None,
+        "layers_per_group": int(getattr(config, "moe_groups", 1)) if model_kind(model) == "monet" else 1,
+        "score_scale": scale,
+        "hist_edges": HIST_EDGES.tolist(),
+        "context": {"before": CONTEXT_BEFORE, "after": CONTEXT_AFTER},
+        "options": asdict(options),
+        "build_seconds": round(seconds, 1),
+    }
+
+
+# --------------------------------------------------------------------------------------------- write
+
+def context_windows(dataset, doc: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """[n, before + 1 + after] token ids around (doc, pos), -1 outside the document."""
+    offsets = np.arange(-CONTEXT_BEFORE, CONTEXT_AFTER + 1)
+    start, end = dataset.docs[doc, 0], dataset.docs[doc, 1]
+    where = start[:, None] + pos[:, None] + offsets[None]
+    inside = (where >= start[:, None]) & (where < end[:, None])
+    tokens = np.asarray(dataset.tokens)[np.where(inside, where, 0)].astype(np.int32)
+    return np.where(inside, tokens, -1)
+
+
+def write_tables(directory: Path, stats: list[GroupStats], dataset, tokenizer, manifest: dict,
+                 progress: bool = True) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    labels = manifest["labels"]
+    tokens = max(manifest["tokens"], 1)
+    expert_tables, token_rows = [], []
+    width = CONTEXT_BEFORE + 1 + CONTEXT_AFTER
+    with pq.ParquetWriter(directory / "contexts.parquet", _contexts_schema(width)) as writer:
+        for group, s in enumerate(tqdm(stats, desc="writing atlas", disable=not progress)):
+            unit, rank, score, doc, pos = s.top.rows()
+            max_score = np.zeros(s.units, np.float32)
+            max_score[unit[rank == 0]] = score[rank == 0]
+            total = s.mass.sum(axis=0)
+            columns = {
+                "group": np.full(s.units, group, np.int16), "expert": np.arange(s.units, dtype=np.int32),
+                "count": s.count, "score_sum": total, "density": (s.count / tokens).astype(np.float32),
+                "mean_score": (total / np.maximum(s.count, 1)).astype(np.float32), "max_score": max_score,
+            }
+            columns.update({f"mass_{label}": s.mass[i] for i, label in enumerate(labels)})
+            columns.update({f"hist_{b:02d}": s.hist[:, b] for b in range(s.hist.shape[1])})
+            expert_tables.append(pa.table(columns))
+            for first in range(0, len(unit), 1 << 20):   # bounded memory while gathering windows
+                part = slice(first, first + (1 << 20))
+                windows = context_windows(dataset, doc[part], pos[part])
+                table = pa.table({
+                    "group": np.full(len(windows), group, np.int16), "expert": unit[part], "rank": rank[part],
+                    "doc": doc[part], "pos": pos[part], "score": score[part],
+                    "label": dataset.docs[doc[part], 2].astype(np.int16),
+                    "token": windows[:, CONTEXT_BEFORE],
+                    "tokens": pa.FixedSizeListArray.from_arrays(pa.array(windows.reshape(-1)), width),
+                }, schema=_contexts_schema(width))
+                writer.write_table(table, row_group_size=32_768)
+                token_rows.append((group, unit[part], windows[:, CONTEXT_BEFORE], score[part]))
+    pq.write_table(pa.concat_tables(expert_tables), directory / "experts.parquet", row_group_size=65_536)
+    pq.write_table(_token_index(token_rows), directory / "token_index.parquet", row_group_size=32_768)
+    pq.write_table(vocab_table(tokenizer, dataset.vocab_size), directory / "vocab.parquet")
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    (directory / "manifest.json").write_text(text, encoding="utf-8")
+
+
+def _contexts_schema(width: int):
+    import pyarrow as pa
+
+    return pa.schema([("group", pa.int16()), ("expert", pa.int32()), ("rank", pa.int16()), ("doc", pa.int32()),
+                      ("pos", pa.int32()), ("score", pa.float32()), ("label", pa.int16()), ("token", pa.int32()),
+                      ("tokens", pa.list_(pa.int32(), width))])
+
+
+def _token_index(rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]):
+    """(token, group, expert) -> how many of the expert's top contexts activate on that token."""
+    import pyarrow as pa
+
+    if rows:
+        group = np.concatenate([np.full(len(u), g, np.int64) for g, u, _, _ in rows])
+        unit = np.concatenate([u for _, u, _, _ in rows]).astype(np.int64)
+        token = np.concatenate([t for _, _, t, _ in rows]).astype(np.int64)
+        score = np.concatenate([s for _, _, _, s in rows]).astype(np.float64)
+    else:
+        group = unit = token = np.zeros(0, np.int64)
+        score = np.zeros(0)
+    order = np.lexsort((unit, group, token))
+    group, unit, token, score = group[order], unit[order], token[order], score[order]
+    starts = np.ones(len(order), bool)
+    starts[1:] = (token[1:] != token[:-1]) | (group[1:] != group[:-1]) | (unit[1:] != unit[:-1])
+    first = np.flatnonzero(starts)
+    contexts = np.diff(np.append(first, len(order)))
+    sums = np.add.reduceat(score, first) if len(first) else np.zeros(0)
+    maxes = np.maximum.reduceat(score, first) if len(first) else np.zeros(0)
+    return pa.table({"token": token[first].astype(np.int32), "group": group[first].astype(np.int16),
+                     "expert": unit[first].astype(np.int32), "contexts": contexts.astype(np.int32),
+                     "max_score": maxes.astype(np.float32), "sum_score": sums.astype(np.float32)})
+
+
+def vocab_table(tokenizer: Any, vocab_size: int):
+    """Token id -> the text it decodes to on its own (byte-level pieces of a character may show as \ufffd)."""
+    import pyarrow as pa
+
+    size = max(vocab_size, len(tokenizer)) if tokenizer is not None else vocab_size
+    if tokenizer is None:
+        pieces = [f"<{i}>" for i in range(size)]
+    else:
+        pieces = tokenizer.batch_decode([[i] for i in range(size)], skip_special_tokens=False,
+                                        clean_up_tokenization_spaces=False)
+    return pa.table({"id": np.arange(size, dtype=np.int32), "piece": pa.array(pieces, pa.string())})
+
+
+__all__ = [
+    "AtlasOptions",
+    "GroupStats",
+    "TopK",
+    "build_atlas",
+    "collect",
+    "context_windows",
+    "merge",
+    "model_identity",
+    "plan_windows",
+    "unit_activations",
+    "unit_layout",
+]

@@ -1,0 +1,261 @@
+"""Which experts to edit: selection criteria on routing statistics (paper §5, appendix D).
+
+Pure functions on numpy arrays, so they work the same on an atlas's statistics, on statistics measured
+on the fly, and on a dense model's neurons (a "unit" is an expert of a routing group or a neuron):
+
+* `skewed_units` — domain / language experts (D.1, D.2): a unit belongs to a label when its routing
+  mass on that label is at least `ratio` (default 2) times its mass on the next label. Masses are first
+  divided by each label's total mass (per-label means), so a label with more tokens does not win by
+  size alone; `min_mass` drops units seen too rarely on the target to judge.
+* `top_specific` — the n units most specific to a label (target share / largest other share).
+* `PearsonAccumulator` + `correlated_units` — toxic experts (D.3): the Pearson correlation between a
+  unit's per-token routing score (0 when inactive) and a per-token toxicity score, streamed with sums
+  (n, Σx, Σy, Σxy, Σx², Σy²). Inactive tokens contribute x = 0, so only the active (token, expert)
+  pairs touch the per-expert sums: updates stay sparse and nothing of size N is built per token.
+
+`Selection` holds what was picked per group and reports the counts and the masking ratio
+(selected / (groups x N)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from monet.errors import MonetError
+
+
+def _check_mass(mass: np.ndarray) -> np.ndarray:
+    mass = np.asarray(mass, dtype=np.float64)
+    if mass.ndim != 2 or mass.shape[0] < 2:
+        raise MonetError(f"label mass must be [num_labels >= 2, units], got shape {mass.shape}: the skewness "
+                         "criterion compares a label with the others")
+    if not np.isfinite(mass).all() or (mass < 0).any():
+        raise MonetError("label mass must be finite and non-negative (routing scores summed per label)")
+    return mass
+
+
+def _check_target(mass: np.ndarray, target: int) -> None:
+    if not 0 <= target < mass.shape[0]:
+        raise MonetError(f"target label index {target} is out of range for {mass.shape[0]} labels")
+
+
+def label_means(mass: np.ndarray) -> np.ndarray:
+    """Each label's row divided by its total: comparable across labels with different token counts.
+
+    Every token spreads the same total routing mass (H, the number of heads) over its experts, so a
+    row total is H x that label's token count and the normalised row is the mean score per token / H.
+    A label with no mass at all stays zero.
+    """
+    mass = _check_mass(mass)
+    totals = mass.sum(axis=1, keepdims=True)
+    return np.divide(mass, totals, out=np.zeros_like(mass), where=totals > 0)
+
+
+def specificity(mass: np.ndarray, target: int, normalize: bool = True) -> np.ndarray:
+    """Per unit: share on `target` / the largest share on any other label (inf when the others are 0)."""
+    mass = _check_mass(mass)
+    _check_target(mass, target)
+    shares = label_means(mass) if normalize else mass
+    others = np.delete(shares, target, axis=0).max(axis=0)
+    on_target = shares[target]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(others > 0, on_target / np.where(others > 0, others, 1.0), np.inf)
+    return np.where(on_target > 0, ratio, 0.0)
+
+
+def skewed_units(mass: np.ndarray, target: int, ratio: float = 2.0, min_mass: float = 0.0,
+                 normalize: bool = True) -> np.ndarray:
+    """Ids of units whose (normalised) mass on `target` is >= `ratio` x their mass on every other label.
+
+    `min_mass` is the smallest raw mass on the target label for a unit to be judged at all.
+    """
+    if ratio < 1.0:
+        raise MonetError(f"skewness ratio must be >= 1 (a unit is assigned to one label at most), got {ratio}")
+    mass = _check_mass(mass)
+    spec = specificity(mass, target, normalize)
+    keep = (spec >= ratio) & (mass[target] > 0) & (mass[target] >= min_mass)
+    return np.flatnonzero(keep)
+
+
+def assign_labels(mass: np.ndarray, ratio: float = 2.0, min_mass: float = 0.0, normalize: bool = True) -> np.ndarray:
+    """Per unit, the label it is skewed towards (index) or -1 for generalists."""
+    mass = _check_mass(mass)
+    labels = np.full(mass.shape[1], -1, dtype=np.int64)
+    for target in range(mass.shape[0]):
+        labels[skewed_units(mass, target, ratio, min_mass, normalize)] = target
+    return labels
+
+
+def top_specific(mass: np.ndarray, target: int, n: int, min_mass: float = 0.0, normalize: bool = True) -> np.ndarray:
+    """The `n` units most specific to `target` (highest specificity, ties by more target mass)."""
+    if n < 0:
+        raise MonetError(f"n must be >= 0, got {n}")
+    mass = _check_mass(mass)
+    spec = specificity(mass, target, normalize)
+    eligible = np.flatnonzero((mass[target] > 0) & (mass[target] >= min_mass))
+    order = np.lexsort((-mass[target][eligible], -spec[eligible]))
+    return eligible[order[:n]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Correlation with a per-token score (toxicity)
+
+
+class PearsonAccumulator:
+    """Streaming Pearson correlation of every unit's per-token score x with one per-token score y.
+
+    x is a unit's routing score on a token, 0 when the unit is not active there. Per unit we keep Σx,
+    Σx², Σxy (touched only by active pairs); n, Σy, Σy² are shared by all units.
+    """
+
+    def __init__(self, units: int) -> None:
+        self.units = int(units)
+        self.sum_x = np.zeros(self.units)
+        self.sum_xx = np.zeros(self.units)
+        self.sum_xy = np.zeros(self.units)
+        self.n = 0
+        self.sum_y = 0.0
+        self.sum_yy = 0.0
+
+    def update(self, ids: np.ndarray, scores: np.ndarray, y: np.ndarray) -> None:
+        """ids, scores [tokens, P] (id -1 = padding; each id at most once per token, as `active_experts`
+        merges heads), y [tokens]: one row per token."""
+        ids, scores, y = np.asarray(ids), np.asarray(scores, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        if ids.ndim != 2 or ids.shape != scores.shape or y.shape != ids.shape[:1]:
+            raise MonetError(f"expected ids/scores [tokens, P] and y [tokens], got {ids.shape}, {scores.shape}, "
+                             f"{y.shape}")
+        if ids.size and int(ids.max()) >= self.units:
+            raise MonetError(f"unit id {int(ids.max())} is out of range for {self.units} units")
+        self.n += len(y)
+        self.sum_y += float(y.sum())
+        self.sum_yy += float((y * y).sum())
+        valid = ids >= 0
+        flat_ids = ids[valid]
+        x = scores[valid]
+        xy = (scores * y[:, None])[valid]
+        self.sum_x += np.bincount(flat_ids, weights=x, minlength=self.units)
+        self.sum_xx += np.bincount(flat_ids, weights=x * x, minlength=self.units)
+        self.sum_xy += np.bincount(flat_ids, weights=xy, minlength=self.units)
+
+    def merge(self, other: PearsonAccumulator) -> PearsonAccumulator:
+        """Add another accumulator's sums (e.g. from another process)."""
+        if other.units != self.units:
+            raise MonetError(f"cannot merge accumulators of {self.units} and {other.units} units")
+        self.sum_x += other.sum_x
+        self.sum_xx += other.sum_xx
+        self.sum_xy += other.sum_xy
+        self.n += other.n
+        self.sum_y += other.sum_y
+        self.sum_yy += other.sum_yy
+        return self
+
+    def correlation(self) -> np.ndarray:
+        """Pearson r per unit (0 for a unit never active, or when y is constant)."""
+        n = float(self.n)
+        cov = n * self.sum_xy - self.sum_x * self.sum_y
+        var_x = n * self.sum_xx - self.sum_x**2
+        var_y = n * self.sum_yy - self.sum_y**2
+        denominator = np.sqrt(np.clip(var_x, 0.0, None) * max(var_y, 0.0))
+        return np.divide(cov, denominator, out=np.zeros(self.units), where=denominator > 1e-12 * max(n, 1.0) ** 2)
+
+
+def correlated_units(correlation: np.ndarray, threshold: float) -> np.ndarray:
+    """Ids of units with correlation >= threshold (the paper masks at 0.2, 0.1, 0.05)."""
+    if not -1.0 <= threshold <= 1.0:
+        raise MonetError(f"correlation threshold must lie in [-1, 1], got {threshold}")
+    return np.flatnonzero(np.asarray(correlation) >= threshold)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A selection over groups
+
+
+@dataclass
+class Selection:
+    """Selected unit ids per group (routing group for Monet, layer for a dense model)."""
+
+    units_per_group: int
+    groups: int
+    ids: dict[int, np.ndarray] = field(default_factory=dict)
+    criterion: str = ""
+
+    def counts(self) -> dict[int, int]:
+        return {g: int(len(self.ids.get(g, ()))) for g in range(self.groups)}
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts().values())
+
+    @property
+    def masking_ratio(self) -> float:
+        """selected / (groups x units per group)."""
+        return self.total / max(1, self.groups * self.units_per_group)
+
+    def summary(self) -> dict:
+        return {"criterion": self.criterion, "selected_per_group": {str(g): c for g, c in self.counts().items()},
+                "selected": self.total, "units_per_group": self.units_per_group, "groups": self.groups,
+                "masking_ratio": self.masking_ratio}
+
+    def to_edits(self, num_experts: int):
+        """Delete every selected expert: an `ExpertEdits` for a Monet model with E = num_experts."""
+        from monet.editing import ExpertEdits
+
+        if num_experts * num_experts != self.units_per_group:
+            raise MonetError(f"this selection has {self.units_per_group} units per group, not E^2 = "
+                             f"{num_experts * num_experts}: it was not made for this model")
+        edits = ExpertEdits(num_experts=num_experts, num_groups=self.groups)
+        for group, ids in self.ids.items():
+            if len(ids):
+                edits.delete(group, (int(i) for i in ids))
+        return edits
+
+
+def select_skewed(masses: list[np.ndarray], target: int, ratio: float = 2.0, min_mass: float = 0.0,
+                  normalize: bool = True) -> Selection:
+    """`skewed_units` in every group; masses[g] is group g's [num_labels, units] label mass."""
+    if not masses:
+        raise MonetError("no groups to select from")
+    selection = Selection(units_per_group=int(np.asarray(masses[0]).shape[1]), groups=len(masses),
+                          criterion=f"skewness >= {ratio} (min mass {min_mass})")
+    for group, mass in enumerate(masses):
+        selection.ids[group] = skewed_units(mass, target, ratio, min_mass, normalize)
+    return selection
+
+
+def select_correlated(correlations: list[np.ndarray], threshold: float) -> Selection:
+    """`correlated_units` in every group; correlations[g] is group g's [units] Pearson r."""
+    if not correlations:
+        raise MonetError("no groups to select from")
+    selection = Selection(units_per_group=int(len(correlations[0])), groups=len(correlations),
+                          criterion=f"correlation >= {threshold}")
+    for group, corr in enumerate(correlations):
+        selection.ids[group] = correlated_units(corr, threshold)
+    return selection
+
+
+def select_top(masses: list[np.ndarray], target: int, n: int, min_mass: float = 0.0) -> Selection:
+    """`top_specific` in every group (n per group)."""
+    if not masses:
+        raise MonetError("no groups to select from")
+    selection = Selection(units_per_group=int(np.asarray(masses[0]).shape[1]), groups=len(masses),
+                          criterion=f"top {n} by specificity")
+    for group, mass in enumerate(masses):
+        selection.ids[group] = top_specific(mass, target, n, min_mass)
+    return selection
+
+
+__all__ = [
+    "PearsonAccumulator",
+    "Selection",
+    "assign_labels",
+    "correlated_units",
+    "label_means",
+    "select_correlated",
+    "select_skewed",
+    "select_top",
+    "skewed_units",
+    "specificity",
+    "top_specific",
+]

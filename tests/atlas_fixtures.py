@@ -1,0 +1,91 @@
+"""Shared set-up of the atlas, viewer and explain/export tests: a small real code corpus, tiny models
+saved as checkpoints, and atlases built from them (cached under pytest's session temp directory)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import monet
+from monet.analysis.atlas import AtlasOptions, build_atlas
+from monet.checkpoint import save_checkpoint
+
+OPTIONS = AtlasOptions(max_tokens=3000, top_k=3, split="validation", batch_size=4, seq_len=32)
+HOSTILE = [
+    'var page = "<script>window.__pwned = 1;</script>";',
+    '<img src=x onerror="window.__pwned = 2"> <b>bold</b> &amp; done',
+]
+
+
+def corpus(base: Path) -> Path:
+    """The code corpus the other test modules use too (same path and options, built once per session)."""
+    from monet.data import build_corpus
+
+    path = base / "monet-train-corpus"
+    if not (path / "manifest.json").is_file():
+        build_corpus("code", path, max_bytes=300_000, vocab_size=512, progress=False, cache_dir=base / "cache")
+    return path
+
+
+def tiny_config(**overrides) -> monet.MonetConfig:
+    return monet.preset("tiny", vocab_size=512, num_hidden_layers=4, **overrides)
+
+
+def save_run(path: Path, config: monet.MonetConfig, data: Path, seed: int = 0) -> Path:
+    """An untrained model saved as a one-checkpoint run (weights fixed by the seed)."""
+    torch.manual_seed(seed)
+    model = monet.MonetForCausalLM(config)
+    save_checkpoint(path, 1, config, model.state_dict(), tokenizer_dir=data)
+    return path
+
+
+def load(run: Path):
+    from monet.checkpoint import load_checkpoint
+
+    return load_checkpoint(run)
+
+
+def atlas_of(run: Path, data: Path, out: Path, options: AtlasOptions = OPTIONS) -> Path:
+    if not (out / "manifest.json").is_file():
+        model, tokenizer = load(run)
+        build_atlas(model, tokenizer, data, out, options, progress=False, run=str(run), force=True)
+    return out
+
+
+def hostile_dataset(data: Path, out: Path) -> Path:
+    """A dataset whose documents contain HTML/script text, with the corpus's tokenizer."""
+    from monet.data import load_tokenizer
+    from monet.data.storage import write_split
+
+    if (out / "manifest.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(data / name, out / name)
+    manifest = json.loads((data / "manifest.json").read_text())
+    tokenizer = load_tokenizer(data)
+    docs = [[tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+            for t in HOSTILE]
+    labels = [manifest["labels"].index("javascript"), manifest["labels"].index("c")]
+    for split in ("train", "validation"):
+        write_split(out, split, docs, labels, [{"source": "test"} for _ in docs], manifest["vocab_size"])
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def window_tokens(dataset, doc: int, pos: int, before: int = 12, after: int = 4) -> list[int]:
+    tokens = np.asarray(dataset.document(doc))
+    return [int(t) for t in tokens[max(0, pos - before):pos + after + 1]]
+
+
+def one_thread():
+    """Generator for an autouse fixture: torch on one thread while the test runs (tiny models run several
+    times faster than with threads fighting over a shared CPU), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

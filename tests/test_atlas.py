@@ -1,0 +1,241 @@
+"""The atlas equals a brute-force recomputation; merge of shards equals one pass; queries; bad inputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from atlas_fixtures import OPTIONS, atlas_of, corpus, load, one_thread, save_run, tiny_config, window_tokens
+
+from monet.analysis.atlas import (
+    BUFFER_ROWS,
+    GroupStats,
+    TopK,
+    _batches,
+    batch_inputs,
+    collect,
+    merge,
+    plan_windows,
+)
+from monet.analysis.monosemanticity import measure, skewness, summarize_atlas
+from monet.analysis.query import Atlas, parse_expert
+from monet.data import TokenDataset
+from monet.errors import MonetError
+
+single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.getbasetemp()
+    data = corpus(base)
+    work = tmp_path_factory.mktemp("atlas")
+    run = save_run(work / "run", tiny_config(), data, seed=0)
+    other = save_run(work / "other", tiny_config(), data, seed=1)
+    return {"data": data, "run": run, "other": other, "atlas": atlas_of(run, data, work / "atlas")}
+
+
+def brute_force(model, dataset, options):
+    """Every token's experts from the naive E x E grid of g1_hi g2_hj summed over heads (tiny E only)."""
+    windows = plan_windows(dataset.docs, options.seq_len, options.max_tokens)
+    scores: dict[int, dict[int, list]] = defaultdict(lambda: defaultdict(list))   # group -> expert -> rows
+    for batch in _batches(windows, options.batch_size):
+        ids, valid = batch_inputs(dataset, batch)
+        with torch.no_grad():
+            out = model(input_ids=ids, output_router_probs=True, use_cache=False)
+        routing = [r for r in out.router_probs if r is not None]
+        for group, (g1, g2) in enumerate(routing):
+            grid = torch.einsum("bthi,bthj->btij", g1.double(), g2.double()).flatten(-2)   # [B, T, N]
+            for b, (doc, offset, length) in enumerate(batch):
+                for t in range(int(length)):
+                    for expert in torch.nonzero(grid[b, t]).flatten().tolist():
+                        scores[group][expert].append((float(grid[b, t, expert]), int(doc), int(offset + t)))
+    return scores, windows
+
+
+def test_atlas_equals_brute_force(setup):
+    model, _ = load(setup["run"])
+    dataset = TokenDataset(setup["data"], "validation")
+    atlas = Atlas(setup["atlas"], model)
+    expected, windows = brute_force(model, dataset, OPTIONS)
+    assert atlas.manifest["tokens"] == int(windows[:, 2].sum()) == OPTIONS.max_tokens
+    labels = dataset.docs[:, 2]
+    k = OPTIONS.top_k
+    for group in atlas.groups:
+        _, mass = atlas.label_mass(group)
+        for expert in range(atlas.num_experts):
+            rows = expected[group].get(expert, [])
+            stats = atlas.expert(group, expert)
+            assert stats["count"] == len(rows)
+            want_mass = np.zeros(len(atlas.labels))
+            for score, doc, _ in rows:
+                want_mass[labels[doc]] += score
+            np.testing.assert_allclose(mass[:, expert], want_mass, rtol=1e-5, atol=1e-6)
+            assert sum(stats["histogram"]["counts"]) == len(rows)
+            naive = {(doc, pos): score for score, doc, pos in rows}
+            best = sorted(rows, key=lambda r: (-r[0], r[1], r[2]))[:k]
+            got = atlas.top_contexts(group, expert)
+            assert len(got) == len(best)
+            for rank, (ctx, want) in enumerate(zip(got, best, strict=True)):
+                assert ctx["rank"] == rank
+                # Same score as the brute force at this rank; the context may differ only within a tie.
+                assert naive[(ctx["doc"], ctx["pos"])] == pytest.approx(want[0], abs=1e-6)
+                assert ctx["score"] == pytest.approx(want[0], abs=1e-6)
+                assert ctx["percent"] == pytest.approx(100 * want[0] / model.config.moe_heads, abs=1e-4)
+                assert ctx["tokens"] == window_tokens(dataset, ctx["doc"], ctx["pos"])
+                assert ctx["tokens"][ctx["target"]] == ctx["token"] == int(dataset.document(ctx["doc"])[ctx["pos"]])
+                assert ctx["label"] == dataset.document_label(ctx["doc"])
+            assert len({(c["doc"], c["pos"]) for c in got}) == len(got)
+
+
+def test_merge_of_two_shards_equals_one_pass(setup):
+    model, _ = load(setup["run"])
+    dataset = TokenDataset(setup["data"], "validation")
+    windows = plan_windows(dataset.docs, OPTIONS.seq_len, OPTIONS.max_tokens)
+    half = (len(windows) // 2 // OPTIONS.batch_size) * OPTIONS.batch_size
+    whole, _ = collect(model, dataset, OPTIONS, windows, progress=False)
+    first, _ = collect(model, dataset, OPTIONS, windows[:half], progress=False)
+    second, _ = collect(model, dataset, OPTIONS, windows[half:], progress=False)
+    for one, a, b in zip(whole, first, second, strict=True):
+        merged = merge([b, a])
+        np.testing.assert_array_equal(merged.count, one.count)
+        np.testing.assert_allclose(merged.mass, one.mass, rtol=1e-12)
+        np.testing.assert_array_equal(merged.hist, one.hist)
+        for got, want in zip(merged.top.rows(), one.top.rows(), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_topk_prunes_to_k_with_deterministic_ties(monkeypatch):
+    monkeypatch.setattr("monet.analysis.atlas.BUFFER_ROWS", 5)   # prune often
+    rng = np.random.default_rng(0)
+    units, k = 7, 3
+    cells = rng.choice(units * 50 * 50, size=400, replace=False)      # distinct (unit, doc, pos)
+    unit, doc, pos = cells // 2500, (cells // 50) % 50, cells % 50
+    score = rng.integers(0, 6, len(cells)).astype(np.float32)         # many ties
+    top = TopK(units, k)
+    order = rng.permutation(len(cells))                                # any arrival order
+    for s in range(0, len(order), 13):
+        chunk = order[s:s + 13]
+        top.add(unit[chunk], score[chunk], doc[chunk], pos[chunk])
+    got_unit, got_rank, got_score, got_doc, got_pos = top.rows()
+    for u in range(units):
+        want = sorted((-float(score[i]), int(doc[i]), int(pos[i])) for i in np.flatnonzero(unit == u))[:k]
+        mine = got_unit == u
+        assert [(-float(a), int(b), int(c)) for a, b, c in
+                zip(got_score[mine], got_doc[mine], got_pos[mine], strict=True)] == want
+        assert got_rank[mine].tolist() == list(range(len(want)))
+    assert BUFFER_ROWS > 5
+
+
+def test_group_stats_bounded_memory():
+    stats = GroupStats(units=1000, num_labels=3, top_k=4, scale=2.0)
+    rng = np.random.default_rng(1)
+    for step in range(20):
+        n = 5000
+        stats.add(rng.integers(0, 1000, n), rng.random(n), rng.integers(0, 3, n), np.full(n, step), np.arange(n))
+    assert len(stats.top.rows()[0]) <= 1000 * 4
+    assert stats.count.sum() == 20 * 5000 == stats.hist.sum()
+
+
+def test_queries(setup):
+    atlas = Atlas(setup["atlas"])
+    assert atlas.labels and atlas.groups == [0, 1] and atlas.num_experts == 64
+    group, expert = max(((g, e) for g in atlas.groups for e in range(64)),
+                        key=lambda ge: atlas.expert(*ge)["count"])
+    top = atlas.top_contexts(group, expert, 2)
+    assert len(top) == 2 and top[0]["score"] >= top[1]["score"]
+    hits = atlas.experts_for_token(top[0]["token"])
+    assert any(h["group"] == group and h["expert"] == expert for h in hits)
+    piece_hits = atlas.experts_for_token(atlas.piece(top[0]["token"]))
+    assert {(h["group"], h["expert"]) for h in hits} <= {(h["group"], h["expert"]) for h in piece_hits} | set()
+    labels, mass = atlas.label_mass(group)
+    assert labels == atlas.labels and mass.shape == (len(labels), 64) and mass.dtype == np.float64
+    label = labels[int(np.argmax(mass.sum(axis=1)))]
+    ranked = atlas.experts_for_label(label, n=5, min_count=1)
+    prob = atlas.label_probability(ranked[0]["group"])
+    assert ranked[0]["skewness"] == pytest.approx(skewness(prob, labels.index(label))[ranked[0]["expert"]])
+    assert [r["skewness"] for r in ranked] == sorted((r["skewness"] for r in ranked), reverse=True)
+    summary = summarize_atlas(atlas, min_count=1)
+    assert len(summary) == 2 and 0 < summary[0]["mean_purity"] <= 1
+
+
+def test_cli_query_and_json(setup, capsys):
+    from monet.analysis.cli import register
+
+    parser = argparse.ArgumentParser(prog="monet")
+    register(parser.add_subparsers(dest="command"))
+
+    def call(*argv):
+        args = parser.parse_args(list(argv))
+        return args.handler(args)
+
+    assert call("atlas", "query", str(setup["atlas"]), "--expert", "0:1", "-n", "2") == 0
+    out = capsys.readouterr().out
+    assert "expert 0:1" in out and "[[" in out and "%" in out and "labels:" in out
+    assert call("atlas", "query", str(setup["atlas"]), "--label", "python", "--json") == 0
+    assert isinstance(json.loads(capsys.readouterr().out), list)
+    assert call("atlas", "query", str(setup["atlas"]), "--text", "int main(void)", "--run", str(setup["run"])) == 0
+    assert "'int'" in capsys.readouterr().out
+    with pytest.raises(MonetError, match="--text needs the model"):
+        call("atlas", "query", str(setup["atlas"]), "--text", "x")
+    assert call("atlas", "--help") == 0 and "monet atlas query" in capsys.readouterr().out
+
+
+def test_bad_inputs(setup, tmp_path):
+    with pytest.raises(MonetError, match="no atlas at"):
+        Atlas(tmp_path / "missing")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(MonetError, match="not a complete atlas"):
+        Atlas(tmp_path / "half")
+    other, _ = load(setup["other"])
+    with pytest.raises(MonetError, match="different model"):
+        Atlas(setup["atlas"], other)
+    atlas = Atlas(setup["atlas"])
+    for bad in ("0:64", "2:1", "0:-1", "zero:1", "0", "0:1:2"):
+        with pytest.raises(MonetError):
+            parse_expert(bad, atlas)
+    with pytest.raises(MonetError, match="unknown expert"):
+        atlas.top_contexts(0, 10**6)
+    with pytest.raises(MonetError, match="unknown label 'klingon'"):
+        atlas.experts_for_label("klingon")
+    with pytest.raises(MonetError, match="no vocabulary token"):
+        atlas.experts_for_token("\u2603\u2603\u2603 not a token")
+    model, tokenizer = load(setup["run"])
+    from monet.analysis.atlas import AtlasOptions, build_atlas
+
+    with pytest.raises(MonetError, match="already exists"):
+        build_atlas(model, tokenizer, setup["data"], setup["atlas"], OPTIONS)
+    with pytest.raises(MonetError, match="top-k"):
+        build_atlas(model, tokenizer, setup["data"], tmp_path / "a", AtlasOptions(top_k=0))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.tmp").exists()
+
+
+def test_dense_neurons_and_monosemanticity(setup):
+    """The same build measures a dense LLaMA baseline: units are MLP neurons scored by relu(act(g) * up)."""
+    from monet.model import MonetForCausalLM
+
+    torch.manual_seed(0)
+    dense = MonetForCausalLM(tiny_config(mlp_type="dense")).eval()
+    dataset = TokenDataset(setup["data"], "validation")
+    report = measure(dense, dataset, max_tokens=600, seq_len=32, min_count=1, progress=False)
+    assert report["kind"] == "dense" and len(report["groups"]) == 4 and report["groups"][0]["units"] == 64
+    stats, tokens = collect(dense, dataset, OPTIONS.__class__(max_tokens=200, top_k=2, seq_len=32), progress=False)
+    ids = torch.from_numpy(np.asarray(dataset.document(int(plan_windows(dataset.docs, 32, 200)[0, 0]))[:32],
+                                      dtype=np.int64))[None]
+    acts = []
+    mlp = dense.model.layers[0].mlp
+    hook = mlp.register_forward_hook(
+        lambda m, a, o: acts.append(torch.relu(m.act(m.gate_proj(a[0])) * m.up_proj(a[0]))))
+    with torch.no_grad():
+        dense(ids)
+    hook.remove()
+    first = acts[0][0]
+    top_neuron = int(first.max(dim=0).values.argmax())
+    assert stats[0].count[top_neuron] >= int((first[:, top_neuron] > 0).sum())
+    monet_report = measure(load(setup["run"])[0], dataset, max_tokens=600, seq_len=32, min_count=1, progress=False)
+    assert monet_report["kind"] == "monet" and monet_report["groups"][0]["units"] == 64

@@ -1,0 +1,127 @@
+"""Factored expert outputs equal the layer itself; promoted tokens; explain prompt; JSON export shape."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from atlas_fixtures import atlas_of, corpus, load, one_thread, save_run, tiny_config
+
+from monet.analysis.explain import (
+    CHAT_NOTE,
+    EXPLAIN_PROMPT,
+    expert_direction,
+    expert_logits,
+    expert_output,
+    explain_expert,
+    explanation_inputs,
+)
+from monet.analysis.export import expert_page
+from monet.analysis.query import Atlas
+from monet.errors import MonetError
+from monet.experts import build_experts
+
+single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.getbasetemp()
+    data = corpus(base)
+    work = tmp_path_factory.mktemp("explain")
+    run = save_run(work / "run", tiny_config(), data, seed=0)
+    return {"data": data, "run": run, "atlas": atlas_of(run, data, work / "atlas")}
+
+
+@pytest.mark.parametrize("decompose", ["vertical", "horizontal"])
+def test_expert_output_equals_layer_with_one_hot_routing(decompose):
+    """With g1, g2 one-hot at (i, j) in every head, the layer outputs H * E_ij(x) (each head adds it once)."""
+    torch.manual_seed(0)
+    config = tiny_config(moe_decompose=decompose)
+    layer = build_experts(config).double()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 3, config.hidden_size, dtype=torch.float64)
+    heads, experts = config.moe_heads, config.moe_experts
+    for i, j in [(0, 0), (3, 5), (7, 2)]:
+        g1 = torch.zeros(2, 3, heads, experts, dtype=torch.float64)
+        g2 = torch.zeros_like(g1)
+        g1[..., i], g2[..., j] = 1.0, 1.0
+        torch.testing.assert_close(layer(x, g1, g2) / heads, expert_output(layer, x, i, j))
+
+
+def test_expert_direction_and_logits(setup):
+    model, _ = load(setup["run"])
+    atlas = Atlas(setup["atlas"], model)
+    group, expert = 1, max(range(64), key=lambda e: atlas.expert(1, e)["count"])
+    direction = expert_direction(model, atlas, group, expert, k=2)
+    # Recompute by hand for the best context: hidden inputs of layers 2 and 3 at the activating token.
+    ctx = atlas.top_contexts(group, expert, 1)[0]
+    from monet.data import TokenDataset
+
+    doc = TokenDataset(setup["data"], "validation").document(ctx["doc"])
+    seq_len = atlas.manifest["options"]["seq_len"]
+    prefix = torch.tensor([list(doc[(ctx["pos"] // seq_len) * seq_len:ctx["pos"] + 1])], dtype=torch.long)
+    seen = {}
+    hooks = [model.model.layers[n].moe.register_forward_hook(
+        lambda m, a, o, n=n: seen.__setitem__(n, a[0][0, -1])) for n in (2, 3)]
+    with torch.no_grad():
+        model(prefix)
+    for h in hooks:
+        h.remove()
+    i, j = divmod(expert, model.config.moe_experts)
+    first = sum(expert_output(model.model.layers[n].moe, seen[n], i, j) for n in (2, 3))
+    one = expert_direction(model, atlas, group, expert, k=1)
+    torch.testing.assert_close(one, first, rtol=1e-4, atol=1e-5)
+    assert direction.shape == (model.config.hidden_size,)
+    logits = expert_logits(model, atlas, group, expert, n=5)
+    assert len(logits["pos_str"]) == 5 and logits["pos_values"] == sorted(logits["pos_values"], reverse=True)
+    assert logits["neg_values"] == sorted(logits["neg_values"]) and logits["neg_values"][0] < logits["pos_values"][0]
+
+
+def test_explanation_prompt_and_samples(setup):
+    model, tokenizer = load(setup["run"])
+    atlas = Atlas(setup["atlas"])
+    vector = torch.randn(model.config.hidden_size)
+    inputs = explanation_inputs(model, tokenizer, vector)
+    matches = [t for t in range(inputs.shape[1]) if torch.equal(inputs[0, t], vector)]
+    assert len(matches) == EXPLAIN_PROMPT.count("X") == 2
+    texts = explain_expert(model, tokenizer, atlas, 0, 1, samples=3, max_new_tokens=5, seed=0)
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    assert texts == explain_expert(model, tokenizer, atlas, 0, 1, samples=3, max_new_tokens=5, seed=0)
+    with pytest.raises(MonetError):
+        explain_expert(model, tokenizer, atlas, 0, 1, samples=0)
+
+
+def test_export_page_shape(setup, tmp_path, capsys):
+    from monet.analysis.cli import register
+
+    parser = argparse.ArgumentParser(prog="monet")
+    register(parser.add_subparsers(dest="command"))
+    out = tmp_path / "expert.json"
+    args = parser.parse_args(["atlas", "export", str(setup["atlas"]), "--expert", "0:5", "--out", str(out),
+                              "--run", str(setup["run"])])
+    assert args.handler(args) == 0
+    page = json.loads(out.read_text())
+    for key in ("modelId", "layer", "index", "activations", "pos_str", "pos_values", "neg_str", "neg_values",
+                "frac_nonzero", "freq_hist_data_bar_heights", "freq_hist_data_bar_values", "explanations"):
+        assert key in page, key
+    assert page["layer"] == "group-0" and page["index"] == 5 and len(page["pos_str"]) == 10
+    act = page["activations"][0]
+    assert len(act["tokens"]) == len(act["values"]) and act["values"][act["maxValueTokenIndex"]] == act["maxValue"]
+    assert page["monet"]["i"] * 8 + page["monet"]["j"] == 5
+    atlas = Atlas(setup["atlas"])
+    assert expert_page(atlas, 0, 5)["pos_str"] == []      # without the model no logits are claimed
+    assert page["freq_hist_data_bar_heights"] == atlas.expert(0, 5)["histogram"]["counts"]
+    args = parser.parse_args(["explain", str(setup["run"]), "--atlas", str(setup["atlas"]), "--expert", "0:5",
+                              "--samples", "2", "--max-new-tokens", "3", "--seed", "1"])
+    assert args.handler(args) == 0
+    captured = capsys.readouterr()
+    assert CHAT_NOTE in captured.err and "\n1. " in captured.out and "\n2. " in captured.out
+    with pytest.raises(MonetError, match="directory"):
+        args = parser.parse_args(["atlas", "export", str(setup["atlas"]), "--expert", "0:5", "--out",
+                                  str(tmp_path / "no" / "x.json")])
+        args.handler(args)
