@@ -14,9 +14,19 @@ holding, for expert (i, j) at i*E + j, the fraction of its term to remove (1 del
 scales it by alpha, 0 leaves it). Only each token's active (i, j) pairs are looked up: their terms
 g1_hi g2_hj E_ij(x) are subtracted from the E-sized intermediate sums before the output
 projections, so an edited forward costs little more than a plain one and stays exact.
+
+Speed: the routing mix (the E-sized contractions between the two projections) is a pure function,
+`hd_mix` / `vd_mix`. With the environment variable MONET_COMPILE=1 it is wrapped in `torch.compile`;
+if compiling or running the compiled version fails, the eager function takes over for good (a warning
+says why). Compilation is off by default: on CPU the mix is a small share of a block's time and a
+first compile takes tens of seconds (see docs/performance.md).
 """
 
 from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -24,6 +34,62 @@ from transformers.activations import ACT2FN
 
 from monet.config import MonetConfig
 from monet.routing import active_pairs
+
+
+def hd_mix(hidden: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HD routing mix (eq. 12, inner sums first): the input of `v` [B, T, E, m] and the bias weights [B, T, E].
+
+    Reduce over bottom halves per head, then spread over top halves: never the E x E grid.
+    """
+    per_head = g1 @ hidden                          # [B, T, H, m] = sum_i g1_hi sigma(U_i x + b1_i)
+    top_input = g2.transpose(-1, -2) @ per_head     # [B, T, E, m] = sum_h g2_hj per_head_h
+    return top_input, g2.sum(dim=-2)                # sum_h g2_hj weighs b2_j (sum_i g1_hi = 1)
+
+
+def vd_mix(h1: torch.Tensor, h2: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """VD routing mix (appendix A.1): straight flows (eq. 23, 25), cross flows (eq. 26-27), bias weights.
+
+    Returns (straight1, straight2, cross12, cross21, s1, s2): the inputs of v11, v22, v12, v21 and the
+    weights of b1, b2. Straight flows use that the other side's g sums to 1 per head; cross flows reduce
+    one side per head, then spread over the other side.
+    """
+    s1, s2 = g1.sum(dim=-2), g2.sum(dim=-2)          # [B, T, E]: routing summed over heads
+    straight1 = s1.unsqueeze(-1) * h1
+    straight2 = s2.unsqueeze(-1) * h2
+    cross12 = g1.transpose(-1, -2) @ (g2 @ h2)      # [B, T, E(i), m/2]
+    cross21 = g2.transpose(-1, -2) @ (g1 @ h1)      # [B, T, E(j), m/2]
+    return straight1, straight2, cross12, cross21, s1, s2
+
+
+def maybe_compile(fn: Callable) -> Callable:
+    """`torch.compile(fn)` when MONET_COMPILE=1, falling back to `fn` (with a warning) if that fails."""
+    if os.environ.get("MONET_COMPILE", "0") != "1":
+        return fn
+    state: dict[str, Callable] = {}
+
+    def run(*args):
+        if "fn" not in state:
+            try:
+                state["fn"] = torch.compile(fn, dynamic=True)
+            except Exception as exc:  # no compiler toolchain, unsupported platform, ...
+                warnings.warn(f"MONET_COMPILE=1 but torch.compile failed ({exc}); using eager {fn.__name__}",
+                              stacklevel=2)
+                state["fn"] = fn
+        try:
+            return state["fn"](*args)
+        except Exception as exc:
+            if state["fn"] is fn:
+                raise
+            warnings.warn(f"compiled {fn.__name__} failed ({type(exc).__name__}: {exc}); using eager", stacklevel=2)
+            state["fn"] = fn
+            return fn(*args)
+
+    run.__wrapped__ = fn
+    return run
+
+
+_hd_mix = maybe_compile(hd_mix)
+_vd_mix = maybe_compile(vd_mix)
 
 
 def squared_relu(x: torch.Tensor) -> torch.Tensor:
@@ -59,15 +125,12 @@ class MonetHorizontalExperts(nn.Module):
     def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
         g1, g2 = g1.to(x.dtype), g2.to(x.dtype)
         hidden = self.bottom(x)
-        # Reduce over bottom halves per head, then spread over top halves (eq. 12, inner sums first):
-        per_head = g1 @ hidden                         # [B, T, H, m] = sum_i g1_hi sigma(U_i x + b1_i)
-        top_input = g2.transpose(-1, -2) @ per_head    # [B, T, E, m] = sum_h g2_hj per_head_h
-        bias_weight = g2.sum(dim=-2)                   # [B, T, E] = sum_h g2_hj (sum_i g1_hi = 1)
+        top_input, bias_weight = _hd_mix(hidden, g1, g2)
         if self.edit_weights is not None:
-            i, j, c = edited_pairs(g1, g2, self.edit_weights)
+            token, i, j, c = edited_entries(g1, g2, self.edit_weights)
             # Remove c_ij (V_j sigma(U_i x + b1_i) + b2_j) for every edited active pair.
-            top_input = top_input.scatter_add(-2, _expand(j, self.expert_dim), -c.unsqueeze(-1) * _take(hidden, i))
-            bias_weight = bias_weight.scatter_add(-1, j, -c)
+            top_input = _add_rows(top_input, token, j, -c.unsqueeze(-1) * _rows(hidden, token, i))
+            bias_weight = _add_rows(bias_weight, token, j, -c)
         return self.v(top_input.flatten(-2)) + bias_weight @ self.b
 
 
@@ -108,23 +171,16 @@ class MonetVerticalExperts(nn.Module):
     def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
         g1, g2 = g1.to(x.dtype), g2.to(x.dtype)
         h1, h2 = self.left(x), self.right(x)
-        s1, s2 = g1.sum(dim=-2), g2.sum(dim=-2)        # [B, T, E]: routing summed over heads
-        # Straight flows (eq. 23, 25): the other side's g sums to 1 per head.
-        straight1 = s1.unsqueeze(-1) * h1
-        straight2 = s2.unsqueeze(-1) * h2
-        # Cross flows (eq. 26-27): reduce one side per head, then spread over the other side.
-        cross12 = g1.transpose(-1, -2) @ (g2 @ h2)     # [B, T, E(i), m/2]
-        cross21 = g2.transpose(-1, -2) @ (g1 @ h1)     # [B, T, E(j), m/2]
+        straight1, straight2, cross12, cross21, s1, s2 = _vd_mix(h1, h2, g1, g2)
         if self.edit_weights is not None:
-            i, j, c = edited_pairs(g1, g2, self.edit_weights)
+            token, i, j, c = edited_entries(g1, g2, self.edit_weights)
             # Remove c_ij E_ij(x): row sums over j and column sums over i of c, and the cross terms.
-            rows = torch.zeros_like(s1).scatter_add(-1, i, c)
-            cols = torch.zeros_like(s2).scatter_add(-1, j, c)
-            width = _expand(i, self.half_dim)
+            rows = _add_rows(torch.zeros_like(s1), token, i, c)
+            cols = _add_rows(torch.zeros_like(s2), token, j, c)
             straight1 = straight1 - rows.unsqueeze(-1) * h1
             straight2 = straight2 - cols.unsqueeze(-1) * h2
-            cross12 = cross12.scatter_add(-2, width, -c.unsqueeze(-1) * _take(h2, j))
-            cross21 = cross21.scatter_add(-2, _expand(j, self.half_dim), -c.unsqueeze(-1) * _take(h1, i))
+            cross12 = _add_rows(cross12, token, i, -c.unsqueeze(-1) * _rows(h2, token, j))
+            cross21 = _add_rows(cross21, token, j, -c.unsqueeze(-1) * _rows(h1, token, i))
             s1, s2 = s1 - rows, s2 - cols
         top = self.v11(straight1.flatten(-2)) + self.v12(cross12.flatten(-2)) + s1 @ self.b1
         bottom = self.v21(cross21.flatten(-2)) + self.v22(straight2.flatten(-2)) + s2 @ self.b2
@@ -138,13 +194,27 @@ def edited_pairs(g1: torch.Tensor, g2: torch.Tensor, edit_weights: torch.Tensor)
     return i, j, weight * edit_weights.to(weight.dtype)[i * experts + j]
 
 
-def _expand(index: torch.Tensor, width: int) -> torch.Tensor:
-    return index.unsqueeze(-1).expand(*index.shape, width)
+def edited_entries(g1: torch.Tensor, g2: torch.Tensor, edit_weights: torch.Tensor):
+    """Only the active pairs whose edit weight is non-zero, flattened: (token, i, j, c), each [P'].
+
+    `token` indexes the flattened leading dims (B*T). With a small mask most active pairs are
+    untouched, so the gathers and scatters below work on a few entries instead of every pair.
+    """
+    i, j, c = edited_pairs(g1, g2, edit_weights)
+    token, slot = (c != 0).reshape(-1, c.shape[-1]).nonzero(as_tuple=True)
+    flat = slot.new_tensor(c.shape[-1]) * token + slot
+    return token, i.reshape(-1)[flat], j.reshape(-1)[flat], c.reshape(-1)[flat]
 
 
-def _take(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """hidden [B, T, E, m] at per-token indices [B, T, P] -> [B, T, P, m]."""
-    return hidden.gather(-2, _expand(index, hidden.shape[-1]))
+def _rows(hidden: torch.Tensor, token: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """hidden [..., E, w] at (token, index) pairs -> [P', w] (token over the flattened leading dims)."""
+    return hidden.reshape(-1, *hidden.shape[-2:])[token, index]
+
+
+def _add_rows(target: torch.Tensor, token: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """target [..., E(, w)] plus values accumulated at (token, index) pairs; out of place (autograd)."""
+    flat = target.reshape(-1, *target.shape[target.dim() - values.dim():])   # [B*T, E(, w)]
+    return flat.index_put((token, index), values, accumulate=True).view_as(target)
 
 
 def build_experts(config: MonetConfig) -> nn.Module:

@@ -10,6 +10,14 @@ others get exactly zero, so each head's g sums to 1 — the fact the factored ex
 Only the keep/drop decision depends on the BatchNorm statistics, and a comparison has no gradient,
 so the statistics are computed without autograd. In data-parallel training they are summed across
 ranks first, so every rank thresholds with the global batch's quantiles, as one device would.
+
+Fast path (same numbers, fewer passes): normalising is monotone, so the test
+(z - mean) / sqrt(var + eps) >= min(best, sigma) is done on the raw logits as
+z >= min(max z, mean + sigma * sqrt(var + eps)), one cut per head, and a single masked softmax
+follows. In the backward pass only the kept entries (about k of E per head) have a non-zero
+gradient, so `KeptSoftmaxGate` multiplies just those with the key weights (an embedding-bag
+gather/scatter) instead of two dense [tokens, H*E] x [H*E, d] products; it falls back to the dense
+products when many entries are kept (k close to E).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from statistics import NormalDist
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from monet.config import MonetConfig
@@ -39,18 +48,27 @@ def batch_statistics(z: torch.Tensor, token_mask: torch.Tensor | None = None) ->
     """Per-head (count, mean, biased variance) of logits z [..., H, E] over tokens and E entries.
 
     Padding tokens (token_mask False) are left out. Sums are all-reduced across data-parallel ranks.
+    Moments are taken per (token, head) row of E contiguous entries in z's dtype (no float64 copy of
+    z) and combined exactly: mean = mean of row means, var = mean of row variances + variance of row
+    means (all rows hold E entries). Only per-head results are widened to float64.
     """
     heads = z.shape[-2]
     flat = z.reshape(-1, heads, z.shape[-1])
     if token_mask is not None:
         flat = flat[token_mask.reshape(-1)]
     count = torch.tensor(float(flat.shape[0] * flat.shape[-1]), dtype=torch.float64, device=z.device)
-    sums = torch.stack([flat.sum(dim=(0, 2)).double(), flat.double().square().sum(dim=(0, 2))])
+    if flat.shape[0]:
+        row_var, row_mean = torch.var_mean(flat, dim=-1, correction=0)          # [tokens, H]
+        between, mean = torch.var_mean(row_mean.double(), dim=0, correction=0)
+        var = row_var.double().mean(dim=0) + between
+    else:
+        var = mean = torch.zeros(heads, dtype=torch.float64, device=z.device)
     if _distributed():
+        sums = torch.stack([mean * count, (var + mean.square()) * count])
         dist.all_reduce(count)
         dist.all_reduce(sums)
-    mean = sums[0] / count
-    var = (sums[1] / count - mean.square()).clamp_min(0.0)
+        mean = sums[0] / count.clamp_min(1.0)
+        var = (sums[1] / count.clamp_min(1.0) - mean.square()).clamp_min(0.0)
     return count, mean.to(z.dtype), var.to(z.dtype)
 
 
@@ -72,32 +90,100 @@ class MonetRouter(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, d] -> (g1, g2), each [B, T, H, E] in float32 (float64 for float64 input), rows summing
         to 1 per head."""
-        shape = (*x.shape[:-1], self.heads, self.experts)
-        dtype = torch.promote_types(x.dtype, torch.float32)   # float32 at least (float64 stays float64)
-        z1 = self.w1(x).view(shape).to(dtype)
-        z2 = self.w2(x).view(shape).to(dtype)
-        return self._gate(z1, self.norm1, token_mask), self._gate(z2, self.norm2, token_mask)
+        return self._gate(x, self.w1, self.norm1, token_mask), self._gate(x, self.w2, self.norm2, token_mask)
 
-    def _gate(self, z: torch.Tensor, norm: nn.BatchNorm1d, token_mask: torch.Tensor | None) -> torch.Tensor:
-        keep = self._keep_mask(z, norm, token_mask)
-        return torch.softmax(z.masked_fill(~keep, float("-inf")), dim=-1)
+    def _gate(
+        self, x: torch.Tensor, keys: nn.Linear, norm: nn.BatchNorm1d, token_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        shape = (*x.shape[:-1], self.heads, self.experts)
+
+        def keep(z: torch.Tensor) -> torch.Tensor:
+            return self._keep_mask(z, norm, token_mask)
+
+        return KeptSoftmaxGate.apply(x, keys.weight, shape, keep)
 
     @torch.no_grad()
     def _keep_mask(self, z: torch.Tensor, norm: nn.BatchNorm1d, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """Entries whose BatchNorm-normalised logit reaches min(its head's best, sigma), tested on raw z."""
         if self.training:
             count, mean, var = batch_statistics(z, token_mask)
             if not _recomputing_in_backward():   # activation checkpointing replays the forward once more
                 _update_running_statistics(norm, count, mean, var)
         else:
             mean, var = norm.running_mean.to(z.dtype), norm.running_var.to(z.dtype)
-        normalised = (z - mean[:, None]) * torch.rsqrt(var[:, None] + norm.eps)
-        best = normalised.amax(dim=-1, keepdim=True)
-        return normalised >= best.clamp_max(self.threshold)
+        cut = (mean + self.threshold * torch.sqrt(var + norm.eps))[:, None]   # [H, 1], -inf when k = E
+        return z >= torch.minimum(z.amax(dim=-1, keepdim=True), cut)
 
 
 def _recomputing_in_backward() -> bool:
     """True while autograd runs a backward pass (where checkpointed layers recompute their forward)."""
     return torch._C._current_graph_task_id() != -1
+
+
+# Sparse backward pays while the kept entries are at most this fraction of the E per head.
+SPARSE_BACKWARD_MAX_FRACTION = 0.125
+
+
+class KeptSoftmaxGate(torch.autograd.Function):
+    """g = softmax over the kept entries of z = x W^T (float32), with a backward that only touches
+    kept entries.
+
+    forward(x [..., d], weight [H*E, d], shape (..., H, E), keep: z -> bool mask) -> g [..., H, E].
+    The logits are computed in x's dtype and widened to float32 (float64 stays float64), as
+    `nn.Linear` followed by `.float()` would. d loss / d z is zero off the kept entries (their g is
+    exactly 0), so the key gradients are embedding-bag products over the ~H*k kept ids per token.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, shape, keep):  # noqa: D102 (autograd protocol)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        z = F.linear(x, weight).view(shape).to(dtype)
+        g = torch.softmax(z.masked_fill_(~keep(z), float("-inf")), dim=-1)
+        ctx.save_for_backward(x, weight, g)
+        return g
+
+    @staticmethod
+    def backward(ctx, grad_g):  # noqa: D102
+        x, weight, g = ctx.saved_tensors
+        if grad_g is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None, None
+        grad_z = g * (grad_g - (g * grad_g).sum(dim=-1, keepdim=True))   # softmax backward, 0 off kept
+        x2d = x.reshape(-1, x.shape[-1])
+        kept = g.reshape(x2d.shape[0], -1) > 0                                # [tokens, H*E]
+        count = int(kept.sum())
+        if count > SPARSE_BACKWARD_MAX_FRACTION * kept.numel():
+            flat = grad_z.reshape(kept.shape).to(weight.dtype)
+            grad_x = (flat @ weight).view_as(x) if ctx.needs_input_grad[0] else None
+            grad_w = flat.t() @ x2d.to(weight.dtype) if ctx.needs_input_grad[1] else None
+            return grad_x, grad_w, None, None
+        tokens, ids = kept.nonzero().unbind(-1)                  # token-major: each token's kept ids h*E + e
+        values = grad_z.reshape(kept.shape)[tokens, ids].to(weight.dtype)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            offsets = _offsets(tokens, x2d.shape[0])
+            grad_x = F.embedding_bag(ids, weight, offsets, per_sample_weights=values, mode="sum")
+            grad_x = grad_x.to(x.dtype).view_as(x)
+        if ctx.needs_input_grad[1]:
+            grad_w = _scatter_rows(ids, tokens, values, x2d.to(weight.dtype), weight.shape[0])
+        return grad_x, grad_w, None, None
+
+
+def _offsets(sorted_index: torch.Tensor, bags: int) -> torch.Tensor:
+    """Start of each bag in a sorted index list (empty bags allowed): the embedding-bag offsets."""
+    offsets = torch.zeros(bags, dtype=torch.long, device=sorted_index.device)
+    offsets[1:] = torch.bincount(sorted_index, minlength=bags).cumsum(0)[:-1]
+    return offsets
+
+
+def _scatter_rows(ids: torch.Tensor, tokens: torch.Tensor, values: torch.Tensor, x2d: torch.Tensor,
+                  rows: int) -> torch.Tensor:
+    """sum over entries p of values[p] * x[tokens[p]] into row ids[p]: [rows, d].
+
+    The transpose of the embedding-bag gather: order the entries by row id (a stable sort, so the
+    sums are deterministic) and bag the token rows of x per id.
+    """
+    ids, order = ids.sort(stable=True)
+    return F.embedding_bag(tokens[order], x2d, _offsets(ids, rows), per_sample_weights=values[order], mode="sum")
 
 
 @torch.no_grad()
@@ -195,6 +281,7 @@ def apply_padding_to_mask(attention_mask: torch.Tensor | None, shape: torch.Size
 
 __all__ = [
     "MonetRouter",
+    "KeptSoftmaxGate",
     "active_halves",
     "active_pairs",
     "routing_threshold",
