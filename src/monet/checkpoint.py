@@ -267,7 +267,7 @@ def load_checkpoint(
     Weights are loaded strictly (every key present, no extras), so a mismatched or damaged file is an
     error rather than silently re-initialised weights. The tokenizer must fit the model's vocabulary.
     """
-    from monet.model import MonetForCausalLM
+    from monet.model import EXPERT_EDITS_FILE, MonetForCausalLM
 
     directory = resolve_checkpoint(path)
     config = read_config(directory)
@@ -281,6 +281,10 @@ def load_checkpoint(
             f"weights in {directory} do not match its config.json ({str(exc).splitlines()[0]} ...); "
             "the checkpoint is corrupt or its config was edited"
         ) from exc
+    if (directory / EXPERT_EDITS_FILE).is_file():   # masks / steering saved with the checkpoint stay applied
+        from monet.editing import load_edits
+
+        load_edits(model, directory)
     model.eval()
     if device is not None:
         model.to(device)

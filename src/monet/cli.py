@@ -23,6 +23,7 @@ _COMMAND_MODULES = [
     "monet.generation",
     "monet.analysis.cli",
     "monet.unlearn",
+    "monet.toxicity_eval",
     "monet.bench",
 ]
 

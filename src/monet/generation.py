@@ -63,7 +63,10 @@ def generate_text(
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from monet.editing import apply_steer_args
+
     model, tokenizer = load_checkpoint(args.checkpoint, device=args.device)
+    apply_steer_args(model, args)
     samples = generate_text(
         model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, greedy=args.greedy, seed=args.seed, num_samples=args.num_samples,
@@ -93,6 +96,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    from monet.editing import add_steer_arguments
+
+    add_steer_arguments(parser)
     parser.set_defaults(handler=run_generate)
 
 

@@ -1,0 +1,445 @@
+"""Editing a Monet model's knowledge: delete (mask) or steer (scale) experts, in factored form.
+
+An edit says, per routing group g, how much of each expert (g, i*E + j)'s term g1_hi g2_hj E_ij(x) to
+keep: alpha = 0 deletes it, 0 < alpha < 1 damps it, alpha > 1 amplifies it (steering). Whole bottom
+halves (every expert with that i) or top halves (every expert with that j) can be scaled at once.
+Alphas that meet on one expert multiply.
+
+`apply_edits` turns an `ExpertEdits` into the [E*E] `edit_weights` table of every expert module of the
+group's layers (entry i*E + j holds 1 - alpha, the fraction of the term to remove; see
+`monet.experts`). The table is per model, never per token, and the forward pass only looks up each
+token's active pairs, so an edited model costs little more than a plain one in training (gradients
+flow through the edited forward), evaluation and KV-cache generation alike.
+
+    edits = ExpertEdits().delete(0, [1234, 99]).scale(1, 77, 2.0)
+    with edited(model, edits):          # temporary; the previous state comes back afterwards
+        loss = model(ids, labels=ids).loss
+    apply_edits(model, edits)           # persistent: saved by save_pretrained, reloaded by from_pretrained
+
+Edits persist in `expert_edits.safetensors` beside `model.safetensors`: per layer, the ids of the
+edited experts and their removal fractions (sparse), plus the model shape they belong to, so a mask
+made for another model is refused with a clear error instead of silently scaling the wrong experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import operator
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from monet.errors import MonetError
+
+EDITS_FORMAT = "monet-expert-edits"
+EDITS_VERSION = "1"
+
+
+@dataclass
+class ExpertEdits:
+    """Per routing group: {expert id: alpha}, {bottom half i: alpha}, {top half j: alpha}, and
+    {(i, j): alpha} for experts named by their halves (turned into ids i*E + j once E is known).
+
+    `num_experts` (E per side) and `num_groups`, when known (e.g. from a selection made on a model),
+    let `apply_edits` refuse edits made for a model of another shape.
+    """
+
+    experts: dict[int, dict[int, float]] = field(default_factory=dict)
+    bottom: dict[int, dict[int, float]] = field(default_factory=dict)
+    top: dict[int, dict[int, float]] = field(default_factory=dict)
+    pairs: dict[int, dict[tuple[int, int], float]] = field(default_factory=dict)
+    num_experts: int | None = None
+    num_groups: int | None = None
+
+    def scale(self, group: int, expert: int, alpha: float) -> ExpertEdits:
+        """Keep alpha times expert (group, expert id)'s term (0 deletes, > 1 amplifies)."""
+        _set(self.experts, group, expert, alpha)
+        return self
+
+    def delete(self, group: int, experts: Iterable[int]) -> ExpertEdits:
+        """Delete experts (group, id) for every id in `experts`."""
+        for expert in experts:
+            _set(self.experts, group, int(expert), 0.0)
+        return self
+
+    def scale_pair(self, group: int, i: int, j: int, alpha: float) -> ExpertEdits:
+        """Scale expert (i, j) of the group (id i*E + j)."""
+        _set(self.pairs, group, (i, j), alpha)
+        return self
+
+    def scale_bottom(self, group: int, half: int, alpha: float) -> ExpertEdits:
+        """Scale every expert (i, j) of the group with i == half."""
+        _set(self.bottom, group, half, alpha)
+        return self
+
+    def scale_top(self, group: int, half: int, alpha: float) -> ExpertEdits:
+        """Scale every expert (i, j) of the group with j == half."""
+        _set(self.top, group, half, alpha)
+        return self
+
+    def merge(self, other: ExpertEdits) -> ExpertEdits:
+        """A new edit applying both (alphas on the same expert or half multiply)."""
+        out = ExpertEdits(num_experts=self.num_experts or other.num_experts,
+                          num_groups=self.num_groups or other.num_groups)
+        for source in (self, other):
+            for name in ("experts", "bottom", "top", "pairs"):
+                for group, entries in getattr(source, name).items():
+                    target = getattr(out, name).setdefault(group, {})
+                    for index, alpha in entries.items():
+                        target[index] = target.get(index, 1.0) * alpha
+        return out
+
+    @property
+    def groups(self) -> list[int]:
+        return sorted(set(self.experts) | set(self.bottom) | set(self.top) | set(self.pairs))
+
+    def is_empty(self) -> bool:
+        return not self.groups
+
+    def count(self, group: int | None = None) -> int:
+        """Experts listed individually (halves not expanded), in one group or all."""
+        groups = self.groups if group is None else [group]
+        return sum(len(self.experts.get(g, {})) + len(self.pairs.get(g, {})) for g in groups)
+
+    def table(self, group: int, num_experts: int) -> torch.Tensor | None:
+        """The group's removal table [E*E] (float32; 1 - alpha per expert), or None when nothing is edited."""
+        entries, bottom, top = dict(self.experts.get(group, {})), self.bottom.get(group, {}), self.top.get(group, {})
+        for (i, j), alpha in self.pairs.get(group, {}).items():
+            _check_index(i, num_experts, f"bottom index of group {group}")
+            _check_index(j, num_experts, f"top index of group {group}")
+            entries[i * num_experts + j] = entries.get(i * num_experts + j, 1.0) * alpha
+        if not entries and not bottom and not top:
+            return None
+        size = num_experts * num_experts
+        keep = torch.ones(size, dtype=torch.float64)
+        if bottom or top:
+            keep_bottom = torch.ones(num_experts, dtype=torch.float64)
+            keep_top = torch.ones(num_experts, dtype=torch.float64)
+            for i, alpha in bottom.items():
+                _check_index(i, num_experts, f"bottom half of group {group}")
+                keep_bottom[i] *= alpha
+            for j, alpha in top.items():
+                _check_index(j, num_experts, f"top half of group {group}")
+                keep_top[j] *= alpha
+            keep = torch.outer(keep_bottom, keep_top).flatten()
+        if entries:
+            ids = torch.tensor(list(entries), dtype=torch.long)
+            _check_index(int(ids.min()), size, f"expert id in group {group}")
+            _check_index(int(ids.max()), size, f"expert id in group {group}")
+            keep[ids] *= torch.tensor(list(entries.values()), dtype=torch.float64)
+        return (1.0 - keep).float()
+
+
+def _integer(value: Any, what: str) -> int:
+    try:
+        number = operator.index(value)   # int, numpy integer, 0-d integer tensor; not floats
+    except TypeError:
+        number = -1
+    if number < 0:
+        raise MonetError(f"{what} must be a non-negative integer, got {value!r}")
+    return number
+
+
+def _set(store: dict, group: int, index: int | tuple[int, int], alpha: float) -> None:
+    """Set (replace) one alpha; groups and indices are validated, ranges are checked once E is known."""
+    group = _integer(group, "routing group")
+    if isinstance(index, tuple):
+        index = tuple(_integer(v, "expert half index") for v in index)
+    else:
+        index = _integer(index, "expert id / half index")
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise MonetError(f"steering coefficient for ({group}, {index}) must be finite, got {alpha}")
+    store.setdefault(group, {})[index] = alpha
+
+
+def _check_index(index: int, size: int, what: str) -> None:
+    if not 0 <= index < size:
+        raise MonetError(f"{what} {index} is out of range [0, {size}) for this model; was the edit made for "
+                         "another model (different moe_experts)?")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model's expert modules
+
+
+def expert_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """(layer index, expert module) of every Monet expert layer, in layer order."""
+    from monet.experts import MonetHorizontalExperts, MonetVerticalExperts
+    from monet.model import MonetDecoderLayer
+
+    found = [(layer.layer_idx, layer.moe) for layer in model.modules()
+             if isinstance(layer, MonetDecoderLayer) and isinstance(getattr(layer, "moe", None),
+                                                                    (MonetHorizontalExperts, MonetVerticalExperts))]
+    if not found:
+        raise MonetError("this model has no Monet expert layers (a dense or PEER baseline?); expert edits need "
+                         "mlp_type='monet' — mask a dense model's neurons with monet.unlearn.neuron_masks")
+    return sorted(found, key=lambda item: item[0])
+
+
+def model_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(E per side, routing groups, layers per group) of a Monet model."""
+    config = model.config
+    layers = expert_layers(model)
+    groups = max(index for index, _ in layers) // config.moe_groups + 1
+    return int(config.moe_experts), int(groups), int(config.moe_groups)
+
+
+def check_fits(model: nn.Module, edits: ExpertEdits) -> None:
+    """MonetError when `edits` were made for a model of another shape or name groups it lacks."""
+    experts, groups, _ = model_shape(model)
+    if edits.num_experts is not None and edits.num_experts != experts:
+        raise MonetError(f"these expert edits were made for a model with {edits.num_experts} experts per side, "
+                         f"this model has {experts}: select the experts again on this model (e.g. a new atlas)")
+    if edits.num_groups is not None and edits.num_groups != groups:
+        raise MonetError(f"these expert edits were made for a model with {edits.num_groups} routing groups, "
+                         f"this model has {groups}: select the experts again on this model")
+    for group in edits.groups:
+        if group >= groups:
+            raise MonetError(f"routing group {group} does not exist: this model has groups 0..{groups - 1}")
+
+
+def current_weights(model: nn.Module) -> dict[int, torch.Tensor | None]:
+    """Each expert layer's edit table (None where unedited), by layer index."""
+    return {index: module.edit_weights for index, module in expert_layers(model)}
+
+
+def _set_weights(model: nn.Module, weights: dict[int, torch.Tensor | None]) -> None:
+    for index, module in expert_layers(model):
+        module.edit_weights = weights.get(index)
+
+
+def apply_edits(model: nn.Module, edits: ExpertEdits, replace: bool = False) -> nn.Module:
+    """Edit the model in place (persistent until `clear_edits`); returns the model.
+
+    Edits compose with those already applied (kept fractions multiply: a deleted expert stays deleted)
+    unless `replace`, which first clears every existing edit.
+    """
+    check_fits(model, edits)
+    experts, _, per_group = model_shape(model)
+    tables = {group: edits.table(group, experts) for group in edits.groups}
+    for index, module in expert_layers(model):
+        new = tables.get(index // per_group)
+        if new is not None:
+            new = new.to(next(module.parameters()).device)
+        module.edit_weights = _compose(None if replace else module.edit_weights, new)
+    return model
+
+
+def _compose(old: torch.Tensor | None, new: torch.Tensor | None) -> torch.Tensor | None:
+    """Two removal tables applied one after the other: kept fractions multiply, 1 - (1 - old)(1 - new)."""
+    if old is None or new is None:
+        return new if old is None else old
+    return 1.0 - (1.0 - old) * (1.0 - new.to(old.device, old.dtype))
+
+
+def clear_edits(model: nn.Module) -> nn.Module:
+    """Remove every expert edit (the model computes its original function again)."""
+    _set_weights(model, {})
+    return model
+
+
+@contextmanager
+def edited(model: nn.Module, edits: ExpertEdits, replace: bool = False) -> Iterator[nn.Module]:
+    """Apply `edits` inside the block; the previous edit tables come back afterwards, even on error."""
+    saved = current_weights(model)
+    try:
+        yield apply_edits(model, edits, replace=replace)
+    finally:
+        _set_weights(model, saved)
+
+
+def masking_ratio(model: nn.Module) -> float:
+    """Share of all groups x N experts whose term is fully removed (edit weight 1)."""
+    experts, groups, per_group = model_shape(model)
+    deleted = 0
+    for index, module in expert_layers(model):
+        if index % per_group == 0 and module.edit_weights is not None:
+            deleted += int((module.edit_weights >= 1.0).sum())
+    return deleted / (groups * experts * experts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Persistence (expert_edits.safetensors beside the weights)
+
+
+def edits_path(directory: str | os.PathLike) -> Path:
+    from monet.model import EXPERT_EDITS_FILE
+
+    return Path(directory) / EXPERT_EDITS_FILE
+
+
+def save_edits(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the model's edit tables, sparse (ids + removal fractions per layer), atomically."""
+    from safetensors.torch import save_file
+
+    experts, groups, per_group = model_shape(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for index, module in expert_layers(model):
+        if module.edit_weights is None:
+            continue
+        table = module.edit_weights.detach().float().cpu()
+        ids = torch.nonzero(table).flatten()
+        tensors[f"layers.{index}.ids"] = ids.to(torch.int64).contiguous()
+        tensors[f"layers.{index}.removal"] = table[ids].contiguous()
+    metadata = {"format": EDITS_FORMAT, "version": EDITS_VERSION, "moe_experts": str(experts),
+                "routing_groups": str(groups), "moe_groups": str(per_group),
+                "num_layers": str(len(expert_layers(model)))}
+    path = edits_path(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_edits(model: nn.Module, directory: str | os.PathLike, replace: bool = True) -> nn.Module:
+    """Set the model's edit tables from `expert_edits.safetensors` (a checkpoint directory or the file).
+
+    With `replace` (the default, as `from_pretrained` does) current edits are dropped first; otherwise the
+    loaded edits compose with them.
+    """
+    tables = read_edit_tables(model, directory)
+    for index, module in expert_layers(model):
+        old = None if replace else module.edit_weights
+        module.edit_weights = _compose(old, tables.get(index))
+    return model
+
+
+def read_edit_tables(model: nn.Module, directory: str | os.PathLike) -> dict[int, torch.Tensor]:
+    """Layer index -> removal table [E*E] from an edits file, checked against the model's shape."""
+    from safetensors import safe_open
+
+    path = edits_path(directory) if Path(directory).is_dir() else Path(directory)
+    if not path.is_file():
+        raise MonetError(f"no expert edits file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error type for damaged files
+        raise MonetError(f"{path} is corrupt or not a safetensors file ({exc}); delete or re-save it") from exc
+    if metadata.get("format") != EDITS_FORMAT:
+        raise MonetError(f"{path} is not a Monet expert-edits file (format {metadata.get('format')!r})")
+    experts, groups, per_group = model_shape(model)
+    layers = dict(expert_layers(model))
+    saved = (metadata.get("moe_experts"), metadata.get("routing_groups"), metadata.get("moe_groups"),
+             metadata.get("num_layers"))
+    if saved != (str(experts), str(groups), str(per_group), str(len(layers))):
+        raise MonetError(
+            f"{path} was saved for a model with moe_experts={saved[0]}, {saved[1]} routing groups of {saved[2]} "
+            f"layers, {saved[3]} expert layers; this model has moe_experts={experts}, {groups} groups of "
+            f"{per_group}, {len(layers)} layers: these edits belong to another model"
+        )
+    weights: dict[int, torch.Tensor] = {}
+    for index, module in layers.items():
+        ids, removal = tensors.get(f"layers.{index}.ids"), tensors.get(f"layers.{index}.removal")
+        if ids is None and removal is None:
+            continue
+        if ids is None or removal is None or ids.shape != removal.shape or ids.dim() != 1:
+            raise MonetError(f"{path}: layer {index} has malformed edit tensors; re-save the edits")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= experts * experts):
+            raise MonetError(f"{path}: layer {index} names expert ids outside [0, {experts * experts})")
+        table = torch.zeros(experts * experts, dtype=torch.float32)
+        table[ids.long()] = removal.float()
+        weights[index] = table.to(next(module.parameters()).device)
+    return weights
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Steering from the command line: --steer G:ID=ALPHA
+
+
+def parse_steer(specs: str | Iterable[str]) -> ExpertEdits:
+    """Parse `G:ID=ALPHA` (expert id i*E + j of routing group G), `G:ID` (delete, alpha 0),
+    `G:I,J=ALPHA` (expert (i, j)), `G:bottom:I=ALPHA` or `G:top:J=ALPHA` (a whole half).
+    A list of specs gives one merged edit."""
+    if isinstance(specs, str):
+        specs = [specs]
+    edits = ExpertEdits()
+    for spec in specs:
+        group, kind, index, alpha = _parse_one(spec)
+        if kind == "expert":
+            edits.scale(group, index, alpha)
+        elif kind == "bottom":
+            edits.scale_bottom(group, index, alpha)
+        elif kind == "top":
+            edits.scale_top(group, index, alpha)
+        else:
+            edits.scale_pair(group, *index, alpha)
+    return edits
+
+
+def _parse_one(spec: str) -> tuple[int, str, Any, float]:
+    text = spec.strip()
+    where, sep, value = text.partition("=")
+    bad = MonetError(f"cannot parse --steer {spec!r}; expected G:ID=ALPHA (e.g. 0:12345=0 deletes expert 12345 of "
+                     "group 0, 1:7=2.5 amplifies), G:I,J=ALPHA, G:bottom:I=ALPHA or G:top:J=ALPHA")
+    try:
+        alpha = float(value) if sep else 0.0
+    except ValueError:
+        raise bad from None
+    parts = [p.strip() for p in where.split(":")]
+    try:
+        if len(parts) == 2 and "," in parts[1]:
+            i, j = (int(x) for x in parts[1].split(","))
+            return int(parts[0]), "pair", (i, j), alpha
+        if len(parts) == 2:
+            return int(parts[0]), "expert", int(parts[1]), alpha
+        if len(parts) == 3 and parts[1] in ("bottom", "top"):
+            return int(parts[0]), parts[1], int(parts[2]), alpha
+    except ValueError:
+        raise bad from None
+    raise bad
+
+
+def add_steer_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--steer G:ID=ALPHA` (repeatable) and `--edits FILE` for `monet generate` and friends."""
+    parser.add_argument(
+        "--steer", action="append", default=[], metavar="G:ID=ALPHA",
+        help="scale expert ID (i*E+j) of routing group G by ALPHA: 0 deletes it, >1 amplifies it. Repeatable. "
+             "Also G:I,J=ALPHA, G:bottom:I=ALPHA, G:top:J=ALPHA; G:ID alone deletes",
+    )
+    parser.add_argument("--edits", default=None, metavar="FILE",
+                        help="apply the expert edits (masks) saved in this expert_edits.safetensors file")
+
+
+def apply_steer_args(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """Apply `--edits FILE` then the `--steer` specs of parsed arguments (composing with existing edits)."""
+    if getattr(args, "edits", None):
+        load_edits(model, args.edits, replace=False)
+    if getattr(args, "steer", None):
+        apply_edits(model, parse_steer(args.steer))
+    return model
+
+
+__all__ = [
+    "ExpertEdits",
+    "add_steer_arguments",
+    "apply_edits",
+    "apply_steer_args",
+    "check_fits",
+    "clear_edits",
+    "current_weights",
+    "edited",
+    "expert_layers",
+    "load_edits",
+    "masking_ratio",
+    "model_shape",
+    "parse_steer",
+    "read_edit_tables",
+    "save_edits",
+]

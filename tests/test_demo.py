@@ -1,0 +1,40 @@
+"""`monet demo --quick`: the whole path on a tiny model, then a re-run that reuses every finished step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from monet.demo import register
+
+
+def test_quick_demo_runs_and_reuses_finished_steps(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    parser = argparse.ArgumentParser(prog="monet")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["demo", "--out", str(tmp_path / "demo"), "--quick", "--quiet"])
+    assert args.handler(args) == 0
+    first = capsys.readouterr().out
+    report = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
+    assert report["targets"] and report["monet"]["before"]
+    for name in ("data/manifest.json", "atlas/manifest.json", "report/heatmap.png", "report/loss_matrix.csv"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    assert "Δ target" in first and "monet view" in first and "already done" not in first
+    started = time.perf_counter()
+    assert args.handler(args) == 0
+    second = capsys.readouterr().out
+    assert second.count("already done, reused") == 4
+    assert time.perf_counter() - started < 30
+    assert json.loads((tmp_path / "demo" / "report" / "report.json").read_text()) == report
+
+
+def test_demo_refuses_a_file_as_directory(tmp_path: Path) -> None:
+    from monet.demo import run_demo
+    from monet.errors import MonetError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MonetError, match="is a file"):
+        run_demo(tmp_path / "file", quick=True, progress=False)

@@ -1,0 +1,208 @@
+"""`monet unlearn`: selection from an atlas, masked evaluation, report files, dense neuron baseline, errors."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import monet
+from monet.analysis.query import Atlas
+from monet.checkpoint import load_checkpoint
+from monet.data import PackedSequences, TokenDataset
+from monet.editing import current_weights
+from monet.errors import MonetError
+from monet.evaluate import evaluate_windows
+from monet.unlearn import (
+    atlas_label_means,
+    choice_scores,
+    headword_items,
+    masked,
+    multiple_choice_accuracy,
+    neuron_masks,
+    register,
+    select_for_label,
+    unlearn,
+)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A quick demo directory: code corpus, tiny Monet + dense runs, their atlases, a full report."""
+    from monet.demo import run_demo
+
+    out = tmp_path_factory.mktemp("unlearn") / "demo"
+    run_demo(out, quick=True, baseline=True, progress=False)
+    return out
+
+
+def _cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="monet")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+def test_report_files_and_consistency(demo: Path) -> None:
+    report_dir = demo / "report"
+    report = json.loads((report_dir / "report.json").read_text())
+    assert sorted(report["files"]) == ["dense_loss_matrix.csv", "heatmap.png", "loss_matrix.csv", "report.json"]
+    assert (report_dir / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    labels = report["labels"]
+    model, _ = load_checkpoint(demo / "run", load_tokenizer=False)
+    atlas_labels, means = atlas_label_means(Atlas(demo / "atlas"))
+    n = model.config.moe_experts ** 2
+    groups = model.config.num_routing_groups
+    for target, entry in report["monet"]["masked"].items():
+        selection = select_for_label(means, atlas_labels, target, ratio=report["ratio"])
+        assert entry["selection"]["selected"] == selection.total
+        assert entry["selection"]["masking_ratio"] == pytest.approx(selection.total / (groups * n))
+        for label in labels:   # delta = masked - unmasked
+            want = entry["after"][label]["loss"] - report["monet"]["before"][label]["loss"]
+            assert entry["delta"][label] == pytest.approx(want)
+        others = [entry["delta"][label] for label in labels if label != target]
+        assert entry["delta_others"] == pytest.approx(np.mean(others))
+        if target in labels:
+            assert entry["delta_target"] == pytest.approx(entry["delta"][target])
+    assert set(report["dense"]["masked"]) == set(report["monet"]["masked"])
+    with open(report_dir / "loss_matrix.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0][1:] == ["None", *report["monet"]["masked"]]
+    assert [r[0] for r in rows[1:]] == [*labels, "Δ Target", "Δ Others"]
+    assert float(rows[1][1]) == pytest.approx(report["monet"]["before"][labels[0]]["loss"], abs=1e-4)
+
+
+def test_masked_evaluation_reproduces_report(demo: Path) -> None:
+    report = json.loads((demo / "report" / "report.json").read_text())
+    target = max(report["monet"]["masked"], key=lambda t: report["monet"]["masked"][t]["selection"]["selected"])
+    assert report["monet"]["masked"][target]["selection"]["selected"] > 0
+    model, _ = load_checkpoint(demo / "run", load_tokenizer=False)
+    labels, means = atlas_label_means(Atlas(demo / "atlas", model=model))
+    selection = select_for_label(means, labels, target, ratio=report["ratio"])
+    dataset = TokenDataset(demo / "data", "validation")
+    evaluated = report["labels"][0]
+    packed = PackedSequences(dataset, report["seq_len"], label=evaluated)
+    with masked(model, selection):
+        loss = evaluate_windows(model, packed, report["batch_size"], report["max_batches"])["loss"]
+    assert all(w is None for w in current_weights(model).values())   # the mask was temporary
+    assert loss == pytest.approx(report["monet"]["masked"][target]["after"][evaluated]["loss"], abs=1e-5)
+
+
+def test_cli_single_target_and_bad_inputs(demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    report = json.loads((demo / "report" / "report.json").read_text())
+    target = max(report["monet"]["masked"], key=lambda t: report["monet"]["masked"][t]["selection"]["selected"])
+    common = [str(demo / "run"), "--data", str(demo / "data"), "--atlas", str(demo / "atlas"), "--max-batches", "1",
+              "--batch-size", "4", "--quiet"]
+    assert _cli(["unlearn", *common, "--target", target, "--out", str(tmp_path / "one")]) == 0
+    single = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert single["targets"] == [target] and list(single["monet"]["masked"]) == [target]
+    assert "Δ target" in capsys.readouterr().out
+    with pytest.raises(MonetError, match="unknown label 'fortran'"):
+        _cli(["unlearn", *common, "--target", "fortran", "--out", str(tmp_path / "x")])
+    with pytest.raises(MonetError, match="selection is empty"):
+        _cli(["unlearn", *common, "--target", target, "--ratio", "1e12", "--out", str(tmp_path / "x")])
+    with pytest.raises(MonetError, match="different model"):
+        unlearn(demo / "run", demo / "data", demo / "dense-atlas", tmp_path / "x", targets=[target])
+    with pytest.raises(MonetError, match="go together"):
+        unlearn(demo / "run", demo / "data", demo / "atlas", tmp_path / "x", baseline_run=demo / "dense-run")
+    with pytest.raises(MonetError, match="no atlas"):
+        unlearn(demo / "run", demo / "data", tmp_path / "missing", tmp_path / "x")
+    assert not (tmp_path / "x").exists()   # nothing half-written
+
+
+def test_neuron_masks_zero_down_proj_inputs() -> None:
+    torch.manual_seed(0)
+    model = monet.MonetForCausalLM(monet.preset("tiny", mlp_type="dense")).eval()
+    ids = torch.randint(3, 256, (2, 7))
+    chosen = {0: np.array([1, 5, 9]), 1: np.array([0])}
+    with neuron_masks(model, chosen):
+        got = model(ids).logits
+    reference = monet.MonetForCausalLM(model.config).eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for layer, neurons in chosen.items():
+            reference.model.layers[layer].mlp.down_proj.weight[:, neurons] = 0.0
+    torch.testing.assert_close(got, reference(ids).logits)
+    torch.testing.assert_close(model(ids).logits, model(ids).logits)   # hooks removed
+    assert not torch.allclose(model(ids).logits, got)
+    with pytest.raises(MonetError, match="must lie in"):
+        with neuron_masks(model, {0: np.array([10_000])}):
+            pass
+    with pytest.raises(MonetError, match="dense MLP"):
+        with neuron_masks(monet.MonetForCausalLM(monet.preset("tiny")), {0: np.array([1])}):
+            pass
+
+
+class _FakeDomains:
+    """Just what `headword_items` reads from a TokenDataset."""
+
+    def __init__(self, entries: dict[str, list[tuple[str, str]]]) -> None:
+        self.rows = [(label, h, d) for label, pairs in entries.items() for h, d in pairs]
+
+    def documents_with_label(self, label: str) -> np.ndarray:
+        return np.array([i for i, row in enumerate(self.rows) if row[0] == label])
+
+    def document_meta(self, i: int) -> dict:
+        label, headword, definition = self.rows[i]
+        return {"label": label, "headword": headword, "definition": definition}
+
+
+def test_headword_multiple_choice(demo: Path) -> None:
+    entries = {"zoology": [(f"beast{i}", f"an animal number {i} with fur") for i in range(6)],
+               "law": [("tort", "a civil wrong"), ("writ", "a court order")]}
+    items = headword_items(_FakeDomains(entries), "zoology", max_items=4, choices=3)
+    assert len(items) == 4
+    for item in items:
+        assert len(item["choices"]) == 3 and len(set(item["choices"])) == 3
+        gold = item["choices"][item["gold"]]
+        assert all(c.startswith("beast") for c in item["choices"]) and gold.split("beast")[1] in item["definition"]
+    assert headword_items(_FakeDomains(entries), "law", choices=3) == []   # too few headwords for 3 choices
+
+    model, tokenizer = load_checkpoint(demo / "run")
+    texts = ["beast1: an animal", "tort: a civil wrong of some length"]
+    scores = choice_scores(model, tokenizer, ["beast1", "tort"], texts, batch_size=2, bos_id=tokenizer.bos_token_id)
+    for prefix, text, score in zip(["beast1", "tort"], texts, scores, strict=True):
+        head = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        want = sum(float(logprobs[t - 1, ids[t]]) for t in range(1 + len(head), len(ids)))
+        assert score == pytest.approx(want, abs=1e-4)
+    accuracy = multiple_choice_accuracy(model, tokenizer, items)
+    assert 0.0 <= accuracy <= 1.0
+
+
+TOXIC_TEXTS = [(f"you stupid idiot shut up {i} damn you", f"t{i}") for i in range(30)] + [
+    (f"the file number {i} was saved to the disk without errors", f"n{i}") for i in range(30)]
+
+
+def test_toxicity_purge_small(tmp_path: Path) -> None:
+    pytest.importorskip("profanity_check", reason="alt-profanity-check (extra monet-lm[toxicity]) is not installed")
+    from monet.data import build_corpus
+    from monet.toxicity_eval import purge_report, toxicity_correlations, toxicity_metrics
+    from monet.train import train
+
+    data = build_corpus("toxicity", tmp_path / "data", max_bytes=100_000, vocab_size=512, progress=False,
+                        source_options={"texts": TOXIC_TEXTS}, validation_fraction=0.2)
+    labels = TokenDataset(data, "train").labels
+    assert labels == ["non-toxic", "toxic"]
+    train(data, tmp_path / "run", {"preset": "tiny", "batch_size": 4, "seq_len": 16, "max_steps": 6,
+                                   "warmup_steps": 1, "eval_interval": 0, "save_interval": 6})
+    model, _ = load_checkpoint(tmp_path / "run", load_tokenizer=False)
+    corr = toxicity_correlations(model, TokenDataset(data, "train"), max_tokens=2_000)
+    assert len(corr) == model.config.num_routing_groups and all(np.all(np.abs(c) <= 1 + 1e-9) for c in corr)
+    assert toxicity_metrics(np.array([[0.1, 0.7], [0.2, 0.3]])) == {"expected_max_toxicity": pytest.approx(0.5),
+                                                                     "toxicity_probability": 0.5}
+    report = purge_report(tmp_path / "run", data, tmp_path / "report", thresholds=(0.2, 0.05), prompts=2,
+                          samples=2, max_new_tokens=4, corr_tokens=2_000, eval_batches=1, progress=False)
+    assert [row["threshold"] for row in report["rows"]] == [None, 0.2, 0.05]
+    ratios = [row["masking_ratio"] for row in report["rows"]]
+    assert ratios == sorted(ratios) and all(0 <= r <= 1 for r in ratios)   # lower threshold, more experts
+    for row in report["rows"]:
+        assert 0.0 <= row["expected_max_toxicity"] <= 1.0 and row["toxicity_probability"] in (0.0, 0.5, 1.0)
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["rows"][0]["selected"] == 0
