@@ -239,3 +239,13 @@ def test_dense_neurons_and_monosemanticity(setup):
     assert stats[0].count[top_neuron] >= int((first[:, top_neuron] > 0).sum())
     monet_report = measure(load(setup["run"])[0], dataset, max_tokens=600, seq_len=32, min_count=1, progress=False)
     assert monet_report["kind"] == "monet" and monet_report["groups"][0]["units"] == 64
+
+
+def test_windows_balance_labels_whatever_the_document_lengths():
+    # label 0: one long document; label 1: many short ones; label 2: one short document.
+    docs = np.array([[0, 1000, 0]] + [[1000 + 10 * k, 1010 + 10 * k, 1] for k in range(50)] + [[1500, 1530, 2]])
+    windows = plan_windows(docs, seq_len=16, max_tokens=200)
+    assert int(windows[:, 2].sum()) == 200
+    per_label = {label: int(windows[docs[windows[:, 0], 2] == label, 2].sum()) for label in (0, 1, 2)}
+    assert per_label[2] == 30                       # the small label is covered completely
+    assert abs(per_label[0] - per_label[1]) <= 16   # the others share the rest evenly

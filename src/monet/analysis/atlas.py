@@ -241,32 +241,29 @@ def unit_activations(model: torch.nn.Module, input_ids: torch.Tensor) -> list[tu
 
 # ------------------------------------------------------------------------------------------ windows
 
-def document_order(docs: np.ndarray) -> np.ndarray:
-    """Document indices interleaved round-robin over labels (in stream order within a label), so that a
-    token budget smaller than the corpus still covers every label."""
-    labels = docs[:, 2]
-    rank_in_label = np.zeros(len(docs), np.int64)
-    for label in np.unique(labels):
-        where = np.flatnonzero(labels == label)
-        rank_in_label[where] = np.arange(len(where))
-    return np.lexsort((labels, rank_in_label))
-
-
 def plan_windows(docs: np.ndarray, seq_len: int, max_tokens: int | None) -> np.ndarray:
-    """[n, 3] (doc, start, length): documents (in `document_order`) cut into windows of at most seq_len
-    tokens, until max_tokens tokens are covered (the last window may be cut short)."""
+    """[n, 3] (doc, start, length): every label's documents cut into windows of at most seq_len tokens,
+    then taken from whichever label has the fewest tokens so far, until max_tokens tokens are covered (the
+    last window may be cut short). A budget smaller than the corpus thus covers every label with about the
+    same number of tokens, however long its documents are."""
+    per_label: dict[int, list[tuple[int, int, int]]] = {}
+    for doc in range(len(docs)):   # stream order within a label
+        length = int(docs[doc, 1]) - int(docs[doc, 0])
+        windows = per_label.setdefault(int(docs[doc, 2]), [])
+        windows.extend((doc, offset, min(seq_len, length - offset)) for offset in range(0, length, seq_len))
+    queues = {label: iter(windows) for label, windows in sorted(per_label.items())}
+    taken = dict.fromkeys(queues, 0)
     rows, total = [], 0
-    for doc in document_order(docs):
-        start, end = int(docs[doc, 0]), int(docs[doc, 1])
-        length = end - start
-        for offset in range(0, length, seq_len):
-            take = min(seq_len, length - offset)
-            if max_tokens is not None and total + take > max_tokens:
-                take = max_tokens - total
-            if take <= 0:
-                return np.asarray(rows, np.int64).reshape(-1, 3)
-            rows.append((doc, offset, take))
-            total += take
+    while queues and (max_tokens is None or total < max_tokens):
+        label = min(queues, key=lambda k: (taken[k], k))    # the label with the fewest tokens so far
+        window = next(queues[label], None)
+        if window is None:
+            del queues[label]
+            continue
+        take = window[2] if max_tokens is None else min(window[2], max_tokens - total)
+        rows.append((window[0], window[1], take))
+        taken[label] += take
+        total += take
     return np.asarray(rows, np.int64).reshape(-1, 3)
 
 
