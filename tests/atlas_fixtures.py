@@ -80,12 +80,3 @@ def hostile_dataset(data: Path, out: Path) -> Path:
 def window_tokens(dataset, doc: int, pos: int, before: int = 12, after: int = 4) -> list[int]:
     tokens = np.asarray(dataset.document(doc))
     return [int(t) for t in tokens[max(0, pos - before):pos + after + 1]]
-
-
-def one_thread():
-    """Generator for an autouse fixture: torch on one thread while the test runs (tiny models run several
-    times faster than with threads fighting over a shared CPU), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -10,13 +10,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small real `code` corpus (stdlib, headers, ...) with a 512-token BPE, built once per test session."""
-    from monet.data import build_corpus
+    from atlas_fixtures import corpus as build_small_corpus
 
-    base = tmp_path_factory.getbasetemp()
-    path = base / "monet-train-corpus"
-    if not (path / "manifest.json").is_file():
-        build_corpus("code", path, max_bytes=300_000, vocab_size=512, progress=False, cache_dir=base / "cache")
-    return path
+    return build_small_corpus(tmp_path_factory.getbasetemp())
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from atlas_fixtures import OPTIONS, atlas_of, corpus, load, one_thread, save_run, tiny_config, window_tokens
+from atlas_fixtures import OPTIONS, atlas_of, corpus, load, save_run, tiny_config, window_tokens
 
 from monet.analysis.atlas import (
     BUFFER_ROWS,
@@ -26,8 +26,6 @@ from monet.analysis.monosemanticity import measure, skewness, summarize_atlas
 from monet.analysis.query import Atlas, parse_expert
 from monet.data import TokenDataset
 from monet.errors import MonetError
-
-single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="module")

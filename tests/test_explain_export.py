@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from atlas_fixtures import atlas_of, corpus, load, one_thread, save_run, tiny_config
+from atlas_fixtures import atlas_of, corpus, load, save_run, tiny_config
 
 from monet.analysis.explain import (
     CHAT_NOTE,
@@ -23,8 +23,6 @@ from monet.analysis.export import expert_page
 from monet.analysis.query import Atlas
 from monet.errors import MonetError
 from monet.experts import build_experts
-
-single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="module")

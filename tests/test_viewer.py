@@ -17,7 +17,6 @@ from atlas_fixtures import (
     atlas_of,
     corpus,
     hostile_dataset,
-    one_thread,
     save_run,
     tiny_config,
 )
@@ -25,7 +24,6 @@ from atlas_fixtures import (
 from monet.analysis.query import Atlas
 from monet.viewer.server import make_server
 
-single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

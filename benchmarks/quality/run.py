@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
 
-import torch
+from monet.bench import machine_info
 
 HERE = Path(__file__).resolve().parent
 MODELS = {
@@ -28,19 +27,6 @@ MODELS = {
     "dense": {"model": "dense"},
     "peer": {"model": "peer", "peer_experts": 48},   # N = 48^2 experts: about the same total parameters
 }
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def run_model(name: str, data: Path, out: Path, args: argparse.Namespace) -> dict:
@@ -90,7 +76,7 @@ def write_readme(results: dict) -> None:
     start, end = "<!-- results:start -->", "<!-- results:end -->"
     m = results["machine"]
     block = (f"{start}\nMachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}"
-             f"{', ' + m['cuda'] if m['cuda'] else ''}. Command: `{results['command']}`. "
+             f"{', ' + m['gpu'] if m['gpu'] != 'none (CPU only)' else ''}. Command: `{results['command']}`. "
              f"Each model: {results['steps']} steps x {results['batch_size']} sequences x {results['seq_len']} "
              f"tokens = {results['tokens']:,} training tokens; validation loss on up to "
              f"{results['eval_batches']} batches of 8 windows per label.\n\n{table(results)}\n{end}")
@@ -126,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         build_corpus("code", data, max_bytes=args.max_bytes, vocab_size=args.vocab_size)
     runs = work / f"runs-{args.steps}x{args.batch_size}x{args.seq_len}-seed{args.seed}"
     command = "python benchmarks/quality/run.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    results = {"command": command.strip(), "machine": machine(), "steps": args.steps, "batch_size": args.batch_size,
+    results = {"command": command.strip(), "machine": machine_info(), "steps": args.steps,
+               "batch_size": args.batch_size,
                "seq_len": args.seq_len, "tokens": args.steps * args.batch_size * args.seq_len,
                "eval_batches": args.eval_batches, "corpus": {"source": "code", "max_bytes": args.max_bytes,
                                                              "vocab_size": args.vocab_size}, "models": {}}
