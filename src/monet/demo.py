@@ -36,7 +36,7 @@ class DemoPlan:
         ("preset", "small"), ("max_steps", 500), ("batch_size", 8), ("seq_len", 64), ("lr", 2e-3),
         ("warmup_steps", 20), ("eval_interval", 0), ("save_interval", 100), ("keep_last", 1),
     )
-    atlas_tokens: int = 60_000
+    atlas_tokens: int = 150_000
     atlas_top_k: int = 10
     eval_batches: int = 4
     eval_batch_size: int = 8
