@@ -584,51 +584,54 @@ def _train(settings: dict[str, Any], data_dir: Path, run_dir: Path, runtime: Run
     params = [p for p in model.parameters() if p.requires_grad]
     tokens_per_step = settings["batch_size"] * settings["seq_len"]
     bar = tqdm(total=settings["max_steps"], initial=start_step, disable=not runtime.main, desc="train", unit="step")
-    row: dict[str, Any] = {}
-    for step in range(start_step + 1, settings["max_steps"] + 1):
-        started = time.perf_counter()
-        lr = lr_at(step - 1, settings)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        windows = order.take(settings["batch_size"])
-        sums = torch.zeros(4, dtype=torch.float64)
-        for micro_step in range(settings["grad_accum"]):
-            begin = micro_step * micro + runtime.rank * local
-            batch = torch.stack([packed[i] for i in windows[begin : begin + local]]).to(runtime.device)
-            with _sync_context(model, settings, runtime, last=micro_step == settings["grad_accum"] - 1):
-                with _autocast(runtime):
-                    parts = language_model_loss(model, batch, aux_weight)
-                (parts["loss"] / settings["grad_accum"]).backward()
-            sums += torch.tensor([float(parts[k].detach()) if k in parts else 0.0
-                                  for k in ("loss", "lm_loss", "unif_loss", "amb_loss")], dtype=torch.float64)
-        means = _all_reduce_mean(sums.to(runtime.device), runtime).cpu() / settings["grad_accum"]
-        max_norm = float(settings["grad_clip"]) if settings["grad_clip"] > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        _guard_finite(step, float(means[0]), grad_norm, last_good)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += tokens_per_step
-        if runtime.device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - started
-        row = {"step": step, "loss": float(means[0]), "lm_loss": float(means[1]), "lr": lr, "grad_norm": grad_norm,
-               "tokens_per_s": round(tokens_per_step / max(elapsed, 1e-9), 1)}
-        if config.mlp_type == "monet":
-            row["unif_loss"], row["amb_loss"] = float(means[2]), float(means[3])
-        last = step == settings["max_steps"]
-        if val_sets and (step % settings["eval_interval"] == 0 or last):
-            results = evaluate_sets(_unwrap(model), val_sets, settings["eval_batch_size"], settings["eval_batches"],
-                                    runtime.device, runtime.autocast_dtype)
-            model.train()
-            for label, result in results.items():
-                row["val_loss" if not label else f"val_loss_{label}"] = result["loss"]
-        if log is not None:
-            log.append(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        if step % settings["save_interval"] == 0 or last:
-            last_good = _save(run_dir, step, model, optimizer, order, tokens_seen, config, settings, data_dir, runtime)
-    bar.close()
+    try:   # the progress bar is closed however the loop ends (a NaN stop raises)
+        row: dict[str, Any] = {}
+        for step in range(start_step + 1, settings["max_steps"] + 1):
+            started = time.perf_counter()
+            lr = lr_at(step - 1, settings)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            windows = order.take(settings["batch_size"])
+            sums = torch.zeros(4, dtype=torch.float64)
+            for micro_step in range(settings["grad_accum"]):
+                begin = micro_step * micro + runtime.rank * local
+                batch = torch.stack([packed[i] for i in windows[begin : begin + local]]).to(runtime.device)
+                with _sync_context(model, settings, runtime, last=micro_step == settings["grad_accum"] - 1):
+                    with _autocast(runtime):
+                        parts = language_model_loss(model, batch, aux_weight)
+                    (parts["loss"] / settings["grad_accum"]).backward()
+                sums += torch.tensor([float(parts[k].detach()) if k in parts else 0.0
+                                      for k in ("loss", "lm_loss", "unif_loss", "amb_loss")], dtype=torch.float64)
+            means = _all_reduce_mean(sums.to(runtime.device), runtime).cpu() / settings["grad_accum"]
+            max_norm = float(settings["grad_clip"]) if settings["grad_clip"] > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            _guard_finite(step, float(means[0]), grad_norm, last_good)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += tokens_per_step
+            if runtime.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - started
+            row = {"step": step, "loss": float(means[0]), "lm_loss": float(means[1]), "lr": lr, "grad_norm": grad_norm,
+                   "tokens_per_s": round(tokens_per_step / max(elapsed, 1e-9), 1)}
+            if config.mlp_type == "monet":
+                row["unif_loss"], row["amb_loss"] = float(means[2]), float(means[3])
+            last = step == settings["max_steps"]
+            if val_sets and (step % settings["eval_interval"] == 0 or last):
+                results = evaluate_sets(_unwrap(model), val_sets, settings["eval_batch_size"], settings["eval_batches"],
+                                        runtime.device, runtime.autocast_dtype)
+                model.train()
+                for label, result in results.items():
+                    row["val_loss" if not label else f"val_loss_{label}"] = result["loss"]
+            if log is not None:
+                log.append(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if step % settings["save_interval"] == 0 or last:
+                last_good = _save(run_dir, step, model, optimizer, order, tokens_seen, config, settings, data_dir,
+                                  runtime)
+    finally:
+        bar.close()
     return {"run_dir": str(run_dir), "steps": settings["max_steps"], "resumed_from": start_step,
             "checkpoint": str(last_good) if last_good else None, "last": row}
 
