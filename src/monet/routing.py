@@ -135,7 +135,7 @@ class KeptSoftmaxGate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, shape, keep):  # noqa: D102 (autograd protocol)
+    def forward(ctx, x, weight, shape, keep):
         dtype = torch.promote_types(x.dtype, torch.float32)
         z = F.linear(x, weight).view(shape).to(dtype)
         g = torch.softmax(z.masked_fill_(~keep(z), float("-inf")), dim=-1)
@@ -143,7 +143,7 @@ class KeptSoftmaxGate(torch.autograd.Function):
         return g
 
     @staticmethod
-    def backward(ctx, grad_g):  # noqa: D102
+    def backward(ctx, grad_g):
         x, weight, g = ctx.saved_tensors
         if grad_g is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return None, None, None, None
