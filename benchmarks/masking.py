@@ -22,7 +22,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import monet
-from monet.editing import ExpertEdits, apply_edits, clear_edits
+from monet.edits import ExpertEdits, apply_edits, clear_edits
 
 
 class LargestTensor(TorchFunctionMode):

@@ -2,7 +2,7 @@
 
     python benchmarks/monosemanticity.py DATA MONET_RUN DENSE_RUN [--max-tokens 100000] [--out FILE.json]
 
-For each model, `monet.analysis.monosemanticity.measure` streams `max-tokens` training tokens (balanced
+For each model, `monet.interp.monosemanticity.measure` streams `max-tokens` training tokens (balanced
 across labels) and reports, per routing group (Monet) or layer (dense), the mean label purity and entropy of
 units seen at least 10 times and the share of units specialised in each label (mean score on the label
 >= 2x every other label).
@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from monet.analysis.monosemanticity import measure
 from monet.checkpoint import load_checkpoint
 from monet.data import TokenDataset
+from monet.interp.monosemanticity import measure
 
 
 def main() -> None:

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 import monet
-from monet.analysis.atlas import AtlasOptions, build_atlas
 from monet.checkpoint import save_checkpoint
+from monet.interp.atlas import AtlasOptions, build_atlas
 
 OPTIONS = AtlasOptions(max_tokens=3000, top_k=3, split="validation", batch_size=4, seq_len=32)
 HOSTILE = [
@@ -39,7 +39,7 @@ def save_run(path: Path, config: monet.MonetConfig, data: Path, seed: int = 0) -
     """An untrained model saved as a one-checkpoint run (weights fixed by the seed)."""
     torch.manual_seed(seed)
     model = monet.MonetForCausalLM(config)
-    save_checkpoint(path, 1, config, model.state_dict(), tokenizer_dir=data)
+    save_checkpoint(path, 1, model, tokenizer_dir=data)
     return path
 
 

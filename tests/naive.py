@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from monet.experts import MonetHorizontalExperts, MonetVerticalExperts
+from monet.model import MonetHorizontalExperts, MonetVerticalExperts
 
 
 def hd_expert(layer: MonetHorizontalExperts, x: torch.Tensor, i: int, j: int) -> torch.Tensor:

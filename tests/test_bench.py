@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import monet
-from monet import bench, experts
+from monet import ops
 from monet.cli import main
-from monet.experts import MonetHorizontalExperts, MonetVerticalExperts
-from monet.routing import MonetRouter
+from monet.experiments import bench
+from monet.model import MonetHorizontalExperts, MonetRouter, MonetVerticalExperts
 
 
 def _finite_positive(value) -> bool:
@@ -115,17 +115,17 @@ def test_bad_arguments_are_clear_errors(capsys):
 
 def test_compile_switch_is_off_by_default_and_falls_back(monkeypatch):
     monkeypatch.delenv("MONET_COMPILE", raising=False)
-    assert experts.maybe_compile(experts.hd_mix) is experts.hd_mix
+    assert ops.maybe_compile(ops.hd_mix) is ops.hd_mix
     monkeypatch.setenv("MONET_COMPILE", "1")
 
     def broken(fn, **kwargs):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(torch, "compile", broken)
-    wrapped = experts.maybe_compile(experts.hd_mix)
+    wrapped = ops.maybe_compile(ops.hd_mix)
     hidden, g = torch.randn(1, 2, 4, 3), torch.softmax(torch.randn(1, 2, 2, 4), -1)
     with pytest.warns(UserWarning, match="torch.compile failed"):
         top, weight = wrapped(hidden, g, g)
-    want_top, want_weight = experts.hd_mix(hidden, g, g)
+    want_top, want_weight = ops.hd_mix(hidden, g, g)
     torch.testing.assert_close(top, want_top)
     torch.testing.assert_close(weight, want_weight)

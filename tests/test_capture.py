@@ -3,7 +3,7 @@
 import torch
 
 import monet
-from monet.analysis import active_experts, capture_routing
+from monet.interp.capture import active_experts, capture_routing
 
 
 def test_active_experts_equal_naive_scores():

@@ -37,7 +37,7 @@ def tiny_model(vocab_size: int = 512) -> MonetForCausalLM:
 def test_round_trip_gives_identical_logits(tmp_path: Path, tokenizer_dir: Path) -> None:
     model = tiny_model()
     state = {"step": 5, "rng": [rng_state()], "optimizer": {"state": {}, "param_groups": []}}
-    path = save_checkpoint(tmp_path, 5, model.config, model.state_dict(), state, tokenizer_dir=tokenizer_dir)
+    path = save_checkpoint(tmp_path, 5, model, state, tokenizer_dir=tokenizer_dir)
     assert path.name == "step-0000005" and checkpoint_problem(path) is None
     loaded, tokenizer = load_checkpoint(tmp_path)          # a run directory resolves to its newest checkpoint
     ids = torch.tensor([tokenizer("def main():\n    return 1")["input_ids"]])
@@ -64,14 +64,14 @@ def test_failed_save_leaves_nothing(tmp_path: Path) -> None:
     model = tiny_model()
     bad_state = {"not_serialisable": lambda: None}
     with pytest.raises((pickle.PicklingError, AttributeError)):   # torch.save cannot pickle a local lambda
-        save_checkpoint(tmp_path, 1, model.config, model.state_dict(), bad_state)
+        save_checkpoint(tmp_path, 1, model, bad_state)
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
 def test_damage_is_detected_and_skipped(tmp_path: Path) -> None:
     model = tiny_model()
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, model.config, model.state_dict(), {"step": step})
+        save_checkpoint(tmp_path, step, model, {"step": step})
     newest = tmp_path / "checkpoints" / "step-0000003"
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
@@ -86,7 +86,7 @@ def test_damage_is_detected_and_skipped(tmp_path: Path) -> None:
 def test_prune_keeps_last_complete_and_sweeps_temp_dirs(tmp_path: Path) -> None:
     model = tiny_model()
     for step in range(1, 6):
-        save_checkpoint(tmp_path, step, model.config, model.state_dict(), {"step": step})
+        save_checkpoint(tmp_path, step, model, {"step": step})
     (tmp_path / "checkpoints" / ".tmp-step-0000006-1-2").mkdir()
     prune_checkpoints(tmp_path, keep_last=2)
     assert [step for step, _ in list_checkpoints(tmp_path)] == [4, 5]
@@ -122,14 +122,14 @@ def test_load_errors_are_clear(tmp_path: Path, tokenizer_dir: Path) -> None:
 
 def test_tokenizer_larger_than_model_vocabulary_is_rejected(tmp_path: Path, tokenizer_dir: Path) -> None:
     model = tiny_model(vocab_size=256)                      # the corpus tokenizer has 512 tokens
-    path = save_checkpoint(tmp_path, 1, model.config, model.state_dict(), tokenizer_dir=tokenizer_dir)
+    path = save_checkpoint(tmp_path, 1, model, tokenizer_dir=tokenizer_dir)
     with pytest.raises(MonetError, match="512 tokens but the model's vocabulary is 256"):
         load_checkpoint(path)
 
 
 def test_weights_not_matching_config_are_rejected(tmp_path: Path, tokenizer_dir: Path) -> None:
     model = tiny_model()
-    path = save_checkpoint(tmp_path, 1, model.config, model.state_dict(), tokenizer_dir=tokenizer_dir)
+    path = save_checkpoint(tmp_path, 1, model, tokenizer_dir=tokenizer_dir)
     config = json.loads((path / "config.json").read_text())
     config["moe_dim"] = 6
     (path / "checkpoint.json").unlink()                     # an edited directory, no longer ours
@@ -140,7 +140,7 @@ def test_weights_not_matching_config_are_rejected(tmp_path: Path, tokenizer_dir:
 
 def test_training_state_missing_or_corrupt(tmp_path: Path) -> None:
     model = tiny_model()
-    path = save_checkpoint(tmp_path, 1, model.config, model.state_dict())
+    path = save_checkpoint(tmp_path, 1, model)
     with pytest.raises(MonetError, match="weights only"):
         load_training_state(path)
     (path / "training_state.pt").write_bytes(b"garbage")

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from monet.analysis.criteria import (
+from monet.errors import MonetError
+from monet.interp.criteria import (
     PearsonAccumulator,
     assign_labels,
     correlated_units,
@@ -15,7 +16,6 @@ from monet.analysis.criteria import (
     specificity,
     top_specific,
 )
-from monet.errors import MonetError
 
 # 3 labels x 6 units. Labels 0 and 1 have totals of 100, label 2 of 200 (twice the tokens), so the
 # normalised shares are label0 [.40 .15 .15 .15 .10 .05], label1 [.15 .15 .08 .10 .40 .12],

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import pytest
 
-from monet.demo import register
+from monet.cli import main
 
 
 def test_quick_demo_runs_and_reuses_finished_steps(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    parser = argparse.ArgumentParser(prog="monet")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["demo", "--out", str(tmp_path / "demo"), "--quick", "--quiet"])
-    assert args.handler(args) == 0
+    argv = ["demo", "--out", str(tmp_path / "demo"), "--quick", "--quiet"]
+    assert main(argv) == 0
     first = capsys.readouterr().out
     report = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
     assert report["targets"] and report["monet"]["before"]
@@ -24,7 +21,7 @@ def test_quick_demo_runs_and_reuses_finished_steps(tmp_path: Path, capsys: pytes
         assert (tmp_path / "demo" / name).is_file(), name
     assert "Δ target" in first and "monet view" in first and "already done" not in first
     started = time.perf_counter()
-    assert args.handler(args) == 0
+    assert main(argv) == 0
     second = capsys.readouterr().out
     assert second.count("already done, reused") == 4
     assert time.perf_counter() - started < 30
@@ -32,9 +29,10 @@ def test_quick_demo_runs_and_reuses_finished_steps(tmp_path: Path, capsys: pytes
 
 
 def test_demo_refuses_a_file_as_directory(tmp_path: Path) -> None:
-    from monet.demo import run_demo
     from monet.errors import MonetError
+    from monet.experiments.demo import run_demo
+    from monet.settings import DemoSettings
 
     (tmp_path / "file").write_text("x")
     with pytest.raises(MonetError, match="is a file"):
-        run_demo(tmp_path / "file", quick=True, progress=False)
+        run_demo(DemoSettings(out=str(tmp_path / "file"), quick=True, quiet=True))

@@ -1,19 +1,17 @@
 """Expert masks and steering on whole models: the edited forward equals the naive masked sum, per group;
 edits persist through save/load and KV-cache generation; edits for another model are refused."""
 
-import argparse
 
 import pytest
 import torch
 from naive import naive_layer
 
 import monet
-from monet.analysis import capture_routing
-from monet.editing import (
+from monet.edits import (
+    EXPERT_EDITS_FILE,
     ExpertEdits,
-    add_steer_arguments,
     apply_edits,
-    apply_steer_args,
+    apply_steering,
     clear_edits,
     current_weights,
     edited,
@@ -23,7 +21,7 @@ from monet.editing import (
     save_edits,
 )
 from monet.errors import MonetError
-from monet.model import EXPERT_EDITS_FILE
+from monet.interp.capture import capture_routing
 
 
 def _model(decompose="vertical", layers=4, seed=0, **overrides):
@@ -207,14 +205,11 @@ def test_parse_steer_and_cli_arguments(tmp_path):
     for bad in ["x:1=0", "0:1=abc", "0", "0:side:1=0", "0:-1=2", "0:1=inf"]:
         with pytest.raises(MonetError):
             parse_steer(bad)
-    parser = argparse.ArgumentParser()
-    add_steer_arguments(parser)
     model = _model()
     apply_edits(model, ExpertEdits().delete(0, [1]))
     save_edits(model, tmp_path)
     clear_edits(model)
-    args = parser.parse_args(["--steer", "1:2,3=2.5", "--steer", "0:9=0", "--edits", str(tmp_path / EXPERT_EDITS_FILE)])
-    apply_steer_args(model, args)
+    apply_steering(model, ["1:2,3=2.5", "0:9=0"], tmp_path / EXPERT_EDITS_FILE)
     E = model.config.moe_experts
     assert float(model.model.layers[2].moe.edit_weights[2 * E + 3]) == pytest.approx(-1.5)
     table = model.model.layers[0].moe.edit_weights

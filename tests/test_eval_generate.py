@@ -7,12 +7,13 @@ import math
 from pathlib import Path
 
 import pytest
+from runs import train_run
 
+from monet.checkpoint import load_checkpoint
 from monet.cli import main
 from monet.errors import MonetError
 from monet.evaluate import build_continuation_items, evaluate_checkpoint, window_indices, write_lm_eval_task
-from monet.generation import generate_text, load_checkpoint
-from monet.train import train
+from monet.generate import generate_text
 
 FAST = {"preset": "tiny", "batch_size": 4, "seq_len": 32, "warmup_steps": 2, "eval_interval": 0,
         "save_interval": 4, "max_steps": 4}
@@ -21,7 +22,7 @@ FAST = {"preset": "tiny", "batch_size": 4, "seq_len": 32, "warmup_steps": 2, "ev
 @pytest.fixture(scope="module")
 def run(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("eval") / "run"
-    train(corpus, out, FAST)
+    train_run(corpus, out, FAST)
     return out
 
 
@@ -49,7 +50,7 @@ def test_eval_cli_json_per_label(run: Path, corpus: Path, capsys: pytest.Capture
 
 def test_eval_matches_training_validation_loss(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    train(corpus, out, {**FAST, "eval_interval": 4, "eval_batches": 2, "eval_batch_size": 8})
+    train_run(corpus, out, {**FAST, "eval_interval": 4, "eval_batches": 2, "eval_batch_size": 8})
     import csv
 
     with open(out / "metrics.csv", newline="") as handle:

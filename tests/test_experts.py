@@ -5,8 +5,7 @@ import torch
 from naive import naive_layer
 
 from monet import MonetConfig
-from monet.experts import MonetHorizontalExperts, MonetVerticalExperts
-from monet.routing import MonetRouter
+from monet.model import MonetHorizontalExperts, MonetRouter, MonetVerticalExperts
 
 SHAPES = [
     # (hidden, experts E, moe_dim m, heads H, topk k, batch, length)

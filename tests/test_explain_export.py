@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -10,19 +9,18 @@ import pytest
 import torch
 from atlas_fixtures import atlas_of, corpus, load, save_run, tiny_config
 
-from monet.analysis.explain import (
+from monet.errors import MonetError
+from monet.interp.explain import (
     CHAT_NOTE,
     EXPLAIN_PROMPT,
     expert_direction,
     expert_logits,
-    expert_output,
     explain_expert,
     explanation_inputs,
 )
-from monet.analysis.export import expert_page
-from monet.analysis.query import Atlas
-from monet.errors import MonetError
-from monet.experts import build_experts
+from monet.interp.export import expert_page
+from monet.interp.query import Atlas
+from monet.model import build_experts, expert_output
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +93,11 @@ def test_explanation_prompt_and_samples(setup):
 
 
 def test_export_page_shape(setup, tmp_path, capsys):
-    from monet.analysis.cli import register
+    from monet.cli import main
 
-    parser = argparse.ArgumentParser(prog="monet")
-    register(parser.add_subparsers(dest="command"))
     out = tmp_path / "expert.json"
-    args = parser.parse_args(["atlas", "export", str(setup["atlas"]), "--expert", "0:5", "--out", str(out),
-                              "--run", str(setup["run"])])
-    assert args.handler(args) == 0
+    assert main(["atlas", "export", str(setup["atlas"]), "--expert", "0:5", "--out", str(out),
+                 "--run", str(setup["run"])]) == 0
     page = json.loads(out.read_text())
     for key in ("modelId", "layer", "index", "activations", "pos_str", "pos_values", "neg_str", "neg_values",
                 "frac_nonzero", "freq_hist_data_bar_heights", "freq_hist_data_bar_values", "explanations"):
@@ -114,12 +109,10 @@ def test_export_page_shape(setup, tmp_path, capsys):
     atlas = Atlas(setup["atlas"])
     assert expert_page(atlas, 0, 5)["pos_str"] == []      # without the model no logits are claimed
     assert page["freq_hist_data_bar_heights"] == atlas.expert(0, 5)["histogram"]["counts"]
-    args = parser.parse_args(["explain", str(setup["run"]), "--atlas", str(setup["atlas"]), "--expert", "0:5",
-                              "--samples", "2", "--max-new-tokens", "3", "--seed", "1"])
-    assert args.handler(args) == 0
+    assert main(["explain", str(setup["run"]), "--atlas", str(setup["atlas"]), "--expert", "0:5",
+                 "--samples", "2", "--max-new-tokens", "3", "--seed", "1"]) == 0
     captured = capsys.readouterr()
     assert CHAT_NOTE in captured.err and "\n1. " in captured.out and "\n2. " in captured.out
-    with pytest.raises(MonetError, match="directory"):
-        args = parser.parse_args(["atlas", "export", str(setup["atlas"]), "--expert", "0:5", "--out",
-                                  str(tmp_path / "no" / "x.json")])
-        args.handler(args)
+    assert main(["atlas", "export", str(setup["atlas"]), "--expert", "0:5", "--out",
+                 str(tmp_path / "no" / "x.json")]) == 2
+    assert "directory" in capsys.readouterr().err

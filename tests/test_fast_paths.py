@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import monet
-from monet import routing
-from monet.routing import MonetRouter, batch_statistics
+from monet import ops
+from monet.model import MonetRouter
+from monet.ops import batch_statistics
 
 
 def _router(experts, topk, heads, hidden=24, seed=0):
@@ -50,7 +51,7 @@ def test_router_values_and_gradients_equal_the_plain_formulation(experts, topk, 
     r2 = reference_gate(router, x, router.w2, *stats2)
     torch.testing.assert_close(g1, r1, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g2, r2, rtol=1e-12, atol=1e-12)
-    sparse = bool((g1 > 0).double().mean() <= routing.SPARSE_BACKWARD_MAX_FRACTION)
+    sparse = bool((g1 > 0).double().mean() <= ops.SPARSE_BACKWARD_MAX_FRACTION)
     assert sparse == (experts >= 64)
 
     p1, p2 = torch.randn_like(g1), torch.randn_like(g2)
@@ -92,7 +93,7 @@ def test_sparse_and_dense_router_backward_agree_in_a_whole_model(monkeypatch):
     ids = torch.randint(0, 256, (2, 10))
 
     def grads(fraction):
-        monkeypatch.setattr(routing, "SPARSE_BACKWARD_MAX_FRACTION", fraction)
+        monkeypatch.setattr(ops, "SPARSE_BACKWARD_MAX_FRACTION", fraction)
         model.load_state_dict(state)
         model.zero_grad(set_to_none=True)
         model(ids, labels=ids).loss.backward()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import monet
-from monet.routing import MonetRouter, ambiguity_loss, routing_threshold, uniformity_loss
+from monet.model import MonetRouter, ambiguity_loss, routing_threshold, uniformity_loss
 
 
 def _router(experts=64, topk=4, heads=3, hidden=16):

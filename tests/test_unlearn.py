@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
@@ -12,40 +11,36 @@ import pytest
 import torch
 
 import monet
-from monet.analysis.query import Atlas
 from monet.checkpoint import load_checkpoint
+from monet.cli import main
 from monet.data import PackedSequences, TokenDataset
-from monet.editing import current_weights
+from monet.edits import current_weights, masked, neuron_masks
 from monet.errors import MonetError
 from monet.evaluate import evaluate_windows
-from monet.unlearn import (
+from monet.experiments.unlearn import (
     atlas_label_means,
     choice_scores,
     headword_items,
-    masked,
     multiple_choice_accuracy,
-    neuron_masks,
-    register,
     select_for_label,
     unlearn,
 )
+from monet.interp.query import Atlas
+from monet.settings import DemoSettings, ToxicitySettings, TrainSettings, UnlearnSettings
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A quick demo directory: code corpus, tiny Monet + dense runs, their atlases, a full report."""
-    from monet.demo import run_demo
+    from monet.experiments.demo import run_demo
 
     out = tmp_path_factory.mktemp("unlearn") / "demo"
-    run_demo(out, quick=True, baseline=True, progress=False)
+    run_demo(DemoSettings(out=str(out), quick=True, baseline=True, quiet=True))
     return out
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="monet")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.handler(args)
+    return main(argv)
 
 
 def test_report_files_and_consistency(demo: Path) -> None:
@@ -102,16 +97,17 @@ def test_cli_single_target_and_bad_inputs(demo: Path, tmp_path: Path, capsys: py
     single = json.loads((tmp_path / "one" / "report.json").read_text())
     assert single["targets"] == [target] and list(single["monet"]["masked"]) == [target]
     assert "Δ target" in capsys.readouterr().out
-    with pytest.raises(MonetError, match="unknown label 'fortran'"):
-        _cli(["unlearn", *common, "--target", "fortran", "--out", str(tmp_path / "x")])
-    with pytest.raises(MonetError, match="selection is empty"):
-        _cli(["unlearn", *common, "--target", target, "--ratio", "1e12", "--out", str(tmp_path / "x")])
+    assert _cli(["unlearn", *common, "--target", "fortran", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown label 'fortran'" in capsys.readouterr().err
+    assert _cli(["unlearn", *common, "--target", target, "--ratio", "1e12", "--out", str(tmp_path / "x")]) == 2
+    assert "selection is empty" in capsys.readouterr().err
+    paths = {"run": str(demo / "run"), "data": str(demo / "data"), "out": str(tmp_path / "x")}
     with pytest.raises(MonetError, match="different model"):
-        unlearn(demo / "run", demo / "data", demo / "dense-atlas", tmp_path / "x", targets=[target])
+        unlearn(UnlearnSettings(**paths, atlas=str(demo / "dense-atlas"), target=target))
     with pytest.raises(MonetError, match="go together"):
-        unlearn(demo / "run", demo / "data", demo / "atlas", tmp_path / "x", baseline_run=demo / "dense-run")
+        unlearn(UnlearnSettings(**paths, atlas=str(demo / "atlas"), baseline=str(demo / "dense-run")))
     with pytest.raises(MonetError, match="no atlas"):
-        unlearn(demo / "run", demo / "data", tmp_path / "missing", tmp_path / "x")
+        unlearn(UnlearnSettings(**paths, atlas=str(tmp_path / "missing")))
     assert not (tmp_path / "x").exists()   # nothing half-written
 
 
@@ -184,22 +180,23 @@ TOXIC_TEXTS = [(f"you stupid idiot shut up {i} damn you", f"t{i}") for i in rang
 def test_toxicity_purge_small(tmp_path: Path) -> None:
     pytest.importorskip("profanity_check", reason="alt-profanity-check (extra monet-lm[toxicity]) is not installed")
     from monet.data import build_corpus
-    from monet.toxicity_eval import purge_report, toxicity_correlations, toxicity_metrics
+    from monet.experiments.toxicity import purge_report, toxicity_correlations, toxicity_metrics
     from monet.train import train
 
     data = build_corpus("toxicity", tmp_path / "data", max_bytes=100_000, vocab_size=512, progress=False,
                         source_options={"texts": TOXIC_TEXTS}, validation_fraction=0.2)
     labels = TokenDataset(data, "train").labels
     assert labels == ["non-toxic", "toxic"]
-    train(data, tmp_path / "run", {"preset": "tiny", "batch_size": 4, "seq_len": 16, "max_steps": 6,
-                                   "warmup_steps": 1, "eval_interval": 0, "save_interval": 6})
+    train(TrainSettings(data=str(data), out=str(tmp_path / "run"), preset="tiny", batch_size=4, seq_len=16,
+                        max_steps=6, warmup_steps=1, eval_interval=0, save_interval=6, quiet=True))
     model, _ = load_checkpoint(tmp_path / "run", load_tokenizer=False)
     corr = toxicity_correlations(model, TokenDataset(data, "train"), max_tokens=2_000)
     assert len(corr) == model.config.num_routing_groups and all(np.all(np.abs(c) <= 1 + 1e-9) for c in corr)
     assert toxicity_metrics(np.array([[0.1, 0.7], [0.2, 0.3]])) == {"expected_max_toxicity": pytest.approx(0.5),
                                                                      "toxicity_probability": 0.5}
-    report = purge_report(tmp_path / "run", data, tmp_path / "report", thresholds=(0.2, 0.05), prompts=2,
-                          samples=2, max_new_tokens=4, corr_tokens=2_000, eval_batches=1, progress=False)
+    report = purge_report(ToxicitySettings(run=str(tmp_path / "run"), data=str(data), out=str(tmp_path / "report"),
+                                           thresholds=(0.2, 0.05), prompts=2, samples=2, max_new_tokens=4,
+                                           corr_tokens=2_000, max_batches=1, quiet=True))
     assert [row["threshold"] for row in report["rows"]] == [None, 0.2, 0.05]
     ratios = [row["masking_ratio"] for row in report["rows"]]
     assert ratios == sorted(ratios) and all(0 <= r <= 1 for r in ratios)   # lower threshold, more experts

@@ -21,8 +21,8 @@ from atlas_fixtures import (
     tiny_config,
 )
 
-from monet.analysis.query import Atlas
-from monet.viewer.server import make_server
+from monet.interp.query import Atlas
+from monet.interp.viewer.server import make_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -146,6 +146,6 @@ def test_view_refuses_a_busy_port(viewer):
 
 
 def test_static_files_are_package_data():
-    static = Path(__file__).parents[1] / "src" / "monet" / "viewer" / "static"
+    static = Path(__file__).parents[1] / "src" / "monet" / "interp" / "viewer" / "static"
     assert {p.name for p in static.iterdir()} >= {"index.html", "app.js", "style.css"}
     assert "innerHTML" not in (static / "app.js").read_text().replace("never innerHTML", "")

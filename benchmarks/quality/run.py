@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from monet.bench import machine_info
+from monet.experiments.bench import machine_info
 
 HERE = Path(__file__).resolve().parent
 MODELS = {

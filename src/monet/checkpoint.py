@@ -1,12 +1,16 @@
-"""Checkpoints in the Hugging Face layout, written atomically, with the training state beside them.
+"""Checkpoints: the one load/save path of the package (Hugging Face layout, atomic, verified).
 
-A checkpoint is a directory `RUN/checkpoints/step-XXXXXXX/` holding `config.json`, `model.safetensors`,
-`generation_config.json`, the tokenizer files copied from the data directory, `training_state.pt`
-(optimizer, data position, RNG states; loadable with `torch.load(weights_only=True)`) and, written last,
-`checkpoint.json` (step and the size of every file). Everything is first written to a hidden temporary
-directory and renamed into place, so a killed process leaves either a complete checkpoint or a `.tmp-*`
-directory that is ignored (and swept) on resume. `checkpoint.json` lets resume and `load_checkpoint` tell
-a complete checkpoint from a damaged one (missing or truncated file) without loading it.
+A checkpoint is a directory `RUN/checkpoints/step-XXXXXXX/` written by `save_pretrained` (config.json,
+model.safetensors, generation_config.json, expert_edits.safetensors when edits are applied), plus the
+tokenizer files of the data it was trained on, `training_state.pt` (optimizer, data position, RNG
+states; loaded with `torch.load(weights_only=True)`) and, written last, `checkpoint.json`: the step and,
+per file, its size and SHA-256. Everything is first written to a hidden temporary directory and renamed
+into place, so a killed process leaves either a complete checkpoint or a `.tmp-*` directory that is swept
+on resume. `checkpoint.json` lets resume and `load_checkpoint` tell a complete checkpoint from a damaged
+one (missing, truncated or altered file); a damaged newest checkpoint is skipped with a message naming
+the problem, and the previous good one is used.
+
+Loading always goes through `MonetForCausalLM.from_pretrained` (strict: see `monet.model`).
 """
 
 from __future__ import annotations
@@ -16,21 +20,24 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig
+import transformers
+from transformers import PreTrainedTokenizerFast
 
 from monet.config import MonetConfig
+from monet.data import read_manifest as read_data_manifest
 from monet.errors import MonetError
+from monet.io import atomic_write, dumps, sha256_file, temporary_sibling
+from monet.model import MonetForCausalLM
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "checkpoint.json"
 TRAINING_STATE = "training_state.pt"
-WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "added_tokens.json", "tokenizer.model",
@@ -38,70 +45,51 @@ TOKENIZER_FILES = (
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
 
-def step_dir_name(step: int) -> str:
-    return f"step-{step:07d}"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file through a temporary name in the same directory, then rename."""
-    _atomic_write_text(Path(path), text)
-
-
-def _unshared_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous tensors; tensors sharing storage (tied weights) are copied, as safetensors requires."""
-    seen: set[int] = set()
-    out = {}
-    for key, tensor in state_dict.items():
-        tensor = tensor.detach().cpu().contiguous()
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer in seen:
-            tensor = tensor.clone()
-        seen.add(pointer)
-        out[key] = tensor
-    return out
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars or load reports from transformers inside the block (our own messages say more)."""
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
-    config: MonetConfig,
-    state_dict: dict[str, torch.Tensor],
+    model: MonetForCausalLM,
     training_state: dict[str, Any] | None = None,
     tokenizer_dir: str | os.PathLike | None = None,
     metadata: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `RUN/checkpoints/step-XXXXXXX/` atomically and return its path.
 
-    A stale directory of the same name (left by a damaged earlier attempt) is replaced.
+    `state_dict` replaces the model's own (e.g. the full state gathered from a sharded model). A stale
+    directory of the same name (left by a damaged earlier attempt) is replaced.
     """
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}-{time.time_ns()}"
-    tmp.mkdir()
+    final = root / f"step-{step:07d}"
+    tmp = temporary_sibling(final)
     try:
-        config.save_pretrained(tmp)
-        GenerationConfig.from_model_config(config).save_pretrained(tmp)
-        save_file(_unshared_state_dict(state_dict), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        with quiet_transformers():
+            model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
-                source = Path(tokenizer_dir) / name
-                if source.is_file():
-                    shutil.copyfile(source, tmp / name)
+                if (Path(tokenizer_dir) / name).is_file():
+                    shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
         if training_state is not None:
             torch.save(training_state, tmp / TRAINING_STATE)
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = {"step": step, "files": files, **(metadata or {})}
-        _atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                 for p in sorted(tmp.iterdir()) if p.is_file()}
+        atomic_write(tmp / MANIFEST, dumps({"step": step, "files": files, **(metadata or {})}) + "\n")
         if final.exists():
             _remove_dir(final)
         os.replace(tmp, final)
@@ -118,23 +106,41 @@ def _remove_dir(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def checkpoint_problem(path: str | os.PathLike) -> str | None:
-    """Why `path` is not a complete checkpoint written by `save_checkpoint`, or None when it is."""
+def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
+    """`checkpoint.json` of a checkpoint directory (None when there is none: a plain HF directory)."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        return None
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+        dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MonetError(f"{file} is unreadable ({exc})") from exc
+    return manifest
+
+
+def checkpoint_problem(path: str | os.PathLike, verify: bool = True) -> str | None:
+    """Why `path` is not a complete, intact checkpoint written by `save_checkpoint`, or None when it is.
+
+    Sizes are always compared with checkpoint.json; with `verify` the SHA-256 of every file too (a flipped
+    byte inside model.safetensors is caught; ~1 s per GB).
+    """
     path = Path(path)
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
+    if not (path / MANIFEST).is_file():
         return f"{MANIFEST} is missing (the checkpoint was not finished)"
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        files = dict(manifest["files"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"{MANIFEST} is unreadable ({exc})"
-    for name, size in files.items():
+        files = read_manifest(path)["files"]
+    except MonetError as exc:
+        return str(exc)
+    for name, entry in files.items():
+        size, digest = (entry, None) if isinstance(entry, int) else (entry.get("bytes"), entry.get("sha256"))
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
         if file.stat().st_size != size:
             return f"{name} is {file.stat().st_size} bytes, expected {size} (truncated or overwritten)"
+        if verify and digest and sha256_file(file) != digest:
+            return f"{name} does not match its SHA-256 in {MANIFEST} (the file was altered or damaged)"
     return None
 
 
@@ -151,14 +157,14 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(run_dir: str | os.PathLike, warn: bool = True) -> Path | None:
-    """The newest complete checkpoint of a run; damaged or partial ones are skipped (with a warning)."""
+def latest_checkpoint(run_dir: str | os.PathLike, warn: bool = True, verify: bool = True) -> Path | None:
+    """The newest complete checkpoint of a run; damaged or partial ones are skipped (with a message)."""
     for _step, path in reversed(list_checkpoints(run_dir)):
-        problem = checkpoint_problem(path)
+        problem = checkpoint_problem(path, verify)
         if problem is None:
             return path
         if warn:
-            print(f"monet: skipping damaged checkpoint {path}: {problem}", flush=True)
+            print(f"monet: skipping damaged checkpoint {path}: {problem}; using an older one", flush=True)
     return None
 
 
@@ -172,7 +178,7 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
             shutil.rmtree(child, ignore_errors=True)
     if keep_last <= 0:
         return
-    complete = [path for _step, path in list_checkpoints(run_dir) if checkpoint_problem(path) is None]
+    complete = [path for _step, path in list_checkpoints(run_dir) if checkpoint_problem(path, verify=False) is None]
     for path in complete[:-keep_last]:
         _remove_dir(path)
 
@@ -188,36 +194,6 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
         raise MonetError(
             f"{file} is corrupt ({exc}); delete this checkpoint directory to resume from an older one"
         ) from exc
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory (single `model.safetensors` or a sharded index)."""
-    path = Path(path)
-    index = path / f"{WEIGHTS}.index.json"
-    if (path / WEIGHTS).is_file():
-        files = [path / WEIGHTS]
-    elif index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise MonetError(f"{index} is corrupt ({exc}); re-download or re-save the checkpoint") from exc
-        files = [path / name for name in sorted(set(weight_map.values()))]
-    else:
-        raise MonetError(
-            f"{path} has no {WEIGHTS}; a checkpoint directory needs config.json and model.safetensors "
-            "(train one with `monet train` or point at a Hugging Face model directory)"
-        )
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        if not file.is_file():
-            raise MonetError(f"weights file {file} is missing; the checkpoint is incomplete")
-        try:
-            state.update(load_file(str(file)))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise MonetError(
-                f"weights file {file} is corrupt or truncated ({exc}); use another checkpoint or re-save it"
-            ) from exc
-    return state
 
 
 def read_config(path: str | os.PathLike) -> MonetConfig:
@@ -239,7 +215,7 @@ def read_config(path: str | os.PathLike) -> MonetConfig:
         raise MonetError(f"{file} is not a valid Monet config ({exc})") from exc
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
+def resolve_checkpoint(path: str | os.PathLike, verify: bool = True) -> Path:
     """A run directory (-> its newest complete checkpoint) or a checkpoint directory, checked."""
     path = Path(path)
     if not path.exists():
@@ -247,12 +223,13 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise MonetError(f"{path} is a file; pass a run directory or a checkpoint directory")
     if (path / "config.json").is_file():
-        problem = checkpoint_problem(path) if (path / MANIFEST).is_file() else None
+        problem = checkpoint_problem(path, verify) if (path / MANIFEST).is_file() else None
         if problem:
-            raise MonetError(f"checkpoint {path} is damaged: {problem}; use another checkpoint")
+            raise MonetError(f"checkpoint {path} is damaged: {problem}; use another checkpoint "
+                             "(or --no-verify to load it anyway)")
         return path
     if (path / CHECKPOINTS).is_dir():
-        latest = latest_checkpoint(path, warn=False)
+        latest = latest_checkpoint(path, verify=verify)
         if latest is None:
             raise MonetError(f"run {path} has no complete checkpoint yet; train longer or check {path / CHECKPOINTS}")
         return latest
@@ -260,40 +237,85 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, device: str | torch.device | None = None, load_tokenizer: bool = True
-) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) from a run directory (newest checkpoint) or a checkpoint directory.
+    path: str | os.PathLike, device: str | torch.device | None = None, load_tokenizer: bool = True,
+    verify: bool = True,
+) -> tuple[MonetForCausalLM, Any]:
+    """(model in eval mode, tokenizer or None) from a run directory (newest checkpoint) or a checkpoint
+    directory (ours, or any Hugging Face directory in the Monet layout).
 
-    Weights are loaded strictly (every key present, no extras), so a mismatched or damaged file is an
-    error rather than silently re-initialised weights. The tokenizer must fit the model's vocabulary.
+    The checkpoint's files are checked against checkpoint.json (sizes, and SHA-256 unless `verify=False`);
+    weights load strictly; expert edits saved with the checkpoint stay applied; the tokenizer must fit the
+    model's vocabulary.
     """
-    from monet.model import EXPERT_EDITS_FILE, MonetForCausalLM
-
-    directory = resolve_checkpoint(path)
+    directory = resolve_checkpoint(path, verify)
     config = read_config(directory)
     tokenizer = _load_tokenizer(directory, config) if load_tokenizer else None
-    state = read_state_dict(directory)
-    model = MonetForCausalLM(config)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise MonetError(
-            f"weights in {directory} do not match its config.json ({str(exc).splitlines()[0]} ...); "
-            "the checkpoint is corrupt or its config was edited"
-        ) from exc
-    if (directory / EXPERT_EDITS_FILE).is_file():   # masks / steering saved with the checkpoint stay applied
-        from monet.editing import load_edits
-
-        load_edits(model, directory)
+    with quiet_transformers():
+        model = MonetForCausalLM.from_pretrained(directory, config=config)
     model.eval()
     if device is not None:
         model.to(device)
     return model, tokenizer
 
 
-def _load_tokenizer(directory: Path, config: MonetConfig) -> Any:
-    from transformers import PreTrainedTokenizerFast
+def resolve_device(name: str | None = "auto") -> torch.device:
+    """A torch device from "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N", checked."""
+    name = name or "auto"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise MonetError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MonetError(f"--device {name}: no CUDA device is available here; use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MonetError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise MonetError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    return device
 
+
+def checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """What `monet train` recorded beside the weights (seq_len, tokens seen, the tokenizer's hash, ...);
+    empty for a plain Hugging Face directory."""
+    try:
+        manifest = read_manifest(resolve_checkpoint(path, verify=False))
+    except MonetError:
+        return {}
+    return {k: v for k, v in (manifest or {}).items() if k not in ("files", "step")}
+
+
+def tokenizer_hash(directory: str | os.PathLike) -> str | None:
+    """SHA-256 of a directory's tokenizer.json (a checkpoint's or a dataset's), None when it has none."""
+    file = Path(directory) / "tokenizer.json"
+    return sha256_file(file) if file.is_file() else None
+
+
+def check_data_fits(checkpoint: str | os.PathLike, data_dir: str | os.PathLike) -> None:
+    """MonetError when the dataset was tokenized with another tokenizer than the checkpoint's (the numbers
+    a model gives on such data look plausible and mean nothing)."""
+    manifest = read_data_manifest(data_dir)
+    data_hash = manifest.get("tokenizer_sha256") or tokenizer_hash(data_dir)
+    model_hash = tokenizer_hash(checkpoint)
+    if data_hash and model_hash and data_hash != model_hash:
+        raise MonetError(
+            f"the dataset {data_dir} was tokenized with another tokenizer than the model in {checkpoint} "
+            f"(tokenizer.json sha256 {data_hash[:12]} vs {model_hash[:12]}): use the data the model was trained "
+            "on, or rebuild the data with the model's tokenizer"
+        )
+    check_vocab_fits(int(manifest["vocab_size"]), read_config(checkpoint).vocab_size, where=str(data_dir))
+
+
+def trained_seq_len(checkpoint: str | os.PathLike, model: MonetForCausalLM, default: int = 256) -> int:
+    """The training sequence length recorded with the checkpoint, else min(default, the model's maximum)."""
+    recorded = checkpoint_metadata(checkpoint).get("seq_len")
+    limit = getattr(model.config, "max_position_embeddings", default) or default
+    return int(recorded) if recorded else min(default, limit)
+
+
+def _load_tokenizer(directory: Path, config: MonetConfig) -> Any:
     if not (directory / "tokenizer.json").is_file():
         raise MonetError(
             f"{directory} has no tokenizer.json; copy the tokenizer files of the data directory it was "
@@ -314,20 +336,3 @@ def check_vocab_fits(tokenizer_size: int, model_vocab: int, where: str) -> None:
             f"tokenizer in {where} has {tokenizer_size} tokens but the model's vocabulary is {model_vocab}: "
             "the tokenizer does not belong to this model (use the tokenizer of the data it was trained on)"
         )
-
-
-__all__ = [
-    "atomic_write_text",
-    "check_vocab_fits",
-    "checkpoint_problem",
-    "latest_checkpoint",
-    "list_checkpoints",
-    "load_checkpoint",
-    "load_training_state",
-    "prune_checkpoints",
-    "read_config",
-    "read_state_dict",
-    "resolve_checkpoint",
-    "save_checkpoint",
-    "step_dir_name",
-]

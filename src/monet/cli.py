@@ -1,63 +1,343 @@
-"""The `monet` command line: one entry point, one subcommand per capability.
+"""The `monet` command line: one entry point, one grammar.
 
-Each area of the package owns its subcommands through a `register(subparsers)` function, so this
-file stays a thin table of contents. A subcommand's handler receives the parsed arguments and
-returns an exit code; user-facing failures raise `MonetError`, printed as one clear line.
+Every command is a settings class of `monet.settings` (tyro turns its fields into `--flags` with their
+docstrings as help) and a handler below that calls the library. Handlers import the library lazily, on
+purpose: `monet --help`, `monet COMMAND --help` and `monet --version` load neither torch nor transformers.
+
+Errors: a mistake the user can fix raises `MonetError` and is printed as one line
+(`monet COMMAND: error: ...`, exit code 2); `--debug` (before the command) shows the traceback instead.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+from monet import __version__
+from monet import settings as S
 from monet.errors import MonetError
 
-# Modules that add subcommands, in the order `monet --help` lists them.
-_COMMAND_MODULES = [
-    "monet.demo",
-    "monet.info",
-    "monet.data.cli",
-    "monet.train",
-    "monet.evaluate",
-    "monet.generation",
-    "monet.analysis.cli",
-    "monet.unlearn",
-    "monet.toxicity_eval",
-    "monet.bench",
-]
+HELP = """usage: monet [--version] [--debug] COMMAND [options]
+
+Monet: train, load, inspect and edit Mixture-of-Monosemantic-Experts language models.
+
+commands:
+{commands}
+
+`monet COMMAND --help` describes a command and every option with its default."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="monet",
-        description="Monet: train, load, inspect and edit Mixture-of-Monosemantic-Experts language models.",
-    )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # that area is not part of this build yet
-                continue
-            raise
-        module.register(subparsers)
-    return parser
+# ----------------------------------------------------------------------------------------------------------
+# Handlers (lazy imports of the library are deliberate: see the module docstring)
+
+
+def run_info(cmd: S.InfoCommand) -> None:
+    from monet import info
+
+    if cmd.compare:
+        result = info.compare_layers(cmd.dim, cmd.experts, cmd.heads, cmd.moe_dim, cmd.topk)
+        if cmd.json:
+            return print_json(result)
+        print(f"One layer at d={cmd.dim}, N={cmd.experts:,} experts, H={cmd.heads}, m={cmd.moe_dim}, k={cmd.topk}")
+        rows = [("architecture", "parameters / retrieval multiply-adds per token")]
+        for arch, params in result["per_layer_parameters"].items():
+            cost = result["retrieval_cost_per_token"][arch]
+            rows.append((arch, "not applicable: " + params if isinstance(params, str)
+                         else f"{info.human(params)} params / {info.human(cost)}"))
+        return print_rows(rows)
+    result = info.describe(cmd.preset, S.parse_assignments(cmd.set))
+    if cmd.json:
+        return print_json(result)
+    print_rows(info.describe_rows(result))
+
+
+def run_data_build(cmd: S.DataBuild) -> None:
+    from monet.data import build_corpus, read_manifest
+    from monet.data.build import format_table
+
+    if (Path(cmd.out) / "manifest.json").is_file() and not cmd.force:
+        read_manifest(cmd.out)
+        return print(f"{cmd.out} already holds a complete dataset; pass --force to rebuild it")
+    path = build_corpus(cmd.source, cmd.out, max_bytes=S.parse_size(cmd.max_bytes) if cmd.max_bytes else None,
+                        vocab_size=cmd.vocab_size, tokenizer=cmd.tokenizer, seed=cmd.seed, fetch=cmd.fetch,
+                        cache_dir=cmd.cache_dir, force=cmd.force, progress=not cmd.quiet)
+    print(format_table(read_manifest(path)))
+    print(f"wrote {path}")
+
+
+def run_data_info(cmd: S.DataInfo) -> None:
+    from monet.data import read_manifest
+    from monet.data.build import format_table
+
+    manifest = read_manifest(cmd.dir)
+    print_json(manifest) if cmd.json else print(format_table(manifest))
+
+
+def run_train(cmd: S.TrainSettings) -> None:
+    from monet.train import train
+
+    summary = train(cmd)
+    if summary["rank"] == 0:
+        last = summary["last"]
+        if last:
+            val = f", validation loss {last['val_loss']:.4f}" if last.get("val_loss") is not None else ""
+            print(f"monet train: step {last['step']} loss {last['loss']:.4f}{val}; checkpoint {summary['checkpoint']}")
+        else:
+            print(f"monet train: already at step {summary['resumed_from']}; nothing to do ({summary['checkpoint']})")
+
+
+def run_eval(cmd: S.EvalCommand) -> None:
+    from monet.evaluate import evaluate_checkpoint
+
+    report = evaluate_checkpoint(cmd.run, cmd.data, split=cmd.split, max_batches=cmd.max_batches,
+                                 batch_size=cmd.batch_size, seq_len=cmd.seq_len, device=cmd.device,
+                                 progress=not cmd.json, verify=not cmd.no_verify)
+    if cmd.json:
+        return print_json(report)
+    print(f"checkpoint {report['checkpoint']}  split {report['split']}  seq_len {report['seq_len']}")
+    width = max([len("overall"), *(len(label) for label in report["labels"])])
+    print(f"{'label':<{width}}  {'loss':>8}  {'ppl':>10}  {'tokens':>9}")
+    for name, result in [("overall", report["overall"]), *report["labels"].items()]:
+        print(f"{name:<{width}}  {result['loss']:8.4f}  {result['perplexity']:10.2f}  {result['tokens']:9d}")
+    if report["skipped_labels"]:
+        print(f"(labels with less than one window, skipped: {', '.join(report['skipped_labels'])})")
+
+
+def run_generate(cmd: S.GenerateCommand) -> None:
+    from monet.checkpoint import load_checkpoint, resolve_device
+    from monet.edits import apply_steering
+    from monet.generate import generate_text
+
+    model, tokenizer = load_checkpoint(cmd.run, device=resolve_device(cmd.device), verify=not cmd.no_verify)
+    apply_steering(model, cmd.steer, cmd.edits)
+    samples = generate_text(model, tokenizer, cmd.prompt, max_new_tokens=cmd.max_new_tokens,
+                            temperature=cmd.temperature, top_p=cmd.top_p, top_k=cmd.top_k, greedy=cmd.greedy,
+                            seed=cmd.seed, num_samples=cmd.num_samples)
+    for i, text in enumerate(samples):
+        if len(samples) > 1:
+            print(f"--- sample {i + 1} ---")
+        print(text)
+
+
+def run_atlas_build(cmd: S.AtlasBuild) -> None:
+    from monet.interp.atlas import build_atlas_command
+
+    build_atlas_command(cmd)
+
+
+def run_atlas_query(cmd: S.AtlasQuery) -> None:
+    from monet.checkpoint import load_checkpoint
+    from monet.interp.explain import expert_logits
+    from monet.interp.query import Atlas, experts_for_text, format_context, parse_expert
+    from monet.io import printable
+
+    atlas = Atlas(cmd.atlas)
+    model = tokenizer = None
+    if cmd.run:
+        model, tokenizer = load_checkpoint(cmd.run)
+        atlas.check_model(model)
+    lines: list[str] = []
+    if cmd.expert:
+        group, expert = parse_expert(cmd.expert, atlas)
+        result: Any = {**atlas.expert(group, expert), "contexts": atlas.top_contexts(group, expert, cmd.top)}
+        if model is not None:
+            result["logits"] = expert_logits(model, atlas, group, expert)
+        shares = sorted(result["label_share"].items(), key=lambda kv: -kv[1])
+        lines += [f"expert {result['id']}: {result['count']:,} activations, density {result['density']:.2e}, "
+                  f"mean score {result['mean_score']:.4f}, max {result['max_percent']:.1f}%",
+                  "labels: " + ", ".join(f"{label} {100 * share:.1f}%" for label, share in shares)]
+        lines += [f"  {ctx['percent']:6.2f}%  {ctx['label']:<12} {format_context(ctx)}" for ctx in result["contexts"]]
+        if "logits" in result:
+            lines += ["promotes:   " + " ".join(repr(t) for t in result["logits"]["pos_str"]),
+                      "suppresses: " + " ".join(repr(t) for t in result["logits"]["neg_str"])]
+    elif cmd.token is not None:
+        result = atlas.experts_for_token(cmd.token, cmd.top)
+        lines += [f"  {r['id']:>14}  {r['contexts']} of its top contexts on {r['piece']!r}, "
+                  f"best {r['max_percent']:.1f}%"
+                  for r in result] or [f"no expert has {cmd.token!r} among its top contexts"]
+    elif cmd.label is not None:
+        result = atlas.experts_for_label(cmd.label, cmd.top, cmd.min_count)
+        lines += [f"  {r['id']:>14}  skewness {r['skewness']:.2f}  ({r['count']:,} activations)" for r in result]
+    else:
+        if model is None:
+            raise MonetError("--text needs the model: pass --run RUN (the run the atlas was built from)")
+        result = experts_for_text(model, tokenizer, cmd.text, n=min(cmd.top, 5))
+        for entry in result:
+            groups = "  |  ".join(" ".join(f"{g}:{e} {p:.0f}%" for e, p in experts)
+                                  for g, experts in enumerate(entry["groups"]))
+            lines.append(f"  {entry['piece']!r:>14}  {groups}")
+    if cmd.json:
+        return print_json(result)
+    print(printable("\n".join(lines)))
+
+
+def run_atlas_export(cmd: S.AtlasExport) -> None:
+    from monet.interp.export import export_command
+
+    print(f"wrote {export_command(cmd)}")
+
+
+def run_view(cmd: S.ViewCommand) -> None:
+    from monet.interp.viewer.server import view_command
+
+    view_command(cmd)
+
+
+def run_explain(cmd: S.ExplainCommand) -> None:
+    from monet.interp.explain import explain_command
+
+    for n, text in enumerate(explain_command(cmd), 1):
+        print(f"{n}. {text}")
+
+
+def run_unlearn(cmd: S.UnlearnSettings) -> None:
+    from monet.experiments.unlearn import REPORT_FILE, format_summary, unlearn
+
+    report = unlearn(cmd)
+    print(format_summary(report))
+    print(f"report: {Path(cmd.out) / REPORT_FILE}  heatmap: {Path(cmd.out) / 'heatmap.png'}")
+
+
+def run_toxicity(cmd: S.ToxicitySettings) -> None:
+    from monet.experiments.toxicity import format_rows, purge_report
+
+    print(format_rows(purge_report(cmd)))
+    print(f"report: {Path(cmd.out) / 'report.json'}")
+
+
+def run_bench(cmd: S.BenchSettings) -> None:
+    from monet.experiments.bench import bench_command
+
+    bench_command(cmd)
+
+
+def run_demo(cmd: S.DemoSettings) -> None:
+    from monet.experiments.demo import run_demo as demo
+
+    demo(cmd)
+
+
+# name -> (settings class, handler)
+COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
+    "demo": (S.DemoSettings, run_demo),
+    "info": (S.InfoCommand, run_info),
+    "data build": (S.DataBuild, run_data_build),
+    "data info": (S.DataInfo, run_data_info),
+    "train": (S.TrainSettings, run_train),
+    "eval": (S.EvalCommand, run_eval),
+    "generate": (S.GenerateCommand, run_generate),
+    "atlas build": (S.AtlasBuild, run_atlas_build),
+    "atlas query": (S.AtlasQuery, run_atlas_query),
+    "atlas export": (S.AtlasExport, run_atlas_export),
+    "view": (S.ViewCommand, run_view),
+    "explain": (S.ExplainCommand, run_explain),
+    "unlearn": (S.UnlearnSettings, run_unlearn),
+    "toxicity": (S.ToxicitySettings, run_toxicity),
+    "bench": (S.BenchSettings, run_bench),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parsing
+
+
+def print_json(value: Any) -> None:
+    from monet.io import dumps
+
+    print(dumps(value))
+
+
+def print_rows(rows: list[tuple[str, str]]) -> None:
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {value}")
+
+
+def summary(cls: type) -> str:
+    """The first line of a command's docstring."""
+    return (cls.__doc__ or "").strip().splitlines()[0].rstrip(".")
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    return HELP.format(commands="\n".join(f"  {name:<{width}}  {summary(cls)}" for name, (cls, _) in COMMANDS.items()))
+
+
+def split_command(argv: list[str]) -> tuple[str | None, list[str]]:
+    """("data build", rest) from ["data", "build", ...]; (None, argv) when no command is named."""
+    if argv and argv[0] in COMMANDS:
+        return argv[0], argv[1:]
+    if len(argv) > 1 and f"{argv[0]} {argv[1]}" in COMMANDS:
+        return f"{argv[0]} {argv[1]}", argv[2:]
+    return None, argv
+
+
+def group_usage(group: str) -> str | None:
+    """The subcommands of a command group (`monet atlas`), or None if `group` is not one."""
+    names = [name for name in COMMANDS if name.startswith(group + " ")]
+    if not names:
+        return None
+    width = max(len(name) for name in names)
+    lines = [f"  monet {name:<{width}}  {summary(COMMANDS[name][0])}" for name in names]
+    return f"usage: monet {group} SUBCOMMAND [options]\n\nsubcommands:\n" + "\n".join(lines)
+
+
+def parse(name: str, argv: list[str]) -> Any:
+    """The settings object of command `name` from its arguments (tyro), checked (one-line MonetError)."""
+    import tyro
+
+    cls, _ = COMMANDS[name]
+    defaults: dict[str, Any] = {}
+    if name == "train" and "--config" in argv:
+        at = argv.index("--config")
+        if at + 1 >= len(argv):
+            raise MonetError("--config needs a YAML file")
+        from monet.train import load_settings
+
+        with S.deferred_checks():
+            defaults["default"] = load_settings(argv[at + 1])
+        argv = argv[:at] + argv[at + 2:]
+    with S.deferred_checks():
+        settings = tyro.cli(cls, args=argv, prog=f"monet {name}", config=(tyro.conf.FlagCreatePairsOff,), **defaults)
+    settings.check()
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "handler", None):
-        parser.print_help()
-        return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"monet {__version__}")
+        return 0
+    name = None
     try:
-        return int(args.handler(args) or 0)
+        name, rest = split_command(argv)
+        if name is None:
+            if argv[:1] in ([], ["-h"], ["--help"]):
+                print(usage())
+                return 0 if argv else 2
+            group = group_usage(argv[0])
+            if group is None:
+                raise MonetError(f"unknown command {argv[0]!r}; see `monet --help` for the list")
+            print(group, file=sys.stdout if argv[1:2] in (["-h"], ["--help"]) else sys.stderr)
+            return 0 if argv[1:2] in (["-h"], ["--help"]) else 2
+        settings = parse(name, rest)
+        COMMANDS[name][1](settings)
+        return 0
+    except SystemExit as exc:   # tyro: --help (0) or a malformed option (2, already explained)
+        return exc.code if isinstance(exc.code, int) else 2
     except MonetError as exc:
-        print(f"monet {args.command}: error: {exc}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        print(f"monet{' ' + name if name else ''}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"monet {args.command}: interrupted", file=sys.stderr)
+        resume = " (run the same command again to resume from the last checkpoint)" if name == "train" else ""
+        print(f"monet {name}: interrupted{resume}", file=sys.stderr)
         return 130
 
 

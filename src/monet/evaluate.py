@@ -9,19 +9,22 @@ statistics) and without labels, so no auxiliary loss and no collective operation
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
+import random
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint, resolve_device, trained_seq_len
+from monet.data import PackedSequences, TokenDataset, load_tokenizer
 from monet.errors import MonetError
+from monet.io import atomic_write
+from monet.model import causal_lm_loss
 
 
 def window_indices(total: int, batch_size: int, max_batches: int | None) -> list[int]:
@@ -33,7 +36,7 @@ def window_indices(total: int, batch_size: int, max_batches: int | None) -> list
 
 
 @torch.no_grad()
-def evaluate_windows(
+def window_losses(
     model: nn.Module,
     packed: Any,
     batch_size: int = 8,
@@ -41,51 +44,56 @@ def evaluate_windows(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
-) -> dict[str, float]:
-    """Mean token loss, perplexity and token count over the windows of one `PackedSequences`."""
+) -> torch.Tensor:
+    """Mean token loss of each evaluated window of one `PackedSequences` ([windows], float64, CPU): the
+    model's own loss (`causal_lm_loss`) per window, so statistics over windows (bootstrap intervals) come
+    from the same numbers as the mean."""
     was_training = model.training
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     indices = window_indices(len(packed), batch_size, max_batches)
-    total, count = 0.0, 0
-    batches = range(0, len(indices), batch_size)
-    for start in tqdm(batches, disable=not progress, desc="eval", unit="batch", leave=False):
+    losses = []
+    for start in tqdm(range(0, len(indices), batch_size), disable=not progress, desc="eval", unit="batch",
+                      leave=False):
         batch = torch.stack([packed[i] for i in indices[start : start + batch_size]]).to(device)
         context = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                    else contextlib.nullcontext())
         with context:
-            logits = model(input_ids=batch[:, :-1], use_cache=False).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        total += float(loss)
-        count += batch[:, 1:].numel()
+            logits = model(input_ids=batch, use_cache=False).logits
+        losses.append(causal_lm_loss(logits, batch, reduction="none").double().mean(dim=1).cpu())
     if was_training:
         model.train()
-    mean = total / max(count, 1)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": count}
+    return torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
 
 
-def evaluate_sets(
-    model: nn.Module,
-    sets: dict[str, Any],
-    batch_size: int = 8,
-    max_batches: int | None = None,
-    device: torch.device | str | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    progress: bool = False,
-) -> dict[str, dict[str, float]]:
+def evaluate_windows(model: nn.Module, packed: Any, batch_size: int = 8, max_batches: int | None = None,
+                     device: torch.device | str | None = None, autocast_dtype: torch.dtype | None = None,
+                     progress: bool = False) -> dict[str, float]:
+    """Mean token loss, perplexity and token count over the windows of one `PackedSequences` (every window
+    has the same number of predicted tokens, so the mean over windows is the mean over tokens)."""
+    losses = window_losses(model, packed, batch_size, max_batches, device, autocast_dtype, progress)
+    mean = float(losses.mean()) if len(losses) else 0.0
+    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": len(losses) * packed.seq_len}
+
+
+def evaluate_sets(model: nn.Module, sets: dict[str, Any], batch_size: int = 8, max_batches: int | None = None,
+                  device: torch.device | str | None = None, autocast_dtype: torch.dtype | None = None,
+                  progress: bool = False) -> dict[str, dict[str, float]]:
     """`evaluate_windows` for each named window set ("" is the whole split)."""
-    return {
-        name: evaluate_windows(model, packed, batch_size, max_batches, device, autocast_dtype, progress)
-        for name, packed in sets.items()
-    }
+    return {name: evaluate_windows(model, packed, batch_size, max_batches, device, autocast_dtype, progress)
+            for name, packed in sets.items()}
 
 
-def _seq_len_of(checkpoint: Path, default: int) -> int:
-    """The training sequence length recorded in checkpoint.json (falls back to `default`)."""
-    try:
-        return int(json.loads((checkpoint / "checkpoint.json").read_text(encoding="utf-8"))["seq_len"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return default
+def label_window_sets(dataset: TokenDataset, seq_len: int, overall: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """Windows per label (and the whole split under "" with `overall`); labels with less than one window
+    are returned separately."""
+    sets, skipped = {}, []
+    for label in ([None] if overall else []) + list(dataset.labels):
+        try:
+            sets["" if label is None else label] = PackedSequences(dataset, seq_len, label=label)
+        except MonetError:
+            skipped.append(label or "(all)")
+    return sets, skipped
 
 
 def evaluate_checkpoint(
@@ -95,73 +103,26 @@ def evaluate_checkpoint(
     max_batches: int | None = None,
     batch_size: int = 8,
     seq_len: int | None = None,
-    device: str | None = None,
+    device: str | None = "auto",
     progress: bool = False,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Loss and perplexity per label and overall of a run (newest checkpoint) or checkpoint on a dataset."""
-    from monet.checkpoint import check_vocab_fits, load_checkpoint, resolve_checkpoint
-    from monet.data import PackedSequences, TokenDataset
-
-    if not Path(data_dir).is_dir():
-        raise MonetError(f"data directory {data_dir} does not exist; build one with `monet data build`")
-    directory = resolve_checkpoint(path)
-    model, _ = load_checkpoint(directory, load_tokenizer=False)
+    directory = resolve_checkpoint(path, verify)
+    check_data_fits(directory, data_dir)
+    model, _ = load_checkpoint(directory, device=resolve_device(device), load_tokenizer=False, verify=False)
     dataset = TokenDataset(data_dir, split=split)
-    check_vocab_fits(dataset.vocab_size, model.config.vocab_size, where=str(data_dir))
-    seq_len = seq_len or _seq_len_of(directory, min(512, model.config.max_position_embeddings))
-    device_obj = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device_obj)
-    sets: dict[str, Any] = {"": PackedSequences(dataset, seq_len)}
-    skipped = []
-    for label in dataset.labels:
-        try:
-            sets[label] = PackedSequences(dataset, seq_len, label=label)
-        except MonetError:
-            skipped.append(label)
-    results = evaluate_sets(model, sets, batch_size, max_batches, device_obj, None, progress)
+    seq_len = seq_len or trained_seq_len(directory, model)
+    sets, skipped = label_window_sets(dataset, seq_len, overall=True)
+    if "" not in sets:
+        raise MonetError(f"the {split} split of {data_dir} has less than one window of {seq_len + 1} tokens; "
+                         "use a shorter --seq-len or more data")
+    results = evaluate_sets(model, sets, batch_size, max_batches, None, None, progress)
     overall = results.pop("")
     return {
         "checkpoint": str(directory), "data": str(data_dir), "split": split, "seq_len": seq_len,
         "overall": overall, "labels": results, "skipped_labels": skipped,
     }
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    report = evaluate_checkpoint(
-        args.checkpoint, args.data, split=args.split, max_batches=args.max_batches, batch_size=args.batch_size,
-        seq_len=args.seq_len, device=args.device, progress=not args.json,
-    )
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"checkpoint {report['checkpoint']}  split {report['split']}  seq_len {report['seq_len']}")
-    width = max([len("overall"), *(len(label) for label in report["labels"])])
-    print(f"{'label':<{width}}  {'loss':>8}  {'ppl':>10}  {'tokens':>9}")
-    rows = [("overall", report["overall"]), *report["labels"].items()]
-    for name, result in rows:
-        print(f"{name:<{width}}  {result['loss']:8.4f}  {result['perplexity']:10.2f}  {result['tokens']:9d}")
-    if report["skipped_labels"]:
-        print(f"(labels with less than one window, skipped: {', '.join(report['skipped_labels'])})")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "eval",
-        help="validation loss and perplexity per label of a run or checkpoint",
-        description="Mean next-token loss and perplexity on a dataset split, overall and for each label.",
-    )
-    parser.add_argument(
-        "checkpoint", metavar="RUN_OR_CHECKPOINT", help="run directory (newest checkpoint) or checkpoint directory"
-    )
-    parser.add_argument("--data", required=True, help="dataset directory from `monet data build`")
-    parser.add_argument("--split", default="validation", choices=["train", "validation"])
-    parser.add_argument("--max-batches", type=int, default=None, help="batches per label (evenly spaced windows)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=None, help="window length (default: the training seq_len)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    parser.set_defaults(handler=run_eval)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,15 +144,11 @@ def build_continuation_items(
     `continuation_tokens` tokens; the distractors: spans of the same length from other documents with
     the same label (so the choice cannot be made by spotting the language or domain alone).
     """
-    import random as _random
-
-    from monet.data import TokenDataset, load_tokenizer
-
     if num_choices < 2:
         raise MonetError(f"num_choices must be >= 2, got {num_choices}")
     dataset = TokenDataset(data_dir, split=split)
     tokenizer = load_tokenizer(data_dir)
-    rng = _random.Random(seed)
+    rng = random.Random(seed)
     need = 1 + context_tokens + continuation_tokens
     usable: dict[str, list[int]] = {}
     for i in range(dataset.num_documents):
@@ -236,13 +193,11 @@ def write_lm_eval_task(
     Use it with `lm_eval.tasks.TaskManager(include_path=out_dir)` and `tasks=[task_name]`; nothing is
     downloaded (the `json` dataset builder reads the local file). Returns `out_dir`.
     """
-    from monet.checkpoint import atomic_write_text
-
     items = build_continuation_items(data_dir, **item_options)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data_file = (out / "items.jsonl").resolve()
-    atomic_write_text(data_file, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
+    atomic_write(data_file, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
     task = "\n".join([
         f"task: {task_name}",
         "dataset_path: json",
@@ -266,5 +221,5 @@ def write_lm_eval_task(
         "  version: 1.0",
         "",
     ])
-    atomic_write_text(out / f"{task_name}.yaml", task)
+    atomic_write(out / f"{task_name}.yaml", task)
     return out

@@ -1,26 +1,51 @@
 """Model sizes: parameter counts of real modules built on the meta device, and the paper's Table 1.
 
-`monet info --preset NAME [--set key=value ...] [--json]` prints parameters by part and the expert count.
-`monet info --compare --dim D --experts N --heads H --moe-dim M [--topk K] [--json]` compares one layer of
-SMoE, PEER, Monet-HD and Monet-VD at N experts (Table 1 and appendix A.2): parameters counted from
-the modules themselves, retrieval cost (multiply-adds per token to choose experts) from A.2.
+`monet info --preset NAME [--set key=value ...]` prints parameters by part and the expert count.
+`monet info --compare --dim D --experts N --heads H --moe-dim M [--topk K]` compares one layer of SMoE,
+PEER, Monet-HD and Monet-VD at N experts (Table 1 and appendix A.2): parameters counted from the modules
+themselves, retrieval cost (multiply-adds per token to choose experts) from A.2.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from monet.baselines import PEERLayer, SMoELayer
-from monet.config import PRESETS, MonetConfig, preset
+from monet.config import MonetConfig, preset
 from monet.errors import MonetError
-from monet.experts import MonetHorizontalExperts, MonetVerticalExperts
-from monet.routing import MonetRouter
+from monet.model import (
+    MonetForCausalLM,
+    MonetHorizontalExperts,
+    MonetRouter,
+    MonetVerticalExperts,
+    PEERLayer,
+    activation,
+)
+
+
+class SMoELayer(nn.Module):
+    """Conventional sparse MoE (eq. 1-2): N experts V_i sigma(U_i x), top-k of N router scores.
+
+    Kept for the size comparison (its parameters grow like N m d) and as a readable reference; it is
+    not a decoder option.
+    """
+
+    def __init__(self, dim: int, experts: int, expert_dim: int, topk: int, act: str = "relu2") -> None:
+        super().__init__()
+        self.topk = topk
+        self.router = nn.Linear(dim, experts, bias=False)                       # expert embeddings w_i
+        self.up = nn.Parameter(torch.empty(experts, expert_dim, dim))           # U_i
+        self.down = nn.Parameter(torch.empty(experts, dim, expert_dim))         # V_i
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores, ids = self.router(x).float().topk(self.topk, dim=-1)
+        g = torch.softmax(scores, dim=-1).to(x.dtype)                           # [..., k]
+        hidden = self.act(torch.einsum("...kmd,...d->...km", self.up[ids], x))
+        return torch.einsum("...k,...kdm,...km->...d", g, self.down[ids], hidden)
 
 
 def _numel(module: nn.Module) -> int:
@@ -29,8 +54,6 @@ def _numel(module: nn.Module) -> int:
 
 def parameters_by_part(config: MonetConfig) -> dict[str, int]:
     """Parameters of `MonetForCausalLM(config)`, split into parts, counted on the meta device."""
-    from monet.model import MonetForCausalLM
-
     with torch.device("meta"):
         model = MonetForCausalLM(config)
     parts = {"embeddings": 0, "attention": 0, "experts": 0, "routers": 0, "norms": 0, "lm_head": 0}
@@ -69,24 +92,28 @@ def dense_intermediate_size_matching(config: MonetConfig) -> int:
 
 
 def compare_layers(dim: int, experts: int, heads: int, moe_dim: int, topk: int = 8) -> dict[str, Any]:
-    """One layer of each architecture at N = `experts`, H heads, expert width m (Table 1, A.2)."""
+    """One layer of each architecture at N = `experts`, H heads, expert width m (Table 1, A.2).
+
+    Monet-VD splits d and m in two halves; where either is odd (e.g. PEER's single-neuron experts,
+    m = 1) it is reported as not applicable instead of failing the whole comparison.
+    """
     side = math.isqrt(experts)
     if side * side != experts:
         raise MonetError(f"--experts must be a perfect square N = E^2 for product keys, got {experts}")
-    if moe_dim % 2 or dim % 2:
-        raise MonetError("--dim and --moe-dim must be even (vertical decomposition splits both in two)")
     config = MonetConfig(
         hidden_size=dim, num_attention_heads=1, num_hidden_layers=1, vocab_size=8, bos_token_id=None,
-        eos_token_id=None, moe_experts=side,
-        moe_heads=heads, moe_dim=moe_dim, moe_topk=min(topk, side), moe_groups=1,
+        eos_token_id=None, moe_experts=side, moe_heads=heads, moe_dim=moe_dim, moe_topk=min(topk, side),
+        moe_groups=1, moe_decompose="horizontal",
     )
+    vd_defined = moe_dim % 2 == 0 and dim % 2 == 0
     with torch.device("meta"):
         router = _numel(MonetRouter(config))
-        layers = {
+        layers: dict[str, Any] = {
             "smoe": _numel(SMoELayer(dim, experts, moe_dim, topk)),
-            "peer": _numel(PEERLayer(MonetConfig(**{**config.to_diff_dict(), "mlp_type": "peer"}))),
+            "peer": _numel(PEERLayer(config)) if dim % 2 == 0 else "needs an even --dim (PEER splits the query)",
             "monet-hd": _numel(MonetHorizontalExperts(config)) + router,
-            "monet-vd": _numel(MonetVerticalExperts(config)) + router,
+            "monet-vd": _numel(MonetVerticalExperts(config)) + router if vd_defined
+            else "vertical decomposition splits d and m in two halves: needs even --dim and --moe-dim",
         }
     retrieval = {
         "smoe": experts * dim,                              # O(N d): score every expert
@@ -108,21 +135,9 @@ def compare_layers(dim: int, experts: int, heads: int, moe_dim: int, topk: int =
     }
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`key=value` strings -> dict, values parsed as JSON where possible (numbers, true/false, null)."""
-    overrides = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise MonetError(f"expected key=value, got {pair!r}")
-        try:
-            overrides[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key] = raw
-    return overrides
-
-
-def describe(config: MonetConfig, name: str | None = None) -> dict[str, Any]:
+def describe(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Sizes of a preset (with config overrides): parameters by part, experts per layer, routing layers."""
+    config = preset(name, **(overrides or {}))
     parts = parameters_by_part(config)
     return {
         "preset": name,
@@ -133,72 +148,31 @@ def describe(config: MonetConfig, name: str | None = None) -> dict[str, Any]:
         "routing_layers": config.num_routing_groups if config.mlp_type == "monet" else 0,
         "mlp_type": config.mlp_type,
         "decomposition": config.moe_decompose if config.mlp_type == "monet" else None,
+        "shape": {key: getattr(config, key) for key in ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                                                         "moe_experts", "moe_dim", "moe_heads", "moe_topk",
+                                                         "moe_groups")},
     }
 
 
-def _human(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.3f}{unit}"
-    return str(n)
-
-
-def _print_table(rows: list[tuple[str, str]]) -> None:
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key.ljust(width)}  {value}")
-
-
-def run_info(args: argparse.Namespace) -> int:
-    if args.compare:
-        missing = [f for f in ("dim", "experts", "heads", "moe_dim") if getattr(args, f) is None]
-        if missing:
-            raise MonetError("--compare needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
-        result = compare_layers(args.dim, args.experts, args.heads, args.moe_dim, args.topk)
-        if args.json:
-            print(json.dumps(result, indent=2))
-            return 0
-        print(f"One layer at d={args.dim}, N={args.experts:,} experts, H={args.heads}, m={args.moe_dim}, k={args.topk}")
-        rows = [("architecture", "parameters / retrieval multiply-adds per token")]
-        for arch, params in result["per_layer_parameters"].items():
-            rows.append((arch, f"{_human(params)} params / {_human(result['retrieval_cost_per_token'][arch])}"))
-        _print_table(rows)
-        return 0
-    name = args.preset or "small"
-    config = preset(name, **parse_overrides(args.set or []))
-    result = describe(config, name)
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    rows = [("preset", name), ("total parameters", f"{result['parameters']:,} ({_human(result['parameters'])})")]
+def describe_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """`describe`'s result as (name, value) rows for a terminal."""
+    shape = result["shape"]
+    rows = [("preset", result["preset"]),
+            ("total parameters", f"{result['parameters']:,} ({human(result['parameters'])})")]
     rows += [(f"  {part}", f"{count:,}") for part, count in result["parameters_by_part"].items()]
-    rows += [
+    return rows + [
         ("experts per layer", f"{result['experts_per_layer']:,}"),
         ("layers / routing layers", f"{result['layers']} / {result['routing_layers']}"),
         ("decomposition", str(result["decomposition"])),
         ("hidden / heads / kv heads",
-         f"{config.hidden_size} / {config.num_attention_heads} / {config.num_key_value_heads}"),
-        ("moe E / m / H / k / groups",
-         f"{config.moe_experts} / {config.moe_dim} / {config.moe_heads} / {config.moe_topk} / {config.moe_groups}"),
+         f"{shape['hidden_size']} / {shape['num_attention_heads']} / {shape['num_key_value_heads']}"),
+        ("moe E / m / H / k / groups", " / ".join(str(shape[k]) for k in ("moe_experts", "moe_dim", "moe_heads",
+                                                                        "moe_topk", "moe_groups"))),
     ]
-    _print_table(rows)
-    return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "info",
-        help="parameter counts and expert counts of a preset, or the paper's Table 1 comparison",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--preset", choices=list(PRESETS), help="named shape (default: small)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
-    parser.add_argument("--json", action="store_true", help="print a JSON object")
-    parser.add_argument("--compare", action="store_true", help="compare SMoE, PEER, Monet-HD, Monet-VD layers")
-    parser.add_argument("--dim", type=int, help="hidden size d (with --compare)")
-    parser.add_argument("--experts", type=int, help="number of experts N, a perfect square (with --compare)")
-    parser.add_argument("--heads", type=int, help="routing heads H (with --compare)")
-    parser.add_argument("--moe-dim", dest="moe_dim", type=int, help="expert hidden width m (with --compare)")
-    parser.add_argument("--topk", type=int, default=8, help="experts kept per head k (with --compare; default 8)")
-    parser.set_defaults(handler=run_info)
+def human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3f}{unit}"
+    return str(n)

@@ -1,40 +1,357 @@
-"""The Monet decoder and its Hugging Face classes.
+"""The Monet model, top to bottom: router, experts, decoder, Hugging Face classes.
 
-A LLaMA decoder (RMSNorm, rotary attention with grouped-query heads and SDPA, untied head) whose MLP
-is replaced by Monet experts. Layer l computes routing when l % moe_groups == 0 and the following
-layers of its group reuse that (g1, g2). The state-dict keys are the official ones, so a directory
-written by the official modeling code loads with `MonetForCausalLM.from_pretrained(dir)`.
+A LLaMA decoder (RMSNorm, rotary attention with grouped-query heads and SDPA, untied head) whose MLP is
+replaced by Monet experts (paper §3). Reading order:
 
-Outputs follow Hugging Face conventions plus the official `router_probs`: with
-`output_router_probs=True`, one entry per decoder layer, the (g1, g2) pair ([B, T, H, E] each) on
-routing layers and None on layers that reuse the group's routing (as the official code returns).
-With labels, `loss = lm_loss + aux_loss_weight * aux_loss`, where aux_loss is the mean over routing
-layers of the uniformity and ambiguity losses (eq. 16-18, see `monet.routing`).
+1. `MonetRouter` — product-key routing with BatchNorm quantile thresholds (eq. 9), and the auxiliary
+   losses (eq. 16-17).
+2. `MonetHorizontalExperts` (HD, eq. 6-12) and `MonetVerticalExperts` (VD, eq. 13-15, A.1): N = E^2
+   experts from E bottom/left and E top/right halves, computed in factored form.
+3. The decoder: attention, `MonetDecoderLayer` (layer l routes when l % moe_groups == 0, the next layers
+   of its group reuse that (g1, g2)), `MonetModel`, `MonetForCausalLM` (loss = lm_loss + λ aux_loss).
+   `DenseMLP` and `PEERLayer` are the baselines that the same decoder can use instead (`mlp_type`).
+
+State-dict keys are the official ones, so a directory written by the official modeling code loads with
+`MonetForCausalLM.from_pretrained(dir)`. With `output_router_probs=True` the output carries one entry per
+decoder layer: the (g1, g2) pair ([B, T, H, E] each) on routing layers, None on layers that reuse the
+group's routing (the official convention). Exact fast paths live beside this file in `monet.ops`.
+
+Host syncs: the forward pass has none on its main path (so `torch.compile(model)` captures it whole and a
+GPU never waits), except where data decide a shape: the expert-edit correction gathers only the edited
+active pairs (`ops.edited_entries`), and a 2D attention mask is checked once for padding so that unpadded
+batches keep SDPA's causal fast path.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from monet.baselines import DenseMLP, PEERLayer
+from monet import edits, ops
 from monet.config import MonetConfig
 from monet.errors import MonetError
-from monet.experts import MonetHorizontalExperts, MonetVerticalExperts, build_experts
-from monet.routing import MonetRouter, ambiguity_loss, apply_padding_to_mask, uniformity_loss
 
 Routing = tuple[torch.Tensor, torch.Tensor]
-EXPERT_EDITS_FILE = "expert_edits.safetensors"   # written by `monet.editing`, beside model.safetensors
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Routing (eq. 9, 16-17)
+
+
+def routing_threshold(topk: int, experts: int) -> float:
+    """sigma = Phi^-1(1 - k/E): if the normalised logits were Gaussian, about k of E would pass.
+    With k = E every entry is kept (sigma = -inf)."""
+    if topk >= experts:
+        return float("-inf")
+    return NormalDist().inv_cdf(1.0 - topk / experts)
+
+
+class MonetRouter(nn.Module):
+    """Two key sets (w1 for bottom/left halves, w2 for top/right), H heads, BatchNorm thresholds.
+
+    For each token and head, the E logits of each side are normalised with BatchNorm statistics (per
+    head, over all tokens and all E entries: batch statistics in training, running statistics in eval)
+    and entries whose normalised logit reaches min(the head's best, sigma) are kept, so a head keeps at
+    least one entry. The kept entries get a softmax of their RAW logits (float32), the others exactly 0,
+    so each head's g sums to 1 — the fact the factored expert sums rely on. Only the keep/drop decision
+    depends on the statistics, and a comparison has no gradient: they are computed without autograd and,
+    under data parallelism, over the global batch (`ops.batch_statistics`).
+    """
+
+    def __init__(self, config: MonetConfig) -> None:
+        super().__init__()
+        self.heads, self.experts = config.moe_heads, config.moe_experts
+        self.threshold = routing_threshold(config.moe_topk, config.moe_experts)
+        self.w1 = nn.Linear(config.hidden_size, self.heads * self.experts, bias=False)
+        self.w2 = nn.Linear(config.hidden_size, self.heads * self.experts, bias=False)
+        # affine=False BatchNorm modules only hold the running statistics (official key names).
+        self.norm1 = nn.BatchNorm1d(self.heads, affine=False)
+        self.norm2 = nn.BatchNorm1d(self.heads, affine=False)
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> Routing:
+        """x [B, T, d] -> (g1, g2), each [B, T, H, E] in float32 (float64 for float64 input), rows summing
+        to 1 per head. `token_mask` [B, T] (False = padding) keeps padding out of the batch statistics."""
+        return self.gate(x, self.w1, self.norm1, token_mask), self.gate(x, self.w2, self.norm2, token_mask)
+
+    def gate(self, x: torch.Tensor, keys: nn.Linear, norm: nn.BatchNorm1d,
+             token_mask: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad():   # the logits only choose entries here; their gradient flows in KeptSoftmax
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            z = F.linear(x, keys.weight).view(*x.shape[:-1], self.heads, self.experts).to(dtype)
+            keep = self.keep_mask(z, norm, token_mask)
+        return ops.KeptSoftmax.apply(x, keys.weight, z, keep)
+
+    @torch.no_grad()
+    def keep_mask(self, z: torch.Tensor, norm: nn.BatchNorm1d, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """Entries whose normalised logit (z - mean) / sqrt(var + eps) reaches min(the head's best, sigma).
+
+        Normalising is monotone, so the test is done on the raw logits as
+        z >= min(max z, mean + sigma * sqrt(var + eps)): one cut per head, no normalised copy.
+        """
+        if self.training:
+            count, mean, var = ops.batch_statistics(z, token_mask)
+            if not ops.recomputing_in_backward():   # activation checkpointing replays the forward once more
+                ops.update_running_statistics(norm, count, mean, var)
+        else:
+            mean, var = norm.running_mean.to(z.dtype), norm.running_var.to(z.dtype)
+        cut = (mean + self.threshold * torch.sqrt(var + norm.eps))[:, None]   # [H, 1], -inf when k = E
+        return z >= torch.minimum(z.amax(dim=-1, keepdim=True), cut)
+
+
+def token_mean(g: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Routing probabilities averaged over (non-padding) tokens: [..., H, E] -> [H, E].
+
+    Across data-parallel ranks the sums are all-reduced with autograd, so the loss is the global
+    batch's and its gradient matches a single device.
+    """
+    flat = g.reshape(-1, *g.shape[-2:])
+    weight = torch.ones(flat.shape[0], dtype=g.dtype, device=g.device) if token_mask is None \
+        else token_mask.reshape(-1).to(g.dtype)
+    total = (weight[:, None, None] * flat).sum(dim=0)
+    count = weight.sum()
+    if ops.distributed():
+        from torch.distributed.nn.functional import all_reduce  # autograd-aware collective
+
+        total = all_reduce(total)
+        count = all_reduce(count.detach())
+    return total / count.clamp_min(1.0)
+
+
+def uniformity_loss(g1: torch.Tensor, g2: torch.Tensor, token_mask: torch.Tensor | None = None,
+                    eps: float = 1e-6) -> torch.Tensor:
+    """Eq. 16 with g-hat read as the routing probability averaged over the batch's tokens.
+
+    L_unif = -1/(2HE) * sum_{h,i} log(mean_t g1_thi + eps) - (same for g2). Up to the constant log E
+    this is KL(uniform || mean routing), minimal when every half is used equally; eps guards log 0.
+    """
+    loss = 0.0
+    for g in (g1, g2):
+        loss = loss - torch.log(token_mean(g, token_mask) + eps).mean() / 2
+    return loss
+
+
+def ambiguity_loss(g1: torch.Tensor, g2: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 17 read as 1/(2H) * sum_h (1 - max_i g1_hi) + (same for g2), averaged over tokens.
+
+    The printed equation carries a leading minus sign, but the text says minimising it makes each
+    token pick its experts with high confidence; that is the sign used here (the loss is >= 0 and
+    falls as the largest routing probability of each head rises towards 1).
+    """
+    per_token = ((1 - g1.amax(dim=-1)).mean(dim=-1) + (1 - g2.amax(dim=-1)).mean(dim=-1)) / 2
+    if token_mask is None:
+        return per_token.mean()
+    weight = token_mask.to(per_token.dtype)
+    return (per_token * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Experts (eq. 6-15)
+#
+# Each layer holds E bottom/left halves and E top/right halves; expert (i, j) combines half i with half j,
+# so N = E^2 experts cost O(E) parameters. The layer output is the routing-weighted sum over all N experts,
+# but it is never expanded: the sums over i, j and the heads are reordered so that only E-sized routing
+# vectors (g1, g2 per head) meet the E*m hidden units (exact because each head's g1, g2 sum to 1).
+# Hidden units are laid out expert-major ([E, m]). Shapes: x [B, T, d]; g1, g2 [B, T, H, E]; out [B, T, d].
+#
+# Editing (masking, steering; `monet.edits`): a layer may carry `edit_weights`, an [E*E] table holding for
+# expert (i, j) at i*E + j the fraction of its term to remove (1 deletes it, 1 - alpha scales it by alpha).
+# Only each token's active (i, j) pairs are looked up: their terms g1_hi g2_hj E_ij(x) are subtracted from
+# the E-sized intermediate sums before the output projections, so an edited forward stays exact.
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """sigma(x) = relu(x)^2, the activation of the released models (`hidden_act="relu2"`)."""
+    return torch.relu(x).square()
+
+
+def activation(name: str):
+    """The expert nonlinearity by its Hugging Face name; "relu2" is the squared ReLU."""
+    return squared_relu if name == "relu2" else ACT2FN[name]
+
+
+_hd_mix = ops.maybe_compile(ops.hd_mix)
+_vd_mix = ops.maybe_compile(ops.vd_mix)
+
+
+class MonetHorizontalExperts(nn.Module):
+    """MoHDE: E_ij(x) = V_j sigma(U_i x + b1_i) + b2_j (eq. 6), summed as eq. 12.
+
+    `u` holds every U_i and b1_i (d -> E*m with bias), `v` every V_j (E*m -> d), `b` every b2_j ([E, d]).
+    """
+
+    def __init__(self, config: MonetConfig) -> None:
+        super().__init__()
+        self.experts, self.expert_dim = config.moe_experts, config.moe_dim
+        width = self.experts * self.expert_dim
+        self.act = activation(config.hidden_act)
+        self.u = nn.Linear(config.hidden_size, width)
+        self.v = nn.Linear(width, config.hidden_size, bias=False)
+        self.b = nn.Parameter(torch.zeros(self.experts, config.hidden_size))
+        self.register_buffer("edit_weights", None, persistent=False)
+
+    def bottom(self, x: torch.Tensor) -> torch.Tensor:
+        """sigma(U_i x + b1_i) for every bottom half i: [B, T, E, m]."""
+        return self.act(self.u(x)).unflatten(-1, (self.experts, self.expert_dim))
+
+    def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+        g1, g2 = g1.to(x.dtype), g2.to(x.dtype)
+        hidden = self.bottom(x)
+        top_input, bias_weight = _hd_mix(hidden, g1, g2)
+        if self.edit_weights is not None:
+            token, i, j, c = ops.edited_entries(g1, g2, self.edit_weights)
+            # Remove c_ij (V_j sigma(U_i x + b1_i) + b2_j) for every edited active pair.
+            top_input = ops.add_rows(top_input, token, j, -c.unsqueeze(-1) * ops.gather_rows(hidden, token, i))
+            bias_weight = ops.add_rows(bias_weight, token, j, -c)
+        return self.v(top_input.flatten(-2)) + bias_weight @ self.b
+
+
+class MonetVerticalExperts(nn.Module):
+    """MoVDE (eq. 13-15): each expert's first layer is split into a left half (from i) and a right
+    half (from j), and its second layer into four blocks, giving the six terms of appendix A.1:
+
+        top    = V11_i s(U1_i x) + V12_i s(U2_j x) + b12_i     (X11 + X12 + X13)
+        bottom = V21_j s(U1_i x) + V22_j s(U2_j x) + b22_j     (X21 + X22 + X23)
+
+    `u1`/`u2` hold U1_i, b11_i / U2_j, b21_j (d -> E*m/2 with bias), `v11`, `v12`, `v21`, `v22` the
+    blocks (E*m/2 -> d/2), `b1` the b12_i and `b2` the b22_j ([E, d/2]).
+    """
+
+    def __init__(self, config: MonetConfig) -> None:
+        super().__init__()
+        self.experts, self.half_dim = config.moe_experts, config.moe_dim // 2
+        width, half_out = self.experts * self.half_dim, config.hidden_size // 2
+        self.act = activation(config.hidden_act)
+        self.u1 = nn.Linear(config.hidden_size, width)
+        self.u2 = nn.Linear(config.hidden_size, width)
+        self.v11 = nn.Linear(width, half_out, bias=False)
+        self.v12 = nn.Linear(width, half_out, bias=False)
+        self.v21 = nn.Linear(width, half_out, bias=False)
+        self.v22 = nn.Linear(width, half_out, bias=False)
+        self.b1 = nn.Parameter(torch.zeros(self.experts, half_out))
+        self.b2 = nn.Parameter(torch.zeros(self.experts, half_out))
+        self.register_buffer("edit_weights", None, persistent=False)
+
+    def left(self, x: torch.Tensor) -> torch.Tensor:
+        """sigma(U1_i x + b11_i) for every left half i: [B, T, E, m/2]."""
+        return self.act(self.u1(x)).unflatten(-1, (self.experts, self.half_dim))
+
+    def right(self, x: torch.Tensor) -> torch.Tensor:
+        """sigma(U2_j x + b21_j) for every right half j: [B, T, E, m/2]."""
+        return self.act(self.u2(x)).unflatten(-1, (self.experts, self.half_dim))
+
+    def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+        g1, g2 = g1.to(x.dtype), g2.to(x.dtype)
+        h1, h2 = self.left(x), self.right(x)
+        straight1, straight2, cross12, cross21, s1, s2 = _vd_mix(h1, h2, g1, g2)
+        if self.edit_weights is not None:
+            token, i, j, c = ops.edited_entries(g1, g2, self.edit_weights)
+            # Remove c_ij E_ij(x): row sums over j and column sums over i of c, and the cross terms.
+            rows = ops.add_rows(torch.zeros_like(s1), token, i, c)
+            cols = ops.add_rows(torch.zeros_like(s2), token, j, c)
+            straight1 = straight1 - rows.unsqueeze(-1) * h1
+            straight2 = straight2 - cols.unsqueeze(-1) * h2
+            cross12 = ops.add_rows(cross12, token, i, -c.unsqueeze(-1) * ops.gather_rows(h2, token, j))
+            cross21 = ops.add_rows(cross21, token, j, -c.unsqueeze(-1) * ops.gather_rows(h1, token, i))
+            s1, s2 = s1 - rows, s2 - cols
+        top = self.v11(straight1.flatten(-2)) + self.v12(cross12.flatten(-2)) + s1 @ self.b1
+        bottom = self.v21(cross21.flatten(-2)) + self.v22(straight2.flatten(-2)) + s2 @ self.b2
+        return torch.cat((top, bottom), dim=-1)
+
+
+def build_experts(config: MonetConfig) -> nn.Module:
+    """The expert layer of `config`'s decomposition: HD (`moe_decompose="horizontal"`) or VD."""
+    return (MonetHorizontalExperts if config.moe_decompose == "horizontal" else MonetVerticalExperts)(config)
+
+
+def expert_output(moe: nn.Module, x: torch.Tensor, i: int, j: int) -> torch.Tensor:
+    """E_ij(x) [..., d] of one expert from its two halves (what it writes; nothing of size N is formed):
+    HD V_j s(U_i x + b1_i) + b2_j; VD [V11_i s(U1_i x) + V12_i s(U2_j x) + b12_i ; V21_j s(U1_i x) +
+    V22_j s(U2_j x) + b22_j] (the first-layer biases inside s)."""
+    if isinstance(moe, MonetHorizontalExperts):
+        m = moe.expert_dim
+        rows = slice(i * m, (i + 1) * m)
+        hidden = moe.act(x @ moe.u.weight[rows].T + moe.u.bias[rows])
+        return hidden @ moe.v.weight[:, j * m:(j + 1) * m].T + moe.b[j]
+    if isinstance(moe, MonetVerticalExperts):
+        h = moe.half_dim
+        block_i, block_j = slice(i * h, (i + 1) * h), slice(j * h, (j + 1) * h)
+        left = moe.act(x @ moe.u1.weight[block_i].T + moe.u1.bias[block_i])
+        right = moe.act(x @ moe.u2.weight[block_j].T + moe.u2.bias[block_j])
+        top = left @ moe.v11.weight[:, block_i].T + right @ moe.v12.weight[:, block_i].T
+        bottom = left @ moe.v21.weight[:, block_j].T + right @ moe.v22.weight[:, block_j].T
+        return torch.cat((top + moe.b1[i], bottom + moe.b2[j]), dim=-1)
+    raise MonetError(f"{type(moe).__name__} is not a Monet expert layer")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Baselines for the same decoder (so comparisons change one thing only)
+
+
+class DenseMLP(nn.Module):
+    """The LLaMA gated MLP (the paper's dense baseline): down(act(gate(x)) * up(x)), width `intermediate_size`."""
+
+    def __init__(self, config: MonetConfig) -> None:
+        super().__init__()
+        bias = bool(config.mlp_bias)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act = activation(config.dense_hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PEERLayer(nn.Module):
+    """PEER (eq. 3-5): N = E^2 single-neuron experts u_ij, v_ij in R^d retrieved with product keys,
+    PEER(x) = sum_h sum_{(i,j) in K_h} g_hij v_ij sigma(u_ij . x).
+
+    Per head: score the E sub-keys of each half of x (eq. 3), take the top-k of each, score the k^2
+    candidate pairs by the sum of their sub-key scores and keep the top k (eq. 4), softmax them.
+    """
+
+    def __init__(self, config: MonetConfig) -> None:
+        super().__init__()
+        self.heads, self.experts, self.topk = config.moe_heads, config.moe_experts, config.moe_topk
+        half = config.hidden_size // 2
+        self.key1 = nn.Linear(half, self.heads * self.experts, bias=False)
+        self.key2 = nn.Linear(half, self.heads * self.experts, bias=False)
+        self.expert_in = nn.Embedding(self.experts**2, config.hidden_size)    # u_ij
+        self.expert_out = nn.Embedding(self.experts**2, config.hidden_size)   # v_ij
+        self.act = activation(config.hidden_act)
+
+    def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ids i*E + j [B, T, H, k] and their routing scores g [B, T, H, k]."""
+        x1, x2 = x.chunk(2, dim=-1)
+        shape = (*x.shape[:-1], self.heads, self.experts)
+        s1, i1 = self.key1(x1).view(shape).float().topk(self.topk, dim=-1)
+        s2, i2 = self.key2(x2).view(shape).float().topk(self.topk, dim=-1)
+        pair_scores = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)          # [..., H, k*k]
+        pair_ids = (i1.unsqueeze(-1) * self.experts + i2.unsqueeze(-2)).flatten(-2)
+        scores, best = pair_scores.topk(self.topk, dim=-1)
+        return pair_ids.gather(-1, best), torch.softmax(scores, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, g = self.retrieve(x)
+        u = self.expert_in(ids)                                                    # [B, T, H, k, d]
+        hidden = self.act((u * x[..., None, None, :]).sum(-1)) * g.to(x.dtype)     # [B, T, H, k]
+        return (hidden.unsqueeze(-1) * self.expert_out(ids)).sum(dim=(-3, -2))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. The decoder
 
 
 @dataclass
@@ -88,8 +405,7 @@ class MonetRotaryEmbedding(nn.Module):
         elif kind != "default":
             raise MonetError(f"rope_scaling type {kind!r} is not supported; use None or 'linear'")
         self.theta = float(scaling.get("rope_theta", config.rope_theta))
-        dim = config.head_dim
-        self.inv_freq = nn.Buffer(rope_inverse_frequencies(self.theta, dim), persistent=False)
+        self.inv_freq = nn.Buffer(rope_inverse_frequencies(self.theta, config.head_dim), persistent=False)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +465,7 @@ class MonetAttention(nn.Module):
         weights = None
         if output_attentions:
             scores = (q @ k.transpose(-1, -2)) / self.head_dim**0.5
-            scores = scores + (attn_mask if attn_mask is not None else _causal_bias(length, k.shape[-2], x))
+            scores = scores + (attn_mask if attn_mask is not None else causal_bias(length, k.shape[-2], x))
             weights = F.dropout(torch.softmax(scores.float(), dim=-1).to(q.dtype), dropout, self.training)
             out = weights @ v
         else:
@@ -159,7 +475,7 @@ class MonetAttention(nn.Module):
         return self.o_proj(out), weights
 
 
-def _causal_bias(q_len: int, kv_len: int, like: torch.Tensor) -> torch.Tensor:
+def causal_bias(q_len: int, kv_len: int, like: torch.Tensor) -> torch.Tensor:
     """Additive causal mask [q, kv] for queries at the last q_len of kv_len positions."""
     queries = kv_len - q_len + torch.arange(q_len, device=like.device)
     allowed = torch.arange(kv_len, device=like.device)[None, :] <= queries[:, None]
@@ -167,24 +483,20 @@ def _causal_bias(q_len: int, kv_len: int, like: torch.Tensor) -> torch.Tensor:
     return bias.masked_fill(~allowed, torch.finfo(like.dtype).min)
 
 
-def build_attention_bias(
-    attention_mask: torch.Tensor | None, q_len: int, kv_len: int, like: torch.Tensor
-) -> torch.Tensor | None:
+def attention_bias(attention_mask: torch.Tensor | None, q_len: int, kv_len: int,
+                   like: torch.Tensor) -> torch.Tensor | None:
     """Additive mask [B, 1, q, kv] for causal attention over a cache of kv_len positions, with padding.
 
-    Returns None when plain causal attention is exact (no padding), letting SDPA use its fast path.
-    A padded query row that can see nothing gets a uniform (finite) mask instead of NaNs; its output
-    is never used.
+    Returns None when plain causal attention is exact, letting SDPA use its fast path. A padded query
+    row that can see nothing gets a uniform (finite) mask instead of NaNs; its output is never used.
     """
-    if attention_mask is None or bool(attention_mask.all()):
-        return None if q_len in (1, kv_len) else _causal_bias(q_len, kv_len, like)[None, None]
-    if attention_mask.dim() != 2 or attention_mask.shape[-1] != kv_len:
-        raise MonetError(
-            f"attention_mask must be [batch, past + current length] = [*, {kv_len}], got {tuple(attention_mask.shape)}"
-        )
-    bias = _causal_bias(q_len, kv_len, like)[None, None]
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[-1] != kv_len):
+        raise MonetError(f"attention_mask must be [batch, past + current length] = [*, {kv_len}], got "
+                         f"{tuple(attention_mask.shape)}")
+    if attention_mask is None or bool(attention_mask.all()):   # one host sync, only when a mask is given
+        return None if q_len in (1, kv_len) else causal_bias(q_len, kv_len, like)[None, None]
     padding = ~attention_mask.bool()[:, None, None, :]
-    return bias.masked_fill(padding, torch.finfo(like.dtype).min)
+    return causal_bias(q_len, kv_len, like)[None, None].masked_fill(padding, torch.finfo(like.dtype).min)
 
 
 class MonetDecoderLayer(GradientCheckpointingLayer):
@@ -259,104 +571,58 @@ class MonetPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MonetRotaryEmbedding):
             init.copy_(module.inv_freq, rope_inverse_frequencies(module.theta, self.config.head_dim))
 
-
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """Hugging Face `from_pretrained`, strict: a local checkpoint whose tensors are missing,
-        misshapen, unexpected or unreadable raises `MonetError` naming them, instead of silently
-        re-initialising weights."""
+        """Hugging Face `from_pretrained`, strict: missing, misshapen or unexpected tensors, or a damaged
+        file, raise `MonetError` naming them instead of silently re-initialising weights (transformers'
+        own loading report, `output_loading_info`, says which). Expert edits saved beside the weights
+        (`expert_edits.safetensors`) are applied again."""
         path = Path(pretrained_model_name_or_path)
         want_info = kwargs.pop("output_loading_info", False)
-        if path.is_dir():
-            config = kwargs.get("config")
-            if not isinstance(config, MonetConfig):
-                if not (path / "config.json").is_file():
-                    raise MonetError(f"{path} has no config.json: is it a checkpoint directory (HF layout)?")
-                config = _load_config(path)
-            validate_checkpoint(path, config)
-        elif str(pretrained_model_name_or_path).startswith((".", "/", "~")) or path.exists():
+        kwargs.setdefault("ignore_mismatched_sizes", True)   # reported below, with names, not raised deep inside
+        kwargs.setdefault("use_safetensors", True)           # never unpickle weights
+        if not path.is_dir() and (str(pretrained_model_name_or_path).startswith((".", "/", "~")) or path.exists()):
             raise MonetError(f"no checkpoint directory at {path}")
+        if path.is_dir() and not any((path / name).is_file() for name in WEIGHT_FILES):
+            raise MonetError(f"{path} has no model.safetensors (nor a sharded index); Monet loads safetensors weights "
+                             "only (convert a pickled checkpoint with safetensors.torch.save_file)")
         try:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-            )
-        except (OSError, RuntimeError) as exc:
-            raise MonetError(f"could not load the checkpoint at {pretrained_model_name_or_path}: {exc}") from exc
-        if path.is_dir() and (path / EXPERT_EDITS_FILE).is_file():
-            from monet.editing import load_edits  # persistent expert masks / steering saved beside the weights
-
-            load_edits(model, path)
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
+                                                  output_loading_info=True, **kwargs)
+        except MonetError:
+            raise
+        except Exception as exc:  # transformers and safetensors raise many types for damaged files
+            raise MonetError(f"could not load the checkpoint at {pretrained_model_name_or_path}: the weights are "
+                             f"corrupt or truncated, or config.json is unreadable ({type(exc).__name__}: {exc}); "
+                             "re-save or re-copy it") from exc
+        check_loading_info(info, path)
+        if path.is_dir() and edits.edits_path(path).is_file():
+            edits.load_edits(model, path)
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """Hugging Face `save_pretrained`, plus the expert edits (masks, steering) when any are applied."""
         super().save_pretrained(save_directory, *args, **kwargs)
-        edits_path = Path(save_directory) / EXPERT_EDITS_FILE
         if any(getattr(m, "edit_weights", None) is not None for m in self.modules()):
-            from monet.editing import save_edits
-
-            save_edits(self, save_directory)
-        elif edits_path.exists():
-            edits_path.unlink()   # a stale file from an earlier save would re-apply old edits
+            edits.save_edits(self, save_directory)
+        else:
+            edits.edits_path(save_directory).unlink(missing_ok=True)   # a stale file would re-apply old edits
 
 
-def _load_config(path: Path) -> MonetConfig:
-    try:
-        return MonetConfig.from_pretrained(path)
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise MonetError(f"{path / 'config.json'} is not a readable Monet config: {exc}") from exc
-
-
-def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, read from safetensors headers only (single file or sharded index)."""
-    from safetensors import safe_open
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise MonetError(
-            f"{path} has no model.safetensors (nor a sharded index); Monet loads safetensors weights only "
-            "(convert a pickled checkpoint with safetensors.torch.save_file)"
-        )
-    shapes = {}
-    for name in files:
-        try:
-            with safe_open(str(path / name), framework="pt") as handle:
-                for key in handle.keys():
-                    shapes[key] = tuple(handle.get_slice(key).get_shape())
-        except Exception as exc:  # safetensors raises its own error type for a damaged header
-            raise MonetError(f"{path / name} is corrupt or truncated ({exc}); re-save or re-copy it") from exc
-    return shapes
-
-
-def validate_checkpoint(path: Path, config: MonetConfig) -> None:
-    """Compare a checkpoint's tensors with what `config` builds; raise `MonetError` listing problems."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in MonetForCausalLM(config).state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    found = _checkpoint_shapes(path)
-    found = {k: v for k, v in found.items() if not k.endswith("rotary_emb.inv_freq")}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected) - {"lm_head.weight"})
-    misshapen = [f"{k}: checkpoint {list(found[k])}, config {list(expected[k])}"
-                 for k in sorted(set(expected) & set(found)) if found[k] != expected[k]]
+def check_loading_info(info: dict, path: Path) -> None:
+    """MonetError listing the tensors transformers could not match with the config (see `from_pretrained`)."""
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("rotary_emb.inv_freq"))
+    unexpected = sorted(info.get("unexpected_keys", ()))
+    misshapen = [f"{key}: checkpoint {list(found)}, config {list(wanted)}"
+                 for key, found, wanted in sorted(info.get("mismatched_keys", ()))]
     problems = []
-    if missing:
-        more = " ..." if len(missing) > 8 else ""
-        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:8])}{more}")
-    if misshapen:
-        problems.append(f"misshapen tensors ({len(misshapen)}): {'; '.join(misshapen[:8])}")
-    if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:8])}")
+    for what, names in (("missing", missing), ("misshapen", misshapen), ("unexpected", unexpected)):
+        if names:
+            more = " ..." if len(names) > 8 else ""
+            problems.append(f"{what} tensors ({len(names)}): {'; '.join(names[:8])}{more}")
     if problems:
-        raise MonetError(
-            f"checkpoint {path} does not match its config.json — " + " | ".join(problems)
-            + ". Check that config.json belongs to these weights (hidden_size, moe_* fields, moe_groups)."
-        )
+        raise MonetError(f"the weights in {path} do not match its config.json — " + " | ".join(problems)
+                         + ". Check that config.json belongs to these weights (hidden_size, moe_* fields, moe_groups).")
 
 
 class MonetModel(MonetPreTrainedModel):
@@ -400,7 +666,7 @@ class MonetModel(MonetPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise MonetError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
-            _check_token_ids(input_ids, config.vocab_size)
+            check_token_ids(input_ids, config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=config)
@@ -408,11 +674,12 @@ class MonetModel(MonetPreTrainedModel):
         batch, length = inputs_embeds.shape[:2]
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
-            position_ids = _positions(attention_mask, past, length, inputs_embeds.device).expand(batch, -1)
+            position_ids = positions(attention_mask, past, length, inputs_embeds.device).expand(batch, -1)
         hidden_states = inputs_embeds
-        attn_mask = build_attention_bias(attention_mask, length, past + length, hidden_states)
+        attn_mask = attention_bias(attention_mask, length, past + length, hidden_states)
         rotary = self.rotary_emb(hidden_states, position_ids)
-        token_mask = apply_padding_to_mask(attention_mask, inputs_embeds.shape)
+        # Padding stays out of the routing statistics and aux losses (a 2D mask over this step's tokens).
+        token_mask = attention_mask[:, -length:].bool() if attention_mask is not None else None
 
         all_hidden = () if output_hidden_states else None
         all_attn = () if output_attentions else None
@@ -449,20 +716,34 @@ class MonetModel(MonetPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    if input_ids.numel() and (int(input_ids.max()) >= vocab_size or int(input_ids.min()) < 0):
-        raise MonetError(
-            f"token ids must lie in [0, {vocab_size}) for this model's vocabulary, got "
-            f"[{int(input_ids.min())}, {int(input_ids.max())}]: does the tokenizer match the checkpoint?"
-        )
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Out-of-range ids would fail deep inside the embedding (a device-side assert on a GPU). Checked for CPU
+    tensors only, where it costs no device sync, and never while compiling."""
+    if input_ids.device.type != "cpu" or torch.compiler.is_compiling() or not input_ids.numel():
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise MonetError(f"token ids must lie in [0, {vocab_size}) for this model's vocabulary, got [{low}, {high}]: "
+                         "does the tokenizer match the checkpoint?")
 
 
-def _positions(attention_mask: torch.Tensor | None, past: int, length: int, device: torch.device) -> torch.Tensor:
-    """Rotary positions; with a padding mask, each row counts only its real tokens (left padding)."""
-    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-        positions = attention_mask.long().cumsum(-1) - 1
-        return positions.clamp_min(0)[:, -length:]
+def positions(attention_mask: torch.Tensor | None, past: int, length: int, device: torch.device) -> torch.Tensor:
+    """Rotary positions; with a 2D padding mask each row counts only its real tokens (left padding)."""
+    if attention_mask is not None and attention_mask.dim() == 2:
+        return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -length:]
     return torch.arange(past, past + length, device=device)[None]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy: logits [B, T, V] predict labels[:, 1:] (-100 ignored).
+
+    The one loss of the package: the model's `lm_loss`, training and evaluation all use it. `reduction`
+    "none" gives [B, T - 1] per-token losses (0 at ignored positions), e.g. for per-window statistics.
+    """
+    targets = labels[:, 1:].to(logits.device)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=-100, reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss
 
 
 class MonetForCausalLM(MonetPreTrainedModel, GenerationMixin):
@@ -527,10 +808,7 @@ class MonetForCausalLM(MonetPreTrainedModel, GenerationMixin):
         if outputs.unif_loss is not None:
             aux_loss = outputs.unif_loss + outputs.amb_loss
         if labels is not None:
-            lm_loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device),
-                ignore_index=-100,
-            )
+            lm_loss = causal_lm_loss(logits, labels)
             loss = lm_loss if aux_loss is None else lm_loss + self.config.aux_loss_weight * aux_loss
         output = MonetCausalLMOutputWithPast(
             loss=loss,
@@ -545,3 +823,10 @@ class MonetForCausalLM(MonetPreTrainedModel, GenerationMixin):
             amb_loss=outputs.amb_loss,
         )
         return output if return_dict else output.to_tuple()
+
+
+# `AutoModelForCausalLM.from_pretrained(dir)` works for `model_type: monet` once this module is imported
+# (`import monet` does it).
+AutoConfig.register("monet", MonetConfig, exist_ok=True)
+AutoModel.register(MonetConfig, MonetModel, exist_ok=True)
+AutoModelForCausalLM.register(MonetConfig, MonetForCausalLM, exist_ok=True)

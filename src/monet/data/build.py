@@ -8,13 +8,9 @@ to ``OUT`` at the very end: a failed or interrupted build leaves no half-written
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from monet.data.code import code_documents
@@ -22,10 +18,11 @@ from monet.data.documents import VALIDATION_FRACTION, Document, assign_splits, b
 from monet.data.domains import domain_documents
 from monet.data.languages import language_documents
 from monet.data.packages import cache_dir as default_cache_dir
-from monet.data.storage import FORMAT_VERSION, MANIFEST, SPLITS, read_manifest, token_dtype, write_json, write_split
+from monet.data.storage import FORMAT_VERSION, MANIFEST, SPLITS, read_manifest, token_dtype, write_split
 from monet.data.tokenizer import DEFAULT_VOCAB_SIZE, gpt2_tokenizer, load_raw_tokenizer, save_tokenizer, train_bpe
 from monet.data.toxicity import toxicity_documents
 from monet.errors import MonetError
+from monet.io import jsonable, output_directory, sha256_file, write_json
 
 Builder = Callable[..., list[Document]]
 
@@ -100,16 +97,6 @@ def _label_counts(documents: list[Document], token_lists: list[list[int]], label
     return counts
 
 
-def _prepare_out(out: Path, force: bool) -> bool:
-    """True if ``out`` already holds a complete dataset that should be kept."""
-    if (out / MANIFEST).is_file() and not force:
-        read_manifest(out)  # a corrupt manifest is an error, not "already built"
-        return True
-    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
-        raise MonetError(f"{out} exists and is not a dataset; choose another --out or pass --force to replace it")
-    return False
-
-
 def build_corpus(
     source: str,
     out_dir: str | Path,
@@ -139,7 +126,8 @@ def build_corpus(
     if not 0 < validation_fraction < 1:
         raise MonetError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
     out = Path(out_dir).expanduser()
-    if _prepare_out(out, force):
+    if (out / MANIFEST).is_file() and not force:
+        read_manifest(out)  # a corrupt manifest is an error, not "already built"
         return out
     cache = default_cache_dir(cache_dir)
     documents = collect_documents(
@@ -152,9 +140,7 @@ def build_corpus(
         )
     labels = sorted({d.label for d in documents})
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{out.name}.tmp-"))
-    try:
+    with output_directory(out, "data build", force, "a dataset") as tmp:
         if tokenizer == "bpe":
             model = train_bpe((d.text for d in by_split["train"]), vocab_size)
         else:
@@ -176,6 +162,7 @@ def build_corpus(
             "labels": labels,
             "vocab_size": actual_vocab,
             "tokenizer": tokenizer,
+            "tokenizer_sha256": sha256_file(tmp / "tokenizer.json"),   # checked against models that use this data
             "special_tokens": special,
             "dtype": token_dtype(actual_vocab).name,
             "splits": splits,
@@ -186,38 +173,31 @@ def build_corpus(
                 "seed": seed,
                 "fetch": fetch,
                 "validation_fraction": validation_fraction,
-                "source_options": {k: _jsonable(v) for k, v in sorted((source_options or {}).items())},
+                "source_options": jsonable(dict(sorted((source_options or {}).items()))),
             },
         }
         write_json(tmp / MANIFEST, manifest)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value] if len(value) <= 64 else f"<{len(value)} items>"
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    if isinstance(value, np.integer):
-        return int(value)
-    return str(value)
+def format_table(manifest: dict) -> str:
+    """Documents and tokens per label and split, as an aligned text table."""
+    header = ["label"] + [f"{split} {what}" for split in SPLITS for what in ("docs", "tokens")]
+    rows = []
+    for label in manifest["labels"] + ["total"]:
+        row = [label]
+        for split in SPLITS:
+            info = manifest["splits"].get(split, {})
+            entry = info if label == "total" else info.get("labels", {}).get(label, {})
+            row += [f"{entry.get('documents', 0):,}", f"{entry.get('tokens', 0):,}"]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
+    def line(cells: list[str]) -> str:
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` into ``out``; an old ``out`` is set aside first, then deleted."""
-    old = None
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+    title = (f"source {manifest['source']} · tokenizer {manifest.get('tokenizer', '?')} · "
+             f"vocab {manifest['vocab_size']:,} · {len(manifest['labels'])} labels")
+    rule = "-" * len(line(header))
+    return "\n".join([title, line(header), rule, *(line(r) for r in rows[:-1]), rule, line(rows[-1])])

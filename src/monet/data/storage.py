@@ -15,8 +15,6 @@ token stream of a split is exactly the concatenation of its documents.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 
 from monet.errors import MonetError
+from monet.io import atomic_write
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
@@ -33,23 +32,6 @@ MANIFEST = "manifest.json"
 def token_dtype(vocab_size: int) -> np.dtype:
     """Smallest unsigned dtype for the ids of a vocabulary."""
     return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
-
-
-def write_atomic(path: Path, write) -> None:
-    """Call ``write(fh)`` on a temporary file beside ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data: dict) -> None:
-    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def write_split(
@@ -70,10 +52,10 @@ def write_split(
     )
     dtype = token_dtype(vocab_size)
     tokens = np.fromiter((i for t in token_lists for i in t), dtype=dtype, count=int(lengths.sum()))
-    write_atomic(out_dir / f"{split}.tokens", lambda fh: np.save(fh, tokens, allow_pickle=False))
-    write_atomic(out_dir / f"{split}.docs.npy", lambda fh: np.save(fh, docs.astype(np.int64), allow_pickle=False))
+    atomic_write(out_dir / f"{split}.tokens", lambda fh: np.save(fh, tokens, allow_pickle=False))
+    atomic_write(out_dir / f"{split}.docs.npy", lambda fh: np.save(fh, docs.astype(np.int64), allow_pickle=False))
     lines = "".join(json.dumps(m, sort_keys=True, ensure_ascii=False) + "\n" for m in metas)
-    write_atomic(out_dir / f"{split}.meta.jsonl", lambda fh: fh.write(lines.encode("utf-8")))
+    atomic_write(out_dir / f"{split}.meta.jsonl", lambda fh: fh.write(lines.encode("utf-8")))
     return {"documents": int(len(docs)), "tokens": int(tokens.size)}
 
 

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from monet.data.packages import npm_package
 from monet.errors import MonetError
+from monet.io import write_json
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 GPT2_SPECIAL = "<|endoftext|>"
@@ -90,19 +91,15 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, kind: str = "bpe")
     fast.model_max_length = 1 << 30
     with tempfile.TemporaryDirectory(dir=out, prefix=".tok-") as tmp:
         fast.save_pretrained(tmp)
-        _write_json(Path(tmp) / "special_tokens_map.json", specials)
+        write_json(Path(tmp) / "special_tokens_map.json", specials)
         config_path = Path(tmp) / "tokenizer_config.json"
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config.update({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False})
         config.update(specials)
-        _write_json(config_path, config)
+        write_json(config_path, config)
         for name in TOKENIZER_FILES:
             os.replace(Path(tmp) / name, out / name)
     return out
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def load_tokenizer(directory: str | Path):

@@ -15,14 +15,19 @@ matching size and runs the same deletion protocol on its MLP neurons.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from monet.errors import MonetError
+from monet.checkpoint import latest_checkpoint, load_checkpoint
+from monet.data import build_corpus
+from monet.experiments.unlearn import REPORT_FILE, format_summary, unlearn
+from monet.interp.atlas import build_atlas
+from monet.io import MARKER, check_output, marker_kind
+from monet.settings import AtlasOptions, DemoSettings, TrainSettings, UnlearnSettings
+from monet.train import train
 
 
 @dataclass(frozen=True)
@@ -56,38 +61,32 @@ def _step(name: str, done: bool) -> float:
     return time.perf_counter()
 
 
-def run_demo(out: str | Path = "monet-demo", quick: bool = False, baseline: bool = False,
-             progress: bool = True, plan: DemoPlan | None = None) -> dict[str, Any]:
-    """Run (or resume) the demo in `out`; returns the unlearning report."""
-    from monet.analysis.atlas import AtlasOptions, build_atlas
-    from monet.checkpoint import latest_checkpoint, load_checkpoint
-    from monet.data import build_corpus
-    from monet.train import train
-    from monet.unlearn import REPORT_FILE, format_summary, unlearn
-
-    plan = plan or (QUICK if quick else DemoPlan())
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise MonetError(f"{out} is a file; pass a directory to --out")
+def run_demo(settings: DemoSettings, plan: DemoPlan | None = None) -> dict[str, Any]:
+    """Run (or resume) the demo in `settings.out`; returns the unlearning report."""
+    plan = plan or (QUICK if settings.quick else DemoPlan())
+    out = Path(settings.out).expanduser()
+    if marker_kind(out) != "demo":
+        check_output(out, "demo", settings.force, "a demo directory")
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("demo\n", encoding="utf-8")
     data, run, atlas, report_dir = out / "data", out / "run", out / "atlas", out / "report"
-    settings = dict(plan.train)
+    progress = not settings.quiet
     timings: dict[str, float] = {}
 
     started = _step("1/4 building the code corpus from files on this machine", (data / "manifest.json").is_file())
     build_corpus("code", data, max_bytes=plan.max_bytes, vocab_size=plan.vocab_size, progress=progress)
     timings["data_s"] = time.perf_counter() - started
 
-    models = [("Monet", run, atlas, {})]
-    if baseline:
-        models.append(("dense baseline", out / "dense-run", out / "dense-atlas", {"model": "dense"}))
-    for name, run_dir, _, extra in models:
+    models = [("Monet", run, atlas, "monet")]
+    if settings.baseline:
+        models.append(("dense baseline", out / "dense-run", out / "dense-atlas", "dense"))
+    steps = dict(plan.train)["max_steps"]
+    for name, run_dir, _, kind in models:
         latest = latest_checkpoint(run_dir, warn=False) if (run_dir / "checkpoints").is_dir() else None
-        finished = latest is not None and latest.name.endswith(f"{settings['max_steps']:07d}")
-        started = _step(f"2/4 training the {name} ({settings['preset']} preset, {settings['max_steps']} steps)",
-                        finished)
+        finished = latest is not None and latest.name.endswith(f"{steps:07d}")
+        started = _step(f"2/4 training the {name} ({dict(plan.train)['preset']} preset, {steps} steps)", finished)
         if not finished:
-            train(data, run_dir, {**settings, **extra})
+            train(TrainSettings(data=str(data), out=str(run_dir), model=kind, quiet=not progress, **dict(plan.train)))
         timings[f"train_{run_dir.name}_s"] = time.perf_counter() - started
 
     for name, run_dir, atlas_dir, _ in models:
@@ -96,7 +95,7 @@ def run_demo(out: str | Path = "monet-demo", quick: bool = False, baseline: bool
         if not done:
             model, tokenizer = load_checkpoint(run_dir)
             options = AtlasOptions(max_tokens=plan.atlas_tokens, top_k=plan.atlas_top_k, split="train",
-                                   batch_size=16, seq_len=settings["seq_len"])
+                                   batch_size=16, seq_len=dict(plan.train)["seq_len"])
             build_atlas(model, tokenizer, data, atlas_dir, options, force=True, progress=progress, run=str(run_dir))
         timings[f"atlas_{atlas_dir.name}_s"] = time.perf_counter() - started
 
@@ -105,9 +104,11 @@ def run_demo(out: str | Path = "monet-demo", quick: bool = False, baseline: bool
     if done:
         report = json.loads((report_dir / REPORT_FILE).read_text(encoding="utf-8"))
     else:
-        dense = {"baseline_run": out / "dense-run", "baseline_atlas": out / "dense-atlas"} if baseline else {}
-        report = unlearn(run, data, atlas, report_dir, targets=None, ratio=plan.ratio,
-                         max_batches=plan.eval_batches, batch_size=plan.eval_batch_size, progress=progress, **dense)
+        dense = ({"baseline": str(out / "dense-run"), "baseline_atlas": str(out / "dense-atlas")}
+                 if settings.baseline else {})
+        report = unlearn(UnlearnSettings(run=str(run), data=str(data), atlas=str(atlas), out=str(report_dir),
+                                         ratio=plan.ratio, max_batches=plan.eval_batches,
+                                         batch_size=plan.eval_batch_size, quiet=not progress, force=True, **dense))
     timings["unlearn_s"] = time.perf_counter() - started
 
     print()
@@ -120,29 +121,3 @@ def run_demo(out: str | Path = "monet-demo", quick: bool = False, baseline: bool
     print(f"viewer:   monet view {atlas}")
     print(f"timings:  {', '.join(f'{k} {v:.0f}' for k, v in timings.items())}")
     return report
-
-
-def run_demo_command(args: argparse.Namespace) -> int:
-    run_demo(args.out, quick=args.quick, baseline=args.baseline, progress=not args.quiet)
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "demo",
-        help="the whole path in minutes on a CPU: corpus, training, atlas, unlearning",
-        description=(
-            "Build the code corpus from files on this machine, train a small Monet, build its expert atlas, "
-            "delete each programming language's experts in turn and report the loss on every language. "
-            "Re-running reuses finished steps."
-        ),
-    )
-    parser.add_argument("--out", default="monet-demo", help="working directory (default: ./monet-demo)")
-    parser.add_argument("--quick", action="store_true", help="a tiny version (tiny model, seconds; for tests)")
-    parser.add_argument("--baseline", action="store_true",
-                        help="also train a dense LLaMA of matching size and unlearn its MLP neurons")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.set_defaults(handler=run_demo_command)
-
-
-__all__ = ["DemoPlan", "QUICK", "register", "run_demo"]

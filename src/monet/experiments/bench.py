@@ -25,14 +25,12 @@ not the parameters and inputs that exist before. It is measured in a separate, u
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -45,6 +43,10 @@ from torch import nn
 
 from monet.config import MonetConfig
 from monet.errors import MonetError
+from monet.interp.capture import capture_routing
+from monet.io import atomic_write, dumps, write_json
+from monet.model import DenseMLP, MonetForCausalLM, MonetRouter, build_experts
+from monet.settings import BenchSettings
 
 Step = Callable[[], Any]
 
@@ -230,8 +232,6 @@ def _backward_step(forward: Callable[[], Any], params: list[torch.Tensor]) -> St
 
 def _block_parts(shape: BlockShape, decompose: str, tokens: int, seed: int):
     """(experts layer, router, x, g1, g2) for one shape, with routing from the router in training mode."""
-    from monet.experts import build_experts
-    from monet.routing import MonetRouter
 
     config = shape.config(decompose)
     layer = _init(build_experts(config), seed)
@@ -245,8 +245,6 @@ def _block_parts(shape: BlockShape, decompose: str, tokens: int, seed: int):
 
 def block_cases(shape: BlockShape, tokens: int, seed: int) -> dict[str, Step]:
     """Forward+backward steps for every block case of one shape (routers timed alone, amortised later)."""
-    from monet.baselines import DenseMLP
-    from monet.experts import build_experts
 
     cases: dict[str, Step] = {}
     width = shape.experts * shape.moe_dim
@@ -299,8 +297,6 @@ def run_blocks(settings: Settings, shapes: list[BlockShape], progress) -> list[d
 
 def run_scaling(settings: Settings, progress) -> dict:
     """Block time and parameters for E = 64 .. 512 at fixed d, m, H, k (quick: E = 8 .. 32)."""
-    from monet.experts import build_experts
-    from monet.routing import MonetRouter
 
     if settings.quick:
         base, experts_list = BlockShape("scale", 64, 8, 4, 2, 2), [8, 16, 32]
@@ -409,7 +405,6 @@ def _model_configs(quick: bool) -> tuple[MonetConfig, MonetConfig, MonetConfig, 
 
 def run_train(settings: Settings, progress) -> dict:
     """AdamW training steps/s of whole models on random tokens, interleaved step by step."""
-    from monet.model import MonetForCausalLM
 
     configs = dict(zip(("monet", "dense", "dense_param_matched"), _model_configs(settings.quick)[:3], strict=True))
     batch, length = _model_configs(settings.quick)[3:]
@@ -446,8 +441,6 @@ def _config_summary(config: MonetConfig) -> dict:
 
 def run_capture(settings: Settings, progress) -> dict:
     """Eval forward tokens/s, plain vs under `capture_routing` with `active_experts` of every group."""
-    from monet.analysis.capture import capture_routing
-    from monet.model import MonetForCausalLM
 
     config, _, _, batch, length = _model_configs(settings.quick)
     torch.manual_seed(settings.seed)
@@ -666,68 +659,20 @@ def _loads(values: list[float]) -> str:
     return ", ".join(f"{v:.2f}" for v in values)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)   # mkstemp makes 0600 files; give the usual permissions
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "bench",
-        help="time and size Monet blocks against dense MLPs and the official contraction order",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--json", action="store_true", help="print the JSON report instead of the markdown tables")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat: a smoke run of seconds")
-    parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
-    parser.add_argument("--markdown", type=Path, help="also write the markdown tables to this file")
-    parser.add_argument("--tokens", type=int, help="tokens per block case (default 512; --quick 32)")
-    parser.add_argument("--repeats", type=int, help="interleaved timed repeats per case (default 3; --quick 1)")
-    parser.add_argument("--threads", type=int,
-                        help="torch threads (default: torch's own; --quick: 1). On a shared machine 1 thread "
-                             "gives steadier figures")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
-                        help="which sections to run (default: all)")
-    parser.set_defaults(handler=_handle)
-
-
-def _handle(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
+def bench_command(cmd: BenchSettings) -> dict:
+    """`monet bench`: run the sections, print markdown (or JSON), optionally write both."""
+    tokens = cmd.tokens if cmd.tokens is not None else (32 if cmd.quick else 512)
+    repeats = cmd.repeats if cmd.repeats is not None else (1 if cmd.quick else 3)
+    unknown = sorted(set(cmd.sections) - set(SECTIONS))
+    if unknown:
+        raise MonetError(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    threads = cmd.threads if cmd.threads is not None else (1 if cmd.quick else None)
+    settings = Settings(quick=cmd.quick, tokens=tokens, repeats=repeats, sections=tuple(cmd.sections), threads=threads)
     command = "monet bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "monet bench"
     report = run(settings, command=command)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        write_atomic(args.out, text + "\n")
-    if args.markdown:
-        write_atomic(args.markdown, markdown(report))
-    print(text if args.json else markdown(report))
-    return 0
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    tokens = args.tokens if args.tokens is not None else (32 if args.quick else 512)
-    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
-    if tokens < 1:
-        raise MonetError(f"--tokens must be a positive number of tokens, got {tokens}")
-    if repeats < 1:
-        raise MonetError(f"--repeats must be at least 1, got {repeats}")
-    threads = args.threads if args.threads is not None else (1 if args.quick else None)
-    if threads is not None and threads < 1:
-        raise MonetError(f"--threads must be at least 1, got {threads}")
-    return Settings(quick=args.quick, tokens=tokens, repeats=repeats, sections=tuple(args.sections), threads=threads)
+    if cmd.out:
+        write_json(cmd.out, report)
+    if cmd.markdown:
+        atomic_write(cmd.markdown, markdown(report))
+    print(dumps(report) if cmd.json else markdown(report))
+    return report

@@ -6,11 +6,11 @@ the build keeps only running aggregates -- activation count, routing mass per la
 float64), a fixed log-spaced histogram of scores ([N, bins], int32) -- and the top-K contexts of each
 expert as (score, document, position) in a `TopK` table of at most N*K rows plus a candidate buffer
 that is pruned with numpy sorts. Only each token's active experts are ever formed (see
-`monet.analysis.capture`), never the N = E^2 grid.
+`monet.interp.capture`), never the N = E^2 grid.
 
 The same machinery serves dense baselines (`mlp_type="dense"`): a "group" is then a decoder layer and
 a "unit" a neuron of its MLP hidden layer, scored by the positive part of act(gate(x)) * up(x), so the
-monosemanticity measures of `monet.analysis.monosemanticity` apply to both model types.
+monosemanticity measures of `monet.interp.monosemanticity` apply to both model types.
 
 On disk an atlas is a directory (written as ATLAS.tmp, then renamed)::
 
@@ -30,6 +30,7 @@ receives -- the percentage shown by the queries and the viewer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -42,9 +43,16 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from monet import ops
+from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint, resolve_device, trained_seq_len
+from monet.data import TokenDataset
 from monet.errors import MonetError
+from monet.interp.capture import capture_routing
+from monet.io import atomic_write, output_directory, write_json
+from monet.settings import AtlasBuild, AtlasOptions
 
 FORMAT_VERSION = 1
 CONTEXT_BEFORE = 12
@@ -52,17 +60,6 @@ CONTEXT_AFTER = 4
 HIST_EDGES = np.logspace(-6.0, 0.0, 11)   # bins of score / H; below 1e-6 counts in the first bin
 BUFFER_ROWS = 4_000_000                    # candidate rows kept before a prune, per group
 TABLES = ("experts.parquet", "contexts.parquet", "token_index.parquet", "vocab.parquet")
-
-
-@dataclass
-class AtlasOptions:
-    """Build options (recorded in the manifest)."""
-
-    max_tokens: int | None = 1_000_000
-    top_k: int = 10
-    split: str = "validation"
-    batch_size: int = 16
-    seq_len: int = 256
 
 
 # --------------------------------------------------------------------------------------------- top-K
@@ -214,8 +211,6 @@ def unit_activations(model: torch.nn.Module, input_ids: torch.Tensor) -> list[tu
     """
     body = getattr(model, "model", model)   # the decoder without the unembedding: logits are not needed
     if model_kind(model) == "monet":
-        from monet.analysis.capture import capture_routing
-
         with capture_routing(model) as capture:
             body(input_ids=input_ids, use_cache=False)
             return [(a.ids, a.scores) for a in (capture.experts(g) for g in range(len(capture.groups)))]
@@ -323,14 +318,6 @@ def model_identity(model: torch.nn.Module) -> dict[str, str]:
 
 # --------------------------------------------------------------------------------------------- build
 
-def _distributed() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def collect(model: torch.nn.Module, dataset, options: AtlasOptions, windows: np.ndarray | None = None,
             progress: bool = True) -> tuple[list[GroupStats], int]:
     """Run the model over the planned windows (or the given ones); returns per-group stats and tokens."""
@@ -364,64 +351,72 @@ def build_atlas(model: torch.nn.Module, tokenizer: Any, data_dir: str | Path, ou
                 run: str | None = None) -> Path:
     """Build the atlas of `model` on the `options.split` split of the dataset at `data_dir` into `out`.
 
-    Under torchrun (an initialised process group) each rank takes a contiguous slice of the windows
-    and writes its shard; rank 0 merges them and writes the tables.
+    `out` is written through a temporary sibling and renamed at the end (see `monet.io.output_directory`:
+    a non-empty `out` that is not an atlas is refused unless `force`). Under torchrun (an initialised
+    process group) each rank takes a contiguous slice of the windows and writes its shard; rank 0 merges
+    them and writes the tables.
     """
-    from monet.data import TokenDataset
-
     options = options or AtlasOptions()
     _check_options(options, model)
-    out = Path(out)
-    if out.exists() and not force:
-        raise MonetError(f"{out} already exists; pass --force to replace it or choose another --out")
     dataset = TokenDataset(data_dir, options.split)
     if dataset.num_tokens == 0:
         raise MonetError(f"the {options.split} split of {data_dir} is empty; use --split train or a larger corpus")
     if dataset.vocab_size > model.config.vocab_size:
         raise MonetError(f"dataset vocabulary ({dataset.vocab_size}) is larger than the model's "
                          f"({model.config.vocab_size}): was the model trained on this data?")
-    rank, world = _distributed()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ops.distributed() else (0, 1)
     windows = plan_windows(dataset.docs, options.seq_len, options.max_tokens)
-    tmp = out.with_name(out.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
     started = time.time()
-    try:
+    writer = output_directory(out, "atlas build", force, "an atlas", replace_own=False)
+    with writer if rank == 0 else contextlib.nullcontext() as tmp:
         if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+            box = [str(tmp) if rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            shards = Path(box[0]) / "shards"
             mine = np.array_split(windows, world)[rank]
             stats, _ = collect(model, dataset, options, mine, progress=progress and rank == 0)
-            save_shard(tmp / "shards" / f"rank-{rank:05d}.npz", stats)
+            save_shard(shards / f"rank-{rank:05d}.npz", stats)
             dist.barrier()
             if rank != 0:
-                return out
+                return Path(out)
             stats = [merge(list(group)) for group in zip(*[load_shard(p, options.top_k, stats[0].scale)
-                                                           for p in sorted((tmp / "shards").glob("*.npz"))],
-                                                          strict=True)]
-            shutil.rmtree(tmp / "shards")
+                                                           for p in sorted(shards.glob("*.npz"))], strict=True)]
+            shutil.rmtree(shards)
         else:
             stats, _ = collect(model, dataset, options, windows, progress=progress)
         manifest = _manifest(model, dataset, data_dir, options, windows, stats, run, time.time() - started)
         write_tables(tmp, stats, dataset, tokenizer, manifest, progress=progress)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return Path(out)
+
+
+def build_atlas_command(cmd: AtlasBuild) -> Path:
+    """`monet atlas build`: load the run (under torchrun: start the process group, one device per rank),
+    check that the data was tokenized for it, build, and print a summary line."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = resolve_device(cmd.device)
+    if dist.is_initialized() and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    checkpoint = resolve_checkpoint(cmd.run, verify=not cmd.no_verify)
+    check_data_fits(checkpoint, cmd.data)
+    model, tokenizer = load_checkpoint(checkpoint, device=device, verify=False)
+    options = cmd.options()
+    if options.seq_len is None:
+        options.seq_len = trained_seq_len(checkpoint, model)
+    out = build_atlas(model, tokenizer, cmd.data, cmd.out, options, force=cmd.force, progress=not cmd.quiet,
+                      run=cmd.run)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        print(f"wrote {out}: {manifest['tokens']:,} tokens, {manifest['groups']} groups x "
+              f"{manifest['units_per_group']:,} experts, labels {', '.join(manifest['labels'])} "
+              f"({manifest['build_seconds']} s)")
     return out
 
 
 def _check_options(options: AtlasOptions, model: torch.nn.Module) -> None:
-    if options.top_k < 1:
-        raise MonetError(f"--top-k must be at least 1, got {options.top_k}")
-    if options.batch_size < 1 or options.seq_len < 1:
-        raise MonetError("--batch-size and --seq-len must be positive")
-    if options.max_tokens is not None and options.max_tokens < 1:
-        raise MonetError(f"--max-tokens must be positive, got {options.max_tokens}")
+    if options.seq_len is None:
+        options.seq_len = min(256, getattr(model.config, "max_position_embeddings", 256) or 256)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and options.seq_len > limit:
         raise MonetError(f"--seq-len {options.seq_len} exceeds the model's max_position_embeddings {limit}")
@@ -430,9 +425,7 @@ def _check_options(options: AtlasOptions, model: torch.nn.Module) -> None:
 def save_shard(path: Path, stats: list[GroupStats]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"g{g}_{k}": v for g, s in enumerate(stats) for k, v in s.state().items()}
-    tmp = path.with_name(path.name + ".part.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
 def load_shard(path: Path, top_k: int, scale: float) -> list[GroupStats]:
@@ -451,7 +444,8 @@ def _manifest(model, dataset, data_dir, options, windows, stats, run, seconds) -
         "model": {**model_identity(model), "run": str(run) if run else None,
                   "name_or_path": getattr(config, "_name_or_path", "") or None},
         "data": {"dir": str(Path(data_dir).resolve()), "split": options.split,
-                 "source": dataset.manifest.get("source")},
+                 "source": dataset.manifest.get("source"),
+                 "tokenizer_sha256": dataset.manifest.get("tokenizer_sha256")},
         "labels": list(dataset.labels),
         "label_tokens": label_tokens(dataset, windows).tolist(),
         "tokens": int(windows[:, 2].sum()) if len(windows) else 0,
@@ -518,8 +512,7 @@ def write_tables(directory: Path, stats: list[GroupStats], dataset, tokenizer, m
     pq.write_table(pa.concat_tables(expert_tables), directory / "experts.parquet", row_group_size=65_536)
     pq.write_table(_token_index(token_rows), directory / "token_index.parquet", row_group_size=32_768)
     pq.write_table(vocab_table(tokenizer, dataset.vocab_size), directory / "vocab.parquet")
-    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    (directory / "manifest.json").write_text(text, encoding="utf-8")
+    write_json(directory / "manifest.json", manifest)
 
 
 def _contexts_schema(width: int):

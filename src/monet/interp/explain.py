@@ -1,7 +1,6 @@
 """What an expert writes, and self-explanation (paper §4.3, Fig. 2).
 
-`expert_output` evaluates one expert E_ij(x) from its two halves in factored form (nothing of size
-N is formed). `expert_logits` averages an expert's output over the normed hidden states of its top
+`expert_logits` averages an expert's output (`monet.model.expert_output`) over the normed hidden states of its top
 contexts (summed over the layers of its routing group, since expert (g, id) has a term in each) and
 reads it through the final norm's gain and the unembedding: the tokens it promotes and suppresses.
 
@@ -13,36 +12,23 @@ something only for a chat-tuned model (the paper used Monet-1.4B Chat).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from monet.checkpoint import load_checkpoint, resolve_device
+from monet.data import TokenDataset
 from monet.errors import MonetError
-from monet.experts import MonetHorizontalExperts, MonetVerticalExperts
+from monet.generate import generate_tokens
+from monet.interp.query import Atlas, parse_expert
+from monet.model import expert_output
+from monet.settings import ExplainCommand
 
 EXPLAIN_PROMPT = "Q: What is the meaning of the word X? A: Sure! The meaning of the word X is "
 CHAT_NOTE = ("note: self-explanation is meaningful only for chat-tuned models (the paper used Monet-1.4B "
              "Chat); on a base model these samples are mostly continuations, not descriptions.")
-
-
-def expert_output(moe: torch.nn.Module, x: torch.Tensor, i: int, j: int) -> torch.Tensor:
-    """E_ij(x) [..., d] of one expert from its halves: HD V_j s(U_i x + b1_i) + b2_j; VD the concatenation
-    [V11_i s(U1_i x) + V12_i s(U2_j x) + b12_i ; V21_j s(U1_i x) + V22_j s(U2_j x) + b22_j] (biases inside s)."""
-    if isinstance(moe, MonetHorizontalExperts):
-        m = moe.expert_dim
-        rows = slice(i * m, (i + 1) * m)
-        hidden = moe.act(x @ moe.u.weight[rows].T + moe.u.bias[rows])
-        return hidden @ moe.v.weight[:, j * m:(j + 1) * m].T + moe.b[j]
-    if isinstance(moe, MonetVerticalExperts):
-        h = moe.half_dim
-        left = moe.act(x @ moe.u1.weight[i * h:(i + 1) * h].T + moe.u1.bias[i * h:(i + 1) * h])     # s(U1_i x)
-        right = moe.act(x @ moe.u2.weight[j * h:(j + 1) * h].T + moe.u2.bias[j * h:(j + 1) * h])    # s(U2_j x)
-        block_i, block_j = slice(i * h, (i + 1) * h), slice(j * h, (j + 1) * h)
-        top = left @ moe.v11.weight[:, block_i].T + right @ moe.v12.weight[:, block_i].T
-        bottom = left @ moe.v21.weight[:, block_j].T + right @ moe.v22.weight[:, block_j].T
-        return torch.cat((top + moe.b1[i], bottom + moe.b2[j]), dim=-1)
-    raise MonetError(f"{type(moe).__name__} is not a Monet expert layer")
 
 
 def group_layers(model: torch.nn.Module, group: int) -> list[int]:
@@ -70,8 +56,6 @@ def context_prefixes(atlas, group: int, expert: int, k: int, dataset=None) -> li
 
 
 def _open_dataset(atlas):
-    from monet.data import TokenDataset
-
     data = atlas.manifest.get("data", {})
     try:
         return TokenDataset(data["dir"], data["split"]) if Path(data.get("dir", "")).is_dir() else None
@@ -148,40 +132,31 @@ def explain_expert(model: torch.nn.Module, tokenizer: Any, atlas, group: int, ex
                    max_new_tokens: int = 24, temperature: float = 1.0, k: int = 10,
                    seed: int | None = None) -> list[str]:
     """Sample `samples` self-descriptions of the expert (see module docstring)."""
-    if samples < 1 or max_new_tokens < 1:
-        raise MonetError("--samples and --max-new-tokens must be at least 1")
+    if samples < 1:
+        raise MonetError(f"samples must be at least 1, got {samples}")
     contexts = atlas.top_contexts(group, expert, k)
     if not contexts:
         raise MonetError(f"expert {group}:{expert} has no contexts in this atlas; pick one with examples")
     embed = model.get_input_embeddings()
     vector = embed.weight[[c["token"] for c in contexts]].mean(dim=0)
     inputs = explanation_inputs(model, tokenizer, vector).expand(samples, -1, -1)
-    if seed is not None:
-        torch.manual_seed(seed)
-    model.eval()
-    out = model(inputs_embeds=inputs, use_cache=True)
-    past, generated = out.past_key_values, []
+    rows = generate_tokens(model, tokenizer, inputs_embeds=inputs, max_new_tokens=max_new_tokens,
+                           temperature=temperature, seed=seed).tolist()
     eos = tokenizer.eos_token_id
-    logits = out.logits[:, -1]
-    done = torch.zeros(samples, dtype=torch.bool)
-    for _ in range(max_new_tokens):
-        probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)
-        token = torch.multinomial(probs, 1)
-        generated.append(token)
-        if eos is not None:
-            done |= token[:, 0].cpu() == eos
-            if bool(done.all()):
-                break
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
-    rows = torch.cat(generated, dim=1).tolist()
-    texts = []
-    for row in rows:
-        if eos is not None and eos in row:
-            row = row[:row.index(eos)]
-        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return texts
+    return [tokenizer.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True).strip()
+            for row in rows]
 
 
-__all__ = ["CHAT_NOTE", "EXPLAIN_PROMPT", "expert_direction", "expert_logits", "expert_output", "explain_expert",
+def explain_command(cmd: ExplainCommand) -> list[str]:
+    """`monet explain`: load the atlas and its model, print the chat-model note, sample descriptions."""
+    atlas = Atlas(cmd.atlas)
+    group, expert = parse_expert(cmd.expert, atlas)
+    model, tokenizer = load_checkpoint(cmd.run, resolve_device(cmd.device))
+    atlas.check_model(model)
+    print(CHAT_NOTE, file=sys.stderr)
+    return explain_expert(model, tokenizer, atlas, group, expert, samples=cmd.samples,
+                          max_new_tokens=cmd.max_new_tokens, temperature=cmd.temperature, seed=cmd.seed)
+
+
+__all__ = ["CHAT_NOTE", "EXPLAIN_PROMPT", "expert_direction", "expert_logits", "explain_command", "explain_expert",
            "explanation_inputs", "group_layers"]

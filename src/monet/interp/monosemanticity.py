@@ -19,15 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from monet.interp.atlas import AtlasOptions, collect, label_tokens, model_kind, plan_windows
+from monet.interp.criteria import skewness
+
 SPECIALISED_SKEW = 2.0
-
-
-def skewness(prob: np.ndarray, label: int) -> np.ndarray:
-    """[N]: p_label / max over other labels (inf where the others are all zero and p_label > 0)."""
-    others = np.delete(prob, label, axis=0).max(axis=0) if prob.shape[0] > 1 else np.zeros(prob.shape[1])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        skew = prob[label] / others
-    return np.where((others == 0) & (prob[label] == 0), 0.0, skew)
 
 
 def label_shares(prob: np.ndarray) -> np.ndarray:
@@ -79,8 +74,6 @@ def summarize_atlas(atlas, min_count: int = 10) -> list[dict[str, Any]]:
 def measure(model, dataset, max_tokens: int = 200_000, seq_len: int = 256, batch_size: int = 8,
             min_count: int = 10, progress: bool = True) -> dict[str, Any]:
     """Monosemanticity of a Monet model (per routing group) or a dense model (per layer) on `dataset`."""
-    from monet.analysis.atlas import AtlasOptions, collect, label_tokens, model_kind, plan_windows
-
     limit = getattr(model.config, "max_position_embeddings", seq_len) or seq_len
     options = AtlasOptions(max_tokens=max_tokens, top_k=1, seq_len=min(seq_len, limit), batch_size=batch_size)
     windows = plan_windows(dataset.docs, options.seq_len, options.max_tokens)
@@ -93,5 +86,5 @@ def measure(model, dataset, max_tokens: int = 200_000, seq_len: int = 256, batch
             "mean_purity": float(np.mean([g["mean_purity"] for g in groups]))}
 
 
-__all__ = ["SPECIALISED_SKEW", "entropy", "label_shares", "measure", "purity", "skewness", "summarize",
+__all__ = ["SPECIALISED_SKEW", "entropy", "label_shares", "measure", "purity", "summarize",
            "summarize_atlas"]

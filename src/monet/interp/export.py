@@ -8,13 +8,15 @@ facts are in `monet` (group, i, j, counts, label statistics). The shape is docum
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from monet.checkpoint import load_checkpoint
 from monet.errors import MonetError
+from monet.interp.explain import expert_logits
+from monet.interp.query import Atlas, parse_expert
+from monet.io import write_json
+from monet.settings import AtlasExport
 
 
 def expert_page(atlas, group: int, expert: int, model: Any = None, k: int | None = None,
@@ -53,29 +55,23 @@ def expert_page(atlas, group: int, expert: int, model: Any = None, k: int | None
     if atlas.manifest["kind"] == "monet" and atlas.manifest.get("experts_per_side"):
         page["monet"]["i"], page["monet"]["j"] = divmod(int(expert), int(atlas.manifest["experts_per_side"]))
     if model is not None:
-        from monet.analysis.explain import expert_logits
-
         page.update(expert_logits(model, atlas, group, expert))
     return page
 
 
-def write_json(path: str | Path, data: Any) -> Path:
-    """Write JSON atomically (temporary file in the same directory, then rename)."""
-    path = Path(path)
+def export_command(cmd: AtlasExport) -> Path:
+    """`monet atlas export`: one expert page to a JSON file (never over an existing file without --force)."""
+    atlas = Atlas(cmd.atlas)
+    group, expert = parse_expert(cmd.expert, atlas)
+    model = None
+    if cmd.run:
+        model, _ = load_checkpoint(cmd.run)
+        atlas.check_model(model)
+    path = Path(cmd.out)
     if path.is_dir():
         raise MonetError(f"--out {path} is a directory; give a file name such as expert.json")
-    if not path.parent.exists():
-        raise MonetError(f"directory {path.parent} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-__all__ = ["expert_page", "write_json"]
+    if path.exists() and not cmd.force:
+        raise MonetError(f"--out {path} exists; choose another file or pass --force to replace it")
+    if not path.parent.is_dir():
+        raise MonetError(f"cannot write {path}: directory {path.parent} does not exist")
+    return write_json(path, expert_page(atlas, group, expert, model, cmd.top))

@@ -19,15 +19,10 @@ report shows both models' Δ Others side by side.
 
 from __future__ import annotations
 
-import argparse
-import json
+import csv
+import io
 import math
-import os
 import random
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from monet.analysis.criteria import Selection, select_skewed
+from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint, resolve_device, trained_seq_len
+from monet.data import TokenDataset, load_tokenizer
+from monet.edits import masked
 from monet.errors import MonetError
+from monet.evaluate import evaluate_windows, label_window_sets
+from monet.interp.criteria import Selection, label_means, select_skewed
+from monet.interp.query import Atlas
+from monet.io import output_directory, write_json
+from monet.settings import UnlearnSettings
 
 REPORT_FILE = "report.json"
 
@@ -63,16 +65,12 @@ def atlas_label_means(atlas: Any) -> tuple[list[str], list[np.ndarray]]:
         if hasattr(atlas, "label_probability"):
             means.append(np.asarray(atlas.label_probability(group), dtype=np.float64))
         else:   # mass rows divided by their totals: the same up to a constant per label
-            from monet.analysis.criteria import label_means
-
             means.append(label_means(atlas.label_mass(group)[1]))
     return [atlas.labels[i] for i in seen], [m[seen] for m in means]
 
 
-def open_atlas(path: str | os.PathLike, model: nn.Module) -> Any:
+def open_atlas(path: str | Path, model: nn.Module) -> Atlas:
     """The atlas at `path`, checked to belong to `model`."""
-    from monet.analysis.query import Atlas
-
     return Atlas(path, model=model)
 
 
@@ -85,68 +83,8 @@ def select_for_label(means: list[np.ndarray], labels: list[str], target: str, ra
     return select_skewed(means, labels.index(target), ratio=ratio, min_mass=min_mass, normalize=False)
 
 
-@contextmanager
-def masked(model: nn.Module, selection: Selection) -> Iterator[nn.Module]:
-    """Delete the selected units inside the block: Monet experts (edits) or dense MLP neurons (hooks)."""
-    if getattr(model.config, "mlp_type", "monet") == "monet":
-        from monet.editing import edited
-
-        with edited(model, selection.to_edits(int(model.config.moe_experts))):
-            yield model
-        return
-    with neuron_masks(model, selection.ids):
-        yield model
-
-
-@contextmanager
-def neuron_masks(model: nn.Module, neurons: dict[int, np.ndarray]) -> Iterator[nn.Module]:
-    """Zero the chosen hidden neurons of a dense model's MLPs (layer -> neuron ids) inside the block.
-
-    A forward pre-hook on each layer's `down_proj` multiplies its input, act(gate(x)) * up(x), by a 0/1
-    mask, so the neurons contribute nothing (and get no gradient).
-    """
-    from monet.baselines import DenseMLP
-
-    layers = model.model.layers
-    handles = []
-    try:
-        for index, ids in neurons.items():
-            mlp = getattr(layers[index], "mlp", None) if 0 <= index < len(layers) else None
-            if not isinstance(mlp, DenseMLP):
-                raise MonetError(f"layer {index} has no dense MLP: neuron masks need an mlp_type='dense' model")
-            if len(ids) == 0:
-                continue
-            width = mlp.down_proj.in_features
-            if int(np.max(ids)) >= width or int(np.min(ids)) < 0:
-                raise MonetError(f"neuron ids of layer {index} must lie in [0, {width})")
-            keep = torch.ones(width, dtype=mlp.down_proj.weight.dtype, device=mlp.down_proj.weight.device)
-            keep[torch.as_tensor(np.asarray(ids), dtype=torch.long)] = 0.0
-
-            def hook(module, args, keep=keep):
-                return (args[0] * keep.to(args[0].dtype),) + tuple(args[1:])
-
-            handles.append(mlp.down_proj.register_forward_pre_hook(hook))
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Metrics
-
-
-def label_window_sets(dataset: Any, seq_len: int) -> tuple[dict[str, Any], list[str]]:
-    """Validation windows per label; labels with less than one window are returned separately."""
-    from monet.data import PackedSequences
-
-    sets, skipped = {}, []
-    for label in dataset.labels:
-        try:
-            sets[label] = PackedSequences(dataset, seq_len, label=label)
-        except MonetError:
-            skipped.append(label)
-    return sets, skipped
 
 
 def headword_items(dataset: Any, label: str, max_items: int = 40, choices: int = 4, seed: int = 0) -> list[dict]:
@@ -228,8 +166,6 @@ def multiple_choice_accuracy(model: nn.Module, tokenizer: Any, items: list[dict]
 def evaluate_labels(model: nn.Module, sets: dict[str, Any], batch_size: int, max_batches: int | None,
                     mc_items: dict[str, list[dict]] | None = None, tokenizer: Any = None) -> dict[str, dict]:
     """Loss per label (and multiple-choice accuracy where items exist)."""
-    from monet.evaluate import evaluate_windows
-
     device = next(model.parameters()).device
     results = {}
     for label, packed in sets.items():
@@ -246,7 +182,7 @@ def evaluate_labels(model: nn.Module, sets: dict[str, Any], batch_size: int, max
 
 
 def run_protocol(model: nn.Module, means: list[np.ndarray], labels: list[str], targets: list[str],
-                 sets: dict[str, Any], batch_size: int, max_batches: int | None, ratio: float, min_mass: float,
+                 sets: dict[str, Any], *, batch_size: int, max_batches: int | None, ratio: float, min_mass: float,
                  mc_items: dict[str, list[dict]] | None = None, tokenizer: Any = None,
                  progress: bool = True, allow_empty: bool = False) -> dict[str, Any]:
     """Baseline metrics, then for each target: selection, masked metrics, deltas."""
@@ -293,58 +229,49 @@ def target_vs_others(delta_target: float, delta_others: float) -> float:
     return delta_target / delta_others if delta_others > 1e-9 else float("inf")
 
 
-def unlearn(run: str | os.PathLike, data_dir: str | os.PathLike, atlas: str | os.PathLike, out: str | os.PathLike,
-            targets: list[str] | None = None, ratio: float = 2.0, min_mass: float = 0.0,
-            max_batches: int | None = 8, batch_size: int = 8, seq_len: int | None = None,
-            mc_items: int = 40, baseline_run: str | os.PathLike | None = None,
-            baseline_atlas: str | os.PathLike | None = None, device: str | None = None,
-            progress: bool = True) -> dict[str, Any]:
-    """Run the unlearning protocol (targets None = every label) and write the report directory `out`."""
-    from monet.checkpoint import load_checkpoint, resolve_checkpoint
-    from monet.data import TokenDataset, load_tokenizer
-    from monet.evaluate import _seq_len_of
-
-    if (baseline_run is None) != (baseline_atlas is None):
-        raise MonetError("--baseline and --baseline-atlas go together (the dense model and its atlas)")
-    checkpoint = resolve_checkpoint(run)
-    model, _ = load_checkpoint(checkpoint, device=device or "cpu", load_tokenizer=False)
+def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
+    """Run the unlearning protocol (every label unless `settings.target`) and write the report directory."""
+    checkpoint = resolve_checkpoint(settings.run)
+    check_data_fits(checkpoint, settings.data)
+    device = resolve_device(settings.device)
+    model, _ = load_checkpoint(checkpoint, device=device, load_tokenizer=False, verify=False)
     if getattr(model.config, "mlp_type", "monet") != "monet":
-        raise MonetError(f"{run} is a {model.config.mlp_type} model; pass a Monet run (dense goes in --baseline)")
-    dataset = TokenDataset(data_dir, split="validation")
-    stats = open_atlas(atlas, model)
-    labels, means = atlas_label_means(stats)
-    if targets is None:
-        targets = [label for label in labels if label in dataset.labels]
+        raise MonetError(f"{settings.run} is a {model.config.mlp_type} model; pass a Monet run "
+                         "(a dense model goes in --baseline)")
+    dataset = TokenDataset(settings.data, split="validation")
+    labels, means = atlas_label_means(open_atlas(settings.atlas, model))
+    targets = [settings.target] if settings.target else [label for label in labels if label in dataset.labels]
     for target in targets:
         if target not in labels:
             raise MonetError(f"unknown label {target!r}; the atlas has tokens of: {', '.join(labels)}")
         if target not in dataset.labels:
-            raise MonetError(f"label {target!r} is not in {data_dir}; it has: {', '.join(dataset.labels)}")
-    seq_len = seq_len or _seq_len_of(checkpoint, 256)
+            raise MonetError(f"label {target!r} is not in {settings.data}; it has: {', '.join(dataset.labels)}")
+    seq_len = settings.seq_len or trained_seq_len(checkpoint, model)
     sets, skipped = label_window_sets(dataset, seq_len)
-    tokenizer = load_tokenizer(data_dir)
-    items = ({label: headword_items(dataset, label, mc_items) for label in sets}
-             if mc_items > 0 and has_multiple_choice(dataset) else None)
-    single = len(targets) == 1
-    monet_result = run_protocol(model, means, labels, targets, sets, batch_size, max_batches, ratio, min_mass,
-                                items, tokenizer, progress, allow_empty=not single)
+    tokenizer = load_tokenizer(settings.data)
+    items = ({label: headword_items(dataset, label, settings.mc_items) for label in sets}
+             if settings.mc_items > 0 and has_multiple_choice(dataset) else None)
+    progress = not settings.quiet
+    protocol = dict(batch_size=settings.batch_size, max_batches=settings.max_batches, ratio=settings.ratio,
+                    min_mass=settings.min_mass, mc_items=items, tokenizer=tokenizer, progress=progress)
+    monet_result = run_protocol(model, means, labels, targets, sets, allow_empty=settings.target is None, **protocol)
     report: dict[str, Any] = {
-        "run": str(checkpoint), "data": str(data_dir), "atlas": str(atlas), "split": "validation",
-        "seq_len": seq_len, "max_batches": max_batches, "batch_size": batch_size, "ratio": ratio,
-        "min_mass": min_mass, "labels": list(sets), "skipped_labels": skipped, "targets": targets,
+        "run": str(checkpoint), "data": str(settings.data), "atlas": str(settings.atlas), "split": "validation",
+        "seq_len": seq_len, "max_batches": settings.max_batches, "batch_size": settings.batch_size,
+        "ratio": settings.ratio, "min_mass": settings.min_mass, "labels": list(sets), "skipped_labels": skipped,
+        "targets": targets,
         "metric": "validation loss (nats/token); delta = masked - unmasked (a rise is knowledge lost)",
         "monet": monet_result, "summary": summary_rows(monet_result),
     }
-    if baseline_run is not None:
-        dense, _ = load_checkpoint(resolve_checkpoint(baseline_run), device=device or "cpu", load_tokenizer=False)
+    if settings.baseline is not None:
+        dense, _ = load_checkpoint(settings.baseline, device=device, load_tokenizer=False)
         if getattr(dense.config, "mlp_type", "monet") != "dense":
-            raise MonetError(f"--baseline {baseline_run} is not a dense model (mlp_type={dense.config.mlp_type})")
-        dense_labels, dense_means = atlas_label_means(open_atlas(baseline_atlas, dense))
-        report["dense"] = run_protocol(dense, dense_means, dense_labels, targets, sets, batch_size, max_batches,
-                                       ratio, min_mass, items, tokenizer, progress, allow_empty=True)
-        report["dense_run"], report["dense_atlas"] = str(baseline_run), str(baseline_atlas)
+            raise MonetError(f"--baseline {settings.baseline} is not a dense model (mlp_type={dense.config.mlp_type})")
+        dense_labels, dense_means = atlas_label_means(open_atlas(settings.baseline_atlas, dense))
+        report["dense"] = run_protocol(dense, dense_means, dense_labels, targets, sets, allow_empty=True, **protocol)
+        report["dense_run"], report["dense_atlas"] = str(settings.baseline), str(settings.baseline_atlas)
         report["dense_summary"] = summary_rows(report["dense"])
-    write_report(report, out)
+    write_report(report, settings.out, force=settings.force)
     return report
 
 
@@ -380,9 +307,6 @@ def metric_matrix(result: dict[str, Any], metric: str = "loss") -> tuple[list[st
 
 
 def matrix_csv(row_names: list[str], columns: list[str], rows: list[list[float]]) -> str:
-    import csv
-    import io
-
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["evaluated \\ masked", *columns])
@@ -405,7 +329,7 @@ def plot_heatmap(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # imported late: matplotlib is slow to import and only plots need it
 
     panels = [("Monet", report["monet"])] + ([("Dense LLaMA (neurons)", report["dense"])] if "dense" in report else [])
     mats = [delta_matrix(result) for _, result in panels]
@@ -431,25 +355,10 @@ def plot_heatmap(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return None if not math.isfinite(float(value)) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def write_report(report: dict[str, Any], out: str | os.PathLike) -> Path:
-    """report.json, loss_matrix.csv (+ accuracy_matrix.csv, dense_loss_matrix.csv), heatmap.png; atomically
-    (everything goes to OUT.tmp-*, then replaces OUT)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+def write_report(report: dict[str, Any], out: str | Path, force: bool = False) -> Path:
+    """report.json, loss_matrix.csv (+ accuracy_matrix.csv, dense_loss_matrix.csv), heatmap.png, written
+    atomically into `out` (which must be free or an earlier unlearning report, unless `force`)."""
+    with output_directory(out, "unlearn", force, "an unlearning report") as tmp:
         files = {"loss_matrix.csv": matrix_csv(*metric_matrix(report["monet"], "loss"))}
         if any("accuracy" in v for v in report["monet"]["before"].values()):
             files["accuracy_matrix.csv"] = matrix_csv(*metric_matrix(report["monet"], "accuracy"))
@@ -458,18 +367,8 @@ def write_report(report: dict[str, Any], out: str | os.PathLike) -> Path:
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
         plot_heatmap(report, tmp / "heatmap.png")
-        report = {**report, "files": sorted([*files, "heatmap.png", REPORT_FILE])}
-        (tmp / REPORT_FILE).write_text(json.dumps(_jsonable(report), indent=2, ensure_ascii=False) + "\n",
-                                       encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        write_json(tmp / REPORT_FILE, {**report, "files": sorted([*files, "heatmap.png", REPORT_FILE])})
+    return Path(out)
 
 
 def format_summary(report: dict[str, Any]) -> str:
@@ -496,63 +395,12 @@ def _num(value: float | None, width: int = 9, digits: int = 3) -> str:
     return f"{value:>{width}.{digits}f}"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def run_unlearn(args: argparse.Namespace) -> int:
-    targets = None if args.all_labels else [args.target]
-    report = unlearn(args.run, args.data, args.atlas, args.out, targets=targets, ratio=args.ratio,
-                     min_mass=args.min_mass, max_batches=args.max_batches, batch_size=args.batch_size,
-                     seq_len=args.seq_len, mc_items=args.mc_items, baseline_run=args.baseline,
-                     baseline_atlas=args.baseline_atlas, device=args.device, progress=not args.quiet)
-    print(format_summary(report))
-    print(f"report: {Path(args.out) / REPORT_FILE}  heatmap: {Path(args.out) / 'heatmap.png'}")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "unlearn",
-        help="mask the experts specialised in a label and measure the loss on every label",
-        description=(
-            "Knowledge unlearning (paper §5): experts whose routing mass on a label is at least --ratio times "
-            "their mass on any other label (from an atlas) are deleted, and the validation loss of every label "
-            "is measured before and after. Writes REPORT/report.json, loss_matrix.csv and heatmap.png."
-        ),
-        epilog="Example: monet unlearn runs/code --data data/code --atlas atlas/code --all-labels --out reports/u",
-    )
-    parser.add_argument("run", metavar="RUN", help="Monet run directory (newest checkpoint) or checkpoint directory")
-    parser.add_argument("--data", required=True, help="dataset directory (its validation split is evaluated)")
-    parser.add_argument("--atlas", required=True, help="atlas of this model (`monet atlas RUN --data DIR --out A`)")
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--target", metavar="LABEL", help="mask the experts of this label")
-    which.add_argument("--all-labels", action="store_true", help="mask each label's experts in turn")
-    parser.add_argument("--out", required=True, metavar="REPORT", help="report directory to write")
-    parser.add_argument("--ratio", type=float, default=2.0, help="skewness: target mass >= RATIO x next label")
-    parser.add_argument("--min-mass", type=float, default=0.0,
-                        help="minimum mean score per token on the target label for an expert to be judged")
-    parser.add_argument("--max-batches", type=int, default=8, help="evaluation batches per label (evenly spaced)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=None, help="window length (default: the training seq_len)")
-    parser.add_argument("--mc-items", type=int, default=40,
-                        help="multiple-choice items per label where the corpus has them (domains); 0 = none")
-    parser.add_argument("--baseline", metavar="DENSE_RUN", help="also run the protocol on this dense model's neurons")
-    parser.add_argument("--baseline-atlas", metavar="ATLAS", help="the dense model's atlas (neuron label mass)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.set_defaults(handler=run_unlearn)
-
-
 __all__ = [
     "atlas_label_means",
     "deltas",
     "evaluate_labels",
     "headword_items",
-    "masked",
     "multiple_choice_accuracy",
-    "neuron_masks",
-    "register",
     "run_protocol",
     "select_for_label",
     "unlearn",

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from monet.edits import ExpertEdits
 from monet.errors import MonetError
 
 
@@ -53,16 +54,24 @@ def label_means(mass: np.ndarray) -> np.ndarray:
     return np.divide(mass, totals, out=np.zeros_like(mass), where=totals > 0)
 
 
-def specificity(mass: np.ndarray, target: int, normalize: bool = True) -> np.ndarray:
-    """Per unit: share on `target` / the largest share on any other label (inf when the others are 0)."""
-    mass = _check_mass(mass)
-    _check_target(mass, target)
-    shares = label_means(mass) if normalize else mass
-    others = np.delete(shares, target, axis=0).max(axis=0)
-    on_target = shares[target]
+def skewness(values: np.ndarray, target: int) -> np.ndarray:
+    """[units]: values[target] / the largest value on any other label (paper §5.1 / D.1: a unit is
+    specialised in a label when this is at least 2); inf where the others are all 0, 0 where the target is.
+    `values` [num_labels, units] are per-label means (routing probability per token of the label)."""
+    values = np.asarray(values, dtype=np.float64)
+    others = np.delete(values, target, axis=0).max(axis=0) if values.shape[0] > 1 else np.zeros(values.shape[1])
+    on_target = values[target]
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(others > 0, on_target / np.where(others > 0, others, 1.0), np.inf)
     return np.where(on_target > 0, ratio, 0.0)
+
+
+def specificity(mass: np.ndarray, target: int, normalize: bool = True) -> np.ndarray:
+    """`skewness` of routing mass per label, first divided by each label's total (`label_means`) unless
+    `normalize` is False (the values are already per-label means)."""
+    mass = _check_mass(mass)
+    _check_target(mass, target)
+    return skewness(label_means(mass) if normalize else mass, target)
 
 
 def skewed_units(mass: np.ndarray, target: int, ratio: float = 2.0, min_mass: float = 0.0,
@@ -200,8 +209,6 @@ class Selection:
 
     def to_edits(self, num_experts: int):
         """Delete every selected expert: an `ExpertEdits` for a Monet model with E = num_experts."""
-        from monet.editing import ExpertEdits
-
         if num_experts * num_experts != self.units_per_group:
             raise MonetError(f"this selection has {self.units_per_group} units per group, not E^2 = "
                              f"{num_experts * num_experts}: it was not made for this model")
@@ -255,6 +262,7 @@ __all__ = [
     "select_correlated",
     "select_skewed",
     "select_top",
+    "skewness",
     "skewed_units",
     "specificity",
     "top_specific",

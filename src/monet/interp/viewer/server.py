@@ -17,7 +17,6 @@ forbids inline scripts, so corpus text such as `<script>` stays text.
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 from functools import partial
@@ -27,7 +26,12 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from monet.checkpoint import load_checkpoint
 from monet.errors import MonetError
+from monet.interp.explain import expert_logits
+from monet.interp.query import Atlas
+from monet.io import dumps, printable
+from monet.settings import ViewCommand
 
 STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8",
           "index.html": "text/html; charset=utf-8"}
@@ -58,8 +62,6 @@ class ViewerState:
         with self.lock:   # pyarrow reads and the model are used by one request at a time
             result = {**atlas.expert(group, expert), "contexts": atlas.top_contexts(group, expert)}
             if self.model is not None:
-                from monet.analysis.explain import expert_logits
-
                 key = (group, expert)
                 if key not in self.logits and result["contexts"]:
                     self.logits[key] = expert_logits(self.model, atlas, group, expert)
@@ -68,7 +70,7 @@ class ViewerState:
 
 
 def _static(name: str) -> bytes:
-    return resources.files("monet.viewer").joinpath("static", name).read_bytes()
+    return resources.files("monet.interp.viewer").joinpath("static", name).read_bytes()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -93,9 +95,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, data: Any, status: int = 200) -> None:
-        from monet.analysis.query import json_safe
-
-        body = json.dumps(json_safe(data), ensure_ascii=False, allow_nan=False).encode("utf-8")
+        body = dumps(printable(data), indent=None).encode("utf-8")
         self._send(status, body, "application/json; charset=utf-8")
 
     def do_HEAD(self) -> None:
@@ -180,4 +180,14 @@ def serve(atlas, host: str = "127.0.0.1", port: int = 8765, model: Any = None) -
         server.server_close()
 
 
-__all__ = ["Handler", "ViewerState", "make_server", "serve"]
+__all__ = ["Handler", "ViewerState", "make_server", "serve", "view_command"]
+
+
+def view_command(cmd: ViewCommand) -> None:
+    """`monet view`: open the atlas (and its model, with --run) and serve until interrupted."""
+    atlas = Atlas(cmd.atlas)
+    model = None
+    if cmd.run:
+        model, _ = load_checkpoint(cmd.run)
+        atlas.check_model(model)
+    serve(atlas, host=cmd.host, port=cmd.port, model=model)

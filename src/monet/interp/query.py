@@ -2,7 +2,7 @@
 
 Per-expert statistics of a group are read once from `experts.parquet` into numpy arrays (a few MB for
 262,144 experts); contexts and the token index are read with Parquet row-group filters, so a query
-touches only the row groups of one expert or one token. See `monet.analysis.atlas` for the format.
+touches only the row groups of one expert or one token. See `monet.interp.atlas` for the format.
 """
 
 from __future__ import annotations
@@ -16,14 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from monet.analysis.atlas import FORMAT_VERSION, TABLES, model_identity
 from monet.errors import MonetError
+from monet.interp.atlas import FORMAT_VERSION, TABLES, model_identity, unit_activations, unit_layout
+from monet.interp.criteria import skewness
+from monet.io import printable
 
 _EXPERT_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
 class Atlas:
-    """An atlas directory written by `monet atlas` (see `monet.analysis.atlas.build_atlas`)."""
+    """An atlas directory written by `monet atlas` (see `monet.interp.atlas.build_atlas`)."""
 
     def __init__(self, path: str | Path, model: torch.nn.Module | None = None) -> None:
         self.path = Path(path)
@@ -223,8 +225,6 @@ class Atlas:
         """Experts most specific to `label`: skewness = routing probability on the label / the largest
         on any other label (paper §5.1 calls an expert specialised when this is at least 2); inf for an
         expert seen on this label only. Experts with fewer than `min_count` activations are left out."""
-        from monet.analysis.monosemanticity import skewness
-
         index = self.label_index(label)
         rows = []
         for g in self.groups if group is None else [group]:
@@ -263,8 +263,6 @@ def parse_expert(text: str, atlas: Atlas | None = None) -> tuple[int, int]:
 @torch.no_grad()
 def experts_for_text(model: torch.nn.Module, tokenizer: Any, text: str, n: int = 5) -> list[dict[str, Any]]:
     """Run the model on `text` and list, per token, the top-n units of every group with their percentage."""
-    from monet.analysis.atlas import unit_activations, unit_layout
-
     if not text:
         raise MonetError("--text is empty; give some text to run through the model")
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
@@ -284,25 +282,13 @@ def experts_for_text(model: torch.nn.Module, tokenizer: Any, text: str, n: int =
     return out
 
 
-def json_safe(value: Any) -> Any:
-    """Replace non-finite floats (an expert seen on one label only has skewness inf) by strings, so
-    the result is strict JSON that browsers parse."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def format_context(context: dict[str, Any], mark: str = "[[{}]]") -> str:
-    """One context as a line, the activating token marked and whitespace made visible."""
+    """One context as a line, the activating token marked, whitespace and control characters made visible."""
     parts = []
     for i, piece in enumerate(context["pieces"]):
-        piece = piece.replace("\n", "\u21b5").replace("\t", "\u2192")
+        piece = printable(piece.replace("\n", "\u21b5").replace("\t", "\u2192"))
         parts.append(mark.format(piece) if i == context["target"] else piece)
     return "".join(parts)
 
 
-__all__ = ["Atlas", "experts_for_text", "format_context", "json_safe", "parse_expert"]
+__all__ = ["Atlas", "experts_for_text", "format_context", "parse_expert"]

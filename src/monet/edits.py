@@ -7,7 +7,7 @@ Alphas that meet on one expert multiply.
 
 `apply_edits` turns an `ExpertEdits` into the [E*E] `edit_weights` table of every expert module of the
 group's layers (entry i*E + j holds 1 - alpha, the fraction of the term to remove; see
-`monet.experts`). The table is per model, never per token, and the forward pass only looks up each
+`monet.model`). The table is per model, never per token, and the forward pass only looks up each
 token's active pairs, so an edited model costs little more than a plain one in training (gradients
 flow through the edited forward), evaluation and KV-cache generation alike.
 
@@ -23,22 +23,25 @@ made for another model is refused with a clear error instead of silently scaling
 
 from __future__ import annotations
 
-import argparse
 import math
 import operator
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import nn
 
 from monet.errors import MonetError
+from monet.io import atomic_write
 
+EXPERT_EDITS_FILE = "expert_edits.safetensors"   # beside model.safetensors
 EDITS_FORMAT = "monet-expert-edits"
 EDITS_VERSION = "1"
 
@@ -172,16 +175,16 @@ def _check_index(index: int, size: int, what: str) -> None:
 
 
 def expert_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
-    """(layer index, expert module) of every Monet expert layer, in layer order."""
-    from monet.experts import MonetHorizontalExperts, MonetVerticalExperts
-    from monet.model import MonetDecoderLayer
+    """(layer index, expert module) of every Monet expert layer, in layer order.
 
+    An expert layer is a decoder layer's `moe` module holding an `edit_weights` table (see
+    `monet.model`); looking them up by that attribute keeps this module free of the model classes.
+    """
     found = [(layer.layer_idx, layer.moe) for layer in model.modules()
-             if isinstance(layer, MonetDecoderLayer) and isinstance(getattr(layer, "moe", None),
-                                                                    (MonetHorizontalExperts, MonetVerticalExperts))]
+             if hasattr(layer, "layer_idx") and hasattr(getattr(layer, "moe", None), "edit_weights")]
     if not found:
         raise MonetError("this model has no Monet expert layers (a dense or PEER baseline?); expert edits need "
-                         "mlp_type='monet' — mask a dense model's neurons with monet.unlearn.neuron_masks")
+                         "mlp_type='monet' — mask a dense model's neurons with monet.experiments.unlearn.neuron_masks")
     return sorted(found, key=lambda item: item[0])
 
 
@@ -268,19 +271,62 @@ def masking_ratio(model: nn.Module) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Deleting selected units for a measurement (Monet experts, or a dense baseline's MLP neurons)
+
+
+@contextmanager
+def masked(model: nn.Module, selection: Any) -> Iterator[nn.Module]:
+    """Delete the selected units inside the block: Monet experts (edits) or dense MLP neurons (hooks)."""
+    if getattr(model.config, "mlp_type", "monet") == "monet":
+        with edited(model, selection.to_edits(int(model.config.moe_experts))):
+            yield model
+        return
+    with neuron_masks(model, selection.ids):
+        yield model
+
+
+@contextmanager
+def neuron_masks(model: nn.Module, neurons: dict[int, np.ndarray]) -> Iterator[nn.Module]:
+    """Zero the chosen hidden neurons of a dense model's MLPs (layer -> neuron ids) inside the block.
+
+    A forward pre-hook on each layer's `down_proj` multiplies its input, act(gate(x)) * up(x), by a 0/1
+    mask, so the neurons contribute nothing (and get no gradient).
+    """
+    layers = model.model.layers
+    handles = []
+    try:
+        for index, ids in neurons.items():
+            mlp = getattr(layers[index], "mlp", None) if 0 <= index < len(layers) else None
+            if not hasattr(mlp, "down_proj"):
+                raise MonetError(f"layer {index} has no dense MLP: neuron masks need an mlp_type='dense' model")
+            if len(ids) == 0:
+                continue
+            width = mlp.down_proj.in_features
+            if int(np.max(ids)) >= width or int(np.min(ids)) < 0:
+                raise MonetError(f"neuron ids of layer {index} must lie in [0, {width})")
+            keep = torch.ones(width, dtype=mlp.down_proj.weight.dtype, device=mlp.down_proj.weight.device)
+            keep[torch.as_tensor(np.asarray(ids), dtype=torch.long)] = 0.0
+
+            def hook(module, args, keep=keep):
+                return (args[0] * keep.to(args[0].dtype),) + tuple(args[1:])
+
+            handles.append(mlp.down_proj.register_forward_pre_hook(hook))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Persistence (expert_edits.safetensors beside the weights)
 
 
 def edits_path(directory: str | os.PathLike) -> Path:
-    from monet.model import EXPERT_EDITS_FILE
-
     return Path(directory) / EXPERT_EDITS_FILE
 
 
 def save_edits(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the model's edit tables, sparse (ids + removal fractions per layer), atomically."""
-    from safetensors.torch import save_file
-
     experts, groups, per_group = model_shape(model)
     tensors: dict[str, torch.Tensor] = {}
     for index, module in expert_layers(model):
@@ -295,14 +341,7 @@ def save_edits(model: nn.Module, directory: str | os.PathLike) -> Path:
                 "num_layers": str(len(expert_layers(model)))}
     path = edits_path(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: handle.write(save(tensors, metadata=metadata)))
     return path
 
 
@@ -321,8 +360,6 @@ def load_edits(model: nn.Module, directory: str | os.PathLike, replace: bool = T
 
 def read_edit_tables(model: nn.Module, directory: str | os.PathLike) -> dict[int, torch.Tensor]:
     """Layer index -> removal table [E*E] from an edits file, checked against the model's shape."""
-    from safetensors import safe_open
-
     path = edits_path(directory) if Path(directory).is_dir() else Path(directory)
     if not path.is_file():
         raise MonetError(f"no expert edits file at {path}")
@@ -406,38 +443,32 @@ def _parse_one(spec: str) -> tuple[int, str, Any, float]:
     raise bad
 
 
-def add_steer_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--steer G:ID=ALPHA` (repeatable) and `--edits FILE` for `monet generate` and friends."""
-    parser.add_argument(
-        "--steer", action="append", default=[], metavar="G:ID=ALPHA",
-        help="scale expert ID (i*E+j) of routing group G by ALPHA: 0 deletes it, >1 amplifies it. Repeatable. "
-             "Also G:I,J=ALPHA, G:bottom:I=ALPHA, G:top:J=ALPHA; G:ID alone deletes",
-    )
-    parser.add_argument("--edits", default=None, metavar="FILE",
-                        help="apply the expert edits (masks) saved in this expert_edits.safetensors file")
-
-
-def apply_steer_args(model: nn.Module, args: argparse.Namespace) -> nn.Module:
-    """Apply `--edits FILE` then the `--steer` specs of parsed arguments (composing with existing edits)."""
-    if getattr(args, "edits", None):
-        load_edits(model, args.edits, replace=False)
-    if getattr(args, "steer", None):
-        apply_edits(model, parse_steer(args.steer))
+def apply_steering(model: nn.Module, steer: Iterable[str] = (), edits_file: str | os.PathLike | None = None
+                   ) -> nn.Module:
+    """Apply an edits file (`expert_edits.safetensors`), then `G:ID=ALPHA` specs (see `parse_steer`),
+    composing with the edits already applied (what `monet generate --edits F --steer ...` does)."""
+    if edits_file:
+        load_edits(model, edits_file, replace=False)
+    steer = list(steer)
+    if steer:
+        apply_edits(model, parse_steer(steer))
     return model
 
 
 __all__ = [
     "ExpertEdits",
-    "add_steer_arguments",
+    "EXPERT_EDITS_FILE",
     "apply_edits",
-    "apply_steer_args",
+    "apply_steering",
     "check_fits",
     "clear_edits",
     "current_weights",
     "edited",
     "expert_layers",
     "load_edits",
+    "masked",
     "masking_ratio",
+    "neuron_masks",
     "model_shape",
     "parse_steer",
     "read_edit_tables",

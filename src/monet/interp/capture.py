@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from monet.errors import MonetError
-from monet.routing import MonetRouter, active_pairs
+from monet.model import MonetRouter
+from monet.ops import active_pairs
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Experiments that combine the library: unlearning, toxicity purging, the benchmark, the demo."""

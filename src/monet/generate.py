@@ -1,0 +1,73 @@
+"""Generation: the one sampling path of the package (Hugging Face `generate` with a KV cache).
+
+`monet generate`, toxicity purging (sampled continuations) and self-explanation (prompts given as
+embeddings) all go through `generate_tokens`. Prompts get the beginning-of-sequence token the data
+pipeline puts before every document (`<s>`) when the tokenizer does not add it itself, so the model sees
+what it was trained on. Generation stops at `</s>` or after `max_new_tokens`. Deleted or steered experts
+stay edited during generation (the edit tables live in the model).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from monet.errors import MonetError
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of `prompt`, starting with the BOS token."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return ([bos] if bos is not None else []) + list(ids)
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: Any,
+    tokenizer: Any,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    greedy: bool = False,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """New token ids [batch, <= max_new_tokens] after each row of `input_ids` [batch, T] (or of the prompt
+    embeddings `inputs_embeds` [batch, T, d]); finished rows are padded with the pad (or EOS) token."""
+    if max_new_tokens < 1:
+        raise MonetError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not greedy and temperature <= 0:
+        raise MonetError(f"temperature must be > 0 (or use greedy decoding), got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise MonetError(f"top_p must lie in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise MonetError(f"top_k must be >= 1, got {top_k}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    prompt = input_ids if input_ids is not None else inputs_embeds
+    mask = torch.ones(prompt.shape[:2], dtype=torch.long, device=prompt.device)
+    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": not greedy, "attention_mask": mask,
+                               "eos_token_id": tokenizer.eos_token_id,
+                               "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                               else tokenizer.eos_token_id}
+    if not greedy:
+        options.update(temperature=temperature, top_p=top_p if top_p is not None else 1.0, top_k=top_k or 0)
+    model.eval()
+    if input_ids is not None:
+        return model.generate(input_ids=input_ids, **options)[:, input_ids.shape[1]:]
+    return model.generate(inputs_embeds=inputs_embeds, **options)   # only the new tokens come back
+
+
+def generate_text(model: Any, tokenizer: Any, prompt: str, num_samples: int = 1, **options: Any) -> list[str]:
+    """`num_samples` continuations of `prompt` (prompt included), decoded without special tokens.
+    `options` are those of `generate_tokens` (max_new_tokens, temperature, top_p, top_k, greedy, seed)."""
+    if num_samples < 1:
+        raise MonetError(f"num_samples must be >= 1, got {num_samples}")
+    device = next(model.parameters()).device
+    ids = torch.tensor([encode_prompt(tokenizer, prompt)] * num_samples, dtype=torch.long, device=device)
+    new = generate_tokens(model, tokenizer, input_ids=ids, **options)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in torch.cat((ids, new), dim=1)]

@@ -1,0 +1,1 @@
+"""Looking inside Monet: routing capture, the expert atlas, selection criteria, explain/export, the viewer."""

