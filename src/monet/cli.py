@@ -330,10 +330,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except SystemExit as exc:   # tyro: --help (0) or a malformed option (2, already explained)
         return exc.code if isinstance(exc.code, int) else 2
-    except MonetError as exc:
+    except (MonetError, OSError) as exc:   # a mistake the user can fix, or the machine refused (disk, rights)
         if debug:
             traceback.print_exc()
-        print(f"monet{' ' + name if name else ''}: error: {exc}", file=sys.stderr)
+        hint = "" if isinstance(exc, MonetError) or debug else " (--debug shows where)"
+        print(f"monet{' ' + name if name else ''}: error: {exc}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         resume = " (run the same command again to resume from the last checkpoint)" if name == "train" else ""

@@ -140,14 +140,7 @@ def check_output(out: str | os.PathLike, kind: str, force: bool = False, noun: s
     below a file, or in a directory that cannot be written, is refused with the reason. `noun` names what
     the command writes ("an atlas") in the messages. Returns `out` as a Path.
     """
-    out = Path(out).expanduser()
-    for ancestor in out.parents:
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise MonetError(f"cannot write {out}: {ancestor} is a file, not a directory")
-            if not os.access(ancestor, os.W_OK | os.X_OK):
-                raise MonetError(f"cannot write {out}: {ancestor} is not writable; choose another --out")
-            break
+    out = check_writable(out)
     if out.exists() and not force:
         if not out.is_dir():
             raise MonetError(f"{out} is a file; pass another --out (or --force to replace it)")
@@ -160,6 +153,20 @@ def check_output(out: str | os.PathLike, kind: str, force: bool = False, noun: s
         if made_by not in (None, kind):
             raise MonetError(f"{out} holds the output of `monet {made_by}`, not {noun}; choose another --out, "
                              "or pass --force to replace it")
+    return out
+
+
+def check_writable(out: str | os.PathLike) -> Path:
+    """`out` as a Path, or MonetError when it cannot be created: a file on the way, or a directory we may not
+    write into."""
+    out = Path(out).expanduser()
+    for ancestor in out.parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise MonetError(f"cannot write {out}: {ancestor} is a file, not a directory")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise MonetError(f"cannot write {out}: {ancestor} is not writable; choose another --out")
+            break
     return out
 
 

@@ -62,7 +62,7 @@ from monet.data import PackedSequences, TokenDataset
 from monet.errors import MonetError
 from monet.evaluate import evaluate_sets, label_window_sets
 from monet.info import dense_intermediate_size_matching
-from monet.io import MARKER, atomic_write, marker_kind
+from monet.io import MARKER, atomic_write, check_writable, marker_kind
 from monet.model import MonetDecoderLayer, MonetForCausalLM
 from monet.settings import TrainSettings, parse_assignments, yaml_scalar
 
@@ -348,6 +348,7 @@ def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: d
 def open_run_dir(run_dir: Path) -> None:
     """Create RUN, or accept an existing one only if it is a training run (never train into, and later
     prune, a folder this command did not create)."""
+    check_writable(run_dir)
     if run_dir.exists():
         if not run_dir.is_dir():
             raise MonetError(f"--out {run_dir} is a file; choose a directory for the run")

@@ -32,7 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint, resolve_device, trained_seq_len
+from monet.checkpoint import (
+    check_data_fits,
+    load_checkpoint,
+    resolve_checkpoint,
+    resolve_device,
+    tokenizer_hash,
+    trained_seq_len,
+)
 from monet.data import TokenDataset, load_tokenizer
 from monet.edits import masked
 from monet.errors import MonetError
@@ -69,9 +76,15 @@ def atlas_label_means(atlas: Any) -> tuple[list[str], list[np.ndarray]]:
     return [atlas.labels[i] for i in seen], [m[seen] for m in means]
 
 
-def open_atlas(path: str | Path, model: nn.Module) -> Atlas:
-    """The atlas at `path`, checked to belong to `model`."""
-    return Atlas(path, model=model)
+def open_atlas(path: str | Path, model: nn.Module, data_dir: str | Path | None = None) -> Atlas:
+    """The atlas at `path`, checked to belong to `model` (and to have been built on data tokenized like
+    `data_dir`'s)."""
+    atlas = Atlas(path, model=model)
+    built_on = atlas.manifest.get("data", {}).get("tokenizer_sha256")
+    if data_dir is not None and built_on and built_on != tokenizer_hash(data_dir):
+        raise MonetError(f"atlas {path} was built on data with another tokenizer than {data_dir}; build the atlas on "
+                         "this data (or pass the data it was built on)")
+    return atlas
 
 
 def select_for_label(means: list[np.ndarray], labels: list[str], target: str, ratio: float = 2.0,
@@ -239,7 +252,7 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
         raise MonetError(f"{settings.run} is a {model.config.mlp_type} model; pass a Monet run "
                          "(a dense model goes in --baseline)")
     dataset = TokenDataset(settings.data, split="validation")
-    labels, means = atlas_label_means(open_atlas(settings.atlas, model))
+    labels, means = atlas_label_means(open_atlas(settings.atlas, model, settings.data))
     targets = [settings.target] if settings.target else [label for label in labels if label in dataset.labels]
     for target in targets:
         if target not in labels:
