@@ -258,25 +258,6 @@ def load_checkpoint(
     return model, tokenizer
 
 
-def resolve_device(name: str | None = "auto") -> torch.device:
-    """A torch device from "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N", checked."""
-    name = name or "auto"
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise MonetError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MonetError(f"--device {name}: no CUDA device is available here; use --device cpu (or auto)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise MonetError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise MonetError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
-    return device
-
-
 def checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """What `monet train` recorded beside the weights (seq_len, tokens seen, the tokenizer's hash, ...);
     empty for a plain Hugging Face directory."""

@@ -107,9 +107,10 @@ def run_eval(cmd: S.EvalCommand) -> None:
 
 
 def run_generate(cmd: S.GenerateCommand) -> None:
-    from monet.checkpoint import load_checkpoint, resolve_device
+    from monet.checkpoint import load_checkpoint
     from monet.edits import apply_steering
     from monet.generate import generate_text
+    from monet.runtime import resolve_device
 
     model, tokenizer = load_checkpoint(cmd.run, device=resolve_device(cmd.device), verify=not cmd.no_verify)
     apply_steering(model, cmd.steer, cmd.edits)

@@ -20,11 +20,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint, resolve_device, trained_seq_len
+from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint, trained_seq_len
 from monet.data import PackedSequences, TokenDataset, load_tokenizer
 from monet.errors import MonetError
 from monet.io import atomic_write
 from monet.model import causal_lm_loss
+from monet.runtime import resolve_device
 
 
 def window_indices(total: int, batch_size: int, max_batches: int | None) -> list[int]:

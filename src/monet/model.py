@@ -41,6 +41,7 @@ from transformers.utils import ModelOutput
 from monet import edits, ops
 from monet.config import MonetConfig
 from monet.errors import MonetError
+from monet.runtime import distributed
 
 Routing = tuple[torch.Tensor, torch.Tensor]
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -121,11 +122,8 @@ def token_mean(g: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor
         else token_mask.reshape(-1).to(g.dtype)
     total = (weight[:, None, None] * flat).sum(dim=0)
     count = weight.sum()
-    if ops.distributed():
-        from torch.distributed.nn.functional import all_reduce  # autograd-aware collective
-
-        total = all_reduce(total)
-        count = all_reduce(count.detach())
+    if distributed():
+        total, count = ops.AllReduceSum.apply(total), ops.AllReduceSum.apply(count.detach())
     return total / count.clamp_min(1.0)
 
 

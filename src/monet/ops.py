@@ -31,13 +31,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from monet.runtime import distributed
+
 # ----------------------------------------------------------------------------------------------------------
 # Routing statistics
-
-
-def distributed() -> bool:
-    """True inside an initialised process group of more than one rank (the one such probe in the package)."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 @torch.no_grad()

@@ -54,7 +54,6 @@ from monet.checkpoint import (
     quiet_transformers,
     read_config,
     resolve_checkpoint,
-    resolve_device,
     save_checkpoint,
 )
 from monet.config import PRESETS, MonetConfig, config_fields
@@ -64,6 +63,7 @@ from monet.evaluate import evaluate_sets, label_window_sets
 from monet.info import dense_intermediate_size_matching
 from monet.io import MARKER, atomic_write, check_writable, marker_kind
 from monet.model import MonetDecoderLayer, MonetForCausalLM
+from monet.runtime import resolve_device, start_distributed
 from monet.settings import TrainSettings, parse_assignments, yaml_scalar
 
 METRIC_COLUMNS = ["step", "loss", "lm_loss", "unif_loss", "amb_loss", "lr", "grad_norm", "tokens_per_s"]
@@ -238,16 +238,8 @@ class Runtime:
 
 
 def setup_runtime(settings: TrainSettings) -> Runtime:
-    """Device and, under torchrun (WORLD_SIZE > 1), the process group: NCCL on GPUs, gloo on CPUs."""
-    device = resolve_device(settings.device)
-    rank, world = 0, 1
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+    """Device, process group (under torchrun) and autocast dtype of a run."""
+    rank, world, device = start_distributed(resolve_device(settings.device))
     bf16 = settings.dtype == "bfloat16" or (settings.dtype == "auto" and device.type == "cuda"
                                             and torch.cuda.is_bf16_supported())
     return Runtime(rank, world, device, torch.bfloat16 if bf16 else None, settings.strategy)

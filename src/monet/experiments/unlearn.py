@@ -36,7 +36,6 @@ from monet.checkpoint import (
     check_data_fits,
     load_checkpoint,
     resolve_checkpoint,
-    resolve_device,
     tokenizer_hash,
     trained_seq_len,
 )
@@ -47,6 +46,7 @@ from monet.evaluate import evaluate_windows, label_window_sets
 from monet.interp.criteria import Selection, label_means, select_skewed
 from monet.interp.query import Atlas
 from monet.io import output_directory, write_json
+from monet.runtime import resolve_device
 from monet.settings import UnlearnSettings
 
 REPORT_FILE = "report.json"

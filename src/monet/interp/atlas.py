@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -46,12 +45,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from monet import ops
-from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint, resolve_device, trained_seq_len
+from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint, trained_seq_len
 from monet.data import TokenDataset
 from monet.errors import MonetError
 from monet.interp.capture import capture_routing
 from monet.io import atomic_write, output_directory, write_json
+from monet.runtime import distributed, resolve_device, start_distributed
 from monet.settings import AtlasBuild, AtlasOptions
 
 FORMAT_VERSION = 1
@@ -364,7 +363,7 @@ def build_atlas(model: torch.nn.Module, tokenizer: Any, data_dir: str | Path, ou
     if dataset.vocab_size > model.config.vocab_size:
         raise MonetError(f"dataset vocabulary ({dataset.vocab_size}) is larger than the model's "
                          f"({model.config.vocab_size}): was the model trained on this data?")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ops.distributed() else (0, 1)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
     windows = plan_windows(dataset.docs, options.seq_len, options.max_tokens)
     started = time.time()
     writer = output_directory(out, "atlas build", force, "an atlas", replace_own=False)
@@ -392,12 +391,7 @@ def build_atlas(model: torch.nn.Module, tokenizer: Any, data_dir: str | Path, ou
 def build_atlas_command(cmd: AtlasBuild) -> Path:
     """`monet atlas build`: load the run (under torchrun: start the process group, one device per rank),
     check that the data was tokenized for it, build, and print a summary line."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = resolve_device(cmd.device)
-    if dist.is_initialized() and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+    _, _, device = start_distributed(resolve_device(cmd.device))
     checkpoint = resolve_checkpoint(cmd.run, verify=not cmd.no_verify)
     check_data_fits(checkpoint, cmd.data)
     model, tokenizer = load_checkpoint(checkpoint, device=device, verify=False)
@@ -406,7 +400,7 @@ def build_atlas_command(cmd: AtlasBuild) -> Path:
         options.seq_len = trained_seq_len(checkpoint, model)
     out = build_atlas(model, tokenizer, cmd.data, cmd.out, options, force=cmd.force, progress=not cmd.quiet,
                       run=cmd.run)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if not distributed() or dist.get_rank() == 0:
         manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
         print(f"wrote {out}: {manifest['tokens']:,} tokens, {manifest['groups']} groups x "
               f"{manifest['units_per_group']:,} experts, labels {', '.join(manifest['labels'])} "

@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 
-from monet.checkpoint import load_checkpoint, resolve_device
+from monet.checkpoint import load_checkpoint
 from monet.data import TokenDataset
 from monet.errors import MonetError
 from monet.generate import generate_tokens
 from monet.interp.query import Atlas, parse_expert
 from monet.model import expert_output
+from monet.runtime import resolve_device
 from monet.settings import ExplainCommand
 
 EXPLAIN_PROMPT = "Q: What is the meaning of the word X? A: Sure! The meaning of the word X is "
