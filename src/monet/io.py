@@ -107,17 +107,6 @@ def write_json(path: str | os.PathLike, value: Any) -> Path:
     return atomic_write(path, dumps(value) + "\n")
 
 
-def read_json(path: str | os.PathLike, what: str = "file") -> Any:
-    """Parse a JSON file; a missing or damaged file is a `MonetError` naming it."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MonetError(f"{what} {path} is missing") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise MonetError(f"{what} {path} is corrupt ({exc})") from exc
-
-
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()

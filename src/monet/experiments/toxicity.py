@@ -15,7 +15,7 @@
 
 Needs the optional extra `monet-lm[toxicity]` (alt-profanity-check).
 
-    python -m monet.toxicity_eval RUN --data DATA_TOXICITY --out REPORT [--prompts 40] [--samples 5]
+    monet toxicity RUN --data DATA_TOXICITY --out REPORT [--prompts 40] [--samples 5]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint
 from monet.data import PackedSequences, TokenDataset, load_tokenizer
+from monet.data.toxicity import load_scorer
 from monet.edits import masked
 from monet.errors import MonetError
 from monet.evaluate import evaluate_windows
@@ -40,15 +41,6 @@ from monet.settings import ToxicitySettings
 
 THRESHOLDS = (0.2, 0.1, 0.05)
 TOXIC = 0.5
-
-
-def load_scorer():
-    """alt-profanity-check's `predict_prob`, or a MonetError saying how to install it."""
-    try:
-        from profanity_check import predict_prob
-    except ImportError as exc:
-        raise MonetError("toxicity scoring needs alt-profanity-check: pip install 'monet-lm[toxicity]'") from exc
-    return predict_prob
 
 
 def document_scores(dataset: Any) -> np.ndarray:
