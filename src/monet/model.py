@@ -38,7 +38,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from monet import edits, ops
+from monet import edits, ops, sparse
 from monet.config import MonetConfig
 from monet.errors import MonetError
 from monet.runtime import distributed
@@ -198,12 +198,16 @@ class MonetHorizontalExperts(nn.Module):
         self.v = nn.Linear(width, config.hidden_size, bias=False)
         self.b = nn.Parameter(torch.zeros(self.experts, config.hidden_size))
         self.register_buffer("edit_weights", None, persistent=False)
+        self.expert_path: str | None = None     # "dense" | "sparse" | "auto"; None: see monet.sparse
 
     def bottom(self, x: torch.Tensor) -> torch.Tensor:
         """sigma(U_i x + b1_i) for every bottom half i: [B, T, E, m]."""
         return self.act(self.u(x)).unflatten(-1, (self.experts, self.expert_dim))
 
     def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+        routing = sparse.choose(self, x, g1, g2)
+        if routing is not None:                      # only the active halves (monet.sparse), same value
+            return sparse.hd_forward(self, x, g1, g2, routing)
         g1, g2 = g1.to(x.dtype), g2.to(x.dtype)
         hidden = self.bottom(x)
         top_input, bias_weight = _hd_mix(hidden, g1, g2)
@@ -240,6 +244,7 @@ class MonetVerticalExperts(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(self.experts, half_out))
         self.b2 = nn.Parameter(torch.zeros(self.experts, half_out))
         self.register_buffer("edit_weights", None, persistent=False)
+        self.expert_path: str | None = None     # "dense" | "sparse" | "auto"; None: see monet.sparse
 
     def left(self, x: torch.Tensor) -> torch.Tensor:
         """sigma(U1_i x + b11_i) for every left half i: [B, T, E, m/2]."""
@@ -250,6 +255,9 @@ class MonetVerticalExperts(nn.Module):
         return self.act(self.u2(x)).unflatten(-1, (self.experts, self.half_dim))
 
     def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+        routing = sparse.choose(self, x, g1, g2)
+        if routing is not None:                      # only the active halves (monet.sparse), same value
+            return sparse.vd_forward(self, x, g1, g2, routing)
         g1, g2 = g1.to(x.dtype), g2.to(x.dtype)
         h1, h2 = self.left(x), self.right(x)
         straight1, straight2, cross12, cross21, s1, s2 = _vd_mix(h1, h2, g1, g2)

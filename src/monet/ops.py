@@ -16,8 +16,8 @@ Experts (`MonetHorizontalExperts` / `MonetVerticalExperts`):
 
 * `hd_mix` / `vd_mix` — the E-sized routing contractions between the two projections (eq. 12, A.1),
   optionally wrapped in `torch.compile` (MONET_COMPILE=1).
-* `active_pairs` / `edited_entries` — each token's active (i, j) pairs, for the edit correction
-  (masking, steering) and for routing capture: never the E x E grid.
+* `edited_entries` — each token's edited active (i, j) pairs, for the edit correction of the dense path
+  (masking, steering): never the E x E grid. The sparse expert path itself lives in `monet.sparse`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from monet import sparse
 from monet.runtime import distributed
 
 # ----------------------------------------------------------------------------------------------------------
@@ -222,47 +223,21 @@ def maybe_compile(fn: Callable) -> Callable:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Active pairs: each token's (head, i, j) with g1_hi * g2_hj > 0
-
-
-def active_halves(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kept entries of routing g [..., H, E] as (values, indices), each [..., H, K].
-
-    K is the largest number of kept entries of any (token, head) in the batch (about k, at least 1);
-    rows with fewer kept entries are padded with zero values. (One host sync: K is data-dependent.)
-    """
-    kept = int((g > 0).sum(-1).max()) if g.numel() else 1
-    return g.topk(max(kept, 1), dim=-1)
-
-
-def active_pairs(g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every (head, i, j) with g1_hi * g2_hj > 0, without ever forming the E x E grid.
-
-    Returns (i, j, weight), each [..., P] with P = H * K1 * K2 (see `active_halves`): the bottom/left
-    index, the top/right index and the per-head product g1_hi * g2_hj (zero for padding entries).
-    The same (i, j) may appear once per head; its routing score is the sum of its weights.
-    """
-    v1, i1 = active_halves(g1)
-    v2, i2 = active_halves(g2)
-    shape = (*v1.shape[:-1], v1.shape[-1], v2.shape[-1])
-    weight = (v1.unsqueeze(-1) * v2.unsqueeze(-2)).flatten(-3)
-    i = i1.unsqueeze(-1).expand(shape).flatten(-3)
-    j = i2.unsqueeze(-2).expand(shape).flatten(-3)
-    return i, j, weight
+# The edit correction of the dense path: each token's edited active pairs (ragged, see monet.sparse)
 
 
 def edited_entries(g1: torch.Tensor, g2: torch.Tensor, edit_weights: torch.Tensor):
-    """The active pairs whose edit weight is non-zero, flattened: (token, i, j, c), each [P'], with the
-    removal weights c = g1_hi g2_hj edit[i*E + j].
+    """The active (token, head, i, j) whose edit weight is non-zero, ragged: (token, i, j, c), each [P'].
 
-    `token` indexes the flattened leading dims (B*T). With a small mask most active pairs are
-    untouched, so the gathers and scatters of the correction work on a few entries, not every pair.
+    `token` indexes the flattened leading dims (B*T); c = g1_hi g2_hj edit[i*E + j]. The per-head pairs
+    are enumerated per (token, head) without padding (`monet.sparse.edited_entries`), so the work is
+    proportional to the real number of active pairs, and only the edited ones are gathered and scattered.
     """
-    i, j, weight = active_pairs(g1, g2)
-    c = weight * edit_weights.to(weight.dtype)[i * g1.shape[-1] + j]
-    token, slot = (c != 0).reshape(-1, c.shape[-1]).nonzero(as_tuple=True)
-    flat = slot.new_tensor(c.shape[-1]) * token + slot
-    return token, i.reshape(-1)[flat], j.reshape(-1)[flat], c.reshape(-1)[flat]
+    first = sparse.kept_entries(g1.reshape(-1, *g1.shape[-2:]))
+    second = sparse.kept_entries(g2.reshape(-1, *g2.shape[-2:]))
+    edit = sparse.edited_entries(first, second, edit_weights, g1.shape[-1])
+    return (first.token[edit.first], first.half[edit.first], second.half[edit.second],
+            edit.coefficient(first, second))
 
 
 def gather_rows(hidden: torch.Tensor, token: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

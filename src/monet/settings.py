@@ -632,24 +632,41 @@ class ToxicitySettings(Settings):
 class BenchSettings(Settings):
     """Side-by-side speed and memory ratios of Monet blocks and dense MLPs.
 
-    Side-by-side speed and memory ratios (interleaved, repeated, medians with min-max)."""
+    One Monet block (experts + router / moe_groups) against a dense relu^2 MLP of equal width at the released
+    layer shapes: forward, training step, saved activations, masking, routing capture. Cases run interleaved
+    after a warm-up; figures are medians with min-max; `--json` holds the headline `ratios` (issue 12)."""
 
-    json: bool = False
-    """print the JSON report instead of the markdown tables"""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """where to time (CUDA events and memory statistics on cuda)"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """parameter and activation dtype"""
+    shapes: tuple[str, ...] = ("monet-vd-850m", "monet-vd-1.4b")
+    """released presets whose layer shape to use"""
+    tokens: int = number(4096, low=1)
+    """tokens per step"""
+    repeats: int = number(5, low=1)
+    """interleaved timed rounds"""
+    warmup: int = number(1, low=0)
+    """untimed rounds first"""
+    threads: int = number(1, low=1)
+    """torch threads (1 gives stable ratios on a shared machine)"""
+    path: Literal["auto", "dense", "sparse"] = "auto"
+    """expert computation: auto (monet.sparse's rule), dense or sparse"""
+    profile: bool = False
+    """keep a torch.profiler table of each expert forward in the report"""
     quick: bool = False
-    """tiny shapes, 1 repeat: a smoke run of seconds"""
-    out: str | None = None
-    """also write the JSON report to this file"""
+    """a tiny shape and 2 rounds: a smoke run of seconds"""
+    json: str | None = None
+    """write the full report as JSON to this file"""
     markdown: str | None = None
-    """also write the markdown tables to this file"""
-    tokens: int | None = number(None, low=1)
-    """tokens per block case (default 512; --quick 32)"""
-    repeats: int | None = number(None, low=1)
-    """interleaved timed repeats per case (default 3; --quick 1)"""
-    threads: int | None = number(None, low=1)
-    """torch threads (default: torch's choice)"""
-    sections: tuple[str, ...] = ("blocks", "scaling", "masking", "train", "capture")
-    """which sections to run"""
+    """write a markdown page generated from the report to this file"""
+    force: bool = False
+    """overwrite --json / --markdown files that are not earlier bench reports"""
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.shapes) - set(PRESETS))
+        if unknown:
+            raise MonetError(f"unknown preset(s) in --shapes: {', '.join(unknown)}; available: {', '.join(PRESETS)}")
 
 
 @dataclass(kw_only=True)

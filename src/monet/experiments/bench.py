@@ -1,678 +1,380 @@
-"""`monet bench`: side-by-side speed and memory of Monet blocks, dense MLPs and the official contraction order.
+"""`monet bench`: one Monet block against a dense relu^2 MLP of equal width, at the released shapes.
 
-Every section times its cases interleaved (A, B, C, A, B, C, ... with the starting case rotated each
-round), after a warm-up, and reports the median with the min-max range, because the machine may be
-shared and one number would mostly measure the neighbours. Ratios are medians over medians.
+A block is the expert layer (HD or VD) plus its router divided by `moe_groups` (one routing layer
+serves that many layers), and, on the sparse path, the routing structure that the group's first layer
+builds and the others reuse (`prep`, also divided by `moe_groups`; with edits, the edited pairs of the
+table are part of it). The dense baseline is down(relu(up x)^2) with hidden width E*m. Per shape:
 
-Sections (all run by default; `--quick` shrinks every one to a smoke run of seconds):
-- blocks:   forward+backward of one Monet block (HD and VD experts + the router amortised over
-            `moe_groups`: router time / moe_groups) against a dense relu2 MLP of the same hidden width
-            E*m (two matmuls, the cost Monet's factored form reduces to), the gated LLaMA MLP of that
-            width (three matmuls), and a reference in the official contraction order (the einsums of the
-            paper's Algorithms 1-2, with a BatchNorm1d router and plain autograd), shapes from tiny to the
-            released 1.4B layer (d 2048, E 512, m 16, H 8, k 8).
-- scaling:  block time and parameters as E (= sqrt(N)) grows at fixed d: both should grow like E.
-- masking:  block forward with 0.1%, 1% and 15% of the N = E^2 experts masked (`edit_weights`) vs none.
-- train:    whole-model training tokens/s (AdamW steps) of Monet vs a dense LLaMA of equal MLP width
-            (and a parameter-matched one).
-- capture:  tokens/s of a forward under `capture_routing` + `active_experts` per group vs a plain forward.
+- forward:  dense MLP, router, HD and VD experts (automatic path, see `monet.sparse`) and, for
+            reference, the experts forced onto the dense path; no autograd.
+- train:    forward + backward of the same (gradients w.r.t. x, routing and every weight), and the
+            bytes autograd saves for backward (distinct storages, parameters and inputs excluded).
+- masking:  expert forward with 0.1 %, 1 %, 15 % of the E^2 experts deleted vs none, with routing from
+            the router in training mode (about k kept halves per head, as a trained model).
+- capture:  a one-group model's forward with vs without `capture_routing` + `active_experts`.
 
-Peak memory: the largest amount of CPU tensor memory live at once during one forward+backward,
-counted from torch.profiler memory events (allocations attributed to the op that made them, frees
-where they happen), relative to the start of the step: activations, saved tensors and gradients,
-not the parameters and inputs that exist before. It is measured in a separate, untimed run.
+Cases of a section run interleaved (the first case rotates each round) after a warm-up; every figure
+is a median with its min-max, ratios are medians over medians. On CUDA the timer is a pair of CUDA
+events around the call, after a synchronisation; peak CUDA memory is recorded per train case. The
+load average before and after is part of the report: on a shared machine, compare ratios from the
+same run only. `--json` writes everything; `ratios` holds the headline numbers (issue 12's goals).
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import math
 import os
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from monet.config import MonetConfig
+from monet import sparse
+from monet.config import MonetConfig, preset
 from monet.errors import MonetError
 from monet.interp.capture import capture_routing
-from monet.io import atomic_write, dumps, write_json
-from monet.model import DenseMLP, MonetForCausalLM, MonetRouter, build_experts
+from monet.io import atomic_write, write_json
+from monet.model import MonetForCausalLM, MonetRouter, build_experts
+from monet.runtime import resolve_device
 from monet.settings import BenchSettings
 
-Step = Callable[[], Any]
-
-# Goals of issue 6 (reported beside the figures, never asserted).
-GOALS = {
-    "monet_vs_dense": ("<=", 1.2),
-    "masked_vs_unmasked": ("<=", 1.15),
-    "train_monet_vs_dense": (">=", 0.85),
-    "capture_vs_forward": (">=", 0.5),
-}
+GOALS = {"sparse_vs_dense": ("<=", 0.5), "train_vs_dense": ("<=", 1.0), "masked_vs_unmasked": ("<=", 1.05),
+         "capture_vs_forward": (">=", 0.9), "train_memory_vs_dense": ("<=", 1.2)}
+SHAPES = ("monet-vd-850m", "monet-vd-1.4b")
+MASK_FRACTIONS = (0.001, 0.01, 0.15)
+QUICK = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, moe_experts=16, moe_dim=4, moe_heads=2,
+             moe_topk=2, moe_groups=2, vocab_size=256)
 
 
-@dataclass(frozen=True)
-class BlockShape:
-    name: str
-    hidden: int
-    experts: int
-    moe_dim: int
-    heads: int
-    topk: int
-    groups: int = 4
-
-    def config(self, decompose: str = "vertical", **overrides: Any) -> MonetConfig:
-        fields = dict(hidden_size=self.hidden, num_attention_heads=max(1, self.hidden // 128), vocab_size=256,
-                      moe_experts=self.experts, moe_dim=self.moe_dim, moe_heads=self.heads, moe_topk=self.topk,
-                      moe_groups=self.groups, moe_decompose=decompose, hidden_act="relu2")
-        return MonetConfig(**{**fields, **overrides})
+def machine_info() -> dict:
+    """CPU model, cores, torch version and threads, load average, GPU if any."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "gpu": gpu, "load_average": list(os.getloadavg()),
+            "expert_path": os.environ.get("MONET_EXPERT_PATH", "auto")}
 
 
-BLOCK_SHAPES = [
-    BlockShape("tiny", 256, 64, 8, 4, 4),
-    BlockShape("medium", 1024, 256, 8, 4, 8),
-    BlockShape("monet-850m", 1536, 512, 12, 6, 8),
-    BlockShape("monet-1.4b", 2048, 512, 16, 8, 8),
-]
-QUICK_SHAPES = [BlockShape("micro", 64, 32, 4, 2, 4)]
+class Timer:
+    """Seconds of one call: perf_counter on CPU, CUDA events after a synchronisation on GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if not self.cuda:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        begin.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return begin.elapsed_time(end) / 1000.0
 
 
-@dataclass
-class Settings:
-    quick: bool = False
-    tokens: int = 512
-    repeats: int = 3
-    warmup: int = 1
-    sections: tuple[str, ...] = ("blocks", "scaling", "masking", "train", "capture")
-    seed: int = 0
-    threads: int | None = None   # torch intra-op threads (None: torch's default)
-
-
-SECTIONS = ("blocks", "scaling", "masking", "train", "capture")
-
-
-# --------------------------------------------------------------------------------------------------
-# Measuring
-
-
-def summarise(seconds: list[float]) -> dict[str, float]:
-    """Median, min and max in milliseconds."""
-    ms = [s * 1e3 for s in seconds]
-    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms), "runs": len(ms)}
-
-
-def interleaved(cases: dict[str, Step], repeats: int, warmup: int = 1, progress=None) -> dict[str, dict]:
-    """Time each case `repeats` times, interleaved round by round (starting case rotated), after warm-up."""
+def interleaved(cases: dict[str, Callable[[], object]], repeats: int, warmup: int, timer: Callable) -> dict:
+    """Run every case once per round, the first case rotating; {case: [seconds per round]} after warm-up."""
     names = list(cases)
     for _ in range(warmup):
         for name in names:
             cases[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(repeats):
-        shift = round_index % len(names)
+    for round_ in range(repeats):
+        shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            cases[name]()
-            times[name].append(time.perf_counter() - start)
-            if progress is not None:
-                progress.update(1)
-    return {name: summarise(values) for name, values in times.items()}
+            times[name].append(timer(cases[name]))
+    return times
 
 
-def peak_memory_mib(step: Step) -> float:
-    """Peak live CPU tensor memory (MiB) during `step`, relative to its start (torch.profiler events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    deltas = []
-    for event in prof.events():
-        change = event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
-        if change:
-            deltas.append((event.time_range.start, change))
-    deltas.sort(key=lambda item: item[0])
-    live = peak = 0
-    for _, change in deltas:
-        live += change
-        peak = max(peak, live)
-    return peak / 2**20
+def summarise(seconds: list[float]) -> dict:
+    return {"median_ms": 1e3 * statistics.median(seconds), "min_ms": 1e3 * min(seconds),
+            "max_ms": 1e3 * max(seconds), "runs": len(seconds)}
 
 
-def ratio(numerator: float, denominator: float) -> float:
-    return numerator / denominator if denominator > 0 else float("nan")
+def saved_bytes(fn: Callable[[], object], exclude: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while fn runs, minus `exclude`'s."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
 
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
 
-# --------------------------------------------------------------------------------------------------
-# Reference implementations, written from the paper's Algorithms 1-2 (official contraction order)
-
-
-def official_order_hd(layer: nn.Module, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
-    """Algorithm 1: hidden units contracted with g1 and g2 in one einsum, then v, plus the g2-weighted bias."""
-    hidden = F.relu(layer.u(x)).square().unflatten(-1, (layer.experts, layer.expert_dim))
-    top = torch.einsum("btim,bthi,bthj->btjm", hidden, g1, g2)
-    return layer.v(top.flatten(-2)) + torch.einsum("bthj,jd->btd", g2, layer.b)
-
-
-def official_order_vd(layer: nn.Module, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
-    """Algorithm 2: the six terms X11..X23 as separate einsums."""
-    x1 = F.relu(layer.u1(x)).square().unflatten(-1, (layer.experts, layer.half_dim))
-    x2 = F.relu(layer.u2(x)).square().unflatten(-1, (layer.experts, layer.half_dim))
-    x11 = layer.v11(torch.einsum("btim,bthi->btim", x1, g1).flatten(-2))
-    x12 = layer.v12(torch.einsum("btjm,bthj,bthi->btim", x2, g2, g1).flatten(-2))
-    x13 = torch.einsum("bthi,id->btd", g1, layer.b1)
-    x21 = layer.v21(torch.einsum("btim,bthi,bthj->btjm", x1, g1, g2).flatten(-2))
-    x22 = layer.v22(torch.einsum("btjm,bthj->btjm", x2, g2).flatten(-2))
-    x23 = torch.einsum("bthj,jd->btd", g2, layer.b2)
-    return torch.cat((x11 + x12 + x13, x21 + x22 + x23), dim=-1)
-
-
-def official_router(router: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The router as the official code runs it: BatchNorm1d over the normalised copy, threshold, softmax."""
-
-    def gate(keys: nn.Linear, norm: nn.BatchNorm1d) -> torch.Tensor:
-        z = keys(x).unflatten(-1, (router.heads, router.experts)).to(torch.promote_types(x.dtype, torch.float32))
-        normalised = norm(z.flatten(0, -3)).view_as(z)
-        keep = normalised >= normalised.amax(-1, keepdim=True).clamp_max(router.threshold)
-        return torch.softmax(z.masked_fill(~keep, float("-inf")), dim=-1)
-
-    return gate(router.w1, router.norm1), gate(router.w2, router.norm2)
-
-
-class ReluSquaredMLP(nn.Module):
-    """Plain dense MLP: down(relu(up(x))^2), hidden width `width` (what a Monet block costs in matmuls)."""
-
-    def __init__(self, hidden: int, width: int) -> None:
-        super().__init__()
-        self.up = nn.Linear(hidden, width)
-        self.down = nn.Linear(width, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.relu(self.up(x)).square())
-
-
-# --------------------------------------------------------------------------------------------------
-# Building cases
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
 
 
 def _init(module: nn.Module, seed: int) -> nn.Module:
-    """Small random weights everywhere (biases too), so every term of every case does real work."""
-    generator = torch.Generator().manual_seed(seed)
+    """Random weights with non-zero biases (zero-initialised ones would hide terms)."""
+    torch.manual_seed(seed)
     with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        for p in module.parameters():
+            p.normal_(0.0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.02)
     return module
 
 
-def _backward_step(forward: Callable[[], Any], params: list[torch.Tensor]) -> Step:
-    """A step that runs forward, backward against a fixed random probe, and clears the gradients."""
-    probes: dict[int, torch.Tensor] = {}
-
-    def step() -> None:
-        outputs = forward()
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        loss = 0.0
-        for index, out in enumerate(outputs):
-            if index not in probes:
-                probes[index] = torch.randn_like(out)
-            loss = loss + (out * probes[index]).sum()
-        loss.backward()
-        for param in params:
-            param.grad = None
-
-    return step
+def _with(config: MonetConfig, **fields: object) -> MonetConfig:
+    config = copy.deepcopy(config)
+    config.update(fields)
+    return config
 
 
-def _block_parts(shape: BlockShape, decompose: str, tokens: int, seed: int):
-    """(experts layer, router, x, g1, g2) for one shape, with routing from the router in training mode."""
+def _backward(out: torch.Tensor, inputs: list[torch.Tensor]) -> None:
+    torch.autograd.grad(out, inputs, grad_outputs=torch.ones_like(out) / out.numel() ** 0.5)
 
-    config = shape.config(decompose)
-    layer = _init(build_experts(config), seed)
-    router = _init(MonetRouter(config), seed + 1).train()
-    generator = torch.Generator().manual_seed(seed + 2)
-    x = torch.randn(1, tokens, shape.hidden, generator=generator).requires_grad_(True)
+
+def bench_shape(name: str, config: MonetConfig, args: BenchSettings) -> dict:
+    """Forward, train, memory and masking sections of one shape (HD and VD share the router and baseline)."""
+    device, dtype, timer = torch.device(args.device), getattr(torch, args.dtype), Timer(torch.device(args.device))
+    d, width = config.hidden_size, config.moe_experts * config.moe_dim
+    x = torch.randn(1, args.tokens, d, device=device, dtype=dtype)
+    mlp = _init(nn.Sequential(nn.Linear(d, width), _ReLU2(), nn.Linear(width, d, bias=False)), 0).to(device, dtype)
+    router = _init(MonetRouter(config), 1).to(device, dtype).train()
     with torch.no_grad():
         g1, g2 = router(x)
-    return layer, router, x, g1.requires_grad_(True), g2.requires_grad_(True)
+    layers = {kind: _init(build_experts(_with(config, moe_decompose=decompose)), 2).to(device, dtype)
+              for kind, decompose in (("hd", "horizontal"), ("vd", "vertical"))}
+    routing = [g.detach().requires_grad_(True) for g in (g1, g2)]
+    xg = x.detach().requires_grad_(True)
+
+    def forcing(path: str, fn: Callable) -> Callable:
+        def run() -> object:
+            with sparse.expert_path(path):
+                return fn()
+        return run
+
+    forward = {"dense": lambda: mlp(x), "router": lambda: router(x)}
+    train = {"dense": lambda: _backward(mlp(xg), [xg, *mlp.parameters()]),
+             "router": lambda: _backward(torch.cat([g.flatten() for g in router(xg)]),
+                                         [xg, *router.parameters()])}
+    for kind, layer in layers.items():
+        forward[kind] = forcing(args.path, lambda layer=layer: layer(x, g1, g2))
+        forward[f"{kind}_dense_path"] = forcing("dense", lambda layer=layer: layer(x, g1, g2))
+        train[kind] = forcing(args.path, lambda layer=layer: _backward(layer(xg, *routing),
+                                                                       [xg, *routing, *layer.parameters()]))
+    with sparse.expert_path(args.path), torch.no_grad():
+        sparse_path = {kind: sparse.choose(layer, x, g1, g2) is not None for kind, layer in layers.items()}
+    if any(sparse_path.values()):     # the structure a routing group's first layer builds (cached after)
+        forward["prep"] = lambda: sparse.sparse_routing(g1, g2)
+    result: dict = {"tokens": args.tokens, "sparse_path": sparse_path,
+                    "kept_per_head": float((g1 > 0).sum(-1).float().mean()),
+                    "active_halves_per_token": float((g1 > 0).any(-2).sum(-1).float().mean())}
+    with torch.no_grad():
+        result["forward"] = {k: summarise(v) for k, v in interleaved(forward, args.repeats, args.warmup, timer).items()}
+    result["train"] = {k: summarise(v) for k, v in interleaved(train, args.repeats, args.warmup, timer).items()}
+    if device.type == "cuda":
+        result["cuda_peak_mib"] = {}
+        for case, fn in train.items():
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            result["cuda_peak_mib"][case] = torch.cuda.max_memory_allocated() / 2**20
+    weights = [*mlp.parameters(), *router.parameters(), *[p for layer in layers.values() for p in layer.parameters()]]
+    memory = {"dense": saved_bytes(lambda: mlp(xg), [xg, *weights]),
+              "router": saved_bytes(lambda: router(xg), [xg, *weights])}
+    for kind, layer in layers.items():
+        with sparse.expert_path(args.path):
+            memory[kind] = saved_bytes(lambda layer=layer: layer(xg, *routing), [xg, *routing, *weights])
+    result["saved_mib"] = {k: v / 2**20 for k, v in memory.items()}
+    result["masking"] = bench_masking(layers, x, g1, g2, args, timer, any(sparse_path.values()))
+    if args.profile:
+        result["profiles"] = {kind: _profile(forcing(args.path, lambda layer=layer: layer(x, g1, g2)))
+                              for kind, layer in layers.items()}
+    return result
 
 
-def block_cases(shape: BlockShape, tokens: int, seed: int) -> dict[str, Step]:
-    """Forward+backward steps for every block case of one shape (routers timed alone, amortised later)."""
+class _ReLU2(nn.Module):
+    """relu(x)^2, the released experts' activation, for the dense baseline."""
 
-    cases: dict[str, Step] = {}
-    width = shape.experts * shape.moe_dim
-    hd, router, x, g1, g2 = _block_parts(shape, "horizontal", tokens, seed)
-    vd = _init(build_experts(shape.config("vertical")), seed + 3)
-    inputs = [x, g1, g2]
-    cases["router"] = _backward_step(lambda: router(x), [x, *router.parameters()])
-    cases["router_official"] = _backward_step(lambda: official_router(router, x), [x, *router.parameters()])
-    cases["hd"] = _backward_step(lambda: hd(x, g1, g2), [*inputs, *hd.parameters()])
-    cases["hd_official"] = _backward_step(lambda: official_order_hd(hd, x, g1, g2), [*inputs, *hd.parameters()])
-    cases["vd"] = _backward_step(lambda: vd(x, g1, g2), [*inputs, *vd.parameters()])
-    cases["vd_official"] = _backward_step(lambda: official_order_vd(vd, x, g1, g2), [*inputs, *vd.parameters()])
-    dense = _init(ReluSquaredMLP(shape.hidden, width), seed + 4)
-    cases["dense_relu2"] = _backward_step(lambda: dense(x), [x, *dense.parameters()])
-    gated = _init(DenseMLP(shape.config(intermediate_size=width, mlp_type="dense")), seed + 5)
-    cases["dense_gated"] = _backward_step(lambda: gated(x), [x, *gated.parameters()])
-    return cases
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x).square()
 
 
-def block_ratios(times: dict[str, dict], groups: int) -> dict[str, dict[str, float]]:
-    """Monet block = experts + router / moe_groups; the official-order block likewise."""
-    med = {name: value["median_ms"] for name, value in times.items()}
-    out = {}
-    for kind in ("hd", "vd"):
-        block = med[kind] + med["router"] / groups
-        official = med[f"{kind}_official"] + med["router_official"] / groups
-        out[kind] = {
-            "block_ms": block,
-            "official_block_ms": official,
-            "monet_vs_dense": ratio(block, med["dense_relu2"]),
-            "monet_vs_gated": ratio(block, med["dense_gated"]),
-            "monet_vs_official_order": ratio(block, official),
-            "experts_vs_dense": ratio(med[kind], med["dense_relu2"]),
-        }
+def bench_masking(layers: dict[str, nn.Module], x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
+                  args: BenchSettings, timer: Timer, prep: bool) -> dict:
+    """Eval expert forward with a fraction of the E^2 experts deleted vs none, per decomposition; with
+    the sparse path, also the per-group preparation (structure, plus the edited pairs of each table)."""
+    experts = g1.shape[-1]
+    generator = torch.Generator().manual_seed(3)
+    tables = {}
+    for fraction in MASK_FRACTIONS:
+        table = torch.zeros(experts * experts)
+        table[torch.randperm(experts * experts, generator=generator)[: max(1, round(fraction * experts**2))]] = 1.0
+        tables[f"{100 * fraction:g}%"] = table.to(x.device)
+
+    def case(layer: nn.Module, table: torch.Tensor | None) -> Callable:
+        def run() -> object:
+            layer.edit_weights = table
+            try:
+                with sparse.expert_path(args.path):
+                    return layer(x, g1, g2)
+            finally:
+                layer.edit_weights = None
+        return run
+
+    cases = {f"{kind}/{label}": case(layer, table) for kind, layer in layers.items()
+             for label, table in [("none", None), *tables.items()]}
+    if prep:
+        cases["prep/none"] = lambda: sparse.sparse_routing(g1, g2)
+        for label, table in tables.items():
+            cases[f"prep/{label}"] = lambda table=table: sparse.sparse_routing(g1, g2).edited(table)
+    with torch.no_grad():
+        times = interleaved(cases, args.repeats, args.warmup, timer)
+    return {k: summarise(v) for k, v in times.items()}
+
+
+def bench_capture(config: MonetConfig, args: BenchSettings) -> dict:
+    """Forward of a one-routing-group model (eval, calibrated routing statistics) with vs without capture."""
+
+    device, timer = torch.device(args.device), Timer(torch.device(args.device))
+    config = _with(config, num_hidden_layers=config.moe_groups, vocab_size=1024)
+    torch.manual_seed(4)
+    model = MonetForCausalLM(config).to(device, getattr(torch, args.dtype))
+    length = min(args.tokens, 512)
+    ids = torch.randint(0, config.vocab_size, (max(1, args.tokens // length), length), device=device)
+    routers = [m for m in model.modules() if isinstance(m, MonetRouter)]
+    with torch.no_grad():
+        for router in routers:          # running statistics = this batch's (about k kept halves per head)
+            router.norm1.momentum = router.norm2.momentum = 1.0
+        model.train()(ids)
+    model.eval()
+
+    def plain() -> object:
+        return model.model(input_ids=ids, use_cache=False)
+
+    def captured() -> object:
+        with capture_routing(model, keep_on_device=True) as capture:
+            model.model(input_ids=ids, use_cache=False)
+            return [capture.experts(group) for group in range(len(capture.groups))]
+
+    context = sparse.expert_path(args.path)
+    with torch.no_grad(), context:
+        times = interleaved({"forward": plain, "capture": captured}, args.repeats, args.warmup, timer)
+    return {"tokens": int(ids.numel()), **{k: summarise(v) for k, v in times.items()}}
+
+
+def _profile(fn: Callable[[], object], rows: int = 15) -> str:
+    from torch.profiler import profile
+
+    with torch.no_grad(), profile() as prof:
+        fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def ratios(report: dict, stat: str = "median_ms") -> dict:
+    """The headline ratios from the per-shape sections: medians over medians (or mins over mins: with
+    a busy machine the noise only adds time, so the mins are a second, less noisy estimate)."""
+    out: dict = {name: {} for name in GOALS if name != "capture_vs_forward"}
+    for shape, result in report["shapes"].items():
+        groups = result["groups"]
+        fwd, train, saved, masking = result["forward"], result["train"], result["saved_mib"], result["masking"]
+
+        def per_group(section: dict, case: str, groups: int = groups) -> float:   # a group's work, per layer
+            return section[case][stat] / groups if case in section else 0.0
+
+        router = per_group(fwd, "router")
+        for kind in ("hd", "vd"):
+            key = f"{shape}/{kind}"
+            out["sparse_vs_dense"][key] = (fwd[kind][stat] + router + per_group(fwd, "prep")) / fwd["dense"][stat]
+            block = train[kind][stat] + per_group(train, "router") + per_group(fwd, "prep")
+            out["train_vs_dense"][key] = block / train["dense"][stat]
+            out["train_memory_vs_dense"][key] = (saved[kind] + saved["router"] / groups) / saved["dense"]
+            labels = [k.split("/")[1] for k in masking if k.startswith(f"{kind}/")]
+            masked = {label: masking[f"{kind}/{label}"][stat] + router + per_group(masking, f"prep/{label}")
+                      for label in labels}
+            out["masked_vs_unmasked"][key] = max(v / masked["none"] for label, v in masked.items() if label != "none")
+    capture = report["capture"]
+    out["capture_vs_forward"] = capture["forward"][stat] / capture["capture"][stat]
     return out
 
 
-def run_blocks(settings: Settings, shapes: list[BlockShape], progress) -> list[dict]:
-    results = []
-    for shape in shapes:
-        progress.set_description(f"blocks {shape.name}")
-        cases = block_cases(shape, settings.tokens, settings.seed)
-        times = interleaved(cases, settings.repeats, settings.warmup, progress)
-        memory = {name: peak_memory_mib(step) for name, step in cases.items()}
-        results.append({"shape": asdict(shape), "tokens": settings.tokens, "times": times, "peak_mib": memory,
-                        "ratios": block_ratios(times, shape.groups)})
-        del cases
-    return results
+def _table(title: str, cases: dict) -> list[str]:
+    return ["", f"## {title}", "", "| case | median ms | min-max ms |", "|---|---|---|",
+            *(f"| {case} | {s['median_ms']:.1f} | {s['min_ms']:.1f}-{s['max_ms']:.1f} |" for case, s in cases.items())]
 
 
-def run_scaling(settings: Settings, progress) -> dict:
-    """Block time and parameters for E = 64 .. 512 at fixed d, m, H, k (quick: E = 8 .. 32)."""
-
-    if settings.quick:
-        base, experts_list = BlockShape("scale", 64, 8, 4, 2, 2), [8, 16, 32]
-    else:
-        base, experts_list = BlockShape("scale", 1024, 64, 8, 4, 8), [64, 128, 256, 512]
-    rows = []
-    for experts in experts_list:
-        progress.set_description(f"scaling E={experts}")
-        shape = BlockShape(f"E{experts}", base.hidden, experts, base.moe_dim, base.heads, base.topk, base.groups)
-        _, router, x, g1, g2 = _block_parts(shape, "horizontal", settings.tokens, settings.seed)
-        layers = {kind: _init(build_experts(shape.config(kind)), settings.seed) for kind in ("horizontal", "vertical")}
-        cases = {"router": _backward_step(lambda r=router, x=x: r(x), [x, *router.parameters()])}
-        for kind, layer in layers.items():
-            cases[kind] = _backward_step(lambda lay=layer, x=x, g1=g1, g2=g2: lay(x, g1, g2),
-                                         [x, g1, g2, *layer.parameters()])
-        times = interleaved(cases, settings.repeats, settings.warmup, progress)
-        router_params = sum(p.numel() for p in MonetRouter(shape.config()).parameters())
-        for kind, layer in layers.items():
-            rows.append({
-                "experts": experts, "num_experts": experts**2, "decompose": kind,
-                "block_ms": times[kind]["median_ms"] + times["router"]["median_ms"] / shape.groups,
-                "experts_ms": times[kind]["median_ms"], "router_ms": times["router"]["median_ms"],
-                "expert_params": sum(p.numel() for p in layer.parameters()), "router_params": router_params,
-            })
-    summary = {}
-    for kind in ("horizontal", "vertical"):
-        mine = [row for row in rows if row["decompose"] == kind]
-        summary[kind] = {
-            "time_exponent_vs_E": _log_slope([r["experts"] for r in mine], [r["block_ms"] for r in mine]),
-            "param_exponent_vs_E": _log_slope([r["experts"] for r in mine],
-                                              [r["expert_params"] + r["router_params"] for r in mine]),
-        }
-    return {"shape": asdict(base), "tokens": settings.tokens, "rows": rows, "summary": summary,
-            "note": "exponent 1 vs E means linear in sqrt(N); 2 would mean linear in N"}
-
-
-def _log_slope(xs: list[float], ys: list[float]) -> float:
-    """Least-squares slope of log y against log x."""
-    lx, ly = [math.log(v) for v in xs], [math.log(max(v, 1e-12)) for v in ys]
-    mx, my = statistics.fmean(lx), statistics.fmean(ly)
-    num = sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True))
-    den = sum((a - mx) ** 2 for a in lx)
-    return num / den if den else float("nan")
-
-
-def run_masking(settings: Settings, shape: BlockShape, progress) -> dict:
-    """Eval-mode block forward (router / groups + experts) with a fraction of the N experts masked."""
-    fractions = (0.001, 0.01, 0.15)
-    results = {}
-    for kind in ("horizontal", "vertical"):
-        progress.set_description(f"masking {kind}")
-        layer, router, x, _, _ = _block_parts(shape, kind, settings.tokens, settings.seed)
-        router.eval()
-        x = x.detach()
-        num = shape.experts**2
-        tables = {"unmasked": None}
-        generator = torch.Generator().manual_seed(settings.seed)
-        for fraction in fractions:
-            table = torch.zeros(num)
-            table[torch.randperm(num, generator=generator)[: max(1, round(fraction * num))]] = 1.0
-            tables[f"masked_{fraction:g}"] = table
-
-        def forward(table, layer=layer, router=router, x=x):
-            def step():
-                with torch.no_grad():
-                    layer.edit_weights = table
-                    g1, g2 = router(x)
-                    layer(x, g1, g2)
-                    layer.edit_weights = None
-            return step
-
-        def route_only(router=router, x=x):
-            with torch.no_grad():
-                router(x)
-
-        cases = {name: forward(table) for name, table in tables.items()}
-        cases["router"] = route_only
-        times = interleaved(cases, settings.repeats, settings.warmup, progress)
-        router_ms = times["router"]["median_ms"]
-        # Each case ran the router once; a block pays it once per group.
-        block = {name: times[name]["median_ms"] - router_ms + router_ms / shape.groups for name in tables}
-        results[kind] = {
-            "times": times,
-            "ratios": {name: ratio(block[name], block["unmasked"]) for name in tables if name != "unmasked"},
-        }
-    return {"shape": asdict(shape), "tokens": settings.tokens, "fractions": list(fractions), **results}
-
-
-def _model_configs(quick: bool) -> tuple[MonetConfig, MonetConfig, MonetConfig, int, int]:
-    """(Monet, dense equal width, dense parameter-matched, batch, length) for whole-model runs."""
-    if quick:
-        fields = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, moe_experts=16,
-                      moe_dim=4, moe_heads=2, moe_topk=2, moe_groups=2, max_position_embeddings=64)
-        batch, length = 2, 32
-    else:
-        fields = dict(vocab_size=8192, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
-                      moe_experts=256, moe_dim=8, moe_heads=4, moe_topk=8, moe_groups=4,
-                      max_position_embeddings=512)
-        batch, length = 4, 256
-    monet = MonetConfig(**fields, moe_decompose="vertical", hidden_act="relu2")
-    width = monet.moe_experts * monet.moe_dim
-    dense = MonetConfig(**fields, mlp_type="dense", intermediate_size=width)
-    matched = MonetConfig(**fields, mlp_type="dense", intermediate_size=max(1, round(2 * width / 3)))
-    return monet, dense, matched, batch, length
-
-
-def run_train(settings: Settings, progress) -> dict:
-    """AdamW training steps/s of whole models on random tokens, interleaved step by step."""
-
-    configs = dict(zip(("monet", "dense", "dense_param_matched"), _model_configs(settings.quick)[:3], strict=True))
-    batch, length = _model_configs(settings.quick)[3:]
-    generator = torch.Generator().manual_seed(settings.seed)
-    ids = torch.randint(0, configs["monet"].vocab_size, (batch, length), generator=generator)
-    cases, params = {}, {}
-    for name, config in configs.items():
-        torch.manual_seed(settings.seed)
-        model = MonetForCausalLM(config).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        params[name] = sum(p.numel() for p in model.parameters())
-
-        def step(model=model, optimizer=optimizer):
-            model(ids, labels=ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        cases[name] = step
-    progress.set_description("train")
-    times = interleaved(cases, max(settings.repeats, 3), settings.warmup, progress)
-    tokens = batch * length
-    tps = {name: tokens / (value["median_ms"] / 1e3) for name, value in times.items()}
-    return {"tokens_per_step": tokens, "times": times, "tokens_per_s": tps, "parameters": params,
-            "configs": {name: _config_summary(config) for name, config in configs.items()},
-            "train_monet_vs_dense": ratio(tps["monet"], tps["dense"]),
-            "train_monet_vs_dense_param_matched": ratio(tps["monet"], tps["dense_param_matched"])}
-
-
-def _config_summary(config: MonetConfig) -> dict:
-    keys = ("hidden_size", "num_hidden_layers", "mlp_type", "intermediate_size", "moe_experts", "moe_dim",
-            "moe_heads", "moe_topk", "moe_groups", "moe_decompose")
-    return {key: getattr(config, key) for key in keys}
-
-
-def run_capture(settings: Settings, progress) -> dict:
-    """Eval forward tokens/s, plain vs under `capture_routing` with `active_experts` of every group."""
-
-    config, _, _, batch, length = _model_configs(settings.quick)
-    torch.manual_seed(settings.seed)
-    model = MonetForCausalLM(config).eval()
-    ids = torch.randint(0, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(1))
-
-    def plain():
-        with torch.no_grad():
-            model(ids)
-
-    def captured():
-        with torch.no_grad(), capture_routing(model) as capture:
-            model(ids)
-            for group in range(len(capture.groups)):
-                capture.experts(group)
-
-    progress.set_description("capture")
-    times = interleaved({"forward": plain, "capture": captured}, settings.repeats, settings.warmup, progress)
-    tokens = batch * length
-    tps = {name: tokens / (value["median_ms"] / 1e3) for name, value in times.items()}
-    return {"tokens": tokens, "times": times, "tokens_per_s": tps,
-            "capture_vs_forward": ratio(tps["capture"], tps["forward"])}
-
-
-# --------------------------------------------------------------------------------------------------
-# Orchestration and reporting
-
-
-def machine_info() -> dict:
-    """CPU model, cores, torch version and threads, load average."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "platform": platform.platform(), "gpu": "none (CPU only)",
-            "compile": os.environ.get("MONET_COMPILE", "0")}
-
-
-def _progress_total(settings: Settings, shapes: list[BlockShape]) -> int:
-    total = 0
-    per = settings.repeats
-    if "blocks" in settings.sections:
-        total += len(shapes) * 8 * per
-    if "scaling" in settings.sections:
-        total += (3 if settings.quick else 4) * 3 * per
-    if "masking" in settings.sections:
-        total += 2 * 5 * per
-    if "train" in settings.sections:
-        total += 3 * max(per, 3)
-    if "capture" in settings.sections:
-        total += 2 * per
-    return total
-
-
-def run(settings: Settings, command: str = "monet bench") -> dict:
-    """Run the chosen sections and return the report (JSON-serialisable)."""
-    previous_threads = torch.get_num_threads()
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    try:
-        return _run(settings, command)
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def _run(settings: Settings, command: str) -> dict:
-    from tqdm import tqdm
-
-    torch.manual_seed(settings.seed)
-    shapes = QUICK_SHAPES if settings.quick else BLOCK_SHAPES
-    report: dict[str, Any] = {"command": command, "machine": machine_info(), "settings": asdict(settings),
-                              "load_average_start": list(os.getloadavg()),
-                              "memory_method": "torch.profiler memory events: peak live CPU tensor bytes during "
-                                               "one forward+backward, relative to its start"}
-    started = time.perf_counter()
-    with tqdm(total=_progress_total(settings, shapes), desc="bench", file=sys.stderr, leave=False) as progress:
-        if "blocks" in settings.sections:
-            report["blocks"] = run_blocks(settings, shapes, progress)
-        if "scaling" in settings.sections:
-            report["scaling"] = run_scaling(settings, progress)
-        if "masking" in settings.sections:
-            report["masking"] = run_masking(settings, shapes[-1], progress)
-        if "train" in settings.sections:
-            report["train"] = run_train(settings, progress)
-        if "capture" in settings.sections:
-            report["capture"] = run_capture(settings, progress)
-    report["seconds"] = time.perf_counter() - started
-    report["load_average_end"] = list(os.getloadavg())
-    report["ratios"] = headline_ratios(report)
-    report["goals"] = {name: {"goal": f"{op} {bound}", "met": _goal_met(report["ratios"].get(name), op, bound)}
-                       for name, (op, bound) in GOALS.items()}
-    return report
-
-
-def headline_ratios(report: dict) -> dict:
-    """The ratios of issue 6, per shape where they have one."""
-    out: dict[str, Any] = {}
-    for block in report.get("blocks", []):
-        for kind, values in block["ratios"].items():
-            key = f"{block['shape']['name']}/{kind}"
-            for name in ("monet_vs_dense", "monet_vs_gated", "monet_vs_official_order"):
-                out.setdefault(name, {})[key] = values[name]
-    masking = report.get("masking")
-    if masking:
-        for kind in ("horizontal", "vertical"):
-            for name, value in masking[kind]["ratios"].items():
-                out.setdefault("masked_vs_unmasked", {})[f"{masking['shape']['name']}/{kind}/{name}"] = value
-    if "train" in report:
-        out["train_monet_vs_dense"] = report["train"]["train_monet_vs_dense"]
-        out["train_monet_vs_dense_param_matched"] = report["train"]["train_monet_vs_dense_param_matched"]
-    if "capture" in report:
-        out["capture_vs_forward"] = report["capture"]["capture_vs_forward"]
-    return out
-
-
-def _goal_met(value, op: str, bound: float) -> bool | None:
-    if value is None:
-        return None
-    values = list(value.values()) if isinstance(value, dict) else [value]
-    return all(v <= bound for v in values) if op == "<=" else all(v >= bound for v in values)
-
-
-def _fmt(stats: dict) -> str:
-    return f"{stats['median_ms']:.1f} ({stats['min_ms']:.1f}–{stats['max_ms']:.1f})"
-
-
-def markdown(report: dict) -> str:
-    """The report as markdown tables (the body of benchmarks/RESULTS.md)."""
-    machine = report["machine"]
-    lines = ["# Benchmark results", "",
-             f"Command: `{report['command']}`  ", f"Machine: {machine['cpu']}, {machine['cores']} cores, "
-             f"torch {machine['torch']} ({machine['threads']} threads), {machine['gpu']}, "
-             f"MONET_COMPILE={machine['compile']}  ",
-             f"Load average (1, 5, 15 min) at start: {_loads(report['load_average_start'])}, "
-             f"at end: {_loads(report['load_average_end'])}; total {report['seconds']:.0f} s  ",
-             f"Settings: {report['settings']['tokens']} tokens per block case, {report['settings']['repeats']} "
-             "interleaved repeats after warm-up; times are medians (min–max) in ms, forward+backward "
-             "unless stated.  ",
-             f"Peak memory: {report['memory_method']}.", ""]
-    if "blocks" in report:
-        lines += ["## Monet block vs dense MLP vs official contraction order", "",
-                  "Block = experts + router / moe_groups. dense relu2 = `down(relu(up x)^2)` of width E*m; "
-                  "gated = LLaMA gated MLP of width E*m; official = Algorithms 1-2 einsums + BatchNorm1d router.",
-                  "",
-                  "| shape | d | E | m | H | k | case | time ms | peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
-        for block in report["blocks"]:
-            s = block["shape"]
-            for name, stats in block["times"].items():
-                lines.append(f"| {s['name']} | {s['hidden']} | {s['experts']} | {s['moe_dim']} | {s['heads']} | "
-                             f"{s['topk']} | {name} | {_fmt(stats)} | {block['peak_mib'][name]:.1f} |")
-        lines += ["", "| shape | decomposition | block ms | monet/dense relu2 | monet/gated | monet/official order "
-                  "| experts only/dense |", "|---|---|---|---|---|---|---|"]
-        for block in report["blocks"]:
-            for kind, r in block["ratios"].items():
-                lines.append(f"| {block['shape']['name']} | {kind.upper()} | {r['block_ms']:.1f} | "
-                             f"{r['monet_vs_dense']:.2f} | {r['monet_vs_gated']:.2f} | "
-                             f"{r['monet_vs_official_order']:.2f} | {r['experts_vs_dense']:.2f} |")
-        lines.append("")
-    if "scaling" in report:
-        sc = report["scaling"]
-        lines += ["## Scaling with the number of experts", "",
-                  f"d {sc['shape']['hidden']}, m {sc['shape']['moe_dim']}, H {sc['shape']['heads']}, "
-                  f"k {sc['shape']['topk']}, {sc['tokens']} tokens. {sc['note']}.", "",
-                  "| E | N = E² | decomposition | block ms | expert params | router params |",
-                  "|---|---|---|---|---|---|"]
-        for row in sc["rows"]:
-            lines.append(f"| {row['experts']} | {row['num_experts']} | {row['decompose']} | {row['block_ms']:.1f} | "
-                         f"{row['expert_params']:,} | {row['router_params']:,} |")
-        for kind, values in sc["summary"].items():
-            lines.append(f"\n{kind}: time ∝ E^{values['time_exponent_vs_E']:.2f}, "
-                         f"parameters ∝ E^{values['param_exponent_vs_E']:.2f}")
-        lines.append("")
-    if "masking" in report:
-        mk = report["masking"]
-        lines += ["## Masked vs unmasked forward", "",
-                  f"Shape {mk['shape']['name']}, {mk['tokens']} tokens, eval mode, no grad; block = experts + "
-                  "router / moe_groups; fractions of the N = E² experts masked through `edit_weights`.", "",
-                  "| decomposition | case | time ms (incl. one router call) | block ratio to unmasked |",
-                  "|---|---|---|---|"]
-        for kind in ("horizontal", "vertical"):
-            for name, stats in mk[kind]["times"].items():
-                r = mk[kind]["ratios"].get(name)
-                lines.append(f"| {kind} | {name} | {_fmt(stats)} | {'' if r is None else f'{r:.2f}'} |")
-        lines.append("")
-    if "train" in report:
-        tr = report["train"]
-        lines += ["## Whole-model training", "",
-                  f"AdamW steps on {tr['tokens_per_step']} random tokens per step; configs: "
-                  f"`{json.dumps(tr['configs'])}`", "",
-                  "| model | parameters | step ms | tokens/s |", "|---|---|---|---|"]
-        for name, stats in tr["times"].items():
-            lines.append(f"| {name} | {tr['parameters'][name]:,} | {_fmt(stats)} | {tr['tokens_per_s'][name]:.0f} |")
-        lines.append("")
-    if "capture" in report:
-        cp = report["capture"]
-        lines += ["## Atlas capture vs plain forward", "",
-                  f"{cp['tokens']} tokens per batch; capture = forward under `capture_routing` + `active_experts` "
-                  "of every group.", "", "| case | time ms | tokens/s |", "|---|---|---|"]
-        for name, stats in cp["times"].items():
-            lines.append(f"| {name} | {_fmt(stats)} | {cp['tokens_per_s'][name]:.0f} |")
-        lines.append("")
-    lines += ["## Headline ratios and goals", "", "| ratio | goal | met | values |", "|---|---|---|---|"]
-    for name, value in report["ratios"].items():
-        goal = report["goals"].get(name, {})
-        shown = ", ".join(f"{k}: {v:.2f}" for k, v in value.items()) if isinstance(value, dict) else f"{value:.2f}"
-        lines.append(f"| {name} | {goal.get('goal', '')} | {goal.get('met', '')} | {shown} |")
+def to_markdown(report: dict) -> str:
+    """A readable page generated from the JSON report (no figures that are not in it)."""
+    lines = [f"# monet bench ({report['device']}, {report['dtype']})", "", f"Command: `{report['command']}`", "",
+             f"Machine: {json.dumps(report['machine'])}", "",
+             f"Load average before / after: {report['load_average_start']} / {report['load_average_end']}", "",
+             "| ratio | key | medians | mins | goal (on medians) |", "|---|---|---|---|---|"]
+    for name, values in report["ratios"].items():
+        op, goal = GOALS[name]
+        mins = report["ratios_min"][name]
+        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+            low = mins[key] if isinstance(mins, dict) else mins
+            met = value <= goal if op == "<=" else value >= goal
+            lines.append(f"| {name} | {key} | {value:.3f} | {low:.3f} | {op} {goal} {'met' if met else 'missed'} |")
+    for shape, result in report["shapes"].items():
+        for section in ("forward", "train", "masking"):
+            lines += _table(f"{shape}: {section} ({result['tokens']} tokens)", result[section])
+        saved = {k: round(v, 1) for k, v in result["saved_mib"].items()}
+        lines += ["", f"Saved for backward (MiB): {json.dumps(saved)}"]
+    capture = report["capture"]
+    lines += _table(f"capture ({capture['tokens']} tokens)", {c: capture[c] for c in ("forward", "capture")})
     return "\n".join(lines) + "\n"
 
 
-def _loads(values: list[float]) -> str:
-    return ", ".join(f"{v:.2f}" for v in values)
-
-
-def bench_command(cmd: BenchSettings) -> dict:
-    """`monet bench`: run the sections, print markdown (or JSON), optionally write both."""
-    tokens = cmd.tokens if cmd.tokens is not None else (32 if cmd.quick else 512)
-    repeats = cmd.repeats if cmd.repeats is not None else (1 if cmd.quick else 3)
-    unknown = sorted(set(cmd.sections) - set(SECTIONS))
-    if unknown:
-        raise MonetError(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
-    threads = cmd.threads if cmd.threads is not None else (1 if cmd.quick else None)
-    settings = Settings(quick=cmd.quick, tokens=tokens, repeats=repeats, sections=tuple(cmd.sections), threads=threads)
-    command = "monet bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "monet bench"
-    report = run(settings, command=command)
-    if cmd.out:
-        write_json(cmd.out, report)
-    if cmd.markdown:
-        atomic_write(cmd.markdown, markdown(report))
-    print(dumps(report) if cmd.json else markdown(report))
+def run(args: BenchSettings) -> dict:
+    """The whole report: every shape's sections, capture, the machine and its load, the headline ratios."""
+    resolve_device(args.device)   # a clear error when CUDA is asked for and absent
+    torch.set_num_threads(args.threads)
+    shapes = {"tiny": MonetConfig(**QUICK)} if args.quick else {name: preset(name) for name in args.shapes}
+    report: dict = {"command": command_line(args), "device": args.device, "dtype": args.dtype,
+                    "machine": machine_info(), "load_average_start": list(os.getloadavg()), "shapes": {}}
+    for name, config in shapes.items():
+        print(f"monet bench: {name} ({args.tokens} tokens, {args.repeats} repeats)", file=sys.stderr, flush=True)
+        report["shapes"][name] = {"groups": config.moe_groups, **bench_shape(name, config, args)}
+    print("monet bench: capture", file=sys.stderr, flush=True)
+    report["capture"] = bench_capture(next(iter(shapes.values())), args)
+    report["load_average_end"] = list(os.getloadavg())
+    report["ratios"] = ratios(report)
+    report["ratios_min"] = ratios(report, "min_ms")
+    report["goals"] = {name: f"{op} {value}" for name, (op, value) in GOALS.items()}
     return report
+
+
+def bench_command(args: BenchSettings) -> dict:
+    """`monet bench`: run, print the headline ratios, write --json / --markdown (each atomically, and only over
+    a file that an earlier `monet bench` wrote, unless --force)."""
+    marks = ((args.json, '"ratios"'), (args.markdown, "# monet bench"))
+    for path, mark in marks:
+        if path and Path(path).exists() and not args.force:
+            text = Path(path).read_text(encoding="utf-8", errors="replace") if Path(path).is_file() else ""
+            if mark not in text[:200_000]:
+                raise MonetError(f"{path} exists and is not a `monet bench` report; choose another path, "
+                                 "or pass --force")
+    if args.quick:
+        args.tokens, args.repeats, args.warmup = min(args.tokens, 128), min(args.repeats, 2), min(args.warmup, 1)
+    report = run(args)
+    if args.json:
+        write_json(args.json, report)
+    if args.markdown:
+        atomic_write(args.markdown, to_markdown(report))
+    print(json.dumps(report["ratios"], indent=1))
+    return report
+
+
+def command_line(args: BenchSettings) -> str:
+    """The options of this run, spelled out (so a report says how to reproduce it)."""
+    words = ["monet bench", f"--device {args.device}", f"--dtype {args.dtype}", f"--tokens {args.tokens}",
+             f"--repeats {args.repeats}", f"--warmup {args.warmup}", f"--threads {args.threads}", f"--path {args.path}"]
+    words += ["--quick"] if args.quick else ["--shapes " + " ".join(args.shapes)]
+    return " ".join(words + (["--profile"] if args.profile else []))

@@ -84,9 +84,13 @@ def toxicity_correlations(model: nn.Module, dataset: Any, max_tokens: int = 100_
         y = torch.tensor([y_doc[doc] for doc, _, _ in chunk], dtype=torch.float64)[:, None].expand(-1, width)
         with capture_routing(model) as capture:
             model(input_ids=ids.to(device), use_cache=False)   # right padding: real tokens are unaffected
+        real = valid.reshape(-1)
+        index = real.long().cumsum(0) - 1                     # token over B*T -> row among the real tokens
         for group, accumulator in enumerate(accumulators):
-            active = capture.experts(group)
-            accumulator.update(active.ids[valid].numpy(), active.scores[valid].double().numpy(), y[valid].numpy())
+            token, ids, scores = capture.experts(group).entries()
+            keep = real[token]
+            accumulator.update_entries(index[token[keep]].numpy(), ids[keep].numpy(),
+                                       scores[keep].double().numpy(), y[valid].numpy())
     return [accumulator.correlation() for accumulator in accumulators]
 
 

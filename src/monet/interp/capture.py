@@ -4,7 +4,8 @@
 `active_experts(g1, g2)` turns one group's routing into, per token, the experts with a non-zero
 score: expert id i*E + j and score sum_h g1_hi g2_hj (the official README's convention), or the
 per-head scores on request. Only each token's active (i, j) pairs are formed (about H k^2 of them),
-never the N = E^2 grid.
+never the N = E^2 grid, and they are kept ragged: a token with many active experts costs only its own
+entries, never a padding of every token to the batch's largest count.
 """
 
 from __future__ import annotations
@@ -17,53 +18,91 @@ import torch
 
 from monet.errors import MonetError
 from monet.model import MonetRouter
-from monet.ops import active_pairs
+from monet.sparse import active_pairs, merged_experts
 
 
 @dataclass
 class ActiveExperts:
-    """Per token, its active experts, padded: ids [B, T, P] (-1 for padding), scores [B, T, P] (0 there).
+    """Per token, its active experts, ragged: one entry per (token, expert) — or per (token, head, expert)
+    with per-head scores — flattened over the tokens (B*T, row-major) and grouped by token.
 
-    With per-head scores, `heads` [B, T, P] says which head each entry comes from and the same id can
-    appear once per head; otherwise each id appears once with its scores summed over heads. Entries are
-    sorted by decreasing score.
+    `offsets` [B*T + 1] delimits each token's entries (in no particular order within a token). Memory is
+    proportional to the real number of active experts, whatever the batch's largest per-token count.
+    `ids`, `scores`, `heads` give the padded [B, T, P] view, best score first (-1 / 0 padding, P = the
+    batch's largest count), and `token(b, t)` one token's list, best first; prefer `entries()` on large
+    batches.
     """
 
-    ids: torch.Tensor
-    scores: torch.Tensor
-    heads: torch.Tensor | None = None
+    shape: tuple[int, ...]
+    offsets: torch.Tensor
+    expert_ids: torch.Tensor
+    expert_scores: torch.Tensor
+    expert_heads: torch.Tensor | None = None
+
+    @property
+    def num_entries(self) -> int:
+        return int(self.expert_ids.numel())
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token index over the flattened B*T, expert id i*E + j, score), each [entries]."""
+        counts = self.offsets[1:] - self.offsets[:-1]
+        token = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+        return token, self.expert_ids, self.expert_scores
+
+    def _padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """ids, scores, heads as [B*T, P] grids sorted by decreasing score (padding last)."""
+        counts = self.offsets[1:] - self.offsets[:-1]
+        width = int(counts.max()) if counts.numel() else 0
+        token, ids, scores = self.entries()
+        slot = torch.arange(ids.numel(), device=ids.device) - self.offsets[:-1][token]
+        grid = [torch.full((counts.numel(), width), -1, dtype=ids.dtype, device=ids.device),
+                scores.new_zeros(counts.numel(), width)]
+        grid[0][token, slot], grid[1][token, slot] = ids, scores
+        if self.expert_heads is not None:
+            grid.append(torch.full_like(grid[0], -1))
+            grid[2][token, slot] = self.expert_heads
+        order = torch.sort(grid[1], dim=-1, descending=True, stable=True).indices
+        grid = [g.gather(-1, order) for g in grid]
+        return grid[0], grid[1], grid[2] if len(grid) > 2 else None
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """Padded ids [B, T, P], best score first (-1 for padding)."""
+        return self._padded()[0].view(*self.shape, -1)
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """Padded scores [B, T, P], decreasing (0 for padding)."""
+        return self._padded()[1].view(*self.shape, -1)
+
+    @property
+    def heads(self) -> torch.Tensor | None:
+        """Padded heads [B, T, P] with per-head scores (-1 for padding), else None."""
+        heads = self._padded()[2]
+        return None if heads is None else heads.view(*self.shape, -1)
 
     def token(self, b: int, t: int) -> list[tuple[int, float]]:
         """(expert id, score) of one token, best first."""
-        keep = self.ids[b, t] >= 0
-        return list(zip(self.ids[b, t][keep].tolist(), self.scores[b, t][keep].tolist(), strict=True))
+        flat = b * self.shape[-1] + t
+        lo, hi = int(self.offsets[flat]), int(self.offsets[flat + 1])
+        scores, order = torch.sort(self.expert_scores[lo:hi], descending=True, stable=True)
+        return list(zip(self.expert_ids[lo:hi][order].tolist(), scores.tolist(), strict=True))
 
 
 def active_experts(g1: torch.Tensor, g2: torch.Tensor, per_head: bool = False) -> ActiveExperts:
-    """Sparse experts of one routing group from g1, g2 [B, T, H, E]."""
+    """Sparse experts of one routing group from g1, g2 [B, T, H, E], ragged (`monet.sparse`)."""
     experts = g1.shape[-1]
-    i, j, weight = active_pairs(g1.float(), g2.float())
-    ids = i * experts + j
+    shape, tokens = tuple(g1.shape[:-2]), g1[..., 0, 0].numel()
+    g1, g2 = g1.detach().float(), g2.detach().float()
+    heads = None
     if per_head:
-        heads_count, pairs = g1.shape[-2], ids.shape[-1] // g1.shape[-2]
-        heads = torch.arange(heads_count, device=ids.device).repeat_interleave(pairs).expand_as(ids)
-        ids = torch.where(weight > 0, ids, torch.full_like(ids, -1))
-        scores, order = weight.sort(dim=-1, descending=True)
-        return ActiveExperts(ids.gather(-1, order), scores, heads.gather(-1, order))
-    # Merge the heads: sort by id, sum runs of equal ids (segment sums), then order by score.
-    ids = torch.where(weight > 0, ids, torch.full_like(ids, experts * experts))   # padding sorts last
-    ids, order = ids.sort(dim=-1)
-    weight = weight.gather(-1, order)
-    starts = torch.ones_like(ids, dtype=torch.bool)
-    starts[..., 1:] = ids[..., 1:] != ids[..., :-1]
-    segment = starts.long().cumsum(-1) - 1
-    merged = torch.zeros_like(weight).scatter_add(-1, segment, weight)
-    merged_ids = torch.full_like(ids, -1).scatter(-1, segment, ids)
-    merged_ids = torch.where(merged_ids == experts * experts, torch.full_like(merged_ids, -1), merged_ids)
-    merged = torch.where(merged_ids >= 0, merged, torch.zeros_like(merged))
-    width = int(starts.sum(-1).max()) if ids.numel() else 0
-    scores, order = merged[..., :width].sort(dim=-1, descending=True)
-    return ActiveExperts(merged_ids[..., :width].gather(-1, order), scores)
+        pairs = active_pairs(g1, g2)
+        token, ids, scores, heads = pairs.token, pairs.i * experts + pairs.j, pairs.weight, pairs.head
+    else:
+        token, ids, scores = merged_experts(g1, g2)
+    offsets = torch.zeros(tokens + 1, dtype=torch.long, device=token.device)
+    offsets[1:] = torch.bincount(token, minlength=tokens).cumsum(0)      # entries come grouped by token
+    return ActiveExperts(shape, offsets, ids, scores, heads)
 
 
 class RoutingCapture:

@@ -148,6 +148,19 @@ class PearsonAccumulator:
         self.sum_xx += np.bincount(flat_ids, weights=x * x, minlength=self.units)
         self.sum_xy += np.bincount(flat_ids, weights=xy, minlength=self.units)
 
+    def update_entries(self, token: np.ndarray, ids: np.ndarray, scores: np.ndarray, y: np.ndarray) -> None:
+        """Ragged form of `update`: one row per (token, active unit) with token indexing y [tokens]."""
+        token, ids = np.asarray(token, dtype=np.int64), np.asarray(ids, dtype=np.int64)
+        x, y = np.asarray(scores, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        if ids.size and int(ids.max()) >= self.units:
+            raise MonetError(f"unit id {int(ids.max())} is out of range for {self.units} units")
+        self.n += len(y)
+        self.sum_y += float(y.sum())
+        self.sum_yy += float((y * y).sum())
+        self.sum_x += np.bincount(ids, weights=x, minlength=self.units)
+        self.sum_xx += np.bincount(ids, weights=x * x, minlength=self.units)
+        self.sum_xy += np.bincount(ids, weights=x * y[token], minlength=self.units)
+
     def merge(self, other: PearsonAccumulator) -> PearsonAccumulator:
         """Add another accumulator's sums (e.g. from another process)."""
         if other.units != self.units:

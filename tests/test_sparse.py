@@ -1,0 +1,367 @@
+"""The sparse expert path (monet.sparse) equals the dense factored layers and the naive sum over all N
+experts: values and gradients (x, g1, g2, every weight), HD and VD, with masks and steering, odd shapes,
+padding, KV-cache generation; ragged structures stay proportional to the real active pairs."""
+
+import pytest
+import torch
+from naive import naive_layer
+
+import monet
+from monet import sparse
+from monet.edits import ExpertEdits, apply_edits
+from monet.interp.capture import active_experts
+from monet.model import MonetHorizontalExperts, MonetRouter, MonetVerticalExperts
+from monet.ops import edited_entries
+
+SHAPES = [
+    # (hidden, experts E, moe_dim m, heads H, topk k, batch, length)
+    (8, 5, 4, 2, 2, 2, 3),     # E not a power of two, odd length
+    (6, 3, 2, 1, 1, 1, 5),     # H = 1, k = 1
+    (8, 4, 2, 3, 4, 1, 2),     # k = E: every half kept
+    (10, 7, 6, 2, 3, 2, 1),    # odd E, single token
+    (12, 16, 4, 4, 2, 3, 4),   # many halves never active in the batch
+]
+LAYERS = [MonetHorizontalExperts, MonetVerticalExperts]
+
+
+def _layer(cls, hidden, experts, moe_dim, heads, topk, seed=0):
+    config = monet.MonetConfig(hidden_size=hidden, num_attention_heads=1, moe_experts=experts, moe_dim=moe_dim,
+                               moe_heads=heads, moe_topk=topk, vocab_size=16, hidden_act="relu2")
+    torch.manual_seed(seed)
+    layer = cls(config).double()
+    with torch.no_grad():
+        for p in layer.parameters():      # biases are zero at init: give every term something to check
+            p.normal_(0.0, 0.5)
+    return layer, MonetRouter(config).double().train()
+
+
+def _edit_table(experts, seed=1):
+    """About a third of the experts edited: half deleted, half steered by 2.5 (naive mask / scale sets)."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(experts * experts, generator=generator)[: max(2, experts * experts // 3)].tolist()
+    masked = {(e // experts, e % experts) for e in chosen[: len(chosen) // 2]}
+    steered = {(e // experts, e % experts): 2.5 for e in chosen[len(chosen) // 2:]}
+    table = torch.zeros(experts * experts, dtype=torch.float64)
+    for i, j in masked:
+        table[i * experts + j] = 1.0
+    for (i, j), alpha in steered.items():
+        table[i * experts + j] = 1.0 - alpha
+    return table, masked, steered
+
+
+def _run(layer, path, x, g1, g2):
+    layer.expert_path = path
+    try:
+        return layer(x, g1, g2)
+    finally:
+        layer.expert_path = None
+
+
+def _grads(out, inputs, probe):
+    return torch.autograd.grad((out * probe).sum(), inputs, retain_graph=True, allow_unused=True)
+
+
+@pytest.mark.parametrize("edit", [False, True], ids=["plain", "edited"])
+@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sparse_equals_naive_through_the_router(cls, shape, edit):
+    """Values and gradients w.r.t. x (through the router too) and every weight equal the naive N-sum."""
+    hidden, experts, moe_dim, heads, topk, batch, length = shape
+    layer, router = _layer(cls, hidden, experts, moe_dim, heads, topk)
+    masked = steered = None
+    if edit:
+        layer.edit_weights, masked, steered = _edit_table(experts)
+    x = torch.randn(batch, length, hidden, dtype=torch.float64, requires_grad=True)
+    g1, g2 = router(x)
+    out = _run(layer, "sparse", x, g1, g2)
+    ref = naive_layer(layer, x, g1, g2, mask=masked, scale=steered)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    probe = torch.randn_like(out)
+    inputs = [x, *router.parameters(), *layer.parameters()]
+    for got, want in zip(_grads(out, inputs, probe), _grads(ref, inputs, probe), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("edit", [False, True], ids=["plain", "edited"])
+@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sparse_equals_dense_for_routing_inputs(cls, shape, edit):
+    """With g1, g2 as inputs: same value, same gradients w.r.t. x, every weight, and g on its kept entries
+    (off them the sparse path returns 0: see monet.sparse; the router never reads those entries)."""
+    hidden, experts, moe_dim, heads, topk, batch, length = shape
+    layer, router = _layer(cls, hidden, experts, moe_dim, heads, topk, seed=2)
+    if edit:
+        layer.edit_weights = _edit_table(experts, seed=3)[0]
+    x = torch.randn(batch, length, hidden, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        g1, g2 = router(x)
+    g1.requires_grad_(True)
+    g2.requires_grad_(True)
+    dense, sparse_out = _run(layer, "dense", x, g1, g2), _run(layer, "sparse", x, g1, g2)
+    torch.testing.assert_close(sparse_out, dense, rtol=1e-10, atol=1e-10)
+    probe = torch.randn_like(dense)
+    inputs = [x, g1, g2, *layer.parameters()]
+    got, want = _grads(sparse_out, inputs, probe), _grads(dense, inputs, probe)
+    for index, (a, b) in enumerate(zip(got, want, strict=True)):
+        if index in (1, 2):                       # g1, g2: equal on the kept entries, 0 elsewhere
+            kept = inputs[index] > 0
+            torch.testing.assert_close(a[kept], b[kept], rtol=1e-9, atol=1e-10)
+            assert not a[~kept].any()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_float32_and_no_grad_and_empty_batch(cls):
+    layer, router = _layer(cls, 16, 12, 4, 3, 2)
+    layer.float()
+    router.float()
+    x = torch.randn(2, 6, 16)
+    g1, g2 = router(x)
+    with torch.no_grad():
+        torch.testing.assert_close(_run(layer, "sparse", x, g1, g2), _run(layer, "dense", x, g1, g2),
+                                   rtol=1e-5, atol=1e-5)
+    empty = torch.zeros(1, 0, 16)
+    g_empty = torch.zeros(1, 0, 3, 12)
+    assert _run(layer, "sparse", empty, g_empty, g_empty).shape == (1, 0, 16)
+
+
+def _tiny_model(decompose, seed=0):
+    torch.manual_seed(seed)
+    config = monet.preset("tiny", num_hidden_layers=4, moe_decompose=decompose, moe_experts=6, moe_topk=2)
+    model = monet.MonetForCausalLM(config).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".moe." in name:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("decompose", ["vertical", "horizontal"])
+def test_whole_model_with_padding_and_edits_sparse_equals_dense(decompose):
+    """Training-mode forward+backward of a model on a left-padded batch with edits: same loss, same grads."""
+    model = _tiny_model(decompose).train()
+    apply_edits(model, ExpertEdits().delete(0, [1, 7, 20]).scale(1, 8, 2.0).scale_bottom(1, 3, 0.5))
+    ids = torch.randint(3, 256, (2, 7))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    results = []
+    for path in ("dense", "sparse"):
+        model.zero_grad()
+        with sparse.expert_path(path):
+            loss = model(ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-12)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-8, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("decompose", ["vertical", "horizontal"])
+def test_kv_cache_generation_on_the_sparse_path_equals_full_forward(decompose):
+    model = _tiny_model(decompose, seed=4).eval()
+    apply_edits(model, ExpertEdits().delete(1, [0, 9, 13]).scale_top(0, 2, 3.0))
+    ids = torch.randint(3, 256, (2, 5))
+    options = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None,
+                   attention_mask=torch.ones_like(ids))
+    with sparse.expert_path("sparse"):
+        out = model.generate(ids, use_cache=True, output_logits=True, return_dict_in_generate=True, **options)
+        full_sparse = model(out.sequences).logits
+    with sparse.expert_path("dense"):
+        full_dense = model(out.sequences).logits
+        assert torch.equal(model.generate(ids, use_cache=True, **options), out.sequences)
+    torch.testing.assert_close(full_sparse, full_dense, rtol=1e-10, atol=1e-12)
+    for step, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits, full_sparse[:, ids.shape[1] - 1 + step], rtol=1e-9, atol=1e-11)
+
+
+def _outlier_routing(tokens, heads, experts, outliers, seed=0):
+    """g [tokens, H, E]: most tokens keep 1-2 halves per head, the outliers keep every half."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(tokens, heads, experts, generator=generator, dtype=torch.float64)
+    keep = torch.zeros_like(z, dtype=torch.bool)
+    keep.scatter_(-1, z.topk(2, dim=-1).indices[..., : 1 + int(torch.rand(1, generator=generator) < 0.5)], True)
+    keep[:outliers] = True
+    return torch.softmax(z.masked_fill(~keep, float("-inf")), dim=-1)
+
+
+def test_ragged_pairs_with_outlier_tokens_are_exact_and_proportional():
+    tokens, heads, experts, outliers = 64, 3, 24, 2
+    g1 = _outlier_routing(tokens, heads, experts, outliers, seed=1)
+    g2 = _outlier_routing(tokens, heads, experts, outliers, seed=2)
+    pairs = sparse.active_pairs(g1, g2)
+    real = int(((g1 > 0).sum(-1) * (g2 > 0).sum(-1)).sum())        # sum over (t, h) of |K1_th| |K2_th|
+    assert pairs.token.numel() == real
+    padded = tokens * heads * experts * experts                     # what padding to the batch max gave
+    assert real < padded / 10
+    # Each listed pair is real and its weight is g1_hi g2_hj.
+    want = g1[pairs.token, pairs.head, pairs.i] * g2[pairs.token, pairs.head, pairs.j]
+    torch.testing.assert_close(pairs.weight, want)
+    # Merged per token: the naive g_ij = sum_h g1_hi g2_hj (tiny E only) and nothing else.
+    naive = torch.einsum("thi,thj->tij", g1, g2).flatten(-2)
+    merged = active_experts(g1.unsqueeze(0), g2.unsqueeze(0))
+    assert merged.num_entries == int((naive > 0).sum())
+    token, ids, scores = merged.entries()
+    torch.testing.assert_close(scores.double(), naive[token, ids], rtol=1e-6, atol=1e-9)
+    # The sparse layout lists exactly the (token, half) pairs some head kept.
+    routing = sparse.sparse_routing(g1, g2)
+    assert routing.layout1.size == int((g1 > 0).any(1).sum())
+    # Edited entries: only edited active pairs, exactly.
+    table = torch.zeros(experts * experts, dtype=torch.float64)
+    table[::7] = 1.0
+    token, i, j, c = edited_entries(g1, g2, table)
+    want = (table[pairs.i * experts + pairs.j] != 0)
+    assert token.numel() == int(want.sum())
+
+
+def _saved_bytes(fn):
+    """Bytes of the distinct tensors autograd saves for backward while fn runs (storage counted once)."""
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, seen
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_outlier_tokens_stay_within_the_memory_bound(cls):
+    """Memory proportional to the real active pairs, never tokens x batch-max: with two outlier tokens
+    keeping every half, every tensor saved for backward and every ragged structure stays within
+    O(active pairs * (m + 1) + tokens * (d + H * E)) bytes, far below what padding would take."""
+    tokens, heads, experts, hidden, moe_dim = 256, 2, 64, 16, 4
+    layer, _ = _layer(cls, hidden, experts, moe_dim, heads, 2)
+    layer.float()
+    layer.edit_weights = torch.zeros(experts * experts)
+    layer.edit_weights[::5] = 1.0
+    g1 = _outlier_routing(tokens, heads, experts, 2, seed=3).float().requires_grad_(True)
+    g2 = _outlier_routing(tokens, heads, experts, 2, seed=4).float().requires_grad_(True)
+    x = torch.randn(1, tokens, hidden, requires_grad=True)
+    out, seen = _saved_bytes(lambda: _run(layer, "sparse", x, g1.unsqueeze(0), g2.unsqueeze(0)))
+    parameters = {p.untyped_storage().data_ptr() for p in [*layer.parameters(), x, g1, g2]}
+    saved = sum(n for ptr, n in seen.items() if ptr not in parameters)
+    pairs = int(((g1 > 0).sum(-1) * (g2 > 0).sum(-1)).sum())          # real per-head active pairs
+    active = int((g1 > 0).any(1).sum() + (g2 > 0).any(1).sum())      # real (token, half) pairs
+    bound = 4 * (4 * active * (moe_dim + 1) + 2 * tokens * heads * experts) + 24 * pairs
+    padded = 8 * tokens * heads * experts * experts                   # one int64 per padded pair
+    assert saved <= bound < padded / 4, (saved, bound, padded)
+    out.sum().backward()
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_outlier_tokens_never_create_a_tensor_of_batch_max_size(cls):
+    """Every tensor any op creates (forward, backward, capture) stays O(largest real structure): the
+    [tokens, H, E] routing itself, tokens x d, the real per-head pairs; never tokens x H x E^2-like."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    tokens, heads, experts, hidden, moe_dim = 256, 2, 64, 16, 4
+    layer, _ = _layer(cls, hidden, experts, moe_dim, heads, 2)
+    layer.float()
+    layer.edit_weights = torch.zeros(experts * experts)
+    layer.edit_weights[::5] = 1.0
+    g1 = _outlier_routing(tokens, heads, experts, 2, seed=5).float().requires_grad_(True)
+    g2 = _outlier_routing(tokens, heads, experts, 2, seed=6).float().requires_grad_(True)
+    x = torch.randn(1, tokens, hidden, requires_grad=True)
+    pairs = int(((g1 > 0).sum(-1) * (g2 > 0).sum(-1)).sum())
+    sparse.clear_cache()
+    with Largest():
+        out = _run(layer, "sparse", x, g1.unsqueeze(0), g2.unsqueeze(0))
+        out.square().sum().backward()
+        active_experts(g1.detach().unsqueeze(0), g2.detach().unsqueeze(0))
+        active_experts(g1.detach().unsqueeze(0), g2.detach().unsqueeze(0), per_head=True)
+    bound = max(tokens * heads * experts, tokens * hidden, experts * experts, pairs)
+    assert Largest.numel <= bound < tokens * heads * experts * experts / 8, (Largest.numel, bound)
+
+
+def test_routing_structure_is_built_once_per_group_and_survives_backward(monkeypatch):
+    """The layers of a routing group share g1, g2: the index structure is built by the first and reused
+    (values are gathered again per call, so repeated forward+backward on the same g works)."""
+    builds = []
+    original = sparse.sparse_routing
+    monkeypatch.setattr(sparse, "sparse_routing", lambda *a: builds.append(1) or original(*a))
+    model = _tiny_model("vertical").train()          # 4 layers, moe_groups 2: two routing groups
+    ids = torch.randint(3, 256, (2, 6))
+    with sparse.expert_path("sparse"):
+        model(ids, labels=ids).loss.backward()
+    assert len(builds) == 2
+    layer, router = _layer(MonetHorizontalExperts, 8, 5, 4, 2, 2)
+    x = torch.randn(1, 4, 8, dtype=torch.float64, requires_grad=True)
+    g1, g2 = (g.detach().requires_grad_(True) for g in router(x))
+    layer.edit_weights = _edit_table(5)[0]
+    grads = []
+    for _ in range(2):
+        out = _run(layer, "sparse", x, g1, g2)
+        grads.append(torch.autograd.grad(out.square().sum(), [x, g1, g2, *layer.parameters()]))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():
+        g1.mul_(1.0)                                  # in-place change: a new version, rebuilt
+    builds.clear()
+    _run(layer, "sparse", x, g1, g2)
+    assert len(builds) == 1
+
+
+def test_equal_edit_tables_share_one_enumeration(monkeypatch):
+    calls = []
+    original = sparse.edited_entries
+    monkeypatch.setattr(sparse, "edited_entries", lambda *a: calls.append(1) or original(*a))
+    layer, router = _layer(MonetVerticalExperts, 8, 5, 4, 2, 2)
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        g1, g2 = router(x)
+        table = _edit_table(5)[0]
+        for copy in (table, table.clone(), table.clone()):       # as the layers of a group may hold
+            layer.edit_weights = copy
+            _run(layer, "sparse", x, g1, g2)
+    assert len(calls) == 1
+
+
+def test_dispatch_rule_and_switches(monkeypatch):
+    layer, router = _layer(MonetHorizontalExperts, 8, 5, 4, 2, 2)
+    x = torch.randn(1, 3, 8, dtype=torch.float64)
+    g1, g2 = router(x)
+    assert sparse.choose(layer, x, g1, g2) is None                # auto: far too little work per half
+    monkeypatch.setenv("MONET_EXPERT_PATH", "sparse")
+    assert sparse.choose(layer, x, g1, g2) is not None
+    with sparse.expert_path("dense"):                              # the context manager beats the environment
+        assert sparse.choose(layer, x, g1, g2) is None
+        layer.expert_path = "sparse"                               # and the layer attribute beats both
+        assert sparse.choose(layer, x, g1, g2) is not None
+    layer.expert_path = None
+    monkeypatch.setenv("MONET_EXPERT_PATH", "fast")
+    with pytest.raises(ValueError, match="MONET_EXPERT_PATH"):
+        sparse.choose(layer, x, g1, g2)
+    monkeypatch.setenv("MONET_EXPERT_PATH", "auto")
+    monkeypatch.setattr(sparse, "SPARSE_MIN_WORK_PER_HALF", 0)
+    assert sparse.choose(layer, x, g1, g2) is None                # k = 2 of E = 5 per head: too dense
+    monkeypatch.setattr(sparse, "SPARSE_MAX_ACTIVE_FRACTION", 1.0)
+    assert sparse.choose(layer, x, g1, g2) is not None
+
+
+def test_pearson_ragged_update_equals_padded_update():
+    import numpy as np
+
+    from monet.interp.criteria import PearsonAccumulator
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(-1, 20, size=(50, 6))
+    scores = np.where(ids >= 0, rng.random((50, 6)), 0.0)
+    y = rng.random(50)
+    padded, ragged = PearsonAccumulator(20), PearsonAccumulator(20)
+    padded.update(ids, scores, y)
+    token, slot = np.nonzero(ids >= 0)
+    ragged.update_entries(token, ids[token, slot], scores[token, slot], y)
+    np.testing.assert_allclose(ragged.correlation(), padded.correlation(), atol=1e-12)
