@@ -417,6 +417,8 @@ class AtlasOptions(Settings):
     """windows per forward pass"""
     seq_len: int | None = number(None, low=2)
     """tokens per window (default: the training seq_len, from the checkpoint)"""
+    samples: int = number(3, low=0, high=1000)
+    """examples kept per activation band of each expert (a uniform random sample; 0: none)"""
 
 
 @dataclass(kw_only=True)
