@@ -505,7 +505,10 @@ class AtlasExport(Settings):
 class ViewCommand(Settings):
     """Browse an atlas in a local web viewer.
 
-    Serve a small web viewer of an atlas (standard-library http.server, 127.0.0.1 by default)."""
+    Serve a small web viewer of an atlas (standard-library http.server, 127.0.0.1 by default): each
+    expert's contexts with per-token values, examples by activation band, label and score statistics, token
+    and substring search, label specialists, document view, JSON export; with --run also test activation
+    on typed text, similar experts and steering."""
 
     atlas: Positional[str]
     """atlas directory"""
@@ -514,7 +517,11 @@ class ViewCommand(Settings):
     host: str = "127.0.0.1"
     """interface to bind (default: this machine only)"""
     run: str | None = None
-    """the atlas's model: adds promoted/suppressed tokens"""
+    """the atlas's model: adds promoted tokens, test activation on your text, similar experts, steering"""
+    allow_host: tuple[str, ...] = ()
+    """other host names the page may be opened under (requests with any other Host header are refused)"""
+    device: Device = "auto"
+    """device for --run: auto (CUDA when available), cpu, cuda or cuda:N"""
 
 
 @dataclass(kw_only=True)

@@ -184,6 +184,11 @@ class Atlas:
         self.check_expert(group, 0)
         return list(self.labels), self._group(group)["mass"].copy()
 
+    def densities(self, group: int) -> np.ndarray:
+        """[N]: each expert's activations per token of the atlas corpus."""
+        self.check_expert(group, 0)
+        return self._group(group)["density"].copy()
+
     def label_probability(self, group: int) -> np.ndarray:
         """[num_labels, N]: mean score per token of each label (mass / tokens of the label), the
         "routing probability for that domain" of paper §5.1 / appendix D.1."""
@@ -218,6 +223,7 @@ class Atlas:
             "group": int(group), "expert": int(expert), "id": f"{group}:{expert}",
             "count": int(row["count"]), "density": float(row["density"]),
             "mean_score": float(row["mean_score"]), "max_score": float(row["max_score"]),
+            "mean_percent": 100.0 * float(row["mean_score"]) / self.scale,
             "max_percent": 100.0 * float(row["max_score"]) / self.scale,
             "label_mass": {label: float(m) for label, m in zip(self.labels, mass, strict=True)},
             "label_share": {label: float(s) for label, s in zip(self.labels, share, strict=True)},
