@@ -24,6 +24,8 @@ import monet
 from monet.checkpoint import load_checkpoint, save_checkpoint
 from monet.data import TokenDataset, load_tokenizer
 from monet.data.storage import write_split
+from monet.edits import ExpertEdits, edited
+from monet.generate import generate_text
 from monet.interp.atlas import AtlasOptions, build_atlas
 from monet.interp.export import expert_page
 from monet.interp.query import Atlas
@@ -260,11 +262,17 @@ def test_model_endpoints(viewer):
     assert rows and all(r["expert"] != expert for r in rows) and rows[0]["contexts"] <= similar["contexts"]
     assert [r["contexts"] for r in rows] == sorted((r["contexts"] for r in rows), reverse=True)
     assert any(isinstance(r["cosine"], float) and -1 <= r["cosine"] <= 1 for r in rows)
-    status, steer = post(url + "/api/steer", {"group": group, "expert": expert, "alpha": 50, "prompt": "int main",
+    # Steering on the context's own prefix (where the expert fires): scaled by 1000 the continuation changes;
+    # it is the model's own greedy continuation with the edit, and the edit is undone afterwards.
+    prompt = viewer["tokenizer"].decode(ctx["tokens"][:ctx["target"] + 1])
+    status, steer = post(url + "/api/steer", {"group": group, "expert": expert, "alpha": 1000, "prompt": prompt,
                                               "max_new_tokens": 8})
-    assert status == 200 and steer["unsteered"].startswith("int main") and steer["steered"].startswith("int main")
-    assert steer["decoding"] == "greedy"
-    again = post(url + "/api/steer", {"group": group, "expert": expert, "alpha": 1, "prompt": "int main",
+    assert status == 200 and steer["decoding"] == "greedy" and steer["steered"] != steer["unsteered"]
+    model, tokenizer = viewer["model"], viewer["tokenizer"]
+    assert steer["unsteered"] == printable(generate_text(model, tokenizer, prompt, greedy=True, max_new_tokens=8)[0])
+    with edited(model, ExpertEdits().scale(group, expert, 1000)):
+        assert steer["steered"] == printable(generate_text(model, tokenizer, prompt, greedy=True, max_new_tokens=8)[0])
+    again = post(url + "/api/steer", {"group": group, "expert": expert, "alpha": 1, "prompt": prompt,
                                       "max_new_tokens": 8})[1]
     assert again["steered"] == again["unsteered"] == steer["unsteered"]   # alpha 1 changes nothing; edits undone
     for body, status_code, message in (
@@ -488,18 +496,19 @@ def test_model_features_in_chromium(viewer, page):
     assert page.locator("#probe-out .tok").count() > 5 and "<script>" in page.inner_text("#probe-out")
     assert all(t.endswith("%") for t in (page.locator("#probe-out .tok").nth(i).get_attribute("title")
                                          for i in range(page.locator("#probe-out .tok").count())))
-    page.fill("#steer-prompt", "int main")
-    page.fill("#steer-alpha", "50")
+    ctx = atlas.top_contexts(group, expert, 1)[0]
+    prompt = viewer["tokenizer"].decode(ctx["tokens"][:ctx["target"] + 1])
+    page.fill("#steer-prompt", prompt)
+    page.fill("#steer-alpha", "1000")
     page.fill("#steer-tokens", "8")
     page.click("#steer-run")
     page.wait_for_selector("#steer-steered")
-    assert page.inner_text("#steer-plain").startswith("int main")
-    assert page.inner_text("#steer-steered").startswith("int main")
+    plain, steered = page.inner_text("#steer-plain"), page.inner_text("#steer-steered")
+    assert plain != steered and plain[:5] == steered[:5] == printable(prompt)[:5]
     snap(page, "expert-model")
     page.fill("#probe-text", "")
     page.click("#probe-run")
     page.wait_for_selector("#probe-out .error")
-    ctx = atlas.top_contexts(group, expert, 1)[0]
     page.goto(f"{viewer['url']}/#/doc/{ctx['doc']}/{ctx['pos']}/{group}/{expert}")
     page.wait_for_selector("#document .hit")
     hit = page.locator("#document .hit")

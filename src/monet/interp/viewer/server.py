@@ -68,7 +68,7 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Cross-Origin-Resource-Policy": "same-origin",
 }
-LIMITS = {"text_chars": 2000, "text_tokens": 512, "prompt_chars": 1000, "max_new_tokens": 64, "alpha": 100.0,
+LIMITS = {"text_chars": 2000, "text_tokens": 512, "prompt_chars": 1000, "max_new_tokens": 64, "alpha": 1000.0,
           "body_bytes": 65536}
 _ID = re.compile(r"[0-9]{1,9}")          # ASCII digits only: "²".isdigit() is True in Python
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")

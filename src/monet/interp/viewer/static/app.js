@@ -329,6 +329,8 @@ async function showDocument(nav, doc, pos, group, expert) {
       `the atlas ran the document in windows of ${data.seq_len} tokens` })];
   let max = 1;
   if (group !== null) {
+    $("group").value = String(group);
+    $("expert").value = String(expert);
     nodes.push(el("p", { cls: "tools" }, el("span", { text: "expert " }), expertLink(group, expert)));
     max = Math.max(data.max_percent || 0, ...(data.values || []).filter((v) => v !== null), 1e-9);
     nodes.push(legend(max, data.values ? "colour: this expert's share of each token's routing"
