@@ -233,7 +233,12 @@ def test_cli_query_and_json(setup, capsys):
 
     assert call("atlas", "query", str(setup["atlas"]), "--expert", "0:1", "--top", "2") == 0
     out = capsys.readouterr().out
-    assert "expert 0:1" in out and "[[" in out and "%" in out and "labels:" in out
+    assert "expert 0:1" in out and "[[" in out and "%" in out and "labels:" in out and "\nband " in out
+    assert call("atlas", "query", str(setup["atlas"]), "--contains", "IN", "--top", "3") == 0
+    out = capsys.readouterr().out
+    assert "vocabulary tokens contain 'IN'" in out and "of its top contexts on" in out
+    assert call("atlas", "query", str(setup["atlas"]), "--contains", "in", "--token", "x") == 2
+    assert "exactly one of" in capsys.readouterr().err
     assert call("atlas", "query", str(setup["atlas"]), "--label", "python", "--json") == 0
     assert isinstance(json.loads(capsys.readouterr().out), list)
     assert call("atlas", "query", str(setup["atlas"]), "--text", "int main(void)", "--run", str(setup["run"])) == 0

@@ -453,8 +453,9 @@ class AtlasQuery(Settings):
     """Query an atlas: an expert, a token, a label, or each token of a text.
 
     Ask an atlas: an expert's top contexts (activating token in [[ ]], score as a percentage of the
-    token's routing mass), counts and label histogram; the experts of a token, of a label (skewness, paper
-    §5.1), or of each token of a text (needs --run)."""
+    token's routing mass), examples by activation band, counts and label histogram; the experts of a token
+    (or of the tokens containing a text), of a label (skewness, paper §5.1), or of each token of a text
+    (needs --run)."""
 
     atlas: Positional[str]
     """atlas directory"""
@@ -462,6 +463,8 @@ class AtlasQuery(Settings):
     """one expert: G:ID, routing group and expert id i*E+j"""
     token: str | None = None
     """experts most often active on this vocabulary token (text or id)"""
+    contains: str | None = None
+    """experts most often active on the vocabulary tokens containing this text (case-insensitive)"""
     text: str | None = None
     """run the model (--run) on TEXT and list each token's experts"""
     label: str | None = None
@@ -476,9 +479,9 @@ class AtlasQuery(Settings):
     """print JSON instead of text"""
 
     def validate(self) -> None:
-        given = [name for name in ("expert", "token", "text", "label") if getattr(self, name) is not None]
+        given = [name for name in ("expert", "token", "contains", "text", "label") if getattr(self, name) is not None]
         if len(given) != 1:
-            raise MonetError("give exactly one of --expert, --token, --text, --label")
+            raise MonetError("give exactly one of --expert, --token, --contains, --text, --label")
 
 
 @dataclass(kw_only=True)
