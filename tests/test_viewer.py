@@ -330,6 +330,9 @@ def test_host_header_blocks_dns_rebinding(viewer):
     conn.request("GET", "/api/info", headers={"Host": f"evil.example:{port}"})
     response = conn.getresponse()
     assert response.status == 403 and "DNS rebinding" in json.loads(response.read())["error"]
+    for site, status in (("cross-site", 403), ("same-site", 403), ("same-origin", 200), ("none", 200)):
+        assert get(url + "/api/info", {"Sec-Fetch-Site": site})[0] == status, site
+    assert get(url + "/", {"Sec-Fetch-Site": "cross-site"})[0] == 200     # a link from elsewhere opens the page
     names, any_ip = allowed_hosts("0.0.0.0", 80, ["atlas.lab"])
     assert any_ip and host_allowed("192.168.1.20", names, any_ip, 80) and host_allowed("atlas.lab", names, any_ip, 80)
     assert not host_allowed("attacker.example", names, any_ip, 80)

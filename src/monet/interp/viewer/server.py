@@ -22,8 +22,10 @@ Routes (anything else is 404, so no file outside the viewer's own three is ever 
 
 Safety: requests whose Host header is not this server's address (127.0.0.1, localhost, [::1] or the bound
 host, with the bound port, or a name given with --allow-host) are refused with 403, so a page on another
-site cannot read the atlas through DNS rebinding. POST bodies must be JSON (application/json, which a
-cross-site form cannot send without a CORS preflight that this server does not answer), at most 64 KB.
+site cannot read the atlas through DNS rebinding; API requests that a browser marks as coming from another
+site (Sec-Fetch-Site) are refused too, so other pages cannot make the server work for them. POST bodies
+must be JSON (application/json, which a cross-site form cannot send without a CORS preflight that this
+server does not answer), at most 64 KB.
 Bad ids and parameters answer 400 with a message. Every JSON answer passes through `monet.io.printable`,
 so control and bidirectional characters from the corpus arrive as visible symbols; the page builds its
 DOM with textContent only and every response carries a Content-Security-Policy without inline scripts,
@@ -250,6 +252,7 @@ def host_allowed(header: str | None, names: set[str], any_ip: bool, port: int) -
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "monet-view"
+    timeout = 120   # seconds a connection may stay silent (a client that never sends its body is dropped)
 
     def __init__(self, *args, state: ViewerState, **kwargs) -> None:
         self.state = state
@@ -277,13 +280,19 @@ class Handler(BaseHTTPRequestHandler):
 
     def _host_ok(self) -> bool:
         server = self.server
-        if host_allowed(self.headers.get("Host"), server.allowed_names, server.any_ip, server.server_address[1]):
-            return True
-        self._json({"error": f"Host {self.headers.get('Host')!r} is not this viewer's address; open "
-                             f"http://127.0.0.1:{server.server_address[1]}/ (or start the viewer with "
-                             "--allow-host NAME). Other host names are refused to block DNS rebinding."},
-                   HTTPStatus.FORBIDDEN)
-        return False
+        if not host_allowed(self.headers.get("Host"), server.allowed_names, server.any_ip, server.server_address[1]):
+            self._json({"error": f"Host {self.headers.get('Host')!r} is not this viewer's address; open "
+                                 f"http://127.0.0.1:{server.server_address[1]}/ (or start the viewer with "
+                                 "--allow-host NAME). Other host names are refused to block DNS rebinding."},
+                       HTTPStatus.FORBIDDEN)
+            return False
+        # Browsers say where a request comes from: another site may link to the page, not call the API
+        # (which could otherwise make the server run the model for it).
+        site = self.headers.get("Sec-Fetch-Site", "same-origin").strip().lower()
+        if self.path.startswith("/api/") and site not in ("same-origin", "none"):
+            self._json({"error": "the viewer's API answers only its own page"}, HTTPStatus.FORBIDDEN)
+            return False
+        return True
 
     def do_HEAD(self) -> None:
         self.do_GET()

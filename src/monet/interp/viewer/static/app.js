@@ -82,7 +82,7 @@ function tokenSpans(pieces, values, target, max, options) {
     const span = el("span", { cls: i === target ? "tok hit" : "tok", text });
     const value = values ? values[i] : (i === target ? opts.targetValue : null);
     span.title = value === null || value === undefined ? "value not stored" : pct(value);
-    if (values || i === target) heat(span, value, max);
+    if (values || (i === target && value !== null && value !== undefined)) heat(span, value, max);
     box.appendChild(span);
   });
   return box;
