@@ -492,8 +492,9 @@ def fill_values(model: torch.nn.Module, dataset, options: AtlasOptions, windows:
     the score of unit `requests[g][0][r]` at each token around (doc, pos) = requests[g][1:][r].
 
     The windows are batched exactly as in `collect`, and only the batches holding a position of some
-    requested span are run, so every value is the one the first pass computed (positions in windows of
-    other ranks, or outside the planned windows, stay NaN). A unit that is not active on a token gets 0.
+    requested span are run, so every value is the one the first pass computed, up to the order of the sum
+    over heads (positions in windows of other ranks, or outside the planned windows, stay NaN). A unit that
+    is not active on a token gets 0.
     Returns the number of batches run."""
     offsets = np.arange(-CONTEXT_BEFORE, CONTEXT_AFTER + 1)
     keys, orders = [], []
