@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -14,7 +15,10 @@ from atlas_fixtures import OPTIONS, atlas_of, corpus, load, save_run, tiny_confi
 from monet.data import TokenDataset
 from monet.errors import MonetError
 from monet.interp.atlas import (
+    BAND_EDGES,
     BUFFER_ROWS,
+    CONTEXT_AFTER,
+    CONTEXT_BEFORE,
     GroupStats,
     TopK,
     _batches,
@@ -22,6 +26,7 @@ from monet.interp.atlas import (
     collect,
     merge,
     plan_windows,
+    sample_key,
 )
 from monet.interp.criteria import skewness
 from monet.interp.monosemanticity import measure, summarize_atlas
@@ -91,6 +96,60 @@ def test_atlas_equals_brute_force(setup):
             assert len({(c["doc"], c["pos"]) for c in got}) == len(got)
 
 
+def test_values_samples_and_label_counts_equal_brute_force(setup):
+    """Every stored context's per-token values are the expert's scores at those tokens (0 where inactive, None
+    where the build never ran the token); samples are the S largest hash keys of each (expert, band)."""
+    model, _ = load(setup["run"])
+    dataset = TokenDataset(setup["data"], "validation")
+    atlas = Atlas(setup["atlas"], model)
+    assert atlas.version == 2 and atlas.has_values
+    expected, windows = brute_force(model, dataset, OPTIONS)
+    covered = {(int(d), int(s) + t) for d, s, n in windows for t in range(int(n))}
+    labels = dataset.docs[:, 2]
+    samples = atlas.manifest["bands"]["samples"]
+    assert samples == OPTIONS.samples > 0
+    checked = 0
+    for group in atlas.groups:
+        for expert in range(atlas.num_experts):
+            rows = expected[group].get(expert, [])
+            at = {(doc, pos): score for score, doc, pos in rows}
+            stats = atlas.expert(group, expert)
+            want_counts = np.bincount([labels[doc] for _, doc, _ in rows], minlength=len(atlas.labels))
+            assert list(stats["label_count"].values()) == want_counts.tolist()
+            bands = atlas.band_samples(group, expert)
+            contexts = atlas.top_contexts(group, expert) + [c for b in bands for c in b["contexts"]]
+            for ctx in contexts:
+                doc_tokens = dataset.document(ctx["doc"])
+                first = max(0, ctx["pos"] - CONTEXT_BEFORE)
+                last = min(len(doc_tokens), ctx["pos"] + CONTEXT_AFTER + 1)
+                assert len(ctx["values"]) == len(ctx["tokens"]) == last - first
+                for offset, value in enumerate(ctx["values"]):
+                    where = (ctx["doc"], first + offset)
+                    if where not in covered:
+                        assert value is None
+                    else:
+                        want = 100 * at.get(where, 0.0) / atlas.scale
+                        assert value == pytest.approx(want, abs=1e-4), (group, expert, ctx, offset)
+                        checked += 1
+                assert ctx["values"][ctx["target"]] == pytest.approx(ctx["percent"])
+            # Samples: per band with activations, min(S, count) contexts: the largest keys of that band.
+            shares = np.array([score for score, _, _ in rows]) / atlas.scale
+            band_of = np.clip(np.searchsorted(BAND_EDGES, shares, side="right") - 1, 0, len(BAND_EDGES) - 2)
+            assert sum(b["count"] for b in bands) == len(rows)
+            for band in bands:
+                mine = [(score, doc, pos) for (score, doc, pos), b in zip(rows, band_of, strict=True)
+                        if b == band["band"]]
+                assert band["count"] == len(mine) and len(band["contexts"]) == min(samples, len(mine))
+                keys = sample_key(np.array([d for _, d, _ in mine]), np.array([p for _, _, p in mine]),
+                                  np.full(len(mine), expert))
+                best = sorted(zip(-keys, [d for _, d, _ in mine], [p for _, _, p in mine], strict=True))[:samples]
+                assert {(c["doc"], c["pos"]) for c in band["contexts"]} == {(d, p) for _, d, p in best}
+                for c in band["contexts"]:
+                    assert band["low_percent"] <= c["percent"] or band["band"] == 0
+                    assert c["percent"] <= band["high_percent"] + 1e-9
+    assert checked > 1000
+
+
 def test_merge_of_two_shards_equals_one_pass(setup):
     model, _ = load(setup["run"])
     dataset = TokenDataset(setup["data"], "validation")
@@ -104,8 +163,12 @@ def test_merge_of_two_shards_equals_one_pass(setup):
         np.testing.assert_array_equal(merged.count, one.count)
         np.testing.assert_allclose(merged.mass, one.mass, rtol=1e-12)
         np.testing.assert_array_equal(merged.hist, one.hist)
+        np.testing.assert_array_equal(merged.label_count, one.label_count)
         for got, want in zip(merged.top.rows(), one.top.rows(), strict=True):
             np.testing.assert_array_equal(got, want)
+        for got, want in zip(merged.sample.rows(), one.sample.rows(), strict=True):
+            np.testing.assert_array_equal(got, want)
+        assert len(one.sample.rows()[0]) > 0
 
 
 def test_topk_prunes_to_k_with_deterministic_ties(monkeypatch):
@@ -170,7 +233,12 @@ def test_cli_query_and_json(setup, capsys):
 
     assert call("atlas", "query", str(setup["atlas"]), "--expert", "0:1", "--top", "2") == 0
     out = capsys.readouterr().out
-    assert "expert 0:1" in out and "[[" in out and "%" in out and "labels:" in out
+    assert "expert 0:1" in out and "[[" in out and "%" in out and "labels:" in out and "\nband " in out
+    assert call("atlas", "query", str(setup["atlas"]), "--contains", "IN", "--top", "3") == 0
+    out = capsys.readouterr().out
+    assert "vocabulary tokens contain 'IN'" in out and "of its top contexts on" in out
+    assert call("atlas", "query", str(setup["atlas"]), "--contains", "in", "--token", "x") == 2
+    assert "exactly one of" in capsys.readouterr().err
     assert call("atlas", "query", str(setup["atlas"]), "--label", "python", "--json") == 0
     assert isinstance(json.loads(capsys.readouterr().out), list)
     assert call("atlas", "query", str(setup["atlas"]), "--text", "int main(void)", "--run", str(setup["run"])) == 0
@@ -243,3 +311,68 @@ def test_windows_balance_labels_whatever_the_document_lengths():
     per_label = {label: int(windows[docs[windows[:, 0], 2] == label, 2].sum()) for label in (0, 1, 2)}
     assert per_label[2] == 30                       # the small label is covered completely
     assert abs(per_label[0] - per_label[1]) <= 16   # the others share the rest evenly
+
+
+def format1_copy(atlas: Path, out: Path) -> Path:
+    """The atlas as format 1 wrote it: no values, samples, per-label counts or table hashes; 10 histogram bins."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    shutil.copytree(atlas, out)
+    (out / "samples.parquet").unlink()
+    contexts = pq.read_table(out / "contexts.parquet")
+    pq.write_table(contexts.drop_columns(["values"]), out / "contexts.parquet")
+    experts = pq.read_table(out / "experts.parquet")
+    hist = [c for c in experts.column_names if c.startswith("hist_")]
+    coarse = {f"hist_{b:02d}": pc.add(pc.add(experts[hist[4 * b]], experts[hist[4 * b + 1]]),
+                                       pc.add(experts[hist[4 * b + 2]], experts[hist[4 * b + 3]])) for b in range(10)}
+    experts = experts.drop_columns(hist + [c for c in experts.column_names if c.startswith("count_")])
+    for name, column in coarse.items():
+        experts = experts.append_column(name, column)
+    pq.write_table(experts, out / "experts.parquet")
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in ("tables", "bands", "seconds"):
+        manifest.pop(key)
+    manifest.update(format_version=1, hist_edges=BAND_EDGES.tolist())
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_format1_atlases_are_still_read(setup, tmp_path):
+    old = Atlas(format1_copy(setup["atlas"], tmp_path / "v1"))
+    new = Atlas(setup["atlas"])
+    assert old.version == 1 and not old.has_values
+    ctx = old.top_contexts(0, 1)
+    assert [c["tokens"] for c in ctx] == [c["tokens"] for c in new.top_contexts(0, 1)]
+    assert all(c["values"] is None for c in ctx)
+    assert old.band_samples(0, 1) == []
+    stats = old.expert(0, 1)
+    assert stats["label_count"] is None and len(stats["histogram"]["counts"]) == 10
+    assert sum(stats["histogram"]["counts"]) == new.expert(0, 1)["count"]
+
+
+def test_damaged_tables_are_refused_with_the_file_named(setup, tmp_path, capsys):
+    from monet.cli import main
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(setup["atlas"], truncated)
+    data = (truncated / "contexts.parquet").read_bytes()
+    (truncated / "contexts.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(MonetError, match=r"contexts\.parquet is damaged: .* bytes where the build wrote"):
+        Atlas(truncated)
+    flipped = tmp_path / "flipped"
+    shutil.copytree(setup["atlas"], flipped)
+    data = bytearray((flipped / "experts.parquet").read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    (flipped / "experts.parquet").write_bytes(bytes(data))
+    with pytest.raises(MonetError, match=r"experts\.parquet is damaged: its SHA-256 differs"):
+        Atlas(flipped)
+    old = format1_copy(setup["atlas"], tmp_path / "old")   # format 1 has no hashes: the Parquet footer is checked
+    data = (old / "vocab.parquet").read_bytes()
+    (old / "vocab.parquet").write_bytes(data[:-20])
+    with pytest.raises(MonetError, match=r"vocab\.parquet is not a readable Parquet file"):
+        Atlas(old)
+    for argv in (["atlas", "query", str(truncated), "--expert", "0:1"], ["view", str(truncated), "--port", "0"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "contexts.parquet is damaged" in err and "Traceback" not in err

@@ -1,140 +1,343 @@
-"""The viewer: only its own routes, JSON endpoints, and what a person sees in headless Chromium."""
+"""The viewer: only its own routes, JSON endpoints, hardening, and what a person sees in headless Chromium.
+
+Set MONET_SCREENSHOT=DIR to keep a full-page PNG of every page the browser tests visit."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
-from atlas_fixtures import (
-    HOSTILE,
-    OPTIONS,
-    atlas_of,
-    corpus,
-    hostile_dataset,
-    save_run,
-    tiny_config,
-)
+import torch
+from atlas_fixtures import HOSTILE, corpus, tiny_config
 
+import monet
+from monet.checkpoint import load_checkpoint, save_checkpoint
+from monet.data import TokenDataset, load_tokenizer
+from monet.data.storage import write_split
+from monet.edits import ExpertEdits, edited
+from monet.generate import generate_text
+from monet.interp.atlas import AtlasOptions, build_atlas
+from monet.interp.export import expert_page
 from monet.interp.query import Atlas
-from monet.interp.viewer.server import make_server
+from monet.interp.viewer.server import ViewerState, allowed_hosts, host_allowed, make_server
+from monet.io import printable
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+RTL = "x = 1; // \u202eevil\x1b[2J tail"          # a right-to-left override and an ESC inside a context
+EVIL_LABEL = "\u202eevil"                          # shows as "live" if the override were interpreted
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+
+
+def viewer_dataset(data: Path, out: Path) -> Path:
+    """Hostile documents (HTML, an RTL override and an ESC) plus the start of every validation document of the
+    code corpus; the label "c" is renamed to one holding U+202E."""
+    if (out / "manifest.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(data / name, out / name)
+    manifest = json.loads((data / "manifest.json").read_text())
+    tokenizer = load_tokenizer(data)
+    labels = manifest["labels"]
+
+    def doc(text: str) -> list[int]:
+        return [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+
+    docs = [doc(HOSTILE[0]) * 3, doc(HOSTILE[1]) * 3, doc(RTL * 4)]
+    doc_labels = [labels.index("javascript"), labels.index("c"), labels.index("javascript")]
+    source = TokenDataset(data, "validation")
+    for i in range(source.num_documents):
+        docs.append([int(t) for t in source.document(i)[:700]])
+        doc_labels.append(int(source.docs[i, 2]))
+    for split in ("train", "validation"):
+        write_split(out, split, docs, doc_labels, [{"source": "test"} for _ in docs], manifest["vocab_size"])
+    manifest["labels"] = [EVIL_LABEL if label == "c" else label for label in labels]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def calibrated_run(path: Path, data: Path) -> Path:
+    """A tiny untrained model whose router BatchNorm statistics were estimated on the corpus (forward passes in
+    training mode, no weight update), so its experts fire with varied scores as a trained model's do."""
+    if (path / "checkpoints").is_dir():
+        return path
+    torch.manual_seed(0)
+    model = monet.MonetForCausalLM(tiny_config())
+    dataset = TokenDataset(data, "train")
+    tokens = np.asarray(dataset.tokens[:32 * 64], dtype=np.int64).reshape(32, 64)
+    model.train()
+    with torch.no_grad():
+        for batch in torch.from_numpy(tokens).split(8):
+            for _ in range(3):
+                model(batch)
+    model.eval()
+    save_checkpoint(path, 1, model, tokenizer_dir=data)
+    return path
+
+
+def give_a_piece_an_rtl_override(atlas: Path) -> None:
+    """Byte-level BPE splits U+202E into three byte tokens that each decode to U+FFFD on their own, so corpus
+    text can bring it into a context only through a vocabulary piece that holds it (as a large vocabulary
+    can). Give the activating token of the busiest expert such a piece, and record the new table's hash."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from monet.io import sha256_file, write_json
+
+    reader = Atlas(atlas)
+    group, expert = busiest(reader)
+    token = reader.top_contexts(group, expert, 1)[0]["token"]
+    table = pq.read_table(atlas / "vocab.parquet")
+    pieces = table.column("piece").to_pylist()
+    pieces[token] = "\u202e" + pieces[token] + "\x1b]0;pwned\x07"
+    pq.write_table(table.set_column(1, "piece", pa.array(pieces, pa.string())), atlas / "vocab.parquet")
+    manifest = json.loads((atlas / "manifest.json").read_text())
+    manifest["tables"]["vocab.parquet"] = {"bytes": (atlas / "vocab.parquet").stat().st_size,
+                                           "sha256": sha256_file(atlas / "vocab.parquet")}
+    write_json(atlas / "manifest.json", manifest)
 
 
 @pytest.fixture(scope="module")
 def viewer(tmp_path_factory: pytest.TempPathFactory):
-    """A server on a free port over an atlas built from a corpus with hostile HTML in its documents."""
+    """Servers on free ports over an atlas of a hostile corpus: one with the model (`--run`), one without."""
     base = tmp_path_factory.getbasetemp()
     data = corpus(base)
     work = tmp_path_factory.mktemp("viewer")
-    hostile = hostile_dataset(data, work / "hostile-data")
-    run = save_run(work / "run", tiny_config(), data, seed=0)
-    atlas = Atlas(atlas_of(run, hostile, work / "atlas", OPTIONS.__class__(max_tokens=None, top_k=5, seq_len=32)))
-    server = make_server(atlas, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    host, port = server.server_address[:2]
-    yield {"url": f"http://{host}:{port}", "atlas": atlas, "work": work}
-    server.shutdown()
-    server.server_close()
+    hostile = viewer_dataset(data, work / "hostile-data")
+    run = calibrated_run(work / "run", data)
+    model, tokenizer = load_checkpoint(run)
+    build_atlas(model, tokenizer, hostile, work / "atlas",
+                AtlasOptions(max_tokens=None, top_k=5, seq_len=32, batch_size=8, samples=3), progress=False)
+    give_a_piece_an_rtl_override(work / "atlas")
+    atlas = Atlas(work / "atlas", model)
+    servers = {"url": make_server(atlas, "127.0.0.1", 0, model, tokenizer),
+               "bare": make_server(Atlas(work / "atlas"), "127.0.0.1", 0)}
+    out = {"atlas": atlas, "work": work, "model": model, "tokenizer": tokenizer, "servers": servers}
+    for name, server in servers.items():
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        host, port = server.server_address[:2]
+        out[name] = f"http://{host}:{port}"
+    yield out
+    for server in servers.values():
+        server.shutdown()
+        server.server_close()
 
 
-def get(url: str) -> tuple[int, bytes, dict]:
+def get(url: str, headers: dict | None = None) -> tuple[int, bytes, dict]:
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=60) as response:
             return response.status, response.read(), dict(response.headers)
     except urllib.error.HTTPError as error:
         return error.code, error.read(), dict(error.headers)
 
 
-def hostile_expert(atlas: Atlas) -> tuple[int, int]:
-    """An expert whose top contexts show a `<script` piece."""
+def post(url: str, body, content_type: str = "application/json") -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def expert_showing(atlas: Atlas, text: str) -> tuple[int, int]:
+    """An expert whose top contexts show `text`."""
     for group in atlas.groups:
         for expert in range(atlas.num_experts):
             for ctx in atlas.top_contexts(group, expert):
-                if "<script" in "".join(ctx["pieces"]):
+                if text in "".join(ctx["pieces"]):
                     return group, expert
-    raise AssertionError("no context shows the hostile text")
+    raise AssertionError(f"no top context shows {text!r}")
 
+
+def busiest(atlas: Atlas) -> tuple[int, int]:
+    every = [(g, e) for g in atlas.groups for e in range(atlas.num_experts)]
+    return max(every, key=lambda ge: atlas.expert(*ge)["count"])
+
+
+def a_substring(atlas: Atlas) -> str:
+    """Two letters of a vocabulary piece that some top context activates on."""
+    for group in atlas.groups:
+        for expert in range(atlas.num_experts):
+            for ctx in atlas.top_contexts(group, expert):
+                piece = atlas.piece(ctx["token"]).strip()
+                if len(piece) >= 3 and piece.isascii() and piece.isalpha():
+                    return piece[1:3]
+    raise AssertionError("no alphabetic token in the top contexts")
+
+
+def snap(page, name: str) -> None:
+    """A full-page screenshot under $MONET_SCREENSHOT (a directory, or a file name whose stem prefixes them)."""
+    where = os.environ.get("MONET_SCREENSHOT")
+    if not where:
+        return
+    target = Path(where)
+    path = target.with_name(f"{target.stem}-{name}.png") if target.suffix == ".png" else target / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path), full_page=True)
+
+
+# ------------------------------------------------------------------------------------------------ JSON
 
 def test_routes_and_json(viewer):
-    url = viewer["url"]
+    url, atlas = viewer["url"], viewer["atlas"]
     status, body, headers = get(url + "/")
     assert status == 200 and b"/static/app.js" in body and "script-src 'self'" in headers["Content-Security-Policy"]
     assert get(url + "/static/app.js")[0] == 200 and get(url + "/static/style.css")[0] == 200
     for bad in ("/etc/passwd", "/static/../server.py", "/static/%2e%2e/server.py", "/static/server.py",
-                "/api/nothing", "/api/expert/0", "/../../pyproject.toml"):
+                "/api/nothing", "/api/expert/0", "/../../pyproject.toml", "/api/export/0"):
         assert get(url + bad)[0] == 404, bad
     status, body, _ = get(url + "/api/expert/0/999999")
     assert status == 400 and "unknown expert" in json.loads(body)["error"]
-    assert get(url + "/api/expert/x/1")[0] == 400
     info = json.loads(get(url + "/api/info")[1])
-    assert info["groups"] == [0, 1] and info["experts"] == 64
-    data = json.loads(get(url + "/api/expert/0/1")[1])
-    assert {"contexts", "label_share", "histogram", "count"} <= set(data)
+    assert info["groups"] == [0, 1] and info["experts"] == 64 and info["has_model"] and info["has_values"]
+    group, expert = busiest(atlas)
+    data = json.loads(get(url + f"/api/expert/{group}/{expert}")[1])
+    assert {"contexts", "bands", "label_share", "label_count", "histogram", "histogram_view", "count",
+            "logits"} <= set(data)
+    ctx = data["contexts"][0]
+    assert len(ctx["values"]) == len(ctx["pieces"]) and ctx["values"][ctx["target"]] == pytest.approx(ctx["percent"])
+    assert sum(data["label_count"].values()) == data["count"] == sum(band["count"] for band in data["bands"])
+    view = data["histogram_view"]
+    assert sum(view["counts"]) == data["count"] and len(view["counts"]) <= 16
+    assert view["counts"][0] and view["counts"][-1]
     pick = json.loads(get(url + "/api/random")[1])
     assert 0 <= pick["expert"] < 64
-    assert isinstance(json.loads(get(url + "/api/token?q=%3C")[1]), list)
-    assert isinstance(json.loads(get(url + "/api/label/javascript")[1]), list)
+    found = json.loads(get(url + "/api/token?q=%3C")[1])
+    assert found["match"] == "exact" and isinstance(found["experts"], list)
+    needle = a_substring(atlas)
+    loose = json.loads(get(url + f"/api/token?q={needle.upper()}&match=substring")[1])   # case-insensitive
+    assert loose["tokens"] >= 1 and loose["experts"]
+    assert all(any(needle.lower() in p.lower() for p in r["pieces"]) for r in loose["experts"])
+    assert "no vocabulary token contains" in json.loads(get(url + "/api/token?q=%E2%98%83&match=substring")[1])["error"]
+    label = json.loads(get(url + "/api/label/javascript?min_count=3")[1])
+    assert all(r["count"] >= 3 and r["label_count"] is not None for r in label["experts"]) and label["min_count"] == 3
+    many = json.loads(get(url + "/api/label/javascript?min_count=1")[1])["experts"]
+    assert len(many) >= len(label["experts"])
+    doc = json.loads(get(url + f"/api/document/{ctx['doc']}/{ctx['pos']}?group={group}&expert={expert}")[1])
+    assert doc["pieces"][doc["target"]] == ctx["pieces"][ctx["target"]]
+    assert doc["values"][doc["target"]] == pytest.approx(ctx["percent"], abs=1e-3)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
-def test_expert_page_in_headless_chromium(viewer):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    group, expert = hostile_expert(viewer["atlas"])
-    profile = viewer["work"] / "chromium-profile"
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-    with sync_api.sync_playwright() as p:
-        # A fresh profile directory (Playwright passes it as --user-data-dir).
-        browser = p.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, args=args,
-                                                       headless=True, timeout=120_000)
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(60_000)   # generous: CI machines can be busy
-            errors = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(f"{viewer['url']}/#/expert/{group}/{expert}")
-            page.wait_for_selector("#contexts tr")
-            assert page.inner_text("#expert-title") == f"Group {group} / Expert {expert}"
-            rows = page.locator("#contexts tr")
-            assert rows.count() >= 1
-            text = page.inner_text("#contexts")
-            assert "<script" in text                         # shown as literal text ...
-            assert page.evaluate("typeof window.__pwned") == "undefined"   # ... and never run
-            assert page.locator("#contexts script, #contexts img").count() == 0
-            assert page.locator("mark.hit").count() == rows.count()
-            first = rows.first.locator("td.pct").inner_text()
-            assert first.endswith("%") and float(first[:-1]) > 0
-            assert page.locator("#labels .bar").count() == len(viewer["atlas"].labels)
-            if os.environ.get("MONET_SCREENSHOT"):
-                page.screenshot(path=os.environ["MONET_SCREENSHOT"], full_page=True)
-            # Navigation by URL: another expert, then a token search.
-            page.goto(f"{viewer['url']}/#/expert/1/3")
-            page.wait_for_selector("#expert-title:text-is('Group 1 / Expert 3')")   # (CSP forbids eval'd waits)
-            assert page.input_value("#expert") == "3" and page.input_value("#group") == "1"
-            page.click("#random")
-            page.wait_for_url(lambda u: "#/expert/" in u and not u.endswith("#/expert/1/3"))
-            page.goto(f"{viewer['url']}/#/token/%3C")
-            page.wait_for_selector("main h2:has-text('Experts of the token')")
-            assert page.locator("ul.experts li a").count() >= 1
-            page.goto(f"{viewer['url']}/#/expert/0/999999")
-            page.wait_for_selector("main .error")
-            assert "unknown expert" in page.inner_text("main .error")
-            assert errors == [] and page.evaluate("typeof window.__pwned") == "undefined"
-        finally:
-            browser.close()
+def test_export_link_is_the_cli_export(viewer, tmp_path):
+    from monet.cli import main
+
+    group, expert = busiest(viewer["atlas"])
+    status, body, headers = get(viewer["bare"] + f"/api/export/{group}/{expert}")
+    assert status == 200 and f"monet-expert-{group}-{expert}.json" in headers["Content-Disposition"]
+    out = tmp_path / "e.json"
+    argv = ["atlas", "export", str(viewer["work"] / "atlas"), "--expert", f"{group}:{expert}", "--out", str(out)]
+    assert main(argv) == 0
+    assert json.loads(body) == json.loads(out.read_text())
+    page = expert_page(viewer["atlas"], group, expert)
+    act = page["activations"][0]
+    assert act["values"][act["maxValueTokenIndex"]] == pytest.approx(act["maxValue"])
+    assert sum(1 for v in act["values"] if v) >= 1 and page["monet"]["bands"][0]["activations"]
 
 
-def test_hostile_text_is_in_the_atlas(viewer):
-    pieces = "".join("".join(c["pieces"]) for c in viewer["atlas"].top_contexts(*hostile_expert(viewer["atlas"])))
-    assert "<script" in pieces and any("<script>" in h for h in HOSTILE)
+def test_model_endpoints(viewer):
+    url, atlas = viewer["url"], viewer["atlas"]
+    group, expert = busiest(atlas)
+    text = "int main(void) { return 0; }"
+    status, out = post(url + "/api/activation", {"group": group, "expert": expert, "text": text})
+    assert status == 200 and len(out["pieces"]) == len(out["values"]) > 3 and out["max"] == max(out["values"])
+    # The same numbers as the atlas: run on a stored context's own prefix.
+    ctx = atlas.top_contexts(group, expert, 1)[0]
+    text = viewer["tokenizer"].decode(ctx["tokens"][:ctx["target"] + 1])
+    status, out = post(url + "/api/activation", {"group": group, "expert": expert, "text": text})
+    assert status == 200
+    similar = json.loads(get(url + f"/api/similar/{group}/{expert}")[1])
+    rows = similar["experts"]
+    assert rows and all(r["expert"] != expert for r in rows) and rows[0]["contexts"] <= similar["contexts"]
+    assert [r["contexts"] for r in rows] == sorted((r["contexts"] for r in rows), reverse=True)
+    assert any(isinstance(r["cosine"], float) and -1 <= r["cosine"] <= 1 for r in rows)
+    # Steering on the context's own prefix (where the expert fires): scaled by 1000 the continuation changes;
+    # it is the model's own greedy continuation with the edit, and the edit is undone afterwards.
+    prompt = viewer["tokenizer"].decode(ctx["tokens"][:ctx["target"] + 1])
+    status, steer = post(url + "/api/steer", {"group": group, "expert": expert, "alpha": 1000, "prompt": prompt,
+                                              "max_new_tokens": 8})
+    assert status == 200 and steer["decoding"] == "greedy" and steer["steered"] != steer["unsteered"]
+    model, tokenizer = viewer["model"], viewer["tokenizer"]
+    assert steer["unsteered"] == printable(generate_text(model, tokenizer, prompt, greedy=True, max_new_tokens=8)[0])
+    with edited(model, ExpertEdits().scale(group, expert, 1000)):
+        assert steer["steered"] == printable(generate_text(model, tokenizer, prompt, greedy=True, max_new_tokens=8)[0])
+    again = post(url + "/api/steer", {"group": group, "expert": expert, "alpha": 1, "prompt": prompt,
+                                      "max_new_tokens": 8})[1]
+    assert again["steered"] == again["unsteered"] == steer["unsteered"]   # alpha 1 changes nothing; edits undone
+    for body, status_code, message in (
+            ({"group": group, "expert": expert, "text": ""}, 400, "give some text"),
+            ({"group": group, "expert": expert, "text": "x" * 5000}, 400, "limit is 2,000"),
+            ({"group": group, "expert": 10**6, "text": "x"}, 400, "unknown expert"),
+            ({"group": "0", "expert": expert, "text": "x"}, 400, "group must be a non-negative integer"),
+            ([1, 2], 400, "must be a JSON object")):
+        status, out = post(url + "/api/activation", body)
+        assert status == status_code and message in out["error"], (body, out)
+    assert post(url + "/api/activation", b"{not json")[0] == 400
+    assert post(url + "/api/activation", b"text=x", "application/x-www-form-urlencoded")[0] == 415
+    assert post(url + "/api/activation", b"x" * 70000)[0] == 413
+    assert post(url + "/api/steer", {"group": group, "expert": expert, "alpha": float("1e9"), "prompt": "a"})[0] == 400
+    assert post(url + "/api/nothing", {})[0] == 404
+    # Without the model: a clear message, not a failure.
+    bare = viewer["bare"]
+    status, out = post(bare + "/api/activation", {"group": group, "expert": expert, "text": "int"})
+    assert status == 400 and "needs the model" in out["error"] and "--run" in out["error"]
+    assert "needs the model" in json.loads(get(bare + f"/api/similar/{group}/{expert}")[1])["error"]
+
+
+@pytest.mark.parametrize("bad", ["%C2%B2", "-1", "99999999999999999999", "1e3", "%20%201", "0x1", "%EF%BC%91", "1.0"])
+def test_bad_ids_answer_400(viewer, bad):
+    """"²".isdigit() is True in Python and int("９") works: ids must be plain ASCII digits, else 400."""
+    url = viewer["bare"]
+    for path in (f"/api/expert/{bad}/1", f"/api/expert/0/{bad}", f"/api/random?group={bad}", f"/api/export/0/{bad}",
+                 f"/api/document/{bad}/0", f"/api/label/javascript?min_count={bad}"):
+        status, body, _ = get(url + path)
+        assert status == 400 and "must be a non-negative integer" in json.loads(body)["error"], path
+
+
+def raw_request(url: str, host: str | None, method: str = "GET", path: str = "/api/info") -> int:
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        head = f"{method} {path} HTTP/1.1\r\n" + (f"Host: {host}\r\n" if host is not None else "") + \
+               "Connection: close\r\n\r\n"
+        sock.sendall(head.encode())
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return int(reply.split(b" ", 2)[1])
+
+
+def test_host_header_blocks_dns_rebinding(viewer):
+    url = viewer["bare"]
+    port = int(url.rsplit(":", 1)[1])
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LOCALHOST:{port}"):
+        assert raw_request(url, host) == 200, host
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}", "127.0.0.1", f"localhost.evil:{port}",
+                 f"127.0.0.1.nip.io:{port}", "", None, f"[::1]:{port}:1"):
+        assert raw_request(url, host) == 403, host
+    assert raw_request(url, f"evil.example:{port}", path="/") == 403   # the page too, not only the API
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/api/info", headers={"Host": f"evil.example:{port}"})
+    response = conn.getresponse()
+    assert response.status == 403 and "DNS rebinding" in json.loads(response.read())["error"]
+    for site, status in (("cross-site", 403), ("same-site", 403), ("same-origin", 200), ("none", 200)):
+        assert get(url + "/api/info", {"Sec-Fetch-Site": site})[0] == status, site
+    assert get(url + "/", {"Sec-Fetch-Site": "cross-site"})[0] == 200     # a link from elsewhere opens the page
+    names, any_ip = allowed_hosts("0.0.0.0", 80, ["atlas.lab"])
+    assert any_ip and host_allowed("192.168.1.20", names, any_ip, 80) and host_allowed("atlas.lab", names, any_ip, 80)
+    assert not host_allowed("attacker.example", names, any_ip, 80)
+    names, any_ip = allowed_hosts("127.0.0.1", 8765)
+    assert not any_ip and not host_allowed("192.168.1.20:8765", names, any_ip, 8765)
 
 
 def test_view_refuses_a_busy_port(viewer):
@@ -148,4 +351,229 @@ def test_view_refuses_a_busy_port(viewer):
 def test_static_files_are_package_data():
     static = Path(__file__).parents[1] / "src" / "monet" / "interp" / "viewer" / "static"
     assert {p.name for p in static.iterdir()} >= {"index.html", "app.js", "style.css"}
-    assert "innerHTML" not in (static / "app.js").read_text().replace("never innerHTML", "")
+    script = (static / "app.js").read_text()
+    assert "innerHTML" not in script.replace("never innerHTML", "") and "insertAdjacentHTML" not in script
+    assert "eval(" not in script and "document.write" not in script
+
+
+def test_hostile_text_is_in_the_atlas(viewer):
+    atlas = viewer["atlas"]
+    pieces = "".join("".join(c["pieces"]) for c in atlas.top_contexts(*expert_showing(atlas, "<script")))
+    assert "<script" in pieces and any("<script>" in h for h in HOSTILE)
+    assert EVIL_LABEL in atlas.labels
+    assert expert_showing(atlas, "\u202e") and expert_showing(atlas, "\x1b")
+
+
+# --------------------------------------------------------------------------------------------- browser
+
+@pytest.fixture(scope="module")
+def browser(viewer):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with sync_api.sync_playwright() as p:
+        # A fresh profile directory (Playwright passes it as --user-data-dir).
+        context = p.chromium.launch_persistent_context(str(viewer["work"] / "chromium-profile"),
+                                                       executable_path=CHROMIUM, args=args, headless=True,
+                                                       timeout=120_000, viewport={"width": 1280, "height": 900})
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture
+def page(browser):
+    page = browser.new_page()
+    page.set_default_timeout(60_000)   # generous: CI machines can be busy
+    page.errors = []
+    page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+    yield page
+    assert page.errors == [] and page.evaluate("typeof window.__pwned") == "undefined"
+    page.close()
+
+
+@needs_chromium
+def test_expert_page_in_headless_chromium(viewer, page):
+    atlas = viewer["atlas"]
+    group, expert = expert_showing(atlas, "<script")
+    page.goto(f"{viewer['bare']}/#/expert/{group}/{expert}")
+    page.wait_for_selector("#contexts tr")
+    assert page.inner_text("#expert-title") == f"Group {group} / Expert {expert}"
+    rows = page.locator("#contexts tr")
+    assert rows.count() >= 1
+    text = page.inner_text("#contexts")
+    assert "<script" in text                         # shown as literal text ...
+    assert page.locator("#contexts script, #contexts img").count() == 0   # ... and never run
+    assert page.locator("#contexts .tok.hit").count() == rows.count()
+    first = rows.first.locator("td.pct").inner_text()
+    assert first.endswith("%") and float(first[:-1]) > 0
+    assert page.locator("#labels .bar").count() == len(atlas.labels)
+    snap(page, "expert-hostile")
+    # Navigation by URL: another expert, then a token search.
+    page.goto(f"{viewer['bare']}/#/expert/1/3")
+    page.wait_for_selector("#expert-title:text-is('Group 1 / Expert 3')")   # (CSP forbids eval'd waits)
+    assert page.input_value("#expert") == "3" and page.input_value("#group") == "1"
+    page.click("#random")
+    page.wait_for_url(lambda u: "#/expert/" in u and not u.endswith("#/expert/1/3"))
+    page.goto(f"{viewer['bare']}/#/token/%3C")
+    page.wait_for_selector("main h2:has-text('Experts of the token')")
+    assert page.locator("ul.experts li a").count() >= 1
+    page.goto(f"{viewer['bare']}/#/expert/0/999999")
+    page.wait_for_selector("main .error")
+    assert "unknown expert" in page.inner_text("main .error")
+
+
+@needs_chromium
+def test_values_bands_labels_histogram_and_export_in_chromium(viewer, page):
+    atlas = viewer["atlas"]
+    group, expert = busiest(atlas)
+    stats = atlas.expert(group, expert)
+    page.goto(f"{viewer['bare']}/#/expert/{group}/{expert}")
+    page.wait_for_selector("#contexts tr")
+    # Per-token values: every token has a value as its title and the tokens where the expert fires are coloured.
+    first = page.locator("#contexts tr").first
+    ctx = atlas.top_contexts(group, expert, 1)[0]
+    tokens = first.locator(".tok")
+    assert tokens.count() == len(ctx["pieces"])
+    titles = [tokens.nth(i).get_attribute("title") for i in range(tokens.count())]
+    want = ["value not stored" if v is None else ("0%" if v == 0 else None) for v in ctx["values"]]
+    assert all(w is None or t == w for t, w in zip(titles, want, strict=True))
+    coloured = [tokens.nth(i).evaluate("n => getComputedStyle(n).backgroundColor") for i in range(tokens.count())]
+    assert sum(c != "rgba(0, 0, 0, 0)" for c in coloured) == sum(1 for v in ctx["values"] if v)
+    assert page.locator(".legend .scale").count() == 1
+    # Examples by activation band, with their share of the expert's activations.
+    bands = atlas.band_samples(group, expert)
+    assert page.locator("#bands h4.band").count() == len(bands)
+    assert sum(b["count"] for b in bands) == stats["count"]
+    assert page.locator("#bands table tr").count() == sum(len(b["contexts"]) for b in bands)
+    # Label bars with counts; a histogram whose bins come from the data (no empty bins at the ends).
+    label_text = page.inner_text("#labels")
+    for label, n in stats["label_count"].items():
+        if n:
+            assert f"{n:,} act." in label_text, label
+    hist = page.locator("#histogram .val")
+    values = [int(hist.nth(i).inner_text().replace(",", "")) for i in range(hist.count())]
+    assert sum(values) == stats["count"] and values[0] > 0 and values[-1] > 0 and len(values) <= 16
+    assert page.get_attribute("#export", "href") == f"/api/export/{group}/{expert}"
+    assert page.locator("#needs-model").count() == 1           # no model: says how to get the model features
+    snap(page, "expert-values-bands")
+    # Document view around a context.
+    first.locator("td.doc a").click()
+    page.wait_for_selector("#document .hit")
+    shown = printable(ctx["pieces"][ctx["target"]]).replace("\n", "\u21b5").replace("\t", "\u2192")
+    assert page.locator("#document .hit").inner_text().replace("\n", "") == shown
+    assert page.locator("#document .tok").count() > len(ctx["pieces"])
+    snap(page, "document-bare")
+    # Search: exact token and substring; specialists with a minimum count.
+    needle = a_substring(atlas)
+    page.fill("#token", needle)
+    page.select_option("#match", "substring")
+    page.click("#search button[type=submit]")
+    page.wait_for_selector("main h2:has-text('tokens containing')")
+    assert page.locator("ul.experts li").count() >= 1
+    page.select_option("#label", "javascript")
+    page.fill("#min-count", "3")
+    page.click("#bylabel")
+    page.wait_for_selector("main h2:has-text('most specific to')")
+    assert page.url.endswith("#/label/javascript/3")
+    counts = [int(t.split(" activations")[0].split("· ")[-1].replace(",", ""))
+              for t in page.locator("ul.experts li").all_inner_texts()]
+    assert counts and min(counts) >= 3
+    snap(page, "specialists")
+
+
+@needs_chromium
+def test_model_features_in_chromium(viewer, page):
+    """Test activation on typed text, similar experts, steering side by side, a document coloured by values."""
+    atlas = viewer["atlas"]
+    group, expert = busiest(atlas)
+    page.goto(f"{viewer['url']}/#/expert/{group}/{expert}")
+    page.wait_for_selector("#similar-table tr td a")
+    assert page.locator("#similar-table tr").count() >= 2
+    page.fill("#probe-text", "int main(void) { return 0; } <script>window.__pwned = 3</script>")
+    page.click("#probe-run")
+    page.wait_for_selector("#probe-out .tok")
+    assert page.locator("#probe-out .tok").count() > 5 and "<script>" in page.inner_text("#probe-out")
+    assert all(t.endswith("%") for t in (page.locator("#probe-out .tok").nth(i).get_attribute("title")
+                                         for i in range(page.locator("#probe-out .tok").count())))
+    ctx = atlas.top_contexts(group, expert, 1)[0]
+    prompt = viewer["tokenizer"].decode(ctx["tokens"][:ctx["target"] + 1])
+    page.fill("#steer-prompt", prompt)
+    page.fill("#steer-alpha", "1000")
+    page.fill("#steer-tokens", "8")
+    page.click("#steer-run")
+    page.wait_for_selector("#steer-steered")
+    plain, steered = page.inner_text("#steer-plain"), page.inner_text("#steer-steered")
+    assert plain != steered and plain[:5] == steered[:5] == printable(prompt)[:5]
+    snap(page, "expert-model")
+    page.fill("#probe-text", "")
+    page.click("#probe-run")
+    page.wait_for_selector("#probe-out .error")
+    page.goto(f"{viewer['url']}/#/doc/{ctx['doc']}/{ctx['pos']}/{group}/{expert}")
+    page.wait_for_selector("#document .hit")
+    hit = page.locator("#document .hit")
+    assert float(hit.get_attribute("title")[:-1]) == pytest.approx(ctx["percent"], rel=1e-2)
+    assert hit.evaluate("n => getComputedStyle(n).backgroundColor") != "rgba(0, 0, 0, 0)"
+    snap(page, "document-model")
+
+
+@needs_chromium
+def test_control_and_bidi_characters_stay_visible_in_chromium(viewer, page):
+    atlas = viewer["atlas"]
+    group, expert = expert_showing(atlas, "\u202e")
+    page.goto(f"{viewer['bare']}/#/expert/{group}/{expert}")
+    page.wait_for_selector("#contexts tr")
+    text = page.inner_text("#contexts")
+    body = page.inner_text("body")
+    assert "⟨U+202E⟩" in text and "\u202e" not in body and "\x1b" not in body
+    assert ("\u241b" in text) == any("\x1b" in "".join(c["pieces"]) for c in atlas.top_contexts(group, expert))
+    # The label named with U+202E: visible in the label list, the bars and the specialists page.
+    options = page.locator("#label option").all_inner_texts()
+    assert "⟨U+202E⟩evil" in options and "\u202eevil" not in options
+    assert "⟨U+202E⟩evil" in page.inner_text("#labels")
+    snap(page, "bidi-expert")
+    page.select_option("#label", "⟨U+202E⟩evil")
+    page.click("#bylabel")
+    page.wait_for_selector("main h2:has-text('most specific to')")
+    assert "⟨U+202E⟩evil" in page.inner_text("main h2") and page.locator("main .error").count() == 0
+    # A hostile address cannot smuggle bidi characters into the page either.
+    page.goto(f"{viewer['bare']}/#/token/%E2%80%AEevil")
+    page.wait_for_selector("main h2, main .error")
+    assert "\u202e" not in page.inner_text("body")
+    group, expert = expert_showing(atlas, "\x1b")
+    page.goto(f"{viewer['bare']}/#/expert/{group}/{expert}")
+    page.wait_for_selector("#contexts tr")
+    assert "\u241b" in page.inner_text("#contexts") and "\x1b" not in page.inner_text("body")
+
+
+@needs_chromium
+@pytest.mark.parametrize("fragment, message", [
+    ("#/expert/%E0%A4%A", "malformed"), ("#/expert/%C2%B2/1", "not a valid group"), ("#/expert/0/-1", "not a valid"),
+    ("#/nowhere", "There is no page"), ("#/expert/0", "There is no page"), ("#/doc/x/1", "not a valid document")])
+def test_malformed_fragments_show_a_message(viewer, page, fragment, message):
+    page.goto(f"{viewer['bare']}/{fragment}")
+    page.wait_for_selector("main .error")
+    assert message in page.inner_text("main .error")
+
+
+@needs_chromium
+def test_a_slow_answer_never_replaces_a_newer_page(viewer, page, monkeypatch):
+    """The cause of a flaky wait for 'Experts of the token': the expert page of an earlier navigation (the
+    random button) arrived after the token page and replaced it. Pages now render only if still current."""
+    original = ViewerState.expert
+
+    def slow(self, group, expert):
+        time.sleep(1.5)
+        return original(self, group, expert)
+
+    monkeypatch.setattr(ViewerState, "expert", slow)
+    page.goto(f"{viewer['bare']}/#/expert/0/1")
+    page.wait_for_timeout(200)                      # the slow expert request is in flight
+    page.goto(f"{viewer['bare']}/#/token/%3C")
+    page.wait_for_selector("main h2:has-text('Experts of the token')")
+    page.wait_for_timeout(2500)                     # the expert answer has arrived by now ...
+    assert page.locator("main h2:has-text('Experts of the token')").count() == 1   # ... and was not shown
+    assert page.locator("#expert-title").count() == 0

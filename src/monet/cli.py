@@ -151,6 +151,11 @@ def run_atlas_query(cmd: S.AtlasQuery) -> None:
                   f"mean score {result['mean_score']:.4f}, max {result['max_percent']:.1f}%",
                   "labels: " + ", ".join(f"{label} {100 * share:.1f}%" for label, share in shares)]
         lines += [f"  {ctx['percent']:6.2f}%  {ctx['label']:<12} {format_context(ctx)}" for ctx in result["contexts"]]
+        result["bands"] = atlas.band_samples(group, expert)
+        for band in result["bands"]:
+            lines.append(f"band {band['low_percent']:.3g}-{band['high_percent']:.3g}%: {100 * band['share']:.1f}% of "
+                         f"its activations ({band['count']:,}), e.g.")
+            lines += [f"  {ctx['percent']:6.2f}%  {ctx['label']:<12} {format_context(ctx)}" for ctx in band["contexts"]]
         if "logits" in result:
             lines += ["promotes:   " + " ".join(repr(t) for t in result["logits"]["pos_str"]),
                       "suppresses: " + " ".join(repr(t) for t in result["logits"]["neg_str"])]
@@ -159,6 +164,11 @@ def run_atlas_query(cmd: S.AtlasQuery) -> None:
         lines += [f"  {r['id']:>14}  {r['contexts']} of its top contexts on {r['piece']!r}, "
                   f"best {r['max_percent']:.1f}%"
                   for r in result] or [f"no expert has {cmd.token!r} among its top contexts"]
+    elif cmd.contains is not None:
+        result = atlas.experts_for_substring(cmd.contains, cmd.top)
+        lines.append(f"{result['tokens']:,} vocabulary tokens contain {cmd.contains!r}")
+        lines += [f"  {r['id']:>14}  {r['contexts']} of its top contexts on "
+                  f"{', '.join(repr(p) for p in r['pieces'])}, best {r['max_percent']:.1f}%" for r in result["experts"]]
     elif cmd.label is not None:
         result = atlas.experts_for_label(cmd.label, cmd.top, cmd.min_count)
         lines += [f"  {r['id']:>14}  skewness {r['skewness']:.2f}  ({r['count']:,} activations)" for r in result]

@@ -417,6 +417,8 @@ class AtlasOptions(Settings):
     """windows per forward pass"""
     seq_len: int | None = number(None, low=2)
     """tokens per window (default: the training seq_len, from the checkpoint)"""
+    samples: int = number(3, low=0, high=1000)
+    """examples kept per activation band of each expert (a uniform random sample; 0: none)"""
 
 
 @dataclass(kw_only=True)
@@ -451,8 +453,9 @@ class AtlasQuery(Settings):
     """Query an atlas: an expert, a token, a label, or each token of a text.
 
     Ask an atlas: an expert's top contexts (activating token in [[ ]], score as a percentage of the
-    token's routing mass), counts and label histogram; the experts of a token, of a label (skewness, paper
-    §5.1), or of each token of a text (needs --run)."""
+    token's routing mass), examples by activation band, counts and label histogram; the experts of a token
+    (or of the tokens containing a text), of a label (skewness, paper §5.1), or of each token of a text
+    (needs --run)."""
 
     atlas: Positional[str]
     """atlas directory"""
@@ -460,6 +463,8 @@ class AtlasQuery(Settings):
     """one expert: G:ID, routing group and expert id i*E+j"""
     token: str | None = None
     """experts most often active on this vocabulary token (text or id)"""
+    contains: str | None = None
+    """experts most often active on the vocabulary tokens containing this text (case-insensitive)"""
     text: str | None = None
     """run the model (--run) on TEXT and list each token's experts"""
     label: str | None = None
@@ -474,9 +479,9 @@ class AtlasQuery(Settings):
     """print JSON instead of text"""
 
     def validate(self) -> None:
-        given = [name for name in ("expert", "token", "text", "label") if getattr(self, name) is not None]
+        given = [name for name in ("expert", "token", "contains", "text", "label") if getattr(self, name) is not None]
         if len(given) != 1:
-            raise MonetError("give exactly one of --expert, --token, --text, --label")
+            raise MonetError("give exactly one of --expert, --token, --contains, --text, --label")
 
 
 @dataclass(kw_only=True)
@@ -503,7 +508,10 @@ class AtlasExport(Settings):
 class ViewCommand(Settings):
     """Browse an atlas in a local web viewer.
 
-    Serve a small web viewer of an atlas (standard-library http.server, 127.0.0.1 by default)."""
+    Serve a small web viewer of an atlas (standard-library http.server, 127.0.0.1 by default): each
+    expert's contexts with per-token values, examples by activation band, label and score statistics, token
+    and substring search, label specialists, document view, JSON export; with --run also test activation
+    on typed text, similar experts and steering."""
 
     atlas: Positional[str]
     """atlas directory"""
@@ -512,7 +520,11 @@ class ViewCommand(Settings):
     host: str = "127.0.0.1"
     """interface to bind (default: this machine only)"""
     run: str | None = None
-    """the atlas's model: adds promoted/suppressed tokens"""
+    """the atlas's model: adds promoted tokens, test activation on your text, similar experts, steering"""
+    allow_host: tuple[str, ...] = ()
+    """other host names the page may be opened under (requests with any other Host header are refused)"""
+    device: Device = "auto"
+    """device for --run: auto (CUDA when available), cpu, cuda or cuda:N"""
 
 
 @dataclass(kw_only=True)

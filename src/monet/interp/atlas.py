@@ -1,27 +1,42 @@
 """The expert atlas: stream a labelled corpus through a model and keep, for every expert of every
-routing group, its top-activating contexts and running statistics (paper §4.3, Fig. 2; §5.1).
+routing group, its top-activating contexts, a sample of its contexts per activation band, and running
+statistics (paper §4.3, Fig. 2; §5.1).
 
 Memory stays bounded whatever the corpus size: documents are cut into fixed windows, and per group
-the build keeps only running aggregates -- activation count, routing mass per label ([labels, N],
-float64), a fixed log-spaced histogram of scores ([N, bins], int32) -- and the top-K contexts of each
-expert as (score, document, position) in a `TopK` table of at most N*K rows plus a candidate buffer
-that is pruned with numpy sorts. Only each token's active experts are ever formed (see
-`monet.interp.capture`), never the N = E^2 grid.
+the build keeps only running aggregates -- activation count and routing mass per label ([labels, N]),
+a fixed log-spaced histogram of scores ([N, bins], int32) -- the top-K contexts of each expert as
+(score, document, position) in a `TopK` table of at most N*K rows, and per (expert, activation band) a
+uniform random sample of S contexts (the S smallest values of a hash of (document, position, expert):
+deterministic, order-free and mergeable), in a second `TopK` of at most N*bands*S rows. Only each
+token's active experts are ever formed (see `monet.interp.capture`), never the N = E^2 grid.
+
+A second pass gives every stored context its per-token values: the batches of the first pass that
+contain a position of some stored context are run again (the same batches, so the values are those the
+first pass saw) and, for each stored (expert, document, position), the expert's score at the 12 tokens
+before and 4 after is looked up among each token's active experts. Both passes stop the forward pass at
+the last routing layer (what comes after it cannot change the routing).
 
 The same machinery serves dense baselines (`mlp_type="dense"`): a "group" is then a decoder layer and
 a "unit" a neuron of its MLP hidden layer, scored by the positive part of act(gate(x)) * up(x), so the
 monosemanticity measures of `monet.interp.monosemanticity` apply to both model types.
 
-On disk an atlas is a directory (written as ATLAS.tmp, then renamed)::
+On disk an atlas is a directory (written as a temporary sibling, then renamed)::
 
     manifest.json          format version, model identity (config hash + weight fingerprint), data dir,
-                           split, labels, tokens per label, groups, units per group, histogram edges, options
+                           split, labels, tokens per label, groups, units per group, histogram edges, bands,
+                           options, the size and SHA-256 of every table (checked when the atlas is opened)
     experts.parquet        one row per (group, expert), sorted: count, score_sum, mean_score, density,
-                           max_score, mass_<label>..., hist_00..hist_NN
+                           max_score, mass_<label>..., count_<label>..., hist_00..hist_NN
     contexts.parquet       top-K contexts sorted by (group, expert, rank): doc, pos, score, label, token,
-                           tokens (a window of ids around the token, -1 outside the document), target
+                           tokens (a window of ids around the token, -1 outside the document), values (the
+                           expert's score at each of those tokens; null where not known)
+    samples.parquet        the same columns plus `band`, sorted by (group, expert, band, rank): S random
+                           contexts per activation band
     token_index.parquet    (token, group, expert) -> number of top contexts on that token, max/sum score
     vocab.parquet          token id -> decoded text piece (what the viewer shows for each id)
+
+Format 1 (before values, samples, per-label counts and table hashes) is still read; see
+`monet.interp.query.Atlas`.
 
 Scores: a token's score for expert (i, j) is sum_h g1_hi g2_hj (the official convention). Summed over
 all experts it equals H, so `100 * score / H` is the share of the token's routing mass that the expert
@@ -31,6 +46,7 @@ receives -- the percentage shown by the queries and the viewer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import shutil
@@ -49,16 +65,21 @@ from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoin
 from monet.data import TokenDataset
 from monet.errors import MonetError
 from monet.interp.capture import capture_routing
-from monet.io import atomic_write, output_directory, write_json
+from monet.io import atomic_write, output_directory, sha256_file, write_json
+from monet.model import MonetRouter
 from monet.runtime import distributed, resolve_device, start_distributed
 from monet.settings import AtlasBuild, AtlasOptions
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONTEXT_BEFORE = 12
 CONTEXT_AFTER = 4
-HIST_EDGES = np.logspace(-6.0, 0.0, 11)   # bins of score / H; below 1e-6 counts in the first bin
+HIST_EDGES = np.logspace(-6.0, 0.0, 41)    # 40 bins of score / H (0.15 decade each); below 1e-6: first bin
+BINS_PER_BAND = 4
+BAND_EDGES = HIST_EDGES[::BINS_PER_BAND]   # 10 activation bands of 0.6 decade, for the samples
 BUFFER_ROWS = 4_000_000                    # candidate rows kept before a prune, per group
-TABLES = ("experts.parquet", "contexts.parquet", "token_index.parquet", "vocab.parquet")
+TABLES = ("experts.parquet", "contexts.parquet", "samples.parquet", "token_index.parquet", "vocab.parquet")
+TABLES_V1 = ("experts.parquet", "contexts.parquet", "token_index.parquet", "vocab.parquet")
 
 
 # --------------------------------------------------------------------------------------------- top-K
@@ -111,6 +132,27 @@ class TopK:
         return self.unit, _ranks(self.unit).astype(np.int16), self.score, self.doc, self.pos
 
 
+def _order(unit, score, doc, pos) -> np.ndarray:
+    """The permutation sorting rows by (unit, -score, doc, pos): one int64 key (unit, then the float32 score's
+    bits made order-preserving and reversed) sorted with quicksort, then only runs of equal keys (tied scores)
+    re-sorted by (doc, pos) -- the same order as a four-key lexsort, about ten times faster."""
+    bits = np.asarray(score, np.float32).view(np.int32).astype(np.int64)
+    ordered = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)          # increasing with the float value
+    key = (np.asarray(unit, np.int64) << 32) | ((2**31 - 1) - ordered)
+    order = np.argsort(key)
+    sorted_key = key[order]
+    tie = sorted_key[1:] == sorted_key[:-1]
+    if tie.any():
+        member = np.zeros(len(key), bool)
+        member[1:] |= tie
+        member[:-1] |= tie
+        slots = np.flatnonzero(member)
+        rows = order[slots]
+        place = (np.asarray(doc, np.int64)[rows] << 32) | np.asarray(pos, np.int64)[rows]
+        order[slots] = rows[np.lexsort((place, key[rows]))]
+    return order
+
+
 def _ranks(sorted_units: np.ndarray) -> np.ndarray:
     """Position of each row within its run of equal units (input sorted by unit)."""
     n = len(sorted_units)
@@ -123,7 +165,7 @@ def _ranks(sorted_units: np.ndarray) -> np.ndarray:
 
 
 def _keep_best(unit, score, doc, pos, k: int):
-    order = np.lexsort((pos, doc, -score.astype(np.float64), unit))
+    order = _order(unit, score, doc, pos)
     unit, score, doc, pos = unit[order], score[order], doc[order], pos[order]
     keep = _ranks(unit) < k
     return unit[keep], score[keep], doc[keep], pos[keep]
@@ -134,12 +176,15 @@ def _keep_best(unit, score, doc, pos, k: int):
 class GroupStats:
     """Running aggregates of one routing group (or one dense layer): bounded, mergeable."""
 
-    def __init__(self, units: int, num_labels: int, top_k: int, scale: float) -> None:
+    def __init__(self, units: int, num_labels: int, top_k: int, scale: float, samples: int = 0) -> None:
         self.units, self.scale = units, scale
         self.count = np.zeros(units, np.int64)
         self.mass = np.zeros((num_labels, units), np.float64)
+        self.label_count = np.zeros((num_labels, units), np.int64)
         self.hist = np.zeros((units, len(HIST_EDGES) - 1), np.int32)
         self.top = TopK(units, top_k)
+        self.samples = samples
+        self.sample = TopK(units * bands(), max(samples, 1))   # unit * bands + band -> S random contexts
 
     def add(self, unit: np.ndarray, score: np.ndarray, label: np.ndarray, doc: np.ndarray, pos: np.ndarray) -> None:
         """One row per (token, active unit): unit id, score, and the token's label id, document, position."""
@@ -147,40 +192,89 @@ class GroupStats:
         for lab in np.unique(label):
             rows = label == lab
             self.mass[lab] += np.bincount(unit[rows], weights=score[rows], minlength=self.units)
-        bins = np.clip(np.searchsorted(HIST_EDGES, score / self.scale, side="right") - 1, 0, len(HIST_EDGES) - 2)
+            self.label_count[lab] += np.bincount(unit[rows], minlength=self.units)
+        bins = score_bins(score / self.scale)
         flat = unit.astype(np.int64) * (len(HIST_EDGES) - 1) + bins
         self.hist += np.bincount(flat, minlength=self.hist.size).reshape(self.hist.shape).astype(np.int32)
         self.top.add(unit, score, doc, pos)
+        if self.samples:
+            self.sample.add(unit.astype(np.int64) * bands() + bins // BINS_PER_BAND, sample_key(doc, pos, unit),
+                            doc, pos)
 
     def state(self) -> dict[str, np.ndarray]:
         unit, _, score, doc, pos = self.top.rows()
-        return {"count": self.count, "mass": self.mass, "hist": self.hist,
-                "top_unit": unit, "top_score": score, "top_doc": doc, "top_pos": pos}
+        s_unit, _, s_key, s_doc, s_pos = self.sample.rows()
+        return {"count": self.count, "mass": self.mass, "label_count": self.label_count, "hist": self.hist,
+                "top_unit": unit, "top_score": score, "top_doc": doc, "top_pos": pos,
+                "sample_unit": s_unit, "sample_key": s_key, "sample_doc": s_doc, "sample_pos": s_pos,
+                "samples": np.array(self.samples)}
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray], top_k: int, scale: float) -> GroupStats:
-        stats = cls(int(state["count"].shape[0]), int(state["mass"].shape[0]), top_k, scale)
+        stats = cls(int(state["count"].shape[0]), int(state["mass"].shape[0]), top_k, scale, int(state["samples"]))
         stats.count, stats.mass, stats.hist = state["count"].copy(), state["mass"].copy(), state["hist"].copy()
+        stats.label_count = state["label_count"].copy()
         stats.top._buffer = [(state["top_unit"], state["top_score"], state["top_doc"], state["top_pos"])]
         stats.top.prune()
+        stats.sample._buffer = [(state["sample_unit"], state["sample_key"], state["sample_doc"], state["sample_pos"])]
+        stats.sample.prune()
         return stats
+
+    def requests(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(unit, doc, pos) of every stored context: the top-K rows, then the sample rows (in `rows()` order)."""
+        unit, _, _, doc, pos = self.top.rows()
+        parts = [(unit.astype(np.int64), doc, pos)]
+        if self.samples:
+            s_unit, _, _, s_doc, s_pos = self.sample.rows()
+            parts.append((s_unit.astype(np.int64) // bands(), s_doc, s_pos))
+        return tuple(np.concatenate([p[c] for p in parts]).astype(np.int64) for c in range(3))
+
+
+def bands() -> int:
+    return len(BAND_EDGES) - 1
+
+
+def score_bins(share: np.ndarray) -> np.ndarray:
+    """Histogram bin of each score / H (values below the first edge count in bin 0, 1.0 in the last)."""
+    return np.clip(np.searchsorted(HIST_EDGES, share, side="right") - 1, 0, len(HIST_EDGES) - 2)
+
+
+def sample_key(doc: np.ndarray, pos: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    """A pseudo-random number in [0, 1) per (document, position, unit) (splitmix64, 24 bits so that float32
+    holds it exactly). Keeping the S largest keys of each (unit, band) is a uniform random sample without
+    replacement that does not depend on the order rows arrive in, on batching or on sharding."""
+    with np.errstate(over="ignore"):
+        z = (np.asarray(doc, np.uint64) << np.uint64(32)) ^ np.asarray(pos, np.uint64).astype(np.uint64)
+        z = _mix(_mix(z) ^ np.asarray(unit, np.uint64))
+    return (z >> np.uint64(40)).astype(np.float32) / np.float32(1 << 24)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 def merge(shards: list[GroupStats]) -> GroupStats:
     """Combine the statistics of one group built on disjoint slices of the corpus (sum counts, mass and
-    histograms; merge the top-K tables). Two shards give exactly what one pass over both slices gives."""
+    histograms; merge the top-K and sample tables). Two shards give exactly what one pass over both gives."""
     if not shards:
         raise MonetError("nothing to merge: no shards")
     first = shards[0]
-    out = GroupStats(first.units, first.mass.shape[0], first.top.k, first.scale)
+    out = GroupStats(first.units, first.mass.shape[0], first.top.k, first.scale, first.samples)
     for shard in shards:
-        if shard.units != first.units or shard.mass.shape != first.mass.shape or shard.top.k != first.top.k:
-            raise MonetError("cannot merge atlas shards of different shapes (units, labels or top-k differ)")
+        if (shard.units != first.units or shard.mass.shape != first.mass.shape or shard.top.k != first.top.k
+                or shard.samples != first.samples):
+            raise MonetError("cannot merge atlas shards of different shapes (units, labels, top-k or samples differ)")
         out.count += shard.count
         out.mass += shard.mass
+        out.label_count += shard.label_count
         out.hist += shard.hist
         out.top._buffer.append(shard.top.rows()[:1] + shard.top.rows()[2:])
+        out.sample._buffer.append(shard.sample.rows()[:1] + shard.sample.rows()[2:])
     out.top.prune()
+    out.sample.prune()
     return out
 
 
@@ -210,8 +304,11 @@ def unit_activations(model: torch.nn.Module, input_ids: torch.Tensor) -> list[tu
     """
     body = getattr(model, "model", model)   # the decoder without the unembedding: logits are not needed
     if model_kind(model) == "monet":
-        with capture_routing(model) as capture:
-            body(input_ids=input_ids, use_cache=False)
+        with capture_routing(model) as capture, _stop_after_last_router(model):
+            try:
+                body(input_ids=input_ids, use_cache=False)
+            except _RoutingDone:
+                pass
             return [(a.ids, a.scores) for a in (capture.experts(g) for g in range(len(capture.groups)))]
     found: list[torch.Tensor] = []
 
@@ -231,6 +328,69 @@ def unit_activations(model: torch.nn.Module, input_ids: torch.Tensor) -> list[tu
         ids = torch.arange(scores.shape[-1]).expand_as(scores)
         out.append((torch.where(scores > 0, ids, torch.full_like(ids, -1)), scores))
     return out
+
+
+@torch.no_grad()
+def unit_entries(model: torch.nn.Module, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Per group, the active units of every token, ragged: (token index over B*T, unit id, score), each
+    [entries] — memory proportional to the real active units, never padded to the batch's largest count."""
+    if model_kind(model) == "monet":
+        with capture_routing(model) as capture, _stop_after_last_router(model):
+            try:
+                getattr(model, "model", model)(input_ids=input_ids, use_cache=False)
+            except _RoutingDone:
+                pass
+            return [capture.experts(g).entries() for g in range(len(capture.groups))]
+    out = []
+    for ids, scores in unit_activations(model, input_ids):
+        flat_ids, flat_scores = ids.reshape(-1, ids.shape[-1]), scores.reshape(-1, ids.shape[-1])
+        token, slot = (flat_ids >= 0).nonzero(as_tuple=True)
+        out.append((token, flat_ids[token, slot], flat_scores[token, slot]))
+    return out
+
+
+class _RoutingDone(Exception):
+    """Raised by a hook on the last router: the rest of the forward pass cannot change the routing."""
+
+
+@contextlib.contextmanager
+def _stop_after_last_router(model: torch.nn.Module) -> Iterator[None]:
+    routers = [m for m in model.modules() if isinstance(m, MonetRouter)]
+
+    def stop(module, args, output):
+        raise _RoutingDone
+
+    handle = routers[-1].register_forward_hook(stop) if routers else None   # after capture's hooks: they run first
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+@torch.no_grad()
+def unit_scores(model: torch.nn.Module, input_ids: torch.Tensor) -> list:
+    """Per group, a function (b, t, unit) arrays -> the unit's score at those tokens (0 where inactive):
+    Monet sum_h g1_hi g2_hj read from the captured routing for just the asked (i, j) (no active-pair lists),
+    dense the neuron's positive activation. The same numbers as `unit_activations` up to the order of the
+    sum over heads."""
+    if model_kind(model) == "dense":
+        return [functools.partial(_dense_lookup, scores.numpy()) for _, scores in unit_activations(model, input_ids)]
+    with capture_routing(model) as capture, _stop_after_last_router(model):
+        try:
+            getattr(model, "model", model)(input_ids=input_ids, use_cache=False)
+        except _RoutingDone:
+            pass
+    return [functools.partial(_monet_lookup, g1.float().numpy(), g2.float().numpy()) for g1, g2 in capture.groups]
+
+
+def _dense_lookup(scores: np.ndarray, b: np.ndarray, t: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    return scores[b, t, unit]
+
+
+def _monet_lookup(g1: np.ndarray, g2: np.ndarray, b: np.ndarray, t: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    i, j = np.divmod(unit, g1.shape[-1])
+    return (g1[b, t, :, i] * g2[b, t, :, j]).sum(-1)
 
 
 # ------------------------------------------------------------------------------------------ windows
@@ -280,16 +440,14 @@ def batch_inputs(dataset, batch: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
 
 def accumulate_batch(stats: list[GroupStats], activations, batch: np.ndarray, valid: np.ndarray,
                      label_of_doc: np.ndarray) -> None:
-    """Add one batch's active units to every group's aggregates."""
-    docs = np.broadcast_to(batch[:, :1], valid.shape)
-    pos = batch[:, 1:2] + np.arange(valid.shape[1])[None]
-    for group, (ids, scores) in zip(stats, activations, strict=True):
-        ids, scores = ids.numpy(), scores.numpy()
-        keep = (ids >= 0) & valid[..., None]
-        token_rows = np.nonzero(keep)
-        b, t = token_rows[0], token_rows[1]
-        doc = docs[b, t]
-        group.add(ids[keep].astype(np.int64), scores[keep].astype(np.float64), label_of_doc[doc], doc, pos[b, t])
+    """Add one batch's active units (ragged, from `unit_entries`) to every group's aggregates."""
+    for group, (token, ids, scores) in zip(stats, activations, strict=True):
+        b, t = np.divmod(token.numpy(), valid.shape[1])
+        keep = valid[b, t]
+        b, t = b[keep], t[keep]
+        doc = batch[b, 0]
+        group.add(ids.numpy()[keep].astype(np.int64), scores.numpy()[keep].astype(np.float64), label_of_doc[doc],
+                  doc, batch[b, 1] + t)
 
 
 # ---------------------------------------------------------------------------------- model identity
@@ -322,7 +480,7 @@ def collect(model: torch.nn.Module, dataset, options: AtlasOptions, windows: np.
     """Run the model over the planned windows (or the given ones); returns per-group stats and tokens."""
     groups, units, scale = unit_layout(model)
     labels = len(dataset.labels)
-    stats = [GroupStats(units, labels, options.top_k, scale) for _ in range(groups)]
+    stats = [GroupStats(units, labels, options.top_k, scale, options.samples) for _ in range(groups)]
     if windows is None:
         windows = plan_windows(dataset.docs, options.seq_len, options.max_tokens)
     label_of_doc = dataset.docs[:, 2].astype(np.int64)
@@ -332,11 +490,69 @@ def collect(model: torch.nn.Module, dataset, options: AtlasOptions, windows: np.
     model.eval()
     for batch in _batches(windows, options.batch_size):
         input_ids, valid = batch_inputs(dataset, batch)
-        activations = unit_activations(model, input_ids.to(device))
-        accumulate_batch(stats, [(i.cpu(), s.cpu()) for i, s in activations], batch, valid, label_of_doc)
+        activations = unit_entries(model, input_ids.to(device))
+        accumulate_batch(stats, [tuple(a.cpu() for a in group) for group in activations], batch, valid, label_of_doc)
         bar.update(int(valid.sum()))
     bar.close()
     return stats, total
+
+
+def context_width() -> int:
+    return CONTEXT_BEFORE + 1 + CONTEXT_AFTER
+
+
+def fill_values(model: torch.nn.Module, dataset, options: AtlasOptions, windows: np.ndarray,
+                requests: list[tuple[np.ndarray, np.ndarray, np.ndarray]], values: list[np.ndarray],
+                progress: bool = True) -> int:
+    """The second pass: per group, write into `values[g]` ([R, before + 1 + after], NaN-filled by the caller)
+    the score of unit `requests[g][0][r]` at each token around (doc, pos) = requests[g][1:][r].
+
+    The windows are batched exactly as in `collect`, and only the batches holding a position of some
+    requested span are run, so every value is the one the first pass computed, up to the order of the sum
+    over heads (positions in windows of other ranks, or outside the planned windows, stay NaN). A unit that
+    is not active on a token gets 0.
+    Returns the number of batches run."""
+    offsets = np.arange(-CONTEXT_BEFORE, CONTEXT_AFTER + 1)
+    keys, orders = [], []
+    for _, doc, pos in requests:   # sorted by (doc, pos), the rows meeting a window are one slice
+        key = (doc.astype(np.int64) << 32) | pos.astype(np.int64)
+        order = np.argsort(key, kind="stable")
+        keys.append(key[order])
+        orders.append(order)
+    batches = list(_batches(windows, options.batch_size))
+    needed = []
+    for batch in batches:
+        doc = batch[:, 0].astype(np.int64) << 32
+        low = doc | np.maximum(batch[:, 1] - CONTEXT_AFTER, 0)
+        high = doc | (batch[:, 1] + batch[:, 2] + CONTEXT_BEFORE)    # spans [pos - 12, pos + 4] meet the window
+        needed.append(any(bool((np.searchsorted(k, high) > np.searchsorted(k, low)).any()) for k in keys))
+    device = next(model.parameters()).device
+    total = sum(int(b[:, 2].sum()) for b, n in zip(batches, needed, strict=True) if n)
+    bar = tqdm(total=total, unit="tok", desc="atlas values", disable=not progress, dynamic_ncols=True)
+    model.eval()
+    for batch, need in zip(batches, needed, strict=True):
+        if not need:
+            continue
+        input_ids, valid = batch_inputs(dataset, batch)
+        doc = batch[:, 0].astype(np.int64) << 32
+        for g, lookup in enumerate(unit_scores(model, input_ids.to(device))):
+            key, order = keys[g], orders[g]
+            first = np.searchsorted(key, doc | np.maximum(batch[:, 1] - CONTEXT_AFTER, 0))
+            last = np.searchsorted(key, doc | (batch[:, 1] + batch[:, 2] + CONTEXT_BEFORE))
+            counts = last - first
+            if not counts.sum():
+                continue
+            row_b = np.repeat(np.arange(len(batch)), counts)                       # window of each row
+            sorted_index = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+            rows = order[sorted_index]                                               # request index
+            unit, _, pos = (r[rows] for r in requests[g])
+            t = pos[:, None] + offsets[None] - batch[row_b, 1][:, None]             # position in the window
+            inside = (t >= 0) & (t < batch[row_b, 2][:, None])
+            r_i, o_i = np.nonzero(inside)
+            values[g][rows[r_i], o_i] = lookup(row_b[r_i], t[r_i, o_i], unit[r_i])
+        bar.update(int(valid.sum()))
+    bar.close()
+    return int(sum(needed))
 
 
 def label_tokens(dataset, windows: np.ndarray) -> np.ndarray:
@@ -366,6 +582,7 @@ def build_atlas(model: torch.nn.Module, tokenizer: Any, data_dir: str | Path, ou
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
     windows = plan_windows(dataset.docs, options.seq_len, options.max_tokens)
     started = time.time()
+    seconds: dict[str, float] = {}
     writer = output_directory(out, "atlas build", force, "an atlas", replace_own=False)
     with writer if rank == 0 else contextlib.nullcontext() as tmp:
         if world > 1:
@@ -376,16 +593,60 @@ def build_atlas(model: torch.nn.Module, tokenizer: Any, data_dir: str | Path, ou
             stats, _ = collect(model, dataset, options, mine, progress=progress and rank == 0)
             save_shard(shards / f"rank-{rank:05d}.npz", stats)
             dist.barrier()
+            scale = stats[0].scale
+            if rank == 0:
+                stats = [merge(list(group)) for group in zip(*[load_shard(shards / f"rank-{r:05d}.npz", options.top_k,
+                                                                          scale) for r in range(world)], strict=True)]
+                arrays = {f"g{g}_{c}": a for g, s in enumerate(stats) for c, a in zip("udp", s.requests(), strict=True)}
+                atomic_write(shards / "requests.npz", lambda handle: np.savez(handle, **arrays))
+            seconds["statistics"] = time.time() - started
+            dist.barrier()
+            with np.load(shards / "requests.npz") as data:
+                requests = [tuple(data[f"g{g}_{c}"] for c in "udp") for g in range(len(stats))]
+            values = [_values_array(shards / f"values-{rank:05d}-{g}.npy", len(r[0])) for g, r in enumerate(requests)]
+            fill_values(model, dataset, options, mine, requests, values, progress=progress and rank == 0)
+            for array in values:
+                array.flush()
+            del values
+            dist.barrier()
             if rank != 0:
                 return Path(out)
-            stats = [merge(list(group)) for group in zip(*[load_shard(p, options.top_k, stats[0].scale)
-                                                           for p in sorted(shards.glob("*.npz"))], strict=True)]
-            shutil.rmtree(shards)
+            values = [_values_array(shards / f"values-{g}.npy", len(r[0])) for g, r in enumerate(requests)]
+            for r in range(world):   # each position lies in one window, so exactly one rank filled it
+                for g, array in enumerate(values):
+                    part = np.load(shards / f"values-{r:05d}-{g}.npy", mmap_mode="r")
+                    for first in range(0, len(array), 1 << 20):
+                        chunk = slice(first, first + (1 << 20))
+                        array[chunk] = np.where(np.isnan(part[chunk]), array[chunk], part[chunk])
         else:
+            shards = tmp / "shards"
             stats, _ = collect(model, dataset, options, windows, progress=progress)
+            seconds["statistics"] = time.time() - started
+            requests = [s.requests() for s in stats]
+            values = [_values_array(shards / f"values-{g}.npy", len(r[0])) for g, r in enumerate(requests)]
+            fill_values(model, dataset, options, windows, requests, values, progress=progress)
+        seconds["values"] = time.time() - started - seconds["statistics"]
         manifest = _manifest(model, dataset, data_dir, options, windows, stats, run, time.time() - started)
-        write_tables(tmp, stats, dataset, tokenizer, manifest, progress=progress)
+        write_tables(tmp, stats, dataset, tokenizer, manifest, values, progress=progress)
+        del values
+        shutil.rmtree(shards, ignore_errors=True)
+        seconds["write"] = time.time() - started - seconds["statistics"] - seconds["values"]
+        manifest["build_seconds"] = round(time.time() - started, 1)
+        manifest["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+        manifest["tables"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+                              for name in TABLES}
+        write_json(tmp / "manifest.json", manifest)
     return Path(out)
+
+
+def _values_array(path: Path, rows: int) -> np.ndarray:
+    """A NaN-filled float32 [rows, context width] array backed by a file (bounded memory for large atlases)."""
+    if rows == 0:
+        return np.full((0, context_width()), np.nan, np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, context_width()))
+    array[:] = np.nan
+    return array
 
 
 def build_atlas_command(cmd: AtlasBuild) -> Path:
@@ -450,6 +711,7 @@ def _manifest(model, dataset, data_dir, options, windows, stats, run, seconds) -
         "layers_per_group": int(getattr(config, "moe_groups", 1)) if model_kind(model) == "monet" else 1,
         "score_scale": scale,
         "hist_edges": HIST_EDGES.tolist(),
+        "bands": {"edges": BAND_EDGES.tolist(), "bins_per_band": BINS_PER_BAND, "samples": options.samples},
         "context": {"before": CONTEXT_BEFORE, "after": CONTEXT_AFTER},
         "options": asdict(options),
         "build_seconds": round(seconds, 1),
@@ -469,15 +731,19 @@ def context_windows(dataset, doc: np.ndarray, pos: np.ndarray) -> np.ndarray:
 
 
 def write_tables(directory: Path, stats: list[GroupStats], dataset, tokenizer, manifest: dict,
-                 progress: bool = True) -> None:
+                 values: list[np.ndarray], progress: bool = True) -> None:
+    """Write the Parquet tables; `values[g]` holds the per-token scores of group g's stored contexts (the rows
+    of `GroupStats.requests`: top-K rows first, then sample rows)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     labels = manifest["labels"]
     tokens = max(manifest["tokens"], 1)
     expert_tables, token_rows = [], []
-    width = CONTEXT_BEFORE + 1 + CONTEXT_AFTER
-    with pq.ParquetWriter(directory / "contexts.parquet", _contexts_schema(width)) as writer:
+    schema = _contexts_schema(context_width())
+    sample_schema = _contexts_schema(context_width(), sample=True)
+    with pq.ParquetWriter(directory / "contexts.parquet", schema) as writer, \
+            pq.ParquetWriter(directory / "samples.parquet", sample_schema) as sample_writer:
         for group, s in enumerate(tqdm(stats, desc="writing atlas", disable=not progress)):
             unit, rank, score, doc, pos = s.top.rows()
             max_score = np.zeros(s.units, np.float32)
@@ -489,32 +755,60 @@ def write_tables(directory: Path, stats: list[GroupStats], dataset, tokenizer, m
                 "mean_score": (total / np.maximum(s.count, 1)).astype(np.float32), "max_score": max_score,
             }
             columns.update({f"mass_{label}": s.mass[i] for i, label in enumerate(labels)})
+            columns.update({f"count_{label}": s.label_count[i] for i, label in enumerate(labels)})
             columns.update({f"hist_{b:02d}": s.hist[:, b] for b in range(s.hist.shape[1])})
             expert_tables.append(pa.table(columns))
             for first in range(0, len(unit), 1 << 20):   # bounded memory while gathering windows
                 part = slice(first, first + (1 << 20))
-                windows = context_windows(dataset, doc[part], pos[part])
-                table = pa.table({
-                    "group": np.full(len(windows), group, np.int16), "expert": unit[part], "rank": rank[part],
-                    "doc": doc[part], "pos": pos[part], "score": score[part],
-                    "label": dataset.docs[doc[part], 2].astype(np.int16),
-                    "token": windows[:, CONTEXT_BEFORE],
-                    "tokens": pa.FixedSizeListArray.from_arrays(pa.array(windows.reshape(-1)), width),
-                }, schema=_contexts_schema(width))
+                vals = np.array(values[group][first:first + len(unit[part])])
+                vals[:, CONTEXT_BEFORE] = score[part]     # the recorded score (the same number, by construction)
+                table = _context_table(dataset, group, unit[part], rank[part], doc[part], pos[part], score[part],
+                                       vals, schema)
                 writer.write_table(table, row_group_size=32_768)
-                token_rows.append((group, unit[part], windows[:, CONTEXT_BEFORE], score[part]))
+                token_rows.append((group, unit[part], table.column("token").to_numpy(), score[part]))
+            if s.samples:
+                s_unit, s_rank, _, s_doc, s_pos = s.sample.rows()
+                offset = len(unit)
+                for first in range(0, len(s_unit), 1 << 20):
+                    part = slice(first, first + (1 << 20))
+                    vals = np.array(values[group][offset + first:offset + first + len(s_unit[part])])
+                    table = _context_table(dataset, group, s_unit[part] // bands(), s_rank[part], s_doc[part],
+                                           s_pos[part], vals[:, CONTEXT_BEFORE], vals, sample_schema,
+                                           band=(s_unit[part] % bands()).astype(np.int8))
+                    sample_writer.write_table(table, row_group_size=32_768)
     pq.write_table(pa.concat_tables(expert_tables), directory / "experts.parquet", row_group_size=65_536)
     pq.write_table(_token_index(token_rows), directory / "token_index.parquet", row_group_size=32_768)
     pq.write_table(vocab_table(tokenizer, dataset.vocab_size), directory / "vocab.parquet")
-    write_json(directory / "manifest.json", manifest)
 
 
-def _contexts_schema(width: int):
+def _context_table(dataset, group: int, unit, rank, doc, pos, score, values: np.ndarray, schema, band=None):
     import pyarrow as pa
 
-    return pa.schema([("group", pa.int16()), ("expert", pa.int32()), ("rank", pa.int16()), ("doc", pa.int32()),
-                      ("pos", pa.int32()), ("score", pa.float32()), ("label", pa.int16()), ("token", pa.int32()),
-                      ("tokens", pa.list_(pa.int32(), width))])
+    width = context_width()
+    windows = context_windows(dataset, doc, pos)
+    values = np.where(windows >= 0, values, np.nan).astype(np.float32)
+    flat = values.reshape(-1)
+    columns = {
+        "group": np.full(len(windows), group, np.int16), "expert": unit.astype(np.int32),
+        "rank": rank.astype(np.int16), "doc": doc, "pos": pos, "score": score.astype(np.float32),
+        "label": dataset.docs[doc, 2].astype(np.int16), "token": windows[:, CONTEXT_BEFORE],
+        "tokens": pa.FixedSizeListArray.from_arrays(pa.array(windows.reshape(-1)), width),
+        "values": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32(), mask=np.isnan(flat)), width),
+    }
+    if band is not None:
+        columns = {"band": band, **columns}
+    return pa.table(columns, schema=schema)
+
+
+def _contexts_schema(width: int, sample: bool = False):
+    import pyarrow as pa
+
+    fields = [("group", pa.int16()), ("expert", pa.int32()), ("rank", pa.int16()), ("doc", pa.int32()),
+              ("pos", pa.int32()), ("score", pa.float32()), ("label", pa.int16()), ("token", pa.int32()),
+              ("tokens", pa.list_(pa.int32(), width)), ("values", pa.list_(pa.float32(), width))]
+    if sample:
+        fields.insert(2, ("band", pa.int8()))
+    return pa.schema(fields)
 
 
 def _token_index(rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]):
@@ -566,5 +860,6 @@ __all__ = [
     "model_identity",
     "plan_windows",
     "unit_activations",
+    "unit_entries",
     "unit_layout",
 ]

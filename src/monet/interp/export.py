@@ -1,19 +1,30 @@
-"""An expert page as JSON, in a shape close to Neuronpedia / SAEDashboard feature data.
+"""An expert page as JSON, in a shape close to Neuronpedia / SAEDashboard feature data, and the experts
+similar to one expert.
 
 Field names follow Neuronpedia's feature records where the meaning matches (`modelId`, `layer`,
 `index`, `activations`, `pos_str`/`pos_values`, `neg_str`/`neg_values`, `frac_nonzero`,
 `freq_hist_data_bar_heights`/`freq_hist_data_bar_values`, `explanations`); Monet-specific
-facts are in `monet` (group, i, j, counts, label statistics). The shape is documented in docs/atlas.md.
+facts are in `monet` (group, i, j, counts, label statistics, examples by activation band). The shape is
+documented in docs/atlas.md.
+
+`similar_experts` (needs the model) ranks the experts that fire together with an expert on its top
+contexts (co-activation) and gives, for the most frequent of them, the cosine between the two experts'
+output directions (`monet.interp.explain.expert_direction`: what each writes, averaged over its own top
+contexts and summed over the group's layers).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from monet.checkpoint import load_checkpoint
 from monet.errors import MonetError
-from monet.interp.explain import expert_logits
+from monet.interp.capture import capture_routing
+from monet.interp.explain import context_prefixes, expert_direction, expert_logits
 from monet.interp.query import Atlas, parse_expert
 from monet.io import write_json
 from monet.settings import AtlasExport
@@ -24,13 +35,7 @@ def expert_page(atlas, group: int, expert: int, model: Any = None, k: int | None
     """One expert as a JSON-ready dict. `model` (the atlas's own) adds promoted/suppressed tokens."""
     stats = atlas.expert(group, expert)
     contexts = atlas.top_contexts(group, expert, k)
-    activations = []
-    for ctx in contexts:
-        values = [0.0] * len(ctx["tokens"])
-        values[ctx["target"]] = ctx["percent"]
-        activations.append({"tokens": ctx["pieces"], "token_ids": ctx["tokens"], "values": values,
-                            "maxValue": ctx["percent"], "maxValueTokenIndex": ctx["target"],
-                            "doc": ctx["doc"], "pos": ctx["pos"], "label": ctx["label"]})
+    activations = [_activation(ctx) for ctx in contexts]
     hist = stats["histogram"]
     edges = hist["edges"]
     centres = [(a * b) ** 0.5 for a, b in zip(edges[:-1], edges[1:], strict=True)]   # log-bin centres
@@ -48,8 +53,13 @@ def expert_page(atlas, group: int, expert: int, model: Any = None, k: int | None
             "group": int(group), "expert": int(expert), "kind": atlas.manifest["kind"],
             "count": stats["count"], "mean_percent": 100.0 * stats["mean_score"] / atlas.scale,
             "max_percent": stats["max_percent"], "label_mass": stats["label_mass"],
-            "label_share": stats["label_share"], "hist_edges_percent": edges,
-            "tokens_in_atlas": atlas.manifest["tokens"],
+            "label_share": stats["label_share"], "label_count": stats["label_count"],
+            "hist_edges_percent": edges, "tokens_in_atlas": atlas.manifest["tokens"],
+            "format_version": atlas.version,
+            "bands": [{"low_percent": band["low_percent"], "high_percent": band["high_percent"],
+                       "count": band["count"], "share": band["share"],
+                       "activations": [_activation(ctx) for ctx in band["contexts"]]}
+                      for band in atlas.band_samples(group, expert)],
         },
     }
     if atlas.manifest["kind"] == "monet" and atlas.manifest.get("experts_per_side"):
@@ -57,6 +67,67 @@ def expert_page(atlas, group: int, expert: int, model: Any = None, k: int | None
     if model is not None:
         page.update(expert_logits(model, atlas, group, expert))
     return page
+
+
+def _activation(ctx: dict[str, Any]) -> dict[str, Any]:
+    """One context in Neuronpedia's activation shape. `values` are percentages of the token's routing (null
+    where the build never ran the token); format-1 atlases know only the activating token's value."""
+    values = ctx["values"]
+    if values is None:
+        values = [0.0] * len(ctx["tokens"])
+        values[ctx["target"]] = ctx["percent"]
+    return {"tokens": ctx["pieces"], "token_ids": ctx["tokens"], "values": values,
+            "maxValue": ctx["percent"], "maxValueTokenIndex": ctx["target"],
+            "doc": ctx["doc"], "pos": ctx["pos"], "label": ctx["label"]}
+
+
+@torch.no_grad()
+def similar_experts(model: torch.nn.Module, atlas: Atlas, group: int, expert: int, n: int = 20,
+                    directions: int = 12, k: int | None = None) -> dict[str, Any]:
+    """Experts that fire together with (group, expert) on its top contexts, and how alike their outputs are.
+
+    Co-activation: the model is run on each top context (the build's exact window when the corpus is still
+    there) and the group's active experts at the activating token are counted; an expert's `contexts` is in
+    how many of them it fires, `mean_percent` its mean share of the routing there and `lift` that rate over
+    its rate on the whole atlas corpus (its density). Output similarity: for the `directions` most frequent
+    co-active experts, `cosine` between the two experts' output directions (`expert_direction`: the mean of
+    E_ij(x) over each expert's own top contexts, summed over the group's layers; the vector that also gives
+    the promoted tokens). Experts are ranked by `contexts`, then `mean_percent`."""
+    atlas.check_expert(group, expert)
+    if atlas.manifest["kind"] != "monet":
+        raise MonetError("similar experts are computed for Monet atlases only (routing co-activation)")
+    try:
+        dataset = atlas.dataset()
+    except MonetError:
+        dataset = None
+    k = k or int(atlas.manifest["options"]["top_k"])
+    prefixes = context_prefixes(atlas, group, expert, k, dataset)
+    if not prefixes:
+        raise MonetError(f"expert {group}:{expert} has no contexts in this atlas, so nothing fires with it")
+    device = next(model.parameters()).device
+    seen: dict[int, list[float]] = {}
+    model.eval()
+    for prefix in prefixes:
+        with capture_routing(model) as capture:
+            model.model(input_ids=torch.tensor([prefix], device=device), use_cache=False)
+        for other, score in capture.experts(group).token(0, len(prefix) - 1):
+            if other != expert:
+                seen.setdefault(int(other), []).append(float(score))
+    density = atlas.densities(group)
+    ranked = sorted(seen.items(), key=lambda kv: (-len(kv[1]), -sum(kv[1]) / len(kv[1]), kv[0]))[:n]
+    mine = expert_direction(model, atlas, group, expert, k, dataset)
+    rows = []
+    for rank, (other, scores) in enumerate(ranked):
+        cosine = None
+        if rank < directions:
+            theirs = expert_direction(model, atlas, group, other, k, dataset)
+            norm = float(mine.norm() * theirs.norm())
+            cosine = float(mine @ theirs) / norm if norm > 0 else None
+        rate = len(scores) / len(prefixes)
+        rows.append({"group": int(group), "expert": other, "id": f"{group}:{other}", "contexts": len(scores),
+                     "mean_percent": 100.0 * sum(scores) / len(scores) / atlas.scale,
+                     "lift": rate / float(density[other]) if density[other] > 0 else math.inf, "cosine": cosine})
+    return {"group": int(group), "expert": int(expert), "contexts": len(prefixes), "experts": rows}
 
 
 def export_command(cmd: AtlasExport) -> Path:

@@ -1,8 +1,13 @@
 """Reading an expert atlas: `Atlas(path)` answers the questions of `monet atlas query` and the viewer.
 
 Per-expert statistics of a group are read once from `experts.parquet` into numpy arrays (a few MB for
-262,144 experts); contexts and the token index are read with Parquet row-group filters, so a query
-touches only the row groups of one expert or one token. See `monet.interp.atlas` for the format.
+262,144 experts); contexts, samples and the token index are read with Parquet row-group filters, so a
+query touches only the row groups of one expert or one token. See `monet.interp.atlas` for the format.
+
+Opening an atlas verifies it: every table must have the size and SHA-256 recorded in the manifest at
+build time (format 2) and a readable Parquet footer, else `MonetError` names the damaged file. Atlases
+of format 1 (no per-token values, samples, per-label counts or table hashes) are still read: their
+contexts carry only the activating token's score.
 """
 
 from __future__ import annotations
@@ -16,10 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from monet.data import TokenDataset
 from monet.errors import MonetError
-from monet.interp.atlas import FORMAT_VERSION, TABLES, model_identity, unit_activations, unit_layout
+from monet.interp.atlas import (
+    READABLE_VERSIONS,
+    TABLES,
+    TABLES_V1,
+    model_identity,
+    unit_activations,
+    unit_layout,
+)
 from monet.interp.criteria import skewness
-from monet.io import printable
+from monet.io import printable, sha256_file
 
 _EXPERT_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -27,30 +40,72 @@ _EXPERT_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 class Atlas:
     """An atlas directory written by `monet atlas` (see `monet.interp.atlas.build_atlas`)."""
 
-    def __init__(self, path: str | Path, model: torch.nn.Module | None = None) -> None:
+    def __init__(self, path: str | Path, model: torch.nn.Module | None = None, verify: bool = True) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
-            raise MonetError(f"no atlas at {self.path}; build one with `monet atlas RUN --data DIR --out {self.path}`")
+            raise MonetError(f"no atlas at {self.path}; build one with "
+                             f"`monet atlas build RUN --data DIR --out {self.path}`")
         manifest_path = self.path / "manifest.json"
-        missing = [name for name in ("manifest.json", *TABLES) if not (self.path / name).is_file()]
-        if missing:
-            raise MonetError(f"{self.path} is not a complete atlas (missing {', '.join(missing)}); rebuild it "
-                             "with `monet atlas RUN --data DIR --out ATLAS --force`")
+        rebuild = "rebuild it with `monet atlas build RUN --data DIR --out ATLAS --force`"
+        if not manifest_path.is_file():
+            raise MonetError(f"{self.path} is not a complete atlas (missing manifest.json); {rebuild}")
         try:
             self.manifest: dict[str, Any] = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            version = self.manifest.get("format_version")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
             raise MonetError(f"{manifest_path} is corrupt ({exc}); rebuild the atlas with --force") from exc
-        version = self.manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise MonetError(f"{self.path} has atlas format {version}; this monet reads format {FORMAT_VERSION}. "
-                             "Rebuild it with `monet atlas ... --force`")
-        self.labels: list[str] = list(self.manifest["labels"])
-        self.groups: list[int] = list(range(int(self.manifest["groups"])))
-        self.num_experts: int = int(self.manifest["units_per_group"])
-        self.scale: float = float(self.manifest["score_scale"])
+        if version not in READABLE_VERSIONS:
+            raise MonetError(f"{self.path} has atlas format {version}; this monet reads formats "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}; {rebuild}")
+        self.version: int = int(version)
+        self.tables = TABLES if self.version >= 2 else TABLES_V1
+        missing = [name for name in self.tables if not (self.path / name).is_file()]
+        if missing:
+            raise MonetError(f"{self.path} is not a complete atlas (missing {', '.join(missing)}); {rebuild}")
+        try:
+            self.labels: list[str] = list(self.manifest["labels"])
+            self.groups: list[int] = list(range(int(self.manifest["groups"])))
+            self.num_experts: int = int(self.manifest["units_per_group"])
+            self.scale: float = float(self.manifest["score_scale"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MonetError(f"{manifest_path} lacks or mangles {exc}; {rebuild}") from exc
         self._group_cache: dict[int, dict[str, np.ndarray]] = {}
+        self._dataset: Any = None
+        if verify:
+            self.verify()
         if model is not None:
             self.check_model(model)
+
+    @property
+    def has_values(self) -> bool:
+        """Whether contexts carry the expert's value at every token (format 2), not only at the activating one."""
+        return self.version >= 2
+
+    def verify(self, hashes: bool = True) -> None:
+        """MonetError naming the first damaged table: a size or SHA-256 (`hashes`) other than the manifest
+        records, or a Parquet footer that cannot be read (a truncated or overwritten file)."""
+        import pyarrow.parquet as pq
+
+        recorded = self.manifest.get("tables") or {}
+        if self.version >= 2 and not isinstance(recorded, dict):
+            recorded = {}
+        advice = "rebuild the atlas with `monet atlas build RUN --data DIR --out ATLAS --force`"
+        for name in self.tables:
+            path = self.path / name
+            entry = recorded.get(name) if isinstance(recorded.get(name), dict) else None
+            if self.version >= 2 and entry is None:
+                raise MonetError(f"{self.path / 'manifest.json'} records no size or hash for {name}; {advice}")
+            size = path.stat().st_size
+            if entry is not None and size != entry.get("bytes"):
+                raise MonetError(f"atlas table {path} is damaged: {size:,} bytes where the build wrote "
+                                 f"{entry.get('bytes'):,} (truncated or replaced); {advice}")
+            if entry is not None and hashes and sha256_file(path) != entry.get("sha256"):
+                raise MonetError(f"atlas table {path} is damaged: its SHA-256 differs from the one recorded at "
+                                 f"build time (the file changed on disk); {advice}")
+            try:
+                pq.read_metadata(path)           # reads and checks the footer
+            except Exception as exc:             # pyarrow raises ArrowInvalid, OSError, ... for a bad footer
+                raise MonetError(f"atlas table {path} is not a readable Parquet file ({exc}); {advice}") from exc
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -96,6 +151,8 @@ class Atlas:
                 raise MonetError(f"{self.path / 'experts.parquet'} has {len(columns['expert'])} rows for group "
                                  f"{group}, expected {self.num_experts}; rebuild the atlas")
             columns["mass"] = np.stack([columns.pop(f"mass_{label}") for label in self.labels])
+            if all(f"count_{label}" in columns for label in self.labels):
+                columns["label_count"] = np.stack([columns.pop(f"count_{label}") for label in self.labels])
             bins = sorted(k for k in columns if k.startswith("hist_"))
             columns["hist"] = np.stack([columns.pop(k) for k in bins], axis=1)
             self._group_cache[group] = columns
@@ -127,6 +184,11 @@ class Atlas:
         self.check_expert(group, 0)
         return list(self.labels), self._group(group)["mass"].copy()
 
+    def densities(self, group: int) -> np.ndarray:
+        """[N]: each expert's activations per token of the atlas corpus."""
+        self.check_expert(group, 0)
+        return self._group(group)["density"].copy()
+
     def label_probability(self, group: int) -> np.ndarray:
         """[num_labels, N]: mean score per token of each label (mass / tokens of the label), the
         "routing probability for that domain" of paper §5.1 / appendix D.1."""
@@ -137,7 +199,7 @@ class Atlas:
         """One expert's columns: from the cached group arrays, else from its Parquet row group only."""
         if group in self._group_cache:
             g = self._group_cache[group]
-            return {k: v[expert] if v.ndim == 1 else (v[:, expert] if k == "mass" else v[expert])
+            return {k: v[expert] if v.ndim == 1 else (v[:, expert] if k in ("mass", "label_count") else v[expert])
                     for k, v in g.items()}
         import pyarrow.parquet as pq
 
@@ -145,6 +207,8 @@ class Atlas:
                               filters=[("group", "=", int(group)), ("expert", "=", int(expert))])
         row = {name: table.column(name).to_numpy()[0] for name in table.column_names}
         row["mass"] = np.array([row.pop(f"mass_{label}") for label in self.labels])
+        if all(f"count_{label}" in row for label in self.labels):
+            row["label_count"] = np.array([row.pop(f"count_{label}") for label in self.labels])
         row["hist"] = np.array([row.pop(k) for k in sorted(k for k in list(row) if k.startswith("hist_"))])
         return row
 
@@ -159,16 +223,21 @@ class Atlas:
             "group": int(group), "expert": int(expert), "id": f"{group}:{expert}",
             "count": int(row["count"]), "density": float(row["density"]),
             "mean_score": float(row["mean_score"]), "max_score": float(row["max_score"]),
+            "mean_percent": 100.0 * float(row["mean_score"]) / self.scale,
             "max_percent": 100.0 * float(row["max_score"]) / self.scale,
             "label_mass": {label: float(m) for label, m in zip(self.labels, mass, strict=True)},
             "label_share": {label: float(s) for label, s in zip(self.labels, share, strict=True)},
+            "label_count": ({label: int(c) for label, c in zip(self.labels, row["label_count"], strict=True)}
+                            if "label_count" in row else None),
+            "label_tokens": {label: int(t) for label, t in zip(self.labels, self.label_tokens, strict=True)},
             "histogram": {"edges": [e * 100.0 for e in self.manifest["hist_edges"]],
                           "counts": np.asarray(row["hist"]).astype(int).tolist()},
         }
 
     def top_contexts(self, group: int, expert: int, k: int | None = None) -> list[dict[str, Any]]:
         """The expert's top-activating contexts, best first: score, percentage, label, tokens and pieces
-        (tokens outside the document are left out), `target` is the index of the activating token."""
+        (tokens outside the document are left out), `target` is the index of the activating token, `values`
+        the expert's percentage at each token (None where unknown; None altogether for format-1 atlases)."""
         import pyarrow.parquet as pq
 
         self.check_expert(group, expert)
@@ -177,18 +246,52 @@ class Atlas:
         rows = sorted(table.to_pylist(), key=lambda r: r["rank"])
         if k is not None:
             rows = rows[:max(int(k), 0)]
+        return [self._context(row) for row in rows]
+
+    def _context(self, row: dict[str, Any]) -> dict[str, Any]:
         before = int(self.manifest["context"]["before"])
+        ids = row["tokens"]
+        kept = [i for i, t in enumerate(ids) if t >= 0]
+        tokens = [ids[i] for i in kept]
+        values = row.get("values")
+        out = {
+            "rank": row["rank"], "doc": row["doc"], "pos": row["pos"], "score": row["score"],
+            "percent": 100.0 * row["score"] / self.scale, "label": self.labels[row["label"]],
+            "token": row["token"], "tokens": tokens, "pieces": [self.piece(t) for t in tokens],
+            "target": kept.index(before),
+            "values": None if values is None else [None if values[i] is None else 100.0 * values[i] / self.scale
+                                                   for i in kept],
+        }
+        if "band" in row:
+            out["band"] = row["band"]
+        return out
+
+    def band_samples(self, group: int, expert: int) -> list[dict[str, Any]]:
+        """Examples by activation band, strongest band first: per band of score / H (10 log-spaced bands, see
+        `monet.interp.atlas.BAND_EDGES`) with activations, its range in percent, how many of the expert's
+        activations fall in it (`count`, `share`) and a uniform random sample of its contexts (best first).
+        Empty for format-1 atlases, which keep no samples."""
+        import pyarrow.parquet as pq
+
+        self.check_expert(group, expert)
+        if self.version < 2:
+            return []
+        bands = self.manifest["bands"]
+        edges, per = bands["edges"], int(bands["bins_per_band"])
+        hist = np.asarray(self._row(group, expert)["hist"], np.int64)
+        counts = hist.reshape(-1, per).sum(axis=1)
+        total = max(int(counts.sum()), 1)
+        table = pq.read_table(self.path / "samples.parquet",
+                              filters=[("group", "=", int(group)), ("expert", "=", int(expert))])
+        rows = table.to_pylist()
         out = []
-        for row in rows:
-            ids = row["tokens"]
-            kept = [i for i, t in enumerate(ids) if t >= 0]
-            tokens = [ids[i] for i in kept]
-            out.append({
-                "rank": row["rank"], "doc": row["doc"], "pos": row["pos"], "score": row["score"],
-                "percent": 100.0 * row["score"] / self.scale, "label": self.labels[row["label"]],
-                "token": row["token"], "tokens": tokens, "pieces": [self.piece(t) for t in tokens],
-                "target": kept.index(before),
-            })
+        for band in range(len(edges) - 2, -1, -1):
+            if counts[band] == 0:
+                continue
+            mine = sorted((r for r in rows if r["band"] == band), key=lambda r: (-r["score"], r["doc"], r["pos"]))
+            out.append({"band": band, "low_percent": 100.0 * edges[band], "high_percent": 100.0 * edges[band + 1],
+                        "count": int(counts[band]), "share": int(counts[band]) / total,
+                        "contexts": [self._context(r) for r in mine]})
         return out
 
     def token_ids(self, token: str | int) -> list[int]:
@@ -220,6 +323,39 @@ class Atlas:
                  "share_of_top": r["contexts"] / top_k, "max_percent": 100.0 * r["max_score"] / self.scale}
                 for r in rows[:n]]
 
+    def vocab_matches(self, text: str, limit: int = 1000) -> list[int]:
+        """Ids of the vocabulary pieces that contain `text` (case-insensitive), at most `limit`, shortest first."""
+        if not text:
+            raise MonetError("give some text to search the vocabulary for")
+        needle = text.casefold()
+        ids = [i for i, piece in enumerate(self.vocab) if needle in piece.casefold()]
+        if not ids:
+            raise MonetError(f"no vocabulary token contains {text!r}")
+        ids.sort(key=lambda i: (len(self.vocab[i]), i))
+        return ids[:limit]
+
+    def experts_for_substring(self, text: str, n: int = 20) -> dict[str, Any]:
+        """Experts whose top contexts activate on any vocabulary token containing `text` (case-insensitive):
+        per expert the number of its top contexts on those tokens, its best score there and the tokens, best
+        first. Returns {"tokens": number of matching vocabulary tokens, "experts": [...]}."""
+        import pyarrow.parquet as pq
+
+        ids = self.vocab_matches(text)
+        table = pq.read_table(self.path / "token_index.parquet", filters=[("token", "in", ids)])
+        top_k = max(int(self.manifest["options"]["top_k"]), 1)
+        experts: dict[tuple[int, int], dict[str, Any]] = {}
+        for r in table.to_pylist():
+            entry = experts.setdefault((r["group"], r["expert"]), {"contexts": 0, "max_score": 0.0, "tokens": []})
+            entry["contexts"] += r["contexts"]
+            entry["max_score"] = max(entry["max_score"], r["max_score"])
+            entry["tokens"].append((r["contexts"], r["token"]))
+        ranked = sorted(experts.items(), key=lambda kv: (-kv[1]["contexts"], -kv[1]["max_score"], kv[0]))
+        rows = [{"group": g, "expert": e, "id": f"{g}:{e}", "contexts": v["contexts"],
+                 "share_of_top": v["contexts"] / top_k, "max_percent": 100.0 * v["max_score"] / self.scale,
+                 "pieces": [self.piece(t) for _, t in sorted(v["tokens"], key=lambda ct: (-ct[0], ct[1]))[:5]]}
+                for (g, e), v in ranked[:n]]
+        return {"tokens": len(ids), "experts": rows}
+
     def experts_for_label(self, label: str, n: int = 20, min_count: int = 10,
                           group: int | None = None) -> list[dict[str, Any]]:
         """Experts most specific to `label`: skewness = routing probability on the label / the largest
@@ -236,6 +372,39 @@ class Atlas:
             rows += [(float(skew[e]), g, int(e), int(count[e])) for e in best if skew[e] > -np.inf]
         rows.sort(key=lambda r: (-r[0], r[1], r[2]))
         return [{"group": g, "expert": e, "id": f"{g}:{e}", "skewness": s, "count": c} for s, g, e, c in rows[:n]]
+
+    def dataset(self) -> TokenDataset:
+        """The split the atlas was built on (at the path recorded in the manifest), checked against the
+        recorded tokenizer; MonetError when it is gone or is another corpus."""
+        if self._dataset is None:
+            data = self.manifest.get("data") or {}
+            where = f"{data.get('dir')} ({data.get('split')} split)"
+            if not data.get("dir") or not Path(data["dir"]).is_dir():
+                raise MonetError(f"the atlas's corpus {where} is not available on this machine, so the document "
+                                 "text around a context cannot be shown")
+            dataset = TokenDataset(data["dir"], data.get("split", "validation"))
+            recorded, found = data.get("tokenizer_sha256"), dataset.manifest.get("tokenizer_sha256")
+            if recorded and found and recorded != found:
+                raise MonetError(f"the corpus at {where} was tokenized with another tokenizer than the atlas's; "
+                                 "it is not the corpus this atlas was built on")
+            self._dataset = dataset
+        return self._dataset
+
+    def document(self, doc: int, pos: int, before: int = 200, after: int = 200) -> dict[str, Any]:
+        """The text of document `doc` around position `pos`: up to `before` tokens before it and `after` after
+        (ids, pieces, `target` = the index of `pos`), its label and length, and the build's window length."""
+        dataset = self.dataset()
+        if not isinstance(doc, (int, np.integer)) or not 0 <= doc < dataset.num_documents:
+            raise MonetError(f"unknown document {doc!r}: the atlas's corpus has documents "
+                             f"0..{dataset.num_documents - 1}")
+        tokens = np.asarray(dataset.document(int(doc)))
+        if not isinstance(pos, (int, np.integer)) or not 0 <= pos < len(tokens):
+            raise MonetError(f"position {pos!r} is outside document {doc} (0..{len(tokens) - 1})")
+        start, end = max(0, int(pos) - before), min(len(tokens), int(pos) + after + 1)
+        ids = [int(t) for t in tokens[start:end]]
+        return {"doc": int(doc), "pos": int(pos), "label": dataset.document_label(int(doc)), "length": len(tokens),
+                "start": start, "end": end, "tokens": ids, "pieces": [self.piece(t) for t in ids],
+                "target": int(pos) - start, "seq_len": int(self.manifest["options"]["seq_len"])}
 
     def interesting_experts(self, group: int | None = None, n: int = 200) -> list[tuple[int, int]]:
         """Experts with many examples (a full top-K) and the highest counts, for the viewer's random button."""
@@ -282,6 +451,68 @@ def experts_for_text(model: torch.nn.Module, tokenizer: Any, text: str, n: int =
     return out
 
 
+@torch.no_grad()
+def expert_values(model: torch.nn.Module, input_ids: torch.Tensor, group: int, expert: int) -> np.ndarray:
+    """The score of unit `expert` of `group` at every token of `input_ids` [B, T] ([B, T] float, 0 where the
+    unit is not active), from each token's active units (the same numbers as the atlas build)."""
+    activations = unit_activations(model.eval(), input_ids.to(next(model.parameters()).device))
+    if not 0 <= group < len(activations):
+        raise MonetError(f"unknown group {group}: this model has groups 0..{len(activations) - 1}")
+    ids, scores = activations[group]
+    hit = (ids == expert).cpu()
+    return torch.where(hit, scores.float().cpu(), torch.zeros(())).sum(-1).numpy()
+
+
+def activation_on_text(model: torch.nn.Module, tokenizer: Any, text: str, group: int, expert: int,
+                       max_tokens: int = 512) -> dict[str, Any]:
+    """Expert (group, expert)'s percentage at each token of `text` (run after the beginning-of-sequence token,
+    as documents are in the corpus): pieces, values and the maximum."""
+    if not text.strip():
+        raise MonetError("give some text to run through the model")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    limit = min(max_tokens, int(getattr(model.config, "max_position_embeddings", max_tokens) or max_tokens) - 1)
+    if len(ids) > limit:
+        raise MonetError(f"the text has {len(ids)} tokens; the limit is {limit}")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    _, _, scale = unit_layout(model)
+    values = expert_values(model, torch.tensor([bos + ids]), group, expert)[0][len(bos):]
+    percent = [100.0 * float(v) / scale for v in values]
+    return {"group": int(group), "expert": int(expert), "tokens": [int(t) for t in ids],
+            "pieces": [tokenizer.decode([t]) for t in ids], "values": percent,
+            "max": max(percent, default=0.0)}
+
+
+def document_values(model: torch.nn.Module, atlas: Atlas, view: dict[str, Any], group: int, expert: int) -> list[float]:
+    """The expert's percentage at each token of a document view (`Atlas.document`), computed on the windows
+    of the build (the document cut every `seq_len` tokens from its start, each window run on its own)."""
+    seq_len = int(view["seq_len"])
+    tokens = np.asarray(atlas.dataset().document(view["doc"]))
+    first, last = view["start"] // seq_len, (view["end"] - 1) // seq_len
+    out = np.zeros(0)
+    for window in range(first, last + 1):
+        ids = torch.from_numpy(tokens[window * seq_len:(window + 1) * seq_len].astype(np.int64))[None]
+        out = np.concatenate([out, expert_values(model, ids, group, expert)[0]])
+    begin = view["start"] - first * seq_len
+    return [100.0 * float(v) / atlas.scale for v in out[begin:begin + len(view["tokens"])]]
+
+
+def compact_histogram(edges: list[float], counts: list[int], max_bins: int = 16) -> dict[str, list]:
+    """A histogram for display: bins chosen from the data -- from the first to the last non-empty bin of the
+    stored (fine, log-spaced) bins, adjacent bins merged until at most `max_bins` remain."""
+    counts = list(counts)
+    nonzero = [i for i, c in enumerate(counts) if c]
+    if not nonzero:
+        return {"edges": [], "counts": []}
+    low, high = nonzero[0], nonzero[-1] + 1
+    step = -(-(high - low) // max_bins)
+    out_edges, out_counts = [edges[low]], []
+    for first in range(low, high, step):
+        stop = min(first + step, high)
+        out_counts.append(int(sum(counts[first:stop])))
+        out_edges.append(edges[stop])
+    return {"edges": out_edges, "counts": out_counts}
+
+
 def format_context(context: dict[str, Any], mark: str = "[[{}]]") -> str:
     """One context as a line, the activating token marked, whitespace and control characters made visible."""
     parts = []
@@ -291,4 +522,5 @@ def format_context(context: dict[str, Any], mark: str = "[[{}]]") -> str:
     return "".join(parts)
 
 
-__all__ = ["Atlas", "experts_for_text", "format_context", "parse_expert"]
+__all__ = ["Atlas", "activation_on_text", "compact_histogram", "document_values", "expert_values", "experts_for_text",
+           "format_context", "parse_expert"]

@@ -1,24 +1,47 @@
 """The viewer's HTTP server: JSON endpoints over an `Atlas` plus one static page, nothing else.
 
-Routes (GET only; anything else is 404, so no file outside the viewer's own three is ever served):
+Routes (anything else is 404, so no file outside the viewer's own three is ever served):
 
-    /                          the page (static/index.html); expert URLs are /#/expert/G/ID
-    /static/app.js, style.css  its script and style
-    /api/info                  atlas summary: groups, experts per group, labels, tokens, model
-    /api/expert/G/ID           statistics, top contexts (pieces, activating index, percentage), label shares,
-                               histogram, promoted/suppressed tokens when a model was given
-    /api/random[?group=G]      a random expert among those with the most examples
-    /api/token?q=TEXT          experts whose top contexts activate on that token
-    /api/label/NAME            experts most specific to a label (skewness)
+    GET  /                          the page (static/index.html); expert URLs are /#/expert/G/ID
+    GET  /static/app.js, style.css  its script and style
+    GET  /api/info                  atlas summary: groups, experts per group, labels, tokens, model, limits
+    GET  /api/expert/G/ID           statistics, top contexts with per-token values, examples by activation
+                                    band, label shares and counts, histogram (bins chosen from the data),
+                                    promoted/suppressed tokens when a model was given
+    GET  /api/export/G/ID           the expert page as JSON, as `monet atlas export` writes it (a download)
+    GET  /api/random[?group=G]      a random expert among those with the most examples
+    GET  /api/token?q=TEXT[&match=substring]   experts whose top contexts activate on that token, or on any
+                                    vocabulary token containing TEXT
+    GET  /api/label/NAME[?min_count=N]         experts most specific to a label (skewness), with counts
+    GET  /api/document/DOC/POS[?group=G&expert=ID]   the document text around a position (+ the expert's
+                                    values with a model)
+    GET  /api/similar/G/ID          co-activating experts and output-direction cosines (needs the model)
+    POST /api/activation            {"group", "expert", "text"}: the expert's value on each token of the text
+    POST /api/steer                 {"group", "expert", "alpha", "prompt", "max_new_tokens"}: greedy
+                                    continuations with the expert scaled by alpha and without
 
-The page builds its DOM with textContent only and the responses carry a Content-Security-Policy that
-forbids inline scripts, so corpus text such as `<script>` stays text.
+Safety: requests whose Host header is not this server's address (127.0.0.1, localhost, [::1] or the bound
+host, with the bound port, or a name given with --allow-host) are refused with 403, so a page on another
+site cannot read the atlas through DNS rebinding; API requests that a browser marks as coming from another
+site (Sec-Fetch-Site) are refused too, so other pages cannot make the server work for them. POST bodies
+must be JSON (application/json, which a cross-site form cannot send without a CORS preflight that this
+server does not answer), at most 64 KB.
+Bad ids and parameters answer 400 with a message. Every JSON answer passes through `monet.io.printable`,
+so control and bidirectional characters from the corpus arrive as visible symbols; the page builds its
+DOM with textContent only and every response carries a Content-Security-Policy without inline scripts,
+so corpus text such as `<script>` stays text. The model runs under one lock, one request at a time.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import math
 import random
+import re
+import socket
 import threading
+from collections import OrderedDict
 from functools import partial
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,54 +50,210 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from monet.checkpoint import load_checkpoint
+from monet.edits import ExpertEdits, edited
 from monet.errors import MonetError
+from monet.generate import generate_text
 from monet.interp.explain import expert_logits
-from monet.interp.query import Atlas
+from monet.interp.export import expert_page, similar_experts
+from monet.interp.query import Atlas, activation_on_text, compact_histogram, document_values
 from monet.io import dumps, printable
+from monet.runtime import resolve_device
 from monet.settings import ViewCommand
 
 STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8",
           "index.html": "text/html; charset=utf-8"}
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-                               "img-src 'self' data:; base-uri 'none'; form-action 'none'",
+                               "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Resource-Policy": "same-origin",
 }
+LIMITS = {"text_chars": 2000, "text_tokens": 512, "prompt_chars": 1000, "max_new_tokens": 64, "alpha": 1000.0,
+          "body_bytes": 65536}
+_ID = re.compile(r"[0-9]{1,9}")          # ASCII digits only: "²".isdigit() is True in Python
+LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
+WILDCARDS = ("", "0.0.0.0", "::")
 
 
 class NotFound(Exception):
     """A path outside the viewer's routes."""
 
 
-class ViewerState:
-    """What the handlers share: the atlas, the optional model, a cache of promoted tokens."""
+class _Cache(OrderedDict):
+    """A small LRU dict (bounded memory for per-expert results)."""
 
-    def __init__(self, atlas, model: Any = None) -> None:
-        self.atlas, self.model = atlas, model
-        self.lock = threading.Lock()
-        self.logits: dict[tuple[int, int], dict] = {}
+    def __init__(self, size: int = 256) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key: Any, value: Any) -> Any:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+class ViewerState:
+    """What the handlers share: the atlas, the optional model and tokenizer, caches, one lock."""
+
+    def __init__(self, atlas, model: Any = None, tokenizer: Any = None) -> None:
+        self.atlas, self.model, self.tokenizer = atlas, model, tokenizer
+        self.lock = threading.Lock()   # pyarrow reads and the model are used by one request at a time
+        self.logits = _Cache()
+        self.similar = _Cache(64)
         self.interesting = atlas.interesting_experts()
+
+    def need_model(self, what: str) -> None:
+        if self.model is None or self.tokenizer is None:
+            raise MonetError(f"{what} needs the model: start the viewer with `monet view ATLAS --run RUN` "
+                             "(the run the atlas was built from)")
+
+    def info(self) -> dict[str, Any]:
+        atlas, m = self.atlas, self.atlas.manifest
+        return {"groups": atlas.groups, "experts": atlas.num_experts, "labels": atlas.labels,
+                "tokens": m["tokens"], "kind": m["kind"], "model": m["model"], "top_k": m["options"]["top_k"],
+                "experts_per_side": m.get("experts_per_side"), "has_model": self.model is not None,
+                "format_version": atlas.version, "has_values": atlas.has_values,
+                "samples": (m.get("bands") or {}).get("samples", 0), "limits": LIMITS}
 
     def expert(self, group: int, expert: int) -> dict[str, Any]:
         atlas = self.atlas
-        with self.lock:   # pyarrow reads and the model are used by one request at a time
-            result = {**atlas.expert(group, expert), "contexts": atlas.top_contexts(group, expert)}
+        with self.lock:
+            result = {**atlas.expert(group, expert), "contexts": atlas.top_contexts(group, expert),
+                      "bands": atlas.band_samples(group, expert)}
+            hist = result["histogram"]
+            result["histogram_view"] = compact_histogram(hist["edges"], hist["counts"])
+            if atlas.manifest["kind"] == "monet" and atlas.manifest.get("experts_per_side"):
+                result["i"], result["j"] = divmod(int(expert), int(atlas.manifest["experts_per_side"]))
             if self.model is not None:
                 key = (group, expert)
                 if key not in self.logits and result["contexts"]:
-                    self.logits[key] = expert_logits(self.model, atlas, group, expert)
+                    self.logits.put(key, expert_logits(self.model, atlas, group, expert))
                 result["logits"] = self.logits.get(key)
         return result
+
+    def export(self, group: int, expert: int) -> dict[str, Any]:
+        with self.lock:
+            return expert_page(self.atlas, group, expert, self.model)
+
+    def similar_experts(self, group: int, expert: int) -> dict[str, Any]:
+        self.need_model("finding similar experts")
+        self.atlas.check_expert(group, expert)
+        with self.lock:
+            key = (group, expert)
+            if key not in self.similar:
+                self.similar.put(key, similar_experts(self.model, self.atlas, group, expert))
+            return self.similar[key]
+
+    def document(self, doc: int, pos: int, group: int | None, expert: int | None) -> dict[str, Any]:
+        with self.lock:
+            view = self.atlas.document(doc, pos)
+            view["values"] = None
+            if group is not None and expert is not None:
+                self.atlas.check_expert(group, expert)
+                view["group"], view["expert"] = group, expert
+                view["max_percent"] = self.atlas.expert(group, expert)["max_percent"]
+                if self.model is not None:
+                    view["values"] = document_values(self.model, self.atlas, view, group, expert)
+        return view
+
+    def activation(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.need_model("Testing an expert on your text")
+        group, expert = _field_id(body, "group"), _field_id(body, "expert")
+        self.atlas.check_expert(group, expert)
+        text = _field_text(body, "text", LIMITS["text_chars"])
+        with self.lock:
+            out = activation_on_text(self.model, self.tokenizer, text, group, expert, LIMITS["text_tokens"])
+            out["max_percent"] = self.atlas.expert(group, expert)["max_percent"]
+        return out
+
+    def steer(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.need_model("Steering")
+        group, expert = _field_id(body, "group"), _field_id(body, "expert")
+        self.atlas.check_expert(group, expert)
+        prompt = _field_text(body, "prompt", LIMITS["prompt_chars"])
+        alpha = body.get("alpha")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
+                or abs(alpha) > LIMITS["alpha"]:
+            raise MonetError(f"alpha must be a number between -{LIMITS['alpha']:g} and {LIMITS['alpha']:g}, "
+                             f"got {alpha!r}")
+        tokens = body.get("max_new_tokens", 24)
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= LIMITS["max_new_tokens"]:
+            raise MonetError(f"max_new_tokens must be an integer from 1 to {LIMITS['max_new_tokens']}, got {tokens!r}")
+        if self.atlas.manifest["kind"] != "monet":
+            raise MonetError("steering scales Monet experts; this atlas is of a dense model")
+        options = {"greedy": True, "max_new_tokens": tokens}
+        with self.lock:
+            plain = generate_text(self.model, self.tokenizer, prompt, **options)[0]
+            with edited(self.model, ExpertEdits().scale(group, expert, float(alpha))):
+                steered = generate_text(self.model, self.tokenizer, prompt, **options)[0]
+        return {"group": group, "expert": expert, "alpha": float(alpha), "prompt": prompt,
+                "unsteered": plain, "steered": steered, "max_new_tokens": tokens, "decoding": "greedy"}
+
+
+def _field_id(body: dict[str, Any], name: str) -> int:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise MonetError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _field_text(body: dict[str, Any], name: str, limit: int) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise MonetError(f"give some {name} (a non-empty string)")
+    if len(value) > limit:
+        raise MonetError(f"the {name} has {len(value):,} characters; the limit is {limit:,}")
+    return value
 
 
 def _static(name: str) -> bytes:
     return resources.files("monet.interp.viewer").joinpath("static", name).read_bytes()
 
 
+def allowed_hosts(host: str, port: int, extra: tuple[str, ...] | list[str] = ()) -> tuple[set[str], bool]:
+    """(host names the Host header may carry, whether any IP literal is fine) for a server bound to host:port.
+
+    Names: 127.0.0.1, localhost, ::1, the bound host and `extra`. A server bound to all interfaces also
+    answers to this machine's host name and to any IP address (DNS rebinding needs a host *name* that the
+    attacker controls; an IP literal cannot be rebound)."""
+    names = {name.lower().rstrip(".") for name in (*LOCAL_NAMES, host, *extra) if name}
+    wildcard = host in WILDCARDS
+    if wildcard:
+        names.add(socket.gethostname().lower())
+    return names, wildcard
+
+
+def host_allowed(header: str | None, names: set[str], any_ip: bool, port: int) -> bool:
+    """Whether a Host header names this server (one of `names`, or an IP literal when `any_ip`) at `port`."""
+    if not header:
+        return False
+    header = header.strip().lower()
+    match = re.fullmatch(r"\[([0-9a-f:.]+)\](?::(\d{1,5}))?|([^:\[\]]+)(?::(\d{1,5}))?", header)
+    if not match:
+        return False
+    name = (match.group(1) or match.group(3) or "").rstrip(".")
+    given = match.group(2) or match.group(4)
+    if int(given or 80) != port:
+        return False
+    if name in names:
+        return True
+    if any_ip:
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return False
+    return False
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "monet-view"
+    timeout = 120   # seconds a connection may stay silent (a client that never sends its body is dropped)
 
     def __init__(self, *args, state: ViewerState, **kwargs) -> None:
         self.state = state
@@ -84,52 +263,112 @@ class Handler(BaseHTTPRequestHandler):
         if args and str(args[1] if len(args) > 1 else "").startswith(("4", "5")):
             super().log_message(format, *args)
 
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
+    def _send(self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        for key, value in SECURITY_HEADERS.items():
+        for key, value in {**SECURITY_HEADERS, **(extra or {})}.items():
             self.send_header(key, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _json(self, data: Any, status: int = 200) -> None:
-        body = dumps(printable(data), indent=None).encode("utf-8")
-        self._send(status, body, "application/json; charset=utf-8")
+    def _json(self, data: Any, status: int = 200, extra: dict[str, str] | None = None, download: bool = False) -> None:
+        # Shown on the page: control and bidi characters as visible symbols. A download is the same data as
+        # `monet atlas export` writes (those characters as \u escapes, so the file is still safe to print).
+        body = dumps(data if download else printable(data), indent=None if not download else 2).encode("utf-8")
+        self._send(status, body, "application/json; charset=utf-8", extra)
+
+    def _host_ok(self) -> bool:
+        server = self.server
+        if not host_allowed(self.headers.get("Host"), server.allowed_names, server.any_ip, server.server_address[1]):
+            self._json({"error": f"Host {self.headers.get('Host')!r} is not this viewer's address; open "
+                                 f"http://127.0.0.1:{server.server_address[1]}/ (or start the viewer with "
+                                 "--allow-host NAME). Other host names are refused to block DNS rebinding."},
+                       HTTPStatus.FORBIDDEN)
+            return False
+        # Browsers say where a request comes from: another site may link to the page, not call the API
+        # (which could otherwise make the server run the model for it).
+        site = self.headers.get("Sec-Fetch-Site", "same-origin").strip().lower()
+        if self.path.startswith("/api/") and site not in ("same-origin", "none"):
+            self._json({"error": "the viewer's API answers only its own page"}, HTTPStatus.FORBIDDEN)
+            return False
+        return True
 
     def do_HEAD(self) -> None:
         self.do_GET()
 
     def do_GET(self) -> None:
+        if not self._host_ok():
+            return
         url = urlsplit(self.path)
-        parts = [unquote(p) for p in url.path.split("/") if p]
-        query = parse_qs(url.query)
+        self._answer(url.path, lambda parts: self._get(parts, parse_qs(url.query)))
+
+    def do_POST(self) -> None:
+        if not self._host_ok():
+            return
+        url = urlsplit(self.path)
+        self._answer(url.path, self._post)
+
+    def _answer(self, path: str, route) -> None:
+        parts = [unquote(p) for p in path.split("/") if p]
         try:
-            if not parts:
-                return self._send(200, _static("index.html"), STATIC["index.html"])
-            if parts[0] == "static" and len(parts) == 2 and parts[1] in STATIC:
-                return self._send(200, _static(parts[1]), STATIC[parts[1]])
-            if parts[0] == "api" and len(parts) >= 2:
-                return self._json(self._api(parts[1:], query))
+            return route(parts)
         except NotFound:
             pass
         except MonetError as exc:
             return self._json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
+        except _HTTPError as exc:
+            return self._json({"error": exc.message}, exc.status)
         except Exception as exc:  # an unexpected failure answers 500 with its message, the server lives on
             return self._json({"error": f"{type(exc).__name__}: {exc}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
-        self._json({"error": f"no such page: {url.path}"}, HTTPStatus.NOT_FOUND)
+        self._json({"error": f"no such page: {path}"}, HTTPStatus.NOT_FOUND)
+
+    def _get(self, parts: list[str], query: dict[str, list[str]]) -> None:
+        if not parts:
+            return self._send(200, _static("index.html"), STATIC["index.html"])
+        if parts[0] == "static" and len(parts) == 2 and parts[1] in STATIC:
+            return self._send(200, _static(parts[1]), STATIC[parts[1]])
+        if parts[0] == "api" and len(parts) >= 2:
+            route = parts[1]
+            if route == "export" and len(parts) == 4:
+                group, expert = _integer(parts[2], "group"), _integer(parts[3], "expert")
+                name = f"monet-expert-{group}-{expert}.json"
+                return self._json(self.state.export(group, expert), download=True,
+                                  extra={"Content-Disposition": f'attachment; filename="{name}"'})
+            return self._json(self._api(parts[1:], query))
+        raise NotFound
+
+    def _post(self, parts: list[str]) -> None:
+        if parts[:1] != ["api"] or len(parts) != 2 or parts[1] not in ("activation", "steer"):
+            raise NotFound
+        kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the request body as application/json")
+        length = self.headers.get("Content-Length", "")
+        if not length.isascii() or not length.isdigit():
+            raise _HTTPError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required")
+        if int(length) > LIMITS["body_bytes"]:
+            raise _HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                             f"the request body is larger than {LIMITS['body_bytes']:,} bytes")
+        try:
+            body = json.loads(self.rfile.read(int(length)).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise MonetError(f"the request body is not JSON ({exc})") from None
+        if not isinstance(body, dict):
+            raise MonetError("the request body must be a JSON object")
+        state = self.state
+        return self._json(state.activation(body) if parts[1] == "activation" else state.steer(body))
 
     def _api(self, parts: list[str], query: dict[str, list[str]]) -> Any:
         state, atlas = self.state, self.state.atlas
         route = parts[0]
         if route == "info" and len(parts) == 1:
-            m = atlas.manifest
-            return {"groups": atlas.groups, "experts": atlas.num_experts, "labels": atlas.labels,
-                    "tokens": m["tokens"], "kind": m["kind"], "model": m["model"], "top_k": m["options"]["top_k"],
-                    "experts_per_side": m.get("experts_per_side"), "has_model": state.model is not None}
+            return state.info()
         if route == "expert" and len(parts) == 3:
             return state.expert(_integer(parts[1], "group"), _integer(parts[2], "expert"))
+        if route == "similar" and len(parts) == 3:
+            return state.similar_experts(_integer(parts[1], "group"), _integer(parts[2], "expert"))
         if route == "random" and len(parts) == 1:
             pool = state.interesting
             if "group" in query:
@@ -143,34 +382,69 @@ class Handler(BaseHTTPRequestHandler):
             text = (query.get("q") or [""])[0]
             if not text:
                 raise MonetError("give a token to search for")
-            return atlas.experts_for_token(text, 30)
+            if len(text) > 200:
+                raise MonetError("a search is at most 200 characters")
+            match = (query.get("match") or ["exact"])[0]
+            with state.lock:
+                if match == "substring":
+                    return {"match": "substring", **atlas.experts_for_substring(text, 50)}
+                if match == "exact":
+                    rows = atlas.experts_for_token(text, 50)
+                    return {"match": "exact", "tokens": len({r["token"] for r in rows}), "experts": rows}
+            raise MonetError(f"match must be exact or substring, got {match!r}")
         if route == "label" and len(parts) == 2:
-            return atlas.experts_for_label(parts[1], 30)
+            label = next((name for name in atlas.labels if printable(name) == parts[1]), parts[1])
+            min_count = _integer((query.get("min_count") or ["10"])[0], "min_count")
+            with state.lock:
+                rows = atlas.experts_for_label(label, 50, min_count=max(min_count, 1))
+                for row in rows:
+                    stats = atlas.expert(row["group"], row["expert"])
+                    row["label_share"] = stats["label_share"][label]
+                    row["label_count"] = (stats["label_count"] or {}).get(label)
+                    row["max_percent"] = stats["max_percent"]
+            return {"label": label, "min_count": max(min_count, 1), "experts": rows}
+        if route == "document" and len(parts) == 3:
+            doc, pos = _integer(parts[1], "document"), _integer(parts[2], "position")
+            group = _integer(query["group"][0], "group") if "group" in query else None
+            expert = _integer(query["expert"][0], "expert") if "expert" in query else None
+            return state.document(doc, pos, group, expert)
         raise NotFound
 
 
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
 def _integer(text: str, what: str) -> int:
-    if not text.isdigit():
-        raise MonetError(f"{what} must be a non-negative integer, got {text!r}")
+    if not _ID.fullmatch(text):
+        raise MonetError(f"{what} must be a non-negative integer of at most 9 digits, got {text[:40]!r}")
     return int(text)
 
 
-def make_server(atlas, host: str = "127.0.0.1", port: int = 8765, model: Any = None) -> ThreadingHTTPServer:
+def make_server(atlas, host: str = "127.0.0.1", port: int = 8765, model: Any = None, tokenizer: Any = None,
+                allow_hosts: tuple[str, ...] | list[str] = ()) -> ThreadingHTTPServer:
     """A ready server (not yet serving); port 0 picks a free port (see `server.server_address`)."""
     try:
-        server = ThreadingHTTPServer((host, port), partial(Handler, state=ViewerState(atlas, model)))
+        server = ThreadingHTTPServer((host, port), partial(Handler, state=ViewerState(atlas, model, tokenizer)))
     except OSError as exc:
         raise MonetError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from exc
+    except OverflowError as exc:
+        raise MonetError(f"--port must lie in 0..65535, got {port}") from exc
     server.daemon_threads = True
+    server.allowed_names, server.any_ip = allowed_hosts(host, server.server_address[1], allow_hosts)
     return server
 
 
-def serve(atlas, host: str = "127.0.0.1", port: int = 8765, model: Any = None) -> None:
+def serve(atlas, host: str = "127.0.0.1", port: int = 8765, model: Any = None, tokenizer: Any = None,
+          allow_hosts: tuple[str, ...] | list[str] = ()) -> None:
     """Serve until interrupted."""
-    server = make_server(atlas, host, port, model)
+    server = make_server(atlas, host, port, model, tokenizer, allow_hosts)
     address, bound = server.server_address[:2]
-    print(f"monet view: serving {atlas.path} at http://{address}:{bound}/  (Ctrl-C to stop)")
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    shown = f"[{address}]" if ":" in address else address
+    print(f"monet view: serving {atlas.path} at http://{shown}:{bound}/  (Ctrl-C to stop)")
+    if host not in LOCAL_NAMES:
         print("monet view: warning: listening beyond this machine; the atlas's corpus text is visible to others")
     try:
         server.serve_forever()
@@ -180,14 +454,14 @@ def serve(atlas, host: str = "127.0.0.1", port: int = 8765, model: Any = None) -
         server.server_close()
 
 
-__all__ = ["Handler", "ViewerState", "make_server", "serve", "view_command"]
-
-
 def view_command(cmd: ViewCommand) -> None:
-    """`monet view`: open the atlas (and its model, with --run) and serve until interrupted."""
+    """`monet view`: open and verify the atlas (and load its model, with --run), then serve until interrupted."""
     atlas = Atlas(cmd.atlas)
-    model = None
+    model = tokenizer = None
     if cmd.run:
-        model, _ = load_checkpoint(cmd.run)
+        model, tokenizer = load_checkpoint(cmd.run, resolve_device(cmd.device))
         atlas.check_model(model)
-    serve(atlas, host=cmd.host, port=cmd.port, model=model)
+    serve(atlas, host=cmd.host, port=cmd.port, model=model, tokenizer=tokenizer, allow_hosts=cmd.allow_host)
+
+
+__all__ = ["Handler", "ViewerState", "allowed_hosts", "host_allowed", "make_server", "serve", "view_command"]

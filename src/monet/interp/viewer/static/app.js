@@ -1,14 +1,33 @@
 // Monet atlas viewer. Every piece of corpus text reaches the page through textContent (never innerHTML),
-// so a context containing "<script>" is shown as text and never runs.
+// so a context containing "<script>" is shown as text and never runs. Control and bidirectional characters
+// arrive from the server as visible symbols (monet.io.printable) and are made visible here again for text
+// that never went through the server (the address bar), so nothing on the page is reordered or hidden.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 let INFO = null;
+let NAV = 0;   // navigation generation: a page whose data arrives after a newer navigation is not shown
+
+const HIDDEN = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]/g;
+
+function safe(text) {
+  return String(text).replace(HIDDEN, (c) => {
+    const code = c.codePointAt(0);
+    if (code < 0x20) return String.fromCodePoint(0x2400 + code);
+    if (code === 0x7f) return "\u2421";
+    return `⟨U+${code.toString(16).toUpperCase().padStart(4, "0")}⟩`;
+  });
+}
+
+function visible(piece) {
+  // Make whitespace visible without changing what the text says.
+  return safe(piece).replace(/\n/g, "\u21b5").replace(/\t/g, "\u2192");
+}
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs || {})) {
-    if (key === "text") node.textContent = value;
+    if (key === "text") node.textContent = safe(value);
     else if (key === "cls") node.className = value;
     else node.setAttribute(key, value);
   }
@@ -16,53 +35,94 @@ function el(tag, attrs, ...children) {
   return node;
 }
 
-async function api(path) {
-  const response = await fetch(path);
-  const data = await response.json();
+async function api(path, body) {
+  const options = body === undefined ? {} : {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  };
+  const response = await fetch(path, options);
+  let data;
+  try { data = await response.json(); } catch (error) { throw new Error(`${response.status} ${response.statusText}`); }
   if (!response.ok) throw new Error(data.error || response.statusText);
   return data;
 }
 
-function show(...nodes) {
-  const content = $("content");
-  content.replaceChildren(...nodes);
+function show(nav, ...nodes) {
+  if (nav !== NAV) return false;   // the user has gone elsewhere meanwhile
+  $("content").replaceChildren(...nodes);
+  return true;
 }
 
-function fail(error) { show(el("p", { cls: "error", text: String(error.message || error) })); }
+function fail(nav, error) { show(nav, el("p", { cls: "error", text: String(error.message || error) })); }
 
-function visible(piece) {
-  // Make whitespace visible without changing what the text says.
-  return piece.replace(/\n/g, "\u21b5").replace(/\t/g, "\u2192");
+function pct(value) {
+  if (value === null || value === undefined) return "–";
+  if (value === 0) return "0%";
+  return value.toPrecision(value >= 10 ? 3 : 2) + "%";
 }
 
-function pct(value) { return value.toFixed(value >= 10 ? 1 : 2) + "%"; }
+function count(value) { return Number(value).toLocaleString("en-US"); }
 
 function expertLink(group, expert, label) {
   return el("a", { href: `#/expert/${group}/${expert}`, text: label || `${group}:${expert}` });
 }
 
-function contextRow(ctx) {
-  const cell = el("td", { cls: "ctx" });
-  ctx.pieces.forEach((piece, i) => {
-    const node = i === ctx.target ? el("mark", { cls: "hit", text: visible(piece), title: pct(ctx.percent) })
-                                  : el("span", { text: visible(piece) });
-    cell.appendChild(node);
-  });
-  return el("tr", { cls: "context" }, el("td", { cls: "pct", text: pct(ctx.percent) }),
-            el("td", { cls: "lab", text: ctx.label }), cell);
+// ------------------------------------------------------------------------------------------ tokens
+
+function heat(node, value, max) {
+  if (value === null || value === undefined) { node.classList.add("unknown"); return; }
+  const alpha = max > 0 ? Math.min(1, value / max) : 0;
+  if (alpha > 0) node.style.backgroundColor = `rgba(255, 128, 0, ${(0.08 + 0.92 * alpha).toFixed(3)})`;
 }
 
-function bars(entries, format) {
+function tokenSpans(pieces, values, target, max, options) {
+  const opts = options || {};
+  const box = el("span", { cls: opts.cls || "tokens-line" });
+  pieces.forEach((piece, i) => {
+    const text = opts.lines ? visible(piece).replace(/\u21b5/g, "\u21b5\n") : visible(piece);
+    const span = el("span", { cls: i === target ? "tok hit" : "tok", text });
+    const value = values ? values[i] : (i === target ? opts.targetValue : null);
+    span.title = value === null || value === undefined ? "value not stored" : pct(value);
+    if (values || (i === target && value !== null && value !== undefined)) heat(span, value, max);
+    box.appendChild(span);
+  });
+  return box;
+}
+
+function legend(max, note) {
+  const box = el("div", { cls: "legend" });
+  box.appendChild(el("span", { text: "0%" }));
+  box.appendChild(el("span", { cls: "scale" }));
+  box.appendChild(el("span", { text: pct(max) }));
+  box.appendChild(el("span", { cls: "hint", text: note }));
+  return box;
+}
+
+function contextTable(contexts, max, group, expert, id) {
+  const table = el("table", { cls: "contexts" });
+  if (id) table.id = id;
+  for (const ctx of contexts) {
+    const cell = el("td", { cls: "ctx" }, tokenSpans(ctx.pieces, ctx.values, ctx.target, max,
+                                                      { targetValue: ctx.percent }));
+    const doc = el("td", { cls: "doc" }, el("a", { href: `#/doc/${ctx.doc}/${ctx.pos}/${group}/${expert}`,
+                                                   text: "document", title: `document ${ctx.doc}, token ${ctx.pos}` }));
+    table.appendChild(el("tr", { cls: "context" }, el("td", { cls: "pct", text: pct(ctx.percent) }),
+                         el("td", { cls: "lab", text: ctx.label }), cell, doc));
+  }
+  return table;
+}
+
+function bars(entries, id) {
   const box = el("div", { cls: "bars" });
-  const top = Math.max(...entries.map(([, v]) => v), 1e-12);
-  for (const [name, value] of entries) {
-    box.appendChild(el("span", { text: name }));
-    const holder = el("span");
+  if (id) box.id = id;
+  const top = Math.max(...entries.map((e) => e[1]), 1e-12);
+  for (const [name, value, text] of entries) {
+    box.appendChild(el("span", { cls: "name", text: name }));
+    const holder = el("span", { cls: "track" });
     const bar = el("div", { cls: "bar" });
     bar.style.width = `${(100 * value) / top}%`;
     holder.appendChild(bar);
     box.appendChild(holder);
-    box.appendChild(el("span", { cls: "val", text: format(value) }));
+    box.appendChild(el("span", { cls: "val", text }));
   }
   return box;
 }
@@ -73,33 +133,150 @@ function tokenList(pieces, values, negative) {
   return box;
 }
 
-async function showExpert(group, expert) {
+// ------------------------------------------------------------------------------------------ expert
+
+async function showExpert(nav, group, expert) {
   $("group").value = String(group);
   $("expert").value = String(expert);
   const data = await api(`/api/expert/${group}/${expert}`);
-  const title = el("h2", { id: "expert-title", text: `Group ${data.group} / Expert ${data.expert.toLocaleString()}` });
+  const max = Math.max(data.max_percent, 1e-9);
+  const halves = data.i === undefined ? "" : ` (i ${data.i}, j ${data.j})`;
+  const title = el("h2", { id: "expert-title", text: `Group ${data.group} / Expert ${data.expert}` });
+  const tools = el("p", { cls: "tools" },
+    el("span", { cls: "hint", text: `expert id ${data.group}:${data.expert}${halves} · ` }),
+    el("a", { id: "export", href: `/api/export/${group}/${expert}`, download: `monet-expert-${group}-${expert}.json`,
+              text: "JSON export (as monet atlas export)" }));
   const stats = el("p", { cls: "stats", text:
-    `${data.count.toLocaleString()} activations · density ${data.density.toExponential(2)} · ` +
-    `mean score ${data.mean_score.toFixed(4)} · best ${pct(data.max_percent)} of a token's routing` });
-  const table = el("table", { cls: "contexts", id: "contexts" });
-  data.contexts.forEach((ctx) => table.appendChild(contextRow(ctx)));
-  const labels = Object.entries(data.label_share).sort((a, b) => b[1] - a[1]);
-  const nodes = [title, stats, el("h3", { text: "Top activating contexts" }),
-    data.contexts.length ? table : el("p", { cls: "hint", text: "No contexts: this expert never fired on the atlas corpus." }),
-    el("h3", { text: "Routing probability by label" }),
-    el("div", { id: "labels" }, bars(labels, (v) => pct(100 * v)))];
-  const hist = data.histogram;
-  const histEntries = hist.counts.map((c, i) => [`≥ ${hist.edges[i].toPrecision(2)}%`, c]);
-  nodes.push(el("h3", { text: "Score histogram (share of a token's routing)" }), bars(histEntries, (v) => String(v)));
+    `${count(data.count)} activations · density ${data.density.toExponential(2)} · ` +
+    `mean ${pct(data.mean_percent)} · ` +
+    `best ${pct(data.max_percent)} of a token's routing` });
+  const nodes = [title, tools, stats];
+  const note = INFO.has_values ? "colour: the expert's share of each token's routing (hover a token for its value)"
+                               : "this atlas (format 1) stores only the activating token's value";
+  nodes.push(legend(max, note));
+  nodes.push(el("h3", { text: "Top activating contexts" }));
+  nodes.push(data.contexts.length ? contextTable(data.contexts, max, group, expert, "contexts")
+                                  : el("p", { cls: "hint", text: "No contexts: this expert never fired on the atlas corpus." }));
+  nodes.push(el("h3", { text: "Examples by activation band" }));
+  if (!INFO.has_values || INFO.samples === 0) {
+    nodes.push(el("p", { cls: "hint", text: "This atlas keeps no samples by activation band (rebuild it with this monet)." }));
+  } else if (data.bands.length) {
+    const box = el("div", { id: "bands" });
+    for (const band of data.bands) {
+      const low = band.band === 0 ? "below" : `${pct(band.low_percent)} –`;
+      box.appendChild(el("h4", { cls: "band", text:
+        `${low} ${pct(band.high_percent)} of a token's routing · ${(100 * band.share).toFixed(1)}% of its ` +
+        `activations (${count(band.count)}), ${band.contexts.length} at random` }));
+      box.appendChild(contextTable(band.contexts, max, group, expert));
+    }
+    nodes.push(box);
+  } else {
+    nodes.push(el("p", { cls: "hint", text: "No activations." }));
+  }
+  nodes.push(el("h3", { text: "Routing probability by label" }));
+  const labels = Object.entries(data.label_share).sort((a, b) => b[1] - a[1]).map(([label, share]) => {
+    const n = data.label_count ? `${count(data.label_count[label])} act. / ` : "";
+    return [label, share, `${pct(100 * share)} · ${n}${count(data.label_tokens[label])} tokens`];
+  });
+  nodes.push(bars(labels, "labels"));
+  const hist = data.histogram_view;
+  nodes.push(el("h3", { text: "Score histogram (share of a token's routing; bins from the data)" }));
+  if (hist.counts.length) {
+    nodes.push(bars(hist.counts.map((c, i) => [`${pct(hist.edges[i])} – ${pct(hist.edges[i + 1])}`, c, count(c)]),
+                    "histogram"));
+  } else {
+    nodes.push(el("p", { cls: "hint", text: "No activations." }));
+  }
   if (data.logits) {
     nodes.push(el("h3", { text: "Promoted tokens" }), tokenList(data.logits.pos_str, data.logits.pos_values, false));
     nodes.push(el("h3", { text: "Suppressed tokens" }), tokenList(data.logits.neg_str, data.logits.neg_values, true));
-  } else if (INFO && !INFO.has_model) {
-    nodes.push(el("p", { cls: "hint", text: "Start `monet view ATLAS --run RUN` to see the tokens this expert promotes." }));
   }
-  show(...nodes);
+  nodes.push(...modelSections(group, expert, max));
+  if (!show(nav, ...nodes)) return;
   document.title = `Expert ${group}:${expert} – Monet atlas`;
+  if (INFO.has_model) loadSimilar(nav, group, expert);
 }
+
+function modelSections(group, expert, max) {
+  if (!INFO.has_model) {
+    return [el("h3", { text: "Test activation · similar experts · steering" }),
+            el("p", { cls: "hint", id: "needs-model", text: "Start the viewer with the model, `monet view ATLAS --run RUN`, " +
+              "to test this expert on your own text, find similar experts and steer generation with it." })];
+  }
+  const limits = INFO.limits;
+  const probeText = el("textarea", { id: "probe-text", rows: "3", maxlength: String(limits.text_chars),
+                                     placeholder: "Type text to see this expert's value on each token" });
+  const probeOut = el("div", { id: "probe-out", cls: "probe" });
+  const probeRun = el("button", { type: "button", id: "probe-run", text: "run" });
+  probeRun.addEventListener("click", async () => {
+    probeOut.replaceChildren(el("p", { cls: "hint", text: "running…" }));
+    try {
+      const out = await api("/api/activation", { group, expert, text: probeText.value });
+      const scale = Math.max(out.max, max, 1e-9);
+      const best = out.values.indexOf(out.max);
+      probeOut.replaceChildren(tokenSpans(out.pieces, out.values, -1, scale, { cls: "tokens-line probe-line" }),
+        el("p", { cls: "hint", text: out.max > 0 ? `highest ${pct(out.max)} on “${visible(out.pieces[best])}”`
+                                                 : "the expert is not active on any token of this text" }));
+    } catch (error) { probeOut.replaceChildren(el("p", { cls: "error", text: String(error.message) })); }
+  });
+  const prompt = el("input", { id: "steer-prompt", type: "text", maxlength: String(limits.prompt_chars),
+                               placeholder: "prompt" });
+  const alpha = el("input", { id: "steer-alpha", type: "number", step: "any", value: "10",
+                              min: String(-limits.alpha), max: String(limits.alpha) });
+  const tokens = el("input", { id: "steer-tokens", type: "number", min: "1", max: String(limits.max_new_tokens),
+                               value: "24" });
+  const steerOut = el("div", { id: "steer-out", cls: "steer" });
+  const steerRun = el("button", { type: "button", id: "steer-run", text: "generate" });
+  steerRun.addEventListener("click", async () => {
+    steerOut.replaceChildren(el("p", { cls: "hint", text: "generating…" }));
+    try {
+      const out = await api("/api/steer", { group, expert, prompt: prompt.value, alpha: Number(alpha.value),
+                                            max_new_tokens: Number(tokens.value) });
+      steerOut.replaceChildren(
+        el("div", { cls: "column" }, el("h4", { text: "unsteered" }), el("pre", { id: "steer-plain", text: out.unsteered })),
+        el("div", { cls: "column" }, el("h4", { text: `expert ${group}:${expert} × ${out.alpha}` }),
+           el("pre", { id: "steer-steered", text: out.steered })));
+    } catch (error) { steerOut.replaceChildren(el("p", { cls: "error", text: String(error.message) })); }
+  });
+  return [
+    el("h3", { text: "Test activation" }), probeText, el("div", { cls: "row" }, probeRun), probeOut,
+    el("h3", { text: "Similar experts" }),
+    el("div", { id: "similar" }, el("p", { cls: "hint", text: "computing co-activation and output directions…" })),
+    el("h3", { text: "Steering (greedy decoding, this expert's term scaled by α in every layer of its group)" }),
+    el("div", { cls: "row" }, prompt, el("label", { text: "α " }, alpha), el("label", { text: "new tokens " }, tokens),
+       steerRun),
+    steerOut,
+  ];
+}
+
+async function loadSimilar(nav, group, expert) {
+  let data;
+  try {
+    data = await api(`/api/similar/${group}/${expert}`);
+  } catch (error) {
+    if (nav === NAV && $("similar")) $("similar").replaceChildren(el("p", { cls: "error", text: String(error.message) }));
+    return;
+  }
+  if (nav !== NAV || !$("similar")) return;
+  const table = el("table", { cls: "similar", id: "similar-table" });
+  table.appendChild(el("tr", {}, el("th", { text: "expert" }), el("th", { text: "fires in its top contexts" }),
+    el("th", { text: "mean share there" }), el("th", { text: "lift" }), el("th", { text: "output cosine" })));
+  for (const row of data.experts) {
+    const cosine = row.cosine === null || row.cosine === undefined ? "–" : row.cosine.toFixed(2);
+    const cos = el("td", { cls: "num", text: cosine });
+    if (typeof row.cosine === "number") cos.classList.add(row.cosine >= 0 ? "pos" : "neg");
+    table.appendChild(el("tr", {}, el("td", {}, expertLink(row.group, row.expert)),
+      el("td", { cls: "num", text: `${row.contexts} of ${data.contexts}` }), el("td", { cls: "num", text: pct(row.mean_percent) }),
+      el("td", { cls: "num", text: row.lift === null ? "∞" : `${row.lift.toPrecision(3)}×` }), cos));
+  }
+  $("similar").replaceChildren(
+    el("p", { cls: "hint", text: "Experts active on the same tokens as this expert's top contexts (co-activation; lift = " +
+      "that rate over their rate on the whole corpus), and the cosine between the two experts' output directions " +
+      "(each one's mean output over its own top contexts)." }),
+    data.experts.length ? table : el("p", { cls: "hint", text: "No other expert fires on these tokens." }));
+}
+
+// ------------------------------------------------------------------------------------- other pages
 
 function expertList(rows, describe) {
   const list = el("ul", { cls: "experts" });
@@ -112,36 +289,107 @@ function expertList(rows, describe) {
   return list;
 }
 
-async function showToken(text) {
+async function showToken(nav, text, match) {
   $("token").value = text;
-  const rows = await api(`/api/token?q=${encodeURIComponent(text)}`);
-  show(el("h2", { text: `Experts of the token “${text}”` }),
-       rows.length ? expertList(rows, (r) => `${r.contexts} of its top contexts on “${visible(r.piece)}”, best ${pct(r.max_percent)}`)
-                   : el("p", { cls: "hint", text: "No expert has this token among its top contexts." }));
+  $("match").value = match;
+  const data = await api(`/api/token?q=${encodeURIComponent(text)}&match=${match}`);
+  const what = match === "substring" ? `Experts of the tokens containing “${visible(text)}”`
+                                     : `Experts of the token “${visible(text)}”`;
+  const describe = match === "substring"
+    ? (r) => `${r.contexts} of its top contexts on ${r.pieces.map((p) => `“${visible(p)}”`).join(", ")}, best ${pct(r.max_percent)}`
+    : (r) => `${r.contexts} of its top contexts on “${visible(r.piece)}”, best ${pct(r.max_percent)}`;
+  show(nav, el("h2", { text: what }),
+       el("p", { cls: "hint", text: `${count(data.tokens)} vocabulary token(s) matched · ${data.experts.length} experts` }),
+       data.experts.length ? expertList(data.experts, describe)
+                           : el("p", { cls: "hint", text: "No expert has this token among its top contexts." }));
 }
 
-async function showLabel(label) {
+async function showLabel(nav, label, minCount) {
   $("label").value = label;
-  const rows = await api(`/api/label/${encodeURIComponent(label)}`);
-  show(el("h2", { text: `Experts most specific to “${label}”` }),
-       expertList(rows, (r) => `skewness ${typeof r.skewness === "number" ? r.skewness.toFixed(2) : "∞ (this label only)"} · ${r.count.toLocaleString()} activations`));
+  $("min-count").value = String(minCount);
+  const data = await api(`/api/label/${encodeURIComponent(label)}?min_count=${minCount}`);
+  const describe = (r) => {
+    const skew = typeof r.skewness === "number" ? r.skewness.toFixed(2) : "∞ (this label only)";
+    const own = r.label_count === null || r.label_count === undefined ? "" : `, ${count(r.label_count)} on “${label}”`;
+    return `skewness ${skew} · ${count(r.count)} activations${own} · ${pct(100 * r.label_share)} of its routing ` +
+           `probability · best ${pct(r.max_percent)}`;
+  };
+  show(nav, el("h2", { text: `Experts most specific to “${label}”` }),
+       el("p", { cls: "hint", text: `experts with at least ${count(data.min_count)} activations, ranked by skewness ` +
+         "(routing probability on this label over the largest on any other)" }),
+       data.experts.length ? expertList(data.experts, describe)
+                           : el("p", { cls: "hint", text: "No expert reaches the minimum count." }));
+}
+
+async function showDocument(nav, doc, pos, group, expert) {
+  const query = group === null ? "" : `?group=${group}&expert=${expert}`;
+  const data = await api(`/api/document/${doc}/${pos}${query}`);
+  const nodes = [el("h2", { id: "doc-title", text: `Document ${data.doc} (${data.label}) around token ${data.pos}` }),
+    el("p", { cls: "hint", text: `tokens ${count(data.start)}–${count(data.end - 1)} of ${count(data.length)}; ` +
+      `the atlas ran the document in windows of ${data.seq_len} tokens` })];
+  let max = 1;
+  if (group !== null) {
+    $("group").value = String(group);
+    $("expert").value = String(expert);
+    nodes.push(el("p", { cls: "tools" }, el("span", { text: "expert " }), expertLink(group, expert)));
+    max = Math.max(data.max_percent || 0, ...(data.values || []).filter((v) => v !== null), 1e-9);
+    nodes.push(legend(max, data.values ? "colour: this expert's share of each token's routing"
+      : "the marked token is the context's; start the viewer with --run to colour every token by this expert"));
+  }
+  const text = tokenSpans(data.pieces, data.values, data.target, max, { cls: "document", lines: true, targetValue: null });
+  text.id = "document";
+  nodes.push(text);
+  if (show(nav, ...nodes)) {
+    const hit = document.querySelector("#document .hit");
+    if (hit) hit.scrollIntoView({ block: "center" });
+  }
+}
+
+function home(nav) {
+  show(nav, el("p", { cls: "hint", text: "Pick an expert, press “random interesting expert”, or search a token." }));
+}
+
+const ID = /^[0-9]{1,9}$/;
+
+function number(text, what) {
+  if (!ID.test(text)) throw new Error(`“${visible(text)}” is not a valid ${what} (a whole number such as 12)`);
+  return Number(text);
 }
 
 async function route() {
-  const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  const nav = ++NAV;
   try {
-    if (parts[0] === "expert" && parts.length === 3) await showExpert(Number(parts[1]), Number(parts[2]));
-    else if (parts[0] === "token" && parts.length >= 2) await showToken(parts.slice(1).join("/"));
-    else if (parts[0] === "label" && parts.length === 2) await showLabel(parts[1]);
-  } catch (error) { fail(error); }
+    let parts;
+    try {
+      parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+    } catch (error) {
+      throw new Error(`This address is malformed (${error.message}): ${visible(location.hash)}. ` +
+                      "Expert pages look like #/expert/0/123.");
+    }
+    const [page, ...rest] = parts;
+    if (page === "" && rest.length === 0) home(nav);
+    else if (page === "expert" && rest.length === 2) await showExpert(nav, number(rest[0], "group"), number(rest[1], "expert id"));
+    else if (page === "token" && rest.length >= 1) await showToken(nav, rest.join("/"), "exact");
+    else if (page === "contains" && rest.length >= 1) await showToken(nav, rest.join("/"), "substring");
+    else if (page === "label" && (rest.length === 1 || rest.length === 2)) {
+      await showLabel(nav, rest[0], rest.length === 2 ? number(rest[1], "minimum count") : 10);
+    } else if (page === "doc" && (rest.length === 2 || rest.length === 4)) {
+      await showDocument(nav, number(rest[0], "document"), number(rest[1], "position"),
+                         rest.length === 4 ? number(rest[2], "group") : null,
+                         rest.length === 4 ? number(rest[3], "expert id") : null);
+    } else {
+      throw new Error(`There is no page “${visible(location.hash)}”. Pages: #/expert/G/ID, #/token/TEXT, ` +
+                      "#/contains/TEXT, #/label/NAME[/MIN], #/doc/DOC/POS[/G/ID].");
+    }
+  } catch (error) { fail(nav, error); }
 }
 
 async function start() {
   try {
     INFO = await api("/api/info");
-  } catch (error) { fail(error); return; }
-  $("summary").textContent = `${INFO.kind} model · ${INFO.groups.length} groups × ${INFO.experts.toLocaleString()} experts · ` +
-    `${INFO.tokens.toLocaleString()} tokens · labels: ${INFO.labels.join(", ")}`;
+  } catch (error) { fail(NAV, error); return; }
+  $("summary").textContent = safe(`${INFO.kind} model · ${INFO.groups.length} groups × ${count(INFO.experts)} experts · ` +
+    `${count(INFO.tokens)} tokens · labels: ${INFO.labels.join(", ")}` + (INFO.has_model ? " · model loaded" : ""));
   for (const g of INFO.groups) $("group").appendChild(el("option", { value: String(g), text: String(g) }));
   for (const l of INFO.labels) $("label").appendChild(el("option", { value: l, text: l }));
   $("expert").max = String(INFO.experts - 1);
@@ -150,16 +398,22 @@ async function start() {
     location.hash = `#/expert/${$("group").value}/${$("expert").value}`;
   });
   $("random").addEventListener("click", async () => {
+    const nav = NAV;
     try {
       const pick = await api(`/api/random?group=${$("group").value}`);
-      location.hash = `#/expert/${pick.group}/${pick.expert}`;
-    } catch (error) { fail(error); }
+      if (nav === NAV) location.hash = `#/expert/${pick.group}/${pick.expert}`;
+    } catch (error) { fail(nav, error); }
   });
   $("search").addEventListener("submit", (event) => {
     event.preventDefault();
-    if ($("token").value) location.hash = `#/token/${encodeURIComponent($("token").value)}`;
+    const page = $("match").value === "substring" ? "contains" : "token";
+    if ($("token").value) location.hash = `#/${page}/${encodeURIComponent($("token").value)}`;
   });
-  $("bylabel").addEventListener("click", () => { location.hash = `#/label/${encodeURIComponent($("label").value)}`; });
+  $("specialists").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const min = ID.test($("min-count").value) ? $("min-count").value : "10";
+    location.hash = `#/label/${encodeURIComponent($("label").value)}/${min}`;
+  });
   window.addEventListener("hashchange", route);
   await route();
 }
