@@ -17,7 +17,7 @@ ORDER = [
     "monet.data.domains", "monet.data.languages", "monet.data.toxicity", "monet.data.build", "monet.data",
     "monet.checkpoint", "monet.info", "monet.evaluate", "monet.generate", "monet.train",
     "monet.interp.capture", "monet.interp.hooks", "monet.interp.atlas", "monet.interp.criteria",
-    "monet.interp.monosemanticity",
+    "monet.interp.monosemanticity", "monet.interp.probe",
     "monet.interp.query", "monet.interp.explain", "monet.interp.export", "monet.interp.viewer.server",
     "monet.interp.viewer", "monet.interp",
     "monet.experiments.unlearn", "monet.experiments.toxicity", "monet.experiments.bench", "monet.experiments.demo",

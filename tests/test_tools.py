@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -337,3 +338,14 @@ def test_nnsight_sees_our_edits(nn_model, ours) -> None:
         with torch.no_grad(), edited(model, ExpertEdits().delete(0, [expert])):
             expected = model(tokenizer(TEXT, return_tensors="pt").input_ids).logits
     assert torch.allclose(masked, expected, atol=1e-5) and not torch.allclose(masked, plain, atol=1e-4)
+
+
+def test_docs_tools_examples_run(checkpoint: Path, tmp_path: Path) -> None:
+    """Every ```python block of docs/tools.md, in order, as one script in a fresh process (on our checkpoint)."""
+    pytest.importorskip("nnsight", reason="nnsight not installed (pip install 'monet-lm[interp]')")
+    text = (Path(__file__).parents[1] / "docs" / "tools.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    assert len(blocks) >= 6 and blocks[0].startswith("path = ")
+    script = "\n".join(blocks).replace(blocks[0].splitlines()[0], f"path = {str(checkpoint)!r}", 1)
+    result = run_client(script, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
