@@ -558,13 +558,14 @@ class ProbeSettings(Settings):
     """report directory to write"""
     baseline: str | None = None
     """also probe this (dense) model's MLP neurons on the same tokens (its run directory)"""
-    split: Literal["train", "validation"] = "validation"
-    """split whose documents are divided into probe-train and probe-test documents"""
+    split: Literal["train", "validation"] = "train"
+    """split whose documents are divided into probe-train and probe-test documents (train: the larger one; the
+    probes never see their test documents, and every model probed saw the same training text)"""
     ks: tuple[int, ...] = (1, 2, 5, 10, 20)
     """probe sizes: units per probe"""
-    train_tokens: int = number(4000, low=1)
+    train_tokens: int = number(8_000, low=1)
     """probe-train tokens per label"""
-    test_tokens: int = number(2000, low=1)
+    test_tokens: int = number(16_000, low=1)
     """probe-test tokens per label"""
     test_fraction: float = number(0.5, above=0, below=1)
     """share of each label's documents used for testing"""

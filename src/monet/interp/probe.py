@@ -5,11 +5,12 @@ The quantitative counterpart of looking at experts one by one: k-sparse probing 
 MLP neurons, on the same tokens -- carry a label (a programming language, a domain, ...) so plainly that a
 logistic regression on k of them predicts it. The protocol:
 
-1. **Tokens.** The documents of one split (default: validation, text the models never trained on) are
-   divided, per label, into probe-train and probe-test documents (seeded; `test_fraction` of each label's
-   documents are test), so no document gives tokens to both sides; labels with fewer than two documents
-   are skipped (and listed). From each side, windows of `seq_len` tokens are cut from each label's
-   documents, in a seeded random order, until `train_tokens` / `test_tokens` tokens per label. A token's
+1. **Tokens.** The documents of one split (default: train, the larger one; every model probed saw the same
+   training text, and the probes never see their test documents) are divided, per label, into probe-train
+   and probe-test documents (seeded; `test_fraction` of each label's documents are test), so no document
+   gives tokens to both sides; labels with fewer than two documents are skipped (and listed). On each side
+   the documents are cut into windows of `seq_len` tokens and, per label, windows are drawn at random
+   until `train_tokens` / `test_tokens` tokens, so a label's tokens come from many documents. A token's
    label is its document's. Document-start tokens (`<s>`) are left out: they are the same for every label.
 2. **Units** (`monet.interp.atlas.unit_activations`, the atlas's units): per routing group, Monet experts
    i*E + j with score sum_h g1_hi g2_hj (262,144 per group at E = 512); per decoder layer, a dense model's
@@ -28,8 +29,8 @@ logistic regression on k of them predicts it. The protocol:
    probes together label every test token by the largest decision value: `multiclass` accuracy (chance
    1/labels; the majority-class rate of the test tokens is reported too). The same binary probes on k random
    active units: `random`.
-6. **Uncertainty.** 95% intervals from a bootstrap over probe-test documents (the tokens of one document
-   are not independent samples).
+6. **Uncertainty.** 95% intervals from a bootstrap over probe-test documents, resampled within each label
+   (the tokens of one document are not independent samples); none when a label has a single test document.
 """
 
 from __future__ import annotations
@@ -82,25 +83,31 @@ def split_documents(dataset: TokenDataset, test_fraction: float, seed: int) -> t
     return np.asarray(train, np.int64), np.asarray(test, np.int64), skipped
 
 
-def label_windows(dataset: TokenDataset, docs: np.ndarray, per_label: int, seq_len: int) -> np.ndarray:
-    """[n, 3] windows (doc, start, length) from `docs` (taken in the given order), per label until
-    `per_label` tokens that are not a document's first token."""
-    taken: dict[int, int] = {}
-    rows = []
+def label_windows(dataset: TokenDataset, docs: np.ndarray, per_label: int, seq_len: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """[n, 3] windows (doc, start, length): every document of `docs` cut into windows of `seq_len` tokens,
+    then, per label, windows drawn in a random order until `per_label` tokens that are not a document's
+    first token (the last window may be cut short). Drawing windows rather than documents spreads a label's
+    tokens over many documents, which the bootstrap over documents needs."""
+    windows: dict[int, list[tuple[int, int, int]]] = {}
     for doc in docs.tolist():
-        label = int(dataset.docs[doc, 2])
         length = int(dataset.docs[doc, 1] - dataset.docs[doc, 0])
-        for start in range(0, length, seq_len):
-            have = taken.get(label, 0)
+        label = int(dataset.docs[doc, 2])
+        windows.setdefault(label, []).extend((doc, start, min(seq_len, length - start))
+                                             for start in range(0, length, seq_len))
+    rows = []
+    for label in sorted(windows):
+        have = 0
+        for index in rng.permutation(len(windows[label])).tolist():
+            doc, start, size = windows[label][index]
+            first = 1 if start == 0 else 0                      # the document's <s> is not counted
+            size = min(size, per_label - have + first)
+            if size - first > 0:
+                rows.append((doc, start, size))
+                have += size - first
             if have >= per_label:
                 break
-            first = 1 if start == 0 else 0                      # the document's <s> is not counted
-            size = min(seq_len, length - start, per_label - have + first)
-            if size - first <= 0:
-                continue
-            rows.append((doc, start, size))
-            taken[label] = have + size - first
-    return np.asarray(rows, np.int64).reshape(-1, 3)
+    return np.asarray(sorted(rows), np.int64).reshape(-1, 3)
 
 
 def model_batches(model: torch.nn.Module, dataset: TokenDataset, windows: np.ndarray, batch_size: int,
@@ -231,10 +238,11 @@ def bootstrap_interval(sets: list[tuple[np.ndarray, np.ndarray]], doc_labels: np
                        rng: np.random.Generator) -> list[float] | None:
     """95% interval of the mean (over `sets`) accuracy when the test documents are resampled with
     replacement within each label (so every label keeps its number of documents). Each set is (correct [n]
-    as 0/1, document index [n]); `doc_labels[d]` is document d's label."""
+    as 0/1, document index [n]); `doc_labels[d]` is document d's label. None when a label has fewer than
+    two test documents (no interval can be estimated from one)."""
     num_docs = len(doc_labels)
-    if rounds <= 0 or num_docs == 0:
-        return None
+    if rounds <= 0 or num_docs == 0 or np.bincount(doc_labels)[np.unique(doc_labels)].min() < 2:
+        return None   # a label with one test document has no spread to resample
     weights = np.zeros((rounds, num_docs))
     for label in np.unique(doc_labels):
         members = np.flatnonzero(doc_labels == label)
@@ -326,8 +334,10 @@ def sparse_probe(batches: Callable[[str], Iterable[Batch]], groups: int, units: 
                               for slot, label in enumerate(labels)}
         results.append(group)
     test_counts = np.bincount(test[1][test_keep], minlength=num_labels)
+    doc_labels = np.zeros(int(test_docs.max()) + 1, np.int64)
+    doc_labels[test_docs] = test[1][test_keep]
     return {"groups": results, "train_tokens": counts[labels].tolist(), "test_tokens": test_counts[labels].tolist(),
-            "test_documents": int(test_docs.max()) + 1 if len(test_docs) else 0,
+            "test_documents": np.bincount(doc_labels, minlength=num_labels)[labels].tolist(),
             "majority_rate": float(test_counts.max() / max(test_counts.sum(), 1))}
 
 
@@ -342,8 +352,9 @@ def probe_models(models: list[tuple[str, torch.nn.Module]], data_dir: str | Path
     if len(labels) < 2:
         raise MonetError(f"the {cmd.split} split of {data_dir} has fewer than two labels with two or more documents "
                          "(one side trains the probes, the other tests them); use --split train or a larger corpus")
-    windows = {"train": label_windows(dataset, train_docs, cmd.train_tokens, seq_len),
-               "test": label_windows(dataset, test_docs, cmd.test_tokens, seq_len)}
+    rng = np.random.default_rng([cmd.seed, 1])
+    windows = {"train": label_windows(dataset, train_docs, cmd.train_tokens, seq_len, rng),
+               "test": label_windows(dataset, test_docs, cmd.test_tokens, seq_len, rng)}
     report: dict[str, Any] = {
         "data": str(Path(data_dir).resolve()), "split": cmd.split, "labels": [dataset.labels[i] for i in labels],
         "skipped_labels": skipped, "seq_len": seq_len, "ks": sorted(set(cmd.ks)), "selection": SELECTION,
@@ -374,7 +385,7 @@ def probe_models(models: list[tuple[str, torch.nn.Module]], data_dir: str | Path
         report["models"].append({"name": name, "kind": kind, "units_per_group": units, "groups": result["groups"],
                                  "train_tokens": dict(zip(report["labels"], result["train_tokens"], strict=True)),
                                  "test_tokens": dict(zip(report["labels"], result["test_tokens"], strict=True)),
-                                 "test_documents": result["test_documents"],
+                                 "test_documents": dict(zip(report["labels"], result["test_documents"], strict=True)),
                                  "seconds": round(time.time() - started, 1)})
         report["majority_rate"] = {"binary": 0.5, "multiclass": result["majority_rate"]}
     return report
@@ -436,8 +447,13 @@ def markdown(report: dict[str, Any]) -> str:
     if report["models"]:
         first = report["models"][0]
         train, test = first["train_tokens"].values(), first["test_tokens"].values()
-        lines.append(f"Tokens per label: {min(train):,}-{max(train):,} train, {min(test):,}-{max(test):,} test "
-                     f"({first['test_documents']} test documents, {report['documents']['train']} train documents).")
+        docs = first["test_documents"].values()
+        lines.append(f"Tokens per label: {min(train):,}-{max(train):,} train, {min(test):,}-{max(test):,} test, the "
+                     f"test tokens from {min(docs)}-{max(docs)} documents per label (documents on the train side: "
+                     f"{report['documents']['train']}, test side: {report['documents']['test']}).")
+        if any(ci is None for model in report["models"] for group in model["groups"]
+               for ci in [group["binary"][ks[0]]["ci95"]]):
+            lines.append("No intervals where a label has fewer than two test documents (or --bootstrap 0).")
     if report["skipped_labels"]:
         lines.append(f"Skipped (fewer than two documents): {', '.join(report['skipped_labels'])}.")
     return "\n".join(lines) + "\n"
