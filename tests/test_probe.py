@@ -13,7 +13,7 @@ from atlas_fixtures import save_run, tiny_config
 from monet.cli import main
 from monet.data import TokenDataset
 from monet.errors import MonetError
-from monet.interp.probe import candidate_features, label_windows, sparse_probe, split_documents
+from monet.interp.probe import candidate_features, label_windows, model_batches, sparse_probe, split_documents
 
 pytest.importorskip("sklearn", reason="sparse probing needs scikit-learn (pip install 'monet-lm[interp]')")
 
@@ -49,7 +49,7 @@ def test_a_unit_that_determines_the_label_is_found_at_k1() -> None:
     assert group["binary"][5]["accuracy"] > 0.97
     random = group["random"][5]
     assert abs(random["accuracy"] - 0.5) < 0.1 and random["ci95"][0] < 0.5 < random["ci95"][1]   # noise units
-    assert result["train_tokens"] == [400] * 3 and result["majority_rate"] == pytest.approx(1 / 3)
+    assert result["train_examples"] == [400] * 3 and result["majority_rate"] == pytest.approx(1 / 3)
 
 
 def test_candidate_columns_only() -> None:
@@ -78,6 +78,26 @@ def test_documents_never_on_both_sides(corpus: Path) -> None:
         assert counted == min(300, available)
 
 
+def test_window_pooling_is_the_mean_over_the_window(corpus: Path, tmp_path: Path) -> None:
+    from monet.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(save_run(tmp_path / "monet", tiny_config(), corpus))
+    dataset = TokenDataset(corpus, "train")
+    windows = label_windows(dataset, np.arange(dataset.num_documents), 40, 16, np.random.default_rng(0))[:6]
+    (labels, docs, groups), = model_batches(model, dataset, windows, batch_size=6)
+    (w_labels, w_docs, w_groups), = model_batches(model, dataset, windows, batch_size=6, pool="window")
+    assert w_docs.tolist() == windows[:, 0].tolist() and w_labels.tolist() == dataset.docs[windows[:, 0], 2].tolist()
+    row = np.repeat(np.arange(6), windows[:, 2] - (windows[:, 1] == 0))   # the window of every counted token
+    assert (windows[row, 0] == docs).all()
+    for (token, unit, score), (window, w_unit, w_score) in zip(groups, w_groups, strict=True):
+        dense = np.zeros((6, 64))
+        np.add.at(dense, (row[token], unit), score)
+        dense /= np.bincount(row, minlength=6)[:, None]
+        pooled = np.zeros((6, 64))
+        pooled[window, w_unit] = w_score
+        assert np.allclose(dense, pooled, atol=1e-6)
+
+
 def test_probe_command_on_tiny_monet_and_dense_models(corpus: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture) -> None:
     monet_run = save_run(tmp_path / "monet", tiny_config(), corpus)
@@ -93,7 +113,7 @@ def test_probe_command_on_tiny_monet_and_dense_models(corpus: Path, tmp_path: Pa
     assert report["skipped_labels"] == ["c"] and report["chance"]["multiclass"] == pytest.approx(1 / 7)
     monet, dense = report["models"]
     assert [g["layers"] for g in monet["groups"]] == [[0, 1], [2, 3]] and len(dense["groups"]) == 4
-    assert monet["train_tokens"] == dense["train_tokens"]   # the same tokens for both models
+    assert monet["train_examples"] == dense["train_examples"]   # the same tokens for both models
     intervals = 0
     for model in report["models"]:
         for group in model["groups"]:

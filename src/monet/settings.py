@@ -563,6 +563,8 @@ class ProbeSettings(Settings):
     probes never see their test documents, and every model probed saw the same training text)"""
     ks: tuple[int, ...] = (1, 2, 5, 10, 20)
     """probe sizes: units per probe"""
+    pool: Literal["token", "window"] = "token"
+    """what a probe labels: each token, or each window (units' mean activation over its tokens, as in SAEBench)"""
     train_tokens: int = number(8_000, low=1)
     """probe-train tokens per label"""
     test_tokens: int = number(16_000, low=1)

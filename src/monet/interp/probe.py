@@ -111,8 +111,11 @@ def label_windows(dataset: TokenDataset, docs: np.ndarray, per_label: int, seq_l
 
 
 def model_batches(model: torch.nn.Module, dataset: TokenDataset, windows: np.ndarray, batch_size: int,
-                  progress: bool = False, desc: str = "probe") -> Iterator[Batch]:
-    """Run the model over the windows; yield each batch's tokens (labels, documents) and active units."""
+                  progress: bool = False, desc: str = "probe", pool: str = "token") -> Iterator[Batch]:
+    """Run the model over the windows; yield each batch's examples (labels, documents) and active units.
+
+    An example is a token (`pool="token"`), or a window with each unit's mean activation over its tokens
+    (`pool="window"`, the sequence-level probing of SAEBench)."""
     device = next(model.parameters()).device
     model.eval()
     bar = tqdm(total=int(windows[:, 2].sum()) if len(windows) else 0, unit="tok", desc=desc, disable=not progress,
@@ -122,9 +125,16 @@ def model_batches(model: torch.nn.Module, dataset: TokenDataset, windows: np.nda
         input_ids, valid = batch_inputs(dataset, batch)
         positions = batch[:, 1:2] + np.arange(valid.shape[1])[None]
         mask = valid & (positions > 0)                          # no document-start tokens
-        index = np.full(mask.shape, -1, np.int64)
-        index[mask] = np.arange(int(mask.sum()))
-        docs = np.broadcast_to(batch[:, :1], mask.shape)[mask]
+        if pool == "window":
+            rows = np.flatnonzero(mask.any(axis=1))
+            index = np.full(mask.shape, -1, np.int64)
+            index[rows] = np.arange(len(rows))[:, None]
+            docs = batch[rows, 0]
+            size = mask.sum(axis=1)[rows].astype(np.float64)
+        else:
+            index = np.full(mask.shape, -1, np.int64)
+            index[mask] = np.arange(int(mask.sum()))
+            docs = np.broadcast_to(batch[:, :1], mask.shape)[mask]
         labels = dataset.docs[docs, 2].astype(np.int64)
         with torch.no_grad():
             activations = unit_activations(model, input_ids.to(device))
@@ -133,7 +143,12 @@ def model_batches(model: torch.nn.Module, dataset: TokenDataset, windows: np.nda
             ids, scores = ids.cpu().numpy(), scores.float().cpu().numpy()
             keep = (ids >= 0) & mask[..., None]
             b, t, p = np.nonzero(keep)
-            groups.append((index[b, t], ids[b, t, p].astype(np.int64), scores[b, t, p].astype(np.float32)))
+            example, unit, score = index[b, t], ids[b, t, p].astype(np.int64), scores[b, t, p].astype(np.float64)
+            if pool == "window":   # mean over the window's tokens (inactive tokens count as 0)
+                keys, inverse = np.unique((example << 32) | unit, return_inverse=True)
+                example, unit = keys >> 32, keys & 0xFFFFFFFF
+                score = np.bincount(inverse, weights=score, minlength=len(keys)) / size[example]
+            groups.append((example, unit, score.astype(np.float32)))
         bar.update(int(valid.sum()))
         yield labels, docs, groups
     bar.close()
@@ -336,7 +351,7 @@ def sparse_probe(batches: Callable[[str], Iterable[Batch]], groups: int, units: 
     test_counts = np.bincount(test[1][test_keep], minlength=num_labels)
     doc_labels = np.zeros(int(test_docs.max()) + 1, np.int64)
     doc_labels[test_docs] = test[1][test_keep]
-    return {"groups": results, "train_tokens": counts[labels].tolist(), "test_tokens": test_counts[labels].tolist(),
+    return {"groups": results, "train_examples": counts[labels].tolist(), "test_examples": test_counts[labels].tolist(),
             "test_documents": np.bincount(doc_labels, minlength=num_labels)[labels].tolist(),
             "majority_rate": float(test_counts.max() / max(test_counts.sum(), 1))}
 
@@ -357,7 +372,8 @@ def probe_models(models: list[tuple[str, torch.nn.Module]], data_dir: str | Path
                "test": label_windows(dataset, test_docs, cmd.test_tokens, seq_len, rng)}
     report: dict[str, Any] = {
         "data": str(Path(data_dir).resolve()), "split": cmd.split, "labels": [dataset.labels[i] for i in labels],
-        "skipped_labels": skipped, "seq_len": seq_len, "ks": sorted(set(cmd.ks)), "selection": SELECTION,
+        "skipped_labels": skipped, "seq_len": seq_len, "pool": cmd.pool, "ks": sorted(set(cmd.ks)),
+        "selection": SELECTION,
         "probe": "L2 logistic regression (C=1), standardised inputs, balanced one-vs-rest per label",
         "documents": {"train": int(len(train_docs)), "test": int(len(test_docs))},
         "chance": {"binary": 0.5, "multiclass": 1.0 / len(labels)}, "bootstrap": cmd.bootstrap, "models": [],
@@ -369,7 +385,7 @@ def probe_models(models: list[tuple[str, torch.nn.Module]], data_dir: str | Path
 
         def batches(side: str, model=model, name=name) -> Iterator[Batch]:
             return model_batches(model, dataset, windows[side], cmd.batch_size, progress=not cmd.quiet,
-                                 desc=f"probe {name} ({side})")
+                                 desc=f"probe {name} ({side})", pool=cmd.pool)
 
         result = sparse_probe(batches, groups, units, labels, len(dataset.labels), tuple(cmd.ks), cmd.seed,
                               cmd.bootstrap)
@@ -383,8 +399,8 @@ def probe_models(models: list[tuple[str, torch.nn.Module]], data_dir: str | Path
                 group["binary"][k]["per_label"] = {dataset.labels[label]: acc for label, acc
                                                    in group["binary"][k]["per_label"].items()}
         report["models"].append({"name": name, "kind": kind, "units_per_group": units, "groups": result["groups"],
-                                 "train_tokens": dict(zip(report["labels"], result["train_tokens"], strict=True)),
-                                 "test_tokens": dict(zip(report["labels"], result["test_tokens"], strict=True)),
+                                 "train_examples": dict(zip(report["labels"], result["train_examples"], strict=True)),
+                                 "test_examples": dict(zip(report["labels"], result["test_examples"], strict=True)),
                                  "test_documents": dict(zip(report["labels"], result["test_documents"], strict=True)),
                                  "seconds": round(time.time() - started, 1)})
         report["majority_rate"] = {"binary": 0.5, "multiclass": result["majority_rate"]}
@@ -423,8 +439,11 @@ def _cell(entry: dict[str, Any]) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The report as markdown tables (accuracies in %, 95% bootstrap intervals over test documents)."""
     ks = report["ks"]
-    lines = [f"Sparse probing on {report['split']} tokens of {len(report['labels'])} labels "
-             f"({', '.join(report['labels'])}); held-out accuracy in % [95% interval, bootstrap over test documents].",
+    example = ("each window's label from its units' mean activation over the window's tokens"
+               if report.get("pool") == "window" else "each token's label from its units' activations")
+    lines = [f"Sparse probing on the {report['split']} split, {len(report['labels'])} labels "
+             f"({', '.join(report['labels'])}), predicting {example}; held-out accuracy in % [95% interval, "
+             "bootstrap over test documents].",
              f"Selection: {report['selection']}. Probe: {report['probe']}.", ""]
     for title, key, chance in (("Binary (label vs rest, balanced), mean over labels", "binary",
                                 f"chance = majority rate = {100 * report['chance']['binary']:.0f}%"),
@@ -446,10 +465,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
     if report["models"]:
         first = report["models"][0]
-        train, test = first["train_tokens"].values(), first["test_tokens"].values()
+        train, test = first["train_examples"].values(), first["test_examples"].values()
         docs = first["test_documents"].values()
-        lines.append(f"Tokens per label: {min(train):,}-{max(train):,} train, {min(test):,}-{max(test):,} test, the "
-                     f"test tokens from {min(docs)}-{max(docs)} documents per label (documents on the train side: "
+        what = "Windows" if report.get("pool") == "window" else "Tokens"
+        lines.append(f"{what} per label: {min(train):,}-{max(train):,} train, {min(test):,}-{max(test):,} test, the "
+                     f"test ones from {min(docs)}-{max(docs)} documents per label (documents on the train side: "
                      f"{report['documents']['train']}, test side: {report['documents']['test']}).")
         if any(ci is None for model in report["models"] for group in model["groups"]
                for ci in [group["binary"][ks[0]]["ci95"]]):
