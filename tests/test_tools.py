@@ -46,7 +46,8 @@ def client_env(tmp: Path) -> dict[str, str]:
     src = str(Path(monet.__file__).resolve().parents[1])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_MODULES_CACHE": str(tmp / "hf-modules"), "HF_DATASETS_CACHE": str(tmp / "hf-datasets"),
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     return env
 
 
@@ -101,6 +102,13 @@ def test_auto_model_loads_in_a_process_that_never_imports_monet(checkpoint: Path
             raise SystemExit("loaded without trust_remote_code: the shim was not the way in")
         except ValueError as exc:
             assert "trust_remote_code" in str(exc), exc
+        sys.modules["monet"] = None   # as if monet-lm were not installed: the shim says what to install
+        try:
+            AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+            raise SystemExit("loaded without the monet package")
+        except ImportError as exc:
+            assert "pip install monet-lm" in str(exc), exc
+        del sys.modules["monet"]
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
         assert type(model).__module__ == "monet.model", type(model)
