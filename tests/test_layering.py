@@ -12,11 +12,12 @@ SRC = Path(__file__).parents[1] / "src"
 # Every module of the package, in layer order: a module may import only modules listed before it.
 ORDER = [
     "monet.errors", "monet.io", "monet.presets", "monet.settings", "monet.config", "monet.runtime", "monet.sparse",
-    "monet.ops", "monet.edits", "monet.model",
+    "monet.ops", "monet.edits", "monet.remote_code", "monet.model",
     "monet.data.documents", "monet.data.packages", "monet.data.tokenizer", "monet.data.storage", "monet.data.code",
     "monet.data.domains", "monet.data.languages", "monet.data.toxicity", "monet.data.build", "monet.data",
     "monet.checkpoint", "monet.info", "monet.evaluate", "monet.generate", "monet.train",
-    "monet.interp.capture", "monet.interp.atlas", "monet.interp.criteria", "monet.interp.monosemanticity",
+    "monet.interp.capture", "monet.interp.hooks", "monet.interp.atlas", "monet.interp.criteria",
+    "monet.interp.monosemanticity", "monet.interp.probe",
     "monet.interp.query", "monet.interp.explain", "monet.interp.export", "monet.interp.viewer.server",
     "monet.interp.viewer", "monet.interp",
     "monet.experiments.unlearn", "monet.experiments.toxicity", "monet.experiments.bench", "monet.experiments.demo",

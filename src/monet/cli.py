@@ -204,6 +204,15 @@ def run_explain(cmd: S.ExplainCommand) -> None:
         print(f"{n}. {text}")
 
 
+def run_probe(cmd: S.ProbeSettings) -> None:
+    from monet.interp.probe import REPORT_JSON, REPORT_MD, probe_command
+
+    report = probe_command(cmd)
+    print((Path(cmd.out) / REPORT_MD).read_text(encoding="utf-8"))
+    print(f"report: {Path(cmd.out) / REPORT_JSON}  table: {Path(cmd.out) / REPORT_MD}  "
+          f"({len(report['models'])} model(s))")
+
+
 def run_unlearn(cmd: S.UnlearnSettings) -> None:
     from monet.experiments.unlearn import REPORT_FILE, format_summary, unlearn
 
@@ -245,6 +254,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "atlas export": (S.AtlasExport, run_atlas_export),
     "view": (S.ViewCommand, run_view),
     "explain": (S.ExplainCommand, run_explain),
+    "probe": (S.ProbeSettings, run_probe),
     "unlearn": (S.UnlearnSettings, run_unlearn),
     "toxicity": (S.ToxicitySettings, run_toxicity),
     "bench": (S.BenchSettings, run_bench),

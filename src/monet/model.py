@@ -36,9 +36,10 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import ModelOutput
 
-from monet import edits, ops, sparse
+from monet import edits, ops, remote_code, sparse
 from monet.config import MonetConfig
 from monet.errors import MonetError
 from monet.runtime import distributed
@@ -607,8 +608,13 @@ class MonetPreTrainedModel(PreTrainedModel):
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """Hugging Face `save_pretrained`, plus the expert edits (masks, steering) when any are applied."""
-        super().save_pretrained(save_directory, *args, **kwargs)
+        """Hugging Face `save_pretrained`, plus the expert edits (masks, steering) when any are applied, and
+        the remote-code shim (`modeling_monet_lm.py` + `auto_map`, see `monet.remote_code`) that lets clients
+        which never `import monet` load the directory with `trust_remote_code=True`."""
+        with remote_code.auto_map_for_saving(self):
+            super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            remote_code.write_shim(save_directory)
         if any(getattr(m, "edit_weights", None) is not None for m in self.modules()):
             edits.save_edits(self, save_directory)
         else:
@@ -836,3 +842,6 @@ class MonetForCausalLM(MonetPreTrainedModel, GenerationMixin):
 AutoConfig.register("monet", MonetConfig, exist_ok=True)
 AutoModel.register(MonetConfig, MonetModel, exist_ok=True)
 AutoModelForCausalLM.register(MonetConfig, MonetForCausalLM, exist_ok=True)
+# `register` fills the class mappings only; clients that ask "is this model_type a causal LM?" read the name
+# table (lm-eval's HF backend, which otherwise warns "neither marked as CausalLM or Seq2SeqLM").
+MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(MonetConfig.model_type, MonetForCausalLM.__name__)

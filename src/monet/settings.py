@@ -553,6 +553,60 @@ class ExplainCommand(Settings):
     """auto (CUDA when available), cpu, cuda or cuda:N"""
 
 
+@dataclass(kw_only=True)
+class ProbeSettings(Settings):
+    """Sparse probing: predict a token's label from k experts (and a dense baseline's k neurons).
+
+    k-sparse probing (Gurnee et al. 2023; SAEBench): per routing group (dense: per layer), the k units with the
+    largest class-mean difference on probe-train tokens feed a logistic regression that predicts the token's
+    label (one-vs-rest, balanced); held-out accuracy per k on other documents, with 95% bootstrap intervals,
+    a random-units control, chance and majority-class rates. Writes OUT/probe.json and OUT/probe.md."""
+
+    run: Positional[str]
+    """Monet run directory (newest checkpoint) or checkpoint directory"""
+    data: str
+    """dataset directory from `monet data build` (built with the models' tokenizer)"""
+    out: str
+    """report directory to write"""
+    baseline: str | None = None
+    """also probe this (dense) model's MLP neurons on the same tokens (its run directory)"""
+    split: Literal["train", "validation"] = "train"
+    """split whose documents are divided into probe-train and probe-test documents (train: the larger one; the
+    probes never see their test documents, and every model probed saw the same training text)"""
+    ks: tuple[int, ...] = (1, 2, 5, 10, 20)
+    """probe sizes: units per probe"""
+    pool: Literal["token", "window"] = "token"
+    """what a probe labels: each token, or each window (units' mean activation over its tokens, as in SAEBench)"""
+    train_tokens: int = number(8_000, low=1)
+    """probe-train tokens per label"""
+    test_tokens: int = number(16_000, low=1)
+    """probe-test tokens per label"""
+    test_fraction: float = number(0.5, above=0, below=1)
+    """share of each label's documents used for testing"""
+    seq_len: int | None = number(None, low=2)
+    """tokens per window (default: the training seq_len, from the checkpoint)"""
+    batch_size: int = number(16, low=1)
+    """windows per forward pass"""
+    bootstrap: int = number(1000, low=0)
+    """bootstrap rounds over test documents for the 95% intervals (0: none)"""
+    seed: int = number(0, low=0)
+    """document split, balanced sets and random units"""
+    device: Device = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N"""
+    no_verify: bool = False
+    """skip the SHA-256 check of the checkpoints"""
+    force: bool = False
+    """replace --out even if it is not a probe report"""
+    quiet: bool = False
+    """no progress bars"""
+
+    def validate(self) -> None:
+        if not self.ks:
+            raise MonetError("--ks needs at least one probe size")
+        for k in self.ks:
+            check_number("--ks", k, integer=True, low=1)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Experiments
 
