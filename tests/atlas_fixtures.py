@@ -3,8 +3,11 @@ saved as checkpoints, and atlases built from them (cached under pytest's session
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import shutil
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +24,26 @@ HOSTILE = [
 ]
 
 
+def system_code_roots() -> dict[str, list[str]]:
+    """Source files every Debian machine with Python and Node.js has (no download): the tests' languages."""
+    node = shutil.which("node")
+    node_modules = [os.path.normpath(os.path.join(os.path.dirname(os.path.realpath(node)), "..", "lib",
+                                                  "node_modules"))] if node else []
+    roots = {"python": [sysconfig.get_paths()["stdlib"]], "c": ["/usr/include"],
+             "javascript": node_modules + ["/usr/share/nodejs"], "perl": sorted(glob.glob("/usr/share/perl/*")),
+             "shell": ["/usr/bin"]}
+    return {label: [d for d in dirs if os.path.isdir(d)] for label, dirs in roots.items()
+            if any(os.path.isdir(d) for d in dirs)}
+
+
 def corpus(base: Path) -> Path:
     """The code corpus the other test modules use too (same path and options, built once per session)."""
     from monet.data import build_corpus
 
     path = base / "monet-train-corpus"
     if not (path / "manifest.json").is_file():
-        build_corpus("code", path, max_bytes=300_000, vocab_size=512, progress=False, cache_dir=base / "cache")
+        build_corpus("code", path, max_bytes=300_000, vocab_size=512, progress=False, cache_dir=base / "cache",
+                     source_options={"roots": system_code_roots()})
     return path
 
 

@@ -17,13 +17,15 @@ def test_quick_demo_runs_and_reuses_finished_steps(tmp_path: Path, capsys: pytes
     first = capsys.readouterr().out
     report = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
     assert report["targets"] and report["monet"]["before"]
-    for name in ("data/manifest.json", "atlas/manifest.json", "report/heatmap.png", "report/loss_matrix.csv"):
+    for name in ("data/manifest.json", "atlas/manifest.json", "dense-atlas/manifest.json", "report/heatmap.png",
+                 "report/forget_retain.png", "report/loss_matrix.csv"):
         assert (tmp_path / "demo" / name).is_file(), name
-    assert "Δ target" in first and "monet view" in first and "already done" not in first
+    assert "Δ target" in first and "rand p95" in first and "monet view" in first and "already done" not in first
+    assert set(report["summary"]) == set(report["dense"]) == set(report["targets"])
     started = time.perf_counter()
     assert main(argv) == 0
     second = capsys.readouterr().out
-    assert second.count("already done, reused") == 4
+    assert second.count("already done, reused") == 6   # corpus, 2 runs, 2 atlases, report
     assert time.perf_counter() - started < 30
     assert json.loads((tmp_path / "demo" / "report" / "report.json").read_text()) == report
 

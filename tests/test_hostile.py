@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from atlas_fixtures import system_code_roots
 from runs import train_run
 
 from monet.cli import main
@@ -26,7 +27,7 @@ def world(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
     assert main(["atlas", "build", str(run), "--data", str(corpus), "--out", str(base / "atlas"), "--max-tokens",
                  "2000", "--top-k", "2", "--quiet"]) == 0
     other = build_corpus("code", base / "other-data", max_bytes=200_000, vocab_size=600, progress=False,
-                         cache_dir=base / "cache")
+                         cache_dir=base / "cache", source_options={"roots": system_code_roots()})
     (base / "notes.txt").write_text("my notes")
     (base / "mine").mkdir()
     (base / "mine" / "thesis.tex").write_text("do not delete")
@@ -166,7 +167,7 @@ def test_stale_temporaries_of_a_killed_build_are_swept(world, tmp_path) -> None:
     stale.mkdir()
     (stale / "half.tokens").write_bytes(b"x")
     build_corpus("code", tmp_path / "data", max_bytes=100_000, vocab_size=512, progress=False,
-                 cache_dir=world["base"] / "cache")
+                 cache_dir=world["base"] / "cache", source_options={"roots": system_code_roots()})
     assert not stale.exists() and (tmp_path / "data" / "manifest.json").is_file()
 
 

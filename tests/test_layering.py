@@ -20,7 +20,8 @@ ORDER = [
     "monet.interp.monosemanticity", "monet.interp.probe",
     "monet.interp.query", "monet.interp.explain", "monet.interp.export", "monet.interp.viewer.server",
     "monet.interp.viewer", "monet.interp",
-    "monet.experiments.unlearn", "monet.experiments.toxicity", "monet.experiments.bench", "monet.experiments.demo",
+    "monet.experiments.protocol_stats", "monet.experiments.unlearn", "monet.experiments.toxicity",
+    "monet.experiments.bench", "monet.experiments.demo",
     "monet.experiments", "monet.cli", "monet.__main__", "monet",
 ]
 # Function-local imports of our own modules are allowed only where they are deliberate lazy imports.

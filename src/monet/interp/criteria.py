@@ -255,14 +255,15 @@ def select_correlated(correlations: list[np.ndarray], threshold: float) -> Selec
     return selection
 
 
-def select_top(masses: list[np.ndarray], target: int, n: int, min_mass: float = 0.0) -> Selection:
+def select_top(masses: list[np.ndarray], target: int, n: int, min_mass: float = 0.0,
+               normalize: bool = True) -> Selection:
     """`top_specific` in every group (n per group)."""
     if not masses:
         raise MonetError("no groups to select from")
     selection = Selection(units_per_group=int(np.asarray(masses[0]).shape[1]), groups=len(masses),
                           criterion=f"top {n} by specificity")
     for group, mass in enumerate(masses):
-        selection.ids[group] = top_specific(mass, target, n, min_mass)
+        selection.ids[group] = top_specific(mass, target, n, min_mass, normalize)
     return selection
 
 
