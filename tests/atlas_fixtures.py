@@ -72,18 +72,23 @@ def atlas_of(run: Path, data: Path, out: Path, options: AtlasOptions = OPTIONS) 
     return out
 
 
+def start_dataset_like(data: Path, out: Path):
+    """Create `out` with `data`'s tokenizer files; returns (data's manifest, its tokenizer)."""
+    from monet.data import load_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(data / name, out / name)
+    return json.loads((data / "manifest.json").read_text()), load_tokenizer(data)
+
+
 def hostile_dataset(data: Path, out: Path) -> Path:
     """A dataset whose documents contain HTML/script text, with the corpus's tokenizer."""
-    from monet.data import load_tokenizer
     from monet.data.storage import write_split
 
     if (out / "manifest.json").is_file():
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copyfile(data / name, out / name)
-    manifest = json.loads((data / "manifest.json").read_text())
-    tokenizer = load_tokenizer(data)
+    manifest, tokenizer = start_dataset_like(data, out)
     docs = [[tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
             for t in HOSTILE]
     labels = [manifest["labels"].index("javascript"), manifest["labels"].index("c")]

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from atlas_fixtures import HOSTILE, corpus, tiny_config
+from atlas_fixtures import HOSTILE, corpus, start_dataset_like, tiny_config
 
 import monet
 from monet.checkpoint import load_checkpoint, save_checkpoint
-from monet.data import TokenDataset, load_tokenizer
+from monet.data import TokenDataset
 from monet.data.storage import write_split
 from monet.edits import ExpertEdits, edited
 from monet.generate import generate_text
@@ -43,11 +43,7 @@ def viewer_dataset(data: Path, out: Path) -> Path:
     code corpus; the label "c" is renamed to one holding U+202E."""
     if (out / "manifest.json").is_file():
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copyfile(data / name, out / name)
-    manifest = json.loads((data / "manifest.json").read_text())
-    tokenizer = load_tokenizer(data)
+    manifest, tokenizer = start_dataset_like(data, out)
     labels = manifest["labels"]
 
     def doc(text: str) -> list[int]:

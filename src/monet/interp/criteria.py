@@ -19,6 +19,7 @@ on the fly, and on a dense model's neurons (a "unit" is an expert of a routing g
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -232,39 +233,35 @@ class Selection:
         return edits
 
 
+def _per_group(values: list, units: int, criterion: str, pick: Callable[[np.ndarray], np.ndarray]) -> Selection:
+    """A `Selection` with `pick(values[g])` as group g's unit ids."""
+    if not values:
+        raise MonetError("no groups to select from")
+    selection = Selection(units_per_group=units, groups=len(values), criterion=criterion)
+    for group, value in enumerate(values):
+        selection.ids[group] = pick(value)
+    return selection
+
+
 def select_skewed(masses: list[np.ndarray], target: int, ratio: float = 2.0, min_mass: float = 0.0,
                   normalize: bool = True) -> Selection:
     """`skewed_units` in every group; masses[g] is group g's [num_labels, units] label mass."""
-    if not masses:
-        raise MonetError("no groups to select from")
-    selection = Selection(units_per_group=int(np.asarray(masses[0]).shape[1]), groups=len(masses),
-                          criterion=f"skewness >= {ratio} (min mass {min_mass})")
-    for group, mass in enumerate(masses):
-        selection.ids[group] = skewed_units(mass, target, ratio, min_mass, normalize)
-    return selection
+    return _per_group(masses, int(np.asarray(masses[0]).shape[1]) if masses else 0,
+                      f"skewness >= {ratio} (min mass {min_mass})",
+                      lambda mass: skewed_units(mass, target, ratio, min_mass, normalize))
 
 
 def select_correlated(correlations: list[np.ndarray], threshold: float) -> Selection:
     """`correlated_units` in every group; correlations[g] is group g's [units] Pearson r."""
-    if not correlations:
-        raise MonetError("no groups to select from")
-    selection = Selection(units_per_group=int(len(correlations[0])), groups=len(correlations),
-                          criterion=f"correlation >= {threshold}")
-    for group, corr in enumerate(correlations):
-        selection.ids[group] = correlated_units(corr, threshold)
-    return selection
+    return _per_group(correlations, int(len(correlations[0])) if correlations else 0,
+                      f"correlation >= {threshold}", lambda corr: correlated_units(corr, threshold))
 
 
 def select_top(masses: list[np.ndarray], target: int, n: int, min_mass: float = 0.0,
                normalize: bool = True) -> Selection:
     """`top_specific` in every group (n per group)."""
-    if not masses:
-        raise MonetError("no groups to select from")
-    selection = Selection(units_per_group=int(np.asarray(masses[0]).shape[1]), groups=len(masses),
-                          criterion=f"top {n} by specificity")
-    for group, mass in enumerate(masses):
-        selection.ids[group] = top_specific(mass, target, n, min_mass, normalize)
-    return selection
+    return _per_group(masses, int(np.asarray(masses[0]).shape[1]) if masses else 0, f"top {n} by specificity",
+                      lambda mass: top_specific(mass, target, n, min_mass, normalize))
 
 
 __all__ = [
