@@ -169,14 +169,16 @@ def test_lm_eval_command_line_on_a_trained_run(checkpoint: Path, corpus: Path, t
 @torch.no_grad()
 def continuation_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
     """log p(continuation | context) as lm-eval tokenizes it: encode context + continuation (trailing
-    spaces of the context moved to the continuation), the continuation is what follows the context's tokens."""
+    spaces of the context moved to the continuation); the continuation's tokens are those of the whole text
+    after as many tokens as the context alone has, and the model reads the context's own tokens before them
+    (which differ from the whole text's when a token straddles the boundary)."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    start = len(tokenizer.encode(context))
-    logits = model(torch.tensor([whole[:-1]])).logits.log_softmax(-1)[0]
-    return float(sum(logits[t - 1, whole[t]] for t in range(start, len(whole))))
+    context_ids = tokenizer.encode(context)
+    ids = context_ids + tokenizer.encode(context + continuation)[len(context_ids):]
+    logits = model(torch.tensor([ids[:-1]])).logits.log_softmax(-1)[0]
+    return float(sum(logits[t - 1, ids[t]] for t in range(len(context_ids), len(ids))))
 
 
 # ----------------------------------------------------------------------------------------------------------
