@@ -104,7 +104,12 @@ def main() -> int:
     parser.add_argument("--source", default="code", choices=["code", "languages", "domains"])
     parser.add_argument("--write", type=Path, default=Path(__file__).parent)
     args = parser.parse_args()
-    existing = {int(k): Path(v) for k, v in (item.split("=", 1) for item in args.existing)}
+    existing = {}
+    for item in args.existing:
+        seed, _, directory = item.partition("=")
+        if not seed.isdigit() or not directory:
+            parser.error(f"--existing takes SEED=DIR (e.g. 0=monet-demo), got {item!r}")
+        existing[int(seed)] = Path(directory)
     reports = {}
     for seed in args.seeds:
         directory = existing.get(seed) or run_seed(seed, args.out, args.source)

@@ -52,7 +52,7 @@ from monet.checkpoint import (
 from monet.data import TokenDataset, load_tokenizer
 from monet.edits import masked
 from monet.errors import MonetError
-from monet.evaluate import label_window_sets, window_losses
+from monet.evaluate import label_window_sets, window_indices, window_losses
 from monet.experiments.protocol_stats import (
     delta_ci,
     forget_retain_curve,
@@ -202,9 +202,7 @@ def multiple_choice_accuracy(model: nn.Module, tokenizer: Any, items: list[dict]
 
 def spaced(count: int, wanted: int) -> np.ndarray:
     """`wanted` positions evenly spaced over range(count) (all of them when wanted >= count)."""
-    if wanted >= count:
-        return np.arange(count)
-    return np.arange(wanted) * count // wanted
+    return np.asarray(window_indices(count, 1, wanted), dtype=np.int64)
 
 
 @dataclass
