@@ -1,46 +1,11 @@
 """The expert atlas: stream a labelled corpus through a model and keep, for every expert of every
-routing group, its top-activating contexts, a sample of its contexts per activation band, and running
-statistics (paper §4.3, Fig. 2; §5.1).
+routing group, its top-activating contexts, a sample of its contexts per activation band, running
+statistics, and each stored context's per-token values from a second pass (paper §4.3, Fig. 2; §5.1).
 
-Memory stays bounded whatever the corpus size: documents are cut into fixed windows, and per group
-the build keeps only running aggregates -- activation count and routing mass per label ([labels, N]),
-a fixed log-spaced histogram of scores ([N, bins], int32) -- the top-K contexts of each expert as
-(score, document, position) in a `TopK` table of at most N*K rows, and per (expert, activation band) a
-uniform random sample of S contexts (the S smallest values of a hash of (document, position, expert):
-deterministic, order-free and mergeable), in a second `TopK` of at most N*bands*S rows. Only each
-token's active experts are ever formed (see `monet.interp.capture`), never the N = E^2 grid.
-
-A second pass gives every stored context its per-token values: the batches of the first pass that
-contain a position of some stored context are run again (the same batches, so the values are those the
-first pass saw) and, for each stored (expert, document, position), the expert's score at the 12 tokens
-before and 4 after is looked up among each token's active experts. Both passes stop the forward pass at
-the last routing layer (what comes after it cannot change the routing).
-
-The same machinery serves dense baselines (`mlp_type="dense"`): a "group" is then a decoder layer and
-a "unit" a neuron of its MLP hidden layer, scored by the positive part of act(gate(x)) * up(x), so the
-monosemanticity measures of `monet.interp.monosemanticity` apply to both model types.
-
-On disk an atlas is a directory (written as a temporary sibling, then renamed)::
-
-    manifest.json          format version, model identity (config hash + weight fingerprint), data dir,
-                           split, labels, tokens per label, groups, units per group, histogram edges, bands,
-                           options, the size and SHA-256 of every table (checked when the atlas is opened)
-    experts.parquet        one row per (group, expert), sorted: count, score_sum, mean_score, density,
-                           max_score, mass_<label>..., count_<label>..., hist_00..hist_NN
-    contexts.parquet       top-K contexts sorted by (group, expert, rank): doc, pos, score, label, token,
-                           tokens (a window of ids around the token, -1 outside the document), values (the
-                           expert's score at each of those tokens; null where not known)
-    samples.parquet        the same columns plus `band`, sorted by (group, expert, band, rank): S random
-                           contexts per activation band
-    token_index.parquet    (token, group, expert) -> number of top contexts on that token, max/sum score
-    vocab.parquet          token id -> decoded text piece (what the viewer shows for each id)
-
-Format 1 (before values, samples, per-label counts and table hashes) is still read; see
-`monet.interp.query.Atlas`.
-
-Scores: a token's score for expert (i, j) is sum_h g1_hi g2_hj (the official convention). Summed over
-all experts it equals H, so `100 * score / H` is the share of the token's routing mass that the expert
-receives -- the percentage shown by the queries and the viewer.
+Memory stays bounded whatever the corpus, only each token's active experts are formed (never the
+N = E^2 grid), and shards built under torchrun merge to exactly one pass. Dense baselines
+(`mlp_type="dense"`) use the same machinery with a layer as "group" and an MLP neuron as "unit".
+How it works, what it costs and the on-disk format: docs/atlas.md.
 """
 
 from __future__ import annotations
@@ -64,7 +29,7 @@ from tqdm.auto import tqdm
 from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint, trained_seq_len
 from monet.data import TokenDataset
 from monet.errors import MonetError
-from monet.interp.capture import capture_routing
+from monet.interp.capture import RoutingCapture, capture_routing
 from monet.io import atomic_write, output_directory, sha256_file, write_json
 from monet.model import MonetRouter
 from monet.runtime import distributed, resolve_device, start_distributed
@@ -74,9 +39,11 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 CONTEXT_BEFORE = 12
 CONTEXT_AFTER = 4
+CONTEXT_WIDTH = CONTEXT_BEFORE + 1 + CONTEXT_AFTER
 HIST_EDGES = np.logspace(-6.0, 0.0, 41)    # 40 bins of score / H (0.15 decade each); below 1e-6: first bin
 BINS_PER_BAND = 4
 BAND_EDGES = HIST_EDGES[::BINS_PER_BAND]   # 10 activation bands of 0.6 decade, for the samples
+BANDS = len(BAND_EDGES) - 1
 BUFFER_ROWS = 4_000_000                    # candidate rows kept before a prune, per group
 TABLES = ("experts.parquet", "contexts.parquet", "samples.parquet", "token_index.parquet", "vocab.parquet")
 TABLES_V1 = ("experts.parquet", "contexts.parquet", "token_index.parquet", "vocab.parquet")
@@ -184,7 +151,7 @@ class GroupStats:
         self.hist = np.zeros((units, len(HIST_EDGES) - 1), np.int32)
         self.top = TopK(units, top_k)
         self.samples = samples
-        self.sample = TopK(units * bands(), max(samples, 1))   # unit * bands + band -> S random contexts
+        self.sample = TopK(units * BANDS, max(samples, 1))   # unit * bands + band -> S random contexts
 
     def add(self, unit: np.ndarray, score: np.ndarray, label: np.ndarray, doc: np.ndarray, pos: np.ndarray) -> None:
         """One row per (token, active unit): unit id, score, and the token's label id, document, position."""
@@ -198,7 +165,7 @@ class GroupStats:
         self.hist += np.bincount(flat, minlength=self.hist.size).reshape(self.hist.shape).astype(np.int32)
         self.top.add(unit, score, doc, pos)
         if self.samples:
-            self.sample.add(unit.astype(np.int64) * bands() + bins // BINS_PER_BAND, sample_key(doc, pos, unit),
+            self.sample.add(unit.astype(np.int64) * BANDS + bins // BINS_PER_BAND, sample_key(doc, pos, unit),
                             doc, pos)
 
     def state(self) -> dict[str, np.ndarray]:
@@ -223,15 +190,9 @@ class GroupStats:
     def requests(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(unit, doc, pos) of every stored context: the top-K rows, then the sample rows (in `rows()` order)."""
         unit, _, _, doc, pos = self.top.rows()
-        parts = [(unit.astype(np.int64), doc, pos)]
-        if self.samples:
-            s_unit, _, _, s_doc, s_pos = self.sample.rows()
-            parts.append((s_unit.astype(np.int64) // bands(), s_doc, s_pos))
-        return tuple(np.concatenate([p[c] for p in parts]).astype(np.int64) for c in range(3))
-
-
-def bands() -> int:
-    return len(BAND_EDGES) - 1
+        s_unit, _, _, s_doc, s_pos = self.sample.rows()   # empty without samples
+        return (np.concatenate([unit, s_unit // BANDS]).astype(np.int64),
+                np.concatenate([doc, s_doc]).astype(np.int64), np.concatenate([pos, s_pos]).astype(np.int64))
 
 
 def score_bins(share: np.ndarray) -> np.ndarray:
@@ -295,6 +256,45 @@ def unit_layout(model: torch.nn.Module) -> tuple[int, int, float]:
     return config.num_hidden_layers, config.intermediate_size, 1.0
 
 
+class _RoutingDone(Exception):
+    """Raised by a hook on the last router: the rest of the forward pass cannot change the routing."""
+
+
+def _routing(model: torch.nn.Module, input_ids: torch.Tensor) -> RoutingCapture:
+    """The routing of every group, from a forward pass of the decoder (no unembedding: logits are not needed)
+    that stops once the last router has run."""
+    def stop(module, args, output):
+        raise _RoutingDone
+
+    with capture_routing(model) as capture:
+        last = [m for m in model.modules() if isinstance(m, MonetRouter)][-1]
+        handle = last.register_forward_hook(stop)   # after capture's hooks: they run first
+        try:
+            getattr(model, "model", model)(input_ids=input_ids, use_cache=False)
+        except _RoutingDone:
+            pass
+        finally:
+            handle.remove()
+    return capture
+
+
+def _dense_scores(model: torch.nn.Module, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, max(act(gate x) * up x, 0) of every neuron of its MLP hidden layer ([B, T, units], CPU)."""
+    found: list[torch.Tensor] = []
+
+    def record(module, args, output):
+        x = args[0]
+        found.append(torch.relu(module.act(module.gate_proj(x)) * module.up_proj(x)).float().cpu())
+
+    handles = [layer.mlp.register_forward_hook(record) for layer in model.model.layers]
+    try:
+        model.model(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
 @torch.no_grad()
 def unit_activations(model: torch.nn.Module, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per group, the active units of every token as padded (ids [B, T, P] with -1 padding, scores).
@@ -302,31 +302,13 @@ def unit_activations(model: torch.nn.Module, input_ids: torch.Tensor) -> list[tu
     Monet: the experts i*E + j of each routing group with score sum_h g1_hi g2_hj. Dense: the neurons of
     each layer's MLP hidden layer with score max(act(gate x) * up x, 0) (zero scores are dropped).
     """
-    body = getattr(model, "model", model)   # the decoder without the unembedding: logits are not needed
     if model_kind(model) == "monet":
-        with capture_routing(model) as capture, _stop_after_last_router(model):
-            try:
-                body(input_ids=input_ids, use_cache=False)
-            except _RoutingDone:
-                pass
-            return [(a.ids, a.scores) for a in (capture.experts(g) for g in range(len(capture.groups)))]
-    found: list[torch.Tensor] = []
-
-    def record(module, args, output):
-        x = args[0]
-        found.append(torch.relu(module.act(module.gate_proj(x)) * module.up_proj(x)).float().cpu())
-
-    mlps = [layer.mlp for layer in model.model.layers]
-    handles = [mlp.register_forward_hook(record) for mlp in mlps]
-    try:
-        body(input_ids=input_ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+        capture = _routing(model, input_ids)
+        return [(a.ids, a.scores) for a in map(capture.experts, range(len(capture.groups)))]
     out = []
-    for scores in found:
+    for scores in _dense_scores(model, input_ids):
         ids = torch.arange(scores.shape[-1]).expand_as(scores)
-        out.append((torch.where(scores > 0, ids, torch.full_like(ids, -1)), scores))
+        out.append((torch.where(scores > 0, ids, -1), scores))
     return out
 
 
@@ -335,37 +317,14 @@ def unit_entries(model: torch.nn.Module, input_ids: torch.Tensor) -> list[tuple[
     """Per group, the active units of every token, ragged: (token index over B*T, unit id, score), each
     [entries] — memory proportional to the real active units, never padded to the batch's largest count."""
     if model_kind(model) == "monet":
-        with capture_routing(model) as capture, _stop_after_last_router(model):
-            try:
-                getattr(model, "model", model)(input_ids=input_ids, use_cache=False)
-            except _RoutingDone:
-                pass
-            return [capture.experts(g).entries() for g in range(len(capture.groups))]
+        capture = _routing(model, input_ids)
+        return [capture.experts(g).entries() for g in range(len(capture.groups))]
     out = []
-    for ids, scores in unit_activations(model, input_ids):
-        flat_ids, flat_scores = ids.reshape(-1, ids.shape[-1]), scores.reshape(-1, ids.shape[-1])
-        token, slot = (flat_ids >= 0).nonzero(as_tuple=True)
-        out.append((token, flat_ids[token, slot], flat_scores[token, slot]))
+    for scores in _dense_scores(model, input_ids):
+        flat = scores.reshape(-1, scores.shape[-1])
+        token, unit = (flat > 0).nonzero(as_tuple=True)
+        out.append((token, unit, flat[token, unit]))
     return out
-
-
-class _RoutingDone(Exception):
-    """Raised by a hook on the last router: the rest of the forward pass cannot change the routing."""
-
-
-@contextlib.contextmanager
-def _stop_after_last_router(model: torch.nn.Module) -> Iterator[None]:
-    routers = [m for m in model.modules() if isinstance(m, MonetRouter)]
-
-    def stop(module, args, output):
-        raise _RoutingDone
-
-    handle = routers[-1].register_forward_hook(stop) if routers else None   # after capture's hooks: they run first
-    try:
-        yield
-    finally:
-        if handle is not None:
-            handle.remove()
 
 
 @torch.no_grad()
@@ -375,13 +334,9 @@ def unit_scores(model: torch.nn.Module, input_ids: torch.Tensor) -> list:
     dense the neuron's positive activation. The same numbers as `unit_activations` up to the order of the
     sum over heads."""
     if model_kind(model) == "dense":
-        return [functools.partial(_dense_lookup, scores.numpy()) for _, scores in unit_activations(model, input_ids)]
-    with capture_routing(model) as capture, _stop_after_last_router(model):
-        try:
-            getattr(model, "model", model)(input_ids=input_ids, use_cache=False)
-        except _RoutingDone:
-            pass
-    return [functools.partial(_monet_lookup, g1.float().numpy(), g2.float().numpy()) for g1, g2 in capture.groups]
+        return [functools.partial(_dense_lookup, scores.numpy()) for scores in _dense_scores(model, input_ids)]
+    return [functools.partial(_monet_lookup, g1.float().numpy(), g2.float().numpy())
+            for g1, g2 in _routing(model, input_ids).groups]
 
 
 def _dense_lookup(scores: np.ndarray, b: np.ndarray, t: np.ndarray, unit: np.ndarray) -> np.ndarray:
@@ -497,14 +452,10 @@ def collect(model: torch.nn.Module, dataset, options: AtlasOptions, windows: np.
     return stats, total
 
 
-def context_width() -> int:
-    return CONTEXT_BEFORE + 1 + CONTEXT_AFTER
-
-
 def fill_values(model: torch.nn.Module, dataset, options: AtlasOptions, windows: np.ndarray,
                 requests: list[tuple[np.ndarray, np.ndarray, np.ndarray]], values: list[np.ndarray],
                 progress: bool = True) -> int:
-    """The second pass: per group, write into `values[g]` ([R, before + 1 + after], NaN-filled by the caller)
+    """The second pass: per group, write into `values[g]` ([R, CONTEXT_WIDTH], NaN-filled by the caller)
     the score of unit `requests[g][0][r]` at each token around (doc, pos) = requests[g][1:][r].
 
     The windows are batched exactly as in `collect`, and only the batches holding a position of some
@@ -519,32 +470,32 @@ def fill_values(model: torch.nn.Module, dataset, options: AtlasOptions, windows:
         order = np.argsort(key, kind="stable")
         keys.append(key[order])
         orders.append(order)
-    batches = list(_batches(windows, options.batch_size))
-    needed = []
-    for batch in batches:
+
+    def rows_meeting(batch: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per window, the slice [first, last) of `key` whose spans [pos - 12, pos + 4] meet it."""
         doc = batch[:, 0].astype(np.int64) << 32
         low = doc | np.maximum(batch[:, 1] - CONTEXT_AFTER, 0)
-        high = doc | (batch[:, 1] + batch[:, 2] + CONTEXT_BEFORE)    # spans [pos - 12, pos + 4] meet the window
-        needed.append(any(bool((np.searchsorted(k, high) > np.searchsorted(k, low)).any()) for k in keys))
+        high = doc | (batch[:, 1] + batch[:, 2] + CONTEXT_BEFORE)
+        return np.searchsorted(key, low), np.searchsorted(key, high)
+
+    batches = []
+    for batch in _batches(windows, options.batch_size):
+        if any((last > first).any() for first, last in (rows_meeting(batch, key) for key in keys)):
+            batches.append(batch)
     device = next(model.parameters()).device
-    total = sum(int(b[:, 2].sum()) for b, n in zip(batches, needed, strict=True) if n)
-    bar = tqdm(total=total, unit="tok", desc="atlas values", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=sum(int(b[:, 2].sum()) for b in batches), unit="tok", desc="atlas values",
+               disable=not progress, dynamic_ncols=True)
     model.eval()
-    for batch, need in zip(batches, needed, strict=True):
-        if not need:
-            continue
+    for batch in batches:
         input_ids, valid = batch_inputs(dataset, batch)
-        doc = batch[:, 0].astype(np.int64) << 32
         for g, lookup in enumerate(unit_scores(model, input_ids.to(device))):
-            key, order = keys[g], orders[g]
-            first = np.searchsorted(key, doc | np.maximum(batch[:, 1] - CONTEXT_AFTER, 0))
-            last = np.searchsorted(key, doc | (batch[:, 1] + batch[:, 2] + CONTEXT_BEFORE))
+            first, last = rows_meeting(batch, keys[g])
             counts = last - first
             if not counts.sum():
                 continue
             row_b = np.repeat(np.arange(len(batch)), counts)                       # window of each row
             sorted_index = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-            rows = order[sorted_index]                                               # request index
+            rows = orders[g][sorted_index]                                           # request index
             unit, _, pos = (r[rows] for r in requests[g])
             t = pos[:, None] + offsets[None] - batch[row_b, 1][:, None]             # position in the window
             inside = (t >= 0) & (t < batch[row_b, 2][:, None])
@@ -552,7 +503,7 @@ def fill_values(model: torch.nn.Module, dataset, options: AtlasOptions, windows:
             values[g][rows[r_i], o_i] = lookup(row_b[r_i], t[r_i, o_i], unit[r_i])
         bar.update(int(valid.sum()))
     bar.close()
-    return int(sum(needed))
+    return len(batches)
 
 
 def label_tokens(dataset, windows: np.ndarray) -> np.ndarray:
@@ -581,30 +532,35 @@ def build_atlas(model: torch.nn.Module, tokenizer: Any, data_dir: str | Path, ou
                          f"({model.config.vocab_size}): was the model trained on this data?")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
     windows = plan_windows(dataset.docs, options.seq_len, options.max_tokens)
+    mine = np.array_split(windows, world)[rank]
+    show = progress and rank == 0
     started = time.time()
     seconds: dict[str, float] = {}
     writer = output_directory(out, "atlas build", force, "an atlas", replace_own=False)
     with writer if rank == 0 else contextlib.nullcontext() as tmp:
+        box = [str(tmp) if rank == 0 else None]
         if world > 1:
-            box = [str(tmp) if rank == 0 else None]
             dist.broadcast_object_list(box, src=0)
-            shards = Path(box[0]) / "shards"
-            mine = np.array_split(windows, world)[rank]
-            stats, _ = collect(model, dataset, options, mine, progress=progress and rank == 0)
+        shards = Path(box[0]) / "shards"
+        stats, _ = collect(model, dataset, options, mine, progress=show)
+        if world > 1:   # rank 0 merges the shards; every rank then reads the merged stored contexts
             save_shard(shards / f"rank-{rank:05d}.npz", stats)
             dist.barrier()
-            scale = stats[0].scale
             if rank == 0:
-                stats = [merge(list(group)) for group in zip(*[load_shard(shards / f"rank-{r:05d}.npz", options.top_k,
-                                                                          scale) for r in range(world)], strict=True)]
+                loaded = [load_shard(shards / f"rank-{r:05d}.npz", options.top_k, stats[0].scale)
+                          for r in range(world)]
+                stats = [merge(list(group)) for group in zip(*loaded, strict=True)]
                 arrays = {f"g{g}_{c}": a for g, s in enumerate(stats) for c, a in zip("udp", s.requests(), strict=True)}
                 atomic_write(shards / "requests.npz", lambda handle: np.savez(handle, **arrays))
-            seconds["statistics"] = time.time() - started
             dist.barrier()
             with np.load(shards / "requests.npz") as data:
                 requests = [tuple(data[f"g{g}_{c}"] for c in "udp") for g in range(len(stats))]
-            values = [_values_array(shards / f"values-{rank:05d}-{g}.npy", len(r[0])) for g, r in enumerate(requests)]
-            fill_values(model, dataset, options, mine, requests, values, progress=progress and rank == 0)
+        else:
+            requests = [s.requests() for s in stats]
+        seconds["statistics"] = time.time() - started
+        values = [_values_array(shards / f"values-{rank:05d}-{g}.npy", len(r[0])) for g, r in enumerate(requests)]
+        fill_values(model, dataset, options, mine, requests, values, progress=show)
+        if world > 1:
             for array in values:
                 array.flush()
             del values
@@ -618,13 +574,6 @@ def build_atlas(model: torch.nn.Module, tokenizer: Any, data_dir: str | Path, ou
                     for first in range(0, len(array), 1 << 20):
                         chunk = slice(first, first + (1 << 20))
                         array[chunk] = np.where(np.isnan(part[chunk]), array[chunk], part[chunk])
-        else:
-            shards = tmp / "shards"
-            stats, _ = collect(model, dataset, options, windows, progress=progress)
-            seconds["statistics"] = time.time() - started
-            requests = [s.requests() for s in stats]
-            values = [_values_array(shards / f"values-{g}.npy", len(r[0])) for g, r in enumerate(requests)]
-            fill_values(model, dataset, options, windows, requests, values, progress=progress)
         seconds["values"] = time.time() - started - seconds["statistics"]
         manifest = _manifest(model, dataset, data_dir, options, windows, stats, run, time.time() - started)
         write_tables(tmp, stats, dataset, tokenizer, manifest, values, progress=progress)
@@ -642,9 +591,9 @@ def build_atlas(model: torch.nn.Module, tokenizer: Any, data_dir: str | Path, ou
 def _values_array(path: Path, rows: int) -> np.ndarray:
     """A NaN-filled float32 [rows, context width] array backed by a file (bounded memory for large atlases)."""
     if rows == 0:
-        return np.full((0, context_width()), np.nan, np.float32)
+        return np.full((0, CONTEXT_WIDTH), np.nan, np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, context_width()))
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, CONTEXT_WIDTH))
     array[:] = np.nan
     return array
 
@@ -740,10 +689,8 @@ def write_tables(directory: Path, stats: list[GroupStats], dataset, tokenizer, m
     labels = manifest["labels"]
     tokens = max(manifest["tokens"], 1)
     expert_tables, token_rows = [], []
-    schema = _contexts_schema(context_width())
-    sample_schema = _contexts_schema(context_width(), sample=True)
-    with pq.ParquetWriter(directory / "contexts.parquet", schema) as writer, \
-            pq.ParquetWriter(directory / "samples.parquet", sample_schema) as sample_writer:
+    with pq.ParquetWriter(directory / "contexts.parquet", _contexts_schema()) as writer, \
+            pq.ParquetWriter(directory / "samples.parquet", _contexts_schema(sample=True)) as sample_writer:
         for group, s in enumerate(tqdm(stats, desc="writing atlas", disable=not progress)):
             unit, rank, score, doc, pos = s.top.rows()
             max_score = np.zeros(s.units, np.float32)
@@ -758,71 +705,66 @@ def write_tables(directory: Path, stats: list[GroupStats], dataset, tokenizer, m
             columns.update({f"count_{label}": s.label_count[i] for i, label in enumerate(labels)})
             columns.update({f"hist_{b:02d}": s.hist[:, b] for b in range(s.hist.shape[1])})
             expert_tables.append(pa.table(columns))
-            for first in range(0, len(unit), 1 << 20):   # bounded memory while gathering windows
-                part = slice(first, first + (1 << 20))
-                vals = np.array(values[group][first:first + len(unit[part])])
-                vals[:, CONTEXT_BEFORE] = score[part]     # the recorded score (the same number, by construction)
-                table = _context_table(dataset, group, unit[part], rank[part], doc[part], pos[part], score[part],
-                                       vals, schema)
-                writer.write_table(table, row_group_size=32_768)
-                token_rows.append((group, unit[part], table.column("token").to_numpy(), score[part]))
-            if s.samples:
-                s_unit, s_rank, _, s_doc, s_pos = s.sample.rows()
-                offset = len(unit)
-                for first in range(0, len(s_unit), 1 << 20):
+            s_unit, s_rank, _, s_doc, s_pos = s.sample.rows()   # empty without samples
+            parts = [(writer, unit, rank, doc, pos, None),
+                     (sample_writer, s_unit // BANDS, s_rank, s_doc, s_pos, (s_unit % BANDS).astype(np.int8))]
+            offset = 0
+            for out, units, ranks, docs, positions, band in parts:
+                for first in range(0, len(units), 1 << 20):   # bounded memory while gathering windows
                     part = slice(first, first + (1 << 20))
-                    vals = np.array(values[group][offset + first:offset + first + len(s_unit[part])])
-                    table = _context_table(dataset, group, s_unit[part] // bands(), s_rank[part], s_doc[part],
-                                           s_pos[part], vals[:, CONTEXT_BEFORE], vals, sample_schema,
-                                           band=(s_unit[part] % bands()).astype(np.int8))
-                    sample_writer.write_table(table, row_group_size=32_768)
+                    vals = np.array(values[group][offset + first:offset + first + len(units[part])])
+                    if band is None:   # a top context keeps its recorded score (the same number, by construction)
+                        vals[:, CONTEXT_BEFORE] = score[part]
+                    table = _context_table(dataset, group, units[part], ranks[part], docs[part], positions[part],
+                                           vals, None if band is None else band[part])
+                    out.write_table(table, row_group_size=32_768)
+                    if band is None:
+                        token_rows.append((np.full(len(table), group), units[part], table.column("token").to_numpy(),
+                                           score[part]))
+                offset += len(units)
     pq.write_table(pa.concat_tables(expert_tables), directory / "experts.parquet", row_group_size=65_536)
     pq.write_table(_token_index(token_rows), directory / "token_index.parquet", row_group_size=32_768)
     pq.write_table(vocab_table(tokenizer, dataset.vocab_size), directory / "vocab.parquet")
 
 
-def _context_table(dataset, group: int, unit, rank, doc, pos, score, values: np.ndarray, schema, band=None):
+def _context_table(dataset, group: int, unit, rank, doc, pos, values: np.ndarray, band=None):
+    """Rows of contexts.parquet, or of samples.parquet with `band`; the score is `values` at the activating token."""
     import pyarrow as pa
 
-    width = context_width()
     windows = context_windows(dataset, doc, pos)
     values = np.where(windows >= 0, values, np.nan).astype(np.float32)
     flat = values.reshape(-1)
     columns = {
         "group": np.full(len(windows), group, np.int16), "expert": unit.astype(np.int32),
-        "rank": rank.astype(np.int16), "doc": doc, "pos": pos, "score": score.astype(np.float32),
+        "rank": rank.astype(np.int16), "doc": doc, "pos": pos, "score": values[:, CONTEXT_BEFORE],
         "label": dataset.docs[doc, 2].astype(np.int16), "token": windows[:, CONTEXT_BEFORE],
-        "tokens": pa.FixedSizeListArray.from_arrays(pa.array(windows.reshape(-1)), width),
-        "values": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32(), mask=np.isnan(flat)), width),
+        "tokens": pa.FixedSizeListArray.from_arrays(pa.array(windows.reshape(-1)), CONTEXT_WIDTH),
+        "values": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32(), mask=np.isnan(flat)), CONTEXT_WIDTH),
     }
     if band is not None:
         columns = {"band": band, **columns}
-    return pa.table(columns, schema=schema)
+    return pa.table(columns, schema=_contexts_schema(sample=band is not None))
 
 
-def _contexts_schema(width: int, sample: bool = False):
+def _contexts_schema(sample: bool = False):
     import pyarrow as pa
 
     fields = [("group", pa.int16()), ("expert", pa.int32()), ("rank", pa.int16()), ("doc", pa.int32()),
               ("pos", pa.int32()), ("score", pa.float32()), ("label", pa.int16()), ("token", pa.int32()),
-              ("tokens", pa.list_(pa.int32(), width)), ("values", pa.list_(pa.float32(), width))]
+              ("tokens", pa.list_(pa.int32(), CONTEXT_WIDTH)), ("values", pa.list_(pa.float32(), CONTEXT_WIDTH))]
     if sample:
         fields.insert(2, ("band", pa.int8()))
     return pa.schema(fields)
 
 
-def _token_index(rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]):
-    """(token, group, expert) -> how many of the expert's top contexts activate on that token."""
+def _token_index(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]):
+    """(token, group, expert) -> how many of the expert's top contexts activate on that token; `rows` holds
+    (group, expert, token, score) arrays."""
     import pyarrow as pa
 
-    if rows:
-        group = np.concatenate([np.full(len(u), g, np.int64) for g, u, _, _ in rows])
-        unit = np.concatenate([u for _, u, _, _ in rows]).astype(np.int64)
-        token = np.concatenate([t for _, _, t, _ in rows]).astype(np.int64)
-        score = np.concatenate([s for _, _, _, s in rows]).astype(np.float64)
-    else:
-        group = unit = token = np.zeros(0, np.int64)
-        score = np.zeros(0)
+    empty = [np.zeros(0, np.int64)]
+    group, unit, token = (np.concatenate([r[c] for r in rows] + empty).astype(np.int64) for c in range(3))
+    score = np.concatenate([r[3] for r in rows] + empty).astype(np.float64)
     order = np.lexsort((unit, group, token))
     group, unit, token, score = group[order], unit[order], token[order], score[order]
     starts = np.ones(len(order), bool)
