@@ -440,7 +440,7 @@ def collect(model: torch.nn.Module, dataset, options: AtlasOptions, windows: np.
         windows = plan_windows(dataset.docs, options.seq_len, options.max_tokens)
     label_of_doc = dataset.docs[:, 2].astype(np.int64)
     device = next(model.parameters()).device
-    total = int(windows[:, 2].sum()) if len(windows) else 0
+    total = int(windows[:, 2].sum())
     bar = tqdm(total=total, unit="tok", desc="atlas", disable=not progress, dynamic_ncols=True)
     model.eval()
     for batch in _batches(windows, options.batch_size):
@@ -575,7 +575,7 @@ def build_atlas(model: torch.nn.Module, tokenizer: Any, data_dir: str | Path, ou
                         chunk = slice(first, first + (1 << 20))
                         array[chunk] = np.where(np.isnan(part[chunk]), array[chunk], part[chunk])
         seconds["values"] = time.time() - started - seconds["statistics"]
-        manifest = _manifest(model, dataset, data_dir, options, windows, stats, run, time.time() - started)
+        manifest = _manifest(model, dataset, data_dir, options, windows, run)
         write_tables(tmp, stats, dataset, tokenizer, manifest, values, progress=progress)
         del values
         shutil.rmtree(shards, ignore_errors=True)
@@ -639,7 +639,7 @@ def load_shard(path: Path, top_k: int, scale: float) -> list[GroupStats]:
                                       top_k, scale) for g in groups]
 
 
-def _manifest(model, dataset, data_dir, options, windows, stats, run, seconds) -> dict:
+def _manifest(model, dataset, data_dir, options, windows, run) -> dict:
     config = model.config
     groups, units, scale = unit_layout(model)
     return {
@@ -652,8 +652,8 @@ def _manifest(model, dataset, data_dir, options, windows, stats, run, seconds) -
                  "tokenizer_sha256": dataset.manifest.get("tokenizer_sha256")},
         "labels": list(dataset.labels),
         "label_tokens": label_tokens(dataset, windows).tolist(),
-        "tokens": int(windows[:, 2].sum()) if len(windows) else 0,
-        "documents": int(len(np.unique(windows[:, 0]))) if len(windows) else 0,
+        "tokens": int(windows[:, 2].sum()),
+        "documents": len(np.unique(windows[:, 0])),
         "groups": groups,
         "units_per_group": units,
         "experts_per_side": int(getattr(config, "moe_experts", 0)) if model_kind(model) == "monet" else None,
@@ -663,7 +663,6 @@ def _manifest(model, dataset, data_dir, options, windows, stats, run, seconds) -
         "bands": {"edges": BAND_EDGES.tolist(), "bins_per_band": BINS_PER_BAND, "samples": options.samples},
         "context": {"before": CONTEXT_BEFORE, "after": CONTEXT_AFTER},
         "options": asdict(options),
-        "build_seconds": round(seconds, 1),
     }
 
 

@@ -1,13 +1,8 @@
 """Reading an expert atlas: `Atlas(path)` answers the questions of `monet atlas query` and the viewer.
 
-Per-expert statistics of a group are read once from `experts.parquet` into numpy arrays (a few MB for
-262,144 experts); contexts, samples and the token index are read with Parquet row-group filters, so a
-query touches only the row groups of one expert or one token. See `monet.interp.atlas` for the format.
-
-Opening an atlas verifies it: every table must have the size and SHA-256 recorded in the manifest at
-build time (format 2) and a readable Parquet footer, else `MonetError` names the damaged file. Atlases
-of format 1 (no per-token values, samples, per-label counts or table hashes) are still read: their
-contexts carry only the activating token's score.
+Per-expert statistics of a group are read once into numpy arrays (a few MB for 262,144 experts); contexts,
+samples and the token index are read with Parquet row-group filters, so a query touches only one expert's
+or one token's rows. Format, verification and format-1 compatibility: docs/atlas.md.
 """
 
 from __future__ import annotations
@@ -35,6 +30,7 @@ from monet.interp.criteria import skewness
 from monet.io import printable, sha256_file
 
 _EXPERT_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_REBUILD = "rebuild the atlas with `monet atlas build RUN --data DIR --out ATLAS --force`"
 
 
 class Atlas:
@@ -46,29 +42,28 @@ class Atlas:
             raise MonetError(f"no atlas at {self.path}; build one with "
                              f"`monet atlas build RUN --data DIR --out {self.path}`")
         manifest_path = self.path / "manifest.json"
-        rebuild = "rebuild it with `monet atlas build RUN --data DIR --out ATLAS --force`"
         if not manifest_path.is_file():
-            raise MonetError(f"{self.path} is not a complete atlas (missing manifest.json); {rebuild}")
+            raise MonetError(f"{self.path} is not a complete atlas (missing manifest.json); {_REBUILD}")
         try:
             self.manifest: dict[str, Any] = json.loads(manifest_path.read_text(encoding="utf-8"))
             version = self.manifest.get("format_version")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-            raise MonetError(f"{manifest_path} is corrupt ({exc}); rebuild the atlas with --force") from exc
+            raise MonetError(f"{manifest_path} is corrupt ({exc}); {_REBUILD}") from exc
         if version not in READABLE_VERSIONS:
             raise MonetError(f"{self.path} has atlas format {version}; this monet reads formats "
-                             f"{', '.join(map(str, READABLE_VERSIONS))}; {rebuild}")
+                             f"{', '.join(map(str, READABLE_VERSIONS))}; {_REBUILD}")
         self.version: int = int(version)
         self.tables = TABLES if self.version >= 2 else TABLES_V1
         missing = [name for name in self.tables if not (self.path / name).is_file()]
         if missing:
-            raise MonetError(f"{self.path} is not a complete atlas (missing {', '.join(missing)}); {rebuild}")
+            raise MonetError(f"{self.path} is not a complete atlas (missing {', '.join(missing)}); {_REBUILD}")
         try:
             self.labels: list[str] = list(self.manifest["labels"])
             self.groups: list[int] = list(range(int(self.manifest["groups"])))
             self.num_experts: int = int(self.manifest["units_per_group"])
             self.scale: float = float(self.manifest["score_scale"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise MonetError(f"{manifest_path} lacks or mangles {exc}; {rebuild}") from exc
+            raise MonetError(f"{manifest_path} lacks or mangles {exc}; {_REBUILD}") from exc
         self._group_cache: dict[int, dict[str, np.ndarray]] = {}
         self._dataset: Any = None
         if verify:
@@ -86,26 +81,24 @@ class Atlas:
         records, or a Parquet footer that cannot be read (a truncated or overwritten file)."""
         import pyarrow.parquet as pq
 
-        recorded = self.manifest.get("tables") or {}
-        if self.version >= 2 and not isinstance(recorded, dict):
-            recorded = {}
-        advice = "rebuild the atlas with `monet atlas build RUN --data DIR --out ATLAS --force`"
+        recorded = self.manifest.get("tables")
+        recorded = recorded if isinstance(recorded, dict) else {}
         for name in self.tables:
             path = self.path / name
             entry = recorded.get(name) if isinstance(recorded.get(name), dict) else None
             if self.version >= 2 and entry is None:
-                raise MonetError(f"{self.path / 'manifest.json'} records no size or hash for {name}; {advice}")
+                raise MonetError(f"{self.path / 'manifest.json'} records no size or hash for {name}; {_REBUILD}")
             size = path.stat().st_size
             if entry is not None and size != entry.get("bytes"):
                 raise MonetError(f"atlas table {path} is damaged: {size:,} bytes where the build wrote "
-                                 f"{entry.get('bytes'):,} (truncated or replaced); {advice}")
+                                 f"{entry.get('bytes'):,} (truncated or replaced); {_REBUILD}")
             if entry is not None and hashes and sha256_file(path) != entry.get("sha256"):
                 raise MonetError(f"atlas table {path} is damaged: its SHA-256 differs from the one recorded at "
-                                 f"build time (the file changed on disk); {advice}")
+                                 f"build time (the file changed on disk); {_REBUILD}")
             try:
                 pq.read_metadata(path)           # reads and checks the footer
             except Exception as exc:             # pyarrow raises ArrowInvalid, OSError, ... for a bad footer
-                raise MonetError(f"atlas table {path} is not a readable Parquet file ({exc}); {advice}") from exc
+                raise MonetError(f"atlas table {path} is not a readable Parquet file ({exc}); {_REBUILD}") from exc
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -138,36 +131,43 @@ class Atlas:
 
     # -------------------------------------------------------------------------------------- tables
 
-    def _group(self, group: int) -> dict[str, np.ndarray]:
-        """All per-expert columns of one group as numpy arrays (read once, then cached)."""
-        if group not in self._group_cache:
-            import pyarrow.parquet as pq
+    def _experts(self, *filters: tuple) -> dict[str, np.ndarray]:
+        """The experts.parquet rows matching `filters`, sorted by expert: a [rows] array per column, with
+        `mass` (and `label_count` where recorded) [num_labels, rows] and `hist` [rows, bins]."""
+        import pyarrow.parquet as pq
 
-            table = pq.read_table(self.path / "experts.parquet", filters=[("group", "=", group)])
-            columns = {name: table.column(name).to_numpy() for name in table.column_names}
-            order = np.argsort(columns["expert"], kind="stable")
-            columns = {k: v[order] for k, v in columns.items()}
+        table = pq.read_table(self.path / "experts.parquet", filters=list(filters))
+        order = np.argsort(table.column("expert").to_numpy(), kind="stable")
+        columns = {name: table.column(name).to_numpy()[order] for name in table.column_names}
+        columns["mass"] = np.stack([columns.pop(f"mass_{label}") for label in self.labels])
+        if all(f"count_{label}" in columns for label in self.labels):
+            columns["label_count"] = np.stack([columns.pop(f"count_{label}") for label in self.labels])
+        bins = sorted(k for k in columns if k.startswith("hist_"))
+        columns["hist"] = np.stack([columns.pop(k) for k in bins], axis=1)
+        return columns
+
+    def _group(self, group: int) -> dict[str, np.ndarray]:
+        """All per-expert columns of one group (read once, then cached)."""
+        if group not in self._group_cache:
+            columns = self._experts(("group", "=", group))
             if len(columns["expert"]) != self.num_experts:
                 raise MonetError(f"{self.path / 'experts.parquet'} has {len(columns['expert'])} rows for group "
-                                 f"{group}, expected {self.num_experts}; rebuild the atlas")
-            columns["mass"] = np.stack([columns.pop(f"mass_{label}") for label in self.labels])
-            if all(f"count_{label}" in columns for label in self.labels):
-                columns["label_count"] = np.stack([columns.pop(f"count_{label}") for label in self.labels])
-            bins = sorted(k for k in columns if k.startswith("hist_"))
-            columns["hist"] = np.stack([columns.pop(k) for k in bins], axis=1)
+                                 f"{group}, expected {self.num_experts}; {_REBUILD}")
             self._group_cache[group] = columns
         return self._group_cache[group]
 
-    @cached_property
-    def vocab(self) -> list[str]:
+    def _read(self, table: str, *filters: tuple) -> list[dict[str, Any]]:
+        """The rows of `table` matching `filters` (Parquet row-group filters: only the matching row groups are read)."""
         import pyarrow.parquet as pq
 
-        table = pq.read_table(self.path / "vocab.parquet")
-        pieces = table.column("piece").to_pylist()
-        ids = table.column("id").to_numpy()
-        out = [""] * (int(ids.max()) + 1 if len(ids) else 0)
-        for i, piece in zip(ids.tolist(), pieces, strict=True):
-            out[i] = piece
+        return pq.read_table(self.path / table, filters=list(filters) or None).to_pylist()
+
+    @cached_property
+    def vocab(self) -> list[str]:
+        rows = self._read("vocab.parquet")
+        out = [""] * (max((r["id"] for r in rows), default=-1) + 1)
+        for r in rows:
+            out[r["id"]] = r["piece"]
         return out
 
     def piece(self, token: int) -> str:
@@ -198,19 +198,10 @@ class Atlas:
     def _row(self, group: int, expert: int) -> dict[str, Any]:
         """One expert's columns: from the cached group arrays, else from its Parquet row group only."""
         if group in self._group_cache:
-            g = self._group_cache[group]
-            return {k: v[expert] if v.ndim == 1 else (v[:, expert] if k in ("mass", "label_count") else v[expert])
-                    for k, v in g.items()}
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(self.path / "experts.parquet",
-                              filters=[("group", "=", int(group)), ("expert", "=", int(expert))])
-        row = {name: table.column(name).to_numpy()[0] for name in table.column_names}
-        row["mass"] = np.array([row.pop(f"mass_{label}") for label in self.labels])
-        if all(f"count_{label}" in row for label in self.labels):
-            row["label_count"] = np.array([row.pop(f"count_{label}") for label in self.labels])
-        row["hist"] = np.array([row.pop(k) for k in sorted(k for k in list(row) if k.startswith("hist_"))])
-        return row
+            columns, index = self._group_cache[group], expert
+        else:
+            columns, index = self._experts(("group", "=", int(group)), ("expert", "=", int(expert))), 0
+        return {k: v[:, index] if k in ("mass", "label_count") else v[index] for k, v in columns.items()}
 
     def expert(self, group: int, expert: int) -> dict[str, Any]:
         """Statistics of one expert: count, density, mean/max score, label mass, histogram."""
@@ -238,12 +229,9 @@ class Atlas:
         """The expert's top-activating contexts, best first: score, percentage, label, tokens and pieces
         (tokens outside the document are left out), `target` is the index of the activating token, `values`
         the expert's percentage at each token (None where unknown; None altogether for format-1 atlases)."""
-        import pyarrow.parquet as pq
-
         self.check_expert(group, expert)
-        table = pq.read_table(self.path / "contexts.parquet",
-                              filters=[("group", "=", int(group)), ("expert", "=", int(expert))])
-        rows = sorted(table.to_pylist(), key=lambda r: r["rank"])
+        rows = sorted(self._read("contexts.parquet", ("group", "=", int(group)), ("expert", "=", int(expert))),
+                      key=lambda r: r["rank"])
         if k is not None:
             rows = rows[:max(int(k), 0)]
         return [self._context(row) for row in rows]
@@ -271,8 +259,6 @@ class Atlas:
         `monet.interp.atlas.BAND_EDGES`) with activations, its range in percent, how many of the expert's
         activations fall in it (`count`, `share`) and a uniform random sample of its contexts (best first).
         Empty for format-1 atlases, which keep no samples."""
-        import pyarrow.parquet as pq
-
         self.check_expert(group, expert)
         if self.version < 2:
             return []
@@ -281,9 +267,7 @@ class Atlas:
         hist = np.asarray(self._row(group, expert)["hist"], np.int64)
         counts = hist.reshape(-1, per).sum(axis=1)
         total = max(int(counts.sum()), 1)
-        table = pq.read_table(self.path / "samples.parquet",
-                              filters=[("group", "=", int(group)), ("expert", "=", int(expert))])
-        rows = table.to_pylist()
+        rows = self._read("samples.parquet", ("group", "=", int(group)), ("expert", "=", int(expert)))
         out = []
         for band in range(len(edges) - 2, -1, -1):
             if counts[band] == 0:
@@ -311,11 +295,7 @@ class Atlas:
 
     def experts_for_token(self, token: str | int, n: int = 20) -> list[dict[str, Any]]:
         """Experts whose top contexts most often activate on `token` (then by their best score on it)."""
-        import pyarrow.parquet as pq
-
-        ids = self.token_ids(token)
-        table = pq.read_table(self.path / "token_index.parquet", filters=[("token", "in", ids)])
-        rows = table.to_pylist()
+        rows = self._read("token_index.parquet", ("token", "in", self.token_ids(token)))
         top_k = max(int(self.manifest["options"]["top_k"]), 1)
         rows.sort(key=lambda r: (-r["contexts"], -r["max_score"], r["group"], r["expert"]))
         return [{"group": r["group"], "expert": r["expert"], "id": f"{r['group']}:{r['expert']}",
@@ -338,13 +318,10 @@ class Atlas:
         """Experts whose top contexts activate on any vocabulary token containing `text` (case-insensitive):
         per expert the number of its top contexts on those tokens, its best score there and the tokens, best
         first. Returns {"tokens": number of matching vocabulary tokens, "experts": [...]}."""
-        import pyarrow.parquet as pq
-
         ids = self.vocab_matches(text)
-        table = pq.read_table(self.path / "token_index.parquet", filters=[("token", "in", ids)])
         top_k = max(int(self.manifest["options"]["top_k"]), 1)
         experts: dict[tuple[int, int], dict[str, Any]] = {}
-        for r in table.to_pylist():
+        for r in self._read("token_index.parquet", ("token", "in", ids)):
             entry = experts.setdefault((r["group"], r["expert"]), {"contexts": 0, "max_score": 0.0, "tokens": []})
             entry["contexts"] += r["contexts"]
             entry["max_score"] = max(entry["max_score"], r["max_score"])
