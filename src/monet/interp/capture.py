@@ -111,9 +111,6 @@ class RoutingCapture:
     def __init__(self) -> None:
         self.groups: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def clear(self) -> None:
-        self.groups = []
-
     def experts(self, group: int, per_head: bool = False) -> ActiveExperts:
         if not 0 <= group < len(self.groups):
             raise MonetError(f"routing group {group} was not captured; groups 0..{len(self.groups) - 1} exist")

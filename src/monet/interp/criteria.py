@@ -2,19 +2,9 @@
 
 Pure functions on numpy arrays, so they work the same on an atlas's statistics, on statistics measured
 on the fly, and on a dense model's neurons (a "unit" is an expert of a routing group or a neuron):
-
-* `skewed_units` — domain / language experts (D.1, D.2): a unit belongs to a label when its routing
-  mass on that label is at least `ratio` (default 2) times its mass on the next label. Masses are first
-  divided by each label's total mass (per-label means), so a label with more tokens does not win by
-  size alone; `min_mass` drops units seen too rarely on the target to judge.
-* `top_specific` — the n units most specific to a label (target share / largest other share).
-* `PearsonAccumulator` + `correlated_units` — toxic experts (D.3): the Pearson correlation between a
-  unit's per-token routing score (0 when inactive) and a per-token toxicity score, streamed with sums
-  (n, Σx, Σy, Σxy, Σx², Σy²). Inactive tokens contribute x = 0, so only the active (token, expert)
-  pairs touch the per-expert sums: updates stay sparse and nothing of size N is built per token.
-
-`Selection` holds what was picked per group and reports the counts and the masking ratio
-(selected / (groups x N)).
+domain / language experts by skewness of their per-label routing mass (D.1, D.2), toxic experts by the
+Pearson correlation of their routing score with a per-token toxicity score (D.3), and a `Selection` of
+units per group with its masking ratio (selected / (groups x N)).
 """
 
 from __future__ import annotations
@@ -36,11 +26,6 @@ def _check_mass(mass: np.ndarray) -> np.ndarray:
     if not np.isfinite(mass).all() or (mass < 0).any():
         raise MonetError("label mass must be finite and non-negative (routing scores summed per label)")
     return mass
-
-
-def _check_target(mass: np.ndarray, target: int) -> None:
-    if not 0 <= target < mass.shape[0]:
-        raise MonetError(f"target label index {target} is out of range for {mass.shape[0]} labels")
 
 
 def label_means(mass: np.ndarray) -> np.ndarray:
@@ -71,7 +56,8 @@ def specificity(mass: np.ndarray, target: int, normalize: bool = True) -> np.nda
     """`skewness` of routing mass per label, first divided by each label's total (`label_means`) unless
     `normalize` is False (the values are already per-label means)."""
     mass = _check_mass(mass)
-    _check_target(mass, target)
+    if not 0 <= target < mass.shape[0]:
+        raise MonetError(f"target label index {target} is out of range for {mass.shape[0]} labels")
     return skewness(label_means(mass) if normalize else mass, target)
 
 
@@ -136,18 +122,8 @@ class PearsonAccumulator:
         if ids.ndim != 2 or ids.shape != scores.shape or y.shape != ids.shape[:1]:
             raise MonetError(f"expected ids/scores [tokens, P] and y [tokens], got {ids.shape}, {scores.shape}, "
                              f"{y.shape}")
-        if ids.size and int(ids.max()) >= self.units:
-            raise MonetError(f"unit id {int(ids.max())} is out of range for {self.units} units")
-        self.n += len(y)
-        self.sum_y += float(y.sum())
-        self.sum_yy += float((y * y).sum())
-        valid = ids >= 0
-        flat_ids = ids[valid]
-        x = scores[valid]
-        xy = (scores * y[:, None])[valid]
-        self.sum_x += np.bincount(flat_ids, weights=x, minlength=self.units)
-        self.sum_xx += np.bincount(flat_ids, weights=x * x, minlength=self.units)
-        self.sum_xy += np.bincount(flat_ids, weights=xy, minlength=self.units)
+        token, slot = np.nonzero(ids >= 0)
+        self.update_entries(token, ids[token, slot], scores[token, slot], y)
 
     def update_entries(self, token: np.ndarray, ids: np.ndarray, scores: np.ndarray, y: np.ndarray) -> None:
         """Ragged form of `update`: one row per (token, active unit) with token indexing y [tokens]."""
@@ -233,11 +209,11 @@ class Selection:
         return edits
 
 
-def _per_group(values: list, units: int, criterion: str, pick: Callable[[np.ndarray], np.ndarray]) -> Selection:
-    """A `Selection` with `pick(values[g])` as group g's unit ids."""
+def _per_group(values: list, criterion: str, pick: Callable[[np.ndarray], np.ndarray]) -> Selection:
+    """A `Selection` with `pick(values[g])` as group g's unit ids (values[g] has the units on its last axis)."""
     if not values:
         raise MonetError("no groups to select from")
-    selection = Selection(units_per_group=units, groups=len(values), criterion=criterion)
+    selection = Selection(units_per_group=np.asarray(values[0]).shape[-1], groups=len(values), criterion=criterion)
     for group, value in enumerate(values):
         selection.ids[group] = pick(value)
     return selection
@@ -246,21 +222,19 @@ def _per_group(values: list, units: int, criterion: str, pick: Callable[[np.ndar
 def select_skewed(masses: list[np.ndarray], target: int, ratio: float = 2.0, min_mass: float = 0.0,
                   normalize: bool = True) -> Selection:
     """`skewed_units` in every group; masses[g] is group g's [num_labels, units] label mass."""
-    return _per_group(masses, int(np.asarray(masses[0]).shape[1]) if masses else 0,
-                      f"skewness >= {ratio} (min mass {min_mass})",
+    return _per_group(masses, f"skewness >= {ratio} (min mass {min_mass})",
                       lambda mass: skewed_units(mass, target, ratio, min_mass, normalize))
 
 
 def select_correlated(correlations: list[np.ndarray], threshold: float) -> Selection:
     """`correlated_units` in every group; correlations[g] is group g's [units] Pearson r."""
-    return _per_group(correlations, int(len(correlations[0])) if correlations else 0,
-                      f"correlation >= {threshold}", lambda corr: correlated_units(corr, threshold))
+    return _per_group(correlations, f"correlation >= {threshold}", lambda corr: correlated_units(corr, threshold))
 
 
 def select_top(masses: list[np.ndarray], target: int, n: int, min_mass: float = 0.0,
                normalize: bool = True) -> Selection:
     """`top_specific` in every group (n per group)."""
-    return _per_group(masses, int(np.asarray(masses[0]).shape[1]) if masses else 0, f"top {n} by specificity",
+    return _per_group(masses, f"top {n} by specificity",
                       lambda mass: top_specific(mass, target, n, min_mass, normalize))
 
 
