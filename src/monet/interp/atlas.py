@@ -17,7 +17,7 @@ import json
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,6 @@ TABLES_V1 = ("experts.parquet", "contexts.parquet", "token_index.parquet", "voca
 
 # --------------------------------------------------------------------------------------------- top-K
 
-@dataclass
 class TopK:
     """The best K (score, doc, pos) of each of N units, with ties broken by the smallest (doc, pos).
 
@@ -60,15 +59,11 @@ class TopK:
     and buffer together by (unit, -score, doc, pos) and keeps the first K of each unit.
     """
 
-    units: int
-    k: int
-    unit: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
-    score: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    doc: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
-    pos: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
-
-    def __post_init__(self) -> None:
-        self.threshold = np.full(self.units, -np.inf, np.float32)
+    def __init__(self, units: int, k: int) -> None:
+        self.units, self.k = units, k
+        self.unit, self.doc, self.pos = (np.zeros(0, np.int32) for _ in range(3))
+        self.score = np.zeros(0, np.float32)
+        self.threshold = np.full(units, -np.inf, np.float32)
         self._buffer: list[tuple[np.ndarray, ...]] = []
         self._buffered = 0
 
@@ -89,7 +84,9 @@ class TopK:
         parts = [(self.unit, self.score, self.doc, self.pos), *self._buffer]
         unit, score, doc, pos = (np.concatenate([p[c] for p in parts]) for c in range(4))
         self._buffer, self._buffered = [], 0
-        self.unit, self.score, self.doc, self.pos = _keep_best(unit, score, doc, pos, self.k)
+        order = _order(unit, score, doc, pos)
+        keep = order[_ranks(unit[order]) < self.k]
+        self.unit, self.score, self.doc, self.pos = unit[keep], score[keep], doc[keep], pos[keep]
         full = _ranks(self.unit) == self.k - 1
         self.threshold[self.unit[full]] = self.score[full]
 
@@ -123,19 +120,10 @@ def _order(unit, score, doc, pos) -> np.ndarray:
 def _ranks(sorted_units: np.ndarray) -> np.ndarray:
     """Position of each row within its run of equal units (input sorted by unit)."""
     n = len(sorted_units)
-    if n == 0:
-        return np.zeros(0, np.int64)
     starts = np.ones(n, bool)
     starts[1:] = sorted_units[1:] != sorted_units[:-1]
     first = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
     return np.arange(n) - first
-
-
-def _keep_best(unit, score, doc, pos, k: int):
-    order = _order(unit, score, doc, pos)
-    unit, score, doc, pos = unit[order], score[order], doc[order], pos[order]
-    keep = _ranks(unit) < k
-    return unit[keep], score[keep], doc[keep], pos[keep]
 
 
 # ------------------------------------------------------------------------------------- accumulators
@@ -169,23 +157,30 @@ class GroupStats:
                             doc, pos)
 
     def state(self) -> dict[str, np.ndarray]:
-        unit, _, score, doc, pos = self.top.rows()
-        s_unit, _, s_key, s_doc, s_pos = self.sample.rows()
-        return {"count": self.count, "mass": self.mass, "label_count": self.label_count, "hist": self.hist,
-                "top_unit": unit, "top_score": score, "top_doc": doc, "top_pos": pos,
-                "sample_unit": s_unit, "sample_key": s_key, "sample_doc": s_doc, "sample_pos": s_pos,
-                "samples": np.array(self.samples)}
+        """Everything as named arrays (a shard file); `from_state` reads them back."""
+        state = {"count": self.count, "mass": self.mass, "label_count": self.label_count, "hist": self.hist,
+                 "samples": np.array(self.samples)}
+        for name, table in (("top", self.top), ("sample", self.sample)):
+            unit, _, score, doc, pos = table.rows()
+            state.update({f"{name}_unit": unit, f"{name}_score": score, f"{name}_doc": doc, f"{name}_pos": pos})
+        return state
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray], top_k: int, scale: float) -> GroupStats:
         stats = cls(int(state["count"].shape[0]), int(state["mass"].shape[0]), top_k, scale, int(state["samples"]))
-        stats.count, stats.mass, stats.hist = state["count"].copy(), state["mass"].copy(), state["hist"].copy()
-        stats.label_count = state["label_count"].copy()
-        stats.top._buffer = [(state["top_unit"], state["top_score"], state["top_doc"], state["top_pos"])]
+        stats.absorb(state)
         stats.top.prune()
-        stats.sample._buffer = [(state["sample_unit"], state["sample_key"], state["sample_doc"], state["sample_pos"])]
         stats.sample.prune()
         return stats
+
+    def absorb(self, state: dict[str, np.ndarray]) -> None:
+        """Add another `state` of the same shape (the tables are merged at their next prune)."""
+        self.count += state["count"]
+        self.mass += state["mass"]
+        self.label_count += state["label_count"]
+        self.hist += state["hist"]
+        for name, table in (("top", self.top), ("sample", self.sample)):
+            table._buffer.append(tuple(state[f"{name}_{c}"] for c in ("unit", "score", "doc", "pos")))
 
     def requests(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(unit, doc, pos) of every stored context: the top-K rows, then the sample rows (in `rows()` order)."""
@@ -228,12 +223,7 @@ def merge(shards: list[GroupStats]) -> GroupStats:
         if (shard.units != first.units or shard.mass.shape != first.mass.shape or shard.top.k != first.top.k
                 or shard.samples != first.samples):
             raise MonetError("cannot merge atlas shards of different shapes (units, labels, top-k or samples differ)")
-        out.count += shard.count
-        out.mass += shard.mass
-        out.label_count += shard.label_count
-        out.hist += shard.hist
-        out.top._buffer.append(shard.top.rows()[:1] + shard.top.rows()[2:])
-        out.sample._buffer.append(shard.sample.rows()[:1] + shard.sample.rows()[2:])
+        out.absorb(shard.state())
     out.top.prune()
     out.sample.prune()
     return out
@@ -356,10 +346,9 @@ def plan_windows(docs: np.ndarray, seq_len: int, max_tokens: int | None) -> np.n
     last window may be cut short). A budget smaller than the corpus thus covers every label with about the
     same number of tokens, however long its documents are."""
     per_label: dict[int, list[tuple[int, int, int]]] = {}
-    for doc in range(len(docs)):   # stream order within a label
-        length = int(docs[doc, 1]) - int(docs[doc, 0])
-        windows = per_label.setdefault(int(docs[doc, 2]), [])
-        windows.extend((doc, offset, min(seq_len, length - offset)) for offset in range(0, length, seq_len))
+    for doc, (start, end, label) in enumerate(docs[:, :3].tolist()):   # stream order within a label
+        windows = per_label.setdefault(label, [])
+        windows.extend((doc, offset, min(seq_len, end - start - offset)) for offset in range(0, end - start, seq_len))
     queues = {label: iter(windows) for label, windows in sorted(per_label.items())}
     taken = dict.fromkeys(queues, 0)
     rows, total = [], 0
@@ -391,18 +380,6 @@ def batch_inputs(dataset, batch: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         ids[row, :length] = dataset.document(int(doc))[offset:offset + length]
         valid[row, :length] = True
     return torch.from_numpy(ids), valid
-
-
-def accumulate_batch(stats: list[GroupStats], activations, batch: np.ndarray, valid: np.ndarray,
-                     label_of_doc: np.ndarray) -> None:
-    """Add one batch's active units (ragged, from `unit_entries`) to every group's aggregates."""
-    for group, (token, ids, scores) in zip(stats, activations, strict=True):
-        b, t = np.divmod(token.numpy(), valid.shape[1])
-        keep = valid[b, t]
-        b, t = b[keep], t[keep]
-        doc = batch[b, 0]
-        group.add(ids.numpy()[keep].astype(np.int64), scores.numpy()[keep].astype(np.float64), label_of_doc[doc],
-                  doc, batch[b, 1] + t)
 
 
 # ---------------------------------------------------------------------------------- model identity
@@ -445,8 +422,13 @@ def collect(model: torch.nn.Module, dataset, options: AtlasOptions, windows: np.
     model.eval()
     for batch in _batches(windows, options.batch_size):
         input_ids, valid = batch_inputs(dataset, batch)
-        activations = unit_entries(model, input_ids.to(device))
-        accumulate_batch(stats, [tuple(a.cpu() for a in group) for group in activations], batch, valid, label_of_doc)
+        for group, (token, ids, scores) in zip(stats, unit_entries(model, input_ids.to(device)), strict=True):
+            b, t = np.divmod(token.cpu().numpy(), valid.shape[1])
+            keep = valid[b, t]   # right padding is not part of the corpus
+            b, t = b[keep], t[keep]
+            doc = batch[b, 0]
+            group.add(ids.cpu().numpy()[keep].astype(np.int64), scores.cpu().numpy()[keep].astype(np.float64),
+                      label_of_doc[doc], doc, batch[b, 1] + t)
         bar.update(int(valid.sum()))
     bar.close()
     return stats, total
@@ -456,12 +438,9 @@ def fill_values(model: torch.nn.Module, dataset, options: AtlasOptions, windows:
                 requests: list[tuple[np.ndarray, np.ndarray, np.ndarray]], values: list[np.ndarray],
                 progress: bool = True) -> int:
     """The second pass: per group, write into `values[g]` ([R, CONTEXT_WIDTH], NaN-filled by the caller)
-    the score of unit `requests[g][0][r]` at each token around (doc, pos) = requests[g][1:][r].
-
-    The windows are batched exactly as in `collect`, and only the batches holding a position of some
-    requested span are run, so every value is the one the first pass computed, up to the order of the sum
-    over heads (positions in windows of other ranks, or outside the planned windows, stay NaN). A unit that
-    is not active on a token gets 0.
+    the score of unit `requests[g][0][r]` at each token around (doc, pos) = requests[g][1:][r] (0 where the
+    unit is inactive). Only the batches of `collect` holding a requested position are run, so every value is
+    the one the first pass saw, up to the order of the sum over heads; positions outside `windows` stay NaN.
     Returns the number of batches run."""
     offsets = np.arange(-CONTEXT_BEFORE, CONTEXT_AFTER + 1)
     keys, orders = [], []
@@ -515,13 +494,9 @@ def label_tokens(dataset, windows: np.ndarray) -> np.ndarray:
 def build_atlas(model: torch.nn.Module, tokenizer: Any, data_dir: str | Path, out: str | Path,
                 options: AtlasOptions | None = None, *, force: bool = False, progress: bool = True,
                 run: str | None = None) -> Path:
-    """Build the atlas of `model` on the `options.split` split of the dataset at `data_dir` into `out`.
-
-    `out` is written through a temporary sibling and renamed at the end (see `monet.io.output_directory`:
-    a non-empty `out` that is not an atlas is refused unless `force`). Under torchrun (an initialised
-    process group) each rank takes a contiguous slice of the windows and writes its shard; rank 0 merges
-    them and writes the tables.
-    """
+    """Build the atlas of `model` on the `options.split` split of the dataset at `data_dir` into `out`
+    (through a temporary sibling, see `monet.io.output_directory`: a non-empty `out` that is not an atlas is
+    refused unless `force`). Under torchrun each rank runs a contiguous slice of the windows; rank 0 merges."""
     options = options or AtlasOptions()
     _check_options(options, model)
     dataset = TokenDataset(data_dir, options.split)
@@ -781,26 +756,13 @@ def vocab_table(tokenizer: Any, vocab_size: int):
     """Token id -> the text it decodes to on its own (byte-level pieces of a character may show as \ufffd)."""
     import pyarrow as pa
 
-    size = max(vocab_size, len(tokenizer)) if tokenizer is not None else vocab_size
     if tokenizer is None:
-        pieces = [f"<{i}>" for i in range(size)]
+        pieces = [f"<{i}>" for i in range(vocab_size)]
     else:
-        pieces = tokenizer.batch_decode([[i] for i in range(size)], skip_special_tokens=False,
-                                        clean_up_tokenization_spaces=False)
-    return pa.table({"id": np.arange(size, dtype=np.int32), "piece": pa.array(pieces, pa.string())})
+        pieces = tokenizer.batch_decode([[i] for i in range(max(vocab_size, len(tokenizer)))],
+                                        skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return pa.table({"id": np.arange(len(pieces), dtype=np.int32), "piece": pa.array(pieces, pa.string())})
 
 
-__all__ = [
-    "AtlasOptions",
-    "GroupStats",
-    "TopK",
-    "build_atlas",
-    "collect",
-    "context_windows",
-    "merge",
-    "model_identity",
-    "plan_windows",
-    "unit_activations",
-    "unit_entries",
-    "unit_layout",
-]
+__all__ = ["AtlasOptions", "GroupStats", "TopK", "build_atlas", "collect", "context_windows", "merge", "model_identity",
+           "plan_windows", "unit_activations", "unit_entries", "unit_layout"]

@@ -1,11 +1,9 @@
 """Routing capture: which experts fire on which tokens, sparse and factored.
 
-`capture_routing(model)` records (g1, g2) of every routing group during forward passes.
-`active_experts(g1, g2)` turns one group's routing into, per token, the experts with a non-zero
-score: expert id i*E + j and score sum_h g1_hi g2_hj (the official README's convention), or the
-per-head scores on request. Only each token's active (i, j) pairs are formed (about H k^2 of them),
-never the N = E^2 grid, and they are kept ragged: a token with many active experts costs only its own
-entries, never a padding of every token to the batch's largest count.
+`capture_routing(model)` records (g1, g2) of every routing group during forward passes;
+`active_experts(g1, g2)` turns one group's routing into each token's experts with a non-zero score
+(id i*E + j, score sum_h g1_hi g2_hj as in the official README), forming only the active (i, j) pairs
+(about H k^2 per token), never the N = E^2 grid.
 """
 
 from __future__ import annotations

@@ -29,12 +29,9 @@ def _check_mass(mass: np.ndarray) -> np.ndarray:
 
 
 def label_means(mass: np.ndarray) -> np.ndarray:
-    """Each label's row divided by its total: comparable across labels with different token counts.
-
-    Every token spreads the same total routing mass (H, the number of heads) over its experts, so a
-    row total is H x that label's token count and the normalised row is the mean score per token / H.
-    A label with no mass at all stays zero.
-    """
+    """Each label's row divided by its total: comparable across labels with different token counts (every
+    token spreads the same mass H over its experts, so the normalised row is the mean score per token / H).
+    A label with no mass at all stays zero."""
     mass = _check_mass(mass)
     totals = mass.sum(axis=1, keepdims=True)
     return np.divide(mass, totals, out=np.zeros_like(mass), where=totals > 0)
@@ -238,17 +235,5 @@ def select_top(masses: list[np.ndarray], target: int, n: int, min_mass: float = 
                       lambda mass: top_specific(mass, target, n, min_mass, normalize))
 
 
-__all__ = [
-    "PearsonAccumulator",
-    "Selection",
-    "assign_labels",
-    "correlated_units",
-    "label_means",
-    "select_correlated",
-    "select_skewed",
-    "select_top",
-    "skewness",
-    "skewed_units",
-    "specificity",
-    "top_specific",
-]
+__all__ = ["PearsonAccumulator", "Selection", "assign_labels", "correlated_units", "label_means", "select_correlated",
+           "select_skewed", "select_top", "skewness", "skewed_units", "specificity", "top_specific"]

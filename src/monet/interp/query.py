@@ -18,14 +18,7 @@ import torch
 
 from monet.data import TokenDataset
 from monet.errors import MonetError
-from monet.interp.atlas import (
-    READABLE_VERSIONS,
-    TABLES,
-    TABLES_V1,
-    model_identity,
-    unit_activations,
-    unit_layout,
-)
+from monet.interp.atlas import READABLE_VERSIONS, TABLES, TABLES_V1, model_identity, unit_activations, unit_layout
 from monet.interp.criteria import skewness
 from monet.io import printable, sha256_file
 
@@ -131,12 +124,16 @@ class Atlas:
 
     # -------------------------------------------------------------------------------------- tables
 
+    def _table(self, name: str, *filters: tuple) -> Any:
+        """Table `name` (a pyarrow Table), only the row groups holding rows that match `filters`."""
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.path / name, filters=list(filters) or None)
+
     def _experts(self, *filters: tuple) -> dict[str, np.ndarray]:
         """The experts.parquet rows matching `filters`, sorted by expert: a [rows] array per column, with
         `mass` (and `label_count` where recorded) [num_labels, rows] and `hist` [rows, bins]."""
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(self.path / "experts.parquet", filters=list(filters))
+        table = self._table("experts.parquet", *filters)
         order = np.argsort(table.column("expert").to_numpy(), kind="stable")
         columns = {name: table.column(name).to_numpy()[order] for name in table.column_names}
         columns["mass"] = np.stack([columns.pop(f"mass_{label}") for label in self.labels])
@@ -156,15 +153,9 @@ class Atlas:
             self._group_cache[group] = columns
         return self._group_cache[group]
 
-    def _read(self, table: str, *filters: tuple) -> list[dict[str, Any]]:
-        """The rows of `table` matching `filters` (Parquet row-group filters: only the matching row groups are read)."""
-        import pyarrow.parquet as pq
-
-        return pq.read_table(self.path / table, filters=list(filters) or None).to_pylist()
-
     @cached_property
     def vocab(self) -> list[str]:
-        rows = self._read("vocab.parquet")
+        rows = self._table("vocab.parquet").to_pylist()
         out = [""] * (max((r["id"] for r in rows), default=-1) + 1)
         for r in rows:
             out[r["id"]] = r["piece"]
@@ -230,8 +221,8 @@ class Atlas:
         (tokens outside the document are left out), `target` is the index of the activating token, `values`
         the expert's percentage at each token (None where unknown; None altogether for format-1 atlases)."""
         self.check_expert(group, expert)
-        rows = sorted(self._read("contexts.parquet", ("group", "=", int(group)), ("expert", "=", int(expert))),
-                      key=lambda r: r["rank"])
+        rows = self._table("contexts.parquet", ("group", "=", int(group)), ("expert", "=", int(expert))).to_pylist()
+        rows.sort(key=lambda r: r["rank"])
         if k is not None:
             rows = rows[:max(int(k), 0)]
         return [self._context(row) for row in rows]
@@ -267,7 +258,7 @@ class Atlas:
         hist = np.asarray(self._row(group, expert)["hist"], np.int64)
         counts = hist.reshape(-1, per).sum(axis=1)
         total = max(int(counts.sum()), 1)
-        rows = self._read("samples.parquet", ("group", "=", int(group)), ("expert", "=", int(expert)))
+        rows = self._table("samples.parquet", ("group", "=", int(group)), ("expert", "=", int(expert))).to_pylist()
         out = []
         for band in range(len(edges) - 2, -1, -1):
             if counts[band] == 0:
@@ -295,7 +286,7 @@ class Atlas:
 
     def experts_for_token(self, token: str | int, n: int = 20) -> list[dict[str, Any]]:
         """Experts whose top contexts most often activate on `token` (then by their best score on it)."""
-        rows = self._read("token_index.parquet", ("token", "in", self.token_ids(token)))
+        rows = self._table("token_index.parquet", ("token", "in", self.token_ids(token))).to_pylist()
         top_k = max(int(self.manifest["options"]["top_k"]), 1)
         rows.sort(key=lambda r: (-r["contexts"], -r["max_score"], r["group"], r["expert"]))
         return [{"group": r["group"], "expert": r["expert"], "id": f"{r['group']}:{r['expert']}",
@@ -321,7 +312,7 @@ class Atlas:
         ids = self.vocab_matches(text)
         top_k = max(int(self.manifest["options"]["top_k"]), 1)
         experts: dict[tuple[int, int], dict[str, Any]] = {}
-        for r in self._read("token_index.parquet", ("token", "in", ids)):
+        for r in self._table("token_index.parquet", ("token", "in", ids)).to_pylist():
             entry = experts.setdefault((r["group"], r["expert"]), {"contexts": 0, "max_score": 0.0, "tokens": []})
             entry["contexts"] += r["contexts"]
             entry["max_score"] = max(entry["max_score"], r["max_score"])
