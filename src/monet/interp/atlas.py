@@ -468,18 +468,12 @@ def fill_values(model: torch.nn.Module, dataset, options: AtlasOptions, windows:
     for batch in batches:
         input_ids, valid = batch_inputs(dataset, batch)
         for g, lookup in enumerate(unit_scores(model, input_ids.to(device))):
-            first, last = rows_meeting(batch, keys[g])
-            counts = last - first
-            if not counts.sum():
-                continue
-            row_b = np.repeat(np.arange(len(batch)), counts)                       # window of each row
-            sorted_index = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-            rows = orders[g][sorted_index]                                           # request index
-            unit, _, pos = (r[rows] for r in requests[g])
-            t = pos[:, None] + offsets[None] - batch[row_b, 1][:, None]             # position in the window
-            inside = (t >= 0) & (t < batch[row_b, 2][:, None])
-            r_i, o_i = np.nonzero(inside)
-            values[g][rows[r_i], o_i] = lookup(row_b[r_i], t[r_i, o_i], unit[r_i])
+            unit, _, pos = requests[g]
+            for b, (first, last) in enumerate(zip(*rows_meeting(batch, keys[g]), strict=True)):
+                rows = orders[g][first:last]                           # the requests meeting window b
+                t = pos[rows, None] + offsets - batch[b, 1]            # their positions in the window
+                r_i, o_i = np.nonzero((t >= 0) & (t < batch[b, 2]))
+                values[g][rows[r_i], o_i] = lookup(np.full(len(r_i), b), t[r_i, o_i], unit[rows[r_i]])
         bar.update(int(valid.sum()))
     bar.close()
     return len(batches)
@@ -498,7 +492,11 @@ def build_atlas(model: torch.nn.Module, tokenizer: Any, data_dir: str | Path, ou
     (through a temporary sibling, see `monet.io.output_directory`: a non-empty `out` that is not an atlas is
     refused unless `force`). Under torchrun each rank runs a contiguous slice of the windows; rank 0 merges."""
     options = options or AtlasOptions()
-    _check_options(options, model)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if options.seq_len is None:
+        options.seq_len = min(256, limit or 256)
+    if limit and options.seq_len > limit:
+        raise MonetError(f"--seq-len {options.seq_len} exceeds the model's max_position_embeddings {limit}")
     dataset = TokenDataset(data_dir, options.split)
     if dataset.num_tokens == 0:
         raise MonetError(f"the {options.split} split of {data_dir} is empty; use --split train or a larger corpus")
@@ -565,8 +563,6 @@ def build_atlas(model: torch.nn.Module, tokenizer: Any, data_dir: str | Path, ou
 
 def _values_array(path: Path, rows: int) -> np.ndarray:
     """A NaN-filled float32 [rows, context width] array backed by a file (bounded memory for large atlases)."""
-    if rows == 0:
-        return np.full((0, CONTEXT_WIDTH), np.nan, np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
     array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, CONTEXT_WIDTH))
     array[:] = np.nan
@@ -591,14 +587,6 @@ def build_atlas_command(cmd: AtlasBuild) -> Path:
               f"{manifest['units_per_group']:,} experts, labels {', '.join(manifest['labels'])} "
               f"({manifest['build_seconds']} s)")
     return out
-
-
-def _check_options(options: AtlasOptions, model: torch.nn.Module) -> None:
-    if options.seq_len is None:
-        options.seq_len = min(256, getattr(model.config, "max_position_embeddings", 256) or 256)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and options.seq_len > limit:
-        raise MonetError(f"--seq-len {options.seq_len} exceeds the model's max_position_embeddings {limit}")
 
 
 def save_shard(path: Path, stats: list[GroupStats]) -> None:
