@@ -22,14 +22,10 @@ from monet.sparse import active_pairs, merged_experts
 @dataclass
 class ActiveExperts:
     """Per token, its active experts, ragged: one entry per (token, expert) — or per (token, head, expert)
-    with per-head scores — flattened over the tokens (B*T, row-major) and grouped by token.
-
-    `offsets` [B*T + 1] delimits each token's entries (in no particular order within a token). Memory is
-    proportional to the real number of active experts, whatever the batch's largest per-token count.
-    `ids`, `scores`, `heads` give the padded [B, T, P] view, best score first (-1 / 0 padding, P = the
-    batch's largest count), and `token(b, t)` one token's list, best first; prefer `entries()` on large
-    batches.
-    """
+    with per-head scores — flattened over the tokens (B*T, row-major), grouped by token (in no order within
+    a token) and delimited by `offsets` [B*T + 1], so memory follows the real number of active experts.
+    `ids`, `scores`, `heads` give the padded [B, T, P] view (P = the batch's largest count) and `token(b, t)`
+    one token's list, best score first; prefer `entries()` on large batches."""
 
     shape: tuple[int, ...]
     offsets: torch.Tensor
