@@ -43,37 +43,33 @@ class ActiveExperts:
         token = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
         return token, self.expert_ids, self.expert_scores
 
-    def _padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """ids, scores, heads as [B*T, P] grids sorted by decreasing score (padding last)."""
+    def _padded(self, values: torch.Tensor, fill: int) -> torch.Tensor:
+        """`values` (one per entry) as a [B, T, P] grid, each token's entries by decreasing score, `fill` after."""
         counts = self.offsets[1:] - self.offsets[:-1]
         width = int(counts.max()) if counts.numel() else 0
-        token, ids, scores = self.entries()
-        slot = torch.arange(ids.numel(), device=ids.device) - self.offsets[:-1][token]
-        grid = [torch.full((counts.numel(), width), -1, dtype=ids.dtype, device=ids.device),
-                scores.new_zeros(counts.numel(), width)]
-        grid[0][token, slot], grid[1][token, slot] = ids, scores
-        if self.expert_heads is not None:
-            grid.append(torch.full_like(grid[0], -1))
-            grid[2][token, slot] = self.expert_heads
-        order = torch.sort(grid[1], dim=-1, descending=True, stable=True).indices
-        grid = [g.gather(-1, order) for g in grid]
-        return grid[0], grid[1], grid[2] if len(grid) > 2 else None
+        token, _, scores = self.entries()
+        slot = torch.arange(token.numel(), device=token.device) - self.offsets[:-1][token]
+        score_grid = scores.new_zeros(counts.numel(), width)
+        score_grid[token, slot] = scores
+        grid = values.new_full((counts.numel(), width), fill)
+        grid[token, slot] = values
+        order = torch.sort(score_grid, dim=-1, descending=True, stable=True).indices
+        return grid.gather(-1, order).view(*self.shape, -1)
 
     @property
     def ids(self) -> torch.Tensor:
         """Padded ids [B, T, P], best score first (-1 for padding)."""
-        return self._padded()[0].view(*self.shape, -1)
+        return self._padded(self.expert_ids, -1)
 
     @property
     def scores(self) -> torch.Tensor:
         """Padded scores [B, T, P], decreasing (0 for padding)."""
-        return self._padded()[1].view(*self.shape, -1)
+        return self._padded(self.expert_scores, 0)
 
     @property
     def heads(self) -> torch.Tensor | None:
         """Padded heads [B, T, P] with per-head scores (-1 for padding), else None."""
-        heads = self._padded()[2]
-        return None if heads is None else heads.view(*self.shape, -1)
+        return None if self.expert_heads is None else self._padded(self.expert_heads, -1)
 
     def token(self, b: int, t: int) -> list[tuple[int, float]]:
         """(expert id, score) of one token, best first."""
