@@ -8,9 +8,8 @@ the unit's mean routing probability on that label. Then
 - purity(u) = max_l share_l(u) with share = p / sum_l p (1/num_labels for a unit that ignores labels);
 - entropy(u) = -sum_l share_l log2 share_l (0 for a single-label unit, log2(num_labels) for uniform).
 
-`measure(model, dataset)` computes these for a Monet model (per routing group, over its N experts)
-or for a dense LLaMA baseline (per layer, over the neurons of its MLP hidden layer scored by the
-positive part of act(gate) * up), so the two can be compared on the same data.
+`measure(model, dataset)` computes these for a Monet model (per routing group) or a dense LLaMA
+baseline (per layer, over its MLP neurons), so the two can be compared on the same data.
 """
 
 from __future__ import annotations
