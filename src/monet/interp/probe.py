@@ -186,31 +186,19 @@ def candidate_features(batches: Iterable[Batch], candidates: list[np.ndarray]) -
 
 # ------------------------------------------------------------------------------------------------ probes
 
-def _logistic():
+def fit_probe(x: np.ndarray, y: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """The decision function of a logistic regression on a few columns, inputs standardised with the training
+    tokens' statistics (a constant +-1 when `y` has a single class)."""
+    if len(np.unique(y)) < 2:
+        return lambda z: np.full(len(z), 1.0 if y[0] else -1.0)
     try:
         from sklearn.linear_model import LogisticRegression
     except ImportError as exc:
         raise MonetError("sparse probing needs scikit-learn: pip install 'monet-lm[interp]'") from exc
-    return LogisticRegression
-
-
-class Probe:
-    """Logistic regression on a few columns, inputs standardised with the training tokens' statistics."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
-        self.mean = x.mean(axis=0)
-        self.scale = x.std(axis=0)
-        self.scale[self.scale == 0] = 1.0
-        self.constant = len(np.unique(y)) < 2
-        if not self.constant:
-            self.model = _logistic()(C=1.0, max_iter=2000).fit((x - self.mean) / self.scale, y)
-        else:
-            self.value = 1.0 if y[0] else -1.0
-
-    def decision(self, x: np.ndarray) -> np.ndarray:
-        if self.constant:
-            return np.full(len(x), self.value)
-        return self.model.decision_function((x - self.mean) / self.scale)
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale[scale == 0] = 1.0
+    model = LogisticRegression(C=1.0, max_iter=2000).fit((x - mean) / scale, y)
+    return lambda z: model.decision_function((z - mean) / scale)
 
 
 def balanced(labels: np.ndarray, label: int, rng: np.random.Generator) -> np.ndarray:
@@ -265,12 +253,12 @@ def probe_group(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, te
             fit, check = sets[slot]
             for kind, cols, results in (("top", columns[slot][:k], binary_sets),
                                         ("random", random_columns[slot][:k], random_sets)):
-                probe = Probe(train_x[np.ix_(fit, cols)], train_y[fit] == label)
-                correct = (probe.decision(test_x[np.ix_(check, cols)]) > 0) == (test_y[check] == label)
+                decision = fit_probe(train_x[np.ix_(fit, cols)], train_y[fit] == label)
+                correct = (decision(test_x[np.ix_(check, cols)]) > 0) == (test_y[check] == label)
                 results.append((correct.astype(np.float64), test_docs[check]))
                 if kind == "top":
                     per_label[label] = float(correct.mean())
-                    decisions[:, slot] = probe.decision(test_x[:, cols])
+                    decisions[:, slot] = decision(test_x[:, cols])
         predicted = np.asarray(labels)[decisions.argmax(axis=1)]
         multiclass = (predicted == test_y).astype(np.float64)
         ci_rng = np.random.default_rng([seed, k, 1])
@@ -419,18 +407,18 @@ def markdown(report: dict[str, Any]) -> str:
                                ("Multiclass (argmax over the label probes)", "multiclass",
                                 f"chance {100 * report['chance']['multiclass']:.1f}%, majority-class rate "
                                 f"{100 * report['majority_rate']['multiclass']:.1f}%")):
+        columns = [(f"k={k}", key, k) for k in ks]   # (header, result, k)
+        if key == "binary":   # and the random control at the largest k
+            columns.append((f"random k={ks[-1]}", "random", ks[-1]))
         lines += [f"**{title}** ({chance})", "",
-                  "| model | group (layers) | units | " + " | ".join(f"k={k}" for k in ks)
-                  + (f" | random k={ks[-1]} |" if key == "binary" else " |"),
-                  "|---|---|---:|" + "---:|" * len(ks) + ("---:|" if key == "binary" else "")]
+                  "| model | group (layers) | units | " + " | ".join(header for header, _, _ in columns) + " |",
+                  "|---|---|---:|" + "---:|" * len(columns)]
         for model in report["models"]:
             for group in model["groups"]:
-                cells = [_cell(group[key][k]) for k in ks]
-                if key == "binary":
-                    cells.append(_cell(group["random"][ks[-1]]))
+                cells = " | ".join(_cell(group[result][k]) for _, result, k in columns)
                 layers = ",".join(map(str, group["layers"]))
                 lines.append(f"| {model['kind']} ({model['name']}) | {group['group']} ({layers}) | "
-                             f"{model['units_per_group']:,} | " + " | ".join(cells) + " |")
+                             f"{model['units_per_group']:,} | {cells} |")
         lines.append("")
     if report["models"]:
         first = report["models"][0]
@@ -447,14 +435,5 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = [
-    "REPORT_JSON",
-    "REPORT_MD",
-    "class_mean_difference",
-    "label_windows",
-    "markdown",
-    "probe_command",
-    "probe_models",
-    "sparse_probe",
-    "split_documents",
-]
+__all__ = ["REPORT_JSON", "REPORT_MD", "class_mean_difference", "label_windows", "markdown", "probe_command",
+           "probe_models", "sparse_probe", "split_documents"]
