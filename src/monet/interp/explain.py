@@ -2,8 +2,8 @@
 
 `expert_logits`: the expert's output (`monet.model.expert_output`) on the normed hidden states of its top
 contexts, averaged, summed over the layers of its routing group (expert (g, id) has a term in each), read
-through the final norm's gain and the unembedding. `explain_expert`: the paper's prompt with X the mean input embedding of the expert's top
-activating tokens, fed as `inputs_embeds`; meaningful only for a chat-tuned model.
+through the final norm's gain and the unembedding. `explain_expert`: the paper's prompt with X the mean input
+embedding of the expert's top activating tokens, fed as `inputs_embeds`; meaningful only for a chat-tuned model.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import re
 import socket
 import threading
 from collections.abc import Callable
+from contextlib import suppress
 from functools import lru_cache, partial
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -380,23 +381,6 @@ def make_server(atlas, host: str = "127.0.0.1", port: int = 8765, model: Any = N
     return server
 
 
-def serve(atlas, host: str = "127.0.0.1", port: int = 8765, model: Any = None, tokenizer: Any = None,
-          allow_hosts: tuple[str, ...] | list[str] = ()) -> None:
-    """Serve until interrupted."""
-    server = make_server(atlas, host, port, model, tokenizer, allow_hosts)
-    address, bound = server.server_address[:2]
-    shown = f"[{address}]" if ":" in address else address
-    print(f"monet view: serving {atlas.path} at http://{shown}:{bound}/  (Ctrl-C to stop)")
-    if host not in LOCAL_NAMES:
-        print("monet view: warning: listening beyond this machine; the atlas's corpus text is visible to others")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-
-
 def view_command(cmd: ViewCommand) -> None:
     """`monet view`: open and verify the atlas (and load its model, with --run), then serve until interrupted."""
     atlas = Atlas(cmd.atlas)
@@ -404,7 +388,14 @@ def view_command(cmd: ViewCommand) -> None:
     if cmd.run:
         model, tokenizer = load_checkpoint(cmd.run, resolve_device(cmd.device))
         atlas.check_model(model)
-    serve(atlas, host=cmd.host, port=cmd.port, model=model, tokenizer=tokenizer, allow_hosts=cmd.allow_host)
+    server = make_server(atlas, cmd.host, cmd.port, model, tokenizer, cmd.allow_host)
+    address, bound = server.server_address[:2]
+    shown = f"[{address}]" if ":" in address else address
+    print(f"monet view: serving {atlas.path} at http://{shown}:{bound}/  (Ctrl-C to stop)")
+    if cmd.host not in LOCAL_NAMES:
+        print("monet view: warning: listening beyond this machine; the atlas's corpus text is visible to others")
+    with server, suppress(KeyboardInterrupt):   # closes the socket on the way out
+        server.serve_forever()
 
 
-__all__ = ["Handler", "ViewerState", "allowed_hosts", "host_allowed", "make_server", "serve", "view_command"]
+__all__ = ["Handler", "ViewerState", "allowed_hosts", "host_allowed", "make_server", "view_command"]
