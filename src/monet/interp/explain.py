@@ -65,8 +65,7 @@ def expert_direction(model: torch.nn.Module, atlas, group: int, expert: int, k: 
     prefixes = context_prefixes(atlas, group, expert, k)
     if not prefixes:
         raise MonetError(f"expert {group}:{expert} has no contexts in this atlas, so it has no measured output")
-    experts_per_side = model.config.moe_experts
-    i, j = divmod(int(expert), experts_per_side)
+    i, j = divmod(int(expert), model.config.moe_experts)
     device = next(model.parameters()).device
     total = torch.zeros(model.config.hidden_size, device=device)
     inputs: dict[int, torch.Tensor] = {}

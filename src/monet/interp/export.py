@@ -24,8 +24,6 @@ def expert_page(atlas, group: int, expert: int, model: Any = None, k: int | None
                 explanations: list[str] | None = None) -> dict[str, Any]:
     """One expert as a JSON-ready dict. `model` (the atlas's own) adds promoted/suppressed tokens."""
     stats = atlas.expert(group, expert)
-    contexts = atlas.top_contexts(group, expert, k)
-    activations = [_activation(ctx) for ctx in contexts]
     hist = stats["histogram"]
     edges = hist["edges"]
     centres = [(a * b) ** 0.5 for a, b in zip(edges[:-1], edges[1:], strict=True)]   # log-bin centres
@@ -33,7 +31,7 @@ def expert_page(atlas, group: int, expert: int, model: Any = None, k: int | None
         "modelId": atlas.manifest["model"].get("run") or atlas.manifest["model"]["config_hash"],
         "layer": f"group-{group}",
         "index": int(expert),
-        "activations": activations,
+        "activations": [_activation(ctx) for ctx in atlas.top_contexts(group, expert, k)],
         "pos_str": [], "pos_values": [], "neg_str": [], "neg_values": [],
         "frac_nonzero": stats["density"],
         "freq_hist_data_bar_heights": hist["counts"],

@@ -222,7 +222,7 @@ def bootstrap_interval(sets: list[tuple[np.ndarray, np.ndarray]], doc_labels: np
     for label in np.unique(doc_labels):
         members = np.flatnonzero(doc_labels == label)
         draws = members[rng.integers(0, len(members), (rounds, len(members)))]
-        np.add.at(weights, (np.repeat(np.arange(rounds), len(members)), draws.ravel()), 1.0)
+        np.add.at(weights, (np.arange(rounds)[:, None], draws), 1.0)
     accuracy = np.zeros(rounds)
     for correct, doc in sets:
         right = np.bincount(doc, weights=correct, minlength=num_docs)
@@ -281,13 +281,12 @@ def sparse_probe(batches: Callable[[str], Iterable[Batch]], groups: int, units: 
     if missing:
         raise MonetError(f"label ids {missing} have no training tokens; nothing to probe them with")
     rng = np.random.default_rng(seed)
-    chosen, randoms, candidates = [], [], []
+    chosen, candidates = [], []   # per group: (top units, random units, class-mean differences); their union
     for total in sums:
         sub = total[labels]
         diff = class_mean_difference(sub, counts[labels])
         best, random = select_units(diff, sub.sum(axis=0) > 0, top, rng)
-        chosen.append((best, diff))
-        randoms.append(random)
+        chosen.append((best, random, diff))
         candidates.append(np.unique(np.concatenate([best.ravel(), random.ravel()])))
     train = candidate_features(batches("train"), candidates)
     test = candidate_features(batches("test"), candidates)
@@ -299,10 +298,10 @@ def sparse_probe(batches: Callable[[str], Iterable[Batch]], groups: int, units: 
     doc_labels[test_docs] = test[1][test_keep]
     results = []
     for g in range(groups):
-        best, diff = chosen[g]
+        best, random, diff = chosen[g]
         as_columns = partial(np.searchsorted, candidates[g])   # candidates are sorted and hold every unit chosen
         group = probe_group(train[0][g][train_keep], train[1][train_keep], test[0][g][test_keep],
-                            test[1][test_keep], test_docs, doc_labels, as_columns(best), as_columns(randoms[g]), ks,
+                            test[1][test_keep], test_docs, doc_labels, as_columns(best), as_columns(random), ks,
                             labels, rounds, seed)
         group["group"] = g
         group["top_units"] = {label: [[int(u), float(diff[slot, u])] for u in best[slot][:TOP_SHOWN]]

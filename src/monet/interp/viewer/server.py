@@ -1,12 +1,10 @@
 """The viewer's HTTP server: JSON endpoints over an `Atlas` plus one static page, nothing else.
 
-The routes and the safety rules are described in docs/atlas.md ("Viewer"). In short: anything but the page,
-its two static files and the `/api/` routes of `API_ARGS` is 404 (no path is ever mapped to a file); a Host
-header that is not this server's address, or an API request a browser marks as cross-site, gets 403 (DNS
-rebinding); POST bodies must be application/json (which a cross-site form cannot send without a CORS
-preflight, never answered here) of at most 64 KB; bad ids and parameters answer 400 with a message; every
-JSON answer passes through `monet.io.printable` and every response carries a Content-Security-Policy
-without inline scripts, so corpus text stays text. The model runs under one lock, one request at a time.
+Routes and safety rules are described in docs/atlas.md ("Viewer"): only the page, its two static files and the
+`/api/` routes of `API_ARGS` are served (no path is ever mapped to a file); a foreign Host header or a cross-site
+API request gets 403 (DNS rebinding); POST bodies must be application/json (a cross-site form cannot send that
+without a CORS preflight, never answered here) of at most 64 KB; bad input answers 400 with a message; JSON
+answers pass through `monet.io.printable` under a Content-Security-Policy; the model runs under one lock.
 """
 
 from __future__ import annotations
@@ -213,10 +211,6 @@ def _field_text(body: dict[str, Any], name: str, limit: int) -> str:
     return value
 
 
-def _static(name: str) -> bytes:
-    return resources.files("monet.interp.viewer").joinpath("static", name).read_bytes()
-
-
 def allowed_hosts(host: str, port: int, extra: tuple[str, ...] | list[str] = ()) -> tuple[set[str], bool]:
     """(host names the Host header may carry, whether any IP literal is fine) for a server bound to host:port.
 
@@ -248,10 +242,6 @@ def host_allowed(header: str | None, names: set[str], any_ip: bool, port: int) -
 class Handler(BaseHTTPRequestHandler):
     server_version = "monet-view"
     timeout = 120   # seconds a connection may stay silent (a client that never sends its body is dropped)
-
-    def __init__(self, *args, state: ViewerState, **kwargs) -> None:
-        self.state = state
-        super().__init__(*args, **kwargs)
 
     def log_message(self, format: str, *args) -> None:   # quiet: one line per error only
         if args and str(args[1] if len(args) > 1 else "").startswith(("4", "5")):
@@ -317,12 +307,13 @@ class Handler(BaseHTTPRequestHandler):
         if not parts:
             parts = ["static", "index.html"]
         if parts[0] == "static" and len(parts) == 2 and parts[1] in STATIC:
-            return self._send(200, _static(parts[1]), STATIC[parts[1]])
+            page = resources.files("monet.interp.viewer").joinpath("static", parts[1]).read_bytes()
+            return self._send(200, page, STATIC[parts[1]])
         names = API_ARGS.get(parts[1]) if parts[0] == "api" and len(parts) > 1 else None
         if names is None or len(parts) != 2 + len(names):
             raise NotFound
         args = [text if name == "label" else _integer(text, name) for name, text in zip(names, parts[2:], strict=True)]
-        route, state = parts[1], self.state
+        route, state = parts[1], self.server.state
         if route == "export":
             name = f"monet-expert-{args[0]}-{args[1]}.json"
             return self._json(state.export(*args), download=True,
@@ -353,7 +344,7 @@ class Handler(BaseHTTPRequestHandler):
             raise MonetError(f"the request body is not JSON ({exc})") from None
         if not isinstance(body, dict):
             raise MonetError("the request body must be a JSON object")
-        state = self.state
+        state = self.server.state
         return self._json(state.activation(body) if parts[1] == "activation" else state.steer(body))
 
 
@@ -370,13 +361,15 @@ def _query_id(query: dict[str, list[str]], name: str, default: int | None = None
 def make_server(atlas, host: str = "127.0.0.1", port: int = 8765, model: Any = None, tokenizer: Any = None,
                 allow_hosts: tuple[str, ...] | list[str] = ()) -> ThreadingHTTPServer:
     """A ready server (not yet serving); port 0 picks a free port (see `server.server_address`)."""
+    state = ViewerState(atlas, model, tokenizer)   # what the handlers share, as `self.server.state`
     try:
-        server = ThreadingHTTPServer((host, port), partial(Handler, state=ViewerState(atlas, model, tokenizer)))
+        server = ThreadingHTTPServer((host, port), Handler)
     except OSError as exc:
         raise MonetError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from exc
     except OverflowError as exc:
         raise MonetError(f"--port must lie in 0..65535, got {port}") from exc
     server.daemon_threads = True
+    server.state = state
     server.allowed_names, server.any_ip = allowed_hosts(host, server.server_address[1], allow_hosts)
     return server
 
