@@ -1,23 +1,11 @@
 """`monet bench`: one Monet block against a dense relu^2 MLP of equal width, at the released shapes.
 
-A block is the expert layer (HD or VD) plus its router divided by `moe_groups` (one routing layer
-serves that many layers), and, on the sparse path, the routing structure that the group's first layer
-builds and the others reuse (`prep`, also divided by `moe_groups`; with edits, the edited pairs of the
-table are part of it). The dense baseline is down(relu(up x)^2) with hidden width E*m. Per shape:
-
-- forward:  dense MLP, router, HD and VD experts (automatic path, see `monet.sparse`) and, for
-            reference, the experts forced onto the dense path; no autograd.
-- train:    forward + backward of the same (gradients w.r.t. x, routing and every weight), and the
-            bytes autograd saves for backward (distinct storages, parameters and inputs excluded).
-- masking:  expert forward with 0.1 %, 1 %, 15 % of the E^2 experts deleted vs none, with routing from
-            the router in training mode (about k kept halves per head, as a trained model).
-- capture:  a one-group model's forward with vs without `capture_routing` + `active_experts`.
-
-Cases of a section run interleaved (the first case rotates each round) after a warm-up; every figure
-is a median with its min-max, ratios are medians over medians. On CUDA the timer is a pair of CUDA
-events around the call, after a synchronisation; peak CUDA memory is recorded per train case. The
-load average before and after is part of the report: on a shared machine, compare ratios from the
-same run only. `--json` writes everything; `ratios` holds the headline numbers (issue 12's goals).
+A block is the expert layer (HD or VD) plus its router and, on the sparse path, the routing structure
+(`prep`), both divided by `moe_groups` (one routing layer serves that many layers); the dense baseline is
+down(relu(up x)^2) with hidden width E*m. Sections per shape: forward, train (forward + backward, and the
+bytes autograd saves), masking (0.1 %, 1 %, 15 % of the E^2 experts deleted vs none) and capture. Cases of
+a section run interleaved; figures are medians with min-max, ratios medians over medians. How it is
+measured, and why, is in docs/performance.md; `--json` writes everything, `ratios` the headline numbers.
 """
 
 from __future__ import annotations
@@ -241,7 +229,6 @@ def bench_masking(layers: dict[str, nn.Module], x: torch.Tensor, g1: torch.Tenso
 
 def bench_capture(config: MonetConfig, args: BenchSettings) -> dict:
     """Forward of a one-routing-group model (eval, calibrated routing statistics) with vs without capture."""
-
     device, timer = torch.device(args.device), Timer(torch.device(args.device))
     config = _with(config, num_hidden_layers=config.moe_groups, vocab_size=1024)
     torch.manual_seed(4)
@@ -263,8 +250,7 @@ def bench_capture(config: MonetConfig, args: BenchSettings) -> dict:
             model.model(input_ids=ids, use_cache=False)
             return [capture.experts(group) for group in range(len(capture.groups))]
 
-    context = sparse.expert_path(args.path)
-    with torch.no_grad(), context:
+    with torch.no_grad(), sparse.expert_path(args.path):
         times = interleaved({"forward": plain, "capture": captured}, args.repeats, args.warmup, timer)
     return {"tokens": int(ids.numel()), **{k: summarise(v) for k, v in times.items()}}
 
