@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from monet.checkpoint import (
@@ -116,31 +117,23 @@ def headword_items(dataset: Any, label: str, max_items: int = 40, choices: int =
     return items
 
 
-def has_multiple_choice(dataset: Any) -> bool:
-    """True when documents carry a headword and a definition (the `domains` corpus)."""
-    return dataset.num_documents > 0 and bool(dataset.document_meta(0).get("headword"))
-
-
 @torch.no_grad()
 def choice_scores(model: nn.Module, tokenizer: Any, prefixes: list[str], texts: list[str], batch_size: int = 16,
                   bos_id: int | None = None) -> list[float]:
     """log p(text[len(prefix):] | <s> prefix) for each (prefix, full text) pair, summed over tokens."""
     device = next(model.parameters()).device
+    lead = [bos_id] if bos_id is not None else []
     sequences, starts = [], []
     for prefix, text in zip(prefixes, texts, strict=True):
         head = tokenizer(prefix, add_special_tokens=False)["input_ids"]
         full = tokenizer(text, add_special_tokens=False)["input_ids"]
         start = len(head) if full[: len(head)] == head and len(full) > len(head) else 0
-        lead = [bos_id] if bos_id is not None else []
         sequences.append(lead + full)
         starts.append(start + len(lead))
     scores = []
     for begin in range(0, len(sequences), batch_size):
         chunk = sequences[begin : begin + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, seq in enumerate(chunk):
-            ids[row, : len(seq)] = torch.tensor(seq)
+        ids = pad_sequence([torch.tensor(seq, dtype=torch.long) for seq in chunk], batch_first=True)
         # Right padding: causal attention keeps the real tokens' logits exact, no mask needed.
         logprobs = F.log_softmax(model(input_ids=ids.to(device), use_cache=False).logits.float(), dim=-1)
         for row, seq in enumerate(chunk):
@@ -211,11 +204,6 @@ class Measure:
     others: int | None
 
 
-def equal_label_weights(parts: list[np.ndarray]) -> np.ndarray:
-    """Window weights that give every label the same total weight (Δ others is a mean over labels)."""
-    return np.concatenate([np.full(len(p), 1.0 / len(p)) for p in parts])
-
-
 # ----------------------------------------------------------------------------------------------------------
 # One edit, measured
 
@@ -236,9 +224,10 @@ def edit_effect(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarray],
     per_label = {label: delta_ci(prior[label], after[label], seed=seed) for label in picks}
     others = [label for label in picks if label != target]
     if others:
+        # Window weights that give every label the same total weight: Δ others is a mean over labels.
+        weights = np.concatenate([np.full(len(after[label]), 1.0 / len(after[label])) for label in others])
         joint = delta_ci(np.concatenate([prior[label] for label in others]),
-                         np.concatenate([after[label] for label in others]),
-                         tokens=equal_label_weights([after[label] for label in others]), seed=seed)
+                         np.concatenate([after[label] for label in others]), tokens=weights, seed=seed)
     else:
         joint = {"delta": float("nan"), "ci95": [float("nan"), float("nan")]}
     return {
@@ -434,8 +423,9 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
     sets, skipped = label_window_sets(dataset, seq_len)
     plan = EvalPlan.build(sets, seq_len, settings.eval_tokens, settings.batch_size)
     tokenizer = load_tokenizer(settings.data)
-    items = ({label: headword_items(dataset, label, settings.mc_items) for label in sets}
-             if settings.mc_items > 0 and has_multiple_choice(dataset) else None)
+    # A multiple-choice task where documents carry a headword and a definition (the `domains` corpus).
+    has_items = settings.mc_items > 0 and dataset.num_documents > 0 and dataset.document_meta(0).get("headword")
+    items = {label: headword_items(dataset, label, settings.mc_items) for label in sets} if has_items else None
     others_tokens = settings.others_tokens or settings.eval_tokens
     protocol = Protocol(operating=Measure(settings.eval_tokens, others_tokens),
                         sweep=Measure(settings.sweep_tokens, max(settings.sweep_tokens // 4, seq_len)),
