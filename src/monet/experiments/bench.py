@@ -340,8 +340,7 @@ def run(args: BenchSettings) -> dict:
 def bench_command(args: BenchSettings) -> dict:
     """`monet bench`: run, print the headline ratios, write --json / --markdown (each atomically, and only over
     a file that an earlier `monet bench` wrote, unless --force)."""
-    marks = ((args.json, '"ratios"'), (args.markdown, "# monet bench"))
-    for path, mark in marks:
+    for path, mark in ((args.json, '"ratios"'), (args.markdown, "# monet bench")):
         if path and Path(path).exists() and not args.force:
             text = Path(path).read_text(encoding="utf-8", errors="replace") if Path(path).is_file() else ""
             if mark not in text[:200_000]:

@@ -159,9 +159,8 @@ def purge_report(settings: ToxicitySettings) -> dict[str, Any]:
         rows.append({"threshold": threshold, "masking_ratio": selection.masking_ratio, "selected": selection.total,
                      **measured, "loss_change": measured["loss"] - rows[0]["loss"]})
     report = {"run": str(checkpoint), "data": str(settings.data), "prompts": prompt_texts,
-              "samples_per_prompt": samples,
-              "max_new_tokens": settings.max_new_tokens, "temperature": 1.0, "top_p": 0.9,
-              "scorer": "alt-profanity-check", "correlation_tokens": settings.corr_tokens,
+              "samples_per_prompt": samples, "max_new_tokens": settings.max_new_tokens, "temperature": 1.0,
+              "top_p": 0.9, "scorer": "alt-profanity-check", "correlation_tokens": settings.corr_tokens,
               "general_loss_label": general or "all", "rows": rows,
               "max_correlation": [float(np.max(c)) for c in correlations]}
     with output_directory(settings.out, "toxicity", settings.force, "a toxicity report") as tmp:

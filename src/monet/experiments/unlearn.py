@@ -70,16 +70,15 @@ def atlas_label_means(atlas: Atlas) -> tuple[list[str], list[np.ndarray]]:
     if len(seen) < 2:
         raise MonetError(f"atlas {atlas.path} covers {len(seen)} label(s) with tokens; the skewness "
                          "criterion needs at least 2: rebuild it with more --max-tokens")
-    means = [np.asarray(atlas.label_probability(group), dtype=np.float64)[seen] for group in atlas.groups]
-    return [atlas.labels[i] for i in seen], means
+    return [atlas.labels[i] for i in seen], [atlas.label_probability(group)[seen] for group in atlas.groups]
 
 
-def open_atlas(path: str | Path, model: nn.Module, data_dir: str | Path | None = None) -> Atlas:
-    """The atlas at `path`, checked to belong to `model` (and to have been built on data tokenized like
-    `data_dir`'s)."""
+def open_atlas(path: str | Path, model: nn.Module, data_dir: str | Path) -> Atlas:
+    """The atlas at `path`, checked to belong to `model` and to have been built on data tokenized like
+    `data_dir`'s."""
     atlas = Atlas(path, model=model)
     built_on = atlas.manifest.get("data", {}).get("tokenizer_sha256")
-    if data_dir is not None and built_on and built_on != tokenizer_hash(data_dir):
+    if built_on and built_on != tokenizer_hash(data_dir):
         raise MonetError(f"atlas {path} was built on data with another tokenizer than {data_dir}; build the atlas on "
                          "this data (or pass the data it was built on)")
     return atlas
@@ -248,10 +247,12 @@ def edit_effect(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarray],
 
 
 def random_control(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarray], selection: Selection,
-                   seen: list[np.ndarray], target: str, count: int, tokens: int, seed: int = 0) -> dict[str, Any]:
+                   selected_after: np.ndarray, seen: list[np.ndarray], target: str, count: int, tokens: int,
+                   seed: int = 0) -> dict[str, Any]:
     """Δ target of `count` random masks with as many units per group as `selection`, drawn from the units
-    seen in the atlas, each on the same `tokens` of the target's windows. Returns their deltas and 95th
-    percentile (the bar the selection must clear)."""
+    seen in the atlas, each on the same `tokens` of the target's windows. Returns their deltas, 95th
+    percentile (the bar the selection must clear) and the selection's own Δ on those windows
+    (`selected_after`: its per-window losses on all the target's windows)."""
     positions = plan.positions(target, tokens)
     deltas = []
     for ids in random_masks(selection.counts(), seen, n=count, seed=seed):
@@ -259,7 +260,8 @@ def random_control(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarra
         with masked(model, control):
             after = plan.measure(model, {target: positions})[target]
         deltas.append(float((after - before[target][positions]).mean()))
-    return {"deltas": deltas, "p95": random_p95(deltas), "tokens": plan.tokens(positions), "positions": positions}
+    return {"deltas": deltas, "p95": random_p95(deltas), "tokens": plan.tokens(positions),
+            "selection_delta": float((selected_after[positions] - before[target][positions]).mean())}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,11 +315,8 @@ def run_protocol(model: nn.Module, plan: EvalPlan, targets: list[str], operating
                 entry["after"][label]["accuracy"] = accuracy
             entry["delta_accuracy"] = {label: accuracies[label] - accuracy_before[label] for label in accuracies}
         if selection.total and protocol.random_masks:
-            control = random_control(model, plan, before, selection, seen, target, protocol.random_masks,
-                                     protocol.random_tokens, protocol.seed)
-            positions = control.pop("positions")
-            control["selection_delta"] = float((after_target[positions] - before[target][positions]).mean())
-            entry["random"] = control
+            entry["random"] = random_control(model, plan, before, selection, after_target, seen, target,
+                                             protocol.random_masks, protocol.random_tokens, protocol.seed)
         entry["sweep"] = []
         for parameter, point in sweep(target):
             if point.total == 0:
@@ -352,7 +351,7 @@ def curve_points(entry: dict[str, Any]) -> list[dict[str, float]]:
                                 for p in points])
 
 
-def summary_rows(result: dict[str, Any], min_delta: float = MIN_DELTA, ratio: float = SELECTIVITY) -> dict[str, dict]:
+def summary_rows(result: dict[str, Any]) -> dict[str, dict]:
     """Per masked label, the fields the tables print and the issue's bar (`verdict`)."""
     rows = {}
     for target, entry in result["masked"].items():
@@ -366,7 +365,7 @@ def summary_rows(result: dict[str, Any], min_delta: float = MIN_DELTA, ratio: fl
         if "delta_accuracy" in entry:
             row["delta_accuracy_target"] = entry["delta_accuracy"].get(target)
         if random_p95_value is not None and entry["masked_experts"]:
-            row.update(verdict(entry["delta_target"], entry["delta_others"], random_p95_value, min_delta, ratio))
+            row.update(verdict(entry["delta_target"], entry["delta_others"], random_p95_value, MIN_DELTA, SELECTIVITY))
         else:
             row["passed"] = False
         rows[target] = row
@@ -639,17 +638,6 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-__all__ = [
-    "EvalPlan",
-    "atlas_label_means",
-    "edit_effect",
-    "format_summary",
-    "headword_items",
-    "multiple_choice_accuracy",
-    "random_control",
-    "run_protocol",
-    "select_for_label",
-    "summary_rows",
-    "unlearn",
-    "write_report",
-]
+__all__ = ["EvalPlan", "atlas_label_means", "edit_effect", "format_summary", "headword_items",
+           "multiple_choice_accuracy", "random_control", "run_protocol", "select_for_label", "summary_rows",
+           "unlearn", "write_report"]
