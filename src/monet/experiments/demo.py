@@ -5,11 +5,9 @@ on the TRAIN split (unit statistics never come from evaluated text), unlearn eac
 table. Each step writes its output atomically and is skipped when that output is complete, so re-running
 continues where it stopped; `--quick` is a tiny version for the tests.
 
-The recipe (docs/experts.md, "What made experts specialise"): the auxiliary losses weigh 5, not the
-paper's 1e-3, and the learning rate warms up over 100 steps, not 20. At 256k training tokens a weak
-uniformity loss lets most expert halves die (a half that is never kept gets no gradient, so nothing
-revives it) and the survivors serve every label alike; a fast warm-up kills them in the first ~50 steps
-on some seeds, never to recover (seed 1: uniformity loss 11.3 at the end with 20 steps, 7.1 with 100).
+The recipe: the auxiliary losses weigh 5, not the paper's 1e-3 (a weak uniformity loss lets most expert
+halves die at 256k training tokens), and the learning rate warms up over 100 steps, not 20 (a fast warm-up
+kills them on some seeds); the measurements are in docs/experts.md, "What made experts specialise".
 """
 
 from __future__ import annotations

@@ -407,7 +407,6 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
             raise MonetError(f"unknown label {target!r}; the atlas has tokens of: {', '.join(labels)}")
         if target not in dataset.labels:
             raise MonetError(f"label {target!r} is not in {settings.data}; it has: {', '.join(dataset.labels)}")
-    dense_model = dense_labels = dense_means = None
     if settings.baseline is not None:   # checked before the long Monet run
         dense_model, _ = load_checkpoint(settings.baseline, device=device, load_tokenizer=False)
         if getattr(dense_model.config, "mlp_type", "monet") != "dense":
@@ -449,8 +448,8 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
                 "rule": "delta_target >= min_delta, >= selectivity x max(delta_others, 0), > random p95"},
         "monet": monet_result, "summary": summary_rows(monet_result),
     }
-    if dense_model is not None:
-        dense_units = int(np.asarray(dense_means[0]).shape[1])
+    if settings.baseline is not None:
+        dense_units = dense_means[0].shape[1]
 
         def dense_top(target: str, share: float) -> Selection:
             return select_top(dense_means, dense_labels.index(target), max(1, round(share * dense_units)),
@@ -529,13 +528,12 @@ def _models(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
 def plot_heatmap(report: dict[str, Any], path: Path) -> None:
     """Fig. 3-style heatmap(s) of the loss change: rows evaluated label, columns masked label."""
     plt = _pyplot()
-    panels = [(title, result) for _, title, result in _models(report)]
-    mats = [delta_matrix(result) for _, result in panels]
+    models = _models(report)
+    mats = [delta_matrix(result) for _, _, result in models]
     vmax = max(float(np.nanmax(np.abs(m[2]))) if np.isfinite(m[2]).any() else 1.0 for m in mats) or 1.0
     size = max(len(mats[0][0]), 3)
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.0 + 0.8 * size * len(panels), 0.7 * size + 1.6),
-                             squeeze=False)
-    for ax, (title, _), (evaluated, masked_labels, values) in zip(axes[0], panels, mats, strict=True):
+    fig, axes = plt.subplots(1, len(mats), figsize=(1.0 + 0.8 * size * len(mats), 0.7 * size + 1.6), squeeze=False)
+    for ax, (_, title, _), (evaluated, masked_labels, values) in zip(axes[0], models, mats, strict=True):
         image = ax.imshow(values, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")   # red: loss rose
         ax.set_xticks(range(len(masked_labels)), masked_labels, rotation=45, ha="right")
         ax.set_yticks(range(len(evaluated)), evaluated)
