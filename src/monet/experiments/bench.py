@@ -141,22 +141,16 @@ def bench_shape(name: str, config: MonetConfig, args: BenchSettings) -> dict:
               for kind, decompose in (("hd", "horizontal"), ("vd", "vertical"))}
     routing = [g.detach().requires_grad_(True) for g in (g1, g2)]
     xg = x.detach().requires_grad_(True)
-
-    def forcing(path: str, fn: Callable) -> Callable:
-        def run() -> object:
-            with sparse.expert_path(path):
-                return fn()
-        return run
-
+    # Context managers used as decorators: each call of a wrapped case runs on that expert path.
+    forced, dense_path = sparse.expert_path(args.path), sparse.expert_path("dense")
     forward = {"dense": lambda: mlp(x), "router": lambda: router(x)}
     train = {"dense": lambda: _backward(mlp(xg), [xg, *mlp.parameters()]),
              "router": lambda: _backward(torch.cat([g.flatten() for g in router(xg)]),
                                          [xg, *router.parameters()])}
     for kind, layer in layers.items():
-        forward[kind] = forcing(args.path, lambda layer=layer: layer(x, g1, g2))
-        forward[f"{kind}_dense_path"] = forcing("dense", lambda layer=layer: layer(x, g1, g2))
-        train[kind] = forcing(args.path, lambda layer=layer: _backward(layer(xg, *routing),
-                                                                       [xg, *routing, *layer.parameters()]))
+        forward[kind] = forced(lambda layer=layer: layer(x, g1, g2))
+        forward[f"{kind}_dense_path"] = dense_path(lambda layer=layer: layer(x, g1, g2))
+        train[kind] = forced(lambda layer=layer: _backward(layer(xg, *routing), [xg, *routing, *layer.parameters()]))
     with sparse.expert_path(args.path), torch.no_grad():
         sparse_path = {kind: sparse.choose(layer, x, g1, g2) is not None for kind, layer in layers.items()}
     if any(sparse_path.values()):     # the structure a routing group's first layer builds (cached after)
@@ -182,7 +176,7 @@ def bench_shape(name: str, config: MonetConfig, args: BenchSettings) -> dict:
     result["saved_mib"] = {k: v / 2**20 for k, v in memory.items()}
     result["masking"] = bench_masking(layers, x, g1, g2, args, timer, any(sparse_path.values()))
     if args.profile:
-        result["profiles"] = {kind: _profile(forcing(args.path, lambda layer=layer: layer(x, g1, g2)))
+        result["profiles"] = {kind: _profile(forced(lambda layer=layer: layer(x, g1, g2)))
                               for kind, layer in layers.items()}
     return result
 
