@@ -34,7 +34,6 @@ from monet.settings import BenchSettings
 
 GOALS = {"sparse_vs_dense": ("<=", 0.5), "train_vs_dense": ("<=", 1.0), "masked_vs_unmasked": ("<=", 1.05),
          "capture_vs_forward": (">=", 0.9), "train_memory_vs_dense": ("<=", 1.2)}
-SHAPES = ("monet-vd-850m", "monet-vd-1.4b")
 MASK_FRACTIONS = (0.001, 0.01, 0.15)
 QUICK = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, moe_experts=16, moe_dim=4, moe_heads=2,
              moe_topk=2, moe_groups=2, vocab_size=256)
