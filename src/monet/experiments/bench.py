@@ -1,23 +1,11 @@
 """`monet bench`: one Monet block against a dense relu^2 MLP of equal width, at the released shapes.
 
-A block is the expert layer (HD or VD) plus its router divided by `moe_groups` (one routing layer
-serves that many layers), and, on the sparse path, the routing structure that the group's first layer
-builds and the others reuse (`prep`, also divided by `moe_groups`; with edits, the edited pairs of the
-table are part of it). The dense baseline is down(relu(up x)^2) with hidden width E*m. Per shape:
-
-- forward:  dense MLP, router, HD and VD experts (automatic path, see `monet.sparse`) and, for
-            reference, the experts forced onto the dense path; no autograd.
-- train:    forward + backward of the same (gradients w.r.t. x, routing and every weight), and the
-            bytes autograd saves for backward (distinct storages, parameters and inputs excluded).
-- masking:  expert forward with 0.1 %, 1 %, 15 % of the E^2 experts deleted vs none, with routing from
-            the router in training mode (about k kept halves per head, as a trained model).
-- capture:  a one-group model's forward with vs without `capture_routing` + `active_experts`.
-
-Cases of a section run interleaved (the first case rotates each round) after a warm-up; every figure
-is a median with its min-max, ratios are medians over medians. On CUDA the timer is a pair of CUDA
-events around the call, after a synchronisation; peak CUDA memory is recorded per train case. The
-load average before and after is part of the report: on a shared machine, compare ratios from the
-same run only. `--json` writes everything; `ratios` holds the headline numbers (issue 12's goals).
+A block is the expert layer (HD or VD) plus its router and, on the sparse path, the routing structure
+(`prep`), both divided by `moe_groups` (one routing layer serves that many layers); the dense baseline is
+down(relu(up x)^2) with hidden width E*m. Sections per shape: forward, train (forward + backward, and the
+bytes autograd saves), masking (0.1 %, 1 %, 15 % of the E^2 experts deleted vs none) and capture. Cases of
+a section run interleaved; figures are medians with min-max, ratios medians over medians. How it is
+measured, and why, is in docs/performance.md; `--json` writes everything, `ratios` the headline numbers.
 """
 
 from __future__ import annotations
@@ -46,7 +34,6 @@ from monet.settings import BenchSettings
 
 GOALS = {"sparse_vs_dense": ("<=", 0.5), "train_vs_dense": ("<=", 1.0), "masked_vs_unmasked": ("<=", 1.05),
          "capture_vs_forward": (">=", 0.9), "train_memory_vs_dense": ("<=", 1.2)}
-SHAPES = ("monet-vd-850m", "monet-vd-1.4b")
 MASK_FRACTIONS = (0.001, 0.01, 0.15)
 QUICK = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, moe_experts=16, moe_dim=4, moe_heads=2,
              moe_topk=2, moe_groups=2, vocab_size=256)
@@ -153,22 +140,16 @@ def bench_shape(name: str, config: MonetConfig, args: BenchSettings) -> dict:
               for kind, decompose in (("hd", "horizontal"), ("vd", "vertical"))}
     routing = [g.detach().requires_grad_(True) for g in (g1, g2)]
     xg = x.detach().requires_grad_(True)
-
-    def forcing(path: str, fn: Callable) -> Callable:
-        def run() -> object:
-            with sparse.expert_path(path):
-                return fn()
-        return run
-
+    # Context managers used as decorators: each call of a wrapped case runs on that expert path.
+    forced, dense_path = sparse.expert_path(args.path), sparse.expert_path("dense")
     forward = {"dense": lambda: mlp(x), "router": lambda: router(x)}
     train = {"dense": lambda: _backward(mlp(xg), [xg, *mlp.parameters()]),
              "router": lambda: _backward(torch.cat([g.flatten() for g in router(xg)]),
                                          [xg, *router.parameters()])}
     for kind, layer in layers.items():
-        forward[kind] = forcing(args.path, lambda layer=layer: layer(x, g1, g2))
-        forward[f"{kind}_dense_path"] = forcing("dense", lambda layer=layer: layer(x, g1, g2))
-        train[kind] = forcing(args.path, lambda layer=layer: _backward(layer(xg, *routing),
-                                                                       [xg, *routing, *layer.parameters()]))
+        forward[kind] = forced(lambda layer=layer: layer(x, g1, g2))
+        forward[f"{kind}_dense_path"] = dense_path(lambda layer=layer: layer(x, g1, g2))
+        train[kind] = forced(lambda layer=layer: _backward(layer(xg, *routing), [xg, *routing, *layer.parameters()]))
     with sparse.expert_path(args.path), torch.no_grad():
         sparse_path = {kind: sparse.choose(layer, x, g1, g2) is not None for kind, layer in layers.items()}
     if any(sparse_path.values()):     # the structure a routing group's first layer builds (cached after)
@@ -194,7 +175,7 @@ def bench_shape(name: str, config: MonetConfig, args: BenchSettings) -> dict:
     result["saved_mib"] = {k: v / 2**20 for k, v in memory.items()}
     result["masking"] = bench_masking(layers, x, g1, g2, args, timer, any(sparse_path.values()))
     if args.profile:
-        result["profiles"] = {kind: _profile(forcing(args.path, lambda layer=layer: layer(x, g1, g2)))
+        result["profiles"] = {kind: _profile(forced(lambda layer=layer: layer(x, g1, g2)))
                               for kind, layer in layers.items()}
     return result
 
@@ -241,7 +222,6 @@ def bench_masking(layers: dict[str, nn.Module], x: torch.Tensor, g1: torch.Tenso
 
 def bench_capture(config: MonetConfig, args: BenchSettings) -> dict:
     """Forward of a one-routing-group model (eval, calibrated routing statistics) with vs without capture."""
-
     device, timer = torch.device(args.device), Timer(torch.device(args.device))
     config = _with(config, num_hidden_layers=config.moe_groups, vocab_size=1024)
     torch.manual_seed(4)
@@ -263,8 +243,7 @@ def bench_capture(config: MonetConfig, args: BenchSettings) -> dict:
             model.model(input_ids=ids, use_cache=False)
             return [capture.experts(group) for group in range(len(capture.groups))]
 
-    context = sparse.expert_path(args.path)
-    with torch.no_grad(), context:
+    with torch.no_grad(), sparse.expert_path(args.path):
         times = interleaved({"forward": plain, "capture": captured}, args.repeats, args.warmup, timer)
     return {"tokens": int(ids.numel()), **{k: summarise(v) for k, v in times.items()}}
 
@@ -354,8 +333,7 @@ def run(args: BenchSettings) -> dict:
 def bench_command(args: BenchSettings) -> dict:
     """`monet bench`: run, print the headline ratios, write --json / --markdown (each atomically, and only over
     a file that an earlier `monet bench` wrote, unless --force)."""
-    marks = ((args.json, '"ratios"'), (args.markdown, "# monet bench"))
-    for path, mark in marks:
+    for path, mark in ((args.json, '"ratios"'), (args.markdown, "# monet bench")):
         if path and Path(path).exists() and not args.force:
             text = Path(path).read_text(encoding="utf-8", errors="replace") if Path(path).is_file() else ""
             if mark not in text[:200_000]:

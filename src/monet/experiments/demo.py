@@ -1,24 +1,13 @@
-"""`monet demo`: the whole path on a fresh machine, in minutes on a CPU.
+"""`monet demo`: the whole path on a fresh machine, in minutes on a CPU (docs/editing.md, "`monet demo`").
 
-1. build a labelled corpus: `code` (default; 8 programming languages, each from one named package of a
-   public registry, downloaded once into the cache), `languages` (gettext catalogues on this machine) or
-   `domains` (dictionary definitions by subject);
-2. train a small Monet on it (`small` preset: 262,144 experts per routing group, narrow experts) and a
-   dense LLaMA of matching size on the same tokens;
-3. build both atlases (on the TRAIN split: unit statistics come from text the evaluation never sees);
-4. unlearn each label (mask its skewed experts / as many of the dense model's most specific neurons,
-   measure every label's validation loss, with bootstrap CIs, a random-mask control and a sweep);
-5. print the table and where the report, heatmap, forget-retain plot and viewer command are.
+Build a labelled corpus, train a small Monet and a dense LLaMA of matching size on it, build both atlases
+on the TRAIN split (unit statistics never come from evaluated text), unlearn each label and print the
+table. Each step writes its output atomically and is skipped when that output is complete, so re-running
+continues where it stopped; `--quick` is a tiny version for the tests.
 
-Each step writes its output atomically and is skipped when its output is already complete, so
-re-running the command continues where it stopped. `--quick` runs a tiny version (tiny preset, a few
-hundred KB of code found on this machine, a few training steps) used by the tests.
-
-The recipe (see docs/experts.md, "What made experts specialise"): the auxiliary losses weigh 5, not the
-paper's 1e-3, and the learning rate warms up over 100 steps, not 20. At 256k training tokens a weak
-uniformity loss lets most expert halves die (a half that is never kept gets no gradient, so nothing
-revives it) and the survivors serve every label alike; a fast warm-up kills them in the first ~50 steps
-on some seeds, never to recover (seed 1: uniformity loss 11.3 at the end with 20 steps, 7.1 with 100).
+The recipe: the auxiliary losses weigh 5, not the paper's 1e-3 (a weak uniformity loss lets most expert
+halves die at 256k training tokens), and the learning rate warms up over 100 steps, not 20 (a fast warm-up
+kills them on some seeds); the measurements are in docs/experts.md, "What made experts specialise".
 """
 
 from __future__ import annotations
@@ -163,10 +152,9 @@ def run_demo(settings: DemoSettings, plan: DemoPlan | None = None) -> dict[str, 
     if "equal_target" in report:
         print("@equal Δt = the dense model's Δ others when it forgets as much as Monet (its sweep, interpolated; "
               "- when it never does)")
-    print(f"report:   {report_dir / REPORT_FILE}")
-    print(f"matrix:   {report_dir / 'loss_matrix.csv'}")
-    print(f"heatmap:  {report_dir / 'heatmap.png'}")
-    print(f"curves:   {report_dir / 'forget_retain.png'}")
+    for name, file in (("report", REPORT_FILE), ("matrix", "loss_matrix.csv"), ("heatmap", "heatmap.png"),
+                       ("curves", "forget_retain.png")):
+        print(f"{name + ':':<10}{report_dir / file}")
     print(f"viewer:   monet view {atlas}")
     print(f"timings:  {', '.join(f'{k} {v:.0f}' for k, v in timings.items())}")
     return report

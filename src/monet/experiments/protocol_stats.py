@@ -1,22 +1,8 @@
 """Statistics of the unlearning protocol: noise floors for "deleting these units costs the target this much".
 
-Pure numpy, no model: the protocol code measures per-window losses and calls these.
-
-* `delta_ci` — the change of a mean loss (after - before) with a paired bootstrap 95 % interval over
-  evaluation windows: the SAME windows are evaluated before and after, so each window gives one
-  difference and windows (not tokens: tokens within a window are correlated) are resampled.
-  Windows may hold different numbers of tokens (`tokens`); the estimate is then the token-weighted
-  mean, resampled as a ratio of sums.
-* `random_masks` — control masks with the same number of units per group as a selection, drawn
-  uniformly without replacement from the units that were seen (active at least once in the atlas),
-  so a control never "deletes" units that never fire.
-* `percentile` / `random_p95` — the 95th percentile of the control deltas (linear interpolation, as
-  ``numpy.percentile``): the bar a selection's Δ target has to clear.
-* `forget_retain_curve` / `others_at_target` — points (Δ target, Δ others) of a selection sweep, sorted
-  by Δ target, and the Δ others a curve reaches at a given Δ target (linear interpolation between
-  neighbouring points; None outside the curve's range): how two models compare at equal forgetting.
-* `verdict` — the issue's bar for one label: Δ target >= min_delta, >= ratio x max(Δ others, 0), and
-  above the random control's p95.
+Pure numpy, no model: the protocol code (`monet.experiments.unlearn`) measures per-window losses and calls
+these: paired bootstrap CIs (`delta_ci`), random control masks and their 95th percentile (`random_masks`,
+`random_p95`), forget-retain curves compared at equal forgetting (`others_at_target`) and the bar (`verdict`).
 """
 
 from __future__ import annotations
@@ -42,8 +28,10 @@ def delta_ci(before: Sequence[float], after: Sequence[float], tokens: Sequence[f
              reps: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, Any]:
     """Paired Δ = mean(after) - mean(before) over the same windows, with a bootstrap interval.
 
-    before, after: mean loss (nats/token) of each window, evaluated without and with the edit.
-    tokens: tokens per window (default: all equal). Returns {"delta", "ci95": [lo, hi], "windows", "tokens"}.
+    before, after: mean loss (nats/token) of each window, evaluated without and with the edit. Each window
+    gives one difference and windows (not tokens: tokens within a window are correlated) are resampled.
+    tokens: tokens per window (default: all equal); the estimate is then the token-weighted mean, resampled
+    as a ratio of sums. Returns {"delta", "ci95": [lo, hi], "windows", "tokens"}.
     """
     b, a = _vector(before, "before"), _vector(after, "after")
     if b.shape != a.shape:
@@ -67,7 +55,8 @@ def delta_ci(before: Sequence[float], after: Sequence[float], tokens: Sequence[f
 def random_masks(counts: Mapping[int, int], seen: Mapping[int, Sequence[int]] | Sequence[Sequence[int]],
                  n: int = 20, seed: int = 0) -> list[dict[int, np.ndarray]]:
     """`n` control masks: group -> sorted unit ids, the same number per group as `counts`, each drawn
-    uniformly without replacement from that group's `seen` units."""
+    uniformly without replacement from that group's `seen` units (active at least once in the atlas, so a
+    control never "deletes" units that never fire)."""
     if n < 1:
         raise MonetError(f"need at least one random mask, got n={n}")
     pools = dict(seen) if isinstance(seen, Mapping) else dict(enumerate(seen))
@@ -87,14 +76,14 @@ def random_masks(counts: Mapping[int, int], seen: Mapping[int, Sequence[int]] | 
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) with linear interpolation between order statistics."""
+    """The q-th percentile (0..100) with linear interpolation between order statistics (as numpy's)."""
     if not 0 <= q <= 100:
         raise MonetError(f"percentile must lie in [0, 100], got {q}")
     return float(np.percentile(_vector(values, "values"), q))
 
 
 def random_p95(deltas: Sequence[float]) -> float:
-    """95th percentile of the random-control Δ target values (at least 20 of them for the protocol)."""
+    """95th percentile of the random-control Δ target values: the bar a selection's Δ target must clear."""
     return percentile(deltas, 95.0)
 
 
@@ -127,7 +116,8 @@ def others_at_target(points: Sequence[Mapping[str, float]], delta_target: float)
 
 def verdict(delta_target: float, delta_others: float, random_p95_value: float, min_delta: float = 0.10,
             ratio: float = 5.0) -> dict[str, bool]:
-    """The bar of one label: big enough, selective enough, and beyond the random control."""
+    """The bar of one label: Δ target >= min_delta, >= ratio x max(Δ others, 0), and above the random
+    control's p95."""
     checks = {
         "min_delta": bool(delta_target >= min_delta),
         "selective": bool(delta_target >= ratio * max(delta_others, 0.0)),

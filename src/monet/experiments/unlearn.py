@@ -1,29 +1,12 @@
 """`monet unlearn`: delete the experts specialised in a label and measure what is lost where (paper §5).
 
-For each target label, the experts whose routing mass is skewed towards it (`ratio` x the next label,
-paper D.1/D.2; statistics from an atlas) are masked and every label of the validation split is evaluated
-before and after, on the same windows (a paired Δ: masked minus unmasked loss, nats/token; a rise is
-knowledge lost). The noise floor comes with every number:
-
-* each Δ has a paired bootstrap 95 % CI over evaluation windows (`--eval-tokens` per label, 16,384 by
-  default; `--others-tokens` for the non-target labels of a masked run);
-* a **random control**: `--random-masks` masks with as many experts per group as the selection, drawn
-  from the experts seen in the atlas, each evaluated on `--random-tokens` of the target; their 95th
-  percentile is the bar the selection's Δ target must clear;
-* a **selection sweep** (`--sweep` ratios) traces the forget-retain curve (Δ target vs Δ others);
-* with `--baseline DENSE_RUN --baseline-atlas A` the same protocol runs on a dense LLaMA's MLP neurons:
-  at the operating point it masks the same share of neurons as Monet masked experts (ranked by
-  specificity: the skewness criterion selects almost none), swept over `--dense-fractions`, and the report
-  reads the dense Δ others at Monet's Δ target off the dense curve (`equal_target`).
+For each target label, the experts whose routing mass is skewed towards it (paper D.1/D.2; statistics from
+an atlas) are masked and every label of the validation split is evaluated before and after on the same
+windows (a paired Δ, nats/token), with bootstrap CIs, a random-mask control, a selection sweep and, with
+`--baseline`, a dense LLaMA's neurons through the same protocol. The protocol and the files of REPORT/
+(`report.json` fields, CSV matrices, `heatmap.png`, `forget_retain.png`) are documented in docs/editing.md.
 
     monet unlearn RUN --data DIR --atlas ATLAS --out REPORT [--baseline D --baseline-atlas DA]
-
-REPORT/ holds `report.json` (`summary[label]`: delta_target, delta_target_ci95, delta_others,
-random_delta_target_p95, masked_experts, masking_ratio, the bar's checks; `dense[label]` the same for the
-baseline; full per-label results under `monet` / `dense_protocol`), `loss_matrix.csv` (rows: evaluated
-label; columns: unmasked loss, then Δ per masked label, as paper Table 3 / 11), `dense_loss_matrix.csv`,
-`accuracy_matrix.csv` where the corpus has a multiple-choice task (`domains`: pick a definition's
-headword among same-domain distractors), `heatmap.png` (like Fig. 3) and `forget_retain.png`.
 """
 
 from __future__ import annotations
@@ -40,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from monet.checkpoint import (
@@ -61,7 +45,7 @@ from monet.experiments.protocol_stats import (
     random_p95,
     verdict,
 )
-from monet.interp.criteria import Selection, label_means, select_skewed, select_top
+from monet.interp.criteria import Selection, select_skewed, select_top
 from monet.interp.query import Atlas
 from monet.io import output_directory, write_json
 from monet.runtime import resolve_device
@@ -76,32 +60,25 @@ SELECTIVITY = 5.0     # ... and at least 5 x max(mean Δ others, 0)
 # Statistics and selection
 
 
-def atlas_label_means(atlas: Any) -> tuple[list[str], list[np.ndarray]]:
+def atlas_label_means(atlas: Atlas) -> tuple[list[str], list[np.ndarray]]:
     """(labels, per group [num_labels, units]: mean score per token of each label) from an `Atlas`.
 
     Labels the atlas saw no token of are dropped (nothing can be said about them, and an all-zero row
     would make every other label look infinitely skewed against it).
     """
-    tokens = np.asarray(getattr(atlas, "label_tokens", np.ones(len(atlas.labels))), dtype=np.float64)
-    seen = [i for i in range(len(atlas.labels)) if tokens[i] > 0]
+    seen = np.flatnonzero(atlas.label_tokens > 0)
     if len(seen) < 2:
-        raise MonetError(f"atlas {getattr(atlas, 'path', '')} covers {len(seen)} label(s) with tokens; the skewness "
+        raise MonetError(f"atlas {atlas.path} covers {len(seen)} label(s) with tokens; the skewness "
                          "criterion needs at least 2: rebuild it with more --max-tokens")
-    means = []
-    for group in atlas.groups:
-        if hasattr(atlas, "label_probability"):
-            means.append(np.asarray(atlas.label_probability(group), dtype=np.float64))
-        else:   # mass rows divided by their totals: the same up to a constant per label
-            means.append(label_means(atlas.label_mass(group)[1]))
-    return [atlas.labels[i] for i in seen], [m[seen] for m in means]
+    return [atlas.labels[i] for i in seen], [atlas.label_probability(group)[seen] for group in atlas.groups]
 
 
-def open_atlas(path: str | Path, model: nn.Module, data_dir: str | Path | None = None) -> Atlas:
-    """The atlas at `path`, checked to belong to `model` (and to have been built on data tokenized like
-    `data_dir`'s)."""
+def open_atlas(path: str | Path, model: nn.Module, data_dir: str | Path) -> Atlas:
+    """The atlas at `path`, checked to belong to `model` and to have been built on data tokenized like
+    `data_dir`'s."""
     atlas = Atlas(path, model=model)
     built_on = atlas.manifest.get("data", {}).get("tokenizer_sha256")
-    if data_dir is not None and built_on and built_on != tokenizer_hash(data_dir):
+    if built_on and built_on != tokenizer_hash(data_dir):
         raise MonetError(f"atlas {path} was built on data with another tokenizer than {data_dir}; build the atlas on "
                          "this data (or pass the data it was built on)")
     return atlas
@@ -122,12 +99,9 @@ def select_for_label(means: list[np.ndarray], labels: list[str], target: str, ra
 
 def headword_items(dataset: Any, label: str, max_items: int = 40, choices: int = 4, seed: int = 0) -> list[dict]:
     """Multiple-choice items of one domain: a definition and `choices` headwords of that domain."""
-    docs = dataset.documents_with_label(label)
-    entries = []
-    for i in docs.tolist():
-        meta = dataset.document_meta(i)
-        if meta.get("headword") and meta.get("definition"):
-            entries.append((meta["headword"], meta["definition"]))
+    metas = [dataset.document_meta(i) for i in dataset.documents_with_label(label).tolist()]
+    entries = [(meta["headword"], meta["definition"]) for meta in metas
+               if meta.get("headword") and meta.get("definition")]
     headwords = sorted({h for h, _ in entries})
     if len(headwords) < choices:
         return []
@@ -142,31 +116,23 @@ def headword_items(dataset: Any, label: str, max_items: int = 40, choices: int =
     return items
 
 
-def has_multiple_choice(dataset: Any) -> bool:
-    """True when documents carry a headword and a definition (the `domains` corpus)."""
-    return dataset.num_documents > 0 and bool(dataset.document_meta(0).get("headword"))
-
-
 @torch.no_grad()
 def choice_scores(model: nn.Module, tokenizer: Any, prefixes: list[str], texts: list[str], batch_size: int = 16,
                   bos_id: int | None = None) -> list[float]:
     """log p(text[len(prefix):] | <s> prefix) for each (prefix, full text) pair, summed over tokens."""
     device = next(model.parameters()).device
+    lead = [bos_id] if bos_id is not None else []
     sequences, starts = [], []
     for prefix, text in zip(prefixes, texts, strict=True):
         head = tokenizer(prefix, add_special_tokens=False)["input_ids"]
         full = tokenizer(text, add_special_tokens=False)["input_ids"]
         start = len(head) if full[: len(head)] == head and len(full) > len(head) else 0
-        lead = [bos_id] if bos_id is not None else []
         sequences.append(lead + full)
         starts.append(start + len(lead))
     scores = []
     for begin in range(0, len(sequences), batch_size):
         chunk = sequences[begin : begin + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, seq in enumerate(chunk):
-            ids[row, : len(seq)] = torch.tensor(seq)
+        ids = pad_sequence([torch.tensor(seq, dtype=torch.long) for seq in chunk], batch_first=True)
         # Right padding: causal attention keeps the real tokens' logits exact, no mask needed.
         logprobs = F.log_softmax(model(input_ids=ids.to(device), use_cache=False).logits.float(), dim=-1)
         for row, seq in enumerate(chunk):
@@ -181,18 +147,11 @@ def multiple_choice_accuracy(model: nn.Module, tokenizer: Any, items: list[dict]
     """Share of items whose gold headword gives the definition the highest log-likelihood."""
     if not items:
         return float("nan")
-    prefixes, texts = [], []
-    for item in items:
-        for choice in item["choices"]:
-            prefixes.append(choice)
-            texts.append(f"{choice}: {item['definition']}")
+    prefixes = [choice for item in items for choice in item["choices"]]
+    texts = [f"{choice}: {item['definition']}" for item in items for choice in item["choices"]]
     scores = choice_scores(model, tokenizer, prefixes, texts, batch_size, tokenizer.bos_token_id)
-    correct, at = 0, 0
-    for item in items:
-        count = len(item["choices"])
-        best = int(np.argmax(scores[at : at + count]))
-        correct += best == item["gold"]
-        at += count
+    per_item = np.split(np.asarray(scores), np.cumsum([len(item["choices"]) for item in items])[:-1])
+    correct = sum(int(np.argmax(row)) == item["gold"] for row, item in zip(per_item, items, strict=True))
     return correct / len(items)
 
 
@@ -244,11 +203,6 @@ class Measure:
     others: int | None
 
 
-def equal_label_weights(parts: list[np.ndarray]) -> np.ndarray:
-    """Window weights that give every label the same total weight (Δ others is a mean over labels)."""
-    return np.concatenate([np.full(len(p), 1.0 / len(p)) for p in parts])
-
-
 # ----------------------------------------------------------------------------------------------------------
 # One edit, measured
 
@@ -260,41 +214,45 @@ def edit_effect(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarray],
     labels, each weighted equally). `after_target` (per-window losses) stays out of the report."""
     picks = {label: plan.positions(label, measure.target if label == target else measure.others)
              for label in plan.sets}
+    prior = {label: before[label][pos] for label, pos in picks.items()}
     if selection.total:
         with masked(model, selection):
             after = plan.measure(model, picks)
     else:
-        after = {label: before[label][pos] for label, pos in picks.items()}
-    per_label = {label: delta_ci(before[label][pos], after[label], seed=seed) for label, pos in picks.items()}
+        after = prior
+    per_label = {label: delta_ci(prior[label], after[label], seed=seed) for label in picks}
     others = [label for label in picks if label != target]
-    entry: dict[str, Any] = {
+    if others:
+        # Window weights that give every label the same total weight: Δ others is a mean over labels.
+        weights = np.concatenate([np.full(len(after[label]), 1.0 / len(after[label])) for label in others])
+        joint = delta_ci(np.concatenate([prior[label] for label in others]),
+                         np.concatenate([after[label] for label in others]), tokens=weights, seed=seed)
+    else:
+        joint = {"delta": float("nan"), "ci95": [float("nan"), float("nan")]}
+    return {
         "selection": selection.summary(),
         "masked_experts": selection.total,
         "masking_ratio": selection.masking_ratio,
         "delta": {label: d["delta"] for label, d in per_label.items()},
         "delta_ci95": {label: d["ci95"] for label, d in per_label.items()},
-        "after": {label: {"loss": float(after[label].mean()), "before": float(before[label][picks[label]].mean()),
+        "after": {label: {"loss": float(after[label].mean()), "before": float(prior[label].mean()),
                           "tokens": plan.tokens(picks[label])} for label in picks},
         "delta_target": per_label[target]["delta"],
         "delta_target_ci95": per_label[target]["ci95"],
         "after_target": after[target],
+        "delta_others": joint["delta"],
+        "delta_others_ci95": joint["ci95"],
+        "target_vs_others": target_vs_others(per_label[target]["delta"], joint["delta"]),
     }
-    if others:
-        joint = delta_ci(np.concatenate([before[label][picks[label]] for label in others]),
-                         np.concatenate([after[label] for label in others]),
-                         tokens=equal_label_weights([after[label] for label in others]), seed=seed)
-        entry["delta_others"], entry["delta_others_ci95"] = joint["delta"], joint["ci95"]
-    else:
-        entry["delta_others"], entry["delta_others_ci95"] = float("nan"), [float("nan"), float("nan")]
-    entry["target_vs_others"] = target_vs_others(entry["delta_target"], entry["delta_others"])
-    return entry
 
 
 def random_control(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarray], selection: Selection,
-                   seen: list[np.ndarray], target: str, count: int, tokens: int, seed: int = 0) -> dict[str, Any]:
+                   selected_after: np.ndarray, seen: list[np.ndarray], target: str, count: int, tokens: int,
+                   seed: int = 0) -> dict[str, Any]:
     """Δ target of `count` random masks with as many units per group as `selection`, drawn from the units
-    seen in the atlas, each on the same `tokens` of the target's windows. Returns their deltas and 95th
-    percentile (the bar the selection must clear)."""
+    seen in the atlas, each on the same `tokens` of the target's windows. Returns their deltas, 95th
+    percentile (the bar the selection must clear) and the selection's own Δ on those windows
+    (`selected_after`: its per-window losses on all the target's windows)."""
     positions = plan.positions(target, tokens)
     deltas = []
     for ids in random_masks(selection.counts(), seen, n=count, seed=seed):
@@ -302,7 +260,8 @@ def random_control(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarra
         with masked(model, control):
             after = plan.measure(model, {target: positions})[target]
         deltas.append(float((after - before[target][positions]).mean()))
-    return {"deltas": deltas, "p95": random_p95(deltas), "tokens": plan.tokens(positions), "positions": positions}
+    return {"deltas": deltas, "p95": random_p95(deltas), "tokens": plan.tokens(positions),
+            "selection_delta": float((selected_after[positions] - before[target][positions]).mean())}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -324,6 +283,12 @@ class Protocol:
     progress: bool = True
 
 
+def label_accuracies(model: nn.Module, protocol: Protocol) -> dict[str, float]:
+    """Multiple-choice accuracy of each label that has items (the model as it is now, edits included)."""
+    return {label: multiple_choice_accuracy(model, protocol.tokenizer, items, protocol.batch_size)
+            for label, items in (protocol.mc_items or {}).items() if items}
+
+
 def run_protocol(model: nn.Module, plan: EvalPlan, targets: list[str], operating: Any, sweep: Any,
                  seen: list[np.ndarray], protocol: Protocol, allow_empty: bool = False) -> dict[str, Any]:
     """Unmasked losses, then for each target: the operating-point selection (`operating(target)`) with its
@@ -333,11 +298,9 @@ def run_protocol(model: nn.Module, plan: EvalPlan, targets: list[str], operating
     before = plan.measure(model, all_windows)
     result: dict[str, Any] = {"before": {label: {"loss": float(v.mean()), "tokens": plan.tokens(v)}
                                          for label, v in before.items()}, "masked": {}}
-    if protocol.mc_items:
-        for label, items in protocol.mc_items.items():
-            if items:
-                result["before"][label]["accuracy"] = multiple_choice_accuracy(model, protocol.tokenizer, items,
-                                                                               protocol.batch_size)
+    accuracy_before = label_accuracies(model, protocol)
+    for label, accuracy in accuracy_before.items():
+        result["before"][label]["accuracy"] = accuracy
     for target in tqdm(targets, desc="unlearn", unit="label", disable=not protocol.progress):
         selection = operating(target)
         if selection.total == 0 and not allow_empty:
@@ -345,19 +308,15 @@ def run_protocol(model: nn.Module, plan: EvalPlan, targets: list[str], operating
                              "lower --ratio or build the atlas on more tokens")
         entry = edit_effect(model, plan, before, selection, target, protocol.operating, protocol.seed)
         after_target = entry.pop("after_target")
-        if protocol.mc_items and selection.total:
+        if selection.total and accuracy_before:
             with masked(model, selection):
-                for label, items in protocol.mc_items.items():
-                    if items:
-                        accuracy = multiple_choice_accuracy(model, protocol.tokenizer, items, protocol.batch_size)
-                        entry["after"][label]["accuracy"] = accuracy
-                        entry.setdefault("delta_accuracy", {})[label] = accuracy - result["before"][label]["accuracy"]
+                accuracies = label_accuracies(model, protocol)
+            for label, accuracy in accuracies.items():
+                entry["after"][label]["accuracy"] = accuracy
+            entry["delta_accuracy"] = {label: accuracies[label] - accuracy_before[label] for label in accuracies}
         if selection.total and protocol.random_masks:
-            control = random_control(model, plan, before, selection, seen, target, protocol.random_masks,
-                                     protocol.random_tokens, protocol.seed)
-            positions = control.pop("positions")
-            control["selection_delta"] = float((after_target[positions] - before[target][positions]).mean())
-            entry["random"] = control
+            entry["random"] = random_control(model, plan, before, selection, after_target, seen, target,
+                                             protocol.random_masks, protocol.random_tokens, protocol.seed)
         entry["sweep"] = []
         for parameter, point in sweep(target):
             if point.total == 0:
@@ -387,15 +346,12 @@ def seen_units(means: list[np.ndarray]) -> list[np.ndarray]:
 
 def curve_points(entry: dict[str, Any]) -> list[dict[str, float]]:
     """The forget-retain curve of one target: its sweep points and the operating point."""
-    points = [{"delta_target": p["delta_target"], "delta_others": p["delta_others"],
-               "masking_ratio": p["masking_ratio"]} for p in entry.get("sweep", [])]
-    if entry["masked_experts"]:
-        points.append({"delta_target": entry["delta_target"], "delta_others": entry["delta_others"],
-                       "masking_ratio": entry["masking_ratio"]})
-    return forget_retain_curve(points) if points else []
+    points = [*entry.get("sweep", []), *([entry] if entry["masked_experts"] else [])]
+    return forget_retain_curve([{key: p[key] for key in ("delta_target", "delta_others", "masking_ratio")}
+                                for p in points])
 
 
-def summary_rows(result: dict[str, Any], min_delta: float = MIN_DELTA, ratio: float = SELECTIVITY) -> dict[str, dict]:
+def summary_rows(result: dict[str, Any]) -> dict[str, dict]:
     """Per masked label, the fields the tables print and the issue's bar (`verdict`)."""
     rows = {}
     for target, entry in result["masked"].items():
@@ -409,7 +365,7 @@ def summary_rows(result: dict[str, Any], min_delta: float = MIN_DELTA, ratio: fl
         if "delta_accuracy" in entry:
             row["delta_accuracy_target"] = entry["delta_accuracy"].get(target)
         if random_p95_value is not None and entry["masked_experts"]:
-            row.update(verdict(entry["delta_target"], entry["delta_others"], random_p95_value, min_delta, ratio))
+            row.update(verdict(entry["delta_target"], entry["delta_others"], random_p95_value, MIN_DELTA, SELECTIVITY))
         else:
             row["passed"] = False
         rows[target] = row
@@ -451,19 +407,23 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
             raise MonetError(f"unknown label {target!r}; the atlas has tokens of: {', '.join(labels)}")
         if target not in dataset.labels:
             raise MonetError(f"label {target!r} is not in {settings.data}; it has: {', '.join(dataset.labels)}")
-    dense_model = dense_labels = dense_means = None
     if settings.baseline is not None:   # checked before the long Monet run
         dense_model, _ = load_checkpoint(settings.baseline, device=device, load_tokenizer=False)
         if getattr(dense_model.config, "mlp_type", "monet") != "dense":
             raise MonetError(f"--baseline {settings.baseline} is not a dense model "
                              f"(mlp_type={dense_model.config.mlp_type})")
         dense_labels, dense_means = atlas_label_means(open_atlas(settings.baseline_atlas, dense_model, settings.data))
+        missing = [t for t in targets if t not in dense_labels]
+        if missing:
+            raise MonetError(f"the dense atlas {settings.baseline_atlas} has no tokens of {', '.join(missing)}; "
+                             "rebuild it on more --max-tokens")
     seq_len = settings.seq_len or trained_seq_len(checkpoint, model)
     sets, skipped = label_window_sets(dataset, seq_len)
     plan = EvalPlan.build(sets, seq_len, settings.eval_tokens, settings.batch_size)
     tokenizer = load_tokenizer(settings.data)
-    items = ({label: headword_items(dataset, label, settings.mc_items) for label in sets}
-             if settings.mc_items > 0 and has_multiple_choice(dataset) else None)
+    # A multiple-choice task where documents carry a headword and a definition (the `domains` corpus).
+    has_items = settings.mc_items > 0 and dataset.num_documents > 0 and dataset.document_meta(0).get("headword")
+    items = {label: headword_items(dataset, label, settings.mc_items) for label in sets} if has_items else None
     others_tokens = settings.others_tokens or settings.eval_tokens
     protocol = Protocol(operating=Measure(settings.eval_tokens, others_tokens),
                         sweep=Measure(settings.sweep_tokens, max(settings.sweep_tokens // 4, seq_len)),
@@ -488,25 +448,21 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
                 "rule": "delta_target >= min_delta, >= selectivity x max(delta_others, 0), > random p95"},
         "monet": monet_result, "summary": summary_rows(monet_result),
     }
-    if dense_model is not None:
-        dense_units = int(np.asarray(dense_means[0]).shape[1])
+    if settings.baseline is not None:
+        dense_units = dense_means[0].shape[1]
+
+        def dense_top(target: str, share: float) -> Selection:
+            return select_top(dense_means, dense_labels.index(target), max(1, round(share * dense_units)),
+                              settings.min_mass, normalize=False)
 
         def dense_operating(target: str) -> Selection:
             # Equal budget: the same share of units as Monet masked for this label (the paper's skewness
             # criterion selects almost no dense neuron, so the baseline ranks neurons by specificity).
-            share = report["summary"].get(target, {}).get("masking_ratio") or settings.dense_fractions[0]
-            return select_top(dense_means, dense_labels.index(target), max(1, round(share * dense_units)),
-                              settings.min_mass, normalize=False)
+            return dense_top(target, report["summary"].get(target, {}).get("masking_ratio")
+                             or settings.dense_fractions[0])
 
-        def dense_sweep(target: str) -> list[tuple[float, Selection]]:
-            return [(f, select_top(dense_means, dense_labels.index(target), max(1, round(f * dense_units)),
-                                   settings.min_mass, normalize=False)) for f in settings.dense_fractions]
-
-        missing = [t for t in targets if t not in dense_labels]
-        if missing:
-            raise MonetError(f"the dense atlas {settings.baseline_atlas} has no tokens of {', '.join(missing)}; "
-                             "rebuild it on more --max-tokens")
-        dense_result = run_protocol(dense_model, plan, targets, dense_operating, dense_sweep,
+        dense_result = run_protocol(dense_model, plan, targets, dense_operating,
+                                    lambda t: [(f, dense_top(t, f)) for f in settings.dense_fractions],
                                     seen_units(dense_means), protocol, allow_empty=True)
         report["dense_protocol"] = dense_result
         report["dense"] = summary_rows(dense_result)
@@ -523,10 +479,10 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
 # Report files
 
 
-def delta_matrix(result: dict[str, Any]) -> tuple[list[str], list[str], np.ndarray]:
-    """[evaluated, masked] Δ loss (masked - unmasked on the same windows)."""
+def delta_matrix(result: dict[str, Any], key: str = "delta") -> tuple[list[str], list[str], np.ndarray]:
+    """[evaluated, masked] change of loss (`delta`) or accuracy (`delta_accuracy`); nan where not measured."""
     evaluated, masked_labels = list(result["before"]), list(result["masked"])
-    values = np.array([[result["masked"][t]["delta"].get(label, np.nan) for t in masked_labels]
+    values = np.array([[result["masked"][t].get(key, {}).get(label, np.nan) for t in masked_labels]
                        for label in evaluated], dtype=np.float64)
     return evaluated, masked_labels, values
 
@@ -534,18 +490,16 @@ def delta_matrix(result: dict[str, Any]) -> tuple[list[str], list[str], np.ndarr
 def matrix_csv(result: dict[str, Any], metric: str = "loss") -> str:
     """Rows: evaluated labels, then Δ Target, Δ Others and the random control's p95; columns: the unmasked
     value, then the change when each label's units are masked."""
-    key = "delta" if metric == "loss" else "delta_accuracy"
-    evaluated, masked_labels = list(result["before"]), list(result["masked"])
+    evaluated, masked_labels, values = delta_matrix(result, "delta" if metric == "loss" else "delta_accuracy")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["evaluated \\ masked", f"unmasked {metric}", *masked_labels])
 
     def cell(value: Any) -> str:
-        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+        return "" if _missing(value) else f"{value:.4f}"
 
-    for label in evaluated:
-        writer.writerow([label, cell(result["before"][label].get(metric)),
-                         *(cell(result["masked"][t].get(key, {}).get(label)) for t in masked_labels)])
+    for label, row in zip(evaluated, values, strict=True):
+        writer.writerow([label, cell(result["before"][label].get(metric)), *map(cell, row)])
     if metric == "loss":
         for name, field_name in (("Δ Target", "delta_target"), ("Δ Others", "delta_others")):
             writer.writerow([name, "", *(cell(result["masked"][t][field_name]) for t in masked_labels)])
@@ -563,29 +517,33 @@ def _pyplot():
     return plt
 
 
+def _models(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(name, title, protocol result) of Monet and, when the report has one, the dense baseline."""
+    models = [("Monet", "Monet (experts)", report["monet"])]
+    if "dense_protocol" in report:
+        models.append(("dense", "Dense LLaMA (neurons, equal share)", report["dense_protocol"]))
+    return models
+
+
 def plot_heatmap(report: dict[str, Any], path: Path) -> None:
     """Fig. 3-style heatmap(s) of the loss change: rows evaluated label, columns masked label."""
     plt = _pyplot()
-    panels = [("Monet (experts)", report["monet"])]
-    if "dense_protocol" in report:
-        panels.append(("Dense LLaMA (neurons, equal share)", report["dense_protocol"]))
-    mats = [delta_matrix(result) for _, result in panels]
+    models = _models(report)
+    mats = [delta_matrix(result) for _, _, result in models]
     vmax = max(float(np.nanmax(np.abs(m[2]))) if np.isfinite(m[2]).any() else 1.0 for m in mats) or 1.0
     size = max(len(mats[0][0]), 3)
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.0 + 0.8 * size * len(panels), 0.7 * size + 1.6),
-                             squeeze=False)
-    for ax, (title, _), (evaluated, masked_labels, values) in zip(axes[0], panels, mats, strict=True):
+    fig, axes = plt.subplots(1, len(mats), figsize=(1.0 + 0.8 * size * len(mats), 0.7 * size + 1.6), squeeze=False)
+    for ax, (_, title, _), (evaluated, masked_labels, values) in zip(axes[0], models, mats, strict=True):
         image = ax.imshow(values, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")   # red: loss rose
         ax.set_xticks(range(len(masked_labels)), masked_labels, rotation=45, ha="right")
         ax.set_yticks(range(len(evaluated)), evaluated)
         ax.set_xlabel("units masked for")
         ax.set_ylabel("evaluated on")
         ax.set_title(f"{title}: Δ validation loss")
-        for r in range(values.shape[0]):
-            for c in range(values.shape[1]):
-                if np.isfinite(values[r, c]):
-                    ax.text(c, r, f"{values[r, c]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if abs(values[r, c]) > 0.6 * vmax else "black")
+        for (r, c), value in np.ndenumerate(values):
+            if np.isfinite(value):
+                ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(value) > 0.6 * vmax else "black")
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -600,11 +558,8 @@ def plot_forget_retain(report: dict[str, Any], path: Path) -> None:
     cols = min(4, max(1, len(targets)))
     rows = -(-len(targets) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
-    models = [("Monet", report["monet"], "tab:red")]
-    if "dense_protocol" in report:
-        models.append(("dense", report["dense_protocol"], "tab:blue"))
     for ax, target in zip(axes.flat, targets, strict=False):
-        for name, result, colour in models:
+        for (name, _, result), colour in zip(_models(report), ("tab:red", "tab:blue"), strict=False):
             entry = result["masked"][target]
             curve = curve_points(entry)
             if curve:
@@ -674,22 +629,13 @@ def format_summary(report: dict[str, Any]) -> str:
 
 def _num(value: float | None, width: int = 9, digits: int = 3) -> str:
     """Fixed-width number; '-' for a missing value (JSON null / nan)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return f"{'-':>{width}}"
-    return f"{value:>{width}.{digits}f}"
+    return f"{'-':>{width}}" if _missing(value) else f"{value:>{width}.{digits}f}"
 
 
-__all__ = [
-    "EvalPlan",
-    "atlas_label_means",
-    "edit_effect",
-    "format_summary",
-    "headword_items",
-    "multiple_choice_accuracy",
-    "random_control",
-    "run_protocol",
-    "select_for_label",
-    "summary_rows",
-    "unlearn",
-    "write_report",
-]
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+__all__ = ["EvalPlan", "atlas_label_means", "edit_effect", "format_summary", "headword_items",
+           "multiple_choice_accuracy", "random_control", "run_protocol", "select_for_label", "summary_rows",
+           "unlearn", "write_report"]

@@ -1,25 +1,19 @@
-"""What an expert writes, and self-explanation (paper §4.3, Fig. 2).
+"""What an expert writes, and self-explanation (paper §4.3, Fig. 2); see docs/atlas.md.
 
-`expert_logits` averages an expert's output (`monet.model.expert_output`) over the normed hidden states of its top
-contexts (summed over the layers of its routing group, since expert (g, id) has a term in each) and
-reads it through the final norm's gain and the unembedding: the tokens it promotes and suppresses.
-
-`explain_expert` is the paper's self-explanation prompt
-"Q: What is the meaning of the word X? A: Sure! The meaning of the word X is " with X the averaged
-input embedding of the expert's top activating tokens, fed as `inputs_embeds`. Its answers mean
-something only for a chat-tuned model (the paper used Monet-1.4B Chat).
+`expert_logits`: the expert's output (`monet.model.expert_output`) on the normed hidden states of its top
+contexts, averaged, summed over the layers of its routing group (expert (g, id) has a term in each), read
+through the final norm's gain and the unembedding. `explain_expert`: the paper's prompt with X the mean input
+embedding of the expert's top activating tokens, fed as `inputs_embeds`; meaningful only for a chat-tuned model.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from monet.checkpoint import load_checkpoint
-from monet.data import TokenDataset
 from monet.errors import MonetError
 from monet.generate import generate_tokens
 from monet.interp.query import Atlas, parse_expert
@@ -41,9 +35,13 @@ def group_layers(model: torch.nn.Module, group: int) -> list[int]:
     return [layer for layer in range(config.num_hidden_layers) if layer // size == group]
 
 
-def context_prefixes(atlas, group: int, expert: int, k: int, dataset=None) -> list[list[int]]:
+def context_prefixes(atlas, group: int, expert: int, k: int) -> list[list[int]]:
     """Token ids the model saw up to and including each top context's activating token: the exact window
-    of the build when the dataset is available, else the stored window around the token."""
+    of the build when the atlas's corpus is still there, else the stored window around the token."""
+    try:
+        dataset = atlas.dataset()
+    except MonetError:
+        dataset = None
     seq_len = int(atlas.manifest["options"]["seq_len"])
     out = []
     for ctx in atlas.top_contexts(group, expert, k):
@@ -56,28 +54,18 @@ def context_prefixes(atlas, group: int, expert: int, k: int, dataset=None) -> li
     return out
 
 
-def _open_dataset(atlas):
-    data = atlas.manifest.get("data", {})
-    try:
-        return TokenDataset(data["dir"], data["split"]) if Path(data.get("dir", "")).is_dir() else None
-    except MonetError:
-        return None
-
-
 @torch.no_grad()
-def expert_direction(model: torch.nn.Module, atlas, group: int, expert: int, k: int = 10,
-                     dataset: Any = None) -> torch.Tensor:
+def expert_direction(model: torch.nn.Module, atlas, group: int, expert: int, k: int = 10) -> torch.Tensor:
     """The expert's output [d], averaged over its top contexts and summed over its group's layers."""
     atlas.check_expert(group, expert)
     layers = [model.model.layers[layer] for layer in group_layers(model, group)]
     if atlas.manifest["kind"] == "dense":
         weight = layers[0].mlp.down_proj.weight[:, expert]
         return weight * max(float(atlas.expert(group, expert)["max_score"]), 1e-6)
-    prefixes = context_prefixes(atlas, group, expert, k, dataset if dataset is not None else _open_dataset(atlas))
+    prefixes = context_prefixes(atlas, group, expert, k)
     if not prefixes:
         raise MonetError(f"expert {group}:{expert} has no contexts in this atlas, so it has no measured output")
-    experts_per_side = model.config.moe_experts
-    i, j = divmod(int(expert), experts_per_side)
+    i, j = divmod(int(expert), model.config.moe_experts)
     device = next(model.parameters()).device
     total = torch.zeros(model.config.hidden_size, device=device)
     inputs: dict[int, torch.Tensor] = {}
@@ -95,10 +83,9 @@ def expert_direction(model: torch.nn.Module, atlas, group: int, expert: int, k: 
 
 
 @torch.no_grad()
-def expert_logits(model: torch.nn.Module, atlas, group: int, expert: int, n: int = 10, k: int = 10,
-                  dataset: Any = None) -> dict[str, list]:
+def expert_logits(model: torch.nn.Module, atlas, group: int, expert: int, n: int = 10, k: int = 10) -> dict[str, list]:
     """Tokens the expert promotes and suppresses: top/bottom of W_U (norm_gain * direction)."""
-    direction = expert_direction(model, atlas, group, expert, k, dataset)
+    direction = expert_direction(model, atlas, group, expert, k)
     gain = model.model.norm.weight.float()
     logits = model.lm_head.weight.float() @ (gain * direction)
     n = min(n, logits.numel())

@@ -1,16 +1,6 @@
-"""An expert page as JSON, in a shape close to Neuronpedia / SAEDashboard feature data, and the experts
-similar to one expert.
-
-Field names follow Neuronpedia's feature records where the meaning matches (`modelId`, `layer`,
-`index`, `activations`, `pos_str`/`pos_values`, `neg_str`/`neg_values`, `frac_nonzero`,
-`freq_hist_data_bar_heights`/`freq_hist_data_bar_values`, `explanations`); Monet-specific
-facts are in `monet` (group, i, j, counts, label statistics, examples by activation band). The shape is
-documented in docs/atlas.md.
-
-`similar_experts` (needs the model) ranks the experts that fire together with an expert on its top
-contexts (co-activation) and gives, for the most frequent of them, the cosine between the two experts'
-output directions (`monet.interp.explain.expert_direction`: what each writes, averaged over its own top
-contexts and summed over the group's layers).
+"""An expert page as JSON, in a shape close to Neuronpedia / SAEDashboard feature data (Neuronpedia's field
+names where the meaning matches, Monet-specific facts under `monet`), and the experts similar to one expert.
+Both are described in docs/atlas.md ("Export", "Similar experts").
 """
 
 from __future__ import annotations
@@ -34,8 +24,6 @@ def expert_page(atlas, group: int, expert: int, model: Any = None, k: int | None
                 explanations: list[str] | None = None) -> dict[str, Any]:
     """One expert as a JSON-ready dict. `model` (the atlas's own) adds promoted/suppressed tokens."""
     stats = atlas.expert(group, expert)
-    contexts = atlas.top_contexts(group, expert, k)
-    activations = [_activation(ctx) for ctx in contexts]
     hist = stats["histogram"]
     edges = hist["edges"]
     centres = [(a * b) ** 0.5 for a, b in zip(edges[:-1], edges[1:], strict=True)]   # log-bin centres
@@ -43,7 +31,7 @@ def expert_page(atlas, group: int, expert: int, model: Any = None, k: int | None
         "modelId": atlas.manifest["model"].get("run") or atlas.manifest["model"]["config_hash"],
         "layer": f"group-{group}",
         "index": int(expert),
-        "activations": activations,
+        "activations": [_activation(ctx) for ctx in atlas.top_contexts(group, expert, k)],
         "pos_str": [], "pos_values": [], "neg_str": [], "neg_values": [],
         "frac_nonzero": stats["density"],
         "freq_hist_data_bar_heights": hist["counts"],
@@ -86,22 +74,15 @@ def similar_experts(model: torch.nn.Module, atlas: Atlas, group: int, expert: in
                     directions: int = 12, k: int | None = None) -> dict[str, Any]:
     """Experts that fire together with (group, expert) on its top contexts, and how alike their outputs are.
 
-    Co-activation: the model is run on each top context (the build's exact window when the corpus is still
-    there) and the group's active experts at the activating token are counted; an expert's `contexts` is in
-    how many of them it fires, `mean_percent` its mean share of the routing there and `lift` that rate over
-    its rate on the whole atlas corpus (its density). Output similarity: for the `directions` most frequent
-    co-active experts, `cosine` between the two experts' output directions (`expert_direction`: the mean of
-    E_ij(x) over each expert's own top contexts, summed over the group's layers; the vector that also gives
-    the promoted tokens). Experts are ranked by `contexts`, then `mean_percent`."""
+    Per co-active expert: `contexts` (in how many of the top contexts it fires at the activating token),
+    `mean_percent` (its mean share of the routing there), `lift` (that rate over its density on the whole
+    atlas corpus) and, for the `directions` most frequent, `cosine` between the two `expert_direction`s.
+    Ranked by `contexts`, then `mean_percent`."""
     atlas.check_expert(group, expert)
     if atlas.manifest["kind"] != "monet":
         raise MonetError("similar experts are computed for Monet atlases only (routing co-activation)")
-    try:
-        dataset = atlas.dataset()
-    except MonetError:
-        dataset = None
     k = k or int(atlas.manifest["options"]["top_k"])
-    prefixes = context_prefixes(atlas, group, expert, k, dataset)
+    prefixes = context_prefixes(atlas, group, expert, k)
     if not prefixes:
         raise MonetError(f"expert {group}:{expert} has no contexts in this atlas, so nothing fires with it")
     device = next(model.parameters()).device
@@ -115,12 +96,12 @@ def similar_experts(model: torch.nn.Module, atlas: Atlas, group: int, expert: in
                 seen.setdefault(int(other), []).append(float(score))
     density = atlas.densities(group)
     ranked = sorted(seen.items(), key=lambda kv: (-len(kv[1]), -sum(kv[1]) / len(kv[1]), kv[0]))[:n]
-    mine = expert_direction(model, atlas, group, expert, k, dataset)
+    mine = expert_direction(model, atlas, group, expert, k)
     rows = []
     for rank, (other, scores) in enumerate(ranked):
         cosine = None
         if rank < directions:
-            theirs = expert_direction(model, atlas, group, other, k, dataset)
+            theirs = expert_direction(model, atlas, group, other, k)
             norm = float(mine.norm() * theirs.norm())
             cosine = float(mine @ theirs) / norm if norm > 0 else None
         rate = len(scores) / len(prefixes)

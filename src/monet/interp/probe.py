@@ -1,42 +1,18 @@
 """Sparse probing: how well do k single units predict a token's label? (`monet probe`)
 
-The quantitative counterpart of looking at experts one by one: k-sparse probing (Gurnee et al. 2023,
-"Finding Neurons in a Haystack"; SAEBench) asks whether a few units -- Monet experts, or a dense model's
-MLP neurons, on the same tokens -- carry a label (a programming language, a domain, ...) so plainly that a
-logistic regression on k of them predicts it. The protocol:
-
-1. **Tokens.** The documents of one split (default: train, the larger one; every model probed saw the same
-   training text, and the probes never see their test documents) are divided, per label, into probe-train
-   and probe-test documents (seeded; `test_fraction` of each label's documents are test), so no document
-   gives tokens to both sides; labels with fewer than two documents are skipped (and listed). On each side
-   the documents are cut into windows of `seq_len` tokens and, per label, windows are drawn at random
-   until `train_tokens` / `test_tokens` tokens, so a label's tokens come from many documents. A token's
-   label is its document's. Document-start tokens (`<s>`) are left out: they are the same for every label.
-2. **Units** (`monet.interp.atlas.unit_activations`, the atlas's units): per routing group, Monet experts
-   i*E + j with score sum_h g1_hi g2_hj (262,144 per group at E = 512); per decoder layer, a dense model's
-   MLP neurons with activation max(act(gate x) * up x, 0). Probes are fitted per group / layer.
-3. **Selection, on probe-train tokens only, streaming.** One pass sums every unit's activation per label
-   ([labels, units] float64 per group; never a [tokens, units] matrix). For label c the units are ranked by
-   the class-mean difference |mean over c's tokens - mean over the other labels' tokens| (the rule of Gurnee
-   et al. and SAEBench); the top max(k) are the candidates, plus max(k) units drawn at random among those
-   active on the training tokens (the random control).
-4. **Features.** A second pass reads only the candidate columns (a few hundred per group) for the
-   probe-train and probe-test tokens.
-5. **Probes.** For label c and each k: L2-regularised logistic regression (scikit-learn, C = 1, inputs
-   standardised on the training tokens) on c's top-k units, trained on c's training tokens against as many
-   tokens drawn from the other labels (balanced), tested on a balanced set built the same way from the
-   test tokens: `binary` accuracy, averaged over labels (chance = majority-class rate = 50%). The label
-   probes together label every test token by the largest decision value: `multiclass` accuracy (chance
-   1/labels; the majority-class rate of the test tokens is reported too). The same binary probes on k random
-   active units: `random`.
-6. **Uncertainty.** 95% intervals from a bootstrap over probe-test documents, resampled within each label
-   (the tokens of one document are not independent samples); none when a label has a single test document.
+k-sparse probing (Gurnee et al. 2023, "Finding Neurons in a Haystack"; SAEBench) asks whether a few units --
+Monet experts, or a dense model's MLP neurons, on the same tokens -- carry a label (a programming language,
+a domain, ...) so plainly that a logistic regression on k of them predicts it. The protocol (train/test split
+by document, two streaming passes: class-mean-difference selection then the candidates' features, balanced
+binary and multiclass probes, the random control, bootstrap intervals over test documents) is described step
+by step in docs/probing.md.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -119,21 +95,19 @@ def model_batches(model: torch.nn.Module, dataset: TokenDataset, windows: np.nda
     (`pool="window"`, the sequence-level probing of SAEBench)."""
     device = next(model.parameters()).device
     model.eval()
-    bar = tqdm(total=int(windows[:, 2].sum()) if len(windows) else 0, unit="tok", desc=desc, disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=int(windows[:, 2].sum()), unit="tok", desc=desc, disable=not progress, dynamic_ncols=True)
     for first in range(0, len(windows), batch_size):
         batch = windows[first:first + batch_size]
         input_ids, valid = batch_inputs(dataset, batch)
         positions = batch[:, 1:2] + np.arange(valid.shape[1])[None]
         mask = valid & (positions > 0)                          # no document-start tokens
+        index = np.full(mask.shape, -1, np.int64)               # example number of each token
         if pool == "window":
             rows = np.flatnonzero(mask.any(axis=1))
-            index = np.full(mask.shape, -1, np.int64)
             index[rows] = np.arange(len(rows))[:, None]
             docs = batch[rows, 0]
             size = mask.sum(axis=1)[rows].astype(np.float64)
         else:
-            index = np.full(mask.shape, -1, np.int64)
             index[mask] = np.arange(int(mask.sum()))
             docs = np.broadcast_to(batch[:, :1], mask.shape)[mask]
         labels = dataset.docs[docs, 2].astype(np.int64)
@@ -196,8 +170,8 @@ def candidate_features(batches: Iterable[Batch], candidates: list[np.ndarray]) -
                                                                                       np.ndarray, np.ndarray]:
     """Pass 2: per group a dense [tokens, len(candidates)] matrix of the candidate units' activations (0 when
     inactive), plus every token's label and document."""
-    columns: list[list[np.ndarray]] = [[] for _ in candidates]
-    labels, docs = [], []
+    columns = [[np.zeros((0, len(cand)), np.float32)] for cand in candidates]
+    labels, docs = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for batch_labels, batch_docs, per_group in batches:
         labels.append(batch_labels)
         docs.append(batch_docs)
@@ -207,39 +181,24 @@ def candidate_features(batches: Iterable[Batch], candidates: list[np.ndarray]) -
             hit = cand[at] == unit
             block[token[hit], at[hit]] = score[hit]
             out.append(block)
-    matrices = [np.concatenate(c) if c else np.zeros((0, len(cand)), np.float32)
-                for c, cand in zip(columns, candidates, strict=True)]
-    return matrices, np.concatenate(labels) if labels else np.zeros(0, np.int64), \
-        np.concatenate(docs) if docs else np.zeros(0, np.int64)
+    return [np.concatenate(c) for c in columns], np.concatenate(labels), np.concatenate(docs)
 
 
 # ------------------------------------------------------------------------------------------------ probes
 
-def _logistic():
+def fit_probe(x: np.ndarray, y: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """The decision function of a logistic regression on a few columns, inputs standardised with the training
+    tokens' statistics (a constant +-1 when `y` has a single class)."""
+    if len(np.unique(y)) < 2:
+        return lambda z: np.full(len(z), 1.0 if y[0] else -1.0)
     try:
         from sklearn.linear_model import LogisticRegression
     except ImportError as exc:
         raise MonetError("sparse probing needs scikit-learn: pip install 'monet-lm[interp]'") from exc
-    return LogisticRegression
-
-
-class Probe:
-    """Logistic regression on a few columns, inputs standardised with the training tokens' statistics."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
-        self.mean = x.mean(axis=0)
-        self.scale = x.std(axis=0)
-        self.scale[self.scale == 0] = 1.0
-        self.constant = len(np.unique(y)) < 2
-        if not self.constant:
-            self.model = _logistic()(C=1.0, max_iter=2000).fit((x - self.mean) / self.scale, y)
-        else:
-            self.value = 1.0 if y[0] else -1.0
-
-    def decision(self, x: np.ndarray) -> np.ndarray:
-        if self.constant:
-            return np.full(len(x), self.value)
-        return self.model.decision_function((x - self.mean) / self.scale)
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale[scale == 0] = 1.0
+    model = LogisticRegression(C=1.0, max_iter=2000).fit((x - mean) / scale, y)
+    return lambda z: model.decision_function((z - mean) / scale)
 
 
 def balanced(labels: np.ndarray, label: int, rng: np.random.Generator) -> np.ndarray:
@@ -258,12 +217,12 @@ def bootstrap_interval(sets: list[tuple[np.ndarray, np.ndarray]], doc_labels: np
     two test documents (no interval can be estimated from one)."""
     num_docs = len(doc_labels)
     if rounds <= 0 or num_docs == 0 or np.bincount(doc_labels)[np.unique(doc_labels)].min() < 2:
-        return None   # a label with one test document has no spread to resample
+        return None
     weights = np.zeros((rounds, num_docs))
     for label in np.unique(doc_labels):
         members = np.flatnonzero(doc_labels == label)
         draws = members[rng.integers(0, len(members), (rounds, len(members)))]
-        np.add.at(weights, (np.repeat(np.arange(rounds), len(members)), draws.ravel()), 1.0)
+        np.add.at(weights, (np.arange(rounds)[:, None], draws), 1.0)
     accuracy = np.zeros(rounds)
     for correct, doc in sets:
         right = np.bincount(doc, weights=correct, minlength=num_docs)
@@ -275,15 +234,18 @@ def bootstrap_interval(sets: list[tuple[np.ndarray, np.ndarray]], doc_labels: np
 
 
 def probe_group(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                test_docs: np.ndarray, columns: np.ndarray, random_columns: np.ndarray, ks: tuple[int, ...],
-                labels: list[int], rounds: int, seed: int) -> dict[str, Any]:
+                test_docs: np.ndarray, doc_labels: np.ndarray, columns: np.ndarray, random_columns: np.ndarray,
+                ks: tuple[int, ...], labels: list[int], rounds: int, seed: int) -> dict[str, Any]:
     """Binary, multiclass and random-control accuracies of one group for every k. `columns[c]` /
     `random_columns[c]` are label c's top / random units as column indices of the matrices; `test_docs`
-    numbers the test tokens' documents 0, 1, ..."""
-    doc_labels = np.zeros(int(test_docs.max()) + 1 if len(test_docs) else 0, np.int64)
-    doc_labels[test_docs] = test_y
+    numbers the test tokens' documents 0, 1, ... and `doc_labels[d]` is document d's label."""
     rng = np.random.default_rng(seed)   # the same balanced sets for every k: accuracies across k are paired
     sets = [(balanced(train_y, label, rng), balanced(test_y, label, rng)) for label in labels]
+
+    def summary(results: list[tuple[np.ndarray, np.ndarray]], ci_rng: np.random.Generator) -> dict[str, Any]:
+        return {"accuracy": float(np.mean([correct.mean() for correct, _ in results])),
+                "ci95": bootstrap_interval(results, doc_labels, rounds, ci_rng)}
+
     out: dict[str, Any] = {"binary": {}, "multiclass": {}, "random": {}}
     for k in ks:
         binary_sets, random_sets, per_label, decisions = [], [], {}, np.zeros((len(test_y), len(labels)))
@@ -291,22 +253,18 @@ def probe_group(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, te
             fit, check = sets[slot]
             for kind, cols, results in (("top", columns[slot][:k], binary_sets),
                                         ("random", random_columns[slot][:k], random_sets)):
-                probe = Probe(train_x[np.ix_(fit, cols)], train_y[fit] == label)
-                correct = (probe.decision(test_x[np.ix_(check, cols)]) > 0) == (test_y[check] == label)
+                decision = fit_probe(train_x[np.ix_(fit, cols)], train_y[fit] == label)
+                correct = (decision(test_x[np.ix_(check, cols)]) > 0) == (test_y[check] == label)
                 results.append((correct.astype(np.float64), test_docs[check]))
                 if kind == "top":
                     per_label[label] = float(correct.mean())
-                    decisions[:, slot] = probe.decision(test_x[:, cols])
+                    decisions[:, slot] = decision(test_x[:, cols])
         predicted = np.asarray(labels)[decisions.argmax(axis=1)]
         multiclass = (predicted == test_y).astype(np.float64)
         ci_rng = np.random.default_rng([seed, k, 1])
-        out["binary"][k] = {"accuracy": float(np.mean([s[0].mean() for s in binary_sets])),
-                            "ci95": bootstrap_interval(binary_sets, doc_labels, rounds, ci_rng),
-                            "per_label": per_label}
-        out["random"][k] = {"accuracy": float(np.mean([s[0].mean() for s in random_sets])),
-                            "ci95": bootstrap_interval(random_sets, doc_labels, rounds, ci_rng)}
-        out["multiclass"][k] = {"accuracy": float(multiclass.mean()),
-                                "ci95": bootstrap_interval([(multiclass, test_docs)], doc_labels, rounds, ci_rng)}
+        out["binary"][k] = {**summary(binary_sets, ci_rng), "per_label": per_label}
+        out["random"][k] = summary(random_sets, ci_rng)
+        out["multiclass"][k] = summary([(multiclass, test_docs)], ci_rng)
     return out
 
 
@@ -323,13 +281,12 @@ def sparse_probe(batches: Callable[[str], Iterable[Batch]], groups: int, units: 
     if missing:
         raise MonetError(f"label ids {missing} have no training tokens; nothing to probe them with")
     rng = np.random.default_rng(seed)
-    chosen, randoms, candidates = [], [], []
+    chosen, candidates = [], []   # per group: (top units, random units, class-mean differences); their union
     for total in sums:
         sub = total[labels]
         diff = class_mean_difference(sub, counts[labels])
         best, random = select_units(diff, sub.sum(axis=0) > 0, top, rng)
-        chosen.append((best, diff))
-        randoms.append(random)
+        chosen.append((best, random, diff))
         candidates.append(np.unique(np.concatenate([best.ravel(), random.ravel()])))
     train = candidate_features(batches("train"), candidates)
     test = candidate_features(batches("test"), candidates)
@@ -337,21 +294,20 @@ def sparse_probe(batches: Callable[[str], Iterable[Batch]], groups: int, units: 
     if not test_keep.any():
         raise MonetError("no probe-test tokens: use more --test-tokens or documents")
     _, test_docs = np.unique(test[2][test_keep], return_inverse=True)
+    doc_labels = np.zeros(int(test_docs.max()) + 1, np.int64)
+    doc_labels[test_docs] = test[1][test_keep]
     results = []
     for g in range(groups):
-        best, diff = chosen[g]
-        column = {unit: i for i, unit in enumerate(candidates[g].tolist())}
-        as_columns = np.vectorize(column.__getitem__, otypes=[np.int64])
+        best, random, diff = chosen[g]
+        as_columns = partial(np.searchsorted, candidates[g])   # candidates are sorted and hold every unit chosen
         group = probe_group(train[0][g][train_keep], train[1][train_keep], test[0][g][test_keep],
-                            test[1][test_keep], test_docs, as_columns(best), as_columns(randoms[g]), ks, labels,
-                            rounds, seed)
+                            test[1][test_keep], test_docs, doc_labels, as_columns(best), as_columns(random), ks,
+                            labels, rounds, seed)
         group["group"] = g
         group["top_units"] = {label: [[int(u), float(diff[slot, u])] for u in best[slot][:TOP_SHOWN]]
                               for slot, label in enumerate(labels)}
         results.append(group)
     test_counts = np.bincount(test[1][test_keep], minlength=num_labels)
-    doc_labels = np.zeros(int(test_docs.max()) + 1, np.int64)
-    doc_labels[test_docs] = test[1][test_keep]
     return {"groups": results, "train_examples": counts[labels].tolist(), "test_examples": test_counts[labels].tolist(),
             "test_documents": np.bincount(doc_labels, minlength=num_labels)[labels].tolist(),
             "majority_rate": float(test_counts.max() / max(test_counts.sum(), 1))}
@@ -399,11 +355,10 @@ def probe_models(models: list[tuple[str, torch.nn.Module]], data_dir: str | Path
             for k in group["binary"]:
                 group["binary"][k]["per_label"] = {dataset.labels[label]: acc for label, acc
                                                    in group["binary"][k]["per_label"].items()}
-        report["models"].append({"name": name, "kind": kind, "units_per_group": units, "groups": result["groups"],
-                                 "train_examples": dict(zip(report["labels"], result["train_examples"], strict=True)),
-                                 "test_examples": dict(zip(report["labels"], result["test_examples"], strict=True)),
-                                 "test_documents": dict(zip(report["labels"], result["test_documents"], strict=True)),
-                                 "seconds": round(time.time() - started, 1)})
+        entry = {"name": name, "kind": kind, "units_per_group": units, "groups": result["groups"]}
+        for key in ("train_examples", "test_examples", "test_documents"):   # per label name
+            entry[key] = dict(zip(report["labels"], result[key], strict=True))
+        report["models"].append({**entry, "seconds": round(time.time() - started, 1)})
         report["majority_rate"] = {"binary": 0.5, "multiclass": result["majority_rate"]}
     return report
 
@@ -451,18 +406,18 @@ def markdown(report: dict[str, Any]) -> str:
                                ("Multiclass (argmax over the label probes)", "multiclass",
                                 f"chance {100 * report['chance']['multiclass']:.1f}%, majority-class rate "
                                 f"{100 * report['majority_rate']['multiclass']:.1f}%")):
+        columns = [(f"k={k}", key, k) for k in ks]   # (header, result, k)
+        if key == "binary":   # and the random control at the largest k
+            columns.append((f"random k={ks[-1]}", "random", ks[-1]))
         lines += [f"**{title}** ({chance})", "",
-                  "| model | group (layers) | units | " + " | ".join(f"k={k}" for k in ks)
-                  + (f" | random k={ks[-1]} |" if key == "binary" else " |"),
-                  "|---|---|---:|" + "---:|" * len(ks) + ("---:|" if key == "binary" else "")]
+                  "| model | group (layers) | units | " + " | ".join(header for header, _, _ in columns) + " |",
+                  "|---|---|---:|" + "---:|" * len(columns)]
         for model in report["models"]:
             for group in model["groups"]:
-                cells = [_cell(group[key][k]) for k in ks]
-                if key == "binary":
-                    cells.append(_cell(group["random"][ks[-1]]))
+                cells = " | ".join(_cell(group[result][k]) for _, result, k in columns)
                 layers = ",".join(map(str, group["layers"]))
                 lines.append(f"| {model['kind']} ({model['name']}) | {group['group']} ({layers}) | "
-                             f"{model['units_per_group']:,} | " + " | ".join(cells) + " |")
+                             f"{model['units_per_group']:,} | {cells} |")
         lines.append("")
     if report["models"]:
         first = report["models"][0]
@@ -472,22 +427,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"{what} per label: {min(train):,}-{max(train):,} train, {min(test):,}-{max(test):,} test, the "
                      f"test ones from {min(docs)}-{max(docs)} documents per label (documents on the train side: "
                      f"{report['documents']['train']}, test side: {report['documents']['test']}).")
-        if any(ci is None for model in report["models"] for group in model["groups"]
-               for ci in [group["binary"][ks[0]]["ci95"]]):
+        if any(group["binary"][ks[0]]["ci95"] is None for model in report["models"] for group in model["groups"]):
             lines.append("No intervals where a label has fewer than two test documents (or --bootstrap 0).")
     if report["skipped_labels"]:
         lines.append(f"Skipped (fewer than two documents): {', '.join(report['skipped_labels'])}.")
     return "\n".join(lines) + "\n"
 
 
-__all__ = [
-    "REPORT_JSON",
-    "REPORT_MD",
-    "class_mean_difference",
-    "label_windows",
-    "markdown",
-    "probe_command",
-    "probe_models",
-    "sparse_probe",
-    "split_documents",
-]
+__all__ = ["REPORT_JSON", "REPORT_MD", "class_mean_difference", "label_windows", "markdown", "probe_command",
+           "probe_models", "sparse_probe", "split_documents"]

@@ -1,35 +1,10 @@
 """The viewer's HTTP server: JSON endpoints over an `Atlas` plus one static page, nothing else.
 
-Routes (anything else is 404, so no file outside the viewer's own three is ever served):
-
-    GET  /                          the page (static/index.html); expert URLs are /#/expert/G/ID
-    GET  /static/app.js, style.css  its script and style
-    GET  /api/info                  atlas summary: groups, experts per group, labels, tokens, model, limits
-    GET  /api/expert/G/ID           statistics, top contexts with per-token values, examples by activation
-                                    band, label shares and counts, histogram (bins chosen from the data),
-                                    promoted/suppressed tokens when a model was given
-    GET  /api/export/G/ID           the expert page as JSON, as `monet atlas export` writes it (a download)
-    GET  /api/random[?group=G]      a random expert among those with the most examples
-    GET  /api/token?q=TEXT[&match=substring]   experts whose top contexts activate on that token, or on any
-                                    vocabulary token containing TEXT
-    GET  /api/label/NAME[?min_count=N]         experts most specific to a label (skewness), with counts
-    GET  /api/document/DOC/POS[?group=G&expert=ID]   the document text around a position (+ the expert's
-                                    values with a model)
-    GET  /api/similar/G/ID          co-activating experts and output-direction cosines (needs the model)
-    POST /api/activation            {"group", "expert", "text"}: the expert's value on each token of the text
-    POST /api/steer                 {"group", "expert", "alpha", "prompt", "max_new_tokens"}: greedy
-                                    continuations with the expert scaled by alpha and without
-
-Safety: requests whose Host header is not this server's address (127.0.0.1, localhost, [::1] or the bound
-host, with the bound port, or a name given with --allow-host) are refused with 403, so a page on another
-site cannot read the atlas through DNS rebinding; API requests that a browser marks as coming from another
-site (Sec-Fetch-Site) are refused too, so other pages cannot make the server work for them. POST bodies
-must be JSON (application/json, which a cross-site form cannot send without a CORS preflight that this
-server does not answer), at most 64 KB.
-Bad ids and parameters answer 400 with a message. Every JSON answer passes through `monet.io.printable`,
-so control and bidirectional characters from the corpus arrive as visible symbols; the page builds its
-DOM with textContent only and every response carries a Content-Security-Policy without inline scripts,
-so corpus text such as `<script>` stays text. The model runs under one lock, one request at a time.
+Routes and safety rules are described in docs/atlas.md ("Viewer"): only the page, its two static files and the
+`/api/` routes of `API_ARGS` are served (no path is ever mapped to a file); a foreign Host header or a cross-site
+API request gets 403 (DNS rebinding); POST bodies must be application/json (a cross-site form cannot send that
+without a CORS preflight, never answered here) of at most 64 KB; bad input answers 400 with a message; JSON
+answers pass through `monet.io.printable` under a Content-Security-Policy; the model runs under one lock.
 """
 
 from __future__ import annotations
@@ -41,8 +16,9 @@ import random
 import re
 import socket
 import threading
-from collections import OrderedDict
-from functools import partial
+from collections.abc import Callable
+from contextlib import suppress
+from functools import lru_cache, partial
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -73,6 +49,9 @@ SECURITY_HEADERS = {
 }
 LIMITS = {"text_chars": 2000, "text_tokens": 512, "prompt_chars": 1000, "max_new_tokens": 64, "alpha": 1000.0,
           "body_bytes": 65536}
+# GET /api/ROUTE/ARG...: the names of each route's path arguments (ids, except a label's name)
+API_ARGS = {"info": (), "random": (), "token": (), "expert": ("group", "expert"), "similar": ("group", "expert"),
+            "export": ("group", "expert"), "label": ("label",), "document": ("document", "position")}
 _ID = re.compile(r"[0-9]{1,9}")          # ASCII digits only: "²".isdigit() is True in Python
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
 WILDCARDS = ("", "0.0.0.0", "::")
@@ -82,19 +61,10 @@ class NotFound(Exception):
     """A path outside the viewer's routes."""
 
 
-class _Cache(OrderedDict):
-    """A small LRU dict (bounded memory for per-expert results)."""
-
-    def __init__(self, size: int = 256) -> None:
-        super().__init__()
-        self.size = size
-
-    def put(self, key: Any, value: Any) -> Any:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.size:
-            self.popitem(last=False)
-        return value
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ViewerState:
@@ -103,8 +73,9 @@ class ViewerState:
     def __init__(self, atlas, model: Any = None, tokenizer: Any = None) -> None:
         self.atlas, self.model, self.tokenizer = atlas, model, tokenizer
         self.lock = threading.Lock()   # pyarrow reads and the model are used by one request at a time
-        self.logits = _Cache()
-        self.similar = _Cache(64)
+        # Per-expert results computed with the model, in bounded memory.
+        self.logits = lru_cache(256)(partial(expert_logits, model, atlas))
+        self.similar = lru_cache(64)(partial(similar_experts, model, atlas))
         self.interesting = atlas.interesting_experts()
 
     def need_model(self, what: str) -> None:
@@ -130,10 +101,7 @@ class ViewerState:
             if atlas.manifest["kind"] == "monet" and atlas.manifest.get("experts_per_side"):
                 result["i"], result["j"] = divmod(int(expert), int(atlas.manifest["experts_per_side"]))
             if self.model is not None:
-                key = (group, expert)
-                if key not in self.logits and result["contexts"]:
-                    self.logits.put(key, expert_logits(self.model, atlas, group, expert))
-                result["logits"] = self.logits.get(key)
+                result["logits"] = self.logits(group, expert) if result["contexts"] else None
         return result
 
     def export(self, group: int, expert: int) -> dict[str, Any]:
@@ -144,10 +112,40 @@ class ViewerState:
         self.need_model("finding similar experts")
         self.atlas.check_expert(group, expert)
         with self.lock:
-            key = (group, expert)
-            if key not in self.similar:
-                self.similar.put(key, similar_experts(self.model, self.atlas, group, expert))
-            return self.similar[key]
+            return self.similar(group, expert)
+
+    def random_expert(self, group: int | None) -> dict[str, int]:
+        pool = [pick for pick in self.interesting if group is None or pick[0] == group]
+        if not pool:
+            raise MonetError("this atlas has no expert with examples")
+        group, expert = random.choice(pool)
+        return {"group": group, "expert": expert}
+
+    def token(self, text: str, match: str) -> dict[str, Any]:
+        if not text:
+            raise MonetError("give a token to search for")
+        if len(text) > 200:
+            raise MonetError("a search is at most 200 characters")
+        if match not in ("exact", "substring"):
+            raise MonetError(f"match must be exact or substring, got {match!r}")
+        with self.lock:
+            if match == "substring":
+                return {"match": "substring", **self.atlas.experts_for_substring(text, 50)}
+            rows = self.atlas.experts_for_token(text, 50)
+        return {"match": "exact", "tokens": len({r["token"] for r in rows}), "experts": rows}
+
+    def label(self, name: str, min_count: int) -> dict[str, Any]:
+        atlas, min_count = self.atlas, max(min_count, 1)
+        # The page knows the labels as `printable` shows them.
+        label = next((known for known in atlas.labels if printable(known) == name), name)
+        with self.lock:
+            rows = atlas.experts_for_label(label, 50, min_count=min_count)
+            for row in rows:
+                stats = atlas.expert(row["group"], row["expert"])
+                row["label_share"] = stats["label_share"][label]
+                row["label_count"] = (stats["label_count"] or {}).get(label)
+                row["max_percent"] = stats["max_percent"]
+        return {"label": label, "min_count": min_count, "experts": rows}
 
     def document(self, doc: int, pos: int, group: int | None, expert: int | None) -> dict[str, Any]:
         with self.lock:
@@ -161,10 +159,14 @@ class ViewerState:
                     view["values"] = document_values(self.model, self.atlas, view, group, expert)
         return view
 
-    def activation(self, body: dict[str, Any]) -> dict[str, Any]:
-        self.need_model("Testing an expert on your text")
+    def _posted_expert(self, body: dict[str, Any], what: str) -> tuple[int, int]:
+        self.need_model(what)
         group, expert = _field_id(body, "group"), _field_id(body, "expert")
         self.atlas.check_expert(group, expert)
+        return group, expert
+
+    def activation(self, body: dict[str, Any]) -> dict[str, Any]:
+        group, expert = self._posted_expert(body, "Testing an expert on your text")
         text = _field_text(body, "text", LIMITS["text_chars"])
         with self.lock:
             out = activation_on_text(self.model, self.tokenizer, text, group, expert, LIMITS["text_tokens"])
@@ -172,9 +174,7 @@ class ViewerState:
         return out
 
     def steer(self, body: dict[str, Any]) -> dict[str, Any]:
-        self.need_model("Steering")
-        group, expert = _field_id(body, "group"), _field_id(body, "expert")
-        self.atlas.check_expert(group, expert)
+        group, expert = self._posted_expert(body, "Steering")
         prompt = _field_text(body, "prompt", LIMITS["prompt_chars"])
         alpha = body.get("alpha")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
@@ -211,10 +211,6 @@ def _field_text(body: dict[str, Any], name: str, limit: int) -> str:
     return value
 
 
-def _static(name: str) -> bytes:
-    return resources.files("monet.interp.viewer").joinpath("static", name).read_bytes()
-
-
 def allowed_hosts(host: str, port: int, extra: tuple[str, ...] | list[str] = ()) -> tuple[set[str], bool]:
     """(host names the Host header may carry, whether any IP literal is fine) for a server bound to host:port.
 
@@ -230,34 +226,22 @@ def allowed_hosts(host: str, port: int, extra: tuple[str, ...] | list[str] = ())
 
 def host_allowed(header: str | None, names: set[str], any_ip: bool, port: int) -> bool:
     """Whether a Host header names this server (one of `names`, or an IP literal when `any_ip`) at `port`."""
-    if not header:
+    match = re.fullmatch(r"\[([0-9a-f:.]+)\](?::(\d{1,5}))?|([^:\[\]]+)(?::(\d{1,5}))?", (header or "").strip().lower())
+    if not match or int(match.group(2) or match.group(4) or 80) != port:
         return False
-    header = header.strip().lower()
-    match = re.fullmatch(r"\[([0-9a-f:.]+)\](?::(\d{1,5}))?|([^:\[\]]+)(?::(\d{1,5}))?", header)
-    if not match:
+    name = (match.group(1) or match.group(3)).rstrip(".")
+    if name in names or not any_ip:
+        return name in names
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
         return False
-    name = (match.group(1) or match.group(3) or "").rstrip(".")
-    given = match.group(2) or match.group(4)
-    if int(given or 80) != port:
-        return False
-    if name in names:
-        return True
-    if any_ip:
-        try:
-            ipaddress.ip_address(name)
-            return True
-        except ValueError:
-            return False
-    return False
+    return True
 
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "monet-view"
     timeout = 120   # seconds a connection may stay silent (a client that never sends its body is dropped)
-
-    def __init__(self, *args, state: ViewerState, **kwargs) -> None:
-        self.state = state
-        super().__init__(*args, **kwargs)
 
     def log_message(self, format: str, *args) -> None:   # quiet: one line per error only
         if args and str(args[1] if len(args) > 1 else "").startswith(("4", "5")):
@@ -276,7 +260,7 @@ class Handler(BaseHTTPRequestHandler):
     def _json(self, data: Any, status: int = 200, extra: dict[str, str] | None = None, download: bool = False) -> None:
         # Shown on the page: control and bidi characters as visible symbols. A download is the same data as
         # `monet atlas export` writes (those characters as \u escapes, so the file is still safe to print).
-        body = dumps(data if download else printable(data), indent=None if not download else 2).encode("utf-8")
+        body = dumps(data if download else printable(data), indent=2 if download else None).encode("utf-8")
         self._send(status, body, "application/json; charset=utf-8", extra)
 
     def _host_ok(self) -> bool:
@@ -299,48 +283,51 @@ class Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
-        if not self._host_ok():
-            return
-        url = urlsplit(self.path)
-        self._answer(url.path, lambda parts: self._get(parts, parse_qs(url.query)))
+        self._answer(self._get)
 
     def do_POST(self) -> None:
+        self._answer(self._post)
+
+    def _answer(self, route: Callable[[list[str], dict[str, list[str]]], None]) -> None:
         if not self._host_ok():
             return
         url = urlsplit(self.path)
-        self._answer(url.path, self._post)
-
-    def _answer(self, path: str, route) -> None:
-        parts = [unquote(p) for p in path.split("/") if p]
         try:
-            return route(parts)
+            return route([unquote(p) for p in url.path.split("/") if p], parse_qs(url.query))
         except NotFound:
-            pass
+            return self._json({"error": f"no such page: {url.path}"}, HTTPStatus.NOT_FOUND)
         except MonetError as exc:
             return self._json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
         except _HTTPError as exc:
-            return self._json({"error": exc.message}, exc.status)
+            return self._json({"error": str(exc)}, exc.status)
         except Exception as exc:  # an unexpected failure answers 500 with its message, the server lives on
             return self._json({"error": f"{type(exc).__name__}: {exc}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
-        self._json({"error": f"no such page: {path}"}, HTTPStatus.NOT_FOUND)
 
     def _get(self, parts: list[str], query: dict[str, list[str]]) -> None:
         if not parts:
-            return self._send(200, _static("index.html"), STATIC["index.html"])
+            parts = ["static", "index.html"]
         if parts[0] == "static" and len(parts) == 2 and parts[1] in STATIC:
-            return self._send(200, _static(parts[1]), STATIC[parts[1]])
-        if parts[0] == "api" and len(parts) >= 2:
-            route = parts[1]
-            if route == "export" and len(parts) == 4:
-                group, expert = _integer(parts[2], "group"), _integer(parts[3], "expert")
-                name = f"monet-expert-{group}-{expert}.json"
-                return self._json(self.state.export(group, expert), download=True,
-                                  extra={"Content-Disposition": f'attachment; filename="{name}"'})
-            return self._json(self._api(parts[1:], query))
-        raise NotFound
+            page = resources.files("monet.interp.viewer").joinpath("static", parts[1]).read_bytes()
+            return self._send(200, page, STATIC[parts[1]])
+        names = API_ARGS.get(parts[1]) if parts[0] == "api" and len(parts) > 1 else None
+        if names is None or len(parts) != 2 + len(names):
+            raise NotFound
+        args = [text if name == "label" else _integer(text, name) for name, text in zip(names, parts[2:], strict=True)]
+        route, state = parts[1], self.server.state
+        if route == "export":
+            name = f"monet-expert-{args[0]}-{args[1]}.json"
+            return self._json(state.export(*args), download=True,
+                              extra={"Content-Disposition": f'attachment; filename="{name}"'})
+        answers = {"info": state.info, "expert": state.expert, "similar": state.similar_experts,
+                   "random": lambda: state.random_expert(_query_id(query, "group")),
+                   "token": lambda: state.token(query.get("q", [""])[0], query.get("match", ["exact"])[0]),
+                   "label": lambda label: state.label(label, _query_id(query, "min_count", 10)),
+                   "document": lambda doc, pos: state.document(doc, pos, _query_id(query, "group"),
+                                                               _query_id(query, "expert"))}
+        return self._json(answers[route](*args))
 
-    def _post(self, parts: list[str]) -> None:
-        if parts[:1] != ["api"] or len(parts) != 2 or parts[1] not in ("activation", "steer"):
+    def _post(self, parts: list[str], query: dict[str, list[str]]) -> None:
+        if len(parts) != 2 or parts[0] != "api" or parts[1] not in ("activation", "steer"):
             raise NotFound
         kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if kind != "application/json":
@@ -357,64 +344,8 @@ class Handler(BaseHTTPRequestHandler):
             raise MonetError(f"the request body is not JSON ({exc})") from None
         if not isinstance(body, dict):
             raise MonetError("the request body must be a JSON object")
-        state = self.state
+        state = self.server.state
         return self._json(state.activation(body) if parts[1] == "activation" else state.steer(body))
-
-    def _api(self, parts: list[str], query: dict[str, list[str]]) -> Any:
-        state, atlas = self.state, self.state.atlas
-        route = parts[0]
-        if route == "info" and len(parts) == 1:
-            return state.info()
-        if route == "expert" and len(parts) == 3:
-            return state.expert(_integer(parts[1], "group"), _integer(parts[2], "expert"))
-        if route == "similar" and len(parts) == 3:
-            return state.similar_experts(_integer(parts[1], "group"), _integer(parts[2], "expert"))
-        if route == "random" and len(parts) == 1:
-            pool = state.interesting
-            if "group" in query:
-                group = _integer(query["group"][0], "group")
-                pool = [e for e in pool if e[0] == group]
-            if not pool:
-                raise MonetError("this atlas has no expert with examples")
-            group, expert = random.choice(pool)
-            return {"group": group, "expert": expert}
-        if route == "token" and len(parts) == 1:
-            text = (query.get("q") or [""])[0]
-            if not text:
-                raise MonetError("give a token to search for")
-            if len(text) > 200:
-                raise MonetError("a search is at most 200 characters")
-            match = (query.get("match") or ["exact"])[0]
-            with state.lock:
-                if match == "substring":
-                    return {"match": "substring", **atlas.experts_for_substring(text, 50)}
-                if match == "exact":
-                    rows = atlas.experts_for_token(text, 50)
-                    return {"match": "exact", "tokens": len({r["token"] for r in rows}), "experts": rows}
-            raise MonetError(f"match must be exact or substring, got {match!r}")
-        if route == "label" and len(parts) == 2:
-            label = next((name for name in atlas.labels if printable(name) == parts[1]), parts[1])
-            min_count = _integer((query.get("min_count") or ["10"])[0], "min_count")
-            with state.lock:
-                rows = atlas.experts_for_label(label, 50, min_count=max(min_count, 1))
-                for row in rows:
-                    stats = atlas.expert(row["group"], row["expert"])
-                    row["label_share"] = stats["label_share"][label]
-                    row["label_count"] = (stats["label_count"] or {}).get(label)
-                    row["max_percent"] = stats["max_percent"]
-            return {"label": label, "min_count": max(min_count, 1), "experts": rows}
-        if route == "document" and len(parts) == 3:
-            doc, pos = _integer(parts[1], "document"), _integer(parts[2], "position")
-            group = _integer(query["group"][0], "group") if "group" in query else None
-            expert = _integer(query["expert"][0], "expert") if "expert" in query else None
-            return state.document(doc, pos, group, expert)
-        raise NotFound
-
-
-class _HTTPError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 def _integer(text: str, what: str) -> int:
@@ -423,35 +354,24 @@ def _integer(text: str, what: str) -> int:
     return int(text)
 
 
+def _query_id(query: dict[str, list[str]], name: str, default: int | None = None) -> int | None:
+    return _integer(query[name][0], name) if name in query else default
+
+
 def make_server(atlas, host: str = "127.0.0.1", port: int = 8765, model: Any = None, tokenizer: Any = None,
                 allow_hosts: tuple[str, ...] | list[str] = ()) -> ThreadingHTTPServer:
     """A ready server (not yet serving); port 0 picks a free port (see `server.server_address`)."""
+    state = ViewerState(atlas, model, tokenizer)   # what the handlers share, as `self.server.state`
     try:
-        server = ThreadingHTTPServer((host, port), partial(Handler, state=ViewerState(atlas, model, tokenizer)))
+        server = ThreadingHTTPServer((host, port), Handler)
     except OSError as exc:
         raise MonetError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from exc
     except OverflowError as exc:
         raise MonetError(f"--port must lie in 0..65535, got {port}") from exc
     server.daemon_threads = True
+    server.state = state
     server.allowed_names, server.any_ip = allowed_hosts(host, server.server_address[1], allow_hosts)
     return server
-
-
-def serve(atlas, host: str = "127.0.0.1", port: int = 8765, model: Any = None, tokenizer: Any = None,
-          allow_hosts: tuple[str, ...] | list[str] = ()) -> None:
-    """Serve until interrupted."""
-    server = make_server(atlas, host, port, model, tokenizer, allow_hosts)
-    address, bound = server.server_address[:2]
-    shown = f"[{address}]" if ":" in address else address
-    print(f"monet view: serving {atlas.path} at http://{shown}:{bound}/  (Ctrl-C to stop)")
-    if host not in LOCAL_NAMES:
-        print("monet view: warning: listening beyond this machine; the atlas's corpus text is visible to others")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
 
 
 def view_command(cmd: ViewCommand) -> None:
@@ -461,7 +381,14 @@ def view_command(cmd: ViewCommand) -> None:
     if cmd.run:
         model, tokenizer = load_checkpoint(cmd.run, resolve_device(cmd.device))
         atlas.check_model(model)
-    serve(atlas, host=cmd.host, port=cmd.port, model=model, tokenizer=tokenizer, allow_hosts=cmd.allow_host)
+    server = make_server(atlas, cmd.host, cmd.port, model, tokenizer, cmd.allow_host)
+    address, bound = server.server_address[:2]
+    shown = f"[{address}]" if ":" in address else address
+    print(f"monet view: serving {atlas.path} at http://{shown}:{bound}/  (Ctrl-C to stop)")
+    if cmd.host not in LOCAL_NAMES:
+        print("monet view: warning: listening beyond this machine; the atlas's corpus text is visible to others")
+    with server, suppress(KeyboardInterrupt):   # closes the socket on the way out
+        server.serve_forever()
 
 
-__all__ = ["Handler", "ViewerState", "allowed_hosts", "host_allowed", "make_server", "serve", "view_command"]
+__all__ = ["Handler", "ViewerState", "allowed_hosts", "host_allowed", "make_server", "view_command"]
