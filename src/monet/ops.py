@@ -103,8 +103,11 @@ def recomputing_in_backward() -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # Gate: softmax over the kept entries, sparse backward
 
-# The sparse backward pays while the kept entries are at most this fraction of the E per head.
+# The sparse backward pays while the kept entries are at most this fraction of the E per head. It needs
+# host syncs (the count, `nonzero`, `bincount`); off the CPU the dense product is cheap and sync-free, so it
+# runs there unless SPARSE_BACKWARD_OFF_CPU is set (benchmarks/gpu_paths.py compares both).
 SPARSE_BACKWARD_MAX_FRACTION = 0.125
+SPARSE_BACKWARD_OFF_CPU = False
 
 
 class KeptSoftmax(torch.autograd.Function):
@@ -129,8 +132,9 @@ class KeptSoftmax(torch.autograd.Function):
         grad_z = g * (grad_g - (g * grad_g).sum(dim=-1, keepdim=True))   # softmax backward, 0 off kept
         x2d = x.reshape(-1, x.shape[-1])
         kept = g.reshape(x2d.shape[0], -1) > 0                                # [tokens, H*E]
-        # One host sync (backward only): pick the sparse or the dense product by the kept fraction.
-        if int(kept.sum()) > SPARSE_BACKWARD_MAX_FRACTION * kept.numel():
+        # On the CPU, one host sync (backward only) picks the sparse or the dense product by the kept fraction.
+        dense = kept.device.type != "cpu" and not SPARSE_BACKWARD_OFF_CPU
+        if dense or int(kept.sum()) > SPARSE_BACKWARD_MAX_FRACTION * kept.numel():
             flat = grad_z.reshape(kept.shape).to(weight.dtype)
             grad_x = (flat @ weight).view_as(x) if ctx.needs_input_grad[0] else None
             grad_w = flat.t() @ x2d.to(weight.dtype) if ctx.needs_input_grad[1] else None

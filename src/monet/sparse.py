@@ -50,7 +50,8 @@ Host synchronisation: the per-half loop needs each half's pair count on the host
 one device sync per side and group on a GPU (plus one for the number of active per-head pairs when
 edits are present). The automatic dispatch (`choose`) picks the dense path
 on non-CPU devices, where the dense matmuls are fast and a loop over E halves would be launch-bound; the
-sparse path still runs there when forced (device-agnostic code, but unvalidated on a GPU).
+sparse path still runs there when forced (checked on an H100 against the dense path, and 6-55x slower:
+docs/performance.md, "GPU checks").
 
 Switch: `MONET_EXPERT_PATH=auto|dense|sparse` (environment), `with expert_path("sparse"): ...` (this
 process, overrides the environment) or a layer's `expert_path` attribute (overrides both).
