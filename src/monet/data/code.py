@@ -1,26 +1,14 @@
 """The ``code`` corpus: real, hand-written source files labelled by programming language.
 
-Every language comes from one named package of a public registry (Debian packages, npm), or from the
-running Python's standard library, so a fresh machine builds the same corpus with one command
-(``monet data build --source code --fetch``). Packages are unpacked once into the cache
-(``~/.cache/monet/packages``). Each document records its package, version and licence; the dataset
-manifest carries the provenance table (see ``monet.data.build``).
-
-Only real source is kept (`reject_reason`): no vendored, test-fixture or third-party trees, no generated
-files (``Code generated ... DO NOT EDIT``, ``@generated``, ...), no minified files (very long lines), no
-data tables (files whose words are mostly numeric literals, e.g. Unicode or charset tables), and the
-leading licence comment of a file is dropped (the same boilerplate in every file of a project would
-otherwise be a large, language-agnostic part of the corpus). A long file contributes one excerpt of at
-most ``CODE_DOCUMENT_BYTES`` starting at a line chosen from the seed, so more files (and more of each
-project) fit in the budget and the validation split holds many files.
-
-Default languages (8): c (glibc), go (Go 1.19 standard library), javascript (ESLint's sources), lua
-(Nmap's NSE scripts and libraries), php (PEAR, PHPUnit, Doctrine DBAL), python (the standard library of
-the running Python), ruby (Ruby 3.1 standard library), rust (Rust 1.63 ``std``/``core``/``alloc``).
-Optional: java (OpenJDK 17 class library; not a default: its experts are not separable from C's,
-JavaScript's and PHP's at the demo's budget, and much of the OpenJDK text is Javadoc prose, see
-docs/experts.md), perl (the system's Perl modules, Unicode tables excluded), shell (the system's shell
-scripts). ``roots`` (label -> directories) replaces the packages, e.g. in tests.
+Each language comes from named registry packages (Debian, npm) or the running Python's standard library
+(``SOURCES``; the table is in docs/data.md), unpacked once into the cache by ``--fetch``; each document
+records its package, version and licence. Only real source is kept (`reject_reason`): no vendored,
+test-fixture or third-party trees, no generated, minified or data-table files. A file's leading licence
+comment is dropped (the same boilerplate in every file would be a large, language-agnostic part of the
+corpus), and a long file gives one seeded excerpt of ``CODE_DOCUMENT_BYTES``, so more files (and more
+projects) fit in the budget and the validation split holds many files. java is not a default language:
+its experts are not separable from C's, JavaScript's and PHP's at the demo's budget, and much of the
+OpenJDK text is Javadoc prose (docs/experts.md). ``roots`` (label -> directories) replaces the packages.
 """
 
 from __future__ import annotations
@@ -33,8 +21,9 @@ import sys
 import sysconfig
 import tarfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 from tqdm import tqdm
@@ -58,6 +47,7 @@ GENERATED = re.compile(
     r"code generated .{0,80}do not edit|do not edit|@generated|auto-?generated|automatically generated"
     r"|generated (?:by|from|with) ", re.IGNORECASE)
 WORD = re.compile(r"0[xX][0-9a-fA-F]+|\d+(?:\.\d+)?|[A-Za-z_][A-Za-z0-9_]*")
+BLOCK_COMMENTS = {"/*": "*/", "--[[": "]]", "=begin": "=end"}   # opener -> closer
 LICENCE_WORDS = re.compile(r"copyright|licen[cs]e|SPDX|all rights reserved|free software", re.IGNORECASE)
 
 
@@ -119,10 +109,6 @@ class FileRef:
     def name(self) -> str:
         return f"{self.path}!{self.member}" if self.member else self.path
 
-    @property
-    def basename(self) -> str:
-        return os.path.basename(self.member or self.path)
-
     def read_bytes(self, limit: int) -> bytes:
         if self.member is None:
             with open(self.path, "rb") as fh:
@@ -161,8 +147,9 @@ def _wanted(source: CodeSource, path: str) -> bool:
     return source.label == "shell" and _ext(path) == "" and _shebang(path) in SHELLS
 
 
-def _skipped_dir(parts: list[str]) -> bool:
-    return any(p in SKIP_DIRS for p in parts)
+def _wanted_member(source: CodeSource, name: str) -> bool:
+    """An archive member of the language, not under a skipped directory."""
+    return _wanted(source, name) and not SKIP_DIRS.intersection(name.split("/")[:-1])
 
 
 def walk(root: str, source: CodeSource) -> Iterator[FileRef]:
@@ -171,8 +158,7 @@ def walk(root: str, source: CodeSource) -> Iterator[FileRef]:
         if root.endswith(".zip"):
             with zipfile.ZipFile(root) as archive:
                 for member in sorted(archive.namelist()):
-                    if (not member.endswith("/") and _wanted(source, member)
-                            and not _skipped_dir(member.split("/")[:-1])):
+                    if not member.endswith("/") and _wanted_member(source, member):
                         yield FileRef(root, member)
         elif _wanted(source, root):
             yield FileRef(root)
@@ -193,9 +179,8 @@ def _extract_tar(archive: str, source: CodeSource, out: Path) -> Path:
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     with tarfile.open(archive, "r:*") as tar:
         for member in tar:
-            parts = member.name.split("/")
-            if member.isfile() and _wanted(source, member.name) and not _skipped_dir(parts[:-1]):
-                target = tmp.joinpath(*parts)
+            if member.isfile() and _wanted_member(source, member.name):
+                target = tmp.joinpath(*member.name.split("/"))
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with tar.extractfile(member) as fh:
                     target.write_bytes(fh.read())
@@ -207,19 +192,14 @@ def _extract_tar(archive: str, source: CodeSource, out: Path) -> Path:
 # ------------------------------------------------------------------------------------ packages
 
 
-def _deb_version(root: Path, package: str) -> str:
-    """The unpacked package's version, from the .deb file name recorded by ``fetch_deb`` or dpkg."""
-    marker = root / ".monet-package.json"
-    if marker.is_file():
-        return str(json.loads(marker.read_text(encoding="utf-8")).get("version", ""))
+def _dpkg_version(package: str) -> str | None:
+    """The version of an installed Debian package, from dpkg's status file; None when not installed."""
     status = Path("/var/lib/dpkg/status")
-    if status.is_file():
-        block = status.read_text(encoding="utf-8", errors="replace").split(f"\nPackage: {package}\n")
-        if len(block) > 1:
-            found = re.search(r"^Version: (.+)$", block[1].split("\n\n")[0], re.MULTILINE)
-            if found:
-                return found.group(1)
-    return "unknown"
+    if not status.is_file():
+        return None
+    block = status.read_text(encoding="utf-8", errors="replace").split(f"\nPackage: {package}\n")
+    found = re.search(r"^Version: (.+)$", block[1].split("\n\n")[0], re.MULTILINE) if len(block) > 1 else None
+    return found.group(1) if found else None
 
 
 def locate(source: CodeSource, cache: Path, fetch: bool) -> tuple[list[str], str] | None:
@@ -237,33 +217,34 @@ def locate(source: CodeSource, cache: Path, fetch: bool) -> tuple[list[str], str
         meta = json.loads((package / "package.json").read_text(encoding="utf-8"))
         roots = sorted(glob.glob(str(package / source.inner)))
         return (roots, str(meta.get("version", "unknown"))) if roots else None
-    installed = _deb_version(Path("/nonexistent"), source.package)
-    found = sorted(glob.glob(f"/{source.inner}")) if installed != "unknown" else []
-    root = None
+    version = _dpkg_version(source.package)
+    found = sorted(glob.glob(f"/{source.inner}")) if version else []
+    root = deb_root(source.package, cache)
     if not found:
-        root = deb_root(source.package, cache)
         if not root.is_dir() and fetch:
             fetch_deb(source.package, cache)
         found = sorted(glob.glob(str(root / source.inner)))
+        marker = root / ".monet-package.json"   # written by fetch_deb, from the .deb file name
+        if marker.is_file():
+            version = str(json.loads(marker.read_text(encoding="utf-8")).get("version", ""))
     if not found:
         return None
-    version = _deb_version(root, source.package) if root is not None else installed
-    roots = []
-    for path in found:
-        if path.endswith((".tar.xz", ".tar.gz", ".tar.bz2", ".tar")):
-            extracted = deb_root(source.package, cache).with_name(f"{source.package}.src")
-            roots.append(str(_extract_tar(path, source, extracted)))
-        else:
-            roots.append(path)
-    return roots, version
+    tars = (".tar.xz", ".tar.gz", ".tar.bz2", ".tar")
+    extracted = root.with_name(f"{source.package}.src")
+    roots = [str(_extract_tar(path, source, extracted)) if path.endswith(tars) else path for path in found]
+    return roots, version or "unknown"
+
+
+def _check_languages(labels: Iterable[str]) -> None:
+    unknown = [label for label in labels if label not in SOURCES]
+    if unknown:
+        raise MonetError(f"unknown code language {unknown[0]!r}; known: {', '.join(sorted(SOURCES))}")
 
 
 def resolve_sources(languages: tuple[str, ...] | list[str], cache: Path, fetch: bool) -> dict[str, list[dict]]:
     """label -> one entry per source: {"roots", "package", "version", "license", "kind"}; a clear error for
     what is missing."""
-    unknown = [lang for lang in languages if lang not in SOURCES]
-    if unknown:
-        raise MonetError(f"unknown code language {unknown[0]!r}; known: {', '.join(sorted(SOURCES))}")
+    _check_languages(languages)
     resolved: dict[str, list[dict]] = {}
     missing = []
     for label in languages:
@@ -298,9 +279,9 @@ def strip_licence_header(text: str) -> str:
     while i < len(lines) and not lines[i].strip():
         i += 1
     start = i
-    if i < len(lines) and lines[i].lstrip().startswith(("/*", "--[[", "=begin")):
-        closer = {"/*": "*/", "--[[": "]]", "=begin": "=end"}[next(
-            o for o in ("/*", "--[[", "=begin") if lines[i].lstrip().startswith(o))]
+    opener = next((o for o in BLOCK_COMMENTS if i < len(lines) and lines[i].lstrip().startswith(o)), None)
+    if opener:
+        closer = BLOCK_COMMENTS[opener]
         while i < len(lines) and closer not in lines[i][(lines[i].find("/*") + 2) if i == start else 0:]:
             i += 1
         i += 1
@@ -325,7 +306,7 @@ def reject_reason(text: str) -> str | None:
     if max((len(line) for line in lines), default=0) > 1000 or len(text) / max(len(lines), 1) > 150:
         return "minified"
     words = WORD.findall(text)
-    numeric = sum(1 for w in words if w[0].isdigit())
+    numeric = sum(w[0].isdigit() for w in words)
     if words and numeric / len(words) > 0.3:
         return "data table"
     return None
@@ -337,12 +318,8 @@ def excerpt(text: str, key: str, max_bytes: int = CODE_DOCUMENT_BYTES) -> tuple[
         return text, 0
     lines = text.split("\n")
     # Start positions from which at least ~max_bytes remain, chosen deterministically.
-    sizes = [len(line.encode("utf-8")) + 1 for line in lines]
-    remaining, total = [], 0
-    for size in reversed(sizes):
-        total += size
-        remaining.append(total)
-    remaining.reverse()
+    sizes = [len(line.encode("utf-8")) + 1 for line in reversed(lines)]
+    remaining = list(accumulate(sizes))[::-1]   # bytes from each line to the end
     candidates = [i for i, r in enumerate(remaining) if r >= max_bytes] or [0]
     start = candidates[int(seeded_key(0, key)[:8], 16) % len(candidates)]
     piece, _ = truncate_utf8("\n".join(lines[start:]), max_bytes)
@@ -376,9 +353,7 @@ def discover(roots: dict[str, list[str]], sources: dict[str, list[dict]] | None 
     """Candidate files per label, each with its provenance (None for explicit ``roots``). A path seen
     under two labels is kept by the first label in sorted order."""
     if sources is None:
-        for label in roots:
-            if label not in SOURCES:
-                raise MonetError(f"unknown code language {label!r}; known: {', '.join(sorted(SOURCES))}")
+        _check_languages(roots)
         sources = {label: [{"roots": dirs, "source": SOURCES[label][0]}] for label, dirs in roots.items()}
     found: dict[str, list[tuple[FileRef, dict | None]]] = {}
     seen: set[str] = set()
