@@ -23,7 +23,7 @@ import tarfile
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, dropwhile
 from pathlib import Path
 
 from tqdm import tqdm
@@ -117,10 +117,6 @@ class FileRef:
             return fh.read(limit)
 
 
-def _ext(path: str) -> str:
-    return os.path.splitext(path)[1].lower()
-
-
 def _shebang(path: str) -> str:
     try:
         with open(path, "rb") as fh:
@@ -129,9 +125,7 @@ def _shebang(path: str) -> str:
         return ""
     if not head.startswith(b"#!"):
         return ""
-    words = head[2:].split(b"\n", 1)[0].decode("latin-1").split()
-    if not words:
-        return ""
+    words = head[2:].split(b"\n", 1)[0].decode("latin-1").split() or [""]
     name = os.path.basename(words[0])
     if name == "env" and len(words) > 1:
         name = words[1]
@@ -139,12 +133,11 @@ def _shebang(path: str) -> str:
 
 
 def _wanted(source: CodeSource, path: str) -> bool:
-    base = os.path.basename(path)
-    if source.skip_files and re.search(source.skip_files, base):
+    """A file of the language (by extension, or a shell shebang) whose name is not skipped."""
+    if source.skip_files and re.search(source.skip_files, os.path.basename(path)):
         return False
-    if _ext(path) in source.extensions:
-        return True
-    return source.label == "shell" and _ext(path) == "" and _shebang(path) in SHELLS
+    ext = os.path.splitext(path)[1].lower()
+    return ext in source.extensions or (source.label == "shell" and ext == "" and _shebang(path) in SHELLS)
 
 
 def _wanted_member(source: CodeSource, name: str) -> bool:
@@ -173,8 +166,7 @@ def walk(root: str, source: CodeSource) -> Iterator[FileRef]:
 
 def _extract_tar(archive: str, source: CodeSource, out: Path) -> Path:
     """Unpack the wanted files of a .tar.xz (glibc ships its source so) into ``out`` once; returns ``out``."""
-    done = out / ".complete"
-    if done.is_file():
+    if (out / ".complete").is_file():
         return out
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     with tarfile.open(archive, "r:*") as tar:
@@ -205,8 +197,7 @@ def _dpkg_version(package: str) -> str | None:
 def locate(source: CodeSource, cache: Path, fetch: bool) -> tuple[list[str], str] | None:
     """(roots, version) of a source, fetching its package when ``fetch``; None when it is not available."""
     if source.kind == "stdlib":
-        stdlib = sysconfig.get_paths()["stdlib"]
-        return [stdlib], f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+        return [sysconfig.get_paths()["stdlib"]], ".".join(map(str, sys.version_info[:3]))
     if source.kind == "system":
         roots = sorted(glob.glob(source.inner))
         return (roots, "system") if roots else None
@@ -242,8 +233,7 @@ def _check_languages(labels: Iterable[str]) -> None:
 
 
 def resolve_sources(languages: tuple[str, ...] | list[str], cache: Path, fetch: bool) -> dict[str, list[dict]]:
-    """label -> one entry per source: {"roots", "package", "version", "license", "kind"}; a clear error for
-    what is missing."""
+    """label -> one entry per source: {"roots", "version", "source"}; a clear error for what is missing."""
     _check_languages(languages)
     resolved: dict[str, list[dict]] = {}
     missing = []
@@ -252,10 +242,8 @@ def resolve_sources(languages: tuple[str, ...] | list[str], cache: Path, fetch: 
             found = locate(source, cache, fetch)
             if found is None:
                 missing.append(f"{label} ({source.kind} package {source.package})")
-                continue
-            roots, version = found
-            resolved.setdefault(label, []).append({"roots": roots, "package": source.package, "version": version,
-                                                   "license": source.license, "kind": source.kind, "source": source})
+            else:
+                resolved.setdefault(label, []).append({"roots": found[0], "version": found[1], "source": source})
     if missing:
         raise MonetError(
             "the code corpus needs these packages, not found on this machine or in the cache: "
@@ -289,12 +277,8 @@ def strip_licence_header(text: str) -> str:
         while i < len(lines) and lines[i].lstrip().startswith(("//", "#", "--", ";", "*")) \
                 and not lines[i].lstrip().startswith(("#include", "#define", "#if", "#import", "#[", "#!")):
             i += 1
-    block = "\n".join(lines[start:i])
-    if i > start and LICENCE_WORDS.search(block):
-        rest = lines[i:]
-        while rest and not rest[0].strip():
-            rest.pop(0)
-        return "\n".join(keep_head + rest)
+    if LICENCE_WORDS.search("\n".join(lines[start:i])):
+        return "\n".join(keep_head + list(dropwhile(lambda line: not line.strip(), lines[i:])))
     return text
 
 
@@ -333,9 +317,7 @@ def read_document(ref: FileRef, label: str, provenance: dict | None = None, seed
         data = ref.read_bytes(READ_LIMIT + 1)
     except (OSError, zipfile.BadZipFile):
         return None
-    if len(data) > READ_LIMIT:
-        return None
-    text = decode_text(data)
+    text = decode_text(data) if len(data) <= READ_LIMIT else None
     if text is None or reject_reason(text) is not None:
         return None
     text = strip_licence_header(text).strip("\n") + "\n"
@@ -343,8 +325,7 @@ def read_document(ref: FileRef, label: str, provenance: dict | None = None, seed
         return None
     text, start = excerpt(text, f"{seed}:{content_hash(text)}")   # by content: copies give one excerpt
     meta: dict = {"first_line": start} if start else {}
-    if provenance:
-        meta.update({k: provenance[k] for k in ("package", "version", "license")})
+    meta.update(provenance or {})
     return Document(text=text, label=label, source=ref.name, meta=meta)
 
 
@@ -360,11 +341,13 @@ def discover(roots: dict[str, list[str]], sources: dict[str, list[dict]] | None 
     for label in sorted(sources):
         refs = []
         for entry in sources[label]:
-            info = {k: entry[k] for k in ("package", "version", "license")} if "package" in entry else None
+            source = entry["source"]
+            info = None if "version" not in entry else {
+                "package": source.package, "version": entry["version"], "license": source.license}
             for root in entry["roots"]:
                 if not os.path.exists(root):
                     continue
-                for ref in walk(root, entry["source"]):
+                for ref in walk(root, source):
                     if ref.name not in seen:
                         seen.add(ref.name)
                         refs.append((ref, info))
