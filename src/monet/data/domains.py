@@ -18,54 +18,34 @@ from pathlib import Path
 from tqdm import tqdm
 
 from monet.data.documents import Document
-from monet.data.packages import deb_root, fetch_deb, find_path
+from monet.data.packages import deb_root, find_path
 from monet.errors import MonetError
 
 GCIDE_DICT = "/usr/share/dictd/gcide.dict.dz"
 GCIDE_PACKAGE = "dict-gcide"
 
-# GCIDE subject tag -> domain label (tags of one field are merged).
-TAG_DOMAINS = {
-    "Zool.": "zoology",
-    "Bot.": "botany",
-    "Chem.": "chemistry",
-    "Physiol. Chem.": "chemistry",
-    "Med.": "medicine",
-    "Surg.": "medicine",
-    "Anat.": "anatomy",
-    "Physiol.": "anatomy",
-    "Naut.": "nautical",
-    "Shipbuilding": "nautical",
-    "Law": "law",
-    "Scots Law": "law",
-    "Eng. Law": "law",
-    "O. Eng. Law": "law",
-    "Mus.": "music",
-    "Math.": "mathematics",
-    "Geom.": "mathematics",
-    "Physics": "physics",
-    "Mech.": "physics",
-    "Elec.": "physics",
-    "Opt.": "physics",
-    "Geol.": "geology",
-    "Min.": "geology",
-    "Paleon.": "geology",
-    "Crystallog.": "geology",
-    "Astron.": "astronomy",
-    "Arch.": "architecture",
-    "Mil.": "military",
-    "Fort.": "military",
-    "Gun.": "military",
-    "Biol.": "biology",
-    "Eccl.": "religion",
-    "Theol.": "religion",
-    "R. C. Ch.": "religion",
-    "Eccl. Hist.": "religion",
-    "Gram.": "grammar",
-    "Rhet.": "grammar",
-    "Pros.": "grammar",
-    "Computers": "computing",
+# domain label -> its GCIDE subject tags (tags of one field are merged).
+DOMAIN_TAGS = {
+    "anatomy": ("Anat.", "Physiol."),
+    "architecture": ("Arch.",),
+    "astronomy": ("Astron.",),
+    "biology": ("Biol.",),
+    "botany": ("Bot.",),
+    "chemistry": ("Chem.", "Physiol. Chem."),
+    "computing": ("Computers",),
+    "geology": ("Geol.", "Min.", "Paleon.", "Crystallog."),
+    "grammar": ("Gram.", "Rhet.", "Pros."),
+    "law": ("Law", "Scots Law", "Eng. Law", "O. Eng. Law"),
+    "mathematics": ("Math.", "Geom."),
+    "medicine": ("Med.", "Surg."),
+    "military": ("Mil.", "Fort.", "Gun."),
+    "music": ("Mus.",),
+    "nautical": ("Naut.", "Shipbuilding"),
+    "physics": ("Physics", "Mech.", "Elec.", "Opt."),
+    "religion": ("Eccl.", "Theol.", "R. C. Ch.", "Eccl. Hist."),
+    "zoology": ("Zool.",),
 }
+TAG_DOMAINS = {tag: domain for domain, tags in DOMAIN_TAGS.items() for tag in tags}
 
 # A source line ("[1913 Webster]"), sometimes followed by a stray headword of the next entry.
 _SOURCE_LINE = re.compile(
@@ -93,10 +73,7 @@ class Sense:
 
 def b64_number(text: str) -> int:
     """Decode dictd's base64 numbers (most significant digit first)."""
-    value = 0
-    for char in text:
-        value = value * 64 + _B64.index(char)
-    return value
+    return sum(_B64.index(char) * 64**power for power, char in enumerate(reversed(text)))
 
 
 def clean(text: str) -> str:
@@ -181,10 +158,7 @@ def read_gcide(dict_path: Path) -> Iterator[Sense]:
 
 def gcide_path(cache: Path, fetch: bool) -> Path:
     """The GCIDE dictionary file, from the system or the cache; a clear error if absent."""
-    found = find_path(GCIDE_DICT, [GCIDE_PACKAGE], cache)
-    if found is None and fetch:
-        fetch_deb(GCIDE_PACKAGE, cache)
-        found = find_path(GCIDE_DICT, [GCIDE_PACKAGE], cache)
+    found = find_path(GCIDE_DICT, [GCIDE_PACKAGE], cache, fetch)
     if found is None:
         raise MonetError(
             f"GCIDE is not installed ({GCIDE_DICT} not found, nor under {deb_root(GCIDE_PACKAGE, cache)}). "
@@ -208,14 +182,8 @@ def domain_documents(
     documents = []
     for sense in tqdm(read_gcide(path), desc="gcide", unit=" senses", disable=not progress):
         domain = TAG_DOMAINS.get(sense.tag or "")
-        if domain is None:
-            continue
-        documents.append(
-            Document(
-                text=f"{sense.headword}: {sense.definition}",
-                label=domain,
-                source=f"gcide:{sense.offset}",
-                meta={"headword": sense.headword, "definition": sense.definition, "tag": sense.tag},
-            )
-        )
+        if domain is not None:
+            text = f"{sense.headword}: {sense.definition}"
+            meta = {"headword": sense.headword, "definition": sense.definition, "tag": sense.tag}
+            documents.append(Document(text=text, label=domain, source=f"gcide:{sense.offset}", meta=meta))
     return documents

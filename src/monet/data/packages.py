@@ -36,10 +36,15 @@ def npm_root(spec: str, cache: Path) -> Path:
     return cache / "packages" / "npm" / spec.replace("/", "_").replace("@", "_at_").lstrip("_")
 
 
-def find_path(relative: str, debs: list[str], cache: Path) -> Path | None:
-    """First existing copy of an absolute system path: on the system, then in unpacked packages."""
+def find_path(relative: str, debs: list[str], cache: Path, fetch: bool = False) -> Path | None:
+    """First existing copy of an absolute system path: on the system, then in unpacked packages; when
+    none exists and ``fetch``, the first package is unpacked into the cache and looked in again."""
     candidates = [Path(relative)] + [deb_root(pkg, cache) / relative.lstrip("/") for pkg in debs]
-    return next((p for p in candidates if p.exists()), None)
+    found = next((p for p in candidates if p.exists()), None)
+    if found is None and fetch:
+        fetch_deb(debs[0], cache)
+        return find_path(relative, debs, cache)
+    return found
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:

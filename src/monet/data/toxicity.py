@@ -22,7 +22,7 @@ from pathlib import Path
 from monet.data.documents import Document
 from monet.data.domains import GCIDE_DICT, GCIDE_PACKAGE, read_gcide
 from monet.data.languages import LOCALE_DIR
-from monet.data.packages import fetch_deb, find_path, npm_package
+from monet.data.packages import find_path, npm_package
 from monet.errors import MonetError
 
 THRESHOLD = 0.5
@@ -136,14 +136,10 @@ def toxicity_documents(
     else:
         messages = english_messages(locale_dir)
         items = [(text, source, {}) for text, source in messages.items()]
-        if fetch:
-            for deb, wanted in ((GCIDE_PACKAGE, GCIDE_DICT), ("fortunes", FORTUNES_DIR)):
-                if find_path(wanted, [deb], cache) is None:
-                    fetch_deb(deb, cache)
-        gcide = find_path(GCIDE_DICT, [GCIDE_PACKAGE], cache)
+        gcide = find_path(GCIDE_DICT, [GCIDE_PACKAGE], cache, fetch)
         if gcide is not None:
             items += [(f"{s.headword}: {s.definition}", f"gcide:{s.offset}", {}) for s in read_gcide(gcide)]
-        fortune_dir = find_path(FORTUNES_DIR, ["fortunes", "fortunes-min"], cache)
+        fortune_dir = find_path(FORTUNES_DIR, ["fortunes", "fortunes-min"], cache, fetch)
         if fortune_dir is not None:
             items += [(text, source, {}) for text, source in fortunes(fortune_dir)]
         package = npm_package(NAUGHTY_WORDS, cache, fetch)
