@@ -1,20 +1,14 @@
 """Memory-mapped token storage: one token stream per split with per-document offsets and labels.
 
-Layout of a dataset directory (format version 1)::
-
-    manifest.json              source, labels (label_id order), vocab, tokenizer, counts, options
-    {split}.tokens             .npy array of token ids (uint16 if vocab_size <= 65535, else uint32)
-    {split}.docs.npy           int64 [n_docs, 3]: start, end (exclusive) into the tokens, label_id
-    {split}.meta.jsonl         one JSON object per document: source, label, extra metadata
-    tokenizer.json, ...        the Hugging Face tokenizer files
-
-Every document is stored as ``<s> text </s>``; documents are contiguous and in order, so the
-token stream of a split is exactly the concatenation of its documents.
+The directory layout (format version 1) is described in docs/data.md. Every document is stored as
+``<s> text </s>``; documents are contiguous and in order, so the token stream of a split is exactly the
+concatenation of its documents.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,15 +39,11 @@ def write_split(
     """Write one split's three files; returns its document and token counts."""
     lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
     ends = np.cumsum(lengths)
-    docs = (
-        np.stack([ends - lengths, ends, np.asarray(label_ids, dtype=np.int64)], axis=1)
-        if len(lengths)
-        else (np.zeros((0, 3), dtype=np.int64))
-    )
+    docs = np.stack([ends - lengths, ends, np.asarray(label_ids, dtype=np.int64)], axis=1)
     dtype = token_dtype(vocab_size)
     tokens = np.fromiter((i for t in token_lists for i in t), dtype=dtype, count=int(lengths.sum()))
     atomic_write(out_dir / f"{split}.tokens", lambda fh: np.save(fh, tokens, allow_pickle=False))
-    atomic_write(out_dir / f"{split}.docs.npy", lambda fh: np.save(fh, docs.astype(np.int64), allow_pickle=False))
+    atomic_write(out_dir / f"{split}.docs.npy", lambda fh: np.save(fh, docs, allow_pickle=False))
     lines = "".join(json.dumps(m, sort_keys=True, ensure_ascii=False) + "\n" for m in metas)
     atomic_write(out_dir / f"{split}.meta.jsonl", lambda fh: fh.write(lines.encode("utf-8")))
     return {"documents": int(len(docs)), "tokens": int(tokens.size)}
@@ -192,17 +182,12 @@ class PackedSequences(torch.utils.data.Dataset):
         self.dataset = dataset
         self.seq_len = int(seq_len)
         self.label = label
-        if label is None:
-            self.doc_indices = np.arange(dataset.num_documents)
-        else:
-            self.doc_indices = dataset.documents_with_label(label)
-        spans = dataset.docs[self.doc_indices]
+        spans = dataset.docs if label is None else dataset.docs[dataset.documents_with_label(label)]
         lengths = spans[:, 1] - spans[:, 0]
         self._starts = spans[:, 0]
         self._labels = spans[:, 2]
         self._offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # stream position of each doc
         self.num_tokens = int(self._offsets[-1])
-        self._contiguous = label is None
         if self.num_tokens < self.seq_len + 1:
             what = f"label {label!r}" if label else "the dataset"
             raise MonetError(
@@ -221,14 +206,11 @@ class PackedSequences(torch.utils.data.Dataset):
 
     def _pieces(self, begin: int, end: int) -> list[tuple[int, int, int]]:
         """(document position, token start, token end) of the stream slice [begin, end)."""
-        first = int(np.searchsorted(self._offsets, begin, side="right")) - 1
         pieces = []
-        pos = first
+        pos = int(np.searchsorted(self._offsets, begin, side="right")) - 1
         while begin < end:
-            doc_end = int(self._offsets[pos + 1])
-            take = min(end, doc_end) - begin
-            local = begin - int(self._offsets[pos])
-            start = int(self._starts[pos]) + local
+            take = min(end, int(self._offsets[pos + 1])) - begin
+            start = int(self._starts[pos]) + begin - int(self._offsets[pos])
             pieces.append((pos, start, start + take))
             begin += take
             pos += 1
@@ -236,7 +218,7 @@ class PackedSequences(torch.utils.data.Dataset):
 
     def window(self, i: int) -> np.ndarray:
         begin, end = self._span(i)
-        if self._contiguous:
+        if self.label is None:   # the whole stream: one slice
             return np.asarray(self.dataset.tokens[begin:end])
         return np.concatenate([self.dataset.tokens[s:e] for _, s, e in self._pieces(begin, end)])
 
@@ -245,8 +227,7 @@ class PackedSequences(torch.utils.data.Dataset):
 
     def label_of(self, i: int) -> str:
         """The label covering most tokens of window ``i``."""
-        counts: dict[int, int] = {}
+        counts: Counter[int] = Counter()
         for pos, start, end in self._pieces(*self._span(i)):
-            label_id = int(self._labels[pos])
-            counts[label_id] = counts.get(label_id, 0) + end - start
+            counts[int(self._labels[pos])] += end - start
         return self.dataset.labels[max(counts, key=lambda k: (counts[k], -k))]
