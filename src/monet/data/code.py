@@ -306,8 +306,7 @@ def excerpt(text: str, key: str, max_bytes: int = CODE_DOCUMENT_BYTES) -> tuple[
     remaining = list(accumulate(sizes))[::-1]   # bytes from each line to the end
     candidates = [i for i, r in enumerate(remaining) if r >= max_bytes] or [0]
     start = candidates[int(seeded_key(0, key)[:8], 16) % len(candidates)]
-    piece, _ = truncate_utf8("\n".join(lines[start:]), max_bytes)
-    return piece, start
+    return truncate_utf8("\n".join(lines[start:]), max_bytes), start
 
 
 def read_document(ref: FileRef, label: str, provenance: dict | None = None, seed: int = 0) -> Document | None:

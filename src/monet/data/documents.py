@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import groupby
+from operator import attrgetter
 
 VALIDATION_FRACTION = 0.05
-MAX_DOCUMENT_BYTES = 64 * 1024
 
 
 @dataclass
@@ -51,16 +52,13 @@ def assign_splits(
     splits: dict[str, list[Document]] = {"train": [], "validation": []}
     for doc in documents:
         splits[split_of(doc.text, validation_fraction)].append(doc)
-    covered = {d.label for d in splits["validation"]}
-    for label in sorted({d.label for d in splits["train"]} - covered):
+    for label in sorted({d.label for d in splits["train"]} - {d.label for d in splits["validation"]}):
         candidates = [d for d in splits["train"] if d.label == label]
         if len(candidates) >= 2:
             moved = min(candidates, key=lambda d: d.digest)
             splits["train"] = [d for d in splits["train"] if d is not moved]
             splits["validation"].append(moved)
-    for split in splits.values():
-        split.sort(key=lambda d: (d.label, d.source, d.digest))
-    return splits
+    return {name: _ordered(split) for name, split in splits.items()}
 
 
 def seeded_key(seed: int, name: str) -> str:
@@ -68,14 +66,14 @@ def seeded_key(seed: int, name: str) -> str:
     return hashlib.sha256(f"{seed}\0{name}".encode()).hexdigest()
 
 
-def truncate_utf8(text: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> tuple[str, bool]:
+def truncate_utf8(text: str, max_bytes: int) -> str:
     """Cut ``text`` to at most ``max_bytes`` UTF-8 bytes, at a line end when there is one."""
     data = text.encode("utf-8")
     if len(data) <= max_bytes:
-        return text, False
+        return text
     cut = data[:max_bytes].decode("utf-8", errors="ignore")
     newline = cut.rfind("\n")
-    return (cut[: newline + 1] if newline > 0 else cut), True
+    return cut[: newline + 1] if newline > 0 else cut
 
 
 def decode_text(data: bytes) -> str | None:
@@ -92,11 +90,10 @@ def dedup(documents: Iterable[Document]) -> list[Document]:
     """Drop exact duplicates (same text), keeping the copy with the smallest (source, label)."""
     best: dict[str, Document] = {}
     for doc in documents:
-        key = doc.digest
-        kept = best.get(key)
+        kept = best.get(doc.digest)
         if kept is None or (doc.source, doc.label) < (kept.source, kept.label):
-            best[key] = doc
-    return sorted(best.values(), key=lambda d: (d.label, d.source, d.digest))
+            best[doc.digest] = doc
+    return _ordered(best.values())
 
 
 def balance(documents: list[Document], budget_bytes: int, seed: int) -> list[Document]:
@@ -104,13 +101,10 @@ def balance(documents: list[Document], budget_bytes: int, seed: int) -> list[Doc
 
     The first document of a label is always kept, so no label vanishes under a tiny budget.
     """
-    by_label: dict[str, list[Document]] = {}
-    for doc in documents:
-        by_label.setdefault(doc.label, []).append(doc)
     kept: list[Document] = []
-    for label in sorted(by_label):
+    for _, group in groupby(sorted(documents, key=attrgetter("label")), key=attrgetter("label")):
         used = 0
-        for doc in sorted(by_label[label], key=lambda d: seeded_key(seed, d.digest)):
+        for doc in sorted(group, key=lambda d: seeded_key(seed, d.digest)):
             size = len(doc.text.encode("utf-8"))
             if used and used + size > budget_bytes:
                 continue
@@ -118,4 +112,9 @@ def balance(documents: list[Document], budget_bytes: int, seed: int) -> list[Doc
             used += size
             if used >= budget_bytes:
                 break
-    return sorted(kept, key=lambda d: (d.label, d.source, d.digest))
+    return _ordered(kept)
+
+
+def _ordered(documents: Iterable[Document]) -> list[Document]:
+    """The canonical order of documents: by label, source and content."""
+    return sorted(documents, key=lambda d: (d.label, d.source, d.digest))

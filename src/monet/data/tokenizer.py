@@ -46,7 +46,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tok
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[SPECIAL_TOKENS[k] for k in ("unk_token", "bos_token", "eos_token", "pad_token")],
+        special_tokens=list(SPECIAL_TOKENS.values()),   # in this order: ids 0-3
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -73,20 +73,13 @@ def gpt2_tokenizer(cache: Path, fetch: bool = False) -> Tokenizer:
     return _byte_level(tokenizer, GPT2_SPECIAL)
 
 
-def special_tokens(kind: str) -> dict[str, str]:
-    """Names of the special tokens of a tokenizer kind (transformers' keyword names)."""
-    if kind == "gpt2":
-        return {name: GPT2_SPECIAL for name in SPECIAL_TOKENS}
-    return dict(SPECIAL_TOKENS)
-
-
 def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, kind: str = "bpe") -> Path:
     """Write the Hugging Face tokenizer files into ``out_dir`` (each file atomically)."""
     from transformers import PreTrainedTokenizerFast
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specials = special_tokens(kind)
+    specials = {name: GPT2_SPECIAL for name in SPECIAL_TOKENS} if kind == "gpt2" else dict(SPECIAL_TOKENS)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False, **specials)
     fast.model_max_length = 1 << 30
     with tempfile.TemporaryDirectory(dir=out, prefix=".tok-") as tmp:
@@ -94,8 +87,7 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, kind: str = "bpe")
         write_json(Path(tmp) / "special_tokens_map.json", specials)
         config_path = Path(tmp) / "tokenizer_config.json"
         config = json.loads(config_path.read_text(encoding="utf-8"))
-        config.update({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False})
-        config.update(specials)
+        config.update(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False, **specials)
         write_json(config_path, config)
         for name in TOKENIZER_FILES:
             os.replace(Path(tmp) / name, out / name)
