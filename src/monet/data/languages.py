@@ -28,24 +28,27 @@ def language_of(locale: str) -> str:
     return locale.split("@", 1)[0].split("_", 1)[0].split(".", 1)[0].lower()
 
 
-def read_catalog(path: str | Path) -> tuple[list[str], list[str]] | None:
-    """(msgids, translations) of a compiled catalogue; None if it is not a readable .mo file.
-
-    Untranslated entries and entries whose translation equals the English text are left out.
-    """
+def catalog_entries(path: str | Path) -> list[tuple[str, object]] | None:
+    """(msgid, translation) of each entry of a compiled catalogue (one per plural form); None if unreadable."""
     try:
         with open(path, "rb") as fh:
             catalog = gettext.GNUTranslations(fh)._catalog
     except (OSError, UnicodeDecodeError, ValueError, LookupError, IndexError):
         return None
-    ids, translations = [], []
-    for key, value in catalog.items():
-        msgid = key[0] if isinstance(key, tuple) else key
-        if not msgid or not isinstance(value, str) or not value.strip() or value == msgid:
-            continue
-        ids.append(msgid)
-        translations.append(value)
-    return ids, translations
+    return [(key[0] if isinstance(key, tuple) else key, value) for key, value in catalog.items()]
+
+
+def read_catalog(path: str | Path) -> tuple[list[str], list[str]] | None:
+    """(msgids, translations) of a compiled catalogue; None if it is not a readable .mo file.
+
+    Untranslated entries and entries whose translation equals the English text are left out.
+    """
+    entries = catalog_entries(path)
+    if entries is None:
+        return None
+    kept = [(msgid, value) for msgid, value in entries if msgid and isinstance(value, str) and value.strip()
+            and value != msgid]
+    return [msgid for msgid, _ in kept], [value for _, value in kept]
 
 
 def chunk_lines(lines: list[str], chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
@@ -101,22 +104,18 @@ def language_documents(
         )
     budget = max(1, max_bytes // len(found))
     documents: list[Document] = []
-    bar = tqdm(total=budget * len(found), unit="B", unit_scale=True, desc="languages", disable=not progress)
-    for language in sorted(found):
-        used = 0
-        for path in sorted(found[language], key=lambda p: seeded_key(seed, p)):
-            read = read_catalog(path)
-            if read is None:
-                continue
-            lines = [" ".join(t.split()) for t in read[1]]
-            for index, text in enumerate(chunk_lines([x for x in lines if x])):
-                documents.append(
-                    Document(text=text, label=language, source=path, meta={"chunk": index, "domain": Path(path).stem})
-                )
-                size = len(text.encode("utf-8"))
-                used += size
-                bar.update(size)
-            if used >= budget:
-                break
-    bar.close()
+    with tqdm(total=budget * len(found), unit="B", unit_scale=True, desc="languages", disable=not progress) as bar:
+        for language in sorted(found):
+            used = 0
+            for path in sorted(found[language], key=lambda p: seeded_key(seed, p)):
+                read = read_catalog(path)
+                lines = [" ".join(t.split()) for t in read[1]] if read else []
+                for index, text in enumerate(chunk_lines([x for x in lines if x])):
+                    meta = {"chunk": index, "domain": Path(path).stem}
+                    documents.append(Document(text=text, label=language, source=path, meta=meta))
+                    size = len(text.encode("utf-8"))
+                    used += size
+                    bar.update(size)
+                if used >= budget:
+                    break
     return documents

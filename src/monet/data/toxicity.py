@@ -13,6 +13,7 @@ probability >= 0.5 means ``toxic``; the score is kept in the metadata.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from monet.data.documents import Document
 from monet.data.domains import GCIDE_DICT, GCIDE_PACKAGE, read_gcide
-from monet.data.languages import LOCALE_DIR
+from monet.data.languages import LOCALE_DIR, catalog_entries
 from monet.data.packages import find_path, npm_package
 from monet.errors import MonetError
 
@@ -54,26 +55,14 @@ def english_messages(locale_dir: str | Path = LOCALE_DIR) -> dict[str, str]:
     msgids are the same in every locale, so only the largest (most completely translated) .mo file
     of each text domain is read.
     """
-    import gettext
-
-    largest: dict[str, tuple[int, str]] = {}
+    sized = []
     for path in glob.glob(os.path.join(str(locale_dir), "*", "LC_MESSAGES", "*.mo")):
-        try:
-            size = os.path.getsize(path)
-        except OSError:
-            continue
-        domain = Path(path).stem
-        if (size, path) > largest.get(domain, (-1, "")):
-            largest[domain] = (size, path)
+        with contextlib.suppress(OSError):
+            sized.append((os.path.getsize(path), path))
+    largest = {Path(path).stem: path for _, path in sorted(sized)}   # the largest file of a domain comes last
     messages: dict[str, str] = {}
-    for _, path in sorted(largest.values(), key=lambda item: item[1]):
-        try:
-            with open(path, "rb") as fh:
-                catalog = gettext.GNUTranslations(fh)._catalog
-        except (OSError, UnicodeDecodeError, ValueError, LookupError, IndexError):
-            continue
-        for key in catalog:
-            msgid = key[0] if isinstance(key, tuple) else key
+    for path in sorted(largest.values()):
+        for msgid, _ in catalog_entries(path) or []:
             text = " ".join(msgid.split()) if isinstance(msgid, str) else ""
             if len(text) >= 10 and " " in text and text not in messages:
                 messages[text] = f"gettext:{Path(path).stem}"
@@ -130,30 +119,27 @@ def toxicity_documents(
     """
     del max_bytes, progress
     predict_prob = load_scorer()
-    items: list[tuple[str, str, dict]] = []
-    if texts is not None:
-        items = [(text, source, {}) for text, source in texts]
-    else:
+    synthetic: list[tuple[str, str, dict]] = []
+    if texts is None:
         messages = english_messages(locale_dir)
-        items = [(text, source, {}) for text, source in messages.items()]
+        texts = list(messages.items())
         gcide = find_path(GCIDE_DICT, [GCIDE_PACKAGE], cache, fetch)
         if gcide is not None:
-            items += [(f"{s.headword}: {s.definition}", f"gcide:{s.offset}", {}) for s in read_gcide(gcide)]
+            texts += [(f"{s.headword}: {s.definition}", f"gcide:{s.offset}") for s in read_gcide(gcide)]
         fortune_dir = find_path(FORTUNES_DIR, ["fortunes", "fortunes-min"], cache, fetch)
         if fortune_dir is not None:
-            items += [(text, source, {}) for text, source in fortunes(fortune_dir)]
+            texts += fortunes(fortune_dir)
         package = npm_package(NAUGHTY_WORDS, cache, fetch)
         if package is not None:
             words = json.loads((package / "en.json").read_text(encoding="utf-8"))
-            for text, meta in naughty_templates(words, list(messages), seed):
-                items.append((text, "naughty-words+gettext", meta))
+            synthetic = [(text, "naughty-words+gettext", meta)
+                         for text, meta in naughty_templates(words, list(messages), seed)]
+    items = [(text, source, {}) for text, source in texts] + synthetic
     if not items:
         raise MonetError("no texts to score for the toxicity corpus")
     scores = predict_prob([text for text, _, _ in items])
-    documents = []
-    for (text, source, meta), score in zip(items, scores, strict=True):
-        label = "toxic" if score >= THRESHOLD else "non-toxic"
-        documents.append(
-            Document(text=text, label=label, source=source, meta={**meta, "score": round(float(score), 4)})
-        )
-    return documents
+    return [
+        Document(text=text, label="toxic" if score >= THRESHOLD else "non-toxic", source=source,
+                 meta={**meta, "score": round(float(score), 4)})
+        for (text, source, meta), score in zip(items, scores, strict=True)
+    ]
