@@ -73,17 +73,15 @@ def collect_documents(
 def _encode(tokenizer_dir: Path, texts: list[str], progress: bool) -> tuple[list[list[int]], int, int]:
     """Token ids of ``<s> text </s>`` for each text, plus the bos and eos ids."""
     raw = load_raw_tokenizer(tokenizer_dir)
-    bos = raw.token_to_id("<s>")
-    eos = raw.token_to_id("</s>")
+    bos, eos = raw.token_to_id("<s>"), raw.token_to_id("</s>")
     if bos is None or eos is None:  # GPT-2 vocabulary: one special token for both
         bos = eos = raw.token_to_id("<|endoftext|>")
     out: list[list[int]] = []
-    bar = tqdm(total=len(texts), unit="doc", desc="tokenize", disable=not progress)
-    for start in range(0, len(texts), ENCODE_BATCH):
-        batch = raw.encode_batch(texts[start : start + ENCODE_BATCH], add_special_tokens=False)
-        out.extend([bos, *enc.ids, eos] for enc in batch)
-        bar.update(len(batch))
-    bar.close()
+    with tqdm(total=len(texts), unit="doc", desc="tokenize", disable=not progress) as bar:
+        for start in range(0, len(texts), ENCODE_BATCH):
+            batch = raw.encode_batch(texts[start : start + ENCODE_BATCH], add_special_tokens=False)
+            out.extend([bos, *enc.ids, eos] for enc in batch)
+            bar.update(len(batch))
     return out, bos, eos
 
 
@@ -131,9 +129,8 @@ def build_corpus(
         return out
     check_output(out, "data build", force, "a dataset")   # before any download or reading
     cache = default_cache_dir(cache_dir)
-    documents = collect_documents(
-        source, max_bytes, seed, cache=cache, fetch=fetch, source_options=source_options, progress=progress
-    )
+    documents = collect_documents(source, max_bytes, seed, cache=cache, fetch=fetch, source_options=source_options,
+                                  progress=progress)
     by_split = assign_splits(documents, validation_fraction)
     if not by_split["train"] or not by_split["validation"]:
         raise MonetError(
