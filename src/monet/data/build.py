@@ -44,14 +44,8 @@ def check_source(source: str) -> Builder:
 
 
 def collect_documents(
-    source: str,
-    max_bytes: int | None = None,
-    seed: int = 0,
-    *,
-    cache: Path | None = None,
-    fetch: bool = False,
-    source_options: dict | None = None,
-    progress: bool = True,
+    source: str, max_bytes: int | None = None, seed: int = 0, *, cache: Path | None = None, fetch: bool = False,
+    source_options: dict | None = None, progress: bool = True,
 ) -> list[Document]:
     """Deduplicated, label-balanced documents of a source (before the split)."""
     builder = check_source(source)
@@ -96,18 +90,9 @@ def _label_counts(documents: list[Document], token_lists: list[list[int]], label
 
 
 def build_corpus(
-    source: str,
-    out_dir: str | Path,
-    max_bytes: int | None = None,
-    vocab_size: int = DEFAULT_VOCAB_SIZE,
-    tokenizer: str = "bpe",
-    seed: int = 0,
-    fetch: bool = False,
-    *,
-    cache_dir: str | Path | None = None,
-    force: bool = False,
-    validation_fraction: float = VALIDATION_FRACTION,
-    source_options: dict | None = None,
+    source: str, out_dir: str | Path, max_bytes: int | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE,
+    tokenizer: str = "bpe", seed: int = 0, fetch: bool = False, *, cache_dir: str | Path | None = None,
+    force: bool = False, validation_fraction: float = VALIDATION_FRACTION, source_options: dict | None = None,
     progress: bool = True,
 ) -> Path:
     """Build dataset ``out_dir`` from ``source`` (code, domains, languages, toxicity); returns its path.

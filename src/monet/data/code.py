@@ -356,14 +356,8 @@ def discover(roots: dict[str, list[str]], sources: dict[str, list[dict]] | None 
 
 
 def code_documents(
-    max_bytes: int,
-    seed: int = 0,
-    *,
-    cache: Path,
-    fetch: bool = False,
-    roots: dict[str, list[str]] | None = None,
-    languages: tuple[str, ...] | list[str] | None = None,
-    progress: bool = True,
+    max_bytes: int, seed: int = 0, *, cache: Path, fetch: bool = False, roots: dict[str, list[str]] | None = None,
+    languages: tuple[str, ...] | list[str] | None = None, progress: bool = True,
 ) -> list[Document]:
     """Read files per language in seeded order until each language's byte budget (max_bytes / languages)
     is filled. ``roots`` (label -> directories) replaces the packages; ``languages`` picks the labels

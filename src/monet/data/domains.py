@@ -168,12 +168,7 @@ def gcide_path(cache: Path, fetch: bool) -> Path:
 
 
 def domain_documents(
-    max_bytes: int,
-    seed: int = 0,
-    *,
-    cache: Path,
-    fetch: bool = False,
-    dict_path: str | Path | None = None,
+    max_bytes: int, seed: int = 0, *, cache: Path, fetch: bool = False, dict_path: str | Path | None = None,
     progress: bool = True,
 ) -> list[Document]:
     """One document per tagged GCIDE sense, labelled with its domain (balancing happens later)."""

@@ -85,13 +85,8 @@ def catalogues(locale_dir: str | Path, languages: tuple[str, ...]) -> dict[str, 
 
 
 def language_documents(
-    max_bytes: int,
-    seed: int = 0,
-    *,
-    cache: Path | None = None,
-    fetch: bool = False,
-    locale_dir: str | Path = LOCALE_DIR,
-    languages: tuple[str, ...] | list[str] = DEFAULT_LANGUAGES,
+    max_bytes: int, seed: int = 0, *, cache: Path | None = None, fetch: bool = False,
+    locale_dir: str | Path = LOCALE_DIR, languages: tuple[str, ...] | list[str] = DEFAULT_LANGUAGES,
     progress: bool = True,
 ) -> list[Document]:
     """Documents of translated strings, reading catalogues in seeded order up to each language's budget."""

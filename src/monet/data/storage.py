@@ -29,11 +29,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def write_split(
-    out_dir: Path,
-    split: str,
-    token_lists: Sequence[Sequence[int]],
-    label_ids: Sequence[int],
-    metas: Sequence[dict],
+    out_dir: Path, split: str, token_lists: Sequence[Sequence[int]], label_ids: Sequence[int], metas: Sequence[dict],
     vocab_size: int,
 ) -> dict:
     """Write one split's three files; returns its document and token counts."""

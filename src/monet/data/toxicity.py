@@ -104,14 +104,8 @@ def naughty_templates(words: list[str], sentences: list[str], seed: int, per_wor
 
 
 def toxicity_documents(
-    max_bytes: int,
-    seed: int = 0,
-    *,
-    cache: Path,
-    fetch: bool = False,
-    locale_dir: str | Path = LOCALE_DIR,
-    texts: list[tuple[str, str]] | None = None,
-    progress: bool = True,
+    max_bytes: int, seed: int = 0, *, cache: Path, fetch: bool = False, locale_dir: str | Path = LOCALE_DIR,
+    texts: list[tuple[str, str]] | None = None, progress: bool = True,
 ) -> list[Document]:
     """Score real (and, with naughty-words, template) texts and label them toxic / non-toxic.
 
