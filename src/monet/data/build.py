@@ -57,10 +57,8 @@ def collect_documents(
     documents = dedup(d for d in documents if d.text.strip())
     labels = sorted({d.label for d in documents})
     if len(labels) < 2:
-        raise MonetError(
-            f"the {source} source gave {len(labels)} label(s) ({', '.join(labels) or 'none'}); at least 2 are "
-            "needed. Install the packages it reads (see docs/data.md) or rerun with --fetch"
-        )
+        raise MonetError(f"the {source} source gave {len(labels)} label(s) ({', '.join(labels) or 'none'}); at "
+                         "least 2 are needed. Install the packages it reads (see docs/data.md) or rerun with --fetch")
     return balance(documents, max(1, max_bytes // len(labels)), seed)
 
 
@@ -118,9 +116,8 @@ def build_corpus(
                                   progress=progress)
     by_split = assign_splits(documents, validation_fraction)
     if not by_split["train"] or not by_split["validation"]:
-        raise MonetError(
-            f"only {len(documents)} documents: both splits need at least one; raise --max-bytes or add inputs"
-        )
+        raise MonetError(f"only {len(documents)} documents: both splits need at least one; "
+                         "raise --max-bytes or add inputs")
     labels = sorted({d.label for d in documents})
 
     with output_directory(out, "data build", force, "a dataset") as tmp:

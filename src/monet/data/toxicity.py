@@ -42,10 +42,8 @@ def load_scorer():
     try:
         from profanity_check import predict_prob
     except ImportError as exc:
-        raise MonetError(
-            "the toxicity source needs the alt-profanity-check classifier: "
-            "pip install 'monet-lm[toxicity]' (or pip install alt-profanity-check)"
-        ) from exc
+        raise MonetError("the toxicity source needs the alt-profanity-check classifier: "
+                         "pip install 'monet-lm[toxicity]' (or pip install alt-profanity-check)") from exc
     return predict_prob
 
 
