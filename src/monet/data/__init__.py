@@ -14,16 +14,5 @@ from monet.data.packages import cache_dir
 from monet.data.storage import PackedSequences, TokenDataset, read_manifest
 from monet.data.tokenizer import load_tokenizer
 
-__all__ = [
-    "SOURCES",
-    "Document",
-    "PackedSequences",
-    "TokenDataset",
-    "build_corpus",
-    "cache_dir",
-    "collect_documents",
-    "content_hash",
-    "load_tokenizer",
-    "read_manifest",
-    "split_of",
-]
+__all__ = ["SOURCES", "Document", "PackedSequences", "TokenDataset", "build_corpus", "cache_dir", "collect_documents",
+           "content_hash", "load_tokenizer", "read_manifest", "split_of"]

@@ -9,6 +9,7 @@ metadata for the headword multiple-choice task.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import re
 from collections.abc import Iterator
@@ -48,9 +49,8 @@ DOMAIN_TAGS = {
 TAG_DOMAINS = {tag: domain for domain, tags in DOMAIN_TAGS.items() for tag in tags}
 
 # A source line ("[1913 Webster]"), sometimes followed by a stray headword of the next entry.
-_SOURCE_LINE = re.compile(
-    r"^\s*\[[^\]\n]*\]\s*$|^\s*\[[^\]\n]*(?:Webster|PJC|WordNet|Century)[^\]\n]*\].*$", re.MULTILINE
-)
+_SOURCE_LINE = re.compile(r"^\s*\[[^\]\n]*\]\s*$|^\s*\[[^\]\n]*(?:Webster|PJC|WordNet|Century)[^\]\n]*\].*$",
+                          re.MULTILINE)
 _TAG = r"\((?P<tag>[A-Z][A-Za-z. ]{1,20})\)"
 _SENSE_START = re.compile(r"^\s*(?:\d+\.\s+)?(?:\([a-z]\)\s+)?" + _TAG + r"[,:]?\s+(?P<rest>\S.*)$", re.DOTALL)
 _HEADER_TAG = re.compile(_TAG + r",?\s*$")
@@ -146,10 +146,8 @@ def read_gcide(dict_path: Path) -> Iterator[Sense]:
     for line in index_path.read_text(encoding="utf-8", errors="replace").splitlines():
         parts = line.split("\t")
         if len(parts) == 3 and not parts[0].startswith("00-"):
-            try:
+            with contextlib.suppress(ValueError):   # a malformed line is skipped
                 spans.add((b64_number(parts[1]), b64_number(parts[2])))
-            except ValueError:
-                continue
     for start, length in sorted(spans):
         chunk = data[start : start + length].decode("utf-8", errors="replace")
         yield from entry_senses(chunk, start)

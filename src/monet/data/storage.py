@@ -204,14 +204,13 @@ class PackedSequences(torch.utils.data.Dataset):
             pos += 1
         return pieces
 
-    def window(self, i: int) -> np.ndarray:
-        begin, end = self._span(i)
-        if self.label is None:   # the whole stream: one slice
-            return np.asarray(self.dataset.tokens[begin:end])
-        return np.concatenate([self.dataset.tokens[s:e] for _, s, e in self._pieces(begin, end)])
-
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(self.window(int(i)).astype(np.int64))
+        begin, end = self._span(int(i))
+        if self.label is None:   # the whole stream: one slice
+            window = self.dataset.tokens[begin:end]
+        else:
+            window = np.concatenate([self.dataset.tokens[s:e] for _, s, e in self._pieces(begin, end)])
+        return torch.from_numpy(window.astype(np.int64))
 
     def label_of(self, i: int) -> str:
         """The label covering most tokens of window ``i``."""
