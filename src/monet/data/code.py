@@ -23,7 +23,7 @@ import tarfile
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import accumulate, dropwhile
+from itertools import accumulate, dropwhile, takewhile
 from pathlib import Path
 
 from tqdm import tqdm
@@ -47,6 +47,7 @@ GENERATED = re.compile(
     r"code generated .{0,80}do not edit|do not edit|@generated|auto-?generated|automatically generated"
     r"|generated (?:by|from|with) ", re.IGNORECASE)
 WORD = re.compile(r"0[xX][0-9a-fA-F]+|\d+(?:\.\d+)?|[A-Za-z_][A-Za-z0-9_]*")
+KEPT_HEAD_LINES = ("<?php", "<?", "# -*- coding: utf-8 -*-")   # kept above a dropped licence header
 BLOCK_COMMENTS = {"/*": "*/", "--[[": "]]", "=begin": "=end"}   # opener -> closer
 LICENCE_WORDS = re.compile(r"copyright|licen[cs]e|SPDX|all rights reserved|free software", re.IGNORECASE)
 
@@ -260,13 +261,9 @@ def strip_licence_header(text: str) -> str:
     """Drop a leading comment block (after an optional shebang / PHP open tag) that is a licence or
     copyright notice; other leading comments (docstrings, descriptions) are kept."""
     lines = text.split("\n")
-    keep_head = []
-    while lines and (lines[0].startswith("#!") or lines[0].strip() in ("<?php", "<?", "# -*- coding: utf-8 -*-")):
-        keep_head.append(lines.pop(0))
-    i = 0
-    while i < len(lines) and not lines[i].strip():
-        i += 1
-    start = i
+    keep_head = list(takewhile(lambda line: line.startswith("#!") or line.strip() in KEPT_HEAD_LINES, lines))
+    lines = lines[len(keep_head):]
+    i = start = next((j for j, line in enumerate(lines) if line.strip()), len(lines))   # first non-blank line
     opener = next((o for o in BLOCK_COMMENTS if i < len(lines) and lines[i].lstrip().startswith(o)), None)
     if opener:
         closer = BLOCK_COMMENTS[opener]

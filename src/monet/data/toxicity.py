@@ -74,8 +74,7 @@ def fortunes(directory: str | Path) -> list[tuple[str, str]]:
         if path.endswith(".dat") or os.path.isdir(path) or os.path.islink(path):
             continue
         try:
-            with open(path, encoding="utf-8", errors="strict") as fh:
-                entries = fh.read().split("\n%\n")
+            entries = Path(path).read_text(encoding="utf-8").split("\n%\n")
         except (OSError, UnicodeDecodeError):
             continue
         for index, entry in enumerate(entries):
