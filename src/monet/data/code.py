@@ -359,10 +359,8 @@ def code_documents(
     """Read files per language in seeded order until each language's byte budget (max_bytes / languages)
     is filled. ``roots`` (label -> directories) replaces the packages; ``languages`` picks the labels
     (default: the 8 of ``DEFAULT_LANGUAGES``)."""
-    if roots is not None:
-        candidates = discover(roots)
-    else:
-        candidates = discover({}, resolve_sources(tuple(languages or DEFAULT_LANGUAGES), cache, fetch))
+    sources = None if roots is not None else resolve_sources(tuple(languages or DEFAULT_LANGUAGES), cache, fetch)
+    candidates = discover(roots or {}, sources)
     if not candidates:
         raise MonetError("no source files found for any language; check the roots or rerun with --fetch")
     budget = max(1, max_bytes // len(candidates))

@@ -97,10 +97,8 @@ def dedup(documents: Iterable[Document]) -> list[Document]:
 
 
 def balance(documents: list[Document], budget_bytes: int, seed: int) -> list[Document]:
-    """Keep, per label, documents in seeded-hash order until the label's byte budget is used.
-
-    The first document of a label is always kept, so no label vanishes under a tiny budget.
-    """
+    """Keep, per label, documents in seeded-hash order until the label's byte budget is used; the first
+    document of a label is always kept, so no label vanishes under a tiny budget."""
     kept: list[Document] = []
     for _, group in groupby(sorted(documents, key=attrgetter("label")), key=attrgetter("label")):
         used = 0

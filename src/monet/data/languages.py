@@ -23,11 +23,6 @@ DEFAULT_LANGUAGES = ("de", "es", "fr", "id", "it", "pl", "ru", "sv", "tr", "uk")
 CHUNK_BYTES = 1024
 
 
-def language_of(locale: str) -> str:
-    """ISO language code of a locale directory name: ``pt_BR`` -> ``pt``, ``sr@latin`` -> ``sr``."""
-    return locale.split("@", 1)[0].split("_", 1)[0].split(".", 1)[0].lower()
-
-
 def catalog_entries(path: str | Path) -> list[tuple[str, object]] | None:
     """(msgid, translation) of each entry of a compiled catalogue (one per plural form); None if unreadable."""
     try:
@@ -39,10 +34,8 @@ def catalog_entries(path: str | Path) -> list[tuple[str, object]] | None:
 
 
 def read_catalog(path: str | Path) -> tuple[list[str], list[str]] | None:
-    """(msgids, translations) of a compiled catalogue; None if it is not a readable .mo file.
-
-    Untranslated entries and entries whose translation equals the English text are left out.
-    """
+    """(msgids, translations) of a compiled catalogue, without untranslated entries and entries whose
+    translation equals the English text; None if it is not a readable .mo file."""
     entries = catalog_entries(path)
     if entries is None:
         return None
@@ -73,7 +66,7 @@ def catalogues(locale_dir: str | Path, languages: tuple[str, ...]) -> dict[str, 
                          "(e.g. `apt-get install coreutils gettext-base`) or pass another directory")
     found: dict[str, list[str]] = {}
     for locale in sorted(os.listdir(locale_dir)):
-        language = language_of(locale)
+        language = locale.split("@", 1)[0].split("_", 1)[0].split(".", 1)[0].lower()   # pt_BR, sr@latin -> pt, sr
         folder = os.path.join(locale_dir, locale, "LC_MESSAGES")
         if language not in languages or not os.path.isdir(folder):
             continue

@@ -52,11 +52,9 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def fetch_deb(package: str, cache: Path) -> Path:
-    """Download a Debian package and unpack it (no dependencies, no scripts) into the cache.
-
-    Runs ``apt-get update`` once if the first download fails (a fresh machine has no lists).
-    Returns the unpack root; an already unpacked package is reused.
-    """
+    """Download a Debian package and unpack it (no dependencies, no scripts) into the cache; returns the
+    unpack root (reused when present). Runs ``apt-get update`` once if the first download fails (a fresh
+    machine has no lists)."""
     root = deb_root(package, cache)
     if root.is_dir():
         return root

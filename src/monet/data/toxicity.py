@@ -48,11 +48,8 @@ def load_scorer():
 
 
 def english_messages(locale_dir: str | Path = LOCALE_DIR) -> dict[str, str]:
-    """English msgids of the gettext catalogues -> the catalogue they come from.
-
-    msgids are the same in every locale, so only the largest (most completely translated) .mo file
-    of each text domain is read.
-    """
+    """English msgids of the gettext catalogues -> the catalogue they come from. msgids are the same in
+    every locale, so only the largest (most completely translated) .mo file of each text domain is read."""
     sized = []
     for path in glob.glob(os.path.join(str(locale_dir), "*", "LC_MESSAGES", "*.mo")):
         with contextlib.suppress(OSError):
@@ -104,10 +101,8 @@ def toxicity_documents(
     max_bytes: int, seed: int = 0, *, cache: Path, fetch: bool = False, locale_dir: str | Path = LOCALE_DIR,
     texts: list[tuple[str, str]] | None = None, progress: bool = True,
 ) -> list[Document]:
-    """Score real (and, with naughty-words, template) texts and label them toxic / non-toxic.
-
-    ``texts`` ((text, source) pairs) replaces the default inputs, e.g. in tests.
-    """
+    """Score real (and, with naughty-words, template) texts and label them toxic / non-toxic; ``texts``
+    ((text, source) pairs) replaces the default inputs, e.g. in tests."""
     del max_bytes, progress
     predict_prob = load_scorer()
     synthetic: list[tuple[str, str, dict]] = []
