@@ -340,9 +340,7 @@ def discover(roots: dict[str, list[str]], sources: dict[str, list[dict]] | None 
             source = entry["source"]
             info = None if "version" not in entry else {
                 "package": source.package, "version": entry["version"], "license": source.license}
-            for root in entry["roots"]:
-                if not os.path.exists(root):
-                    continue
+            for root in filter(os.path.exists, entry["roots"]):
                 for ref in walk(root, source):
                     if ref.name not in seen:
                         seen.add(ref.name)
@@ -366,26 +364,25 @@ def code_documents(
     budget = max(1, max_bytes // len(candidates))
     seen: set[str] = set()
     documents: list[Document] = []
-    bar = tqdm(total=budget * len(candidates), unit="B", unit_scale=True, desc="code", disable=not progress)
-    for label in sorted(candidates):
-        used, misses = 0, 0
-        for ref, info in sorted(candidates[label], key=lambda c: seeded_key(seed, c[0].name)):
-            doc = read_document(ref, label, info, seed)
-            if doc is None or doc.digest in seen:
-                continue
-            size = len(doc.text.encode("utf-8"))
-            if used and used + size > budget:
-                misses += 1
-                if misses >= 50:
+    with tqdm(total=budget * len(candidates), unit="B", unit_scale=True, desc="code", disable=not progress) as bar:
+        for label in sorted(candidates):
+            used, misses = 0, 0
+            for ref, info in sorted(candidates[label], key=lambda c: seeded_key(seed, c[0].name)):
+                doc = read_document(ref, label, info, seed)
+                if doc is None or doc.digest in seen:
+                    continue
+                size = len(doc.text.encode("utf-8"))
+                if used and used + size > budget:
+                    misses += 1
+                    if misses >= 50:   # the budget is nearly full: stop looking for small enough files
+                        break
+                    continue
+                seen.add(doc.digest)
+                documents.append(doc)
+                used += size
+                bar.update(size)
+                if used >= 0.98 * budget:
                     break
-                continue
-            seen.add(doc.digest)
-            documents.append(doc)
-            used += size
-            bar.update(size)
-            if used >= 0.98 * budget:
-                break
-    bar.close()
     return documents
 
 

@@ -1,14 +1,9 @@
 """The ``toxicity`` corpus: real English texts scored by a packaged classifier (toxic / non-toxic).
 
-No toxic-comment corpus can be had offline, so this corpus is honest about its parts:
-
-* real text, always: the English source strings (msgids) of the machine's gettext catalogues;
-* real text, when installed or fetched: GCIDE definitions (``dict-gcide``) and Debian ``fortunes``;
-* synthetic, only with npm ``naughty-words`` (fetched with ``--fetch``): template sentences that put a
-  word from its English list around a real English message string (``meta.synthetic = true``).
-
-Labels are not hand-made: ``alt-profanity-check``'s ``predict_prob`` scores every text and a
-probability >= 0.5 means ``toxic``; the score is kept in the metadata.
+No toxic-comment corpus can be had offline. The texts are gettext msgids, GCIDE definitions, Debian
+fortunes and, only with npm ``naughty-words``, template sentences marked ``meta.synthetic`` (docs/data.md
+lists them); the labels are ``alt-profanity-check``'s: ``predict_prob`` >= ``THRESHOLD`` means ``toxic``,
+and the score is kept in the metadata.
 """
 
 from __future__ import annotations
