@@ -9,6 +9,7 @@ of the locale directory (``pt_BR`` and ``pt`` are both ``pt``).
 from __future__ import annotations
 
 import gettext
+import glob
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,13 +66,11 @@ def catalogues(locale_dir: str | Path, languages: tuple[str, ...]) -> dict[str, 
         raise MonetError(f"locale directory {locale_dir} does not exist; gettext catalogues come with Debian packages "
                          "(e.g. `apt-get install coreutils gettext-base`) or pass another directory")
     found: dict[str, list[str]] = {}
-    for locale in sorted(os.listdir(locale_dir)):
+    for path in sorted(glob.glob(os.path.join(str(locale_dir), "*", "LC_MESSAGES", "*.mo"))):
+        locale = Path(path).parts[-3]
         language = locale.split("@", 1)[0].split("_", 1)[0].split(".", 1)[0].lower()   # pt_BR, sr@latin -> pt, sr
-        folder = os.path.join(locale_dir, locale, "LC_MESSAGES")
-        if language not in languages or not os.path.isdir(folder):
-            continue
-        paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.endswith(".mo")]
-        found.setdefault(language, []).extend(paths)
+        if language in languages:
+            found.setdefault(language, []).append(path)
     return found
 
 

@@ -78,8 +78,8 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, kind: str = "bpe")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specials = {name: GPT2_SPECIAL for name in SPECIAL_TOKENS} if kind == "gpt2" else dict(SPECIAL_TOKENS)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False, **specials)
-    fast.model_max_length = 1 << 30
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False,
+                                   model_max_length=1 << 30, **specials)
     with tempfile.TemporaryDirectory(dir=out, prefix=".tok-") as tmp:
         fast.save_pretrained(tmp)
         write_json(Path(tmp) / "special_tokens_map.json", specials)
