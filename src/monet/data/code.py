@@ -6,9 +6,8 @@ records its package, version and licence. Only real source is kept (`reject_reas
 test-fixture or third-party trees, no generated, minified or data-table files. A file's leading licence
 comment is dropped (the same boilerplate in every file would be a large, language-agnostic part of the
 corpus), and a long file gives one seeded excerpt of ``CODE_DOCUMENT_BYTES``, so more files (and more
-projects) fit in the budget and the validation split holds many files. java is not a default language:
-its experts are not separable from C's, JavaScript's and PHP's at the demo's budget, and much of the
-OpenJDK text is Javadoc prose (docs/experts.md). ``roots`` (label -> directories) replaces the packages.
+projects) fit in the budget and the validation split holds many files. java is optional, not a default
+(docs/experts.md says why). ``roots`` (label -> directories) replaces the packages.
 """
 
 from __future__ import annotations
