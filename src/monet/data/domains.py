@@ -138,8 +138,7 @@ def read_gcide(dict_path: Path) -> Iterator[Sense]:
         raise MonetError(f"GCIDE index {index_path} is missing; "
                          "reinstall with `apt-get install --reinstall dict-gcide`")
     try:
-        with gzip.open(dict_path, "rb") as fh:
-            data = fh.read()
+        data = gzip.decompress(Path(dict_path).read_bytes())   # dictzip is gzip with an index
     except (OSError, EOFError) as exc:
         raise MonetError(f"cannot read {dict_path}: {exc}; reinstall dict-gcide") from exc
     spans: set[tuple[int, int]] = set()
