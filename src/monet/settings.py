@@ -1,13 +1,8 @@
 """Typed settings of every command: one dataclass per command, validated once, at the edge.
 
-The command line is derived from these classes (`monet.cli`, with tyro: each field is a `--flag`, its
-docstring the help text, its default shown), `monet train --config FILE.yaml` fills `TrainSettings` from
-YAML, and the library entry points take the same objects, so a setting has one name, one type, one
-default and one check wherever it is used. This module imports no torch or transformers: `monet --help`
-starts instantly.
-
-Validation: every numeric field declares its range with `number(...)`; `Settings.__post_init__` checks
-type, finiteness and range of each and raises `MonetError` naming the option, the bad value and the fix.
+`monet.cli` derives the command line from these classes (tyro: a field is a `--flag`, its docstring the help),
+`monet train --config` fills `TrainSettings` from YAML and the library takes the same objects: a setting has one
+name, type, default and check. No torch or transformers here, so `monet --help` starts instantly.
 """
 
 from __future__ import annotations
@@ -90,21 +85,17 @@ def literal_choices(hint: Any) -> tuple:
 def check_number(name: str, value: Any, *, integer: bool = False, low: float | None = None,
                  high: float | None = None, above: float | None = None, below: float | None = None) -> None:
     """MonetError unless `value` is a (finite) number of the right kind inside the range."""
-    kind = "integer" if integer else "number"
-    sign = {(1, None): "positive", (0, None): "non-negative"}.get((low, above)) if integer else \
-        {(None, 0): "positive", (0, None): "non-negative"}.get((low, above))
-    if sign and high is None and below is None:
-        wanted = f"a {sign} {kind}"
-    else:
-        bounds = [f">= {low:g}" if low is not None else "", f"> {above:g}" if above is not None else "",
-                  f"<= {high:g}" if high is not None else "", f"< {below:g}" if below is not None else ""]
-        wanted = f"a finite {kind} " + " and ".join(b for b in bounds if b)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (not integer or isinstance(value, int))
-    ok = ok and math.isfinite(value)
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (low is None or value >= low) and (high is None or value <= high)
-    ok = ok and (above is None or value > above) and (below is None or value < below)
-    if not ok:
-        raise MonetError(f"{name} must be {wanted}, got {value!r}")
+    if ok and (above is None or value > above) and (below is None or value < below):
+        return
+    kind = "integer" if integer else "number"
+    if high is None and below is None and (low, above) in ((0, None), (1, None) if integer else (None, 0)):
+        wanted = f"a {'non-negative' if low == 0 else 'positive'} {kind}"
+    else:
+        bounds = {">=": low, ">": above, "<=": high, "<": below}
+        wanted = f"a finite {kind} " + " and ".join(f"{op} {at:g}" for op, at in bounds.items() if at is not None)
+    raise MonetError(f"{name} must be {wanted}, got {value!r}")
 
 
 def check_device(device: str) -> None:
@@ -126,7 +117,6 @@ def parse_size(text: str | int) -> int:
 
 def parse_assignments(pairs: tuple[str, ...] | list[str], what: str = "--set") -> dict[str, Any]:
     """`KEY=VALUE` strings -> dict; values read as YAML scalars (3, 1e-3, true, null, text)."""
-
     out = {}
     for pair in pairs:
         key, sep, raw = str(pair).partition("=")
@@ -145,10 +135,8 @@ def yaml_scalar(raw: str) -> Any:
     except yaml.YAMLError:
         return raw
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             return float(value)
-        except ValueError:
-            return value
     return value
 
 
@@ -160,8 +148,7 @@ def yaml_scalar(raw: str) -> Any:
 class InfoCommand(Settings):
     """Parameter and expert counts of a preset, or the paper's Table 1 comparison.
 
-    Parameter counts and expert counts of a preset, or one layer of SMoE, PEER, Monet-HD and Monet-VD
-    at N experts (paper Table 1, appendix A.2) with --compare."""
+    With --compare: one layer of SMoE, PEER, Monet-HD and Monet-VD at N experts (paper Table 1, appendix A.2)."""
 
     preset: str = "small"
     """a named shape: tiny, small, monet-vd-850m, monet-vd-1.4b, monet-vd-4.1b, monet-hd-*, codemonet-vd-1.4b"""
@@ -218,9 +205,7 @@ class DataBuild(Settings):
 
 @dataclass(kw_only=True)
 class DataInfo(Settings):
-    """Documents and tokens per label and split of a dataset.
-
-    Documents and tokens per label and split of a built dataset."""
+    """Documents and tokens per label and split of a built dataset."""
 
     dir: Positional[str]  # dataset directory
     json: bool = False  # print the manifest as JSON
@@ -303,7 +288,7 @@ class TrainSettings(Settings):
 class EvalCommand(Settings):
     """Validation loss and perplexity, overall and per label.
 
-    Mean next-token loss and perplexity on a dataset split, overall and for each label."""
+    Mean next-token loss and perplexity on a dataset split."""
 
     run: Positional[str]  # run directory (newest checkpoint) or checkpoint directory
     data: str  # dataset directory from `monet data build` (built with the model's tokenizer)
@@ -320,8 +305,7 @@ class EvalCommand(Settings):
 class GenerateCommand(Settings):
     """Generate text from a run, optionally with experts deleted or steered.
 
-    Continue a prompt with a trained model (sampling by default, --greedy for argmax), optionally with
-    experts deleted or steered."""
+    Continue a prompt with a trained model: sampling by default, --greedy for argmax."""
 
     run: Positional[str]  # run directory (newest checkpoint) or checkpoint directory
     prompt: str  # text to continue
@@ -407,9 +391,7 @@ class AtlasQuery(Settings):
 
 @dataclass(kw_only=True)
 class AtlasExport(Settings):
-    """Write one expert page as JSON, close to Neuronpedia's feature data.
-
-    Write one expert page as JSON in a shape close to Neuronpedia feature data (docs/atlas.md)."""
+    """Write one expert page as JSON, close to Neuronpedia's feature data (docs/atlas.md)."""
 
     atlas: Positional[str]  # atlas directory
     expert: str  # routing group and expert id, G:ID
@@ -546,8 +528,7 @@ class UnlearnSettings(Settings):
 class ToxicitySettings(Settings):
     """Purge experts correlated with toxicity and measure the effect (paper §5.3).
 
-    Purge experts correlated with toxicity (paper §5.3, D.3) and measure the toxicity of sampled
-    continuations (alt-profanity-check) and the general loss change."""
+    The effect (paper §5.3, D.3): toxicity of sampled continuations (alt-profanity-check), general loss change."""
 
     run: Positional[str]  # Monet run or checkpoint trained on (or with) the toxicity corpus
     data: str  # dataset built with `monet data build --source toxicity`
@@ -600,10 +581,10 @@ class BenchSettings(Settings):
 class DemoSettings(Settings):
     """The whole path in minutes on a CPU: corpus, Monet and dense training, atlases, unlearning.
 
-    The whole path in minutes on a CPU: build a labelled corpus (code: 8 programming languages from
-    package registries), train a small Monet and a dense LLaMA of matching size, build their atlases,
-    delete each label's experts (neurons) in turn and report the loss on every label, with bootstrap
-    CIs, a random-mask control and a forget-retain sweep. Re-running reuses finished steps."""
+    Build a labelled corpus (code: 8 programming languages from package registries), train a small Monet and a
+    dense LLaMA of matching size, build their atlases, delete each label's experts (neurons) in turn and report
+    the loss on every label, with bootstrap CIs, a random-mask control and a forget-retain sweep. Re-running
+    reuses finished steps."""
 
     out: str = "monet-demo"  # working directory
     source: Literal["code", "languages", "domains"] = "code"  # the labelled corpus
