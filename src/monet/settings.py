@@ -49,8 +49,14 @@ def deferred_checks() -> Iterator[None]:
         _DEFERRED.reset(token)
 
 
+@typing.dataclass_transform(kw_only_default=True, field_specifiers=(field, number))
 class Settings:
-    """Base of the settings classes: checks every field declared with `number(...)` and the device."""
+    """Base of the settings classes, each made a keyword-only dataclass: checks each Literal field, each field
+    declared with `number(...)` (of a tuple field: each item) and the device."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        dataclass(kw_only=True)(cls)
 
     def __post_init__(self) -> None:
         if not _DEFERRED.get():
@@ -66,7 +72,9 @@ class Settings:
                 raise MonetError(f"{flag_name(spec.name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
             if value is None or not spec.metadata:
                 continue
-            check_number(flag_name(spec.name), value, integer=spec.type in ("int", "int | None"), **spec.metadata)
+            for item in value if isinstance(value, tuple) else (value,):
+                check_number(flag_name(spec.name), item, integer=spec.type.startswith(("int", "tuple[int")),
+                             **spec.metadata)
         if hasattr(self, "device"):
             check_device(self.device)
         self.validate()
@@ -144,7 +152,6 @@ def yaml_scalar(raw: str) -> Any:
 # Models and data
 
 
-@dataclass(kw_only=True)
 class InfoCommand(Settings):
     """Parameter and expert counts of a preset, or the paper's Table 1 comparison.
 
@@ -172,7 +179,6 @@ class InfoCommand(Settings):
                 raise MonetError(f"--experts must be a perfect square N = E^2 for product keys, got {self.experts}")
 
 
-@dataclass(kw_only=True)
 class DataBuild(Settings):
     """Build a labelled corpus, its tokenizer and memory-mapped tokens.
 
@@ -203,7 +209,6 @@ class DataBuild(Settings):
             raise MonetError(f"--labels picks code or human languages; the {self.source} corpus has fixed labels")
 
 
-@dataclass(kw_only=True)
 class DataInfo(Settings):
     """Documents and tokens per label and split of a built dataset."""
 
@@ -215,7 +220,6 @@ class DataInfo(Settings):
 # Training
 
 
-@dataclass(kw_only=True)
 class TrainSettings(Settings):
     """Train or resume a Monet, dense or PEER language model.
 
@@ -242,10 +246,8 @@ class TrainSettings(Settings):
     warmup_steps: int = number(100, low=0)  # linear warmup from 0
     weight_decay: float = number(0.1, low=0, below=1)
     """AdamW decay, on matrices only (not norms, biases, router BatchNorm)"""
-    beta1: float = number(0.9, low=0, below=1)
-    """AdamW beta1"""
-    beta2: float = number(0.95, low=0, below=1)
-    """AdamW beta2"""
+    beta1: float = number(0.9, low=0, below=1)  # AdamW beta1
+    beta2: float = number(0.95, low=0, below=1)  # AdamW beta2
     adam_eps: float = number(1e-8, above=0)  # AdamW epsilon
     grad_clip: float = number(1.0, low=0)
     """max global gradient norm; 0 disables clipping (the norm is still checked for NaN)"""
@@ -284,7 +286,6 @@ class TrainSettings(Settings):
 # Using a model
 
 
-@dataclass(kw_only=True)
 class EvalCommand(Settings):
     """Validation loss and perplexity, overall and per label.
 
@@ -301,7 +302,6 @@ class EvalCommand(Settings):
     json: bool = False  # print machine-readable JSON
 
 
-@dataclass(kw_only=True)
 class GenerateCommand(Settings):
     """Generate text from a run, optionally with experts deleted or steered.
 
@@ -328,7 +328,6 @@ class GenerateCommand(Settings):
 # Looking inside
 
 
-@dataclass(kw_only=True)
 class AtlasOptions(Settings):
     """How an atlas is built (recorded in its manifest)."""
 
@@ -342,7 +341,6 @@ class AtlasOptions(Settings):
     """examples kept per activation band of each expert (a uniform random sample; 0: none)"""
 
 
-@dataclass(kw_only=True)
 class AtlasBuild(AtlasOptions):
     """Build the expert atlas: top contexts and label statistics of every expert.
 
@@ -362,7 +360,6 @@ class AtlasBuild(AtlasOptions):
         return AtlasOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AtlasOptions)})
 
 
-@dataclass(kw_only=True)
 class AtlasQuery(Settings):
     """Query an atlas: an expert, a token, a label, or each token of a text.
 
@@ -389,7 +386,6 @@ class AtlasQuery(Settings):
             raise MonetError("give exactly one of --expert, --token, --contains, --text, --label")
 
 
-@dataclass(kw_only=True)
 class AtlasExport(Settings):
     """Write one expert page as JSON, close to Neuronpedia's feature data (docs/atlas.md)."""
 
@@ -401,7 +397,6 @@ class AtlasExport(Settings):
     force: bool = False  # replace --out if it exists
 
 
-@dataclass(kw_only=True)
 class ViewCommand(Settings):
     """Browse an atlas in a local web viewer.
 
@@ -420,7 +415,6 @@ class ViewCommand(Settings):
     device: Device = "auto"  # device for --run: auto (CUDA when available), cpu, cuda or cuda:N
 
 
-@dataclass(kw_only=True)
 class ExplainCommand(Settings):
     """Let the model describe an expert (self-explanation, paper §4.3).
 
@@ -438,7 +432,6 @@ class ExplainCommand(Settings):
     device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
 
 
-@dataclass(kw_only=True)
 class ProbeSettings(Settings):
     """Sparse probing: predict a token's label from k experts (and a dense baseline's k neurons).
 
@@ -454,7 +447,7 @@ class ProbeSettings(Settings):
     split: Literal["train", "validation"] = "train"
     """split whose documents are divided into probe-train and probe-test documents (train: the larger one; the
     probes never see their test documents, and every model probed saw the same training text)"""
-    ks: tuple[int, ...] = (1, 2, 5, 10, 20)  # probe sizes: units per probe
+    ks: tuple[int, ...] = number((1, 2, 5, 10, 20), low=1)  # probe sizes: units per probe
     pool: Literal["token", "window"] = "token"
     """what a probe labels: each token, or each window (units' mean activation over its tokens, as in SAEBench)"""
     train_tokens: int = number(8_000, low=1)  # probe-train tokens per label
@@ -472,15 +465,12 @@ class ProbeSettings(Settings):
     def validate(self) -> None:
         if not self.ks:
             raise MonetError("--ks needs at least one probe size")
-        for k in self.ks:
-            check_number("--ks", k, integer=True, low=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Experiments
 
 
-@dataclass(kw_only=True)
 class UnlearnSettings(Settings):
     """Delete a label's experts and measure the loss on every label, with a noise floor (paper §5).
 
@@ -524,7 +514,6 @@ class UnlearnSettings(Settings):
                 raise MonetError(f"--dense-fractions must lie in (0, 1], got {share}")
 
 
-@dataclass(kw_only=True)
 class ToxicitySettings(Settings):
     """Purge experts correlated with toxicity and measure the effect (paper §5.3).
 
@@ -533,7 +522,7 @@ class ToxicitySettings(Settings):
     run: Positional[str]  # Monet run or checkpoint trained on (or with) the toxicity corpus
     data: str  # dataset built with `monet data build --source toxicity`
     out: str  # report directory
-    thresholds: tuple[float, ...] = (0.2, 0.1, 0.05)
+    thresholds: tuple[float, ...] = number((0.2, 0.1, 0.05), above=0, high=1)
     """correlation thresholds: experts at or above one are deleted (paper: 0.2, 0.1, 0.05)"""
     prompts: int = number(40, low=1)  # prompts (the corpus's most toxic validation texts)
     samples: int = number(5, low=1)  # continuations per prompt (paper: 25)
@@ -544,12 +533,7 @@ class ToxicitySettings(Settings):
     force: bool = False  # replace --out even if it is not a toxicity report
     quiet: bool = False  # no progress bars
 
-    def validate(self) -> None:
-        for value in self.thresholds:
-            check_number("--thresholds", value, above=0, high=1)
 
-
-@dataclass(kw_only=True)
 class BenchSettings(Settings):
     """Side-by-side speed and memory ratios of Monet blocks and dense MLPs.
 
@@ -577,7 +561,6 @@ class BenchSettings(Settings):
             raise MonetError(f"unknown preset(s) in --shapes: {', '.join(unknown)}; available: {', '.join(PRESETS)}")
 
 
-@dataclass(kw_only=True)
 class DemoSettings(Settings):
     """The whole path in minutes on a CPU: corpus, Monet and dense training, atlases, unlearning.
 
