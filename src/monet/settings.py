@@ -52,7 +52,7 @@ def deferred_checks() -> Iterator[None]:
 @typing.dataclass_transform(kw_only_default=True, field_specifiers=(field, number))
 class Settings:
     """Base of the settings classes, each made a keyword-only dataclass: checks each Literal field, each field
-    declared with `number(...)` (of a tuple field: each item) and the device."""
+    declared with `number(...)` (of a tuple field: each item), the device and the preset."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -75,8 +75,10 @@ class Settings:
             for item in value if isinstance(value, tuple) else (value,):
                 check_number(flag_name(spec.name), item, integer=spec.type.startswith(("int", "tuple[int")),
                              **spec.metadata)
-        if hasattr(self, "device"):
-            check_device(self.device)
+        if hasattr(self, "device") and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            raise MonetError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if hasattr(self, "preset") and self.preset not in PRESETS:
+            raise MonetError(f"unknown preset {self.preset!r}; available presets: {', '.join(PRESETS)}")
         self.validate()
 
     def validate(self) -> None:
@@ -104,11 +106,6 @@ def check_number(name: str, value: Any, *, integer: bool = False, low: float | N
         bounds = {">=": low, ">": above, "<=": high, "<": below}
         wanted = f"a finite {kind} " + " and ".join(f"{op} {at:g}" for op, at in bounds.items() if at is not None)
     raise MonetError(f"{name} must be {wanted}, got {value!r}")
-
-
-def check_device(device: str) -> None:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
-        raise MonetError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 def parse_size(text: str | int) -> int:
@@ -148,10 +145,6 @@ def yaml_scalar(raw: str) -> Any:
     return value
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Models and data
-
-
 class InfoCommand(Settings):
     """Parameter and expert counts of a preset, or the paper's Table 1 comparison.
 
@@ -169,8 +162,6 @@ class InfoCommand(Settings):
     json: bool = False  # print JSON
 
     def validate(self) -> None:
-        if self.preset not in PRESETS:
-            raise MonetError(f"unknown preset {self.preset!r}; available presets: {', '.join(PRESETS)}")
         if self.compare:
             missing = [flag_name(n) for n in ("dim", "experts", "heads", "moe_dim") if getattr(self, n) is None]
             if missing:
@@ -216,10 +207,6 @@ class DataInfo(Settings):
     json: bool = False  # print the manifest as JSON
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training
-
-
 class TrainSettings(Settings):
     """Train or resume a Monet, dense or PEER language model.
 
@@ -234,8 +221,7 @@ class TrainSettings(Settings):
     preset: str = "tiny"  # model shape, a name from `monet info` (tiny, small, monet-vd-1.4b, ...)
     model: Literal["monet", "dense", "peer"] = "monet"
     """monet, or a baseline in the same decoder: dense (LLaMA MLP, same total parameters) or peer"""
-    decompose: Literal["vertical", "horizontal", "vd", "hd"] | None = None
-    """expert decomposition (default: the preset's)"""
+    decompose: Literal["vertical", "horizontal", "vd", "hd"] | None = None  # expert decomposition (default: preset's)
     set: tuple[str, ...] = ()  # MonetConfig field overrides, KEY=VALUE (e.g. --set moe_dim=4 aux_loss_weight=0.01)
     max_steps: int = number(1000, low=1)  # optimizer steps
     batch_size: int = number(8, low=1)  # GLOBAL sequences per optimizer step (all ranks, all micro-steps)
@@ -244,15 +230,12 @@ class TrainSettings(Settings):
     lr: float = number(5e-4, above=0)  # peak learning rate (paper B.1)
     min_lr: float = number(5e-5, low=0)  # end of the cosine decay
     warmup_steps: int = number(100, low=0)  # linear warmup from 0
-    weight_decay: float = number(0.1, low=0, below=1)
-    """AdamW decay, on matrices only (not norms, biases, router BatchNorm)"""
+    weight_decay: float = number(0.1, low=0, below=1)  # AdamW decay on matrices (not norms, biases, router BatchNorm)
     beta1: float = number(0.9, low=0, below=1)  # AdamW beta1
     beta2: float = number(0.95, low=0, below=1)  # AdamW beta2
     adam_eps: float = number(1e-8, above=0)  # AdamW epsilon
-    grad_clip: float = number(1.0, low=0)
-    """max global gradient norm; 0 disables clipping (the norm is still checked for NaN)"""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """auto: bf16 autocast on CUDA devices that support it, else float32"""
+    grad_clip: float = number(1.0, low=0)  # max global gradient norm; 0: no clipping (still checked for NaN)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast where CUDA supports it, else float32
     device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
     seed: int = number(0, low=0)  # initialisation, data order and dropout
     eval_interval: int = number(100, low=0)  # steps between validation passes (and at the last step); 0 = never
@@ -269,8 +252,6 @@ class TrainSettings(Settings):
     quiet: bool = False  # no progress bar
 
     def validate(self) -> None:
-        if self.preset not in PRESETS:
-            raise MonetError(f"unknown preset {self.preset!r}; available presets: {', '.join(PRESETS)}")
         if self.batch_size % self.grad_accum:
             raise MonetError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
         if self.min_lr > self.lr:
@@ -280,10 +261,6 @@ class TrainSettings(Settings):
     def model_fields(self) -> dict[str, Any]:
         """The `--set` overrides as a dict."""
         return parse_assignments(self.set)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Using a model
 
 
 class EvalCommand(Settings):
@@ -324,15 +301,10 @@ class GenerateCommand(Settings):
     no_verify: bool = False  # skip the SHA-256 check of the checkpoint
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Looking inside
-
-
 class AtlasOptions(Settings):
     """How an atlas is built (recorded in its manifest)."""
 
-    max_tokens: int | None = number(1_000_000, low=1)
-    """tokens to process, balanced across labels (None: the whole split)"""
+    max_tokens: int | None = number(1_000_000, low=1)  # tokens to process, balanced across labels (None: whole split)
     top_k: int = number(10, low=1, high=10_000)  # contexts kept per expert
     split: Literal["train", "validation"] = "validation"  # which split to stream
     batch_size: int = number(16, low=1)  # windows per forward pass
@@ -371,8 +343,7 @@ class AtlasQuery(Settings):
     atlas: Positional[str]  # atlas directory
     expert: str | None = None  # one expert: G:ID, routing group and expert id i*E+j
     token: str | None = None  # experts most often active on this vocabulary token (text or id)
-    contains: str | None = None
-    """experts most often active on the vocabulary tokens containing this text (case-insensitive)"""
+    contains: str | None = None  # experts most often active on vocabulary tokens containing this text (ignoring case)
     text: str | None = None  # run the model (--run) on TEXT and list each token's experts
     label: str | None = None  # experts most specific to a label
     run: str | None = None  # the model the atlas was built from (promoted tokens, --text)
@@ -465,10 +436,6 @@ class ProbeSettings(Settings):
     def validate(self) -> None:
         if not self.ks:
             raise MonetError("--ks needs at least one probe size")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Experiments
 
 
 class UnlearnSettings(Settings):

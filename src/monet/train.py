@@ -66,7 +66,6 @@ from monet.runtime import resolve_device, start_distributed
 from monet.settings import TrainSettings, parse_assignments, yaml_scalar
 
 METRIC_COLUMNS = ["step", "loss", "lm_loss", "unif_loss", "amb_loss", "lr", "grad_norm", "tokens_per_s"]
-DECOMPOSE = {"vertical": "vertical", "vd": "vertical", "horizontal": "horizontal", "hd": "horizontal"}
 _RUN_KEYS = ("output_router_probs", "use_cache")   # MonetConfig fields a run never sets
 
 
@@ -117,7 +116,7 @@ def build_model_config(settings: TrainSettings, vocab_size: int) -> MonetConfig:
                          "tokens); drop vocab_size (it comes from the data) or rebuild the data with that vocabulary")
     base = {**PRESETS[settings.preset], "vocab_size": vocab_size}
     if settings.decompose is not None:
-        base["moe_decompose"] = DECOMPOSE[settings.decompose]
+        base["moe_decompose"] = {"vd": "vertical", "hd": "horizontal"}.get(settings.decompose, settings.decompose)
     base.update(fields)
     base["mlp_type"] = settings.model
     base["max_position_embeddings"] = max(base.get("max_position_embeddings", 2048), settings.seq_len)
