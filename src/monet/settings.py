@@ -120,13 +120,13 @@ def parse_size(text: str | int) -> int:
     return int(float(match[1]) * units[unit])
 
 
-def parse_assignments(pairs: tuple[str, ...] | list[str], what: str = "--set") -> dict[str, Any]:
+def parse_assignments(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
     """`KEY=VALUE` strings -> dict; values read as YAML scalars (3, 1e-3, true, null, text)."""
     out = {}
     for pair in pairs:
         key, sep, raw = str(pair).partition("=")
         if not sep or not key.strip():
-            raise MonetError(f"{what} expects key=value, got {pair!r} (e.g. {what} moe_dim=4)")
+            raise MonetError(f"--set expects key=value, got {pair!r} (e.g. --set moe_dim=4)")
         out[key.strip()] = yaml_scalar(raw)
     return out
 
@@ -210,11 +210,10 @@ class DataInfo(Settings):
 class TrainSettings(Settings):
     """Train or resume a Monet, dense or PEER language model.
 
-    Train or resume a Monet / dense / PEER language model on a dataset built with `monet data build`.
-    Re-running the same command on an existing --out resumes exactly from its newest intact checkpoint.
-    `torchrun --nproc_per_node N -m monet train ...` trains data-parallel (DDP or FSDP2).
-    `batch_size` is the GLOBAL number of sequences per optimizer step, split into `grad_accum` micro-steps
-    and across the ranks, so a run gives the same losses whatever the number of processes."""
+    On a dataset built with `monet data build`; re-running the same command on an existing --out resumes exactly
+    from its newest intact checkpoint. `torchrun --nproc_per_node N -m monet train ...` trains data-parallel (DDP
+    or FSDP2). `batch_size` is the GLOBAL number of sequences per optimizer step, split into `grad_accum`
+    micro-steps and across the ranks, so a run gives the same losses whatever the number of processes."""
 
     data: str  # dataset directory from `monet data build`
     out: str  # run directory (created; resumed when it holds a run)

@@ -3,16 +3,9 @@
     monet train --data DIR --out RUN [--config FILE.yaml] [--max-steps 2000 --lr 1e-3 --set moe_dim=4 ...]
     torchrun --nproc_per_node N -m monet train --data DIR --out RUN ...
 
-Settings are a `TrainSettings` (defaults, then the YAML file, then flags; its docstring says how the GLOBAL
-`batch_size` is split). The loss is the model's own (`labels=` in the forward: lm_loss + λ aux_loss); losses do
-not depend on the number of processes (up to float reduction order).
-
-Exact resume: re-running the same command on an existing RUN continues from the newest intact checkpoint
-(weights, BatchNorm routing statistics, AdamW moments, position in the shuffled window order, RNG states)
-and rewrites `metrics.csv` up to that step, so the continued run writes the same rows as an uninterrupted
-one. A damaged newest checkpoint is skipped for the previous good one; if every checkpoint is damaged the
-run stops with an error instead of starting over (metrics are never thrown away silently). Training
-settings such as `max_steps` or `lr` may change on resume; the model shape may not.
+Settings: a `TrainSettings` (defaults, then the YAML file, then flags). The loss is the model's own (`labels=` in
+the forward: lm_loss + λ aux_loss). Exact resume, the data order, the NaN guard and several processes are described
+in docs/training.md.
 """
 
 from __future__ import annotations
@@ -229,11 +222,8 @@ def setup_runtime(settings: TrainSettings) -> Runtime:
 
 
 def freeze_routers(model: nn.Module) -> int:
-    """Router key matrices w1/w2 stop learning (paper B.2); returns how many tensors were frozen.
-
-    The routers' BatchNorm running statistics are buffers, not parameters: in train mode they keep
-    updating from each batch, so the thresholds follow the fine-tuning data.
-    """
+    """Router key matrices w1/w2 stop learning (paper B.2); returns how many tensors were frozen. The routers'
+    BatchNorm running statistics are buffers: in train mode they still update, following the fine-tuning data."""
     keys = [param for name, param in model.named_parameters() if ".router.w1." in name or ".router.w2." in name]
     if not keys:
         raise MonetError("--freeze-router but this model has no Monet routers (model=dense or peer)")
@@ -404,7 +394,6 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
             check_data_fits(resume, data_dir)
         with quiet_transformers():
             model = MonetForCausalLM.from_pretrained(source, config=config)
-    state = load_training_state(resume) if resume is not None else None
     if settings.freeze_router:
         freeze_routers(model)
     model.to(runtime.device)
@@ -413,7 +402,8 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
     optimizer = build_optimizer(model, settings, fused=runtime.device.type == "cuda")
     order = WindowOrder(len(packed), settings.seed)
     start_step, tokens_seen = 0, 0
-    if state is not None:
+    if resume is not None:
+        state = load_training_state(resume)
         _load_optimizer(model, optimizer, state["optimizer"], runtime)
         order.load_state_dict(state["order"])
         start_step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
