@@ -334,10 +334,9 @@ class AtlasBuild(AtlasOptions):
 class AtlasQuery(Settings):
     """Query an atlas: an expert, a token, a label, or each token of a text.
 
-    Ask an atlas: an expert's top contexts (activating token in [[ ]], score as a percentage of the
-    token's routing mass), examples by activation band, counts and label histogram; the experts of a token
-    (or of the tokens containing a text), of a label (skewness, paper §5.1), or of each token of a text
-    (needs --run)."""
+    An expert's top contexts (activating token in [[ ]], score as a percentage of the token's routing mass),
+    examples by activation band, counts and label histogram; the experts of a token (or of the tokens containing
+    a text), of a label (skewness, paper §5.1), or of each token of a text (needs --run)."""
 
     atlas: Positional[str]  # atlas directory
     expert: str | None = None  # one expert: G:ID, routing group and expert id i*E+j
@@ -370,10 +369,9 @@ class AtlasExport(Settings):
 class ViewCommand(Settings):
     """Browse an atlas in a local web viewer.
 
-    Serve a small web viewer of an atlas (standard-library http.server, 127.0.0.1 by default): each
-    expert's contexts with per-token values, examples by activation band, label and score statistics, token
-    and substring search, label specialists, document view, JSON export; with --run also test activation
-    on typed text, similar experts and steering."""
+    A small standard-library http.server (127.0.0.1 by default): each expert's contexts with per-token values,
+    examples by activation band, label and score statistics, token and substring search, label specialists,
+    document view, JSON export; with --run also test activation on typed text, similar experts and steering."""
 
     atlas: Positional[str]  # atlas directory
     port: int = number(8765, low=0, high=65535)  # port (0 picks a free one)

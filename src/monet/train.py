@@ -213,14 +213,6 @@ class Runtime:
         return self.rank == 0
 
 
-def setup_runtime(settings: TrainSettings) -> Runtime:
-    """Device, process group (under torchrun) and autocast dtype of a run."""
-    rank, world, device = start_distributed(resolve_device(settings.device))
-    bf16 = settings.dtype == "bfloat16" or (settings.dtype == "auto" and device.type == "cuda"
-                                            and torch.cuda.is_bf16_supported())
-    return Runtime(rank, world, device, torch.bfloat16 if bf16 else None, settings.strategy == "fsdp" and world > 1)
-
-
 def freeze_routers(model: nn.Module) -> int:
     """Router key matrices w1/w2 stop learning (paper B.2); returns how many tensors were frozen. The routers'
     BatchNorm running statistics are buffers: in train mode they still update, following the fine-tuning data."""
@@ -332,21 +324,12 @@ def _check_same_model(saved: MonetConfig, current: MonetConfig, where: Path) -> 
                          "settings or train into a new --out directory")
 
 
-def _resume_point(run_dir: Path, verify: bool) -> Path | None:
-    """The newest intact checkpoint of RUN, None for a new run; an error when checkpoints exist but every one
-    is damaged (starting over would throw the run's metrics away)."""
-    if not list_checkpoints(run_dir):
-        return None
-    latest = latest_checkpoint(run_dir, verify=verify)
-    if latest is None:
-        raise MonetError(f"every checkpoint in {run_dir / 'checkpoints'} is damaged (see above), so the run cannot "
-                         "resume; restore a checkpoint, or delete the checkpoints to start over")
-    return latest
-
-
 def train(settings: TrainSettings) -> dict[str, Any]:
     """Train (or resume) the run `settings.out`; returns a summary (steps, last metrics row, checkpoint)."""
-    runtime = setup_runtime(settings)
+    rank, world, device = start_distributed(resolve_device(settings.device))   # joins torchrun's process group
+    bf16 = settings.dtype == "bfloat16" or (settings.dtype == "auto" and device.type == "cuda"
+                                            and torch.cuda.is_bf16_supported())
+    runtime = Runtime(rank, world, device, torch.bfloat16 if bf16 else None, settings.strategy == "fsdp" and world > 1)
     try:
         return _train(settings, Path(settings.data), Path(settings.out), runtime)
     finally:
@@ -373,10 +356,15 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
                          f"{runtime.world} processes; choose a batch size divisible by grad_accum x processes")
     local = micro // runtime.world
 
-    # Resume point (rank 0 decides; every rank loads the same directory).
+    # Resume from the newest intact checkpoint: rank 0 decides, every rank loads the same directory. When every
+    # checkpoint is damaged, stop: starting over would throw the run's metrics away.
+    resume = None
     if runtime.main:
         open_run_dir(run_dir)
-    resume = _resume_point(run_dir, not settings.no_verify) if runtime.main else None
+        resume = latest_checkpoint(run_dir, verify=not settings.no_verify)
+        if resume is None and list_checkpoints(run_dir):
+            raise MonetError(f"every checkpoint in {run_dir / 'checkpoints'} is damaged (see above), so the run "
+                             "cannot resume; restore a checkpoint, or delete the checkpoints to start over")
     if runtime.world > 1:
         box = [str(resume) if resume else None]
         dist.broadcast_object_list(box, src=0)
