@@ -386,9 +386,9 @@ class ViewCommand(Settings):
 class ExplainCommand(Settings):
     """Let the model describe an expert (self-explanation, paper §4.3).
 
-    Self-explanation (paper §4.3): prompt 'Q: What is the meaning of the word X? A: Sure! The meaning of
-    the word X is ' with X the averaged input embedding of the expert's top activating tokens, and sample
-    answers. Meaningful only for chat-tuned models (the paper used Monet-1.4B Chat)."""
+    Prompt 'Q: What is the meaning of the word X? A: Sure! The meaning of the word X is ' with X the averaged input
+    embedding of the expert's top activating tokens, and sample answers. Meaningful only for chat-tuned models (the
+    paper used Monet-1.4B Chat)."""
 
     run: Positional[str]  # run or checkpoint directory (the atlas's model)
     atlas: str  # atlas directory built from RUN
