@@ -9,7 +9,6 @@ statistics) and without labels, so no auxiliary loss and no collective operation
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -59,9 +58,7 @@ def window_losses(
     for start in tqdm(range(0, len(indices), batch_size), disable=not progress, desc="eval", unit="batch",
                       leave=False):
         batch = torch.stack([packed[i] for i in indices[start : start + batch_size]]).to(device)
-        context = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                   else contextlib.nullcontext())
-        with context:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(input_ids=batch, use_cache=False).logits
         losses.append(causal_lm_loss(logits, batch, reduction="none").double().mean(dim=1).cpu())
     if was_training:
@@ -120,7 +117,7 @@ def evaluate_checkpoint(
     if "" not in sets:
         raise MonetError(f"the {split} split of {data_dir} has less than one window of {seq_len + 1} tokens; "
                          "use a shorter --seq-len or more data")
-    results = evaluate_sets(model, sets, batch_size, max_batches, None, None, progress)
+    results = evaluate_sets(model, sets, batch_size, max_batches, progress=progress)
     overall = results.pop("")
     return {
         "checkpoint": str(directory), "data": str(data_dir), "split": split, "seq_len": seq_len,
@@ -201,28 +198,26 @@ def write_lm_eval_task(
     out.mkdir(parents=True, exist_ok=True)
     data_file = (out / "items.jsonl").resolve()
     atomic_write(data_file, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
-    task = "\n".join([
-        f"task: {task_name}",
-        "dataset_path: json",
-        "dataset_kwargs:",
-        "  data_files:",
-        f"    test: {json.dumps(str(data_file))}",
-        "test_split: test",
-        "output_type: multiple_choice",
-        "doc_to_text: context",
-        "doc_to_choice: choices",
-        "doc_to_target: gold",
-        'target_delimiter: ""',
-        "metric_list:",
-        "  - metric: acc",
-        "    aggregation: mean",
-        "    higher_is_better: true",
-        "  - metric: acc_norm",
-        "    aggregation: mean",
-        "    higher_is_better: true",
-        "metadata:",
-        "  version: 1.0",
-        "",
-    ])
+    task = f"""task: {task_name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {json.dumps(str(data_file))}
+test_split: test
+output_type: multiple_choice
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: gold
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
     atomic_write(out / f"{task_name}.yaml", task)
     return out
