@@ -1,10 +1,6 @@
-"""`monet eval`: validation loss and perplexity, overall and per label.
-
-The loss is the mean next-token cross-entropy over packed windows (`PackedSequences`, the same
-windows the trainer uses). With `--max-batches`, windows are taken evenly spaced over the split
-rather than from its start, so a limited pass still sees every part of the corpus (documents are
-stored label by label). The model runs in eval mode (routing thresholds from the BatchNorm running
-statistics) and without labels, so no auxiliary loss and no collective operation is involved.
+"""`monet eval` (docs/training.md): mean next-token loss and perplexity over the trainer's packed windows,
+overall and per label, in eval mode and without labels (no auxiliary loss, no collective operation).
+Also a local lm-evaluation-harness task built from one of our corpora.
 """
 
 from __future__ import annotations
@@ -29,7 +25,8 @@ from monet.runtime import resolve_device
 
 
 def window_indices(total: int, batch_size: int, max_batches: int | None) -> list[int]:
-    """All window indices, or `max_batches * batch_size` of them evenly spaced over [0, total)."""
+    """All window indices, or `max_batches * batch_size` of them evenly spaced over [0, total) (not the first
+    ones: documents are stored label by label, and a limited pass should still see every label)."""
     wanted = total if max_batches is None else min(total, max_batches * batch_size)
     if wanted >= total:
         return list(range(total))
@@ -125,10 +122,6 @@ def evaluate_checkpoint(
     }
 
 
-# ----------------------------------------------------------------------------------------------------------
-# lm-evaluation-harness: a local multiple-choice task built from one of our corpora
-
-
 def build_continuation_items(
     data_dir: str | Path,
     split: str = "validation",
@@ -138,12 +131,9 @@ def build_continuation_items(
     continuation_tokens: int = 16,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Multiple-choice items "which text continues this context?" from real documents of a corpus.
-
-    Context: the first `context_tokens` tokens of a document; the right choice: its next
-    `continuation_tokens` tokens; the distractors: spans of the same length from other documents with
-    the same label (so the choice cannot be made by spotting the language or domain alone).
-    """
+    """Multiple-choice items "which text continues this context?": the first `context_tokens` tokens of a
+    document, its next `continuation_tokens` tokens, and as distractors spans of the same length from other
+    documents of the same label (so the language or domain alone does not give the answer)."""
     if num_choices < 2:
         raise MonetError(f"num_choices must be >= 2, got {num_choices}")
     dataset = TokenDataset(data_dir, split=split)
@@ -188,11 +178,8 @@ def write_lm_eval_task(
     task_name: str = "monet_continuation",
     **item_options: Any,
 ) -> Path:
-    """Write `out_dir/{task_name}.yaml` + `items.jsonl`: a local lm-eval multiple-choice task.
-
-    Use it with `lm_eval.tasks.TaskManager(include_path=out_dir)` and `tasks=[task_name]`; nothing is
-    downloaded (the `json` dataset builder reads the local file). Returns `out_dir`.
-    """
+    """Write `out_dir/{task_name}.yaml` + `items.jsonl`, a local lm-eval multiple-choice task, and return
+    `out_dir`. Use it with `TaskManager(include_path=out_dir)` and `tasks=[task_name]`; nothing is downloaded."""
     items = build_continuation_items(data_dir, **item_options)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
