@@ -1,15 +1,9 @@
 """The Monet model, top to bottom: router, experts, decoder, Hugging Face classes.
 
 A LLaMA decoder (RMSNorm, rotary attention with grouped-query heads and SDPA, untied head) whose MLP is
-replaced by Monet experts (paper §3). Reading order:
-
-1. `MonetRouter` — product-key routing with BatchNorm quantile thresholds (eq. 9), and the auxiliary
-   losses (eq. 16-17).
-2. `MonetHorizontalExperts` (HD, eq. 6-12) and `MonetVerticalExperts` (VD, eq. 13-15, A.1): N = E^2
-   experts from E bottom/left and E top/right halves, computed in factored form.
-3. The decoder: attention, `MonetDecoderLayer` (layer l routes when l % moe_groups == 0, the next layers
-   of its group reuse that (g1, g2)), `MonetModel`, `MonetForCausalLM` (loss = lm_loss + λ aux_loss).
-   `DenseMLP` and `PEERLayer` are the baselines that the same decoder can use instead (`mlp_type`).
+replaced by Monet experts (paper §3): 1. `MonetRouter` and the auxiliary losses (eq. 9, 16-17);
+2. `MonetHorizontalExperts` (HD, eq. 6-12) and `MonetVerticalExperts` (VD, eq. 13-15, A.1), with the
+`DenseMLP` and `PEERLayer` baselines (`mlp_type`); 3. the decoder and the Hugging Face classes.
 
 State-dict keys are the official ones, so a directory written by the official modeling code loads with
 `MonetForCausalLM.from_pretrained(dir)`. With `output_router_probs=True` the output carries one entry per
@@ -170,14 +164,9 @@ def ambiguity_loss(g1: torch.Tensor, g2: torch.Tensor, token_mask: torch.Tensor 
 # the E-sized intermediate sums before the output projections, so an edited forward stays exact.
 
 
-def squared_relu(x: torch.Tensor) -> torch.Tensor:
-    """sigma(x) = relu(x)^2, the activation of the released models (`hidden_act="relu2"`)."""
-    return torch.relu(x).square()
-
-
 def activation(name: str):
-    """The expert nonlinearity by its Hugging Face name; "relu2" is the squared ReLU."""
-    return squared_relu if name == "relu2" else ACT2FN[name]
+    """The expert nonlinearity by its Hugging Face name; the released models use "relu2", relu(x)^2."""
+    return ACT2FN[name]
 
 
 _hd_mix = ops.maybe_compile(ops.hd_mix)
@@ -201,16 +190,12 @@ class MonetHorizontalExperts(nn.Module):
         self.register_buffer("edit_weights", None, persistent=False)
         self.expert_path: str | None = None     # "dense" | "sparse" | "auto"; None: see monet.sparse
 
-    def bottom(self, x: torch.Tensor) -> torch.Tensor:
-        """sigma(U_i x + b1_i) for every bottom half i: [B, T, E, m]."""
-        return self.act(self.u(x)).unflatten(-1, (self.experts, self.expert_dim))
-
     def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
         routing = sparse.choose(self, x, g1, g2)
         if routing is not None:                      # only the active halves (monet.sparse), same value
             return sparse.hd_forward(self, x, g1, g2, routing)
         g1, g2 = g1.to(x.dtype), g2.to(x.dtype)
-        hidden = self.bottom(x)
+        hidden = self.act(self.u(x)).unflatten(-1, (self.experts, self.expert_dim))   # sigma(U_i x + b1_i) [B, T, E, m]
         top_input, bias_weight = _hd_mix(hidden, g1, g2)
         if self.edit_weights is not None:
             token, i, j, c = ops.edited_entries(g1, g2, self.edit_weights)
@@ -247,20 +232,13 @@ class MonetVerticalExperts(nn.Module):
         self.register_buffer("edit_weights", None, persistent=False)
         self.expert_path: str | None = None     # "dense" | "sparse" | "auto"; None: see monet.sparse
 
-    def left(self, x: torch.Tensor) -> torch.Tensor:
-        """sigma(U1_i x + b11_i) for every left half i: [B, T, E, m/2]."""
-        return self.act(self.u1(x)).unflatten(-1, (self.experts, self.half_dim))
-
-    def right(self, x: torch.Tensor) -> torch.Tensor:
-        """sigma(U2_j x + b21_j) for every right half j: [B, T, E, m/2]."""
-        return self.act(self.u2(x)).unflatten(-1, (self.experts, self.half_dim))
-
     def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
         routing = sparse.choose(self, x, g1, g2)
         if routing is not None:                      # only the active halves (monet.sparse), same value
             return sparse.vd_forward(self, x, g1, g2, routing)
         g1, g2 = g1.to(x.dtype), g2.to(x.dtype)
-        h1, h2 = self.left(x), self.right(x)
+        h1 = self.act(self.u1(x)).unflatten(-1, (self.experts, self.half_dim))   # sigma(U1_i x + b11_i) [B, T, E, m/2]
+        h2 = self.act(self.u2(x)).unflatten(-1, (self.experts, self.half_dim))   # sigma(U2_j x + b21_j)
         straight1, straight2, cross12, cross21, s1, s2 = _vd_mix(h1, h2, g1, g2)
         if self.edit_weights is not None:
             token, i, j, c = ops.edited_entries(g1, g2, self.edit_weights)
@@ -647,12 +625,6 @@ class MonetModel(MonetPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -767,18 +739,6 @@ class MonetForCausalLM(MonetPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
 
     def forward(
         self,
