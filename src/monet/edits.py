@@ -215,19 +215,20 @@ def apply_edits(model: nn.Module, edits: ExpertEdits, replace: bool = False) -> 
     check_fits(model, edits)
     experts, _, per_group = model_shape(model)
     tables = {group: edits.table(group, experts) for group in edits.groups}
-    for index, module in expert_layers(model):
-        new = tables.get(index // per_group)
-        if new is not None:
-            new = new.to(next(module.parameters()).device)
-        module.edit_weights = _compose(None if replace else module.edit_weights, new)
+    _compose(model, {index: tables.get(index // per_group) for index, _ in expert_layers(model)}, replace)
     return model
 
 
-def _compose(old: torch.Tensor | None, new: torch.Tensor | None) -> torch.Tensor | None:
-    """Two removal tables applied one after the other: kept fractions multiply, 1 - (1 - old)(1 - new)."""
-    if old is None or new is None:
-        return new if old is None else old
-    return 1.0 - (1.0 - old) * (1.0 - new.to(old.device, old.dtype))
+def _compose(model: nn.Module, tables: dict[int, torch.Tensor | None], replace: bool) -> None:
+    """Apply removal tables (by layer index) after the current ones, or instead of them with `replace`:
+    kept fractions multiply, 1 - (1 - old)(1 - new)."""
+    for index, module in expert_layers(model):
+        old, new = None if replace else module.edit_weights, tables.get(index)
+        if new is not None:
+            new = new.to(next(module.parameters()).device)
+            if old is not None:
+                new = 1.0 - (1.0 - old) * (1.0 - new.to(old.dtype))
+        module.edit_weights = old if new is None else new
 
 
 def clear_edits(model: nn.Module) -> nn.Module:
@@ -337,10 +338,7 @@ def load_edits(model: nn.Module, directory: str | os.PathLike, replace: bool = T
     With `replace` (the default, as `from_pretrained` does) current edits are dropped first; otherwise the
     loaded edits compose with them.
     """
-    tables = read_edit_tables(model, directory)
-    for index, module in expert_layers(model):
-        old = None if replace else module.edit_weights
-        module.edit_weights = _compose(old, tables.get(index))
+    _compose(model, read_edit_tables(model, directory), replace)
     return model
 
 

@@ -261,9 +261,8 @@ def build_experts(config: MonetConfig) -> nn.Module:
 
 
 def expert_output(moe: nn.Module, x: torch.Tensor, i: int, j: int) -> torch.Tensor:
-    """E_ij(x) [..., d] of one expert from its two halves (what it writes; nothing of size N is formed):
-    HD V_j s(U_i x + b1_i) + b2_j; VD [V11_i s(U1_i x) + V12_i s(U2_j x) + b12_i ; V21_j s(U1_i x) +
-    V22_j s(U2_j x) + b22_j] (the first-layer biases inside s)."""
+    """E_ij(x) [..., d], what one expert writes, from its two halves (eq. 6 for HD, A.1 for VD; see the
+    classes' docstrings); nothing of size N is formed."""
     if isinstance(moe, MonetHorizontalExperts):
         m = moe.expert_dim
         rows = slice(i * m, (i + 1) * m)
