@@ -129,10 +129,7 @@ def uniformity_loss(g1: torch.Tensor, g2: torch.Tensor, token_mask: torch.Tensor
     L_unif = -1/(2HE) * sum_{h,i} log(mean_t g1_thi + eps) - (same for g2). Up to the constant log E
     this is KL(uniform || mean routing), minimal when every half is used equally; eps guards log 0.
     """
-    loss = 0.0
-    for g in (g1, g2):
-        loss = loss - torch.log(token_mean(g, token_mask) + eps).mean() / 2
-    return loss
+    return -sum(torch.log(token_mean(g, token_mask) + eps).mean() for g in (g1, g2)) / 2
 
 
 def ambiguity_loss(g1: torch.Tensor, g2: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -416,9 +413,8 @@ class MonetAttention(nn.Module):
     def __init__(self, config: MonetConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.heads, self.kv_heads, self.head_dim = (
-            config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        )
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
         d, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(d, self.heads * self.head_dim, bias=bias)
@@ -494,10 +490,8 @@ class MonetDecoderLayer(GradientCheckpointingLayer):
             self.moe = build_experts(config)
             if config.is_routing_layer(layer_idx):
                 self.router = MonetRouter(config)
-        elif config.mlp_type == "dense":
-            self.mlp = DenseMLP(config)
         else:
-            self.mlp = PEERLayer(config)
+            self.mlp = DenseMLP(config) if config.mlp_type == "dense" else PEERLayer(config)
 
     def forward(
         self,
@@ -515,11 +509,9 @@ class MonetDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = hidden_states + attended
         normed = self.post_attention_layernorm(hidden_states)
-        routing = None
+        routing = self.router(normed, token_mask) if hasattr(self, "router") else None
         if hasattr(self, "moe"):
-            routing = self.router(normed, token_mask) if hasattr(self, "router") else None
-            g1, g2 = routing if routing is not None else previous_routing
-            update = self.moe(normed, g1, g2)
+            update = self.moe(normed, *(routing if routing is not None else previous_routing))
         else:
             update = self.mlp(normed)
         return hidden_states + update, weights, routing
@@ -533,7 +525,6 @@ class MonetPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MonetDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
-    _supports_attention_backend = False
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
