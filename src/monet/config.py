@@ -8,6 +8,7 @@ checkpoints untouched.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -180,6 +181,4 @@ def preset(name: str, **overrides: Any) -> MonetConfig:
 
 def config_fields() -> set[str]:
     """The fields `MonetConfig` takes by name (the official ones plus ours)."""
-    import inspect
-
     return {p for p in inspect.signature(MonetConfig.__init__).parameters if p not in ("self", "kwargs")}

@@ -49,9 +49,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 def routing_threshold(topk: int, experts: int) -> float:
     """sigma = Phi^-1(1 - k/E): if the normalised logits were Gaussian, about k of E would pass.
     With k = E every entry is kept (sigma = -inf)."""
-    if topk >= experts:
-        return float("-inf")
-    return NormalDist().inv_cdf(1.0 - topk / experts)
+    return float("-inf") if topk >= experts else NormalDist().inv_cdf(1.0 - topk / experts)
 
 
 class MonetRouter(nn.Module):
@@ -378,13 +376,11 @@ class MonetRotaryEmbedding(nn.Module):
 
     def __init__(self, config: MonetConfig) -> None:
         super().__init__()
-        self.scale = 1.0
         scaling = getattr(config, "rope_parameters", None) or {}
         kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind == "linear":
-            self.scale = float(scaling["factor"])
-        elif kind != "default":
+        if kind not in ("default", "linear"):
             raise MonetError(f"rope_scaling type {kind!r} is not supported; use None or 'linear'")
+        self.scale = float(scaling["factor"]) if kind == "linear" else 1.0
         self.theta = float(scaling.get("rope_theta", config.rope_theta))
         self.inv_freq = nn.Buffer(rope_inverse_frequencies(self.theta, config.head_dim), persistent=False)
 
