@@ -154,7 +154,7 @@ def side(g: torch.Tensor) -> tuple[KeptEntries, HalfLayout]:
     return entries, HalfLayout(token, half, counts, tokens, experts)
 
 
-def _offsets(sorted_index: torch.Tensor, bags: int) -> torch.Tensor:
+def bag_offsets(sorted_index: torch.Tensor, bags: int) -> torch.Tensor:
     """Start of each bag in a sorted index list (empty bags allowed): embedding-bag offsets [bags]."""
     counts = torch.bincount(sorted_index, minlength=bags)
     return counts.cumsum(0) - counts
@@ -432,7 +432,7 @@ def sparse_routing(g1: torch.Tensor, g2: torch.Tensor) -> Routing:
     first, layout1 = side(g1.reshape(-1, *g1.shape[-2:]))
     second, layout2 = side(g2.reshape(-1, *g2.shape[-2:]))
     bags = first.num_tokens * first.heads
-    return Routing(first, second, layout1, layout2, _offsets(first.bag, bags), _offsets(second.bag, bags))
+    return Routing(first, second, layout1, layout2, bag_offsets(first.bag, bags), bag_offsets(second.bag, bags))
 
 
 _last: dict = {}
@@ -480,7 +480,7 @@ def hd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
     hidden = layer.act(GatherMatmul.apply(x2, layout1, weight_u, bias_u))          # [P1, m]: sigma(U_i x + b1_i)
     per_head = _bag(first.pair, hidden, routing.bags1, first.value)                # sum_i g1_hi sigma(...)
     order = second.by_pair
-    top_input = _bag(second.bag[order], _with_ones(per_head), _offsets(second.pair[order], layout2.size),
+    top_input = _bag(second.bag[order], _with_ones(per_head), bag_offsets(second.pair[order], layout2.size),
                      second.value[order])                                          # [P2, m+1]: [c_tj, s2_tj]
     if layer.edit_weights is not None:
         edit = routing.edited(layer.edit_weights)
@@ -513,7 +513,7 @@ def vd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
 
     def spread(entries: KeptEntries, per_head: torch.Tensor, size: int) -> torch.Tensor:
         order = entries.by_pair
-        return _bag(entries.bag[order], _with_ones(per_head), _offsets(entries.pair[order], size),
+        return _bag(entries.bag[order], _with_ones(per_head), bag_offsets(entries.pair[order], size),
                     entries.value[order])
 
     # [X12_ti, s1_ti] (eq. 26, 28) and [X21_tj, s2_tj] (eq. 27, 25): spread each head's sum over the other side.
