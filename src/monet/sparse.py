@@ -1,10 +1,10 @@
-"""Exact sparse Monet experts: compute only the routed halves (issue 12).
+"""Exact sparse Monet experts: compute only the routed halves (issue 12; design, autograd, tests and
+timings in docs/performance.md, "The sparse expert path").
 
-The dense factored layers (`monet.model`, eq. 12 and appendix A.1) compute sigma(U_i x + b_i) for all
-E bottom/left halves of every token and multiply all E*m hidden units by the output projection, although
-a token only uses the halves that some head kept: about H*k of E (<= 64 of 512 at the 1.4B shape). The
-routing-weighted sums are unchanged if the zero routing weights are left out (eq. 10 = eq. 8), so this
-module computes exactly the same output from the kept halves only:
+The dense factored layers (`monet.model`, eq. 12 and appendix A.1) compute sigma(U_i x + b_i) for all E
+bottom/left halves of every token, although a token only uses the halves some head kept: about H*k of E.
+The routing-weighted sums are unchanged if the zero routing weights are left out (eq. 10 = eq. 8), so
+this module computes exactly the same output from the kept halves only:
 
     HD (eq. 12):  y_t = sum_{j in J_t} [V_j | b2_j] [c_tj ; s2_tj],
                   c_tj  = sum_h g2_thj sum_{i in K1_th} g1_thi sigma(U_i x_t + b1_i),  s2_tj = sum_h g2_thj
@@ -14,44 +14,17 @@ module computes exactly the same output from the kept halves only:
 where I_t / J_t are the token's *active halves* (the union over heads of the kept entries of g1 / g2),
 K1_th the entries kept by head h, a1_ti = sigma(U1_i x_t + b11_i), a2_tj = sigma(U2_j x_t + b21_j),
 X12_ti = sum_h g1_thi sum_j g2_thj a2_tj and X21_tj = sum_h g2_thj sum_i g1_thi a1_ti (the cross flows).
+Every tensor is O(active pairs), O(kept entries), O(tokens * H) or O(tokens * E), never E^2 per token.
 
-Layout (token-half pairs sorted by half, as in grouped-GEMM MoE kernels): every (token, active half)
-pair of one side is listed once, ordered by half then token (`HalfLayout`). The projections run one
-matmul per half over that half's tokens: a gather of x rows times U_i^T (`GatherMatmul`) and a product
-with [V_j | b_j] scattered back onto the tokens (`ScatterMatmul`); the bias of the output projection is
-an extra input column (the routing mass s), so it costs no extra pass. The routing mixes in between
-are embedding bags over the kept (token, head, half) entries (`KeptEntries`), O(kept entries).
-
-Nothing here is O(tokens x batch-max): every tensor is O(active pairs), O(kept entries), O(tokens * H)
-or O(tokens * E) (the [tokens, E] bool union, the size of one head's routing row), never E^2 per token.
-
-Autograd: `GatherMatmul` saves x (the block input, saved by the caller anyway) and the weights, and
-re-gathers x rows per half in backward; `ScatterMatmul` saves its small [pairs, m+1] input and re-gathers
-the output gradient rows per half. The mixes are `F.embedding_bag` (autograd saves their [pairs, m] /
-[tokens*H, m+1] weights) and cheap elementwise products. Nothing of size [tokens, E*m] is saved: the
-activations saved for backward are O(active pairs * m), about an eighth of the dense layer's.
-
-Gradient w.r.t. g1, g2: exact on the kept entries (g > 0). Off them the sparse path returns 0, where the
-dense formula would give the derivative of a term that is multiplied by 0; the router never reads it
-(its softmax backward g * (grad - <g, grad>) vanishes off the kept entries), so every gradient of the
-model (x, router keys, expert weights) is the same on both paths. Pass g from a `MonetRouter`, or use
-the dense path if you need d out / d g at zero entries.
-
-Edits (masks, steering, `edit_weights`): the term c * E_ij(x_t) of every edited active (head, i, j) is
-subtracted from the inputs of the output projections (rows of the token's pairs (t, i) and (t, j)),
-only for the pairs whose edit weight is non-zero (`edited_entries`, ragged).
-
-Per routing group: the layers of a group get the same g1, g2 objects, so the index structures (kept
-entries, layouts, bag offsets, the edited pairs of an edit table) are built by the group's first layer
-and reused by the others (`routing_for`); the routing values (and their autograd graph) are gathered
-again on every call, so reuse never crosses a backward pass.
+Gradient w.r.t. g1, g2: exact on the kept entries; 0 off them, where the dense formula gives the
+derivative of a term multiplied by 0. The router's softmax backward never reads those, so every model
+gradient is the same on both paths; use the dense path if you need d out / d g at zero entries.
 
 Host synchronisation: the per-half loop needs each half's pair count on the host (`counts.tolist()`),
 one device sync per side and group on a GPU (plus one for the number of active per-head pairs when
-edits are present). The automatic dispatch (`choose`) picks the dense path
-on non-CPU devices, where the dense matmuls are fast and a loop over E halves would be launch-bound; the
-sparse path still runs there when forced (checked on an H100 against the dense path, and 6-55x slower:
-docs/performance.md, "GPU checks").
+edits are present). So the automatic dispatch (`choose`) picks the dense path on non-CPU devices, where
+the dense matmuls are fast and a loop over E halves would be launch-bound; the sparse path still runs
+there when forced (6-55x slower on an H100: docs/performance.md, "GPU checks").
 
 Switch: `MONET_EXPERT_PATH=auto|dense|sparse` (environment), `with expert_path("sparse"): ...` (this
 process, overrides the environment) or a layer's `expert_path` attribute (overrides both).
@@ -596,25 +569,7 @@ def choose(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> Routin
 
 
 __all__ = [
-    "ActivePairs",
-    "EditedEntries",
-    "GatherMatmul",
-    "HalfLayout",
-    "KeptEntries",
-    "Routing",
-    "ScatterMatmul",
-    "active_pairs",
-    "choose",
-    "clear_cache",
-    "edited_entries",
-    "expert_path",
-    "hd_forward",
-    "combinations",
-    "merged_experts",
-    "routing_for",
-    "kept_entries",
-    "side",
-    "requested_path",
-    "sparse_routing",
-    "vd_forward",
+    "ActivePairs", "EditedEntries", "GatherMatmul", "HalfLayout", "KeptEntries", "Routing", "ScatterMatmul",
+    "active_pairs", "choose", "clear_cache", "combinations", "edited_entries", "expert_path", "hd_forward",
+    "kept_entries", "merged_experts", "requested_path", "routing_for", "side", "sparse_routing", "vd_forward"
 ]
