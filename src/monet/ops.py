@@ -207,8 +207,7 @@ def edited_entries(g1: torch.Tensor, g2: torch.Tensor, edit_weights: torch.Tenso
     are enumerated per (token, head) without padding (`monet.sparse.edited_entries`), so the work is
     proportional to the real number of active pairs, and only the edited ones are gathered and scattered.
     """
-    first = sparse.kept_entries(g1.reshape(-1, *g1.shape[-2:]))
-    second = sparse.kept_entries(g2.reshape(-1, *g2.shape[-2:]))
+    first, second = sparse.kept_entries(g1), sparse.kept_entries(g2)
     edit = sparse.edited_entries(first, second, edit_weights, g1.shape[-1])
     return (first.token[edit.first], first.half[edit.first], second.half[edit.second],
             edit.coefficient(first, second))

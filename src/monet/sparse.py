@@ -102,21 +102,23 @@ class HalfLayout:
 
 
 def kept_entries(g: torch.Tensor) -> KeptEntries:
-    """The kept entries (g > 0) of g [tokens, H, E] with their values, without pair indices."""
+    """The kept entries (g > 0) of g [..., H, E] (token over the flattened leading dims) with their values,
+    without pair indices."""
+    g = g.reshape(-1, *g.shape[-2:])
     tokens, heads, experts = g.shape
     token, head, half = (g > 0).nonzero(as_tuple=True)
     return KeptEntries(token, head, half, (token * heads + head) * experts + half, tokens, heads).bind(g)
 
 
 def side(g: torch.Tensor) -> tuple[KeptEntries, HalfLayout]:
-    """Kept entries of g [tokens, H, E] with their pair indices, and the side's layout.
+    """Kept entries of g [..., H, E] with their pair indices, and the side's layout.
 
     The union over heads is marked in an [E, tokens] bool grid (the size of one head's routing); its
     non-zeros in row-major order are the pairs sorted by half then token, and a running count over
     the grid gives each entry's pair index.
     """
-    tokens, _, experts = g.shape
     entries = kept_entries(g)
+    tokens, experts = entries.num_tokens, g.shape[-1]
     mark = torch.zeros(experts, tokens, dtype=torch.bool, device=g.device)
     mark[entries.half, entries.token] = True
     half, token = mark.nonzero(as_tuple=True)
@@ -185,8 +187,7 @@ class ActivePairs:
 
 def active_pairs(g1: torch.Tensor, g2: torch.Tensor) -> ActivePairs:
     """Every (token, head, i, j) with g1_hi * g2_hj > 0 for g [..., H, E], ragged (never padded, never E^2)."""
-    first = kept_entries(g1.reshape(-1, *g1.shape[-2:]))
-    second = kept_entries(g2.reshape(-1, *g2.shape[-2:]))
+    first, second = kept_entries(g1), kept_entries(g2)
     combos = combinations(first, second)
     index1, index2 = combos.first(), combos.second
     return ActivePairs(first.token[index1], first.head[index1], first.half[index1], second.half[index2],
@@ -201,8 +202,7 @@ def merged_experts(g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, to
     token's heads; only those candidates are merged (a sort of a few keys), the rest pass through.
     """
     experts = g1.shape[-1]
-    first = kept_entries(g1.reshape(-1, *g1.shape[-2:]))
-    second = kept_entries(g2.reshape(-1, *g2.shape[-2:]))
+    first, second = kept_entries(g1), kept_entries(g2)
     combos = combinations(first, second)
     index1, index2 = combos.first(), combos.second
     token = first.token[index1]
@@ -362,6 +362,19 @@ def _with_ones(t: torch.Tensor) -> torch.Tensor:
     return torch.cat((t, t.new_ones(t.shape[0], 1)), dim=1)
 
 
+def _up(layer, linear, x2: torch.Tensor, layout: HalfLayout, width: int) -> torch.Tensor:
+    """sigma(U_i x + b_i) for every pair of the layout: [P, width]."""
+    bias = linear.bias.view(layer.experts, width) if linear.bias is not None else None
+    return layer.act(GatherMatmul.apply(x2, layout, linear.weight.view(layer.experts, width, -1), bias))
+
+
+def _spread(entries: KeptEntries, per_head: torch.Tensor, size: int) -> torch.Tensor:
+    """[sum_h g_h per_head_h | sum_h g_h] for every (token, half) pair of the entries' side: [size, w+1]."""
+    order = entries.by_pair
+    return _bag(entries.bag[order], _with_ones(per_head), bag_offsets(entries.pair[order], size),
+                entries.value[order])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The layers
 
@@ -377,7 +390,7 @@ class Routing:
     layout2: HalfLayout
     bags1: torch.Tensor
     bags2: torch.Tensor
-    edits: dict = dataclasses.field(default_factory=dict)   # shared by `bind` copies
+    edits: list = dataclasses.field(default_factory=list)   # [(table, EditedEntries)], shared by `bind` copies
 
     @property
     def active_fraction(self) -> float:
@@ -386,24 +399,24 @@ class Routing:
         return max(self.layout1.size, self.layout2.size) / total
 
     def bind(self, g1: torch.Tensor, g2: torch.Tensor) -> Routing:
-        """The same structure with values gathered from g1, g2 [tokens, H, E] (this call's autograd graph)."""
+        """The same structure with values gathered from g1, g2 [..., H, E] (this call's autograd graph)."""
         return dataclasses.replace(self, first=self.first.bind(g1), second=self.second.bind(g2))
 
     def edited(self, table: torch.Tensor) -> EditedEntries:
         """`edited_entries` of an edit table, enumerated once per group for each distinct table (the
         layers of a group hold equal tables, not always the same object; the last 4 are kept)."""
-        for cached, edit in self.edits.get("tables", []):
+        for cached, edit in self.edits:
             if cached.shape == table.shape and cached.device == table.device and torch.equal(cached, table):
                 return edit
         edit = edited_entries(self.first, self.second, table, self.layout1.experts)
-        self.edits["tables"] = [(table.detach().clone(), edit), *self.edits.get("tables", [])][:4]
+        self.edits[:] = [(table.detach().clone(), edit), *self.edits][:4]
         return edit
 
 
 def sparse_routing(g1: torch.Tensor, g2: torch.Tensor) -> Routing:
     """Kept entries, layouts and bag offsets of g1, g2 [..., H, E] (flattened over the leading dims)."""
-    first, layout1 = side(g1.reshape(-1, *g1.shape[-2:]))
-    second, layout2 = side(g2.reshape(-1, *g2.shape[-2:]))
+    first, layout1 = side(g1)
+    second, layout2 = side(g2)
     bags = first.num_tokens * first.heads
     return Routing(first, second, layout1, layout2, bag_offsets(first.bag, bags), bag_offsets(second.bag, bags))
 
@@ -422,7 +435,7 @@ def routing_for(g1: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype) -> Routi
     cached = _last.get("routing")
     g1c, g2c = g1.to(dtype), g2.to(dtype)
     if cached is not None and cached[0] == key and cached[1]() is g1 and cached[2]() is g2:
-        return cached[3].bind(g1c.reshape(-1, *g1.shape[-2:]), g2c.reshape(-1, *g2.shape[-2:]))
+        return cached[3].bind(g1c, g2c)
     routing = sparse_routing(g1c, g2c)
     _last["routing"] = (key, weakref.ref(g1, _forget), weakref.ref(g2), routing)
     return routing
@@ -447,21 +460,16 @@ def hd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
     x2 = x.reshape(-1, shape[-1])
     routing = routing or routing_for(g1, g2, x.dtype)
     first, second, layout1, layout2 = routing.first, routing.second, routing.layout1, routing.layout2
-    experts, m = layer.experts, layer.expert_dim
-    weight_u = layer.u.weight.view(experts, m, -1)
-    bias_u = layer.u.bias.view(experts, m) if layer.u.bias is not None else None
-    hidden = layer.act(GatherMatmul.apply(x2, layout1, weight_u, bias_u))          # [P1, m]: sigma(U_i x + b1_i)
+    hidden = _up(layer, layer.u, x2, layout1, layer.expert_dim)                    # [P1, m]: sigma(U_i x + b1_i)
     per_head = _bag(first.pair, hidden, routing.bags1, first.value)                # sum_i g1_hi sigma(...)
-    order = second.by_pair
-    top_input = _bag(second.bag[order], _with_ones(per_head), bag_offsets(second.pair[order], layout2.size),
-                     second.value[order])                                          # [P2, m+1]: [c_tj, s2_tj]
+    top_input = _spread(second, per_head, layout2.size)                            # [P2, m+1]: [c_tj, s2_tj]
     if layer.edit_weights is not None:
         edit = routing.edited(layer.edit_weights)
         p, q = first.pair[edit.first], second.pair[edit.second]
         # Remove c (V_j sigma(U_i x + b1_i) + b2_j): [V_j | b2_j] meets [sigma(U_i x + b1_i), 1].
         c = edit.coefficient(first, second).unsqueeze(-1)
         top_input.index_add_(0, q, -c * _with_ones(hidden[p]))      # in place: nothing saved it
-    weight_v = layer.v.weight.view(-1, experts, m)
+    weight_v = layer.v.weight.view(-1, layer.experts, layer.expert_dim)
     out = ScatterMatmul.apply(top_input, layout2, weight_v, layer.b.t().unsqueeze(-1))
     return out.view(shape)
 
@@ -474,23 +482,12 @@ def vd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
     routing = routing or routing_for(g1, g2, x.dtype)
     first, second, layout1, layout2 = routing.first, routing.second, routing.layout1, routing.layout2
     experts, m2 = layer.experts, layer.half_dim
-
-    def up(linear, layout):
-        weight = linear.weight.view(experts, m2, -1)
-        bias = linear.bias.view(experts, m2) if linear.bias is not None else None
-        return layer.act(GatherMatmul.apply(x2, layout, weight, bias))
-
-    left, right = up(layer.u1, layout1), up(layer.u2, layout2)     # a1 [P1, m/2], a2 [P2, m/2]
+    left = _up(layer, layer.u1, x2, layout1, m2)                   # a1 [P1, m/2]
+    right = _up(layer, layer.u2, x2, layout2, m2)                  # a2 [P2, m/2]
     per_head1 = _bag(first.pair, left, routing.bags1, first.value)               # sum_i g1_hi a1_i
     per_head2 = _bag(second.pair, right, routing.bags2, second.value)            # sum_j g2_hj a2_j
-
-    def spread(entries: KeptEntries, per_head: torch.Tensor, size: int) -> torch.Tensor:
-        order = entries.by_pair
-        return _bag(entries.bag[order], _with_ones(per_head), bag_offsets(entries.pair[order], size),
-                    entries.value[order])
-
     # [X12_ti, s1_ti] (eq. 26, 28) and [X21_tj, s2_tj] (eq. 27, 25): spread each head's sum over the other side.
-    cross12, cross21 = spread(first, per_head2, layout1.size), spread(second, per_head1, layout2.size)
+    cross12, cross21 = _spread(first, per_head2, layout1.size), _spread(second, per_head1, layout2.size)
     s1, s2 = cross12[:, -1:], cross21[:, -1:]
     top_input = torch.cat((s1 * left, cross12), dim=1)                         # [V11_i | V12_i | b12_i]
     bottom_input = torch.cat((cross21[:, :-1], s2 * right, s2), dim=1)          # [V21_j | V22_j | b22_j]
@@ -570,6 +567,7 @@ def choose(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> Routin
 
 __all__ = [
     "ActivePairs", "EditedEntries", "GatherMatmul", "HalfLayout", "KeptEntries", "Routing", "ScatterMatmul",
-    "active_pairs", "choose", "clear_cache", "combinations", "edited_entries", "expert_path", "hd_forward",
-    "kept_entries", "merged_experts", "requested_path", "routing_for", "side", "sparse_routing", "vd_forward"
+    "active_pairs", "bag_offsets", "choose", "clear_cache", "combinations", "edited_entries", "expert_path",
+    "hd_forward", "kept_entries", "merged_experts", "requested_path", "routing_for", "side", "sparse_routing",
+    "vd_forward"
 ]
