@@ -202,22 +202,15 @@ def merged_experts(g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, to
     token's heads; only those candidates are merged (a sort of a few keys), the rest pass through.
     """
     experts = g1.shape[-1]
-    first, second = kept_entries(g1), kept_entries(g2)
-    combos = combinations(first, second)
-    index1, index2 = combos.first(), combos.second
-    token = first.token[index1]
-    ids = first.half[index1] * experts + second.half[index2]
-    score = first.value[index1] * second.value[index2]
-
-    def shared(entries: KeptEntries) -> torch.Tensor:          # (token, half) kept by >= 2 heads
-        key = entries.token * experts + entries.half
-        return torch.bincount(key, minlength=entries.num_tokens * experts)[key] > 1
-
-    candidate = (shared(first)[index1] & shared(second)[index2]).nonzero().squeeze(1)
+    pairs = active_pairs(g1, g2)
+    token, ids, score = pairs.token, pairs.i * experts + pairs.j, pairs.weight
+    # (token, half) kept by >= 2 heads: [tokens, E] per side.
+    shared1, shared2 = ((g > 0).sum(dim=-2).reshape(-1, experts) > 1 for g in (g1, g2))
+    candidate = (shared1[token, pairs.i] & shared2[token, pairs.j]).nonzero().squeeze(1)
     if candidate.numel():
         keys, inverse = torch.unique(token[candidate] * experts * experts + ids[candidate], return_inverse=True)
         total = score.new_zeros(keys.shape).index_add_(0, inverse, score[candidate])
-        position = torch.full(keys.shape, combos.total, dtype=torch.long, device=keys.device)
+        position = torch.full(keys.shape, token.shape[0], dtype=torch.long, device=keys.device)
         position = position.scatter_reduce(0, inverse, candidate, reduce="amin")   # first occurrence
         keep = torch.ones_like(token, dtype=torch.bool)
         keep[candidate] = False
