@@ -111,12 +111,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 def check_output(out: str | os.PathLike, kind: str, force: bool = False, noun: str = "an output",
                  replace_own: bool = True) -> Path:
-    """Refuse to write a `kind` output at `out` if that would replace something this command did not make.
-
-    `out` may be missing, an empty directory, or (with `replace_own`) a previous `kind` output (its marker
-    says so); anything else (a file, another command's output, an unrelated folder) needs `force`. A path
-    below a file, or in a directory that cannot be written, is refused with the reason. `noun` names what
-    the command writes ("an atlas") in the messages. Returns `out` as a Path.
+    """`out` as a Path, refused (MonetError) if writing a `kind` output there would replace something this
+    command did not make: only a missing path, an empty directory or (with `replace_own`) a previous `kind`
+    output (its marker says so) may be used without `force`. `noun` ("an atlas") names it in the messages.
     """
     out = check_writable(out)
     if out.exists() and not force:

@@ -173,23 +173,20 @@ def maybe_compile(fn: Callable) -> Callable:
     """`torch.compile(fn)` when MONET_COMPILE=1, falling back to `fn` (with a warning) if that fails."""
     if os.environ.get("MONET_COMPILE", "0") != "1":
         return fn
-    state: dict[str, Callable] = {}
+    active: Callable | None = None
 
     def run(*args):
-        if "fn" not in state:
-            try:
-                state["fn"] = torch.compile(fn, dynamic=True)
-            except Exception as exc:  # no compiler toolchain, unsupported platform, ...
-                warnings.warn(f"MONET_COMPILE=1 but torch.compile failed ({exc}); using eager {fn.__name__}",
-                              stacklevel=2)
-                state["fn"] = fn
+        nonlocal active
         try:
-            return state["fn"](*args)
-        except Exception as exc:
-            if state["fn"] is fn:
+            if active is None:
+                active = torch.compile(fn, dynamic=True)
+            return active(*args)
+        except Exception as exc:  # no compiler toolchain, unsupported platform, a graph it cannot compile, ...
+            if active is fn:
                 raise
-            warnings.warn(f"compiled {fn.__name__} failed ({type(exc).__name__}: {exc}); using eager", stacklevel=2)
-            state["fn"] = fn
+            warnings.warn(f"MONET_COMPILE=1 but torch.compile failed for {fn.__name__} ({type(exc).__name__}: "
+                          f"{exc}); using eager", stacklevel=2)
+            active = fn
             return fn(*args)
 
     run.__wrapped__ = fn
@@ -203,9 +200,8 @@ def maybe_compile(fn: Callable) -> Callable:
 def edited_entries(g1: torch.Tensor, g2: torch.Tensor, edit_weights: torch.Tensor):
     """The active (token, head, i, j) whose edit weight is non-zero, ragged: (token, i, j, c), each [P'].
 
-    `token` indexes the flattened leading dims (B*T); c = g1_hi g2_hj edit[i*E + j]. The per-head pairs
-    are enumerated per (token, head) without padding (`monet.sparse.edited_entries`), so the work is
-    proportional to the real number of active pairs, and only the edited ones are gathered and scattered.
+    `token` indexes the flattened leading dims (B*T); c = g1_hi g2_hj edit[i*E + j]. Enumerated without
+    padding (`monet.sparse.edited_entries`): work in the number of active pairs, never the E x E grid.
     """
     first, second = sparse.kept_entries(g1), sparse.kept_entries(g2)
     edit = sparse.edited_entries(first, second, edit_weights, g1.shape[-1])

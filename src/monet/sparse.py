@@ -24,10 +24,7 @@ Host synchronisation: the per-half loop needs each half's pair count on the host
 one device sync per side and group on a GPU (plus one for the number of active per-head pairs when
 edits are present). So the automatic dispatch (`choose`) picks the dense path on non-CPU devices, where
 the dense matmuls are fast and a loop over E halves would be launch-bound; the sparse path still runs
-there when forced (6-55x slower on an H100: docs/performance.md, "GPU checks").
-
-Switch: `MONET_EXPERT_PATH=auto|dense|sparse` (environment), `with expert_path("sparse"): ...` (this
-process, overrides the environment) or a layer's `expert_path` attribute (overrides both).
+there when forced (6-55x slower on an H100: docs/performance.md, "GPU checks"). Switch: `requested_path`.
 """
 
 from __future__ import annotations
@@ -530,7 +527,8 @@ def expert_path(path: str) -> Iterator[None]:
 
 
 def requested_path(layer) -> str:
-    """The layer's `expert_path` attribute, else `expert_path(...)`, else $MONET_EXPERT_PATH, else "auto"."""
+    """The layer's `expert_path` attribute, else `with expert_path(...)`, else $MONET_EXPERT_PATH
+    (auto|dense|sparse), else "auto"."""
     path = getattr(layer, "expert_path", None) or (_forced[-1] if _forced else None)
     path = path or os.environ.get("MONET_EXPERT_PATH", "auto")
     if path not in PATHS:
