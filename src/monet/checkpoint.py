@@ -137,12 +137,8 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and child.is_dir():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
+    matches = ((_STEP_DIR.match(child.name), child) for child in root.iterdir())
+    return sorted((int(match.group(1)), child) for match, child in matches if match and child.is_dir())
 
 
 def latest_checkpoint(run_dir: str | os.PathLike, warn: bool = True, verify: bool = True) -> Path | None:
