@@ -547,8 +547,7 @@ def choose(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> Routin
         return None
     if path == "auto":
         width = getattr(layer, "expert_dim", None) or 2 * layer.half_dim
-        tokens = x.numel() // x.shape[-1]
-        if x.device.type != "cpu" or tokens * x.shape[-1] * width < SPARSE_MIN_WORK_PER_HALF:
+        if x.device.type != "cpu" or x.numel() * width < SPARSE_MIN_WORK_PER_HALF:      # tokens * d * m
             return None
     routing = routing_for(g1, g2, x.dtype)
     if path == "auto" and routing.active_fraction > SPARSE_MAX_ACTIVE_FRACTION:
