@@ -254,7 +254,7 @@ def edited_entries(first: KeptEntries, second: KeptEntries, edit_weights: torch.
 class GatherMatmul(torch.autograd.Function):
     """r_p = U_{half(p)} x_{token(p)} + b_{half(p)} for every pair p of a layout: [P, w].
 
-    forward(x [tokens, d], layout, weight [E, w, d], bias [E, w] or None). One matmul per half over
+    forward(x [tokens, d], layout, weight [E, w, d], bias [E, w]). One matmul per half over
     the gathered rows of x. Backward re-gathers the rows of x per half (nothing of size [P, d] is
     kept): grad_x scatters grad_r U_i back onto the tokens, grad_U_i = grad_r^T x_rows.
 
@@ -267,11 +267,8 @@ class GatherMatmul(torch.autograd.Function):
         out = x.new_empty(layout.size, weight.shape[1])
         for half, start, stop, rows in layout.blocks():
             block = x.index_select(0, rows)
-            if bias is None:
-                out[start:stop] = torch.mm(weight[half], block.t()).t()
-            else:
-                out[start:stop] = torch.addmm(bias[half].unsqueeze(1), weight[half], block.t()).t()
-        ctx.layout, ctx.has_bias = layout, bias is not None
+            out[start:stop] = torch.addmm(bias[half].unsqueeze(1), weight[half], block.t()).t()
+        ctx.layout = layout
         ctx.save_for_backward(x, weight)
         return out
 
@@ -282,7 +279,7 @@ class GatherMatmul(torch.autograd.Function):
         need_x, _, need_w, need_b = ctx.needs_input_grad
         grad_x = torch.zeros_like(x) if need_x else None
         grad_w = torch.zeros_like(weight) if need_w else None
-        grad_b = grad_out.new_zeros(weight.shape[:2]) if need_b and ctx.has_bias else None
+        grad_b = grad_out.new_zeros(weight.shape[:2]) if need_b else None
         grad_t = grad_out.t().contiguous()                           # [w, P]: column blocks per half
         for half, start, stop, rows in layout.blocks():
             grad = grad_t[:, start:stop].t()                          # [n, w], transposed storage
@@ -337,8 +334,6 @@ class ScatterMatmul(torch.autograd.Function):
 
 def _block(weights: tuple[torch.Tensor, ...], half: int) -> torch.Tensor:
     """[W^1_half | W^2_half | ...]: [d_out, K] (a copy of d_out * K values, small next to the matmul)."""
-    if len(weights) == 1:
-        return weights[0][:, half]
     return torch.cat([w[:, half] for w in weights], dim=1)
 
 
@@ -354,8 +349,8 @@ def _with_ones(t: torch.Tensor) -> torch.Tensor:
 
 def _up(layer, linear, x2: torch.Tensor, layout: HalfLayout, width: int) -> torch.Tensor:
     """sigma(U_i x + b_i) for every pair of the layout: [P, width]."""
-    bias = linear.bias.view(layer.experts, width) if linear.bias is not None else None
-    return layer.act(GatherMatmul.apply(x2, layout, linear.weight.view(layer.experts, width, -1), bias))
+    weight, bias = linear.weight.view(layer.experts, width, -1), linear.bias.view(layer.experts, width)
+    return layer.act(GatherMatmul.apply(x2, layout, weight, bias))
 
 
 def _spread(entries: KeptEntries, per_head: torch.Tensor, size: int) -> torch.Tensor:
