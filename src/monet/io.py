@@ -188,8 +188,6 @@ def replace_directory(new: Path, out: Path) -> None:
 def sweep_temporaries(directory: Path, name: str) -> None:
     """Remove `.tmp-NAME-PID-*` / `.trash-NAME-*` siblings left by killed runs of this output: a temporary
     whose process is gone is stale (one still being written by a live process is left alone)."""
-    if not directory.is_dir():
-        return
     for child in directory.iterdir():
         if child.name.startswith(f".trash-{name}-") or (child.name.startswith(f".tmp-{name}-")
                                                         and not _alive(child.name[len(f".tmp-{name}-"):])):
