@@ -1,16 +1,13 @@
 """Checkpoints: the one load/save path of the package (Hugging Face layout, atomic, verified).
 
-A checkpoint is a directory `RUN/checkpoints/step-XXXXXXX/` written by `save_pretrained` (config.json,
-model.safetensors, generation_config.json, expert_edits.safetensors when edits are applied), plus the
-tokenizer files of the data it was trained on, `training_state.pt` (optimizer, data position, RNG
-states; loaded with `torch.load(weights_only=True)`) and, written last, `checkpoint.json`: the step and,
-per file, its size and SHA-256. Everything is first written to a hidden temporary directory and renamed
-into place, so a killed process leaves either a complete checkpoint or a `.tmp-*` directory that is swept
-on resume. `checkpoint.json` lets resume and `load_checkpoint` tell a complete checkpoint from a damaged
-one (missing, truncated or altered file); a damaged newest checkpoint is skipped with a message naming
-the problem, and the previous good one is used.
-
-Loading always goes through `MonetForCausalLM.from_pretrained` (strict: see `monet.model`).
+`RUN/checkpoints/step-XXXXXXX/` holds what `save_pretrained` writes (expert_edits.safetensors too when
+edits are applied), the tokenizer files of the training data, `training_state.pt` (optimizer, data
+position, RNG states; loaded with `torch.load(weights_only=True)`) and, written last, `checkpoint.json`:
+the step, metadata and, per file, its size and SHA-256. It is filled in a hidden temporary directory and
+renamed into place, so a killed process leaves a complete checkpoint or a `.tmp-*` directory (swept on
+resume); a damaged one (missing, truncated or altered file) is skipped, with a message naming the problem,
+for the previous good one. Loading always goes through `MonetForCausalLM.from_pretrained` (strict: see
+`monet.model`).
 """
 
 from __future__ import annotations
@@ -32,7 +29,7 @@ from transformers import PreTrainedTokenizerFast
 from monet.config import MonetConfig
 from monet.data import read_manifest as read_data_manifest
 from monet.errors import MonetError
-from monet.io import atomic_write, dumps, sha256_file, temporary_sibling
+from monet.io import atomic_write, dumps, replace_directory, sha256_file, temporary_sibling
 from monet.model import MonetForCausalLM
 
 CHECKPOINTS = "checkpoints"
@@ -90,20 +87,11 @@ def save_checkpoint(
         files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
         atomic_write(tmp / MANIFEST, dumps({"step": step, "files": files, **(metadata or {})}) + "\n")
-        if final.exists():
-            _remove_dir(final)
-        os.replace(tmp, final)
+        replace_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def _remove_dir(path: Path) -> None:
-    """Rename first, then delete: a kill mid-delete leaves a hidden `.trash-*` dir, never a half checkpoint."""
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.time_ns()}")
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -149,12 +137,8 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and child.is_dir():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
+    matches = ((_STEP_DIR.match(child.name), child) for child in root.iterdir())
+    return sorted((int(match.group(1)), child) for match, child in matches if match and child.is_dir())
 
 
 def latest_checkpoint(run_dir: str | os.PathLike, warn: bool = True, verify: bool = True) -> Path | None:
@@ -180,7 +164,10 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
         return
     complete = [path for _step, path in list_checkpoints(run_dir) if checkpoint_problem(path, verify=False) is None]
     for path in complete[:-keep_last]:
-        _remove_dir(path)
+        # Rename first, then delete: a kill mid-delete leaves a hidden `.trash-*` dir, never a half checkpoint.
+        trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.time_ns()}")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_training_state(path: str | os.PathLike) -> dict[str, Any]:

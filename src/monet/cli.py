@@ -1,15 +1,12 @@
-"""The `monet` command line: one entry point, one grammar.
-
-Every command is a settings class of `monet.settings` (tyro turns its fields into `--flags` with their
-docstrings as help) and a handler below that calls the library. Handlers import the library lazily, on
-purpose: `monet --help`, `monet COMMAND --help` and `monet --version` load neither torch nor transformers.
-
-Errors: a mistake the user can fix raises `MonetError` and is printed as one line
-(`monet COMMAND: error: ...`, exit code 2); `--debug` (before the command) shows the traceback instead.
+"""The `monet` command line: each command is a settings class of `monet.settings` (tyro turns its fields
+into `--flags`, their docstrings into help) and a handler that calls the library. Handlers import the
+library lazily, on purpose: `--help` and `--version` load neither torch nor transformers (docs/cli.md).
+A `MonetError` is printed as one line, `monet COMMAND: error: ...` (exit 2); `--debug` adds the traceback.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 import traceback
 from collections.abc import Callable
@@ -28,10 +25,6 @@ commands:
 {commands}
 
 `monet COMMAND --help` describes a command and every option with its default."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Handlers (lazy imports of the library are deliberate: see the module docstring)
 
 
 def run_info(cmd: S.InfoCommand) -> None:
@@ -125,12 +118,6 @@ def run_generate(cmd: S.GenerateCommand) -> None:
         print(text)
 
 
-def run_atlas_build(cmd: S.AtlasBuild) -> None:
-    from monet.interp.atlas import build_atlas_command
-
-    build_atlas_command(cmd)
-
-
 def run_atlas_query(cmd: S.AtlasQuery) -> None:
     from monet.checkpoint import load_checkpoint
     from monet.interp.explain import expert_logits
@@ -193,12 +180,6 @@ def run_atlas_export(cmd: S.AtlasExport) -> None:
     print(f"wrote {export_command(cmd)}")
 
 
-def run_view(cmd: S.ViewCommand) -> None:
-    from monet.interp.viewer.server import view_command
-
-    view_command(cmd)
-
-
 def run_explain(cmd: S.ExplainCommand) -> None:
     from monet.interp.explain import explain_command
 
@@ -230,41 +211,31 @@ def run_toxicity(cmd: S.ToxicitySettings) -> None:
     print(f"report: {Path(cmd.out) / 'report.json'}")
 
 
-def run_bench(cmd: S.BenchSettings) -> None:
-    from monet.experiments.bench import bench_command
-
-    bench_command(cmd)
-
-
-def run_demo(cmd: S.DemoSettings) -> None:
-    from monet.experiments.demo import run_demo as demo
-
-    demo(cmd)
+def library(target: str) -> Callable[[Any], None]:
+    """A handler that imports "module:function" when it runs and calls the function with the settings."""
+    module, function = target.split(":")
+    return lambda cmd: getattr(importlib.import_module(module), function)(cmd)
 
 
 # name -> (settings class, handler)
 COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
-    "demo": (S.DemoSettings, run_demo),
+    "demo": (S.DemoSettings, library("monet.experiments.demo:run_demo")),
     "info": (S.InfoCommand, run_info),
     "data build": (S.DataBuild, run_data_build),
     "data info": (S.DataInfo, run_data_info),
     "train": (S.TrainSettings, run_train),
     "eval": (S.EvalCommand, run_eval),
     "generate": (S.GenerateCommand, run_generate),
-    "atlas build": (S.AtlasBuild, run_atlas_build),
+    "atlas build": (S.AtlasBuild, library("monet.interp.atlas:build_atlas_command")),
     "atlas query": (S.AtlasQuery, run_atlas_query),
     "atlas export": (S.AtlasExport, run_atlas_export),
-    "view": (S.ViewCommand, run_view),
+    "view": (S.ViewCommand, library("monet.interp.viewer.server:view_command")),
     "explain": (S.ExplainCommand, run_explain),
     "probe": (S.ProbeSettings, run_probe),
     "unlearn": (S.UnlearnSettings, run_unlearn),
     "toxicity": (S.ToxicitySettings, run_toxicity),
-    "bench": (S.BenchSettings, run_bench),
+    "bench": (S.BenchSettings, library("monet.experiments.bench:bench_command")),
 }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Parsing
 
 
 def print_json(value: Any) -> None:
@@ -279,14 +250,11 @@ def print_rows(rows: list[tuple[str, str]]) -> None:
         print(f"{key.ljust(width)}  {value}")
 
 
-def summary(cls: type) -> str:
-    """The first line of a command's docstring."""
-    return (cls.__doc__ or "").strip().splitlines()[0].rstrip(".")
-
-
-def usage() -> str:
-    width = max(len(name) for name in COMMANDS)
-    return HELP.format(commands="\n".join(f"  {name:<{width}}  {summary(cls)}" for name, (cls, _) in COMMANDS.items()))
+def command_list(names: list[str], prefix: str = "") -> str:
+    """One line per command: its name and the first line of its settings class's docstring."""
+    width = max(len(name) for name in names)
+    summaries = [(COMMANDS[name][0].__doc__ or "").strip().splitlines()[0].rstrip(".") for name in names]
+    return "\n".join(f"  {prefix}{name:<{width}}  {summary}" for name, summary in zip(names, summaries, strict=True))
 
 
 def split_command(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -296,16 +264,6 @@ def split_command(argv: list[str]) -> tuple[str | None, list[str]]:
     if len(argv) > 1 and f"{argv[0]} {argv[1]}" in COMMANDS:
         return f"{argv[0]} {argv[1]}", argv[2:]
     return None, argv
-
-
-def group_usage(group: str) -> str | None:
-    """The subcommands of a command group (`monet atlas`), or None if `group` is not one."""
-    names = [name for name in COMMANDS if name.startswith(group + " ")]
-    if not names:
-        return None
-    width = max(len(name) for name in names)
-    lines = [f"  monet {name:<{width}}  {summary(COMMANDS[name][0])}" for name in names]
-    return f"usage: monet {group} SUBCOMMAND [options]\n\nsubcommands:\n" + "\n".join(lines)
 
 
 def parse(name: str, argv: list[str]) -> Any:
@@ -341,13 +299,16 @@ def main(argv: list[str] | None = None) -> int:
         name, rest = split_command(argv)
         if name is None:
             if argv[:1] in ([], ["-h"], ["--help"]):
-                print(usage())
+                print(HELP.format(commands=command_list(list(COMMANDS))))
                 return 0 if argv else 2
-            group = group_usage(argv[0])
-            if group is None:
+            subcommands = [command for command in COMMANDS if command.startswith(argv[0] + " ")]   # `monet atlas`
+            if not subcommands:
                 raise MonetError(f"unknown command {argv[0]!r}; see `monet --help` for the list")
-            print(group, file=sys.stdout if argv[1:2] in (["-h"], ["--help"]) else sys.stderr)
-            return 0 if argv[1:2] in (["-h"], ["--help"]) else 2
+            asked = argv[1:2] in (["-h"], ["--help"])
+            stream = sys.stdout if asked else sys.stderr
+            print(f"usage: monet {argv[0]} SUBCOMMAND [options]\n\nsubcommands:", file=stream)
+            print(command_list(subcommands, "monet "), file=stream)
+            return 0 if asked else 2
         settings = parse(name, rest)
         COMMANDS[name][1](settings)
         return 0

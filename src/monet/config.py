@@ -8,6 +8,7 @@ checkpoints untouched.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -101,10 +102,8 @@ class MonetConfig(PretrainedConfig):
         # Later LLaMA configs may carry head_dim; Monet always uses hidden_size / num_attention_heads.
         head_dim = kwargs.pop("head_dim", None)
         if head_dim is not None and head_dim * num_attention_heads != hidden_size:
-            raise MonetError(
-                f"head_dim {head_dim} x num_attention_heads {num_attention_heads} != hidden_size {hidden_size}; "
-                "Monet attention heads are hidden_size / num_attention_heads wide"
-            )
+            raise MonetError(f"head_dim {head_dim} x num_attention_heads {num_attention_heads} != hidden_size "
+                             f"{hidden_size}; Monet attention heads are hidden_size / num_attention_heads wide")
         self.validate_monet()   # before transformers' own validators, so users see our messages
         super().__init__(
             pad_token_id=pad_token_id,
@@ -133,53 +132,35 @@ class MonetConfig(PretrainedConfig):
 
     def validate_monet(self) -> None:
         """Check shapes that would otherwise fail deep inside torch; raise `MonetError` with the fix."""
-
-        def positive(name: str) -> None:
+        sizes = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "moe_dim", "moe_heads", "moe_experts", "moe_topk", "moe_groups"]
+        for name in sizes + (["intermediate_size"] if self.mlp_type == "dense" else []):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise MonetError(f"{name} must be a positive integer, got {value!r}")
-
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "moe_dim", "moe_heads", "moe_experts", "moe_topk", "moe_groups"):
-            positive(name)
         if self.mlp_type not in MLP_TYPES:
             raise MonetError(f"unknown mlp_type {self.mlp_type!r}; choose one of {', '.join(MLP_TYPES)}")
         if self.moe_decompose not in DECOMPOSITIONS:
-            raise MonetError(
-                f"unknown moe_decompose {self.moe_decompose!r}; choose 'vertical' (VD) or 'horizontal' (HD)"
-            )
-        if self.mlp_type == "monet" and self.moe_decompose == "vertical":
-            if self.hidden_size % 2:
-                raise MonetError(
-                    f"vertical decomposition splits the hidden size in two halves, so hidden_size must be "
-                    f"even (got {self.hidden_size}); use an even size or moe_decompose='horizontal'"
-                )
-            if self.moe_dim % 2:
-                raise MonetError(
-                    f"vertical decomposition splits each expert's width in two, so moe_dim must be even "
-                    f"(got {self.moe_dim}); use an even moe_dim or moe_decompose='horizontal'"
-                )
+            raise MonetError(f"unknown moe_decompose {self.moe_decompose!r}; "
+                             "choose 'vertical' (VD) or 'horizontal' (HD)")
+        vertical = self.mlp_type == "monet" and self.moe_decompose == "vertical"
+        for name, what in (("hidden_size", "the hidden size"), ("moe_dim", "each expert's width")):
+            if vertical and getattr(self, name) % 2:
+                raise MonetError(f"vertical decomposition splits {what} in two halves, so {name} must be even "
+                                 f"(got {getattr(self, name)}); use an even {name} or moe_decompose='horizontal'")
         if self.hidden_size % self.num_attention_heads:
-            raise MonetError(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                f"{self.num_attention_heads}; pick sizes whose ratio is the attention head width"
-            )
+            raise MonetError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                             f"{self.num_attention_heads}; pick sizes whose ratio is the attention head width")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise MonetError(
-                f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
-                f"{self.num_key_value_heads} (grouped-query attention shares each key/value head evenly)"
-            )
+            raise MonetError(f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
+                             f"{self.num_key_value_heads} (grouped-query attention shares each key/value head evenly)")
         if self.head_dim % 2:
             raise MonetError(f"attention head width {self.head_dim} must be even for rotary embeddings")
         if self.moe_topk > self.moe_experts:
-            raise MonetError(
-                f"moe_topk ({self.moe_topk}) cannot exceed moe_experts ({self.moe_experts}): a head keeps "
-                "k of the E halves on each side"
-            )
+            raise MonetError(f"moe_topk ({self.moe_topk}) cannot exceed moe_experts ({self.moe_experts}): a head keeps "
+                             "k of the E halves on each side")
         if self.mlp_type == "peer" and self.hidden_size % 2:
             raise MonetError(f"PEER splits the query in two halves: hidden_size must be even, got {self.hidden_size}")
-        if self.mlp_type == "dense":
-            positive("intermediate_size")
 
 
 def preset(name: str, **overrides: Any) -> MonetConfig:
@@ -200,6 +181,4 @@ def preset(name: str, **overrides: Any) -> MonetConfig:
 
 def config_fields() -> set[str]:
     """The fields `MonetConfig` takes by name (the official ones plus ours)."""
-    import inspect
-
     return {p for p in inspect.signature(MonetConfig.__init__).parameters if p not in ("self", "kwargs")}

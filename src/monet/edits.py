@@ -5,20 +5,18 @@ keep: alpha = 0 deletes it, 0 < alpha < 1 damps it, alpha > 1 amplifies it (stee
 halves (every expert with that i) or top halves (every expert with that j) can be scaled at once.
 Alphas that meet on one expert multiply.
 
-`apply_edits` turns an `ExpertEdits` into the [E*E] `edit_weights` table of every expert module of the
-group's layers (entry i*E + j holds 1 - alpha, the fraction of the term to remove; see
-`monet.model`). The table is per model, never per token, and the forward pass only looks up each
-token's active pairs, so an edited model costs little more than a plain one in training (gradients
-flow through the edited forward), evaluation and KV-cache generation alike.
+`apply_edits` turns an `ExpertEdits` into the [E*E] `edit_weights` table (1 - alpha per expert) of each
+expert module of the group's layers (see `monet.model`). The table is per model, never per token, and
+the forward pass only looks up each token's active pairs, so an edited model costs little more than a
+plain one in training, evaluation and KV-cache generation alike.
 
     edits = ExpertEdits().delete(0, [1234, 99]).scale(1, 77, 2.0)
     with edited(model, edits):          # temporary; the previous state comes back afterwards
         loss = model(ids, labels=ids).loss
     apply_edits(model, edits)           # persistent: saved by save_pretrained, reloaded by from_pretrained
 
-Edits persist in `expert_edits.safetensors` beside `model.safetensors`: per layer, the ids of the
-edited experts and their removal fractions (sparse), plus the model shape they belong to, so a mask
-made for another model is refused with a clear error instead of silently scaling the wrong experts.
+Edits persist in `expert_edits.safetensors` beside `model.safetensors` (sparse per layer), with the
+model shape they belong to, so a mask made for another model is refused instead of scaling the wrong experts.
 """
 
 from __future__ import annotations
@@ -104,14 +102,6 @@ class ExpertEdits:
     def groups(self) -> list[int]:
         return sorted(set(self.experts) | set(self.bottom) | set(self.top) | set(self.pairs))
 
-    def is_empty(self) -> bool:
-        return not self.groups
-
-    def count(self, group: int | None = None) -> int:
-        """Experts listed individually (halves not expanded), in one group or all."""
-        groups = self.groups if group is None else [group]
-        return sum(len(self.experts.get(g, {})) + len(self.pairs.get(g, {})) for g in groups)
-
     def table(self, group: int, num_experts: int) -> torch.Tensor | None:
         """The group's removal table [E*E] (float32; 1 - alpha per expert), or None when nothing is edited."""
         entries, bottom, top = dict(self.experts.get(group, {})), self.bottom.get(group, {}), self.top.get(group, {})
@@ -121,23 +111,19 @@ class ExpertEdits:
             entries[i * num_experts + j] = entries.get(i * num_experts + j, 1.0) * alpha
         if not entries and not bottom and not top:
             return None
-        size = num_experts * num_experts
-        keep = torch.ones(size, dtype=torch.float64)
-        if bottom or top:
-            keep_bottom = torch.ones(num_experts, dtype=torch.float64)
-            keep_top = torch.ones(num_experts, dtype=torch.float64)
-            for i, alpha in bottom.items():
-                _check_index(i, num_experts, f"bottom half of group {group}")
-                keep_bottom[i] *= alpha
-            for j, alpha in top.items():
-                _check_index(j, num_experts, f"top half of group {group}")
-                keep_top[j] *= alpha
-            keep = torch.outer(keep_bottom, keep_top).flatten()
+        keep_bottom = torch.ones(num_experts, dtype=torch.float64)
+        keep_top = torch.ones(num_experts, dtype=torch.float64)
+        for i, alpha in bottom.items():
+            _check_index(i, num_experts, f"bottom half of group {group}")
+            keep_bottom[i] *= alpha
+        for j, alpha in top.items():
+            _check_index(j, num_experts, f"top half of group {group}")
+            keep_top[j] *= alpha
+        keep = torch.outer(keep_bottom, keep_top).flatten()
         if entries:
-            ids = torch.tensor(list(entries), dtype=torch.long)
-            _check_index(int(ids.min()), size, f"expert id in group {group}")
-            _check_index(int(ids.max()), size, f"expert id in group {group}")
-            keep[ids] *= torch.tensor(list(entries.values()), dtype=torch.float64)
+            for index in (min(entries), max(entries)):
+                _check_index(index, num_experts * num_experts, f"expert id in group {group}")
+            keep[list(entries)] *= torch.tensor(list(entries.values()), dtype=torch.float64)
         return (1.0 - keep).float()
 
 
@@ -229,19 +215,20 @@ def apply_edits(model: nn.Module, edits: ExpertEdits, replace: bool = False) -> 
     check_fits(model, edits)
     experts, _, per_group = model_shape(model)
     tables = {group: edits.table(group, experts) for group in edits.groups}
-    for index, module in expert_layers(model):
-        new = tables.get(index // per_group)
-        if new is not None:
-            new = new.to(next(module.parameters()).device)
-        module.edit_weights = _compose(None if replace else module.edit_weights, new)
+    _compose(model, {index: tables.get(index // per_group) for index, _ in expert_layers(model)}, replace)
     return model
 
 
-def _compose(old: torch.Tensor | None, new: torch.Tensor | None) -> torch.Tensor | None:
-    """Two removal tables applied one after the other: kept fractions multiply, 1 - (1 - old)(1 - new)."""
-    if old is None or new is None:
-        return new if old is None else old
-    return 1.0 - (1.0 - old) * (1.0 - new.to(old.device, old.dtype))
+def _compose(model: nn.Module, tables: dict[int, torch.Tensor | None], replace: bool) -> None:
+    """Apply removal tables (by layer index) after the current ones, or instead of them with `replace`:
+    kept fractions multiply, 1 - (1 - old)(1 - new)."""
+    for index, module in expert_layers(model):
+        old, new = None if replace else module.edit_weights, tables.get(index)
+        if new is not None:
+            new = new.to(next(module.parameters()).device)
+            if old is not None:
+                new = 1.0 - (1.0 - old) * (1.0 - new.to(old.dtype))
+        module.edit_weights = old if new is None else new
 
 
 def clear_edits(model: nn.Module) -> nn.Module:
@@ -351,10 +338,7 @@ def load_edits(model: nn.Module, directory: str | os.PathLike, replace: bool = T
     With `replace` (the default, as `from_pretrained` does) current edits are dropped first; otherwise the
     loaded edits compose with them.
     """
-    tables = read_edit_tables(model, directory)
-    for index, module in expert_layers(model):
-        old = None if replace else module.edit_weights
-        module.edit_weights = _compose(old, tables.get(index))
+    _compose(model, read_edit_tables(model, directory), replace)
     return model
 
 
@@ -404,43 +388,26 @@ def parse_steer(specs: str | Iterable[str]) -> ExpertEdits:
     """Parse `G:ID=ALPHA` (expert id i*E + j of routing group G), `G:ID` (delete, alpha 0),
     `G:I,J=ALPHA` (expert (i, j)), `G:bottom:I=ALPHA` or `G:top:J=ALPHA` (a whole half).
     A list of specs gives one merged edit."""
-    if isinstance(specs, str):
-        specs = [specs]
     edits = ExpertEdits()
-    for spec in specs:
-        group, kind, index, alpha = _parse_one(spec)
-        if kind == "expert":
-            edits.scale(group, index, alpha)
-        elif kind == "bottom":
-            edits.scale_bottom(group, index, alpha)
-        elif kind == "top":
-            edits.scale_top(group, index, alpha)
-        else:
-            edits.scale_pair(group, *index, alpha)
+    for spec in [specs] if isinstance(specs, str) else specs:
+        where, sep, value = spec.strip().partition("=")
+        parts = [p.strip() for p in where.split(":")]
+        try:
+            alpha = float(value) if sep else 0.0
+            if len(parts) == 2 and "," in parts[1]:
+                i, j = (int(x) for x in parts[1].split(","))
+                edits.scale_pair(int(parts[0]), i, j, alpha)
+            elif len(parts) == 2:
+                edits.scale(int(parts[0]), int(parts[1]), alpha)
+            elif len(parts) == 3 and parts[1] in ("bottom", "top"):
+                getattr(edits, f"scale_{parts[1]}")(int(parts[0]), int(parts[2]), alpha)
+            else:
+                raise ValueError(spec)
+        except ValueError:
+            raise MonetError(f"cannot parse --steer {spec!r}; expected G:ID=ALPHA (e.g. 0:12345=0 deletes expert "
+                             "12345 of group 0, 1:7=2.5 amplifies), G:I,J=ALPHA, G:bottom:I=ALPHA or G:top:J=ALPHA"
+                             ) from None
     return edits
-
-
-def _parse_one(spec: str) -> tuple[int, str, Any, float]:
-    text = spec.strip()
-    where, sep, value = text.partition("=")
-    bad = MonetError(f"cannot parse --steer {spec!r}; expected G:ID=ALPHA (e.g. 0:12345=0 deletes expert 12345 of "
-                     "group 0, 1:7=2.5 amplifies), G:I,J=ALPHA, G:bottom:I=ALPHA or G:top:J=ALPHA")
-    try:
-        alpha = float(value) if sep else 0.0
-    except ValueError:
-        raise bad from None
-    parts = [p.strip() for p in where.split(":")]
-    try:
-        if len(parts) == 2 and "," in parts[1]:
-            i, j = (int(x) for x in parts[1].split(","))
-            return int(parts[0]), "pair", (i, j), alpha
-        if len(parts) == 2:
-            return int(parts[0]), "expert", int(parts[1]), alpha
-        if len(parts) == 3 and parts[1] in ("bottom", "top"):
-            return int(parts[0]), parts[1], int(parts[2]), alpha
-    except ValueError:
-        raise bad from None
-    raise bad
 
 
 def apply_steering(model: nn.Module, steer: Iterable[str] = (), edits_file: str | os.PathLike | None = None
@@ -455,22 +422,6 @@ def apply_steering(model: nn.Module, steer: Iterable[str] = (), edits_file: str 
     return model
 
 
-__all__ = [
-    "ExpertEdits",
-    "EXPERT_EDITS_FILE",
-    "apply_edits",
-    "apply_steering",
-    "check_fits",
-    "clear_edits",
-    "current_weights",
-    "edited",
-    "expert_layers",
-    "load_edits",
-    "masked",
-    "masking_ratio",
-    "neuron_masks",
-    "model_shape",
-    "parse_steer",
-    "read_edit_tables",
-    "save_edits",
-]
+__all__ = ["EXPERT_EDITS_FILE", "ExpertEdits", "apply_edits", "apply_steering", "check_fits", "clear_edits",
+           "current_weights", "edited", "expert_layers", "load_edits", "masked", "masking_ratio", "model_shape",
+           "neuron_masks", "parse_steer", "read_edit_tables", "save_edits"]

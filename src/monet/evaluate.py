@@ -1,15 +1,10 @@
-"""`monet eval`: validation loss and perplexity, overall and per label.
-
-The loss is the mean next-token cross-entropy over packed windows (`PackedSequences`, the same
-windows the trainer uses). With `--max-batches`, windows are taken evenly spaced over the split
-rather than from its start, so a limited pass still sees every part of the corpus (documents are
-stored label by label). The model runs in eval mode (routing thresholds from the BatchNorm running
-statistics) and without labels, so no auxiliary loss and no collective operation is involved.
+"""`monet eval` (docs/training.md): mean next-token loss and perplexity over the trainer's packed windows,
+overall and per label, in eval mode and without labels (no auxiliary loss, no collective operation).
+Also a local lm-evaluation-harness task built from one of our corpora.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -30,7 +25,8 @@ from monet.runtime import resolve_device
 
 
 def window_indices(total: int, batch_size: int, max_batches: int | None) -> list[int]:
-    """All window indices, or `max_batches * batch_size` of them evenly spaced over [0, total)."""
+    """All window indices, or `max_batches * batch_size` of them evenly spaced over [0, total) (not the first
+    ones: documents are stored label by label, and a limited pass should still see every label)."""
     wanted = total if max_batches is None else min(total, max_batches * batch_size)
     if wanted >= total:
         return list(range(total))
@@ -59,9 +55,7 @@ def window_losses(
     for start in tqdm(range(0, len(indices), batch_size), disable=not progress, desc="eval", unit="batch",
                       leave=False):
         batch = torch.stack([packed[i] for i in indices[start : start + batch_size]]).to(device)
-        context = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                   else contextlib.nullcontext())
-        with context:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(input_ids=batch, use_cache=False).logits
         losses.append(causal_lm_loss(logits, batch, reduction="none").double().mean(dim=1).cpu())
     if was_training:
@@ -120,16 +114,12 @@ def evaluate_checkpoint(
     if "" not in sets:
         raise MonetError(f"the {split} split of {data_dir} has less than one window of {seq_len + 1} tokens; "
                          "use a shorter --seq-len or more data")
-    results = evaluate_sets(model, sets, batch_size, max_batches, None, None, progress)
+    results = evaluate_sets(model, sets, batch_size, max_batches, progress=progress)
     overall = results.pop("")
     return {
         "checkpoint": str(directory), "data": str(data_dir), "split": split, "seq_len": seq_len,
         "overall": overall, "labels": results, "skipped_labels": skipped,
     }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# lm-evaluation-harness: a local multiple-choice task built from one of our corpora
 
 
 def build_continuation_items(
@@ -141,12 +131,9 @@ def build_continuation_items(
     continuation_tokens: int = 16,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Multiple-choice items "which text continues this context?" from real documents of a corpus.
-
-    Context: the first `context_tokens` tokens of a document; the right choice: its next
-    `continuation_tokens` tokens; the distractors: spans of the same length from other documents with
-    the same label (so the choice cannot be made by spotting the language or domain alone).
-    """
+    """Multiple-choice items "which text continues this context?": the first `context_tokens` tokens of a
+    document, its next `continuation_tokens` tokens, and as distractors spans of the same length from other
+    documents of the same label (so the language or domain alone does not give the answer)."""
     if num_choices < 2:
         raise MonetError(f"num_choices must be >= 2, got {num_choices}")
     dataset = TokenDataset(data_dir, split=split)
@@ -191,38 +178,33 @@ def write_lm_eval_task(
     task_name: str = "monet_continuation",
     **item_options: Any,
 ) -> Path:
-    """Write `out_dir/{task_name}.yaml` + `items.jsonl`: a local lm-eval multiple-choice task.
-
-    Use it with `lm_eval.tasks.TaskManager(include_path=out_dir)` and `tasks=[task_name]`; nothing is
-    downloaded (the `json` dataset builder reads the local file). Returns `out_dir`.
-    """
+    """Write `out_dir/{task_name}.yaml` + `items.jsonl`, a local lm-eval multiple-choice task, and return
+    `out_dir`. Use it with `TaskManager(include_path=out_dir)` and `tasks=[task_name]`; nothing is downloaded."""
     items = build_continuation_items(data_dir, **item_options)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data_file = (out / "items.jsonl").resolve()
     atomic_write(data_file, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
-    task = "\n".join([
-        f"task: {task_name}",
-        "dataset_path: json",
-        "dataset_kwargs:",
-        "  data_files:",
-        f"    test: {json.dumps(str(data_file))}",
-        "test_split: test",
-        "output_type: multiple_choice",
-        "doc_to_text: context",
-        "doc_to_choice: choices",
-        "doc_to_target: gold",
-        'target_delimiter: ""',
-        "metric_list:",
-        "  - metric: acc",
-        "    aggregation: mean",
-        "    higher_is_better: true",
-        "  - metric: acc_norm",
-        "    aggregation: mean",
-        "    higher_is_better: true",
-        "metadata:",
-        "  version: 1.0",
-        "",
-    ])
+    task = f"""task: {task_name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {json.dumps(str(data_file))}
+test_split: test
+output_type: multiple_choice
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: gold
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
     atomic_write(out / f"{task_name}.yaml", task)
     return out

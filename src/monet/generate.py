@@ -1,10 +1,6 @@
-"""Generation: the one sampling path of the package (Hugging Face `generate` with a KV cache).
-
-`monet generate`, toxicity purging (sampled continuations) and self-explanation (prompts given as
-embeddings) all go through `generate_tokens`. Prompts get the beginning-of-sequence token the data
-pipeline puts before every document (`<s>`) when the tokenizer does not add it itself, so the model sees
-what it was trained on. Generation stops at `</s>` or after `max_new_tokens`. Deleted or steered experts
-stay edited during generation (the edit tables live in the model).
+"""Generation: the one sampling path of the package (Hugging Face `generate` with a KV cache), used by
+`monet generate`, toxicity purging and self-explanation. Prompts start with `<s>` as every training
+document does; generation stops at `</s>` or after `max_new_tokens`; expert edits stay applied.
 """
 
 from __future__ import annotations
@@ -57,9 +53,9 @@ def generate_tokens(
     if not greedy:
         options.update(temperature=temperature, top_p=top_p if top_p is not None else 1.0, top_k=top_k or 0)
     model.eval()
-    if input_ids is not None:
-        return model.generate(input_ids=input_ids, **options)[:, input_ids.shape[1]:]
-    return model.generate(inputs_embeds=inputs_embeds, **options)   # only the new tokens come back
+    if input_ids is None:
+        return model.generate(inputs_embeds=inputs_embeds, **options)   # only the new tokens come back
+    return model.generate(input_ids=input_ids, **options)[:, input_ids.shape[1]:]
 
 
 def generate_text(model: Any, tokenizer: Any, prompt: str, num_samples: int = 1, **options: Any) -> list[str]:

@@ -1,9 +1,6 @@
-"""Model sizes: parameter counts of real modules built on the meta device, and the paper's Table 1.
-
-`monet info --preset NAME [--set key=value ...]` prints parameters by part and the expert count.
-`monet info --compare --dim D --experts N --heads H --moe-dim M [--topk K]` compares one layer of SMoE,
-PEER, Monet-HD and Monet-VD at N experts (Table 1 and appendix A.2): parameters counted from the modules
-themselves, retrieval cost (multiply-adds per token to choose experts) from A.2.
+"""Model sizes (`monet info`): parameter counts of real modules built on the meta device, by part for a
+preset, and for one layer of SMoE, PEER, Monet-HD and Monet-VD at N experts (`--compare`: the paper's
+Table 1, with the retrieval cost of appendix A.2 in multiply-adds per token).
 """
 
 from __future__ import annotations
@@ -27,11 +24,8 @@ from monet.model import (
 
 
 class SMoELayer(nn.Module):
-    """Conventional sparse MoE (eq. 1-2): N experts V_i sigma(U_i x), top-k of N router scores.
-
-    Kept for the size comparison (its parameters grow like N m d) and as a readable reference; it is
-    not a decoder option.
-    """
+    """Conventional sparse MoE (eq. 1-2): N experts V_i sigma(U_i x), top-k of N router scores. A readable
+    reference for the size comparison (its parameters grow like N m d), not a decoder option."""
 
     def __init__(self, dim: int, experts: int, expert_dim: int, topk: int, act: str = "relu2") -> None:
         super().__init__()
@@ -52,35 +46,24 @@ def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+# (substring of a parameter's name, part), first match wins; anything else is a norm
+PARTS = (("model.embed_tokens", "embeddings"), ("lm_head", "lm_head"), (".self_attn.", "attention"),
+         (".router.", "routers"), (".moe.", "experts"), (".mlp.", "experts"))
+
+
 def parameters_by_part(config: MonetConfig) -> dict[str, int]:
     """Parameters of `MonetForCausalLM(config)`, split into parts, counted on the meta device."""
     with torch.device("meta"):
         model = MonetForCausalLM(config)
-    parts = {"embeddings": 0, "attention": 0, "experts": 0, "routers": 0, "norms": 0, "lm_head": 0}
+    parts = dict.fromkeys(("embeddings", "attention", "experts", "routers", "norms", "lm_head"), 0)
     for name, param in model.named_parameters():
-        if name.startswith("model.embed_tokens"):
-            part = "embeddings"
-        elif name.startswith("lm_head"):
-            part = "lm_head"
-        elif ".self_attn." in name:
-            part = "attention"
-        elif ".router." in name:
-            part = "routers"
-        elif ".moe." in name or ".mlp." in name:
-            part = "experts"
-        else:
-            part = "norms"
-        parts[part] += param.numel()
+        parts[next((part for key, part in PARTS if key in name), "norms")] += param.numel()
     return parts
 
 
 def count_parameters(config: MonetConfig) -> int:
     """Total parameters of `MonetForCausalLM(config)` (tied embeddings counted once)."""
     return sum(parameters_by_part(config).values())
-
-
-def experts_per_layer(config: MonetConfig) -> int:
-    return 0 if config.mlp_type == "dense" else config.moe_experts**2
 
 
 def dense_intermediate_size_matching(config: MonetConfig) -> int:
@@ -143,7 +126,7 @@ def describe(name: str, overrides: dict[str, Any] | None = None) -> dict[str, An
         "preset": name,
         "parameters": sum(parts.values()),
         "parameters_by_part": parts,
-        "experts_per_layer": experts_per_layer(config),
+        "experts_per_layer": 0 if config.mlp_type == "dense" else config.moe_experts**2,
         "layers": config.num_hidden_layers,
         "routing_layers": config.num_routing_groups if config.mlp_type == "monet" else 0,
         "mlp_type": config.mlp_type,

@@ -1,19 +1,7 @@
-"""Files: atomic writes, one JSON encoder, content hashes, and output directories that never destroy
-what the command did not create.
-
-Everything the package writes goes through here:
-
-* `atomic_write(path, data)` — bytes, text or a writer callback to a temporary sibling, then
-  `os.replace`: a killed process leaves the old file or the new one, never half of one.
-* `output_directory(out, kind, force)` — a context manager for a command's output directory: checks
-  that `out` is free or a previous output of the same command (a `.monet-output` marker naming the
-  kind), yields a temporary sibling to write into, and swaps it into place only when the block
-  succeeds. A non-empty path that is not such an output is refused unless `force`.
-* `jsonable(value)` / `write_json` — numpy scalars and arrays to Python, non-finite floats to null, so
-  the output is strict JSON that browsers and `json.loads` accept.
-* `sha256_file` — content hashes for checkpoint integrity and data fingerprints.
-
-No torch here: the data layer and the command line use it too.
+"""Files: atomic writes, one strict JSON encoder, content hashes, and command output directories that are
+filled beside their target and swapped in only on success, never destroying what the command did not
+create (`output_directory`). Everything the package writes goes through here. No torch here: the data
+layer and the command line use it too.
 """
 
 from __future__ import annotations
@@ -37,7 +25,8 @@ MARKER = ".monet-output"            # in every output directory a command writes
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Any], None]) -> Path:
-    """Write `data` (bytes, text, or a callback receiving a binary file) to `path` atomically."""
+    """Write `data` (bytes, text, or a callback receiving a binary file) to `path` atomically: to a temporary
+    sibling, then `os.replace`, so a killed process leaves the old file or the new one, never half of one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
     try:
@@ -57,7 +46,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Any], No
 
 def jsonable(value: Any) -> Any:
     """`value` with numpy scalars/arrays turned into Python numbers and lists, tuples into lists, dict keys
-    into strings, and NaN / infinity into None."""
+    into strings, and NaN / infinity into None: strict JSON that browsers and `json.loads` accept."""
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -122,12 +111,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 def check_output(out: str | os.PathLike, kind: str, force: bool = False, noun: str = "an output",
                  replace_own: bool = True) -> Path:
-    """Refuse to write a `kind` output at `out` if that would replace something this command did not make.
-
-    `out` may be missing, an empty directory, or (with `replace_own`) a previous `kind` output (its marker
-    says so); anything else (a file, another command's output, an unrelated folder) needs `force`. A path
-    below a file, or in a directory that cannot be written, is refused with the reason. `noun` names what
-    the command writes ("an atlas") in the messages. Returns `out` as a Path.
+    """`out` as a Path, refused (MonetError) if writing a `kind` output there would replace something this
+    command did not make: only a missing path, an empty directory or (with `replace_own`) a previous `kind`
+    output (its marker says so) may be used without `force`. `noun` ("an atlas") names it in the messages.
     """
     out = check_writable(out)
     if out.exists() and not force:
@@ -190,27 +176,29 @@ def output_directory(out: str | os.PathLike, kind: str, force: bool = False, nou
 def replace_directory(new: Path, out: Path) -> None:
     """Move the finished `new` to `out`; whatever was at `out` is renamed aside first, then deleted, so a
     kill at any moment leaves a complete `out` or a hidden `.trash-*` sibling, never half of one."""
-    if out.exists() or out.is_symlink():
-        trash = out.with_name(f".trash-{out.name}-{os.getpid()}-{time.time_ns()}")
-        os.replace(out, trash)
+    if not (out.exists() or out.is_symlink()):
         os.replace(new, out)
-        if trash.is_dir() and not trash.is_symlink():
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            trash.unlink(missing_ok=True)
-    else:
-        os.replace(new, out)
+        return
+    trash = out.with_name(f".trash-{out.name}-{os.getpid()}-{time.time_ns()}")
+    os.replace(out, trash)
+    os.replace(new, out)
+    _delete(trash)
 
 
 def sweep_temporaries(directory: Path, name: str) -> None:
     """Remove `.tmp-NAME-PID-*` / `.trash-NAME-*` siblings left by killed runs of this output: a temporary
     whose process is gone is stale (one still being written by a live process is left alone)."""
-    if not directory.is_dir():
-        return
     for child in directory.iterdir():
         if child.name.startswith(f".trash-{name}-") or (child.name.startswith(f".tmp-{name}-")
                                                         and not _alive(child.name[len(f".tmp-{name}-"):])):
-            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+            _delete(child)
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def temporary_sibling(out: Path) -> Path:

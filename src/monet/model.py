@@ -1,15 +1,9 @@
 """The Monet model, top to bottom: router, experts, decoder, Hugging Face classes.
 
 A LLaMA decoder (RMSNorm, rotary attention with grouped-query heads and SDPA, untied head) whose MLP is
-replaced by Monet experts (paper §3). Reading order:
-
-1. `MonetRouter` — product-key routing with BatchNorm quantile thresholds (eq. 9), and the auxiliary
-   losses (eq. 16-17).
-2. `MonetHorizontalExperts` (HD, eq. 6-12) and `MonetVerticalExperts` (VD, eq. 13-15, A.1): N = E^2
-   experts from E bottom/left and E top/right halves, computed in factored form.
-3. The decoder: attention, `MonetDecoderLayer` (layer l routes when l % moe_groups == 0, the next layers
-   of its group reuse that (g1, g2)), `MonetModel`, `MonetForCausalLM` (loss = lm_loss + λ aux_loss).
-   `DenseMLP` and `PEERLayer` are the baselines that the same decoder can use instead (`mlp_type`).
+replaced by Monet experts (paper §3): 1. `MonetRouter` and the auxiliary losses (eq. 9, 16-17);
+2. `MonetHorizontalExperts` (HD, eq. 6-12) and `MonetVerticalExperts` (VD, eq. 13-15, A.1), with the
+`DenseMLP` and `PEERLayer` baselines (`mlp_type`); 3. the decoder and the Hugging Face classes.
 
 State-dict keys are the official ones, so a directory written by the official modeling code loads with
 `MonetForCausalLM.from_pretrained(dir)`. With `output_router_probs=True` the output carries one entry per
@@ -55,9 +49,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 def routing_threshold(topk: int, experts: int) -> float:
     """sigma = Phi^-1(1 - k/E): if the normalised logits were Gaussian, about k of E would pass.
     With k = E every entry is kept (sigma = -inf)."""
-    if topk >= experts:
-        return float("-inf")
-    return NormalDist().inv_cdf(1.0 - topk / experts)
+    return float("-inf") if topk >= experts else NormalDist().inv_cdf(1.0 - topk / experts)
 
 
 class MonetRouter(nn.Module):
@@ -135,10 +127,7 @@ def uniformity_loss(g1: torch.Tensor, g2: torch.Tensor, token_mask: torch.Tensor
     L_unif = -1/(2HE) * sum_{h,i} log(mean_t g1_thi + eps) - (same for g2). Up to the constant log E
     this is KL(uniform || mean routing), minimal when every half is used equally; eps guards log 0.
     """
-    loss = 0.0
-    for g in (g1, g2):
-        loss = loss - torch.log(token_mean(g, token_mask) + eps).mean() / 2
-    return loss
+    return -sum(torch.log(token_mean(g, token_mask) + eps).mean() for g in (g1, g2)) / 2
 
 
 def ambiguity_loss(g1: torch.Tensor, g2: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -170,14 +159,9 @@ def ambiguity_loss(g1: torch.Tensor, g2: torch.Tensor, token_mask: torch.Tensor 
 # the E-sized intermediate sums before the output projections, so an edited forward stays exact.
 
 
-def squared_relu(x: torch.Tensor) -> torch.Tensor:
-    """sigma(x) = relu(x)^2, the activation of the released models (`hidden_act="relu2"`)."""
-    return torch.relu(x).square()
-
-
 def activation(name: str):
-    """The expert nonlinearity by its Hugging Face name; "relu2" is the squared ReLU."""
-    return squared_relu if name == "relu2" else ACT2FN[name]
+    """The expert nonlinearity by its Hugging Face name; the released models use "relu2", relu(x)^2."""
+    return ACT2FN[name]
 
 
 _hd_mix = ops.maybe_compile(ops.hd_mix)
@@ -201,16 +185,12 @@ class MonetHorizontalExperts(nn.Module):
         self.register_buffer("edit_weights", None, persistent=False)
         self.expert_path: str | None = None     # "dense" | "sparse" | "auto"; None: see monet.sparse
 
-    def bottom(self, x: torch.Tensor) -> torch.Tensor:
-        """sigma(U_i x + b1_i) for every bottom half i: [B, T, E, m]."""
-        return self.act(self.u(x)).unflatten(-1, (self.experts, self.expert_dim))
-
     def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
         routing = sparse.choose(self, x, g1, g2)
         if routing is not None:                      # only the active halves (monet.sparse), same value
             return sparse.hd_forward(self, x, g1, g2, routing)
         g1, g2 = g1.to(x.dtype), g2.to(x.dtype)
-        hidden = self.bottom(x)
+        hidden = self.act(self.u(x)).unflatten(-1, (self.experts, self.expert_dim))   # sigma(U_i x + b1_i) [B, T, E, m]
         top_input, bias_weight = _hd_mix(hidden, g1, g2)
         if self.edit_weights is not None:
             token, i, j, c = ops.edited_entries(g1, g2, self.edit_weights)
@@ -247,20 +227,13 @@ class MonetVerticalExperts(nn.Module):
         self.register_buffer("edit_weights", None, persistent=False)
         self.expert_path: str | None = None     # "dense" | "sparse" | "auto"; None: see monet.sparse
 
-    def left(self, x: torch.Tensor) -> torch.Tensor:
-        """sigma(U1_i x + b11_i) for every left half i: [B, T, E, m/2]."""
-        return self.act(self.u1(x)).unflatten(-1, (self.experts, self.half_dim))
-
-    def right(self, x: torch.Tensor) -> torch.Tensor:
-        """sigma(U2_j x + b21_j) for every right half j: [B, T, E, m/2]."""
-        return self.act(self.u2(x)).unflatten(-1, (self.experts, self.half_dim))
-
     def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
         routing = sparse.choose(self, x, g1, g2)
         if routing is not None:                      # only the active halves (monet.sparse), same value
             return sparse.vd_forward(self, x, g1, g2, routing)
         g1, g2 = g1.to(x.dtype), g2.to(x.dtype)
-        h1, h2 = self.left(x), self.right(x)
+        h1 = self.act(self.u1(x)).unflatten(-1, (self.experts, self.half_dim))   # sigma(U1_i x + b11_i) [B, T, E, m/2]
+        h2 = self.act(self.u2(x)).unflatten(-1, (self.experts, self.half_dim))   # sigma(U2_j x + b21_j)
         straight1, straight2, cross12, cross21, s1, s2 = _vd_mix(h1, h2, g1, g2)
         if self.edit_weights is not None:
             token, i, j, c = ops.edited_entries(g1, g2, self.edit_weights)
@@ -283,9 +256,8 @@ def build_experts(config: MonetConfig) -> nn.Module:
 
 
 def expert_output(moe: nn.Module, x: torch.Tensor, i: int, j: int) -> torch.Tensor:
-    """E_ij(x) [..., d] of one expert from its two halves (what it writes; nothing of size N is formed):
-    HD V_j s(U_i x + b1_i) + b2_j; VD [V11_i s(U1_i x) + V12_i s(U2_j x) + b12_i ; V21_j s(U1_i x) +
-    V22_j s(U2_j x) + b22_j] (the first-layer biases inside s)."""
+    """E_ij(x) [..., d], what one expert writes, from its two halves (eq. 6 for HD, A.1 for VD; see the
+    classes' docstrings); nothing of size N is formed."""
     if isinstance(moe, MonetHorizontalExperts):
         m = moe.expert_dim
         rows = slice(i * m, (i + 1) * m)
@@ -404,13 +376,11 @@ class MonetRotaryEmbedding(nn.Module):
 
     def __init__(self, config: MonetConfig) -> None:
         super().__init__()
-        self.scale = 1.0
         scaling = getattr(config, "rope_parameters", None) or {}
         kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind == "linear":
-            self.scale = float(scaling["factor"])
-        elif kind != "default":
+        if kind not in ("default", "linear"):
             raise MonetError(f"rope_scaling type {kind!r} is not supported; use None or 'linear'")
+        self.scale = float(scaling["factor"]) if kind == "linear" else 1.0
         self.theta = float(scaling.get("rope_theta", config.rope_theta))
         self.inv_freq = nn.Buffer(rope_inverse_frequencies(self.theta, config.head_dim), persistent=False)
 
@@ -439,9 +409,8 @@ class MonetAttention(nn.Module):
     def __init__(self, config: MonetConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.heads, self.kv_heads, self.head_dim = (
-            config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        )
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
         d, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(d, self.heads * self.head_dim, bias=bias)
@@ -517,10 +486,8 @@ class MonetDecoderLayer(GradientCheckpointingLayer):
             self.moe = build_experts(config)
             if config.is_routing_layer(layer_idx):
                 self.router = MonetRouter(config)
-        elif config.mlp_type == "dense":
-            self.mlp = DenseMLP(config)
         else:
-            self.mlp = PEERLayer(config)
+            self.mlp = DenseMLP(config) if config.mlp_type == "dense" else PEERLayer(config)
 
     def forward(
         self,
@@ -538,11 +505,9 @@ class MonetDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = hidden_states + attended
         normed = self.post_attention_layernorm(hidden_states)
-        routing = None
+        routing = self.router(normed, token_mask) if hasattr(self, "router") else None
         if hasattr(self, "moe"):
-            routing = self.router(normed, token_mask) if hasattr(self, "router") else None
-            g1, g2 = routing if routing is not None else previous_routing
-            update = self.moe(normed, g1, g2)
+            update = self.moe(normed, *(routing if routing is not None else previous_routing))
         else:
             update = self.mlp(normed)
         return hidden_states + update, weights, routing
@@ -556,7 +521,6 @@ class MonetPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MonetDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
-    _supports_attention_backend = False
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -646,12 +610,6 @@ class MonetModel(MonetPreTrainedModel):
         self.rotary_emb = MonetRotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
 
     def forward(
         self,
@@ -767,18 +725,6 @@ class MonetForCausalLM(MonetPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
 
     def forward(
         self,

@@ -1,23 +1,10 @@
 """Exact fast-path operations under `monet.model`: the same numbers as the plain formulas, fewer passes.
 
-Everything here is checked against the plain formulation and, through the model, against the float64
-naive sum over all N = E^2 experts (tests/naive.py).
-
-Routing (`MonetRouter` in monet.model):
-
-* `batch_statistics` — per-head BatchNorm moments over tokens x E without a float64 copy of the logits
-  and without a host sync: per-(token, head) rows of E contiguous logits give row means and variances,
-  combined exactly (mean of means; mean of variances + variance of means), padding tokens weighted 0.
-* `KeptSoftmax` — g = softmax of the raw logits over the kept entries, with a backward that touches only
-  the kept entries (about k of E per head): the key gradients are embedding-bag products over the kept
-  ids instead of two dense [tokens, H*E] x [H*E, d] products (dense fallback when many are kept).
-
-Experts (`MonetHorizontalExperts` / `MonetVerticalExperts`):
-
-* `hd_mix` / `vd_mix` — the E-sized routing contractions between the two projections (eq. 12, A.1),
-  optionally wrapped in `torch.compile` (MONET_COMPILE=1).
-* `edited_entries` — each token's edited active (i, j) pairs, for the edit correction of the dense path
-  (masking, steering): never the E x E grid. The sparse expert path itself lives in `monet.sparse`.
+Router (`MonetRouter`): BatchNorm statistics without a float64 copy or a host sync (`batch_statistics`) and
+the kept-entry softmax with a sparse backward (`KeptSoftmax`). Experts: the E-sized routing contractions
+`hd_mix` / `vd_mix` (optionally compiled) and the edit correction of the dense path (`edited_entries`); the
+sparse expert path itself lives in `monet.sparse`. Everything is checked against the plain formulation and,
+through the model, against the float64 naive sum over all N = E^2 experts (tests/naive.py).
 """
 
 from __future__ import annotations
@@ -42,8 +29,9 @@ from monet.runtime import distributed
 def batch_statistics(z: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Per-head (count, mean, biased variance) of logits z [..., H, E] over tokens and E entries.
 
-    Padding tokens (token_mask False) get weight 0. Sums are all-reduced across data-parallel ranks.
-    Count, mean and variance stay tensors (float64 for count; z's dtype for the moments), so nothing
+    Rows of E contiguous logits per (token, head) give row moments, combined exactly (mean of means; mean
+    of variances + variance of means); padding tokens (token_mask False) get weight 0. Sums are all-reduced
+    across data-parallel ranks. Results stay tensors (float64 count; z's dtype for the moments), so nothing
     waits for the device.
     """
     heads, experts = z.shape[-2:]
@@ -88,11 +76,7 @@ class AllReduceSum(torch.autograd.Function):
         dist.all_reduce(out)
         return out
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+    backward = forward
 
 
 def recomputing_in_backward() -> bool:
@@ -143,31 +127,17 @@ class KeptSoftmax(torch.autograd.Function):
         values = grad_z.reshape(kept.shape)[tokens, ids].to(weight.dtype)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            offsets = bag_offsets(tokens, x2d.shape[0])
+            offsets = sparse.bag_offsets(tokens, x2d.shape[0])
             grad_x = F.embedding_bag(ids, weight, offsets, per_sample_weights=values, mode="sum")
             grad_x = grad_x.to(x.dtype).view_as(x)
         if ctx.needs_input_grad[1]:
-            grad_w = scatter_rows(ids, tokens, values, x2d.to(weight.dtype), weight.shape[0])
+            # The transpose of that gather: entries ordered by key id (a stable sort, so the sums are
+            # deterministic), the token rows of x bagged per id.
+            ids, order = ids.sort(stable=True)
+            offsets = sparse.bag_offsets(ids, weight.shape[0])
+            grad_w = F.embedding_bag(tokens[order], x2d.to(weight.dtype), offsets, per_sample_weights=values[order],
+                                     mode="sum")
         return grad_x, grad_w, None, None
-
-
-def bag_offsets(sorted_index: torch.Tensor, bags: int) -> torch.Tensor:
-    """Start of each bag in a sorted index list (empty bags allowed): the embedding-bag offsets."""
-    offsets = torch.zeros(bags, dtype=torch.long, device=sorted_index.device)
-    offsets[1:] = torch.bincount(sorted_index, minlength=bags).cumsum(0)[:-1]
-    return offsets
-
-
-def scatter_rows(ids: torch.Tensor, tokens: torch.Tensor, values: torch.Tensor, x2d: torch.Tensor,
-                 rows: int) -> torch.Tensor:
-    """sum over entries p of values[p] * x[tokens[p]] into row ids[p]: [rows, d].
-
-    The transpose of the embedding-bag gather: order the entries by row id (a stable sort, so the
-    sums are deterministic) and bag the token rows of x per id.
-    """
-    ids, order = ids.sort(stable=True)
-    return F.embedding_bag(tokens[order], x2d, bag_offsets(ids, rows), per_sample_weights=values[order],
-                           mode="sum")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -203,23 +173,20 @@ def maybe_compile(fn: Callable) -> Callable:
     """`torch.compile(fn)` when MONET_COMPILE=1, falling back to `fn` (with a warning) if that fails."""
     if os.environ.get("MONET_COMPILE", "0") != "1":
         return fn
-    state: dict[str, Callable] = {}
+    active: Callable | None = None
 
     def run(*args):
-        if "fn" not in state:
-            try:
-                state["fn"] = torch.compile(fn, dynamic=True)
-            except Exception as exc:  # no compiler toolchain, unsupported platform, ...
-                warnings.warn(f"MONET_COMPILE=1 but torch.compile failed ({exc}); using eager {fn.__name__}",
-                              stacklevel=2)
-                state["fn"] = fn
+        nonlocal active
         try:
-            return state["fn"](*args)
-        except Exception as exc:
-            if state["fn"] is fn:
+            if active is None:
+                active = torch.compile(fn, dynamic=True)
+            return active(*args)
+        except Exception as exc:  # no compiler toolchain, unsupported platform, a graph it cannot compile, ...
+            if active is fn:
                 raise
-            warnings.warn(f"compiled {fn.__name__} failed ({type(exc).__name__}: {exc}); using eager", stacklevel=2)
-            state["fn"] = fn
+            warnings.warn(f"MONET_COMPILE=1 but torch.compile failed for {fn.__name__} ({type(exc).__name__}: "
+                          f"{exc}); using eager", stacklevel=2)
+            active = fn
             return fn(*args)
 
     run.__wrapped__ = fn
@@ -233,12 +200,10 @@ def maybe_compile(fn: Callable) -> Callable:
 def edited_entries(g1: torch.Tensor, g2: torch.Tensor, edit_weights: torch.Tensor):
     """The active (token, head, i, j) whose edit weight is non-zero, ragged: (token, i, j, c), each [P'].
 
-    `token` indexes the flattened leading dims (B*T); c = g1_hi g2_hj edit[i*E + j]. The per-head pairs
-    are enumerated per (token, head) without padding (`monet.sparse.edited_entries`), so the work is
-    proportional to the real number of active pairs, and only the edited ones are gathered and scattered.
+    `token` indexes the flattened leading dims (B*T); c = g1_hi g2_hj edit[i*E + j]. Enumerated without
+    padding (`monet.sparse.edited_entries`): work in the number of active pairs, never the E x E grid.
     """
-    first = sparse.kept_entries(g1.reshape(-1, *g1.shape[-2:]))
-    second = sparse.kept_entries(g2.reshape(-1, *g2.shape[-2:]))
+    first, second = sparse.kept_entries(g1), sparse.kept_entries(g2)
     edit = sparse.edited_entries(first, second, edit_weights, g1.shape[-1])
     return (first.token[edit.first], first.half[edit.first], second.half[edit.second],
             edit.coefficient(first, second))

@@ -1,13 +1,8 @@
 """Typed settings of every command: one dataclass per command, validated once, at the edge.
 
-The command line is derived from these classes (`monet.cli`, with tyro: each field is a `--flag`, its
-docstring the help text, its default shown), `monet train --config FILE.yaml` fills `TrainSettings` from
-YAML, and the library entry points take the same objects, so a setting has one name, one type, one
-default and one check wherever it is used. This module imports no torch or transformers: `monet --help`
-starts instantly.
-
-Validation: every numeric field declares its range with `number(...)`; `Settings.__post_init__` checks
-type, finiteness and range of each and raises `MonetError` naming the option, the bad value and the fix.
+`monet.cli` derives the command line from these classes (tyro: a field is a `--flag`, its docstring the help),
+`monet train --config` fills `TrainSettings` from YAML and the library takes the same objects: a setting has one
+name, type, default and check. No torch or transformers here, so `monet --help` starts instantly.
 """
 
 from __future__ import annotations
@@ -54,8 +49,14 @@ def deferred_checks() -> Iterator[None]:
         _DEFERRED.reset(token)
 
 
+@typing.dataclass_transform(kw_only_default=True, field_specifiers=(field, number))
 class Settings:
-    """Base of the settings classes: checks every field declared with `number(...)` and the device."""
+    """Base of the settings classes, each made a keyword-only dataclass: checks each Literal field, each field
+    declared with `number(...)` (of a tuple field: each item), the device and the preset."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        dataclass(kw_only=True)(cls)
 
     def __post_init__(self) -> None:
         if not _DEFERRED.get():
@@ -71,9 +72,13 @@ class Settings:
                 raise MonetError(f"{flag_name(spec.name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
             if value is None or not spec.metadata:
                 continue
-            check_number(flag_name(spec.name), value, integer=spec.type in ("int", "int | None"), **spec.metadata)
-        if hasattr(self, "device"):
-            check_device(self.device)
+            for item in value if isinstance(value, tuple) else (value,):
+                check_number(flag_name(spec.name), item, integer=spec.type.startswith(("int", "tuple[int")),
+                             **spec.metadata)
+        if hasattr(self, "device") and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            raise MonetError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if hasattr(self, "preset") and self.preset not in PRESETS:
+            raise MonetError(f"unknown preset {self.preset!r}; available presets: {', '.join(PRESETS)}")
         self.validate()
 
     def validate(self) -> None:
@@ -90,26 +95,17 @@ def literal_choices(hint: Any) -> tuple:
 def check_number(name: str, value: Any, *, integer: bool = False, low: float | None = None,
                  high: float | None = None, above: float | None = None, below: float | None = None) -> None:
     """MonetError unless `value` is a (finite) number of the right kind inside the range."""
-    kind = "integer" if integer else "number"
-    sign = {(1, None): "positive", (0, None): "non-negative"}.get((low, above)) if integer else \
-        {(None, 0): "positive", (0, None): "non-negative"}.get((low, above))
-    if sign and high is None and below is None:
-        wanted = f"a {sign} {kind}"
-    else:
-        bounds = [f">= {low:g}" if low is not None else "", f"> {above:g}" if above is not None else "",
-                  f"<= {high:g}" if high is not None else "", f"< {below:g}" if below is not None else ""]
-        wanted = f"a finite {kind} " + " and ".join(b for b in bounds if b)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (not integer or isinstance(value, int))
-    ok = ok and math.isfinite(value)
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (low is None or value >= low) and (high is None or value <= high)
-    ok = ok and (above is None or value > above) and (below is None or value < below)
-    if not ok:
-        raise MonetError(f"{name} must be {wanted}, got {value!r}")
-
-
-def check_device(device: str) -> None:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
-        raise MonetError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if ok and (above is None or value > above) and (below is None or value < below):
+        return
+    kind = "integer" if integer else "number"
+    if high is None and below is None and (low, above) in ((0, None), (1, None) if integer else (None, 0)):
+        wanted = f"a {'non-negative' if low == 0 else 'positive'} {kind}"
+    else:
+        bounds = {">=": low, ">": above, "<=": high, "<": below}
+        wanted = f"a finite {kind} " + " and ".join(f"{op} {at:g}" for op, at in bounds.items() if at is not None)
+    raise MonetError(f"{name} must be {wanted}, got {value!r}")
 
 
 def parse_size(text: str | int) -> int:
@@ -124,14 +120,13 @@ def parse_size(text: str | int) -> int:
     return int(float(match[1]) * units[unit])
 
 
-def parse_assignments(pairs: tuple[str, ...] | list[str], what: str = "--set") -> dict[str, Any]:
+def parse_assignments(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
     """`KEY=VALUE` strings -> dict; values read as YAML scalars (3, 1e-3, true, null, text)."""
-
     out = {}
     for pair in pairs:
         key, sep, raw = str(pair).partition("=")
         if not sep or not key.strip():
-            raise MonetError(f"{what} expects key=value, got {pair!r} (e.g. {what} moe_dim=4)")
+            raise MonetError(f"--set expects key=value, got {pair!r} (e.g. --set moe_dim=4)")
         out[key.strip()] = yaml_scalar(raw)
     return out
 
@@ -145,23 +140,15 @@ def yaml_scalar(raw: str) -> Any:
     except yaml.YAMLError:
         return raw
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             return float(value)
-        except ValueError:
-            return value
     return value
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Models and data
-
-
-@dataclass(kw_only=True)
 class InfoCommand(Settings):
     """Parameter and expert counts of a preset, or the paper's Table 1 comparison.
 
-    Parameter counts and expert counts of a preset, or one layer of SMoE, PEER, Monet-HD and Monet-VD
-    at N experts (paper Table 1, appendix A.2) with --compare."""
+    With --compare: one layer of SMoE, PEER, Monet-HD and Monet-VD at N experts (paper Table 1, appendix A.2)."""
 
     preset: str = "small"
     """a named shape: tiny, small, monet-vd-850m, monet-vd-1.4b, monet-vd-4.1b, monet-hd-*, codemonet-vd-1.4b"""
@@ -175,8 +162,6 @@ class InfoCommand(Settings):
     json: bool = False  # print JSON
 
     def validate(self) -> None:
-        if self.preset not in PRESETS:
-            raise MonetError(f"unknown preset {self.preset!r}; available presets: {', '.join(PRESETS)}")
         if self.compare:
             missing = [flag_name(n) for n in ("dim", "experts", "heads", "moe_dim") if getattr(self, n) is None]
             if missing:
@@ -185,7 +170,6 @@ class InfoCommand(Settings):
                 raise MonetError(f"--experts must be a perfect square N = E^2 for product keys, got {self.experts}")
 
 
-@dataclass(kw_only=True)
 class DataBuild(Settings):
     """Build a labelled corpus, its tokenizer and memory-mapped tokens.
 
@@ -216,37 +200,27 @@ class DataBuild(Settings):
             raise MonetError(f"--labels picks code or human languages; the {self.source} corpus has fixed labels")
 
 
-@dataclass(kw_only=True)
 class DataInfo(Settings):
-    """Documents and tokens per label and split of a dataset.
-
-    Documents and tokens per label and split of a built dataset."""
+    """Documents and tokens per label and split of a built dataset."""
 
     dir: Positional[str]  # dataset directory
     json: bool = False  # print the manifest as JSON
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training
-
-
-@dataclass(kw_only=True)
 class TrainSettings(Settings):
     """Train or resume a Monet, dense or PEER language model.
 
-    Train or resume a Monet / dense / PEER language model on a dataset built with `monet data build`.
-    Re-running the same command on an existing --out resumes exactly from its newest intact checkpoint.
-    `torchrun --nproc_per_node N -m monet train ...` trains data-parallel (DDP or FSDP2).
-    `batch_size` is the GLOBAL number of sequences per optimizer step, split into `grad_accum` micro-steps
-    and across the ranks, so a run gives the same losses whatever the number of processes."""
+    On a dataset built with `monet data build`; re-running the same command on an existing --out resumes exactly
+    from its newest intact checkpoint. `torchrun --nproc_per_node N -m monet train ...` trains data-parallel (DDP
+    or FSDP2). `batch_size` is the GLOBAL number of sequences per optimizer step, split into `grad_accum`
+    micro-steps and across the ranks, so a run gives the same losses whatever the number of processes."""
 
     data: str  # dataset directory from `monet data build`
     out: str  # run directory (created; resumed when it holds a run)
     preset: str = "tiny"  # model shape, a name from `monet info` (tiny, small, monet-vd-1.4b, ...)
     model: Literal["monet", "dense", "peer"] = "monet"
     """monet, or a baseline in the same decoder: dense (LLaMA MLP, same total parameters) or peer"""
-    decompose: Literal["vertical", "horizontal", "vd", "hd"] | None = None
-    """expert decomposition (default: the preset's)"""
+    decompose: Literal["vertical", "horizontal", "vd", "hd"] | None = None  # expert decomposition (default: preset's)
     set: tuple[str, ...] = ()  # MonetConfig field overrides, KEY=VALUE (e.g. --set moe_dim=4 aux_loss_weight=0.01)
     max_steps: int = number(1000, low=1)  # optimizer steps
     batch_size: int = number(8, low=1)  # GLOBAL sequences per optimizer step (all ranks, all micro-steps)
@@ -255,17 +229,12 @@ class TrainSettings(Settings):
     lr: float = number(5e-4, above=0)  # peak learning rate (paper B.1)
     min_lr: float = number(5e-5, low=0)  # end of the cosine decay
     warmup_steps: int = number(100, low=0)  # linear warmup from 0
-    weight_decay: float = number(0.1, low=0, below=1)
-    """AdamW decay, on matrices only (not norms, biases, router BatchNorm)"""
-    beta1: float = number(0.9, low=0, below=1)
-    """AdamW beta1"""
-    beta2: float = number(0.95, low=0, below=1)
-    """AdamW beta2"""
+    weight_decay: float = number(0.1, low=0, below=1)  # AdamW decay on matrices (not norms, biases, router BatchNorm)
+    beta1: float = number(0.9, low=0, below=1)  # AdamW beta1
+    beta2: float = number(0.95, low=0, below=1)  # AdamW beta2
     adam_eps: float = number(1e-8, above=0)  # AdamW epsilon
-    grad_clip: float = number(1.0, low=0)
-    """max global gradient norm; 0 disables clipping (the norm is still checked for NaN)"""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """auto: bf16 autocast on CUDA devices that support it, else float32"""
+    grad_clip: float = number(1.0, low=0)  # max global gradient norm; 0: no clipping (still checked for NaN)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast where CUDA supports it, else float32
     device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
     seed: int = number(0, low=0)  # initialisation, data order and dropout
     eval_interval: int = number(100, low=0)  # steps between validation passes (and at the last step); 0 = never
@@ -282,8 +251,6 @@ class TrainSettings(Settings):
     quiet: bool = False  # no progress bar
 
     def validate(self) -> None:
-        if self.preset not in PRESETS:
-            raise MonetError(f"unknown preset {self.preset!r}; available presets: {', '.join(PRESETS)}")
         if self.batch_size % self.grad_accum:
             raise MonetError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
         if self.min_lr > self.lr:
@@ -295,15 +262,10 @@ class TrainSettings(Settings):
         return parse_assignments(self.set)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Using a model
-
-
-@dataclass(kw_only=True)
 class EvalCommand(Settings):
     """Validation loss and perplexity, overall and per label.
 
-    Mean next-token loss and perplexity on a dataset split, overall and for each label."""
+    Mean next-token loss and perplexity on a dataset split."""
 
     run: Positional[str]  # run directory (newest checkpoint) or checkpoint directory
     data: str  # dataset directory from `monet data build` (built with the model's tokenizer)
@@ -316,12 +278,10 @@ class EvalCommand(Settings):
     json: bool = False  # print machine-readable JSON
 
 
-@dataclass(kw_only=True)
 class GenerateCommand(Settings):
     """Generate text from a run, optionally with experts deleted or steered.
 
-    Continue a prompt with a trained model (sampling by default, --greedy for argmax), optionally with
-    experts deleted or steered."""
+    Continue a prompt with a trained model: sampling by default, --greedy for argmax."""
 
     run: Positional[str]  # run directory (newest checkpoint) or checkpoint directory
     prompt: str  # text to continue
@@ -340,16 +300,10 @@ class GenerateCommand(Settings):
     no_verify: bool = False  # skip the SHA-256 check of the checkpoint
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Looking inside
-
-
-@dataclass(kw_only=True)
 class AtlasOptions(Settings):
     """How an atlas is built (recorded in its manifest)."""
 
-    max_tokens: int | None = number(1_000_000, low=1)
-    """tokens to process, balanced across labels (None: the whole split)"""
+    max_tokens: int | None = number(1_000_000, low=1)  # tokens to process, balanced across labels (None: whole split)
     top_k: int = number(10, low=1, high=10_000)  # contexts kept per expert
     split: Literal["train", "validation"] = "validation"  # which split to stream
     batch_size: int = number(16, low=1)  # windows per forward pass
@@ -358,7 +312,6 @@ class AtlasOptions(Settings):
     """examples kept per activation band of each expert (a uniform random sample; 0: none)"""
 
 
-@dataclass(kw_only=True)
 class AtlasBuild(AtlasOptions):
     """Build the expert atlas: top contexts and label statistics of every expert.
 
@@ -378,20 +331,17 @@ class AtlasBuild(AtlasOptions):
         return AtlasOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AtlasOptions)})
 
 
-@dataclass(kw_only=True)
 class AtlasQuery(Settings):
     """Query an atlas: an expert, a token, a label, or each token of a text.
 
-    Ask an atlas: an expert's top contexts (activating token in [[ ]], score as a percentage of the
-    token's routing mass), examples by activation band, counts and label histogram; the experts of a token
-    (or of the tokens containing a text), of a label (skewness, paper §5.1), or of each token of a text
-    (needs --run)."""
+    An expert's top contexts (activating token in [[ ]], score as a percentage of the token's routing mass),
+    examples by activation band, counts and label histogram; the experts of a token (or of the tokens containing
+    a text), of a label (skewness, paper §5.1), or of each token of a text (needs --run)."""
 
     atlas: Positional[str]  # atlas directory
     expert: str | None = None  # one expert: G:ID, routing group and expert id i*E+j
     token: str | None = None  # experts most often active on this vocabulary token (text or id)
-    contains: str | None = None
-    """experts most often active on the vocabulary tokens containing this text (case-insensitive)"""
+    contains: str | None = None  # experts most often active on vocabulary tokens containing this text (ignoring case)
     text: str | None = None  # run the model (--run) on TEXT and list each token's experts
     label: str | None = None  # experts most specific to a label
     run: str | None = None  # the model the atlas was built from (promoted tokens, --text)
@@ -405,11 +355,8 @@ class AtlasQuery(Settings):
             raise MonetError("give exactly one of --expert, --token, --contains, --text, --label")
 
 
-@dataclass(kw_only=True)
 class AtlasExport(Settings):
-    """Write one expert page as JSON, close to Neuronpedia's feature data.
-
-    Write one expert page as JSON in a shape close to Neuronpedia feature data (docs/atlas.md)."""
+    """Write one expert page as JSON, close to Neuronpedia's feature data (docs/atlas.md)."""
 
     atlas: Positional[str]  # atlas directory
     expert: str  # routing group and expert id, G:ID
@@ -419,14 +366,12 @@ class AtlasExport(Settings):
     force: bool = False  # replace --out if it exists
 
 
-@dataclass(kw_only=True)
 class ViewCommand(Settings):
     """Browse an atlas in a local web viewer.
 
-    Serve a small web viewer of an atlas (standard-library http.server, 127.0.0.1 by default): each
-    expert's contexts with per-token values, examples by activation band, label and score statistics, token
-    and substring search, label specialists, document view, JSON export; with --run also test activation
-    on typed text, similar experts and steering."""
+    A small standard-library http.server (127.0.0.1 by default): each expert's contexts with per-token values,
+    examples by activation band, label and score statistics, token and substring search, label specialists,
+    document view, JSON export; with --run also test activation on typed text, similar experts and steering."""
 
     atlas: Positional[str]  # atlas directory
     port: int = number(8765, low=0, high=65535)  # port (0 picks a free one)
@@ -438,13 +383,12 @@ class ViewCommand(Settings):
     device: Device = "auto"  # device for --run: auto (CUDA when available), cpu, cuda or cuda:N
 
 
-@dataclass(kw_only=True)
 class ExplainCommand(Settings):
     """Let the model describe an expert (self-explanation, paper §4.3).
 
-    Self-explanation (paper §4.3): prompt 'Q: What is the meaning of the word X? A: Sure! The meaning of
-    the word X is ' with X the averaged input embedding of the expert's top activating tokens, and sample
-    answers. Meaningful only for chat-tuned models (the paper used Monet-1.4B Chat)."""
+    Prompt 'Q: What is the meaning of the word X? A: Sure! The meaning of the word X is ' with X the averaged input
+    embedding of the expert's top activating tokens, and sample answers. Meaningful only for chat-tuned models (the
+    paper used Monet-1.4B Chat)."""
 
     run: Positional[str]  # run or checkpoint directory (the atlas's model)
     atlas: str  # atlas directory built from RUN
@@ -456,7 +400,6 @@ class ExplainCommand(Settings):
     device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
 
 
-@dataclass(kw_only=True)
 class ProbeSettings(Settings):
     """Sparse probing: predict a token's label from k experts (and a dense baseline's k neurons).
 
@@ -472,7 +415,7 @@ class ProbeSettings(Settings):
     split: Literal["train", "validation"] = "train"
     """split whose documents are divided into probe-train and probe-test documents (train: the larger one; the
     probes never see their test documents, and every model probed saw the same training text)"""
-    ks: tuple[int, ...] = (1, 2, 5, 10, 20)  # probe sizes: units per probe
+    ks: tuple[int, ...] = number((1, 2, 5, 10, 20), low=1)  # probe sizes: units per probe
     pool: Literal["token", "window"] = "token"
     """what a probe labels: each token, or each window (units' mean activation over its tokens, as in SAEBench)"""
     train_tokens: int = number(8_000, low=1)  # probe-train tokens per label
@@ -490,15 +433,8 @@ class ProbeSettings(Settings):
     def validate(self) -> None:
         if not self.ks:
             raise MonetError("--ks needs at least one probe size")
-        for k in self.ks:
-            check_number("--ks", k, integer=True, low=1)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Experiments
-
-
-@dataclass(kw_only=True)
 class UnlearnSettings(Settings):
     """Delete a label's experts and measure the loss on every label, with a noise floor (paper §5).
 
@@ -542,17 +478,15 @@ class UnlearnSettings(Settings):
                 raise MonetError(f"--dense-fractions must lie in (0, 1], got {share}")
 
 
-@dataclass(kw_only=True)
 class ToxicitySettings(Settings):
     """Purge experts correlated with toxicity and measure the effect (paper §5.3).
 
-    Purge experts correlated with toxicity (paper §5.3, D.3) and measure the toxicity of sampled
-    continuations (alt-profanity-check) and the general loss change."""
+    The effect (paper §5.3, D.3): toxicity of sampled continuations (alt-profanity-check), general loss change."""
 
     run: Positional[str]  # Monet run or checkpoint trained on (or with) the toxicity corpus
     data: str  # dataset built with `monet data build --source toxicity`
     out: str  # report directory
-    thresholds: tuple[float, ...] = (0.2, 0.1, 0.05)
+    thresholds: tuple[float, ...] = number((0.2, 0.1, 0.05), above=0, high=1)
     """correlation thresholds: experts at or above one are deleted (paper: 0.2, 0.1, 0.05)"""
     prompts: int = number(40, low=1)  # prompts (the corpus's most toxic validation texts)
     samples: int = number(5, low=1)  # continuations per prompt (paper: 25)
@@ -563,12 +497,7 @@ class ToxicitySettings(Settings):
     force: bool = False  # replace --out even if it is not a toxicity report
     quiet: bool = False  # no progress bars
 
-    def validate(self) -> None:
-        for value in self.thresholds:
-            check_number("--thresholds", value, above=0, high=1)
 
-
-@dataclass(kw_only=True)
 class BenchSettings(Settings):
     """Side-by-side speed and memory ratios of Monet blocks and dense MLPs.
 
@@ -596,14 +525,13 @@ class BenchSettings(Settings):
             raise MonetError(f"unknown preset(s) in --shapes: {', '.join(unknown)}; available: {', '.join(PRESETS)}")
 
 
-@dataclass(kw_only=True)
 class DemoSettings(Settings):
     """The whole path in minutes on a CPU: corpus, Monet and dense training, atlases, unlearning.
 
-    The whole path in minutes on a CPU: build a labelled corpus (code: 8 programming languages from
-    package registries), train a small Monet and a dense LLaMA of matching size, build their atlases,
-    delete each label's experts (neurons) in turn and report the loss on every label, with bootstrap
-    CIs, a random-mask control and a forget-retain sweep. Re-running reuses finished steps."""
+    Build a labelled corpus (code: 8 programming languages from package registries), train a small Monet and a
+    dense LLaMA of matching size, build their atlases, delete each label's experts (neurons) in turn and report
+    the loss on every label, with bootstrap CIs, a random-mask control and a forget-retain sweep. Re-running
+    reuses finished steps."""
 
     out: str = "monet-demo"  # working directory
     source: Literal["code", "languages", "domains"] = "code"  # the labelled corpus

@@ -1,10 +1,10 @@
-"""Exact sparse Monet experts: compute only the routed halves (issue 12).
+"""Exact sparse Monet experts: compute only the routed halves (issue 12; design, autograd, tests and
+timings in docs/performance.md, "The sparse expert path").
 
-The dense factored layers (`monet.model`, eq. 12 and appendix A.1) compute sigma(U_i x + b_i) for all
-E bottom/left halves of every token and multiply all E*m hidden units by the output projection, although
-a token only uses the halves that some head kept: about H*k of E (<= 64 of 512 at the 1.4B shape). The
-routing-weighted sums are unchanged if the zero routing weights are left out (eq. 10 = eq. 8), so this
-module computes exactly the same output from the kept halves only:
+The dense factored layers (`monet.model`, eq. 12 and appendix A.1) compute sigma(U_i x + b_i) for all E
+bottom/left halves of every token, although a token only uses the halves some head kept: about H*k of E.
+The routing-weighted sums are unchanged if the zero routing weights are left out (eq. 10 = eq. 8), so
+this module computes exactly the same output from the kept halves only:
 
     HD (eq. 12):  y_t = sum_{j in J_t} [V_j | b2_j] [c_tj ; s2_tj],
                   c_tj  = sum_h g2_thj sum_{i in K1_th} g1_thi sigma(U_i x_t + b1_i),  s2_tj = sum_h g2_thj
@@ -14,47 +14,17 @@ module computes exactly the same output from the kept halves only:
 where I_t / J_t are the token's *active halves* (the union over heads of the kept entries of g1 / g2),
 K1_th the entries kept by head h, a1_ti = sigma(U1_i x_t + b11_i), a2_tj = sigma(U2_j x_t + b21_j),
 X12_ti = sum_h g1_thi sum_j g2_thj a2_tj and X21_tj = sum_h g2_thj sum_i g1_thi a1_ti (the cross flows).
+Every tensor is O(active pairs), O(kept entries), O(tokens * H) or O(tokens * E), never E^2 per token.
 
-Layout (token-half pairs sorted by half, as in grouped-GEMM MoE kernels): every (token, active half)
-pair of one side is listed once, ordered by half then token (`HalfLayout`). The projections run one
-matmul per half over that half's tokens: a gather of x rows times U_i^T (`GatherMatmul`) and a product
-with [V_j | b_j] scattered back onto the tokens (`ScatterMatmul`); the bias of the output projection is
-an extra input column (the routing mass s), so it costs no extra pass. The routing mixes in between
-are embedding bags over the kept (token, head, half) entries (`KeptEntries`), O(kept entries).
-
-Nothing here is O(tokens x batch-max): every tensor is O(active pairs), O(kept entries), O(tokens * H)
-or O(tokens * E) (the [tokens, E] bool union, the size of one head's routing row), never E^2 per token.
-
-Autograd: `GatherMatmul` saves x (the block input, saved by the caller anyway) and the weights, and
-re-gathers x rows per half in backward; `ScatterMatmul` saves its small [pairs, m+1] input and re-gathers
-the output gradient rows per half. The mixes are `F.embedding_bag` (autograd saves their [pairs, m] /
-[tokens*H, m+1] weights) and cheap elementwise products. Nothing of size [tokens, E*m] is saved: the
-activations saved for backward are O(active pairs * m), about an eighth of the dense layer's.
-
-Gradient w.r.t. g1, g2: exact on the kept entries (g > 0). Off them the sparse path returns 0, where the
-dense formula would give the derivative of a term that is multiplied by 0; the router never reads it
-(its softmax backward g * (grad - <g, grad>) vanishes off the kept entries), so every gradient of the
-model (x, router keys, expert weights) is the same on both paths. Pass g from a `MonetRouter`, or use
-the dense path if you need d out / d g at zero entries.
-
-Edits (masks, steering, `edit_weights`): the term c * E_ij(x_t) of every edited active (head, i, j) is
-subtracted from the inputs of the output projections (rows of the token's pairs (t, i) and (t, j)),
-only for the pairs whose edit weight is non-zero (`edited_entries`, ragged).
-
-Per routing group: the layers of a group get the same g1, g2 objects, so the index structures (kept
-entries, layouts, bag offsets, the edited pairs of an edit table) are built by the group's first layer
-and reused by the others (`routing_for`); the routing values (and their autograd graph) are gathered
-again on every call, so reuse never crosses a backward pass.
+Gradient w.r.t. g1, g2: exact on the kept entries; 0 off them, where the dense formula gives the
+derivative of a term multiplied by 0. The router's softmax backward never reads those, so every model
+gradient is the same on both paths; use the dense path if you need d out / d g at zero entries.
 
 Host synchronisation: the per-half loop needs each half's pair count on the host (`counts.tolist()`),
 one device sync per side and group on a GPU (plus one for the number of active per-head pairs when
-edits are present). The automatic dispatch (`choose`) picks the dense path
-on non-CPU devices, where the dense matmuls are fast and a loop over E halves would be launch-bound; the
-sparse path still runs there when forced (checked on an H100 against the dense path, and 6-55x slower:
-docs/performance.md, "GPU checks").
-
-Switch: `MONET_EXPERT_PATH=auto|dense|sparse` (environment), `with expert_path("sparse"): ...` (this
-process, overrides the environment) or a layer's `expert_path` attribute (overrides both).
+edits are present). So the automatic dispatch (`choose`) picks the dense path on non-CPU devices, where
+the dense matmuls are fast and a loop over E halves would be launch-bound; the sparse path still runs
+there when forced (6-55x slower on an H100: docs/performance.md, "GPU checks"). Switch: `requested_path`.
 """
 
 from __future__ import annotations
@@ -129,21 +99,23 @@ class HalfLayout:
 
 
 def kept_entries(g: torch.Tensor) -> KeptEntries:
-    """The kept entries (g > 0) of g [tokens, H, E] with their values, without pair indices."""
+    """The kept entries (g > 0) of g [..., H, E] (token over the flattened leading dims) with their values,
+    without pair indices."""
+    g = g.reshape(-1, *g.shape[-2:])
     tokens, heads, experts = g.shape
     token, head, half = (g > 0).nonzero(as_tuple=True)
     return KeptEntries(token, head, half, (token * heads + head) * experts + half, tokens, heads).bind(g)
 
 
 def side(g: torch.Tensor) -> tuple[KeptEntries, HalfLayout]:
-    """Kept entries of g [tokens, H, E] with their pair indices, and the side's layout.
+    """Kept entries of g [..., H, E] with their pair indices, and the side's layout.
 
     The union over heads is marked in an [E, tokens] bool grid (the size of one head's routing); its
     non-zeros in row-major order are the pairs sorted by half then token, and a running count over
     the grid gives each entry's pair index.
     """
-    tokens, _, experts = g.shape
     entries = kept_entries(g)
+    tokens, experts = entries.num_tokens, g.shape[-1]
     mark = torch.zeros(experts, tokens, dtype=torch.bool, device=g.device)
     mark[entries.half, entries.token] = True
     half, token = mark.nonzero(as_tuple=True)
@@ -154,7 +126,7 @@ def side(g: torch.Tensor) -> tuple[KeptEntries, HalfLayout]:
     return entries, HalfLayout(token, half, counts, tokens, experts)
 
 
-def _offsets(sorted_index: torch.Tensor, bags: int) -> torch.Tensor:
+def bag_offsets(sorted_index: torch.Tensor, bags: int) -> torch.Tensor:
     """Start of each bag in a sorted index list (empty bags allowed): embedding-bag offsets [bags]."""
     counts = torch.bincount(sorted_index, minlength=bags)
     return counts.cumsum(0) - counts
@@ -212,8 +184,7 @@ class ActivePairs:
 
 def active_pairs(g1: torch.Tensor, g2: torch.Tensor) -> ActivePairs:
     """Every (token, head, i, j) with g1_hi * g2_hj > 0 for g [..., H, E], ragged (never padded, never E^2)."""
-    first = kept_entries(g1.reshape(-1, *g1.shape[-2:]))
-    second = kept_entries(g2.reshape(-1, *g2.shape[-2:]))
+    first, second = kept_entries(g1), kept_entries(g2)
     combos = combinations(first, second)
     index1, index2 = combos.first(), combos.second
     return ActivePairs(first.token[index1], first.head[index1], first.half[index1], second.half[index2],
@@ -228,23 +199,15 @@ def merged_experts(g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, to
     token's heads; only those candidates are merged (a sort of a few keys), the rest pass through.
     """
     experts = g1.shape[-1]
-    first = kept_entries(g1.reshape(-1, *g1.shape[-2:]))
-    second = kept_entries(g2.reshape(-1, *g2.shape[-2:]))
-    combos = combinations(first, second)
-    index1, index2 = combos.first(), combos.second
-    token = first.token[index1]
-    ids = first.half[index1] * experts + second.half[index2]
-    score = first.value[index1] * second.value[index2]
-
-    def shared(entries: KeptEntries) -> torch.Tensor:          # (token, half) kept by >= 2 heads
-        key = entries.token * experts + entries.half
-        return torch.bincount(key, minlength=entries.num_tokens * experts)[key] > 1
-
-    candidate = (shared(first)[index1] & shared(second)[index2]).nonzero().squeeze(1)
+    pairs = active_pairs(g1, g2)
+    token, ids, score = pairs.token, pairs.i * experts + pairs.j, pairs.weight
+    # (token, half) kept by >= 2 heads: [tokens, E] per side.
+    shared1, shared2 = ((g > 0).sum(dim=-2).reshape(-1, experts) > 1 for g in (g1, g2))
+    candidate = (shared1[token, pairs.i] & shared2[token, pairs.j]).nonzero().squeeze(1)
     if candidate.numel():
         keys, inverse = torch.unique(token[candidate] * experts * experts + ids[candidate], return_inverse=True)
         total = score.new_zeros(keys.shape).index_add_(0, inverse, score[candidate])
-        position = torch.full(keys.shape, combos.total, dtype=torch.long, device=keys.device)
+        position = torch.full(keys.shape, token.shape[0], dtype=torch.long, device=keys.device)
         position = position.scatter_reduce(0, inverse, candidate, reduce="amin")   # first occurrence
         keep = torch.ones_like(token, dtype=torch.bool)
         keep[candidate] = False
@@ -291,7 +254,7 @@ def edited_entries(first: KeptEntries, second: KeptEntries, edit_weights: torch.
 class GatherMatmul(torch.autograd.Function):
     """r_p = U_{half(p)} x_{token(p)} + b_{half(p)} for every pair p of a layout: [P, w].
 
-    forward(x [tokens, d], layout, weight [E, w, d], bias [E, w] or None). One matmul per half over
+    forward(x [tokens, d], layout, weight [E, w, d], bias [E, w]). One matmul per half over
     the gathered rows of x. Backward re-gathers the rows of x per half (nothing of size [P, d] is
     kept): grad_x scatters grad_r U_i back onto the tokens, grad_U_i = grad_r^T x_rows.
 
@@ -304,11 +267,8 @@ class GatherMatmul(torch.autograd.Function):
         out = x.new_empty(layout.size, weight.shape[1])
         for half, start, stop, rows in layout.blocks():
             block = x.index_select(0, rows)
-            if bias is None:
-                out[start:stop] = torch.mm(weight[half], block.t()).t()
-            else:
-                out[start:stop] = torch.addmm(bias[half].unsqueeze(1), weight[half], block.t()).t()
-        ctx.layout, ctx.has_bias = layout, bias is not None
+            out[start:stop] = torch.addmm(bias[half].unsqueeze(1), weight[half], block.t()).t()
+        ctx.layout = layout
         ctx.save_for_backward(x, weight)
         return out
 
@@ -319,7 +279,7 @@ class GatherMatmul(torch.autograd.Function):
         need_x, _, need_w, need_b = ctx.needs_input_grad
         grad_x = torch.zeros_like(x) if need_x else None
         grad_w = torch.zeros_like(weight) if need_w else None
-        grad_b = grad_out.new_zeros(weight.shape[:2]) if need_b and ctx.has_bias else None
+        grad_b = grad_out.new_zeros(weight.shape[:2]) if need_b else None
         grad_t = grad_out.t().contiguous()                           # [w, P]: column blocks per half
         for half, start, stop, rows in layout.blocks():
             grad = grad_t[:, start:stop].t()                          # [n, w], transposed storage
@@ -374,8 +334,6 @@ class ScatterMatmul(torch.autograd.Function):
 
 def _block(weights: tuple[torch.Tensor, ...], half: int) -> torch.Tensor:
     """[W^1_half | W^2_half | ...]: [d_out, K] (a copy of d_out * K values, small next to the matmul)."""
-    if len(weights) == 1:
-        return weights[0][:, half]
     return torch.cat([w[:, half] for w in weights], dim=1)
 
 
@@ -387,6 +345,19 @@ def _bag(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, weights:
 def _with_ones(t: torch.Tensor) -> torch.Tensor:
     """[t | 1]: the extra column that carries the routing mass to the bias of the output projection."""
     return torch.cat((t, t.new_ones(t.shape[0], 1)), dim=1)
+
+
+def _up(layer, linear, x2: torch.Tensor, layout: HalfLayout, width: int) -> torch.Tensor:
+    """sigma(U_i x + b_i) for every pair of the layout: [P, width]."""
+    weight, bias = linear.weight.view(layer.experts, width, -1), linear.bias.view(layer.experts, width)
+    return layer.act(GatherMatmul.apply(x2, layout, weight, bias))
+
+
+def _spread(entries: KeptEntries, per_head: torch.Tensor, size: int) -> torch.Tensor:
+    """[sum_h g_h per_head_h | sum_h g_h] for every (token, half) pair of the entries' side: [size, w+1]."""
+    order = entries.by_pair
+    return _bag(entries.bag[order], _with_ones(per_head), bag_offsets(entries.pair[order], size),
+                entries.value[order])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -404,7 +375,7 @@ class Routing:
     layout2: HalfLayout
     bags1: torch.Tensor
     bags2: torch.Tensor
-    edits: dict = dataclasses.field(default_factory=dict)   # shared by `bind` copies
+    edits: list = dataclasses.field(default_factory=list)   # [(table, EditedEntries)], shared by `bind` copies
 
     @property
     def active_fraction(self) -> float:
@@ -413,26 +384,26 @@ class Routing:
         return max(self.layout1.size, self.layout2.size) / total
 
     def bind(self, g1: torch.Tensor, g2: torch.Tensor) -> Routing:
-        """The same structure with values gathered from g1, g2 [tokens, H, E] (this call's autograd graph)."""
+        """The same structure with values gathered from g1, g2 [..., H, E] (this call's autograd graph)."""
         return dataclasses.replace(self, first=self.first.bind(g1), second=self.second.bind(g2))
 
     def edited(self, table: torch.Tensor) -> EditedEntries:
         """`edited_entries` of an edit table, enumerated once per group for each distinct table (the
         layers of a group hold equal tables, not always the same object; the last 4 are kept)."""
-        for cached, edit in self.edits.get("tables", []):
+        for cached, edit in self.edits:
             if cached.shape == table.shape and cached.device == table.device and torch.equal(cached, table):
                 return edit
         edit = edited_entries(self.first, self.second, table, self.layout1.experts)
-        self.edits["tables"] = [(table.detach().clone(), edit), *self.edits.get("tables", [])][:4]
+        self.edits[:] = [(table.detach().clone(), edit), *self.edits][:4]
         return edit
 
 
 def sparse_routing(g1: torch.Tensor, g2: torch.Tensor) -> Routing:
     """Kept entries, layouts and bag offsets of g1, g2 [..., H, E] (flattened over the leading dims)."""
-    first, layout1 = side(g1.reshape(-1, *g1.shape[-2:]))
-    second, layout2 = side(g2.reshape(-1, *g2.shape[-2:]))
+    first, layout1 = side(g1)
+    second, layout2 = side(g2)
     bags = first.num_tokens * first.heads
-    return Routing(first, second, layout1, layout2, _offsets(first.bag, bags), _offsets(second.bag, bags))
+    return Routing(first, second, layout1, layout2, bag_offsets(first.bag, bags), bag_offsets(second.bag, bags))
 
 
 _last: dict = {}
@@ -449,7 +420,7 @@ def routing_for(g1: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype) -> Routi
     cached = _last.get("routing")
     g1c, g2c = g1.to(dtype), g2.to(dtype)
     if cached is not None and cached[0] == key and cached[1]() is g1 and cached[2]() is g2:
-        return cached[3].bind(g1c.reshape(-1, *g1.shape[-2:]), g2c.reshape(-1, *g2.shape[-2:]))
+        return cached[3].bind(g1c, g2c)
     routing = sparse_routing(g1c, g2c)
     _last["routing"] = (key, weakref.ref(g1, _forget), weakref.ref(g2), routing)
     return routing
@@ -474,21 +445,16 @@ def hd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
     x2 = x.reshape(-1, shape[-1])
     routing = routing or routing_for(g1, g2, x.dtype)
     first, second, layout1, layout2 = routing.first, routing.second, routing.layout1, routing.layout2
-    experts, m = layer.experts, layer.expert_dim
-    weight_u = layer.u.weight.view(experts, m, -1)
-    bias_u = layer.u.bias.view(experts, m) if layer.u.bias is not None else None
-    hidden = layer.act(GatherMatmul.apply(x2, layout1, weight_u, bias_u))          # [P1, m]: sigma(U_i x + b1_i)
+    hidden = _up(layer, layer.u, x2, layout1, layer.expert_dim)                    # [P1, m]: sigma(U_i x + b1_i)
     per_head = _bag(first.pair, hidden, routing.bags1, first.value)                # sum_i g1_hi sigma(...)
-    order = second.by_pair
-    top_input = _bag(second.bag[order], _with_ones(per_head), _offsets(second.pair[order], layout2.size),
-                     second.value[order])                                          # [P2, m+1]: [c_tj, s2_tj]
+    top_input = _spread(second, per_head, layout2.size)                            # [P2, m+1]: [c_tj, s2_tj]
     if layer.edit_weights is not None:
         edit = routing.edited(layer.edit_weights)
         p, q = first.pair[edit.first], second.pair[edit.second]
         # Remove c (V_j sigma(U_i x + b1_i) + b2_j): [V_j | b2_j] meets [sigma(U_i x + b1_i), 1].
         c = edit.coefficient(first, second).unsqueeze(-1)
         top_input.index_add_(0, q, -c * _with_ones(hidden[p]))      # in place: nothing saved it
-    weight_v = layer.v.weight.view(-1, experts, m)
+    weight_v = layer.v.weight.view(-1, layer.experts, layer.expert_dim)
     out = ScatterMatmul.apply(top_input, layout2, weight_v, layer.b.t().unsqueeze(-1))
     return out.view(shape)
 
@@ -501,23 +467,12 @@ def vd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
     routing = routing or routing_for(g1, g2, x.dtype)
     first, second, layout1, layout2 = routing.first, routing.second, routing.layout1, routing.layout2
     experts, m2 = layer.experts, layer.half_dim
-
-    def up(linear, layout):
-        weight = linear.weight.view(experts, m2, -1)
-        bias = linear.bias.view(experts, m2) if linear.bias is not None else None
-        return layer.act(GatherMatmul.apply(x2, layout, weight, bias))
-
-    left, right = up(layer.u1, layout1), up(layer.u2, layout2)     # a1 [P1, m/2], a2 [P2, m/2]
+    left = _up(layer, layer.u1, x2, layout1, m2)                   # a1 [P1, m/2]
+    right = _up(layer, layer.u2, x2, layout2, m2)                  # a2 [P2, m/2]
     per_head1 = _bag(first.pair, left, routing.bags1, first.value)               # sum_i g1_hi a1_i
     per_head2 = _bag(second.pair, right, routing.bags2, second.value)            # sum_j g2_hj a2_j
-
-    def spread(entries: KeptEntries, per_head: torch.Tensor, size: int) -> torch.Tensor:
-        order = entries.by_pair
-        return _bag(entries.bag[order], _with_ones(per_head), _offsets(entries.pair[order], size),
-                    entries.value[order])
-
     # [X12_ti, s1_ti] (eq. 26, 28) and [X21_tj, s2_tj] (eq. 27, 25): spread each head's sum over the other side.
-    cross12, cross21 = spread(first, per_head2, layout1.size), spread(second, per_head1, layout2.size)
+    cross12, cross21 = _spread(first, per_head2, layout1.size), _spread(second, per_head1, layout2.size)
     s1, s2 = cross12[:, -1:], cross21[:, -1:]
     top_input = torch.cat((s1 * left, cross12), dim=1)                         # [V11_i | V12_i | b12_i]
     bottom_input = torch.cat((cross21[:, :-1], s2 * right, s2), dim=1)          # [V21_j | V22_j | b22_j]
@@ -567,7 +522,8 @@ def expert_path(path: str) -> Iterator[None]:
 
 
 def requested_path(layer) -> str:
-    """The layer's `expert_path` attribute, else `expert_path(...)`, else $MONET_EXPERT_PATH, else "auto"."""
+    """The layer's `expert_path` attribute, else `with expert_path(...)`, else $MONET_EXPERT_PATH
+    (auto|dense|sparse), else "auto"."""
     path = getattr(layer, "expert_path", None) or (_forced[-1] if _forced else None)
     path = path or os.environ.get("MONET_EXPERT_PATH", "auto")
     if path not in PATHS:
@@ -586,8 +542,7 @@ def choose(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> Routin
         return None
     if path == "auto":
         width = getattr(layer, "expert_dim", None) or 2 * layer.half_dim
-        tokens = x.numel() // x.shape[-1]
-        if x.device.type != "cpu" or tokens * x.shape[-1] * width < SPARSE_MIN_WORK_PER_HALF:
+        if x.device.type != "cpu" or x.numel() * width < SPARSE_MIN_WORK_PER_HALF:      # tokens * d * m
             return None
     routing = routing_for(g1, g2, x.dtype)
     if path == "auto" and routing.active_fraction > SPARSE_MAX_ACTIVE_FRACTION:
@@ -596,25 +551,8 @@ def choose(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> Routin
 
 
 __all__ = [
-    "ActivePairs",
-    "EditedEntries",
-    "GatherMatmul",
-    "HalfLayout",
-    "KeptEntries",
-    "Routing",
-    "ScatterMatmul",
-    "active_pairs",
-    "choose",
-    "clear_cache",
-    "edited_entries",
-    "expert_path",
-    "hd_forward",
-    "combinations",
-    "merged_experts",
-    "routing_for",
-    "kept_entries",
-    "side",
-    "requested_path",
-    "sparse_routing",
-    "vd_forward",
+    "ActivePairs", "EditedEntries", "GatherMatmul", "HalfLayout", "KeptEntries", "Routing", "ScatterMatmul",
+    "active_pairs", "bag_offsets", "choose", "clear_cache", "combinations", "edited_entries", "expert_path",
+    "hd_forward", "kept_entries", "merged_experts", "requested_path", "routing_for", "side", "sparse_routing",
+    "vd_forward"
 ]

@@ -3,17 +3,9 @@
     monet train --data DIR --out RUN [--config FILE.yaml] [--max-steps 2000 --lr 1e-3 --set moe_dim=4 ...]
     torchrun --nproc_per_node N -m monet train --data DIR --out RUN ...
 
-Settings are a `TrainSettings` (monet.settings): defaults, then the YAML file, then flags. `batch_size` is the
-GLOBAL number of sequences per optimizer step: it is split into `grad_accum` micro-steps and each micro-step
-across the data-parallel ranks, so a run gives the same losses whatever the number of processes (up to float
-reduction order). The loss is the model's own (`labels=` in the forward: lm_loss + λ aux_loss).
-
-Exact resume: re-running the same command on an existing RUN continues from the newest intact checkpoint
-(weights, BatchNorm routing statistics, AdamW moments, position in the shuffled window order, RNG states)
-and rewrites `metrics.csv` up to that step, so the continued run writes the same rows as an uninterrupted
-one. A damaged newest checkpoint is skipped for the previous good one; if every checkpoint is damaged the
-run stops with an error instead of starting over (metrics are never thrown away silently). Training
-settings such as `max_steps` or `lr` may change on resume; the model shape may not.
+Settings: a `TrainSettings` (defaults, then the YAML file, then flags). The loss is the model's own (`labels=` in
+the forward: lm_loss + λ aux_loss). Exact resume, the data order, the NaN guard and several processes are described
+in docs/training.md.
 """
 
 from __future__ import annotations
@@ -67,7 +59,6 @@ from monet.runtime import resolve_device, start_distributed
 from monet.settings import TrainSettings, parse_assignments, yaml_scalar
 
 METRIC_COLUMNS = ["step", "loss", "lm_loss", "unif_loss", "amb_loss", "lr", "grad_norm", "tokens_per_s"]
-DECOMPOSE = {"vertical": "vertical", "vd": "vertical", "horizontal": "horizontal", "hd": "horizontal"}
 _RUN_KEYS = ("output_router_probs", "use_cache")   # MonetConfig fields a run never sets
 
 
@@ -115,11 +106,10 @@ def build_model_config(settings: TrainSettings, vocab_size: int) -> MonetConfig:
                          f"{', '.join(sorted(config_fields() - set(_RUN_KEYS)))}")
     if "vocab_size" in fields and fields["vocab_size"] != vocab_size:
         raise MonetError(f"vocab_size={fields['vocab_size']} disagrees with the data's tokenizer ({vocab_size} "
-                         "tokens); "
-                         "drop vocab_size (it is taken from the data) or rebuild the data with that vocabulary")
+                         "tokens); drop vocab_size (it comes from the data) or rebuild the data with that vocabulary")
     base = {**PRESETS[settings.preset], "vocab_size": vocab_size}
     if settings.decompose is not None:
-        base["moe_decompose"] = DECOMPOSE[settings.decompose]
+        base["moe_decompose"] = {"vd": "vertical", "hd": "horizontal"}.get(settings.decompose, settings.decompose)
     base.update(fields)
     base["mlp_type"] = settings.model
     base["max_position_embeddings"] = max(base.get("max_position_embeddings", 2048), settings.seq_len)
@@ -129,10 +119,6 @@ def build_model_config(settings: TrainSettings, vocab_size: int) -> MonetConfig:
         base["moe_experts"] = settings.peer_experts
         base["moe_topk"] = min(base.get("moe_topk", 8), settings.peer_experts)
     return MonetConfig(**base)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Schedule, data order, RNG
 
 
 def lr_at(step: int, settings: TrainSettings) -> float:
@@ -160,17 +146,13 @@ class WindowOrder:
         self.epoch, self.position = 0, 0
         self._perm: torch.Tensor | None = None
 
-    def _permutation(self) -> torch.Tensor:
-        if self._perm is None:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._perm = torch.randperm(self.num_windows, generator=generator)
-        return self._perm
-
     def take(self, count: int) -> list[int]:
         out: list[int] = []
         while len(out) < count:
-            perm = self._permutation()
-            chunk = perm[self.position : self.position + count - len(out)].tolist()
+            if self._perm is None:
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+                self._perm = torch.randperm(self.num_windows, generator=generator)
+            chunk = self._perm[self.position : self.position + count - len(out)].tolist()
             out.extend(chunk)
             self.position += len(chunk)
             if self.position >= self.num_windows:
@@ -216,60 +198,30 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Runtime: device, process group, precision
-
-
 @dataclass
 class Runtime:
+    """Where a run executes: rank and world size (torchrun), device, autocast dtype (None: float32)."""
+
     rank: int
     world: int
     device: torch.device
     autocast_dtype: torch.dtype | None
-    strategy: str
+    sharded: bool   # FSDP2 over more than one rank
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def sharded(self) -> bool:
-        return self.strategy == "fsdp" and self.world > 1
-
-
-def setup_runtime(settings: TrainSettings) -> Runtime:
-    """Device, process group (under torchrun) and autocast dtype of a run."""
-    rank, world, device = start_distributed(resolve_device(settings.device))
-    bf16 = settings.dtype == "bfloat16" or (settings.dtype == "auto" and device.type == "cuda"
-                                            and torch.cuda.is_bf16_supported())
-    return Runtime(rank, world, device, torch.bfloat16 if bf16 else None, settings.strategy)
-
-
-def _all_reduce_mean(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-    if runtime.world > 1:
-        dist.all_reduce(values)
-        values = values / runtime.world
-    return values
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Model and optimizer
-
 
 def freeze_routers(model: nn.Module) -> int:
-    """Router key matrices w1/w2 stop learning (paper B.2); returns how many tensors were frozen.
-
-    The routers' BatchNorm running statistics are buffers, not parameters: in train mode they keep
-    updating from each batch, so the thresholds follow the fine-tuning data.
-    """
-    frozen = 0
-    for name, param in model.named_parameters():
-        if ".router.w1." in name or ".router.w2." in name:
-            param.requires_grad_(False)
-            frozen += 1
-    if not frozen:
+    """Router key matrices w1/w2 stop learning (paper B.2); returns how many tensors were frozen. The routers'
+    BatchNorm running statistics are buffers: in train mode they still update, following the fine-tuning data."""
+    keys = [param for name, param in model.named_parameters() if ".router.w1." in name or ".router.w2." in name]
+    if not keys:
         raise MonetError("--freeze-router but this model has no Monet routers (model=dense or peer)")
-    return frozen
+    for param in keys:
+        param.requires_grad_(False)
+    return len(keys)
 
 
 def build_optimizer(model: nn.Module, settings: TrainSettings, fused: bool = False) -> torch.optim.AdamW:
@@ -312,15 +264,6 @@ def _sync_context(model: nn.Module, runtime: Runtime, last: bool) -> contextlib.
     return contextlib.nullcontext()
 
 
-def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer,
-                runtime: Runtime) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
-    """Model state (None: the model's own) and optimizer state to save, gathered whole from a sharded model."""
-    if runtime.sharded:
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
-    return None, optimizer.state_dict()
-
-
 def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any],
                     runtime: Runtime) -> None:
     try:
@@ -331,10 +274,6 @@ def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: d
     except (ValueError, KeyError, RuntimeError) as exc:
         raise MonetError(f"the optimizer state of the checkpoint does not fit this run ({exc}); was --freeze-router "
                          "changed? Resume with the original settings or use a new --out") from exc
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Run directory and metrics file
 
 
 def open_run_dir(run_dir: Path) -> None:
@@ -359,14 +298,11 @@ class MetricsLog:
         kept: list[dict[str, str]] = []
         if resume_step > 0 and path.is_file():
             with open(path, newline="", encoding="utf-8") as handle:
-                lines = handle.read().splitlines(keepends=True)
-            complete = [line for line in lines if line.endswith("\n")]    # a kill may leave half a line
-            for row in csv.DictReader(io.StringIO("".join(complete))):
-                try:
+                complete = [line for line in handle if line.endswith("\n")]    # a kill may leave half a line
+            for row in csv.DictReader(complete):
+                with contextlib.suppress(KeyError, TypeError, ValueError):   # a damaged row is dropped
                     if int(row["step"]) <= resume_step:
                         kept.append(row)
-                except (KeyError, TypeError, ValueError):
-                    continue
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
@@ -374,12 +310,9 @@ class MetricsLog:
         atomic_write(path, buffer.getvalue())
 
     def append(self, row: dict[str, Any]) -> None:
-        buffer = io.StringIO()
-        csv.DictWriter(buffer, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n").writerow(
-            {k: "" if v is None else repr(v) if isinstance(v, float) else str(v) for k, v in row.items()})
+        """One row, in one write (csv writes floats with repr, None as empty)."""
         with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
+            csv.DictWriter(handle, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n").writerow(row)
 
 
 def _check_same_model(saved: MonetConfig, current: MonetConfig, where: Path) -> None:
@@ -391,25 +324,12 @@ def _check_same_model(saved: MonetConfig, current: MonetConfig, where: Path) -> 
                          "settings or train into a new --out directory")
 
 
-def _resume_point(run_dir: Path, verify: bool) -> Path | None:
-    """The newest intact checkpoint of RUN, None for a new run; an error when checkpoints exist but every one
-    is damaged (starting over would throw the run's metrics away)."""
-    if not list_checkpoints(run_dir):
-        return None
-    latest = latest_checkpoint(run_dir, verify=verify)
-    if latest is None:
-        raise MonetError(f"every checkpoint in {run_dir / 'checkpoints'} is damaged (see above), so the run cannot "
-                         "resume; restore a checkpoint, or delete the checkpoints to start over")
-    return latest
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The loop
-
-
 def train(settings: TrainSettings) -> dict[str, Any]:
     """Train (or resume) the run `settings.out`; returns a summary (steps, last metrics row, checkpoint)."""
-    runtime = setup_runtime(settings)
+    rank, world, device = start_distributed(resolve_device(settings.device))   # joins torchrun's process group
+    bf16 = settings.dtype == "bfloat16" or (settings.dtype == "auto" and device.type == "cuda"
+                                            and torch.cuda.is_bf16_supported())
+    runtime = Runtime(rank, world, device, torch.bfloat16 if bf16 else None, settings.strategy == "fsdp" and world > 1)
     try:
         return _train(settings, Path(settings.data), Path(settings.out), runtime)
     finally:
@@ -436,10 +356,15 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
                          f"{runtime.world} processes; choose a batch size divisible by grad_accum x processes")
     local = micro // runtime.world
 
-    # Resume point (rank 0 decides; every rank loads the same directory).
+    # Resume from the newest intact checkpoint: rank 0 decides, every rank loads the same directory. When every
+    # checkpoint is damaged, stop: starting over would throw the run's metrics away.
+    resume = None
     if runtime.main:
         open_run_dir(run_dir)
-    resume = _resume_point(run_dir, not settings.no_verify) if runtime.main else None
+        resume = latest_checkpoint(run_dir, verify=not settings.no_verify)
+        if resume is None and list_checkpoints(run_dir):
+            raise MonetError(f"every checkpoint in {run_dir / 'checkpoints'} is damaged (see above), so the run "
+                             "cannot resume; restore a checkpoint, or delete the checkpoints to start over")
     if runtime.world > 1:
         box = [str(resume) if resume else None]
         dist.broadcast_object_list(box, src=0)
@@ -457,7 +382,6 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
             check_data_fits(resume, data_dir)
         with quiet_transformers():
             model = MonetForCausalLM.from_pretrained(source, config=config)
-    state = load_training_state(resume) if resume is not None else None
     if settings.freeze_router:
         freeze_routers(model)
     model.to(runtime.device)
@@ -466,7 +390,8 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
     optimizer = build_optimizer(model, settings, fused=runtime.device.type == "cuda")
     order = WindowOrder(len(packed), settings.seed)
     start_step, tokens_seen = 0, 0
-    if state is not None:
+    if resume is not None:
+        state = load_training_state(resume)
         _load_optimizer(model, optimizer, state["optimizer"], runtime)
         order.load_state_dict(state["order"])
         start_step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
@@ -500,12 +425,17 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
             for micro_step in range(settings.grad_accum):
                 begin = micro_step * micro + runtime.rank * local
                 batch = torch.stack([packed[i] for i in windows[begin : begin + local]]).to(runtime.device)
-                with _sync_context(model, runtime, last=micro_step == settings.grad_accum - 1), _autocast(runtime):
+                with (_sync_context(model, runtime, last=micro_step == settings.grad_accum - 1),
+                      torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype,
+                                     enabled=runtime.autocast_dtype is not None)):
                     out = model(input_ids=batch, labels=batch, use_cache=False)
                     (out.loss / settings.grad_accum).backward()
                 parts = (out.loss, out.lm_loss, out.unif_loss, out.amb_loss)
                 sums += torch.tensor([float(v.detach()) if v is not None else 0.0 for v in parts], dtype=torch.float64)
-            means = _all_reduce_mean(sums.to(runtime.device), runtime).cpu() / settings.grad_accum
+            if runtime.world > 1:
+                sums = sums.to(runtime.device)   # NCCL reduces GPU tensors
+                dist.all_reduce(sums)
+            means = sums.cpu() / runtime.world / settings.grad_accum
             max_norm = settings.grad_clip if settings.grad_clip > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             _guard_finite(step, float(means[0]), grad_norm, last_good)
@@ -520,7 +450,6 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
             if config.mlp_type == "monet":
                 row["unif_loss"], row["amb_loss"] = float(means[2]), float(means[3])
             last = step == settings.max_steps
-            postfix = {"loss": f"{row['loss']:.4f}", "tok_s": f"{row['tokens_per_s']:.0f}"}
             if val_sets and (step % settings.eval_interval == 0 or last):
                 results = evaluate_sets(_unwrap(model), val_sets, settings.eval_batch_size, settings.eval_batches,
                                         runtime.device, runtime.autocast_dtype)
@@ -532,7 +461,7 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
             if log is not None:
                 log.append(row)
             bar.update(1)
-            bar.set_postfix(postfix)
+            bar.set_postfix({"loss": f"{row['loss']:.4f}", "tok_s": f"{row['tokens_per_s']:.0f}"})
             if step % settings.save_interval == 0 or last:
                 last_good = _save(run_dir, step, model, optimizer, order, tokens_seen, settings, data_dir, runtime)
     finally:
@@ -552,15 +481,14 @@ def _guard_finite(step: int, loss: float, grad_norm: float, last_good: Path | No
             )
 
 
-def _autocast(runtime: Runtime) -> contextlib.AbstractContextManager:
-    if runtime.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype)
-
-
 def _save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, order: WindowOrder,
           tokens_seen: int, settings: TrainSettings, data_dir: Path, runtime: Runtime) -> Path:
-    model_state, optim_state = _full_state(model, optimizer, runtime)
+    if runtime.sharded:   # the whole state, gathered from the shards
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(model, options=options)
+        optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    else:
+        model_state, optim_state = None, optimizer.state_dict()
     rngs: list[Any] = [rng_state()]
     if runtime.world > 1:
         rngs = [None] * runtime.world
