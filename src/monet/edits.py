@@ -170,7 +170,7 @@ def expert_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
              if hasattr(layer, "layer_idx") and hasattr(getattr(layer, "moe", None), "edit_weights")]
     if not found:
         raise MonetError("this model has no Monet expert layers (a dense or PEER baseline?); expert edits need "
-                         "mlp_type='monet' — mask a dense model's neurons with monet.experiments.unlearn.neuron_masks")
+                         "mlp_type='monet' — mask a dense model's neurons with monet.edits.neuron_masks")
     return sorted(found, key=lambda item: item[0])
 
 
