@@ -144,10 +144,9 @@ class GroupStats:
     def add(self, unit: np.ndarray, score: np.ndarray, label: np.ndarray, doc: np.ndarray, pos: np.ndarray) -> None:
         """One row per (token, active unit): unit id, score, and the token's label id, document, position."""
         self.count += np.bincount(unit, minlength=self.units)
-        for lab in np.unique(label):
-            rows = label == lab
-            self.mass[lab] += np.bincount(unit[rows], weights=score[rows], minlength=self.units)
-            self.label_count[lab] += np.bincount(unit[rows], minlength=self.units)
+        cell = label.astype(np.int64) * self.units + unit   # flat index into [labels, units]
+        self.mass += np.bincount(cell, weights=score, minlength=self.mass.size).reshape(self.mass.shape)
+        self.label_count += np.bincount(cell, minlength=self.mass.size).reshape(self.mass.shape)
         bins = score_bins(score / self.scale)
         flat = unit.astype(np.int64) * (len(HIST_EDGES) - 1) + bins
         self.hist += np.bincount(flat, minlength=self.hist.size).reshape(self.hist.shape).astype(np.int32)
@@ -254,13 +253,8 @@ def _routing(model: torch.nn.Module, input_ids: torch.Tensor) -> RoutingCapture:
 
     with capture_routing(model) as capture:
         last = [m for m in model.modules() if isinstance(m, MonetRouter)][-1]
-        handle = last.register_forward_hook(stop)   # after capture's hooks: they run first
-        try:
+        with last.register_forward_hook(stop), contextlib.suppress(_RoutingDone):   # after capture's hooks
             getattr(model, "model", model)(input_ids=input_ids, use_cache=False)
-        except _RoutingDone:
-            pass
-        finally:
-            handle.remove()
     return capture
 
 
@@ -272,12 +266,10 @@ def _dense_scores(model: torch.nn.Module, input_ids: torch.Tensor) -> list[torch
         x = args[0]
         found.append(torch.relu(module.act(module.gate_proj(x)) * module.up_proj(x)).float().cpu())
 
-    handles = [layer.mlp.register_forward_hook(record) for layer in model.model.layers]
-    try:
+    with contextlib.ExitStack() as hooks:
+        for layer in model.model.layers:
+            hooks.enter_context(layer.mlp.register_forward_hook(record))
         model.model(input_ids=input_ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
     return found
 
 
@@ -535,12 +527,12 @@ def build_atlas(model: torch.nn.Module, tokenizer: Any, data_dir: str | Path, ou
                     part = np.load(shards / f"values-{r:05d}-{g}.npy", mmap_mode="r")
                     for chunk in _chunks(len(array)):
                         np.copyto(array[chunk], part[chunk], where=~np.isnan(part[chunk]))
-        seconds["values"] = time.time() - started - seconds["statistics"]
+        seconds["values"] = time.time() - started - sum(seconds.values())
         manifest = _manifest(model, dataset, data_dir, options, windows, run)
         write_tables(tmp, stats, dataset, tokenizer, manifest, values, progress=progress)
         del values
         shutil.rmtree(shards, ignore_errors=True)
-        seconds["write"] = time.time() - started - seconds["statistics"] - seconds["values"]
+        seconds["write"] = time.time() - started - sum(seconds.values())
         manifest["build_seconds"] = round(time.time() - started, 1)
         manifest["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
         manifest["tables"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
