@@ -172,10 +172,8 @@ class GroupStats:
 
     def absorb(self, state: dict[str, np.ndarray]) -> None:
         """Add another `state` of the same shape (the tables are merged at their next prune)."""
-        self.count += state["count"]
-        self.mass += state["mass"]
-        self.label_count += state["label_count"]
-        self.hist += state["hist"]
+        for name in ("count", "mass", "label_count", "hist"):
+            getattr(self, name)[...] += state[name]
         for name, table in (("top", self.top), ("sample", self.sample)):
             table._buffer.append(tuple(state[f"{name}_{c}"] for c in ("unit", "score", "doc", "pos")))
 
@@ -197,7 +195,7 @@ def sample_key(doc: np.ndarray, pos: np.ndarray, unit: np.ndarray) -> np.ndarray
     holds it exactly). Keeping the S largest keys of each (unit, band) is a uniform random sample without
     replacement that does not depend on the order rows arrive in, on batching or on sharding."""
     with np.errstate(over="ignore"):
-        z = (np.asarray(doc, np.uint64) << np.uint64(32)) ^ np.asarray(pos, np.uint64).astype(np.uint64)
+        z = (np.asarray(doc, np.uint64) << np.uint64(32)) ^ np.asarray(pos, np.uint64)
         z = _mix(_mix(z) ^ np.asarray(unit, np.uint64))
     return (z >> np.uint64(40)).astype(np.float32) / np.float32(1 << 24)
 
@@ -217,8 +215,7 @@ def merge(shards: list[GroupStats]) -> GroupStats:
     first = shards[0]
     out = GroupStats(first.units, first.mass.shape[0], first.top.k, first.scale, first.samples)
     for shard in shards:
-        if (shard.units != first.units or shard.mass.shape != first.mass.shape or shard.top.k != first.top.k
-                or shard.samples != first.samples):
+        if (shard.mass.shape, shard.top.k, shard.samples) != (first.mass.shape, first.top.k, first.samples):
             raise MonetError("cannot merge atlas shards of different shapes (units, labels, top-k or samples differ)")
         out.absorb(shard.state())
     return out
@@ -647,6 +644,8 @@ def write_tables(directory: Path, stats: list[GroupStats], dataset, tokenizer, m
             columns.update({f"count_{label}": s.label_count[i] for i, label in enumerate(labels)})
             columns.update({f"hist_{b:02d}": s.hist[:, b] for b in range(s.hist.shape[1])})
             expert_tables.append(pa.table(columns))
+            token = np.asarray(dataset.tokens)[dataset.docs[doc, 0] + pos]   # where each top context activates
+            token_rows.append((np.full(len(unit), group), unit, token, score))
             s_unit, s_rank, _, s_doc, s_pos = s.sample.rows()   # empty without samples
             parts = [(writer, unit, rank, doc, pos, None, values[group][:len(unit)]),
                      (sample_writer, s_unit // BANDS, s_rank, s_doc, s_pos, (s_unit % BANDS).astype(np.int8),
@@ -659,9 +658,6 @@ def write_tables(directory: Path, stats: list[GroupStats], dataset, tokenizer, m
                     table = _context_table(dataset, group, units[part], ranks[part], docs[part], positions[part],
                                            vals, None if band is None else band[part])
                     out.write_table(table, row_group_size=32_768)
-                    if band is None:
-                        token_rows.append((np.full(len(table), group), units[part], table.column("token").to_numpy(),
-                                           score[part]))
     pq.write_table(pa.concat_tables(expert_tables), directory / "experts.parquet", row_group_size=65_536)
     pq.write_table(_token_index(token_rows), directory / "token_index.parquet", row_group_size=32_768)
     pq.write_table(vocab_table(tokenizer, dataset.vocab_size), directory / "vocab.parquet")
