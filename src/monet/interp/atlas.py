@@ -370,11 +370,9 @@ def batch_inputs(dataset, batch: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
     attention never lets a real token see the padding after it, and routing uses running statistics."""
     width = int(batch[:, 2].max())
     ids = np.zeros((len(batch), width), np.int64)
-    valid = np.zeros((len(batch), width), bool)
     for row, (doc, offset, length) in enumerate(batch):
         ids[row, :length] = dataset.document(int(doc))[offset:offset + length]
-        valid[row, :length] = True
-    return torch.from_numpy(ids), valid
+    return torch.from_numpy(ids), np.arange(width) < batch[:, 2, None]
 
 
 # ---------------------------------------------------------------------------------- model identity
@@ -411,8 +409,8 @@ def collect(model: torch.nn.Module, dataset, options: AtlasOptions, windows: np.
     if windows is None:
         windows = plan_windows(dataset.docs, options.seq_len, options.max_tokens)
     label_of_doc = dataset.docs[:, 2].astype(np.int64)
-    for batch, input_ids, valid in _run_batches(model, dataset, list(_batches(windows, options.batch_size)), "atlas",
-                                                progress):
+    batches = list(_batches(windows, options.batch_size))
+    for batch, input_ids, valid in _run_batches(model, dataset, batches, "atlas", progress):
         for group, (token, ids, scores) in zip(stats, unit_entries(model, input_ids), strict=True):
             b, t = np.divmod(token.cpu().numpy(), valid.shape[1])
             keep = valid[b, t]   # right padding is not part of the corpus
@@ -431,12 +429,9 @@ def fill_values(model: torch.nn.Module, dataset, options: AtlasOptions, windows:
     unit is inactive). Only the batches of `collect` holding a requested position are run, so every value is
     the one the first pass saw, up to the order of the sum over heads; positions outside `windows` stay NaN."""
     offsets = np.arange(-CONTEXT_BEFORE, CONTEXT_AFTER + 1)
-    keys, orders = [], []
-    for _, doc, pos in requests:   # sorted by (doc, pos), the rows meeting a window are one slice
-        key = (doc.astype(np.int64) << 32) | pos.astype(np.int64)
-        order = np.argsort(key, kind="stable")
-        keys.append(key[order])
-        orders.append(order)
+    keys = [(doc.astype(np.int64) << 32) | pos.astype(np.int64) for _, doc, pos in requests]
+    orders = [np.argsort(key, kind="stable") for key in keys]
+    keys = [key[order] for key, order in zip(keys, orders, strict=True)]   # by (doc, pos): a window meets one slice
 
     def rows_meeting(batch: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per window, the slice [first, last) of `key` whose spans [pos - 12, pos + 4] meet it."""
