@@ -147,7 +147,8 @@ class GroupStats:
         cell = label.astype(np.int64) * self.units + unit   # flat index into [labels, units]
         self.mass += np.bincount(cell, weights=score, minlength=self.mass.size).reshape(self.mass.shape)
         self.label_count += np.bincount(cell, minlength=self.mass.size).reshape(self.mass.shape)
-        bins = score_bins(score / self.scale)
+        share = score / self.scale   # histogram bins of score / H: below the first edge in bin 0, 1.0 in the last
+        bins = np.clip(np.searchsorted(HIST_EDGES, share, side="right") - 1, 0, len(HIST_EDGES) - 2)
         flat = unit.astype(np.int64) * (len(HIST_EDGES) - 1) + bins
         self.hist += np.bincount(flat, minlength=self.hist.size).reshape(self.hist.shape).astype(np.int32)
         self.top.add(unit, score, doc, pos)
@@ -183,11 +184,6 @@ class GroupStats:
         s_unit, _, _, s_doc, s_pos = self.sample.rows()   # empty without samples
         return (np.concatenate([unit, s_unit // BANDS]).astype(np.int64),
                 np.concatenate([doc, s_doc]).astype(np.int64), np.concatenate([pos, s_pos]).astype(np.int64))
-
-
-def score_bins(share: np.ndarray) -> np.ndarray:
-    """Histogram bin of each score / H (values below the first edge count in bin 0, 1.0 in the last)."""
-    return np.clip(np.searchsorted(HIST_EDGES, share, side="right") - 1, 0, len(HIST_EDGES) - 2)
 
 
 def sample_key(doc: np.ndarray, pos: np.ndarray, unit: np.ndarray) -> np.ndarray:
