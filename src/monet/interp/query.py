@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from monet.data import TokenDataset
@@ -72,8 +73,6 @@ class Atlas:
     def verify(self, hashes: bool = True) -> None:
         """MonetError naming the first damaged table: a size or SHA-256 (`hashes`) other than the manifest
         records, or a Parquet footer that cannot be read (a truncated or overwritten file)."""
-        import pyarrow.parquet as pq
-
         recorded = self.manifest.get("tables")
         recorded = recorded if isinstance(recorded, dict) else {}
         for name in self.tables:
@@ -126,8 +125,6 @@ class Atlas:
 
     def _table(self, name: str, *filters: tuple) -> Any:
         """Table `name` (a pyarrow Table), only the row groups holding rows that match `filters`."""
-        import pyarrow.parquet as pq
-
         return pq.read_table(self.path / name, filters=list(filters) or None)
 
     def _experts(self, *filters: tuple) -> dict[str, np.ndarray]:
@@ -160,6 +157,10 @@ class Atlas:
         for r in rows:
             out[r["id"]] = r["piece"]
         return out
+
+    def percent(self, score: float) -> float:
+        """A score as a percentage of the largest possible one (the atlas's `score_scale`)."""
+        return 100.0 * float(score) / self.scale
 
     def piece(self, token: int) -> str:
         return self.vocab[token] if 0 <= token < len(self.vocab) else f"<{token}>"
@@ -205,16 +206,16 @@ class Atlas:
             "group": int(group), "expert": int(expert), "id": f"{group}:{expert}",
             "count": int(row["count"]), "density": float(row["density"]),
             "mean_score": float(row["mean_score"]), "max_score": float(row["max_score"]),
-            "mean_percent": 100.0 * float(row["mean_score"]) / self.scale,
-            "max_percent": 100.0 * float(row["max_score"]) / self.scale,
-            "label_mass": {label: float(m) for label, m in zip(self.labels, mass, strict=True)},
-            "label_share": {label: float(s) for label, s in zip(self.labels, share, strict=True)},
-            "label_count": ({label: int(c) for label, c in zip(self.labels, row["label_count"], strict=True)}
-                            if "label_count" in row else None),
-            "label_tokens": {label: int(t) for label, t in zip(self.labels, self.label_tokens, strict=True)},
+            "mean_percent": self.percent(row["mean_score"]), "max_percent": self.percent(row["max_score"]),
+            "label_mass": self._by_label(mass, float), "label_share": self._by_label(share, float),
+            "label_count": self._by_label(row["label_count"], int) if "label_count" in row else None,
+            "label_tokens": self._by_label(self.label_tokens, int),
             "histogram": {"edges": [e * 100.0 for e in self.manifest["hist_edges"]],
                           "counts": np.asarray(row["hist"]).astype(int).tolist()},
         }
+
+    def _by_label(self, values: Any, kind: type) -> dict[str, Any]:
+        return {label: kind(value) for label, value in zip(self.labels, values, strict=True)}
 
     def top_contexts(self, group: int, expert: int, k: int | None = None) -> list[dict[str, Any]]:
         """The expert's top-activating contexts, best first: score, percentage, label, tokens and pieces
@@ -235,10 +236,10 @@ class Atlas:
         values = row.get("values")
         out = {
             "rank": row["rank"], "doc": row["doc"], "pos": row["pos"], "score": row["score"],
-            "percent": 100.0 * row["score"] / self.scale, "label": self.labels[row["label"]],
+            "percent": self.percent(row["score"]), "label": self.labels[row["label"]],
             "token": row["token"], "tokens": tokens, "pieces": [self.piece(t) for t in tokens],
             "target": kept.index(before),
-            "values": None if values is None else [None if values[i] is None else 100.0 * values[i] / self.scale
+            "values": None if values is None else [None if values[i] is None else self.percent(values[i])
                                                    for i in kept],
         }
         if "band" in row:
@@ -291,7 +292,7 @@ class Atlas:
         rows.sort(key=lambda r: (-r["contexts"], -r["max_score"], r["group"], r["expert"]))
         return [{"group": r["group"], "expert": r["expert"], "id": f"{r['group']}:{r['expert']}",
                  "token": r["token"], "piece": self.piece(r["token"]), "contexts": r["contexts"],
-                 "share_of_top": r["contexts"] / top_k, "max_percent": 100.0 * r["max_score"] / self.scale}
+                 "share_of_top": r["contexts"] / top_k, "max_percent": self.percent(r["max_score"])}
                 for r in rows[:n]]
 
     def vocab_matches(self, text: str, limit: int = 1000) -> list[int]:
@@ -319,7 +320,7 @@ class Atlas:
             entry["tokens"].append((r["contexts"], r["token"]))
         ranked = sorted(experts.items(), key=lambda kv: (-kv[1]["contexts"], -kv[1]["max_score"], kv[0]))
         rows = [{"group": g, "expert": e, "id": f"{g}:{e}", "contexts": v["contexts"],
-                 "share_of_top": v["contexts"] / top_k, "max_percent": 100.0 * v["max_score"] / self.scale,
+                 "share_of_top": v["contexts"] / top_k, "max_percent": self.percent(v["max_score"]),
                  "pieces": [self.piece(t) for _, t in sorted(v["tokens"], key=lambda ct: (-ct[0], ct[1]))[:5]]}
                 for (g, e), v in ranked[:n]]
         return {"tokens": len(ids), "experts": rows}
@@ -454,14 +455,12 @@ def document_values(model: torch.nn.Module, atlas: Atlas, view: dict[str, Any], 
     """The expert's percentage at each token of a document view (`Atlas.document`), computed on the windows
     of the build (the document cut every `seq_len` tokens from its start, each window run on its own)."""
     seq_len = int(view["seq_len"])
-    tokens = np.asarray(atlas.dataset().document(view["doc"]))
+    tokens = torch.from_numpy(np.asarray(atlas.dataset().document(view["doc"])).astype(np.int64))
     first, last = view["start"] // seq_len, (view["end"] - 1) // seq_len
-    out = np.zeros(0)
-    for window in range(first, last + 1):
-        ids = torch.from_numpy(tokens[window * seq_len:(window + 1) * seq_len].astype(np.int64))[None]
-        out = np.concatenate([out, expert_values(model, ids, group, expert)[0]])
+    out = np.concatenate([expert_values(model, tokens[None, w * seq_len:(w + 1) * seq_len], group, expert)[0]
+                          for w in range(first, last + 1)])
     begin = view["start"] - first * seq_len
-    return [100.0 * float(v) / atlas.scale for v in out[begin:begin + len(view["tokens"])]]
+    return [atlas.percent(v) for v in out[begin:begin + len(view["tokens"])]]
 
 
 def compact_histogram(edges: list[float], counts: list[int], max_bins: int = 16) -> dict[str, list]:
