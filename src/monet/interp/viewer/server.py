@@ -73,7 +73,6 @@ class ViewerState:
     def __init__(self, atlas, model: Any = None, tokenizer: Any = None) -> None:
         self.atlas, self.model, self.tokenizer = atlas, model, tokenizer
         self.lock = threading.Lock()   # pyarrow reads and the model are used by one request at a time
-        # Per-expert results computed with the model, in bounded memory.
         self.logits = lru_cache(256)(partial(expert_logits, model, atlas))
         self.similar = lru_cache(64)(partial(similar_experts, model, atlas))
         self.interesting = atlas.interesting_experts()
@@ -110,7 +109,6 @@ class ViewerState:
 
     def similar_experts(self, group: int, expert: int) -> dict[str, Any]:
         self.need_model("finding similar experts")
-        self.atlas.check_expert(group, expert)
         with self.lock:
             return self.similar(group, expert)
 
@@ -152,7 +150,6 @@ class ViewerState:
             view = self.atlas.document(doc, pos)
             view["values"] = None
             if group is not None and expert is not None:
-                self.atlas.check_expert(group, expert)
                 view["group"], view["expert"] = group, expert
                 view["max_percent"] = self.atlas.expert(group, expert)["max_percent"]
                 if self.model is not None:
@@ -218,10 +215,9 @@ def allowed_hosts(host: str, port: int, extra: tuple[str, ...] | list[str] = ())
     answers to this machine's host name and to any IP address (DNS rebinding needs a host *name* that the
     attacker controls; an IP literal cannot be rebound)."""
     names = {name.lower().rstrip(".") for name in (*LOCAL_NAMES, host, *extra) if name}
-    wildcard = host in WILDCARDS
-    if wildcard:
+    if host in WILDCARDS:
         names.add(socket.gethostname().lower())
-    return names, wildcard
+    return names, host in WILDCARDS
 
 
 def host_allowed(header: str | None, names: set[str], any_ip: bool, port: int) -> bool:
@@ -244,7 +240,7 @@ class Handler(BaseHTTPRequestHandler):
     timeout = 120   # seconds a connection may stay silent (a client that never sends its body is dropped)
 
     def log_message(self, format: str, *args) -> None:   # quiet: one line per error only
-        if args and str(args[1] if len(args) > 1 else "").startswith(("4", "5")):
+        if len(args) > 1 and str(args[1]).startswith(("4", "5")):
             super().log_message(format, *args)
 
     def _send(self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
