@@ -143,6 +143,7 @@ class Atlas:
     def _group(self, group: int) -> dict[str, np.ndarray]:
         """All per-expert columns of one group (read once, then cached)."""
         if group not in self._group_cache:
+            self.check_expert(group, 0)
             columns = self._experts(("group", "=", group))
             if len(columns["expert"]) != self.num_experts:
                 raise MonetError(f"{self.path / 'experts.parquet'} has {len(columns['expert'])} rows for group "
@@ -173,12 +174,10 @@ class Atlas:
 
     def label_mass(self, group: int) -> tuple[list[str], np.ndarray]:
         """(labels, routing mass [num_labels, N]): summed scores of each expert on each label's tokens."""
-        self.check_expert(group, 0)
         return list(self.labels), self._group(group)["mass"].copy()
 
     def densities(self, group: int) -> np.ndarray:
         """[N]: each expert's activations per token of the atlas corpus."""
-        self.check_expert(group, 0)
         return self._group(group)["density"].copy()
 
     def label_probability(self, group: int) -> np.ndarray:
@@ -333,7 +332,6 @@ class Atlas:
         index = self.label_index(label)
         rows = []
         for g in self.groups if group is None else [group]:
-            self.check_expert(g, 0)
             skew = skewness(self.label_probability(g), index)
             count = self._group(g)["count"]
             skew = np.where(count >= min_count, skew, -np.inf)

@@ -325,8 +325,7 @@ class Handler(BaseHTTPRequestHandler):
     def _post(self, parts: list[str], query: dict[str, list[str]]) -> None:
         if len(parts) != 2 or parts[0] != "api" or parts[1] not in ("activation", "steer"):
             raise NotFound
-        kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if kind != "application/json":
+        if self.headers.get_content_type() != "application/json":
             raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the request body as application/json")
         length = self.headers.get("Content-Length", "")
         if not length.isascii() or not length.isdigit():
