@@ -20,8 +20,7 @@ from monet.io import write_json
 from monet.settings import AtlasExport
 
 
-def expert_page(atlas, group: int, expert: int, model: Any = None, k: int | None = None,
-                explanations: list[str] | None = None) -> dict[str, Any]:
+def expert_page(atlas, group: int, expert: int, model: Any = None, k: int | None = None) -> dict[str, Any]:
     """One expert as a JSON-ready dict. `model` (the atlas's own) adds promoted/suppressed tokens."""
     stats = atlas.expert(group, expert)
     edges = stats["histogram"]["edges"]
@@ -35,7 +34,7 @@ def expert_page(atlas, group: int, expert: int, model: Any = None, k: int | None
         "frac_nonzero": stats["density"],
         "freq_hist_data_bar_heights": stats["histogram"]["counts"],
         "freq_hist_data_bar_values": centres,
-        "explanations": [{"description": text} for text in (explanations or [])],
+        "explanations": [],
         "monet": {
             "group": int(group), "expert": int(expert), "kind": atlas.manifest["kind"],
             "count": stats["count"], "mean_percent": stats["mean_percent"],

@@ -70,8 +70,8 @@ class Atlas:
         """Whether contexts carry the expert's value at every token (format 2), not only at the activating one."""
         return self.version >= 2
 
-    def verify(self, hashes: bool = True) -> None:
-        """MonetError naming the first damaged table: a size or SHA-256 (`hashes`) other than the manifest
+    def verify(self) -> None:
+        """MonetError naming the first damaged table: a size or SHA-256 other than the manifest
         records, or a Parquet footer that cannot be read (a truncated or overwritten file)."""
         recorded = self.manifest.get("tables")
         recorded = recorded if isinstance(recorded, dict) else {}
@@ -84,7 +84,7 @@ class Atlas:
             if entry is not None and size != entry.get("bytes"):
                 raise MonetError(f"atlas table {path} is damaged: {size:,} bytes where the build wrote "
                                  f"{entry.get('bytes'):,} (truncated or replaced); {_REBUILD}")
-            if entry is not None and hashes and sha256_file(path) != entry.get("sha256"):
+            if entry is not None and sha256_file(path) != entry.get("sha256"):
                 raise MonetError(f"atlas table {path} is damaged: its SHA-256 differs from the one recorded at "
                                  f"build time (the file changed on disk); {_REBUILD}")
             try:
@@ -373,10 +373,10 @@ class Atlas:
                 "start": start, "end": end, "tokens": ids, "pieces": [self.piece(t) for t in ids],
                 "target": int(pos) - start, "seq_len": int(self.manifest["options"]["seq_len"])}
 
-    def interesting_experts(self, group: int | None = None, n: int = 200) -> list[tuple[int, int]]:
+    def interesting_experts(self, n: int = 200) -> list[tuple[int, int]]:
         """Experts with many examples (a full top-K) and the highest counts, for the viewer's random button."""
         out = []
-        for g in self.groups if group is None else [group]:
+        for g in self.groups:
             count = self._group(g)["count"]
             best = np.argsort(-count, kind="stable")[:n]
             out += [(g, int(e)) for e in best if count[e] > 0]
@@ -478,12 +478,12 @@ def compact_histogram(edges: list[float], counts: list[int], max_bins: int = 16)
     return {"edges": out_edges, "counts": out_counts}
 
 
-def format_context(context: dict[str, Any], mark: str = "[[{}]]") -> str:
+def format_context(context: dict[str, Any]) -> str:
     """One context as a line, the activating token marked, whitespace and control characters made visible."""
     parts = []
     for i, piece in enumerate(context["pieces"]):
         piece = printable(piece.replace("\n", "\u21b5").replace("\t", "\u2192"))
-        parts.append(mark.format(piece) if i == context["target"] else piece)
+        parts.append(f"[[{piece}]]" if i == context["target"] else piece)
     return "".join(parts)
 
 
