@@ -130,9 +130,8 @@ class Atlas:
     def _experts(self, *filters: tuple) -> dict[str, np.ndarray]:
         """The experts.parquet rows matching `filters`, sorted by expert: a [rows] array per column, with
         `mass` (and `label_count` where recorded) [num_labels, rows] and `hist` [rows, bins]."""
-        table = self._table("experts.parquet", *filters)
-        order = np.argsort(table.column("expert").to_numpy(), kind="stable")
-        columns = {name: table.column(name).to_numpy()[order] for name in table.column_names}
+        table = self._table("experts.parquet", *filters).sort_by("expert")
+        columns = {name: table.column(name).to_numpy() for name in table.column_names}
         columns["mass"] = np.stack([columns.pop(f"mass_{label}") for label in self.labels])
         if all(f"count_{label}" in columns for label in self.labels):
             columns["label_count"] = np.stack([columns.pop(f"count_{label}") for label in self.labels])
@@ -153,11 +152,9 @@ class Atlas:
 
     @cached_property
     def vocab(self) -> list[str]:
-        rows = self._table("vocab.parquet").to_pylist()
-        out = [""] * (max((r["id"] for r in rows), default=-1) + 1)
-        for r in rows:
-            out[r["id"]] = r["piece"]
-        return out
+        table = self._table("vocab.parquet").to_pydict()
+        pieces = dict(zip(table["id"], table["piece"], strict=True))
+        return [pieces.get(i, "") for i in range(max(pieces, default=-1) + 1)]
 
     def percent(self, score: float) -> float:
         """A score as a percentage of the largest possible one (the atlas's `score_scale`)."""
@@ -403,18 +400,12 @@ def experts_for_text(model: torch.nn.Module, tokenizer: Any, text: str, n: int =
         raise MonetError("--text is empty; give some text to run through the model")
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
     _, _, scale = unit_layout(model)
-    device = next(model.parameters()).device
-    groups = unit_activations(model.eval(), ids.to(device))
-    out = []
-    for t, token in enumerate(ids[0].tolist()):
-        entry = {"position": t, "token": token, "piece": tokenizer.decode([token]), "groups": []}
-        for ids_g, scores_g in groups:
-            row_ids, row_scores = ids_g[0, t].cpu(), scores_g[0, t].float().cpu()
-            keep = row_ids >= 0
-            order = torch.argsort(row_scores[keep], descending=True)[:n]
-            entry["groups"].append([(int(row_ids[keep][o]), 100.0 * float(row_scores[keep][o]) / scale)
-                                    for o in order])
-        out.append(entry)
+    out = [{"position": t, "token": token, "piece": tokenizer.decode([token]), "groups": []}
+           for t, token in enumerate(ids[0].tolist())]
+    for unit_ids, scores in unit_activations(model.eval(), ids.to(next(model.parameters()).device)):
+        for entry, units, values in zip(out, unit_ids[0].tolist(), scores[0].float().tolist(), strict=True):
+            top = sorted(((u, v) for u, v in zip(units, values, strict=True) if u >= 0), key=lambda uv: -uv[1])
+            entry["groups"].append([(u, 100.0 * v / scale) for u, v in top[:n]])
     return out
 
 

@@ -275,11 +275,10 @@ class Handler(BaseHTTPRequestHandler):
             return False
         return True
 
-    def do_HEAD(self) -> None:
-        self.do_GET()
-
     def do_GET(self) -> None:
         self._answer(self._get)
+
+    do_HEAD = do_GET
 
     def do_POST(self) -> None:
         self._answer(self._post)
