@@ -180,8 +180,7 @@ class Atlas:
     def label_probability(self, group: int) -> np.ndarray:
         """[num_labels, N]: mean score per token of each label (mass / tokens of the label), the
         "routing probability for that domain" of paper §5.1 / appendix D.1."""
-        tokens = np.maximum(self.label_tokens, 1.0)
-        return self._group(group)["mass"] / tokens[:, None]
+        return self._group(group)["mass"] / np.maximum(self.label_tokens, 1.0)[:, None]
 
     def _row(self, group: int, expert: int) -> dict[str, Any]:
         """One expert's columns: from the cached group arrays, else from its Parquet row group only."""

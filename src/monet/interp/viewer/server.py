@@ -95,8 +95,7 @@ class ViewerState:
         with self.lock:
             result = {**atlas.expert(group, expert), "contexts": atlas.top_contexts(group, expert),
                       "bands": atlas.band_samples(group, expert)}
-            hist = result["histogram"]
-            result["histogram_view"] = compact_histogram(hist["edges"], hist["counts"])
+            result["histogram_view"] = compact_histogram(**result["histogram"])
             if atlas.manifest["kind"] == "monet" and atlas.manifest.get("experts_per_side"):
                 result["i"], result["j"] = divmod(int(expert), int(atlas.manifest["experts_per_side"]))
             if self.model is not None:
