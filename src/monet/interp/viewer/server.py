@@ -258,21 +258,17 @@ class Handler(BaseHTTPRequestHandler):
         body = dumps(data if download else printable(data), indent=2 if download else None).encode("utf-8")
         self._send(status, body, "application/json; charset=utf-8", extra)
 
-    def _host_ok(self) -> bool:
-        server = self.server
-        if not host_allowed(self.headers.get("Host"), server.allowed_names, server.any_ip, server.server_address[1]):
-            self._json({"error": f"Host {self.headers.get('Host')!r} is not this viewer's address; open "
-                                 f"http://127.0.0.1:{server.server_address[1]}/ (or start the viewer with "
-                                 "--allow-host NAME). Other host names are refused to block DNS rebinding."},
-                       HTTPStatus.FORBIDDEN)
-            return False
+    def _check_origin(self) -> None:
+        port = self.server.server_address[1]
+        if not host_allowed(self.headers.get("Host"), self.server.allowed_names, self.server.any_ip, port):
+            raise _HTTPError(HTTPStatus.FORBIDDEN, f"Host {self.headers.get('Host')!r} is not this viewer's address; "
+                             f"open http://127.0.0.1:{port}/ (or start the viewer with --allow-host NAME). Other "
+                             "host names are refused to block DNS rebinding.")
         # Browsers say where a request comes from: another site may link to the page, not call the API
         # (which could otherwise make the server run the model for it).
         site = self.headers.get("Sec-Fetch-Site", "same-origin").strip().lower()
         if self.path.startswith("/api/") and site not in ("same-origin", "none"):
-            self._json({"error": "the viewer's API answers only its own page"}, HTTPStatus.FORBIDDEN)
-            return False
-        return True
+            raise _HTTPError(HTTPStatus.FORBIDDEN, "the viewer's API answers only its own page")
 
     def do_GET(self) -> None:
         self._answer(self._get)
@@ -283,13 +279,12 @@ class Handler(BaseHTTPRequestHandler):
         self._answer(self._post)
 
     def _answer(self, route: Callable[[list[str], dict[str, list[str]]], None]) -> None:
-        if not self._host_ok():
-            return
-        url = urlsplit(self.path)
         try:
+            self._check_origin()
+            url = urlsplit(self.path)
             return route([unquote(p) for p in url.path.split("/") if p], parse_qs(url.query))
         except NotFound:
-            return self._json({"error": f"no such page: {url.path}"}, HTTPStatus.NOT_FOUND)
+            return self._json({"error": f"no such page: {urlsplit(self.path).path}"}, HTTPStatus.NOT_FOUND)
         except MonetError as exc:
             return self._json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
         except _HTTPError as exc:
