@@ -349,10 +349,9 @@ def probe_models(models: list[tuple[str, torch.nn.Module]], data_dir: str | Path
         for group in result["groups"]:
             first = group["group"] * per_group
             group["layers"] = list(range(first, min(first + per_group, config.num_hidden_layers)))
-            group["top_units"] = {dataset.labels[label]: units_ for label, units_ in group["top_units"].items()}
-            for k in group["binary"]:
-                group["binary"][k]["per_label"] = {dataset.labels[label]: acc for label, acc
-                                                   in group["binary"][k]["per_label"].items()}
+            group["top_units"] = {dataset.labels[label]: top for label, top in group["top_units"].items()}
+            for entry in group["binary"].values():
+                entry["per_label"] = {dataset.labels[label]: acc for label, acc in entry["per_label"].items()}
         entry = {"name": name, "kind": kind, "units_per_group": units, "groups": result["groups"]}
         for key in ("train_examples", "test_examples", "test_documents"):   # per label name
             entry[key] = dict(zip(report["labels"], result[key], strict=True))
@@ -419,8 +418,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
     if report["models"]:
         first = report["models"][0]
-        train, test = first["train_examples"].values(), first["test_examples"].values()
-        docs = first["test_documents"].values()
+        train, test, docs = (first[key].values() for key in ("train_examples", "test_examples", "test_documents"))
         what = "Windows" if report.get("pool") == "window" else "Tokens"
         lines.append(f"{what} per label: {min(train):,}-{max(train):,} train, {min(test):,}-{max(test):,} test, the "
                      f"test ones from {min(docs)}-{max(docs)} documents per label (documents on the train side: "
