@@ -87,9 +87,8 @@ def expert_logits(model: torch.nn.Module, atlas, group: int, expert: int, n: int
     logits = model.lm_head.weight.float() @ (model.model.norm.weight.float() * direction)
     n = min(n, logits.numel())
     up, down = logits.topk(n), (-logits).topk(n)
-    piece = atlas.piece
-    return {"pos_str": [piece(t) for t in up.indices.tolist()], "pos_values": up.values.tolist(),
-            "neg_str": [piece(t) for t in down.indices.tolist()], "neg_values": (-down.values).tolist()}
+    return {"pos_str": [atlas.piece(t) for t in up.indices.tolist()], "pos_values": up.values.tolist(),
+            "neg_str": [atlas.piece(t) for t in down.indices.tolist()], "neg_values": (-down.values).tolist()}
 
 
 # ------------------------------------------------------------------------------------------ explain

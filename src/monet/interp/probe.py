@@ -189,12 +189,11 @@ def fit_probe(x: np.ndarray, y: np.ndarray) -> Callable[[np.ndarray], np.ndarray
         return lambda z: np.full(len(z), 1.0 if y[0] else -1.0)
     try:
         from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
     except ImportError as exc:
         raise MonetError("sparse probing needs scikit-learn: pip install 'monet-lm[interp]'") from exc
-    mean, scale = x.mean(axis=0), x.std(axis=0)
-    scale[scale == 0] = 1.0
-    model = LogisticRegression(C=1.0, max_iter=2000).fit((x - mean) / scale, y)
-    return lambda z: model.decision_function((z - mean) / scale)
+    return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000)).fit(x, y).decision_function
 
 
 def balanced(labels: np.ndarray, label: int, rng: np.random.Generator) -> np.ndarray:
