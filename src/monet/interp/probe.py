@@ -282,7 +282,7 @@ def sparse_probe(batches: Callable[[str], Iterable[Batch]], groups: int, units: 
         diff = class_mean_difference(sub, counts[labels])
         best, random = select_units(diff, sub.sum(axis=0) > 0, top, rng)
         chosen.append((best, random, diff))
-        candidates.append(np.unique(np.concatenate([best.ravel(), random.ravel()])))
+        candidates.append(np.union1d(best, random))
 
     def features(side: str) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:   # the probed labels' tokens only
         x, y, docs = candidate_features(batches(side), candidates)
