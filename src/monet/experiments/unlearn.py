@@ -26,13 +26,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from monet.checkpoint import (
-    check_data_fits,
-    load_checkpoint,
-    resolve_checkpoint,
-    tokenizer_hash,
-    trained_seq_len,
-)
+from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint, tokenizer_hash, trained_seq_len
 from monet.data import TokenDataset, load_tokenizer
 from monet.edits import masked
 from monet.errors import MonetError
@@ -508,15 +502,6 @@ def matrix_csv(result: dict[str, Any], metric: str = "loss") -> str:
     return buffer.getvalue()
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # imported late: matplotlib is slow to import and only plots need it
-
-    return plt
-
-
 def _models(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     """(name, title, protocol result) of Monet and, when the report has one, the dense baseline."""
     models = [("Monet", "Monet (experts)", report["monet"])]
@@ -527,19 +512,19 @@ def _models(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
 
 def plot_heatmap(report: dict[str, Any], path: Path) -> None:
     """Fig. 3-style heatmap(s) of the loss change: rows evaluated label, columns masked label."""
-    plt = _pyplot()
+    from matplotlib.figure import Figure  # imported late: matplotlib is slow to import and only plots need it
+
     models = _models(report)
     mats = [delta_matrix(result) for _, _, result in models]
     vmax = max(float(np.nanmax(np.abs(m[2]))) if np.isfinite(m[2]).any() else 1.0 for m in mats) or 1.0
     size = max(len(mats[0][0]), 3)
-    fig, axes = plt.subplots(1, len(mats), figsize=(1.0 + 0.8 * size * len(mats), 0.7 * size + 1.6), squeeze=False)
+    fig = Figure(figsize=(1.0 + 0.8 * size * len(mats), 0.7 * size + 1.6))
+    axes = fig.subplots(1, len(mats), squeeze=False)
     for ax, (_, title, _), (evaluated, masked_labels, values) in zip(axes[0], models, mats, strict=True):
         image = ax.imshow(values, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")   # red: loss rose
         ax.set_xticks(range(len(masked_labels)), masked_labels, rotation=45, ha="right")
         ax.set_yticks(range(len(evaluated)), evaluated)
-        ax.set_xlabel("units masked for")
-        ax.set_ylabel("evaluated on")
-        ax.set_title(f"{title}: Δ validation loss")
+        ax.set(xlabel="units masked for", ylabel="evaluated on", title=f"{title}: Δ validation loss")
         for (r, c), value in np.ndenumerate(values):
             if np.isfinite(value):
                 ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7,
@@ -547,17 +532,18 @@ def plot_heatmap(report: dict[str, Any], path: Path) -> None:
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_forget_retain(report: dict[str, Any], path: Path) -> None:
     """One panel per target: Δ target (y) against Δ others (x) along each model's selection sweep; the
     operating point is the large marker, the dotted line the random control's p95."""
-    plt = _pyplot()
+    from matplotlib.figure import Figure
+
     targets = list(report["monet"]["masked"])
     cols = min(4, max(1, len(targets)))
     rows = -(-len(targets) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    fig = Figure(figsize=(3.2 * cols, 2.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, target in zip(axes.flat, targets, strict=False):
         for (name, _, result), colour in zip(_models(report), ("tab:red", "tab:blue"), strict=False):
             entry = result["masked"][target]
@@ -583,7 +569,6 @@ def plot_forget_retain(report: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"forget-retain (grey: Δ target = {SELECTIVITY:g} x Δ others; dotted: random p95)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_report(report: dict[str, Any], out: str | Path, force: bool = False) -> Path:
