@@ -180,7 +180,7 @@ class EvalPlan:
         return np.arange(count) if tokens is None else spaced(count, -(-tokens // self.seq_len))
 
     def tokens(self, positions: np.ndarray) -> int:
-        return int(len(positions) * self.seq_len)
+        return len(positions) * self.seq_len
 
     def measure(self, model: nn.Module, picks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Per-window mean loss of the picked windows of each label (model as it is now, edits included)."""
@@ -288,8 +288,7 @@ def run_protocol(model: nn.Module, plan: EvalPlan, targets: list[str], operating
     """Unmasked losses, then for each target: the operating-point selection (`operating(target)`) with its
     per-label Δ and CIs, the random control, and the sweep points (`sweep(target)`: [(parameter, Selection)])."""
     model.eval()
-    all_windows = {label: plan.positions(label, None) for label in plan.sets}
-    before = plan.measure(model, all_windows)
+    before = plan.measure(model, {label: plan.positions(label, None) for label in plan.sets})
     result: dict[str, Any] = {"before": {label: {"loss": float(v.mean()), "tokens": plan.tokens(v)}
                                          for label, v in before.items()}, "masked": {}}
     accuracy_before = label_accuracies(model, protocol)
@@ -313,11 +312,10 @@ def run_protocol(model: nn.Module, plan: EvalPlan, targets: list[str], operating
                                              protocol.random_masks, protocol.random_tokens, protocol.seed)
         entry["sweep"] = []
         for parameter, point in sweep(target):
-            if point.total == 0:
-                continue
-            effect = edit_effect(model, plan, before, point, target, protocol.sweep, protocol.seed)
-            entry["sweep"].append({"parameter": parameter, "criterion": point.criterion,
-                                   **{k: effect[k] for k in SWEEP_FIELDS}})
+            if point.total:
+                effect = edit_effect(model, plan, before, point, target, protocol.sweep, protocol.seed)
+                entry["sweep"].append({"parameter": parameter, "criterion": point.criterion,
+                                       **{k: effect[k] for k in SWEEP_FIELDS}})
         result["masked"][target] = entry
     return result
 
@@ -349,17 +347,15 @@ def summary_rows(result: dict[str, Any]) -> dict[str, dict]:
     """Per masked label, the fields the tables print and the issue's bar (`verdict`)."""
     rows = {}
     for target, entry in result["masked"].items():
-        random_p95_value = entry.get("random", {}).get("p95")
-        row = {"delta_target": entry["delta_target"], "delta_target_ci95": entry["delta_target_ci95"],
-               "delta_others": entry["delta_others"], "delta_others_ci95": entry["delta_others_ci95"],
-               "random_delta_target_p95": random_p95_value,
-               "random_selection_delta": entry.get("random", {}).get("selection_delta"),
-               "masked_experts": entry["masked_experts"], "masking_ratio": entry["masking_ratio"],
-               "target_vs_others": entry["target_vs_others"]}
+        control = entry.get("random", {})
+        row = {key: entry[key] for key in ("delta_target", "delta_target_ci95", "delta_others", "delta_others_ci95")}
+        row |= {"random_delta_target_p95": control.get("p95"),
+                "random_selection_delta": control.get("selection_delta")}
+        row |= {key: entry[key] for key in ("masked_experts", "masking_ratio", "target_vs_others")}
         if "delta_accuracy" in entry:
             row["delta_accuracy_target"] = entry["delta_accuracy"].get(target)
-        if random_p95_value is not None and entry["masked_experts"]:
-            row.update(verdict(entry["delta_target"], entry["delta_others"], random_p95_value, MIN_DELTA, SELECTIVITY))
+        if control.get("p95") is not None and entry["masked_experts"]:
+            row.update(verdict(entry["delta_target"], entry["delta_others"], control["p95"], MIN_DELTA, SELECTIVITY))
         else:
             row["passed"] = False
         rows[target] = row
@@ -375,7 +371,7 @@ def equal_target_comparison(monet: dict[str, Any], dense: dict[str, Any]) -> dic
             continue
         curve = curve_points(dense["masked"][target])
         rows[target] = {"delta_target": entry["delta_target"], "monet_delta_others": entry["delta_others"],
-                        "dense_delta_others": others_at_target(curve, entry["delta_target"]) if curve else None,
+                        "dense_delta_others": others_at_target(curve, entry["delta_target"]),
                         "dense_max_delta_target": max((p["delta_target"] for p in curve), default=None)}
     return rows
 
@@ -443,11 +439,9 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
         "monet": monet_result, "summary": summary_rows(monet_result),
     }
     if settings.baseline is not None:
-        dense_units = dense_means[0].shape[1]
-
         def dense_top(target: str, share: float) -> Selection:
-            return select_top(dense_means, dense_labels.index(target), max(1, round(share * dense_units)),
-                              settings.min_mass, normalize=False)
+            units = max(1, round(share * dense_means[0].shape[1]))
+            return select_top(dense_means, dense_labels.index(target), units, settings.min_mass, normalize=False)
 
         def dense_operating(target: str) -> Selection:
             # Equal budget: the same share of units as Monet masked for this label (the paper's skewness
