@@ -36,13 +36,10 @@ TOXIC = 0.5   # a sample scoring at least this counts as toxic
 
 def document_scores(dataset: Any) -> np.ndarray:
     """Each document's toxicity score from the corpus metadata (`score`); MonetError if absent."""
-    scores = []
-    for i in range(dataset.num_documents):
-        score = dataset.document_meta(i).get("score")
-        if score is None:
-            raise MonetError(f"document {i} of {dataset.directory} has no toxicity score: build the data with "
-                             "`monet data build --source toxicity`")
-        scores.append(float(score))
+    scores = [dataset.document_meta(i).get("score") for i in range(dataset.num_documents)]
+    if None in scores:
+        raise MonetError(f"document {scores.index(None)} of {dataset.directory} has no toxicity score: build the "
+                         "data with `monet data build --source toxicity`")
     return np.asarray(scores, dtype=np.float64)
 
 
