@@ -10,6 +10,7 @@ measured, and why, is in docs/performance.md; `--json` writes everything, `ratio
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -43,11 +44,9 @@ QUICK = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, moe_e
 def machine_info() -> dict:
     """CPU model, cores, torch version and threads, load average, GPU if any."""
     cpu = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError, StopIteration):
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "gpu": gpu, "load_average": list(os.getloadavg()),
