@@ -10,7 +10,9 @@ measured, and why, is in docs/performance.md; `--json` writes everything, `ratio
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import json
 import os
 import platform
@@ -42,11 +44,9 @@ QUICK = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, moe_e
 def machine_info() -> dict:
     """CPU model, cores, torch version and threads, load average, GPU if any."""
     cpu = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError, StopIteration):
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "gpu": gpu, "load_average": list(os.getloadavg()),
@@ -127,7 +127,7 @@ def _backward(out: torch.Tensor, inputs: list[torch.Tensor]) -> None:
     torch.autograd.grad(out, inputs, grad_outputs=torch.ones_like(out) / out.numel() ** 0.5)
 
 
-def bench_shape(name: str, config: MonetConfig, args: BenchSettings) -> dict:
+def bench_shape(config: MonetConfig, args: BenchSettings) -> dict:
     """Forward, train, memory and masking sections of one shape (HD and VD share the router and baseline)."""
     device, dtype, timer = torch.device(args.device), getattr(torch, args.dtype), Timer(torch.device(args.device))
     d, width = config.hidden_size, config.moe_experts * config.moe_dim
@@ -167,12 +167,9 @@ def bench_shape(name: str, config: MonetConfig, args: BenchSettings) -> dict:
             fn()
             result["cuda_peak_mib"][case] = torch.cuda.max_memory_allocated() / 2**20
     weights = [*mlp.parameters(), *router.parameters(), *[p for layer in layers.values() for p in layer.parameters()]]
-    memory = {"dense": saved_bytes(lambda: mlp(xg), [xg, *weights]),
-              "router": saved_bytes(lambda: router(xg), [xg, *weights])}
-    for kind, layer in layers.items():
-        with sparse.expert_path(args.path):
-            memory[kind] = saved_bytes(lambda layer=layer: layer(xg, *routing), [xg, *routing, *weights])
-    result["saved_mib"] = {k: v / 2**20 for k, v in memory.items()}
+    memory = {"dense": lambda: mlp(xg), "router": lambda: router(xg),
+              **{kind: forced(lambda layer=layer: layer(xg, *routing)) for kind, layer in layers.items()}}
+    result["saved_mib"] = {k: saved_bytes(fn, [xg, *routing, *weights]) / 2**20 for k, fn in memory.items()}
     result["masking"] = bench_masking(layers, x, g1, g2, args, timer, any(sparse_path.values()))
     if args.profile:
         result["profiles"] = {kind: _profile(forced(lambda layer=layer: layer(x, g1, g2)))
@@ -191,25 +188,22 @@ def bench_masking(layers: dict[str, nn.Module], x: torch.Tensor, g1: torch.Tenso
                   args: BenchSettings, timer: Timer, prep: bool) -> dict:
     """Eval expert forward with a fraction of the E^2 experts deleted vs none, per decomposition; with
     the sparse path, also the per-group preparation (structure, plus the edited pairs of each table)."""
-    experts = g1.shape[-1]
+    n = g1.shape[-1] ** 2
     generator = torch.Generator().manual_seed(3)
     tables = {}
     for fraction in MASK_FRACTIONS:
-        table = torch.zeros(experts * experts)
-        table[torch.randperm(experts * experts, generator=generator)[: max(1, round(fraction * experts**2))]] = 1.0
-        tables[f"{100 * fraction:g}%"] = table.to(x.device)
+        deleted = torch.randperm(n, generator=generator)[: max(1, round(fraction * n))]
+        tables[f"{100 * fraction:g}%"] = torch.zeros(n).index_fill_(0, deleted, 1.0).to(x.device)
 
-    def case(layer: nn.Module, table: torch.Tensor | None) -> Callable:
-        def run() -> object:
-            layer.edit_weights = table
-            try:
-                with sparse.expert_path(args.path):
-                    return layer(x, g1, g2)
-            finally:
-                layer.edit_weights = None
-        return run
+    def masked(layer: nn.Module, table: torch.Tensor | None) -> object:
+        layer.edit_weights = table
+        try:
+            with sparse.expert_path(args.path):
+                return layer(x, g1, g2)
+        finally:
+            layer.edit_weights = None
 
-    cases = {f"{kind}/{label}": case(layer, table) for kind, layer in layers.items()
+    cases = {f"{kind}/{label}": functools.partial(masked, layer, table) for kind, layer in layers.items()
              for label, table in [("none", None), *tables.items()]}
     if prep:
         cases["prep/none"] = lambda: sparse.sparse_routing(g1, g2)
@@ -249,9 +243,7 @@ def bench_capture(config: MonetConfig, args: BenchSettings) -> dict:
 
 
 def _profile(fn: Callable[[], object], rows: int = 15) -> str:
-    from torch.profiler import profile
-
-    with torch.no_grad(), profile() as prof:
+    with torch.no_grad(), torch.profiler.profile() as prof:
         fn()
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
@@ -320,7 +312,7 @@ def run(args: BenchSettings) -> dict:
                     "machine": machine_info(), "load_average_start": list(os.getloadavg()), "shapes": {}}
     for name, config in shapes.items():
         print(f"monet bench: {name} ({args.tokens} tokens, {args.repeats} repeats)", file=sys.stderr, flush=True)
-        report["shapes"][name] = {"groups": config.moe_groups, **bench_shape(name, config, args)}
+        report["shapes"][name] = {"groups": config.moe_groups, **bench_shape(config, args)}
     print("monet bench: capture", file=sys.stderr, flush=True)
     report["capture"] = bench_capture(next(iter(shapes.values())), args)
     report["load_average_end"] = list(os.getloadavg())

@@ -110,14 +110,15 @@ def run_demo(settings: DemoSettings, plan: DemoPlan | None = None) -> dict[str, 
     models = [("Monet", run, atlas, "monet")]
     if settings.baseline:
         models.append(("dense baseline", out / "dense-run", out / "dense-atlas", "dense"))
-    steps = dict(plan.train)["max_steps"]
+    train_options = dict(plan.train)
+    steps = train_options["max_steps"]
     for name, run_dir, _, kind in models:
         latest = latest_checkpoint(run_dir, warn=False) if (run_dir / "checkpoints").is_dir() else None
         finished = latest is not None and latest.name.endswith(f"{steps:07d}")
-        started = _step(f"2/4 training the {name} ({dict(plan.train)['preset']} preset, {steps} steps)", finished)
+        started = _step(f"2/4 training the {name} ({train_options['preset']} preset, {steps} steps)", finished)
         if not finished:
             train(TrainSettings(data=str(data), out=str(run_dir), model=kind, seed=settings.seed, quiet=not progress,
-                                **dict(plan.train)))
+                                **train_options))
         timings[f"train_{run_dir.name}_s"] = time.perf_counter() - started
 
     for name, run_dir, atlas_dir, _ in models:
@@ -126,7 +127,7 @@ def run_demo(settings: DemoSettings, plan: DemoPlan | None = None) -> dict[str, 
         if not done:
             model, tokenizer = load_checkpoint(run_dir)
             options = AtlasOptions(max_tokens=plan.atlas_tokens, top_k=plan.atlas_top_k, split="train",
-                                   batch_size=16, seq_len=dict(plan.train)["seq_len"])
+                                   batch_size=16, seq_len=train_options["seq_len"])
             build_atlas(model, tokenizer, data, atlas_dir, options, force=True, progress=progress, run=str(run_dir))
         timings[f"atlas_{atlas_dir.name}_s"] = time.perf_counter() - started
 
@@ -141,9 +142,7 @@ def run_demo(settings: DemoSettings, plan: DemoPlan | None = None) -> dict[str, 
                                          quiet=not progress, force=True, **dict(plan.protocol), **dense))
     timings["unlearn_s"] = time.perf_counter() - started
 
-    print()
-    print(format_summary(report))
-    print()
+    print(f"\n{format_summary(report)}\n")
     passed = sum(bool(row.get("passed")) for row in report["summary"].values())
     print(f"Δ = validation loss after masking minus before (nats/token), 95 % bootstrap CI; x = Δ target / mean Δ "
           f"of the other labels; rand p95 = 95th percentile of Δ target under {report['random_masks']} random "

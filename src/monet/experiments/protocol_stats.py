@@ -60,19 +60,16 @@ def random_masks(counts: Mapping[int, int], seen: Mapping[int, Sequence[int]] | 
     if n < 1:
         raise MonetError(f"need at least one random mask, got n={n}")
     pools = dict(seen) if isinstance(seen, Mapping) else dict(enumerate(seen))
+    draws = {}
+    for group, count in sorted(counts.items()):
+        pool = np.unique(np.asarray(pools.get(group, ()), dtype=np.int64))
+        if count > pool.size:
+            raise MonetError(f"group {group}: cannot draw {count} units from the {pool.size} seen in the atlas; "
+                             "build the atlas on more tokens or select fewer units")
+        draws[group] = pool, int(count)
     rng = np.random.default_rng(seed)
-    masks = []
-    for _ in range(n):
-        mask = {}
-        for group, count in sorted(counts.items()):
-            count = int(count)
-            pool = np.unique(np.asarray(pools.get(group, ()), dtype=np.int64))
-            if count > pool.size:
-                raise MonetError(f"group {group}: cannot draw {count} units from the {pool.size} seen in the atlas; "
-                                 "build the atlas on more tokens or select fewer units")
-            mask[group] = np.sort(rng.choice(pool, size=count, replace=False)) if count else np.zeros(0, np.int64)
-        masks.append(mask)
-    return masks
+    return [{group: np.sort(rng.choice(pool, size=count, replace=False)) if count else np.zeros(0, np.int64)
+             for group, (pool, count) in draws.items()} for _ in range(n)]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -100,18 +97,12 @@ def others_at_target(points: Sequence[Mapping[str, float]], delta_target: float)
     """Δ others that the curve reaches at `delta_target`, by linear interpolation between the two sweep
     points around it (the exact value at a point); None when `delta_target` lies outside the curve."""
     curve = forget_retain_curve(points)
-    if not curve:
-        return None
     xs = np.array([p["delta_target"] for p in curve])
     ys = np.array([p["delta_others"] for p in curve])
-    if delta_target < xs[0] or delta_target > xs[-1]:
+    if not curve or delta_target < xs[0] or delta_target > xs[-1]:
         return None
-    right = int(np.searchsorted(xs, delta_target, side="left"))
-    if xs[right] == delta_target:
-        return float(ys[right])
-    left = right - 1
-    share = (delta_target - xs[left]) / (xs[right] - xs[left])
-    return float(ys[left] + share * (ys[right] - ys[left]))
+    exact = np.flatnonzero(xs == delta_target)   # tied points: the first (lowest Δ others)
+    return float(ys[exact[0]] if exact.size else np.interp(delta_target, xs, ys))
 
 
 def verdict(delta_target: float, delta_others: float, random_p95_value: float, min_delta: float = 0.10,

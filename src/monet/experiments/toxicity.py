@@ -36,13 +36,10 @@ TOXIC = 0.5   # a sample scoring at least this counts as toxic
 
 def document_scores(dataset: Any) -> np.ndarray:
     """Each document's toxicity score from the corpus metadata (`score`); MonetError if absent."""
-    scores = []
-    for i in range(dataset.num_documents):
-        score = dataset.document_meta(i).get("score")
-        if score is None:
-            raise MonetError(f"document {i} of {dataset.directory} has no toxicity score: build the data with "
-                             "`monet data build --source toxicity`")
-        scores.append(float(score))
+    scores = [dataset.document_meta(i).get("score") for i in range(dataset.num_documents)]
+    if None in scores:
+        raise MonetError(f"document {scores.index(None)} of {dataset.directory} has no toxicity score: build the "
+                         "data with `monet data build --source toxicity`")
     return np.asarray(scores, dtype=np.float64)
 
 
@@ -53,12 +50,9 @@ def toxicity_correlations(model: nn.Module, dataset: Any, max_tokens: int = 100_
     y_doc = document_scores(dataset)
     windows = []   # (doc, start, length), documents cut into windows, until max_tokens
     total = 0
-    for doc in range(dataset.num_documents):
-        start, end = (int(v) for v in dataset.docs[doc, :2])
-        for offset in range(start, end, seq_len):
-            length = min(seq_len, end - offset)
-            windows.append((doc, offset, length))
-            total += length
+    for doc, (start, end) in enumerate(dataset.docs[:, :2].tolist()):
+        windows += [(doc, offset, min(seq_len, end - offset)) for offset in range(start, end, seq_len)]
+        total += end - start
         if total >= max_tokens:
             break
     config = model.config
@@ -69,18 +63,17 @@ def toxicity_correlations(model: nn.Module, dataset: Any, max_tokens: int = 100_
         chunk = windows[first:first + batch_size]
         ids = pad_sequence([torch.from_numpy(np.asarray(dataset.tokens[offset:offset + length], dtype=np.int64))
                             for _, offset, length in chunk], batch_first=True)
-        width = ids.shape[1]
-        valid = torch.arange(width)[None, :] < torch.tensor([length for _, _, length in chunk])[:, None]
-        y = torch.tensor([y_doc[doc] for doc, _, _ in chunk], dtype=torch.float64)[:, None].expand(-1, width)
+        lengths = torch.tensor([length for _, _, length in chunk])
+        real = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).reshape(-1)
+        y = torch.from_numpy(y_doc[[doc for doc, _, _ in chunk]]).repeat_interleave(lengths)   # [real tokens]
         with capture_routing(model) as capture:
             model(input_ids=ids.to(device), use_cache=False)   # right padding: real tokens are unaffected
-        real = valid.reshape(-1)
         index = real.long().cumsum(0) - 1                     # token over B*T -> row among the real tokens
         for group, accumulator in enumerate(accumulators):
-            token, ids, scores = capture.experts(group).entries()
+            token, experts, scores = capture.experts(group).entries()
             keep = real[token]
-            accumulator.update_entries(index[token[keep]].numpy(), ids[keep].numpy(),
-                                       scores[keep].double().numpy(), y[valid].numpy())
+            accumulator.update_entries(index[token[keep]].numpy(), experts[keep].numpy(),
+                                       scores[keep].double().numpy(), y.numpy())
     return [accumulator.correlation() for accumulator in accumulators]
 
 
@@ -148,16 +141,16 @@ def purge_report(settings: ToxicitySettings) -> dict[str, Any]:
         result["example"] = texts[0][0] if texts else ""
         return result
 
-    rows = [{"threshold": None, "masking_ratio": 0.0, "selected": 0, **measure()}]
+    baseline = measure()
+    rows = [{"threshold": None, "masking_ratio": 0.0, "selected": 0, **baseline}]
     for threshold in tqdm(settings.thresholds, desc="purge", unit="threshold", disable=not progress):
         selection = select_correlated(correlations, threshold)
+        measured = baseline   # nothing selected: the model is unchanged
         if selection.total:
             with masked(model, selection):
                 measured = measure()
-        else:
-            measured = {k: v for k, v in rows[0].items() if k not in ("threshold", "masking_ratio", "selected")}
         rows.append({"threshold": threshold, "masking_ratio": selection.masking_ratio, "selected": selection.total,
-                     **measured, "loss_change": measured["loss"] - rows[0]["loss"]})
+                     **measured, "loss_change": measured["loss"] - baseline["loss"]})
     report = {"run": str(checkpoint), "data": str(settings.data), "prompts": prompt_texts,
               "samples_per_prompt": samples, "max_new_tokens": settings.max_new_tokens, "temperature": 1.0,
               "top_p": 0.9, "scorer": "alt-profanity-check", "correlation_tokens": settings.corr_tokens,

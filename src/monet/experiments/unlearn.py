@@ -26,13 +26,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from monet.checkpoint import (
-    check_data_fits,
-    load_checkpoint,
-    resolve_checkpoint,
-    tokenizer_hash,
-    trained_seq_len,
-)
+from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint, tokenizer_hash, trained_seq_len
 from monet.data import TokenDataset, load_tokenizer
 from monet.edits import masked
 from monet.errors import MonetError
@@ -186,7 +180,7 @@ class EvalPlan:
         return np.arange(count) if tokens is None else spaced(count, -(-tokens // self.seq_len))
 
     def tokens(self, positions: np.ndarray) -> int:
-        return int(len(positions) * self.seq_len)
+        return len(positions) * self.seq_len
 
     def measure(self, model: nn.Module, picks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Per-window mean loss of the picked windows of each label (model as it is now, edits included)."""
@@ -294,8 +288,7 @@ def run_protocol(model: nn.Module, plan: EvalPlan, targets: list[str], operating
     """Unmasked losses, then for each target: the operating-point selection (`operating(target)`) with its
     per-label Δ and CIs, the random control, and the sweep points (`sweep(target)`: [(parameter, Selection)])."""
     model.eval()
-    all_windows = {label: plan.positions(label, None) for label in plan.sets}
-    before = plan.measure(model, all_windows)
+    before = plan.measure(model, {label: plan.positions(label, None) for label in plan.sets})
     result: dict[str, Any] = {"before": {label: {"loss": float(v.mean()), "tokens": plan.tokens(v)}
                                          for label, v in before.items()}, "masked": {}}
     accuracy_before = label_accuracies(model, protocol)
@@ -319,11 +312,10 @@ def run_protocol(model: nn.Module, plan: EvalPlan, targets: list[str], operating
                                              protocol.random_masks, protocol.random_tokens, protocol.seed)
         entry["sweep"] = []
         for parameter, point in sweep(target):
-            if point.total == 0:
-                continue
-            effect = edit_effect(model, plan, before, point, target, protocol.sweep, protocol.seed)
-            entry["sweep"].append({"parameter": parameter, "criterion": point.criterion,
-                                   **{k: effect[k] for k in SWEEP_FIELDS}})
+            if point.total:
+                effect = edit_effect(model, plan, before, point, target, protocol.sweep, protocol.seed)
+                entry["sweep"].append({"parameter": parameter, "criterion": point.criterion,
+                                       **{k: effect[k] for k in SWEEP_FIELDS}})
         result["masked"][target] = entry
     return result
 
@@ -355,17 +347,15 @@ def summary_rows(result: dict[str, Any]) -> dict[str, dict]:
     """Per masked label, the fields the tables print and the issue's bar (`verdict`)."""
     rows = {}
     for target, entry in result["masked"].items():
-        random_p95_value = entry.get("random", {}).get("p95")
-        row = {"delta_target": entry["delta_target"], "delta_target_ci95": entry["delta_target_ci95"],
-               "delta_others": entry["delta_others"], "delta_others_ci95": entry["delta_others_ci95"],
-               "random_delta_target_p95": random_p95_value,
-               "random_selection_delta": entry.get("random", {}).get("selection_delta"),
-               "masked_experts": entry["masked_experts"], "masking_ratio": entry["masking_ratio"],
-               "target_vs_others": entry["target_vs_others"]}
+        control = entry.get("random", {})
+        row = {key: entry[key] for key in ("delta_target", "delta_target_ci95", "delta_others", "delta_others_ci95")}
+        row |= {"random_delta_target_p95": control.get("p95"),
+                "random_selection_delta": control.get("selection_delta")}
+        row |= {key: entry[key] for key in ("masked_experts", "masking_ratio", "target_vs_others")}
         if "delta_accuracy" in entry:
             row["delta_accuracy_target"] = entry["delta_accuracy"].get(target)
-        if random_p95_value is not None and entry["masked_experts"]:
-            row.update(verdict(entry["delta_target"], entry["delta_others"], random_p95_value, MIN_DELTA, SELECTIVITY))
+        if control.get("p95") is not None and entry["masked_experts"]:
+            row.update(verdict(entry["delta_target"], entry["delta_others"], control["p95"], MIN_DELTA, SELECTIVITY))
         else:
             row["passed"] = False
         rows[target] = row
@@ -381,7 +371,7 @@ def equal_target_comparison(monet: dict[str, Any], dense: dict[str, Any]) -> dic
             continue
         curve = curve_points(dense["masked"][target])
         rows[target] = {"delta_target": entry["delta_target"], "monet_delta_others": entry["delta_others"],
-                        "dense_delta_others": others_at_target(curve, entry["delta_target"]) if curve else None,
+                        "dense_delta_others": others_at_target(curve, entry["delta_target"]),
                         "dense_max_delta_target": max((p["delta_target"] for p in curve), default=None)}
     return rows
 
@@ -449,11 +439,9 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
         "monet": monet_result, "summary": summary_rows(monet_result),
     }
     if settings.baseline is not None:
-        dense_units = dense_means[0].shape[1]
-
         def dense_top(target: str, share: float) -> Selection:
-            return select_top(dense_means, dense_labels.index(target), max(1, round(share * dense_units)),
-                              settings.min_mass, normalize=False)
+            units = max(1, round(share * dense_means[0].shape[1]))
+            return select_top(dense_means, dense_labels.index(target), units, settings.min_mass, normalize=False)
 
         def dense_operating(target: str) -> Selection:
             # Equal budget: the same share of units as Monet masked for this label (the paper's skewness
@@ -508,15 +496,6 @@ def matrix_csv(result: dict[str, Any], metric: str = "loss") -> str:
     return buffer.getvalue()
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # imported late: matplotlib is slow to import and only plots need it
-
-    return plt
-
-
 def _models(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     """(name, title, protocol result) of Monet and, when the report has one, the dense baseline."""
     models = [("Monet", "Monet (experts)", report["monet"])]
@@ -527,19 +506,19 @@ def _models(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
 
 def plot_heatmap(report: dict[str, Any], path: Path) -> None:
     """Fig. 3-style heatmap(s) of the loss change: rows evaluated label, columns masked label."""
-    plt = _pyplot()
+    from matplotlib.figure import Figure  # imported late: matplotlib is slow to import and only plots need it
+
     models = _models(report)
     mats = [delta_matrix(result) for _, _, result in models]
     vmax = max(float(np.nanmax(np.abs(m[2]))) if np.isfinite(m[2]).any() else 1.0 for m in mats) or 1.0
     size = max(len(mats[0][0]), 3)
-    fig, axes = plt.subplots(1, len(mats), figsize=(1.0 + 0.8 * size * len(mats), 0.7 * size + 1.6), squeeze=False)
+    fig = Figure(figsize=(1.0 + 0.8 * size * len(mats), 0.7 * size + 1.6))
+    axes = fig.subplots(1, len(mats), squeeze=False)
     for ax, (_, title, _), (evaluated, masked_labels, values) in zip(axes[0], models, mats, strict=True):
         image = ax.imshow(values, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")   # red: loss rose
         ax.set_xticks(range(len(masked_labels)), masked_labels, rotation=45, ha="right")
         ax.set_yticks(range(len(evaluated)), evaluated)
-        ax.set_xlabel("units masked for")
-        ax.set_ylabel("evaluated on")
-        ax.set_title(f"{title}: Δ validation loss")
+        ax.set(xlabel="units masked for", ylabel="evaluated on", title=f"{title}: Δ validation loss")
         for (r, c), value in np.ndenumerate(values):
             if np.isfinite(value):
                 ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7,
@@ -547,17 +526,18 @@ def plot_heatmap(report: dict[str, Any], path: Path) -> None:
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_forget_retain(report: dict[str, Any], path: Path) -> None:
     """One panel per target: Δ target (y) against Δ others (x) along each model's selection sweep; the
     operating point is the large marker, the dotted line the random control's p95."""
-    plt = _pyplot()
+    from matplotlib.figure import Figure
+
     targets = list(report["monet"]["masked"])
     cols = min(4, max(1, len(targets)))
     rows = -(-len(targets) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    fig = Figure(figsize=(3.2 * cols, 2.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, target in zip(axes.flat, targets, strict=False):
         for (name, _, result), colour in zip(_models(report), ("tab:red", "tab:blue"), strict=False):
             entry = result["masked"][target]
@@ -583,7 +563,6 @@ def plot_forget_retain(report: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"forget-retain (grey: Δ target = {SELECTIVITY:g} x Δ others; dotted: random p95)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_report(report: dict[str, Any], out: str | Path, force: bool = False) -> Path:

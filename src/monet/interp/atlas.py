@@ -144,11 +144,11 @@ class GroupStats:
     def add(self, unit: np.ndarray, score: np.ndarray, label: np.ndarray, doc: np.ndarray, pos: np.ndarray) -> None:
         """One row per (token, active unit): unit id, score, and the token's label id, document, position."""
         self.count += np.bincount(unit, minlength=self.units)
-        for lab in np.unique(label):
-            rows = label == lab
-            self.mass[lab] += np.bincount(unit[rows], weights=score[rows], minlength=self.units)
-            self.label_count[lab] += np.bincount(unit[rows], minlength=self.units)
-        bins = score_bins(score / self.scale)
+        cell = label.astype(np.int64) * self.units + unit   # flat index into [labels, units]
+        self.mass += np.bincount(cell, weights=score, minlength=self.mass.size).reshape(self.mass.shape)
+        self.label_count += np.bincount(cell, minlength=self.mass.size).reshape(self.mass.shape)
+        share = score / self.scale   # histogram bins of score / H: below the first edge in bin 0, 1.0 in the last
+        bins = np.clip(np.searchsorted(HIST_EDGES, share, side="right") - 1, 0, len(HIST_EDGES) - 2)
         flat = unit.astype(np.int64) * (len(HIST_EDGES) - 1) + bins
         self.hist += np.bincount(flat, minlength=self.hist.size).reshape(self.hist.shape).astype(np.int32)
         self.top.add(unit, score, doc, pos)
@@ -169,16 +169,12 @@ class GroupStats:
     def from_state(cls, state: dict[str, np.ndarray], top_k: int, scale: float) -> GroupStats:
         stats = cls(int(state["count"].shape[0]), int(state["mass"].shape[0]), top_k, scale, int(state["samples"]))
         stats.absorb(state)
-        stats.top.prune()
-        stats.sample.prune()
         return stats
 
     def absorb(self, state: dict[str, np.ndarray]) -> None:
         """Add another `state` of the same shape (the tables are merged at their next prune)."""
-        self.count += state["count"]
-        self.mass += state["mass"]
-        self.label_count += state["label_count"]
-        self.hist += state["hist"]
+        for name in ("count", "mass", "label_count", "hist"):
+            getattr(self, name)[...] += state[name]
         for name, table in (("top", self.top), ("sample", self.sample)):
             table._buffer.append(tuple(state[f"{name}_{c}"] for c in ("unit", "score", "doc", "pos")))
 
@@ -190,17 +186,12 @@ class GroupStats:
                 np.concatenate([doc, s_doc]).astype(np.int64), np.concatenate([pos, s_pos]).astype(np.int64))
 
 
-def score_bins(share: np.ndarray) -> np.ndarray:
-    """Histogram bin of each score / H (values below the first edge count in bin 0, 1.0 in the last)."""
-    return np.clip(np.searchsorted(HIST_EDGES, share, side="right") - 1, 0, len(HIST_EDGES) - 2)
-
-
 def sample_key(doc: np.ndarray, pos: np.ndarray, unit: np.ndarray) -> np.ndarray:
     """A pseudo-random number in [0, 1) per (document, position, unit) (splitmix64, 24 bits so that float32
     holds it exactly). Keeping the S largest keys of each (unit, band) is a uniform random sample without
     replacement that does not depend on the order rows arrive in, on batching or on sharding."""
     with np.errstate(over="ignore"):
-        z = (np.asarray(doc, np.uint64) << np.uint64(32)) ^ np.asarray(pos, np.uint64).astype(np.uint64)
+        z = (np.asarray(doc, np.uint64) << np.uint64(32)) ^ np.asarray(pos, np.uint64)
         z = _mix(_mix(z) ^ np.asarray(unit, np.uint64))
     return (z >> np.uint64(40)).astype(np.float32) / np.float32(1 << 24)
 
@@ -220,12 +211,9 @@ def merge(shards: list[GroupStats]) -> GroupStats:
     first = shards[0]
     out = GroupStats(first.units, first.mass.shape[0], first.top.k, first.scale, first.samples)
     for shard in shards:
-        if (shard.units != first.units or shard.mass.shape != first.mass.shape or shard.top.k != first.top.k
-                or shard.samples != first.samples):
+        if (shard.mass.shape, shard.top.k, shard.samples) != (first.mass.shape, first.top.k, first.samples):
             raise MonetError("cannot merge atlas shards of different shapes (units, labels, top-k or samples differ)")
         out.absorb(shard.state())
-    out.top.prune()
-    out.sample.prune()
     return out
 
 
@@ -258,13 +246,8 @@ def _routing(model: torch.nn.Module, input_ids: torch.Tensor) -> RoutingCapture:
 
     with capture_routing(model) as capture:
         last = [m for m in model.modules() if isinstance(m, MonetRouter)][-1]
-        handle = last.register_forward_hook(stop)   # after capture's hooks: they run first
-        try:
+        with last.register_forward_hook(stop), contextlib.suppress(_RoutingDone):   # after capture's hooks
             getattr(model, "model", model)(input_ids=input_ids, use_cache=False)
-        except _RoutingDone:
-            pass
-        finally:
-            handle.remove()
     return capture
 
 
@@ -276,12 +259,10 @@ def _dense_scores(model: torch.nn.Module, input_ids: torch.Tensor) -> list[torch
         x = args[0]
         found.append(torch.relu(module.act(module.gate_proj(x)) * module.up_proj(x)).float().cpu())
 
-    handles = [layer.mlp.register_forward_hook(record) for layer in model.model.layers]
-    try:
+    with contextlib.ExitStack() as hooks:
+        for layer in model.model.layers:
+            hooks.enter_context(layer.mlp.register_forward_hook(record))
         model.model(input_ids=input_ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
     return found
 
 
@@ -295,11 +276,8 @@ def unit_activations(model: torch.nn.Module, input_ids: torch.Tensor) -> list[tu
     if model_kind(model) == "monet":
         capture = _routing(model, input_ids)
         return [(a.ids, a.scores) for a in map(capture.experts, range(len(capture.groups)))]
-    out = []
-    for scores in _dense_scores(model, input_ids):
-        ids = torch.arange(scores.shape[-1]).expand_as(scores)
-        out.append((torch.where(scores > 0, ids, -1), scores))
-    return out
+    return [(torch.where(scores > 0, torch.arange(scores.shape[-1]), -1), scores)
+            for scores in _dense_scores(model, input_ids)]
 
 
 @torch.no_grad()
@@ -309,12 +287,8 @@ def unit_entries(model: torch.nn.Module, input_ids: torch.Tensor) -> list[tuple[
     if model_kind(model) == "monet":
         capture = _routing(model, input_ids)
         return [capture.experts(g).entries() for g in range(len(capture.groups))]
-    out = []
-    for scores in _dense_scores(model, input_ids):
-        flat = scores.reshape(-1, scores.shape[-1])
-        token, unit = (flat > 0).nonzero(as_tuple=True)
-        out.append((token, unit, flat[token, unit]))
-    return out
+    flats = [scores.flatten(0, -2) for scores in _dense_scores(model, input_ids)]   # [B*T, units]
+    return [(*(flat > 0).nonzero(as_tuple=True), flat[flat > 0]) for flat in flats]
 
 
 @torch.no_grad()
@@ -365,9 +339,26 @@ def plan_windows(docs: np.ndarray, seq_len: int, max_tokens: int | None) -> np.n
     return np.asarray(rows, np.int64).reshape(-1, 3)
 
 
+def _chunks(rows: int, size: int = 1 << 20) -> Iterator[slice]:
+    """Consecutive slices of at most `size` rows covering range(rows) (bounded memory on large atlases)."""
+    return (slice(first, first + size) for first in range(0, rows, size))
+
+
 def _batches(windows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    for first in range(0, len(windows), batch_size):
-        yield windows[first:first + batch_size]
+    return (windows[part] for part in _chunks(len(windows), batch_size))
+
+
+def _run_batches(model: torch.nn.Module, dataset, batches: list[np.ndarray], desc: str,
+                 progress: bool) -> Iterator[tuple[np.ndarray, torch.Tensor, np.ndarray]]:
+    """(batch, input ids on the model's device, validity mask) of each batch, with a progress bar in tokens."""
+    device = next(model.parameters()).device
+    model.eval()
+    total = sum(int(batch[:, 2].sum()) for batch in batches)
+    with tqdm(total=total, unit="tok", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        for batch in batches:
+            input_ids, valid = batch_inputs(dataset, batch)
+            yield batch, input_ids.to(device), valid
+            bar.update(int(valid.sum()))
 
 
 def batch_inputs(dataset, batch: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -375,11 +366,9 @@ def batch_inputs(dataset, batch: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
     attention never lets a real token see the padding after it, and routing uses running statistics."""
     width = int(batch[:, 2].max())
     ids = np.zeros((len(batch), width), np.int64)
-    valid = np.zeros((len(batch), width), bool)
     for row, (doc, offset, length) in enumerate(batch):
         ids[row, :length] = dataset.document(int(doc))[offset:offset + length]
-        valid[row, :length] = True
-    return torch.from_numpy(ids), valid
+    return torch.from_numpy(ids), np.arange(width) < batch[:, 2, None]
 
 
 # ---------------------------------------------------------------------------------- model identity
@@ -416,39 +405,29 @@ def collect(model: torch.nn.Module, dataset, options: AtlasOptions, windows: np.
     if windows is None:
         windows = plan_windows(dataset.docs, options.seq_len, options.max_tokens)
     label_of_doc = dataset.docs[:, 2].astype(np.int64)
-    device = next(model.parameters()).device
-    total = int(windows[:, 2].sum())
-    bar = tqdm(total=total, unit="tok", desc="atlas", disable=not progress, dynamic_ncols=True)
-    model.eval()
-    for batch in _batches(windows, options.batch_size):
-        input_ids, valid = batch_inputs(dataset, batch)
-        for group, (token, ids, scores) in zip(stats, unit_entries(model, input_ids.to(device)), strict=True):
+    batches = list(_batches(windows, options.batch_size))
+    for batch, input_ids, valid in _run_batches(model, dataset, batches, "atlas", progress):
+        for group, (token, ids, scores) in zip(stats, unit_entries(model, input_ids), strict=True):
             b, t = np.divmod(token.cpu().numpy(), valid.shape[1])
             keep = valid[b, t]   # right padding is not part of the corpus
             b, t = b[keep], t[keep]
             doc = batch[b, 0]
             group.add(ids.cpu().numpy()[keep].astype(np.int64), scores.cpu().numpy()[keep].astype(np.float64),
                       label_of_doc[doc], doc, batch[b, 1] + t)
-        bar.update(int(valid.sum()))
-    bar.close()
-    return stats, total
+    return stats, int(windows[:, 2].sum())
 
 
 def fill_values(model: torch.nn.Module, dataset, options: AtlasOptions, windows: np.ndarray,
                 requests: list[tuple[np.ndarray, np.ndarray, np.ndarray]], values: list[np.ndarray],
-                progress: bool = True) -> int:
+                progress: bool = True) -> None:
     """The second pass: per group, write into `values[g]` ([R, CONTEXT_WIDTH], NaN-filled by the caller)
     the score of unit `requests[g][0][r]` at each token around (doc, pos) = requests[g][1:][r] (0 where the
     unit is inactive). Only the batches of `collect` holding a requested position are run, so every value is
-    the one the first pass saw, up to the order of the sum over heads; positions outside `windows` stay NaN.
-    Returns the number of batches run."""
+    the one the first pass saw, up to the order of the sum over heads; positions outside `windows` stay NaN."""
     offsets = np.arange(-CONTEXT_BEFORE, CONTEXT_AFTER + 1)
-    keys, orders = [], []
-    for _, doc, pos in requests:   # sorted by (doc, pos), the rows meeting a window are one slice
-        key = (doc.astype(np.int64) << 32) | pos.astype(np.int64)
-        order = np.argsort(key, kind="stable")
-        keys.append(key[order])
-        orders.append(order)
+    keys = [(doc.astype(np.int64) << 32) | pos.astype(np.int64) for _, doc, pos in requests]
+    orders = [np.argsort(key, kind="stable") for key in keys]
+    keys = [key[order] for key, order in zip(keys, orders, strict=True)]   # by (doc, pos): a window meets one slice
 
     def rows_meeting(batch: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per window, the slice [first, last) of `key` whose spans [pos - 12, pos + 4] meet it."""
@@ -457,26 +436,16 @@ def fill_values(model: torch.nn.Module, dataset, options: AtlasOptions, windows:
         high = doc | (batch[:, 1] + batch[:, 2] + CONTEXT_BEFORE)
         return np.searchsorted(key, low), np.searchsorted(key, high)
 
-    batches = []
-    for batch in _batches(windows, options.batch_size):
-        if any((last > first).any() for first, last in (rows_meeting(batch, key) for key in keys)):
-            batches.append(batch)
-    device = next(model.parameters()).device
-    bar = tqdm(total=sum(int(b[:, 2].sum()) for b in batches), unit="tok", desc="atlas values",
-               disable=not progress, dynamic_ncols=True)
-    model.eval()
-    for batch in batches:
-        input_ids, valid = batch_inputs(dataset, batch)
-        for g, lookup in enumerate(unit_scores(model, input_ids.to(device))):
+    batches = [batch for batch in _batches(windows, options.batch_size)
+               if any((last > first).any() for first, last in (rows_meeting(batch, key) for key in keys))]
+    for batch, input_ids, _ in _run_batches(model, dataset, batches, "atlas values", progress):
+        for g, lookup in enumerate(unit_scores(model, input_ids)):
             unit, _, pos = requests[g]
             for b, (first, last) in enumerate(zip(*rows_meeting(batch, keys[g]), strict=True)):
                 rows = orders[g][first:last]                           # the requests meeting window b
                 t = pos[rows, None] + offsets - batch[b, 1]            # their positions in the window
                 r_i, o_i = np.nonzero((t >= 0) & (t < batch[b, 2]))
                 values[g][rows[r_i], o_i] = lookup(np.full(len(r_i), b), t[r_i, o_i], unit[rows[r_i]])
-        bar.update(int(valid.sum()))
-    bar.close()
-    return len(batches)
 
 
 def label_tokens(dataset, windows: np.ndarray) -> np.ndarray:
@@ -544,15 +513,14 @@ def build_atlas(model: torch.nn.Module, tokenizer: Any, data_dir: str | Path, ou
             for r in range(world):   # each position lies in one window, so exactly one rank filled it
                 for g, array in enumerate(values):
                     part = np.load(shards / f"values-{r:05d}-{g}.npy", mmap_mode="r")
-                    for first in range(0, len(array), 1 << 20):
-                        chunk = slice(first, first + (1 << 20))
-                        array[chunk] = np.where(np.isnan(part[chunk]), array[chunk], part[chunk])
-        seconds["values"] = time.time() - started - seconds["statistics"]
+                    for chunk in _chunks(len(array)):
+                        np.copyto(array[chunk], part[chunk], where=~np.isnan(part[chunk]))
+        seconds["values"] = time.time() - started - sum(seconds.values())
         manifest = _manifest(model, dataset, data_dir, options, windows, run)
         write_tables(tmp, stats, dataset, tokenizer, manifest, values, progress=progress)
         del values
         shutil.rmtree(shards, ignore_errors=True)
-        seconds["write"] = time.time() - started - seconds["statistics"] - seconds["values"]
+        seconds["write"] = time.time() - started - sum(seconds.values())
         manifest["build_seconds"] = round(time.time() - started, 1)
         manifest["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
         manifest["tables"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
@@ -667,23 +635,20 @@ def write_tables(directory: Path, stats: list[GroupStats], dataset, tokenizer, m
             columns.update({f"count_{label}": s.label_count[i] for i, label in enumerate(labels)})
             columns.update({f"hist_{b:02d}": s.hist[:, b] for b in range(s.hist.shape[1])})
             expert_tables.append(pa.table(columns))
+            token = np.asarray(dataset.tokens)[dataset.docs[doc, 0] + pos]   # where each top context activates
+            token_rows.append((np.full(len(unit), group), unit, token, score))
             s_unit, s_rank, _, s_doc, s_pos = s.sample.rows()   # empty without samples
-            parts = [(writer, unit, rank, doc, pos, None),
-                     (sample_writer, s_unit // BANDS, s_rank, s_doc, s_pos, (s_unit % BANDS).astype(np.int8))]
-            offset = 0
-            for out, units, ranks, docs, positions, band in parts:
-                for first in range(0, len(units), 1 << 20):   # bounded memory while gathering windows
-                    part = slice(first, first + (1 << 20))
-                    vals = np.array(values[group][offset + first:offset + first + len(units[part])])
+            parts = [(writer, unit, rank, doc, pos, None, values[group][:len(unit)]),
+                     (sample_writer, s_unit // BANDS, s_rank, s_doc, s_pos, (s_unit % BANDS).astype(np.int8),
+                      values[group][len(unit):])]
+            for out, units, ranks, docs, positions, band, stored in parts:
+                for part in _chunks(len(units)):
+                    vals = np.array(stored[part])
                     if band is None:   # a top context keeps its recorded score (the same number, by construction)
                         vals[:, CONTEXT_BEFORE] = score[part]
                     table = _context_table(dataset, group, units[part], ranks[part], docs[part], positions[part],
                                            vals, None if band is None else band[part])
                     out.write_table(table, row_group_size=32_768)
-                    if band is None:
-                        token_rows.append((np.full(len(table), group), units[part], table.column("token").to_numpy(),
-                                           score[part]))
-                offset += len(units)
     pq.write_table(pa.concat_tables(expert_tables), directory / "experts.parquet", row_group_size=65_536)
     pq.write_table(_token_index(token_rows), directory / "token_index.parquet", row_group_size=32_768)
     pq.write_table(vocab_table(tokenizer, dataset.vocab_size), directory / "vocab.parquet")

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -128,15 +128,12 @@ def capture_routing(model: torch.nn.Module, keep_on_device: bool = False) -> Ite
         def record(module, args, output):
             if index == 0:
                 pending.clear()
-            g1, g2 = output
-            pending[index] = (g1.detach(), g2.detach()) if keep_on_device else (g1.detach().cpu(), g2.detach().cpu())
+            pending[index] = tuple(g.detach() if keep_on_device else g.detach().cpu() for g in output)   # (g1, g2)
             if len(pending) == len(routers):
                 capture.groups = [pending[k] for k in range(len(routers))]
         return record
 
-    handles = [router.register_forward_hook(hook(index)) for index, router in enumerate(routers)]
-    try:
+    with ExitStack() as hooks:
+        for index, router in enumerate(routers):
+            hooks.enter_context(router.register_forward_hook(hook(index)))
         yield capture
-    finally:
-        for handle in handles:
-            handle.remove()

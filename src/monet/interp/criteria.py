@@ -43,10 +43,8 @@ def skewness(values: np.ndarray, target: int) -> np.ndarray:
     `values` [num_labels, units] are per-label means (routing probability per token of the label)."""
     values = np.asarray(values, dtype=np.float64)
     others = np.delete(values, target, axis=0).max(axis=0) if values.shape[0] > 1 else np.zeros(values.shape[1])
-    on_target = values[target]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(others > 0, on_target / np.where(others > 0, others, 1.0), np.inf)
-    return np.where(on_target > 0, ratio, 0.0)
+    ratio = np.divide(values[target], others, out=np.full(values.shape[1], np.inf), where=others > 0)
+    return np.where(values[target] > 0, ratio, 0.0)
 
 
 def specificity(mass: np.ndarray, target: int, normalize: bool = True) -> np.ndarray:
@@ -60,16 +58,13 @@ def specificity(mass: np.ndarray, target: int, normalize: bool = True) -> np.nda
 
 def skewed_units(mass: np.ndarray, target: int, ratio: float = 2.0, min_mass: float = 0.0,
                  normalize: bool = True) -> np.ndarray:
-    """Ids of units whose (normalised) mass on `target` is >= `ratio` x their mass on every other label.
-
-    `min_mass` is the smallest raw mass on the target label for a unit to be judged at all.
-    """
+    """Ids of units whose (normalised) mass on `target` is >= `ratio` x their mass on every other label;
+    `min_mass` is the smallest raw mass on the target label for a unit to be judged at all."""
     if ratio < 1.0:
         raise MonetError(f"skewness ratio must be >= 1 (a unit is assigned to one label at most), got {ratio}")
     mass = _check_mass(mass)
     spec = specificity(mass, target, normalize)
-    keep = (spec >= ratio) & (mass[target] > 0) & (mass[target] >= min_mass)
-    return np.flatnonzero(keep)
+    return np.flatnonzero((spec >= ratio) & (mass[target] > 0) & (mass[target] >= min_mass))
 
 
 def assign_labels(mass: np.ndarray, ratio: float = 2.0, min_mass: float = 0.0, normalize: bool = True) -> np.ndarray:
@@ -92,9 +87,7 @@ def top_specific(mass: np.ndarray, target: int, n: int, min_mass: float = 0.0, n
     return eligible[order[:n]]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Correlation with a per-token score (toxicity)
-
+# --------------------------------------------------------------------- correlation with a per-token score (toxicity)
 
 class PearsonAccumulator:
     """Streaming Pearson correlation of every unit's per-token score x with one per-token score y.
@@ -103,14 +96,12 @@ class PearsonAccumulator:
     Σx², Σxy (touched only by active pairs); n, Σy, Σy² are shared by all units.
     """
 
+    _SUMS = ("sum_x", "sum_xx", "sum_xy", "n", "sum_y", "sum_yy")
+
     def __init__(self, units: int) -> None:
         self.units = int(units)
-        self.sum_x = np.zeros(self.units)
-        self.sum_xx = np.zeros(self.units)
-        self.sum_xy = np.zeros(self.units)
-        self.n = 0
-        self.sum_y = 0.0
-        self.sum_yy = 0.0
+        self.sum_x, self.sum_xx, self.sum_xy = (np.zeros(self.units) for _ in range(3))
+        self.n, self.sum_y, self.sum_yy = 0, 0.0, 0.0
 
     def update(self, ids: np.ndarray, scores: np.ndarray, y: np.ndarray) -> None:
         """ids, scores [tokens, P] (id -1 = padding; each id at most once per token, as `active_experts`
@@ -139,12 +130,8 @@ class PearsonAccumulator:
         """Add another accumulator's sums (e.g. from another process)."""
         if other.units != self.units:
             raise MonetError(f"cannot merge accumulators of {self.units} and {other.units} units")
-        self.sum_x += other.sum_x
-        self.sum_xx += other.sum_xx
-        self.sum_xy += other.sum_xy
-        self.n += other.n
-        self.sum_y += other.sum_y
-        self.sum_yy += other.sum_yy
+        for name in self._SUMS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 
     def correlation(self) -> np.ndarray:
@@ -164,9 +151,7 @@ def correlated_units(correlation: np.ndarray, threshold: float) -> np.ndarray:
     return np.flatnonzero(np.asarray(correlation) >= threshold)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# A selection over groups
-
+# ------------------------------------------------------------------------------------------- a selection over groups
 
 @dataclass
 class Selection:
@@ -178,7 +163,7 @@ class Selection:
     criterion: str = ""
 
     def counts(self) -> dict[int, int]:
-        return {g: int(len(self.ids.get(g, ()))) for g in range(self.groups)}
+        return {g: len(self.ids.get(g, ())) for g in range(self.groups)}
 
     @property
     def total(self) -> int:
@@ -201,8 +186,7 @@ class Selection:
                              f"{num_experts * num_experts}: it was not made for this model")
         edits = ExpertEdits(num_experts=num_experts, num_groups=self.groups)
         for group, ids in self.ids.items():
-            if len(ids):
-                edits.delete(group, (int(i) for i in ids))
+            edits.delete(group, ids)
         return edits
 
 
@@ -210,10 +194,8 @@ def _per_group(values: list, criterion: str, pick: Callable[[np.ndarray], np.nda
     """A `Selection` with `pick(values[g])` as group g's unit ids (values[g] has the units on its last axis)."""
     if not values:
         raise MonetError("no groups to select from")
-    selection = Selection(units_per_group=np.asarray(values[0]).shape[-1], groups=len(values), criterion=criterion)
-    for group, value in enumerate(values):
-        selection.ids[group] = pick(value)
-    return selection
+    return Selection(units_per_group=np.asarray(values[0]).shape[-1], groups=len(values),
+                     ids={group: pick(value) for group, value in enumerate(values)}, criterion=criterion)
 
 
 def select_skewed(masses: list[np.ndarray], target: int, ratio: float = 2.0, min_mass: float = 0.0,

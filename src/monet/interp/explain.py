@@ -31,8 +31,7 @@ def group_layers(model: torch.nn.Module, group: int) -> list[int]:
     config = model.config
     if getattr(config, "mlp_type", "monet") != "monet":
         return [group]
-    size = config.moe_groups
-    return [layer for layer in range(config.num_hidden_layers) if layer // size == group]
+    return [layer for layer in range(config.num_hidden_layers) if layer // config.moe_groups == group]
 
 
 def context_prefixes(atlas, group: int, expert: int, k: int) -> list[list[int]]:
@@ -42,15 +41,14 @@ def context_prefixes(atlas, group: int, expert: int, k: int) -> list[list[int]]:
         dataset = atlas.dataset()
     except MonetError:
         dataset = None
+    contexts = atlas.top_contexts(group, expert, k)
+    if dataset is None:
+        return [ctx["tokens"][:ctx["target"] + 1] for ctx in contexts]
     seq_len = int(atlas.manifest["options"]["seq_len"])
     out = []
-    for ctx in atlas.top_contexts(group, expert, k):
-        if dataset is not None:
-            doc = dataset.document(int(ctx["doc"]))
-            start = (int(ctx["pos"]) // seq_len) * seq_len
-            out.append([int(t) for t in doc[start:int(ctx["pos"]) + 1]])
-        else:
-            out.append(ctx["tokens"][:ctx["target"] + 1])
+    for ctx in contexts:
+        pos = int(ctx["pos"])
+        out.append(dataset.document(int(ctx["doc"]))[pos - pos % seq_len:pos + 1].tolist())
     return out
 
 
@@ -86,13 +84,11 @@ def expert_direction(model: torch.nn.Module, atlas, group: int, expert: int, k: 
 def expert_logits(model: torch.nn.Module, atlas, group: int, expert: int, n: int = 10, k: int = 10) -> dict[str, list]:
     """Tokens the expert promotes and suppresses: top/bottom of W_U (norm_gain * direction)."""
     direction = expert_direction(model, atlas, group, expert, k)
-    gain = model.model.norm.weight.float()
-    logits = model.lm_head.weight.float() @ (gain * direction)
+    logits = model.lm_head.weight.float() @ (model.model.norm.weight.float() * direction)
     n = min(n, logits.numel())
     up, down = logits.topk(n), (-logits).topk(n)
-    piece = atlas.piece
-    return {"pos_str": [piece(t) for t in up.indices.tolist()], "pos_values": up.values.tolist(),
-            "neg_str": [piece(t) for t in down.indices.tolist()], "neg_values": (-down.values).tolist()}
+    return {"pos_str": [atlas.piece(t) for t in up.indices.tolist()], "pos_values": up.values.tolist(),
+            "neg_str": [atlas.piece(t) for t in down.indices.tolist()], "neg_values": (-down.values).tolist()}
 
 
 # ------------------------------------------------------------------------------------------ explain
@@ -102,16 +98,14 @@ def explanation_inputs(model: torch.nn.Module, tokenizer: Any, vector: torch.Ten
     """inputs_embeds [1, T, d] of the prompt with each "X" replaced by `vector`."""
     if "X" not in prompt:
         raise MonetError("the explanation prompt needs an X placeholder")
-    embed = model.get_input_embeddings()
-    pieces = prompt.split("X")
+    weight = model.get_input_embeddings().weight
     bos = tokenizer.bos_token_id
-    parts = [embed.weight[[bos]]] if bos is not None else []
-    for n, text in enumerate(pieces):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-        if ids:
-            parts.append(embed.weight[ids])
-        if n < len(pieces) - 1:
-            parts.append(vector.to(embed.weight.dtype)[None])
+    parts = [weight[[bos]]] if bos is not None else []
+    for n, text in enumerate(prompt.split("X")):
+        if n:
+            parts.append(vector.to(weight.dtype)[None])
+        if text:
+            parts.append(weight[tokenizer(text, add_special_tokens=False)["input_ids"]])
     return torch.cat(parts)[None]
 
 
@@ -125,8 +119,7 @@ def explain_expert(model: torch.nn.Module, tokenizer: Any, atlas, group: int, ex
     contexts = atlas.top_contexts(group, expert, k)
     if not contexts:
         raise MonetError(f"expert {group}:{expert} has no contexts in this atlas; pick one with examples")
-    embed = model.get_input_embeddings()
-    vector = embed.weight[[c["token"] for c in contexts]].mean(dim=0)
+    vector = model.get_input_embeddings().weight[[c["token"] for c in contexts]].mean(dim=0)
     inputs = explanation_inputs(model, tokenizer, vector).expand(samples, -1, -1)
     rows = generate_tokens(model, tokenizer, inputs_embeds=inputs, max_new_tokens=max_new_tokens,
                            temperature=temperature, seed=seed).tolist()

@@ -20,12 +20,10 @@ from monet.io import write_json
 from monet.settings import AtlasExport
 
 
-def expert_page(atlas, group: int, expert: int, model: Any = None, k: int | None = None,
-                explanations: list[str] | None = None) -> dict[str, Any]:
+def expert_page(atlas, group: int, expert: int, model: Any = None, k: int | None = None) -> dict[str, Any]:
     """One expert as a JSON-ready dict. `model` (the atlas's own) adds promoted/suppressed tokens."""
     stats = atlas.expert(group, expert)
-    hist = stats["histogram"]
-    edges = hist["edges"]
+    edges = stats["histogram"]["edges"]
     centres = [(a * b) ** 0.5 for a, b in zip(edges[:-1], edges[1:], strict=True)]   # log-bin centres
     page: dict[str, Any] = {
         "modelId": atlas.manifest["model"].get("run") or atlas.manifest["model"]["config_hash"],
@@ -34,12 +32,12 @@ def expert_page(atlas, group: int, expert: int, model: Any = None, k: int | None
         "activations": [_activation(ctx) for ctx in atlas.top_contexts(group, expert, k)],
         "pos_str": [], "pos_values": [], "neg_str": [], "neg_values": [],
         "frac_nonzero": stats["density"],
-        "freq_hist_data_bar_heights": hist["counts"],
+        "freq_hist_data_bar_heights": stats["histogram"]["counts"],
         "freq_hist_data_bar_values": centres,
-        "explanations": [{"description": text} for text in (explanations or [])],
+        "explanations": [],
         "monet": {
             "group": int(group), "expert": int(expert), "kind": atlas.manifest["kind"],
-            "count": stats["count"], "mean_percent": 100.0 * stats["mean_score"] / atlas.scale,
+            "count": stats["count"], "mean_percent": stats["mean_percent"],
             "max_percent": stats["max_percent"], "label_mass": stats["label_mass"],
             "label_share": stats["label_share"], "label_count": stats["label_count"],
             "hist_edges_percent": edges, "tokens_in_atlas": atlas.manifest["tokens"],
@@ -106,7 +104,7 @@ def similar_experts(model: torch.nn.Module, atlas: Atlas, group: int, expert: in
             cosine = float(mine @ theirs) / norm if norm > 0 else None
         rate = len(scores) / len(prefixes)
         rows.append({"group": int(group), "expert": other, "id": f"{group}:{other}", "contexts": len(scores),
-                     "mean_percent": 100.0 * sum(scores) / len(scores) / atlas.scale,
+                     "mean_percent": atlas.percent(sum(scores) / len(scores)),
                      "lift": rate / float(density[other]) if density[other] > 0 else math.inf, "cosine": cosine})
     return {"group": int(group), "expert": int(expert), "contexts": len(prefixes), "experts": rows}
 

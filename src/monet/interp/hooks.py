@@ -18,11 +18,6 @@ import torch
 from monet.model import expert_output
 
 
-def _module(moe):
-    """The torch module behind `moe` (an nnsight Envoy wraps it as `._module`)."""
-    return getattr(moe, "_module", moe)
-
-
 def expert_contribution(moe, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
                         experts: Iterable[int]) -> torch.Tensor:
     """What the listed experts add to an expert layer's output: sum over ids e = i*E + j of
@@ -33,7 +28,7 @@ def expert_contribution(moe, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor
     from the layer's output to delete the experts (in every layer of their group), add (alpha - 1) times it
     to scale them by alpha. Cost: one small matmul per listed expert; nothing of size N is formed.
     """
-    module = _module(moe)
+    module = getattr(moe, "_module", moe)   # an nnsight Envoy wraps the torch module as `._module`
     num = g1.shape[-1]
     total = torch.zeros_like(x)
     for expert in sorted(set(int(e) for e in experts)):

@@ -35,8 +35,7 @@ def purity(prob: np.ndarray) -> np.ndarray:
 
 def entropy(prob: np.ndarray) -> np.ndarray:
     shares = label_shares(prob)
-    logs = np.log2(np.where(shares > 0, shares, 1.0))
-    return -(shares * logs).sum(axis=0)
+    return -(shares * np.log2(np.where(shares > 0, shares, 1.0))).sum(axis=0)
 
 
 def summarize(mass: np.ndarray, label_tokens: np.ndarray, labels: list[str], count: np.ndarray | None = None,
@@ -46,10 +45,8 @@ def summarize(mass: np.ndarray, label_tokens: np.ndarray, labels: list[str], cou
     prob = mass / np.maximum(np.asarray(label_tokens, np.float64), 1.0)[:, None]
     seen = (count >= min_count) if count is not None else prob.sum(axis=0) > 0
     units = prob.shape[1]
-    per_label = {}
-    for index, label in enumerate(labels):
-        specialised = (skewness(prob, index) >= skew) & seen
-        per_label[label] = {"experts": int(specialised.sum()), "share": float(specialised.sum() / max(units, 1))}
+    specialised = {label: int(((skewness(prob, index) >= skew) & seen).sum()) for index, label in enumerate(labels)}
+    per_label = {label: {"experts": n, "share": n / max(units, 1)} for label, n in specialised.items()}
     return {
         "units": units, "units_seen": int(seen.sum()),
         "mean_purity": float(purity(prob)[seen].mean()) if seen.any() else 0.0,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -111,13 +110,10 @@ def model_batches(model: torch.nn.Module, dataset: TokenDataset, windows: np.nda
             index[mask] = np.arange(int(mask.sum()))
             docs = np.broadcast_to(batch[:, :1], mask.shape)[mask]
         labels = dataset.docs[docs, 2].astype(np.int64)
-        with torch.no_grad():
-            activations = unit_activations(model, input_ids.to(device))
         groups = []
-        for ids, scores in activations:
+        for ids, scores in unit_activations(model, input_ids.to(device)):
             ids, scores = ids.cpu().numpy(), scores.float().cpu().numpy()
-            keep = (ids >= 0) & mask[..., None]
-            b, t, p = np.nonzero(keep)
+            b, t, p = np.nonzero((ids >= 0) & mask[..., None])
             example, unit, score = index[b, t], ids[b, t, p].astype(np.int64), scores[b, t, p].astype(np.float64)
             if pool == "window":   # mean over the window's tokens (inactive tokens count as 0)
                 keys, inverse = np.unique((example << 32) | unit, return_inverse=True)
@@ -193,12 +189,11 @@ def fit_probe(x: np.ndarray, y: np.ndarray) -> Callable[[np.ndarray], np.ndarray
         return lambda z: np.full(len(z), 1.0 if y[0] else -1.0)
     try:
         from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
     except ImportError as exc:
         raise MonetError("sparse probing needs scikit-learn: pip install 'monet-lm[interp]'") from exc
-    mean, scale = x.mean(axis=0), x.std(axis=0)
-    scale[scale == 0] = 1.0
-    model = LogisticRegression(C=1.0, max_iter=2000).fit((x - mean) / scale, y)
-    return lambda z: model.decision_function((z - mean) / scale)
+    return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000)).fit(x, y).decision_function
 
 
 def balanced(labels: np.ndarray, label: int, rng: np.random.Generator) -> np.ndarray:
@@ -287,27 +282,29 @@ def sparse_probe(batches: Callable[[str], Iterable[Batch]], groups: int, units: 
         diff = class_mean_difference(sub, counts[labels])
         best, random = select_units(diff, sub.sum(axis=0) > 0, top, rng)
         chosen.append((best, random, diff))
-        candidates.append(np.unique(np.concatenate([best.ravel(), random.ravel()])))
-    train = candidate_features(batches("train"), candidates)
-    test = candidate_features(batches("test"), candidates)
-    train_keep, test_keep = np.isin(train[1], labels), np.isin(test[1], labels)
-    if not test_keep.any():
+        candidates.append(np.union1d(best, random))
+
+    def features(side: str) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:   # the probed labels' tokens only
+        x, y, docs = candidate_features(batches(side), candidates)
+        keep = np.isin(y, labels)
+        return [matrix[keep] for matrix in x], y[keep], docs[keep]
+
+    (train_x, train_y, _), (test_x, test_y, test_doc_ids) = features("train"), features("test")
+    if not len(test_y):
         raise MonetError("no probe-test tokens: use more --test-tokens or documents")
-    _, test_docs = np.unique(test[2][test_keep], return_inverse=True)
-    doc_labels = np.zeros(int(test_docs.max()) + 1, np.int64)
-    doc_labels[test_docs] = test[1][test_keep]
+    _, first, test_docs = np.unique(test_doc_ids, return_index=True, return_inverse=True)
+    doc_labels = test_y[first]
     results = []
-    for g in range(groups):
-        best, random, diff = chosen[g]
-        as_columns = partial(np.searchsorted, candidates[g])   # candidates are sorted and hold every unit chosen
-        group = probe_group(train[0][g][train_keep], train[1][train_keep], test[0][g][test_keep],
-                            test[1][test_keep], test_docs, doc_labels, as_columns(best), as_columns(random), ks,
+    for g, (best, random, diff) in enumerate(chosen):
+        # candidates are sorted and hold every unit chosen: searchsorted gives a unit's column
+        group = probe_group(train_x[g], train_y, test_x[g], test_y, test_docs, doc_labels,
+                            np.searchsorted(candidates[g], best), np.searchsorted(candidates[g], random), ks,
                             labels, rounds, seed)
         group["group"] = g
         group["top_units"] = {label: [[int(u), float(diff[slot, u])] for u in best[slot][:TOP_SHOWN]]
                               for slot, label in enumerate(labels)}
         results.append(group)
-    test_counts = np.bincount(test[1][test_keep], minlength=num_labels)
+    test_counts = np.bincount(test_y, minlength=num_labels)
     return {"groups": results, "train_examples": counts[labels].tolist(), "test_examples": test_counts[labels].tolist(),
             "test_documents": np.bincount(doc_labels, minlength=num_labels)[labels].tolist(),
             "majority_rate": float(test_counts.max() / max(test_counts.sum(), 1))}
@@ -351,10 +348,9 @@ def probe_models(models: list[tuple[str, torch.nn.Module]], data_dir: str | Path
         for group in result["groups"]:
             first = group["group"] * per_group
             group["layers"] = list(range(first, min(first + per_group, config.num_hidden_layers)))
-            group["top_units"] = {dataset.labels[label]: units_ for label, units_ in group["top_units"].items()}
-            for k in group["binary"]:
-                group["binary"][k]["per_label"] = {dataset.labels[label]: acc for label, acc
-                                                   in group["binary"][k]["per_label"].items()}
+            group["top_units"] = {dataset.labels[label]: top for label, top in group["top_units"].items()}
+            for entry in group["binary"].values():
+                entry["per_label"] = {dataset.labels[label]: acc for label, acc in entry["per_label"].items()}
         entry = {"name": name, "kind": kind, "units_per_group": units, "groups": result["groups"]}
         for key in ("train_examples", "test_examples", "test_documents"):   # per label name
             entry[key] = dict(zip(report["labels"], result[key], strict=True))
@@ -421,8 +417,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
     if report["models"]:
         first = report["models"][0]
-        train, test = first["train_examples"].values(), first["test_examples"].values()
-        docs = first["test_documents"].values()
+        train, test, docs = (first[key].values() for key in ("train_examples", "test_examples", "test_documents"))
         what = "Windows" if report.get("pool") == "window" else "Tokens"
         lines.append(f"{what} per label: {min(train):,}-{max(train):,} train, {min(test):,}-{max(test):,} test, the "
                      f"test ones from {min(docs)}-{max(docs)} documents per label (documents on the train side: "

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from monet.data import TokenDataset
@@ -69,11 +70,9 @@ class Atlas:
         """Whether contexts carry the expert's value at every token (format 2), not only at the activating one."""
         return self.version >= 2
 
-    def verify(self, hashes: bool = True) -> None:
-        """MonetError naming the first damaged table: a size or SHA-256 (`hashes`) other than the manifest
+    def verify(self) -> None:
+        """MonetError naming the first damaged table: a size or SHA-256 other than the manifest
         records, or a Parquet footer that cannot be read (a truncated or overwritten file)."""
-        import pyarrow.parquet as pq
-
         recorded = self.manifest.get("tables")
         recorded = recorded if isinstance(recorded, dict) else {}
         for name in self.tables:
@@ -85,7 +84,7 @@ class Atlas:
             if entry is not None and size != entry.get("bytes"):
                 raise MonetError(f"atlas table {path} is damaged: {size:,} bytes where the build wrote "
                                  f"{entry.get('bytes'):,} (truncated or replaced); {_REBUILD}")
-            if entry is not None and hashes and sha256_file(path) != entry.get("sha256"):
+            if entry is not None and sha256_file(path) != entry.get("sha256"):
                 raise MonetError(f"atlas table {path} is damaged: its SHA-256 differs from the one recorded at "
                                  f"build time (the file changed on disk); {_REBUILD}")
             try:
@@ -126,16 +125,13 @@ class Atlas:
 
     def _table(self, name: str, *filters: tuple) -> Any:
         """Table `name` (a pyarrow Table), only the row groups holding rows that match `filters`."""
-        import pyarrow.parquet as pq
-
         return pq.read_table(self.path / name, filters=list(filters) or None)
 
     def _experts(self, *filters: tuple) -> dict[str, np.ndarray]:
         """The experts.parquet rows matching `filters`, sorted by expert: a [rows] array per column, with
         `mass` (and `label_count` where recorded) [num_labels, rows] and `hist` [rows, bins]."""
-        table = self._table("experts.parquet", *filters)
-        order = np.argsort(table.column("expert").to_numpy(), kind="stable")
-        columns = {name: table.column(name).to_numpy()[order] for name in table.column_names}
+        table = self._table("experts.parquet", *filters).sort_by("expert")
+        columns = {name: table.column(name).to_numpy() for name in table.column_names}
         columns["mass"] = np.stack([columns.pop(f"mass_{label}") for label in self.labels])
         if all(f"count_{label}" in columns for label in self.labels):
             columns["label_count"] = np.stack([columns.pop(f"count_{label}") for label in self.labels])
@@ -146,6 +142,7 @@ class Atlas:
     def _group(self, group: int) -> dict[str, np.ndarray]:
         """All per-expert columns of one group (read once, then cached)."""
         if group not in self._group_cache:
+            self.check_expert(group, 0)
             columns = self._experts(("group", "=", group))
             if len(columns["expert"]) != self.num_experts:
                 raise MonetError(f"{self.path / 'experts.parquet'} has {len(columns['expert'])} rows for group "
@@ -155,11 +152,13 @@ class Atlas:
 
     @cached_property
     def vocab(self) -> list[str]:
-        rows = self._table("vocab.parquet").to_pylist()
-        out = [""] * (max((r["id"] for r in rows), default=-1) + 1)
-        for r in rows:
-            out[r["id"]] = r["piece"]
-        return out
+        table = self._table("vocab.parquet").to_pydict()
+        pieces = dict(zip(table["id"], table["piece"], strict=True))
+        return [pieces.get(i, "") for i in range(max(pieces, default=-1) + 1)]
+
+    def percent(self, score: float) -> float:
+        """A score as a percentage of the largest possible one (the atlas's `score_scale`)."""
+        return 100.0 * float(score) / self.scale
 
     def piece(self, token: int) -> str:
         return self.vocab[token] if 0 <= token < len(self.vocab) else f"<{token}>"
@@ -172,19 +171,16 @@ class Atlas:
 
     def label_mass(self, group: int) -> tuple[list[str], np.ndarray]:
         """(labels, routing mass [num_labels, N]): summed scores of each expert on each label's tokens."""
-        self.check_expert(group, 0)
         return list(self.labels), self._group(group)["mass"].copy()
 
     def densities(self, group: int) -> np.ndarray:
         """[N]: each expert's activations per token of the atlas corpus."""
-        self.check_expert(group, 0)
         return self._group(group)["density"].copy()
 
     def label_probability(self, group: int) -> np.ndarray:
         """[num_labels, N]: mean score per token of each label (mass / tokens of the label), the
         "routing probability for that domain" of paper §5.1 / appendix D.1."""
-        tokens = np.maximum(self.label_tokens, 1.0)
-        return self._group(group)["mass"] / tokens[:, None]
+        return self._group(group)["mass"] / np.maximum(self.label_tokens, 1.0)[:, None]
 
     def _row(self, group: int, expert: int) -> dict[str, Any]:
         """One expert's columns: from the cached group arrays, else from its Parquet row group only."""
@@ -205,16 +201,16 @@ class Atlas:
             "group": int(group), "expert": int(expert), "id": f"{group}:{expert}",
             "count": int(row["count"]), "density": float(row["density"]),
             "mean_score": float(row["mean_score"]), "max_score": float(row["max_score"]),
-            "mean_percent": 100.0 * float(row["mean_score"]) / self.scale,
-            "max_percent": 100.0 * float(row["max_score"]) / self.scale,
-            "label_mass": {label: float(m) for label, m in zip(self.labels, mass, strict=True)},
-            "label_share": {label: float(s) for label, s in zip(self.labels, share, strict=True)},
-            "label_count": ({label: int(c) for label, c in zip(self.labels, row["label_count"], strict=True)}
-                            if "label_count" in row else None),
-            "label_tokens": {label: int(t) for label, t in zip(self.labels, self.label_tokens, strict=True)},
+            "mean_percent": self.percent(row["mean_score"]), "max_percent": self.percent(row["max_score"]),
+            "label_mass": self._by_label(mass, float), "label_share": self._by_label(share, float),
+            "label_count": self._by_label(row["label_count"], int) if "label_count" in row else None,
+            "label_tokens": self._by_label(self.label_tokens, int),
             "histogram": {"edges": [e * 100.0 for e in self.manifest["hist_edges"]],
                           "counts": np.asarray(row["hist"]).astype(int).tolist()},
         }
+
+    def _by_label(self, values: Any, kind: type) -> dict[str, Any]:
+        return {label: kind(value) for label, value in zip(self.labels, values, strict=True)}
 
     def top_contexts(self, group: int, expert: int, k: int | None = None) -> list[dict[str, Any]]:
         """The expert's top-activating contexts, best first: score, percentage, label, tokens and pieces
@@ -235,10 +231,10 @@ class Atlas:
         values = row.get("values")
         out = {
             "rank": row["rank"], "doc": row["doc"], "pos": row["pos"], "score": row["score"],
-            "percent": 100.0 * row["score"] / self.scale, "label": self.labels[row["label"]],
+            "percent": self.percent(row["score"]), "label": self.labels[row["label"]],
             "token": row["token"], "tokens": tokens, "pieces": [self.piece(t) for t in tokens],
             "target": kept.index(before),
-            "values": None if values is None else [None if values[i] is None else 100.0 * values[i] / self.scale
+            "values": None if values is None else [None if values[i] is None else self.percent(values[i])
                                                    for i in kept],
         }
         if "band" in row:
@@ -291,7 +287,7 @@ class Atlas:
         rows.sort(key=lambda r: (-r["contexts"], -r["max_score"], r["group"], r["expert"]))
         return [{"group": r["group"], "expert": r["expert"], "id": f"{r['group']}:{r['expert']}",
                  "token": r["token"], "piece": self.piece(r["token"]), "contexts": r["contexts"],
-                 "share_of_top": r["contexts"] / top_k, "max_percent": 100.0 * r["max_score"] / self.scale}
+                 "share_of_top": r["contexts"] / top_k, "max_percent": self.percent(r["max_score"])}
                 for r in rows[:n]]
 
     def vocab_matches(self, text: str, limit: int = 1000) -> list[int]:
@@ -319,7 +315,7 @@ class Atlas:
             entry["tokens"].append((r["contexts"], r["token"]))
         ranked = sorted(experts.items(), key=lambda kv: (-kv[1]["contexts"], -kv[1]["max_score"], kv[0]))
         rows = [{"group": g, "expert": e, "id": f"{g}:{e}", "contexts": v["contexts"],
-                 "share_of_top": v["contexts"] / top_k, "max_percent": 100.0 * v["max_score"] / self.scale,
+                 "share_of_top": v["contexts"] / top_k, "max_percent": self.percent(v["max_score"]),
                  "pieces": [self.piece(t) for _, t in sorted(v["tokens"], key=lambda ct: (-ct[0], ct[1]))[:5]]}
                 for (g, e), v in ranked[:n]]
         return {"tokens": len(ids), "experts": rows}
@@ -332,7 +328,6 @@ class Atlas:
         index = self.label_index(label)
         rows = []
         for g in self.groups if group is None else [group]:
-            self.check_expert(g, 0)
             skew = skewness(self.label_probability(g), index)
             count = self._group(g)["count"]
             skew = np.where(count >= min_count, skew, -np.inf)
@@ -374,10 +369,10 @@ class Atlas:
                 "start": start, "end": end, "tokens": ids, "pieces": [self.piece(t) for t in ids],
                 "target": int(pos) - start, "seq_len": int(self.manifest["options"]["seq_len"])}
 
-    def interesting_experts(self, group: int | None = None, n: int = 200) -> list[tuple[int, int]]:
+    def interesting_experts(self, n: int = 200) -> list[tuple[int, int]]:
         """Experts with many examples (a full top-K) and the highest counts, for the viewer's random button."""
         out = []
-        for g in self.groups if group is None else [group]:
+        for g in self.groups:
             count = self._group(g)["count"]
             best = np.argsort(-count, kind="stable")[:n]
             out += [(g, int(e)) for e in best if count[e] > 0]
@@ -404,18 +399,12 @@ def experts_for_text(model: torch.nn.Module, tokenizer: Any, text: str, n: int =
         raise MonetError("--text is empty; give some text to run through the model")
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
     _, _, scale = unit_layout(model)
-    device = next(model.parameters()).device
-    groups = unit_activations(model.eval(), ids.to(device))
-    out = []
-    for t, token in enumerate(ids[0].tolist()):
-        entry = {"position": t, "token": token, "piece": tokenizer.decode([token]), "groups": []}
-        for ids_g, scores_g in groups:
-            row_ids, row_scores = ids_g[0, t].cpu(), scores_g[0, t].float().cpu()
-            keep = row_ids >= 0
-            order = torch.argsort(row_scores[keep], descending=True)[:n]
-            entry["groups"].append([(int(row_ids[keep][o]), 100.0 * float(row_scores[keep][o]) / scale)
-                                    for o in order])
-        out.append(entry)
+    out = [{"position": t, "token": token, "piece": tokenizer.decode([token]), "groups": []}
+           for t, token in enumerate(ids[0].tolist())]
+    for unit_ids, scores in unit_activations(model.eval(), ids.to(next(model.parameters()).device)):
+        for entry, units, values in zip(out, unit_ids[0].tolist(), scores[0].float().tolist(), strict=True):
+            top = sorted(((u, v) for u, v in zip(units, values, strict=True) if u >= 0), key=lambda uv: -uv[1])
+            entry["groups"].append([(u, 100.0 * v / scale) for u, v in top[:n]])
     return out
 
 
@@ -454,14 +443,12 @@ def document_values(model: torch.nn.Module, atlas: Atlas, view: dict[str, Any], 
     """The expert's percentage at each token of a document view (`Atlas.document`), computed on the windows
     of the build (the document cut every `seq_len` tokens from its start, each window run on its own)."""
     seq_len = int(view["seq_len"])
-    tokens = np.asarray(atlas.dataset().document(view["doc"]))
+    tokens = torch.from_numpy(np.asarray(atlas.dataset().document(view["doc"])).astype(np.int64))
     first, last = view["start"] // seq_len, (view["end"] - 1) // seq_len
-    out = np.zeros(0)
-    for window in range(first, last + 1):
-        ids = torch.from_numpy(tokens[window * seq_len:(window + 1) * seq_len].astype(np.int64))[None]
-        out = np.concatenate([out, expert_values(model, ids, group, expert)[0]])
+    out = np.concatenate([expert_values(model, tokens[None, w * seq_len:(w + 1) * seq_len], group, expert)[0]
+                          for w in range(first, last + 1)])
     begin = view["start"] - first * seq_len
-    return [100.0 * float(v) / atlas.scale for v in out[begin:begin + len(view["tokens"])]]
+    return [atlas.percent(v) for v in out[begin:begin + len(view["tokens"])]]
 
 
 def compact_histogram(edges: list[float], counts: list[int], max_bins: int = 16) -> dict[str, list]:
@@ -481,12 +468,12 @@ def compact_histogram(edges: list[float], counts: list[int], max_bins: int = 16)
     return {"edges": out_edges, "counts": out_counts}
 
 
-def format_context(context: dict[str, Any], mark: str = "[[{}]]") -> str:
+def format_context(context: dict[str, Any]) -> str:
     """One context as a line, the activating token marked, whitespace and control characters made visible."""
     parts = []
     for i, piece in enumerate(context["pieces"]):
         piece = printable(piece.replace("\n", "\u21b5").replace("\t", "\u2192"))
-        parts.append(mark.format(piece) if i == context["target"] else piece)
+        parts.append(f"[[{piece}]]" if i == context["target"] else piece)
     return "".join(parts)
 
 

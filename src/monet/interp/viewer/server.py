@@ -73,7 +73,6 @@ class ViewerState:
     def __init__(self, atlas, model: Any = None, tokenizer: Any = None) -> None:
         self.atlas, self.model, self.tokenizer = atlas, model, tokenizer
         self.lock = threading.Lock()   # pyarrow reads and the model are used by one request at a time
-        # Per-expert results computed with the model, in bounded memory.
         self.logits = lru_cache(256)(partial(expert_logits, model, atlas))
         self.similar = lru_cache(64)(partial(similar_experts, model, atlas))
         self.interesting = atlas.interesting_experts()
@@ -96,8 +95,7 @@ class ViewerState:
         with self.lock:
             result = {**atlas.expert(group, expert), "contexts": atlas.top_contexts(group, expert),
                       "bands": atlas.band_samples(group, expert)}
-            hist = result["histogram"]
-            result["histogram_view"] = compact_histogram(hist["edges"], hist["counts"])
+            result["histogram_view"] = compact_histogram(**result["histogram"])
             if atlas.manifest["kind"] == "monet" and atlas.manifest.get("experts_per_side"):
                 result["i"], result["j"] = divmod(int(expert), int(atlas.manifest["experts_per_side"]))
             if self.model is not None:
@@ -110,7 +108,6 @@ class ViewerState:
 
     def similar_experts(self, group: int, expert: int) -> dict[str, Any]:
         self.need_model("finding similar experts")
-        self.atlas.check_expert(group, expert)
         with self.lock:
             return self.similar(group, expert)
 
@@ -152,7 +149,6 @@ class ViewerState:
             view = self.atlas.document(doc, pos)
             view["values"] = None
             if group is not None and expert is not None:
-                self.atlas.check_expert(group, expert)
                 view["group"], view["expert"] = group, expert
                 view["max_percent"] = self.atlas.expert(group, expert)["max_percent"]
                 if self.model is not None:
@@ -218,10 +214,9 @@ def allowed_hosts(host: str, port: int, extra: tuple[str, ...] | list[str] = ())
     answers to this machine's host name and to any IP address (DNS rebinding needs a host *name* that the
     attacker controls; an IP literal cannot be rebound)."""
     names = {name.lower().rstrip(".") for name in (*LOCAL_NAMES, host, *extra) if name}
-    wildcard = host in WILDCARDS
-    if wildcard:
+    if host in WILDCARDS:
         names.add(socket.gethostname().lower())
-    return names, wildcard
+    return names, host in WILDCARDS
 
 
 def host_allowed(header: str | None, names: set[str], any_ip: bool, port: int) -> bool:
@@ -244,7 +239,7 @@ class Handler(BaseHTTPRequestHandler):
     timeout = 120   # seconds a connection may stay silent (a client that never sends its body is dropped)
 
     def log_message(self, format: str, *args) -> None:   # quiet: one line per error only
-        if args and str(args[1] if len(args) > 1 else "").startswith(("4", "5")):
+        if len(args) > 1 and str(args[1]).startswith(("4", "5")):
             super().log_message(format, *args)
 
     def _send(self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
@@ -263,39 +258,33 @@ class Handler(BaseHTTPRequestHandler):
         body = dumps(data if download else printable(data), indent=2 if download else None).encode("utf-8")
         self._send(status, body, "application/json; charset=utf-8", extra)
 
-    def _host_ok(self) -> bool:
-        server = self.server
-        if not host_allowed(self.headers.get("Host"), server.allowed_names, server.any_ip, server.server_address[1]):
-            self._json({"error": f"Host {self.headers.get('Host')!r} is not this viewer's address; open "
-                                 f"http://127.0.0.1:{server.server_address[1]}/ (or start the viewer with "
-                                 "--allow-host NAME). Other host names are refused to block DNS rebinding."},
-                       HTTPStatus.FORBIDDEN)
-            return False
+    def _check_origin(self) -> None:
+        port = self.server.server_address[1]
+        if not host_allowed(self.headers.get("Host"), self.server.allowed_names, self.server.any_ip, port):
+            raise _HTTPError(HTTPStatus.FORBIDDEN, f"Host {self.headers.get('Host')!r} is not this viewer's address; "
+                             f"open http://127.0.0.1:{port}/ (or start the viewer with --allow-host NAME). Other "
+                             "host names are refused to block DNS rebinding.")
         # Browsers say where a request comes from: another site may link to the page, not call the API
         # (which could otherwise make the server run the model for it).
         site = self.headers.get("Sec-Fetch-Site", "same-origin").strip().lower()
         if self.path.startswith("/api/") and site not in ("same-origin", "none"):
-            self._json({"error": "the viewer's API answers only its own page"}, HTTPStatus.FORBIDDEN)
-            return False
-        return True
-
-    def do_HEAD(self) -> None:
-        self.do_GET()
+            raise _HTTPError(HTTPStatus.FORBIDDEN, "the viewer's API answers only its own page")
 
     def do_GET(self) -> None:
         self._answer(self._get)
+
+    do_HEAD = do_GET
 
     def do_POST(self) -> None:
         self._answer(self._post)
 
     def _answer(self, route: Callable[[list[str], dict[str, list[str]]], None]) -> None:
-        if not self._host_ok():
-            return
-        url = urlsplit(self.path)
         try:
+            self._check_origin()
+            url = urlsplit(self.path)
             return route([unquote(p) for p in url.path.split("/") if p], parse_qs(url.query))
         except NotFound:
-            return self._json({"error": f"no such page: {url.path}"}, HTTPStatus.NOT_FOUND)
+            return self._json({"error": f"no such page: {urlsplit(self.path).path}"}, HTTPStatus.NOT_FOUND)
         except MonetError as exc:
             return self._json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
         except _HTTPError as exc:
@@ -329,8 +318,7 @@ class Handler(BaseHTTPRequestHandler):
     def _post(self, parts: list[str], query: dict[str, list[str]]) -> None:
         if len(parts) != 2 or parts[0] != "api" or parts[1] not in ("activation", "steer"):
             raise NotFound
-        kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if kind != "application/json":
+        if self.headers.get_content_type() != "application/json":
             raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the request body as application/json")
         length = self.headers.get("Content-Length", "")
         if not length.isascii() or not length.isdigit():
