@@ -624,9 +624,12 @@ class MonetModel(MonetPreTrainedModel):
         output_router_probs: bool | None = None,
         output_aux_loss: bool | None = None,
         return_dict: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> MonetModelOutputWithPast | tuple:
         config = self.config
+        # transformers 5.25 renamed past_key_values to `cache`: its generate passes the cache under that name.
+        past_key_values = cache if past_key_values is None else past_key_values
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_router_probs = config.output_router_probs if output_router_probs is None else output_router_probs
@@ -740,15 +743,18 @@ class MonetForCausalLM(MonetPreTrainedModel, GenerationMixin):
         output_router_probs: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
+        cache: Cache | None = None,
         **kwargs,
     ) -> MonetCausalLMOutputWithPast | tuple:
-        """Causal LM forward. `labels` are the input ids (shifted inside); -100 is ignored."""
+        """Causal LM forward. `labels` are the input ids (shifted inside); -100 is ignored. `cache` is
+        transformers' newer name for `past_key_values` (its generate uses it from 5.25 on)."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
