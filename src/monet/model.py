@@ -81,27 +81,21 @@ class MonetRouter(nn.Module):
 
     def gate(self, x: torch.Tensor, keys: nn.Linear, norm: nn.BatchNorm1d,
              token_mask: torch.Tensor | None) -> torch.Tensor:
+        """Keeps the entries whose normalised logit (z - mean) / sqrt(var + eps) reaches min(the head's best,
+        sigma). Normalising is monotone, so the test is done on the raw logits as
+        z >= min(max z, mean + sigma * sqrt(var + eps)): one cut per head, no normalised copy."""
         with torch.no_grad():   # the logits only choose entries here; their gradient flows in KeptSoftmax
             dtype = torch.promote_types(x.dtype, torch.float32)
             z = F.linear(x, keys.weight).view(*x.shape[:-1], self.heads, self.experts).to(dtype)
-            keep = self.keep_mask(z, norm, token_mask)
+            if self.training:
+                count, mean, var = ops.batch_statistics(z, token_mask)
+                if not ops.recomputing_in_backward():   # activation checkpointing replays the forward once more
+                    ops.update_running_statistics(norm, count, mean, var)
+            else:
+                mean, var = norm.running_mean.to(dtype), norm.running_var.to(dtype)
+            cut = (mean + self.threshold * torch.sqrt(var + norm.eps))[:, None]   # [H, 1], -inf when k = E
+            keep = z >= torch.minimum(z.amax(dim=-1, keepdim=True), cut)
         return ops.KeptSoftmax.apply(x, keys.weight, z, keep)
-
-    @torch.no_grad()
-    def keep_mask(self, z: torch.Tensor, norm: nn.BatchNorm1d, token_mask: torch.Tensor | None) -> torch.Tensor:
-        """Entries whose normalised logit (z - mean) / sqrt(var + eps) reaches min(the head's best, sigma).
-
-        Normalising is monotone, so the test is done on the raw logits as
-        z >= min(max z, mean + sigma * sqrt(var + eps)): one cut per head, no normalised copy.
-        """
-        if self.training:
-            count, mean, var = ops.batch_statistics(z, token_mask)
-            if not ops.recomputing_in_backward():   # activation checkpointing replays the forward once more
-                ops.update_running_statistics(norm, count, mean, var)
-        else:
-            mean, var = norm.running_mean.to(z.dtype), norm.running_var.to(z.dtype)
-        cut = (mean + self.threshold * torch.sqrt(var + norm.eps))[:, None]   # [H, 1], -inf when k = E
-        return z >= torch.minimum(z.amax(dim=-1, keepdim=True), cut)
 
 
 def token_mean(g: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -218,12 +212,8 @@ class MonetVerticalExperts(nn.Module):
         self.act = activation(config.hidden_act)
         self.u1 = nn.Linear(config.hidden_size, width)
         self.u2 = nn.Linear(config.hidden_size, width)
-        self.v11 = nn.Linear(width, half_out, bias=False)
-        self.v12 = nn.Linear(width, half_out, bias=False)
-        self.v21 = nn.Linear(width, half_out, bias=False)
-        self.v22 = nn.Linear(width, half_out, bias=False)
-        self.b1 = nn.Parameter(torch.zeros(self.experts, half_out))
-        self.b2 = nn.Parameter(torch.zeros(self.experts, half_out))
+        self.v11, self.v12, self.v21, self.v22 = (nn.Linear(width, half_out, bias=False) for _ in range(4))
+        self.b1, self.b2 = (nn.Parameter(torch.zeros(self.experts, half_out)) for _ in range(2))
         self.register_buffer("edit_weights", None, persistent=False)
         self.expert_path: str | None = None     # "dense" | "sparse" | "auto"; None: see monet.sparse
 
@@ -365,10 +355,8 @@ class MonetRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class MonetRotaryEmbedding(nn.Module):
@@ -395,14 +383,10 @@ def rope_inverse_frequencies(theta: float, dim: int) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, head_dim]; cos/sin [B, T, head_dim]."""
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+    """x [B, heads, T, head_dim]; cos/sin [B, T, head_dim]. Rotates (first, second) half by half."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos.unsqueeze(1) + torch.cat((-second, first), dim=-1) * sin.unsqueeze(1)
 
 
 class MonetAttention(nn.Module):
@@ -427,16 +411,14 @@ class MonetAttention(nn.Module):
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         if self.kv_heads != self.heads:
-            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
         dropout = self.dropout if self.training else 0.0
         weights = None
         if output_attentions:
@@ -534,11 +516,9 @@ class MonetPreTrainedModel(PreTrainedModel):
             init.zeros_(module.running_mean)
             init.ones_(module.running_var)
             init.zeros_(module.num_batches_tracked)
-        elif isinstance(module, MonetHorizontalExperts):
-            init.zeros_(module.b)
-        elif isinstance(module, MonetVerticalExperts):
-            init.zeros_(module.b1)
-            init.zeros_(module.b2)
+        elif isinstance(module, (MonetHorizontalExperts, MonetVerticalExperts)):
+            for bias in module.parameters(recurse=False):   # b (HD); b1, b2 (VD)
+                init.zeros_(bias)
         elif isinstance(module, MonetRotaryEmbedding):
             init.copy_(module.inv_freq, rope_inverse_frequencies(module.theta, self.config.head_dim))
 
@@ -608,7 +588,6 @@ class MonetModel(MonetPreTrainedModel):
         self.layers = nn.ModuleList(MonetDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = MonetRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = MonetRotaryEmbedding(config)
-        self.gradient_checkpointing = False
         self.post_init()
 
     def forward(
