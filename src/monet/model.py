@@ -210,8 +210,7 @@ class MonetVerticalExperts(nn.Module):
         self.experts, self.half_dim = config.moe_experts, config.moe_dim // 2
         width, half_out = self.experts * self.half_dim, config.hidden_size // 2
         self.act = activation(config.hidden_act)
-        self.u1 = nn.Linear(config.hidden_size, width)
-        self.u2 = nn.Linear(config.hidden_size, width)
+        self.u1, self.u2 = (nn.Linear(config.hidden_size, width) for _ in range(2))
         self.v11, self.v12, self.v21, self.v22 = (nn.Linear(width, half_out, bias=False) for _ in range(4))
         self.b1, self.b2 = (nn.Parameter(torch.zeros(self.experts, half_out)) for _ in range(2))
         self.register_buffer("edit_weights", None, persistent=False)
@@ -435,10 +434,8 @@ class MonetAttention(nn.Module):
 
 def causal_bias(q_len: int, kv_len: int, like: torch.Tensor) -> torch.Tensor:
     """Additive causal mask [q, kv] for queries at the last q_len of kv_len positions."""
-    queries = kv_len - q_len + torch.arange(q_len, device=like.device)
-    allowed = torch.arange(kv_len, device=like.device)[None, :] <= queries[:, None]
-    bias = torch.zeros(q_len, kv_len, dtype=like.dtype, device=like.device)
-    return bias.masked_fill(~allowed, torch.finfo(like.dtype).min)
+    bias = torch.full((q_len, kv_len), torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device)
+    return bias.triu(kv_len - q_len + 1)   # query t (at kv_len - q_len + t) sees keys up to its own position
 
 
 def attention_bias(attention_mask: torch.Tensor | None, q_len: int, kv_len: int,
