@@ -132,39 +132,19 @@ def bag_offsets(sorted_index: torch.Tensor, bags: int) -> torch.Tensor:
     return counts.cumsum(0) - counts
 
 
-@dataclass
-class Combinations:
-    """The per-head combinations of kept g1 entries with kept g2 entries of the same (token, head): the
-    ragged Cartesian products K1_th x K2_th, sum_{t,h} |K1_th| |K2_th| of them (about tokens * H * k^2).
-
-    Combination c belongs to first entry e with start[e] <= c < start[e] + repeat[e] (runs in entry
-    order); `second` [combinations] is its g2 entry. `owner(c)` finds e for a few selected c.
+def combinations(first: KeptEntries, second: KeptEntries) -> tuple[torch.Tensor, torch.Tensor]:
+    """Enumerate the per-head combinations K1_th x K2_th of kept g1 entries with kept g2 entries of the same
+    (token, head) without padding: sum_{t,h} |K1_th| |K2_th| of them (about tokens * H * k^2), one host
+    sync for the total. Returns each combination's g1 entry and g2 entry, [combinations] each, in g1-entry order.
     """
-
-    repeat: torch.Tensor
-    start: torch.Tensor
-    second: torch.Tensor
-    total: int
-
-    def owner(self, combination: torch.Tensor) -> torch.Tensor:
-        return torch.searchsorted(self.start + self.repeat, combination, right=True)
-
-    def first(self) -> torch.Tensor:
-        """The first entry of every combination: [combinations]."""
-        index = torch.arange(self.repeat.shape[0], device=self.repeat.device)
-        return torch.repeat_interleave(index, self.repeat, output_size=self.total)
-
-
-def combinations(first: KeptEntries, second: KeptEntries) -> Combinations:
-    """Enumerate K1_th x K2_th for every (token, head) without padding (one host sync for the total)."""
     bag1 = first.bag
     count2 = torch.bincount(second.bag, minlength=first.num_tokens * first.heads)
-    start2 = count2.cumsum(0) - count2                              # each bag's first g2 entry
     repeat = count2[bag1]                                           # partners of each first entry
-    start = repeat.cumsum(0) - repeat                               # each first entry's run
     total = int(repeat.sum())
-    shift = torch.repeat_interleave(start2[bag1] - start, repeat, output_size=total)
-    return Combinations(repeat, start, torch.arange(total, device=bag1.device) + shift, total)
+    index1 = torch.repeat_interleave(torch.arange(bag1.shape[0], device=bag1.device), repeat, output_size=total)
+    # The n-th combination of a run pairs its first entry with the n-th g2 entry of the bag.
+    shift = (count2.cumsum(0) - count2)[bag1] - (repeat.cumsum(0) - repeat)    # bag's first g2 entry - run start
+    return index1, torch.arange(total, device=bag1.device) + shift[index1]
 
 
 @dataclass
@@ -185,8 +165,7 @@ class ActivePairs:
 def active_pairs(g1: torch.Tensor, g2: torch.Tensor) -> ActivePairs:
     """Every (token, head, i, j) with g1_hi * g2_hj > 0 for g [..., H, E], ragged (never padded, never E^2)."""
     first, second = kept_entries(g1), kept_entries(g2)
-    combos = combinations(first, second)
-    index1, index2 = combos.first(), combos.second
+    index1, index2 = combinations(first, second)
     return ActivePairs(first.token[index1], first.head[index1], first.half[index1], second.half[index2],
                        first.value[index1] * second.value[index2])
 
@@ -237,15 +216,13 @@ def edited_entries(first: KeptEntries, second: KeptEntries, edit_weights: torch.
                    experts: int) -> EditedEntries:
     """Only the active per-head pairs with a non-zero edit weight (ragged; O(active pairs) work).
 
-    Every combination's expert id i*E + j is looked up in the table; only the hits are turned into
-    entry indices, so a small mask costs about one pass over the combinations.
+    Every combination's expert id i*E + j is looked up in the table; only the hits are kept.
     """
-    combos = combinations(first, second)
+    index1, index2 = combinations(first, second)
     table = edit_weights.to(device=first.token.device, dtype=first.value.dtype)
-    ids = torch.repeat_interleave(first.half * experts, combos.repeat, output_size=combos.total)
-    weight = table[ids.add_(second.half[combos.second])]
+    weight = table[first.half[index1] * experts + second.half[index2]]
     hit = weight.nonzero().squeeze(1)
-    return EditedEntries(combos.owner(hit), combos.second[hit], weight[hit])
+    return EditedEntries(index1[hit], index2[hit], weight[hit])
 
 
 # ----------------------------------------------------------------------------------------------------------
