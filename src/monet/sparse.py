@@ -191,8 +191,7 @@ def merged_experts(g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, to
         keep = torch.ones_like(token, dtype=torch.bool)
         keep[candidate] = False
         keep[position] = True
-        score = score.clone()
-        score[position] = total
+        score = score.index_put((position,), total)
         kept = keep.nonzero().squeeze(1)
         token, ids, score = token[kept], ids[kept], score[kept]
     return token, ids, score
@@ -324,9 +323,9 @@ def _with_ones(t: torch.Tensor) -> torch.Tensor:
     return torch.cat((t, t.new_ones(t.shape[0], 1)), dim=1)
 
 
-def _up(layer, linear, x2: torch.Tensor, layout: HalfLayout, width: int) -> torch.Tensor:
-    """sigma(U_i x + b_i) for every pair of the layout: [P, width]."""
-    weight, bias = linear.weight.view(layer.experts, width, -1), linear.bias.view(layer.experts, width)
+def _up(layer, linear, x2: torch.Tensor, layout: HalfLayout) -> torch.Tensor:
+    """sigma(U_i x + b_i) for every pair of the layout: [P, width of one half]."""
+    weight, bias = linear.weight.unflatten(0, (layer.experts, -1)), linear.bias.view(layer.experts, -1)
     return layer.act(GatherMatmul.apply(x2, layout, weight, bias))
 
 
@@ -368,7 +367,7 @@ class Routing:
         """`edited_entries` of an edit table, enumerated once per group for each distinct table (the
         layers of a group hold equal tables, not always the same object; the last 4 are kept)."""
         for cached, edit in self.edits:
-            if cached.shape == table.shape and cached.device == table.device and torch.equal(cached, table):
+            if cached.device == table.device and torch.equal(cached, table):
                 return edit
         edit = edited_entries(self.first, self.second, table, self.layout1.experts)
         self.edits[:] = [(table.detach().clone(), edit), *self.edits][:4]
@@ -393,13 +392,13 @@ def routing_for(g1: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype) -> Routi
     alive and unmodified (same objects and version counters) and reused, only the values are gathered
     again (so each call has its own autograd graph). The cache is dropped when g1 is collected.
     """
-    key = (id(g1), g1._version, id(g2), g2._version)
+    versions = (g1._version, g2._version)
     cached = _last.get("routing")
     g1c, g2c = g1.to(dtype), g2.to(dtype)
-    if cached is not None and cached[0] == key and cached[1]() is g1 and cached[2]() is g2:
+    if cached is not None and cached[1]() is g1 and cached[2]() is g2 and cached[0] == versions:
         return cached[3].bind(g1c, g2c)
     routing = sparse_routing(g1c, g2c)
-    _last["routing"] = (key, weakref.ref(g1, _forget), weakref.ref(g2), routing)
+    _last["routing"] = (versions, weakref.ref(g1, _forget), weakref.ref(g2), routing)
     return routing
 
 
@@ -422,7 +421,7 @@ def hd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
     x2 = x.reshape(-1, shape[-1])
     routing = routing or routing_for(g1, g2, x.dtype)
     first, second, layout1, layout2 = routing.first, routing.second, routing.layout1, routing.layout2
-    hidden = _up(layer, layer.u, x2, layout1, layer.expert_dim)                    # [P1, m]: sigma(U_i x + b1_i)
+    hidden = _up(layer, layer.u, x2, layout1)                                      # [P1, m]: sigma(U_i x + b1_i)
     per_head = _bag(first.pair, hidden, routing.bags1, first.value)                # sum_i g1_hi sigma(...)
     top_input = _spread(second, per_head, layout2.size)                            # [P2, m+1]: [c_tj, s2_tj]
     if layer.edit_weights is not None:
@@ -431,7 +430,7 @@ def hd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
         # Remove c (V_j sigma(U_i x + b1_i) + b2_j): [V_j | b2_j] meets [sigma(U_i x + b1_i), 1].
         c = edit.coefficient(first, second).unsqueeze(-1)
         top_input.index_add_(0, q, -c * _with_ones(hidden[p]))      # in place: nothing saved it
-    weight_v = layer.v.weight.view(-1, layer.experts, layer.expert_dim)
+    weight_v = layer.v.weight.unflatten(1, (layer.experts, -1))
     out = ScatterMatmul.apply(top_input, layout2, weight_v, layer.b.t().unsqueeze(-1))
     return out.view(shape)
 
@@ -443,9 +442,8 @@ def vd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
     x2 = x.reshape(-1, shape[-1])
     routing = routing or routing_for(g1, g2, x.dtype)
     first, second, layout1, layout2 = routing.first, routing.second, routing.layout1, routing.layout2
-    experts, m2 = layer.experts, layer.half_dim
-    left = _up(layer, layer.u1, x2, layout1, m2)                   # a1 [P1, m/2]
-    right = _up(layer, layer.u2, x2, layout2, m2)                  # a2 [P2, m/2]
+    left = _up(layer, layer.u1, x2, layout1)                       # a1 [P1, m/2]
+    right = _up(layer, layer.u2, x2, layout2)                      # a2 [P2, m/2]
     per_head1 = _bag(first.pair, left, routing.bags1, first.value)               # sum_i g1_hi a1_i
     per_head2 = _bag(second.pair, right, routing.bags2, second.value)            # sum_j g2_hj a2_j
     # [X12_ti, s1_ti] (eq. 26, 28) and [X21_tj, s2_tj] (eq. 27, 25): spread each head's sum over the other side.
@@ -463,7 +461,7 @@ def vd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
         bottom_input.index_add_(0, q, term)
 
     def blocks(linear):
-        return linear.weight.view(-1, experts, m2)
+        return linear.weight.unflatten(1, (layer.experts, -1))
 
     top = ScatterMatmul.apply(top_input, layout1, blocks(layer.v11), blocks(layer.v12), layer.b1.t().unsqueeze(-1))
     bottom = ScatterMatmul.apply(bottom_input, layout2, blocks(layer.v21), blocks(layer.v22),
