@@ -49,7 +49,8 @@ class KeptEntries:
 
     Sorted by bag = token * H + head, then half (the order of `nonzero`). `flat` is the entry's position
     in g.reshape(-1) and `value` = g there (an autograd-tracked gather: gradients reach g). With a
-    layout: `pair` is the entry's (token, half) pair, `by_pair` a stable order grouping entries by pair.
+    layout: `pair` is the entry's (token, half) pair, `by_pair` a stable order grouping entries by pair,
+    `offsets` the start of each (token, head) bag (embedding-bag offsets).
     """
 
     token: torch.Tensor
@@ -61,6 +62,7 @@ class KeptEntries:
     value: torch.Tensor | None = None
     pair: torch.Tensor | None = None
     by_pair: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
 
     @property
     def bag(self) -> torch.Tensor:
@@ -108,7 +110,7 @@ def kept_entries(g: torch.Tensor) -> KeptEntries:
 
 
 def side(g: torch.Tensor) -> tuple[KeptEntries, HalfLayout]:
-    """Kept entries of g [..., H, E] with their pair indices, and the side's layout.
+    """Kept entries of g [..., H, E] with their pair indices and bag offsets, and the side's layout.
 
     The union over heads is marked in an [E, tokens] bool grid (the size of one head's routing); its
     non-zeros in row-major order are the pairs sorted by half then token, and a running count over
@@ -122,6 +124,7 @@ def side(g: torch.Tensor) -> tuple[KeptEntries, HalfLayout]:
     position = mark.view(-1).cumsum(0) - 1
     entries.pair = position[entries.half * tokens + entries.token]
     entries.by_pair = torch.sort(entries.pair, stable=True).indices
+    entries.offsets = bag_offsets(entries.bag, tokens * entries.heads)
     counts = mark.sum(dim=1).tolist()               # host sync on GPU (see the module docstring)
     return entries, HalfLayout(token, half, counts, tokens, experts)
 
@@ -343,14 +346,12 @@ def _spread(entries: KeptEntries, per_head: torch.Tensor, size: int) -> torch.Te
 @dataclass
 class Routing:
     """Both sides of one routing group's sparse structure ([tokens, H, E] flattened): kept entries with
-    values, layouts, per-(token, head) bag offsets, and the edited pairs of the edit tables seen so far."""
+    values and their layouts (`side`), and the edited pairs of the edit tables seen so far."""
 
     first: KeptEntries
-    second: KeptEntries
     layout1: HalfLayout
+    second: KeptEntries
     layout2: HalfLayout
-    bags1: torch.Tensor
-    bags2: torch.Tensor
     edits: list = dataclasses.field(default_factory=list)   # [(table, EditedEntries)], shared by `bind` copies
 
     @property
@@ -376,10 +377,7 @@ class Routing:
 
 def sparse_routing(g1: torch.Tensor, g2: torch.Tensor) -> Routing:
     """Kept entries, layouts and bag offsets of g1, g2 [..., H, E] (flattened over the leading dims)."""
-    first, layout1 = side(g1)
-    second, layout2 = side(g2)
-    bags = first.num_tokens * first.heads
-    return Routing(first, second, layout1, layout2, bag_offsets(first.bag, bags), bag_offsets(second.bag, bags))
+    return Routing(*side(g1), *side(g2))
 
 
 _last: dict = {}
@@ -422,7 +420,7 @@ def hd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
     routing = routing or routing_for(g1, g2, x.dtype)
     first, second, layout1, layout2 = routing.first, routing.second, routing.layout1, routing.layout2
     hidden = _up(layer, layer.u, x2, layout1)                                      # [P1, m]: sigma(U_i x + b1_i)
-    per_head = _bag(first.pair, hidden, routing.bags1, first.value)                # sum_i g1_hi sigma(...)
+    per_head = _bag(first.pair, hidden, first.offsets, first.value)                # sum_i g1_hi sigma(...)
     top_input = _spread(second, per_head, layout2.size)                            # [P2, m+1]: [c_tj, s2_tj]
     if layer.edit_weights is not None:
         edit = routing.edited(layer.edit_weights)
@@ -444,8 +442,8 @@ def vd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
     first, second, layout1, layout2 = routing.first, routing.second, routing.layout1, routing.layout2
     left = _up(layer, layer.u1, x2, layout1)                       # a1 [P1, m/2]
     right = _up(layer, layer.u2, x2, layout2)                      # a2 [P2, m/2]
-    per_head1 = _bag(first.pair, left, routing.bags1, first.value)               # sum_i g1_hi a1_i
-    per_head2 = _bag(second.pair, right, routing.bags2, second.value)            # sum_j g2_hj a2_j
+    per_head1 = _bag(first.pair, left, first.offsets, first.value)             # sum_i g1_hi a1_i
+    per_head2 = _bag(second.pair, right, second.offsets, second.value)          # sum_j g2_hj a2_j
     # [X12_ti, s1_ti] (eq. 26, 28) and [X21_tj, s2_tj] (eq. 27, 25): spread each head's sum over the other side.
     cross12, cross21 = _spread(first, per_head2, layout1.size), _spread(second, per_head1, layout2.size)
     s1, s2 = cross12[:, -1:], cross21[:, -1:]
