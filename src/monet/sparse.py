@@ -82,7 +82,6 @@ class HalfLayout:
     """
 
     token: torch.Tensor      # [P] long
-    half: torch.Tensor       # [P] long
     counts: list[int]        # [E]
     num_tokens: int
     experts: int
@@ -120,13 +119,13 @@ def side(g: torch.Tensor) -> tuple[KeptEntries, HalfLayout]:
     tokens, experts = entries.num_tokens, g.shape[-1]
     mark = torch.zeros(experts, tokens, dtype=torch.bool, device=g.device)
     mark[entries.half, entries.token] = True
-    half, token = mark.nonzero(as_tuple=True)
+    token = mark.nonzero(as_tuple=True)[1]
     position = mark.view(-1).cumsum(0) - 1
     entries.pair = position[entries.half * tokens + entries.token]
     entries.by_pair = torch.sort(entries.pair, stable=True).indices
     entries.offsets = bag_offsets(entries.bag, tokens * entries.heads)
     counts = mark.sum(dim=1).tolist()               # host sync on GPU (see the module docstring)
-    return entries, HalfLayout(token, half, counts, tokens, experts)
+    return entries, HalfLayout(token, counts, tokens, experts)
 
 
 def bag_offsets(sorted_index: torch.Tensor, bags: int) -> torch.Tensor:
@@ -254,13 +253,12 @@ class GatherMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        layout: HalfLayout = ctx.layout
         need_x, _, need_w, need_b = ctx.needs_input_grad
         grad_x = torch.zeros_like(x) if need_x else None
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = grad_out.new_zeros(weight.shape[:2]) if need_b else None
         grad_t = grad_out.t().contiguous()                           # [w, P]: column blocks per half
-        for half, start, stop, rows in layout.blocks():
+        for half, start, stop, rows in ctx.layout.blocks():
             grad = grad_t[:, start:stop].t()                          # [n, w], transposed storage
             if grad_x is not None:
                 grad_x.index_add_(0, rows, grad @ weight[half])
@@ -293,13 +291,12 @@ class ScatterMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         c, *weights = ctx.saved_tensors
-        layout: HalfLayout = ctx.layout
         need_c, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2:]
         grad_c = torch.zeros_like(c) if need_c else None
         grad_w = [torch.zeros_like(w) if need else None for w, need in zip(weights, need_w, strict=True)]
         widths = [w.shape[-1] for w in weights]
         grad_out = grad_out.contiguous()
-        for half, start, stop, rows in layout.blocks():
+        for half, start, stop, rows in ctx.layout.blocks():
             grad = grad_out.index_select(0, rows)                     # [n, d_out]
             if grad_c is not None:
                 grad_c[start:stop] = (_block(weights, half).t() @ grad.t()).t()
