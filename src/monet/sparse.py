@@ -188,12 +188,11 @@ def merged_experts(g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, to
     if candidate.numel():
         keys, inverse = torch.unique(token[candidate] * experts * experts + ids[candidate], return_inverse=True)
         total = score.new_zeros(keys.shape).index_add_(0, inverse, score[candidate])
-        position = torch.full(keys.shape, token.shape[0], dtype=torch.long, device=keys.device)
+        position = candidate.new_full(keys.shape, token.shape[0])
         position = position.scatter_reduce(0, inverse, candidate, reduce="amin")   # first occurrence
-        keep = torch.ones_like(token, dtype=torch.bool)
-        keep[candidate] = False
-        keep[position] = True
         score = score.index_put((position,), total)
+        keep = torch.ones_like(token, dtype=torch.bool)
+        keep[candidate[position[inverse] != candidate]] = False                    # the later occurrences
         kept = keep.nonzero().squeeze(1)
         token, ids, score = token[kept], ids[kept], score[kept]
     return token, ids, score
