@@ -135,10 +135,9 @@ def bag_offsets(sorted_index: torch.Tensor, bags: int) -> torch.Tensor:
 
 
 def combinations(first: KeptEntries, second: KeptEntries) -> tuple[torch.Tensor, torch.Tensor]:
-    """Enumerate the per-head combinations K1_th x K2_th of kept g1 entries with kept g2 entries of the same
-    (token, head) without padding: sum_{t,h} |K1_th| |K2_th| of them (about tokens * H * k^2), one host
-    sync for the total. Returns each combination's g1 entry and g2 entry, [combinations] each, in g1-entry order.
-    """
+    """The per-head combinations K1_th x K2_th of kept g1 and g2 entries of the same (token, head), ragged:
+    sum_{t,h} |K1_th| |K2_th| of them (about tokens * H * k^2; one host sync for the total). Returns each
+    combination's g1 entry and g2 entry, [combinations] each, in g1-entry order."""
     bag1 = first.bag
     count2 = torch.bincount(second.bag, minlength=first.num_tokens * first.heads)
     repeat = count2[bag1]                                           # partners of each first entry
