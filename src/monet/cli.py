@@ -191,9 +191,9 @@ def run_probe(cmd: S.ProbeSettings) -> None:
     from monet.interp.probe import REPORT_JSON, REPORT_MD, probe_command
 
     report = probe_command(cmd)
-    print((Path(cmd.out) / REPORT_MD).read_text(encoding="utf-8"))
-    print(f"report: {Path(cmd.out) / REPORT_JSON}  table: {Path(cmd.out) / REPORT_MD}  "
-          f"({len(report['models'])} model(s))")
+    out = Path(cmd.out)
+    print((out / REPORT_MD).read_text(encoding="utf-8"))
+    print(f"report: {out / REPORT_JSON}  table: {out / REPORT_MD}  ({len(report['models'])} model(s))")
 
 
 def run_unlearn(cmd: S.UnlearnSettings) -> None:
@@ -301,8 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"usage: monet {argv[0]} SUBCOMMAND [options]\n\nsubcommands:", file=stream)
             print(command_list(subcommands, "monet "), file=stream)
             return 0 if asked else 2
-        settings = parse(name, rest)
-        COMMANDS[name][1](settings)
+        COMMANDS[name][1](parse(name, rest))
         return 0
     except SystemExit as exc:   # tyro: --help (0) or a malformed option (2, already explained)
         return exc.code if isinstance(exc.code, int) else 2
