@@ -367,9 +367,9 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
             raise MonetError(f"every checkpoint in {run_dir / 'checkpoints'} is damaged (see above), so the run "
                              "cannot resume; restore a checkpoint, or delete the checkpoints to start over")
     if runtime.world > 1:
-        box = [str(resume) if resume else None]
+        box = [resume]
         dist.broadcast_object_list(box, src=0)
-        resume = Path(box[0]) if box[0] else None
+        resume = box[0]
     source = resume or (resolve_checkpoint(settings.init_from, not settings.no_verify) if settings.init_from else None)
 
     set_seed(settings.seed)
