@@ -129,7 +129,7 @@ def lr_at(step: int, settings: TrainSettings) -> float:
         return peak * (step + 1) / warmup
     if total <= warmup:
         return peak
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, (step - warmup) / (total - warmup))
     return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -411,10 +411,9 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
     params = [p for p in model.parameters() if p.requires_grad]
     tokens_per_step = settings.batch_size * settings.seq_len
     max_norm = settings.grad_clip if settings.grad_clip > 0 else float("inf")
-    bar = tqdm(total=settings.max_steps, initial=start_step, disable=not runtime.main or settings.quiet,
-               desc="train", unit="step")
     row: dict[str, Any] = {}
-    try:   # the progress bar is closed however the loop ends (a NaN stop raises)
+    with tqdm(total=settings.max_steps, initial=start_step, disable=not runtime.main or settings.quiet,
+              desc="train", unit="step") as bar:   # closed however the loop ends (a NaN stop raises)
         for step in range(start_step + 1, settings.max_steps + 1):
             started = time.perf_counter()
             lr = lr_at(step - 1, settings)
@@ -452,7 +451,6 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
             if val_sets and (step % settings.eval_interval == 0 or last):
                 results = evaluate_sets(_unwrap(model), val_sets, settings.eval_batch_size, settings.eval_batches,
                                         runtime.device, runtime.autocast_dtype)
-                model.train()
                 row.update({val_columns[label]: result["loss"] for label, result in results.items()})
                 if runtime.main:
                     bar.write(f"step {step}: validation loss {row['val_loss']:.4f}")
@@ -462,8 +460,6 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
             bar.set_postfix({"loss": f"{row['loss']:.4f}", "tok_s": f"{row['tokens_per_s']:.0f}"})
             if step % settings.save_interval == 0 or last:
                 last_good = _save(run_dir, step, model, optimizer, order, tokens_seen, settings, data_dir, runtime)
-    finally:
-        bar.close()
     return {"run_dir": str(run_dir), "steps": settings.max_steps, "resumed_from": start_step, "rank": runtime.rank,
             "checkpoint": str(last_good) if last_good else None, "last": row}
 
