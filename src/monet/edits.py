@@ -176,9 +176,8 @@ def expert_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
 def model_shape(model: nn.Module) -> tuple[int, int, int]:
     """(E per side, routing groups, layers per group) of a Monet model."""
     config = model.config
-    layers = expert_layers(model)
-    groups = max(index for index, _ in layers) // config.moe_groups + 1
-    return int(config.moe_experts), int(groups), int(config.moe_groups)
+    groups = expert_layers(model)[-1][0] // config.moe_groups + 1   # expert_layers are in layer order
+    return int(config.moe_experts), groups, int(config.moe_groups)
 
 
 def check_fits(model: nn.Module, edits: ExpertEdits) -> None:
