@@ -8,12 +8,7 @@ they need it (see `monet.cli`).
 
 import sys
 
-
-def main() -> int:
-    from monet.cli import main as cli_main
-
-    return cli_main()
-
+from monet.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -245,16 +245,6 @@ def load_checkpoint(
     return model, tokenizer
 
 
-def checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """What `monet train` recorded beside the weights (seq_len, tokens seen, the tokenizer's hash, ...);
-    empty for a plain Hugging Face directory."""
-    try:
-        manifest = read_manifest(resolve_checkpoint(path, verify=False))
-    except MonetError:
-        return {}
-    return {k: v for k, v in (manifest or {}).items() if k not in ("files", "step")}
-
-
 def tokenizer_hash(directory: str | os.PathLike) -> str | None:
     """SHA-256 of a directory's tokenizer.json (a checkpoint's or a dataset's), None when it has none."""
     file = Path(directory) / "tokenizer.json"
@@ -278,7 +268,10 @@ def check_data_fits(checkpoint: str | os.PathLike, data_dir: str | os.PathLike) 
 
 def trained_seq_len(checkpoint: str | os.PathLike, model: MonetForCausalLM, default: int = 256) -> int:
     """The training sequence length recorded with the checkpoint, else min(default, the model's maximum)."""
-    recorded = checkpoint_metadata(checkpoint).get("seq_len")
+    try:
+        recorded = (read_manifest(resolve_checkpoint(checkpoint, verify=False)) or {}).get("seq_len")
+    except MonetError:   # unresolvable path or unreadable checkpoint.json: fall back to the default
+        recorded = None
     limit = getattr(model.config, "max_position_embeddings", default) or default
     return int(recorded) if recorded else min(default, limit)
 

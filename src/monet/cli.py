@@ -16,6 +16,7 @@ from typing import Any
 from monet import __version__
 from monet import settings as S
 from monet.errors import MonetError
+from monet.io import dumps, printable
 
 HELP = """usage: monet [--version] [--debug] COMMAND [options]
 
@@ -33,7 +34,7 @@ def run_info(cmd: S.InfoCommand) -> None:
     if cmd.compare:
         result = info.compare_layers(cmd.dim, cmd.experts, cmd.heads, cmd.moe_dim, cmd.topk)
         if cmd.json:
-            return print_json(result)
+            return print(dumps(result))
         print(f"One layer at d={cmd.dim}, N={cmd.experts:,} experts, H={cmd.heads}, m={cmd.moe_dim}, k={cmd.topk}")
         rows = [("architecture", "parameters / retrieval multiply-adds per token")]
         for arch, params in result["per_layer_parameters"].items():
@@ -43,7 +44,7 @@ def run_info(cmd: S.InfoCommand) -> None:
         return print_rows(rows)
     result = info.describe(cmd.preset, S.parse_assignments(cmd.set))
     if cmd.json:
-        return print_json(result)
+        return print(dumps(result))
     print_rows(info.describe_rows(result))
 
 
@@ -68,7 +69,7 @@ def run_data_info(cmd: S.DataInfo) -> None:
     from monet.data.build import format_table
 
     manifest = read_manifest(cmd.dir)
-    print_json(manifest) if cmd.json else print(format_table(manifest))
+    print(dumps(manifest) if cmd.json else format_table(manifest))
 
 
 def run_train(cmd: S.TrainSettings) -> None:
@@ -91,9 +92,9 @@ def run_eval(cmd: S.EvalCommand) -> None:
                                  batch_size=cmd.batch_size, seq_len=cmd.seq_len, device=cmd.device,
                                  progress=not cmd.json, verify=not cmd.no_verify)
     if cmd.json:
-        return print_json(report)
+        return print(dumps(report))
     print(f"checkpoint {report['checkpoint']}  split {report['split']}  seq_len {report['seq_len']}")
-    width = max([len("overall"), *(len(label) for label in report["labels"])])
+    width = max(map(len, ["overall", *report["labels"]]))
     print(f"{'label':<{width}}  {'loss':>8}  {'ppl':>10}  {'tokens':>9}")
     for name, result in [("overall", report["overall"]), *report["labels"].items()]:
         print(f"{name:<{width}}  {result['loss']:8.4f}  {result['perplexity']:10.2f}  {result['tokens']:9d}")
@@ -122,7 +123,6 @@ def run_atlas_query(cmd: S.AtlasQuery) -> None:
     from monet.checkpoint import load_checkpoint
     from monet.interp.explain import expert_logits
     from monet.interp.query import Atlas, experts_for_text, format_context, parse_expert
-    from monet.io import printable
 
     atlas = Atlas(cmd.atlas)
     model = tokenizer = None
@@ -170,7 +170,7 @@ def run_atlas_query(cmd: S.AtlasQuery) -> None:
                                   for g, experts in enumerate(entry["groups"]))
             lines.append(f"  {entry['piece']!r:>14}  {groups}")
     if cmd.json:
-        return print_json(result)
+        return print(dumps(result))
     print(printable("\n".join(lines)))
 
 
@@ -191,9 +191,9 @@ def run_probe(cmd: S.ProbeSettings) -> None:
     from monet.interp.probe import REPORT_JSON, REPORT_MD, probe_command
 
     report = probe_command(cmd)
-    print((Path(cmd.out) / REPORT_MD).read_text(encoding="utf-8"))
-    print(f"report: {Path(cmd.out) / REPORT_JSON}  table: {Path(cmd.out) / REPORT_MD}  "
-          f"({len(report['models'])} model(s))")
+    out = Path(cmd.out)
+    print((out / REPORT_MD).read_text(encoding="utf-8"))
+    print(f"report: {out / REPORT_JSON}  table: {out / REPORT_MD}  ({len(report['models'])} model(s))")
 
 
 def run_unlearn(cmd: S.UnlearnSettings) -> None:
@@ -238,12 +238,6 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
 }
 
 
-def print_json(value: Any) -> None:
-    from monet.io import dumps
-
-    print(dumps(value))
-
-
 def print_rows(rows: list[tuple[str, str]]) -> None:
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
@@ -272,16 +266,15 @@ def parse(name: str, argv: list[str]) -> Any:
 
     cls, _ = COMMANDS[name]
     defaults: dict[str, Any] = {}
-    if name == "train" and "--config" in argv:
-        at = argv.index("--config")
-        if at + 1 >= len(argv):
-            raise MonetError("--config needs a YAML file")
-        from monet.train import load_settings
-
-        with S.deferred_checks():
-            defaults["default"] = load_settings(argv[at + 1])
-        argv = argv[:at] + argv[at + 2:]
     with S.deferred_checks():
+        if name == "train" and "--config" in argv:
+            at = argv.index("--config")
+            if at + 1 >= len(argv):
+                raise MonetError("--config needs a YAML file")
+            from monet.train import load_settings
+
+            defaults["default"] = load_settings(argv[at + 1])
+            argv = argv[:at] + argv[at + 2:]
         settings = tyro.cli(cls, args=argv, prog=f"monet {name}", config=(tyro.conf.FlagCreatePairsOff,), **defaults)
     settings.check()
     return settings
@@ -294,9 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["--version"], ["-V"]):
         print(f"monet {__version__}")
         return 0
-    name = None
+    name, rest = split_command(argv)
     try:
-        name, rest = split_command(argv)
         if name is None:
             if argv[:1] in ([], ["-h"], ["--help"]):
                 print(HELP.format(commands=command_list(list(COMMANDS))))
@@ -309,8 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"usage: monet {argv[0]} SUBCOMMAND [options]\n\nsubcommands:", file=stream)
             print(command_list(subcommands, "monet "), file=stream)
             return 0 if asked else 2
-        settings = parse(name, rest)
-        COMMANDS[name][1](settings)
+        COMMANDS[name][1](parse(name, rest))
         return 0
     except SystemExit as exc:   # tyro: --help (0) or a malformed option (2, already explained)
         return exc.code if isinstance(exc.code, int) else 2

@@ -111,15 +111,14 @@ class ExpertEdits:
             entries[i * num_experts + j] = entries.get(i * num_experts + j, 1.0) * alpha
         if not entries and not bottom and not top:
             return None
-        keep_bottom = torch.ones(num_experts, dtype=torch.float64)
-        keep_top = torch.ones(num_experts, dtype=torch.float64)
+        keep = torch.ones(num_experts, num_experts, dtype=torch.float64)   # [i, j]
         for i, alpha in bottom.items():
             _check_index(i, num_experts, f"bottom half of group {group}")
-            keep_bottom[i] *= alpha
+            keep[i] *= alpha
         for j, alpha in top.items():
             _check_index(j, num_experts, f"top half of group {group}")
-            keep_top[j] *= alpha
-        keep = torch.outer(keep_bottom, keep_top).flatten()
+            keep[:, j] *= alpha
+        keep = keep.flatten()
         if entries:
             for index in (min(entries), max(entries)):
                 _check_index(index, num_experts * num_experts, f"expert id in group {group}")
@@ -177,9 +176,8 @@ def expert_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
 def model_shape(model: nn.Module) -> tuple[int, int, int]:
     """(E per side, routing groups, layers per group) of a Monet model."""
     config = model.config
-    layers = expert_layers(model)
-    groups = max(index for index, _ in layers) // config.moe_groups + 1
-    return int(config.moe_experts), int(groups), int(config.moe_groups)
+    groups = expert_layers(model)[-1][0] // config.moe_groups + 1   # expert_layers are in layer order
+    return int(config.moe_experts), groups, int(config.moe_groups)
 
 
 def check_fits(model: nn.Module, edits: ExpertEdits) -> None:
@@ -199,11 +197,6 @@ def check_fits(model: nn.Module, edits: ExpertEdits) -> None:
 def current_weights(model: nn.Module) -> dict[int, torch.Tensor | None]:
     """Each expert layer's edit table (None where unedited), by layer index."""
     return {index: module.edit_weights for index, module in expert_layers(model)}
-
-
-def _set_weights(model: nn.Module, weights: dict[int, torch.Tensor | None]) -> None:
-    for index, module in expert_layers(model):
-        module.edit_weights = weights.get(index)
 
 
 def apply_edits(model: nn.Module, edits: ExpertEdits, replace: bool = False) -> nn.Module:
@@ -233,7 +226,7 @@ def _compose(model: nn.Module, tables: dict[int, torch.Tensor | None], replace: 
 
 def clear_edits(model: nn.Module) -> nn.Module:
     """Remove every expert edit (the model computes its original function again)."""
-    _set_weights(model, {})
+    _compose(model, {}, replace=True)
     return model
 
 
@@ -244,16 +237,14 @@ def edited(model: nn.Module, edits: ExpertEdits, replace: bool = False) -> Itera
     try:
         yield apply_edits(model, edits, replace=replace)
     finally:
-        _set_weights(model, saved)
+        _compose(model, saved, replace=True)
 
 
 def masking_ratio(model: nn.Module) -> float:
     """Share of all groups x N experts whose term is fully removed (edit weight 1)."""
     experts, groups, per_group = model_shape(model)
-    deleted = 0
-    for index, module in expert_layers(model):
-        if index % per_group == 0 and module.edit_weights is not None:
-            deleted += int((module.edit_weights >= 1.0).sum())
+    deleted = sum(int((module.edit_weights >= 1.0).sum()) for index, module in expert_layers(model)
+                  if index % per_group == 0 and module.edit_weights is not None)
     return deleted / (groups * experts * experts)
 
 
@@ -357,8 +348,7 @@ def read_edit_tables(model: nn.Module, directory: str | os.PathLike) -> dict[int
         raise MonetError(f"{path} is not a Monet expert-edits file (format {metadata.get('format')!r})")
     experts, groups, per_group = model_shape(model)
     layers = dict(expert_layers(model))
-    saved = (metadata.get("moe_experts"), metadata.get("routing_groups"), metadata.get("moe_groups"),
-             metadata.get("num_layers"))
+    saved = tuple(map(metadata.get, ("moe_experts", "routing_groups", "moe_groups", "num_layers")))
     if saved != (str(experts), str(groups), str(per_group), str(len(layers))):
         raise MonetError(
             f"{path} was saved for a model with moe_experts={saved[0]}, {saved[1]} routing groups of {saved[2]} "

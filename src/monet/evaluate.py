@@ -28,8 +28,6 @@ def window_indices(total: int, batch_size: int, max_batches: int | None) -> list
     """All window indices, or `max_batches * batch_size` of them evenly spaced over [0, total) (not the first
     ones: documents are stored label by label, and a limited pass should still see every label)."""
     wanted = total if max_batches is None else min(total, max_batches * batch_size)
-    if wanted >= total:
-        return list(range(total))
     return [int(i * total / wanted) for i in range(wanted)]
 
 

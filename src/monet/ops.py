@@ -43,16 +43,13 @@ def batch_statistics(z: torch.Tensor, token_mask: torch.Tensor | None = None) ->
     # First and second moments per head, from the rows: E[z] and E[z^2] = E[row var + row mean^2].
     first = (weight[:, None] * row_mean.double()).sum(0)
     second = (weight[:, None] * (row_var.double() + row_mean.double().square())).sum(0)
-    count = rows * experts
     if distributed():
-        sums = torch.stack([first * experts, second * experts])
-        dist.all_reduce(count)
+        sums = torch.cat((rows.view(1), first, second))
         dist.all_reduce(sums)
-        first, second = sums[0] / experts, sums[1] / experts
-        rows = count / experts
+        rows, first, second = sums[0], sums[1:1 + heads], sums[1 + heads:]
     mean = first / rows.clamp_min(1.0)
     var = (second / rows.clamp_min(1.0) - mean.square()).clamp_min(0.0)
-    return count, mean.to(z.dtype), var.to(z.dtype)
+    return rows * experts, mean.to(z.dtype), var.to(z.dtype)
 
 
 @torch.no_grad()
@@ -111,8 +108,6 @@ class KeptSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_g):
         x, weight, g = ctx.saved_tensors
-        if grad_g is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            return None, None, None, None
         grad_z = g * (grad_g - (g * grad_g).sum(dim=-1, keepdim=True))   # softmax backward, 0 off kept
         x2d = x.reshape(-1, x.shape[-1])
         kept = g.reshape(x2d.shape[0], -1) > 0                                # [tokens, H*E]

@@ -89,7 +89,7 @@ def literal_choices(hint: Any) -> tuple:
     """The allowed values of a Literal[...] (or Literal[...] | None) type, else ()."""
     if typing.get_origin(hint) is Literal:
         return typing.get_args(hint)
-    return next((literal_choices(arg) for arg in typing.get_args(hint) if literal_choices(arg)), ())
+    return sum((literal_choices(arg) for arg in typing.get_args(hint)), ())
 
 
 def check_number(name: str, value: Any, *, integer: bool = False, low: float | None = None,

@@ -49,7 +49,8 @@ class KeptEntries:
 
     Sorted by bag = token * H + head, then half (the order of `nonzero`). `flat` is the entry's position
     in g.reshape(-1) and `value` = g there (an autograd-tracked gather: gradients reach g). With a
-    layout: `pair` is the entry's (token, half) pair, `by_pair` a stable order grouping entries by pair.
+    layout: `pair` is the entry's (token, half) pair, `by_pair` a stable order grouping entries by pair,
+    `offsets` the start of each (token, head) bag (embedding-bag offsets).
     """
 
     token: torch.Tensor
@@ -61,6 +62,7 @@ class KeptEntries:
     value: torch.Tensor | None = None
     pair: torch.Tensor | None = None
     by_pair: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
 
     @property
     def bag(self) -> torch.Tensor:
@@ -80,7 +82,6 @@ class HalfLayout:
     """
 
     token: torch.Tensor      # [P] long
-    half: torch.Tensor       # [P] long
     counts: list[int]        # [E]
     num_tokens: int
     experts: int
@@ -108,7 +109,7 @@ def kept_entries(g: torch.Tensor) -> KeptEntries:
 
 
 def side(g: torch.Tensor) -> tuple[KeptEntries, HalfLayout]:
-    """Kept entries of g [..., H, E] with their pair indices, and the side's layout.
+    """Kept entries of g [..., H, E] with their pair indices and bag offsets, and the side's layout.
 
     The union over heads is marked in an [E, tokens] bool grid (the size of one head's routing); its
     non-zeros in row-major order are the pairs sorted by half then token, and a running count over
@@ -118,12 +119,13 @@ def side(g: torch.Tensor) -> tuple[KeptEntries, HalfLayout]:
     tokens, experts = entries.num_tokens, g.shape[-1]
     mark = torch.zeros(experts, tokens, dtype=torch.bool, device=g.device)
     mark[entries.half, entries.token] = True
-    half, token = mark.nonzero(as_tuple=True)
+    token = mark.nonzero(as_tuple=True)[1]
     position = mark.view(-1).cumsum(0) - 1
     entries.pair = position[entries.half * tokens + entries.token]
     entries.by_pair = torch.sort(entries.pair, stable=True).indices
+    entries.offsets = bag_offsets(entries.bag, tokens * entries.heads)
     counts = mark.sum(dim=1).tolist()               # host sync on GPU (see the module docstring)
-    return entries, HalfLayout(token, half, counts, tokens, experts)
+    return entries, HalfLayout(token, counts, tokens, experts)
 
 
 def bag_offsets(sorted_index: torch.Tensor, bags: int) -> torch.Tensor:
@@ -132,39 +134,18 @@ def bag_offsets(sorted_index: torch.Tensor, bags: int) -> torch.Tensor:
     return counts.cumsum(0) - counts
 
 
-@dataclass
-class Combinations:
-    """The per-head combinations of kept g1 entries with kept g2 entries of the same (token, head): the
-    ragged Cartesian products K1_th x K2_th, sum_{t,h} |K1_th| |K2_th| of them (about tokens * H * k^2).
-
-    Combination c belongs to first entry e with start[e] <= c < start[e] + repeat[e] (runs in entry
-    order); `second` [combinations] is its g2 entry. `owner(c)` finds e for a few selected c.
-    """
-
-    repeat: torch.Tensor
-    start: torch.Tensor
-    second: torch.Tensor
-    total: int
-
-    def owner(self, combination: torch.Tensor) -> torch.Tensor:
-        return torch.searchsorted(self.start + self.repeat, combination, right=True)
-
-    def first(self) -> torch.Tensor:
-        """The first entry of every combination: [combinations]."""
-        index = torch.arange(self.repeat.shape[0], device=self.repeat.device)
-        return torch.repeat_interleave(index, self.repeat, output_size=self.total)
-
-
-def combinations(first: KeptEntries, second: KeptEntries) -> Combinations:
-    """Enumerate K1_th x K2_th for every (token, head) without padding (one host sync for the total)."""
+def combinations(first: KeptEntries, second: KeptEntries) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-head combinations K1_th x K2_th of kept g1 and g2 entries of the same (token, head), ragged:
+    sum_{t,h} |K1_th| |K2_th| of them (about tokens * H * k^2; one host sync for the total). Returns each
+    combination's g1 entry and g2 entry, [combinations] each, in g1-entry order."""
     bag1 = first.bag
     count2 = torch.bincount(second.bag, minlength=first.num_tokens * first.heads)
-    start2 = count2.cumsum(0) - count2                              # each bag's first g2 entry
     repeat = count2[bag1]                                           # partners of each first entry
-    start = repeat.cumsum(0) - repeat                               # each first entry's run
     total = int(repeat.sum())
-    shift = torch.repeat_interleave(start2[bag1] - start, repeat, output_size=total)
-    return Combinations(repeat, start, torch.arange(total, device=bag1.device) + shift, total)
+    index1 = torch.repeat_interleave(torch.arange(bag1.shape[0], device=bag1.device), repeat, output_size=total)
+    # The n-th combination of a run pairs its first entry with the n-th g2 entry of the bag.
+    shift = (count2.cumsum(0) - count2)[bag1] - (repeat.cumsum(0) - repeat)    # bag's first g2 entry - run start
+    return index1, torch.arange(total, device=bag1.device) + shift[index1]
 
 
 @dataclass
@@ -185,8 +166,7 @@ class ActivePairs:
 def active_pairs(g1: torch.Tensor, g2: torch.Tensor) -> ActivePairs:
     """Every (token, head, i, j) with g1_hi * g2_hj > 0 for g [..., H, E], ragged (never padded, never E^2)."""
     first, second = kept_entries(g1), kept_entries(g2)
-    combos = combinations(first, second)
-    index1, index2 = combos.first(), combos.second
+    index1, index2 = combinations(first, second)
     return ActivePairs(first.token[index1], first.head[index1], first.half[index1], second.half[index2],
                        first.value[index1] * second.value[index2])
 
@@ -207,13 +187,11 @@ def merged_experts(g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, to
     if candidate.numel():
         keys, inverse = torch.unique(token[candidate] * experts * experts + ids[candidate], return_inverse=True)
         total = score.new_zeros(keys.shape).index_add_(0, inverse, score[candidate])
-        position = torch.full(keys.shape, token.shape[0], dtype=torch.long, device=keys.device)
+        position = candidate.new_full(keys.shape, token.shape[0])
         position = position.scatter_reduce(0, inverse, candidate, reduce="amin")   # first occurrence
+        score = score.index_put((position,), total)
         keep = torch.ones_like(token, dtype=torch.bool)
-        keep[candidate] = False
-        keep[position] = True
-        score = score.clone()
-        score[position] = total
+        keep[candidate[position[inverse] != candidate]] = False                    # the later occurrences
         kept = keep.nonzero().squeeze(1)
         token, ids, score = token[kept], ids[kept], score[kept]
     return token, ids, score
@@ -237,15 +215,13 @@ def edited_entries(first: KeptEntries, second: KeptEntries, edit_weights: torch.
                    experts: int) -> EditedEntries:
     """Only the active per-head pairs with a non-zero edit weight (ragged; O(active pairs) work).
 
-    Every combination's expert id i*E + j is looked up in the table; only the hits are turned into
-    entry indices, so a small mask costs about one pass over the combinations.
+    Every combination's expert id i*E + j is looked up in the table; only the hits are kept.
     """
-    combos = combinations(first, second)
+    index1, index2 = combinations(first, second)
     table = edit_weights.to(device=first.token.device, dtype=first.value.dtype)
-    ids = torch.repeat_interleave(first.half * experts, combos.repeat, output_size=combos.total)
-    weight = table[ids.add_(second.half[combos.second])]
+    weight = table[first.half[index1] * experts + second.half[index2]]
     hit = weight.nonzero().squeeze(1)
-    return EditedEntries(combos.owner(hit), combos.second[hit], weight[hit])
+    return EditedEntries(index1[hit], index2[hit], weight[hit])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -275,13 +251,12 @@ class GatherMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        layout: HalfLayout = ctx.layout
         need_x, _, need_w, need_b = ctx.needs_input_grad
         grad_x = torch.zeros_like(x) if need_x else None
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = grad_out.new_zeros(weight.shape[:2]) if need_b else None
         grad_t = grad_out.t().contiguous()                           # [w, P]: column blocks per half
-        for half, start, stop, rows in layout.blocks():
+        for half, start, stop, rows in ctx.layout.blocks():
             grad = grad_t[:, start:stop].t()                          # [n, w], transposed storage
             if grad_x is not None:
                 grad_x.index_add_(0, rows, grad @ weight[half])
@@ -314,13 +289,12 @@ class ScatterMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         c, *weights = ctx.saved_tensors
-        layout: HalfLayout = ctx.layout
         need_c, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2:]
         grad_c = torch.zeros_like(c) if need_c else None
         grad_w = [torch.zeros_like(w) if need else None for w, need in zip(weights, need_w, strict=True)]
         widths = [w.shape[-1] for w in weights]
         grad_out = grad_out.contiguous()
-        for half, start, stop, rows in layout.blocks():
+        for half, start, stop, rows in ctx.layout.blocks():
             grad = grad_out.index_select(0, rows)                     # [n, d_out]
             if grad_c is not None:
                 grad_c[start:stop] = (_block(weights, half).t() @ grad.t()).t()
@@ -347,9 +321,9 @@ def _with_ones(t: torch.Tensor) -> torch.Tensor:
     return torch.cat((t, t.new_ones(t.shape[0], 1)), dim=1)
 
 
-def _up(layer, linear, x2: torch.Tensor, layout: HalfLayout, width: int) -> torch.Tensor:
-    """sigma(U_i x + b_i) for every pair of the layout: [P, width]."""
-    weight, bias = linear.weight.view(layer.experts, width, -1), linear.bias.view(layer.experts, width)
+def _up(layer, linear, x2: torch.Tensor, layout: HalfLayout) -> torch.Tensor:
+    """sigma(U_i x + b_i) for every pair of the layout: [P, width of one half]."""
+    weight, bias = linear.weight.unflatten(0, (layer.experts, -1)), linear.bias.view(layer.experts, -1)
     return layer.act(GatherMatmul.apply(x2, layout, weight, bias))
 
 
@@ -367,14 +341,12 @@ def _spread(entries: KeptEntries, per_head: torch.Tensor, size: int) -> torch.Te
 @dataclass
 class Routing:
     """Both sides of one routing group's sparse structure ([tokens, H, E] flattened): kept entries with
-    values, layouts, per-(token, head) bag offsets, and the edited pairs of the edit tables seen so far."""
+    values and their layouts (`side`), and the edited pairs of the edit tables seen so far."""
 
     first: KeptEntries
-    second: KeptEntries
     layout1: HalfLayout
+    second: KeptEntries
     layout2: HalfLayout
-    bags1: torch.Tensor
-    bags2: torch.Tensor
     edits: list = dataclasses.field(default_factory=list)   # [(table, EditedEntries)], shared by `bind` copies
 
     @property
@@ -391,7 +363,7 @@ class Routing:
         """`edited_entries` of an edit table, enumerated once per group for each distinct table (the
         layers of a group hold equal tables, not always the same object; the last 4 are kept)."""
         for cached, edit in self.edits:
-            if cached.shape == table.shape and cached.device == table.device and torch.equal(cached, table):
+            if cached.device == table.device and torch.equal(cached, table):
                 return edit
         edit = edited_entries(self.first, self.second, table, self.layout1.experts)
         self.edits[:] = [(table.detach().clone(), edit), *self.edits][:4]
@@ -400,10 +372,7 @@ class Routing:
 
 def sparse_routing(g1: torch.Tensor, g2: torch.Tensor) -> Routing:
     """Kept entries, layouts and bag offsets of g1, g2 [..., H, E] (flattened over the leading dims)."""
-    first, layout1 = side(g1)
-    second, layout2 = side(g2)
-    bags = first.num_tokens * first.heads
-    return Routing(first, second, layout1, layout2, bag_offsets(first.bag, bags), bag_offsets(second.bag, bags))
+    return Routing(*side(g1), *side(g2))
 
 
 _last: dict = {}
@@ -416,13 +385,13 @@ def routing_for(g1: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype) -> Routi
     alive and unmodified (same objects and version counters) and reused, only the values are gathered
     again (so each call has its own autograd graph). The cache is dropped when g1 is collected.
     """
-    key = (id(g1), g1._version, id(g2), g2._version)
+    versions = (g1._version, g2._version)
     cached = _last.get("routing")
     g1c, g2c = g1.to(dtype), g2.to(dtype)
-    if cached is not None and cached[0] == key and cached[1]() is g1 and cached[2]() is g2:
+    if cached is not None and cached[1]() is g1 and cached[2]() is g2 and cached[0] == versions:
         return cached[3].bind(g1c, g2c)
     routing = sparse_routing(g1c, g2c)
-    _last["routing"] = (key, weakref.ref(g1, _forget), weakref.ref(g2), routing)
+    _last["routing"] = (versions, weakref.ref(g1, _forget), weakref.ref(g2), routing)
     return routing
 
 
@@ -445,8 +414,8 @@ def hd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
     x2 = x.reshape(-1, shape[-1])
     routing = routing or routing_for(g1, g2, x.dtype)
     first, second, layout1, layout2 = routing.first, routing.second, routing.layout1, routing.layout2
-    hidden = _up(layer, layer.u, x2, layout1, layer.expert_dim)                    # [P1, m]: sigma(U_i x + b1_i)
-    per_head = _bag(first.pair, hidden, routing.bags1, first.value)                # sum_i g1_hi sigma(...)
+    hidden = _up(layer, layer.u, x2, layout1)                                      # [P1, m]: sigma(U_i x + b1_i)
+    per_head = _bag(first.pair, hidden, first.offsets, first.value)                # sum_i g1_hi sigma(...)
     top_input = _spread(second, per_head, layout2.size)                            # [P2, m+1]: [c_tj, s2_tj]
     if layer.edit_weights is not None:
         edit = routing.edited(layer.edit_weights)
@@ -454,7 +423,7 @@ def hd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
         # Remove c (V_j sigma(U_i x + b1_i) + b2_j): [V_j | b2_j] meets [sigma(U_i x + b1_i), 1].
         c = edit.coefficient(first, second).unsqueeze(-1)
         top_input.index_add_(0, q, -c * _with_ones(hidden[p]))      # in place: nothing saved it
-    weight_v = layer.v.weight.view(-1, layer.experts, layer.expert_dim)
+    weight_v = layer.v.weight.unflatten(1, (layer.experts, -1))
     out = ScatterMatmul.apply(top_input, layout2, weight_v, layer.b.t().unsqueeze(-1))
     return out.view(shape)
 
@@ -466,11 +435,10 @@ def vd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
     x2 = x.reshape(-1, shape[-1])
     routing = routing or routing_for(g1, g2, x.dtype)
     first, second, layout1, layout2 = routing.first, routing.second, routing.layout1, routing.layout2
-    experts, m2 = layer.experts, layer.half_dim
-    left = _up(layer, layer.u1, x2, layout1, m2)                   # a1 [P1, m/2]
-    right = _up(layer, layer.u2, x2, layout2, m2)                  # a2 [P2, m/2]
-    per_head1 = _bag(first.pair, left, routing.bags1, first.value)               # sum_i g1_hi a1_i
-    per_head2 = _bag(second.pair, right, routing.bags2, second.value)            # sum_j g2_hj a2_j
+    left = _up(layer, layer.u1, x2, layout1)                       # a1 [P1, m/2]
+    right = _up(layer, layer.u2, x2, layout2)                      # a2 [P2, m/2]
+    per_head1 = _bag(first.pair, left, first.offsets, first.value)             # sum_i g1_hi a1_i
+    per_head2 = _bag(second.pair, right, second.offsets, second.value)          # sum_j g2_hj a2_j
     # [X12_ti, s1_ti] (eq. 26, 28) and [X21_tj, s2_tj] (eq. 27, 25): spread each head's sum over the other side.
     cross12, cross21 = _spread(first, per_head2, layout1.size), _spread(second, per_head1, layout2.size)
     s1, s2 = cross12[:, -1:], cross21[:, -1:]
@@ -486,7 +454,7 @@ def vd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
         bottom_input.index_add_(0, q, term)
 
     def blocks(linear):
-        return linear.weight.view(-1, experts, m2)
+        return linear.weight.unflatten(1, (layer.experts, -1))
 
     top = ScatterMatmul.apply(top_input, layout1, blocks(layer.v11), blocks(layer.v12), layer.b1.t().unsqueeze(-1))
     bottom = ScatterMatmul.apply(bottom_input, layout2, blocks(layer.v21), blocks(layer.v22),

@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import fully_shard
 from tqdm.auto import tqdm
+from transformers import set_seed
 
 from monet.checkpoint import (
     check_data_fits,
@@ -59,7 +60,7 @@ from monet.runtime import resolve_device, start_distributed
 from monet.settings import TrainSettings, parse_assignments, yaml_scalar
 
 METRIC_COLUMNS = ["step", "loss", "lm_loss", "unif_loss", "amb_loss", "lr", "grad_norm", "tokens_per_s"]
-_RUN_KEYS = ("output_router_probs", "use_cache")   # MonetConfig fields a run never sets
+_RUN_KEYS = {"output_router_probs", "use_cache"}   # MonetConfig fields a run never sets
 
 
 def load_settings(config_file: str | os.PathLike | None = None, values: dict[str, Any] | None = None
@@ -89,7 +90,7 @@ def load_settings(config_file: str | os.PathLike | None = None, values: dict[str
                 model.update(parse_assignments(value))
             elif key in training:
                 merged[key] = tuple(value) if isinstance(value, list) else value
-            elif key in config_fields() - set(_RUN_KEYS):
+            elif key in config_fields() - _RUN_KEYS:
                 model[key] = value
             else:
                 raise MonetError(f"unknown config key {key!r}. Training keys: {', '.join(sorted(training))}. "
@@ -100,10 +101,10 @@ def load_settings(config_file: str | os.PathLike | None = None, values: dict[str
 def build_model_config(settings: TrainSettings, vocab_size: int) -> MonetConfig:
     """The MonetConfig of a run: preset, then the model/decompose shortcuts, then `--set` overrides."""
     fields = settings.model_fields()
-    unknown = sorted(set(fields) - config_fields() | set(fields) & set(_RUN_KEYS))
+    unknown = sorted(set(fields) - config_fields() | set(fields) & _RUN_KEYS)
     if unknown:
         raise MonetError(f"unknown model field(s) in --set: {', '.join(unknown)}; MonetConfig fields: "
-                         f"{', '.join(sorted(config_fields() - set(_RUN_KEYS)))}")
+                         f"{', '.join(sorted(config_fields() - _RUN_KEYS))}")
     if "vocab_size" in fields and fields["vocab_size"] != vocab_size:
         raise MonetError(f"vocab_size={fields['vocab_size']} disagrees with the data's tokenizer ({vocab_size} "
                          "tokens); drop vocab_size (it comes from the data) or rebuild the data with that vocabulary")
@@ -128,7 +129,7 @@ def lr_at(step: int, settings: TrainSettings) -> float:
         return peak * (step + 1) / warmup
     if total <= warmup:
         return peak
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, (step - warmup) / (total - warmup))
     return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -189,7 +190,7 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     py = state["python"]
-    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
     nps = state["numpy"]
     keys = nps["keys"].numpy().astype(np.uint32)
     np.random.set_state((nps["kind"], keys, nps["pos"], nps["has_gauss"], nps["cached"]))
@@ -316,7 +317,7 @@ class MetricsLog:
 
 
 def _check_same_model(saved: MonetConfig, current: MonetConfig, where: Path) -> None:
-    keys = sorted(config_fields() - set(_RUN_KEYS))
+    keys = sorted(config_fields() - _RUN_KEYS)
     changed = [f"{k}: {getattr(saved, k, None)!r} -> {getattr(current, k, None)!r}" for k in keys
                if getattr(saved, k, None) != getattr(current, k, None)]
     if changed:
@@ -366,14 +367,12 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
             raise MonetError(f"every checkpoint in {run_dir / 'checkpoints'} is damaged (see above), so the run "
                              "cannot resume; restore a checkpoint, or delete the checkpoints to start over")
     if runtime.world > 1:
-        box = [str(resume) if resume else None]
+        box = [resume]
         dist.broadcast_object_list(box, src=0)
-        resume = Path(box[0]) if box[0] else None
+        resume = box[0]
     source = resume or (resolve_checkpoint(settings.init_from, not settings.no_verify) if settings.init_from else None)
 
-    torch.manual_seed(settings.seed)
-    random.seed(settings.seed)
-    np.random.seed(settings.seed)
+    set_seed(settings.seed)
     if source is None:
         model = MonetForCausalLM(config)
     else:
@@ -399,22 +398,22 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
         if runtime.rank < len(rngs):
             set_rng_state(rngs[runtime.rank])
 
-    columns = METRIC_COLUMNS + (["val_loss"] + [f"val_loss_{label}" for label in val_sets if label] if val_sets else [])
+    val_columns = {label: f"val_loss_{label}" if label else "val_loss" for label in val_sets}
     log = None
     if runtime.main:
         resolved = {**dataclasses.asdict(settings), "set": list(settings.set), "resolved_model": config.to_diff_dict()}
         atomic_write(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        log = MetricsLog(run_dir / "metrics.csv", columns, start_step)
+        log = MetricsLog(run_dir / "metrics.csv", METRIC_COLUMNS + list(val_columns.values()), start_step)
         prune_checkpoints(run_dir, 0)   # sweep temporary dirs of a killed run
         if resume is not None:
             print(f"monet train: resuming from {resume} (step {start_step})", flush=True)
     last_good = resume
     params = [p for p in model.parameters() if p.requires_grad]
     tokens_per_step = settings.batch_size * settings.seq_len
-    bar = tqdm(total=settings.max_steps, initial=start_step, disable=not runtime.main or settings.quiet,
-               desc="train", unit="step")
+    max_norm = settings.grad_clip if settings.grad_clip > 0 else float("inf")
     row: dict[str, Any] = {}
-    try:   # the progress bar is closed however the loop ends (a NaN stop raises)
+    with tqdm(total=settings.max_steps, initial=start_step, disable=not runtime.main or settings.quiet,
+              desc="train", unit="step") as bar:   # closed however the loop ends (a NaN stop raises)
         for step in range(start_step + 1, settings.max_steps + 1):
             started = time.perf_counter()
             lr = lr_at(step - 1, settings)
@@ -435,27 +434,24 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
             if runtime.world > 1:
                 sums = sums.to(runtime.device)   # NCCL reduces GPU tensors
                 dist.all_reduce(sums)
-            means = sums.cpu() / runtime.world / settings.grad_accum
-            max_norm = settings.grad_clip if settings.grad_clip > 0 else float("inf")
+            loss, lm_loss, unif_loss, amb_loss = (sums.cpu() / runtime.world / settings.grad_accum).tolist()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            _guard_finite(step, float(means[0]), grad_norm, last_good)
+            _guard_finite(step, loss, grad_norm, last_good)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens_seen += tokens_per_step
             if runtime.device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - started
-            row = {"step": step, "loss": float(means[0]), "lm_loss": float(means[1]), "lr": lr, "grad_norm": grad_norm,
+            row = {"step": step, "loss": loss, "lm_loss": lm_loss, "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": round(tokens_per_step / max(elapsed, 1e-9), 1)}
             if config.mlp_type == "monet":
-                row["unif_loss"], row["amb_loss"] = float(means[2]), float(means[3])
+                row["unif_loss"], row["amb_loss"] = unif_loss, amb_loss
             last = step == settings.max_steps
             if val_sets and (step % settings.eval_interval == 0 or last):
                 results = evaluate_sets(_unwrap(model), val_sets, settings.eval_batch_size, settings.eval_batches,
                                         runtime.device, runtime.autocast_dtype)
-                model.train()
-                for label, result in results.items():
-                    row["val_loss" if not label else f"val_loss_{label}"] = result["loss"]
+                row.update({val_columns[label]: result["loss"] for label, result in results.items()})
                 if runtime.main:
                     bar.write(f"step {step}: validation loss {row['val_loss']:.4f}")
             if log is not None:
@@ -464,8 +460,6 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
             bar.set_postfix({"loss": f"{row['loss']:.4f}", "tok_s": f"{row['tokens_per_s']:.0f}"})
             if step % settings.save_interval == 0 or last:
                 last_good = _save(run_dir, step, model, optimizer, order, tokens_seen, settings, data_dir, runtime)
-    finally:
-        bar.close()
     return {"run_dir": str(run_dir), "steps": settings.max_steps, "resumed_from": start_step, "rank": runtime.rank,
             "checkpoint": str(last_good) if last_good else None, "last": row}
 

@@ -187,10 +187,8 @@ def _extract_tar(archive: str, source: CodeSource, out: Path) -> Path:
 def _dpkg_version(package: str) -> str | None:
     """The version of an installed Debian package, from dpkg's status file; None when not installed."""
     status = Path("/var/lib/dpkg/status")
-    if not status.is_file():
-        return None
-    block = status.read_text(encoding="utf-8", errors="replace").split(f"\nPackage: {package}\n")
-    found = re.search(r"^Version: (.+)$", block[1].split("\n\n")[0], re.MULTILINE) if len(block) > 1 else None
+    text = status.read_text(encoding="utf-8", errors="replace") if status.is_file() else ""
+    found = re.search(rf"\nPackage: {re.escape(package)}\n(?:.+\n)*?Version: (.+)", text)   # within its paragraph
     return found.group(1) if found else None
 
 
@@ -298,8 +296,7 @@ def excerpt(text: str, key: str, max_bytes: int = CODE_DOCUMENT_BYTES) -> tuple[
         return text, 0
     lines = text.split("\n")
     # Start positions from which at least ~max_bytes remain, chosen deterministically.
-    sizes = [len(line.encode("utf-8")) + 1 for line in reversed(lines)]
-    remaining = list(accumulate(sizes))[::-1]   # bytes from each line to the end
+    remaining = list(accumulate(len(line.encode("utf-8")) + 1 for line in reversed(lines)))[::-1]   # bytes to the end
     candidates = [i for i, r in enumerate(remaining) if r >= max_bytes] or [0]
     start = candidates[int(seeded_key(0, key)[:8], 16) % len(candidates)]
     return truncate_utf8("\n".join(lines[start:]), max_bytes), start
@@ -319,8 +316,7 @@ def read_document(ref: FileRef, label: str, provenance: dict | None = None, seed
     if len(text.strip()) < MIN_DOCUMENT_CHARS:
         return None
     text, start = excerpt(text, f"{seed}:{content_hash(text)}")   # by content: copies give one excerpt
-    meta: dict = {"first_line": start} if start else {}
-    meta.update(provenance or {})
+    meta = ({"first_line": start} if start else {}) | (provenance or {})
     return Document(text=text, label=label, source=ref.name, meta=meta)
 
 
