@@ -234,6 +234,14 @@ def unit_layout(model: torch.nn.Module) -> tuple[int, int, float]:
     return config.num_hidden_layers, config.intermediate_size, 1.0
 
 
+def group_layers(model: torch.nn.Module, group: int) -> list[int]:
+    """Decoder layers whose expert terms belong to routing group `group` (dense: the layer itself)."""
+    config = model.config
+    if getattr(config, "mlp_type", "monet") != "monet":
+        return [group]
+    return [layer for layer in range(config.num_hidden_layers) if layer // config.moe_groups == group]
+
+
 class _RoutingDone(Exception):
     """Raised by a hook on the last router: the rest of the forward pass cannot change the routing."""
 
@@ -717,5 +725,5 @@ def vocab_table(tokenizer: Any, vocab_size: int):
     return pa.table({"id": np.arange(len(pieces), dtype=np.int32), "piece": pa.array(pieces, pa.string())})
 
 
-__all__ = ["AtlasOptions", "GroupStats", "TopK", "build_atlas", "collect", "context_windows", "merge", "model_identity",
-           "plan_windows", "unit_activations", "unit_entries", "unit_layout"]
+__all__ = ["AtlasOptions", "GroupStats", "TopK", "build_atlas", "collect", "context_windows", "group_layers", "merge",
+           "model_identity", "plan_windows", "unit_activations", "unit_entries", "unit_layout"]

@@ -16,6 +16,7 @@ import torch
 from monet.checkpoint import load_checkpoint
 from monet.errors import MonetError
 from monet.generate import generate_tokens
+from monet.interp.atlas import group_layers
 from monet.interp.query import Atlas, parse_expert
 from monet.model import expert_output
 from monet.runtime import resolve_device
@@ -24,14 +25,6 @@ from monet.settings import ExplainCommand
 EXPLAIN_PROMPT = "Q: What is the meaning of the word X? A: Sure! The meaning of the word X is "
 CHAT_NOTE = ("note: self-explanation is meaningful only for chat-tuned models (the paper used Monet-1.4B "
              "Chat); on a base model these samples are mostly continuations, not descriptions.")
-
-
-def group_layers(model: torch.nn.Module, group: int) -> list[int]:
-    """Decoder layers whose expert terms belong to routing group `group` (dense: the layer itself)."""
-    config = model.config
-    if getattr(config, "mlp_type", "monet") != "monet":
-        return [group]
-    return [layer for layer in range(config.num_hidden_layers) if layer // config.moe_groups == group]
 
 
 def context_prefixes(atlas, group: int, expert: int, k: int) -> list[list[int]]:
@@ -140,4 +133,4 @@ def explain_command(cmd: ExplainCommand) -> list[str]:
 
 
 __all__ = ["CHAT_NOTE", "EXPLAIN_PROMPT", "expert_direction", "expert_logits", "explain_command", "explain_expert",
-           "explanation_inputs", "group_layers"]
+           "explanation_inputs"]

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint, trained_seq_len
 from monet.data import TokenDataset
 from monet.errors import MonetError
-from monet.interp.atlas import batch_inputs, model_kind, unit_activations, unit_layout
+from monet.interp.atlas import batch_inputs, group_layers, model_kind, unit_activations, unit_layout
 from monet.io import atomic_write, output_directory, write_json
 from monet.runtime import resolve_device
 from monet.settings import ProbeSettings
@@ -343,11 +343,8 @@ def probe_models(models: list[tuple[str, torch.nn.Module]], data_dir: str | Path
 
         result = sparse_probe(batches, groups, units, labels, len(dataset.labels), tuple(cmd.ks), cmd.seed,
                               cmd.bootstrap)
-        config = model.config
-        per_group = int(getattr(config, "moe_groups", 1)) if kind == "monet" else 1
         for group in result["groups"]:
-            first = group["group"] * per_group
-            group["layers"] = list(range(first, min(first + per_group, config.num_hidden_layers)))
+            group["layers"] = group_layers(model, group["group"])
             group["top_units"] = {dataset.labels[label]: top for label, top in group["top_units"].items()}
             for entry in group["binary"].values():
                 entry["per_label"] = {dataset.labels[label]: acc for label, acc in entry["per_label"].items()}
