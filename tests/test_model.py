@@ -45,6 +45,20 @@ def test_cached_logits_equal_uncached_logits():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_cache_is_accepted_under_its_newer_name():
+    # transformers 5.25 calls the key/value cache `cache` (its generate passes it so); both names must work.
+    model = _model()
+    ids = torch.randint(3, 256, (2, 9))
+    full = model(ids, use_cache=False).logits
+    out = model(ids[:, :4], use_cache=True)
+    cache = out.past_key_values
+    steps = [out.logits]
+    for t in range(4, 9):
+        steps.append(model(ids[:, t:t + 1], cache=cache, use_cache=True).logits)
+    assert cache.get_seq_length() == 9
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
 def test_left_padding_is_honoured():
     model = _model()
     short = torch.randint(3, 256, (1, 4))
