@@ -188,7 +188,8 @@ def _dpkg_version(package: str) -> str | None:
     """The version of an installed Debian package, from dpkg's status file; None when not installed."""
     status = Path("/var/lib/dpkg/status")
     text = status.read_text(encoding="utf-8", errors="replace") if status.is_file() else ""
-    found = re.search(rf"\nPackage: {re.escape(package)}\n(?:.+\n)*?Version: (.+)", text)   # within its paragraph
+    # Within the package's own paragraph (`.+` never crosses the blank line between paragraphs).
+    found = re.search(rf"^Package: {re.escape(package)}\n(?:.+\n)*?Version: (.+)", text, re.MULTILINE)
     return found.group(1) if found else None
 
 
