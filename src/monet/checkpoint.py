@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerFast
 from monet.config import MonetConfig
 from monet.data import read_manifest as read_data_manifest
 from monet.errors import MonetError
-from monet.io import atomic_write, dumps, replace_directory, sha256_file, temporary_sibling
+from monet.io import atomic_write, dumps, printable, replace_directory, sha256_file, stale_temporary, temporary_sibling
 from monet.model import MonetForCausalLM
 
 CHECKPOINTS = "checkpoints"
@@ -101,9 +101,16 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
-        dict(manifest["files"])
+        files = dict(manifest["files"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise MonetError(f"{file} is unreadable ({exc})") from exc
+    for name, entry in files.items():   # plain names of files inside the checkpoint, with their sizes
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0") or name.startswith("~"):
+            raise MonetError(f"{file} lists {printable(name)!r}, which is not a file inside the checkpoint; "
+                             "the manifest is damaged or forged: re-save the checkpoint")
+        size = entry if isinstance(entry, int) else entry.get("bytes") if isinstance(entry, dict) else None
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise MonetError(f"{file} gives no valid size for {printable(name)!r}; re-save the checkpoint")
     return manifest
 
 
@@ -158,7 +165,7 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
     if not root.is_dir():
         return
     for child in root.iterdir():
-        if child.name.startswith((".tmp-", ".trash-")) and child.is_dir():
+        if stale_temporary(child.name) and child.is_dir():   # never another live process's temporary
             shutil.rmtree(child, ignore_errors=True)
     if keep_last <= 0:
         return
@@ -192,6 +199,9 @@ def read_config(path: str | os.PathLike) -> MonetConfig:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise MonetError(f"{file} is corrupt ({exc}); re-save the checkpoint") from exc
+    if not isinstance(raw, dict):
+        raise MonetError(f"{file} holds a JSON {type(raw).__name__}, not an object of model settings; re-save the "
+                         "checkpoint")
     if raw.get("model_type") not in (None, "monet"):
         raise MonetError(f"{file} describes a {raw.get('model_type')!r} model, not a Monet model")
     try:
@@ -211,9 +221,9 @@ def resolve_checkpoint(path: str | os.PathLike, verify: bool = True) -> Path:
         raise MonetError(f"{path} is a file; pass a run directory or a checkpoint directory")
     if (path / "config.json").is_file():
         problem = checkpoint_problem(path, verify) if (path / MANIFEST).is_file() else None
-        if problem:
-            raise MonetError(f"checkpoint {path} is damaged: {problem}; use another checkpoint "
-                             "(or --no-verify to load it anyway)")
+        if problem:   # --no-verify skips only the SHA-256 comparison: suggested only where it is the problem
+            anyway = " (or --no-verify to load it anyway)" if "SHA-256" in problem else ""
+            raise MonetError(f"checkpoint {path} is damaged: {problem}; use another checkpoint{anyway}")
         return path
     if (path / CHECKPOINTS).is_dir():
         latest = latest_checkpoint(path, verify=verify)
@@ -239,10 +249,26 @@ def load_checkpoint(
     tokenizer = _load_tokenizer(directory, config) if load_tokenizer else None
     with quiet_transformers():
         model = MonetForCausalLM.from_pretrained(directory, config=config)
+    check_finite_weights(model, directory)
     model.eval()
     if device is not None:
         model.to(device)
     return model, tokenizer
+
+
+MAX_WEIGHT = 1e6   # no trained weight comes near this; a larger one overflows activations into inf / NaN
+
+
+def check_finite_weights(model: torch.nn.Module, where: str | os.PathLike) -> None:
+    """MonetError naming the first parameter that holds NaN, infinity or a magnitude above `MAX_WEIGHT`:
+    such weights only produce `nan` losses and empty generations (the SHA-256 check cannot tell, since a
+    file written so matches its own hash)."""
+    for name, param in model.named_parameters():
+        data = param.detach()
+        if not bool(torch.isfinite(data).all()):
+            raise MonetError(f"{where}: weight {name} holds NaN or infinity; this checkpoint cannot be used")
+        if data.numel() and float(data.abs().max()) > MAX_WEIGHT:
+            raise MonetError(f"{where}: weight {name} holds values beyond {MAX_WEIGHT:g}; this checkpoint is damaged")
 
 
 def tokenizer_hash(directory: str | os.PathLike) -> str | None:

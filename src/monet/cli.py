@@ -6,7 +6,11 @@ A `MonetError` is printed as one line, `monet COMMAND: error: ...` (exit 2); `--
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
 import importlib
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -16,7 +20,7 @@ from typing import Any
 from monet import __version__
 from monet import settings as S
 from monet.errors import MonetError
-from monet.io import dumps, printable
+from monet.io import command_inputs, dumps, printable
 
 HELP = """usage: monet [--version] [--debug] COMMAND [options]
 
@@ -54,14 +58,14 @@ def run_data_build(cmd: S.DataBuild) -> None:
 
     if (Path(cmd.out) / "manifest.json").is_file() and not cmd.force:
         read_manifest(cmd.out)
-        return print(f"{cmd.out} already holds a complete dataset; pass --force to rebuild it")
+        return print(printable(f"{cmd.out} already holds a complete dataset; pass --force to rebuild it"))
     path = build_corpus(cmd.source, cmd.out, max_bytes=S.parse_size(cmd.max_bytes) if cmd.max_bytes else None,
                         vocab_size=cmd.vocab_size, tokenizer=cmd.tokenizer, seed=cmd.seed, fetch=cmd.fetch,
                         cache_dir=cmd.cache_dir, force=cmd.force, progress=not cmd.quiet,
                         validation_fraction=cmd.validation_fraction,
                         source_options={"languages": list(cmd.labels)} if cmd.labels else None)
-    print(format_table(read_manifest(path)))
-    print(f"wrote {path}")
+    print(printable(format_table(read_manifest(path))))
+    print(printable(f"wrote {path}"))
 
 
 def run_data_info(cmd: S.DataInfo) -> None:
@@ -69,7 +73,7 @@ def run_data_info(cmd: S.DataInfo) -> None:
     from monet.data.build import format_table
 
     manifest = read_manifest(cmd.dir)
-    print(dumps(manifest) if cmd.json else format_table(manifest))
+    print(dumps(manifest) if cmd.json else printable(format_table(manifest)))
 
 
 def run_train(cmd: S.TrainSettings) -> None:
@@ -93,6 +97,7 @@ def run_eval(cmd: S.EvalCommand) -> None:
                                  progress=not cmd.json, verify=not cmd.no_verify)
     if cmd.json:
         return print(dumps(report))
+    report = printable(report)   # label names and paths come from files: shown, never interpreted
     print(f"checkpoint {report['checkpoint']}  split {report['split']}  seq_len {report['seq_len']}")
     width = max(map(len, ["overall", *report["labels"]]))
     print(f"{'label':<{width}}  {'loss':>8}  {'ppl':>10}  {'tokens':>9}")
@@ -110,13 +115,22 @@ def run_generate(cmd: S.GenerateCommand) -> None:
 
     model, tokenizer = load_checkpoint(cmd.run, device=resolve_device(cmd.device), verify=not cmd.no_verify)
     apply_steering(model, cmd.steer, cmd.edits)
+    ignored = ", ".join(S.flag_name(name) for name in ("temperature", "top_p", "top_k")
+                        if cmd.greedy and getattr(cmd, name) != S.GenerateCommand.__dataclass_fields__[name].default)
+    if ignored:
+        print(f"monet generate: note: --greedy takes the most likely token; {ignored} ignored", file=sys.stderr)
+
+    def show(piece: str) -> None:   # model output: shown, never interpreted by the terminal
+        print(printable(piece), end="", flush=True)
+
     samples = generate_text(model, tokenizer, cmd.prompt, max_new_tokens=cmd.max_new_tokens,
                             temperature=cmd.temperature, top_p=cmd.top_p, top_k=cmd.top_k, greedy=cmd.greedy,
-                            seed=cmd.seed, num_samples=cmd.num_samples)
+                            seed=cmd.seed, num_samples=cmd.num_samples, stream=show if cmd.num_samples == 1 else None)
+    if cmd.num_samples == 1:
+        return print()
     for i, text in enumerate(samples):
-        if len(samples) > 1:
-            print(f"--- sample {i + 1} ---")
-        print(text)
+        print(f"--- sample {i + 1} ---")
+        print(printable(text))
 
 
 def run_atlas_query(cmd: S.AtlasQuery) -> None:
@@ -177,14 +191,14 @@ def run_atlas_query(cmd: S.AtlasQuery) -> None:
 def run_atlas_export(cmd: S.AtlasExport) -> None:
     from monet.interp.export import export_command
 
-    print(f"wrote {export_command(cmd)}")
+    print(printable(f"wrote {export_command(cmd)}"))
 
 
 def run_explain(cmd: S.ExplainCommand) -> None:
     from monet.interp.explain import explain_command
 
     for n, text in enumerate(explain_command(cmd), 1):
-        print(f"{n}. {text}")
+        print(f"{n}. {printable(text)}")
 
 
 def run_probe(cmd: S.ProbeSettings) -> None:
@@ -192,23 +206,23 @@ def run_probe(cmd: S.ProbeSettings) -> None:
 
     report = probe_command(cmd)
     out = Path(cmd.out)
-    print((out / REPORT_MD).read_text(encoding="utf-8"))
-    print(f"report: {out / REPORT_JSON}  table: {out / REPORT_MD}  ({len(report['models'])} model(s))")
+    print(printable((out / REPORT_MD).read_text(encoding="utf-8")))
+    print(printable(f"report: {out / REPORT_JSON}  table: {out / REPORT_MD}  ({len(report['models'])} model(s))"))
 
 
 def run_unlearn(cmd: S.UnlearnSettings) -> None:
     from monet.experiments.unlearn import REPORT_FILE, format_summary, unlearn
 
     report = unlearn(cmd)
-    print(format_summary(report))
-    print(f"report: {Path(cmd.out) / REPORT_FILE}  heatmap: {Path(cmd.out) / 'heatmap.png'}")
+    print(printable(format_summary(report)))
+    print(printable(f"report: {Path(cmd.out) / REPORT_FILE}  heatmap: {Path(cmd.out) / 'heatmap.png'}"))
 
 
 def run_toxicity(cmd: S.ToxicitySettings) -> None:
     from monet.experiments.toxicity import format_rows, purge_report
 
-    print(format_rows(purge_report(cmd)))
-    print(f"report: {Path(cmd.out) / 'report.json'}")
+    print(printable(format_rows(purge_report(cmd))))
+    print(printable(f"report: {Path(cmd.out) / 'report.json'}"))
 
 
 def library(target: str) -> Callable[[Any], None]:
@@ -280,6 +294,30 @@ def parse(name: str, argv: list[str]) -> Any:
     return settings
 
 
+OUTPUT_FIELDS = ("out", "json", "markdown")   # settings fields naming what a command writes
+
+
+def input_paths(settings: Any) -> list[str]:
+    """Every path-like option value of a command other than its outputs (run, data, atlas, edits, cache...):
+    `monet.io.check_output` refuses an --out that is one of them, holds one or lies inside one."""
+    values = [getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name not in OUTPUT_FIELDS]
+    flat = [item for value in values for item in (value if isinstance(value, (tuple, list)) else (value,))]
+    return [str(v) for v in flat if isinstance(v, (str, Path)) and str(v) and "\0" not in str(v)]
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` says the disk is full: OSError ENOSPC, or the RuntimeError torch.save raises for it."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    return isinstance(exc, RuntimeError) and ("No space left on device" in str(exc) or "error code: 28" in str(exc))
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so the interpreter's final flush stays quiet."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -301,15 +339,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"usage: monet {argv[0]} SUBCOMMAND [options]\n\nsubcommands:", file=stream)
             print(command_list(subcommands, "monet "), file=stream)
             return 0 if asked else 2
-        COMMANDS[name][1](parse(name, rest))
+        settings = parse(name, rest)
+        with command_inputs(input_paths(settings)):
+            COMMANDS[name][1](settings)
+        sys.stdout.flush()   # inside the try: a closed pipe is reported here, not at exit
         return 0
     except SystemExit as exc:   # tyro: --help (0) or a malformed option (2, already explained)
         return exc.code if isinstance(exc.code, int) else 2
-    except (MonetError, OSError) as exc:   # a mistake the user can fix, or the machine refused (disk, rights)
+    except BrokenPipeError:   # `monet atlas query ... | head`: the reader has all it wants; stop quietly
+        _silence_stdout()
+        return 0
+    except (MonetError, OSError, RuntimeError) as exc:   # a fixable mistake, or the machine refused (disk, rights)
+        if isinstance(exc, RuntimeError) and not disk_full(exc):
+            raise
         if debug:
             traceback.print_exc()
-        hint = "" if isinstance(exc, MonetError) or debug else " (--debug shows where)"
-        print(f"monet{' ' + name if name else ''}: error: {exc}{hint}", file=sys.stderr)
+        message = "the disk is full; free space (or choose another --out) and run the command again" \
+            if disk_full(exc) else str(exc)
+        hint = "" if isinstance(exc, MonetError) or disk_full(exc) or debug else " (--debug shows where)"
+        # file names and corpus text inside messages are shown, never interpreted by the terminal
+        print(printable(f"monet{' ' + name if name else ''}: error: {message}{hint}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         resume = " (run the same command again to resume from the last checkpoint)" if name == "train" else ""

@@ -138,6 +138,14 @@ class MonetConfig(PretrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise MonetError(f"{name} must be a positive integer, got {value!r}")
+            if value > SIZE_LIMITS.get(name, 1 << 20):   # before anything is built: a huge size would hang, not fail
+                raise MonetError(f"{name} must be at most {SIZE_LIMITS.get(name, 1 << 20):,} (far beyond any "
+                                 f"trained model), got {value:,}")
+        from transformers.activations import ACT2FN  # the names the model's `activation` accepts
+
+        for name in ("hidden_act", "dense_hidden_act"):
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in ACT2FN:
+                raise MonetError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(sorted(ACT2FN))}")
         if self.mlp_type not in MLP_TYPES:
             raise MonetError(f"unknown mlp_type {self.mlp_type!r}; choose one of {', '.join(MLP_TYPES)}")
         if self.moe_decompose not in DECOMPOSITIONS:
@@ -161,6 +169,13 @@ class MonetConfig(PretrainedConfig):
                              "k of the E halves on each side")
         if self.mlp_type == "peer" and self.hidden_size % 2:
             raise MonetError(f"PEER splits the query in two halves: hidden_size must be even, got {self.hidden_size}")
+
+
+# Upper bounds of the shape fields (default 2^20), far above every released model (Monet-4.1B: 32 layers, d=3072,
+# E=512), so that a typo such as num_hidden_layers=1000000 is refused at once instead of building for hours.
+SIZE_LIMITS = {"num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024, "moe_heads": 1024,
+               "moe_groups": 1024, "moe_experts": 1 << 14, "moe_topk": 1 << 14, "hidden_size": 1 << 16,
+               "moe_dim": 1 << 16, "vocab_size": 1 << 24}
 
 
 def preset(name: str, **overrides: Any) -> MonetConfig:

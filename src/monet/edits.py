@@ -40,6 +40,7 @@ from monet.errors import MonetError
 from monet.io import atomic_write
 
 EXPERT_EDITS_FILE = "expert_edits.safetensors"   # beside model.safetensors
+MAX_REMOVAL = 1e6   # |1 - alpha| of a saved edit: larger values only turn activations into inf / NaN
 EDITS_FORMAT = "monet-expert-edits"
 EDITS_VERSION = "1"
 
@@ -364,6 +365,9 @@ def read_edit_tables(model: nn.Module, directory: str | os.PathLike) -> dict[int
             raise MonetError(f"{path}: layer {index} has malformed edit tensors; re-save the edits")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= experts * experts):
             raise MonetError(f"{path}: layer {index} names expert ids outside [0, {experts * experts})")
+        if removal.numel() and not bool((removal.float().abs() <= MAX_REMOVAL).all()):   # NaN fails too
+            raise MonetError(f"{path}: layer {index} holds edit values that are NaN, infinite or beyond "
+                             f"{MAX_REMOVAL:g}; re-save the edits")
         table = torch.zeros(experts * experts, dtype=torch.float32)
         table[ids.long()] = removal.float()
         weights[index] = table.to(next(module.parameters()).device)

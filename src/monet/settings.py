@@ -70,11 +70,11 @@ class Settings:
             choices = literal_choices(hints[spec.name])
             if choices and value not in choices and value is not None:
                 raise MonetError(f"{flag_name(spec.name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
-            if value is None or not spec.metadata:
+            integer = spec.type.startswith(("int", "tuple[int"))
+            if value is None or not (spec.metadata or integer):
                 continue
             for item in value if isinstance(value, tuple) else (value,):
-                check_number(flag_name(spec.name), item, integer=spec.type.startswith(("int", "tuple[int")),
-                             **spec.metadata)
+                check_number(flag_name(spec.name), item, integer=integer, **ceiling(spec.name, integer, spec.metadata))
         if hasattr(self, "device") and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             raise MonetError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if hasattr(self, "preset") and self.preset not in PRESETS:
@@ -83,6 +83,24 @@ class Settings:
 
     def validate(self) -> None:
         """Cross-field checks of a subclass."""
+
+
+# Every integer option has an upper bound, so a slip such as `--num-samples 1e9` is refused at once instead of
+# allocating for minutes: seeds fit the 32 bits NumPy's generators take; counts without a bound of their own
+# stop at MAX_COUNT (no sensible run needs more of anything: tokens, steps, samples).
+MAX_SEED, MAX_COUNT = 2**32 - 1, 10**12
+
+
+def ceiling(name: str, integer: bool, metadata: Any) -> dict[str, Any]:
+    """The range of a numeric field: its `number(...)` bounds, with the default upper bound added (and, for a
+    seed, the lower bound 0)."""
+    bounds = dict(metadata or {})
+    if name == "seed":
+        bounds.setdefault("low", 0)
+        bounds["high"] = min(bounds.get("high") or MAX_SEED, MAX_SEED)
+    elif integer and bounds.get("high") is None and bounds.get("below") is None:
+        bounds["high"] = MAX_COUNT
+    return bounds
 
 
 def literal_choices(hint: Any) -> tuple:
@@ -100,6 +118,15 @@ def check_number(name: str, value: Any, *, integer: bool = False, low: float | N
     if ok and (above is None or value > above) and (below is None or value < below):
         return
     kind = "integer" if integer else "number"
+    number_ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    if number_ok and math.isfinite(value) and ((high is not None and value > high) or (below is not None
+                                                                                      and value >= below)):
+        if (low is None or value >= low) and (above is None or value > above):   # only the upper bound is broken
+            limit = f"at most {int(high) if float(high).is_integer() else high:,}" if high is not None \
+                else f"below {below:g}"
+            raise MonetError(f"{name} must be {limit}, got {value!r}")
+    if high in (MAX_COUNT, MAX_SEED):
+        high = None   # the default ceilings are named only when broken
     if high is None and below is None and (low, above) in ((0, None), (1, None) if integer else (None, 0)):
         wanted = f"a {'non-negative' if low == 0 else 'positive'} {kind}"
     else:
@@ -291,7 +318,7 @@ class GenerateCommand(Settings):
     top_k: int | None = number(None, low=1)  # sample among the k most likely tokens
     greedy: bool = False  # always take the most likely token
     seed: int | None = number(None, low=0)  # random seed for reproducible samples
-    num_samples: int = number(1, low=1)  # continuations to generate
+    num_samples: int = number(1, low=1, high=1000)  # continuations to generate (at most 1000: one batch)
     steer: tuple[str, ...] = ()
     """G:ID=ALPHA scales expert ID (i*E+j) of routing group G: 0 deletes it, >1 amplifies. Also G:I,J=ALPHA,
     G:bottom:I=ALPHA, G:top:J=ALPHA; G:ID alone deletes"""
@@ -393,7 +420,7 @@ class ExplainCommand(Settings):
     run: Positional[str]  # run or checkpoint directory (the atlas's model)
     atlas: str  # atlas directory built from RUN
     expert: str  # routing group and expert id, G:ID
-    samples: int = number(5, low=1)  # descriptions to sample
+    samples: int = number(5, low=1, high=1000)  # descriptions to sample (at most 1000: one batch)
     max_new_tokens: int = number(24, low=1)  # tokens per description
     temperature: float = number(1.0, above=0)  # sampling temperature
     seed: int | None = number(None, low=0)  # random seed
@@ -423,7 +450,7 @@ class ProbeSettings(Settings):
     test_fraction: float = number(0.5, above=0, below=1)  # share of each label's documents used for testing
     seq_len: int | None = number(None, low=2)  # tokens per window (default: the training seq_len, from the checkpoint)
     batch_size: int = number(16, low=1)  # windows per forward pass
-    bootstrap: int = number(1000, low=0)  # bootstrap rounds over test documents for the 95% intervals (0: none)
+    bootstrap: int = number(1000, low=0, high=100_000)  # bootstrap rounds for the 95% intervals (0: none; 1e5 max)
     seed: int = number(0, low=0)  # document split, balanced sets and random units
     device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
     no_verify: bool = False  # skip the SHA-256 check of the checkpoints

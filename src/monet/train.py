@@ -54,7 +54,7 @@ from monet.data import PackedSequences, TokenDataset
 from monet.errors import MonetError
 from monet.evaluate import evaluate_sets, label_window_sets
 from monet.info import dense_intermediate_size_matching
-from monet.io import MARKER, atomic_write, check_writable, marker_kind
+from monet.io import MARKER, atomic_write, check_writable, exclusive_lock, marker_kind
 from monet.model import MonetDecoderLayer, MonetForCausalLM
 from monet.runtime import resolve_device, start_distributed
 from monet.settings import TrainSettings, parse_assignments, yaml_scalar
@@ -113,6 +113,9 @@ def build_model_config(settings: TrainSettings, vocab_size: int) -> MonetConfig:
         base["moe_decompose"] = {"vd": "vertical", "hd": "horizontal"}.get(settings.decompose, settings.decompose)
     base.update(fields)
     base["mlp_type"] = settings.model
+    if fields.get("max_position_embeddings", settings.seq_len) < settings.seq_len:
+        raise MonetError(f"--set max_position_embeddings={fields['max_position_embeddings']} is shorter than --seq-len "
+                         f"{settings.seq_len}; raise it or train with a shorter --seq-len")
     base["max_position_embeddings"] = max(base.get("max_position_embeddings", 2048), settings.seq_len)
     if settings.model == "dense" and "intermediate_size" not in fields:
         base["intermediate_size"] = dense_intermediate_size_matching(MonetConfig(**{**base, "mlp_type": "monet"}))
@@ -120,6 +123,22 @@ def build_model_config(settings: TrainSettings, vocab_size: int) -> MonetConfig:
         base["moe_experts"] = settings.peer_experts
         base["moe_topk"] = min(base.get("moe_topk", 8), settings.peer_experts)
     return MonetConfig(**base)
+
+
+def check_memory(config: MonetConfig, runtime: Runtime) -> None:
+    """MonetError, before anything is allocated, when training `config` needs more memory than the device has:
+    about 16 bytes per parameter (float32 weights and gradients, AdamW's two moments), sharded under FSDP."""
+    from monet.info import count_parameters, human
+
+    need = count_parameters(config) * 16 / (runtime.world if runtime.sharded else 1)
+    if runtime.device.type == "cuda":
+        have = torch.cuda.get_device_properties(runtime.device).total_memory
+    else:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > have:
+        raise MonetError(f"this model has {human(count_parameters(config))} parameters: training needs about "
+                         f"{need / 2**30:,.1f} GiB (weights, gradients and AdamW state), more than the "
+                         f"{have / 2**30:,.1f} GiB of {runtime.device}; choose a smaller --preset or --set sizes")
 
 
 def lr_at(step: int, settings: TrainSettings) -> float:
@@ -332,7 +351,10 @@ def train(settings: TrainSettings) -> dict[str, Any]:
                                             and torch.cuda.is_bf16_supported())
     runtime = Runtime(rank, world, device, torch.bfloat16 if bf16 else None, settings.strategy == "fsdp" and world > 1)
     try:
-        return _train(settings, Path(settings.data), Path(settings.out), runtime)
+        # One process per run directory (rank 0 holds the lock): a second `monet train --out RUN` is refused
+        # instead of resuming from, and overwriting, the first's checkpoints.
+        with exclusive_lock(settings.out) if runtime.main and settings.out else contextlib.nullcontext():
+            return _train(settings, Path(settings.data), Path(settings.out), runtime)
     finally:
         if runtime.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -343,6 +365,7 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
         raise MonetError("--data (the dataset directory) and --out (the run directory) are required")
     train_set = TokenDataset(data_dir, split="train")
     config = build_model_config(settings, train_set.vocab_size)
+    check_memory(config, runtime)
     packed = PackedSequences(train_set, settings.seq_len)
     val_sets: dict[str, Any] = {}
     if settings.eval_interval:

@@ -119,6 +119,11 @@ def build_corpus(
         raise MonetError(f"only {len(documents)} documents: both splits need at least one; "
                          "raise --max-bytes or add inputs")
     labels = sorted({d.label for d in documents})
+    wanted = set((source_options or {}).get("languages") or labels)
+    lacking = sorted(wanted - {d.label for d in by_split["train"]})
+    if lacking:   # a label without training text would be evaluated but never learned
+        raise MonetError(f"no training documents for {', '.join(lacking)} within the byte budget; raise --max-bytes "
+                         "or leave those labels out")
 
     with output_directory(out, "data build", force, "a dataset") as tmp:
         if tokenizer == "bpe":

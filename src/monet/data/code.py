@@ -16,9 +16,9 @@ import glob
 import json
 import os
 import re
+import shutil
 import sys
 import sysconfig
-import tarfile
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from monet.data.documents import Document, content_hash, decode_text, seeded_key, truncate_utf8
-from monet.data.packages import deb_root, fetch_deb, npm_package
+from monet.data.packages import deb_root, extract_tar, fetch_deb, npm_package
 from monet.errors import MonetError
 
 MIN_DOCUMENT_CHARS = 200
@@ -145,13 +145,18 @@ def _wanted_member(source: CodeSource, name: str) -> bool:
     return _wanted(source, name) and not SKIP_DIRS.intersection(name.split("/")[:-1])
 
 
+def _safe_member(name: str) -> bool:
+    """An archive member name that stays inside its archive: relative, without `..`, NUL or backslashes."""
+    return not (name.startswith("/") or "\\" in name or "\0" in name or ".." in name.split("/"))
+
+
 def walk(root: str, source: CodeSource) -> Iterator[FileRef]:
     """Files of ``source``'s language under ``root`` (a directory or a .zip); symlinks not followed."""
     if os.path.isfile(root):
         if root.endswith(".zip"):
             with zipfile.ZipFile(root) as archive:
-                for member in sorted(archive.namelist()):
-                    if not member.endswith("/") and _wanted_member(source, member):
+                for member in sorted(archive.namelist()):   # read in place, never extracted; odd names skipped
+                    if not member.endswith("/") and _safe_member(member) and _wanted_member(source, member):
                         yield FileRef(root, member)
         elif _wanted(source, root):
             yield FileRef(root)
@@ -165,19 +170,18 @@ def walk(root: str, source: CodeSource) -> Iterator[FileRef]:
 
 
 def _extract_tar(archive: str, source: CodeSource, out: Path) -> Path:
-    """Unpack the wanted files of a .tar.xz (glibc ships its source so) into ``out`` once; returns ``out``."""
+    """Unpack the wanted files of a .tar.xz (glibc ships its source so) into ``out`` once; returns ``out``.
+    Through `extract_tar`: a member that would land outside ``out`` refuses the archive."""
     if (out / ".complete").is_file():
         return out
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    with tarfile.open(archive, "r:*") as tar:
-        for member in tar:
-            if member.isfile() and _wanted_member(source, member.name):
-                target = tmp.joinpath(*member.name.split("/"))
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(member) as fh:
-                    target.write_bytes(fh.read())
-    (tmp / ".complete").write_text(archive, encoding="utf-8")
-    os.replace(tmp, out)
+    try:
+        with open(archive, "rb") as handle:
+            extract_tar(handle, tmp, archive, lambda member: member.isfile() and _wanted_member(source, member.name))
+        (tmp / ".complete").write_text(archive, encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

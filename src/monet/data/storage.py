@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from monet.errors import MonetError
-from monet.io import atomic_write
+from monet.io import atomic_write, marker_kind
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
@@ -50,21 +50,52 @@ def read_manifest(directory: str | Path) -> dict:
     if not path.is_dir():
         raise MonetError(f"dataset directory {path} does not exist; build one with `monet data build --out {path}`")
     manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise MonetError(f"{path} has no {MANIFEST}, so it is not a (complete) dataset; rebuild it with "
-                         f"`monet data build --out {path} --force`")
+    if not manifest_path.is_file():   # maybe a run, an atlas, or the user's folder: never suggest --force here
+        raise MonetError(f"{path} has no {MANIFEST}, so it is not a (complete) dataset; pass the directory that "
+                         "`monet data build` wrote, or build one into a new directory")
+    rebuild = rebuild_hint(path)
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MonetError(f"{manifest_path} is corrupt ({exc}); rebuild with `monet data build --force`") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise MonetError(f"{manifest_path} is corrupt ({exc}); {rebuild}") from exc
     required = ("format_version", "labels", "vocab_size", "splits", "source")
     missing = [k for k in required if not isinstance(manifest, dict) or k not in manifest]
     if missing:
-        raise MonetError(f"{manifest_path} lacks {', '.join(missing)}; rebuild with `monet data build --force`")
+        raise MonetError(f"{manifest_path} lacks {', '.join(missing)}; {rebuild}")
     if manifest["format_version"] != FORMAT_VERSION:
-        raise MonetError(f"{manifest_path} has format version {manifest['format_version']}, this monet reads "
-                         f"version {FORMAT_VERSION}; rebuild the dataset with `monet data build --force`")
+        raise MonetError(f"{manifest_path} has format version {manifest['format_version']!r}, this monet reads "
+                         f"version {FORMAT_VERSION}; {rebuild}")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise MonetError(f"{manifest_path} is damaged: {problem}; {rebuild}")
     return manifest
+
+
+def rebuild_hint(path: Path) -> str:
+    """How to repair a damaged dataset: `--force` only where `monet data build` wrote the directory (it
+    would refuse anything else, and must never be suggested for a run or an atlas)."""
+    if marker_kind(path) == "data build":
+        return f"rebuild it with `monet data build --out {path} --force`"
+    return "pass the directory that `monet data build` wrote"
+
+
+MAX_VOCAB = 1 << 24   # far above any tokenizer in use (GPT-2: 50,257); token ids are stored as uint16 / uint32
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What makes a dataset manifest unusable (field types and ranges), or None: every field a reader uses."""
+    labels, vocab, splits = manifest["labels"], manifest["vocab_size"], manifest["splits"]
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
+        return f"labels must be a non-empty list of names, got {str(labels)[:60]!r}"
+    if len(set(labels)) != len(labels):
+        return "labels repeat a name"
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or not 1 <= vocab <= MAX_VOCAB:
+        return f"vocab_size must be an integer in 1..{MAX_VOCAB:,}, got {str(vocab)[:40]!r}"
+    if not isinstance(splits, dict) or not all(isinstance(splits.get(split), dict) for split in SPLITS):
+        return f"splits must hold {' and '.join(SPLITS)}, got {str(splits)[:60]!r}"
+    if not isinstance(manifest["source"], str):
+        return "source must be a name"
+    return None
 
 
 class TokenDataset:
@@ -76,14 +107,14 @@ class TokenDataset:
         self.directory = Path(directory)
         self.split = split
         self.manifest = read_manifest(self.directory)
+        rebuild = rebuild_hint(self.directory)
         self.labels: list[str] = list(self.manifest["labels"])
         self.vocab_size: int = int(self.manifest["vocab_size"])
         try:
             self.tokens = np.load(self.directory / f"{split}.tokens", mmap_mode="r", allow_pickle=False)
             self.docs = np.load(self.directory / f"{split}.docs.npy", allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise MonetError(f"cannot read the {split} split of {self.directory}: {exc}; "
-                             "rebuild with `monet data build --force`") from exc
+            raise MonetError(f"cannot read the {split} split of {self.directory}: {exc}; {rebuild}") from exc
         self._check()
         self._meta: list[dict] | None = None
 
@@ -100,8 +131,10 @@ class TokenDataset:
             problem = "document label ids are out of range"
         elif len(docs) == 0 and len(tokens):
             problem = "tokens without documents"
+        elif len(docs) == 0:
+            problem = "the split holds no documents"
         if problem:
-            raise MonetError(f"{self.directory} ({self.split}) is corrupt: {problem}; rebuild with --force")
+            raise MonetError(f"{self.directory} ({self.split}) is corrupt: {problem}; {rebuild_hint(self.directory)}")
 
     @property
     def num_documents(self) -> int:
@@ -135,7 +168,7 @@ class TokenDataset:
                 with open(path, encoding="utf-8") as fh:
                     self._meta = [json.loads(line) for line in fh]
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise MonetError(f"cannot read {path}: {exc}; rebuild with `monet data build --force`") from exc
+                raise MonetError(f"cannot read {path}: {exc}; {rebuild_hint(self.directory)}") from exc
             if len(self._meta) != self.num_documents:
                 raise MonetError(f"{path} has {len(self._meta)} lines for {self.num_documents} documents; rebuild")
         return self._meta[self._index(i)]

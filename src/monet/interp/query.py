@@ -21,10 +21,32 @@ from monet.data import TokenDataset
 from monet.errors import MonetError
 from monet.interp.atlas import READABLE_VERSIONS, TABLES, TABLES_V1, model_identity, unit_activations, unit_layout
 from monet.interp.criteria import skewness
-from monet.io import printable, sha256_file
+from monet.io import marker_kind, printable, sha256_file
 
 _EXPERT_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-_REBUILD = "rebuild the atlas with `monet atlas build RUN --data DIR --out ATLAS --force`"
+MAX_GROUPS, MAX_UNITS = 10_000, 1 << 24   # far beyond any model (Monet-1.4B: 24 groups of 512^2 experts)
+
+
+def _rebuild_hint(path: Path) -> str:
+    """How to repair an atlas: `--force` only for a directory `monet atlas build` wrote (never a run's or
+    the user's folder, which --force would refuse anyway)."""
+    if marker_kind(path) == "atlas build":
+        return f"rebuild it with `monet atlas build RUN --data DIR --out {path} --force`"
+    return "pass the directory that `monet atlas build` wrote"
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What puts an atlas manifest's numbers or labels out of range (they are not covered by the tables'
+    hashes), or None."""
+    labels, groups, units, scale = (manifest.get(k) for k in ("labels", "groups", "units_per_group", "score_scale"))
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        return "labels must be a list of names"
+    for name, value, high in (("groups", groups, MAX_GROUPS), ("units_per_group", units, MAX_UNITS)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            return f"{name} must be an integer in 1..{high:,}, got {str(value)[:40]!r}"
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        return f"score_scale must be a positive finite number, got {str(scale)[:40]!r}"
+    return None
 
 
 class Atlas:
@@ -32,32 +54,36 @@ class Atlas:
 
     def __init__(self, path: str | Path, model: torch.nn.Module | None = None, verify: bool = True) -> None:
         self.path = Path(path)
+        self._rebuild = _rebuild_hint(self.path)
         if not self.path.is_dir():
             raise MonetError(f"no atlas at {self.path}; build one with "
                              f"`monet atlas build RUN --data DIR --out {self.path}`")
         manifest_path = self.path / "manifest.json"
         if not manifest_path.is_file():
-            raise MonetError(f"{self.path} is not a complete atlas (missing manifest.json); {_REBUILD}")
+            raise MonetError(f"{self.path} is not a complete atlas (missing manifest.json); {self._rebuild}")
         try:
             self.manifest: dict[str, Any] = json.loads(manifest_path.read_text(encoding="utf-8"))
             version = self.manifest.get("format_version")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-            raise MonetError(f"{manifest_path} is corrupt ({exc}); {_REBUILD}") from exc
+            raise MonetError(f"{manifest_path} is corrupt ({exc}); {self._rebuild}") from exc
         if version not in READABLE_VERSIONS:
             raise MonetError(f"{self.path} has atlas format {version}; this monet reads formats "
-                             f"{', '.join(map(str, READABLE_VERSIONS))}; {_REBUILD}")
+                             f"{', '.join(map(str, READABLE_VERSIONS))}; {self._rebuild}")
         self.version: int = int(version)
         self.tables = TABLES if self.version >= 2 else TABLES_V1
         missing = [name for name in self.tables if not (self.path / name).is_file()]
         if missing:
-            raise MonetError(f"{self.path} is not a complete atlas (missing {', '.join(missing)}); {_REBUILD}")
+            raise MonetError(f"{self.path} is not a complete atlas (missing {', '.join(missing)}); {self._rebuild}")
         try:
             self.labels: list[str] = list(self.manifest["labels"])
-            self.groups: list[int] = list(range(int(self.manifest["groups"])))
+            self.groups: list[int] = list(range(min(int(self.manifest["groups"]), MAX_GROUPS + 1)))
             self.num_experts: int = int(self.manifest["units_per_group"])
             self.scale: float = float(self.manifest["score_scale"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MonetError(f"{manifest_path} lacks or mangles {exc}; {_REBUILD}") from exc
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise MonetError(f"{manifest_path} lacks or mangles {exc}; {self._rebuild}") from exc
+        problem = _manifest_problem(self.manifest)
+        if problem:
+            raise MonetError(f"{manifest_path} is damaged: {problem}; {self._rebuild}")
         self._group_cache: dict[int, dict[str, np.ndarray]] = {}
         self._dataset: Any = None
         if verify:
@@ -79,18 +105,18 @@ class Atlas:
             path = self.path / name
             entry = recorded.get(name) if isinstance(recorded.get(name), dict) else None
             if self.version >= 2 and entry is None:
-                raise MonetError(f"{self.path / 'manifest.json'} records no size or hash for {name}; {_REBUILD}")
+                raise MonetError(f"{self.path / 'manifest.json'} records no size or hash for {name}; {self._rebuild}")
             size = path.stat().st_size
             if entry is not None and size != entry.get("bytes"):
                 raise MonetError(f"atlas table {path} is damaged: {size:,} bytes where the build wrote "
-                                 f"{entry.get('bytes'):,} (truncated or replaced); {_REBUILD}")
+                                 f"{entry.get('bytes'):,} (truncated or replaced); {self._rebuild}")
             if entry is not None and sha256_file(path) != entry.get("sha256"):
                 raise MonetError(f"atlas table {path} is damaged: its SHA-256 differs from the one recorded at "
-                                 f"build time (the file changed on disk); {_REBUILD}")
+                                 f"build time (the file changed on disk); {self._rebuild}")
             try:
                 pq.read_metadata(path)           # reads and checks the footer
             except Exception as exc:             # pyarrow raises ArrowInvalid, OSError, ... for a bad footer
-                raise MonetError(f"atlas table {path} is not a readable Parquet file ({exc}); {_REBUILD}") from exc
+                raise MonetError(f"atlas table {path} is not a readable Parquet file ({exc}); {self._rebuild}") from exc
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -146,7 +172,7 @@ class Atlas:
             columns = self._experts(("group", "=", group))
             if len(columns["expert"]) != self.num_experts:
                 raise MonetError(f"{self.path / 'experts.parquet'} has {len(columns['expert'])} rows for group "
-                                 f"{group}, expected {self.num_experts}; {_REBUILD}")
+                                 f"{group}, expected {self.num_experts}; {self._rebuild}")
             self._group_cache[group] = columns
         return self._group_cache[group]
 

@@ -48,7 +48,7 @@ SECURITY_HEADERS = {
     "Cross-Origin-Resource-Policy": "same-origin",
 }
 LIMITS = {"text_chars": 2000, "text_tokens": 512, "prompt_chars": 1000, "max_new_tokens": 64, "alpha": 1000.0,
-          "body_bytes": 65536}
+          "body_bytes": 65536, "body_depth": 8}
 # GET /api/ROUTE/ARG...: the names of each route's path arguments (ids, except a label's name)
 API_ARGS = {"info": (), "random": (), "token": (), "expert": ("group", "expert"), "similar": ("group", "expert"),
             "export": ("group", "expert"), "label": ("label",), "document": ("document", "position")}
@@ -112,6 +112,8 @@ class ViewerState:
             return self.similar(group, expert)
 
     def random_expert(self, group: int | None) -> dict[str, int]:
+        if group is not None and group not in self.atlas.groups:
+            raise MonetError(f"group {group} does not exist; this atlas has groups 0..{len(self.atlas.groups) - 1}")
         pool = [pick for pick in self.interesting if group is None or pick[0] == group]
         if not pool:
             raise MonetError("this atlas has no expert with examples")
@@ -258,16 +260,24 @@ class Handler(BaseHTTPRequestHandler):
         body = dumps(data if download else printable(data), indent=2 if download else None).encode("utf-8")
         self._send(status, body, "application/json; charset=utf-8", extra)
 
-    def _check_origin(self) -> None:
+    def _check_origin(self, parts: list[str]) -> None:
+        """Refuse a foreign Host, and any request but the page itself from another site. `parts` is the
+        DECODED path (what routing sees), so `/%61pi/...` is an API call too."""
         port = self.server.server_address[1]
         if not host_allowed(self.headers.get("Host"), self.server.allowed_names, self.server.any_ip, port):
             raise _HTTPError(HTTPStatus.FORBIDDEN, f"Host {self.headers.get('Host')!r} is not this viewer's address; "
                              f"open http://127.0.0.1:{port}/ (or start the viewer with --allow-host NAME). Other "
                              "host names are refused to block DNS rebinding.")
-        # Browsers say where a request comes from: another site may link to the page, not call the API
-        # (which could otherwise make the server run the model for it).
+        if parts[:1] == ["static"] or (not parts and self.command in ("GET", "HEAD")):
+            return   # another site may link to the page, never call the API (it could make the server run the model)
+        # Browsers say where a request comes from: Sec-Fetch-Site (recent ones), Origin (on POST and cross-origin
+        # fetches). Either pointing elsewhere refuses the call.
         site = self.headers.get("Sec-Fetch-Site", "same-origin").strip().lower()
-        if self.path.startswith("/api/") and site not in ("same-origin", "none"):
+        origin = self.headers.get("Origin")
+        foreign_origin = origin is not None and not host_allowed(
+            urlsplit(origin.strip()).netloc if origin.strip().lower().startswith(("http://", "https://")) else "",
+            self.server.allowed_names, self.server.any_ip, port)
+        if site not in ("same-origin", "none") or foreign_origin:
             raise _HTTPError(HTTPStatus.FORBIDDEN, "the viewer's API answers only its own page")
 
     def do_GET(self) -> None:
@@ -280,9 +290,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def _answer(self, route: Callable[[list[str], dict[str, list[str]]], None]) -> None:
         try:
-            self._check_origin()
+            if not self.path.startswith("/") or self.path.startswith("//"):   # absolute-form or scheme-relative
+                raise _HTTPError(HTTPStatus.BAD_REQUEST, "the request target must be a path starting with one /")
             url = urlsplit(self.path)
-            return route([unquote(p) for p in url.path.split("/") if p], parse_qs(url.query))
+            parts = [unquote(p) for p in url.path.split("/") if p]
+            self._check_origin(parts)
+            return route(parts, parse_qs(url.query))
         except NotFound:
             return self._json({"error": f"no such page: {urlsplit(self.path).path}"}, HTTPStatus.NOT_FOUND)
         except MonetError as exc:
@@ -330,10 +343,25 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(int(length)).decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise MonetError(f"the request body is not JSON ({exc})") from None
+        except RecursionError:
+            body = None
+        if body is None or _depth(body) > LIMITS["body_depth"]:
+            raise MonetError(f"the request body nests more than {LIMITS['body_depth']} levels deep")
         if not isinstance(body, dict):
             raise MonetError("the request body must be a JSON object")
         state = self.server.state
         return self._json(state.activation(body) if parts[1] == "activation" else state.steer(body))
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (iteratively: no recursion to exhaust)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _integer(text: str, what: str) -> int:
