@@ -299,7 +299,17 @@ def trained_seq_len(checkpoint: str | os.PathLike, model: MonetForCausalLM, defa
     except MonetError:   # unresolvable path or unreadable checkpoint.json: fall back to the default
         recorded = None
     limit = getattr(model.config, "max_position_embeddings", default) or default
-    return int(recorded) if recorded else min(default, limit)
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and 2 <= recorded <= limit:
+        return recorded
+    return min(default, limit)   # none recorded, or a value the model cannot take (a damaged manifest)
+
+
+def check_seq_len(seq_len: int, model: MonetForCausalLM) -> None:
+    """MonetError when windows of `seq_len` tokens exceed the positions the model was built for (rotary
+    positions past max_position_embeddings give a plausible but meaningless loss)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and seq_len > limit:
+        raise MonetError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {limit}; use at most that")
 
 
 def _load_tokenizer(directory: Path, config: MonetConfig) -> Any:

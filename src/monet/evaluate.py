@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint, trained_seq_len
+from monet.checkpoint import check_data_fits, check_seq_len, load_checkpoint, resolve_checkpoint, trained_seq_len
 from monet.data import PackedSequences, TokenDataset, load_tokenizer
 from monet.errors import MonetError
 from monet.io import atomic_write
@@ -108,6 +108,7 @@ def evaluate_checkpoint(
     model, _ = load_checkpoint(directory, device=resolve_device(device), load_tokenizer=False, verify=False)
     dataset = TokenDataset(data_dir, split=split)
     seq_len = seq_len or trained_seq_len(directory, model)
+    check_seq_len(seq_len, model)
     sets, skipped = label_window_sets(dataset, seq_len, overall=True)
     if "" not in sets:
         raise MonetError(f"the {split} split of {data_dir} has less than one window of {seq_len + 1} tokens; "

@@ -63,6 +63,9 @@ METRIC_COLUMNS = ["step", "loss", "lm_loss", "unif_loss", "amb_loss", "lr", "gra
 _RUN_KEYS = {"output_router_probs", "use_cache"}   # MonetConfig fields a run never sets
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_settings(config_file: str | os.PathLike | None = None, values: dict[str, Any] | None = None
                   ) -> TrainSettings:
     """`TrainSettings` from a YAML file of key: value, then `values`; keys may be training settings or
@@ -74,7 +77,14 @@ def load_settings(config_file: str | os.PathLike | None = None, values: dict[str
         if not path.is_file():
             raise MonetError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            if path.stat().st_size > MAX_CONFIG_BYTES:
+                raise MonetError(f"config file {path} is larger than {MAX_CONFIG_BYTES:,} bytes; a config is short")
+            text = path.read_text(encoding="utf-8")
+            if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text)):   # a "billion laughs" bomb
+                raise MonetError(f"config file {path} uses YAML aliases (*name); write each value out instead")
+            loaded = yaml.safe_load(text) or {}
+        except UnicodeDecodeError as exc:
+            raise MonetError(f"config file {path} is not UTF-8 text ({exc})") from exc
         except yaml.YAMLError as exc:
             raise MonetError(f"config file {path} is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
@@ -86,8 +96,11 @@ def load_settings(config_file: str | os.PathLike | None = None, values: dict[str
     model: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
-            if key == "set":
-                model.update(parse_assignments(value))
+            if key == "set":   # a list of KEY=VALUE, one such string, or a mapping
+                if isinstance(value, dict):
+                    model.update(value)
+                else:
+                    model.update(parse_assignments([value] if isinstance(value, str) else list(value or ())))
             elif key in training:
                 merged[key] = tuple(value) if isinstance(value, list) else value
             elif key in config_fields() - _RUN_KEYS:

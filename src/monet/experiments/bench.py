@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -32,7 +33,7 @@ from monet.interp.capture import capture_routing
 from monet.io import atomic_write, write_json
 from monet.model import MonetForCausalLM, MonetRouter, build_experts
 from monet.runtime import resolve_device
-from monet.settings import BenchSettings
+from monet.settings import BenchSettings, flag_name
 
 GOALS = {"sparse_vs_dense": ("<=", 0.5), "train_vs_dense": ("<=", 1.0), "masked_vs_unmasked": ("<=", 1.05),
          "capture_vs_forward": (">=", 0.9), "train_memory_vs_dense": ("<=", 1.2)}
@@ -331,7 +332,16 @@ def bench_command(args: BenchSettings) -> dict:
             if mark not in text[:200_000]:
                 raise MonetError(f"{path} exists and is not a `monet bench` report; choose another path, "
                                  "or pass --force")
+    if args.json and args.markdown and Path(args.json).expanduser().resolve() == \
+            Path(args.markdown).expanduser().resolve():
+        raise MonetError(f"--json and --markdown name the same file {args.json}; give each its own path")
     if args.quick:
+        defaults = {f.name: f.default for f in dataclasses.fields(BenchSettings)}
+        ignored = [flag_name(name) for name in ("tokens", "repeats", "warmup", "shapes")
+                   if getattr(args, name) != defaults[name]]
+        if ignored:
+            print(f"monet bench: note: --quick sets its own tiny shape and sizes; {', '.join(ignored)} capped or "
+                  "ignored", file=sys.stderr)
         args.tokens, args.repeats, args.warmup = min(args.tokens, 128), min(args.repeats, 2), min(args.warmup, 1)
     report = run(args)
     if args.json:

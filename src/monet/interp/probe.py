@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint, trained_seq_len
+from monet.checkpoint import check_data_fits, load_checkpoint, read_config, resolve_checkpoint, trained_seq_len
 from monet.data import TokenDataset
 from monet.errors import MonetError
 from monet.interp.atlas import batch_inputs, group_layers, model_kind, unit_activations, unit_layout
@@ -365,6 +365,9 @@ def probe_command(cmd: ProbeSettings) -> dict[str, Any]:
         if run is None:
             continue
         checkpoint = resolve_checkpoint(run, verify=not cmd.no_verify)
+        if name == "baseline" and read_config(checkpoint).mlp_type != "dense":
+            raise MonetError(f"--baseline {run} is a {read_config(checkpoint).mlp_type} model; the baseline is a dense "
+                             "model (`monet train --model dense`) whose MLP neurons are compared with the experts")
         check_data_fits(checkpoint, cmd.data)
         model, _ = load_checkpoint(checkpoint, device=device, load_tokenizer=False, verify=False)
         if seq_len is None:

@@ -9,6 +9,7 @@ answers pass through `monet.io.printable` under a Content-Security-Policy; the m
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import math
@@ -381,7 +382,9 @@ def make_server(atlas, host: str = "127.0.0.1", port: int = 8765, model: Any = N
     try:
         server = ThreadingHTTPServer((host, port), Handler)
     except OSError as exc:
-        raise MonetError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from exc
+        fix = "choose another --port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else \
+            "choose another --host: an address or name of this machine (127.0.0.1 by default, 0.0.0.0 for all)"
+        raise MonetError(f"cannot listen on {host}:{port} ({exc.strerror}); {fix}") from exc
     except OverflowError as exc:
         raise MonetError(f"--port must lie in 0..65535, got {port}") from exc
     server.daemon_threads = True
