@@ -306,15 +306,17 @@ def input_paths(settings: Any) -> list[str]:
 
 
 def disk_full(exc: BaseException) -> bool:
-    """Whether `exc` says the disk is full: OSError ENOSPC, or the RuntimeError torch.save raises for it."""
+    """Whether `exc` says the disk is full: OSError ENOSPC / EDQUOT, or what torch.save (RuntimeError "file
+    write failed") and safetensors (an IoError with code 28) raise when it is."""
     if isinstance(exc, OSError):
-        return exc.errno == errno.ENOSPC
-    return isinstance(exc, RuntimeError) and ("No space left on device" in str(exc) or "error code: 28" in str(exc))
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    return any(sign in text for sign in ("No space left on device", "code: 28", "StorageFull", "file write failed"))
 
 
 def _silence_stdout() -> None:
     """After a broken pipe: point stdout at /dev/null so the interpreter's final flush stays quiet."""
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
@@ -349,13 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:   # `monet atlas query ... | head`: the reader has all it wants; stop quietly
         _silence_stdout()
         return 0
-    except (MonetError, OSError, RuntimeError) as exc:   # a fixable mistake, or the machine refused (disk, rights)
-        if isinstance(exc, RuntimeError) and not disk_full(exc):
+    except Exception as exc:   # a fixable mistake, or the machine refused (disk full, rights); else a bug
+        if not isinstance(exc, (MonetError, OSError)) and not disk_full(exc):
             raise
         if debug:
             traceback.print_exc()
-        message = "the disk is full; free space (or choose another --out) and run the command again" \
-            if disk_full(exc) else str(exc)
+        resume = " (training resumes from its last checkpoint)" if name == "train" else ""
+        message = ("a file could not be written: the disk (or quota) is full; free space or choose another --out, "
+                   f"then run the command again{resume}") if disk_full(exc) else str(exc)
         hint = "" if isinstance(exc, MonetError) or disk_full(exc) or debug else " (--debug shows where)"
         # file names and corpus text inside messages are shown, never interpreted by the terminal
         print(printable(f"monet{' ' + name if name else ''}: error: {message}{hint}"), file=sys.stderr)

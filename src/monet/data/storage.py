@@ -113,8 +113,9 @@ class TokenDataset:
         try:
             self.tokens = np.load(self.directory / f"{split}.tokens", mmap_mode="r", allow_pickle=False)
             self.docs = np.load(self.directory / f"{split}.docs.npy", allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise MonetError(f"cannot read the {split} split of {self.directory}: {exc}; {rebuild}") from exc
+        except (OSError, ValueError, EOFError) as exc:   # EOFError: an empty file
+            raise MonetError(f"cannot read the {split} split of {self.directory}: {exc or 'empty file'}; "
+                             f"{rebuild}") from exc
         self._check()
         self._meta: list[dict] | None = None
 
@@ -123,8 +124,8 @@ class TokenDataset:
         problem = None
         if tokens.ndim != 1 or tokens.dtype != token_dtype(self.vocab_size):
             problem = f"tokens have shape {tokens.shape} and dtype {tokens.dtype}"
-        elif docs.ndim != 2 or docs.shape[1] != 3:
-            problem = f"document table has shape {docs.shape}, expected [n_docs, 3]"
+        elif docs.ndim != 2 or docs.shape[1] != 3 or docs.dtype.kind not in "iu":
+            problem = f"document table has shape {docs.shape} and dtype {docs.dtype}, expected integers [n_docs, 3]"
         elif len(docs) and (docs[0, 0] != 0 or docs[-1, 1] != len(tokens) or np.any(docs[1:, 0] != docs[:-1, 1])):
             problem = "document offsets do not cover the token stream"
         elif len(docs) and (docs[:, 2].min() < 0 or docs[:, 2].max() >= len(self.labels)):
