@@ -3,7 +3,8 @@
 A block is the expert layer (HD or VD) plus its router and, on the sparse path, the routing structure
 (`prep`), both divided by `moe_groups` (one routing layer serves that many layers); the dense baseline is
 down(relu(up x)^2) with hidden width E*m. Sections per shape: forward, train (forward + backward, and the
-bytes autograd saves), masking (0.1 %, 1 %, 15 % of the E^2 experts deleted vs none) and capture. Cases of
+bytes autograd saves), masking (0.1 %, 1 %, 15 % of the E^2 experts deleted vs none), decode (one new
+token for 1 and 4 sequences: the decode path of `monet.sparse.KeptHalves`) and capture. Cases of
 a section run interleaved; figures are medians with min-max, ratios medians over medians. How it is
 measured, and why, is in docs/performance.md; `--json` writes everything, `ratios` the headline numbers.
 """
@@ -35,8 +36,10 @@ from monet.runtime import resolve_device
 from monet.settings import BenchSettings
 
 GOALS = {"sparse_vs_dense": ("<=", 0.5), "train_vs_dense": ("<=", 1.0), "masked_vs_unmasked": ("<=", 1.05),
-         "capture_vs_forward": (">=", 0.9), "train_memory_vs_dense": ("<=", 1.2)}
+         "capture_vs_forward": (">=", 0.9), "train_memory_vs_dense": ("<=", 1.2), "decode_vs_dense": ("<=", 0.4),
+         "decode_batch4_vs_dense": ("<=", 1.0)}
 MASK_FRACTIONS = (0.001, 0.01, 0.15)
+DECODE_BATCHES = (1, 4)
 QUICK = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, moe_experts=16, moe_dim=4, moe_heads=2,
              moe_topk=2, moe_groups=2, vocab_size=256)
 
@@ -171,6 +174,7 @@ def bench_shape(config: MonetConfig, args: BenchSettings) -> dict:
               **{kind: forced(lambda layer=layer: layer(xg, *routing)) for kind, layer in layers.items()}}
     result["saved_mib"] = {k: saved_bytes(fn, [xg, *routing, *weights]) / 2**20 for k, fn in memory.items()}
     result["masking"] = bench_masking(layers, x, g1, g2, args, timer, any(sparse_path.values()))
+    result["decode"] = bench_decode(layers, mlp, router, x, args, timer)
     if args.profile:
         result["profiles"] = {kind: _profile(forced(lambda layer=layer: layer(x, g1, g2)))
                               for kind, layer in layers.items()}
@@ -212,6 +216,44 @@ def bench_masking(layers: dict[str, nn.Module], x: torch.Tensor, g1: torch.Tenso
     with torch.no_grad():
         times = interleaved(cases, args.repeats, args.warmup, timer)
     return {k: summarise(v) for k, v in times.items()}
+
+
+def bench_decode(layers: dict[str, nn.Module], mlp: nn.Module, router: MonetRouter, x: torch.Tensor,
+                 args: BenchSettings, timer: Timer) -> dict:
+    """One decoding step of 1 and 4 sequences (one new token each): the experts on the decode path
+    (`monet.sparse.KeptHalves`) and on the dense path, the eval router and the dense MLP on those tokens.
+
+    The router is an eval router whose running statistics are those of the section's batch, so each
+    head keeps about k halves, as a trained model's does. `auto_path` records what the auto rule picks.
+    """
+    router = copy.deepcopy(router)
+    with torch.no_grad():
+        for norm in (router.norm1, router.norm2):
+            norm.momentum = 1.0
+        router.train()(x)
+    router.eval()
+    decode, dense_path = sparse.expert_path("decode"), sparse.expert_path("dense")
+    generator = torch.Generator().manual_seed(5)
+    cases: dict[str, Callable[[], object]] = {}
+    auto_path, kept = {}, {}
+    for batch in DECODE_BATCHES:
+        tokens = torch.randn(batch, 1, x.shape[-1], generator=generator).to(x.device, x.dtype)
+        with torch.no_grad():
+            g1, g2 = router(tokens)
+        cases[f"dense/b{batch}"] = functools.partial(mlp, tokens)
+        cases[f"router/b{batch}"] = functools.partial(router, tokens)
+        for kind, layer in layers.items():
+            cases[f"{kind}/b{batch}"] = decode(functools.partial(layer, tokens, g1, g2))
+            cases[f"{kind}_dense_path/b{batch}"] = dense_path(functools.partial(layer, tokens, g1, g2))
+            with torch.no_grad():
+                plan = sparse.choose(layer, tokens, g1, g2)
+            auto_path[f"{kind}/b{batch}"] = "decode" if isinstance(plan, sparse.KeptHalves) else \
+                "sparse" if isinstance(plan, sparse.Routing) else "dense"
+        kept[f"b{batch}"] = sparse.kept_halves(g1, g2).active_fraction
+    with torch.no_grad():
+        times = interleaved(cases, args.repeats, args.warmup, timer)
+    return {"batches": list(DECODE_BATCHES), "auto_path": auto_path, "kept_halves_fraction": kept,
+            **{k: summarise(v) for k, v in times.items()}}
 
 
 def bench_capture(config: MonetConfig, args: BenchSettings) -> dict:
@@ -270,6 +312,10 @@ def ratios(report: dict, stat: str = "median_ms") -> dict:
             masked = {label: masking[f"{kind}/{label}"][stat] + router + per_group(masking, f"prep/{label}")
                       for label in labels}
             out["masked_vs_unmasked"][key] = max(v / masked["none"] for label, v in masked.items() if label != "none")
+            decode = result["decode"]
+            for name, batch in (("decode_vs_dense", 1), ("decode_batch4_vs_dense", 4)):
+                step = decode[f"{kind}/b{batch}"][stat] + decode[f"router/b{batch}"][stat] / groups
+                out[name][key] = step / decode[f"dense/b{batch}"][stat]
     capture = report["capture"]
     out["capture_vs_forward"] = capture["forward"][stat] / capture["capture"][stat]
     return out
@@ -296,6 +342,9 @@ def to_markdown(report: dict) -> str:
     for shape, result in report["shapes"].items():
         for section in ("forward", "train", "masking"):
             lines += _table(f"{shape}: {section} ({result['tokens']} tokens)", result[section])
+        decode = result["decode"]
+        lines += _table(f"{shape}: decode (one new token per sequence; kept halves {decode['kept_halves_fraction']}, "
+                        f"auto picks {decode['auto_path']})", {k: v for k, v in decode.items() if "/b" in k})
         saved = {k: round(v, 1) for k, v in result["saved_mib"].items()}
         lines += ["", f"Saved for backward (MiB): {json.dumps(saved)}"]
     capture = report["capture"]
