@@ -57,16 +57,19 @@ def machine_info() -> dict:
 
 
 class Timer:
-    """Seconds of one call: perf_counter on CPU, CUDA events after a synchronisation on GPU."""
+    """Seconds of one call: perf_counter on CPU (or, with clock="cpu", the CPU time of the calling thread,
+    which with one torch thread is the op's own time, without the slices the OS gives other processes on a
+    loaded machine), CUDA events after a synchronisation on GPU."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, clock: str = "wall") -> None:
         self.cuda = device.type == "cuda"
+        self.now = time.thread_time if clock == "cpu" else time.perf_counter
 
     def __call__(self, fn: Callable[[], object]) -> float:
         if not self.cuda:
-            start = time.perf_counter()
+            start = self.now()
             fn()
-            return time.perf_counter() - start
+            return self.now() - start
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         begin.record()
@@ -132,7 +135,8 @@ def _backward(out: torch.Tensor, inputs: list[torch.Tensor]) -> None:
 
 def bench_shape(config: MonetConfig, args: BenchSettings) -> dict:
     """Forward, train, memory and masking sections of one shape (HD and VD share the router and baseline)."""
-    device, dtype, timer = torch.device(args.device), getattr(torch, args.dtype), Timer(torch.device(args.device))
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    timer = Timer(device, args.clock)
     d, width = config.hidden_size, config.moe_experts * config.moe_dim
     x = torch.randn(1, args.tokens, d, device=device, dtype=dtype)
     mlp = _init(nn.Sequential(nn.Linear(d, width), _ReLU2(), nn.Linear(width, d, bias=False)), 0).to(device, dtype)
@@ -258,7 +262,7 @@ def bench_decode(layers: dict[str, nn.Module], mlp: nn.Module, router: MonetRout
 
 def bench_capture(config: MonetConfig, args: BenchSettings) -> dict:
     """Forward of a one-routing-group model (eval, calibrated routing statistics) with vs without capture."""
-    device, timer = torch.device(args.device), Timer(torch.device(args.device))
+    device, timer = torch.device(args.device), Timer(torch.device(args.device), args.clock)
     config = _with(config, num_hidden_layers=config.moe_groups, vocab_size=1024)
     torch.manual_seed(4)
     model = MonetForCausalLM(config).to(device, getattr(torch, args.dtype))
@@ -355,6 +359,8 @@ def to_markdown(report: dict) -> str:
 def run(args: BenchSettings) -> dict:
     """The whole report: every shape's sections, capture, the machine and its load, the headline ratios."""
     resolve_device(args.device)   # a clear error when CUDA is asked for and absent
+    if args.clock == "cpu" and args.threads != 1:
+        raise MonetError("--clock cpu times the calling thread only; use it with --threads 1")
     torch.set_num_threads(args.threads)
     shapes = {"tiny": MonetConfig(**QUICK)} if args.quick else {name: preset(name) for name in args.shapes}
     report: dict = {"command": command_line(args), "device": args.device, "dtype": args.dtype,
@@ -395,5 +401,6 @@ def command_line(args: BenchSettings) -> str:
     """The options of this run, spelled out (so a report says how to reproduce it)."""
     words = ["monet bench", f"--device {args.device}", f"--dtype {args.dtype}", f"--tokens {args.tokens}",
              f"--repeats {args.repeats}", f"--warmup {args.warmup}", f"--threads {args.threads}", f"--path {args.path}"]
+    words += [f"--clock {args.clock}"] if args.clock != "wall" else []
     words += ["--quick"] if args.quick else ["--shapes " + " ".join(args.shapes)]
     return " ".join(words + (["--profile"] if args.profile else []))
