@@ -26,7 +26,8 @@ def test_quick_report_has_every_ratio_keyed_and_finite(quick_report):
     report, _, _ = quick_report
     ratios = report["ratios"]
     assert set(ratios) == set(bench.GOALS)
-    for name in ("sparse_vs_dense", "train_vs_dense", "masked_vs_unmasked", "train_memory_vs_dense"):
+    for name in ("sparse_vs_dense", "train_vs_dense", "masked_vs_unmasked", "train_memory_vs_dense", "decode_vs_dense",
+                 "decode_batch4_vs_dense"):
         assert set(ratios[name]) == {"tiny/hd", "tiny/vd"}, name
         assert all(_finite_positive(v) for v in ratios[name].values()), (name, ratios[name])
     assert _finite_positive(ratios["capture_vs_forward"])
@@ -48,6 +49,12 @@ def test_quick_report_sections(quick_report):
         for stats in shape[section].values():
             assert 0 < stats["min_ms"] <= stats["median_ms"] <= stats["max_ms"] and stats["runs"] == 2
     assert all(v > 0 for v in shape["saved_mib"].values())
+    decode = shape["decode"]
+    cases = {f"{k}/b{b}" for k in ("dense", "router", "hd", "vd", "hd_dense_path", "vd_dense_path")
+             for b in bench.DECODE_BATCHES}
+    assert set(decode) == {"batches", "auto_path", "kept_halves_fraction", *cases}
+    assert all(decode[case]["runs"] == 2 for case in cases)
+    assert decode["auto_path"]["hd/b1"] == "decode"          # one token of the tiny shape: the kept halves
     assert set(report["capture"]) == {"tokens", "forward", "capture"}
 
 

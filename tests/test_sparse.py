@@ -61,11 +61,13 @@ def _grads(out, inputs, probe):
     return torch.autograd.grad((out * probe).sum(), inputs, retain_graph=True, allow_unused=True)
 
 
+@pytest.mark.parametrize("path", ["sparse", "decode"])
 @pytest.mark.parametrize("edit", [False, True], ids=["plain", "edited"])
 @pytest.mark.parametrize("cls", LAYERS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_sparse_equals_naive_through_the_router(cls, shape, edit):
-    """Values and gradients w.r.t. x (through the router too) and every weight equal the naive N-sum."""
+def test_sparse_equals_naive_through_the_router(cls, shape, edit, path):
+    """Values and gradients w.r.t. x (through the router too) and every weight equal the naive N-sum,
+    on the sparse path and on the decode path (`KeptHalves`)."""
     hidden, experts, moe_dim, heads, topk, batch, length = shape
     layer, router = _layer(cls, hidden, experts, moe_dim, heads, topk)
     masked = steered = None
@@ -73,7 +75,7 @@ def test_sparse_equals_naive_through_the_router(cls, shape, edit):
         layer.edit_weights, masked, steered = _edit_table(experts)
     x = torch.randn(batch, length, hidden, dtype=torch.float64, requires_grad=True)
     g1, g2 = router(x)
-    out = _run(layer, "sparse", x, g1, g2)
+    out = _run(layer, path, x, g1, g2)
     ref = naive_layer(layer, x, g1, g2, mask=masked, scale=steered)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     probe = torch.randn_like(out)
@@ -82,12 +84,14 @@ def test_sparse_equals_naive_through_the_router(cls, shape, edit):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("path", ["sparse", "decode"])
 @pytest.mark.parametrize("edit", [False, True], ids=["plain", "edited"])
 @pytest.mark.parametrize("cls", LAYERS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_sparse_equals_dense_for_routing_inputs(cls, shape, edit):
+def test_sparse_equals_dense_for_routing_inputs(cls, shape, edit, path):
     """With g1, g2 as inputs: same value, same gradients w.r.t. x, every weight, and g on its kept entries
-    (off them the sparse path returns 0: see monet.sparse; the router never reads those entries)."""
+    (off them the sparse path returns 0 and the decode path partial sums: see monet.sparse; the router never
+    reads those entries)."""
     hidden, experts, moe_dim, heads, topk, batch, length = shape
     layer, router = _layer(cls, hidden, experts, moe_dim, heads, topk, seed=2)
     if edit:
@@ -97,7 +101,7 @@ def test_sparse_equals_dense_for_routing_inputs(cls, shape, edit):
         g1, g2 = router(x)
     g1.requires_grad_(True)
     g2.requires_grad_(True)
-    dense, sparse_out = _run(layer, "dense", x, g1, g2), _run(layer, "sparse", x, g1, g2)
+    dense, sparse_out = _run(layer, "dense", x, g1, g2), _run(layer, path, x, g1, g2)
     torch.testing.assert_close(sparse_out, dense, rtol=1e-10, atol=1e-10)
     probe = torch.randn_like(dense)
     inputs = [x, g1, g2, *layer.parameters()]
@@ -106,24 +110,26 @@ def test_sparse_equals_dense_for_routing_inputs(cls, shape, edit):
         if index in (1, 2):                       # g1, g2: equal on the kept entries, 0 elsewhere
             kept = inputs[index] > 0
             torch.testing.assert_close(a[kept], b[kept], rtol=1e-9, atol=1e-10)
-            assert not a[~kept].any()
+            if path == "sparse":
+                assert not a[~kept].any()
         else:
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("path", ["sparse", "decode"])
 @pytest.mark.parametrize("cls", LAYERS)
-def test_float32_and_no_grad_and_empty_batch(cls):
+def test_float32_and_no_grad_and_empty_batch(cls, path):
     layer, router = _layer(cls, 16, 12, 4, 3, 2)
     layer.float()
     router.float()
     x = torch.randn(2, 6, 16)
     g1, g2 = router(x)
     with torch.no_grad():
-        torch.testing.assert_close(_run(layer, "sparse", x, g1, g2), _run(layer, "dense", x, g1, g2),
+        torch.testing.assert_close(_run(layer, path, x, g1, g2), _run(layer, "dense", x, g1, g2),
                                    rtol=1e-5, atol=1e-5)
     empty = torch.zeros(1, 0, 16)
     g_empty = torch.zeros(1, 0, 3, 12)
-    assert _run(layer, "sparse", empty, g_empty, g_empty).shape == (1, 0, 16)
+    assert _run(layer, path, empty, g_empty, g_empty).shape == (1, 0, 16)
 
 
 def _tiny_model(decompose, seed=0):

@@ -19,6 +19,7 @@ batches keep SDPA's causal fast path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from statistics import NormalDist
 
@@ -177,21 +178,26 @@ class MonetHorizontalExperts(nn.Module):
         self.v = nn.Linear(width, config.hidden_size, bias=False)
         self.b = nn.Parameter(torch.zeros(self.experts, config.hidden_size))
         self.register_buffer("edit_weights", None, persistent=False)
-        self.expert_path: str | None = None     # "dense" | "sparse" | "auto"; None: see monet.sparse
+        self.expert_path: str | None = None     # "dense" | "sparse" | "decode" | "auto"; None: see monet.sparse
 
     def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
-        routing = sparse.choose(self, x, g1, g2)
-        if routing is not None:                      # only the active halves (monet.sparse), same value
-            return sparse.hd_forward(self, x, g1, g2, routing)
+        plan = sparse.choose(self, x, g1, g2)
+        if isinstance(plan, sparse.Routing):         # only the active (token, half) pairs (monet.sparse), same value
+            return sparse.hd_forward(self, x, g1, g2, plan)
+        u, v, b, table = self.u, self.v, self.b, self.edit_weights
+        if plan is not None:                          # decoding: the same sum over the kept halves' weights only
+            g1, g2 = plan.routing(g1, g2)
+            u = partial(F.linear, weight=plan.rows(u.weight, 1), bias=plan.rows(u.bias, 1))
+            v, b, table = partial(plan.project, v.weight, side=2), plan.rows(b, 2), plan.table(table)
         g1, g2 = g1.to(x.dtype), g2.to(x.dtype)
-        hidden = self.act(self.u(x)).unflatten(-1, (self.experts, self.expert_dim))   # sigma(U_i x + b1_i) [B, T, E, m]
+        hidden = self.act(u(x)).unflatten(-1, (g1.shape[-1], self.expert_dim))   # sigma(U_i x + b1_i) [B, T, E, m]
         top_input, bias_weight = _hd_mix(hidden, g1, g2)
-        if self.edit_weights is not None:
-            token, i, j, c = ops.edited_entries(g1, g2, self.edit_weights)
+        if table is not None:
+            token, i, j, c = ops.edited_entries(g1, g2, table)
             # Remove c_ij (V_j sigma(U_i x + b1_i) + b2_j) for every edited active pair.
             top_input = ops.add_rows(top_input, token, j, -c.unsqueeze(-1) * ops.gather_rows(hidden, token, i))
             bias_weight = ops.add_rows(bias_weight, token, j, -c)
-        return self.v(top_input.flatten(-2)) + bias_weight @ self.b
+        return v(top_input.flatten(-2)) + bias_weight @ b
 
 
 class MonetVerticalExperts(nn.Module):
@@ -214,18 +220,28 @@ class MonetVerticalExperts(nn.Module):
         self.v11, self.v12, self.v21, self.v22 = (nn.Linear(width, half_out, bias=False) for _ in range(4))
         self.b1, self.b2 = (nn.Parameter(torch.zeros(self.experts, half_out)) for _ in range(2))
         self.register_buffer("edit_weights", None, persistent=False)
-        self.expert_path: str | None = None     # "dense" | "sparse" | "auto"; None: see monet.sparse
+        self.expert_path: str | None = None     # "dense" | "sparse" | "decode" | "auto"; None: see monet.sparse
 
     def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
-        routing = sparse.choose(self, x, g1, g2)
-        if routing is not None:                      # only the active halves (monet.sparse), same value
-            return sparse.vd_forward(self, x, g1, g2, routing)
+        plan = sparse.choose(self, x, g1, g2)
+        if isinstance(plan, sparse.Routing):         # only the active (token, half) pairs (monet.sparse), same value
+            return sparse.vd_forward(self, x, g1, g2, plan)
+        u1, u2, v11, v12, v21, v22 = self.u1, self.u2, self.v11, self.v12, self.v21, self.v22
+        b1, b2, table = self.b1, self.b2, self.edit_weights
+        if plan is not None:                          # decoding: the same sum over the kept halves' weights only
+            g1, g2 = plan.routing(g1, g2)
+            # Left halves and what is indexed by i (V11_i, V12_i, b12_i) from side 1, the rest from side 2.
+            u1, u2 = (partial(F.linear, weight=plan.rows(u.weight, s), bias=plan.rows(u.bias, s))
+                      for u, s in ((u1, 1), (u2, 2)))
+            v11, v12, v21, v22 = (partial(plan.project, v.weight, side=s)
+                                  for v, s in ((v11, 1), (v12, 1), (v21, 2), (v22, 2)))
+            b1, b2, table = plan.rows(b1, 1), plan.rows(b2, 2), plan.table(table)
         g1, g2 = g1.to(x.dtype), g2.to(x.dtype)
-        h1 = self.act(self.u1(x)).unflatten(-1, (self.experts, self.half_dim))   # sigma(U1_i x + b11_i) [B, T, E, m/2]
-        h2 = self.act(self.u2(x)).unflatten(-1, (self.experts, self.half_dim))   # sigma(U2_j x + b21_j)
+        h1 = self.act(u1(x)).unflatten(-1, (g1.shape[-1], self.half_dim))   # sigma(U1_i x + b11_i) [B, T, E, m/2]
+        h2 = self.act(u2(x)).unflatten(-1, (g2.shape[-1], self.half_dim))   # sigma(U2_j x + b21_j)
         straight1, straight2, cross12, cross21, s1, s2 = _vd_mix(h1, h2, g1, g2)
-        if self.edit_weights is not None:
-            token, i, j, c = ops.edited_entries(g1, g2, self.edit_weights)
+        if table is not None:
+            token, i, j, c = ops.edited_entries(g1, g2, table)
             # Remove c_ij E_ij(x): row sums over j and column sums over i of c, and the cross terms.
             rows = ops.add_rows(torch.zeros_like(s1), token, i, c)
             cols = ops.add_rows(torch.zeros_like(s2), token, j, c)
@@ -234,8 +250,8 @@ class MonetVerticalExperts(nn.Module):
             cross12 = ops.add_rows(cross12, token, i, -c.unsqueeze(-1) * ops.gather_rows(h2, token, j))
             cross21 = ops.add_rows(cross21, token, j, -c.unsqueeze(-1) * ops.gather_rows(h1, token, i))
             s1, s2 = s1 - rows, s2 - cols
-        top = self.v11(straight1.flatten(-2)) + self.v12(cross12.flatten(-2)) + s1 @ self.b1
-        bottom = self.v21(cross21.flatten(-2)) + self.v22(straight2.flatten(-2)) + s2 @ self.b2
+        top = v11(straight1.flatten(-2)) + v12(cross12.flatten(-2)) + s1 @ b1
+        bottom = v21(cross21.flatten(-2)) + v22(straight2.flatten(-2)) + s2 @ b2
         return torch.cat((top, bottom), dim=-1)
 
 

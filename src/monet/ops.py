@@ -195,11 +195,12 @@ def maybe_compile(fn: Callable) -> Callable:
 def edited_entries(g1: torch.Tensor, g2: torch.Tensor, edit_weights: torch.Tensor):
     """The active (token, head, i, j) whose edit weight is non-zero, ragged: (token, i, j, c), each [P'].
 
-    `token` indexes the flattened leading dims (B*T); c = g1_hi g2_hj edit[i*E + j]. Enumerated without
+    `token` indexes the flattened leading dims (B*T); c = g1_hi g2_hj edit[i*E2 + j] (E2 = g2's last size; the
+    decode path passes an [E1, E2] block of the [E, E] table with g restricted to its halves). Enumerated without
     padding (`monet.sparse.edited_entries`): work in the number of active pairs, never the E x E grid.
     """
     first, second = sparse.kept_entries(g1), sparse.kept_entries(g2)
-    edit = sparse.edited_entries(first, second, edit_weights, g1.shape[-1])
+    edit = sparse.edited_entries(first, second, edit_weights, g2.shape[-1])   # row-major [E1, E2] table
     return (first.token[edit.first], first.half[edit.first], second.half[edit.second],
             edit.coefficient(first, second))
 

@@ -463,9 +463,98 @@ def vd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Decoding: a few tokens per call
+
+
+@dataclass
+class KeptHalves:
+    """The halves some token and head of the call kept, per side (sorted ids, [E1] and [E2] long).
+
+    Decoding runs 1-8 tokens per call, so the union over tokens and heads stays a small share of E
+    (61 of 512 at one token of the 1.4B model). The dense formula restricted to these halves is the
+    same sum (every other half has g = 0 for every token: eq. 10 = eq. 8) and reads only their
+    weights: rows of U and b1 (`rows`, a copy), columns of V (`project`, an embedding bag), rows of b2,
+    an [E1, E2] block of an edit table. Memory-bound decoding then reads about E1/E of the expert
+    weights. Host syncs: the union's size per side and the number of kept (token, half) blocks.
+    Gradients: exact for x, every weight and g on its kept entries (off them: partial sums, unlike
+    the dense path; the router's softmax backward never reads them).
+    """
+
+    first: torch.Tensor
+    second: torch.Tensor
+    experts: int
+    kept: tuple[torch.Tensor, torch.Tensor] | None = None    # per side: [tokens, E_s] bool, set by `routing`
+
+    @property
+    def active_fraction(self) -> float:
+        return max(self.first.numel(), self.second.numel()) / max(1, self.experts)
+
+    def routing(self, g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """g1 [..., H, E1], g2 [..., H, E2]: the kept halves' columns (every other column is 0). Also notes
+        which (token, half) each token itself kept (any head), the blocks `project` reads."""
+        g1, g2 = g1.index_select(-1, self.first), g2.index_select(-1, self.second)
+        self.kept = tuple((g > 0).any(dim=-2).flatten(0, -2) for g in (g1, g2))
+        return g1, g2
+
+    def rows(self, weight: torch.Tensor, side: int) -> torch.Tensor:
+        """The side's row blocks of `weight` [E * w, ...] (w rows per half; w = 1 for [E, d]): [E_s * w, ...]."""
+        halves = self.first if side == 1 else self.second
+        return weight.unflatten(0, (self.experts, -1)).index_select(0, halves).flatten(0, 1)
+
+    def project(self, weight: torch.Tensor, inputs: torch.Tensor, side: int) -> torch.Tensor:
+        """The output projection of the side's halves: inputs [..., E_s * w] -> [..., d_out], equal to
+        inputs @ (weight's column blocks of the halves)^T for weight [d_out, E * w].
+
+        Read as an embedding bag over the columns of weight, only for the (token, half) blocks the token
+        kept (`routing`): the inputs of the others are 0 by construction (g = 0 in every term), and their
+        gradient only reaches g off its kept entries, which the router never reads (as on the sparse path).
+        A column of a row-major [d_out, E * w] matrix is d_out scattered values, so the weight is stored
+        column-major first (`column_major`; same values and shape).
+        """
+        halves = self.first if side == 1 else self.second
+        columns = column_major(weight)                                       # [E * w, d_out], rows contiguous
+        if halves.numel() == 0:                                              # no token at all
+            return inputs.new_zeros(*inputs.shape[:-1], columns.shape[1])
+        flat = inputs.reshape(-1, halves.numel(), inputs.shape[-1] // halves.numel())   # [N, E_s, w]
+        width = flat.shape[-1]
+        token, block = self.kept[side - 1].nonzero(as_tuple=True)            # token-major: bags in order
+        rows = (halves[block] * width).unsqueeze(1) + torch.arange(width, device=flat.device)
+        out = F.embedding_bag(rows.reshape(-1), columns, bag_offsets(token, flat.shape[0]) * width, mode="sum",
+                              per_sample_weights=flat[token, block].reshape(-1).to(columns.dtype))
+        return out.view(*inputs.shape[:-1], -1)
+
+    def table(self, edit_weights: torch.Tensor | None) -> torch.Tensor | None:
+        """The [E1 * E2] block of an [E * E] edit table (entry i*E2 + j: expert (first[i], second[j]))."""
+        if edit_weights is None:
+            return None
+        table = edit_weights.view(self.experts, self.experts).index_select(0, self.first.to(edit_weights.device))
+        return table.index_select(1, self.second.to(edit_weights.device)).reshape(-1)
+
+
+def column_major(weight: torch.Tensor) -> torch.Tensor:
+    """weight^T [E * w, d_out] as a contiguous tensor, for weight [d_out, E * w] (a Parameter or tensor).
+
+    A row-major weight is stored column-major once, in place (`.data`: the same Parameter, values and
+    shape; strides (1, d_out)). Matmuls read either layout at the same speed (F.linear multiplies by
+    weight^T), `save_pretrained` writes contiguous copies, and the sparse path's column blocks become
+    contiguous too; only the decode path needs it.
+    """
+    if not weight.t().is_contiguous():
+        weight.data = weight.data.t().contiguous().t()
+    return weight.t()
+
+
+def kept_halves(g1: torch.Tensor, g2: torch.Tensor) -> KeptHalves:
+    """The union over tokens and heads of the kept halves of g1, g2 [..., H, E]."""
+    experts = g1.shape[-1]
+    first, second = ((g.reshape(-1, experts) > 0).any(dim=0).nonzero().squeeze(1) for g in (g1, g2))
+    return KeptHalves(first, second, experts)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Dispatch
 
-PATHS = ("auto", "dense", "sparse")
+PATHS = ("auto", "dense", "sparse", "decode")
 # Auto rule (CPU, one thread; measured at the 850M shape, HD and VD, interleaved): sparse when at most
 # this fraction of (token, half) pairs is active (sparse / dense time: 0.5-0.66 at 0.09, the released
 # models' k = 8 of 512; 0.98 (HD) and 1.29 (VD) at 0.32; 1.7-2.5 at 0.55) ...
@@ -473,13 +562,18 @@ SPARSE_MAX_ACTIVE_FRACTION = 0.2
 # ... and the dense projections are big enough that the loop over E halves is amortised: tokens * d * m
 # multiply-adds per half (sparse / dense: 1.3-1.6 at 64 tokens, 0.5-0.7 at 256 tokens of the 850M shape).
 SPARSE_MIN_WORK_PER_HALF = 1 << 22
+# Decoding (`KeptHalves`): at most this many tokens per call (a KV-cache step of 1-8 sequences), and the
+# kept halves at most this share of E on either side (at one token of the released models: 0.09-0.12;
+# the gathered weights cost about their share of the dense time plus the copy, docs/performance.md).
+DECODE_MAX_TOKENS = 8
+DECODE_MAX_ACTIVE_FRACTION = 0.5
 
 _forced: list[str] = []
 
 
 @contextmanager
 def expert_path(path: str) -> Iterator[None]:
-    """Force the dense or sparse expert computation ("auto" restores the rule) within the block."""
+    """Force the dense, sparse or decode expert computation ("auto" restores the rule) within the block."""
     if path not in PATHS:
         raise ValueError(f"expert path must be one of {PATHS}, got {path!r}")
     _forced.append(path)
@@ -491,7 +585,7 @@ def expert_path(path: str) -> Iterator[None]:
 
 def requested_path(layer) -> str:
     """The layer's `expert_path` attribute, else `with expert_path(...)`, else $MONET_EXPERT_PATH
-    (auto|dense|sparse), else "auto"."""
+    (auto|dense|sparse|decode), else "auto"."""
     path = getattr(layer, "expert_path", None) or (_forced[-1] if _forced else None)
     path = path or os.environ.get("MONET_EXPERT_PATH", "auto")
     if path not in PATHS:
@@ -499,18 +593,28 @@ def requested_path(layer) -> str:
     return path
 
 
-def choose(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> Routing | None:
-    """The sparse routing when the sparse path should run for this call, else None (dense path).
+def choose(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> Routing | KeptHalves | None:
+    """How this call computes the experts: the sparse routing (`Routing`: the active (token, half) pairs),
+    the kept halves (`KeptHalves`: the dense formula on their weights only) or None (the dense path).
 
-    Auto: CPU only (see the module docstring for GPUs), enough work per half (tokens * d * m), and
-    at most SPARSE_MAX_ACTIVE_FRACTION of the (token, half) pairs active on either side.
+    Auto, CPU only (see the module docstring for GPUs): at most DECODE_MAX_TOKENS tokens without autograd
+    (generation, evaluation) -> the kept halves if they are at most DECODE_MAX_ACTIVE_FRACTION of E
+    (training keeps its paths); else sparse with enough work per half
+    (tokens * d * m) and at most SPARSE_MAX_ACTIVE_FRACTION of the (token, half) pairs active; else dense.
     """
     path = requested_path(layer)
     if path == "dense":
         return None
+    if path == "decode":
+        return kept_halves(g1, g2)
     if path == "auto":
+        if x.device.type != "cpu":
+            return None
+        if x.numel() <= DECODE_MAX_TOKENS * x.shape[-1] and not torch.is_grad_enabled():
+            halves = kept_halves(g1, g2)
+            return halves if halves.active_fraction <= DECODE_MAX_ACTIVE_FRACTION else None
         width = getattr(layer, "expert_dim", None) or 2 * layer.half_dim
-        if x.device.type != "cpu" or x.numel() * width < SPARSE_MIN_WORK_PER_HALF:      # tokens * d * m
+        if x.numel() * width < SPARSE_MIN_WORK_PER_HALF:      # tokens * d * m
             return None
     routing = routing_for(g1, g2, x.dtype)
     if path == "auto" and routing.active_fraction > SPARSE_MAX_ACTIVE_FRACTION:
@@ -519,8 +623,8 @@ def choose(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> Routin
 
 
 __all__ = [
-    "ActivePairs", "EditedEntries", "GatherMatmul", "HalfLayout", "KeptEntries", "Routing", "ScatterMatmul",
-    "active_pairs", "bag_offsets", "choose", "clear_cache", "combinations", "edited_entries", "expert_path",
-    "hd_forward", "kept_entries", "merged_experts", "requested_path", "routing_for", "side", "sparse_routing",
-    "vd_forward"
+    "ActivePairs", "EditedEntries", "GatherMatmul", "HalfLayout", "KeptEntries", "KeptHalves", "Routing",
+    "ScatterMatmul", "active_pairs", "bag_offsets", "choose", "clear_cache",
+    "combinations", "edited_entries", "expert_path", "hd_forward", "kept_entries", "kept_halves", "merged_experts",
+    "requested_path", "routing_for", "side", "sparse_routing", "vd_forward"
 ]

@@ -3,7 +3,8 @@
 A block is the expert layer (HD or VD) plus its router and, on the sparse path, the routing structure
 (`prep`), both divided by `moe_groups` (one routing layer serves that many layers); the dense baseline is
 down(relu(up x)^2) with hidden width E*m. Sections per shape: forward, train (forward + backward, and the
-bytes autograd saves), masking (0.1 %, 1 %, 15 % of the E^2 experts deleted vs none) and capture. Cases of
+bytes autograd saves), masking (0.1 %, 1 %, 15 % of the E^2 experts deleted vs none), decode (one new
+token for 1 and 4 sequences: the decode path of `monet.sparse.KeptHalves`) and capture. Cases of
 a section run interleaved; figures are medians with min-max, ratios medians over medians. How it is
 measured, and why, is in docs/performance.md; `--json` writes everything, `ratios` the headline numbers.
 """
@@ -36,8 +37,10 @@ from monet.runtime import resolve_device
 from monet.settings import BenchSettings, flag_name
 
 GOALS = {"sparse_vs_dense": ("<=", 0.5), "train_vs_dense": ("<=", 1.0), "masked_vs_unmasked": ("<=", 1.05),
-         "capture_vs_forward": (">=", 0.9), "train_memory_vs_dense": ("<=", 1.2)}
+         "capture_vs_forward": (">=", 0.9), "train_memory_vs_dense": ("<=", 1.2), "decode_vs_dense": ("<=", 0.4),
+         "decode_batch4_vs_dense": ("<=", 1.0)}
 MASK_FRACTIONS = (0.001, 0.01, 0.15)
+DECODE_BATCHES = (1, 4)
 QUICK = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, moe_experts=16, moe_dim=4, moe_heads=2,
              moe_topk=2, moe_groups=2, vocab_size=256)
 
@@ -55,16 +58,19 @@ def machine_info() -> dict:
 
 
 class Timer:
-    """Seconds of one call: perf_counter on CPU, CUDA events after a synchronisation on GPU."""
+    """Seconds of one call: perf_counter on CPU (or, with clock="cpu", the CPU time of the calling thread,
+    which with one torch thread is the op's own time, without the slices the OS gives other processes on a
+    loaded machine), CUDA events after a synchronisation on GPU."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, clock: str = "wall") -> None:
         self.cuda = device.type == "cuda"
+        self.now = time.thread_time if clock == "cpu" else time.perf_counter
 
     def __call__(self, fn: Callable[[], object]) -> float:
         if not self.cuda:
-            start = time.perf_counter()
+            start = self.now()
             fn()
-            return time.perf_counter() - start
+            return self.now() - start
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         begin.record()
@@ -130,7 +136,8 @@ def _backward(out: torch.Tensor, inputs: list[torch.Tensor]) -> None:
 
 def bench_shape(config: MonetConfig, args: BenchSettings) -> dict:
     """Forward, train, memory and masking sections of one shape (HD and VD share the router and baseline)."""
-    device, dtype, timer = torch.device(args.device), getattr(torch, args.dtype), Timer(torch.device(args.device))
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    timer = Timer(device, args.clock)
     d, width = config.hidden_size, config.moe_experts * config.moe_dim
     x = torch.randn(1, args.tokens, d, device=device, dtype=dtype)
     mlp = _init(nn.Sequential(nn.Linear(d, width), _ReLU2(), nn.Linear(width, d, bias=False)), 0).to(device, dtype)
@@ -172,6 +179,7 @@ def bench_shape(config: MonetConfig, args: BenchSettings) -> dict:
               **{kind: forced(lambda layer=layer: layer(xg, *routing)) for kind, layer in layers.items()}}
     result["saved_mib"] = {k: saved_bytes(fn, [xg, *routing, *weights]) / 2**20 for k, fn in memory.items()}
     result["masking"] = bench_masking(layers, x, g1, g2, args, timer, any(sparse_path.values()))
+    result["decode"] = bench_decode(layers, mlp, router, x, args, timer)
     if args.profile:
         result["profiles"] = {kind: _profile(forced(lambda layer=layer: layer(x, g1, g2)))
                               for kind, layer in layers.items()}
@@ -215,9 +223,47 @@ def bench_masking(layers: dict[str, nn.Module], x: torch.Tensor, g1: torch.Tenso
     return {k: summarise(v) for k, v in times.items()}
 
 
+def bench_decode(layers: dict[str, nn.Module], mlp: nn.Module, router: MonetRouter, x: torch.Tensor,
+                 args: BenchSettings, timer: Timer) -> dict:
+    """One decoding step of 1 and 4 sequences (one new token each): the experts on the decode path
+    (`monet.sparse.KeptHalves`) and on the dense path, the eval router and the dense MLP on those tokens.
+
+    The router is an eval router whose running statistics are those of the section's batch, so each
+    head keeps about k halves, as a trained model's does. `auto_path` records what the auto rule picks.
+    """
+    router = copy.deepcopy(router)
+    with torch.no_grad():
+        for norm in (router.norm1, router.norm2):
+            norm.momentum = 1.0
+        router.train()(x)
+    router.eval()
+    decode, dense_path = sparse.expert_path("decode"), sparse.expert_path("dense")
+    generator = torch.Generator().manual_seed(5)
+    cases: dict[str, Callable[[], object]] = {}
+    auto_path, kept = {}, {}
+    for batch in DECODE_BATCHES:
+        tokens = torch.randn(batch, 1, x.shape[-1], generator=generator).to(x.device, x.dtype)
+        with torch.no_grad():
+            g1, g2 = router(tokens)
+        cases[f"dense/b{batch}"] = functools.partial(mlp, tokens)
+        cases[f"router/b{batch}"] = functools.partial(router, tokens)
+        for kind, layer in layers.items():
+            cases[f"{kind}/b{batch}"] = decode(functools.partial(layer, tokens, g1, g2))
+            cases[f"{kind}_dense_path/b{batch}"] = dense_path(functools.partial(layer, tokens, g1, g2))
+            with torch.no_grad():
+                plan = sparse.choose(layer, tokens, g1, g2)
+            auto_path[f"{kind}/b{batch}"] = "decode" if isinstance(plan, sparse.KeptHalves) else \
+                "sparse" if isinstance(plan, sparse.Routing) else "dense"
+        kept[f"b{batch}"] = sparse.kept_halves(g1, g2).active_fraction
+    with torch.no_grad():
+        times = interleaved(cases, args.repeats, args.warmup, timer)
+    return {"batches": list(DECODE_BATCHES), "auto_path": auto_path, "kept_halves_fraction": kept,
+            **{k: summarise(v) for k, v in times.items()}}
+
+
 def bench_capture(config: MonetConfig, args: BenchSettings) -> dict:
     """Forward of a one-routing-group model (eval, calibrated routing statistics) with vs without capture."""
-    device, timer = torch.device(args.device), Timer(torch.device(args.device))
+    device, timer = torch.device(args.device), Timer(torch.device(args.device), args.clock)
     config = _with(config, num_hidden_layers=config.moe_groups, vocab_size=1024)
     torch.manual_seed(4)
     model = MonetForCausalLM(config).to(device, getattr(torch, args.dtype))
@@ -271,6 +317,10 @@ def ratios(report: dict, stat: str = "median_ms") -> dict:
             masked = {label: masking[f"{kind}/{label}"][stat] + router + per_group(masking, f"prep/{label}")
                       for label in labels}
             out["masked_vs_unmasked"][key] = max(v / masked["none"] for label, v in masked.items() if label != "none")
+            decode = result["decode"]
+            for name, batch in (("decode_vs_dense", 1), ("decode_batch4_vs_dense", 4)):
+                step = decode[f"{kind}/b{batch}"][stat] + decode[f"router/b{batch}"][stat] / groups
+                out[name][key] = step / decode[f"dense/b{batch}"][stat]
     capture = report["capture"]
     out["capture_vs_forward"] = capture["forward"][stat] / capture["capture"][stat]
     return out
@@ -297,6 +347,9 @@ def to_markdown(report: dict) -> str:
     for shape, result in report["shapes"].items():
         for section in ("forward", "train", "masking"):
             lines += _table(f"{shape}: {section} ({result['tokens']} tokens)", result[section])
+        decode = result["decode"]
+        lines += _table(f"{shape}: decode (one new token per sequence; kept halves {decode['kept_halves_fraction']}, "
+                        f"auto picks {decode['auto_path']})", {k: v for k, v in decode.items() if "/b" in k})
         saved = {k: round(v, 1) for k, v in result["saved_mib"].items()}
         lines += ["", f"Saved for backward (MiB): {json.dumps(saved)}"]
     capture = report["capture"]
@@ -307,6 +360,8 @@ def to_markdown(report: dict) -> str:
 def run(args: BenchSettings) -> dict:
     """The whole report: every shape's sections, capture, the machine and its load, the headline ratios."""
     resolve_device(args.device)   # a clear error when CUDA is asked for and absent
+    if args.clock == "cpu" and args.threads != 1:
+        raise MonetError("--clock cpu times the calling thread only; use it with --threads 1")
     torch.set_num_threads(args.threads)
     shapes = {"tiny": MonetConfig(**QUICK)} if args.quick else {name: preset(name) for name in args.shapes}
     report: dict = {"command": command_line(args), "device": args.device, "dtype": args.dtype,
@@ -356,5 +411,6 @@ def command_line(args: BenchSettings) -> str:
     """The options of this run, spelled out (so a report says how to reproduce it)."""
     words = ["monet bench", f"--device {args.device}", f"--dtype {args.dtype}", f"--tokens {args.tokens}",
              f"--repeats {args.repeats}", f"--warmup {args.warmup}", f"--threads {args.threads}", f"--path {args.path}"]
+    words += [f"--clock {args.clock}"] if args.clock != "wall" else []
     words += ["--quick"] if args.quick else ["--shapes " + " ".join(args.shapes)]
     return " ".join(words + (["--profile"] if args.profile else []))

@@ -1,0 +1,123 @@
+"""The decode path (monet.sparse.KeptHalves): chosen automatically for a few tokens without autograd, reads
+only the kept halves' weights, and gives the dense path's tokens and logits under greedy decoding, with and
+without edits. Values and gradients against the naive N-sum are in tests/test_sparse.py (path "decode")."""
+
+import pytest
+import torch
+from test_sparse import LAYERS, _edit_table, _layer, _run
+
+import monet
+from monet import sparse
+from monet.edits import ExpertEdits, apply_edits
+
+
+def _halves_outside(layer, keep1: torch.Tensor, keep2: torch.Tensor) -> None:
+    """Poison every weight of the halves not in keep1 (side 1) / keep2 (side 2) with NaN."""
+    experts = layer.experts
+    drop1, drop2 = (torch.ones(experts, dtype=torch.bool).index_fill_(0, keep, False) for keep in (keep1, keep2))
+
+    def rows(weight, drop):
+        weight.unflatten(0, (experts, -1))[drop] = float("nan")
+
+    def columns(weight, drop):
+        weight.unflatten(1, (experts, -1))[:, drop] = float("nan")
+
+    with torch.no_grad():
+        if isinstance(layer, monet.model.MonetHorizontalExperts):
+            rows(layer.u.weight, drop1), rows(layer.u.bias, drop1), columns(layer.v.weight, drop2)
+            rows(layer.b, drop2)
+        else:
+            for weight in (layer.u1.weight, layer.u1.bias, layer.b1):
+                rows(weight, drop1)
+            for weight in (layer.u2.weight, layer.u2.bias, layer.b2):
+                rows(weight, drop2)
+            columns(layer.v11.weight, drop1), columns(layer.v12.weight, drop1)
+            columns(layer.v21.weight, drop2), columns(layer.v22.weight, drop2)
+
+
+@pytest.mark.parametrize("edit", [False, True], ids=["plain", "edited"])
+@pytest.mark.parametrize("cls", LAYERS)
+def test_decode_reads_only_the_kept_halves(cls, edit):
+    """NaN in every weight of the halves no token kept: the decode path's output is still the dense value
+    (a path that read those weights would return NaN, as the dense path does)."""
+    layer, router = _layer(cls, 12, 16, 4, 2, 2, seed=5)
+    if edit:
+        layer.edit_weights = _edit_table(16, seed=6)[0]
+    x = torch.randn(3, 1, 12, dtype=torch.float64)
+    with torch.no_grad():
+        g1, g2 = router(x)
+        want = _run(layer, "dense", x, g1, g2)
+        plan = sparse.kept_halves(g1, g2)
+        assert plan.first.numel() < 16 and plan.second.numel() < 16     # something left out on both sides
+        _halves_outside(layer, plan.first, plan.second)
+        assert _run(layer, "dense", x, g1, g2).isnan().any()
+        torch.testing.assert_close(_run(layer, "decode", x, g1, g2), want, rtol=1e-12, atol=1e-12)
+
+
+def test_auto_rule_picks_decoding_for_a_few_tokens_without_autograd(monkeypatch):
+    layer, router = _layer(LAYERS[0], 12, 32, 4, 2, 2)
+    x = torch.randn(2, 1, 12, dtype=torch.float64)
+    g1, g2 = router(x)
+    with torch.no_grad():
+        assert isinstance(sparse.choose(layer, x, g1, g2), sparse.KeptHalves)
+        many = torch.randn(1, sparse.DECODE_MAX_TOKENS + 1, 12, dtype=torch.float64)
+        assert not isinstance(sparse.choose(layer, many, *router(many)), sparse.KeptHalves)
+        monkeypatch.setattr(sparse, "DECODE_MAX_ACTIVE_FRACTION", 0.01)      # the halves are too large a share
+        assert sparse.choose(layer, x, g1, g2) is None
+        with sparse.expert_path("decode"):                                  # forced: any size
+            assert isinstance(sparse.choose(layer, many, *router(many)), sparse.KeptHalves)
+    assert sparse.choose(layer, x, g1, g2) is None                          # autograd on: training keeps its paths
+
+
+def _model(decompose, dtype):
+    torch.manual_seed(7)
+    config = monet.preset("tiny", num_hidden_layers=4, moe_decompose=decompose, moe_experts=32, moe_topk=2)
+    model = monet.MonetForCausalLM(config).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".moe." in name:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("edited", [False, True], ids=["plain", "edited"])
+@pytest.mark.parametrize("decompose", ["vertical", "horizontal"])
+def test_greedy_decoding_gives_the_dense_paths_tokens_and_logits(decompose, edited, dtype, monkeypatch):
+    """`generate` on the auto rule (which decodes on KeptHalves) = on the dense path: same tokens, logits within
+    float rounding; with masks and steering too. The decode path must actually have run."""
+    model = _model(decompose, dtype)
+    if edited:
+        apply_edits(model, ExpertEdits().delete(0, [1, 40, 200, 333]).scale(1, 70, 2.5).scale_bottom(0, 3, 0.5))
+    calls = []
+    original = sparse.kept_halves
+    monkeypatch.setattr(sparse, "kept_halves", lambda g1, g2: calls.append(1) or original(g1, g2))
+    ids = torch.randint(3, 256, (2, 6))
+    options = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=True,
+                   attention_mask=torch.ones_like(ids), output_logits=True, return_dict_in_generate=True)
+    auto = model.generate(ids, **options)
+    assert calls, "the decode path did not run"
+    with sparse.expert_path("dense"):
+        dense = model.generate(ids, **options)
+    assert torch.equal(auto.sequences, dense.sequences)
+    tolerance = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for got, want in zip(auto.logits, dense.logits, strict=True):
+        torch.testing.assert_close(got, want, **tolerance)
+
+
+def test_column_major_weights_keep_values_and_save_as_before(tmp_path):
+    """The decode path stores output projections column-major (same values and shape); a model saved after
+    decoding loads with the same weights and gives the same logits (up to float rounding)."""
+    model = _model("vertical", torch.float64)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ids = torch.randint(3, 256, (1, 4))
+    model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert not model.model.layers[0].moe.v11.weight.is_contiguous()      # column-major now
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    model.save_pretrained(tmp_path)
+    loaded = monet.MonetForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    for name, p in loaded.named_parameters():
+        assert torch.equal(p, before[name]), name
+    with torch.no_grad():      # float32 logits: a matmul over either layout sums in its own order
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
