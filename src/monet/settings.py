@@ -452,8 +452,11 @@ class UnlearnSettings(Settings):
     min_mass: float = number(0.0, low=0)  # minimum mean score per token on the target label for an expert to be judged
     eval_tokens: int = number(16_384, low=2)  # validation tokens per label (unmasked loss and the target's Δ)
     others_tokens: int | None = number(None, low=2)  # tokens per other label in a masked run (default: eval-tokens)
-    random_masks: int = number(20, low=0)  # random control masks per target (same size, seen experts); 0 = none
-    random_tokens: int = number(2_048, low=2)  # target tokens each random mask is evaluated on
+    random_masks: int = number(100, low=0)  # control masks per target (see --uniform-control); 0 = none
+    random_tokens: int = number(256, low=2)  # target tokens each control mask is evaluated on
+    # The control (issue 23): masks matched on the target's routing mass, each also measured on the others.
+    random_others_tokens: int = number(64, low=2)  # tokens per other label each control mask is evaluated on
+    uniform_control: bool = False  # draw control masks uniformly from the seen units (the pre-issue-23 control)
     sweep: tuple[float, ...] = (3.0, 1.5)  # more skewness ratios for the forget-retain curve
     sweep_tokens: int = number(4_096, low=2)  # target tokens per sweep point (a quarter of it per other label)
     batch_size: int = number(16, low=1)  # windows per forward pass

@@ -172,7 +172,9 @@ class PackedSequences(torch.utils.data.Dataset):
         self.dataset = dataset
         self.seq_len = int(seq_len)
         self.label = label
-        spans = dataset.docs if label is None else dataset.docs[dataset.documents_with_label(label)]
+        self._documents = (np.arange(dataset.num_documents) if label is None
+                           else dataset.documents_with_label(label))   # split index of each document here
+        spans = dataset.docs[self._documents]
         lengths = spans[:, 1] - spans[:, 0]
         self._starts = spans[:, 0]
         self._labels = spans[:, 2]
@@ -211,6 +213,15 @@ class PackedSequences(torch.utils.data.Dataset):
         else:
             window = np.concatenate([self.dataset.tokens[s:e] for _, s, e in self._pieces(begin, end)])
         return torch.from_numpy(window.astype(np.int64))
+
+    def document_of(self, i: int) -> int:
+        """The document (its index in the split) covering most tokens of window ``i``; the first on a tie.
+        Windows cut from one document are correlated: statistics resample documents, not windows."""
+        counts: Counter[int] = Counter()
+        for pos, start, end in self._pieces(*self._span(i)):
+            counts[pos] += end - start
+        pos = max(counts, key=lambda k: (counts[k], -k))
+        return int(self._documents[pos])
 
     def label_of(self, i: int) -> str:
         """The label covering most tokens of window ``i``."""
