@@ -195,9 +195,12 @@ def test_out_never_deletes_what_it_did_not_create(demo: Path, tmp_path: Path, ca
     assert _cli(["unlearn", *common, "--target", "python", "--out", str(a_file)]) == 2
     assert a_file.read_text() == "keep me"
     report = tmp_path / "report"
-    assert _cli(["unlearn", *common, "--target", "python", "--out", str(report)]) == 0
-    assert _cli(["unlearn", *common, "--target", "perl", "--out", str(report)]) == 0   # its own output: replaced
-    assert json.loads((report / "report.json").read_text())["targets"] == ["perl"]
+    masked_counts = json.loads((demo / "report" / "report.json").read_text())["monet"]["masked"]
+    target = max(masked_counts, key=lambda t: masked_counts[t]["masked_experts"])
+    assert _cli(["unlearn", *common, "--target", target, "--out", str(report)]) == 0
+    again = [*common, "--target", target, "--eval-tokens", "64", "--out", str(report)]
+    assert _cli(["unlearn", *again]) == 0   # its own output: replaced
+    assert json.loads((report / "report.json").read_text())["eval_tokens"] == 64
 
 
 def test_neuron_masks_zero_down_proj_inputs() -> None:

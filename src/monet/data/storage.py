@@ -28,6 +28,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
 
 
+def spread_order(count: int, seed: int = 0) -> np.ndarray:
+    """A seeded permutation of range(count). Documents are stored by label and path, so the first windows
+    of a label all come from its first files; any prefix of this order is a uniform sample of the windows
+    instead (spread over the documents in proportion to their length), the same on every machine."""
+    return np.random.default_rng(seed).permutation(count)
+
+
 def write_split(
     out_dir: Path, split: str, token_lists: Sequence[Sequence[int]], label_ids: Sequence[int], metas: Sequence[dict],
     vocab_size: int,
