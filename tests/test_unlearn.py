@@ -97,6 +97,15 @@ def test_report_files_and_consistency(demo: Path) -> None:
             assert all(c <= want for c in dense["selection"]["selected_per_group"].values())
         assert [p["parameter"] for p in dense["sweep"]] == report["dense_fractions"]
     assert set(report["equal_target"]) <= set(report["monet"]["masked"])
+    for result in (report["monet"], report["dense_protocol"]):   # the ceiling: every unit removed
+        ceiling = result["ceiling"]
+        assert set(ceiling["delta"]) == set(labels) and ceiling["masked_experts"] > 0
+        assert all(lo <= ceiling["delta"][label] <= hi for label, (lo, hi) in ceiling["delta_ci95"].items())
+    assert report["dense_protocol"]["ceiling"]["masked_experts"] == (model.config.num_hidden_layers
+                                                                     * report["dense_protocol"]["masked"][labels[0]]
+                                                                     ["selection"]["units_per_group"])
+    for target, row in report["summary"].items():
+        assert row["ceiling_delta_target"] == report["monet"]["ceiling"]["delta"][target]
     with open(report_dir / "loss_matrix.csv", newline="") as handle:
         rows = list(csv.reader(handle))
     assert rows[0][1:] == ["unmasked loss", *report["monet"]["masked"]]

@@ -408,8 +408,27 @@ def run_protocol(model: nn.Module, plan: EvalPlan, targets: list[str], operating
                 entry["sweep"].append({"parameter": parameter, "criterion": point.criterion,
                                        **{k: effect[k] for k in SWEEP_FIELDS}})
         result["masked"][target] = entry
+        if "ceiling" not in result and selection.groups:
+            result["ceiling"] = ceiling_effect(model, plan, before, selection, protocol)
     result["windows"] = rows
     return result
+
+
+def ceiling_effect(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarray], like: Selection,
+                   protocol: Protocol) -> dict[str, Any]:
+    """Every unit of every group masked (the whole MLP / every expert removed): each label's Δ on the
+    operating point's windows of the other labels, with its clustered CI. The scale a deletion is read
+    against: Δ target 0.3 means little when removing everything costs 0.35 and much when it costs 3."""
+    everything = Selection(like.units_per_group, like.groups,
+                           {g: np.arange(like.units_per_group) for g in range(like.groups)}, criterion="all units")
+    picks = {label: plan.positions(label, protocol.operating.others) for label in plan.sets}
+    with masked(model, everything):
+        after = plan.measure(model, picks)
+    deltas = {label: delta_ci(before[label][pos], after[label], seed=protocol.seed,
+                              clusters=window_documents(plan, label, pos)) for label, pos in picks.items()}
+    return {"masked_experts": everything.total, "delta": {label: d["delta"] for label, d in deltas.items()},
+            "delta_ci95": {label: d["ci95"] for label, d in deltas.items()},
+            "tokens": {label: plan.tokens(pos) for label, pos in picks.items()}}
 
 
 WINDOW_COLUMNS = ("model", "point", "masked", "label", "window", "document", "loss_before", "loss_after")
@@ -493,6 +512,9 @@ def summary_rows(result: dict[str, Any]) -> dict[str, dict]:
                                   else None, MIN_DELTA, SELECTIVITY)
         row |= {"interval_" + key: value for key, value in bounds.items() if key != "grade"}
         row["grade"] = bounds["grade"] if entry["masked_experts"] else "failing"
+        ceiling = result.get("ceiling", {}).get("delta", {}).get(target)
+        row["ceiling_delta_target"] = ceiling
+        row["target_share_of_ceiling"] = (entry["delta_target"] / ceiling if ceiling and ceiling > 0 else None)
         rows[target] = row
     return rows
 
