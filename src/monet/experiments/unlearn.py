@@ -465,15 +465,18 @@ def target_mass(means: list[np.ndarray], labels: list[str]) -> Any:
 
 
 def run_provenance(data_dir: str | Path) -> dict[str, Any]:
-    """What a replication must hold fixed: versions (torch, numpy, python), threads, the tokenizer hash, the
-    corpus's packages (data manifest) and a hash of its documents (`corpus_sha256`: same hash, same bytes)."""
+    """What a replication must hold fixed: versions (torch, numpy, python), threads and the CPU's vector
+    instruction set (both change float rounding in matrix products), the tokenizer hash, the corpus lock,
+    the corpus's packages (data manifest) and a hash of its documents (`corpus_sha256`: same hash, same
+    bytes)."""
     manifest = read_manifest(data_dir)
     digests = []
     for split in ("train", "validation"):
         dataset = TokenDataset(data_dir, split=split)
         digests += [f"{split}:{dataset.document_meta(i).get('sha256', '')}" for i in range(dataset.num_documents)]
     return {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "tokenizer_sha256": manifest.get("tokenizer_sha256"),
+            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "machine": platform.machine(), "tokenizer_sha256": manifest.get("tokenizer_sha256"),
             "corpus_sha256": hashlib.sha256("\n".join(digests).encode()).hexdigest(),
             "corpus_lock_sha256": manifest.get("lock_sha256"), "packages": manifest.get("provenance", [])}
 
