@@ -7,12 +7,16 @@ import pytest
 
 from monet.errors import MonetError
 from monet.experiments.protocol_stats import (
+    control_comparison,
     delta_ci,
     forget_retain_curve,
+    interval_verdict,
+    matched_masks,
     others_at_target,
     percentile,
     random_masks,
     random_p95,
+    replication_grade,
     verdict,
 )
 
@@ -118,3 +122,98 @@ def test_verdict():
     assert not verdict(0.3, 0.07, 0.0)["selective"]
     assert verdict(0.3, -0.2, 0.0)["selective"]          # others improving is not a ratio blow-up
     assert not verdict(0.3, 0.0, 0.31)["beats_random"]
+
+
+def test_clustered_interval_is_wider_when_windows_of_a_document_move_together():
+    """20 documents of 20 windows each; the change is shared within a document. Resampling windows one by
+    one treats 400 correlated values as independent; resampling documents gives the honest (wider) width."""
+    rng = np.random.default_rng(4)
+    docs = np.repeat(np.arange(20), 20)
+    shift = rng.normal(0.2, 0.1, 20)[docs] + rng.normal(0, 0.01, docs.size)
+    naive = delta_ci(np.zeros(docs.size), shift, reps=3000)
+    clustered = delta_ci(np.zeros(docs.size), shift, reps=3000, clusters=docs)
+    assert clustered["delta"] == pytest.approx(naive["delta"])
+    width = lambda out: out["ci95"][1] - out["ci95"][0]   # noqa: E731
+    assert width(clustered) > 3 * width(naive)
+    # Normal theory over 20 document means: half-width 1.96 sd / sqrt(20).
+    means = np.bincount(docs, weights=shift) / 20
+    assert width(clustered) / 2 == pytest.approx(1.96 * means.std() / np.sqrt(20), rel=0.2)
+    assert clustered["clusters"] == 20 and naive["clusters"] == 400
+    # Without clusters (each window its own) the old interval is unchanged.
+    assert delta_ci(np.zeros(docs.size), shift, reps=3000, clusters=np.arange(docs.size)) == naive
+    with pytest.raises(MonetError, match="one value per window"):
+        delta_ci([1.0, 2.0], [1.0, 2.0], clusters=[0])
+
+
+def test_strata_weigh_each_label_the_same():
+    """Δ others is the mean over labels whatever their window counts; documents resample within a label."""
+    before = np.zeros(30)
+    after = np.r_[np.full(10, 0.3), np.full(20, 0.0)]
+    strata = np.r_[np.zeros(10), np.ones(20)]
+    out = delta_ci(before, after, strata=strata, clusters=np.arange(30) // 5)
+    assert out["delta"] == pytest.approx(0.15)               # (0.3 + 0.0) / 2, not 10 x 0.3 / 30
+    assert out["ci95"] == pytest.approx([0.15, 0.15])         # constant within each label: no spread
+    assert out["clusters"] == 6
+
+
+def test_matched_masks_follow_the_selection_across_mass_deciles():
+    rng = np.random.default_rng(5)
+    mass = [rng.exponential(1.0, 1000)]
+    order = np.argsort(mass[0])
+    selected = {0: np.sort(np.r_[order[-30:], order[:10]])}   # 30 from the top decile, 10 from the bottom one
+    masks, overlap = matched_masks(mass, [np.arange(1000)], selected, n=50, seed=1)
+    assert len(masks) == 50 and overlap == 0
+    top, bottom = set(order[-100:]), set(order[:100])
+    for mask in masks:
+        ids = mask[0]
+        assert ids.size == 40 and len(set(ids)) == 40
+        assert not set(ids) & set(selected[0])
+        assert sum(i in top for i in ids) == 30 and sum(i in bottom for i in ids) == 10
+    assert len({tuple(m[0]) for m in masks}) == 50
+    again, _ = matched_masks(mass, [np.arange(1000)], selected, n=50, seed=1)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(masks, again, strict=True))
+    # Uniform draws (the old control) do not follow the mass: about 4 of 40 from the top decile.
+    uniform = random_masks({0: 40}, {0: np.arange(1000)}, n=50, seed=1)
+    assert np.mean([sum(i in top for i in m[0]) for m in uniform]) < 10
+
+
+def test_matched_masks_fall_back_to_the_whole_bin_and_report_the_overlap():
+    mass = [np.arange(20, dtype=float)]
+    selected = {0: np.arange(17, 20)}                         # 3 of the top bin's 4 units (5 bins of 4)
+    masks, overlap = matched_masks(mass, [np.arange(20)], selected, n=20, bins=5, seed=0)
+    assert all(set(m[0]) <= {16, 17, 18, 19} and m[0].size == 3 for m in masks)
+    assert 0.5 < overlap < 1.0
+    with pytest.raises(MonetError, match="no target mass"):
+        matched_masks([np.zeros(5)], [np.arange(10)], {0: [1]}, n=1)
+
+
+def test_control_comparison_can_fail():
+    rng = np.random.default_rng(6)
+    target = rng.normal(0.3, 0.05, 200)
+    others = 0.2 * target + rng.normal(0, 0.005, 200)         # the masks' cost grows with what they forget
+    good = control_comparison(0.3, 0.02, target, others)      # selective: 0.02 where masks pay ~0.06
+    assert good["selection_below"] and good["dominating_masks"] == 0
+    assert good["p_value"] == pytest.approx(1 / 201)
+    assert good["others_near"] == pytest.approx(0.06, abs=0.01)
+    bad = control_comparison(0.3, 0.08, target, others)       # costs more than the masks that forget as much
+    assert not bad["selection_below"] and bad["p_value"] > 0.3
+    assert bad["delta_target_p95"] == pytest.approx(np.percentile(target, 95))
+    with pytest.raises(MonetError, match="one value per mask"):
+        control_comparison(0.3, 0.0, [0.1, 0.2], [0.0])
+
+
+def test_interval_verdict_and_grades():
+    assert interval_verdict([0.25, 0.35], [0.01, 0.04], 0.3, 0.02, True)["grade"] == "robust"
+    # lua 2026-12-05-like: point estimates pass (0.29 >= 5 x 0.05) but the bounds do not (0.27 < 5 x 0.058).
+    marginal = interval_verdict([0.27, 0.31], [0.045, 0.058], 0.29, 0.05, True)
+    assert marginal["grade"] == "marginal" and marginal["min_delta_lo"] and not marginal["selective_lo"]
+    assert interval_verdict([0.08, 0.2], [0.0, 0.01], 0.14, 0.005, True)["grade"] == "marginal"
+    assert interval_verdict([0.25, 0.35], [0.01, 0.04], 0.3, 0.02, False)["grade"] == "marginal"   # the control
+    assert interval_verdict([0.25, 0.35], [0.01, 0.04], 0.3, 0.02, None)["grade"] == "marginal"    # no control
+    assert interval_verdict([0.05, 0.1], [0.0, 0.01], 0.08, 0.0, True)["grade"] == "failing"
+    assert interval_verdict([0.2, 0.3], [-0.05, -0.01], 0.25, -0.03, True)["grade"] == "robust"
+    assert replication_grade(["robust", "robust", "robust", "marginal"]) == "robust"
+    assert replication_grade(["robust", "robust", "marginal", "marginal"]) == "marginal"
+    assert replication_grade(["robust", "failing", "failing", "marginal"]) == "failing"
+    with pytest.raises(MonetError):
+        replication_grade(["pass"])

@@ -17,11 +17,13 @@ from monet.data import PackedSequences, TokenDataset
 from monet.edits import current_weights, masked, neuron_masks
 from monet.errors import MonetError
 from monet.evaluate import window_losses
+from monet.experiments.protocol_stats import delta_ci
 from monet.experiments.unlearn import (
     atlas_label_means,
     choice_scores,
     headword_items,
     multiple_choice_accuracy,
+    read_windows,
     select_for_label,
     spaced,
     unlearn,
@@ -48,7 +50,7 @@ def test_report_files_and_consistency(demo: Path) -> None:
     report_dir = demo / "report"
     report = json.loads((report_dir / "report.json").read_text())
     assert sorted(report["files"]) == ["dense_loss_matrix.csv", "forget_retain.png", "heatmap.png",
-                                       "loss_matrix.csv", "report.json"]
+                                       "loss_matrix.csv", "report.json", "windows.csv.gz"]
     for name in ("heatmap.png", "forget_retain.png"):
         assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     labels = report["labels"]
@@ -70,8 +72,11 @@ def test_report_files_and_consistency(demo: Path) -> None:
         assert entry["delta_target"] == pytest.approx(entry["delta"][target])
         assert entry["after"][target]["tokens"] == report["monet"]["before"][target]["tokens"]   # all windows
         if entry["masked_experts"]:
-            assert len(entry["random"]["deltas"]) == report["random_masks"]
+            assert len(entry["random"]["deltas"]) == len(entry["random"]["others_deltas"]) == report["random_masks"]
             assert entry["random"]["p95"] == pytest.approx(np.percentile(entry["random"]["deltas"], 95))
+            assert entry["random"]["comparison"]["masks"] == report["random_masks"]
+        worst = max((label for label in labels if label != target), key=lambda label: entry["delta"][label])
+        assert entry["worst_other"]["label"] == worst and entry["worst_other"]["delta"] == entry["delta"][worst]
         row = report["summary"][target]
         for field in ("delta_target", "delta_others", "delta_target_ci95", "random_delta_target_p95",
                       "masked_experts", "masking_ratio"):
@@ -80,6 +85,10 @@ def test_report_files_and_consistency(demo: Path) -> None:
         bar = (row["delta_target"] >= 0.10 and row["delta_target"] >= 5 * max(row["delta_others"], 0)
                and row["random_delta_target_p95"] is not None and row["delta_target"] > row["random_delta_target_p95"])
         assert row["passed"] == bar
+        lo, hi = row["delta_target_ci95"][0], row["delta_others_ci95"][1]
+        robust = (lo >= 0.10 and lo >= 5 * max(hi, 0) and bool(row["control_selection_below"])
+                  and entry["masked_experts"] > 0)
+        assert (row["grade"] == "robust") == robust and row["grade"] in ("robust", "marginal", "failing")
         dense = report["dense_protocol"]["masked"][target]   # the dense operating point: Monet's share of units
         units = sum(report["dense_protocol"]["masked"][target]["selection"]["selected_per_group"].values())
         assert dense["masked_experts"] == units
@@ -88,11 +97,52 @@ def test_report_files_and_consistency(demo: Path) -> None:
             assert all(c <= want for c in dense["selection"]["selected_per_group"].values())
         assert [p["parameter"] for p in dense["sweep"]] == report["dense_fractions"]
     assert set(report["equal_target"]) <= set(report["monet"]["masked"])
+    for result in (report["monet"], report["dense_protocol"]):   # the ceiling: every unit removed
+        ceiling = result["ceiling"]
+        assert set(ceiling["delta"]) == set(labels) and ceiling["masked_experts"] > 0
+        assert all(lo <= ceiling["delta"][label] <= hi for label, (lo, hi) in ceiling["delta_ci95"].items())
+    assert report["dense_protocol"]["ceiling"]["masked_experts"] == (model.config.num_hidden_layers
+                                                                     * report["dense_protocol"]["masked"][labels[0]]
+                                                                     ["selection"]["units_per_group"])
+    for target, row in report["summary"].items():
+        assert row["ceiling_delta_target"] == report["monet"]["ceiling"]["delta"][target]
     with open(report_dir / "loss_matrix.csv", newline="") as handle:
         rows = list(csv.reader(handle))
     assert rows[0][1:] == ["unmasked loss", *report["monet"]["masked"]]
     assert [r[0] for r in rows[1:]] == [*labels, "Δ Target", "Δ Others", "random p95"]
     assert float(rows[1][1]) == pytest.approx(report["monet"]["before"][labels[0]]["loss"], abs=1e-4)
+
+
+def test_windows_file_recomputes_the_report(demo: Path) -> None:
+    """Every reported Δ, its clustered interval and the control's values come back from windows.csv.gz."""
+    report = json.loads((demo / "report" / "report.json").read_text())
+    rows = read_windows(demo / "report" / "windows.csv.gz")
+    dataset = TokenDataset(demo / "data", "validation")
+    for model_name, result in (("monet", report["monet"]), ("dense", report["dense_protocol"])):
+        mine = [r for r in rows if r["model"] == model_name]
+        for label, before in result["before"].items():
+            unmasked = [r for r in mine if r["point"] == "unmasked" and r["label"] == label]
+            assert np.mean([r["loss_before"] for r in unmasked]) == pytest.approx(before["loss"], abs=1e-9)
+            packed = PackedSequences(dataset, report["seq_len"], label=label)
+            assert all(dataset.document_label(r["document"]) == label for r in unmasked)
+            assert unmasked[0]["document"] == packed.document_of(unmasked[0]["window"])
+        for target, entry in result["masked"].items():
+            point = [r for r in mine if r["point"] == "operating" and r["masked"] == target]
+            on = [r for r in point if r["label"] == target]
+            again = delta_ci([r["loss_before"] for r in on], [r["loss_after"] for r in on], seed=report["seed"],
+                             clusters=[r["document"] for r in on])
+            assert again["delta"] == pytest.approx(entry["delta_target"], abs=1e-9)
+            assert again["ci95"] == pytest.approx(entry["delta_target_ci95"], abs=1e-9)
+            off = [r for r in point if r["label"] != target]
+            joint = delta_ci([r["loss_before"] for r in off], [r["loss_after"] for r in off], seed=report["seed"],
+                             clusters=[r["document"] for r in off], strata=[r["label"] for r in off])
+            assert joint["ci95"] == pytest.approx(entry["delta_others_ci95"], abs=1e-9)
+            if "random" in entry:
+                first = [r for r in mine if r["point"] == "control 0" and r["masked"] == target]
+                on = [r["loss_after"] - r["loss_before"] for r in first if r["label"] == target]
+                assert np.mean(on) == pytest.approx(entry["random"]["deltas"][0], abs=1e-9)
+                # The control's windows are a subset of the selection's.
+                assert {(r["label"], r["window"]) for r in first} <= {(r["label"], r["window"]) for r in point}
 
 
 def test_masked_evaluation_reproduces_report(demo: Path) -> None:
@@ -154,9 +204,12 @@ def test_out_never_deletes_what_it_did_not_create(demo: Path, tmp_path: Path, ca
     assert _cli(["unlearn", *common, "--target", "python", "--out", str(a_file)]) == 2
     assert a_file.read_text() == "keep me"
     report = tmp_path / "report"
-    assert _cli(["unlearn", *common, "--target", "python", "--out", str(report)]) == 0
-    assert _cli(["unlearn", *common, "--target", "perl", "--out", str(report)]) == 0   # its own output: replaced
-    assert json.loads((report / "report.json").read_text())["targets"] == ["perl"]
+    masked_counts = json.loads((demo / "report" / "report.json").read_text())["monet"]["masked"]
+    target = max(masked_counts, key=lambda t: masked_counts[t]["masked_experts"])
+    assert _cli(["unlearn", *common, "--target", target, "--out", str(report)]) == 0
+    again = [*common, "--target", target, "--eval-tokens", "64", "--out", str(report)]
+    assert _cli(["unlearn", *again]) == 0   # its own output: replaced
+    assert json.loads((report / "report.json").read_text())["eval_tokens"] == 64
 
 
 def test_neuron_masks_zero_down_proj_inputs() -> None:

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from monet.experiments.protocol_stats import replication_grade
+
 FIELDS = ("delta_target", "delta_others", "random_delta_target_p95", "masking_ratio")
 
 
@@ -56,6 +58,13 @@ def aggregate(reports: dict[int, dict]) -> dict:
             rows[label] = {field: mean_sd([row.get(field) for row in per_seed]) for field in FIELDS}
             rows[label]["passed"] = sum(bool(row.get("passed")) for row in per_seed)
             rows[label]["seeds"] = len(per_seed)
+            # Reports from issue 23 on grade each label on interval bounds; older ones do not.
+            grades = [row.get("grade") for row in per_seed]
+            if all(grades):
+                rows[label]["grades"] = grades
+                rows[label]["replication"] = replication_grade(grades)
+            worst = [(row.get("worst_other") or {}).get("delta") for row in per_seed]
+            rows[label]["worst_other"] = mean_sd(worst)
         result["monet" if model == "summary" else "dense"] = rows
     equal = {}
     for label in labels:
@@ -72,6 +81,43 @@ def fmt(stat: dict[str, float], digits: int = 3) -> str:
     if not stat["n"]:
         return "-"
     return f"{stat['mean']:+.{digits}f} ± {stat['sd']:.{digits}f}"
+
+
+def provenance_check(reports: dict[int, dict], lock_sha256: str | None) -> list[str]:
+    """Problems that make a replication not the pre-registered one: another corpus lock, a drifted corpus,
+    different package versions or settings between seeds."""
+    problems = []
+    for seed, report in reports.items():
+        prov = report.get("provenance", {})
+        if lock_sha256 and prov.get("corpus_lock_sha256") != lock_sha256:
+            problems.append(f"seed {seed}: corpus lock {prov.get('corpus_lock_sha256')} is not {lock_sha256}")
+    keys = ("ratio", "eval_tokens", "others_tokens", "random_masks", "random_tokens", "random_others_tokens",
+            "sweep", "sweep_tokens", "control")
+    first = next(iter(reports.values()))
+    for seed, report in reports.items():
+        changed = [k for k in keys if report.get(k) != first.get(k)]
+        if changed:
+            problems.append(f"seed {seed}: settings differ from the first seed's: {', '.join(changed)}")
+    return problems
+
+
+def replication_markdown(result: dict, seeds: list[int], command: str, problems: list[str]) -> str:
+    """The pre-registered table (PREREGISTRATION.md): per label its grade on each seed and over the seeds."""
+    lines = [f"# Pre-registered replication: seeds {', '.join(map(str, seeds))}", "", f"Command: `{command}`", "",
+             "Grades per seed (bar on interval bounds, see PREREGISTRATION.md): robust = Δt_lo >= 0.10 and >= 5 x",
+             "Δo_hi and the matched control p < 0.05; marginal = only the point estimates pass; failing = they do",
+             "not. Over seeds: robust on >= 3 of 4 = robust; failing on >= half = failing; else marginal.", ""]
+    lines += [f"- NOT as registered: {p}" for p in problems] + ([""] if problems else [])
+    lines += ["| label | grades by seed | verdict | Δ target | Δ others | worst other | dense Δ target |",
+              "|---|---|---|---|---|---|---|"]
+    for label, row in result["monet"].items():
+        dense = result["dense"].get(label)
+        lines.append(f"| {label} | {' '.join(row.get('grades', ['-']))} | {row.get('replication', '-')} | "
+                     f"{fmt(row['delta_target'])} | {fmt(row['delta_others'])} | {fmt(row['worst_other'])} | "
+                     f"{fmt(dense['delta_target']) if dense else '-'} |")
+    robust = sum(row.get("replication") == "robust" for row in result["monet"].values())
+    lines += ["", f"{robust} of {len(result['monet'])} labels robust (pre-registered success: at least 6 of 8)."]
+    return "\n".join(lines) + "\n"
 
 
 def markdown(result: dict, seeds: list[int], command: str) -> str:
@@ -103,6 +149,9 @@ def main() -> int:
     parser.add_argument("--existing", nargs="*", default=[], help="SEED=DIR: a finished demo directory for a seed")
     parser.add_argument("--source", default="code", choices=["code", "languages", "domains"])
     parser.add_argument("--write", type=Path, default=Path(__file__).parent)
+    parser.add_argument("--replication", metavar="LOCK_SHA256", default=None,
+                        help="a pre-registered replication: write replication.json and REPLICATION.md (kept apart "
+                             "from RESULTS.md) and check every report against this corpus lock hash")
     args = parser.parse_args()
     existing = {}
     for item in args.existing:
@@ -117,6 +166,16 @@ def main() -> int:
     result = aggregate(reports)
     command = "python benchmarks/unlearning/run.py " + " ".join(sys.argv[1:])
     args.write.mkdir(parents=True, exist_ok=True)
+    if args.replication:
+        problems = provenance_check(reports, args.replication)
+        (args.write / "replication.json").write_text(json.dumps(
+            {"command": command, "seeds": args.seeds, "problems": problems, "aggregate": result,
+             "per_seed": {str(s): {"summary": r["summary"], "dense": r.get("dense"), "provenance": r.get("provenance")}
+                          for s, r in reports.items()}}, indent=1, default=str) + "\n", encoding="utf-8")
+        text = replication_markdown(result, args.seeds, command, problems)
+        (args.write / "REPLICATION.md").write_text(text, encoding="utf-8")
+        print(text)
+        return 0
     (args.write / "results.json").write_text(json.dumps(
         {"command": command, "source": args.source, "seeds": args.seeds, "aggregate": result,
          "per_seed": {str(s): {"summary": r["summary"], "dense": r.get("dense"), "equal_target": r.get("equal_target")}

@@ -62,7 +62,7 @@ def run_data_build(cmd: S.DataBuild) -> None:
     path = build_corpus(cmd.source, cmd.out, max_bytes=S.parse_size(cmd.max_bytes) if cmd.max_bytes else None,
                         vocab_size=cmd.vocab_size, tokenizer=cmd.tokenizer, seed=cmd.seed, fetch=cmd.fetch,
                         cache_dir=cmd.cache_dir, force=cmd.force, progress=not cmd.quiet,
-                        validation_fraction=cmd.validation_fraction,
+                        validation_fraction=cmd.validation_fraction, allow_drift=cmd.allow_drift,
                         source_options={"languages": list(cmd.labels)} if cmd.labels else None)
     print(printable(format_table(read_manifest(path))))
     print(printable(f"wrote {path}"))

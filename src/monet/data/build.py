@@ -17,6 +17,7 @@ from monet.data.code import code_documents
 from monet.data.documents import VALIDATION_FRACTION, Document, assign_splits, balance, dedup
 from monet.data.domains import domain_documents
 from monet.data.languages import language_documents
+from monet.data.lock import corpus_lock_record
 from monet.data.packages import cache_dir as default_cache_dir
 from monet.data.storage import FORMAT_VERSION, MANIFEST, SPLITS, read_manifest, token_dtype, write_split
 from monet.data.tokenizer import DEFAULT_VOCAB_SIZE, gpt2_tokenizer, load_raw_tokenizer, save_tokenizer, train_bpe
@@ -91,7 +92,7 @@ def build_corpus(
     source: str, out_dir: str | Path, max_bytes: int | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE,
     tokenizer: str = "bpe", seed: int = 0, fetch: bool = False, *, cache_dir: str | Path | None = None,
     force: bool = False, validation_fraction: float = VALIDATION_FRACTION, source_options: dict | None = None,
-    progress: bool = True,
+    progress: bool = True, allow_drift: bool = False,
 ) -> Path:
     """Build dataset ``out_dir`` from ``source`` (code, domains, languages, toxicity); returns its path.
 
@@ -114,6 +115,9 @@ def build_corpus(
     cache = default_cache_dir(cache_dir)
     documents = collect_documents(source, max_bytes, seed, cache=cache, fetch=fetch, source_options=source_options,
                                   progress=progress)
+    # The default code corpus must match its committed lock (monet.data.lock), unless allow_drift.
+    lock = corpus_lock_record(source, documents, SOURCES[source][1] if max_bytes is None else int(max_bytes), seed,
+                              source_options, allow_drift)
     by_split = assign_splits(documents, validation_fraction)
     if not by_split["train"] or not by_split["validation"]:
         raise MonetError(f"only {len(documents)} documents: both splits need at least one; "
@@ -152,6 +156,7 @@ def build_corpus(
             "dtype": token_dtype(actual_vocab).name,
             "splits": splits,
             "provenance": provenance(documents),
+            **({"lock": lock, "lock_sha256": lock["lock_sha256"]} if lock else {}),
             "options": {
                 "max_bytes": SOURCES[source][1] if max_bytes is None else int(max_bytes),
                 "vocab_size": vocab_size,

@@ -28,6 +28,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
 
 
+def spread_order(count: int, seed: int = 0) -> np.ndarray:
+    """A seeded permutation of range(count). Documents are stored by label and path, so the first windows
+    of a label all come from its first files; any prefix of this order is a uniform sample of the windows
+    instead (spread over the documents in proportion to their length), the same on every machine."""
+    return np.random.default_rng(seed).permutation(count)
+
+
 def write_split(
     out_dir: Path, split: str, token_lists: Sequence[Sequence[int]], label_ids: Sequence[int], metas: Sequence[dict],
     vocab_size: int,
@@ -206,7 +213,9 @@ class PackedSequences(torch.utils.data.Dataset):
         self.dataset = dataset
         self.seq_len = int(seq_len)
         self.label = label
-        spans = dataset.docs if label is None else dataset.docs[dataset.documents_with_label(label)]
+        self._documents = (np.arange(dataset.num_documents) if label is None
+                           else dataset.documents_with_label(label))   # split index of each document here
+        spans = dataset.docs[self._documents]
         lengths = spans[:, 1] - spans[:, 0]
         self._starts = spans[:, 0]
         self._labels = spans[:, 2]
@@ -245,6 +254,15 @@ class PackedSequences(torch.utils.data.Dataset):
         else:
             window = np.concatenate([self.dataset.tokens[s:e] for _, s, e in self._pieces(begin, end)])
         return torch.from_numpy(window.astype(np.int64))
+
+    def document_of(self, i: int) -> int:
+        """The document (its index in the split) covering most tokens of window ``i``; the first on a tie.
+        Windows cut from one document are correlated: statistics resample documents, not windows."""
+        counts: Counter[int] = Counter()
+        for pos, start, end in self._pieces(*self._span(i)):
+            counts[pos] += end - start
+        pos = max(counts, key=lambda k: (counts[k], -k))
+        return int(self._documents[pos])
 
     def label_of(self, i: int) -> str:
         """The label covering most tokens of window ``i``."""

@@ -1,8 +1,11 @@
 """Statistics of the unlearning protocol: noise floors for "deleting these units costs the target this much".
 
 Pure numpy, no model: the protocol code (`monet.experiments.unlearn`) measures per-window losses and calls
-these: paired bootstrap CIs (`delta_ci`), random control masks and their 95th percentile (`random_masks`,
-`random_p95`), forget-retain curves compared at equal forgetting (`others_at_target`) and the bar (`verdict`).
+these: paired bootstrap CIs clustered by document (`delta_ci`), control masks matched on the target's
+routing mass and the comparison with them (`matched_masks`, `control_comparison`; the older uniform draws:
+`random_masks`, `random_p95`), forget-retain curves compared at equal forgetting (`others_at_target`), the
+bars (`verdict` on point estimates, `interval_verdict` on interval bounds) and the grade over seeds
+(`replication_grade`).
 """
 
 from __future__ import annotations
@@ -25,13 +28,18 @@ def _vector(values: Any, name: str) -> np.ndarray:
 
 
 def delta_ci(before: Sequence[float], after: Sequence[float], tokens: Sequence[float] | None = None,
-             reps: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+             reps: int = 2000, level: float = 0.95, seed: int = 0, clusters: Sequence[Any] | None = None,
+             strata: Sequence[Any] | None = None) -> dict[str, Any]:
     """Paired Δ = mean(after) - mean(before) over the same windows, with a bootstrap interval.
 
     before, after: mean loss (nats/token) of each window, evaluated without and with the edit. Each window
-    gives one difference and windows (not tokens: tokens within a window are correlated) are resampled.
-    tokens: tokens per window (default: all equal); the estimate is then the token-weighted mean, resampled
-    as a ratio of sums. Returns {"delta", "ci95": [lo, hi], "windows", "tokens"}.
+    gives one difference. tokens: tokens per window (default: all equal); the estimate is the token-weighted
+    mean, resampled as a ratio of sums. clusters: the document of each window: whole documents are
+    resampled, because windows cut from one file are correlated and resampling them one by one gives an
+    interval that is too narrow (default: every window its own cluster). strata: the label of each window:
+    clusters are resampled within each stratum and the estimate is the mean of the strata's Δ, each stratum
+    weighing the same (Δ others: the mean over the other labels). Returns {"delta", "ci95": [lo, hi],
+    "windows", "tokens", "clusters"}.
     """
     b, a = _vector(before, "before"), _vector(after, "after")
     if b.shape != a.shape:
@@ -41,15 +49,33 @@ def delta_ci(before: Sequence[float], after: Sequence[float], tokens: Sequence[f
         raise MonetError("tokens must give a positive count for every window")
     if not 0 < level < 1 or reps < 1:
         raise MonetError(f"need 0 < level < 1 and reps >= 1, got level={level}, reps={reps}")
-    diff = (a - b) * w
-    delta = float(diff.sum() / w.sum())
+    cluster = _labels(clusters, b.size, "clusters") if clusters is not None else np.arange(b.size)
+    stratum = _labels(strata, b.size, "strata") if strata is not None else np.zeros(b.size, np.int64)
     rng = np.random.default_rng(seed)
-    index = rng.integers(0, b.size, size=(reps, b.size))
-    samples = diff[index].sum(axis=1) / w[index].sum(axis=1)
+    estimates, samples, count = [], [], 0
+    for s in np.unique(stratum):
+        inside = stratum == s
+        # Per cluster: the sum of weighted differences and of weights (a ratio of sums per replicate).
+        ids, member = np.unique(cluster[inside], return_inverse=True)
+        dw = np.bincount(member, weights=((a - b) * w)[inside], minlength=ids.size)
+        ws = np.bincount(member, weights=w[inside], minlength=ids.size)
+        estimates.append(dw.sum() / ws.sum())
+        index = rng.integers(0, ids.size, size=(reps, ids.size))
+        samples.append(dw[index].sum(axis=1) / ws[index].sum(axis=1))
+        count += ids.size
+    delta = float(np.mean(estimates))
     tail = 100 * (1 - level) / 2
-    lo, hi = np.percentile(samples, [tail, 100 - tail])
+    lo, hi = np.percentile(np.mean(samples, axis=0), [tail, 100 - tail])
     return {"delta": delta, "ci95": [float(min(lo, delta)), float(max(hi, delta))], "windows": int(b.size),
-            "tokens": float(w.sum())}
+            "tokens": float(w.sum()), "clusters": int(count)}
+
+
+def _labels(values: Sequence[Any], size: int, name: str) -> np.ndarray:
+    """Integer codes of per-window labels (any hashable values: document ids, label names)."""
+    array = np.asarray(values)
+    if array.shape != (size,):
+        raise MonetError(f"{name} must give one value per window ({size}), got shape {array.shape}")
+    return np.unique(array, return_inverse=True)[1].reshape(-1)
 
 
 def random_masks(counts: Mapping[int, int], seen: Mapping[int, Sequence[int]] | Sequence[Sequence[int]],
@@ -70,6 +96,75 @@ def random_masks(counts: Mapping[int, int], seen: Mapping[int, Sequence[int]] | 
     rng = np.random.default_rng(seed)
     return [{group: np.sort(rng.choice(pool, size=count, replace=False)) if count else np.zeros(0, np.int64)
              for group, (pool, count) in draws.items()} for _ in range(n)]
+
+
+def matched_masks(mass: Sequence[np.ndarray], pools: Sequence[Sequence[int]], selected: Mapping[int, Sequence[int]],
+                  n: int = 100, bins: int = 10, seed: int = 0) -> tuple[list[dict[int, np.ndarray]], float]:
+    """`n` control masks matched to a selection on the target's routing mass, bin by bin.
+
+    mass[g]: every unit's mass on the target label (the atlas's mean score per token) in group g; pools[g]:
+    the units a mask may draw from (seen in the atlas); selected[g]: the selection's units. In each group
+    the pool is cut into `bins` equal-count bins by target mass (deciles by rank, ties by unit id, so a
+    mass of 0 shared by many units still fills equal bins), and each mask takes, from each bin, as many
+    units as the selection has there, uniformly and without replacement among the bin's units that the
+    selection does not hold. A bin with too few of those draws from all its units (the selection's too).
+    Such masks delete as much of the target's routing as the selection, so what sets the selection apart is
+    which units it picked, not how much target mass they carry. Returns (masks, overlap): overlap is the
+    share of drawn units that belong to the selection (0 unless some bin was too small).
+    """
+    if n < 1 or bins < 1:
+        raise MonetError(f"need n >= 1 masks and bins >= 1, got n={n}, bins={bins}")
+    plans: dict[int, list[tuple[np.ndarray, int]]] = {}
+    for group, chosen in sorted(selected.items()):
+        chosen = np.unique(np.asarray(chosen, dtype=np.int64))
+        pool = np.union1d(np.asarray(pools[group], dtype=np.int64), chosen)
+        values = np.asarray(mass[group], dtype=np.float64)
+        if pool.size and (pool.max() >= values.size):
+            raise MonetError(f"group {group}: unit {pool.max()} has no target mass ({values.size} units)")
+        ranked = pool[np.lexsort((pool, values[pool]))]
+        plans[group] = []
+        for members in np.array_split(ranked, min(bins, max(ranked.size, 1))):
+            need = int(np.isin(members, chosen).sum())
+            if need:
+                free = np.setdiff1d(members, chosen)
+                plans[group].append((free if free.size >= need else members, need))
+    rng = np.random.default_rng(seed)
+    masks, overlap, drawn = [], 0, 0
+    for _ in range(n):
+        mask = {}
+        for group, parts in plans.items():
+            ids = [rng.choice(members, size=need, replace=False) for members, need in parts]
+            mask[group] = np.sort(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
+            overlap += int(np.isin(mask[group], np.asarray(selected[group])).sum())
+            drawn += mask[group].size
+        masks.append(mask)
+    return masks, overlap / max(drawn, 1)
+
+
+def control_comparison(selection_target: float, selection_others: float, target: Sequence[float],
+                       others: Sequence[float], level: float = 0.05, neighbours: int = 20) -> dict[str, Any]:
+    """Does the selection cost the other labels less than matched random masks that forget as much?
+
+    All values are Δ (masked - unmasked) on the same windows: the selection's (Δ target, Δ others) and each
+    control mask's. `dominated_by` is the share of masks at least as good on both counts (Δ target >= the
+    selection's and Δ others <= the selection's), as a permutation p-value (1 + k) / (1 + n); the selection
+    beats the control when it is below `level`. `others_near` is the median Δ others of the `neighbours`
+    masks closest in Δ target (the matched masks' cost at a similar Δ target), beside the selection's.
+    """
+    t, o = _vector(target, "control Δ target"), _vector(others, "control Δ others")
+    if t.shape != o.shape:
+        raise MonetError(f"control Δ target and Δ others must have one value per mask, got {t.size} and {o.size}")
+    dominated = int(((t >= selection_target) & (o <= selection_others)).sum())
+    p_value = (1 + dominated) / (1 + t.size)
+    near = np.argsort(np.abs(t - selection_target), kind="stable")[:neighbours]
+    return {
+        "masks": int(t.size),
+        "selection_delta_target": float(selection_target), "selection_delta_others": float(selection_others),
+        "delta_target_p95": percentile(t, 95.0), "delta_others_median": float(np.median(o)),
+        "dominating_masks": dominated, "p_value": float(p_value),
+        "others_near": float(np.median(o[near])), "target_near": [float(t[near].min()), float(t[near].max())],
+        "selection_below": bool(p_value < level),
+    }
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -107,8 +202,8 @@ def others_at_target(points: Sequence[Mapping[str, float]], delta_target: float)
 
 def verdict(delta_target: float, delta_others: float, random_p95_value: float, min_delta: float = 0.10,
             ratio: float = 5.0) -> dict[str, bool]:
-    """The bar of one label: Δ target >= min_delta, >= ratio x max(Δ others, 0), and above the random
-    control's p95."""
+    """The point-estimate bar of one label: Δ target >= min_delta, >= ratio x max(Δ others, 0), and above
+    the random control's p95."""
     checks = {
         "min_delta": bool(delta_target >= min_delta),
         "selective": bool(delta_target >= ratio * max(delta_others, 0.0)),
@@ -118,5 +213,41 @@ def verdict(delta_target: float, delta_others: float, random_p95_value: float, m
     return checks
 
 
-__all__ = ["delta_ci", "forget_retain_curve", "others_at_target", "percentile", "random_masks", "random_p95",
-           "verdict"]
+GRADES = ("robust", "marginal", "failing")
+
+
+def interval_verdict(target_ci: Sequence[float], others_ci: Sequence[float], delta_target: float,
+                     delta_others: float, control: bool | None, min_delta: float = 0.10,
+                     ratio: float = 5.0) -> dict[str, Any]:
+    """The bar on interval bounds (issue 23) and its grade for one label on one run.
+
+    robust: the lower bound of Δ target clears both bars (Δt_lo >= min_delta and Δt_lo >= ratio x
+    max(Δo_hi, 0): the worst case of the target's loss against the worst case of the others') and the
+    control does not match the selection (`control`: `control_comparison`'s selection_below; None when no
+    control ran, which cannot be robust). marginal: the point estimates clear both bars but the bounds do
+    not. failing: the point estimates do not.
+    """
+    lo, hi = float(target_ci[0]), float(others_ci[1])
+    checks = {"min_delta_lo": bool(lo >= min_delta), "selective_lo": bool(lo >= ratio * max(hi, 0.0)),
+              "control": control}
+    point = delta_target >= min_delta and delta_target >= ratio * max(delta_others, 0.0)
+    if checks["min_delta_lo"] and checks["selective_lo"] and control:
+        grade = "robust"
+    else:
+        grade = "marginal" if point else "failing"
+    return {**checks, "grade": grade}
+
+
+def replication_grade(grades: Sequence[str], robust_share: float = 0.75) -> str:
+    """One label over seeds (the pre-registration, benchmarks/unlearning/PREREGISTRATION.md): robust when
+    robust on at least `robust_share` of the seeds (3 of 4), failing when failing on at least half, marginal
+    otherwise."""
+    if not grades or any(g not in GRADES for g in grades):
+        raise MonetError(f"need per-seed grades among {', '.join(GRADES)}, got {list(grades)}")
+    if sum(g == "robust" for g in grades) >= robust_share * len(grades):
+        return "robust"
+    return "failing" if sum(g == "failing" for g in grades) >= len(grades) / 2 else "marginal"
+
+
+__all__ = ["GRADES", "control_comparison", "delta_ci", "forget_retain_curve", "interval_verdict", "matched_masks",
+           "others_at_target", "percentile", "random_masks", "random_p95", "replication_grade", "verdict"]

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint
 from monet.data import PackedSequences, TokenDataset, load_tokenizer
+from monet.data.storage import spread_order
 from monet.data.toxicity import load_scorer
 from monet.edits import masked
 from monet.errors import MonetError
@@ -43,18 +44,28 @@ def document_scores(dataset: Any) -> np.ndarray:
     return np.asarray(scores, dtype=np.float64)
 
 
+def correlation_windows(docs: np.ndarray, seq_len: int, max_tokens: int, seed: int = 0) -> list[tuple[int, int, int]]:
+    """(doc, stream start, length) of windows of at most `seq_len` tokens, a uniform sample of all the
+    documents' windows (`spread_order`) covering `max_tokens` tokens. Not the first documents in stored
+    order: documents are stored by label and "non-toxic" sorts before "toxic", so a prefix would correlate
+    routing with a toxicity that hardly varies."""
+    windows = [(doc, offset, min(seq_len, end - offset))
+               for doc, (start, end) in enumerate(docs[:, :2].tolist()) for offset in range(start, end, seq_len)]
+    picked, total = [], 0
+    for i in spread_order(len(windows), seed):
+        if total >= max_tokens:
+            break
+        picked.append(windows[i])
+        total += windows[i][2]
+    return picked
+
+
 @torch.no_grad()
 def toxicity_correlations(model: nn.Module, dataset: Any, max_tokens: int = 100_000, seq_len: int = 64,
                           batch_size: int = 16, progress: bool = False) -> list[np.ndarray]:
     """Per routing group, the Pearson correlation [N] of every expert's routing score with token toxicity."""
     y_doc = document_scores(dataset)
-    windows = []   # (doc, start, length), documents cut into windows, until max_tokens
-    total = 0
-    for doc, (start, end) in enumerate(dataset.docs[:, :2].tolist()):
-        windows += [(doc, offset, min(seq_len, end - offset)) for offset in range(start, end, seq_len)]
-        total += end - start
-        if total >= max_tokens:
-            break
+    windows = correlation_windows(dataset.docs, seq_len, max_tokens)
     config = model.config
     accumulators = [PearsonAccumulator(config.moe_experts ** 2) for _ in range(config.num_routing_groups)]
     device = next(model.parameters()).device

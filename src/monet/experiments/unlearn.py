@@ -12,8 +12,11 @@ windows (a paired Δ, nats/token), with bootstrap CIs, a random-mask control, a 
 from __future__ import annotations
 
 import csv
+import gzip
+import hashlib
 import io
 import math
+import platform
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +31,16 @@ from tqdm.auto import tqdm
 
 from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint, tokenizer_hash, trained_seq_len
 from monet.data import TokenDataset, load_tokenizer
+from monet.data.storage import read_manifest
 from monet.edits import masked
 from monet.errors import MonetError
 from monet.evaluate import label_window_sets, window_indices, window_losses
 from monet.experiments.protocol_stats import (
+    control_comparison,
     delta_ci,
     forget_retain_curve,
+    interval_verdict,
+    matched_masks,
     others_at_target,
     random_masks,
     random_p95,
@@ -46,8 +53,20 @@ from monet.runtime import resolve_device
 from monet.settings import UnlearnSettings
 
 REPORT_FILE = "report.json"
+WINDOWS_FILE = "windows.csv.gz"
 MIN_DELTA = 0.10      # the bar (issue 9): Δ target of at least 0.10 nats ...
 SELECTIVITY = 5.0     # ... and at least 5 x max(mean Δ others, 0)
+BAR = {"min_delta": MIN_DELTA, "selectivity": SELECTIVITY,
+       "rule": "passed (point estimates): delta_target >= min_delta, >= selectivity x max(delta_others, 0), "
+               "> the control's p95 of delta_target",
+       "grade": "robust: delta_target_ci95[0] >= min_delta and >= selectivity x max(delta_others_ci95[1], 0), "
+                "and fewer than 5 % of the control masks forget as much at no more cost to the others "
+                "(control p_value < 0.05); marginal: the point estimates clear min_delta and selectivity but "
+                "not the bounds; failing: they do not"}
+CONTROL_MATCHED = ("masks matched to the selection on the target's routing mass (atlas), decile by decile per "
+                   "group, drawn outside the selection; each measured on delta target and delta others on a "
+                   "subset of the selection's windows")
+CONTROL_UNIFORM = "masks of the same size per group, drawn uniformly from the units seen in the atlas"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -201,28 +220,40 @@ class Measure:
 # One edit, measured
 
 
+def window_documents(plan: EvalPlan, label: str, positions: np.ndarray) -> np.ndarray:
+    """The document (index in the validation split) of each picked window of `label`: the bootstrap's
+    clusters and the `windows.csv.gz` column that lets a reader recompute every interval."""
+    packed = plan.sets[label]
+    return np.asarray([packed.document_of(int(i)) for i in plan.windows[label][positions]], dtype=np.int64)
+
+
 def edit_effect(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarray], selection: Selection, target: str,
                 measure: Measure, seed: int = 0) -> dict[str, Any]:
     """Mask `selection`, evaluate the target and the other labels on the windows `measure` asks for, and
-    return each label's Δ with a paired bootstrap 95 % CI, Δ target and Δ others (mean over the other
-    labels, each weighted equally). `after_target` (per-window losses) stays out of the report."""
+    return each label's Δ with a 95 % CI from a paired bootstrap over documents (windows of one document
+    are resampled together), Δ target, Δ others (mean over the other labels, each weighted equally; its
+    CI resamples documents within each label) and the worst single other label. `windows` (the picked
+    positions, their documents and per-window losses) stays out of report.json: it goes to windows.csv.gz."""
     picks = {label: plan.positions(label, measure.target if label == target else measure.others)
              for label in plan.sets}
     prior = {label: before[label][pos] for label, pos in picks.items()}
+    docs = {label: window_documents(plan, label, pos) for label, pos in picks.items()}
     if selection.total:
         with masked(model, selection):
             after = plan.measure(model, picks)
     else:
         after = prior
-    per_label = {label: delta_ci(prior[label], after[label], seed=seed) for label in picks}
+    per_label = {label: delta_ci(prior[label], after[label], seed=seed, clusters=docs[label]) for label in picks}
     others = [label for label in picks if label != target]
     if others:
-        # Window weights that give every label the same total weight: Δ others is a mean over labels.
-        weights = np.concatenate([np.full(len(after[label]), 1.0 / len(after[label])) for label in others])
         joint = delta_ci(np.concatenate([prior[label] for label in others]),
-                         np.concatenate([after[label] for label in others]), tokens=weights, seed=seed)
+                         np.concatenate([after[label] for label in others]), seed=seed,
+                         clusters=np.concatenate([docs[label] for label in others]),
+                         strata=np.concatenate([np.full(len(after[label]), i) for i, label in enumerate(others)]))
+        worst = max(others, key=lambda label: per_label[label]["delta"])
     else:
         joint = {"delta": float("nan"), "ci95": [float("nan"), float("nan")]}
+        worst = None
     return {
         "selection": selection.summary(),
         "masked_experts": selection.total,
@@ -230,32 +261,72 @@ def edit_effect(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarray],
         "delta": {label: d["delta"] for label, d in per_label.items()},
         "delta_ci95": {label: d["ci95"] for label, d in per_label.items()},
         "after": {label: {"loss": float(after[label].mean()), "before": float(prior[label].mean()),
-                          "tokens": plan.tokens(picks[label])} for label in picks},
+                          "tokens": plan.tokens(picks[label]), "documents": per_label[label]["clusters"]}
+                  for label in picks},
         "delta_target": per_label[target]["delta"],
         "delta_target_ci95": per_label[target]["ci95"],
-        "after_target": after[target],
         "delta_others": joint["delta"],
         "delta_others_ci95": joint["ci95"],
+        "worst_other": None if worst is None else {"label": worst, "delta": per_label[worst]["delta"],
+                                                   "ci95": per_label[worst]["ci95"]},
         "target_vs_others": target_vs_others(per_label[target]["delta"], joint["delta"]),
+        "windows": {label: {"positions": picks[label], "documents": docs[label], "before": prior[label],
+                            "after": after[label]} for label in picks},
     }
 
 
+def control_positions(windows: dict[str, dict[str, np.ndarray]], target: str, target_tokens: int,
+                      others_tokens: int, seq_len: int) -> dict[str, np.ndarray]:
+    """Indices (into each label's operating-point windows) that every control mask is measured on: an
+    evenly spaced subset, so the selection's own Δ on exactly these windows is known without a re-run."""
+    return {label: spaced(len(w["positions"]), -(-(target_tokens if label == target else others_tokens) // seq_len))
+            for label, w in windows.items()}
+
+
 def random_control(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarray], selection: Selection,
-                   selected_after: np.ndarray, seen: list[np.ndarray], target: str, count: int, tokens: int,
+                   windows: dict[str, dict[str, np.ndarray]], pools: list[np.ndarray], target: str, count: int,
+                   tokens: int, others_tokens: int, target_mass: list[np.ndarray] | None = None,
                    seed: int = 0) -> dict[str, Any]:
-    """Δ target of `count` random masks with as many units per group as `selection`, drawn from the units
-    seen in the atlas, each on the same `tokens` of the target's windows. Returns their deltas, 95th
-    percentile (the bar the selection must clear) and the selection's own Δ on those windows
-    (`selected_after`: its per-window losses on all the target's windows)."""
-    positions = plan.positions(target, tokens)
-    deltas = []
-    for ids in random_masks(selection.counts(), seen, n=count, seed=seed):
-        control = Selection(selection.units_per_group, selection.groups, ids, criterion="random (seen units)")
+    """`count` control masks, each measured on Δ target AND Δ others on a subset of the selection's own
+    windows (`tokens` of the target's, `others_tokens` of each other label's), and the comparison with the
+    selection on those same windows (`control_comparison`).
+
+    With `target_mass` (per group, every unit's mass on the target from the atlas) the masks are matched to
+    the selection decile by decile of that mass (`matched_masks`): they remove as much of the target's
+    routing, so a selection that only picked "units the target uses a lot" is matched by them; without it,
+    the same number of units per group drawn uniformly from `pools` (units seen in the atlas)."""
+    subset = control_positions(windows, target, tokens, others_tokens, plan.seq_len)
+    picks = {label: windows[label]["positions"][index] for label, index in subset.items()}
+    others = [label for label in picks if label != target]
+    if target_mass is not None:
+        masks, overlap = matched_masks(target_mass, pools, selection.ids, n=count, seed=seed)
+        criterion = "random, matched on target mass deciles"
+    else:
+        masks, overlap = random_masks(selection.counts(), pools, n=count, seed=seed), None
+        criterion = "random (seen units)"
+
+    def deltas(after: dict[str, np.ndarray]) -> tuple[float, float]:
+        change = {label: float((after[label] - before[label][picks[label]]).mean()) for label in picks}
+        return change[target], float(np.mean([change[label] for label in others])) if others else float("nan")
+
+    target_deltas, others_deltas, draws = [], [], []
+    for ids in masks:
+        control = Selection(selection.units_per_group, selection.groups, ids, criterion=criterion)
         with masked(model, control):
-            after = plan.measure(model, {target: positions})[target]
-        deltas.append(float((after - before[target][positions]).mean()))
-    return {"deltas": deltas, "p95": random_p95(deltas), "tokens": plan.tokens(positions),
-            "selection_delta": float((selected_after[positions] - before[target][positions]).mean())}
+            after = plan.measure(model, picks)
+        dt, do = deltas(after)
+        target_deltas.append(dt)
+        others_deltas.append(do)
+        draws.append(after)
+    own_t, own_o = deltas({label: windows[label]["after"][index] for label, index in subset.items()})
+    result = {"criterion": criterion, "deltas": target_deltas, "others_deltas": others_deltas,
+              "p95": random_p95(target_deltas), "tokens": plan.tokens(picks[target]),
+              "others_tokens": plan.tokens(picks[others[0]]) if others else 0, "overlap": overlap,
+              "selection_delta": own_t, "selection_delta_others": own_o}
+    if others:
+        result["comparison"] = control_comparison(own_t, own_o, target_deltas, others_deltas)
+    result["windows"] = {"positions": picks, "after": draws}
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -272,6 +343,7 @@ class Protocol:
     random_tokens: int
     batch_size: int
     seed: int = 0
+    random_others_tokens: int = 64        # tokens per other label each control mask is measured on
     mc_items: dict[str, list[dict]] | None = None
     tokenizer: Any = None
     progress: bool = True
@@ -284,13 +356,20 @@ def label_accuracies(model: nn.Module, protocol: Protocol) -> dict[str, float]:
 
 
 def run_protocol(model: nn.Module, plan: EvalPlan, targets: list[str], operating: Any, sweep: Any,
-                 seen: list[np.ndarray], protocol: Protocol, allow_empty: bool = False) -> dict[str, Any]:
+                 seen: list[np.ndarray], protocol: Protocol, allow_empty: bool = False,
+                 target_mass: Any = None) -> dict[str, Any]:
     """Unmasked losses, then for each target: the operating-point selection (`operating(target)`) with its
-    per-label Δ and CIs, the random control, and the sweep points (`sweep(target)`: [(parameter, Selection)])."""
+    per-label Δ and CIs, the control (matched on `target_mass(target)` when given: per group, each unit's
+    mass on the target) and the sweep points (`sweep(target)`: [(parameter, Selection)]). Every per-window
+    loss is kept in `result["windows"]` (rows of `WINDOW_COLUMNS` without the model), for windows.csv.gz."""
     model.eval()
     before = plan.measure(model, {label: plan.positions(label, None) for label in plan.sets})
     result: dict[str, Any] = {"before": {label: {"loss": float(v.mean()), "tokens": plan.tokens(v)}
                                          for label, v in before.items()}, "masked": {}}
+    rows: list[tuple] = []
+    for label, losses in before.items():
+        everything = plan.positions(label, None)
+        rows += window_rows(plan, "unmasked", "", label, everything, losses, losses)
     accuracy_before = label_accuracies(model, protocol)
     for label, accuracy in accuracy_before.items():
         result["before"][label]["accuracy"] = accuracy
@@ -300,7 +379,9 @@ def run_protocol(model: nn.Module, plan: EvalPlan, targets: list[str], operating
             raise MonetError(f"no unit is selected for {target!r} ({selection.criterion}): the selection is empty; "
                              "lower --ratio or build the atlas on more tokens")
         entry = edit_effect(model, plan, before, selection, target, protocol.operating, protocol.seed)
-        after_target = entry.pop("after_target")
+        windows = entry.pop("windows")
+        for label, w in windows.items():
+            rows += window_rows(plan, "operating", target, label, w["positions"], w["before"], w["after"])
         if selection.total and accuracy_before:
             with masked(model, selection):
                 accuracies = label_accuracies(model, protocol)
@@ -308,16 +389,58 @@ def run_protocol(model: nn.Module, plan: EvalPlan, targets: list[str], operating
                 entry["after"][label]["accuracy"] = accuracy
             entry["delta_accuracy"] = {label: accuracies[label] - accuracy_before[label] for label in accuracies}
         if selection.total and protocol.random_masks:
-            entry["random"] = random_control(model, plan, before, selection, after_target, seen, target,
-                                             protocol.random_masks, protocol.random_tokens, protocol.seed)
+            control = random_control(model, plan, before, selection, windows, seen, target, protocol.random_masks,
+                                     protocol.random_tokens, protocol.random_others_tokens,
+                                     target_mass(target) if target_mass else None, protocol.seed)
+            drawn = control.pop("windows")
+            for i, after in enumerate(drawn["after"]):
+                for label, positions in drawn["positions"].items():
+                    rows += window_rows(plan, f"control {i}", target, label, positions, before[label][positions],
+                                        after[label])
+            entry["random"] = control
         entry["sweep"] = []
         for parameter, point in sweep(target):
             if point.total:
                 effect = edit_effect(model, plan, before, point, target, protocol.sweep, protocol.seed)
+                for label, w in effect.pop("windows").items():
+                    rows += window_rows(plan, f"sweep {parameter:g}", target, label, w["positions"], w["before"],
+                                        w["after"])
                 entry["sweep"].append({"parameter": parameter, "criterion": point.criterion,
                                        **{k: effect[k] for k in SWEEP_FIELDS}})
         result["masked"][target] = entry
+        if "ceiling" not in result and selection.groups:
+            result["ceiling"] = ceiling_effect(model, plan, before, selection, protocol)
+    result["windows"] = rows
     return result
+
+
+def ceiling_effect(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarray], like: Selection,
+                   protocol: Protocol) -> dict[str, Any]:
+    """Every unit of every group masked (the whole MLP / every expert removed): each label's Δ on the
+    operating point's windows of the other labels, with its clustered CI. The scale a deletion is read
+    against: Δ target 0.3 means little when removing everything costs 0.35 and much when it costs 3."""
+    everything = Selection(like.units_per_group, like.groups,
+                           {g: np.arange(like.units_per_group) for g in range(like.groups)}, criterion="all units")
+    picks = {label: plan.positions(label, protocol.operating.others) for label in plan.sets}
+    with masked(model, everything):
+        after = plan.measure(model, picks)
+    deltas = {label: delta_ci(before[label][pos], after[label], seed=protocol.seed,
+                              clusters=window_documents(plan, label, pos)) for label, pos in picks.items()}
+    return {"masked_experts": everything.total, "delta": {label: d["delta"] for label, d in deltas.items()},
+            "delta_ci95": {label: d["ci95"] for label, d in deltas.items()},
+            "tokens": {label: plan.tokens(pos) for label, pos in picks.items()}}
+
+
+WINDOW_COLUMNS = ("model", "point", "masked", "label", "window", "document", "loss_before", "loss_after")
+
+
+def window_rows(plan: EvalPlan, point: str, target: str, label: str, positions: np.ndarray, before: np.ndarray,
+                after: np.ndarray) -> list[tuple]:
+    """One row per window of one measurement: (point, masked label, evaluated label, window index in the
+    label's `PackedSequences`, its document in the validation split, loss before, loss after)."""
+    documents = window_documents(plan, label, positions)
+    return [(point, target, label, int(w), int(d), float(b), float(a))
+            for w, d, b, a in zip(plan.windows[label][positions], documents, before, after, strict=True)]
 
 
 SWEEP_FIELDS = ("masked_experts", "masking_ratio", "delta_target", "delta_target_ci95", "delta_others",
@@ -336,6 +459,28 @@ def seen_units(means: list[np.ndarray]) -> list[np.ndarray]:
     return [np.flatnonzero(np.asarray(m).sum(axis=0) > 0) for m in means]
 
 
+def target_mass(means: list[np.ndarray], labels: list[str]) -> Any:
+    """target -> per group, every unit's mass on the target (the matched control's matching variable)."""
+    return lambda target: [np.asarray(m)[labels.index(target)] for m in means]
+
+
+def run_provenance(data_dir: str | Path) -> dict[str, Any]:
+    """What a replication must hold fixed: versions (torch, numpy, python), threads and the CPU's vector
+    instruction set (both change float rounding in matrix products), the tokenizer hash, the corpus lock,
+    the corpus's packages (data manifest) and a hash of its documents (`corpus_sha256`: same hash, same
+    bytes)."""
+    manifest = read_manifest(data_dir)
+    digests = []
+    for split in ("train", "validation"):
+        dataset = TokenDataset(data_dir, split=split)
+        digests += [f"{split}:{dataset.document_meta(i).get('sha256', '')}" for i in range(dataset.num_documents)]
+    return {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "machine": platform.machine(), "tokenizer_sha256": manifest.get("tokenizer_sha256"),
+            "corpus_sha256": hashlib.sha256("\n".join(digests).encode()).hexdigest(),
+            "corpus_lock_sha256": manifest.get("lock_sha256"), "packages": manifest.get("provenance", [])}
+
+
 def curve_points(entry: dict[str, Any]) -> list[dict[str, float]]:
     """The forget-retain curve of one target: its sweep points and the operating point."""
     points = [*entry.get("sweep", []), *([entry] if entry["masked_experts"] else [])]
@@ -344,13 +489,20 @@ def curve_points(entry: dict[str, Any]) -> list[dict[str, float]]:
 
 
 def summary_rows(result: dict[str, Any]) -> dict[str, dict]:
-    """Per masked label, the fields the tables print and the issue's bar (`verdict`)."""
+    """Per masked label, the fields the tables print, the point-estimate bar (`verdict`: `passed`) and the
+    bar on interval bounds with its grade (`interval_verdict`: robust / marginal / failing)."""
     rows = {}
     for target, entry in result["masked"].items():
         control = entry.get("random", {})
+        comparison = control.get("comparison", {})
         row = {key: entry[key] for key in ("delta_target", "delta_target_ci95", "delta_others", "delta_others_ci95")}
+        row["worst_other"] = entry.get("worst_other")
         row |= {"random_delta_target_p95": control.get("p95"),
-                "random_selection_delta": control.get("selection_delta")}
+                "random_selection_delta": control.get("selection_delta"),
+                "control_others_near": comparison.get("others_near"),
+                "control_selection_others": comparison.get("selection_delta_others"),
+                "control_p_value": comparison.get("p_value"),
+                "control_selection_below": comparison.get("selection_below")}
         row |= {key: entry[key] for key in ("masked_experts", "masking_ratio", "target_vs_others")}
         if "delta_accuracy" in entry:
             row["delta_accuracy_target"] = entry["delta_accuracy"].get(target)
@@ -358,6 +510,14 @@ def summary_rows(result: dict[str, Any]) -> dict[str, dict]:
             row.update(verdict(entry["delta_target"], entry["delta_others"], control["p95"], MIN_DELTA, SELECTIVITY))
         else:
             row["passed"] = False
+        bounds = interval_verdict(entry["delta_target_ci95"], entry["delta_others_ci95"], entry["delta_target"],
+                                  entry["delta_others"], comparison.get("selection_below") if entry["masked_experts"]
+                                  else None, MIN_DELTA, SELECTIVITY)
+        row |= {"interval_" + key: value for key, value in bounds.items() if key != "grade"}
+        row["grade"] = bounds["grade"] if entry["masked_experts"] else "failing"
+        ceiling = result.get("ceiling", {}).get("delta", {}).get(target)
+        row["ceiling_delta_target"] = ceiling
+        row["target_share_of_ceiling"] = (entry["delta_target"] / ceiling if ceiling and ceiling > 0 else None)
         rows[target] = row
     return rows
 
@@ -418,24 +578,30 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
     protocol = Protocol(operating=Measure(settings.eval_tokens, others_tokens),
                         sweep=Measure(settings.sweep_tokens, max(settings.sweep_tokens // 4, seq_len)),
                         random_masks=settings.random_masks, random_tokens=settings.random_tokens,
+                        random_others_tokens=settings.random_others_tokens,
                         batch_size=settings.batch_size, seed=settings.seed, mc_items=items, tokenizer=tokenizer,
                         progress=not settings.quiet)
     monet_result = run_protocol(
         model, plan, targets,
         operating=lambda t: select_for_label(means, labels, t, settings.ratio, settings.min_mass),
         sweep=lambda t: [(r, select_for_label(means, labels, t, r, settings.min_mass)) for r in settings.sweep],
-        seen=seen_units(means), protocol=protocol, allow_empty=settings.target is None)
+        seen=seen_units(means), protocol=protocol, allow_empty=settings.target is None,
+        target_mass=None if settings.uniform_control else target_mass(means, labels))
+    windows = {"monet": monet_result.pop("windows")}
     report: dict[str, Any] = {
         "run": str(checkpoint), "data": str(settings.data), "atlas": str(settings.atlas), "split": "validation",
         "seq_len": seq_len, "batch_size": settings.batch_size, "eval_tokens": settings.eval_tokens,
         "others_tokens": others_tokens, "random_masks": settings.random_masks,
-        "random_tokens": settings.random_tokens, "sweep": list(settings.sweep), "sweep_tokens": settings.sweep_tokens,
+        "random_tokens": settings.random_tokens, "random_others_tokens": settings.random_others_tokens,
+        "control": CONTROL_UNIFORM if settings.uniform_control else CONTROL_MATCHED,
+        "sweep": list(settings.sweep), "sweep_tokens": settings.sweep_tokens,
         "ratio": settings.ratio, "min_mass": settings.min_mass, "seed": settings.seed, "labels": list(sets),
         "skipped_labels": skipped, "targets": targets,
         "metric": "validation loss (nats/token); delta = masked - unmasked on the same windows (a rise is "
-                  "knowledge lost); 95 % CIs from a paired bootstrap over windows",
-        "bar": {"min_delta": MIN_DELTA, "selectivity": SELECTIVITY,
-                "rule": "delta_target >= min_delta, >= selectivity x max(delta_others, 0), > random p95"},
+                  "knowledge lost); 95 % CIs from a paired bootstrap over documents (the windows of one "
+                  "document resampled together; Δ others: documents resampled within each other label)",
+        "bar": BAR,
+        "provenance": run_provenance(settings.data),
         "monet": monet_result, "summary": summary_rows(monet_result),
     }
     if settings.baseline is not None:
@@ -451,7 +617,10 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
 
         dense_result = run_protocol(dense_model, plan, targets, dense_operating,
                                     lambda t: [(f, dense_top(t, f)) for f in settings.dense_fractions],
-                                    seen_units(dense_means), protocol, allow_empty=True)
+                                    seen_units(dense_means), protocol, allow_empty=True,
+                                    target_mass=None if settings.uniform_control
+                                    else target_mass(dense_means, dense_labels))
+        windows["dense"] = dense_result.pop("windows")
         report["dense_protocol"] = dense_result
         report["dense"] = summary_rows(dense_result)
         report["dense_run"], report["dense_atlas"] = str(settings.baseline), str(settings.baseline_atlas)
@@ -459,7 +628,7 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
                                      "masked experts for the label; sweep over dense_fractions")
         report["dense_fractions"] = list(settings.dense_fractions)
         report["equal_target"] = equal_target_comparison(monet_result, dense_result)
-    write_report(report, settings.out, force=settings.force)
+    write_report(report, settings.out, force=settings.force, windows=windows)
     return report
 
 
@@ -565,10 +734,35 @@ def plot_forget_retain(report: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_report(report: dict[str, Any], out: str | Path, force: bool = False) -> Path:
-    """report.json, loss_matrix.csv (+ accuracy_matrix.csv, dense_loss_matrix.csv), heatmap.png and
-    forget_retain.png, written atomically into `out` (free, or an earlier unlearning report, or `force`)."""
+def windows_csv(windows: dict[str, list[tuple]]) -> bytes:
+    """windows.csv.gz: one row per (model, measurement, window), `WINDOW_COLUMNS`; every Δ and interval of
+    report.json can be recomputed from it (tests/test_unlearn.py does)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(WINDOW_COLUMNS)
+    for model_name, rows in windows.items():
+        writer.writerows((model_name, *row[:-2], repr(row[-2]), repr(row[-1])) for row in rows)
+    return gzip.compress(buffer.getvalue().encode("utf-8"), mtime=0)
+
+
+def read_windows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a windows.csv.gz, typed (ints, floats)."""
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        row["window"], row["document"] = int(row["window"]), int(row["document"])
+        row["loss_before"], row["loss_after"] = float(row["loss_before"]), float(row["loss_after"])
+    return rows
+
+
+def write_report(report: dict[str, Any], out: str | Path, force: bool = False,
+                 windows: dict[str, list[tuple]] | None = None) -> Path:
+    """report.json, loss_matrix.csv (+ accuracy_matrix.csv, dense_loss_matrix.csv), heatmap.png,
+    forget_retain.png and (given `windows`) windows.csv.gz, written atomically into `out` (free, or an
+    earlier unlearning report, or `force`)."""
     with output_directory(out, "unlearn", force, "an unlearning report") as tmp:
+        if windows:
+            (tmp / WINDOWS_FILE).write_bytes(windows_csv(windows))
         files = {"loss_matrix.csv": matrix_csv(report["monet"], "loss")}
         if any("accuracy" in v for v in report["monet"]["before"].values()):
             files["accuracy_matrix.csv"] = matrix_csv(report["monet"], "accuracy")
@@ -578,31 +772,46 @@ def write_report(report: dict[str, Any], out: str | Path, force: bool = False) -
             (tmp / name).write_text(text, encoding="utf-8")
         plot_heatmap(report, tmp / "heatmap.png")
         plot_forget_retain(report, tmp / "forget_retain.png")
-        names = sorted([*files, "heatmap.png", "forget_retain.png", REPORT_FILE])
+        names = sorted([*files, "heatmap.png", "forget_retain.png", REPORT_FILE, *([WINDOWS_FILE] if windows else [])])
         write_json(tmp / REPORT_FILE, {**report, "files": names})
     return Path(out)
 
 
 def format_summary(report: dict[str, Any]) -> str:
-    """A plain-text table per masked label: Monet's Δ target [CI], Δ others, random p95 and the bar, then
-    the dense baseline at its operating point and at Monet's Δ target."""
+    """A plain-text table per masked label: Monet's Δ target and Δ others with their clustered CIs, the
+    worst single other label, the control (the selection's Δ others beside the matched masks' at a similar
+    Δ target, on the same windows, and the share of masks that do at least as well), and the grade; then
+    the dense baseline at its operating point and at Monet's Δ target. A legend follows the table."""
     dense, equal = report.get("dense", {}), report.get("equal_target", {})
-    header = (f"{'masked':<12} {'experts':>7} {'%':>5} {'Δ target [95% CI]':>24} {'Δ others':>8} {'x':>6} "
-              f"{'rand p95':>8} {'bar':>4}")
+    header = (f"{'masked':<11} {'%':>5} {'Δ target [95% CI]':>22} {'Δ others [95% CI]':>22} {'worst other':>17} "
+              f"{'ctl: sel':>8} {'rand':>6} {'p':>5} {'grade':>8}")
     if dense:
-        header += f" | dense: {'neurons':>7} {'Δ target':>8} {'Δ others':>8} {'rand p95':>8} | {'@equal Δt':>9}"
+        header += f" | dense: {'%':>5} {'Δ target':>8} {'Δ others':>8} | {'@equal Δt':>9}"
     lines = [header]
     for target, row in report["summary"].items():
-        ci = row["delta_target_ci95"]
-        interval = f"{_num(row['delta_target'], 7)} [{_num(ci[0], 6)},{_num(ci[1], 6)}]"
-        line = (f"{target:<12} {row['masked_experts']:>7} {100 * row['masking_ratio']:>5.2f} {interval:>24} "
-                f"{_num(row['delta_others'], 8)} {_num(row['target_vs_others'], 6, 1)} "
-                f"{_num(row['random_delta_target_p95'], 8)} {'pass' if row.get('passed') else 'FAIL':>4}")
+        ci, oci = row["delta_target_ci95"], row["delta_others_ci95"]
+        interval = f"{_num(row['delta_target'], 6)} [{_num(ci[0], 6)},{_num(ci[1], 6)}]"
+        others = f"{_num(row['delta_others'], 6)} [{_num(oci[0], 6)},{_num(oci[1], 6)}]"
+        worst = row.get("worst_other") or {}
+        worst_text = f"{worst.get('label', '-')[:10]} {_num(worst.get('delta'), 6)}" if worst else "-"
+        line = (f"{target:<11} {100 * row['masking_ratio']:>5.2f} {interval:>22} {others:>22} {worst_text:>17} "
+                f"{_num(row.get('control_selection_others'), 8)} {_num(row.get('control_others_near'), 6)} "
+                f"{_num(row.get('control_p_value'), 5, 2)} {row.get('grade', '-'):>8}")
         if target in dense:
             d, at_equal = dense[target], equal.get(target, {}).get("dense_delta_others")
-            line += (f" |        {d['masked_experts']:>7} {_num(d['delta_target'], 8)} {_num(d['delta_others'], 8)} "
-                     f"{_num(d['random_delta_target_p95'], 8)} | {_num(at_equal, 9)}")
+            line += (f" |        {100 * d['masking_ratio']:>5.2f} {_num(d['delta_target'], 8)} "
+                     f"{_num(d['delta_others'], 8)} | {_num(at_equal, 9)}")
         lines.append(line)
+    grades = [row.get("grade") for row in report["summary"].values()]
+    lines += ["", "Δ = validation loss after masking minus before (nats/token); 95 % CIs resample documents. "
+              "worst other = the other label that lost most.",
+              "ctl = the control: the selection's Δ others on the control's windows, beside the median Δ others "
+              "of the random masks (matched on the target's routing mass) closest to it in Δ target; p = share "
+              "of masks that forget as much at no more cost.",
+              f"grade: robust = Δ target's lower bound >= {MIN_DELTA:g} and >= {SELECTIVITY:g} x Δ others' upper "
+              "bound, and p < 0.05; marginal = only the point estimates clear the bars; failing = they do not "
+              f"({grades.count('robust')} robust, {grades.count('marginal')} marginal, "
+              f"{grades.count('failing')} failing of {len(grades)})."]
     return "\n".join(lines)
 
 

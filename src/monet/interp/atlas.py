@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint, trained_seq_len
 from monet.data import TokenDataset
+from monet.data.storage import spread_order
 from monet.errors import MonetError
 from monet.interp.capture import RoutingCapture, capture_routing
 from monet.io import atomic_write, output_directory, sha256_file, write_json
@@ -331,7 +332,9 @@ def plan_windows(docs: np.ndarray, seq_len: int, max_tokens: int | None) -> np.n
     for doc, (start, end, label) in enumerate(docs[:, :3].tolist()):   # stream order within a label
         windows = per_label.setdefault(label, [])
         windows.extend((doc, offset, min(seq_len, end - start - offset)) for offset in range(0, end - start, seq_len))
-    queues = {label: iter(windows) for label, windows in sorted(per_label.items())}
+    # A budget takes a uniform sample of each label's windows, not its first files by path (issue 23).
+    queues = {label: iter([windows[i] for i in spread_order(len(windows))])
+              for label, windows in sorted(per_label.items())}
     taken = dict.fromkeys(queues, 0)
     rows, total = [], 0
     while queues and (max_tokens is None or total < max_tokens):

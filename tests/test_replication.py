@@ -1,0 +1,41 @@
+"""benchmarks/unlearning/run.py --replication: per-seed grades, the verdict over seeds, provenance checks."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "unlearning" / "run.py"
+
+
+def _run_module():
+    spec = importlib.util.spec_from_file_location("unlearning_run", RUN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _report(grades: dict[str, str], lock: str = "abc", ratio: float = 1.5) -> dict:
+    row = {"delta_target": 0.3, "delta_others": 0.02, "random_delta_target_p95": 0.1, "masking_ratio": 0.06,
+           "worst_other": {"label": "x", "delta": 0.05}, "passed": True}
+    return {"summary": {label: {**row, "grade": grade} for label, grade in grades.items()}, "ratio": ratio,
+            "provenance": {"corpus_lock_sha256": lock}}
+
+
+def test_replication_grades_and_provenance():
+    run = _run_module()
+    reports = {3: _report({"c": "robust", "go": "marginal"}), 4: _report({"c": "robust", "go": "robust"}),
+               5: _report({"c": "robust", "go": "failing"}), 6: _report({"c": "marginal", "go": "failing"})}
+    result = run.aggregate(reports)
+    assert result["monet"]["c"]["replication"] == "robust" and result["monet"]["go"]["replication"] == "failing"
+    assert result["monet"]["c"]["grades"] == ["robust", "robust", "robust", "marginal"]
+    assert run.provenance_check(reports, "abc") == []
+    text = run.replication_markdown(result, [3, 4, 5, 6], "cmd", [])
+    assert "| c | robust robust robust marginal | robust |" in text and "1 of 2 labels robust" in text
+    reports[6] = _report({"c": "robust", "go": "robust"}, lock="other", ratio=2.0)
+    problems = run.provenance_check(reports, "abc")
+    assert any("seed 6: corpus lock other" in p for p in problems)
+    assert any("seed 6: settings differ" in p and "ratio" in p for p in problems)
+    # Reports from before issue 23 carry no grade: no verdict is invented for them.
+    old = {0: {"summary": {"c": {k: v for k, v in _report({"c": "robust"})["summary"]["c"].items() if k != "grade"}}}}
+    assert "replication" not in run.aggregate(old)["monet"]["c"]
