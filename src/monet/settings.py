@@ -119,12 +119,9 @@ def check_number(name: str, value: Any, *, integer: bool = False, low: float | N
         return
     kind = "integer" if integer else "number"
     number_ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
-    if number_ok and math.isfinite(value) and ((high is not None and value > high) or (below is not None
-                                                                                      and value >= below)):
-        if (low is None or value >= low) and (above is None or value > above):   # only the upper bound is broken
-            limit = f"at most {int(high) if float(high).is_integer() else high:,}" if high is not None \
-                else f"below {below:g}"
-            raise MonetError(f"{name} must be {limit}, got {value!r}")
+    if number_ok and math.isfinite(value) and high is not None and value > high and below is None \
+            and (low is None or value >= low) and (above is None or value > above):   # only the ceiling is broken
+        raise MonetError(f"{name} must be at most {int(high) if float(high).is_integer() else high:,}, got {value!r}")
     if high in (MAX_COUNT, MAX_SEED):
         high = None   # the default ceilings are named only when broken
     if high is None and below is None and (low, above) in ((0, None), (1, None) if integer else (None, 0)):
