@@ -214,7 +214,7 @@ class DataBuild(Settings):
     validation_fraction: float = number(0.05, above=0, below=1)  # share of documents kept for validation
     seed: int = number(0, low=0)  # which documents fill each label's budget
     cache_dir: str | None = None  # package cache (default: $MONET_CACHE or ~/.cache/monet)
-    force: bool = False  # replace --out even if it is not a dataset this command wrote
+    force: bool = False  # rebuild --out when it holds a dataset; nothing else is ever replaced (docs/cli.md)
     quiet: bool = False  # no progress bars
 
     def validate(self) -> None:
@@ -347,7 +347,7 @@ class AtlasBuild(AtlasOptions):
     data: str  # dataset directory from `monet data build` (built with the model's tokenizer)
     out: str  # atlas directory to write
     device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
-    force: bool = False  # replace --out even if it is not an atlas
+    force: bool = False  # replace --out when it holds an earlier atlas; nothing else is ever replaced
     no_verify: bool = False  # skip the SHA-256 check of the checkpoint
     quiet: bool = False  # no progress bars
 
@@ -451,7 +451,7 @@ class ProbeSettings(Settings):
     seed: int = number(0, low=0)  # document split, balanced sets and random units
     device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
     no_verify: bool = False  # skip the SHA-256 check of the checkpoints
-    force: bool = False  # replace --out even if it is not a probe report
+    force: bool = False  # unneeded for an earlier probe report (replaced anyway); nothing else is ever replaced
     quiet: bool = False  # no progress bars
 
     def validate(self) -> None:
@@ -488,7 +488,7 @@ class UnlearnSettings(Settings):
     dense_fractions: tuple[float, ...] = (0.05, 0.15, 0.3, 0.5)  # shares of dense neurons on the dense curve
     seed: int = 0  # random masks and bootstrap
     device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
-    force: bool = False  # replace --out even if it is not an unlearning report
+    force: bool = False  # unneeded for an earlier unlearning report (replaced anyway); nothing else is replaced
     quiet: bool = False  # no progress bars
 
     def validate(self) -> None:
@@ -518,7 +518,7 @@ class ToxicitySettings(Settings):
     corr_tokens: int = number(100_000, low=1)  # training tokens for the correlations
     max_batches: int | None = number(8, low=1)  # batches for the general loss
     seed: int = number(0, low=0)  # sampling seed
-    force: bool = False  # replace --out even if it is not a toxicity report
+    force: bool = False  # unneeded for an earlier toxicity report (replaced anyway); nothing else is replaced
     quiet: bool = False  # no progress bars
 
 
@@ -562,5 +562,5 @@ class DemoSettings(Settings):
     quick: bool = False  # a tiny version (tiny model, seconds; for tests)
     baseline: bool = True  # train a dense LLaMA of matching size and unlearn its MLP neurons too (--no-baseline: skip)
     seed: int = 0  # training seed of both models (the corpus and the protocol's draws stay fixed)
-    force: bool = False  # use --out even if it is not a demo directory
+    force: bool = False  # unneeded for an earlier demo directory (reused anyway); nothing else is ever used
     quiet: bool = False  # no progress bars
