@@ -194,6 +194,17 @@ def test_a_full_disk_is_one_line(monkeypatch, capsys, exc) -> None:
     assert "the disk (or quota) is full" in err and "Traceback" not in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("exc", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. "
+                                                              "DefaultCPUAllocator: can't allocate memory"),
+                                 RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")],
+                         ids=["MemoryError", "CPU allocator", "CUDA"])
+def test_running_out_of_memory_is_one_line(monkeypatch, capsys, exc) -> None:
+    monkeypatch.setitem(cli.COMMANDS, "info", failing_info(exc))
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert "out of memory; lower --batch-size" in err and "Traceback" not in err, err
+
+
 def test_an_unexpected_error_still_shows_its_traceback(monkeypatch) -> None:
     monkeypatch.setitem(cli.COMMANDS, "info", failing_info(KeyError("bug")))
     with pytest.raises(KeyError):

@@ -105,6 +105,38 @@ CASES = [
     ("a command group without its subcommand", lambda w: ["atlas"], 2, "monet atlas build"),
     ("an option of another command", lambda w: ["eval", w["run"], "--data", w["data"], "--lr", "1"], 2, "--lr"),
     ("a missing run", lambda w: ["eval", w["base"] / "nope", "--data", w["data"]], 2, "does not exist"),
+    # second round (issue 28): --force never replaces a run, a dataset or the command's own input
+    ("atlas build --out RUN --force", lambda w: ["atlas", "build", w["run"], "--data", w["data"], "--out", w["run"],
+                                                  "--force"], 2, "holds the output of `monet train`"),
+    ("unlearn --out RUN --force", lambda w: ["unlearn", w["run"], "--data", w["data"], "--atlas", w["atlas"], "--out",
+                                              w["run"], "--force"], 2, "it is never replaced"),
+    ("data build --out RUN --force", lambda w: ["data", "build", "--source", "code", "--out", w["run"], "--force"], 2,
+     "holds the output of `monet train`"),
+    ("data build --out DATA-of-another-kind --force", lambda w: ["data", "build", "--source", "code", "--out",
+                                                                 w["atlas"], "--force"], 2, "not a dataset"),
+    ("unlearn --out at a folder with files --force", lambda w: ["unlearn", w["run"], "--data", w["data"], "--atlas",
+                                                                 w["atlas"], "--out", w["base"] / "mine", "--force"], 2,
+     "may hold files of yours"),
+    ("atlas build --out a file --force", lambda w: ["atlas", "build", w["run"], "--data", w["data"], "--out",
+                                                     w["base"] / "notes.txt", "--force"], 2, "is a file"),
+    ("atlas build --out the folder holding the run --force", lambda w: ["atlas", "build", w["run"], "--data",
+                                                                         w["data"], "--out", w["base"], "--force"], 2,
+     "choose another --out"),
+    ("eval --data RUN gives no --force hint", lambda w: ["eval", w["run"], "--data", w["run"]], 2,
+     "pass the directory that `monet data build` wrote"),
+    ("eval --data ATLAS gives no --force hint", lambda w: ["eval", w["run"], "--data", w["atlas"]], 2,
+     "pass the directory that `monet data build` wrote"),
+    ("view RUN gives no --force hint", lambda w: ["view", w["run"]], 2, "pass the directory that `monet atlas build`"),
+    ("atlas query DATA gives no --force hint", lambda w: ["atlas", "query", w["data"], "--expert", "0:1"], 2,
+     "pass the directory that `monet atlas build`"),
+    ("eval --seq-len above max_position_embeddings", lambda w: ["eval", w["run"], "--data", w["data"], "--seq-len",
+                                                                "100000"], 2, "exceeds the model's max_position"),
+    ("probe --baseline with a Monet run", lambda w: ["probe", w["run"], "--data", w["data"], "--out", w["base"] / "x",
+                                                     "--baseline", w["run"]], 2, "the baseline is a dense model"),
+    ("view --host that is not this machine", lambda w: ["view", w["atlas"], "--host", "evil.invalid"], 2,
+     "choose another --host"),
+    ("train --set hidden_act=os.system", lambda w: ["train", "--data", w["data"], "--out", w["base"] / "x", "--set",
+                                                    "hidden_act=os.system"], 2, "unknown hidden_act"),
 ]
 
 
@@ -213,3 +245,216 @@ def test_every_option_has_help_text() -> None:
                     if not documented and "  # " not in lines[item.end_lineno - 1]:
                         missing.append(f"{node.name}.{item.target.id}")
     assert not missing, missing
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Second round (issue 28): damaged or forged files, terminal injection, the viewer's request checks
+
+
+def copy_checkpoint(world, tmp_path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    return sorted((run / "checkpoints").iterdir())[-1]
+
+
+def rehash(checkpoint: Path) -> None:
+    """Rewrite checkpoint.json's sizes and hashes: a forged checkpoint that passes the SHA-256 check."""
+    from monet.io import sha256_file
+
+    manifest = json.loads((checkpoint / "checkpoint.json").read_text())
+    for name in manifest["files"]:
+        file = checkpoint / name
+        manifest["files"][name] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
+    (checkpoint / "checkpoint.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("value", [float("nan"), 1e30])
+def test_weights_with_nan_or_huge_values_are_refused_at_load(world, tmp_path, capsys, value) -> None:
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = copy_checkpoint(world, tmp_path)
+    tensors = load_file(checkpoint / "model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = value
+    save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    rehash(checkpoint)
+    assert main(["eval", str(checkpoint), "--data", str(world["data"]), "--max-batches", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"weight {name} holds" in err and "cannot be used" in err or "damaged" in err, err
+
+
+def test_an_edits_file_with_nan_is_refused(world, tmp_path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    from monet.checkpoint import load_checkpoint
+    from monet.edits import EDITS_FORMAT, EDITS_VERSION, expert_layers, model_shape
+
+    model, _ = load_checkpoint(world["run"], load_tokenizer=False)
+    experts, groups, per_group = model_shape(model)
+    metadata = {"format": EDITS_FORMAT, "version": EDITS_VERSION, "moe_experts": str(experts),
+                "routing_groups": str(groups), "moe_groups": str(per_group),
+                "num_layers": str(len(expert_layers(model)))}
+    index = expert_layers(model)[0][0]
+    edits = tmp_path / "expert_edits.safetensors"
+    save_file({f"layers.{index}.ids": torch_tensor([0, 1], "int64"),
+               f"layers.{index}.removal": torch_tensor([float("nan"), 1e30], "float32")}, edits, metadata=metadata)
+    assert main(["generate", str(world["run"]), "--prompt", "def", "--max-new-tokens", "2", "--edits", str(edits)]) == 2
+    assert "NaN, infinite or beyond" in capsys.readouterr().err
+
+
+def torch_tensor(values, dtype: str):
+    import torch
+
+    return torch.tensor(values, dtype=getattr(torch, dtype))
+
+
+def test_file_names_in_checkpoint_json_stay_inside_the_checkpoint(world, tmp_path, capsys) -> None:
+    checkpoint = copy_checkpoint(world, tmp_path)
+    manifest = json.loads((checkpoint / "checkpoint.json").read_text())
+    manifest["files"]["../../../../etc/passwd"] = {"bytes": 1, "sha256": "0" * 64}
+    (checkpoint / "checkpoint.json").write_text(json.dumps(manifest))
+    assert main(["eval", str(checkpoint), "--data", str(world["data"]), "--max-batches", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "not a file inside the checkpoint" in err and "bytes" not in err, err
+
+
+def test_no_verify_is_suggested_only_where_it_helps(world, tmp_path, capsys) -> None:
+    checkpoint = copy_checkpoint(world, tmp_path)
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])            # truncated: --no-verify checks sizes too
+    assert main(["eval", str(checkpoint), "--data", str(world["data"]), "--max-batches", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "truncated" in err and "--no-verify" not in err, err
+
+
+@pytest.mark.parametrize("field, value", [("score_scale", 0), ("groups", 10**9), ("units_per_group", 10**12),
+                                          ("labels", "code"), ("score_scale", "nan")])
+def test_atlas_manifest_numbers_out_of_range_are_one_line(world, tmp_path, capsys, field, value) -> None:
+    atlas = tmp_path / "atlas"
+    shutil.copytree(world["atlas"], atlas)
+    manifest = json.loads((atlas / "manifest.json").read_text())
+    manifest[field] = value
+    (atlas / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["atlas", "query", str(atlas), "--expert", "0:1"]) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and field in err and "Traceback" not in err, err
+
+
+def hostile_dataset(world, tmp_path) -> Path:
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["labels"][0] = "\x1b]0;pwned\x07" + manifest["labels"][0]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    return data
+
+
+def test_label_names_reach_the_terminal_visible(world, tmp_path, capsys) -> None:
+    data = hostile_dataset(world, tmp_path)
+    assert main(["data", "info", str(data)]) == 0
+    assert main(["eval", str(world["run"]), "--data", str(data), "--max-batches", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and out.count("\u241b]0;pwned") >= 2
+
+
+def test_generated_text_streams_and_reaches_the_terminal_visible(world, capsys, monkeypatch) -> None:
+    import monet.generate
+
+    seen, notes = [], []
+
+    def hostile(model, tokenizer, prompt, stream=None, **options):
+        for piece in (prompt, "\x1b]0;pwned\x07", " \u202eevil"):
+            shown = capsys.readouterr()
+            seen.append(shown.out)   # what the terminal showed before this piece
+            notes.append(shown.err)
+            stream(piece)
+        return ["".join((prompt, "\x1b]0;pwned\x07", " \u202eevil"))]
+
+    monkeypatch.setattr(monet.generate, "generate_text", hostile)
+    assert main(["generate", str(world["run"]), "--prompt", "def", "--greedy", "--temperature", "0.5"]) == 0
+    captured = capsys.readouterr()
+    assert seen[2] == "\u241b]0;pwned\u2407"                  # printed as it came, before the next piece
+    assert "\x1b" not in captured.out and "\u202e" not in captured.out and "⟨U+202E⟩evil" in captured.out
+    assert "--temperature ignored" in notes[0]
+
+
+def test_streamed_pieces_join_to_the_generated_text(world) -> None:
+    from monet.checkpoint import load_checkpoint
+    from monet.generate import generate_text
+
+    model, tokenizer = load_checkpoint(world["run"])
+    pieces: list[str] = []
+    text = generate_text(model, tokenizer, "def", max_new_tokens=12, greedy=True, stream=pieces.append)[0]
+    assert len(pieces) >= 2 and "".join(pieces) == text
+
+
+def test_explanations_reach_the_terminal_visible(world, capsys, monkeypatch) -> None:
+    import monet.interp.explain
+
+    monkeypatch.setattr(monet.interp.explain, "explain_command", lambda cmd: ["\x1b[2J\x07cleared"])
+    assert main(["explain", str(world["run"]), "--atlas", str(world["atlas"]), "--expert", "0:1"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\u241b[2J" in out
+
+
+@pytest.fixture(scope="module")
+def viewer_url(world):
+    import threading
+
+    from monet.interp.query import Atlas
+    from monet.interp.viewer.server import make_server
+
+    server = make_server(Atlas(world["atlas"]), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def request(address: str, method: str, target: str, headers: dict[str, str] | None = None,
+            body: bytes = b"") -> tuple[int, dict]:
+    import http.client
+
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+    for key, value in {"Host": address, **(headers or {})}.items():
+        conn.putheader(key, value)
+    if body:
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders(body or None)
+    response = conn.getresponse()
+    status, text = response.status, response.read()
+    conn.close()
+    return status, json.loads(text) if text.startswith(b"{") else {}
+
+
+@pytest.mark.parametrize("target", ["/%61pi/info", "/api%2Finfo", "/%2561pi/info", "/api/../api/info",
+                                    "/nothing/../api/info"])
+def test_viewer_cross_site_block_sees_the_decoded_path(viewer_url, target) -> None:
+    assert request(viewer_url, "GET", target, {"Sec-Fetch-Site": "cross-site"})[0] in (403, 404)
+    if target == "/%61pi/info":
+        assert request(viewer_url, "GET", target, {"Sec-Fetch-Site": "cross-site"})[0] == 403
+        assert request(viewer_url, "GET", target)[0] == 200           # the same request from the viewer's page
+
+
+def test_viewer_refuses_absolute_form_targets_and_foreign_origins(viewer_url) -> None:
+    assert request(viewer_url, "GET", f"http://{viewer_url}/api/info", {"Sec-Fetch-Site": "cross-site"})[0] == 400
+    assert request(viewer_url, "GET", f"//{viewer_url}/api/info")[0] in (400, 404)   # http.server folds "//"
+    for origin, status in (("http://evil.example", 403), ("null", 403), (f"http://{viewer_url}", 200),
+                           (f"http://localhost:{viewer_url.rsplit(':', 1)[1]}", 200)):
+        assert request(viewer_url, "GET", "/api/info", {"Origin": origin})[0] == status, origin
+    body = json.dumps({"text": "x", "group": 0, "expert": 1}).encode()
+    assert request(viewer_url, "POST", "/api/activation", {"Origin": "http://evil.example"}, body)[0] == 403
+    assert request(viewer_url, "GET", "/", {"Sec-Fetch-Site": "cross-site", "Origin": "http://evil.example"})[0] == 200
+
+
+def test_viewer_deeply_nested_body_and_a_missing_group_are_400_with_the_fix(viewer_url) -> None:
+    status, answer = request(viewer_url, "POST", "/api/activation", {}, b"[" * 10_000 + b"]" * 10_000)
+    assert status == 400 and "nests more than" in answer["error"]
+    status, answer = request(viewer_url, "POST", "/api/activation", {}, b'{"text": ' + b"[" * 50 + b"]" * 50 + b"}")
+    assert status == 400 and "nests more than" in answer["error"]
+    status, answer = request(viewer_url, "GET", "/api/random?group=7")
+    assert status == 400 and "group 7 does not exist" in answer["error"]

@@ -17,8 +17,15 @@ import pytest
 
 from monet.cli import main
 from monet.errors import MonetError
-from monet.io import (MARKER, check_output, command_inputs, exclusive_lock, output_directory, stale_temporary,
-                      write_marker)
+from monet.io import (
+    MARKER,
+    check_output,
+    command_inputs,
+    exclusive_lock,
+    output_directory,
+    stale_temporary,
+    write_marker,
+)
 
 
 def tar_bytes(members: dict[str, bytes], mode: str = "w:xz", links: dict[str, str] | None = None) -> bytes:

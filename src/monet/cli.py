@@ -314,6 +314,13 @@ def disk_full(exc: BaseException) -> bool:
     return any(sign in text for sign in ("No space left on device", "code: 28", "StorageFull", "file write failed"))
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation failure: MemoryError, torch's "can't allocate memory" / CUDA OOM."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()))
+
+
 def _silence_stdout() -> None:
     """After a broken pipe: point stdout at /dev/null so the interpreter's final flush stays quiet."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -352,14 +359,18 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return 0
     except Exception as exc:   # a fixable mistake, or the machine refused (disk full, rights); else a bug
-        if not isinstance(exc, (MonetError, OSError)) and not disk_full(exc):
+        if not isinstance(exc, (MonetError, OSError)) and not disk_full(exc) and not out_of_memory(exc):
             raise
         if debug:
             traceback.print_exc()
         resume = " (training resumes from its last checkpoint)" if name == "train" else ""
         message = ("a file could not be written: the disk (or quota) is full; free space or choose another --out, "
                    f"then run the command again{resume}") if disk_full(exc) else str(exc)
-        hint = "" if isinstance(exc, MonetError) or disk_full(exc) or debug else " (--debug shows where)"
+        if out_of_memory(exc):
+            message = ("out of memory; lower --batch-size (or the sizes asked for: tokens, samples, --set shape "
+                       f"fields), or use a larger device{resume}")
+        hint = "" if isinstance(exc, MonetError) or disk_full(exc) or out_of_memory(exc) or debug \
+            else " (--debug shows where)"
         # file names and corpus text inside messages are shown, never interpreted by the terminal
         print(printable(f"monet{' ' + name if name else ''}: error: {message}{hint}"), file=sys.stderr)
         return 2

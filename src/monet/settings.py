@@ -119,12 +119,9 @@ def check_number(name: str, value: Any, *, integer: bool = False, low: float | N
         return
     kind = "integer" if integer else "number"
     number_ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
-    if number_ok and math.isfinite(value) and ((high is not None and value > high) or (below is not None
-                                                                                      and value >= below)):
-        if (low is None or value >= low) and (above is None or value > above):   # only the upper bound is broken
-            limit = f"at most {int(high) if float(high).is_integer() else high:,}" if high is not None \
-                else f"below {below:g}"
-            raise MonetError(f"{name} must be {limit}, got {value!r}")
+    if number_ok and math.isfinite(value) and high is not None and value > high and below is None \
+            and (low is None or value >= low) and (above is None or value > above):   # only the ceiling is broken
+        raise MonetError(f"{name} must be at most {int(high) if float(high).is_integer() else high:,}, got {value!r}")
     if high in (MAX_COUNT, MAX_SEED):
         high = None   # the default ceilings are named only when broken
     if high is None and below is None and (low, above) in ((0, None), (1, None) if integer else (None, 0)):
@@ -218,7 +215,7 @@ class DataBuild(Settings):
     validation_fraction: float = number(0.05, above=0, below=1)  # share of documents kept for validation
     seed: int = number(0, low=0)  # which documents fill each label's budget
     cache_dir: str | None = None  # package cache (default: $MONET_CACHE or ~/.cache/monet)
-    force: bool = False  # replace --out even if it is not a dataset this command wrote
+    force: bool = False  # rebuild --out when it holds a dataset; nothing else is ever replaced (docs/cli.md)
     quiet: bool = False  # no progress bars
 
     def validate(self) -> None:
@@ -351,7 +348,7 @@ class AtlasBuild(AtlasOptions):
     data: str  # dataset directory from `monet data build` (built with the model's tokenizer)
     out: str  # atlas directory to write
     device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
-    force: bool = False  # replace --out even if it is not an atlas
+    force: bool = False  # replace --out when it holds an earlier atlas; nothing else is ever replaced
     no_verify: bool = False  # skip the SHA-256 check of the checkpoint
     quiet: bool = False  # no progress bars
 
@@ -455,7 +452,7 @@ class ProbeSettings(Settings):
     seed: int = number(0, low=0)  # document split, balanced sets and random units
     device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
     no_verify: bool = False  # skip the SHA-256 check of the checkpoints
-    force: bool = False  # replace --out even if it is not a probe report
+    force: bool = False  # unneeded for an earlier probe report (replaced anyway); nothing else is ever replaced
     quiet: bool = False  # no progress bars
 
     def validate(self) -> None:
@@ -495,7 +492,7 @@ class UnlearnSettings(Settings):
     dense_fractions: tuple[float, ...] = (0.05, 0.15, 0.3, 0.5)  # shares of dense neurons on the dense curve
     seed: int = 0  # random masks and bootstrap
     device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
-    force: bool = False  # replace --out even if it is not an unlearning report
+    force: bool = False  # unneeded for an earlier unlearning report (replaced anyway); nothing else is replaced
     quiet: bool = False  # no progress bars
 
     def validate(self) -> None:
@@ -525,7 +522,7 @@ class ToxicitySettings(Settings):
     corr_tokens: int = number(100_000, low=1)  # training tokens for the correlations
     max_batches: int | None = number(8, low=1)  # batches for the general loss
     seed: int = number(0, low=0)  # sampling seed
-    force: bool = False  # replace --out even if it is not a toxicity report
+    force: bool = False  # unneeded for an earlier toxicity report (replaced anyway); nothing else is replaced
     quiet: bool = False  # no progress bars
 
 
@@ -570,6 +567,6 @@ class DemoSettings(Settings):
     quick: bool = False  # a tiny version (tiny model, seconds; for tests)
     baseline: bool = True  # train a dense LLaMA of matching size and unlearn its MLP neurons too (--no-baseline: skip)
     seed: int = 0  # training seed of both models (the corpus and the protocol's draws stay fixed)
-    force: bool = False  # use --out even if it is not a demo directory
+    force: bool = False  # unneeded for an earlier demo directory (reused anyway); nothing else is ever used
     allow_drift: bool = False  # build the code corpus even if its packages moved from the committed lock
     quiet: bool = False  # no progress bars

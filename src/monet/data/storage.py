@@ -54,6 +54,8 @@ def write_split(
 def read_manifest(directory: str | Path) -> dict:
     """The manifest of a dataset directory, validated; MonetError says what is wrong and what to do."""
     path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise MonetError(f"{path} is a file, not a dataset directory; pass the directory that `monet data build` wrote")
     if not path.is_dir():
         raise MonetError(f"dataset directory {path} does not exist; build one with `monet data build --out {path}`")
     manifest_path = path / MANIFEST
