@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint, tokenizer_hash, trained_seq_len
 from monet.data import TokenDataset, load_tokenizer
-from monet.edits import masked
 from monet.errors import MonetError
 from monet.evaluate import label_window_sets, window_indices, window_losses
 from monet.experiments.protocol_stats import (
@@ -41,6 +40,7 @@ from monet.experiments.protocol_stats import (
 )
 from monet.interp.criteria import Selection, select_skewed, select_top
 from monet.interp.query import Atlas
+from monet.interp.units import units_of
 from monet.io import output_directory, write_json
 from monet.runtime import resolve_device
 from monet.settings import UnlearnSettings
@@ -210,7 +210,7 @@ def edit_effect(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarray],
              for label in plan.sets}
     prior = {label: before[label][pos] for label, pos in picks.items()}
     if selection.total:
-        with masked(model, selection):
+        with units_of(model).masked(selection):
             after = plan.measure(model, picks)
     else:
         after = prior
@@ -251,7 +251,7 @@ def random_control(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarra
     deltas = []
     for ids in random_masks(selection.counts(), seen, n=count, seed=seed):
         control = Selection(selection.units_per_group, selection.groups, ids, criterion="random (seen units)")
-        with masked(model, control):
+        with units_of(model).masked(control):
             after = plan.measure(model, {target: positions})[target]
         deltas.append(float((after - before[target][positions]).mean()))
     return {"deltas": deltas, "p95": random_p95(deltas), "tokens": plan.tokens(positions),
@@ -302,7 +302,7 @@ def run_protocol(model: nn.Module, plan: EvalPlan, targets: list[str], operating
         entry = edit_effect(model, plan, before, selection, target, protocol.operating, protocol.seed)
         after_target = entry.pop("after_target")
         if selection.total and accuracy_before:
-            with masked(model, selection):
+            with units_of(model).masked(selection):
                 accuracies = label_accuracies(model, protocol)
             for label, accuracy in accuracies.items():
                 entry["after"][label]["accuracy"] = accuracy
@@ -386,9 +386,7 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
     check_data_fits(checkpoint, settings.data)
     device = resolve_device(settings.device)
     model, _ = load_checkpoint(checkpoint, device=device, load_tokenizer=False, verify=False)
-    if getattr(model.config, "mlp_type", "monet") != "monet":
-        raise MonetError(f"{settings.run} is a {model.config.mlp_type} model; pass a Monet run "
-                         "(a dense model goes in --baseline)")
+    units_of(model, "monet", settings.run, hint=": pass a Monet run (a dense model goes in --baseline)")
     dataset = TokenDataset(settings.data, split="validation")
     labels, means = atlas_label_means(open_atlas(settings.atlas, model, settings.data))
     targets = [settings.target] if settings.target else [label for label in labels if label in dataset.labels]
@@ -399,9 +397,7 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
             raise MonetError(f"label {target!r} is not in {settings.data}; it has: {', '.join(dataset.labels)}")
     if settings.baseline is not None:   # checked before the long Monet run
         dense_model, _ = load_checkpoint(settings.baseline, device=device, load_tokenizer=False)
-        if getattr(dense_model.config, "mlp_type", "monet") != "dense":
-            raise MonetError(f"--baseline {settings.baseline} is not a dense model "
-                             f"(mlp_type={dense_model.config.mlp_type})")
+        units_of(dense_model, "dense", f"--baseline {settings.baseline}")
         dense_labels, dense_means = atlas_label_means(open_atlas(settings.baseline_atlas, dense_model, settings.data))
         missing = [t for t in targets if t not in dense_labels]
         if missing:
