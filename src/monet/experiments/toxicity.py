@@ -59,7 +59,7 @@ def toxicity_correlations(units: Units, dataset: Any, max_tokens: int = 100_000,
         row = batch.valid.reshape(-1).cumsum() - 1             # token over B*T -> row among the real tokens
         y = np.repeat(y_doc[batch.windows[:, 0]], batch.windows[:, 2])   # [real tokens]
         for accumulator, (b, t, unit, score) in zip(accumulators, batch.groups, strict=True):
-            accumulator.update_entries(row[b * width + t], unit, score.astype(np.float64), y)
+            accumulator.update(row[b * width + t], unit, score.astype(np.float64), y)
     return [accumulator.correlation() for accumulator in accumulators]
 
 
