@@ -83,3 +83,9 @@ def test_called_functions_in_docs_are_defined() -> None:
 def test_the_scan_catches_a_missing_name() -> None:
     assert resolves("monet.interp.units.units_of") and resolves("monet.edits.parse_steer")
     assert not resolves("monet.edits.add_steer_arguments") and not resolves("monet.interp.atlas.unit_activations")
+
+
+def test_help_text_names_no_issue_numbers() -> None:
+    """The CLI's help comes from settings.py (docstrings and field comments): no tracker references there."""
+    text = (PACKAGE / "settings.py").read_text(encoding="utf-8")
+    assert not re.findall(r"issue\s*#?\d+", text, re.I)

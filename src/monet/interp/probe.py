@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -302,9 +303,12 @@ def sparse_probe(batches: Callable[[str], Iterable[Batch]], groups: int, units: 
 
 # --------------------------------------------------------------------------------------------- command
 
-def probe_models(models: list[tuple[str, torch.nn.Module]], data_dir: str | Path, cmd: ProbeSettings,
-                 seq_len: int) -> dict[str, Any]:
-    """The whole protocol for several models on the same tokens; returns the report (see `probe_command`)."""
+def probe_models(models: list[tuple[str, torch.nn.Module]], cmd: ProbeSettings) -> dict[str, Any]:
+    """The whole protocol for several models on the same tokens of `cmd.data`, in windows of `cmd.seq_len`
+    (given: `probe_command` fills it in from the checkpoint); returns the report (see `probe_command`)."""
+    if cmd.seq_len is None:
+        raise MonetError("probe_models needs settings with seq_len set (probe_command reads it from the checkpoint)")
+    data_dir, seq_len = cmd.data, cmd.seq_len
     dataset = TokenDataset(data_dir, cmd.split)
     train_docs, test_docs, skipped = split_documents(dataset, cmd.test_fraction, cmd.seed)
     labels = sorted({int(dataset.docs[d, 2]) for d in train_docs.tolist()})
@@ -359,7 +363,7 @@ def probe_command(cmd: ProbeSettings) -> dict[str, Any]:
         if seq_len is None:
             seq_len = trained_seq_len(checkpoint, model)
         models.append((name, model))
-    report = probe_models(models, cmd.data, cmd, seq_len)
+    report = probe_models(models, replace(cmd, seq_len=seq_len))
     report["runs"] = {"run": cmd.run, "baseline": cmd.baseline}
     with output_directory(cmd.out, "probe", cmd.force, "a probe report") as tmp:
         write_json(tmp / REPORT_JSON, report)
