@@ -21,8 +21,6 @@ from monet.interp.atlas import (
     CONTEXT_BEFORE,
     GroupStats,
     TopK,
-    _batches,
-    batch_inputs,
     collect,
     merge,
     plan_windows,
@@ -31,6 +29,7 @@ from monet.interp.atlas import (
 from monet.interp.criteria import skewness
 from monet.interp.monosemanticity import measure, summarize_atlas
 from monet.interp.query import Atlas, parse_expert
+from monet.interp.units import batch_inputs, batches_of
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +46,7 @@ def brute_force(model, dataset, options):
     """Every token's experts from the naive E x E grid of g1_hi g2_hj summed over heads (tiny E only)."""
     windows = plan_windows(dataset.docs, options.seq_len, options.max_tokens)
     scores: dict[int, dict[int, list]] = defaultdict(lambda: defaultdict(list))   # group -> expert -> rows
-    for batch in _batches(windows, options.batch_size):
+    for batch in batches_of(windows, options.batch_size):
         ids, valid = batch_inputs(dataset, batch)
         with torch.no_grad():
             out = model(input_ids=ids, output_router_probs=True, use_cache=False)

@@ -6,7 +6,6 @@ import pytest
 from monet.errors import MonetError
 from monet.interp.criteria import (
     PearsonAccumulator,
-    assign_labels,
     correlated_units,
     label_means,
     select_correlated,
@@ -47,7 +46,7 @@ def test_skewness_known_answers():
     assert skewed_units(MASS, 2, ratio=3.5).tolist() == []
     # Without normalisation label 2's size wins: u1 and u2 (30 vs 15) look like label-2 experts too.
     assert skewed_units(MASS, 2, ratio=2.0, normalize=False).tolist() == [1, 2, 3]
-    assert assign_labels(MASS, ratio=2.0).tolist() == [0, -1, -1, 2, 1, 1]
+    assert [skewed_units(MASS, target, ratio=2.0).tolist() for target in range(3)] == [[0], [4, 5], [3]]
 
 
 def test_specificity_and_top_n():
@@ -73,6 +72,12 @@ def test_selection_counts_and_ratio_and_edits():
     assert edits.experts == {0: {0: 0.0}} and edits.num_experts == 2 and edits.num_groups == 1
 
 
+def update_padded(accumulator: PearsonAccumulator, ids: np.ndarray, scores: np.ndarray, y: np.ndarray) -> None:
+    """Feed padded [tokens, P] ids (-1 = padding) and scores as the ragged entries the accumulator takes."""
+    token, slot = np.nonzero(ids >= 0)
+    accumulator.update(token, ids[token, slot], scores[token, slot], y)
+
+
 def test_pearson_accumulator_equals_numpy_on_dense_matrix():
     rng = np.random.default_rng(0)
     tokens, units, active = 400, 30, 4
@@ -91,12 +96,12 @@ def test_pearson_accumulator_equals_numpy_on_dense_matrix():
                 dense[t, ids[t, p]] += scores[t, p]
     expected = np.array([np.corrcoef(dense[:, u], y)[0, 1] if dense[:, u].std() > 0 else 0.0 for u in range(units)])
     whole = PearsonAccumulator(units)
-    whole.update(ids, scores, y)
+    update_padded(whole, ids, scores, y)
     np.testing.assert_allclose(whole.correlation(), expected, atol=1e-10)
     halves = PearsonAccumulator(units)
-    halves.update(ids[:150], scores[:150], y[:150])
+    update_padded(halves, ids[:150], scores[:150], y[:150])
     other = PearsonAccumulator(units)
-    other.update(ids[150:], scores[150:], y[150:])
+    update_padded(other, ids[150:], scores[150:], y[150:])
     np.testing.assert_allclose(halves.merge(other).correlation(), expected, atol=1e-10)
     assert int(np.argmax(whole.correlation())) == toxic
     assert whole.correlation()[toxic] > 0.5 > np.delete(whole.correlation(), toxic).max()
@@ -107,7 +112,7 @@ def test_pearson_accumulator_equals_numpy_on_dense_matrix():
 
 def test_never_active_unit_has_zero_correlation():
     acc = PearsonAccumulator(3)
-    acc.update(np.array([[0], [0], [1]]), np.array([[0.5], [0.7], [0.2]]), np.array([0.1, 0.9, 0.3]))
+    acc.update(np.arange(3), np.array([0, 0, 1]), np.array([0.5, 0.7, 0.2]), np.array([0.1, 0.9, 0.3]))
     corr = acc.correlation()
     assert corr[2] == 0.0 and np.isfinite(corr).all()
 
@@ -126,6 +131,8 @@ def test_bad_inputs():
     with pytest.raises(MonetError, match="threshold"):
         correlated_units(np.zeros(3), 1.5)
     with pytest.raises(MonetError, match="out of range"):
-        PearsonAccumulator(3).update(np.array([[3]]), np.array([[1.0]]), np.array([1.0]))
+        PearsonAccumulator(3).update(np.array([0]), np.array([3]), np.array([1.0]), np.array([1.0]))
+    with pytest.raises(MonetError, match="entries"):
+        PearsonAccumulator(3).update(np.array([0, 0]), np.array([1]), np.array([1.0]), np.array([1.0]))
     with pytest.raises(MonetError, match="no groups"):
         select_skewed([], 0)

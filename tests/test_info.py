@@ -58,7 +58,7 @@ def test_compare_rejects_non_square(capsys):
     assert "perfect square" in capsys.readouterr().err
 
 
-def test_unknown_override_key_is_rejected(capsys):
+def test_out_of_range_override_is_rejected(capsys):
     assert main(["info", "--preset", "tiny", "--set", "moe_topk=99"]) == 2
     assert "cannot exceed" in capsys.readouterr().err
 

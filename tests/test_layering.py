@@ -16,7 +16,7 @@ ORDER = [
     "monet.data.documents", "monet.data.packages", "monet.data.tokenizer", "monet.data.storage", "monet.data.code",
     "monet.data.domains", "monet.data.languages", "monet.data.toxicity", "monet.data.build", "monet.data",
     "monet.checkpoint", "monet.info", "monet.evaluate", "monet.generate", "monet.train",
-    "monet.interp.capture", "monet.interp.hooks", "monet.interp.atlas", "monet.interp.criteria",
+    "monet.interp.capture", "monet.interp.hooks", "monet.interp.units", "monet.interp.atlas", "monet.interp.criteria",
     "monet.interp.monosemanticity", "monet.interp.probe",
     "monet.interp.query", "monet.interp.explain", "monet.interp.export", "monet.interp.viewer.server",
     "monet.interp.viewer", "monet.interp",

@@ -14,6 +14,7 @@ from monet.cli import main
 from monet.data import TokenDataset
 from monet.errors import MonetError
 from monet.interp.probe import candidate_features, label_windows, model_batches, sparse_probe, split_documents
+from monet.interp.units import units_of
 
 pytest.importorskip("sklearn", reason="sparse probing needs scikit-learn (pip install 'monet-lm[interp]')")
 
@@ -84,8 +85,8 @@ def test_window_pooling_is_the_mean_over_the_window(corpus: Path, tmp_path: Path
     model, _ = load_checkpoint(save_run(tmp_path / "monet", tiny_config(), corpus))
     dataset = TokenDataset(corpus, "train")
     windows = label_windows(dataset, np.arange(dataset.num_documents), 40, 16, np.random.default_rng(0))[:6]
-    (labels, docs, groups), = model_batches(model, dataset, windows, batch_size=6)
-    (w_labels, w_docs, w_groups), = model_batches(model, dataset, windows, batch_size=6, pool="window")
+    (labels, docs, groups), = model_batches(units_of(model), dataset, windows, batch_size=6)
+    (w_labels, w_docs, w_groups), = model_batches(units_of(model), dataset, windows, batch_size=6, pool="window")
     assert w_docs.tolist() == windows[:, 0].tolist() and w_labels.tolist() == dataset.docs[windows[:, 0], 2].tolist()
     row = np.repeat(np.arange(6), windows[:, 2] - (windows[:, 1] == 0))   # the window of every counted token
     assert (windows[row, 0] == docs).all()

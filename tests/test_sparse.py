@@ -356,18 +356,3 @@ def test_dispatch_rule_and_switches(monkeypatch):
     monkeypatch.setattr(sparse, "SPARSE_MAX_ACTIVE_FRACTION", 1.0)
     assert sparse.choose(layer, x, g1, g2) is not None
 
-
-def test_pearson_ragged_update_equals_padded_update():
-    import numpy as np
-
-    from monet.interp.criteria import PearsonAccumulator
-
-    rng = np.random.default_rng(0)
-    ids = rng.integers(-1, 20, size=(50, 6))
-    scores = np.where(ids >= 0, rng.random((50, 6)), 0.0)
-    y = rng.random(50)
-    padded, ragged = PearsonAccumulator(20), PearsonAccumulator(20)
-    padded.update(ids, scores, y)
-    token, slot = np.nonzero(ids >= 0)
-    ragged.update_entries(token, ids[token, slot], scores[token, slot], y)
-    np.testing.assert_allclose(ragged.correlation(), padded.correlation(), atol=1e-12)

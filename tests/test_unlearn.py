@@ -14,7 +14,7 @@ import monet
 from monet.checkpoint import load_checkpoint
 from monet.cli import main
 from monet.data import PackedSequences, TokenDataset
-from monet.edits import current_weights, masked, neuron_masks
+from monet.edits import current_weights, neuron_masks
 from monet.errors import MonetError
 from monet.evaluate import window_losses
 from monet.experiments.protocol_stats import delta_ci
@@ -29,6 +29,7 @@ from monet.experiments.unlearn import (
     unlearn,
 )
 from monet.interp.query import Atlas
+from monet.interp.units import units_of
 from monet.settings import DemoSettings, ToxicitySettings, TrainSettings, UnlearnSettings
 
 
@@ -156,7 +157,7 @@ def test_masked_evaluation_reproduces_report(demo: Path) -> None:
     packed = PackedSequences(dataset, report["seq_len"], label=target)
     windows = spaced(len(packed), -(-report["eval_tokens"] // report["seq_len"])).tolist()
     before = window_losses(model, packed, indices=windows)
-    with masked(model, selection):
+    with units_of(model).masked(selection):
         after = window_losses(model, packed, indices=windows)
     assert all(w is None for w in current_weights(model).values())   # the mask was temporary
     entry = report["monet"]["masked"][target]
@@ -291,7 +292,7 @@ def test_toxicity_purge_small(tmp_path: Path) -> None:
     train(TrainSettings(data=str(data), out=str(tmp_path / "run"), preset="tiny", batch_size=4, seq_len=16,
                         max_steps=6, warmup_steps=1, eval_interval=0, save_interval=6, quiet=True))
     model, _ = load_checkpoint(tmp_path / "run", load_tokenizer=False)
-    corr = toxicity_correlations(model, TokenDataset(data, "train"), max_tokens=2_000)
+    corr = toxicity_correlations(units_of(model), TokenDataset(data, "train"), max_tokens=2_000)
     assert len(corr) == model.config.num_routing_groups and all(np.all(np.abs(c) <= 1 + 1e-9) for c in corr)
     assert toxicity_metrics(np.array([[0.1, 0.7], [0.2, 0.3]])) == {"expected_max_toxicity": pytest.approx(0.5),
                                                                      "toxicity_probability": 0.5}

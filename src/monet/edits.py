@@ -250,18 +250,7 @@ def masking_ratio(model: nn.Module) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Deleting selected units for a measurement (Monet experts, or a dense baseline's MLP neurons)
-
-
-@contextmanager
-def masked(model: nn.Module, selection: Any) -> Iterator[nn.Module]:
-    """Delete the selected units inside the block: Monet experts (edits) or dense MLP neurons (hooks)."""
-    if getattr(model.config, "mlp_type", "monet") == "monet":
-        with edited(model, selection.to_edits(int(model.config.moe_experts))):
-            yield model
-        return
-    with neuron_masks(model, selection.ids):
-        yield model
+# A dense baseline's MLP neurons, deleted for a measurement (`monet.interp.units` picks this or experts)
 
 
 @contextmanager
@@ -417,5 +406,5 @@ def apply_steering(model: nn.Module, steer: Iterable[str] = (), edits_file: str 
 
 
 __all__ = ["EXPERT_EDITS_FILE", "ExpertEdits", "apply_edits", "apply_steering", "check_fits", "clear_edits",
-           "current_weights", "edited", "expert_layers", "load_edits", "masked", "masking_ratio", "model_shape",
+           "current_weights", "edited", "expert_layers", "load_edits", "masking_ratio", "model_shape",
            "neuron_masks", "parse_steer", "read_edit_tables", "save_edits"]

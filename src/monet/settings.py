@@ -531,7 +531,7 @@ class BenchSettings(Settings):
 
     One Monet block (experts + router / moe_groups) against a dense relu^2 MLP of equal width at the released
     layer shapes: forward, training step, saved activations, masking, routing capture. Cases run interleaved
-    after a warm-up; figures are medians with min-max; `--json` holds the headline `ratios` (issue 12)."""
+    after a warm-up; figures are medians with min-max; `--json` holds the headline `ratios`."""
 
     device: Literal["cpu", "cuda"] = "cpu"  # where to time (CUDA events and memory statistics on cuda)
     dtype: Literal["float32", "bfloat16"] = "float32"  # parameter and activation dtype

@@ -16,19 +16,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint
 from monet.data import PackedSequences, TokenDataset, load_tokenizer
 from monet.data.storage import spread_order
 from monet.data.toxicity import load_scorer
-from monet.edits import masked
 from monet.errors import MonetError
 from monet.evaluate import evaluate_windows
 from monet.generate import encode_prompt, generate_tokens
-from monet.interp.capture import capture_routing
 from monet.interp.criteria import PearsonAccumulator, select_correlated
+from monet.interp.units import Units, units_of
 from monet.io import output_directory, write_json
 from monet.settings import ToxicitySettings
 
@@ -60,31 +58,19 @@ def correlation_windows(docs: np.ndarray, seq_len: int, max_tokens: int, seed: i
     return picked
 
 
-@torch.no_grad()
-def toxicity_correlations(model: nn.Module, dataset: Any, max_tokens: int = 100_000, seq_len: int = 64,
+def toxicity_correlations(units: Units, dataset: Any, max_tokens: int = 100_000, seq_len: int = 64,
                           batch_size: int = 16, progress: bool = False) -> list[np.ndarray]:
-    """Per routing group, the Pearson correlation [N] of every expert's routing score with token toxicity."""
+    """Per group, the Pearson correlation [units] of every unit's score with token toxicity."""
     y_doc = document_scores(dataset)
-    windows = correlation_windows(dataset.docs, seq_len, max_tokens)
-    config = model.config
-    accumulators = [PearsonAccumulator(config.moe_experts ** 2) for _ in range(config.num_routing_groups)]
-    device = next(model.parameters()).device
-    model.eval()
-    for first in tqdm(range(0, len(windows), batch_size), desc="correlate", unit="batch", disable=not progress):
-        chunk = windows[first:first + batch_size]
-        ids = pad_sequence([torch.from_numpy(np.asarray(dataset.tokens[offset:offset + length], dtype=np.int64))
-                            for _, offset, length in chunk], batch_first=True)
-        lengths = torch.tensor([length for _, _, length in chunk])
-        real = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).reshape(-1)
-        y = torch.from_numpy(y_doc[[doc for doc, _, _ in chunk]]).repeat_interleave(lengths)   # [real tokens]
-        with capture_routing(model) as capture:
-            model(input_ids=ids.to(device), use_cache=False)   # right padding: real tokens are unaffected
-        index = real.long().cumsum(0) - 1                     # token over B*T -> row among the real tokens
-        for group, accumulator in enumerate(accumulators):
-            token, experts, scores = capture.experts(group).entries()
-            keep = real[token]
-            accumulator.update_entries(index[token[keep]].numpy(), experts[keep].numpy(),
-                                       scores[keep].double().numpy(), y.numpy())
+    windows = np.asarray(correlation_windows(dataset.docs, seq_len, max_tokens), np.int64).reshape(-1, 3)
+    windows[:, 1] -= dataset.docs[windows[:, 0], 0]   # stream offsets -> offsets inside the document (Units.stream)
+    accumulators = [PearsonAccumulator(units.per_group) for _ in range(units.groups)]
+    for batch in units.stream(dataset, windows, batch_size, "correlate", progress):
+        width = batch.valid.shape[1]
+        row = batch.valid.reshape(-1).cumsum() - 1             # token over B*T -> row among the real tokens
+        y = np.repeat(y_doc[batch.windows[:, 0]], batch.windows[:, 2])   # [real tokens]
+        for accumulator, (b, t, unit, score) in zip(accumulators, batch.groups, strict=True):
+            accumulator.update(row[b * width + t], unit, score.astype(np.float64), y)
     return [accumulator.correlation() for accumulator in accumulators]
 
 
@@ -134,11 +120,10 @@ def purge_report(settings: ToxicitySettings) -> dict[str, Any]:
     checkpoint = resolve_checkpoint(settings.run)
     check_data_fits(checkpoint, settings.data)
     model, tokenizer = load_checkpoint(checkpoint, verify=False)
-    if getattr(model.config, "mlp_type", "monet") != "monet":
-        raise MonetError(f"{settings.run} is not a Monet model; toxic expert purging needs routed experts")
+    units = units_of(model, "monet", settings.run, hint=": toxic expert purging needs routed experts")
     train, validation = TokenDataset(settings.data, "train"), TokenDataset(settings.data, "validation")
     progress, samples = not settings.quiet, settings.samples
-    correlations = toxicity_correlations(model, train, settings.corr_tokens, progress=progress)
+    correlations = toxicity_correlations(units, train, settings.corr_tokens, progress=progress)
     prompt_texts = toxic_prompts(validation, settings.prompts) or toxic_prompts(train, settings.prompts)
     general = "non-toxic" if "non-toxic" in validation.labels else None
     packed = PackedSequences(validation, 64, label=general)
@@ -158,7 +143,7 @@ def purge_report(settings: ToxicitySettings) -> dict[str, Any]:
         selection = select_correlated(correlations, threshold)
         measured = baseline   # nothing selected: the model is unchanged
         if selection.total:
-            with masked(model, selection):
+            with units.masked(selection):
                 measured = measure()
         rows.append({"threshold": threshold, "masking_ratio": selection.masking_ratio, "selected": selection.total,
                      **measured, "loss_change": measured["loss"] - baseline["loss"]})

@@ -32,7 +32,6 @@ from tqdm.auto import tqdm
 from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint, tokenizer_hash, trained_seq_len
 from monet.data import TokenDataset, load_tokenizer
 from monet.data.storage import read_manifest
-from monet.edits import masked
 from monet.errors import MonetError
 from monet.evaluate import label_window_sets, window_indices, window_losses
 from monet.experiments.protocol_stats import (
@@ -48,6 +47,7 @@ from monet.experiments.protocol_stats import (
 )
 from monet.interp.criteria import Selection, select_skewed, select_top
 from monet.interp.query import Atlas
+from monet.interp.units import units_of
 from monet.io import output_directory, write_json
 from monet.runtime import resolve_device
 from monet.settings import UnlearnSettings
@@ -239,7 +239,7 @@ def edit_effect(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarray],
     prior = {label: before[label][pos] for label, pos in picks.items()}
     docs = {label: window_documents(plan, label, pos) for label, pos in picks.items()}
     if selection.total:
-        with masked(model, selection):
+        with units_of(model).masked(selection):
             after = plan.measure(model, picks)
     else:
         after = prior
@@ -312,7 +312,7 @@ def random_control(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarra
     target_deltas, others_deltas, draws = [], [], []
     for ids in masks:
         control = Selection(selection.units_per_group, selection.groups, ids, criterion=criterion)
-        with masked(model, control):
+        with units_of(model).masked(control):
             after = plan.measure(model, picks)
         dt, do = deltas(after)
         target_deltas.append(dt)
@@ -383,7 +383,7 @@ def run_protocol(model: nn.Module, plan: EvalPlan, targets: list[str], operating
         for label, w in windows.items():
             rows += window_rows(plan, "operating", target, label, w["positions"], w["before"], w["after"])
         if selection.total and accuracy_before:
-            with masked(model, selection):
+            with units_of(model).masked(selection):
                 accuracies = label_accuracies(model, protocol)
             for label, accuracy in accuracies.items():
                 entry["after"][label]["accuracy"] = accuracy
@@ -422,7 +422,7 @@ def ceiling_effect(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarra
     everything = Selection(like.units_per_group, like.groups,
                            {g: np.arange(like.units_per_group) for g in range(like.groups)}, criterion="all units")
     picks = {label: plan.positions(label, protocol.operating.others) for label in plan.sets}
-    with masked(model, everything):
+    with units_of(model).masked(everything):
         after = plan.measure(model, picks)
     deltas = {label: delta_ci(before[label][pos], after[label], seed=protocol.seed,
                               clusters=window_documents(plan, label, pos)) for label, pos in picks.items()}
@@ -546,9 +546,7 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
     check_data_fits(checkpoint, settings.data)
     device = resolve_device(settings.device)
     model, _ = load_checkpoint(checkpoint, device=device, load_tokenizer=False, verify=False)
-    if getattr(model.config, "mlp_type", "monet") != "monet":
-        raise MonetError(f"{settings.run} is a {model.config.mlp_type} model; pass a Monet run "
-                         "(a dense model goes in --baseline)")
+    units_of(model, "monet", settings.run, hint=": pass a Monet run (a dense model goes in --baseline)")
     dataset = TokenDataset(settings.data, split="validation")
     labels, means = atlas_label_means(open_atlas(settings.atlas, model, settings.data))
     targets = [settings.target] if settings.target else [label for label in labels if label in dataset.labels]
@@ -559,9 +557,7 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
             raise MonetError(f"label {target!r} is not in {settings.data}; it has: {', '.join(dataset.labels)}")
     if settings.baseline is not None:   # checked before the long Monet run
         dense_model, _ = load_checkpoint(settings.baseline, device=device, load_tokenizer=False)
-        if getattr(dense_model.config, "mlp_type", "monet") != "dense":
-            raise MonetError(f"--baseline {settings.baseline} is not a dense model "
-                             f"(mlp_type={dense_model.config.mlp_type})")
+        units_of(dense_model, "dense", f"--baseline {settings.baseline}")
         dense_labels, dense_means = atlas_label_means(open_atlas(settings.baseline_atlas, dense_model, settings.data))
         missing = [t for t in targets if t not in dense_labels]
         if missing:

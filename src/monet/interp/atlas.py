@@ -3,15 +3,14 @@ routing group, its top-activating contexts, a sample of its contexts per activat
 statistics, and each stored context's per-token values from a second pass (paper §4.3, Fig. 2; §5.1).
 
 Memory stays bounded whatever the corpus, only each token's active experts are formed (never the
-N = E^2 grid), and shards built under torchrun merge to exactly one pass. Dense baselines
-(`mlp_type="dense"`) use the same machinery with a layer as "group" and an MLP neuron as "unit".
+N = E^2 grid), and shards built under torchrun merge to exactly one pass. Dense baselines use the same
+machinery with a layer as "group" and an MLP neuron as "unit" (`monet.interp.units`).
 How it works, what it costs and the on-disk format: docs/atlas.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import shutil
@@ -30,9 +29,8 @@ from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoin
 from monet.data import TokenDataset
 from monet.data.storage import spread_order
 from monet.errors import MonetError
-from monet.interp.capture import RoutingCapture, capture_routing
+from monet.interp.units import batches_of, cut_document, run_windows, units_of
 from monet.io import atomic_write, output_directory, sha256_file, write_json
-from monet.model import MonetRouter
 from monet.runtime import distributed, resolve_device, start_distributed
 from monet.settings import AtlasBuild, AtlasOptions
 
@@ -218,109 +216,6 @@ def merge(shards: list[GroupStats]) -> GroupStats:
     return out
 
 
-# -------------------------------------------------------------------------------- model activations
-
-def model_kind(model: torch.nn.Module) -> str:
-    kind = getattr(model.config, "mlp_type", "monet")
-    if kind not in ("monet", "dense"):
-        raise MonetError(f"the atlas supports Monet and dense models, not mlp_type={kind!r}")
-    return kind
-
-
-def unit_layout(model: torch.nn.Module) -> tuple[int, int, float]:
-    """(number of groups, units per group, score scale): the scale turns a score into a share of 1."""
-    config = model.config
-    if model_kind(model) == "monet":
-        return config.num_routing_groups, config.moe_experts**2, float(config.moe_heads)
-    return config.num_hidden_layers, config.intermediate_size, 1.0
-
-
-def group_layers(model: torch.nn.Module, group: int) -> list[int]:
-    """Decoder layers whose expert terms belong to routing group `group` (dense: the layer itself)."""
-    config = model.config
-    if getattr(config, "mlp_type", "monet") != "monet":
-        return [group]
-    return [layer for layer in range(config.num_hidden_layers) if layer // config.moe_groups == group]
-
-
-class _RoutingDone(Exception):
-    """Raised by a hook on the last router: the rest of the forward pass cannot change the routing."""
-
-
-def _routing(model: torch.nn.Module, input_ids: torch.Tensor) -> RoutingCapture:
-    """The routing of every group, from a forward pass of the decoder (no unembedding: logits are not needed)
-    that stops once the last router has run."""
-    def stop(module, args, output):
-        raise _RoutingDone
-
-    with capture_routing(model) as capture:
-        last = [m for m in model.modules() if isinstance(m, MonetRouter)][-1]
-        with last.register_forward_hook(stop), contextlib.suppress(_RoutingDone):   # after capture's hooks
-            getattr(model, "model", model)(input_ids=input_ids, use_cache=False)
-    return capture
-
-
-def _dense_scores(model: torch.nn.Module, input_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer, max(act(gate x) * up x, 0) of every neuron of its MLP hidden layer ([B, T, units], CPU)."""
-    found: list[torch.Tensor] = []
-
-    def record(module, args, output):
-        x = args[0]
-        found.append(torch.relu(module.act(module.gate_proj(x)) * module.up_proj(x)).float().cpu())
-
-    with contextlib.ExitStack() as hooks:
-        for layer in model.model.layers:
-            hooks.enter_context(layer.mlp.register_forward_hook(record))
-        model.model(input_ids=input_ids, use_cache=False)
-    return found
-
-
-@torch.no_grad()
-def unit_activations(model: torch.nn.Module, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per group, the active units of every token as padded (ids [B, T, P] with -1 padding, scores).
-
-    Monet: the experts i*E + j of each routing group with score sum_h g1_hi g2_hj. Dense: the neurons of
-    each layer's MLP hidden layer with score max(act(gate x) * up x, 0) (zero scores are dropped).
-    """
-    if model_kind(model) == "monet":
-        capture = _routing(model, input_ids)
-        return [(a.ids, a.scores) for a in map(capture.experts, range(len(capture.groups)))]
-    return [(torch.where(scores > 0, torch.arange(scores.shape[-1]), -1), scores)
-            for scores in _dense_scores(model, input_ids)]
-
-
-@torch.no_grad()
-def unit_entries(model: torch.nn.Module, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-    """Per group, the active units of every token, ragged: (token index over B*T, unit id, score), each
-    [entries] — memory proportional to the real active units, never padded to the batch's largest count."""
-    if model_kind(model) == "monet":
-        capture = _routing(model, input_ids)
-        return [capture.experts(g).entries() for g in range(len(capture.groups))]
-    flats = [scores.flatten(0, -2) for scores in _dense_scores(model, input_ids)]   # [B*T, units]
-    return [(*(flat > 0).nonzero(as_tuple=True), flat[flat > 0]) for flat in flats]
-
-
-@torch.no_grad()
-def unit_scores(model: torch.nn.Module, input_ids: torch.Tensor) -> list:
-    """Per group, a function (b, t, unit) arrays -> the unit's score at those tokens (0 where inactive):
-    Monet sum_h g1_hi g2_hj read from the captured routing for just the asked (i, j) (no active-pair lists),
-    dense the neuron's positive activation. The same numbers as `unit_activations` up to the order of the
-    sum over heads."""
-    if model_kind(model) == "dense":
-        return [functools.partial(_dense_lookup, scores.numpy()) for scores in _dense_scores(model, input_ids)]
-    return [functools.partial(_monet_lookup, g1.float().numpy(), g2.float().numpy())
-            for g1, g2 in _routing(model, input_ids).groups]
-
-
-def _dense_lookup(scores: np.ndarray, b: np.ndarray, t: np.ndarray, unit: np.ndarray) -> np.ndarray:
-    return scores[b, t, unit]
-
-
-def _monet_lookup(g1: np.ndarray, g2: np.ndarray, b: np.ndarray, t: np.ndarray, unit: np.ndarray) -> np.ndarray:
-    i, j = np.divmod(unit, g1.shape[-1])
-    return (g1[b, t, :, i] * g2[b, t, :, j]).sum(-1)
-
-
 # ------------------------------------------------------------------------------------------ windows
 
 def plan_windows(docs: np.ndarray, seq_len: int, max_tokens: int | None) -> np.ndarray:
@@ -330,8 +225,7 @@ def plan_windows(docs: np.ndarray, seq_len: int, max_tokens: int | None) -> np.n
     same number of tokens, however long its documents are."""
     per_label: dict[int, list[tuple[int, int, int]]] = {}
     for doc, (start, end, label) in enumerate(docs[:, :3].tolist()):   # stream order within a label
-        windows = per_label.setdefault(label, [])
-        windows.extend((doc, offset, min(seq_len, end - start - offset)) for offset in range(0, end - start, seq_len))
+        per_label.setdefault(label, []).extend(cut_document(doc, end - start, seq_len))
     # A budget takes a uniform sample of each label's windows, not its first files by path (issue 23).
     queues = {label: iter([windows[i] for i in spread_order(len(windows))])
               for label, windows in sorted(per_label.items())}
@@ -353,33 +247,6 @@ def plan_windows(docs: np.ndarray, seq_len: int, max_tokens: int | None) -> np.n
 def _chunks(rows: int, size: int = 1 << 20) -> Iterator[slice]:
     """Consecutive slices of at most `size` rows covering range(rows) (bounded memory on large atlases)."""
     return (slice(first, first + size) for first in range(0, rows, size))
-
-
-def _batches(windows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    return (windows[part] for part in _chunks(len(windows), batch_size))
-
-
-def _run_batches(model: torch.nn.Module, dataset, batches: list[np.ndarray], desc: str,
-                 progress: bool) -> Iterator[tuple[np.ndarray, torch.Tensor, np.ndarray]]:
-    """(batch, input ids on the model's device, validity mask) of each batch, with a progress bar in tokens."""
-    device = next(model.parameters()).device
-    model.eval()
-    total = sum(int(batch[:, 2].sum()) for batch in batches)
-    with tqdm(total=total, unit="tok", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
-        for batch in batches:
-            input_ids, valid = batch_inputs(dataset, batch)
-            yield batch, input_ids.to(device), valid
-            bar.update(int(valid.sum()))
-
-
-def batch_inputs(dataset, batch: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-    """Right-padded input ids [B, T] and a validity mask. Right padding needs no attention mask: causal
-    attention never lets a real token see the padding after it, and routing uses running statistics."""
-    width = int(batch[:, 2].max())
-    ids = np.zeros((len(batch), width), np.int64)
-    for row, (doc, offset, length) in enumerate(batch):
-        ids[row, :length] = dataset.document(int(doc))[offset:offset + length]
-    return torch.from_numpy(ids), np.arange(width) < batch[:, 2, None]
 
 
 # ---------------------------------------------------------------------------------- model identity
@@ -410,21 +277,16 @@ def model_identity(model: torch.nn.Module) -> dict[str, str]:
 def collect(model: torch.nn.Module, dataset, options: AtlasOptions, windows: np.ndarray | None = None,
             progress: bool = True) -> tuple[list[GroupStats], int]:
     """Run the model over the planned windows (or the given ones); returns per-group stats and tokens."""
-    groups, units, scale = unit_layout(model)
-    labels = len(dataset.labels)
-    stats = [GroupStats(units, labels, options.top_k, scale, options.samples) for _ in range(groups)]
+    units = units_of(model)
+    stats = [GroupStats(units.per_group, len(dataset.labels), options.top_k, units.scale, options.samples)
+             for _ in range(units.groups)]
     if windows is None:
         windows = plan_windows(dataset.docs, options.seq_len, options.max_tokens)
     label_of_doc = dataset.docs[:, 2].astype(np.int64)
-    batches = list(_batches(windows, options.batch_size))
-    for batch, input_ids, valid in _run_batches(model, dataset, batches, "atlas", progress):
-        for group, (token, ids, scores) in zip(stats, unit_entries(model, input_ids), strict=True):
-            b, t = np.divmod(token.cpu().numpy(), valid.shape[1])
-            keep = valid[b, t]   # right padding is not part of the corpus
-            b, t = b[keep], t[keep]
-            doc = batch[b, 0]
-            group.add(ids.cpu().numpy()[keep].astype(np.int64), scores.cpu().numpy()[keep].astype(np.float64),
-                      label_of_doc[doc], doc, batch[b, 1] + t)
+    for batch in units.stream(dataset, windows, options.batch_size, "atlas", progress):
+        for group, (b, t, unit, score) in zip(stats, batch.groups, strict=True):
+            doc = batch.windows[b, 0]
+            group.add(unit, score.astype(np.float64), label_of_doc[doc], doc, batch.windows[b, 1] + t)
     return stats, int(windows[:, 2].sum())
 
 
@@ -447,10 +309,11 @@ def fill_values(model: torch.nn.Module, dataset, options: AtlasOptions, windows:
         high = doc | (batch[:, 1] + batch[:, 2] + CONTEXT_BEFORE)
         return np.searchsorted(key, low), np.searchsorted(key, high)
 
-    batches = [batch for batch in _batches(windows, options.batch_size)
+    units = units_of(model)
+    batches = [batch for batch in batches_of(windows, options.batch_size)
                if any((last > first).any() for first, last in (rows_meeting(batch, key) for key in keys))]
-    for batch, input_ids, _ in _run_batches(model, dataset, batches, "atlas values", progress):
-        for g, lookup in enumerate(unit_scores(model, input_ids)):
+    for batch, input_ids, _ in run_windows(model, dataset, batches, "atlas values", progress):
+        for g, lookup in enumerate(units.lookup(input_ids)):
             unit, _, pos = requests[g]
             for b, (first, last) in enumerate(zip(*rows_meeting(batch, keys[g]), strict=True)):
                 rows = orders[g][first:last]                           # the requests meeting window b
@@ -583,10 +446,10 @@ def load_shard(path: Path, top_k: int, scale: float) -> list[GroupStats]:
 
 def _manifest(model, dataset, data_dir, options, windows, run) -> dict:
     config = model.config
-    groups, units, scale = unit_layout(model)
+    units = units_of(model)
     return {
         "format_version": FORMAT_VERSION,
-        "kind": model_kind(model),
+        "kind": units.kind,
         "model": {**model_identity(model), "run": str(run) if run else None,
                   "name_or_path": getattr(config, "_name_or_path", "") or None},
         "data": {"dir": str(Path(data_dir).resolve()), "split": options.split,
@@ -596,11 +459,10 @@ def _manifest(model, dataset, data_dir, options, windows, run) -> dict:
         "label_tokens": label_tokens(dataset, windows).tolist(),
         "tokens": int(windows[:, 2].sum()),
         "documents": len(np.unique(windows[:, 0])),
-        "groups": groups,
-        "units_per_group": units,
-        "experts_per_side": int(getattr(config, "moe_experts", 0)) if model_kind(model) == "monet" else None,
-        "layers_per_group": int(getattr(config, "moe_groups", 1)) if model_kind(model) == "monet" else 1,
-        "score_scale": scale,
+        "groups": units.groups,
+        "units_per_group": units.per_group,
+        **units.layout_fields(),
+        "score_scale": units.scale,
         "hist_edges": HIST_EDGES.tolist(),
         "bands": {"edges": BAND_EDGES.tolist(), "bins_per_band": BINS_PER_BAND, "samples": options.samples},
         "context": {"before": CONTEXT_BEFORE, "after": CONTEXT_AFTER},
@@ -728,5 +590,5 @@ def vocab_table(tokenizer: Any, vocab_size: int):
     return pa.table({"id": np.arange(len(pieces), dtype=np.int32), "piece": pa.array(pieces, pa.string())})
 
 
-__all__ = ["AtlasOptions", "GroupStats", "TopK", "build_atlas", "collect", "context_windows", "group_layers", "merge",
-           "model_identity", "plan_windows", "unit_activations", "unit_entries", "unit_layout"]
+__all__ = ["AtlasOptions", "GroupStats", "TopK", "build_atlas", "collect", "context_windows", "merge", "model_identity",
+           "plan_windows"]

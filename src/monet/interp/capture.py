@@ -16,22 +16,21 @@ import torch
 
 from monet.errors import MonetError
 from monet.model import MonetRouter
-from monet.sparse import active_pairs, merged_experts
+from monet.sparse import merged_experts
 
 
 @dataclass
 class ActiveExperts:
-    """Per token, its active experts, ragged: one entry per (token, expert) — or per (token, head, expert)
-    with per-head scores — flattened over the tokens (B*T, row-major), grouped by token (in no order within
-    a token) and delimited by `offsets` [B*T + 1], so memory follows the real number of active experts.
-    `ids`, `scores`, `heads` give the padded [B, T, P] view (P = the batch's largest count) and `token(b, t)`
-    one token's list, best score first; prefer `entries()` on large batches."""
+    """Per token, its active experts, ragged: one entry per (token, expert) flattened over the tokens (B*T,
+    row-major), grouped by token (in no order within a token) and delimited by `offsets` [B*T + 1], so memory
+    follows the real number of active experts. `ids` and `scores` give the padded [B, T, P] view (P = the
+    batch's largest count) and `token(b, t)` one token's list, best score first; prefer `entries()` on large
+    batches."""
 
     shape: tuple[int, ...]
     offsets: torch.Tensor
     expert_ids: torch.Tensor
     expert_scores: torch.Tensor
-    expert_heads: torch.Tensor | None = None
 
     @property
     def num_entries(self) -> int:
@@ -66,11 +65,6 @@ class ActiveExperts:
         """Padded scores [B, T, P], decreasing (0 for padding)."""
         return self._padded(self.expert_scores, 0)
 
-    @property
-    def heads(self) -> torch.Tensor | None:
-        """Padded heads [B, T, P] with per-head scores (-1 for padding), else None."""
-        return None if self.expert_heads is None else self._padded(self.expert_heads, -1)
-
     def token(self, b: int, t: int) -> list[tuple[int, float]]:
         """(expert id, score) of one token, best first."""
         flat = b * self.shape[-1] + t
@@ -79,20 +73,13 @@ class ActiveExperts:
         return list(zip(self.expert_ids[lo:hi][order].tolist(), scores.tolist(), strict=True))
 
 
-def active_experts(g1: torch.Tensor, g2: torch.Tensor, per_head: bool = False) -> ActiveExperts:
-    """Sparse experts of one routing group from g1, g2 [B, T, H, E], ragged (`monet.sparse`)."""
-    experts = g1.shape[-1]
+def active_experts(g1: torch.Tensor, g2: torch.Tensor) -> ActiveExperts:
+    """Sparse experts of one routing group from g1, g2 [B, T, H, E], ragged (`monet.sparse.merged_experts`)."""
     shape, tokens = tuple(g1.shape[:-2]), g1[..., 0, 0].numel()
-    g1, g2 = g1.detach().float(), g2.detach().float()
-    heads = None
-    if per_head:
-        pairs = active_pairs(g1, g2)
-        token, ids, scores, heads = pairs.token, pairs.i * experts + pairs.j, pairs.weight, pairs.head
-    else:
-        token, ids, scores = merged_experts(g1, g2)
+    token, ids, scores = merged_experts(g1.detach().float(), g2.detach().float())
     offsets = torch.zeros(tokens + 1, dtype=torch.long, device=token.device)
     offsets[1:] = torch.bincount(token, minlength=tokens).cumsum(0)      # entries come grouped by token
-    return ActiveExperts(shape, offsets, ids, scores, heads)
+    return ActiveExperts(shape, offsets, ids, scores)
 
 
 class RoutingCapture:
@@ -101,10 +88,10 @@ class RoutingCapture:
     def __init__(self) -> None:
         self.groups: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def experts(self, group: int, per_head: bool = False) -> ActiveExperts:
+    def experts(self, group: int) -> ActiveExperts:
         if not 0 <= group < len(self.groups):
             raise MonetError(f"routing group {group} was not captured; groups 0..{len(self.groups) - 1} exist")
-        return active_experts(*self.groups[group], per_head=per_head)
+        return active_experts(*self.groups[group])
 
 
 @contextmanager

@@ -67,15 +67,6 @@ def skewed_units(mass: np.ndarray, target: int, ratio: float = 2.0, min_mass: fl
     return np.flatnonzero((spec >= ratio) & (mass[target] > 0) & (mass[target] >= min_mass))
 
 
-def assign_labels(mass: np.ndarray, ratio: float = 2.0, min_mass: float = 0.0, normalize: bool = True) -> np.ndarray:
-    """Per unit, the label it is skewed towards (index) or -1 for generalists."""
-    mass = _check_mass(mass)
-    labels = np.full(mass.shape[1], -1, dtype=np.int64)
-    for target in range(mass.shape[0]):
-        labels[skewed_units(mass, target, ratio, min_mass, normalize)] = target
-    return labels
-
-
 def top_specific(mass: np.ndarray, target: int, n: int, min_mass: float = 0.0, normalize: bool = True) -> np.ndarray:
     """The `n` units most specific to `target` (highest specificity, ties by more target mass)."""
     if n < 0:
@@ -103,20 +94,14 @@ class PearsonAccumulator:
         self.sum_x, self.sum_xx, self.sum_xy = (np.zeros(self.units) for _ in range(3))
         self.n, self.sum_y, self.sum_yy = 0, 0.0, 0.0
 
-    def update(self, ids: np.ndarray, scores: np.ndarray, y: np.ndarray) -> None:
-        """ids, scores [tokens, P] (id -1 = padding; each id at most once per token, as `active_experts`
-        merges heads), y [tokens]: one row per token."""
-        ids, scores, y = np.asarray(ids), np.asarray(scores, dtype=np.float64), np.asarray(y, dtype=np.float64)
-        if ids.ndim != 2 or ids.shape != scores.shape or y.shape != ids.shape[:1]:
-            raise MonetError(f"expected ids/scores [tokens, P] and y [tokens], got {ids.shape}, {scores.shape}, "
-                             f"{y.shape}")
-        token, slot = np.nonzero(ids >= 0)
-        self.update_entries(token, ids[token, slot], scores[token, slot], y)
-
-    def update_entries(self, token: np.ndarray, ids: np.ndarray, scores: np.ndarray, y: np.ndarray) -> None:
-        """Ragged form of `update`: one row per (token, active unit) with token indexing y [tokens]."""
+    def update(self, token: np.ndarray, ids: np.ndarray, scores: np.ndarray, y: np.ndarray) -> None:
+        """Add the tokens of y [tokens]: one row per (token, active unit), `token` indexing y (each unit at
+        most once per token, as `Units` entries are)."""
         token, ids = np.asarray(token, dtype=np.int64), np.asarray(ids, dtype=np.int64)
         x, y = np.asarray(scores, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        if not token.shape == ids.shape == x.shape or token.ndim != 1 or y.ndim != 1:
+            raise MonetError(f"expected token, ids, scores [entries] and y [tokens], got {token.shape}, {ids.shape}, "
+                             f"{x.shape}, {y.shape}")
         if ids.size and int(ids.max()) >= self.units:
             raise MonetError(f"unit id {int(ids.max())} is out of range for {self.units} units")
         self.n += len(y)
@@ -217,5 +202,5 @@ def select_top(masses: list[np.ndarray], target: int, n: int, min_mass: float = 
                       lambda mass: top_specific(mass, target, n, min_mass, normalize))
 
 
-__all__ = ["PearsonAccumulator", "Selection", "assign_labels", "correlated_units", "label_means", "select_correlated",
+__all__ = ["PearsonAccumulator", "Selection", "correlated_units", "label_means", "select_correlated",
            "select_skewed", "select_top", "skewness", "skewed_units", "specificity", "top_specific"]

@@ -16,8 +16,8 @@ import torch
 from monet.checkpoint import load_checkpoint
 from monet.errors import MonetError
 from monet.generate import generate_tokens
-from monet.interp.atlas import group_layers
 from monet.interp.query import Atlas, parse_expert
+from monet.interp.units import units_of
 from monet.model import expert_output
 from monet.runtime import resolve_device
 from monet.settings import ExplainCommand
@@ -49,7 +49,7 @@ def context_prefixes(atlas, group: int, expert: int, k: int) -> list[list[int]]:
 def expert_direction(model: torch.nn.Module, atlas, group: int, expert: int, k: int = 10) -> torch.Tensor:
     """The expert's output [d], averaged over its top contexts and summed over its group's layers."""
     atlas.check_expert(group, expert)
-    layers = [model.model.layers[layer] for layer in group_layers(model, group)]
+    layers = [model.model.layers[layer] for layer in units_of(model).layers(group)]
     if atlas.manifest["kind"] == "dense":
         weight = layers[0].mlp.down_proj.weight[:, expert]
         return weight * max(float(atlas.expert(group, expert)["max_score"]), 1e-6)

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from monet.interp.atlas import AtlasOptions, collect, label_tokens, model_kind, plan_windows
+from monet.interp.atlas import AtlasOptions, collect, label_tokens, plan_windows
 from monet.interp.criteria import skewness
+from monet.interp.units import units_of
 
 SPECIALISED_SKEW = 2.0
 
@@ -77,7 +78,7 @@ def measure(model, dataset, max_tokens: int = 200_000, seq_len: int = 256, batch
     per_token = label_tokens(dataset, windows)
     groups = [{"group": g, **summarize(s.mass, per_token, dataset.labels, s.count, min_count)}
               for g, s in enumerate(stats)]
-    return {"kind": model_kind(model), "tokens": tokens, "labels": list(dataset.labels), "groups": groups,
+    return {"kind": units_of(model).kind, "tokens": tokens, "labels": list(dataset.labels), "groups": groups,
             "mean_specialised_share": float(np.mean([g["mean_specialised_share"] for g in groups])),
             "mean_purity": float(np.mean([g["mean_purity"] for g in groups]))}
 

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from monet.checkpoint import check_data_fits, load_checkpoint, read_config, resolve_checkpoint, trained_seq_len
 from monet.data import TokenDataset
 from monet.errors import MonetError
-from monet.interp.atlas import batch_inputs, group_layers, model_kind, unit_activations, unit_layout
+from monet.interp.units import Units, cut_document, units_of
 from monet.io import atomic_write, output_directory, write_json
 from monet.runtime import resolve_device
 from monet.settings import ProbeSettings
@@ -67,10 +67,8 @@ def label_windows(dataset: TokenDataset, docs: np.ndarray, per_label: int, seq_l
     tokens over many documents, which the bootstrap over documents needs."""
     windows: dict[int, list[tuple[int, int, int]]] = {}
     for doc in docs.tolist():
-        length = int(dataset.docs[doc, 1] - dataset.docs[doc, 0])
-        label = int(dataset.docs[doc, 2])
-        windows.setdefault(label, []).extend((doc, start, min(seq_len, length - start))
-                                             for start in range(0, length, seq_len))
+        start, end, label = dataset.docs[doc, :3].tolist()
+        windows.setdefault(label, []).extend(cut_document(doc, end - start, seq_len))
     rows = []
     for label in sorted(windows):
         have = 0
@@ -86,18 +84,14 @@ def label_windows(dataset: TokenDataset, docs: np.ndarray, per_label: int, seq_l
     return np.asarray(sorted(rows), np.int64).reshape(-1, 3)
 
 
-def model_batches(model: torch.nn.Module, dataset: TokenDataset, windows: np.ndarray, batch_size: int,
+def model_batches(units: Units, dataset: TokenDataset, windows: np.ndarray, batch_size: int,
                   progress: bool = False, desc: str = "probe", pool: str = "token") -> Iterator[Batch]:
     """Run the model over the windows; yield each batch's examples (labels, documents) and active units.
 
     An example is a token (`pool="token"`), or a window with each unit's mean activation over its tokens
     (`pool="window"`, the sequence-level probing of SAEBench)."""
-    device = next(model.parameters()).device
-    model.eval()
-    bar = tqdm(total=int(windows[:, 2].sum()), unit="tok", desc=desc, disable=not progress, dynamic_ncols=True)
-    for first in range(0, len(windows), batch_size):
-        batch = windows[first:first + batch_size]
-        input_ids, valid = batch_inputs(dataset, batch)
+    for read in units.stream(dataset, windows, batch_size, desc, progress):
+        batch, valid = read.windows, read.valid
         positions = batch[:, 1:2] + np.arange(valid.shape[1])[None]
         mask = valid & (positions > 0)                          # no document-start tokens
         index = np.full(mask.shape, -1, np.int64)               # example number of each token
@@ -111,18 +105,15 @@ def model_batches(model: torch.nn.Module, dataset: TokenDataset, windows: np.nda
             docs = np.broadcast_to(batch[:, :1], mask.shape)[mask]
         labels = dataset.docs[docs, 2].astype(np.int64)
         groups = []
-        for ids, scores in unit_activations(model, input_ids.to(device)):
-            ids, scores = ids.cpu().numpy(), scores.float().cpu().numpy()
-            b, t, p = np.nonzero((ids >= 0) & mask[..., None])
-            example, unit, score = index[b, t], ids[b, t, p].astype(np.int64), scores[b, t, p].astype(np.float64)
+        for b, t, unit, score in read.groups:
+            keep = mask[b, t]
+            example, unit, score = index[b[keep], t[keep]], unit[keep], score[keep].astype(np.float64)
             if pool == "window":   # mean over the window's tokens (inactive tokens count as 0)
                 keys, inverse = np.unique((example << 32) | unit, return_inverse=True)
                 example, unit = keys >> 32, keys & 0xFFFFFFFF
                 score = np.bincount(inverse, weights=score, minlength=len(keys)) / size[example]
             groups.append((example, unit, score.astype(np.float32)))
-        bar.update(int(valid.sum()))
         yield labels, docs, groups
-    bar.close()
 
 
 # -------------------------------------------------------------------------------------------- selection
@@ -312,9 +303,12 @@ def sparse_probe(batches: Callable[[str], Iterable[Batch]], groups: int, units: 
 
 # --------------------------------------------------------------------------------------------- command
 
-def probe_models(models: list[tuple[str, torch.nn.Module]], data_dir: str | Path, cmd: ProbeSettings,
-                 seq_len: int) -> dict[str, Any]:
-    """The whole protocol for several models on the same tokens; returns the report (see `probe_command`)."""
+def probe_models(models: list[tuple[str, torch.nn.Module]], cmd: ProbeSettings) -> dict[str, Any]:
+    """The whole protocol for several models on the same tokens of `cmd.data`, in windows of `cmd.seq_len`
+    (given: `probe_command` fills it in from the checkpoint); returns the report (see `probe_command`)."""
+    if cmd.seq_len is None:
+        raise MonetError("probe_models needs settings with seq_len set (probe_command reads it from the checkpoint)")
+    data_dir, seq_len = cmd.data, cmd.seq_len
     dataset = TokenDataset(data_dir, cmd.split)
     train_docs, test_docs, skipped = split_documents(dataset, cmd.test_fraction, cmd.seed)
     labels = sorted({int(dataset.docs[d, 2]) for d in train_docs.tolist()})
@@ -333,22 +327,21 @@ def probe_models(models: list[tuple[str, torch.nn.Module]], data_dir: str | Path
         "chance": {"binary": 0.5, "multiclass": 1.0 / len(labels)}, "bootstrap": cmd.bootstrap, "models": [],
     }
     for name, model in models:
-        groups, units, _ = unit_layout(model)
-        kind = model_kind(model)
+        units = units_of(model)
         started = time.time()
 
-        def batches(side: str, model=model, name=name) -> Iterator[Batch]:
-            return model_batches(model, dataset, windows[side], cmd.batch_size, progress=not cmd.quiet,
+        def batches(side: str, units=units, name=name) -> Iterator[Batch]:
+            return model_batches(units, dataset, windows[side], cmd.batch_size, progress=not cmd.quiet,
                                  desc=f"probe {name} ({side})", pool=cmd.pool)
 
-        result = sparse_probe(batches, groups, units, labels, len(dataset.labels), tuple(cmd.ks), cmd.seed,
-                              cmd.bootstrap)
+        result = sparse_probe(batches, units.groups, units.per_group, labels, len(dataset.labels), tuple(cmd.ks),
+                              cmd.seed, cmd.bootstrap)
         for group in result["groups"]:
-            group["layers"] = group_layers(model, group["group"])
+            group["layers"] = units.layers(group["group"])
             group["top_units"] = {dataset.labels[label]: top for label, top in group["top_units"].items()}
             for entry in group["binary"].values():
                 entry["per_label"] = {dataset.labels[label]: acc for label, acc in entry["per_label"].items()}
-        entry = {"name": name, "kind": kind, "units_per_group": units, "groups": result["groups"]}
+        entry = {"name": name, "kind": units.kind, "units_per_group": units.per_group, "groups": result["groups"]}
         for key in ("train_examples", "test_examples", "test_documents"):   # per label name
             entry[key] = dict(zip(report["labels"], result[key], strict=True))
         report["models"].append({**entry, "seconds": round(time.time() - started, 1)})
@@ -373,7 +366,7 @@ def probe_command(cmd: ProbeSettings) -> dict[str, Any]:
         if seq_len is None:
             seq_len = trained_seq_len(checkpoint, model)
         models.append((name, model))
-    report = probe_models(models, cmd.data, cmd, seq_len)
+    report = probe_models(models, replace(cmd, seq_len=seq_len))
     report["runs"] = {"run": cmd.run, "baseline": cmd.baseline}
     with output_directory(cmd.out, "probe", cmd.force, "a probe report") as tmp:
         write_json(tmp / REPORT_JSON, report)

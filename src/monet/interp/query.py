@@ -19,8 +19,9 @@ import torch
 
 from monet.data import TokenDataset
 from monet.errors import MonetError
-from monet.interp.atlas import READABLE_VERSIONS, TABLES, TABLES_V1, model_identity, unit_activations, unit_layout
+from monet.interp.atlas import READABLE_VERSIONS, TABLES, TABLES_V1, model_identity
 from monet.interp.criteria import skewness
+from monet.interp.units import units_of
 from monet.io import marker_kind, printable, sha256_file
 
 _EXPERT_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -424,13 +425,13 @@ def experts_for_text(model: torch.nn.Module, tokenizer: Any, text: str, n: int =
     if not text:
         raise MonetError("--text is empty; give some text to run through the model")
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
-    _, _, scale = unit_layout(model)
+    layout = units_of(model.eval())
     out = [{"position": t, "token": token, "piece": tokenizer.decode([token]), "groups": []}
            for t, token in enumerate(ids[0].tolist())]
-    for unit_ids, scores in unit_activations(model.eval(), ids.to(next(model.parameters()).device)):
+    for unit_ids, scores in layout.padded(ids.to(next(model.parameters()).device)):
         for entry, units, values in zip(out, unit_ids[0].tolist(), scores[0].float().tolist(), strict=True):
             top = sorted(((u, v) for u, v in zip(units, values, strict=True) if u >= 0), key=lambda uv: -uv[1])
-            entry["groups"].append([(u, 100.0 * v / scale) for u, v in top[:n]])
+            entry["groups"].append([(u, 100.0 * v / layout.scale) for u, v in top[:n]])
     return out
 
 
@@ -438,7 +439,7 @@ def experts_for_text(model: torch.nn.Module, tokenizer: Any, text: str, n: int =
 def expert_values(model: torch.nn.Module, input_ids: torch.Tensor, group: int, expert: int) -> np.ndarray:
     """The score of unit `expert` of `group` at every token of `input_ids` [B, T] ([B, T] float, 0 where the
     unit is not active), from each token's active units (the same numbers as the atlas build)."""
-    activations = unit_activations(model.eval(), input_ids.to(next(model.parameters()).device))
+    activations = units_of(model.eval()).padded(input_ids.to(next(model.parameters()).device))
     if not 0 <= group < len(activations):
         raise MonetError(f"unknown group {group}: this model has groups 0..{len(activations) - 1}")
     ids, scores = activations[group]
@@ -457,9 +458,8 @@ def activation_on_text(model: torch.nn.Module, tokenizer: Any, text: str, group:
     if len(ids) > limit:
         raise MonetError(f"the text has {len(ids)} tokens; the limit is {limit}")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    _, _, scale = unit_layout(model)
     values = expert_values(model, torch.tensor([bos + ids]), group, expert)[0][len(bos):]
-    percent = [100.0 * float(v) / scale for v in values]
+    percent = [100.0 * float(v) / units_of(model).scale for v in values]
     return {"group": int(group), "expert": int(expert), "tokens": [int(t) for t in ids],
             "pieces": [tokenizer.decode([t]) for t in ids], "values": percent,
             "max": max(percent, default=0.0)}

@@ -1,0 +1,271 @@
+"""Units: what the interpretation tools read, select and mask, behind one interface.
+
+A "unit" is a Monet expert of a routing group (id i*E + j, score sum_h g1_hi g2_hj, paper Eq. 3-4) or a
+dense baseline's MLP neuron of a layer (score max(act(gate x) * up x, 0)); a "group" is a routing group or a
+layer. `units_of(model)` is the one place that tells the two apart: the atlas, the probes, the toxicity
+correlations, unlearning and the monosemanticity measures only see a `Units` -- its layout, the layers of a
+group, each batch's active units (ragged: memory follows the active units, never the N = E^2 grid), score
+lookups, and `masked(selection)`. A third kind (SAE latents) is one more subclass and one more line in
+`units_of`.
+
+Windows are (doc, start, length) rows of a `TokenDataset` split; `run_windows` runs them through a model in
+batches (right-padded, in the given order) and `Units.stream` yields each batch's active units on its real
+tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from monet.edits import edited, neuron_masks
+from monet.errors import MonetError
+from monet.interp.capture import RoutingCapture, capture_routing
+from monet.model import MonetRouter
+
+# Per group, a score lookup: (b, t, unit) arrays -> the unit's score at those tokens (0 where inactive).
+Lookup = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass
+class UnitBatch:
+    """One batch of windows run through the model: the windows [B, 3] (doc, start, length), the real tokens'
+    mask [B, T], and per group the active units on real tokens as flat arrays (b, t, unit id int64, score
+    float32), grouped by token in row-major order (in no order within a token)."""
+
+    windows: np.ndarray
+    valid: np.ndarray
+    groups: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+
+
+class Units:
+    """The units of one model, grouped; see the module docstring. Subclasses fill in the layout and the reads."""
+
+    kind: str = ""          # the atlas manifest's "kind"
+    groups: int             # routing groups (Monet) or layers (dense)
+    per_group: int          # units per group
+    scale: float            # a score divided by it is a share of 1 (Monet: H heads each spread 1 over experts)
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.config = model, model.config
+
+    def layers(self, group: int) -> list[int]:
+        """Decoder layers whose units make up `group`."""
+        raise NotImplementedError
+
+    def layout_fields(self) -> dict[str, Any]:
+        """The atlas manifest's fields on the layout beyond groups, units and scale."""
+        raise NotImplementedError
+
+    def entries(self, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per group, the active units of every token, ragged: (token index over B*T, unit id, score), each
+        [entries], grouped by token."""
+        raise NotImplementedError
+
+    def padded(self, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per group, the active units of every token padded: (ids [B, T, P] with -1 padding, scores)."""
+        raise NotImplementedError
+
+    def lookup(self, input_ids: torch.Tensor) -> list[Lookup]:
+        """Per group, a score lookup (b, t, unit) -> score (0 where inactive); the numbers of `entries` up to
+        the order of the sum over heads."""
+        raise NotImplementedError
+
+    def masked(self, selection: Any) -> contextlib.AbstractContextManager:
+        """A context in which the units of `selection` (a `criteria.Selection`: ids per group) are deleted."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def stream(self, dataset, windows: np.ndarray, batch_size: int, desc: str = "units",
+               progress: bool = False) -> Iterator[UnitBatch]:
+        """Run `windows` in batches of `batch_size` (in order) and yield each batch's active units."""
+        for batch, input_ids, valid in run_windows(self.model, dataset, list(batches_of(windows, batch_size)),
+                                                   desc, progress):
+            width = valid.shape[1]
+            groups = []
+            for token, ids, scores in self.entries(input_ids):
+                b, t = np.divmod(token.cpu().numpy(), width)
+                keep = valid[b, t]   # right padding is not part of the corpus
+                groups.append((b[keep], t[keep], ids.cpu().numpy()[keep].astype(np.int64),
+                               scores.float().cpu().numpy()[keep]))
+            yield UnitBatch(batch, valid, groups)
+
+
+class MonetExperts(Units):
+    """A Monet model's experts: E^2 per routing group (a group is `moe_groups` consecutive layers that share
+    one routing)."""
+
+    kind = "monet"
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        self.groups, self.per_group = self.config.num_routing_groups, self.config.moe_experts ** 2
+        self.scale = float(self.config.moe_heads)
+
+    def layers(self, group: int) -> list[int]:
+        return [layer for layer in range(self.config.num_hidden_layers) if layer // self.config.moe_groups == group]
+
+    def layout_fields(self) -> dict[str, Any]:
+        return {"experts_per_side": int(self.config.moe_experts), "layers_per_group": int(self.config.moe_groups)}
+
+    @torch.no_grad()
+    def entries(self, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        capture = _routing(self.model, input_ids)
+        return [capture.experts(g).entries() for g in range(len(capture.groups))]
+
+    @torch.no_grad()
+    def padded(self, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        capture = _routing(self.model, input_ids)
+        return [(a.ids, a.scores) for a in map(capture.experts, range(len(capture.groups)))]
+
+    @torch.no_grad()
+    def lookup(self, input_ids: torch.Tensor) -> list[Lookup]:
+        # sum_h g1_hi g2_hj read from the captured routing for just the asked (i, j) (no active-pair lists)
+        routing = _routing(self.model, input_ids).groups
+        return [_MonetLookup(g1.float().numpy(), g2.float().numpy()) for g1, g2 in routing]
+
+    def masked(self, selection: Any) -> contextlib.AbstractContextManager:
+        return edited(self.model, selection.to_edits(int(self.config.moe_experts)))
+
+
+class DenseNeurons(Units):
+    """A dense baseline's MLP neurons: `intermediate_size` per layer."""
+
+    kind = "dense"
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        self.groups, self.per_group, self.scale = self.config.num_hidden_layers, self.config.intermediate_size, 1.0
+
+    def layers(self, group: int) -> list[int]:
+        return [group]
+
+    def layout_fields(self) -> dict[str, Any]:
+        return {"experts_per_side": None, "layers_per_group": 1}
+
+    @torch.no_grad()
+    def entries(self, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        flats = [scores.flatten(0, -2) for scores in self._scores(input_ids)]   # [B*T, units]
+        return [(*(flat > 0).nonzero(as_tuple=True), flat[flat > 0]) for flat in flats]
+
+    @torch.no_grad()
+    def padded(self, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(torch.where(scores > 0, torch.arange(scores.shape[-1]), -1), scores)
+                for scores in self._scores(input_ids)]
+
+    @torch.no_grad()
+    def lookup(self, input_ids: torch.Tensor) -> list[Lookup]:
+        return [_DenseLookup(scores.numpy()) for scores in self._scores(input_ids)]
+
+    def masked(self, selection: Any) -> contextlib.AbstractContextManager:
+        return neuron_masks(self.model, selection.ids)
+
+    def _scores(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer, max(act(gate x) * up x, 0) of every neuron of its MLP hidden layer ([B, T, units], CPU)."""
+        found: list[torch.Tensor] = []
+
+        def record(module, args, output):
+            x = args[0]
+            found.append(torch.relu(module.act(module.gate_proj(x)) * module.up_proj(x)).float().cpu())
+
+        with contextlib.ExitStack() as hooks:
+            for layer in self.model.model.layers:
+                hooks.enter_context(layer.mlp.register_forward_hook(record))
+            self.model.model(input_ids=input_ids, use_cache=False)
+        return found
+
+
+KINDS: dict[str, type[Units]] = {"monet": MonetExperts, "dense": DenseNeurons}
+
+
+def units_of(model: torch.nn.Module, expect: str | None = None, what: str = "the model", hint: str = "") -> Units:
+    """The units of `model` (its `mlp_type` picks the kind); with `expect`, MonetError unless it is that kind
+    (naming `what` and adding `hint`)."""
+    kind = getattr(model.config, "mlp_type", "monet")
+    if expect is not None and kind != expect:
+        raise MonetError(f"{what} is a {kind} model, not a {expect} one{hint}")
+    if kind not in KINDS:
+        raise MonetError(f"the interpretation tools support {' and '.join(KINDS)} models, not mlp_type={kind!r}")
+    return KINDS[kind](model)
+
+
+# ------------------------------------------------------------------------------------------ Monet reads
+
+class _RoutingDone(Exception):
+    """Raised by a hook on the last router: the rest of the forward pass cannot change the routing."""
+
+
+def _routing(model: torch.nn.Module, input_ids: torch.Tensor) -> RoutingCapture:
+    """The routing of every group, from a forward pass of the decoder (no unembedding: logits are not needed)
+    that stops once the last router has run."""
+    def stop(module, args, output):
+        raise _RoutingDone
+
+    with capture_routing(model) as capture:
+        last = [m for m in model.modules() if isinstance(m, MonetRouter)][-1]
+        with last.register_forward_hook(stop), contextlib.suppress(_RoutingDone):   # after capture's hooks
+            getattr(model, "model", model)(input_ids=input_ids, use_cache=False)
+    return capture
+
+
+@dataclass
+class _MonetLookup:
+    g1: np.ndarray
+    g2: np.ndarray
+
+    def __call__(self, b: np.ndarray, t: np.ndarray, unit: np.ndarray) -> np.ndarray:
+        i, j = np.divmod(unit, self.g1.shape[-1])
+        return (self.g1[b, t, :, i] * self.g2[b, t, :, j]).sum(-1)
+
+
+@dataclass
+class _DenseLookup:
+    scores: np.ndarray
+
+    def __call__(self, b: np.ndarray, t: np.ndarray, unit: np.ndarray) -> np.ndarray:
+        return self.scores[b, t, unit]
+
+
+# ----------------------------------------------------------------------------------------------- windows
+
+def cut_document(doc: int, length: int, seq_len: int) -> list[tuple[int, int, int]]:
+    """Document `doc` of `length` tokens cut into (doc, start, length) windows of at most `seq_len` tokens."""
+    return [(doc, start, min(seq_len, length - start)) for start in range(0, length, seq_len)]
+
+
+def batches_of(windows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Consecutive batches of at most `batch_size` windows."""
+    return (windows[first:first + batch_size] for first in range(0, len(windows), batch_size))
+
+
+def run_windows(model: torch.nn.Module, dataset, batches: list[np.ndarray], desc: str,
+                progress: bool) -> Iterator[tuple[np.ndarray, torch.Tensor, np.ndarray]]:
+    """(batch, input ids on the model's device, validity mask) of each batch, with a progress bar in tokens."""
+    device = next(model.parameters()).device
+    model.eval()
+    total = sum(int(batch[:, 2].sum()) for batch in batches)
+    with tqdm(total=total, unit="tok", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        for batch in batches:
+            input_ids, valid = batch_inputs(dataset, batch)
+            yield batch, input_ids.to(device), valid
+            bar.update(int(valid.sum()))
+
+
+def batch_inputs(dataset, batch: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """Right-padded input ids [B, T] and a validity mask. Right padding needs no attention mask: causal
+    attention never lets a real token see the padding after it, and routing uses running statistics."""
+    width = int(batch[:, 2].max())
+    ids = np.zeros((len(batch), width), np.int64)
+    for row, (doc, offset, length) in enumerate(batch):
+        ids[row, :length] = dataset.document(int(doc))[offset:offset + length]
+    return torch.from_numpy(ids), np.arange(width) < batch[:, 2, None]
+
+
+__all__ = ["DenseNeurons", "MonetExperts", "UnitBatch", "Units", "batch_inputs", "batches_of", "cut_document",
+           "run_windows", "units_of"]
