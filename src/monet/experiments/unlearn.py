@@ -35,6 +35,13 @@ from monet.data.storage import read_manifest
 from monet.edits import masked
 from monet.errors import MonetError
 from monet.evaluate import label_window_sets, window_indices, window_losses
+from monet.experiments.dense_rules import (
+    class_mean_difference,
+    mean_ablated,
+    neuron_label_means,
+    overall_means,
+    top_by_score,
+)
 from monet.experiments.protocol_stats import (
     control_comparison,
     delta_ci,
@@ -46,6 +53,7 @@ from monet.experiments.protocol_stats import (
     random_p95,
     verdict,
 )
+from monet.interp.atlas import plan_windows
 from monet.interp.criteria import Selection, select_skewed, select_top
 from monet.interp.query import Atlas
 from monet.io import output_directory, write_json
@@ -644,15 +652,6 @@ def dense_rule(settings: UnlearnSettings, model: nn.Module, seq_len: int) -> dic
     `dense_rule_tokens` training tokens spread over every label (`dense_rules`)."""
     if settings.dense_rule == "specificity" and settings.dense_ablation == "zero":
         return None
-    from monet.experiments.dense_rules import (
-        class_mean_difference,
-        mean_ablated,
-        neuron_label_means,
-        overall_means,
-        top_by_score,
-    )
-    from monet.interp.atlas import plan_windows
-
     train = TokenDataset(settings.data, split="train")
     means, counts = neuron_label_means(model, train, plan_windows(train.docs, seq_len, settings.dense_rule_tokens),
                                        settings.batch_size)
