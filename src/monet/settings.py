@@ -479,9 +479,6 @@ class UnlearnSettings(Settings):
     others_tokens: int | None = number(None, low=2)  # tokens per other label in a masked run (default: eval-tokens)
     random_masks: int = number(100, low=0)  # control masks per target (see --uniform-control); 0 = none
     random_tokens: int = number(256, low=2)  # target tokens each control mask is evaluated on
-    # The control (issue 23): masks matched on the target's routing mass, each also measured on the others.
-    random_others_tokens: int = number(64, low=2)  # tokens per other label each control mask is evaluated on
-    uniform_control: bool = False  # draw control masks uniformly from the seen units (the pre-issue-23 control)
     sweep: tuple[float, ...] = (3.0, 1.5)  # more skewness ratios for the forget-retain curve
     sweep_tokens: int = number(4_096, low=2)  # target tokens per sweep point (a quarter of it per other label)
     batch_size: int = number(16, low=1)  # windows per forward pass
@@ -490,6 +487,15 @@ class UnlearnSettings(Settings):
     baseline: str | None = None  # also run the protocol on this dense model's neurons (its run directory)
     baseline_atlas: str | None = None  # the dense model's atlas (neuron label mass)
     dense_fractions: tuple[float, ...] = (0.05, 0.15, 0.3, 0.5)  # shares of dense neurons on the dense curve
+    # Issue 23: the control (masks matched on the target's routing mass, each also measured on the others)
+    # and fairer dense baselines (docs/editing.md).
+    random_others_tokens: int = number(64, low=2)  # tokens per other label each control mask is evaluated on
+    uniform_control: bool = False  # draw control masks uniformly from the seen units (the pre-issue-23 control)
+    dense_rule: Literal["specificity", "class-mean"] = "specificity"
+    """how dense neurons are ranked: specificity of the atlas's positive part, or the signed class-mean
+    difference (target mean minus the other labels' mean, measured on --dense-rule-tokens training tokens)"""
+    dense_ablation: Literal["zero", "mean"] = "zero"  # deleted dense neurons output 0, or their mean input
+    dense_rule_tokens: int = number(160_000, low=1)  # training tokens for the signed neuron means
     seed: int = 0  # random masks and bootstrap
     device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
     force: bool = False  # unneeded for an earlier unlearning report (replaced anyway); nothing else is replaced

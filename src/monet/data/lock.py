@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from monet.data.code import DEFAULT_LANGUAGES
 from monet.data.documents import Document
 from monet.errors import MonetError
 from monet.io import atomic_write
@@ -126,8 +127,6 @@ def corpus_lock_record(source: str, documents: list[Document], max_bytes: int, s
     defaults) is checked; explicit `roots` and other sources are recorded as unlocked; None for non-code."""
     if source != "code":
         return None
-    from monet.data.code import DEFAULT_LANGUAGES
-
     options = source_options or {}
     languages = None if options.get("roots") else list(options.get("languages") or DEFAULT_LANGUAGES)
     return check_lock(documents, source, max_bytes, seed, languages, allow_drift, path)

@@ -18,7 +18,7 @@ import io
 import math
 import platform
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,13 @@ from monet.data import TokenDataset, load_tokenizer
 from monet.data.storage import read_manifest
 from monet.errors import MonetError
 from monet.evaluate import label_window_sets, window_indices, window_losses
+from monet.experiments.dense_rules import (
+    class_mean_difference,
+    mean_ablated,
+    neuron_label_means,
+    overall_means,
+    top_by_score,
+)
 from monet.experiments.protocol_stats import (
     control_comparison,
     delta_ci,
@@ -45,6 +52,7 @@ from monet.experiments.protocol_stats import (
     random_p95,
     verdict,
 )
+from monet.interp.atlas import plan_windows
 from monet.interp.criteria import Selection, select_skewed, select_top
 from monet.interp.query import Atlas
 from monet.interp.units import units_of
@@ -220,6 +228,11 @@ class Measure:
 # One edit, measured
 
 
+def unit_mask(model: nn.Module, selection: Selection) -> Any:
+    """The default deletion: `selection`'s units zeroed through the units layer (experts or neurons)."""
+    return units_of(model).masked(selection)
+
+
 def window_documents(plan: EvalPlan, label: str, positions: np.ndarray) -> np.ndarray:
     """The document (index in the validation split) of each picked window of `label`: the bootstrap's
     clusters and the `windows.csv.gz` column that lets a reader recompute every interval."""
@@ -228,7 +241,7 @@ def window_documents(plan: EvalPlan, label: str, positions: np.ndarray) -> np.nd
 
 
 def edit_effect(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarray], selection: Selection, target: str,
-                measure: Measure, seed: int = 0) -> dict[str, Any]:
+                measure: Measure, seed: int = 0, mask: Any = unit_mask) -> dict[str, Any]:
     """Mask `selection`, evaluate the target and the other labels on the windows `measure` asks for, and
     return each label's Δ with a 95 % CI from a paired bootstrap over documents (windows of one document
     are resampled together), Δ target, Δ others (mean over the other labels, each weighted equally; its
@@ -239,7 +252,7 @@ def edit_effect(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarray],
     prior = {label: before[label][pos] for label, pos in picks.items()}
     docs = {label: window_documents(plan, label, pos) for label, pos in picks.items()}
     if selection.total:
-        with units_of(model).masked(selection):
+        with mask(model, selection):
             after = plan.measure(model, picks)
     else:
         after = prior
@@ -286,7 +299,7 @@ def control_positions(windows: dict[str, dict[str, np.ndarray]], target: str, ta
 def random_control(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarray], selection: Selection,
                    windows: dict[str, dict[str, np.ndarray]], pools: list[np.ndarray], target: str, count: int,
                    tokens: int, others_tokens: int, target_mass: list[np.ndarray] | None = None,
-                   seed: int = 0) -> dict[str, Any]:
+                   seed: int = 0, mask: Any = unit_mask) -> dict[str, Any]:
     """`count` control masks, each measured on Δ target AND Δ others on a subset of the selection's own
     windows (`tokens` of the target's, `others_tokens` of each other label's), and the comparison with the
     selection on those same windows (`control_comparison`).
@@ -312,7 +325,7 @@ def random_control(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarra
     target_deltas, others_deltas, draws = [], [], []
     for ids in masks:
         control = Selection(selection.units_per_group, selection.groups, ids, criterion=criterion)
-        with units_of(model).masked(control):
+        with mask(model, control):
             after = plan.measure(model, picks)
         dt, do = deltas(after)
         target_deltas.append(dt)
@@ -347,7 +360,7 @@ class Protocol:
     mc_items: dict[str, list[dict]] | None = None
     tokenizer: Any = None
     progress: bool = True
-
+    mask: Any = unit_mask                 # (model, Selection) -> context manager deleting the units
 
 def label_accuracies(model: nn.Module, protocol: Protocol) -> dict[str, float]:
     """Multiple-choice accuracy of each label that has items (the model as it is now, edits included)."""
@@ -378,12 +391,12 @@ def run_protocol(model: nn.Module, plan: EvalPlan, targets: list[str], operating
         if selection.total == 0 and not allow_empty:
             raise MonetError(f"no unit is selected for {target!r} ({selection.criterion}): the selection is empty; "
                              "lower --ratio or build the atlas on more tokens")
-        entry = edit_effect(model, plan, before, selection, target, protocol.operating, protocol.seed)
+        entry = edit_effect(model, plan, before, selection, target, protocol.operating, protocol.seed, protocol.mask)
         windows = entry.pop("windows")
         for label, w in windows.items():
             rows += window_rows(plan, "operating", target, label, w["positions"], w["before"], w["after"])
         if selection.total and accuracy_before:
-            with units_of(model).masked(selection):
+            with protocol.mask(model, selection):
                 accuracies = label_accuracies(model, protocol)
             for label, accuracy in accuracies.items():
                 entry["after"][label]["accuracy"] = accuracy
@@ -391,7 +404,7 @@ def run_protocol(model: nn.Module, plan: EvalPlan, targets: list[str], operating
         if selection.total and protocol.random_masks:
             control = random_control(model, plan, before, selection, windows, seen, target, protocol.random_masks,
                                      protocol.random_tokens, protocol.random_others_tokens,
-                                     target_mass(target) if target_mass else None, protocol.seed)
+                                     target_mass(target) if target_mass else None, protocol.seed, protocol.mask)
             drawn = control.pop("windows")
             for i, after in enumerate(drawn["after"]):
                 for label, positions in drawn["positions"].items():
@@ -401,7 +414,7 @@ def run_protocol(model: nn.Module, plan: EvalPlan, targets: list[str], operating
         entry["sweep"] = []
         for parameter, point in sweep(target):
             if point.total:
-                effect = edit_effect(model, plan, before, point, target, protocol.sweep, protocol.seed)
+                effect = edit_effect(model, plan, before, point, target, protocol.sweep, protocol.seed, protocol.mask)
                 for label, w in effect.pop("windows").items():
                     rows += window_rows(plan, f"sweep {parameter:g}", target, label, w["positions"], w["before"],
                                         w["after"])
@@ -422,7 +435,7 @@ def ceiling_effect(model: nn.Module, plan: EvalPlan, before: dict[str, np.ndarra
     everything = Selection(like.units_per_group, like.groups,
                            {g: np.arange(like.units_per_group) for g in range(like.groups)}, criterion="all units")
     picks = {label: plan.positions(label, protocol.operating.others) for label in plan.sets}
-    with units_of(model).masked(everything):
+    with protocol.mask(model, everything):
         after = plan.measure(model, picks)
     deltas = {label: delta_ci(before[label][pos], after[label], seed=protocol.seed,
                               clusters=window_documents(plan, label, pos)) for label, pos in picks.items()}
@@ -601,8 +614,12 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
         "monet": monet_result, "summary": summary_rows(monet_result),
     }
     if settings.baseline is not None:
+        rule = dense_rule(settings, dense_model, seq_len)
+
         def dense_top(target: str, share: float) -> Selection:
             units = max(1, round(share * dense_means[0].shape[1]))
+            if rule is not None and rule["select"] is not None:
+                return rule["select"](target, units)
             return select_top(dense_means, dense_labels.index(target), units, settings.min_mass, normalize=False)
 
         def dense_operating(target: str) -> Selection:
@@ -611,21 +628,48 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
             return dense_top(target, report["summary"].get(target, {}).get("masking_ratio")
                              or settings.dense_fractions[0])
 
+        dense_protocol = replace(protocol, mask=rule["mask"]) if rule is not None else protocol
         dense_result = run_protocol(dense_model, plan, targets, dense_operating,
                                     lambda t: [(f, dense_top(t, f)) for f in settings.dense_fractions],
-                                    seen_units(dense_means), protocol, allow_empty=True,
+                                    seen_units(dense_means), dense_protocol, allow_empty=True,
                                     target_mass=None if settings.uniform_control
                                     else target_mass(dense_means, dense_labels))
         windows["dense"] = dense_result.pop("windows")
         report["dense_protocol"] = dense_result
         report["dense"] = summary_rows(dense_result)
         report["dense_run"], report["dense_atlas"] = str(settings.baseline), str(settings.baseline_atlas)
-        report["dense_selection"] = ("top neurons by specificity, as many (share of all MLP neurons) as Monet "
-                                     "masked experts for the label; sweep over dense_fractions")
+        report["dense_selection"] = (f"top neurons by {settings.dense_rule}, as many (share of all MLP neurons) as "
+                                     "Monet masked experts for the label; sweep over dense_fractions")
+        report["dense_rule"], report["dense_ablation"] = settings.dense_rule, settings.dense_ablation
         report["dense_fractions"] = list(settings.dense_fractions)
         report["equal_target"] = equal_target_comparison(monet_result, dense_result)
     write_report(report, settings.out, force=settings.force, windows=windows)
     return report
+
+
+def dense_rule(settings: UnlearnSettings, model: nn.Module, seq_len: int) -> dict[str, Any] | None:
+    """The dense baseline's rule when it is not the default (specificity, zero ablation): {"select":
+    (target, n) -> Selection, "mask": (model, Selection) -> context}; signed neuron means are measured on
+    `dense_rule_tokens` training tokens spread over every label (`dense_rules`)."""
+    if settings.dense_rule == "specificity" and settings.dense_ablation == "zero":
+        return None
+    train = TokenDataset(settings.data, split="train")
+    means, counts = neuron_label_means(model, train, plan_windows(train.docs, seq_len, settings.dense_rule_tokens),
+                                       settings.batch_size)
+    width, layers = means[0].shape[1], len(means)
+
+    def select(target: str, n: int) -> Selection:
+        scores = [class_mean_difference(m, train.labels.index(target), counts) for m in means]
+        return Selection(width, layers, top_by_score(scores, n), criterion=f"top {n} by class-mean difference")
+
+    if settings.dense_ablation == "mean":
+        centre = overall_means(means, counts)
+
+        def mask(model: nn.Module, selection: Selection) -> Any:
+            return mean_ablated(model, selection.ids, centre)
+    else:
+        mask = unit_mask
+    return {"select": select if settings.dense_rule == "class-mean" else None, "mask": mask}
 
 
 # ----------------------------------------------------------------------------------------------------------
