@@ -44,6 +44,58 @@ def write_split(
     return {"documents": int(len(docs)), "tokens": int(tokens.size)}
 
 
+class SplitWriter:
+    """Writes one split document by document, in bounded memory, into the files `write_split` writes.
+
+    Tokens, document rows and metadata go to scratch files as they come; `close` turns them into
+    ``SPLIT.tokens`` / ``SPLIT.docs.npy`` (streamed through, never loaded whole) and maps the label ids,
+    given in order of first appearance, onto the sorted label list. Use it inside a temporary directory.
+    """
+
+    CHUNK = 1 << 20   # document rows / tokens copied per step in `close`
+
+    def __init__(self, out_dir: Path, split: str, vocab_size: int):
+        self.out_dir, self.split, self.dtype = Path(out_dir), split, token_dtype(vocab_size)
+        self._tokens = open(self.out_dir / f".{split}.tokens.raw", "wb")   # noqa: SIM115 - closed in close()
+        self._docs = open(self.out_dir / f".{split}.docs.raw", "wb")       # noqa: SIM115
+        self._meta = open(self.out_dir / f"{split}.meta.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+        self.documents = self.tokens = 0
+
+    def add(self, token_ids: Sequence[int], label_id: int, meta: dict) -> None:
+        ids = np.asarray(token_ids, dtype=self.dtype)
+        self._tokens.write(ids.tobytes())
+        self._docs.write(np.array([self.tokens, self.tokens + len(ids), label_id], dtype=np.int64).tobytes())
+        self._meta.write(json.dumps(meta, sort_keys=True, ensure_ascii=False) + "\n")
+        self.documents += 1
+        self.tokens += len(ids)
+
+    def close(self, label_order: Sequence[int]) -> dict:
+        """Finish the files; ``label_order[first-seen id]`` is the label's index in the sorted labels."""
+        for handle in (self._tokens, self._docs, self._meta):
+            handle.close()
+        raw_tokens, raw_docs = self.out_dir / f".{self.split}.tokens.raw", self.out_dir / f".{self.split}.docs.raw"
+        tokens = np.lib.format.open_memmap(self.out_dir / f"{self.split}.tokens", mode="w+", dtype=self.dtype,
+                                           shape=(self.tokens,))
+        source = np.memmap(raw_tokens, dtype=self.dtype, mode="r", shape=(self.tokens,)) if self.tokens else None
+        for start in range(0, self.tokens, self.CHUNK):
+            tokens[start:start + self.CHUNK] = source[start:start + self.CHUNK]
+        tokens.flush()
+        del tokens, source
+        docs = np.lib.format.open_memmap(self.out_dir / f"{self.split}.docs.npy", mode="w+", dtype=np.int64,
+                                         shape=(self.documents, 3))
+        rows = np.memmap(raw_docs, dtype=np.int64, mode="r", shape=(self.documents, 3)) if self.documents else None
+        mapping = np.asarray(label_order, dtype=np.int64)
+        for start in range(0, self.documents, self.CHUNK):
+            chunk = np.array(rows[start:start + self.CHUNK])
+            chunk[:, 2] = mapping[chunk[:, 2]]
+            docs[start:start + len(chunk)] = chunk
+        docs.flush()
+        del docs, rows
+        raw_tokens.unlink()
+        raw_docs.unlink()
+        return {"documents": self.documents, "tokens": self.tokens}
+
+
 def read_manifest(directory: str | Path) -> dict:
     """The manifest of a dataset directory, validated; MonetError says what is wrong and what to do."""
     path = Path(directory)

