@@ -170,4 +170,40 @@ def test_unlabelled_files_and_bad_input(released, tmp_path, capsys):
     # A tokenizer larger than the model's embedding: refused before any number is computed.
     small = tmp_path / "small-vocab"
     write_official_dir(small, {**OFFICIAL_CONFIG, "vocab_size": 1000})
-    assert "tokenizer" in error_of("eval", str(small), "--data", str(released["data"]), "--device", "cpu")
+    assert "vocabulary is 1000" in error_of("eval", str(small), "--data", str(released["data"]), "--device", "cpu")
+    shutil.copyfile(released["tokenizer"] / "tokenizer.json", small / "tokenizer.json")
+    assert "embedding has 1000" in error_of(*base, "--from", str(released["corpus"]), "--out", str(tmp_path / "d"),
+                                            "--tokenizer", str(small))
+    # Unlabelled data: unlearning has nothing to select experts for, and says so before any work.
+    assert "has no labels" in error_of("unlearn", ck, "--data", str(plain), "--atlas", str(tmp_path / "none"),
+                                       "--out", str(tmp_path / "e"), "--device", "cpu")
+
+
+def test_every_input_format_gives_the_same_documents(released, tmp_path):
+    """CSV, Parquet, a folder per label and a saved `datasets` directory give the JSONL's documents and labels."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in released["corpus"].read_text().splitlines()][::4]
+    table = pa.table({"body": [r["body"] for r in rows], "topic": [r["topic"] for r in rows]})
+    pq.write_table(table, tmp_path / "corpus.parquet")
+    table.to_pandas().to_csv(tmp_path / "corpus.csv", index=False)
+    datasets.Dataset.from_dict(table.to_pydict()).save_to_disk(str(tmp_path / "saved"))
+    for i, row in enumerate(rows):
+        folder = tmp_path / "folders" / row["topic"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}.txt").write_text(row["body"], encoding="utf-8")
+    want = sorted((content_hash(r["body"]), r["topic"]) for r in rows)
+    tokenizer = str(released["tokenizer"])   # a tokenizer directory (no model beside it)
+    for name in ("corpus.parquet", "corpus.csv", "saved", "folders"):
+        out = tmp_path / f"data-{name}"
+        fields = [] if name == "folders" else ["--text-field", "body", "--label-field", "topic"]
+        assert main(["data", "build", "--source", "files", "--from", str(tmp_path / name), *fields, "--tokenizer",
+                     tokenizer, "--out", str(out), "--validation-fraction", "0.4", "--quiet"]) == 0, name
+        got = []
+        for split in ("train", "validation"):
+            dataset = TokenDataset(out, split)
+            got += [(dataset.document_meta(i)["sha256"], dataset.document_label(i)) for i in range(len(dataset))]
+        assert sorted(got) == want, name
+        assert read_manifest(out)["labels"] == sorted(TOPICS)

@@ -8,6 +8,7 @@ to ``OUT`` at the very end: a failed or interrupted build leaves no half-written
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -100,6 +101,21 @@ def _encode(tokenizer_dir: Path, texts: list[str], progress: bool) -> tuple[list
     return out, bos, eos
 
 
+def check_fits_model(tokenizer: str, vocab: int) -> None:
+    """When --tokenizer is a checkpoint directory: MonetError if its tokenizer has more tokens than the model's
+    embedding (the ids past the embedding would index nothing)."""
+    if tokenizer in TOKENIZERS:
+        return
+    config = Path(tokenizer).expanduser() / "config.json"
+    try:
+        model_vocab = int(json.loads(config.read_text(encoding="utf-8"))["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return   # a tokenizer directory, not a checkpoint: nothing to compare with
+    if vocab > model_vocab:
+        raise MonetError(f"the tokenizer in {config.parent} has {vocab} tokens but the model's embedding has "
+                         f"{model_vocab}: it is not this model's tokenizer")
+
+
 def _encode_with(tokenizer, texts: list[str], progress: bool) -> tuple[list[list[int]], int | None, int]:
     """`document_ids` of every text, in batches, with a progress bar."""
     out: list[list[int]] = []
@@ -163,6 +179,7 @@ def build_corpus(
         if tokenizer not in TOKENIZERS:   # a checkpoint's or tokenizer's directory: its files, as they are
             copy_tokenizer(Path(tokenizer).expanduser(), tmp)
             actual_vocab = len(load_tokenizer(tmp))
+            check_fits_model(tokenizer, actual_vocab)
         elif tokenizer == "bpe":
             model = train_bpe((d.text for d in by_split["train"]), vocab_size)
         else:
@@ -256,6 +273,7 @@ def build_files_corpus(
             save_tokenizer(model, tmp, kind=tokenizer)
         encoder = load_tokenizer(tmp)
         vocab = len(encoder)
+        check_fits_model(tokenizer, vocab)
         writers = {split: SplitWriter(tmp, split, vocab) for split in SPLITS}
         label_ids: dict[str, int] = {}   # label -> id in order of first appearance
         counts: dict[str, dict[str, dict[str, int]]] = {split: {} for split in SPLITS}

@@ -390,6 +390,9 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
         raise MonetError(f"{settings.run} is a {model.config.mlp_type} model; pass a Monet run "
                          "(a dense model goes in --baseline)")
     dataset = TokenDataset(settings.data, split="validation")
+    if not dataset.manifest.get("labelled", True):   # `data build --source files` without --label-field
+        raise MonetError(f"{settings.data} has no labels, so there is nothing to unlearn; rebuild it with "
+                         "--label-field NAME (or a folder per label)")
     labels, means = atlas_label_means(open_atlas(settings.atlas, model, settings.data))
     targets = [settings.target] if settings.target else [label for label in labels if label in dataset.labels]
     for target in targets:
