@@ -14,7 +14,7 @@ ORDER = [
     "monet.errors", "monet.io", "monet.presets", "monet.settings", "monet.config", "monet.runtime", "monet.sparse",
     "monet.ops", "monet.edits", "monet.remote_code", "monet.model",
     "monet.data.documents", "monet.data.packages", "monet.data.tokenizer", "monet.data.storage", "monet.data.code",
-    "monet.data.domains", "monet.data.languages", "monet.data.toxicity", "monet.data.build", "monet.data",
+    "monet.data.domains", "monet.data.languages", "monet.data.toxicity", "monet.data.files", "monet.data.build", "monet.data",
     "monet.checkpoint", "monet.info", "monet.evaluate", "monet.generate", "monet.train",
     "monet.interp.capture", "monet.interp.hooks", "monet.interp.atlas", "monet.interp.criteria",
     "monet.interp.monosemanticity", "monet.interp.probe",

@@ -55,7 +55,7 @@ def check_tokenizer(tokenizer: str) -> None:
         return
     path = Path(tokenizer).expanduser()
     if not path.exists():
-        raise MonetError(f"--tokenizer {tokenizer!r} is neither bpe, gpt2 nor an existing directory (a checkpoint or "
+        raise MonetError(f"unknown tokenizer {tokenizer!r}: choose bpe, gpt2 or an existing directory (a checkpoint or "
                          "tokenizer directory with tokenizer.json or tokenizer.model)")
     if not has_tokenizer(path):
         raise MonetError(f"{path} holds no tokenizer.json or tokenizer.model; pass a checkpoint or tokenizer directory")
