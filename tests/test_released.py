@@ -207,3 +207,59 @@ def test_every_input_format_gives_the_same_documents(released, tmp_path):
             got += [(dataset.document_meta(i)["sha256"], dataset.document_label(i)) for i in range(len(dataset))]
         assert sorted(got) == want, name
         assert read_manifest(out)["labels"] == sorted(TOPICS)
+
+
+def write_topic_task(directory: Path, topic: str, items: int = 6) -> Path:
+    """A local lm-eval multiple-choice task (YAML + JSON Lines, `dataset_path: json`): which sentence ends a
+    `topic` text; nothing is downloaded."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(items):
+        words = TOPICS[topic].format(n=i + 3).split()
+        other = next(t for t in TOPICS if t != topic)
+        rows.append({"context": " ".join(words[:6]), "choices": [" " + " ".join(words[6:]),
+                                                                 " " + " ".join(TOPICS[other].split()[6:])],
+                     "gold": 0})
+    (directory / f"{topic}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / f"{topic}_task.yaml").write_text(
+        f"task: topic_{topic}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {json.dumps(str((directory / f'{topic}.jsonl').resolve()))}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: context\ndoc_to_choice: choices\ndoc_to_target: gold\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1.0\n")
+    return directory
+
+
+@pytest.mark.slow   # lm-eval builds its task index (~10 s) and runs each task under three masks
+def test_unlearn_reports_lm_eval_accuracy_matrix(released, tmp_path, capsys):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness not installed (pip install 'monet-lm[eval]')")
+    ck, data = str(released["checkpoint"]), str(released["data"])
+    atlas = tmp_path / "atlas"
+    assert main(["atlas", "build", ck, "--data", data, "--out", str(atlas), "--max-tokens", "2000", "--device", "cpu",
+                 "--quiet", "--seq-len", "32"]) == 0
+    tasks = tmp_path / "tasks"
+    for topic in ("cooking", "sailing"):
+        write_topic_task(tasks, topic)
+    common = ["unlearn", ck, "--data", data, "--atlas", str(atlas), "--ratio", "1.0", "--eval-tokens", "128",
+              "--random-masks", "0", "--sweep", "--sweep-tokens", "64", "--batch-size", "4", "--seq-len", "32",
+              "--mc-items", "0", "--device", "cpu", "--quiet", "--lm-eval-include-path", str(tasks)]
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "bad"), "--lm-eval-task", "cooking=no_such_task_xyz"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not know the task(s) no_such_task_xyz" in err[0]
+    assert not (tmp_path / "bad").exists()
+
+    out = tmp_path / "report"
+    assert main([*common, "--out", str(out), "--lm-eval-task", "cooking=topic_cooking", "sailing=topic_sailing",
+                 "--lm-eval-random-masks", "1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    result = report["lm_eval"]
+    assert result["tasks"] == ["topic_cooking", "topic_sailing"]
+    assert set(result["masked"]) == {"cooking", "sailing"}
+    for label, entry in result["masked"].items():
+        for task, cell in entry["tasks"].items():
+            assert cell["delta"] == pytest.approx(cell["accuracy"] - result["before"][task]["accuracy"])
+            low, high = cell["delta_ci95"]
+            assert low <= cell["delta"] <= high
+            assert len(cell["random_deltas"]) == 1
+            assert cell["own_task"] == (task == f"topic_{label}")
+    assert (out / "lm_eval_heatmap.png").is_file()

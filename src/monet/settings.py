@@ -475,6 +475,12 @@ class UnlearnSettings(Settings):
     baseline: str | None = None  # also run the protocol on this dense model's neurons (its run directory)
     baseline_atlas: str | None = None  # the dense model's atlas (neuron label mass)
     dense_fractions: tuple[float, ...] = (0.05, 0.15, 0.3, 0.5)  # shares of dense neurons on the dense curve
+    lm_eval_task: tuple[str, ...] = ()
+    """LABEL=TASK: also measure lm-eval task accuracy with each label's experts deleted (the paper's Figure 3), e.g.
+    chemistry=mmlu_college_chemistry; every task is evaluated under every label's mask (needs monet-lm[eval])"""
+    lm_eval_include_path: str | None = None  # directory of local lm-eval task YAML files (--include_path)
+    lm_eval_limit: int | None = number(None, low=1)  # items per task (default: all)
+    lm_eval_random_masks: int = number(3, low=0)  # random control masks per label for the task accuracies
     seed: int = 0  # random masks and bootstrap
     device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
     force: bool = False  # replace --out even if it is not an unlearning report

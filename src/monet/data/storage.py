@@ -8,6 +8,7 @@ concatenation of its documents.
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,26 +75,26 @@ class SplitWriter:
         for handle in (self._tokens, self._docs, self._meta):
             handle.close()
         raw_tokens, raw_docs = self.out_dir / f".{self.split}.tokens.raw", self.out_dir / f".{self.split}.docs.raw"
-        tokens = np.lib.format.open_memmap(self.out_dir / f"{self.split}.tokens", mode="w+", dtype=self.dtype,
-                                           shape=(self.tokens,))
-        source = np.memmap(raw_tokens, dtype=self.dtype, mode="r", shape=(self.tokens,)) if self.tokens else None
-        for start in range(0, self.tokens, self.CHUNK):
-            tokens[start:start + self.CHUNK] = source[start:start + self.CHUNK]
-        tokens.flush()
-        del tokens, source
-        docs = np.lib.format.open_memmap(self.out_dir / f"{self.split}.docs.npy", mode="w+", dtype=np.int64,
-                                         shape=(self.documents, 3))
-        rows = np.memmap(raw_docs, dtype=np.int64, mode="r", shape=(self.documents, 3)) if self.documents else None
+        # Plain reads and writes (not memory maps, whose pages would count as the process's memory).
+        with open(self.out_dir / f"{self.split}.tokens", "wb") as out, open(raw_tokens, "rb") as source:
+            _write_npy_header(out, self.dtype, (self.tokens,))
+            shutil.copyfileobj(source, out, 1 << 22)
         mapping = np.asarray(label_order, dtype=np.int64)
-        for start in range(0, self.documents, self.CHUNK):
-            chunk = np.array(rows[start:start + self.CHUNK])
-            chunk[:, 2] = mapping[chunk[:, 2]]
-            docs[start:start + len(chunk)] = chunk
-        docs.flush()
-        del docs, rows
+        with open(self.out_dir / f"{self.split}.docs.npy", "wb") as out, open(raw_docs, "rb") as source:
+            _write_npy_header(out, np.dtype(np.int64), (self.documents, 3))
+            while chunk := source.read(self.CHUNK * 24):
+                rows = np.frombuffer(chunk, dtype=np.int64).reshape(-1, 3).copy()
+                rows[:, 2] = mapping[rows[:, 2]]
+                out.write(rows.tobytes())
         raw_tokens.unlink()
         raw_docs.unlink()
         return {"documents": self.documents, "tokens": self.tokens}
+
+
+def _write_npy_header(handle, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    """The .npy header of a C-order array of ``dtype`` and ``shape`` (its data follows, written by the caller)."""
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(handle, header)
 
 
 def read_manifest(directory: str | Path) -> dict:

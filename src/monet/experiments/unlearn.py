@@ -31,6 +31,8 @@ from monet.data import TokenDataset, load_tokenizer
 from monet.edits import masked
 from monet.errors import MonetError
 from monet.evaluate import label_window_sets, window_indices, window_losses
+from monet.experiments.benchmarks import HEATMAP as LM_EVAL_HEATMAP
+from monet.experiments.benchmarks import plot_accuracy_heatmap, prepare_benchmark, unlearning_accuracy
 from monet.experiments.protocol_stats import (
     delta_ci,
     forget_retain_curve,
@@ -400,6 +402,7 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
             raise MonetError(f"unknown label {target!r}; the atlas has tokens of: {', '.join(labels)}")
         if target not in dataset.labels:
             raise MonetError(f"label {target!r} is not in {settings.data}; it has: {', '.join(dataset.labels)}")
+    benchmark = prepare_benchmark(settings.lm_eval_task, settings.lm_eval_include_path, targets)   # fail early
     if settings.baseline is not None:   # checked before the long Monet run
         dense_model, _ = load_checkpoint(settings.baseline, device=device, load_tokenizer=False)
         if getattr(dense_model.config, "mlp_type", "monet") != "dense":
@@ -441,6 +444,11 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
                 "rule": "delta_target >= min_delta, >= selectivity x max(delta_others, 0), > random p95"},
         "monet": monet_result, "summary": summary_rows(monet_result),
     }
+    if benchmark is not None:   # the paper's metric: lm-eval task accuracy of the edited model (Figure 3)
+        report["lm_eval"] = unlearning_accuracy(
+            model, tokenizer, targets, lambda t: select_for_label(means, labels, t, settings.ratio, settings.min_mass),
+            seen_units(means), benchmark, settings.lm_eval_random_masks, settings.batch_size, settings.lm_eval_limit,
+            settings.seed)
     if settings.baseline is not None:
         def dense_top(target: str, share: float) -> Selection:
             units = max(1, round(share * dense_means[0].shape[1]))
@@ -581,7 +589,10 @@ def write_report(report: dict[str, Any], out: str | Path, force: bool = False) -
             (tmp / name).write_text(text, encoding="utf-8")
         plot_heatmap(report, tmp / "heatmap.png")
         plot_forget_retain(report, tmp / "forget_retain.png")
-        names = sorted([*files, "heatmap.png", "forget_retain.png", REPORT_FILE])
+        if "lm_eval" in report:
+            plot_accuracy_heatmap(report["lm_eval"], tmp / LM_EVAL_HEATMAP)
+        names = sorted([*files, "heatmap.png", "forget_retain.png", REPORT_FILE]
+                       + ([LM_EVAL_HEATMAP] if "lm_eval" in report else []))
         write_json(tmp / REPORT_FILE, {**report, "files": names})
     return Path(out)
 
