@@ -305,7 +305,9 @@ class AtlasOptions(Settings):
 
     max_tokens: int | None = number(1_000_000, low=1)  # tokens to process, balanced across labels (None: whole split)
     top_k: int = number(10, low=1, high=10_000)  # contexts kept per expert
-    split: Literal["train", "validation"] = "validation"  # which split to stream
+    split: Literal["train", "validation"] = "train"
+    """which split to stream (train: `monet unlearn` evaluates the validation split, so experts are not selected
+    on the text they are judged on)"""
     batch_size: int = number(16, low=1)  # windows per forward pass
     seq_len: int | None = number(None, low=2)  # tokens per window (default: the training seq_len, from the checkpoint)
     samples: int = number(3, low=0, high=1000)
@@ -448,13 +450,13 @@ class UnlearnSettings(Settings):
     atlas: str  # atlas of this model (`monet atlas build RUN --data DIR --out ATLAS`)
     out: str  # report directory to write
     target: str | None = None  # mask the experts of this label (default: each label in turn)
-    ratio: float = number(2.0, low=1)  # skewness: target mass >= RATIO x the next label's (the operating point)
+    ratio: float = number(1.5, low=1)  # skewness: target mass >= RATIO x the next label's (the operating point)
     min_mass: float = number(0.0, low=0)  # minimum mean score per token on the target label for an expert to be judged
     eval_tokens: int = number(16_384, low=2)  # validation tokens per label (unmasked loss and the target's Δ)
     others_tokens: int | None = number(None, low=2)  # tokens per other label in a masked run (default: eval-tokens)
     random_masks: int = number(20, low=0)  # random control masks per target (same size, seen experts); 0 = none
     random_tokens: int = number(2_048, low=2)  # target tokens each random mask is evaluated on
-    sweep: tuple[float, ...] = (3.0, 1.5)  # more skewness ratios for the forget-retain curve
+    sweep: tuple[float, ...] = (2.0, 1.25)  # more skewness ratios for the forget-retain curve
     sweep_tokens: int = number(4_096, low=2)  # target tokens per sweep point (a quarter of it per other label)
     batch_size: int = number(16, low=1)  # windows per forward pass
     seq_len: int | None = number(None, low=2)  # window length (default: the training seq_len, from the checkpoint)

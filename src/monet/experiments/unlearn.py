@@ -15,6 +15,7 @@ import csv
 import io
 import math
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,18 @@ def atlas_label_means(atlas: Atlas) -> tuple[list[str], list[np.ndarray]]:
         raise MonetError(f"atlas {atlas.path} covers {len(seen)} label(s) with tokens; the skewness "
                          "criterion needs at least 2: rebuild it with more --max-tokens")
     return [atlas.labels[i] for i in seen], [atlas.label_probability(group)[seen] for group in atlas.groups]
+
+
+def evaluation_leak(atlas: Atlas, data_dir: str | Path, name: str = "atlas") -> str | None:
+    """A warning when the atlas was built on the validation split of `data_dir`, the text `unlearn` evaluates:
+    experts are then selected on the very windows they are judged on, which inflates Δ target."""
+    built_on = atlas.manifest.get("data", {})
+    if built_on.get("split") != "validation" or not built_on.get("dir"):
+        return None
+    if Path(built_on["dir"]).resolve() != Path(data_dir).resolve():
+        return None
+    return (f"the {name} {atlas.path} was built on the validation split of {data_dir}, the split evaluated here: "
+            "units are selected on the text they are judged on; rebuild it with `monet atlas build --split train`")
 
 
 def open_atlas(path: str | Path, model: nn.Module, data_dir: str | Path) -> Atlas:
@@ -390,7 +403,9 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
         raise MonetError(f"{settings.run} is a {model.config.mlp_type} model; pass a Monet run "
                          "(a dense model goes in --baseline)")
     dataset = TokenDataset(settings.data, split="validation")
-    labels, means = atlas_label_means(open_atlas(settings.atlas, model, settings.data))
+    atlas = open_atlas(settings.atlas, model, settings.data)
+    warnings = [evaluation_leak(atlas, settings.data)]
+    labels, means = atlas_label_means(atlas)
     targets = [settings.target] if settings.target else [label for label in labels if label in dataset.labels]
     for target in targets:
         if target not in labels:
@@ -402,11 +417,16 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
         if getattr(dense_model.config, "mlp_type", "monet") != "dense":
             raise MonetError(f"--baseline {settings.baseline} is not a dense model "
                              f"(mlp_type={dense_model.config.mlp_type})")
-        dense_labels, dense_means = atlas_label_means(open_atlas(settings.baseline_atlas, dense_model, settings.data))
+        dense_atlas = open_atlas(settings.baseline_atlas, dense_model, settings.data)
+        warnings.append(evaluation_leak(dense_atlas, settings.data, "dense atlas"))
+        dense_labels, dense_means = atlas_label_means(dense_atlas)
         missing = [t for t in targets if t not in dense_labels]
         if missing:
             raise MonetError(f"the dense atlas {settings.baseline_atlas} has no tokens of {', '.join(missing)}; "
                              "rebuild it on more --max-tokens")
+    warnings = [warning for warning in warnings if warning]
+    for warning in warnings:   # before the long run, so that it can be stopped and the atlas rebuilt
+        print(f"monet unlearn: warning: {warning}", file=sys.stderr, flush=True)
     seq_len = settings.seq_len or trained_seq_len(checkpoint, model)
     sets, skipped = label_window_sets(dataset, seq_len)
     plan = EvalPlan.build(sets, seq_len, settings.eval_tokens, settings.batch_size)
@@ -436,7 +456,7 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
                   "knowledge lost); 95 % CIs from a paired bootstrap over windows",
         "bar": {"min_delta": MIN_DELTA, "selectivity": SELECTIVITY,
                 "rule": "delta_target >= min_delta, >= selectivity x max(delta_others, 0), > random p95"},
-        "monet": monet_result, "summary": summary_rows(monet_result),
+        "monet": monet_result, "summary": summary_rows(monet_result), "warnings": warnings,
     }
     if settings.baseline is not None:
         def dense_top(target: str, share: float) -> Selection:
@@ -603,6 +623,7 @@ def format_summary(report: dict[str, Any]) -> str:
             line += (f" |        {d['masked_experts']:>7} {_num(d['delta_target'], 8)} {_num(d['delta_others'], 8)} "
                      f"{_num(d['random_delta_target_p95'], 8)} | {_num(at_equal, 9)}")
         lines.append(line)
+    lines += [f"warning: {warning}" for warning in report.get("warnings", [])]
     return "\n".join(lines)
 
 
