@@ -288,3 +288,33 @@ def test_atlas_on_the_evaluated_split_is_a_warning_on_the_terminal_and_in_the_re
     assert main(["unlearn", *common, "--atlas", str(world["atlas"]), "--out", str(tmp_path / "clean")]) == 0
     assert "warning" not in capsys.readouterr().err
     assert json.loads((tmp_path / "clean" / "report.json").read_text())["warnings"] == []
+
+
+def test_help_names_positionals_and_states_each_default_once(capsys) -> None:
+    import re
+
+    from monet.cli import COMMANDS
+
+    for name in COMMANDS:
+        assert main([*name.split(), "--help"]) == 0
+        text = capsys.readouterr().out
+        usage = text.split("\n", 1)[0]
+        assert not usage.endswith(" STR"), (name, usage)           # a positional is called RUN, ATLAS, DIR
+        assert "{None}" not in text and "(issue" not in text, name
+        flat = re.sub(r"[│\s]+", " ", text)
+        for option in re.split(r" (?=--[a-z])", flat):              # one option's help, joined over its lines
+            assert option.count("default") <= 1, (name, option)
+    for name in ("info", "train"):   # one default shape for both
+        assert main([name, "--help"]) == 0 and "(default: tiny)" in re.sub(r"[│\s]+", " ", capsys.readouterr().out)
+    from monet.settings import InfoCommand, TrainSettings
+
+    assert InfoCommand().preset == TrainSettings(data="d", out="o").preset
+
+
+def test_misspelt_model_field_gets_a_suggestion(world, capsys) -> None:
+    assert main(["info", "--set", "moe_expert=4"]) == 2
+    assert "did you mean moe_experts?" in capsys.readouterr().err
+    assert main(["train", "--data", str(world["data"]), "--out", str(world["base"] / "x"), "--set",
+                 "moe_expert=4"]) == 2
+    assert "did you mean moe_experts?" in capsys.readouterr().err
+    assert not (world["base"] / "x").exists()
