@@ -29,6 +29,7 @@ def test_quick_demo_runs_and_reuses_finished_steps(tmp_path: Path, capsys: pytes
 
     for step in ("train", "load_checkpoint", "build_atlas", "unlearn"):   # the re-run may run none of them
         monkeypatch.setattr(demo, step, rerun)
+    check_summary(tmp_path / "demo", first)
     assert main(argv) == 0
     second = capsys.readouterr().out
     assert second.count("already done, reused") == 6   # corpus, 2 runs, 2 atlases, report
@@ -43,3 +44,25 @@ def test_demo_refuses_a_file_as_directory(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(MonetError, match="is a file"):
         run_demo(DemoSettings(out=str(tmp_path / "file"), quick=True, quiet=True))
+
+
+def check_summary(demo: Path, printed: str) -> None:
+    """summary.md holds the printed table and legend, each figure with its caption, and commands that parse;
+    the closing hint opens the viewer with --run (steering, test text and similar experts need the model)."""
+    import shlex
+
+    from monet.cli import parse, split_command
+
+    summary = (demo / "report" / "summary.md").read_text(encoding="utf-8")
+    table = printed[printed.index("masked "):printed.index("labels pass)") + len("labels pass)")]
+    assert table.split("\n\n")[0] in summary and "labels pass)" in summary
+    assert "![heatmap.png](heatmap.png)" in summary and "![forget_retain.png](forget_retain.png)" in summary
+    assert "nats/token" in summary
+    commands = summary.split("## The same, step by step")[1].split("```")[1].strip().splitlines()
+    assert [line.split()[1] for line in commands] == ["data", "train", "train", "atlas", "atlas", "unlearn", "view"]
+    for line in commands:
+        name, rest = split_command(shlex.split(line)[1:])
+        parse(name, rest)                                        # each is a valid command line
+    assert f"monet view {demo / 'atlas'} --run {demo / 'run'}" in printed
+    assert commands[-1] == f"monet view {demo / 'atlas'} --run {demo / 'run'}"
+    assert "--split train" in commands[3] and "--ratio" in commands[5]

@@ -458,3 +458,108 @@ def test_viewer_deeply_nested_body_and_a_missing_group_are_400_with_the_fix(view
     assert status == 400 and "nests more than" in answer["error"]
     status, answer = request(viewer_url, "GET", "/api/random?group=7")
     assert status == 400 and "group 7 does not exist" in answer["error"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 29: silent or misleading defaults. Every `--steer` counts, an evaluation leak is said aloud, and the
+# command table's defaults are the demo's protocol.
+
+STEER_CASES = [
+    ("generate --steer with an unknown group first", lambda w: ["generate", w["run"], "--prompt", "x", "--steer",
+                                                                "9:1=2", "--steer", "0:1=2"], 2,
+     "routing group 9 does not exist"),
+    ("generate --steer with an unknown group last", lambda w: ["generate", w["run"], "--prompt", "x", "--steer",
+                                                               "0:1=2", "--steer", "9:1=2"], 2,
+     "routing group 9 does not exist"),
+    ("generate --steer naming one expert twice", lambda w: ["generate", w["run"], "--prompt", "x", "--steer",
+                                                            "0:1=2", "--steer", "0:1=0"], 2, "names 0:1 twice"),
+]
+
+
+@pytest.mark.parametrize("name, argv, code, message", STEER_CASES, ids=[case[0] for case in STEER_CASES])
+def test_every_steer_is_checked_whatever_the_order(world, capsys, name, argv, code, message) -> None:
+    test_bad_input_gets_one_clear_line_and_deletes_nothing(world, capsys, name, argv, code, message)
+
+
+def test_repeated_list_options_accumulate() -> None:
+    """docs/editing.md's `--steer 0:123456=0 --steer 1:77=3` applies both edits (argparse alone keeps the last)."""
+    from monet.cli import parse
+    from monet.edits import parse_steer
+
+    settings = parse("generate", ["run", "--prompt", "x", "--steer", "0:123456=0", "--steer", "1:77=3"])
+    assert settings.steer == ("0:123456=0", "1:77=3")
+    edits = parse_steer(settings.steer)
+    assert edits.experts == {0: {123456: 0.0}, 1: {77: 3.0}}
+    mixed = parse("generate", ["run", "--steer=0:1=0", "0:2=0", "--prompt", "x", "--steer", "1:3=2"])
+    assert mixed.steer == ("0:1=0", "0:2=0", "1:3=2") and mixed.prompt == "x" and mixed.run == "run"
+    assert parse("train", ["--data", "d", "--out", "o", "--set", "moe_dim=4", "--set", "moe_heads=2"]).set == (
+        "moe_dim=4", "moe_heads=2")
+
+
+def test_steering_applies_every_repeated_edit(world) -> None:
+    from monet.checkpoint import load_checkpoint
+    from monet.edits import apply_steering, current_weights
+
+    model, _ = load_checkpoint(world["run"], load_tokenizer=False)
+    apply_steering(model, ("0:1=0", "0:5=3"))
+    table = next(t for t in current_weights(model).values() if t is not None)
+    assert table[1].item() == 1.0 and table[5].item() == pytest.approx(-2.0)   # 1 - alpha per expert
+
+
+def test_defaults_follow_the_demo_protocol_and_select_on_train_text(world) -> None:
+    from monet.experiments.demo import PLANS
+    from monet.settings import AtlasOptions, UnlearnSettings
+
+    protocol = dict(PLANS["code"].protocol)
+    defaults = UnlearnSettings(run="r", data="d", atlas="a", out="o")
+    assert (defaults.ratio, defaults.sweep) == (protocol["ratio"], protocol["sweep"]) == (1.5, (2.0, 1.25))
+    assert AtlasOptions().split == "train"
+    assert json.loads((world["atlas"] / "manifest.json").read_text())["data"]["split"] == "train"
+
+
+def test_atlas_on_the_evaluated_split_is_a_warning_on_the_terminal_and_in_the_report(world, tmp_path,
+                                                                                     capsys) -> None:
+    atlas = tmp_path / "validation-atlas"
+    assert main(["atlas", "build", str(world["run"]), "--data", str(world["data"]), "--out", str(atlas),
+                 "--split", "validation", "--max-tokens", "2000", "--top-k", "2", "--quiet"]) == 0
+    common = [str(world["run"]), "--data", str(world["data"]), "--eval-tokens", "64", "--others-tokens", "32",
+              "--random-masks", "0", "--sweep", "--mc-items", "0", "--batch-size", "4", "--quiet"]
+    assert main(["unlearn", *common, "--atlas", str(atlas), "--out", str(tmp_path / "leak")]) == 0
+    captured = capsys.readouterr()
+    assert "warning: the atlas" in captured.err and "validation split" in captured.err
+    assert "--split train" in captured.out   # the table ends with it too
+    report = json.loads((tmp_path / "leak" / "report.json").read_text())
+    assert len(report["warnings"]) == 1 and "--split train" in report["warnings"][0]
+    assert main(["unlearn", *common, "--atlas", str(world["atlas"]), "--out", str(tmp_path / "clean")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "clean" / "report.json").read_text())["warnings"] == []
+
+
+def test_help_names_positionals_and_states_each_default_once(capsys) -> None:
+    import re
+
+    from monet.cli import COMMANDS
+
+    for name in COMMANDS:
+        assert main([*name.split(), "--help"]) == 0
+        text = capsys.readouterr().out
+        usage = text.split("\n", 1)[0]
+        assert not usage.endswith(" STR"), (name, usage)           # a positional is called RUN, ATLAS, DIR
+        assert "{None}" not in text and "(issue" not in text, name
+        flat = re.sub(r"[│\s]+", " ", text)
+        for option in re.split(r" (?=--[a-z])", flat):              # one option's help, joined over its lines
+            assert option.count("default") <= 1, (name, option)
+    for name in ("info", "train"):   # one default shape for both
+        assert main([name, "--help"]) == 0 and "(default: tiny)" in re.sub(r"[│\s]+", " ", capsys.readouterr().out)
+    from monet.settings import InfoCommand, TrainSettings
+
+    assert InfoCommand().preset == TrainSettings(data="d", out="o").preset
+
+
+def test_misspelt_model_field_gets_a_suggestion(world, capsys) -> None:
+    assert main(["info", "--set", "moe_expert=4"]) == 2
+    assert "did you mean moe_experts?" in capsys.readouterr().err
+    assert main(["train", "--data", str(world["data"]), "--out", str(world["base"] / "x"), "--set",
+                 "moe_expert=4"]) == 2
+    assert "did you mean moe_experts?" in capsys.readouterr().err
+    assert not (world["base"] / "x").exists()

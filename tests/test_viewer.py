@@ -129,6 +129,18 @@ def viewer(tmp_path_factory: pytest.TempPathFactory):
         server.server_close()
 
 
+def similar_table(url: str, group: int, expert: int, timeout: float = 120) -> dict:
+    """/api/similar, asked again while it answers "computing" (as the page does)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body, _ = get(url + f"/api/similar/{group}/{expert}")
+        out = json.loads(body)
+        assert status == 200, out
+        if out["status"] == "done" or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
 def get(url: str, headers: dict | None = None) -> tuple[int, bytes, dict]:
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=60) as response:
@@ -253,7 +265,7 @@ def test_model_endpoints(viewer):
     text = viewer["tokenizer"].decode(ctx["tokens"][:ctx["target"] + 1])
     status, out = post(url + "/api/activation", {"group": group, "expert": expert, "text": text})
     assert status == 200
-    similar = json.loads(get(url + f"/api/similar/{group}/{expert}")[1])
+    similar = similar_table(url, group, expert)
     rows = similar["experts"]
     assert rows and all(r["expert"] != expert for r in rows) and rows[0]["contexts"] <= similar["contexts"]
     assert [r["contexts"] for r in rows] == sorted((r["contexts"] for r in rows), reverse=True)
@@ -264,6 +276,7 @@ def test_model_endpoints(viewer):
     status, steer = post(url + "/api/steer", {"group": group, "expert": expert, "alpha": 1000, "prompt": prompt,
                                               "max_new_tokens": 8})
     assert status == 200 and steer["decoding"] == "greedy" and steer["steered"] != steer["unsteered"]
+    assert steer["last_token_active"] and 1 <= steer["active_tokens"] <= steer["prompt_tokens"] and steer["changed"]
     model, tokenizer = viewer["model"], viewer["tokenizer"]
     assert steer["unsteered"] == printable(generate_text(model, tokenizer, prompt, greedy=True, max_new_tokens=8)[0])
     with edited(model, ExpertEdits().scale(group, expert, 1000)):
@@ -573,3 +586,82 @@ def test_a_slow_answer_never_replaces_a_newer_page(viewer, page, monkeypatch):
     page.wait_for_timeout(2500)                     # the expert answer has arrived by now ...
     assert page.locator("main h2:has-text('Experts of the token')").count() == 1   # ... and was not shown
     assert page.locator("#expert-title").count() == 0
+
+
+# ---------------------------------------------------------------------------------------- issue 29
+
+def test_similar_experts_never_stall_the_viewer(viewer, monkeypatch):
+    """Similar experts are slow on a large atlas (~36 s once, under the one lock). They are computed in the
+    background in short locked steps: the request answers within 2 s ("computing", then the table), and other
+    pages answer meanwhile."""
+    from monet.interp.viewer import server
+
+    real = server.expert_direction
+
+    def slow(*args, **kwargs):
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(server, "expert_direction", slow)
+    url, atlas = viewer["url"], viewer["atlas"]
+    group, expert = busiest(atlas)                          # co-active experts on its contexts: a table to fill
+    viewer["servers"]["url"].state.similar.entries.clear()
+    started = time.monotonic()
+    status, body, _ = get(url + f"/api/similar/{group}/{expert}")
+    first = json.loads(body)
+    assert status == 200 and time.monotonic() - started < 2 + server.SIMILAR_WAIT
+    assert first["status"] == "computing"                    # 1 s per direction: not ready in 1.5 s
+    started = time.monotonic()
+    assert get(url + f"/api/expert/{group}/{expert}")[0] == 200 and get(url + "/api/info")[0] == 200
+    assert time.monotonic() - started < 3                   # waits for one 1 s step at most, not the whole job
+    done = similar_table(url, group, expert)
+    assert done["status"] == "done" and done["directions_done"] == done["directions"] > 0
+    assert sum(isinstance(r["cosine"], float) for r in done["experts"]) == done["directions"]
+    started = time.monotonic()
+    assert json.loads(get(url + f"/api/similar/{group}/{expert}")[1]) == done     # cached
+    assert time.monotonic() - started < 1
+
+
+def test_a_closed_connection_prints_no_traceback(viewer, capfd):
+    """A tab closed mid-answer (here: a request whose reader hangs up at once) is not an error worth a traceback."""
+    host, port = viewer["servers"]["url"].server_address[:2]
+    for _ in range(20):
+        with socket.create_connection((host, port)) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+            sock.sendall(b"GET /api/expert/0/1 HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port)
+    time.sleep(1.0)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "BrokenPipe" not in err and "ConnectionReset" not in err, err[-2000:]
+
+
+def test_random_picks_label_specialists(viewer):
+    """"Random interesting expert" shows an expert with a clear topic (skewness >= 2 towards some label), not one
+    of the busiest, generic ones."""
+    from monet.interp.query import skewness
+
+    atlas = viewer["atlas"]
+    state = viewer["servers"]["url"].state
+    picks = state.interesting()
+    assert picks
+    for group, expert in picks:
+        shares = atlas.label_probability(group)[:, expert]
+        assert max(skewness(atlas.label_probability(group), i)[expert] for i in range(len(shares))) >= 2
+        assert atlas.expert(group, expert)["count"] >= 10
+    pick = json.loads(get(viewer["url"] + "/api/random")[1])
+    assert (pick["group"], pick["expert"]) in picks
+
+
+def test_experts_per_token_of_a_text(viewer):
+    url = viewer["url"]
+    text = "int main(void)\n{ return 0; }"
+    status, body, _ = get(url + "/api/text?q=" + urllib.request.quote(text))
+    out = json.loads(body)
+    assert status == 200 and out["groups"] == [0, 1]
+    pieces = [row["piece"] for row in out["tokens"]]
+    assert "".join(pieces) == printable(text)
+    for row in out["tokens"]:
+        assert len(row["groups"]) == 2 and all(1 <= len(g) <= 3 for g in row["groups"])
+        percents = [e["percent"] for e in row["groups"][0]]
+        assert percents == sorted(percents, reverse=True) and 0 < percents[0] <= 100
+    assert "give some text" in json.loads(get(url + "/api/text?q=")[1])["error"]
+    assert "needs the model" in json.loads(get(viewer["bare"] + "/api/text?q=x")[1])["error"]

@@ -282,11 +282,38 @@ def split_command(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
+def merge_repeated(argv: list[str], flags: set[str]) -> list[str]:
+    """`--steer A --steer B` -> `--steer A B` for the list options `flags`: argparse keeps only the last
+    occurrence of an option, which would silently drop every earlier `--steer` or `--set`."""
+    values: dict[str, list[str]] = {}
+    rest: list[str] = []
+    at = 0
+    while at < len(argv):
+        flag, sep, inline = argv[at].partition("=")
+        at += 1
+        if flag not in flags:
+            rest.append(argv[at - 1])
+            continue
+        if flag not in values:
+            values[flag] = []
+            rest.append(flag)            # the merged values go where the option first appeared
+        if sep:
+            values[flag].append(inline)
+        while at < len(argv) and not argv[at].startswith("--") and argv[at] != "-h":
+            values[flag].append(argv[at])
+            at += 1
+    return [part for arg in rest for part in ([arg, *values[arg]] if arg in values else [arg])]
+
+
 def parse(name: str, argv: list[str]) -> Any:
     """The settings object of command `name` from its arguments (tyro), checked (one-line MonetError)."""
+    import dataclasses
+
     import tyro
 
     cls, _ = COMMANDS[name]
+    lists = {S.flag_name(spec.name) for spec in dataclasses.fields(cls) if str(spec.type).startswith("tuple")}
+    argv = merge_repeated(argv, lists)
     defaults: dict[str, Any] = {}
     with S.deferred_checks():
         if name == "train" and "--config" in argv:

@@ -190,8 +190,17 @@ def preset(name: str, **overrides: Any) -> MonetConfig:
     unknown = sorted(set(overrides) - config_fields())
     if unknown:
         valid = ", ".join(sorted(config_fields()))
-        raise MonetError(f"unknown config field(s) {', '.join(unknown)}; valid fields: {valid}")
+        raise MonetError(f"unknown config field(s) {', '.join(unknown)}{did_you_mean(unknown, config_fields())}; "
+                         f"valid fields: {valid}")
     return MonetConfig(**{**PRESETS[key], **overrides})
+
+
+def did_you_mean(unknown: list[str], valid: set[str]) -> str:
+    """' (did you mean moe_experts?)' for the close matches of misspelt field names, else ''."""
+    import difflib
+
+    close = [match for name in unknown for match in difflib.get_close_matches(name, sorted(valid), n=1)]
+    return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 def config_fields() -> set[str]:

@@ -370,11 +370,17 @@ def read_edit_tables(model: nn.Module, directory: str | os.PathLike) -> dict[int
 def parse_steer(specs: str | Iterable[str]) -> ExpertEdits:
     """Parse `G:ID=ALPHA` (expert id i*E + j of routing group G), `G:ID` (delete, alpha 0),
     `G:I,J=ALPHA` (expert (i, j)), `G:bottom:I=ALPHA` or `G:top:J=ALPHA` (a whole half).
-    A list of specs gives one merged edit."""
+    A list of specs (a repeated `--steer`) gives one edit with all of them; naming one expert or half twice
+    is refused rather than letting the last one win silently."""
     edits = ExpertEdits()
+    seen: dict[str, str] = {}
     for spec in [specs] if isinstance(specs, str) else specs:
         where, sep, value = spec.strip().partition("=")
         parts = [p.strip() for p in where.split(":")]
+        if ":".join(parts) in seen:
+            raise MonetError(f"--steer names {':'.join(parts)} twice ({seen[':'.join(parts)]!r} and {spec!r}); "
+                             "give each expert or half once")
+        seen[":".join(parts)] = spec
         try:
             alpha = float(value) if sep else 0.0
             if len(parts) == 2 and "," in parts[1]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 import re
+import textwrap
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,6 +59,7 @@ class Settings:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         dataclass(kw_only=True)(cls)
+        describe_fields(cls)
 
     def __post_init__(self) -> None:
         if not _DEFERRED.get():
@@ -101,6 +104,65 @@ def ceiling(name: str, integer: bool, metadata: Any) -> dict[str, Any]:
     elif integer and bounds.get("high") is None and bounds.get("below") is None:
         bounds["high"] = MAX_COUNT
     return bounds
+
+
+def describe_fields(cls: type) -> None:
+    """How `--help` shows the fields a class declares (tyro's own labels would be `STR` for a run directory,
+    `{None}|INT` for an optional number and a second `(default: ...)` after help that already states it):
+    positionals are named after the field (RUN, ATLAS), optional values after their type, and the default is
+    shown only where the help text does not say it."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    declared = cls.__dict__.get("__annotations__", {})
+    for spec in dataclasses.fields(cls):
+        if spec.name not in declared:
+            continue
+        text, metavar = str(declared[spec.name]), None
+        if text.startswith("Positional"):
+            metavar = spec.name.upper()
+        elif text.endswith("| None"):
+            choices = literal_choices(hints[spec.name])
+            metavar = "{" + ",".join(choices) + "}" if choices else text.split()[0].upper()
+        hint = None if spec.default is dataclasses.MISSING else functools.partial(_default_hint, cls, spec.default,
+                                                                                    spec.name)
+        cls.__annotations__[spec.name] = typing.Annotated[hints[spec.name],
+                                                          tyro.conf.arg(metavar=metavar, help_behavior_hint=hint)]
+
+
+def _default_hint(cls: type, default: Any, name: str, label: str) -> str:
+    """The text after an option's help: nothing where the help gives the default itself or the default is
+    "unset" (None) or a flag's (its name says what it does); lists say that they may be repeated."""
+    if "default" in field_help(cls, name).lower():
+        return ""
+    if isinstance(default, tuple):
+        return "(repeatable)" if not default else f"(repeatable; default: {label})"
+    return "" if default is None or isinstance(default, bool) else f"(default: {label})"
+
+
+@functools.cache
+def _class_help(cls: type) -> dict[str, str]:
+    import ast
+    import inspect
+
+    source = inspect.getsource(cls)
+    lines = source.splitlines()
+    body = ast.parse(textwrap.dedent(source)).body[0].body
+    out = {}
+    for index, item in enumerate(body):
+        if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+            nxt = body[index + 1] if index + 1 < len(body) else None
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                out[item.target.id] = str(nxt.value.value)
+            else:
+                out[item.target.id] = lines[item.end_lineno - 1].partition("  # ")[2]
+    return out
+
+
+def field_help(cls: type, name: str) -> str:
+    """The help text of field `name` (its comment or docstring), looked up along the class's bases."""
+    for klass in cls.__mro__:
+        if issubclass(klass, Settings) and name in klass.__dict__.get("__annotations__", {}):
+            return _class_help(klass).get(name, "")
+    return ""
 
 
 def literal_choices(hint: Any) -> tuple:
@@ -174,8 +236,9 @@ class InfoCommand(Settings):
 
     With --compare: one layer of SMoE, PEER, Monet-HD and Monet-VD at N experts (paper Table 1, appendix A.2)."""
 
-    preset: str = "small"
-    """a named shape: tiny, small, monet-vd-850m, monet-vd-1.4b, monet-vd-4.1b, monet-hd-*, codemonet-vd-1.4b"""
+    preset: str = "tiny"
+    """a named shape, as for `monet train`: tiny, small, monet-vd-850m, monet-vd-1.4b, monet-vd-4.1b, \
+monet-hd-*, codemonet-vd-1.4b"""
     set: tuple[str, ...] = ()  # MonetConfig field overrides, KEY=VALUE (e.g. --set moe_groups=1)
     compare: bool = False  # compare one layer of each architecture instead (needs --dim, --experts, --heads, --moe-dim)
     dim: int | None = number(None, low=2)  # hidden size d (with --compare)
@@ -331,8 +394,8 @@ class GenerateCommand(Settings):
     seed: int | None = number(None, low=0)  # random seed for reproducible samples
     num_samples: int = number(1, low=1, high=1000)  # continuations to generate (at most 1000: one batch)
     steer: tuple[str, ...] = ()
-    """G:ID=ALPHA scales expert ID (i*E+j) of routing group G: 0 deletes it, >1 amplifies. Also G:I,J=ALPHA,
-    G:bottom:I=ALPHA, G:top:J=ALPHA; G:ID alone deletes"""
+    """G:ID=ALPHA scales expert ID (i*E+j) of routing group G: 0 deletes it, >1 amplifies; G:ID alone deletes; \
+also G:I,J=ALPHA, G:bottom:I=ALPHA, G:top:J=ALPHA. Give it once per edit: every one is applied"""
     edits: str | None = None  # apply the expert edits saved in this expert_edits.safetensors file
     device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
     no_verify: bool = False  # skip the SHA-256 check of the checkpoint
@@ -343,7 +406,9 @@ class AtlasOptions(Settings):
 
     max_tokens: int | None = number(1_000_000, low=1)  # tokens to process, balanced across labels (None: whole split)
     top_k: int = number(10, low=1, high=10_000)  # contexts kept per expert
-    split: Literal["train", "validation"] = "validation"  # which split to stream
+    split: Literal["train", "validation"] = "train"
+    """which split to stream (train: `monet unlearn` evaluates the validation split, and experts should not be \
+selected on the text they are judged on)"""
     batch_size: int = number(16, low=1)  # windows per forward pass
     seq_len: int | None = number(None, low=2)  # tokens per window (default: the training seq_len, from the checkpoint)
     samples: int = number(3, low=0, high=1000)
@@ -486,13 +551,13 @@ class UnlearnSettings(Settings):
     atlas: str  # atlas of this model (`monet atlas build RUN --data DIR --out ATLAS`)
     out: str  # report directory to write
     target: str | None = None  # mask the experts of this label (default: each label in turn)
-    ratio: float = number(2.0, low=1)  # skewness: target mass >= RATIO x the next label's (the operating point)
+    ratio: float = number(1.5, low=1)  # skewness: target mass >= RATIO x the next label's (the operating point)
     min_mass: float = number(0.0, low=0)  # minimum mean score per token on the target label for an expert to be judged
     eval_tokens: int = number(16_384, low=2)  # validation tokens per label (unmasked loss and the target's Δ)
     others_tokens: int | None = number(None, low=2)  # tokens per other label in a masked run (default: eval-tokens)
     random_masks: int = number(100, low=0)  # control masks per target (see --uniform-control); 0 = none
     random_tokens: int = number(256, low=2)  # target tokens each control mask is evaluated on
-    sweep: tuple[float, ...] = (3.0, 1.5)  # more skewness ratios for the forget-retain curve
+    sweep: tuple[float, ...] = (2.0, 1.25)  # more skewness ratios for the forget-retain curve
     sweep_tokens: int = number(4_096, low=2)  # target tokens per sweep point (a quarter of it per other label)
     batch_size: int = number(16, low=1)  # windows per forward pass
     seq_len: int | None = number(None, low=2)  # window length (default: the training seq_len, from the checkpoint)

@@ -49,7 +49,7 @@ from monet.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from monet.config import PRESETS, MonetConfig, config_fields
+from monet.config import PRESETS, MonetConfig, config_fields, did_you_mean
 from monet.data import PackedSequences, TokenDataset
 from monet.errors import MonetError
 from monet.evaluate import evaluate_sets, label_window_sets
@@ -116,7 +116,8 @@ def build_model_config(settings: TrainSettings, vocab_size: int) -> MonetConfig:
     fields = settings.model_fields()
     unknown = sorted(set(fields) - config_fields() | set(fields) & _RUN_KEYS)
     if unknown:
-        raise MonetError(f"unknown model field(s) in --set: {', '.join(unknown)}; MonetConfig fields: "
+        hint = did_you_mean(unknown, config_fields() - _RUN_KEYS)
+        raise MonetError(f"unknown model field(s) in --set: {', '.join(unknown)}{hint}; MonetConfig fields: "
                          f"{', '.join(sorted(config_fields() - _RUN_KEYS))}")
     if "vocab_size" in fields and fields["vocab_size"] != vocab_size:
         raise MonetError(f"vocab_size={fields['vocab_size']} disagrees with the data's tokenizer ({vocab_size} "

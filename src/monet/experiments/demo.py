@@ -22,9 +22,11 @@ from monet.checkpoint import latest_checkpoint, load_checkpoint
 from monet.data import build_corpus
 from monet.experiments.unlearn import REPORT_FILE, format_summary, unlearn
 from monet.interp.atlas import build_atlas
-from monet.io import MARKER, check_output, marker_kind
+from monet.io import MARKER, atomic_write, check_output, marker_kind
 from monet.settings import AtlasOptions, DemoSettings, TrainSettings, UnlearnSettings
 from monet.train import train
+
+SUMMARY_FILE = "summary.md"   # beside report.json: the printed table, the figures' captions, the commands
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,79 @@ def demo_plan(settings: DemoSettings) -> DemoPlan:
     return PLANS[settings.source]
 
 
+def results_legend(report: dict[str, Any]) -> str:
+    """What `format_summary`'s own legend leaves out: the dense comparison column, and the count of labels
+    that pass the bar on interval bounds (grade robust)."""
+    grades = [row.get("grade") for row in report["summary"].values()]
+    text = (f"(bar on interval bounds: {grades.count('robust')} robust, {grades.count('marginal')} marginal, "
+            f"{grades.count('failing')} failing; {grades.count('robust')} of {len(grades)} labels pass)")
+    if "equal_target" in report:
+        text += ("\n@equal Δt = the dense model's Δ others when it forgets as much as Monet (its sweep, "
+                 "interpolated; - when it never does)")
+    return text
+
+
+def _flags(options: dict[str, Any]) -> str:
+    """`--key value` for each option (tuples as several values, True as a bare flag)."""
+    parts = []
+    for key, value in options.items():
+        if value is False or value is None:
+            continue
+        parts.append("--" + key.replace("_", "-"))
+        if isinstance(value, tuple):
+            parts += [str(v) for v in value]
+        elif value is not True:
+            parts.append(str(value))
+    return " ".join(parts)
+
+
+def equivalent_commands(settings: DemoSettings, plan: DemoPlan, out: Path,
+                        models: list[tuple[str, Path, Path, str]]) -> list[str]:
+    """The `monet` commands that redo the demo step by step (the last one opens the viewer)."""
+    data, report = out / "data", out / "report"
+    build = {"source": settings.source, "out": data, "max_bytes": plan.max_bytes, "vocab_size": plan.vocab_size,
+             "fetch": plan.fetch, "validation_fraction": plan.validation_fraction,
+             "labels": tuple(dict(plan.source_options).get("languages", ())) or None}
+    lines = [f"monet data build {_flags(build)}"]
+    train_options = dict(plan.train)
+    for _, run_dir, _, kind in models:
+        options = {"data": data, "out": run_dir, "model": kind, "seed": settings.seed, **train_options}
+        lines.append(f"monet train {_flags(options)}")
+    for _, run_dir, atlas_dir, _ in models:
+        options = {"data": data, "out": atlas_dir, "split": "train", "max_tokens": plan.atlas_tokens,
+                   "top_k": plan.atlas_top_k, "batch_size": 16, "seq_len": train_options["seq_len"]}
+        lines.append(f"monet atlas build {run_dir} {_flags(options)}")
+    dense = {"baseline": models[1][1], "baseline_atlas": models[1][2]} if len(models) > 1 else {}
+    options = {"data": data, "atlas": models[0][2], "out": report, **dict(plan.protocol), **dense}
+    lines.append(f"monet unlearn {models[0][1]} {_flags(options)}")
+    lines.append(f"monet view {models[0][2]} --run {models[0][1]}")
+    return lines
+
+
+FIGURES = {
+    "heatmap.png": "Change of validation loss (nats/token, masked minus unmasked, same windows) on each evaluated "
+                   "label (rows) when the units selected for each label (columns) are masked; red: the loss rose "
+                   "(knowledge lost). The diagonal is Δ target; the marks under each column say whether that "
+                   "label passes the bar.",
+    "forget_retain.png": "One panel per label: Δ target (forgetting, nats/token) against Δ others (collateral "
+                         "damage, nats/token) along the selection sweep (each point labelled with its skewness "
+                         "ratio; the dense baseline's with its share of neurons); the ringed point is the operating "
+                         "point, the dotted line the random control's 95th percentile, the grey line Δ target = "
+                         "5 x Δ others (the bar's selectivity). Up and to the left is better.",
+}
+
+
+def summary_markdown(report: dict[str, Any], legend: str, commands: list[str], settings: DemoSettings) -> str:
+    """summary.md: the results table as printed, the figures with their captions, and the equivalent commands."""
+    lines = [f"# monet demo: {settings.source} corpus, seed {settings.seed}", "",
+             "## Results", "", "```", format_summary(report), "```", "", *legend.splitlines(), "",
+             "## Figures", ""]
+    for name, caption in FIGURES.items():
+        lines += [f"![{name}]({name})", "", f"**{name}.** {caption}", ""]
+    lines += ["## The same, step by step", "", "```", *commands, "```", ""]
+    return "\n".join(lines)
+
+
 def _step(name: str, done: bool) -> float:
     print(f"[monet demo] {name}{' (already done, reused)' if done else ''}", flush=True)
     return time.perf_counter()
@@ -146,18 +221,14 @@ def run_demo(settings: DemoSettings, plan: DemoPlan | None = None) -> dict[str, 
                                          quiet=not progress, force=True, **dict(plan.protocol), **dense))
     timings["unlearn_s"] = time.perf_counter() - started
 
+    legend = results_legend(report)
     print(f"\n{format_summary(report)}\n")
-    passed = sum(bool(row.get("passed")) for row in report["summary"].values())
-    print(f"Δ = validation loss after masking minus before (nats/token), 95 % bootstrap CI; x = Δ target / mean Δ "
-          f"of the other labels; rand p95 = 95th percentile of Δ target under {report['random_masks']} random "
-          f"masks of the same size; bar = Δ target >= 0.10, >= 5 x Δ others and > rand p95 ({passed} of "
-          f"{len(report['summary'])} labels pass)")
-    if "equal_target" in report:
-        print("@equal Δt = the dense model's Δ others when it forgets as much as Monet (its sweep, interpolated; "
-              "- when it never does)")
-    for name, file in (("report", REPORT_FILE), ("matrix", "loss_matrix.csv"), ("heatmap", "heatmap.png"),
-                       ("curves", "forget_retain.png")):
+    print(legend)
+    for name, file in (("report", REPORT_FILE), ("summary", SUMMARY_FILE), ("matrix", "loss_matrix.csv"),
+                       ("heatmap", "heatmap.png"), ("curves", "forget_retain.png")):
         print(f"{name + ':':<10}{report_dir / file}")
-    print(f"viewer:   monet view {atlas}")
+    commands = equivalent_commands(settings, plan, out, models)
+    atomic_write(report_dir / SUMMARY_FILE, summary_markdown(report, legend, commands, settings))
+    print(f"viewer:   {commands[-1]}")
     print(f"timings:  {', '.join(f'{k} {v:.0f}' for k, v in timings.items())}")
     return report

@@ -18,6 +18,7 @@ import io
 import math
 import platform
 import random
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,18 @@ def atlas_label_means(atlas: Atlas) -> tuple[list[str], list[np.ndarray]]:
         raise MonetError(f"atlas {atlas.path} covers {len(seen)} label(s) with tokens; the skewness "
                          "criterion needs at least 2: rebuild it with more --max-tokens")
     return [atlas.labels[i] for i in seen], [atlas.label_probability(group)[seen] for group in atlas.groups]
+
+
+def evaluation_leak(atlas: Atlas, data_dir: str | Path, name: str = "atlas") -> str | None:
+    """A warning when the atlas was built on the validation split of `data_dir`, the text `unlearn` evaluates:
+    experts are then selected on the very windows they are judged on, which inflates Δ target."""
+    built_on = atlas.manifest.get("data", {})
+    if built_on.get("split") != "validation" or not built_on.get("dir"):
+        return None
+    if Path(built_on["dir"]).resolve() != Path(data_dir).resolve():
+        return None
+    return (f"the {name} {atlas.path} was built on the validation split of {data_dir}, the split evaluated here: "
+            "units are selected on the text they are judged on; rebuild it with `monet atlas build --split train`")
 
 
 def open_atlas(path: str | Path, model: nn.Module, data_dir: str | Path) -> Atlas:
@@ -566,7 +579,9 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
     if not dataset.manifest.get("labelled", True):   # `data build --source files` without --label-field
         raise MonetError(f"{settings.data} has no labels, so there is nothing to unlearn; rebuild it with "
                          "--label-field NAME (or a folder per label)")
-    labels, means = atlas_label_means(open_atlas(settings.atlas, model, settings.data))
+    atlas = open_atlas(settings.atlas, model, settings.data)
+    warnings = [evaluation_leak(atlas, settings.data)]
+    labels, means = atlas_label_means(atlas)
     targets = [settings.target] if settings.target else [label for label in labels if label in dataset.labels]
     for target in targets:
         if target not in labels:
@@ -577,11 +592,16 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
     if settings.baseline is not None:   # checked before the long Monet run
         dense_model, _ = load_checkpoint(settings.baseline, device=device, load_tokenizer=False)
         units_of(dense_model, "dense", f"--baseline {settings.baseline}")
-        dense_labels, dense_means = atlas_label_means(open_atlas(settings.baseline_atlas, dense_model, settings.data))
+        dense_atlas = open_atlas(settings.baseline_atlas, dense_model, settings.data)
+        warnings.append(evaluation_leak(dense_atlas, settings.data, "dense atlas"))
+        dense_labels, dense_means = atlas_label_means(dense_atlas)
         missing = [t for t in targets if t not in dense_labels]
         if missing:
             raise MonetError(f"the dense atlas {settings.baseline_atlas} has no tokens of {', '.join(missing)}; "
                              "rebuild it on more --max-tokens")
+    warnings = [warning for warning in warnings if warning]
+    for warning in warnings:   # before the long run, so that it can be stopped and the atlas rebuilt
+        print(f"monet unlearn: warning: {warning}", file=sys.stderr, flush=True)
     seq_len = settings.seq_len or trained_seq_len(checkpoint, model)
     sets, skipped = label_window_sets(dataset, seq_len)
     plan = EvalPlan.build(sets, seq_len, settings.eval_tokens, settings.batch_size)
@@ -617,7 +637,7 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
                   "document resampled together; Δ others: documents resampled within each other label)",
         "bar": BAR,
         "provenance": run_provenance(settings.data),
-        "monet": monet_result, "summary": summary_rows(monet_result),
+        "monet": monet_result, "summary": summary_rows(monet_result), "warnings": warnings,
     }
     if benchmark is not None:   # the paper's metric: lm-eval task accuracy of the edited model (Figure 3)
         report["lm_eval"] = unlearning_accuracy(
@@ -866,6 +886,7 @@ def format_summary(report: dict[str, Any]) -> str:
               "bound, and p < 0.05; marginal = only the point estimates clear the bars; failing = they do not "
               f"({grades.count('robust')} robust, {grades.count('marginal')} marginal, "
               f"{grades.count('failing')} failing of {len(grades)})."]
+    lines += [f"warning: {warning}" for warning in report.get("warnings", [])]
     return "\n".join(lines)
 
 

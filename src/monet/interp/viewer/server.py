@@ -5,6 +5,9 @@ Routes and safety rules are described in docs/atlas.md ("Viewer"): only the page
 API request gets 403 (DNS rebinding); POST bodies must be application/json (a cross-site form cannot send that
 without a CORS preflight, never answered here) of at most 64 KB; bad input answers 400 with a message; JSON
 answers pass through `monet.io.printable` under a Content-Security-Policy; the model runs under one lock.
+Long work never holds that lock for long: similar experts are computed by a background thread in short locked
+steps, and a request for them waits at most `SIMILAR_WAIT` seconds (the page polls while they are computing).
+A client that closes its connection early is not an error worth a traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import math
 import random
 import re
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from contextlib import suppress
@@ -31,8 +35,8 @@ from monet.edits import ExpertEdits, edited
 from monet.errors import MonetError
 from monet.generate import generate_text
 from monet.interp.explain import expert_logits
-from monet.interp.export import expert_page, similar_experts
-from monet.interp.query import Atlas, activation_on_text, compact_histogram, document_values
+from monet.interp.export import expert_direction, expert_page, similar_experts
+from monet.interp.query import Atlas, activation_on_text, compact_histogram, document_values, experts_for_text
 from monet.io import dumps, printable
 from monet.runtime import resolve_device
 from monet.settings import ViewCommand
@@ -52,7 +56,9 @@ LIMITS = {"text_chars": 2000, "text_tokens": 512, "prompt_chars": 1000, "max_new
           "body_bytes": 65536, "body_depth": 8}
 # GET /api/ROUTE/ARG...: the names of each route's path arguments (ids, except a label's name)
 API_ARGS = {"info": (), "random": (), "token": (), "expert": ("group", "expert"), "similar": ("group", "expert"),
-            "export": ("group", "expert"), "label": ("label",), "document": ("document", "position")}
+            "export": ("group", "expert"), "label": ("label",), "document": ("document", "position"), "text": ()}
+SIMILAR_WAIT = 1.5       # seconds a /api/similar request waits for the background thread before "computing"
+SIMILAR_DIRECTIONS = 12  # co-active experts whose output direction is compared (one short locked step each)
 _ID = re.compile(r"[0-9]{1,9}")          # ASCII digits only: "²".isdigit() is True in Python
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
 WILDCARDS = ("", "0.0.0.0", "::")
@@ -68,6 +74,79 @@ class _HTTPError(Exception):
         self.status = status
 
 
+class SimilarJobs:
+    """Similar experts, computed on demand by one background thread and cached (the newest request first).
+
+    Each job is a few short steps, each under the viewer's lock: the co-activation table (the expert's top
+    contexts through the model), then one output direction per step, so a page waits at most one step for the
+    lock. An entry is {"status": "computing" | "done" | "error", ...the table so far}."""
+
+    def __init__(self, state: ViewerState, cache: int = 64) -> None:
+        self.state, self.cache = state, cache
+        self.entries: dict[tuple[int, int], dict[str, Any]] = {}
+        self.queue: list[tuple[int, int]] = []
+        self.changed = threading.Condition()
+        self.worker: threading.Thread | None = None
+
+    def get(self, group: int, expert: int, wait: float = SIMILAR_WAIT) -> dict[str, Any]:
+        key = (group, expert)
+        with self.changed:
+            entry = self.entries.get(key)
+            if entry is None or entry["status"] == "error":
+                entry = self.entries[key] = {"status": "computing", "group": group, "expert": expert}
+                self.queue.append(key)
+                while len(self.entries) > self.cache:   # forget the oldest finished entry
+                    old = next((k for k, e in self.entries.items() if e["status"] in ("done", "error")), None)
+                    if old is None:
+                        break
+                    del self.entries[old]
+                if self.worker is None or not self.worker.is_alive():
+                    self.worker = threading.Thread(target=self._work, name="monet-view-similar", daemon=True)
+                    self.worker.start()
+            self.changed.wait_for(lambda: entry["status"] in ("done", "error"), timeout=wait)
+            return dict(entry, experts=[dict(row) for row in entry.get("experts", [])])
+
+    def _work(self) -> None:
+        while True:
+            with self.changed:
+                if not self.queue:
+                    self.worker = None
+                    return
+                key = self.queue.pop()          # the newest request: the page the user is looking at
+                entry = self.entries.get(key)
+            if entry is not None and "experts" not in entry and entry["status"] == "computing":
+                self._compute(key, entry)
+
+    def _update(self, entry: dict[str, Any], **values: Any) -> None:
+        with self.changed:
+            entry.update(values)
+            self.changed.notify_all()
+
+    def _compute(self, key: tuple[int, int], entry: dict[str, Any]) -> None:
+        state, (group, expert) = self.state, key
+        try:
+            with state.lock:
+                table = similar_experts(state.model, state.atlas, group, expert, directions=0)
+                k = int(state.atlas.manifest["options"]["top_k"])
+            rows = table["experts"]
+            todo = rows[:SIMILAR_DIRECTIONS]
+            self._update(entry, status="computing" if todo else "done", contexts=table["contexts"], experts=rows,
+                         directions_done=0, directions=len(todo))
+            if not todo:
+                return
+            with state.lock:
+                mine = expert_direction(state.model, state.atlas, group, expert, k)
+            for done, row in enumerate(todo, 1):
+                with state.lock:
+                    theirs = expert_direction(state.model, state.atlas, group, row["expert"], k)
+                norm = float(mine.norm() * theirs.norm())
+                row["cosine"] = float(mine @ theirs) / norm if norm > 0 else None
+                self._update(entry, directions_done=done, status="done" if done == len(todo) else "computing")
+        except Exception as exc:   # shown on the page; asked again, the job is retried
+            self._update(entry, status="error", error=str(exc) if isinstance(exc, MonetError)
+                         else f"{type(exc).__name__}: {exc}")
+
+
 class ViewerState:
     """What the handlers share: the atlas, the optional model and tokenizer, caches, one lock."""
 
@@ -75,8 +154,8 @@ class ViewerState:
         self.atlas, self.model, self.tokenizer = atlas, model, tokenizer
         self.lock = threading.Lock()   # pyarrow reads and the model are used by one request at a time
         self.logits = lru_cache(256)(partial(expert_logits, model, atlas))
-        self.similar = lru_cache(64)(partial(similar_experts, model, atlas))
-        self.interesting = atlas.interesting_experts()
+        self.similar = SimilarJobs(self)
+        self._interesting: list[tuple[int, int]] | None = None
 
     def need_model(self, what: str) -> None:
         if self.model is None or self.tokenizer is None:
@@ -108,18 +187,54 @@ class ViewerState:
             return expert_page(self.atlas, group, expert, self.model)
 
     def similar_experts(self, group: int, expert: int) -> dict[str, Any]:
+        """The table when it is ready within `SIMILAR_WAIT` s, else {"status": "computing", ...what is ready}."""
         self.need_model("finding similar experts")
-        with self.lock:
-            return self.similar(group, expert)
+        self.atlas.check_expert(group, expert)
+        entry = self.similar.get(group, expert)
+        if entry["status"] == "error":
+            raise MonetError(entry["error"])
+        return entry
+
+    def interesting(self) -> list[tuple[int, int]]:
+        """Label specialists: per label and group, the most skewed experts (paper §5.1) among those with a full
+        set of top contexts, so that a random pick shows an expert with a clear topic, not a busy generic one."""
+        if self._interesting is None:
+            least = max(10, int(self.atlas.manifest["options"]["top_k"]))
+            with self.lock:
+                picks = {(row["group"], row["expert"]) for label in self.atlas.labels
+                         for group in self.atlas.groups
+                         for row in self.atlas.experts_for_label(label, 20, min_count=least, group=group)
+                         if row["skewness"] >= 2}
+                if not picks:   # a tiny atlas: fall back to the experts with the most examples
+                    picks = set(self.atlas.interesting_experts())
+            self._interesting = sorted(picks)
+        return self._interesting
 
     def random_expert(self, group: int | None) -> dict[str, int]:
         if group is not None and group not in self.atlas.groups:
             raise MonetError(f"group {group} does not exist; this atlas has groups 0..{len(self.atlas.groups) - 1}")
-        pool = [pick for pick in self.interesting if group is None or pick[0] == group]
+        pool = [pick for pick in self.interesting() if group is None or pick[0] == group]
         if not pool:
             raise MonetError("this atlas has no expert with examples")
         group, expert = random.choice(pool)
         return {"group": group, "expert": expert}
+
+    def text_experts(self, text: str) -> dict[str, Any]:
+        """Each token of `text` with the top experts of every group (as `monet atlas query --text`)."""
+        self.need_model("Listing the experts of each token")
+        if not text.strip():
+            raise MonetError("give some text to run through the model")
+        if len(text) > LIMITS["text_chars"]:
+            raise MonetError(f"the text has {len(text):,} characters; the limit is {LIMITS['text_chars']:,}")
+        with self.lock:
+            rows = experts_for_text(self.model, self.tokenizer, text, n=3)
+        if rows and rows[0]["token"] == self.tokenizer.bos_token_id:   # the model sees it; the page shows the text
+            rows = rows[1:]
+        if len(rows) > LIMITS["text_tokens"]:
+            raise MonetError(f"the text has {len(rows)} tokens; the limit is {LIMITS['text_tokens']}")
+        return {"groups": self.atlas.groups, "tokens": [
+            {"piece": row["piece"], "groups": [[{"expert": e, "percent": p} for e, p in experts]
+                                              for experts in row["groups"]]} for row in rows]}
 
     def token(self, text: str, match: str) -> dict[str, Any]:
         if not text:
@@ -187,11 +302,18 @@ class ViewerState:
             raise MonetError("steering scales Monet experts; this atlas is of a dense model")
         options = {"greedy": True, "max_new_tokens": tokens}
         with self.lock:
+            # Steering scales the expert's term where it is routed: on a prompt where it never fires, the
+            # first new tokens cannot change, so the page says how active it was.
+            activity = activation_on_text(self.model, self.tokenizer, prompt, group, expert, 10**6)
             plain = generate_text(self.model, self.tokenizer, prompt, **options)[0]
             with edited(self.model, ExpertEdits().scale(group, expert, float(alpha))):
                 steered = generate_text(self.model, self.tokenizer, prompt, **options)[0]
+        active = [value for value in activity["values"] if value > 0]
         return {"group": group, "expert": expert, "alpha": float(alpha), "prompt": prompt,
-                "unsteered": plain, "steered": steered, "max_new_tokens": tokens, "decoding": "greedy"}
+                "unsteered": plain, "steered": steered, "max_new_tokens": tokens, "decoding": "greedy",
+                "prompt_tokens": len(activity["values"]), "active_tokens": len(active),
+                "active_max_percent": max(active, default=0.0), "last_token_active": bool(activity["values"])
+                and activity["values"][-1] > 0, "changed": plain != steered}
 
 
 def _field_id(body: dict[str, Any], name: str) -> int:
@@ -303,6 +425,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
         except _HTTPError as exc:
             return self._json({"error": str(exc)}, exc.status)
+        except ConnectionError:   # the client went away: nothing to answer (ViewerServer stays quiet)
+            raise
         except Exception as exc:  # an unexpected failure answers 500 with its message, the server lives on
             return self._json({"error": f"{type(exc).__name__}: {exc}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
 
@@ -323,6 +447,7 @@ class Handler(BaseHTTPRequestHandler):
                               extra={"Content-Disposition": f'attachment; filename="{name}"'})
         answers = {"info": state.info, "expert": state.expert, "similar": state.similar_experts,
                    "random": lambda: state.random_expert(_query_id(query, "group")),
+                   "text": lambda: state.text_experts(query.get("q", [""])[0]),
                    "token": lambda: state.token(query.get("q", [""])[0], query.get("match", ["exact"])[0]),
                    "label": lambda label: state.label(label, _query_id(query, "min_count", 10)),
                    "document": lambda doc, pos: state.document(doc, pos, _query_id(query, "group"),
@@ -375,12 +500,22 @@ def _query_id(query: dict[str, list[str]], name: str, default: int | None = None
     return _integer(query[name][0], name) if name in query else default
 
 
+class ViewerServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A browser tab closed mid-answer (broken pipe, reset) is normal; anything else is reported."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 def make_server(atlas, host: str = "127.0.0.1", port: int = 8765, model: Any = None, tokenizer: Any = None,
                 allow_hosts: tuple[str, ...] | list[str] = ()) -> ThreadingHTTPServer:
     """A ready server (not yet serving); port 0 picks a free port (see `server.server_address`)."""
     state = ViewerState(atlas, model, tokenizer)   # what the handlers share, as `self.server.state`
     try:
-        server = ThreadingHTTPServer((host, port), Handler)
+        server = ViewerServer((host, port), Handler)
     except OSError as exc:
         fix = "choose another --port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else \
             "choose another --host: an address or name of this machine (127.0.0.1 by default, 0.0.0.0 for all)"
@@ -410,4 +545,5 @@ def view_command(cmd: ViewCommand) -> None:
         server.serve_forever()
 
 
-__all__ = ["Handler", "ViewerState", "allowed_hosts", "host_allowed", "make_server", "view_command"]
+__all__ = ["Handler", "SimilarJobs", "ViewerServer", "ViewerState", "allowed_hosts", "host_allowed", "make_server",
+           "view_command"]

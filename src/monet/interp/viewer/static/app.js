@@ -7,6 +7,7 @@
 const $ = (id) => document.getElementById(id);
 let INFO = null;
 let NAV = 0;   // navigation generation: a page whose data arrives after a newer navigation is not shown
+let LOADING = null;   // the timer that shows "loading…" when a page is slow to arrive
 
 const HIDDEN = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]/g;
 
@@ -48,6 +49,7 @@ async function api(path, body) {
 
 function show(nav, ...nodes) {
   if (nav !== NAV) return false;   // the user has gone elsewhere meanwhile
+  clearTimeout(LOADING);
   $("content").replaceChildren(...nodes);
   return true;
 }
@@ -128,8 +130,13 @@ function bars(entries, id) {
 }
 
 function tokenList(pieces, values, negative) {
+  // Each token with its logit change (the expert's output direction through the unembedding), shown, not hidden.
   const box = el("div", { cls: negative ? "tokens neg" : "tokens" });
-  pieces.forEach((piece, i) => box.appendChild(el("span", { text: visible(piece), title: values[i].toFixed(3) })));
+  pieces.forEach((piece, i) => {
+    const value = values[i];
+    box.appendChild(el("span", { cls: "logit" }, el("span", { cls: "piece", text: visible(piece) }),
+      el("span", { cls: "value", text: (value >= 0 ? "+" : "") + value.toFixed(2) })));
+  });
   return box;
 }
 
@@ -188,16 +195,18 @@ async function showExpert(nav, group, expert) {
     nodes.push(el("p", { cls: "hint", text: "No activations." }));
   }
   if (data.logits) {
-    nodes.push(el("h3", { text: "Promoted tokens" }), tokenList(data.logits.pos_str, data.logits.pos_values, false));
-    nodes.push(el("h3", { text: "Suppressed tokens" }), tokenList(data.logits.neg_str, data.logits.neg_values, true));
+    nodes.push(el("h3", { text: "Promoted tokens (logit change)" }),
+               tokenList(data.logits.pos_str, data.logits.pos_values, false));
+    nodes.push(el("h3", { text: "Suppressed tokens (logit change)" }),
+               tokenList(data.logits.neg_str, data.logits.neg_values, true));
   }
-  nodes.push(...modelSections(group, expert, max));
+  nodes.push(...modelSections(group, expert, max, data.contexts));
   if (!show(nav, ...nodes)) return;
   document.title = `Expert ${group}:${expert} – Monet atlas`;
   if (INFO.has_model) loadSimilar(nav, group, expert);
 }
 
-function modelSections(group, expert, max) {
+function modelSections(group, expert, max, contexts) {
   if (!INFO.has_model) {
     return [el("h3", { text: "Test activation · similar experts · steering" }),
             el("p", { cls: "hint", id: "needs-model", text: "Start the viewer with the model, `monet view ATLAS --run RUN`, " +
@@ -219,23 +228,35 @@ function modelSections(group, expert, max) {
                                                  : "the expert is not active on any token of this text" }));
     } catch (error) { probeOut.replaceChildren(el("p", { cls: "error", text: String(error.message) })); }
   });
-  const prompt = el("input", { id: "steer-prompt", type: "text", maxlength: String(limits.prompt_chars),
-                               placeholder: "prompt" });
-  const alpha = el("input", { id: "steer-alpha", type: "number", step: "any", value: "10",
+  const prompt = el("textarea", { id: "steer-prompt", rows: "3", maxlength: String(limits.prompt_chars),
+                                  placeholder: "prompt (several lines are fine)" });
+  const suggested = suggestedAlpha(contexts);
+  const alpha = el("input", { id: "steer-alpha", type: "number", step: "any", value: String(suggested),
                               min: String(-limits.alpha), max: String(limits.alpha) });
   const tokens = el("input", { id: "steer-tokens", type: "number", min: "1", max: String(limits.max_new_tokens),
                                value: "24" });
   const steerOut = el("div", { id: "steer-out", cls: "steer" });
   const steerRun = el("button", { type: "button", id: "steer-run", text: "generate" });
+  const useContext = el("button", { type: "button", id: "steer-use-context", text: "use a top context as the prompt" });
+  let nextContext = 0;
+  useContext.addEventListener("click", () => {
+    // The context up to and including its activating token: the expert fires on the prompt's last token, so
+    // scaling it changes the very next token.
+    const ctx = contexts[nextContext++ % contexts.length];
+    prompt.value = ctx.pieces.slice(0, ctx.target + 1).join("");
+  });
+  if (!contexts.length) useContext.disabled = true;
   steerRun.addEventListener("click", async () => {
-    steerOut.replaceChildren(el("p", { cls: "hint", text: "generating…" }));
+    steerOut.replaceChildren(el("p", { cls: "hint loading", text: "generating twice (without and with steering)…" }));
     try {
       const out = await api("/api/steer", { group, expert, prompt: prompt.value, alpha: Number(alpha.value),
                                             max_new_tokens: Number(tokens.value) });
       steerOut.replaceChildren(
-        el("div", { cls: "column" }, el("h4", { text: "unsteered" }), el("pre", { id: "steer-plain", text: out.unsteered })),
-        el("div", { cls: "column" }, el("h4", { text: `expert ${group}:${expert} × ${out.alpha}` }),
-           el("pre", { id: "steer-steered", text: out.steered })));
+        el("p", { id: "steer-activity", cls: out.active_tokens ? "hint" : "warning", text: steerActivity(out) }),
+        el("div", { cls: "columns" },
+          el("div", { cls: "column" }, el("h4", { text: "unsteered" }), el("pre", { id: "steer-plain", text: out.unsteered })),
+          el("div", { cls: "column" }, el("h4", { text: `expert ${group}:${expert} × ${out.alpha}` }),
+             el("pre", { id: "steer-steered", text: out.steered }))));
     } catch (error) { steerOut.replaceChildren(el("p", { cls: "error", text: String(error.message) })); }
   });
   return [
@@ -243,21 +264,63 @@ function modelSections(group, expert, max) {
     el("h3", { text: "Similar experts" }),
     el("div", { id: "similar" }, el("p", { cls: "hint", text: "computing co-activation and output directions…" })),
     el("h3", { text: "Steering (greedy decoding, this expert's term scaled by α in every layer of its group)" }),
-    el("div", { cls: "row" }, prompt, el("label", { text: "α " }, alpha), el("label", { text: "new tokens " }, tokens),
-       steerRun),
+    el("p", { cls: "hint", text: "Scaling acts only where the router picks the expert: on a prompt where it never " +
+      "fires nothing changes until it does. A top context as the prompt makes it fire on the last token. " +
+      `Suggested α ≈ ${suggested}: about 100% over its median share on its top contexts, so that its term ` +
+      "weighs as much as a whole token's routing." }),
+    prompt,
+    el("div", { cls: "row" }, useContext, el("label", { text: "α " }, alpha),
+       el("label", { text: "new tokens " }, tokens), steerRun),
     steerOut,
   ];
 }
 
-async function loadSimilar(nav, group, expert) {
-  let data;
-  try {
-    data = await api(`/api/similar/${group}/${expert}`);
-  } catch (error) {
-    if (nav === NAV && $("similar")) $("similar").replaceChildren(el("p", { cls: "error", text: String(error.message) }));
-    return;
+function suggestedAlpha(contexts) {
+  const shares = contexts.map((c) => c.percent).filter((v) => v > 0).sort((a, b) => a - b);
+  if (!shares.length) return 10;
+  const median = shares[Math.floor(shares.length / 2)];
+  return Math.min(INFO.limits.alpha, Math.max(2, Math.round(100 / median)));
+}
+
+function steerActivity(out) {
+  const where = `The expert is active on ${out.active_tokens} of the ${out.prompt_tokens} prompt tokens`;
+  if (!out.active_tokens) {
+    return `${where}: α cannot act until the router picks it` + (out.changed ? "." : ", and the text did not change. " +
+      "Try “use a top context as the prompt”.");
   }
-  if (nav !== NAV || !$("similar")) return;
+  const last = out.last_token_active ? " including the last one" : " (not the last one)";
+  return `${where}${last}; at most ${pct(out.active_max_percent)} of a token's routing.` +
+    (out.changed ? "" : " The steered text equals the unsteered one: try a larger α.");
+}
+
+async function loadSimilar(nav, group, expert) {
+  // The server answers within a second or two; while the table is being computed (in the background, off the
+  // lock other pages need) it says so, and the page asks again.
+  let data;
+  for (;;) {
+    try {
+      data = await api(`/api/similar/${group}/${expert}`);
+    } catch (error) {
+      if (nav === NAV && $("similar")) $("similar").replaceChildren(el("p", { cls: "error", text: String(error.message) }));
+      return;
+    }
+    if (nav !== NAV || !$("similar")) return;
+    if (data.status === "done") break;
+    const note = data.experts.length
+      ? `computing output directions: ${data.directions_done} of ${data.directions}…`
+      : "computing co-activation on the top contexts…";
+    $("similar").replaceChildren(el("p", { cls: "hint loading", id: "similar-computing", text: note }),
+                                 ...(data.experts.length ? [similarTable(data)] : []));
+    await new Promise((resolve) => setTimeout(resolve, 700));
+  }
+  $("similar").replaceChildren(
+    el("p", { cls: "hint", text: "Experts active on the same tokens as this expert's top contexts (co-activation; lift = " +
+      "that rate over their rate on the whole corpus), and the cosine between the two experts' output directions " +
+      "(each one's mean output over its own top contexts)." }),
+    data.experts.length ? similarTable(data) : el("p", { cls: "hint", text: "No other expert fires on these tokens." }));
+}
+
+function similarTable(data) {
   const table = el("table", { cls: "similar", id: "similar-table" });
   table.appendChild(el("tr", {}, el("th", { text: "expert" }), el("th", { text: "fires in its top contexts" }),
     el("th", { text: "mean share there" }), el("th", { text: "lift" }), el("th", { text: "output cosine" })));
@@ -269,11 +332,7 @@ async function loadSimilar(nav, group, expert) {
       el("td", { cls: "num", text: `${row.contexts} of ${data.contexts}` }), el("td", { cls: "num", text: pct(row.mean_percent) }),
       el("td", { cls: "num", text: row.lift === null ? "∞" : `${row.lift.toPrecision(3)}×` }), cos));
   }
-  $("similar").replaceChildren(
-    el("p", { cls: "hint", text: "Experts active on the same tokens as this expert's top contexts (co-activation; lift = " +
-      "that rate over their rate on the whole corpus), and the cosine between the two experts' output directions " +
-      "(each one's mean output over its own top contexts)." }),
-    data.experts.length ? table : el("p", { cls: "hint", text: "No other expert fires on these tokens." }));
+  return table;
 }
 
 // ------------------------------------------------------------------------------------- other pages
@@ -345,8 +404,45 @@ async function showDocument(nav, doc, pos, group, expert) {
   }
 }
 
+async function showText(nav, text) {
+  // Which experts fire on each token of the user's text (as `monet atlas query --text`), top 3 per group.
+  const box = el("textarea", { id: "text-input", rows: "4", maxlength: String(INFO.limits.text_chars),
+                               placeholder: "Type or paste text: each token is listed with its top experts per group" });
+  box.value = text;
+  const go = el("button", { type: "button", id: "text-run", text: "show experts per token" });
+  go.addEventListener("click", () => { location.hash = `#/text/${encodeURIComponent(box.value)}`; });
+  const nodes = [el("h2", { text: "Experts per token" }), box, el("div", { cls: "row" }, go)];
+  if (!INFO.has_model) {
+    nodes.push(el("p", { cls: "hint", id: "needs-model", text: "Start the viewer with the model, " +
+      "`monet view ATLAS --run RUN`, to run your text through it." }));
+    go.disabled = true;
+    show(nav, ...nodes);
+    return;
+  }
+  if (!text) { show(nav, ...nodes); return; }
+  const data = await api(`/api/text?q=${encodeURIComponent(text)}`);
+  const table = el("table", { cls: "per-token", id: "text-table" });
+  table.appendChild(el("tr", {}, el("th", { text: "token" }), ...data.groups.map((g) => el("th", { text: `group ${g}` }))));
+  for (const row of data.tokens) {
+    const cells = row.groups.map((experts, g) => {
+      const cell = el("td");
+      experts.forEach((e, i) => {
+        if (i) cell.appendChild(document.createTextNode(" · "));
+        cell.appendChild(expertLink(data.groups[g], e.expert, `${e.expert}`));
+        cell.appendChild(el("span", { cls: "hint", text: ` ${pct(e.percent)}` }));
+      });
+      return cell;
+    });
+    table.appendChild(el("tr", {}, el("td", { cls: "piece", text: visible(row.piece) }), ...cells));
+  }
+  nodes.push(el("p", { cls: "hint", text: "Per token and routing group: the experts with the largest share of the " +
+    "token's routing (click one for its page)." }), table);
+  show(nav, ...nodes);
+}
+
 function home(nav) {
-  show(nav, el("p", { cls: "hint", text: "Pick an expert, press “random interesting expert”, or search a token." }));
+  show(nav, el("p", { cls: "hint", text: "Pick an expert, press “random interesting expert” (a label specialist), " +
+    "search a token, or see which experts fire on each token of your own text." }));
 }
 
 const ID = /^[0-9]{1,9}$/;
@@ -358,6 +454,11 @@ function number(text, what) {
 
 async function route() {
   const nav = ++NAV;
+  // A page that takes more than a moment says so (the model may be busy with another request).
+  clearTimeout(LOADING);
+  LOADING = setTimeout(() => {
+    if (nav === NAV) $("content").replaceChildren(el("p", { cls: "hint loading", id: "loading", text: "loading…" }));
+  }, 150);
   try {
     let parts;
     try {
@@ -371,6 +472,7 @@ async function route() {
     else if (page === "expert" && rest.length === 2) await showExpert(nav, number(rest[0], "group"), number(rest[1], "expert id"));
     else if (page === "token" && rest.length >= 1) await showToken(nav, rest.join("/"), "exact");
     else if (page === "contains" && rest.length >= 1) await showToken(nav, rest.join("/"), "substring");
+    else if (page === "text") await showText(nav, rest.join("/"));
     else if (page === "label" && (rest.length === 1 || rest.length === 2)) {
       await showLabel(nav, rest[0], rest.length === 2 ? number(rest[1], "minimum count") : 10);
     } else if (page === "doc" && (rest.length === 2 || rest.length === 4)) {
@@ -379,7 +481,7 @@ async function route() {
                          rest.length === 4 ? number(rest[3], "expert id") : null);
     } else {
       throw new Error(`There is no page “${visible(location.hash)}”. Pages: #/expert/G/ID, #/token/TEXT, ` +
-                      "#/contains/TEXT, #/label/NAME[/MIN], #/doc/DOC/POS[/G/ID].");
+                      "#/contains/TEXT, #/label/NAME[/MIN], #/doc/DOC/POS[/G/ID], #/text/TEXT.");
     }
   } catch (error) { fail(nav, error); }
 }
