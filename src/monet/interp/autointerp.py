@@ -85,14 +85,18 @@ class Judge(Protocol):
 # ------------------------------------------------------------------------------------------- sampling
 
 def sample_experts(counts: np.ndarray, n: int, strata: int, min_count: int, seed: int) -> np.ndarray:
-    """Up to `n` unit ids with count >= min_count, equal numbers from each of `strata` quantile bins of log
-    count (i.e. of density), seeded; sorted."""
+    """Up to `n` unit ids with count >= min_count, seeded, sorted: equal numbers from each of `strata`
+    equal-width bins of log count (i.e. of log density) between the rarest and the busiest eligible unit
+    (a bin with too few gives all it has, the others make up), so busy experts, few among 262,144, are
+    represented as much as the many rare ones."""
     eligible = np.flatnonzero(counts >= max(min_count, 1))
     if len(eligible) <= n:
         return eligible
     rng = np.random.default_rng(seed)
-    order = eligible[np.argsort(counts[eligible], kind="stable")]
-    bins = [rng.permutation(part) for part in np.array_split(order, strata)]
+    logs = np.log(counts[eligible].astype(np.float64))
+    edges = np.linspace(logs.min(), logs.max(), strata + 1)[1:-1]
+    which = np.searchsorted(edges, logs, side="right")
+    bins = [rng.permutation(eligible[which == b]) for b in range(strata)]
     chosen: list[int] = []
     depth = 0
     while len(chosen) < n:
