@@ -124,7 +124,8 @@ def test_end_to_end_control_at_chance_and_top_tokens_above_it(setup, tmp_path, c
     assert {(r["source"], r["scorer"]) for r in rows} == {(s, c) for s in ("top_tokens", "random")
                                                           for c in ("detection", "fuzzing")}
     assert all(r["n_pos"] > 0 for r in rows) and all(r["n_neg"] > 0 for r in rows if r["scorer"] == "detection")
-    summary = {(e["group"], e["source"], e["scorer"]): e for e in json.loads((out / "summary.json").read_text())["summary"]}
+    report = json.loads((out / "summary.json").read_text())
+    summary = {(e["group"], e["source"], e["scorer"]): e for e in report["summary"]}
     for scorer in ("detection", "fuzzing"):
         control, top = summary[("all", "random", scorer)], summary[("all", "top_tokens", scorer)]
         low, high = control["balanced_accuracy_ci95"]

@@ -173,7 +173,7 @@ def quiet_pool(model: Any, atlas: Any, size: int, batch_size: int, seed: int, wi
             ids[b, :length] = dataset.document(doc)[start:start + length]
         with torch.no_grad():
             acts = unit_activations(model.eval(), torch.from_numpy(ids).to(device))
-        for b, (doc, start, length, sub) in enumerate(batch):
+        for b, (_, _, length, sub) in enumerate(batch):
             stop = min(sub + width, length)
             pieces.append([atlas.piece(int(t)) for t in ids[b, sub:stop]])
             for g, (unit_ids, scores) in enumerate(acts):
@@ -415,7 +415,8 @@ def classification(truth: list[bool], predicted: list[bool]) -> dict[str, Any]:
     r = recall or 0.0
     return {"n_pos": tp + fn, "n_neg": tn + fp, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
             "balanced_accuracy": None if recall is None or specificity is None else (recall + specificity) / 2,
-            "precision": precision, "recall": recall, "f1": 2 * precision * r / (precision + r) if precision + r else 0.0}
+            "precision": precision, "recall": recall,
+            "f1": 2 * precision * r / (precision + r) if precision + r else 0.0}
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float | None:
@@ -558,10 +559,12 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
     lines = [f"Autointerp of {meta['atlas']} ({meta['kind']}), judge `{meta['judge']}`; balanced accuracy "
              "(embedding: AUROC) and F1 per expert, mean [bootstrap 95% interval over experts]; chance 0.5.", "",
-             "| group | source | scorer | experts | balanced accuracy | F1 | minus random |", "|---|---|---|---|---|---|---|"]
+             "| group | source | scorer | experts | balanced accuracy | F1 | minus random |",
+             "|---|---|---|---|---|---|---|"]
     for e in summary:
         lines.append(f"| {e['group']} | {e['source']} | {e['scorer']} | {e['experts']} | "
-                     f"{ci(e['balanced_accuracy'], e['balanced_accuracy_ci95'])} | {ci(e.get('f1'), e.get('f1_ci95'))} | "
+                     f"{ci(e['balanced_accuracy'], e['balanced_accuracy_ci95'])} | "
+                     f"{ci(e.get('f1'), e.get('f1_ci95'))} | "
                      f"{ci(e.get('minus_random'), e.get('minus_random_ci95'))} |")
     lines += ["", f"Held-out activating examples per expert: mean {meta['activating_mean']:.1f} "
               f"(at most {meta['activating_max']} asked); non-activating: mean {meta['quiet_mean']:.1f}."]
