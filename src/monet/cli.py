@@ -194,6 +194,11 @@ def run_probe(cmd: S.ProbeSettings) -> None:
     out = Path(cmd.out)
     print((out / REPORT_MD).read_text(encoding="utf-8"))
     print(f"report: {out / REPORT_JSON}  table: {out / REPORT_MD}  ({len(report['models'])} model(s))")
+    if cmd.format == "saebench":
+        from monet.interp.saebench import write_saebench
+
+        paths = write_saebench(report, out, cmd.seed)
+        print(f"SAEBench sparse-probing results: {', '.join(str(p) for p in paths)}")
 
 
 def run_autointerp(cmd: S.AutointerpSettings) -> None:

@@ -356,7 +356,7 @@ class AtlasQuery(Settings):
 
 
 class AtlasExport(Settings):
-    """Write one expert page as JSON, close to Neuronpedia's feature data (docs/atlas.md)."""
+    """Write one expert page as JSON: ours, Neuronpedia's feature or an SAEDashboard batch file (docs/atlas.md)."""
 
     atlas: Positional[str]  # atlas directory
     expert: str  # routing group and expert id, G:ID
@@ -364,6 +364,8 @@ class AtlasExport(Settings):
     run: str | None = None  # the atlas's model: adds promoted/suppressed tokens
     top: int | None = number(None, low=1)  # contexts to include (default: all stored)
     force: bool = False  # replace --out if it exists
+    format: Literal["monet", "neuronpedia", "saedashboard"] = "monet"
+    """monet (our page), neuronpedia (its feature: Neuron + Activation records) or saedashboard (a batch file)"""
 
 
 class ViewCommand(Settings):
@@ -429,10 +431,14 @@ class ProbeSettings(Settings):
     no_verify: bool = False  # skip the SHA-256 check of the checkpoints
     force: bool = False  # replace --out even if it is not a probe report
     quiet: bool = False  # no progress bars
+    format: Literal["monet", "saebench"] = "monet"
+    """saebench: also write OUT/saebench/*_eval_results.json in SAEBench's sparse-probing layout (needs --baseline)"""
 
     def validate(self) -> None:
         if not self.ks:
             raise MonetError("--ks needs at least one probe size")
+        if self.format == "saebench" and not self.baseline:
+            raise MonetError("--format saebench needs --baseline DENSE_RUN: its neurons take SAEBench's `llm` place")
 
 
 class AutointerpSettings(Settings):
