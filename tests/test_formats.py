@@ -89,7 +89,8 @@ def test_saebench_mapping_and_schema():
         check_saebench(json.loads(json.dumps(result)))   # as written to disk
     first = results["run_group_0_eval_results.json"]
     sae, llm = first["eval_result_metrics"]["sae"], first["eval_result_metrics"]["llm"]
-    assert sae["sae_top_1_test_accuracy"] == pytest.approx(0.71) and sae["sae_top_20_test_accuracy"] == pytest.approx(0.9)
+    assert sae["sae_top_1_test_accuracy"] == pytest.approx(0.71)
+    assert sae["sae_top_20_test_accuracy"] == pytest.approx(0.9)
     assert sae["sae_top_10_test_accuracy"] is None and sae["sae_test_accuracy"] is None
     assert llm["llm_top_5_test_accuracy"] == pytest.approx(0.65)          # dense layer 1: the group's last layer
     assert llm["llm_test_accuracy"] == llm["llm_top_20_test_accuracy"]    # documented stand-in (largest k)
