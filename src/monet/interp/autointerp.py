@@ -43,9 +43,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
+from monet.checkpoint import load_checkpoint
 from monet.errors import MonetError
+from monet.interp.atlas import unit_activations
+from monet.interp.explain import explain_expert
+from monet.interp.query import Atlas
 from monet.io import output_directory, write_json
+from monet.runtime import resolve_device
 
 SOURCES = ("top_tokens", "self", "external", "random")
 FUZZ_THRESHOLD = 0.3         # a token counts as active for fuzzing at >= 0.3 of its context's maximum (delphi)
@@ -147,10 +153,6 @@ def quiet_pool(model: Any, atlas: Any, size: int, batch_size: int, seed: int, wi
     """`size` windows of `width` tokens at random places of the atlas's corpus; each is cut from one of the
     build's windows (documents cut every seq_len tokens from their start), which is run whole, so the values
     are those the build saw."""
-    import torch
-
-    from monet.interp.atlas import unit_activations
-
     dataset = atlas.dataset()
     seq_len = int(atlas.manifest["options"]["seq_len"])
     rng = np.random.default_rng([seed, 2])
@@ -346,7 +348,6 @@ class LocalJudge:
     name = "local"
 
     def __init__(self, directory: str, device: str = "cpu") -> None:
-        import torch  # noqa: F401  (transformers needs it)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if not Path(directory, "config.json").is_file():
@@ -357,8 +358,6 @@ class LocalJudge:
         self.yes, self.no = (self.tokenizer(w, add_special_tokens=False)["input_ids"][-1] for w in (" yes", " no"))
 
     def __call__(self, explanation: str, examples: list[Example], task: str) -> list[bool]:
-        import torch
-
         out = []
         for ex in examples:
             prompt = judge_prompt(explanation, [ex], task).rsplit("\n", 1)[0] + "\nAnswer (yes or no):"
@@ -389,8 +388,6 @@ class Embedder:
         self.model = AutoModel.from_pretrained(directory, local_files_only=True).to(device).eval()
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        import torch
-
         out = []
         for text in texts:
             ids = self.tokenizer(text, return_tensors="pt", truncation=True, max_length=256)["input_ids"]
@@ -448,8 +445,6 @@ def explain_all(atlas: Any, group: int, experts: np.ndarray, tops: dict[int, lis
     out: dict[str, dict[int, str]] = {"top_tokens": {e: top_tokens_explanation(tops[e], cmd.top_tokens)
                                                      for e in experts.tolist()}}
     if "self" in cmd.sources and chat is not None:
-        from monet.interp.explain import explain_expert
-
         out["self"] = {e: explain_expert(chat[0], chat[1], atlas, group, e, samples=1, k=len(tops[e]),
                                          seed=cmd.seed)[0] for e in experts.tolist()}
     if "external" in cmd.sources and endpoint is not None:
@@ -576,9 +571,6 @@ def autointerp(cmd: Any) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from monet.checkpoint import load_checkpoint
-    from monet.interp.query import Atlas
-    from monet.runtime import resolve_device
 
     started = time.time()
     atlas = Atlas(cmd.atlas)
