@@ -160,8 +160,21 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         pass
 
 
+def tiny_encoder(data: Path, out: Path) -> Path:
+    """A random 2-layer BERT with the corpus's tokenizer, saved as a local embedding-model directory."""
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(data / "tokenizer.json"))
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=300)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.mark.slow
 def test_external_explainer_llm_judge_and_self_explanation(setup, tmp_path):
+    encoder = tiny_encoder(setup["data"], tmp_path / "encoder")
     server = HTTPServer(("127.0.0.1", 0), FakeOpenAI)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -171,6 +184,7 @@ def test_external_explainer_llm_judge_and_self_explanation(setup, tmp_path):
         assert main(["autointerp", str(setup["atlas"]), "--out", str(out), "--run", str(setup["run"]),
                      "--experts", "3", "--groups", "0", "--pool", "40", "--sources", "external", "self", "random",
                      "--explainer", url, "--judge", url, "--chat-model", str(setup["run"]),
+                     "--scorers", "detection", "embedding", "--embedder", str(encoder),
                      "--bootstrap", "0", "--device", "cpu"]) == 0
     finally:
         server.shutdown()
@@ -182,6 +196,8 @@ def test_external_explainer_llm_judge_and_self_explanation(setup, tmp_path):
     # a judge that always says yes: recall 1, specificity 0, balanced accuracy exactly 0.5
     assert detection and all(r["judge"] == "endpoint" and r["balanced_accuracy"] == 0.5 for r in detection)
     assert any("<<" in p for p in FakeOpenAI.prompts)   # the marked tokens reach the judge and the explainer
+    embedding = [r for r in rows if r["scorer"] == "embedding"]
+    assert len(embedding) == len(detection) and all(0 <= r["auroc"] <= 1 for r in embedding)
 
 
 def test_without_the_model_no_negatives(setup, tmp_path):
