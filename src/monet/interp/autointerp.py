@@ -596,7 +596,6 @@ def autointerp(cmd: Any) -> dict[str, Any]:
     n_act, n_quiet = [], []
     for group in groups:
         counts = np.rint(atlas.densities(group) * float(atlas.manifest["tokens"])).astype(np.int64)
-        maxima = np.asarray(atlas._group(group)["max_score"], np.float64)
         experts = sample_experts(counts, cmd.experts, cmd.strata, cmd.min_count, cmd.seed + group)
         tops = {e: atlas.top_contexts(group, e, cmd.explain_k) for e in experts.tolist()}
         explanations = explain_all(atlas, group, experts, tops, cmd, chat, endpoint)
@@ -605,7 +604,7 @@ def autointerp(cmd: Any) -> dict[str, Any]:
             activating = held_out_activating(atlas, group, expert, tops[expert], cmd.max_activating)
             if not activating:
                 continue
-            windows = pool.quiet_windows(group, expert, cmd.quiet * maxima[expert])
+            windows = pool.quiet_windows(group, expert, cmd.quiet * atlas.expert(group, expert)["max_score"])
             wanted = cmd.negatives if cmd.negatives is not None else len(activating)
             chosen = rng.choice(windows, size=min(wanted, len(windows)), replace=False) if len(windows) else []
             quiet = [Example(pool.pieces[w], [0.0] * len(pool.pieces[w]), False) for w in chosen]
