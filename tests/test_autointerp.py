@@ -206,3 +206,16 @@ def test_without_the_model_no_negatives(setup, tmp_path):
     with pytest.raises(MonetError, match="--run"):
         autointerp(AutointerpSettings(atlas=str(setup["atlas"]), out=str(tmp_path / "x"),
                                       run=str(tmp_path / "missing"), device="cpu"))
+
+
+def test_local_judge_answers_each_example(corpus, tmp_path):
+    from monet.interp.autointerp import LocalJudge
+
+    run = save_run(tmp_path / "judge", tiny_config(), corpus)
+    (checkpoint,) = (run / "checkpoints").iterdir()
+    judge = LocalJudge(str(checkpoint))
+    examples = [Example(["def", " f"], [1, 0], True, marked=[0]), Example(["x"], [0], False)]
+    answers = judge('tokens "def"', examples, "fuzzing")
+    assert len(answers) == 2 and all(isinstance(a, bool) for a in answers)
+    with pytest.raises(MonetError, match="not a model directory"):
+        LocalJudge(str(tmp_path))
