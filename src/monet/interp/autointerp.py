@@ -561,7 +561,10 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                      f"{ci(e['balanced_accuracy'], e['balanced_accuracy_ci95'])} | "
                      f"{ci(e.get('f1'), e.get('f1_ci95'))} | "
                      f"{ci(e.get('minus_random'), e.get('minus_random_ci95'))} |")
-    lines += ["", f"Held-out activating examples per expert: mean {meta['activating_mean']:.1f} "
+    lines += ["", f"Experts scored: {meta['experts_scored']} ({meta['experts_without_held_out']} sampled experts "
+              f"had no held-out band sample; {meta['experts_without_negatives']} no non-activating window in the "
+              "pool). "
+              f"Held-out activating examples per expert: mean {meta['activating_mean']:.1f} "
               f"(at most {meta['activating_max']} asked); non-activating: mean {meta['quiet_mean']:.1f}."]
     return "\n".join(lines) + "\n"
 
@@ -593,7 +596,9 @@ def autointerp(cmd: Any) -> dict[str, Any]:
     pool = quiet_pool(model, atlas, cmd.pool, cmd.batch_size, cmd.seed)
     rows: list[dict[str, Any]] = []
     explained: list[dict[str, Any]] = []
-    n_act, n_quiet = [], []
+    n_act: list[int] = []
+    n_quiet: list[int] = []
+    sampled = skipped = 0
     for group in groups:
         counts = np.rint(atlas.densities(group) * float(atlas.manifest["tokens"])).astype(np.int64)
         experts = sample_experts(counts, cmd.experts, cmd.strata, cmd.min_count, cmd.seed + group)
@@ -603,6 +608,7 @@ def autointerp(cmd: Any) -> dict[str, Any]:
             rng = np.random.default_rng([cmd.seed, group, expert])
             activating = held_out_activating(atlas, group, expert, tops[expert], cmd.max_activating)
             if not activating:
+                skipped += 1
                 continue
             windows = pool.quiet_windows(group, expert, cmd.quiet * atlas.expert(group, expert)["max_score"])
             wanted = cmd.negatives if cmd.negatives is not None else len(activating)
@@ -610,6 +616,7 @@ def autointerp(cmd: Any) -> dict[str, Any]:
             quiet = [Example(pool.pieces[w], [0.0] * len(pool.pieces[w]), False) for w in chosen]
             n_act.append(len(activating))
             n_quiet.append(len(quiet))
+            sampled += 1
             mine = {source: by_expert[expert] for source, by_expert in explanations.items() if source in cmd.sources}
             for row in score_expert(mine, activating, quiet, judge, tuple(cmd.scorers), embedder, rng):
                 rows.append({"group": group, "expert": expert, "count": int(counts[expert]),
@@ -624,6 +631,8 @@ def autointerp(cmd: Any) -> dict[str, Any]:
             "scorers": list(cmd.scorers), "groups": groups, "experts_per_group": cmd.experts, "strata": cmd.strata,
             "min_count": cmd.min_count, "quiet": cmd.quiet, "pool": cmd.pool, "seed": cmd.seed,
             "bootstrap": cmd.bootstrap, "activating_max": cmd.max_activating,
+            "experts_scored": sampled, "experts_without_held_out": skipped,
+            "experts_without_negatives": int(sum(n == 0 for n in n_quiet)),
             "activating_mean": float(np.mean(n_act)), "quiet_mean": float(np.mean(n_quiet)),
             "judge_failures": getattr(judge, "failures", 0), "seconds": None}
     summary = summarize(rows, cmd.bootstrap, cmd.seed)
