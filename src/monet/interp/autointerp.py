@@ -457,7 +457,7 @@ def explain_all(atlas: Any, group: int, experts: np.ndarray, tops: dict[int, lis
 
         out["external"] = {e: endpoint.chat(EXPLAIN_PROMPT.format(examples=listing(e))).strip()
                            for e in experts.tolist()}
-    if "random" in cmd.sources:
+    if "random" in cmd.sources and len(experts) > 1:     # one expert has no other expert's explanation
         ids = experts.tolist()
         rng = np.random.default_rng([cmd.seed, group, 3])
         shift = rng.permutation(len(ids))
