@@ -150,43 +150,48 @@ class QuietPool:
 
 
 def quiet_pool(model: Any, atlas: Any, size: int, batch_size: int, seed: int, width: int = 17) -> QuietPool:
-    """`size` windows of `width` tokens at random places of the atlas's corpus; each is cut from one of the
-    build's windows (documents cut every seq_len tokens from their start), which is run whole, so the values
-    are those the build saw."""
+    """About `size` windows of `width` tokens at random places of the atlas's corpus: random build windows
+    (documents cut every seq_len tokens from their start, each run whole, so the values are those the build
+    saw), each cut into as many non-overlapping `width`-token windows as fit (3 of 64 tokens)."""
     dataset = atlas.dataset()
     seq_len = int(atlas.manifest["options"]["seq_len"])
     rng = np.random.default_rng([seed, 2])
     lengths = (dataset.docs[:, 1] - dataset.docs[:, 0]).astype(np.int64)
-    docs = rng.choice(len(lengths), size=size, p=lengths / lengths.sum())
-    plans = []                                         # (doc, window start, window length, sub-window start)
-    for doc in docs.tolist():
+    plans: list[tuple[int, int, int, list[int]]] = []     # (doc, window start, window length, sub-window starts)
+    total = 0
+    while total < size:
+        doc = int(rng.choice(len(lengths), p=lengths / lengths.sum()))
         start = int(rng.integers(0, lengths[doc])) // seq_len * seq_len
         length = min(seq_len, int(lengths[doc]) - start)
-        sub = int(rng.integers(0, max(length - width, 0) + 1))
-        plans.append((doc, start, length, sub))
+        first = int(rng.integers(0, length % width + 1)) if length >= width else 0
+        subs = list(range(first, max(length - width, 0) + 1, width))[:size - total]
+        plans.append((doc, start, length, subs))
+        total += len(subs)
     groups = len(atlas.groups)
     rows: list[list[tuple[np.ndarray, ...]]] = [[] for _ in range(groups)]
-    pieces = []
+    pieces: list[list[str]] = []
     device = next(model.parameters()).device
-    for first in range(0, size, batch_size):
-        batch = plans[first:first + batch_size]
+    for at in range(0, len(plans), batch_size):
+        batch = plans[at:at + batch_size]
         ids = np.zeros((len(batch), max(p[2] for p in batch)), np.int64)
         for b, (doc, start, length, _) in enumerate(batch):
             ids[b, :length] = dataset.document(doc)[start:start + length]
         with torch.no_grad():
             acts = unit_activations(model.eval(), torch.from_numpy(ids).to(device))
-        for b, (_, _, length, sub) in enumerate(batch):
-            stop = min(sub + width, length)
-            pieces.append([atlas.piece(int(t)) for t in ids[b, sub:stop]])
-            for g, (unit_ids, scores) in enumerate(acts):
-                u = unit_ids[b, sub:stop].flatten().cpu().numpy()
-                s = scores[b, sub:stop].flatten().float().cpu().numpy()
-                keep = u >= 0
-                u, s = u[keep], s[keep]
-                order = np.lexsort((-s, u))
-                u, s = u[order], s[order]
-                firsts = np.unique(u, return_index=True)[1]     # the largest value of each unit in the window
-                rows[g].append((u[firsts], np.full(len(firsts), first + b), s[firsts]))
+        acts = [(unit_ids.cpu().numpy(), scores.float().cpu().numpy()) for unit_ids, scores in acts]
+        for b, (_, _, length, subs) in enumerate(batch):
+            for sub in subs:
+                stop = min(sub + width, length)
+                window = len(pieces)
+                pieces.append([atlas.piece(int(t)) for t in ids[b, sub:stop]])
+                for g, (unit_ids, scores) in enumerate(acts):
+                    u, s = unit_ids[b, sub:stop].ravel(), scores[b, sub:stop].ravel()
+                    keep = u >= 0
+                    u, s = u[keep], s[keep]
+                    order = np.lexsort((-s, u))
+                    u, s = u[order], s[order]
+                    firsts = np.unique(u, return_index=True)[1]     # the largest value of each unit in the window
+                    rows[g].append((u[firsts], np.full(len(firsts), window), s[firsts]))
     loud = []
     for g in range(groups):
         unit, window, peak = (np.concatenate([r[i] for r in rows[g]]) if rows[g] else np.zeros(0)
