@@ -216,6 +216,20 @@ def run_probe(cmd: S.ProbeSettings) -> None:
     out = Path(cmd.out)
     print(printable((out / REPORT_MD).read_text(encoding="utf-8")))
     print(printable(f"report: {out / REPORT_JSON}  table: {out / REPORT_MD}  ({len(report['models'])} model(s))"))
+    if cmd.format == "saebench":
+        from monet.interp.saebench import write_saebench
+
+        paths = write_saebench(report, out, cmd.seed)
+        print(f"SAEBench sparse-probing results: {', '.join(str(p) for p in paths)}")
+
+
+def run_autointerp(cmd: S.AutointerpSettings) -> None:
+    from monet.interp.autointerp import SUMMARY_MD, autointerp
+
+    autointerp(cmd)
+    out = Path(cmd.out)
+    print(printable((out / SUMMARY_MD).read_text(encoding="utf-8")))
+    print(f"scores: {out / 'scores.parquet'}  summary: {out / 'summary.json'}  histogram: {out / 'histogram.png'}")
 
 
 def run_unlearn(cmd: S.UnlearnSettings) -> None:
@@ -254,6 +268,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "view": (S.ViewCommand, library("monet.interp.viewer.server:view_command")),
     "explain": (S.ExplainCommand, run_explain),
     "probe": (S.ProbeSettings, run_probe),
+    "autointerp": (S.AutointerpSettings, run_autointerp),
     "unlearn": (S.UnlearnSettings, run_unlearn),
     "toxicity": (S.ToxicitySettings, run_toxicity),
     "bench": (S.BenchSettings, library("monet.experiments.bench:bench_command")),

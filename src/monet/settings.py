@@ -459,7 +459,7 @@ class AtlasQuery(Settings):
 
 
 class AtlasExport(Settings):
-    """Write one expert page as JSON, close to Neuronpedia's feature data (docs/atlas.md)."""
+    """Write one expert page as JSON: ours, Neuronpedia's feature or an SAEDashboard batch file (docs/atlas.md)."""
 
     atlas: Positional[str]  # atlas directory
     expert: str  # routing group and expert id, G:ID
@@ -467,6 +467,8 @@ class AtlasExport(Settings):
     run: str | None = None  # the atlas's model: adds promoted/suppressed tokens
     top: int | None = number(None, low=1)  # contexts to include (default: all stored)
     force: bool = False  # replace --out if it exists
+    format: Literal["monet", "neuronpedia", "saedashboard"] = "monet"
+    """monet (our page), neuronpedia (its feature: Neuron + Activation records) or saedashboard (a batch file)"""
 
 
 class ViewCommand(Settings):
@@ -532,10 +534,71 @@ class ProbeSettings(Settings):
     no_verify: bool = False  # skip the SHA-256 check of the checkpoints
     force: bool = False  # unneeded for an earlier probe report (replaced anyway); nothing else is ever replaced
     quiet: bool = False  # no progress bars
+    format: Literal["monet", "saebench"] = "monet"
+    """saebench: also write OUT/saebench/*_eval_results.json in SAEBench's sparse-probing layout (needs --baseline)"""
 
     def validate(self) -> None:
         if not self.ks:
             raise MonetError("--ks needs at least one probe size")
+        if self.format == "saebench" and not self.baseline:
+            raise MonetError("--format saebench needs --baseline DENSE_RUN: its neurons take SAEBench's `llm` place")
+
+
+class AutointerpSettings(Settings):
+    """Score explanations of sampled experts: detection, fuzzing, embedding, with a random control (delphi).
+
+    Per group, --experts units stratified by density; explanations from their top contexts (top tokens; the
+    model's self-explanation with --chat-model; an OpenAI-compatible --explainer URL) and another expert's as
+    the control; scored on held-out band samples and non-activating corpus windows by --judge (overlap: the
+    deterministic unigram detector; a URL; or a local causal-LM directory). Writes OUT/scores.parquet,
+    explanations.parquet, summary.json/.md (bootstrap 95% intervals) and histogram.png (docs/experts.md)."""
+
+    atlas: Positional[str]  # atlas directory
+    out: str  # report directory to write
+    run: str | None = None  # the atlas's model (default: the run recorded in the atlas); finds non-activating contexts
+    groups: tuple[int, ...] = number((), low=0)  # routing groups (dense: layers) to sample (default: all)
+    experts: int = number(1000, low=1)  # experts sampled per group
+    strata: int = number(10, low=1)  # density bins the sample is stratified over (equal numbers from each)
+    min_count: int = number(20, low=1)  # activations an expert needs in the atlas to be sampled
+    sources: tuple[str, ...] = ("top_tokens", "random")
+    """explanations to score: top_tokens (no model), self (--chat-model), external (--explainer), random (control)"""
+    scorers: tuple[str, ...] = ("detection", "fuzzing")
+    """scoring methods (embedding needs --embedder)"""
+    judge: str = "overlap"
+    """who judges detection and fuzzing: overlap (deterministic token overlap), an OpenAI-compatible URL, or a
+    local causal-LM directory"""
+    judge_model: str | None = None  # model name sent to a --judge URL
+    explainer: str | None = None  # OpenAI-compatible URL for the external explanations
+    explainer_model: str | None = None  # model name sent to --explainer
+    api_key_env: str | None = None  # environment variable holding the endpoints' API key (sent as a Bearer token)
+    chat_model: str | None = None  # chat model sharing the atlas's tokenizer, for self-explanation (paper §4.3)
+    embedder: str | None = None  # local Hugging Face encoder directory for embedding scoring
+    top_tokens: int = number(5, low=1)  # distinct tokens in a top-tokens explanation
+    explain_k: int | None = number(None, low=1)  # top contexts shown to explainers (default: all stored)
+    max_activating: int = number(100, low=1)  # held-out activating examples per expert (the atlas's band samples)
+    negatives: int | None = number(None, low=1)  # non-activating examples per expert (default: as many as activating)
+    quiet: float = number(0.01, low=0, below=1)
+    """a window is non-activating when the unit stays at or below this fraction of its largest atlas value"""
+    pool: int = number(2000, low=1)  # random corpus windows the non-activating examples are drawn from
+    batch_size: int = number(16, low=1)  # windows per forward pass
+    bootstrap: int = number(1000, low=0)  # bootstrap rounds over experts for the 95% intervals
+    seed: int = number(0, low=0)  # expert sample, examples, control
+    device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
+    force: bool = False  # replace --out even if it is not an autointerp report
+
+    def validate(self) -> None:
+        if not self.sources or not self.scorers:
+            raise MonetError("give at least one --sources and one --scorers")
+        for name, given, allowed in (("--sources", self.sources, ("top_tokens", "self", "external", "random")),
+                                     ("--scorers", self.scorers, ("detection", "fuzzing", "embedding"))):
+            if any(value not in allowed for value in given):
+                raise MonetError(f"{name} takes {', '.join(allowed)}; got {' '.join(given)}")
+        if "self" in self.sources and not self.chat_model:
+            raise MonetError("--sources self needs --chat-model DIR (a chat model sharing the atlas's tokenizer)")
+        if "external" in self.sources and not self.explainer:
+            raise MonetError("--sources external needs --explainer URL (an OpenAI-compatible endpoint)")
+        if "embedding" in self.scorers and not self.embedder:
+            raise MonetError("--scorers embedding needs --embedder DIR (a local sentence-embedding model)")
 
 
 class UnlearnSettings(Settings):
