@@ -1,0 +1,113 @@
+"""VisionMonet (paper B.3): a tiny tower + tiny Monet fine-tune on image–caption pairs, save, reload, caption."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from atlas_fixtures import save_run, tiny_config
+from runs import weights
+from safetensors.torch import load_file, save_file
+
+from monet.data.images import read_pairs, write_pairs
+from monet.errors import MonetError
+from monet.settings import VisionTrainSettings
+from monet.vision import VisionMonetForCausalLM, caption, collate_pairs, load_vision, train_vision
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 30)}
+
+
+@pytest.fixture(scope="module")
+def text_run(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_run(tmp_path_factory.mktemp("vision") / "text", tiny_config(), corpus)
+
+
+@pytest.fixture(scope="module")
+def pairs(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 images 16x16: a coloured square on white, captioned with its colour and shape."""
+    images, texts, groups = [], [], []
+    for n in range(16):
+        name = list(COLOURS)[n % 4]
+        image = np.full((16, 16, 3), 255, dtype=np.uint8)
+        lo = 2 + n // 4
+        image[lo : lo + 8, lo : lo + 8] = COLOURS[name]
+        images.append(image)
+        texts.append(f"a {name} square")
+        groups.append(name)
+    out = tmp_path_factory.mktemp("vision") / "pairs"
+    return write_pairs(out, np.stack(images), texts, groups, corpus, splits=["train"] * 16)
+
+
+def settings(pairs: Path, text_run: Path, out: Path, **values) -> VisionTrainSettings:
+    base = dict(data=str(pairs), out=str(out), init_from=str(text_run), max_steps=3, batch_size=4, seq_len=24,
+                image_size=16, patch_size=8, vision_width=32, lr=1e-2, warmup_steps=1, eval_interval=0,
+                save_interval=2, quiet=True, device="cpu")
+    return VisionTrainSettings(**{**base, **values})
+
+
+def router_keys(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if ".router.w1." in k or ".router.w2." in k}
+
+
+@pytest.mark.parametrize("tower", ["patch", "clip"])
+def test_fine_tune_freezes_routers_saves_reloads_and_captions(pairs: Path, text_run: Path, tmp_path: Path,
+                                                             tower: str) -> None:
+    summary = train_vision(settings(pairs, text_run, tmp_path / "run", vision_tower=tower))
+    checkpoint = Path(summary["checkpoint"])
+    before = weights(Path(text_run) / "checkpoints" / "step-0000001")
+    after = weights(checkpoint)
+    # B.2/B.3: the routers' key matrices are bitwise those of the text model; the rest of the model learned.
+    frozen = router_keys(after, "language_model.")
+    assert frozen and frozen.keys() == router_keys(before).keys()
+    assert all(torch.equal(frozen[k], before[k]) for k in frozen)
+    assert not torch.equal(after["language_model.lm_head.weight"], before["lm_head.weight"])
+    assert any(k.startswith("vision_tower.") for k in after) and "projector.0.weight" in after
+
+    model, tokenizer = load_vision(tmp_path / "run")
+    assert model.config.num_image_tokens == 4
+    batch = collate_pairs([(read_pairs(pairs).images[n], [1, 50, 60, 2]) for n in range(3)], model.config, 24, 3)
+    again_dir = tmp_path / "again"
+    model.save_pretrained(again_dir)
+    again = VisionMonetForCausalLM.from_pretrained(again_dir).eval()
+    with torch.no_grad():
+        first, second = model(**batch).logits, again(**batch).logits
+    assert torch.equal(first, second)
+    # Images matter: another image changes the caption's logits.
+    with torch.no_grad():
+        swapped = model(**{**batch, "pixel_values": batch["pixel_values"].flip(0)}).logits
+    assert not torch.allclose(first[0], swapped[0])
+
+    texts = caption(model, tokenizer, read_pairs(pairs).images[:2], max_new_tokens=4)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_resume_is_exact(pairs: Path, text_run: Path, tmp_path: Path) -> None:
+    """Resuming from the step-2 checkpoint (the step-4 one deleted) gives bitwise the weights of the whole run."""
+    whole = train_vision(settings(pairs, text_run, tmp_path / "run", max_steps=4, keep_last=0))
+    final = Path(whole["checkpoint"])
+    expected = weights(final)
+    shutil.rmtree(final)
+    resumed = train_vision(settings(pairs, text_run, tmp_path / "run", max_steps=4, keep_last=0))
+    assert resumed["resumed_from"] == 2
+    got = weights(Path(resumed["checkpoint"]))
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_strict_loading_and_placeholder_count(pairs: Path, text_run: Path, tmp_path: Path) -> None:
+    summary = train_vision(settings(pairs, text_run, tmp_path / "run", max_steps=1))
+    model, _ = load_vision(tmp_path / "run")
+    model.save_pretrained(tmp_path / "copy")
+    tensors = load_file(tmp_path / "copy" / "model.safetensors")
+    del tensors["projector.0.weight"]
+    save_file(tensors, tmp_path / "copy" / "model.safetensors")
+    with pytest.raises(MonetError, match="projector.0.weight"):
+        VisionMonetForCausalLM.from_pretrained(tmp_path / "copy")
+    with pytest.raises(MonetError, match="not a VisionMonet"):
+        VisionMonetForCausalLM.from_pretrained(Path(text_run) / "checkpoints" / "step-0000001")
+    ids = torch.tensor([[1, 5, 6, 7]])   # no placeholder tokens
+    with pytest.raises(MonetError, match="image placeholder"):
+        model(input_ids=ids, pixel_values=torch.zeros(1, 3, 16, 16))
+    assert summary["steps"] == 1
