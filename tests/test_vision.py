@@ -111,3 +111,39 @@ def test_strict_loading_and_placeholder_count(pairs: Path, text_run: Path, tmp_p
     with pytest.raises(MonetError, match="image placeholder"):
         model(input_ids=ids, pixel_values=torch.zeros(1, 3, 16, 16))
     assert summary["steps"] == 1
+
+
+def test_rasterise_and_caption_corpus(tmp_path: Path) -> None:
+    """An SVG is drawn onto white at the asked size; a caption corpus loads as a training dataset."""
+    from monet.data import TokenDataset
+    from monet.data.images import rasterise, write_text_corpus
+
+    svg = tmp_path / "half.svg"
+    svg.write_text('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 10 10">'
+                   '<rect x="0" y="0" width="5" height="10" fill="#ff0000"/></svg>', encoding="utf-8")
+    image = rasterise([svg], 8)
+    assert image.shape == (1, 8, 8, 3) and image.dtype == np.uint8
+    assert tuple(image[0, 4, 1]) == (255, 0, 0) and tuple(image[0, 4, 6]) == (255, 255, 255)
+    texts = [f"{c} {s}" for c in COLOURS for s in ("square", "circle", "star", "heart", "moon")] * 3
+    labels = [t.split()[0] for t in texts]
+    corpus = write_text_corpus(tmp_path / "text", texts, labels, ["validation" if n % 5 == 0 else "train"
+                                                                  for n in range(len(texts))])
+    train_set = TokenDataset(corpus, "train")
+    assert train_set.num_documents == 48 and train_set.labels == sorted(COLOURS)
+
+
+def test_command_line_trains_and_captions(pairs: Path, text_run: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+
+    from monet.cli import main
+
+    run = tmp_path / "run"
+    assert main(["vision", "train", "--data", str(pairs), "--out", str(run), "--init-from", str(text_run),
+                 "--max-steps", "1", "--batch-size", "2", "--seq-len", "16", "--image-size", "16", "--eval-interval",
+                 "0", "--device", "cpu", "--quiet"]) == 0
+    image = tmp_path / "red.png"
+    Image.fromarray(read_pairs(pairs).images[0]).save(image)
+    assert main(["vision", "caption", str(run), "--image", str(image), "--max-new-tokens", "3"]) == 0
+    assert f"{image}: " in capsys.readouterr().out
+    assert main(["vision", "caption", str(Path(text_run)), "--image", str(image)]) != 0   # a text-only Monet

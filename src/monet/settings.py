@@ -269,6 +269,8 @@ class VisionTrainSettings(TrainSettings):
     patch in front of the caption, routed like text. --data is an image–caption set (docs/vision.md), --init-from
     the text run whose language model is fine-tuned. Same loop, resume and checkpoints as `monet train`."""
 
+    data: str  # image–caption set (images.npy, captions.jsonl, the text data's tokenizer; docs/vision.md)
+    init_from: str | None = None  # text run or checkpoint whose language model is fine-tuned (else a fresh --preset)
     freeze_router: bool = True  # paper B.2/B.3: router key matrices w1/w2 frozen (BatchNorm statistics still update)
     vision_tower: str = "patch"
     """patch (a small ViT trained from scratch), clip (a random-init CLIPVisionModel of the size below) or a local

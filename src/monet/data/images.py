@@ -20,6 +20,8 @@ import numpy as np
 
 from monet.data.documents import split_of
 from monet.data.packages import npm_package
+from monet.data.storage import FORMAT_VERSION, MANIFEST, SPLITS, token_dtype, write_split
+from monet.data.tokenizer import SPECIAL_TOKENS, save_tokenizer, train_bpe
 from monet.errors import MonetError
 from monet.io import atomic_write, sha256_file
 
@@ -126,3 +128,28 @@ def read_pairs(directory: Path, split: str | None = None) -> Pairs:
         raise MonetError(f"{directory} has no {split} pairs")
     return Pairs(images[keep], [rows[n]["text"] for n in keep], [rows[n]["group"] for n in keep],
                  [rows[n]["id"] for n in keep])
+
+
+def write_text_corpus(out: Path, texts: list[str], labels: list[str], splits: list[str], vocab_size: int = 512,
+                      source: str = "captions") -> Path:
+    """A `monet data build`-layout dataset (storage format 1) of the captions alone, labelled by group, with a
+    byte-level BPE trained on the train split: the text the language model is pretrained on before it sees images.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted(set(labels))
+    model = train_bpe((t for t, s in zip(texts, splits, strict=True) if s == "train"), vocab_size)
+    save_tokenizer(model, out)
+    bos, eos = model.token_to_id(SPECIAL_TOKENS["bos_token"]), model.token_to_id(SPECIAL_TOKENS["eos_token"])
+    counts = {}
+    for split in SPLITS:
+        rows = [n for n, s in enumerate(splits) if s == split]
+        ids = [[bos, *enc.ids, eos] for enc in model.encode_batch([texts[n] for n in rows], add_special_tokens=False)]
+        counts[split] = write_split(out, split, ids, [names.index(labels[n]) for n in rows],
+                                    [{"label": labels[n]} for n in rows], model.get_vocab_size())
+    manifest = {"format_version": FORMAT_VERSION, "source": source, "labels": names,
+                "vocab_size": model.get_vocab_size(), "tokenizer": "bpe",
+                "tokenizer_sha256": sha256_file(out / "tokenizer.json"),
+                "special_tokens": {"bos_id": bos, "eos_id": eos}, "dtype": token_dtype(model.get_vocab_size()).name,
+                "splits": counts}
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return out
