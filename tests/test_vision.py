@@ -147,3 +147,21 @@ def test_command_line_trains_and_captions(pairs: Path, text_run: Path, tmp_path:
     assert main(["vision", "caption", str(run), "--image", str(image), "--max-new-tokens", "3"]) == 0
     assert f"{image}: " in capsys.readouterr().out
     assert main(["vision", "caption", str(Path(text_run)), "--image", str(image)]) != 0   # a text-only Monet
+
+
+def test_a_local_hugging_face_tower_is_loaded_and_kept_frozen(pairs: Path, text_run: Path, tmp_path: Path) -> None:
+    """--vision-tower DIR: a saved CLIPVisionModel (as a download of openai/clip-vit-base-patch16 would be) is
+    used as it is and not trained (LLaVA), while the projector and the language model learn."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(CLIPVisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=2))
+    tower.save_pretrained(tmp_path / "clip")
+    summary = train_vision(settings(pairs, text_run, tmp_path / "run", vision_tower=str(tmp_path / "clip")))
+    after = weights(Path(summary["checkpoint"]))
+    original = tower.state_dict()
+    for key, value in original.items():
+        assert torch.equal(after[f"vision_tower.{key}"], value), key
+    model, _ = load_vision(tmp_path / "run")
+    assert model.config.vision_config.model_type == "clip_vision_model" and model.config.num_image_tokens == 4
