@@ -165,3 +165,56 @@ def test_a_local_hugging_face_tower_is_loaded_and_kept_frozen(pairs: Path, text_
         assert torch.equal(after[f"vision_tower.{key}"], value), key
     model, _ = load_vision(tmp_path / "run")
     assert model.config.vision_config.model_type == "clip_vision_model" and model.config.num_image_tokens == 4
+
+
+def test_image_examples_page_in_headless_chromium(pairs: Path, text_run: Path, tmp_path: Path) -> None:
+    """An expert's top images (the patch outlined) and top captions (the token marked), shown in Chromium."""
+    import os
+    import shutil as sh
+
+    from monet.interp.image_examples import top_examples, write_image_atlas
+    from monet.vision import tokenize_captions
+
+    train_vision(settings(pairs, text_run, tmp_path / "run", max_steps=1))
+    model, tokenizer = load_vision(tmp_path / "run")
+    data = read_pairs(pairs)
+    captions = tokenize_captions(tokenizer, data.texts)
+    examples = top_examples(model, tokenizer, data.images, captions, top_k=3, batch=5)
+    assert examples.image_scores.shape[-1] == 3 and (examples.image_scores[..., 0] > 0).any()
+    patches = examples.image_refs[..., 1][examples.image_scores > 0]
+    assert patches.min() >= 0 and patches.max() < model.config.num_image_tokens
+    # The recorded patch is really the expert's best patch of that image (checked against a direct forward).
+    group, expert = np.unravel_index(int(np.argmax(examples.image_scores[..., 0])), examples.image_scores.shape[:2])
+    image, patch = examples.image_refs[group, expert, 0]
+    from monet.interp.capture import capture_routing
+    from monet.vision import image_prompt, pixels
+
+    ids = torch.tensor([image_prompt(model.config, tokenizer.bos_token_id)])
+    with torch.no_grad(), capture_routing(model.language_model) as capture:
+        model(input_ids=ids, pixel_values=pixels(data.images[image : image + 1], model.config), use_cache=False)
+        token, ids_, score = capture.experts(int(group)).entries()
+    scores = torch.zeros(ids.shape[1])
+    scores.index_add_(0, token[ids_ == expert], score[ids_ == expert].float())
+    assert int(scores[1:].argmax()) == patch
+    assert float(scores[1:].max()) == pytest.approx(float(examples.image_scores[group, expert, 0]), rel=1e-5)
+
+    page_file = write_image_atlas(examples, data.images, captions, tokenizer, tmp_path / "atlas", names=data.texts)
+    chromium = sh.which("chromium") or sh.which("chromium-browser")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--allow-file-access-from-files"])
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        page.goto(page_file.as_uri())
+        first = page.locator("section.expert").first
+        assert first.locator(".tile").count() >= 1
+        assert first.locator(".tile .patch").count() == first.locator(".tile").count()
+        assert first.locator(".captions mark").count() == first.locator(".captions li").count() >= 1
+        loaded = page.eval_on_selector("section.expert img", "img => img.complete && img.naturalWidth")
+        assert loaded == 16
+        shots = Path(os.environ.get("MONET_SCREENSHOT", tmp_path))
+        shots.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shots / "vision-image-examples.png"), full_page=True)
+        browser.close()
