@@ -38,6 +38,7 @@ from monet.data.packages import cache_dir
 from monet.edits import ExpertEdits, edited
 from monet.experiments.protocol_stats import delta_ci, random_masks
 from monet.interp.capture import capture_routing
+from monet.interp.image_examples import top_examples, write_image_atlas
 from monet.model import causal_lm_loss
 from monet.settings import TrainSettings, VisionTrainSettings
 from monet.train import train
@@ -190,6 +191,17 @@ def caption_losses(model, tokenizer, images: np.ndarray, captions: list[list[int
     return np.concatenate(out)
 
 
+def image_use(model, tokenizer, val_pairs) -> dict:
+    """Does the caption loss depend on the image? Held-out captions given their own image vs given another
+    image (a fixed derangement), paired bootstrap CI: without a gap there is nothing for multimodal experts
+    to carry."""
+    captions = tokenize_captions(tokenizer, val_pairs.texts)
+    own = caption_losses(model, tokenizer, val_pairs.images, captions)
+    other = np.roll(np.random.default_rng(0).permutation(len(captions)), 1)
+    shuffled = caption_losses(model, tokenizer, val_pairs.images[other], captions)
+    return {"own_image": float(own.mean()), "other_image": float(shuffled.mean()), "delta": delta_ci(own, shuffled)}
+
+
 def unlearning(model, tokenizer, train_pairs, val_pairs, train_rows: list[dict], random_draws: int = 8) -> list[dict]:
     groups = np.array(train_pairs.groups)
     val_groups = np.array(val_pairs.groups)
@@ -272,6 +284,11 @@ def markdown(result: dict) -> str:
     lines = [
         "# VisionMonet miniature (OpenMoji): results", "",
         f"Command: `{result['command']}`; {result['seconds']:.0f} s wall on {result['machine']}.", "",
+        "## Does the model use the image?", "",
+        f"Held-out caption loss given its own image {result['image_use']['own_image']:.3f} nats/token, given another "
+        f"image {result['image_use']['other_image']:.3f}: Δ {result['image_use']['delta']['delta']:+.3f} "
+        f"(95% CI {result['image_use']['delta']['ci95'][0]:+.3f}, {result['image_use']['delta']['ci95'][1]:+.3f}; "
+        f"{result['pairs']['validation']} pairs).", "",
         "## Multimodal experts", "",
         f"Experts active on at least {share['top_k']} images and {share['top_k']} captions: {share['experts']}. "
         f"Share whose top-{share['top_k']} images and top-{share['top_k']} captions have the same majority group: "
@@ -294,7 +311,9 @@ def markdown(result: dict) -> str:
                      f"{o['delta']:+.3f} [{o['ci95'][0]:+.3f}, {o['ci95'][1]:+.3f}] | "
                      f"{row['random_delta_target_mean']:+.3f} / {row['random_delta_target_p95']:+.3f} | "
                      f"{row['random_delta_others_mean']:+.3f} |")
-    lines += ["", f"Training: {json.dumps(result['training'])}", ""]
+    lines += ["", "Image examples of the figure's experts (patch outlined, token marked): "
+              "[image-examples/index.html](image-examples/index.html).", "",
+              f"Training: {json.dumps(result['training'])}", ""]
     return "\n".join(lines)
 
 
@@ -328,7 +347,15 @@ def main() -> None:
     train_rows = expert_table(expert_maxima(model, tokenizer, train_pairs.images, None),
                               expert_maxima(model, tokenizer, None, tokenize_captions(tokenizer, train_pairs.texts)),
                               np.array(train_pairs.groups))
+    uses = image_use(model, tokenizer, val_pairs)
+    log(f"caption loss with its own image {uses['own_image']:.3f}, with another image {uses['other_image']:.3f}")
     forget = unlearning(model, tokenizer, train_pairs, val_pairs, train_rows)
+    log("image examples page")
+    examples = top_examples(model, tokenizer, everything.images, tokenize_captions(tokenizer, everything.texts),
+                            top_k=6)
+    write_image_atlas(examples, everything.images, tokenize_captions(tokenizer, everything.texts), tokenizer,
+                      write / "image-examples", experts=[(r["group"], r["expert"]) for r in shown],
+                      names=[t.split(":")[0] for t in everything.texts])
     metrics = {name: (args.out / name / "metrics.csv").read_text().strip().splitlines()[-1]
                for name in ("text-run", "vision-run")}
     result = {"command": f"python benchmarks/vision/run.py --out {args.out} --threads {args.threads}",
@@ -337,7 +364,7 @@ def main() -> None:
                          f"{os.getloadavg()[0]:.1f} at the end",
               "pairs": {"train": len(train_pairs.texts), "validation": len(val_pairs.texts)},
               "training": {"text_steps": args.text_steps, "vision_steps": args.vision_steps, "last_rows": metrics},
-              "multimodal": share, "figure_experts": shown, "unlearning": forget}
+              "image_use": uses, "multimodal": share, "figure_experts": shown, "unlearning": forget}
     (write / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (write / "RESULTS.md").write_text(markdown(result), encoding="utf-8")
     log(f"done in {result['seconds']:.0f} s; wrote {write}")
