@@ -167,6 +167,7 @@ def test_a_local_hugging_face_tower_is_loaded_and_kept_frozen(pairs: Path, text_
     assert model.config.vision_config.model_type == "clip_vision_model" and model.config.num_image_tokens == 4
 
 
+@pytest.mark.slow
 def test_image_examples_page_in_headless_chromium(pairs: Path, text_run: Path, tmp_path: Path) -> None:
     """An expert's top images (the patch outlined) and top captions (the token marked), shown in Chromium."""
     import os
