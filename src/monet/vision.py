@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, CLIPVisionConfig, CLIPVisionModel, PretrainedConfig
 
@@ -199,14 +199,16 @@ class VisionMonetForCausalLM(nn.Module):
 
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
                         **_: Any) -> None:
-        """config.json and model.safetensors (shared tensors stored once). `state_dict` is accepted for
-        `monet.checkpoint.save_checkpoint`'s sharded path only when it is the model's own."""
-        if state_dict is not None:
-            self.load_state_dict(state_dict)   # FSDP's gathered full state: put it in place, then save as usual
+        """config.json and model.safetensors (shared tensors stored once). `state_dict` replaces the model's own
+        (`monet.checkpoint.save_checkpoint` passes the full state gathered from FSDP shards)."""
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write(directory / "config.json", dumps(self.config.to_dict()) + "\n")
-        save_model(self, str(directory / WEIGHTS), metadata={"format": "pt"})
+        if state_dict is not None:
+            save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, str(directory / WEIGHTS),
+                      metadata={"format": "pt"})
+        else:
+            save_model(self, str(directory / WEIGHTS), metadata={"format": "pt"})
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> VisionMonetForCausalLM:
