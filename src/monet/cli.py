@@ -272,6 +272,8 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "unlearn": (S.UnlearnSettings, run_unlearn),
     "toxicity": (S.ToxicitySettings, run_toxicity),
     "bench": (S.BenchSettings, library("monet.experiments.bench:bench_command")),
+    "vision train": (S.VisionTrainSettings, library("monet.vision:train_command")),
+    "vision caption": (S.VisionCaptionSettings, library("monet.vision:caption_command")),
 }
 
 

@@ -363,6 +363,40 @@ class TrainSettings(Settings):
         return parse_assignments(self.set)
 
 
+class VisionTrainSettings(TrainSettings):
+    """Fine-tune a Monet on image–caption pairs: VisionMonet (paper B.3), router embeddings frozen.
+
+    LLaVA-style: an image encoder (--vision-tower), a projector into the embedding space and one image token per
+    patch in front of the caption, routed like text. --data is an image–caption set (docs/vision.md), --init-from
+    the text run whose language model is fine-tuned. Same loop, resume and checkpoints as `monet train`."""
+
+    data: str  # image–caption set (images.npy, captions.jsonl, the text data's tokenizer; docs/vision.md)
+    init_from: str | None = None  # text run or checkpoint whose language model is fine-tuned (else a fresh --preset)
+    freeze_router: bool = True  # paper B.2/B.3: router key matrices w1/w2 frozen (BatchNorm statistics still update)
+    vision_tower: str = "patch"
+    """patch (a small ViT trained from scratch), clip (a random-init CLIPVisionModel of the size below) or a local
+    Hugging Face directory (e.g. a download of openai/clip-vit-base-patch16, as in the paper)"""
+    image_size: int = number(32, low=8)  # image side in pixels for patch/clip towers (a local tower keeps its own)
+    patch_size: int = number(8, low=1)  # patch side in pixels (patch/clip towers): P = (image_size / patch_size)^2
+    vision_width: int = number(64, low=8)  # hidden size of a patch/clip tower
+    vision_layers: int = number(1, low=1)  # transformer layers of a patch tower (a clip tower has at least 2)
+    train_tower: bool | None = None  # train the image encoder too (default: yes for patch/clip, no for a local one)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.vision_tower in ("patch", "clip") and self.image_size % self.patch_size:
+            raise MonetError(f"--image-size {self.image_size} is not a multiple of --patch-size {self.patch_size}")
+
+
+class VisionCaptionSettings(Settings):
+    """Caption images with a VisionMonet run (greedy decoding)."""
+
+    run: Positional[str]  # vision run directory (newest checkpoint) or checkpoint directory
+    image: tuple[str, ...]  # image files (PNG, JPEG, ...)
+    max_new_tokens: int = number(24, low=1)  # tokens per caption
+    device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
+
+
 class EvalCommand(Settings):
     """Validation loss and perplexity, overall and per label.
 

@@ -19,7 +19,8 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,18 @@ class Runtime:
         return self.rank == 0
 
 
+@dataclass
+class Task:
+    """What the loop trains when it is not a language model on packed token windows (the default): `monet vision
+    train` (monet.vision) passes image–caption pairs and a VisionMonet, and gets this loop's resume, checkpoints,
+    NaN guard and data parallelism unchanged. The validation sets are `evaluate.label_window_sets`'."""
+
+    examples: Any   # len() and [i] -> one example
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]]   # examples -> the model's keyword arguments (labels too)
+    build: Callable[[Path | None, bool], nn.Module]   # (checkpoint or None, resuming?) -> model on the CPU
+    val_sets: dict[str, Any] = field(default_factory=dict)
+
+
 def freeze_routers(model: nn.Module) -> int:
     """Router key matrices w1/w2 stop learning (paper B.2); returns how many tensors were frozen. The routers'
     BatchNorm running statistics are buffers: in train mode they still update, following the fine-tuning data."""
@@ -358,8 +371,9 @@ def _check_same_model(saved: MonetConfig, current: MonetConfig, where: Path) -> 
                          "settings or train into a new --out directory")
 
 
-def train(settings: TrainSettings) -> dict[str, Any]:
-    """Train (or resume) the run `settings.out`; returns a summary (steps, last metrics row, checkpoint)."""
+def train(settings: TrainSettings, task: Task | None = None) -> dict[str, Any]:
+    """Train (or resume) the run `settings.out`; returns a summary (steps, last metrics row, checkpoint). `task`
+    replaces the language-model data and model (see `Task`)."""
     rank, world, device = start_distributed(resolve_device(settings.device))   # joins torchrun's process group
     bf16 = settings.dtype == "bfloat16" or (settings.dtype == "auto" and device.type == "cuda"
                                             and torch.cuda.is_bf16_supported())
@@ -368,19 +382,17 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         # One process per run directory (rank 0 holds the lock): a second `monet train --out RUN` is refused
         # instead of resuming from, and overwriting, the first's checkpoints.
         with exclusive_lock(settings.out) if runtime.main and settings.out else contextlib.nullcontext():
-            return _train(settings, Path(settings.data), Path(settings.out), runtime)
+            return _train(settings, Path(settings.data), Path(settings.out), runtime, task)
     finally:
         if runtime.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runtime) -> dict[str, Any]:
-    if not settings.data or not settings.out:
-        raise MonetError("--data (the dataset directory) and --out (the run directory) are required")
+def language_task(settings: TrainSettings, data_dir: Path, runtime: Runtime) -> Task:
+    """The default `Task`: packed token windows of a `monet data build` dataset and a Monet (or baseline) LM."""
     train_set = TokenDataset(data_dir, split="train")
     config = build_model_config(settings, train_set.vocab_size)
     check_memory(config, runtime)
-    packed = PackedSequences(train_set, settings.seq_len)
     val_sets: dict[str, Any] = {}
     if settings.eval_interval:
         try:
@@ -388,6 +400,29 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
         except MonetError as exc:
             if runtime.main:
                 print(f"monet train: no validation loss ({exc})", flush=True)
+
+    def collate(windows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch = torch.stack(windows)
+        return {"input_ids": batch, "labels": batch}
+
+    def build(source: Path | None, resumed: bool) -> nn.Module:
+        if source is None:
+            return MonetForCausalLM(config)
+        _check_same_model(read_config(source), config, source)
+        if resumed:
+            check_data_fits(source, data_dir)
+        with quiet_transformers():
+            return MonetForCausalLM.from_pretrained(source, config=config)
+
+    return Task(PackedSequences(train_set, settings.seq_len), collate, build, val_sets)
+
+
+def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runtime,
+           task: Task | None = None) -> dict[str, Any]:
+    if not settings.data or not settings.out:
+        raise MonetError("--data (the dataset directory) and --out (the run directory) are required")
+    task = task or language_task(settings, data_dir, runtime)
+    val_sets = task.val_sets
     micro = settings.batch_size // settings.grad_accum
     if micro % runtime.world:
         raise MonetError(f"--batch-size / --grad-accum = {micro} sequences per micro-step cannot be split over "
@@ -410,21 +445,15 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
     source = resume or (resolve_checkpoint(settings.init_from, not settings.no_verify) if settings.init_from else None)
 
     set_seed(settings.seed)
-    if source is None:
-        model = MonetForCausalLM(config)
-    else:
-        _check_same_model(read_config(source), config, source)
-        if resume is not None:
-            check_data_fits(resume, data_dir)
-        with quiet_transformers():
-            model = MonetForCausalLM.from_pretrained(source, config=config)
+    model = task.build(source, resume is not None)
+    config = model.config
     if settings.freeze_router:
         freeze_routers(model)
     model.to(runtime.device)
     model.train()
     model = _wrap(model, runtime)
     optimizer = build_optimizer(model, settings, fused=runtime.device.type == "cuda")
-    order = WindowOrder(len(packed), settings.seed)
+    order = WindowOrder(len(task.examples), settings.seed)
     start_step, tokens_seen = 0, 0
     if resume is not None:
         state = load_training_state(resume)
@@ -460,11 +489,11 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
             sums = torch.zeros(4, dtype=torch.float64)
             for micro_step in range(settings.grad_accum):
                 begin = micro_step * micro + runtime.rank * local
-                batch = torch.stack([packed[i] for i in windows[begin : begin + local]]).to(runtime.device)
+                batch = task.collate([task.examples[i] for i in windows[begin : begin + local]])
                 with (_sync_context(model, runtime, last=micro_step == settings.grad_accum - 1),
                       torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype,
                                      enabled=runtime.autocast_dtype is not None)):
-                    out = model(input_ids=batch, labels=batch, use_cache=False)
+                    out = model(**{k: v.to(runtime.device) for k, v in batch.items()}, use_cache=False)
                     (out.loss / settings.grad_accum).backward()
                 parts = (out.loss, out.lm_loss, out.unif_loss, out.amb_loss)
                 sums += torch.tensor([float(v.detach()) if v is not None else 0.0 for v in parts], dtype=torch.float64)
@@ -482,7 +511,7 @@ def _train(settings: TrainSettings, data_dir: Path, run_dir: Path, runtime: Runt
             elapsed = time.perf_counter() - started
             row = {"step": step, "loss": loss, "lm_loss": lm_loss, "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": round(tokens_per_step / max(elapsed, 1e-9), 1)}
-            if config.mlp_type == "monet":
+            if getattr(config, "text_config", config).mlp_type == "monet":
                 row["unif_loss"], row["amb_loss"] = unif_loss, amb_loss
             last = step == settings.max_steps
             if val_sets and (step % settings.eval_interval == 0 or last):

@@ -1,0 +1,221 @@
+"""VisionMonet (paper B.3): a tiny tower + tiny Monet fine-tune on image–caption pairs, save, reload, caption."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from atlas_fixtures import save_run, tiny_config
+from runs import weights
+from safetensors.torch import load_file, save_file
+
+from monet.data.images import read_pairs, write_pairs
+from monet.errors import MonetError
+from monet.settings import VisionTrainSettings
+from monet.vision import VisionMonetForCausalLM, caption, collate_pairs, load_vision, train_vision
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 30)}
+
+
+@pytest.fixture(scope="module")
+def text_run(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_run(tmp_path_factory.mktemp("vision") / "text", tiny_config(), corpus)
+
+
+@pytest.fixture(scope="module")
+def pairs(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 images 16x16: a coloured square on white, captioned with its colour and shape."""
+    images, texts, groups = [], [], []
+    for n in range(16):
+        name = list(COLOURS)[n % 4]
+        image = np.full((16, 16, 3), 255, dtype=np.uint8)
+        lo = 2 + n // 4
+        image[lo : lo + 8, lo : lo + 8] = COLOURS[name]
+        images.append(image)
+        texts.append(f"a {name} square")
+        groups.append(name)
+    out = tmp_path_factory.mktemp("vision") / "pairs"
+    return write_pairs(out, np.stack(images), texts, groups, corpus, splits=["train"] * 16)
+
+
+def settings(pairs: Path, text_run: Path, out: Path, **values) -> VisionTrainSettings:
+    base = dict(data=str(pairs), out=str(out), init_from=str(text_run), max_steps=3, batch_size=4, seq_len=24,
+                image_size=16, patch_size=8, vision_width=32, lr=1e-2, warmup_steps=1, eval_interval=0,
+                save_interval=2, quiet=True, device="cpu")
+    return VisionTrainSettings(**{**base, **values})
+
+
+def router_keys(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if ".router.w1." in k or ".router.w2." in k}
+
+
+@pytest.mark.parametrize("tower", ["patch", "clip"])
+def test_fine_tune_freezes_routers_saves_reloads_and_captions(pairs: Path, text_run: Path, tmp_path: Path,
+                                                             tower: str) -> None:
+    summary = train_vision(settings(pairs, text_run, tmp_path / "run", vision_tower=tower))
+    checkpoint = Path(summary["checkpoint"])
+    before = weights(Path(text_run) / "checkpoints" / "step-0000001")
+    after = weights(checkpoint)
+    # B.2/B.3: the routers' key matrices are bitwise those of the text model; the rest of the model learned.
+    frozen = router_keys(after, "language_model.")
+    assert frozen and frozen.keys() == router_keys(before).keys()
+    assert all(torch.equal(frozen[k], before[k]) for k in frozen)
+    assert not torch.equal(after["language_model.lm_head.weight"], before["lm_head.weight"])
+    assert any(k.startswith("vision_tower.") for k in after) and "projector.0.weight" in after
+
+    model, tokenizer = load_vision(tmp_path / "run")
+    assert model.config.num_image_tokens == 4
+    batch = collate_pairs([(read_pairs(pairs).images[n], [1, 50, 60, 2]) for n in range(3)], model.config, 24, 3)
+    again_dir = tmp_path / "again"
+    model.save_pretrained(again_dir)
+    again = VisionMonetForCausalLM.from_pretrained(again_dir).eval()
+    with torch.no_grad():
+        first, second = model(**batch).logits, again(**batch).logits
+    assert torch.equal(first, second)
+    # Images matter: another image changes the caption's logits.
+    with torch.no_grad():
+        swapped = model(**{**batch, "pixel_values": batch["pixel_values"].flip(0)}).logits
+    assert not torch.allclose(first[0], swapped[0])
+
+    texts = caption(model, tokenizer, read_pairs(pairs).images[:2], max_new_tokens=4)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_resume_is_exact(pairs: Path, text_run: Path, tmp_path: Path) -> None:
+    """Resuming from the step-2 checkpoint (the step-4 one deleted) gives bitwise the weights of the whole run."""
+    whole = train_vision(settings(pairs, text_run, tmp_path / "run", max_steps=4, keep_last=0))
+    final = Path(whole["checkpoint"])
+    expected = weights(final)
+    shutil.rmtree(final)
+    resumed = train_vision(settings(pairs, text_run, tmp_path / "run", max_steps=4, keep_last=0))
+    assert resumed["resumed_from"] == 2
+    got = weights(Path(resumed["checkpoint"]))
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_strict_loading_and_placeholder_count(pairs: Path, text_run: Path, tmp_path: Path) -> None:
+    summary = train_vision(settings(pairs, text_run, tmp_path / "run", max_steps=1))
+    model, _ = load_vision(tmp_path / "run")
+    model.save_pretrained(tmp_path / "copy")
+    tensors = load_file(tmp_path / "copy" / "model.safetensors")
+    del tensors["projector.0.weight"]
+    save_file(tensors, tmp_path / "copy" / "model.safetensors")
+    with pytest.raises(MonetError, match="projector.0.weight"):
+        VisionMonetForCausalLM.from_pretrained(tmp_path / "copy")
+    with pytest.raises(MonetError, match="not a VisionMonet"):
+        VisionMonetForCausalLM.from_pretrained(Path(text_run) / "checkpoints" / "step-0000001")
+    ids = torch.tensor([[1, 5, 6, 7]])   # no placeholder tokens
+    with pytest.raises(MonetError, match="image placeholder"):
+        model(input_ids=ids, pixel_values=torch.zeros(1, 3, 16, 16))
+    assert summary["steps"] == 1
+
+
+def test_rasterise_and_caption_corpus(tmp_path: Path) -> None:
+    """An SVG is drawn onto white at the asked size; a caption corpus loads as a training dataset."""
+    from monet.data import TokenDataset
+    from monet.data.images import rasterise, write_text_corpus
+
+    svg = tmp_path / "half.svg"
+    svg.write_text('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 10 10">'
+                   '<rect x="0" y="0" width="5" height="10" fill="#ff0000"/></svg>', encoding="utf-8")
+    image = rasterise([svg], 8)
+    assert image.shape == (1, 8, 8, 3) and image.dtype == np.uint8
+    assert tuple(image[0, 4, 1]) == (255, 0, 0) and tuple(image[0, 4, 6]) == (255, 255, 255)
+    texts = [f"{c} {s}" for c in COLOURS for s in ("square", "circle", "star", "heart", "moon")] * 3
+    labels = [t.split()[0] for t in texts]
+    corpus = write_text_corpus(tmp_path / "text", texts, labels, ["validation" if n % 5 == 0 else "train"
+                                                                  for n in range(len(texts))])
+    train_set = TokenDataset(corpus, "train")
+    assert train_set.num_documents == 48 and train_set.labels == sorted(COLOURS)
+
+
+def test_command_line_trains_and_captions(pairs: Path, text_run: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+
+    from monet.cli import main
+
+    run = tmp_path / "run"
+    assert main(["vision", "train", "--data", str(pairs), "--out", str(run), "--init-from", str(text_run),
+                 "--max-steps", "1", "--batch-size", "2", "--seq-len", "16", "--image-size", "16", "--eval-interval",
+                 "0", "--device", "cpu", "--quiet"]) == 0
+    image = tmp_path / "red.png"
+    Image.fromarray(read_pairs(pairs).images[0]).save(image)
+    assert main(["vision", "caption", str(run), "--image", str(image), "--max-new-tokens", "3"]) == 0
+    assert f"{image}: " in capsys.readouterr().out
+    assert main(["vision", "caption", str(Path(text_run)), "--image", str(image)]) != 0   # a text-only Monet
+
+
+def test_a_local_hugging_face_tower_is_loaded_and_kept_frozen(pairs: Path, text_run: Path, tmp_path: Path) -> None:
+    """--vision-tower DIR: a saved CLIPVisionModel (as a download of openai/clip-vit-base-patch16 would be) is
+    used as it is and not trained (LLaVA), while the projector and the language model learn."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(CLIPVisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=2))
+    tower.save_pretrained(tmp_path / "clip")
+    summary = train_vision(settings(pairs, text_run, tmp_path / "run", vision_tower=str(tmp_path / "clip")))
+    after = weights(Path(summary["checkpoint"]))
+    original = tower.state_dict()
+    for key, value in original.items():
+        assert torch.equal(after[f"vision_tower.{key}"], value), key
+    model, _ = load_vision(tmp_path / "run")
+    assert model.config.vision_config.model_type == "clip_vision_model" and model.config.num_image_tokens == 4
+
+
+@pytest.mark.slow
+def test_image_examples_page_in_headless_chromium(pairs: Path, text_run: Path, tmp_path: Path) -> None:
+    """An expert's top images (the patch outlined) and top captions (the token marked), shown in Chromium."""
+    import os
+    import shutil as sh
+
+    from monet.interp.image_examples import top_examples, write_image_atlas
+    from monet.vision import tokenize_captions
+
+    train_vision(settings(pairs, text_run, tmp_path / "run", max_steps=1))
+    model, tokenizer = load_vision(tmp_path / "run")
+    data = read_pairs(pairs)
+    captions = tokenize_captions(tokenizer, data.texts)
+    examples = top_examples(model, tokenizer, data.images, captions, top_k=3, batch=5)
+    assert examples.image_scores.shape[-1] == 3 and (examples.image_scores[..., 0] > 0).any()
+    patches = examples.image_refs[..., 1][examples.image_scores > 0]
+    assert patches.min() >= 0 and patches.max() < model.config.num_image_tokens
+    # The recorded patch is really the expert's best patch of that image (checked against a direct forward).
+    group, expert = np.unravel_index(int(np.argmax(examples.image_scores[..., 0])), examples.image_scores.shape[:2])
+    image, patch = examples.image_refs[group, expert, 0]
+    from monet.interp.capture import capture_routing
+    from monet.vision import image_prompt, pixels
+
+    ids = torch.tensor([image_prompt(model.config, tokenizer.bos_token_id)])
+    with torch.no_grad(), capture_routing(model.language_model) as capture:
+        model(input_ids=ids, pixel_values=pixels(data.images[image : image + 1], model.config), use_cache=False)
+        token, ids_, score = capture.experts(int(group)).entries()
+    scores = torch.zeros(ids.shape[1])
+    scores.index_add_(0, token[ids_ == expert], score[ids_ == expert].float())
+    assert int(scores[1:].argmax()) == patch
+    assert float(scores[1:].max()) == pytest.approx(float(examples.image_scores[group, expert, 0]), rel=1e-5)
+
+    page_file = write_image_atlas(examples, data.images, captions, tokenizer, tmp_path / "atlas", names=data.texts)
+    chromium = sh.which("chromium") or sh.which("chromium-browser")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--allow-file-access-from-files"])
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        page.goto(page_file.as_uri())
+        first = page.locator("section.expert").first
+        assert first.locator(".tile").count() >= 1
+        assert first.locator(".tile .patch").count() == first.locator(".tile").count()
+        assert first.locator(".captions mark").count() == first.locator(".captions li").count() >= 1
+        loaded = page.eval_on_selector("section.expert img", "img => img.complete && img.naturalWidth")
+        assert loaded == 16
+        shots = Path(os.environ.get("MONET_SCREENSHOT", tmp_path))
+        shots.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shots / "vision-image-examples.png"), full_page=True)
+        browser.close()
