@@ -662,10 +662,10 @@ class UnlearnSettings(Settings):
     baseline: str | None = None  # also run the protocol on this dense model's neurons (its run directory)
     baseline_atlas: str | None = None  # the dense model's atlas (neuron label mass)
     dense_fractions: tuple[float, ...] = (0.05, 0.15, 0.3, 0.5)  # shares of dense neurons on the dense curve
-    # Issue 23: the control (masks matched on the target's routing mass, each also measured on the others)
+    # The control (masks matched on the target's routing mass, each also measured on the others)
     # and fairer dense baselines (docs/editing.md).
     random_others_tokens: int = number(64, low=2)  # tokens per other label each control mask is evaluated on
-    uniform_control: bool = False  # draw control masks uniformly from the seen units (the pre-issue-23 control)
+    uniform_control: bool = False  # draw control masks uniformly from the seen units (the control of reports before 2026-12)
     dense_rule: Literal["specificity", "class-mean"] = "specificity"
     """how dense neurons are ranked: specificity of the atlas's positive part, or the signed class-mean
     difference (target mean minus the other labels' mean, measured on --dense-rule-tokens training tokens)"""

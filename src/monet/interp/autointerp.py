@@ -47,9 +47,9 @@ import torch
 
 from monet.checkpoint import load_checkpoint
 from monet.errors import MonetError
-from monet.interp.atlas import unit_activations
 from monet.interp.explain import explain_expert
 from monet.interp.query import Atlas
+from monet.interp.units import units_of
 from monet.io import output_directory, write_json
 from monet.runtime import resolve_device
 
@@ -177,7 +177,7 @@ def quiet_pool(model: Any, atlas: Any, size: int, batch_size: int, seed: int, wi
         for b, (doc, start, length, _) in enumerate(batch):
             ids[b, :length] = dataset.document(doc)[start:start + length]
         with torch.no_grad():
-            acts = unit_activations(model.eval(), torch.from_numpy(ids).to(device))
+            acts = units_of(model.eval()).padded(torch.from_numpy(ids).to(device))
         acts = [(unit_ids.cpu().numpy(), scores.float().cpu().numpy()) for unit_ids, scores in acts]
         for b, (_, _, length, subs) in enumerate(batch):
             for sub in subs:
