@@ -219,3 +219,14 @@ def test_image_examples_page_in_headless_chromium(pairs: Path, text_run: Path, t
         shots.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(shots / "vision-image-examples.png"), full_page=True)
         browser.close()
+
+
+def test_token_pieces_keep_characters_split_over_tokens_whole(corpus: Path) -> None:
+    from monet.data.tokenizer import load_tokenizer
+    from monet.interp.image_examples import token_pieces
+
+    tokenizer = load_tokenizer(corpus)
+    text = "Japanese “vacancy” button 🐍"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = token_pieces(tokenizer, ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == text and not any("\ufffd" in p for p in pieces)

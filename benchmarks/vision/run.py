@@ -283,6 +283,7 @@ def markdown(result: dict) -> str:
     share = result["multimodal"]
     lines = [
         "# VisionMonet miniature (OpenMoji): results", "",
+        "Emoji images and annotations: OpenMoji 17.0.0 (openmoji.org, npm `openmoji`), CC BY-SA 4.0.", "",
         f"Command: `{result['command']}`; {result['seconds']:.0f} s wall on {result['machine']}.", "",
         "## Does the model use the image?", "",
         f"Held-out caption loss given its own image {result['image_use']['own_image']:.3f} nats/token, given another "

@@ -148,7 +148,7 @@ def write_image_atlas(examples: ExpertExamples, images: np.ndarray, captions: li
             if score <= 0:
                 continue
             ids = captions[caption]
-            pieces = [html.escape(tokenizer.decode([token])) for token in ids[1:-1]]
+            pieces = [html.escape(piece) for piece in token_pieces(tokenizer, ids[1:-1])]
             hit = int(position) - 1
             pieces[hit] = f'<mark>{pieces[hit]}</mark>'
             lines.append(f'<li><span class="score">{score:.2f}</span> {"".join(pieces)}</li>')
@@ -162,20 +162,32 @@ def write_image_atlas(examples: ExpertExamples, images: np.ndarray, captions: li
     return out / "index.html"
 
 
+def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
+    """The text each token adds, by decoding growing prefixes: a character split over several byte-level tokens
+    appears whole at the token that completes it (decoding tokens one by one would show U+FFFD halves)."""
+    pieces, before = [], ""
+    for end in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:end]).rstrip("\ufffd")
+        pieces.append(text[len(before):] if text.startswith(before) else text)
+        before = text
+    return pieces
+
+
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src 'self'; style-src 'unsafe-inline'">
 <title>VisionMonet: image and text examples of experts</title>
 <style>
 body { font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }
-.expert { border-top: 1px solid #ccc; padding: .6em 0; display: grid; grid-template-columns: auto 1fr; gap: 1em; }
+.expert { border-top: 1px solid #ccc; padding: .6em 0; display: grid; grid-template-columns: minmax(0, 3fr) 2fr;
+          gap: 1em; }
 .expert h2 { grid-column: 1 / 3; font-size: 15px; margin: 0; }
 .images { display: flex; gap: .5em; flex-wrap: wrap; }
-.tile { margin: 0; text-align: center; font-size: 11px; color: #555; }
+.tile { margin: 0; width: 98px; text-align: center; font-size: 11px; color: #555; overflow-wrap: anywhere; }
 .frame { position: relative; width: 96px; height: 96px; overflow: hidden; border: 1px solid #bbb; }
 .frame img { width: 96px; height: 96px; image-rendering: pixelated; display: block; }
 .patch { position: absolute; box-sizing: border-box; border: 3px solid #e6007e; }
-.captions { margin: 0; padding-left: 1.4em; }
+.captions { margin: 0; padding-left: 1.4em; font-size: 13px; }
 .captions mark { background: #ffd5ec; }
 .score { color: #888; font-size: 11px; }
 </style></head>
