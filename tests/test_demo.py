@@ -20,7 +20,8 @@ def test_quick_demo_runs_and_reuses_finished_steps(tmp_path: Path, capsys: pytes
     for name in ("data/manifest.json", "atlas/manifest.json", "dense-atlas/manifest.json", "report/heatmap.png",
                  "report/forget_retain.png", "report/loss_matrix.csv"):
         assert (tmp_path / "demo" / name).is_file(), name
-    assert "Δ target" in first and "grade" in first and "labels pass)" in first and "monet view" in first and "already done" not in first
+    assert "Δ target" in first and "grade" in first and "labels pass)" in first and "monet view" in first
+    assert "already done" not in first
     assert set(report["summary"]) == set(report["dense"]) == set(report["targets"])
     import monet.experiments.demo as demo
 

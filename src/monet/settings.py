@@ -665,7 +665,7 @@ class UnlearnSettings(Settings):
     # The control (masks matched on the target's routing mass, each also measured on the others)
     # and fairer dense baselines (docs/editing.md).
     random_others_tokens: int = number(64, low=2)  # tokens per other label each control mask is evaluated on
-    uniform_control: bool = False  # draw control masks uniformly from the seen units (the control of reports before 2026-12)
+    uniform_control: bool = False  # control masks drawn uniformly from the seen units (earlier reports)
     dense_rule: Literal["specificity", "class-mean"] = "specificity"
     """how dense neurons are ranked: specificity of the atlas's positive part, or the signed class-mean
     difference (target mean minus the other labels' mean, measured on --dense-rule-tokens training tokens)"""
