@@ -682,7 +682,8 @@ def test_steering_reports_activity_and_offers_a_context_in_chromium(viewer, page
     page.wait_for_selector("#steer-use-context")
     assert page.locator("textarea#steer-prompt").count() == 1
     alpha = float(page.input_value("#steer-alpha"))
-    median = sorted(c["percent"] for c in atlas.top_contexts(group, expert))[len(atlas.top_contexts(group, expert)) // 2]
+    shares = sorted(c["percent"] for c in atlas.top_contexts(group, expert))
+    median = shares[len(shares) // 2]
     assert alpha == max(2, round(100 / median))
     assert "Suggested α" in page.inner_text("main")
     # A prompt without the expert: find one where it is inactive on every token.
