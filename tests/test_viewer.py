@@ -592,28 +592,33 @@ def test_a_slow_answer_never_replaces_a_newer_page(viewer, page, monkeypatch):
 
 def test_similar_experts_never_stall_the_viewer(viewer, monkeypatch):
     """Similar experts are slow on a large atlas (~36 s once, under the one lock). They are computed in the
-    background in short locked steps: the request answers within 2 s ("computing", then the table), and other
-    pages answer meanwhile."""
+    background in short locked steps: the request answers within SIMILAR_WAIT ("computing", then the table),
+    and other pages answer between two steps. Here the job pauses after its first output direction."""
     from monet.interp.viewer import server
 
-    real = server.expert_direction
+    gate = threading.Event()
+    real = server.SimilarJobs._update
 
-    def slow(*args, **kwargs):
-        time.sleep(1.0)
-        return real(*args, **kwargs)
+    def paused(self, entry, **values):
+        real(self, entry, **values)
+        if values.get("directions_done") == 1:
+            gate.wait(60)
 
-    monkeypatch.setattr(server, "expert_direction", slow)
+    monkeypatch.setattr(server.SimilarJobs, "_update", paused)
     url, atlas = viewer["url"], viewer["atlas"]
     group, expert = busiest(atlas)                          # co-active experts on its contexts: a table to fill
-    viewer["servers"]["url"].state.similar.entries.clear()
-    started = time.monotonic()
-    status, body, _ = get(url + f"/api/similar/{group}/{expert}")
-    first = json.loads(body)
-    assert status == 200 and time.monotonic() - started < 2 + server.SIMILAR_WAIT
-    assert first["status"] == "computing"                    # 1 s per direction: not ready in 1.5 s
-    started = time.monotonic()
-    assert get(url + f"/api/expert/{group}/{expert}")[0] == 200 and get(url + "/api/info")[0] == 200
-    assert time.monotonic() - started < 3                   # waits for one 1 s step at most, not the whole job
+    state = viewer["servers"]["url"].state
+    state.similar.entries.clear()
+    try:
+        started = time.monotonic()
+        status, body, _ = get(url + f"/api/similar/{group}/{expert}")
+        first = json.loads(body)
+        assert status == 200 and first["status"] == "computing"
+        assert time.monotonic() - started < server.SIMILAR_WAIT + 2
+        assert get(url + f"/api/expert/{group}/{expert}")[0] == 200 and get(url + "/api/info")[0] == 200
+        assert state.similar.entries[(group, expert)]["status"] == "computing"   # answered while it runs
+    finally:
+        gate.set()
     done = similar_table(url, group, expert)
     assert done["status"] == "done" and done["directions_done"] == done["directions"] > 0
     assert sum(isinstance(r["cosine"], float) for r in done["experts"]) == done["directions"]
@@ -665,3 +670,80 @@ def test_experts_per_token_of_a_text(viewer):
         assert percents == sorted(percents, reverse=True) and 0 < percents[0] <= 100
     assert "give some text" in json.loads(get(url + "/api/text?q=")[1])["error"]
     assert "needs the model" in json.loads(get(viewer["bare"] + "/api/text?q=x")[1])["error"]
+
+
+@needs_chromium
+def test_steering_reports_activity_and_offers_a_context_in_chromium(viewer, page):
+    """On a prompt where the expert never fires the page says so (issue 29: α = 200 changed nothing, silently);
+    "use a top context as the prompt" fills a multi-line prompt the expert fires on; α is suggested."""
+    atlas = viewer["atlas"]
+    group, expert = busiest(atlas)
+    page.goto(f"{viewer['url']}/#/expert/{group}/{expert}")
+    page.wait_for_selector("#steer-use-context")
+    assert page.locator("textarea#steer-prompt").count() == 1
+    alpha = float(page.input_value("#steer-alpha"))
+    shares = sorted(c["percent"] for c in atlas.top_contexts(group, expert))
+    median = shares[len(shares) // 2]
+    assert alpha == max(2, round(100 / median))
+    assert "Suggested α" in page.inner_text("main")
+    # A prompt without the expert: find one where it is inactive on every token.
+    tokenizer, model = viewer["tokenizer"], viewer["model"]
+    from monet.interp.query import activation_on_text
+
+    quiet = next(text for text in ("zzzz", "0000", "....", "qq qq", "\n\n", "aaaa", "    ")
+                 if activation_on_text(model, tokenizer, text, group, expert)["max"] == 0)
+    page.fill("#steer-prompt", quiet)
+    page.fill("#steer-tokens", "4")
+    page.click("#steer-run")
+    page.wait_for_selector("#steer-activity")
+    assert "active on 0 of the" in page.inner_text("#steer-activity")
+    assert page.locator("#steer-activity.warning").count() == 1
+    snap(page, "steer-inactive")
+    page.click("#steer-use-context")
+    ctx = atlas.top_contexts(group, expert, 1)[0]
+    assert page.input_value("#steer-prompt") == printable("".join(ctx["pieces"][:ctx["target"] + 1]))
+    prompt = page.input_value("#steer-prompt")
+    page.fill("#steer-prompt", prompt + "\n")                # newlines survive (a textarea)
+    assert page.input_value("#steer-prompt").endswith("\n")
+    page.fill("#steer-prompt", prompt)
+    page.fill("#steer-alpha", "1000")
+    page.click("#steer-run")
+    page.wait_for_selector("#steer-activity:not(.warning)")
+    active = activation_on_text(model, tokenizer, prompt, group, expert)
+    shown = page.inner_text("#steer-activity")
+    assert f"active on {sum(v > 0 for v in active['values'])} of the {len(active['values'])} prompt tokens" in shown
+    assert ("including the last one" in shown) == (active["values"][-1] > 0)
+    # Promoted and suppressed tokens show their logit values.
+    values = page.locator(".tokens .logit .value").all_inner_texts()
+    assert values and all(v[0] in "+-" and float(v) == float(v) for v in values)
+    snap(page, "steer-active")
+
+
+@needs_chromium
+def test_experts_per_token_page_and_loading_state_in_chromium(viewer, page, monkeypatch):
+    page.goto(f"{viewer['url']}/#/")
+    page.click("#text-link")
+    page.wait_for_selector("#text-input")
+    page.fill("#text-input", "int main(void)\n{ return 0; }")
+    page.click("#text-run")
+    page.wait_for_selector("#text-table tr td a")
+    rows = page.locator("#text-table tr")
+    assert rows.count() - 1 == len(viewer["tokenizer"]("int main(void)\n{ return 0; }",
+                                                     add_special_tokens=False)["input_ids"])
+    href = page.locator("#text-table tr td a").first.get_attribute("href")
+    assert href.startswith("#/expert/0/")
+    snap(page, "text-experts")
+    page.goto(f"{viewer['bare']}/#/text")
+    page.wait_for_selector("#needs-model")
+    # A slow page shows "loading…" until it arrives.
+    original = ViewerState.expert
+
+    def slow(self, group, expert):
+        time.sleep(1.5)
+        return original(self, group, expert)
+
+    monkeypatch.setattr(ViewerState, "expert", slow)
+    page.goto(f"{viewer['bare']}/#/expert/0/2")
+    page.wait_for_selector("#loading")
+    page.wait_for_selector("#expert-title")
+    assert page.locator("#loading").count() == 0

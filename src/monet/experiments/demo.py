@@ -142,13 +142,14 @@ def equivalent_commands(settings: DemoSettings, plan: DemoPlan, out: Path,
 FIGURES = {
     "heatmap.png": "Change of validation loss (nats/token, masked minus unmasked, same windows) on each evaluated "
                    "label (rows) when the units selected for each label (columns) are masked; red: the loss rose "
-                   "(knowledge lost). The diagonal is Δ target; the marks under each column say whether that "
-                   "label passes the bar.",
+                   "(knowledge lost), blue: it fell; one colour scale for all panels (the colour bar, in "
+                   "nats/token). The diagonal is each label's Δ target; whether a label passes the bar is in the "
+                   "table's `bar` column.",
     "forget_retain.png": "One panel per label: Δ target (forgetting, nats/token) against Δ others (collateral "
-                         "damage, nats/token) along the selection sweep (each point labelled with its skewness "
-                         "ratio; the dense baseline's with its share of neurons); the ringed point is the operating "
-                         "point, the dotted line the random control's 95th percentile, the grey line Δ target = "
-                         "5 x Δ others (the bar's selectivity). Up and to the left is better.",
+                         "damage, nats/token) along the selection sweep (Monet: the skewness ratios of --ratio and "
+                         "--sweep; the dense baseline: its shares of neurons); the ringed point is the operating "
+                         "point, the dotted line the random control's 95th percentile, the grey dashed line "
+                         "Δ target = 5 x Δ others (the bar's selectivity). Up and to the left is better.",
 }
 
 

@@ -156,6 +156,9 @@ class ViewerState:
         self.logits = lru_cache(256)(partial(expert_logits, model, atlas))
         self.similar = SimilarJobs(self)
         self._interesting: list[tuple[int, int]] | None = None
+        self._interesting_lock = threading.Lock()
+        # Ready before the first click: one short locked read per label and group, in the background.
+        threading.Thread(target=self.interesting, name="monet-view-specialists", daemon=True).start()
 
     def need_model(self, what: str) -> None:
         if self.model is None or self.tokenizer is None:
@@ -198,16 +201,19 @@ class ViewerState:
     def interesting(self) -> list[tuple[int, int]]:
         """Label specialists: per label and group, the most skewed experts (paper §5.1) among those with a full
         set of top contexts, so that a random pick shows an expert with a clear topic, not a busy generic one."""
-        if self._interesting is None:
-            least = max(10, int(self.atlas.manifest["options"]["top_k"]))
-            with self.lock:
-                picks = {(row["group"], row["expert"]) for label in self.atlas.labels
-                         for group in self.atlas.groups
-                         for row in self.atlas.experts_for_label(label, 20, min_count=least, group=group)
-                         if row["skewness"] >= 2}
+        with self._interesting_lock:
+            if self._interesting is None:
+                least = max(10, int(self.atlas.manifest["options"]["top_k"]))
+                picks = set()
+                for label in self.atlas.labels:
+                    for group in self.atlas.groups:
+                        with self.lock:   # per label and group, so that pages are served in between
+                            rows = self.atlas.experts_for_label(label, 20, min_count=least, group=group)
+                        picks |= {(row["group"], row["expert"]) for row in rows if row["skewness"] >= 2}
                 if not picks:   # a tiny atlas: fall back to the experts with the most examples
-                    picks = set(self.atlas.interesting_experts())
-            self._interesting = sorted(picks)
+                    with self.lock:
+                        picks = set(self.atlas.interesting_experts())
+                self._interesting = sorted(picks)
         return self._interesting
 
     def random_expert(self, group: int | None) -> dict[str, int]:

@@ -135,7 +135,8 @@ function tokenList(pieces, values, negative) {
   pieces.forEach((piece, i) => {
     const value = values[i];
     box.appendChild(el("span", { cls: "logit" }, el("span", { cls: "piece", text: visible(piece) }),
-      el("span", { cls: "value", text: (value >= 0 ? "+" : "") + value.toFixed(2) })));
+      el("span", { cls: "value", text: (value >= 0 ? "+" : "") +
+                   (Math.abs(value) >= 0.01 || value === 0 ? value.toFixed(2) : value.toExponential(1)) })));
   });
   return box;
 }
@@ -240,8 +241,9 @@ function modelSections(group, expert, max, contexts) {
   const useContext = el("button", { type: "button", id: "steer-use-context", text: "use a top context as the prompt" });
   let nextContext = 0;
   useContext.addEventListener("click", () => {
-    // The context up to and including its activating token: the expert fires on the prompt's last token, so
-    // scaling it changes the very next token.
+    // The context up to and including its activating token: the expert usually fires on the prompt's last
+    // token there (the stored context is a window, so the routing can differ a little), and steering then
+    // changes the very next token.
     const ctx = contexts[nextContext++ % contexts.length];
     prompt.value = ctx.pieces.slice(0, ctx.target + 1).join("");
   });
@@ -265,7 +267,8 @@ function modelSections(group, expert, max, contexts) {
     el("div", { id: "similar" }, el("p", { cls: "hint", text: "computing co-activation and output directions…" })),
     el("h3", { text: "Steering (greedy decoding, this expert's term scaled by α in every layer of its group)" }),
     el("p", { cls: "hint", text: "Scaling acts only where the router picks the expert: on a prompt where it never " +
-      "fires nothing changes until it does. A top context as the prompt makes it fire on the last token. " +
+      "fires nothing changes until it does; a top context as the prompt (cut after the token it fires on) " +
+      "usually makes it fire on the last prompt token. " +
       `Suggested α ≈ ${suggested}: about 100% over its median share on its top contexts, so that its term ` +
       "weighs as much as a whole token's routing." }),
     prompt,
