@@ -4,7 +4,7 @@ loops (values and every gradient), and HD / VD layers on the kernels equal the f
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"     # before the kernels are defined (monet.kernels defines them lazily)
+os.environ["TRITON_INTERPRET"] = "1"     # conftest.py sets it before triton is imported; alone, before torch
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
