@@ -12,7 +12,7 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "torch==2.13.0"
 fi
-.venv/bin/pip install -q -e ".[test,toxicity,eval,interp,vision]"
+.venv/bin/pip install -q -e ".[test,toxicity,eval,interp,vision,gpu]"
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
     || echo "note: could not install chromium; the viewer's browser test will be skipped"

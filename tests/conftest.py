@@ -1,5 +1,10 @@
+import os
 import sys
 from pathlib import Path
+
+# Triton (tests/test_kernels.py) runs on the CPU only through its interpreter, which must be chosen before
+# triton is first imported (importing transformers imports it).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

@@ -11,7 +11,8 @@ SRC = Path(__file__).parents[1] / "src"
 
 # Every module of the package, in layer order: a module may import only modules listed before it.
 ORDER = [
-    "monet.errors", "monet.io", "monet.presets", "monet.settings", "monet.config", "monet.runtime", "monet.sparse",
+    "monet.errors", "monet.io", "monet.presets", "monet.settings", "monet.config", "monet.runtime", "monet.kernels",
+    "monet.sparse",
     "monet.ops", "monet.edits", "monet.remote_code", "monet.model",
     "monet.data.documents", "monet.data.packages", "monet.data.tokenizer", "monet.data.storage", "monet.data.code",
     "monet.data.domains", "monet.data.languages", "monet.data.toxicity", "monet.data.lock", "monet.data.files",

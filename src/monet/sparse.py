@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from monet import kernels
+
 # ----------------------------------------------------------------------------------------------------------
 # Ragged routing structures
 
@@ -85,6 +87,13 @@ class HalfLayout:
     counts: list[int]        # [E]
     num_tokens: int
     experts: int
+    _table: tuple | None = None
+
+    def table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(half, start, stop) per block of pairs of one half, for `monet.kernels` (built once per layout)."""
+        if self._table is None:
+            self._table = kernels.block_table(self.counts, kernels.BLOCK_P, self.token.device)
+        return self._table
 
     @property
     def size(self) -> int:
@@ -306,6 +315,32 @@ class ScatterMatmul(torch.autograd.Function):
         return (grad_c, None, *grad_w)
 
 
+def use_kernels(x: torch.Tensor) -> bool:
+    """Whether the grouped projections run on the Triton kernels (`monet.kernels`): $MONET_KERNELS auto (the
+    default: on CUDA when triton is installed), on (required; on the CPU only under TRITON_INTERPRET=1) or off."""
+    mode = os.environ.get("MONET_KERNELS", "auto")
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"MONET_KERNELS must be auto, on or off, got {mode!r}")
+    if mode == "on" and not kernels.available(x):
+        raise RuntimeError("MONET_KERNELS=on needs triton (pip install 'monet[gpu]') and a CUDA tensor, or "
+                           "TRITON_INTERPRET=1 for CPU tensors")
+    return mode == "on" or (mode == "auto" and x.is_cuda and kernels.available(x))
+
+
+def gather_matmul(x: torch.Tensor, layout: HalfLayout, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`GatherMatmul` (per-half loop) or, where `use_kernels`, its Triton kernel: same value."""
+    if use_kernels(x):
+        return kernels.GatherMatmulKernel.apply(x, layout.token, layout.table(), weight, bias)
+    return GatherMatmul.apply(x, layout, weight, bias)
+
+
+def scatter_matmul(c: torch.Tensor, layout: HalfLayout, *weights: torch.Tensor) -> torch.Tensor:
+    """`ScatterMatmul` (per-half loop) or, where `use_kernels`, its Triton kernel: same value."""
+    if use_kernels(c):
+        return kernels.ScatterMatmulKernel.apply(c, layout.token, layout.table(), layout.num_tokens, *weights)
+    return ScatterMatmul.apply(c, layout, *weights)
+
+
 def _block(weights: tuple[torch.Tensor, ...], half: int) -> torch.Tensor:
     """[W^1_half | W^2_half | ...]: [d_out, K] (a copy of d_out * K values, small next to the matmul)."""
     return torch.cat([w[:, half] for w in weights], dim=1)
@@ -324,7 +359,7 @@ def _with_ones(t: torch.Tensor) -> torch.Tensor:
 def _up(layer, linear, x2: torch.Tensor, layout: HalfLayout) -> torch.Tensor:
     """sigma(U_i x + b_i) for every pair of the layout: [P, width of one half]."""
     weight, bias = linear.weight.unflatten(0, (layer.experts, -1)), linear.bias.view(layer.experts, -1)
-    return layer.act(GatherMatmul.apply(x2, layout, weight, bias))
+    return layer.act(gather_matmul(x2, layout, weight, bias))
 
 
 def _spread(entries: KeptEntries, per_head: torch.Tensor, size: int) -> torch.Tensor:
@@ -424,7 +459,7 @@ def hd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
         c = edit.coefficient(first, second).unsqueeze(-1)
         top_input.index_add_(0, q, -c * _with_ones(hidden[p]))      # in place: nothing saved it
     weight_v = layer.v.weight.unflatten(1, (layer.experts, -1))
-    out = ScatterMatmul.apply(top_input, layout2, weight_v, layer.b.t().unsqueeze(-1))
+    out = scatter_matmul(top_input, layout2, weight_v, layer.b.t().unsqueeze(-1))
     return out.view(shape)
 
 
@@ -456,9 +491,8 @@ def vd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
     def blocks(linear):
         return linear.weight.unflatten(1, (layer.experts, -1))
 
-    top = ScatterMatmul.apply(top_input, layout1, blocks(layer.v11), blocks(layer.v12), layer.b1.t().unsqueeze(-1))
-    bottom = ScatterMatmul.apply(bottom_input, layout2, blocks(layer.v21), blocks(layer.v22),
-                                 layer.b2.t().unsqueeze(-1))
+    top = scatter_matmul(top_input, layout1, blocks(layer.v11), blocks(layer.v12), layer.b1.t().unsqueeze(-1))
+    bottom = scatter_matmul(bottom_input, layout2, blocks(layer.v21), blocks(layer.v22), layer.b2.t().unsqueeze(-1))
     return torch.cat((top, bottom), dim=-1).view(shape)
 
 

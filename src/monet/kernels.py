@@ -1,0 +1,296 @@
+"""Triton kernels for the two grouped projections of the exact sparse expert path (`monet.sparse`).
+
+The sparse path computes, for the (token, half) pairs of one side sorted by half (`HalfLayout`),
+
+    gather:   r_p = W_{half(p)} x_{token(p)} + b_{half(p)}          (U_i x + b1_i: eq. 12, A.1)
+    scatter:  y_t += sum over pairs p of token t of W_{half(p)} c_p  ([V_j | b2_j] [c ; s]: eq. 12, A.1)
+
+On the CPU it loops over the halves in Python (one matmul each). Here each Triton program takes a block
+of up to BLOCK_P pairs of ONE half (a block table built from the layout's per-half counts), gathers the
+rows of x straight into a tile product with that half's weights (tl.dot) and either stores r_p or adds
+its products into y with atomics: nothing of size [pairs, d] is formed, the launch count does not grow
+with E, and weights are read once per block instead of once per pair. Backward uses the same three
+kernels with transposed strides (grad_x: scatter; grad_W: a per-half outer-product accumulation).
+
+Optional: `pip install monet[gpu]` (triton). Without CUDA, the kernels run under Triton's CPU
+interpreter (TRITON_INTERPRET=1, set before triton is imported), which is how the tests check them
+against the float64 naive sum. Edits (masks, steering) and the routing mixes stay in `monet.sparse`
+(index_add on the pair inputs before the scatter), so the kernels see already-edited inputs.
+Host syncs: the layout (`monet.sparse.side`) still reads per-half counts; the kernels add none.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BLOCK_P = 32      # pairs per program (one half); tl.dot needs >= 16
+BLOCK_D = 32      # reduction / output chunk
+
+
+@functools.cache
+def _triton():
+    """The triton module, or None when it is not installed (or cannot be imported)."""
+    try:
+        import triton
+        import triton.language  # noqa: F401
+    except Exception:  # not installed, or a broken install: the CPU path stays
+        return None
+    return triton
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(x: torch.Tensor) -> bool:
+    """Kernels can run for tensors like x: triton importable and x on CUDA (or the interpreter on for CPU)."""
+    return _triton() is not None and (x.is_cuda or (interpreted() and x.device.type == "cpu"))
+
+
+def block_table(counts: list[int], block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(half, start, stop) of every block of at most `block` consecutive pairs of one half, [blocks] each.
+
+    Built on the host from the layout's counts (already there: no extra sync), then copied to the device.
+    """
+    halves, starts, stops = [], [], []
+    start = 0
+    for half, count in enumerate(counts):
+        for offset in range(0, count, block):
+            halves.append(half)
+            starts.append(start + offset)
+            stops.append(start + min(count, offset + block))
+        start += count
+    table = torch.tensor([halves, starts, stops], dtype=torch.int64)
+    return tuple(table.to(device, non_blocking=True).unbind(0))
+
+
+@functools.cache
+def _kernels():
+    """Compile (define) the kernels on first use, so that importing monet never needs triton."""
+    triton = _triton()
+    tl = triton.language
+
+    @triton.jit
+    def gather_mm(x_ptr, token_ptr, w_ptr, b_ptr, out_ptr, half_ptr, start_ptr, stop_ptr,
+                  width, depth, sx, sw_half, sw_k, sw_c, sb_half, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                  PRECISION: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr):
+        """out[p, k] = sum_c x[token[p], c] W(half, k, c) (+ b[half, k]) for the pairs of one block."""
+        block = tl.program_id(0)
+        half, start, stop = tl.load(half_ptr + block), tl.load(start_ptr + block), tl.load(stop_ptr + block)
+        pairs = start + tl.arange(0, BP)
+        valid = pairs < stop
+        rows = tl.load(token_ptr + pairs, mask=valid, other=0)
+        ks = tl.program_id(1) * BW + tl.arange(0, BW)
+        acc = tl.zeros((BP, BW), dtype=ACC)
+        for c0 in range(0, depth, BD):
+            cs = c0 + tl.arange(0, BD)
+            xs = tl.load(x_ptr + rows[:, None] * sx + cs[None, :], mask=valid[:, None] & (cs[None, :] < depth),
+                         other=0.0)
+            ws = tl.load(w_ptr + half * sw_half + cs[:, None] * sw_c + ks[None, :] * sw_k,
+                         mask=(cs[:, None] < depth) & (ks[None, :] < width), other=0.0)
+            acc += tl.dot(xs, ws, input_precision=PRECISION, out_dtype=ACC)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + half * sb_half + ks, mask=ks < width, other=0.0)[None, :]
+        tl.store(out_ptr + pairs[:, None] * width + ks[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=valid[:, None] & (ks[None, :] < width))
+
+    @triton.jit
+    def scatter_mm(c_ptr, token_ptr, w_ptr, y_ptr, half_ptr, start_ptr, stop_ptr,
+                   inner, outer, sc, sw_half, sw_k, sw_n, sy, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                   BP: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+        """y[token[p], n] += sum_k c[p, k] W(half, k, n) for the pairs of one block (atomics)."""
+        block = tl.program_id(0)
+        half, start, stop = tl.load(half_ptr + block), tl.load(start_ptr + block), tl.load(stop_ptr + block)
+        pairs = start + tl.arange(0, BP)
+        valid = pairs < stop
+        rows = tl.load(token_ptr + pairs, mask=valid, other=0)
+        ns = tl.program_id(1) * BN + tl.arange(0, BN)
+        acc = tl.zeros((BP, BN), dtype=ACC)
+        for k0 in range(0, inner, BK):
+            ks = k0 + tl.arange(0, BK)
+            cs = tl.load(c_ptr + pairs[:, None] * sc + ks[None, :], mask=valid[:, None] & (ks[None, :] < inner),
+                         other=0.0)
+            ws = tl.load(w_ptr + half * sw_half + ks[:, None] * sw_k + ns[None, :] * sw_n,
+                         mask=(ks[:, None] < inner) & (ns[None, :] < outer), other=0.0)
+            acc += tl.dot(cs, ws, input_precision=PRECISION, out_dtype=ACC)
+        tl.atomic_add(y_ptr + rows[:, None] * sy + ns[None, :], acc.to(y_ptr.dtype.element_ty),
+                      mask=valid[:, None] & (ns[None, :] < outer))
+
+    @triton.jit
+    def half_outer(left_ptr, right_ptr, token_ptr, g_ptr, half_ptr, start_ptr, stop_ptr,
+                   width, depth, sl, sr, sg_half, sg_k, sg_c, GATHER: tl.constexpr, ACC: tl.constexpr,
+                   PRECISION: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr):
+        """G(half, k, c) += sum_p left[p, k] right[row(p), c], row = token[p] (GATHER) or p (atomics)."""
+        block = tl.program_id(0)
+        half, start, stop = tl.load(half_ptr + block), tl.load(start_ptr + block), tl.load(stop_ptr + block)
+        pairs = start + tl.arange(0, BP)
+        valid = pairs < stop
+        if GATHER:
+            rows = tl.load(token_ptr + pairs, mask=valid, other=0)
+        else:
+            rows = pairs
+        ks = tl.program_id(1) * BW + tl.arange(0, BW)
+        cs = tl.program_id(2) * BD + tl.arange(0, BD)
+        lt = tl.load(left_ptr + pairs[None, :] * sl + ks[:, None], mask=valid[None, :] & (ks[:, None] < width),
+                     other=0.0)
+        rt = tl.load(right_ptr + rows[:, None] * sr + cs[None, :], mask=valid[:, None] & (cs[None, :] < depth),
+                     other=0.0)
+        acc = tl.dot(lt, rt, input_precision=PRECISION, out_dtype=ACC)
+        tl.atomic_add(g_ptr + half * sg_half + ks[:, None] * sg_k + cs[None, :] * sg_c, acc.to(g_ptr.dtype.element_ty),
+                      mask=(ks[:, None] < width) & (cs[None, :] < depth))
+
+    return gather_mm, scatter_mm, half_outer
+
+
+def _numerics(t: torch.Tensor) -> dict:
+    """Accumulate in float64 for float64 inputs, else float32; IEEE products for float32 (not TF32)."""
+    tl = _triton().language
+    return {"ACC": tl.float64 if t.dtype == torch.float64 else tl.float32,
+            "PRECISION": "ieee" if t.dtype in (torch.float32, torch.float64) else "tf32"}
+
+
+def _block(n: int) -> int:
+    """A tile size for a dimension of n: a power of two, at least 16 (tl.dot), at most 64."""
+    return max(16, min(64, 1 << max(0, (n - 1).bit_length())))
+
+
+def _accumulator(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A zeroed buffer for atomic sums: float32 for half precisions (atomics in bf16 lose sums), else like's."""
+    dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+    return torch.zeros(shape, dtype=dtype, device=like.device)
+
+
+def gather(x: torch.Tensor, token: torch.Tensor, table: tuple, weight: torch.Tensor, bias: torch.Tensor | None,
+           pairs: int, transposed: bool = False) -> torch.Tensor:
+    """out[p] = W_{half(p)} x_{token(p)} (+ b): weight [E, w, d] (or [E, d, w] with transposed), x [n, d]."""
+    gather_mm = _kernels()[0]
+    x = x.contiguous()
+    width = weight.shape[2] if transposed else weight.shape[1]
+    depth = x.shape[1]
+    s_half, s_k, s_c = (weight.stride(0), weight.stride(2), weight.stride(1)) if transposed else weight.stride()
+    out = x.new_empty(pairs, width)
+    blocks = table[0].shape[0]
+    if blocks and width:
+        bw = _block(width)
+        gather_mm[(blocks, triton_cdiv(width, bw))](
+            x, token, weight, bias if bias is not None else weight, out, *table, width, depth, x.stride(0),
+            s_half, s_k, s_c, bias.stride(0) if bias is not None else 0, HAS_BIAS=bias is not None,
+            BP=BLOCK_P, BW=bw, BD=BLOCK_D, **_numerics(x))
+    return out
+
+
+def scatter(c: torch.Tensor, token: torch.Tensor, table: tuple, weight: torch.Tensor, rows: int,
+            out_dim: int, strides: tuple[int, int, int], into: torch.Tensor | None = None) -> torch.Tensor:
+    """y[token[p]] += sum_k c[p, k] W(half(p), k, n) with W(h, k, n) = weight[h*s0 + k*s1 + n*s2]: [rows, out_dim]."""
+    scatter_mm = _kernels()[1]
+    c = c.contiguous()
+    y = _accumulator(c, (rows, out_dim)) if into is None else into
+    blocks = table[0].shape[0]
+    if blocks and c.shape[1] and out_dim:
+        bn = _block(out_dim)
+        scatter_mm[(blocks, triton_cdiv(out_dim, bn))](
+            c, token, weight, y, *table, c.shape[1], out_dim, c.stride(0), *strides, y.stride(0),
+            BP=BLOCK_P, BK=_block(c.shape[1]), BN=bn, **_numerics(c))
+    return y
+
+
+def outer(left: torch.Tensor, right: torch.Tensor, token: torch.Tensor | None, table: tuple, grad: torch.Tensor,
+          strides: tuple[int, int, int]) -> None:
+    """grad(half, k, c) += sum_p left[p, k] right[row(p), c] (row = token[p], or p without token), in place."""
+    half_outer = _kernels()[2]
+    left, right = left.contiguous(), right.contiguous()
+    width, depth = left.shape[1], right.shape[1]
+    blocks = table[0].shape[0]
+    if blocks and width and depth:
+        bw, bd = _block(width), _block(depth)
+        half_outer[(blocks, triton_cdiv(width, bw), triton_cdiv(depth, bd))](
+            left, right, token if token is not None else table[0], grad, *table, width, depth, left.stride(0),
+            right.stride(0), *strides, GATHER=token is not None, BP=BLOCK_P, BW=bw, BD=bd, **_numerics(left))
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class GatherMatmulKernel(torch.autograd.Function):
+    """`monet.sparse.GatherMatmul` on the kernels: r_p = U_{half(p)} x_{token(p)} + b_{half(p)}, [P, w].
+
+    forward(x [n, d], token [P], table, weight [E, w, d], bias [E, w]). Backward: grad_x by the scatter
+    kernel (grad_r U_i onto the tokens), grad_U by the per-half outer product, grad_b by a segment sum.
+    """
+
+    @staticmethod
+    def forward(ctx, x, token, table, weight, bias):
+        ctx.table = table
+        ctx.save_for_backward(x, token, weight)
+        return gather(x, token, table, weight, bias, token.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, token, weight = ctx.saved_tensors
+        table = ctx.table
+        need_x, _, _, need_w, need_b = ctx.needs_input_grad
+        grad_out = grad_out.contiguous()
+        grad_x = grad_w = grad_b = None
+        if need_x:      # W(h, k, n) = weight[h, k, n]: k over w, n over d
+            grad_x = scatter(grad_out, token, table, weight, x.shape[0], x.shape[1], weight.stride()).to(x.dtype)
+        if need_w:
+            grad_w = _accumulator(weight, tuple(weight.shape))
+            outer(grad_out, x, token, table, grad_w, grad_w.stride())
+            grad_w = grad_w.to(weight.dtype)
+        if need_b:      # a segment sum per half (the blocks are in pair order)
+            half = torch.repeat_interleave(table[0], table[2] - table[1], output_size=token.shape[0])
+            grad_b = grad_out.new_zeros(weight.shape[:2]).index_add_(0, half, grad_out).to(weight.dtype)
+        return grad_x, None, None, grad_w, grad_b
+
+
+class ScatterMatmulKernel(torch.autograd.Function):
+    """`monet.sparse.ScatterMatmul` on the kernels: y_t = sum over pairs p of token t of W_{half(p)} c_p.
+
+    forward(c [P, K], token [P], table, rows, *weights), each weight [d_out, E, w_k] (sum w_k = K), read
+    in place (no [d_out, K] concatenation). Backward: grad_c by the gather kernel (W_j^T grad_y rows),
+    grad_W by the per-half outer product (grad_y rows x c).
+    """
+
+    @staticmethod
+    def forward(ctx, c, token, table, rows, *weights):
+        out_dim = weights[0].shape[0]
+        y = _accumulator(c, (rows, out_dim))
+        offset = 0
+        for weight in weights:          # W(h, k, n) = weight[n, h, k]
+            width = weight.shape[2]
+            scatter(c[:, offset:offset + width], token, table, weight, rows, out_dim,
+                    (weight.stride(1), weight.stride(2), weight.stride(0)), into=y)
+            offset += width
+        ctx.table = table
+        ctx.save_for_backward(c, token, *weights)
+        return y.to(c.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        c, token, *weights = ctx.saved_tensors
+        table = ctx.table
+        need_c, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[4:]
+        grad_y = grad_y.contiguous()
+        grad_c = None
+        if need_c:      # grad_c[p, k] = sum_n grad_y[token[p], n] weight[n, half, k]: weight as [E, d_out, w]
+            grad_c = torch.cat([gather(grad_y, token, table, w.transpose(0, 1), None, token.shape[0],
+                                       transposed=True) for w in weights], dim=1).to(c.dtype)
+        grads, offset = [], 0
+        for weight, need in zip(weights, need_w, strict=True):
+            width = weight.shape[2]
+            if need:    # grad_W[n, half, k] = sum_p c[p, k] grad_y[token[p], n]
+                grad = _accumulator(weight, tuple(weight.shape))
+                outer(c[:, offset:offset + width], grad_y, token, table, grad,
+                      (grad.stride(1), grad.stride(2), grad.stride(0)))
+                grads.append(grad.to(weight.dtype))
+            else:
+                grads.append(None)
+            offset += width
+        return (grad_c, None, None, None, *grads)
+
+
+__all__ = ["GatherMatmulKernel", "ScatterMatmulKernel", "available", "block_table", "interpreted"]
