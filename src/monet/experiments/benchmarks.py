@@ -60,9 +60,13 @@ def prepare_benchmark(specs: Iterable[str], include_path: str | Path | None, tar
     if missing:
         raise MonetError(f"--lm-eval-task names label(s) {', '.join(missing)} that are not unlearned here; "
                          f"the labels are: {', '.join(targets)}")
-    manager = task_manager(include_path)
-    benchmark = Benchmark(task_specs, manager)
+    benchmark = Benchmark(task_specs, None)
+    # lm-eval's own index of ~15k tasks takes a minute to build: skip it when the local tasks are all there are.
+    manager = task_manager(include_path, include_defaults=False) if include_path is not None else None
+    if manager is None or any(task not in set(manager.all_tasks) for task in benchmark.tasks):
+        manager = task_manager(include_path)
     check_tasks(benchmark.tasks, manager)
+    benchmark.manager = manager
     return benchmark
 
 
@@ -79,7 +83,7 @@ def parse_task_specs(specs: Iterable[str]) -> dict[str, list[str]]:
     return tasks
 
 
-def task_manager(include_path: str | Path | None = None) -> Any:
+def task_manager(include_path: str | Path | None = None, include_defaults: bool = True) -> Any:
     """lm-eval's TaskManager (with the YAML tasks under `include_path`), with a clear error when lm-eval is missing."""
     try:
         from lm_eval.tasks import TaskManager
@@ -87,7 +91,7 @@ def task_manager(include_path: str | Path | None = None) -> Any:
         raise MonetError("--lm-eval-task needs lm-evaluation-harness: pip install 'monet-lm[eval]'") from exc
     if include_path is not None and not Path(include_path).is_dir():
         raise MonetError(f"--lm-eval-include-path {include_path} is not a directory of lm-eval task YAML files")
-    return TaskManager(include_path=str(include_path) if include_path else None)
+    return TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_defaults)
 
 
 def check_tasks(tasks: Iterable[str], manager: Any) -> None:
