@@ -240,13 +240,13 @@ def test_nnsight_reads_routing_expert_outputs_and_residual_stream(nn_model, ours
     for group in (0, 1):
         assert torch.equal(g[group][0], capture.groups[group][0]) and torch.equal(g[group][1], capture.groups[group][1])
         theirs, mine = active_experts(*g[group]), capture.experts(group)
-        assert torch.equal(theirs.ids, mine.ids) and torch.equal(theirs.scores, mine.scores)
+        assert all(torch.equal(a, b) for a, b in zip(theirs.entries(), mine.entries(), strict=True))
     for layer in range(3):
         assert torch.allclose(resid[layer], out.hidden_states[layer + 1], atol=1e-6)
     assert torch.allclose(logits, out.logits, atol=1e-5)
     # The expert layer's output is the score-weighted sum of its active experts' outputs (eq. 7/14).
-    active = active_experts(*g[0]).ids[0].unique()
-    every_active = expert_contribution(model.model.layers[0].moe, x0, *g[0], active[active >= 0].tolist())
+    active = active_experts(*g[0]).expert_ids.unique()   # one sequence: every token's experts
+    every_active = expert_contribution(model.model.layers[0].moe, x0, *g[0], active.tolist())
     assert torch.allclose(moe0, every_active, atol=1e-5)
 
 
