@@ -136,6 +136,7 @@ def test_edits_persist_through_save_and_load(tmp_path):
     torch.testing.assert_close(monet.MonetForCausalLM.from_pretrained(tmp_path / "ckpt").eval()(ids).logits, plain)
 
 
+@pytest.mark.slow
 def test_generation_with_cache_equals_without_and_mask_stays(tmp_path):
     model = _model(layers=4, seed=3)
     ids = torch.randint(3, 256, (1, 6))

@@ -61,6 +61,7 @@ def _grads(out, inputs, probe):
     return torch.autograd.grad((out * probe).sum(), inputs, retain_graph=True, allow_unused=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit", [False, True], ids=["plain", "edited"])
 @pytest.mark.parametrize("cls", LAYERS)
 @pytest.mark.parametrize("shape", SHAPES)

@@ -186,6 +186,7 @@ def snap(page, name: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ JSON
 
+@pytest.mark.slow
 def test_routes_and_json(viewer):
     url, atlas = viewer["url"], viewer["atlas"]
     status, body, headers = get(url + "/")
@@ -391,6 +392,7 @@ def page(browser):
     page.close()
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_expert_page_in_headless_chromium(viewer, page):
     atlas = viewer["atlas"]
