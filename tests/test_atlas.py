@@ -60,6 +60,7 @@ def brute_force(model, dataset, options):
     return scores, windows
 
 
+@pytest.mark.slow
 def test_atlas_equals_brute_force(setup):
     model, _ = load(setup["run"])
     dataset = TokenDataset(setup["data"], "validation")
@@ -95,6 +96,7 @@ def test_atlas_equals_brute_force(setup):
             assert len({(c["doc"], c["pos"]) for c in got}) == len(got)
 
 
+@pytest.mark.slow
 def test_values_samples_and_label_counts_equal_brute_force(setup):
     """Every stored context's per-token values are the expert's scores at those tokens (0 where inactive, None
     where the build never ran the token); samples are the S largest hash keys of each (expert, band)."""

@@ -10,6 +10,7 @@ import monet
 from monet import ops
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decompose", ["vertical", "horizontal"])
 def test_eval_forward_is_one_graph(decompose: str) -> None:
     torch.manual_seed(0)
@@ -23,6 +24,7 @@ def test_eval_forward_is_one_graph(decompose: str) -> None:
     torch.testing.assert_close(got.router_probs[0][0], want.router_probs[0][0])
 
 
+@pytest.mark.slow
 def test_training_step_compiles_and_matches_eager() -> None:
     torch.manual_seed(0)
     eager = monet.MonetForCausalLM(monet.preset("tiny")).train()

@@ -459,6 +459,7 @@ def _real_catalogues(count: int = 3) -> dict[str, list[Path]]:
     return found
 
 
+@pytest.mark.slow
 def test_languages_from_real_catalogues(tmp_path):
     for lang, paths in _real_catalogues().items():
         for path in paths:

@@ -34,6 +34,7 @@ def rows(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_two_processes_resume_and_match_one(corpus: Path, tmp_path: Path) -> None:
     """One torchrun call (process start-up dominates on 2 shared cores): 2 ranks resume a run that one
     process took to step 3, train steps 4-5, and must match one process doing all 5 steps."""
@@ -62,6 +63,7 @@ def test_two_processes_resume_and_match_one(corpus: Path, tmp_path: Path) -> Non
     assert torch.allclose(ddp_weights[key], one_weights[key], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fsdp2_two_processes_match_one(corpus: Path, tmp_path: Path) -> None:
     """FSDP2 (`fully_shard` per decoder layer) with 2 gloo processes gives one process's losses and weights."""
     single, sharded = tmp_path / "single", tmp_path / "fsdp"
@@ -77,6 +79,7 @@ def test_fsdp2_two_processes_match_one(corpus: Path, tmp_path: Path) -> None:
     assert all(torch.allclose(got[k].float(), want[k].float(), atol=1e-5) for k in want)
 
 
+@pytest.mark.slow
 def test_atlas_sharded_under_torchrun_equals_one_process(corpus: Path, tmp_path: Path) -> None:
     """`monet atlas build` under torchrun: each rank streams a slice, rank 0 merges; the tables equal one pass."""
     import pyarrow.parquet as pq

@@ -10,6 +10,7 @@ import pytest
 from monet.cli import main
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_and_reuses_finished_steps(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     argv = ["demo", "--out", str(tmp_path / "demo"), "--quick", "--quiet"]

@@ -105,6 +105,7 @@ def test_lm_eval_task_files(corpus: Path, tmp_path: Path) -> None:
         build_continuation_items(corpus, num_choices=1)
 
 
+@pytest.mark.slow
 def test_lm_eval_harness_runs_the_local_task(run: Path, corpus: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness not installed (pip install 'monet-lm[eval]')")

@@ -28,6 +28,7 @@ def _layer(cls, hidden, experts, moe_dim, heads, topk):
     return layer, router
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [MonetHorizontalExperts, MonetVerticalExperts])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_factored_equals_naive_sum(cls, shape):

@@ -49,6 +49,7 @@ def test_expert_output_equals_layer_with_one_hot_routing(decompose):
         torch.testing.assert_close(layer(x, g1, g2) / heads, expert_output(layer, x, i, j))
 
 
+@pytest.mark.slow
 def test_expert_direction_and_logits(setup):
     model, _ = load(setup["run"])
     atlas = Atlas(setup["atlas"], model)

@@ -140,6 +140,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, argv, code, message", CASES, ids=[case[0] for case in CASES])
 def test_bad_input_gets_one_clear_line_and_deletes_nothing(world, capsys, name, argv, code, message) -> None:
     if "CUDA" in name:
@@ -203,6 +204,7 @@ def test_control_characters_from_the_corpus_reach_the_terminal_visible(world, ca
     assert "\u241b" in out and "⟨U+202E⟩" in out
 
 
+@pytest.mark.slow
 def test_stale_temporaries_of_a_killed_build_are_swept(world, tmp_path) -> None:
     stale = tmp_path / ".tmp-data-999999999-abc"          # a temporary of a process that no longer exists
     stale.mkdir()

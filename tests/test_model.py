@@ -172,6 +172,7 @@ print((after - before) * 1024)
 """
 
 
+@pytest.mark.slow
 def test_memory_never_scales_with_n_experts_per_token():
     """262,144 experts per layer (E=512, H=8) over 2x512 tokens: one N-sized float32 per token and head
     would be 262,144 * 8 * 4 B * 1024 tokens = 8.6 GB; the factored forward+backward stays far below."""

@@ -39,6 +39,7 @@ def synthetic(side: str, labels: int = 3, per_label: int = 400, docs_per_label: 
         yield lab, doc, [(token[first_of_pair], unit[first_of_pair], score[first_of_pair].astype(np.float32))]
 
 
+@pytest.mark.slow
 def test_a_unit_that_determines_the_label_is_found_at_k1() -> None:
     result = sparse_probe(lambda side: synthetic(side), groups=1, units=UNITS, labels=[0, 1, 2], num_labels=3,
                           ks=(1, 2, 5), rounds=200)
@@ -99,6 +100,7 @@ def test_window_pooling_is_the_mean_over_the_window(corpus: Path, tmp_path: Path
         assert np.allclose(dense, pooled, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_probe_command_on_tiny_monet_and_dense_models(corpus: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture) -> None:
     monet_run = save_run(tmp_path / "monet", tiny_config(), corpus)

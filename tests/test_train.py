@@ -168,6 +168,7 @@ def _command(corpus: Path, run: Path, **extra: object) -> list[str]:
     return [sys.executable, "-m", "monet", "train", "--data", str(corpus), "--out", str(run), *flags(settings)]
 
 
+@pytest.mark.slow
 def test_exact_resume_after_sigkill(corpus: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = tmp_path / "reference"

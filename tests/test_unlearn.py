@@ -47,6 +47,7 @@ def _cli(argv: list[str]) -> int:
     return main(argv)
 
 
+@pytest.mark.slow
 def test_report_files_and_consistency(demo: Path) -> None:
     report_dir = demo / "report"
     report = json.loads((report_dir / "report.json").read_text())

@@ -198,6 +198,7 @@ def snap(page, name: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ JSON
 
+@pytest.mark.slow
 def test_routes_and_json(viewer):
     url, atlas = viewer["url"], viewer["atlas"]
     status, body, headers = get(url + "/")
@@ -404,6 +405,7 @@ def page(browser):
     page.close()
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_expert_page_in_headless_chromium(viewer, page):
     atlas = viewer["atlas"]

@@ -23,9 +23,7 @@ from monet.sparse import merged_experts
 class ActiveExperts:
     """Per token, its active experts, ragged: one entry per (token, expert) flattened over the tokens (B*T,
     row-major), grouped by token (in no order within a token) and delimited by `offsets` [B*T + 1], so memory
-    follows the real number of active experts. `ids` and `scores` give the padded [B, T, P] view (P = the
-    batch's largest count) and `token(b, t)` one token's list, best score first; prefer `entries()` on large
-    batches."""
+    follows the real number of active experts. `token(b, t)` gives one token's list, best score first."""
 
     shape: tuple[int, ...]
     offsets: torch.Tensor
@@ -41,29 +39,6 @@ class ActiveExperts:
         counts = self.offsets[1:] - self.offsets[:-1]
         token = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
         return token, self.expert_ids, self.expert_scores
-
-    def _padded(self, values: torch.Tensor, fill: int) -> torch.Tensor:
-        """`values` (one per entry) as a [B, T, P] grid, each token's entries by decreasing score, `fill` after."""
-        counts = self.offsets[1:] - self.offsets[:-1]
-        width = int(counts.max()) if counts.numel() else 0
-        token, _, scores = self.entries()
-        slot = torch.arange(token.numel(), device=token.device) - self.offsets[:-1][token]
-        score_grid = scores.new_zeros(counts.numel(), width)
-        score_grid[token, slot] = scores
-        grid = values.new_full((counts.numel(), width), fill)
-        grid[token, slot] = values
-        order = torch.sort(score_grid, dim=-1, descending=True, stable=True).indices
-        return grid.gather(-1, order).view(*self.shape, -1)
-
-    @property
-    def ids(self) -> torch.Tensor:
-        """Padded ids [B, T, P], best score first (-1 for padding)."""
-        return self._padded(self.expert_ids, -1)
-
-    @property
-    def scores(self) -> torch.Tensor:
-        """Padded scores [B, T, P], decreasing (0 for padding)."""
-        return self._padded(self.expert_scores, 0)
 
     def token(self, b: int, t: int) -> list[tuple[int, float]]:
         """(expert id, score) of one token, best first."""

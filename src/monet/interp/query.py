@@ -428,9 +428,12 @@ def experts_for_text(model: torch.nn.Module, tokenizer: Any, text: str, n: int =
     layout = units_of(model.eval())
     out = [{"position": t, "token": token, "piece": tokenizer.decode([token]), "groups": []}
            for t, token in enumerate(ids[0].tolist())]
-    for unit_ids, scores in layout.padded(ids.to(next(model.parameters()).device)):
-        for entry, units, values in zip(out, unit_ids[0].tolist(), scores[0].float().tolist(), strict=True):
-            top = sorted(((u, v) for u, v in zip(units, values, strict=True) if u >= 0), key=lambda uv: -uv[1])
+    for token, unit, score in layout.entries(ids.to(next(model.parameters()).device)):
+        found: list[list[tuple[int, float]]] = [[] for _ in out]
+        for t, u, v in zip(token.tolist(), unit.tolist(), score.float().tolist(), strict=True):
+            found[t].append((u, v))
+        for entry, units in zip(out, found, strict=True):
+            top = sorted(units, key=lambda uv: -uv[1])
             entry["groups"].append([(u, 100.0 * v / layout.scale) for u, v in top[:n]])
     return out
 
@@ -439,12 +442,13 @@ def experts_for_text(model: torch.nn.Module, tokenizer: Any, text: str, n: int =
 def expert_values(model: torch.nn.Module, input_ids: torch.Tensor, group: int, expert: int) -> np.ndarray:
     """The score of unit `expert` of `group` at every token of `input_ids` [B, T] ([B, T] float, 0 where the
     unit is not active), from each token's active units (the same numbers as the atlas build)."""
-    activations = units_of(model.eval()).padded(input_ids.to(next(model.parameters()).device))
+    activations = units_of(model.eval()).entries(input_ids.to(next(model.parameters()).device))
     if not 0 <= group < len(activations):
         raise MonetError(f"unknown group {group}: this model has groups 0..{len(activations) - 1}")
-    ids, scores = activations[group]
-    hit = (ids == expert).cpu()
-    return torch.where(hit, scores.float().cpu(), torch.zeros(())).sum(-1).numpy()
+    token, unit, score = (a.cpu() for a in activations[group])
+    values = torch.zeros(input_ids.numel())
+    values[token[unit == expert]] = score[unit == expert].float()
+    return values.view(input_ids.shape).numpy()
 
 
 def activation_on_text(model: torch.nn.Module, tokenizer: Any, text: str, group: int, expert: int,

@@ -68,10 +68,6 @@ class Units:
         [entries], grouped by token."""
         raise NotImplementedError
 
-    def padded(self, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per group, the active units of every token padded: (ids [B, T, P] with -1 padding, scores)."""
-        raise NotImplementedError
-
     def lookup(self, input_ids: torch.Tensor) -> list[Lookup]:
         """Per group, a score lookup (b, t, unit) -> score (0 where inactive); the numbers of `entries` up to
         the order of the sum over heads."""
@@ -120,11 +116,6 @@ class MonetExperts(Units):
         return [capture.experts(g).entries() for g in range(len(capture.groups))]
 
     @torch.no_grad()
-    def padded(self, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        capture = _routing(self.model, input_ids)
-        return [(a.ids, a.scores) for a in map(capture.experts, range(len(capture.groups)))]
-
-    @torch.no_grad()
     def lookup(self, input_ids: torch.Tensor) -> list[Lookup]:
         # sum_h g1_hi g2_hj read from the captured routing for just the asked (i, j) (no active-pair lists)
         routing = _routing(self.model, input_ids).groups
@@ -153,11 +144,6 @@ class DenseNeurons(Units):
     def entries(self, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         flats = [scores.flatten(0, -2) for scores in self._scores(input_ids)]   # [B*T, units]
         return [(*(flat > 0).nonzero(as_tuple=True), flat[flat > 0]) for flat in flats]
-
-    @torch.no_grad()
-    def padded(self, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(torch.where(scores > 0, torch.arange(scores.shape[-1]), -1), scores)
-                for scores in self._scores(input_ids)]
 
     @torch.no_grad()
     def lookup(self, input_ids: torch.Tensor) -> list[Lookup]:
