@@ -53,7 +53,7 @@ from monet.config import PRESETS, MonetConfig, config_fields
 from monet.data import PackedSequences, TokenDataset
 from monet.errors import MonetError
 from monet.evaluate import evaluate_sets, label_window_sets
-from monet.info import dense_intermediate_size_matching
+from monet.info import count_parameters, dense_intermediate_size_matching, human
 from monet.io import MARKER, atomic_write, check_writable, exclusive_lock, marker_kind
 from monet.model import MonetDecoderLayer, MonetForCausalLM
 from monet.runtime import resolve_device, start_distributed
@@ -141,8 +141,6 @@ def build_model_config(settings: TrainSettings, vocab_size: int) -> MonetConfig:
 def check_memory(config: MonetConfig, runtime: Runtime) -> None:
     """MonetError, before anything is allocated, when training `config` needs more memory than the device has:
     about 16 bytes per parameter (float32 weights and gradients, AdamW's two moments), sharded under FSDP."""
-    from monet.info import count_parameters, human
-
     need = count_parameters(config) * 16 / (runtime.world if runtime.sharded else 1)
     if runtime.device.type == "cuda":
         have = torch.cuda.get_device_properties(runtime.device).total_memory
