@@ -235,3 +235,21 @@ def test_error_lines_show_control_characters_in_file_names(tmp_path, capsys) -> 
     assert main(["data", "info", str(hostile)]) == 2
     err = capsys.readouterr().err
     assert "\x1b" not in err and "\x07" not in err and "\u241b" in err
+
+
+def test_a_label_asked_for_without_training_documents_is_refused(tmp_path) -> None:
+    from atlas_fixtures import system_code_roots
+
+    from monet.data import build_corpus
+
+    with pytest.raises(MonetError, match="no training documents for go within the byte budget"):
+        build_corpus("code", tmp_path / "data", max_bytes=20_000, vocab_size=512, progress=False,
+                     cache_dir=tmp_path / "cache",
+                     source_options={"roots": system_code_roots(), "languages": ["c", "python", "go"]})
+    assert not (tmp_path / "data").exists()
+
+
+def test_bench_json_and_markdown_at_one_file_is_refused(tmp_path, capsys) -> None:
+    same = tmp_path / "report"
+    assert main(["bench", "--quick", "--json", str(same), "--markdown", str(same)]) == 2
+    assert "name the same file" in capsys.readouterr().err and not same.exists()
