@@ -86,7 +86,7 @@ def load_settings(config_file: str | os.PathLike | None = None, values: dict[str
         except UnicodeDecodeError as exc:
             raise MonetError(f"config file {path} is not UTF-8 text ({exc})") from exc
         except yaml.YAMLError as exc:
-            raise MonetError(f"config file {path} is not valid YAML: {exc}") from exc
+            raise MonetError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
         if not isinstance(loaded, dict):
             raise MonetError(f"config file {path} must be a mapping of key: value, got {type(loaded).__name__}")
         layers.append({k: yaml_scalar(v) if isinstance(v, str) else v for k, v in loaded.items()})
