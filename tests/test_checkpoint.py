@@ -87,7 +87,7 @@ def test_prune_keeps_last_complete_and_sweeps_temp_dirs(tmp_path: Path) -> None:
     model = tiny_model()
     for step in range(1, 6):
         save_checkpoint(tmp_path, step, model, {"step": step})
-    (tmp_path / "checkpoints" / ".tmp-step-0000006-1-2").mkdir()
+    (tmp_path / "checkpoints" / ".tmp-step-0000006-999999999-2").mkdir()
     prune_checkpoints(tmp_path, keep_last=2)
     assert [step for step, _ in list_checkpoints(tmp_path)] == [4, 5]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000004", "step-0000005"]

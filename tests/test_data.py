@@ -356,8 +356,10 @@ def test_bad_build_arguments(tmp_path, data_code_dir):
         build_corpus("code", tmp_path / "x", tokenizer="wordpiece")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "file.txt").write_text("mine")
-    with pytest.raises(MonetError, match="not a dataset.*--force"):
-        build_corpus("code", tmp_path / "junk")
+    for force in (False, True):   # a folder of the user's is never replaced, --force or not (docs/cli.md)
+        with pytest.raises(MonetError, match="not a dataset.*may hold files of yours") as caught:
+            build_corpus("code", tmp_path / "junk", force=force)
+        assert "--force" not in str(caught.value)
     assert (tmp_path / "junk" / "file.txt").read_text() == "mine"
     # An existing complete dataset is kept as it is.
     before = (data_code_dir / "train.tokens").stat().st_mtime_ns

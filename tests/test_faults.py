@@ -235,3 +235,41 @@ def test_error_lines_show_control_characters_in_file_names(tmp_path, capsys) -> 
     assert main(["data", "info", str(hostile)]) == 2
     err = capsys.readouterr().err
     assert "\x1b" not in err and "\x07" not in err and "\u241b" in err
+
+
+def test_a_label_asked_for_without_training_documents_is_refused(tmp_path) -> None:
+    from atlas_fixtures import system_code_roots
+
+    from monet.data import build_corpus
+
+    with pytest.raises(MonetError, match="no training documents for go within the byte budget"):
+        build_corpus("code", tmp_path / "data", max_bytes=20_000, vocab_size=512, progress=False,
+                     cache_dir=tmp_path / "cache",
+                     source_options={"roots": system_code_roots(), "languages": ["c", "python", "go"]})
+    assert not (tmp_path / "data").exists()
+
+
+def test_bench_json_and_markdown_at_one_file_is_refused(tmp_path, capsys) -> None:
+    same = tmp_path / "report"
+    assert main(["bench", "--quick", "--json", str(same), "--markdown", str(same)]) == 2
+    assert "name the same file" in capsys.readouterr().err and not same.exists()
+
+
+def test_an_output_that_would_be_refused_is_refused_before_any_work(tmp_path, capsys, monkeypatch) -> None:
+    import monet.interp.probe
+
+    monkeypatch.setattr(monet.interp.probe, "probe_command", lambda cmd: pytest.fail("the probe ran"))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("keep")
+    assert main(["probe", "RUN", "--data", "D", "--out", str(tmp_path / "mine"), "--force"]) == 2
+    assert "may hold files of yours" in capsys.readouterr().err
+
+
+def test_a_yaml_error_is_one_line(tmp_path) -> None:
+    from monet.train import load_settings
+
+    config = tmp_path / "c.yaml"
+    config.write_text("x: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(MonetError) as caught:
+        load_settings(config)
+    assert "\n" not in str(caught.value) and "not valid YAML" in str(caught.value)

@@ -185,7 +185,7 @@ def test_exact_resume_after_sigkill(corpus: Path, tmp_path: Path) -> None:
     assert done is not None and len(read_metrics(run)) < 30, "the run finished before it could be killed"
 
     # Debris a crash could leave: a half-written temp dir and a damaged newer checkpoint.
-    (run / "checkpoints" / ".tmp-step-0000099-1-1").mkdir()
+    (run / "checkpoints" / ".tmp-step-0000099-999999999-1").mkdir()
     damaged = run / "checkpoints" / "step-0000029"
     shutil.copytree(done, damaged)
     weights_file = damaged / "model.safetensors"
@@ -198,7 +198,7 @@ def test_exact_resume_after_sigkill(corpus: Path, tmp_path: Path) -> None:
     assert_same_rows(read_metrics(run), read_metrics(reference))
     final, want = weights(latest_checkpoint(run)), weights(latest_checkpoint(reference))
     assert all(torch.equal(final[k], want[k]) for k in want)
-    assert not (run / "checkpoints" / ".tmp-step-0000099-1-1").exists()
+    assert not (run / "checkpoints" / ".tmp-step-0000099-999999999-1").exists()
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

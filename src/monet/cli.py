@@ -20,7 +20,7 @@ from typing import Any
 from monet import __version__
 from monet import settings as S
 from monet.errors import MonetError
-from monet.io import command_inputs, dumps, printable
+from monet.io import check_output, command_inputs, dumps, printable
 
 HELP = """usage: monet [--version] [--debug] COMMAND [options]
 
@@ -347,6 +347,10 @@ def parse(name: str, argv: list[str]) -> Any:
 
 
 OUTPUT_FIELDS = ("out", "json", "markdown")   # settings fields naming what a command writes
+# command -> (marker kind, noun, replace_own) of its output directory, as its library function writes it
+OUTPUTS = {"data build": ("data build", "a dataset", True), "atlas build": ("atlas build", "an atlas", False),
+           "probe": ("probe", "a probe report", True), "unlearn": ("unlearn", "an unlearning report", True),
+           "toxicity": ("toxicity", "a toxicity report", True)}
 
 
 def input_paths(settings: Any) -> list[str]:
@@ -402,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if asked else 2
         settings = parse(name, rest)
         with command_inputs(input_paths(settings)):
+            if name in OUTPUTS and getattr(settings, "out", None):   # refused before any work, not after it
+                kind, noun, replace_own = OUTPUTS[name]
+                check_output(settings.out, kind, force=settings.force, noun=noun, replace_own=replace_own)
             COMMANDS[name][1](settings)
         sys.stdout.flush()   # inside the try: a closed pipe is reported here, not at exit
         return 0

@@ -726,7 +726,7 @@ class BenchSettings(Settings):
     tokens: int = number(4096, low=1)  # tokens per step
     repeats: int = number(5, low=1)  # interleaved timed rounds
     warmup: int = number(1, low=0)  # untimed rounds first
-    threads: int = number(1, low=1)  # torch threads (1 gives stable ratios on a shared machine)
+    threads: int = number(1, low=1, high=1024)  # torch threads (1 gives stable ratios on a shared machine)
     clock: Literal["wall", "cpu"] = "wall"  # on CPU: wall time, or the timing thread's CPU time (robust to load)
     path: Literal["auto", "dense", "sparse"] = "auto"  # expert computation: auto (monet.sparse's rule), dense or sparse
     profile: bool = False  # keep a torch.profiler table of each expert forward in the report

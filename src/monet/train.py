@@ -54,7 +54,7 @@ from monet.config import PRESETS, MonetConfig, config_fields, did_you_mean
 from monet.data import PackedSequences, TokenDataset
 from monet.errors import MonetError
 from monet.evaluate import evaluate_sets, label_window_sets
-from monet.info import dense_intermediate_size_matching
+from monet.info import count_parameters, dense_intermediate_size_matching, human
 from monet.io import MARKER, atomic_write, check_writable, exclusive_lock, marker_kind
 from monet.model import MonetDecoderLayer, MonetForCausalLM
 from monet.runtime import resolve_device, start_distributed
@@ -87,7 +87,7 @@ def load_settings(config_file: str | os.PathLike | None = None, values: dict[str
         except UnicodeDecodeError as exc:
             raise MonetError(f"config file {path} is not UTF-8 text ({exc})") from exc
         except yaml.YAMLError as exc:
-            raise MonetError(f"config file {path} is not valid YAML: {exc}") from exc
+            raise MonetError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
         if not isinstance(loaded, dict):
             raise MonetError(f"config file {path} must be a mapping of key: value, got {type(loaded).__name__}")
         layers.append({k: yaml_scalar(v) if isinstance(v, str) else v for k, v in loaded.items()})
@@ -143,8 +143,6 @@ def build_model_config(settings: TrainSettings, vocab_size: int) -> MonetConfig:
 def check_memory(config: MonetConfig, runtime: Runtime) -> None:
     """MonetError, before anything is allocated, when training `config` needs more memory than the device has:
     about 16 bytes per parameter (float32 weights and gradients, AdamW's two moments), sharded under FSDP."""
-    from monet.info import count_parameters, human
-
     need = count_parameters(config) * 16 / (runtime.world if runtime.sharded else 1)
     if runtime.device.type == "cuda":
         have = torch.cuda.get_device_properties(runtime.device).total_memory
