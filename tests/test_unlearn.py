@@ -199,7 +199,7 @@ def test_out_never_deletes_what_it_did_not_create(demo: Path, tmp_path: Path, ca
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
     assert _cli(["unlearn", *common, "--target", "python", "--out", str(precious)]) == 2
-    assert "--force" in capsys.readouterr().err
+    assert "choose another --out" in capsys.readouterr().err   # never a --force hint on a user's folder
     assert (precious / "thesis.tex").read_text() == "years of work" and len(list(precious.iterdir())) == 1
     a_file = tmp_path / "notes.txt"
     a_file.write_text("keep me")
