@@ -177,17 +177,18 @@ def quiet_pool(model: Any, atlas: Any, size: int, batch_size: int, seed: int, wi
         for b, (doc, start, length, _) in enumerate(batch):
             ids[b, :length] = dataset.document(doc)[start:start + length]
         with torch.no_grad():
-            acts = units_of(model.eval()).padded(torch.from_numpy(ids).to(device))
-        acts = [(unit_ids.cpu().numpy(), scores.float().cpu().numpy()) for unit_ids, scores in acts]
+            acts = units_of(model.eval()).entries(torch.from_numpy(ids).to(device))
+        # (row, position, unit, score) of every active unit of the batch (ragged, real tokens only)
+        acts = [(*np.divmod(token.cpu().numpy(), ids.shape[1]), unit_ids.cpu().numpy(), scores.float().cpu().numpy())
+                for token, unit_ids, scores in acts]
         for b, (_, _, length, subs) in enumerate(batch):
             for sub in subs:
                 stop = min(sub + width, length)
                 window = len(pieces)
                 pieces.append([atlas.piece(int(t)) for t in ids[b, sub:stop]])
-                for g, (unit_ids, scores) in enumerate(acts):
-                    u, s = unit_ids[b, sub:stop].ravel(), scores[b, sub:stop].ravel()
-                    keep = u >= 0
-                    u, s = u[keep], s[keep]
+                for g, (row, pos, unit_ids, scores) in enumerate(acts):
+                    keep = (row == b) & (pos >= sub) & (pos < stop)
+                    u, s = unit_ids[keep], scores[keep]
                     order = np.lexsort((-s, u))
                     u, s = u[order], s[order]
                     firsts = np.unique(u, return_index=True)[1]     # the largest value of each unit in the window
