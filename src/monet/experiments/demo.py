@@ -144,7 +144,7 @@ FIGURES = {
                    "label (rows) when the units selected for each label (columns) are masked; red: the loss rose "
                    "(knowledge lost), blue: it fell; one colour scale for all panels (the colour bar, in "
                    "nats/token). The diagonal is each label's Δ target; whether a label passes the bar is in the "
-                   "table's `bar` column.",
+                   "table's `grade` column.",
     "forget_retain.png": "One panel per label: Δ target (forgetting, nats/token) against Δ others (collateral "
                          "damage, nats/token) along the selection sweep (Monet: the skewness ratios of --ratio and "
                          "--sweep; the dense baseline: its shares of neurons); the ringed point is the operating "
