@@ -254,8 +254,8 @@ def load_tower(name: str, image_size: int, patch_size: int, width: int, layers: 
     if not (path / "config.json").is_file():
         raise MonetError(f"--vision-tower {name!r} is neither 'patch', 'clip' nor a local Hugging Face model "
                          "directory with config.json (e.g. a download of openai/clip-vit-base-patch16)")
+    raw = _config_object(path / "config.json", "re-download the vision tower")
     with quiet_transformers():
-        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
         if raw.get("model_type") in ("clip", "clip_vision_model"):
             return CLIPVisionModel.from_pretrained(path, use_safetensors=True)
         return AutoModel.from_pretrained(path, use_safetensors=True)
@@ -265,15 +265,26 @@ def read_vision_config(directory: Path) -> VisionMonetConfig:
     file = directory / "config.json"
     if not file.is_file():
         raise MonetError(f"{file} is missing: {directory} is not a VisionMonet checkpoint")
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise MonetError(f"{file} is corrupt ({exc}); re-save the checkpoint") from exc
+    raw = _config_object(file, "re-save the checkpoint")
     if raw.get("model_type") != VisionMonetConfig.model_type:
         raise MonetError(f"{file} describes a {raw.get('model_type')!r} model, not a VisionMonet "
                          "(use `monet generate` for a text-only Monet)")
     raw.pop("transformers_version", None)
-    return VisionMonetConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+    try:
+        return VisionMonetConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+    except (TypeError, ValueError) as exc:
+        raise MonetError(f"{file} is not a valid VisionMonet config ({exc}); re-save the checkpoint") from exc
+
+
+def _config_object(file: Path, fix: str) -> dict[str, Any]:
+    """A config.json read as a JSON object, or one MonetError line (unreadable, not JSON, not an object)."""
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MonetError(f"{file} is corrupt ({exc}); {fix}") from exc
+    if not isinstance(raw, dict):
+        raise MonetError(f"{file} is not a JSON object; {fix}")
+    return raw
 
 
 def load_vision(path: str | os.PathLike, device: str | torch.device | None = None, verify: bool = True
