@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -233,8 +234,27 @@ def write_topic_task(directory: Path, topic: str, items: int = 6) -> Path:
     (directory / f"{topic}_task.yaml").write_text(
         f"task: topic_{topic}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {json.dumps(str((directory / f'{topic}.jsonl').resolve()))}\ntest_split: test\n"
-        "output_type: multiple_choice\ndoc_to_text: context\ndoc_to_choice: choices\ndoc_to_target: gold\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1.0\n")
+        + TASK_TAIL)
+    return directory
+
+
+TASK_TAIL = ("output_type: multiple_choice\ndoc_to_text: context\ndoc_to_choice: choices\ndoc_to_target: gold\n"
+             "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n"
+             "  version: 1.0\n")
+
+
+def write_next_word_task(directory: Path, topic: str) -> Path:
+    """A local task `next_TOPIC` of near ties for a random model: after a prefix of a `topic` text, its next word
+    or a word of another topic (one word each, so neither choice is favoured by its length)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    words = TOPICS[topic].format(n=7).split()
+    others = [w for t, text in TOPICS.items() if t != topic for w in text.split() if "{" not in w]
+    rows = [{"context": " ".join(words[:cut]), "choices": [" " + words[cut], " " + others[k % len(others)]],
+             "gold": 0} for k, cut in enumerate(c for c in range(2, len(words)) for _ in range(2))]
+    (directory / f"next_{topic}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / f"next_{topic}.yaml").write_text(
+        f"task: next_{topic}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {json.dumps(str((directory / f'next_{topic}.jsonl').resolve()))}\ntest_split: test\n" + TASK_TAIL)
     return directory
 
 
@@ -272,3 +292,54 @@ def test_unlearn_reports_lm_eval_accuracy_matrix(released, tmp_path, capsys):
             assert len(cell["random_deltas"]) == 1
             assert cell["own_task"] == (task == f"topic_{label}")
     assert (out / "lm_eval_heatmap.png").is_file()
+
+
+@pytest.mark.slow   # an atlas, one unlearn run under lm-eval, an export and lm-eval's command line (~1 min)
+def test_exported_edits_give_unlearns_accuracy_in_lm_eval_command_line(released, tmp_path, capsys):
+    """`monet edits export` writes the edited model as a checkpoint; lm-eval's command line (a subprocess that
+    never imports monet itself: the checkpoint's remote-code shim does) gives the accuracy that `unlearn
+    --lm-eval-task` measured in memory for the same mask, and not the unedited model's."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness not installed (pip install 'monet-lm[eval]')")
+    from test_tools import client_env, lm_eval_command
+
+    ck, data = str(released["checkpoint"]), str(released["data"])
+    atlas, tasks = tmp_path / "atlas", write_next_word_task(tmp_path / "tasks", "cooking")
+    assert main(["atlas", "build", ck, "--data", data, "--out", str(atlas), "--max-tokens", "2000", "--device", "cpu",
+                 "--quiet", "--seq-len", "32"]) == 0
+    assert main(["unlearn", ck, "--data", data, "--atlas", str(atlas), "--target", "cooking", "--ratio", "1.0",
+                 "--eval-tokens", "64", "--random-masks", "0", "--sweep", "--sweep-tokens", "64", "--batch-size", "4",
+                 "--seq-len", "32", "--mc-items", "0", "--device", "cpu", "--quiet", "--out", str(tmp_path / "report"),
+                 "--lm-eval-include-path", str(tasks), "--lm-eval-task", "cooking=next_cooking",
+                 "--lm-eval-random-masks", "0"]) == 0
+    result = json.loads((tmp_path / "report" / "report.json").read_text())["lm_eval"]
+    before = result["before"]["next_cooking"]["accuracy"]
+    masked = result["masked"]["cooking"]["tasks"]["next_cooking"]["accuracy"]
+    assert masked != before   # the mask changes answers, so an export that lost it would be caught
+
+    exported = tmp_path / "no-cooking"
+    assert main(["edits", "export", ck, "--atlas", str(atlas), "--label", "cooking", "--ratio", "1.0",
+                 "--out", str(exported)]) == 0
+    assert "experts deleted" in capsys.readouterr().out
+    config = json.loads((exported / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_monet_lm.MonetForCausalLM"
+    assert (exported / "expert_edits.safetensors").is_file() and (exported / "tokenizer.json").is_file()
+
+    command = [*lm_eval_command(), "--model", "hf", "--model_args",
+               f"pretrained={exported},trust_remote_code=True,dtype=float32", "--tasks", "next_cooking",
+               "--include_path", str(tasks), "--device", "cpu", "--batch_size", "4", "--output_path",
+               str(tmp_path / "lm-eval")]
+    run = subprocess.run(command, capture_output=True, text=True, env=client_env(tmp_path), timeout=600,
+                         cwd=tmp_path)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    results = json.loads(next((tmp_path / "lm-eval").rglob("results_*.json")).read_text())
+    assert results["results"]["next_cooking"]["acc,none"] == pytest.approx(masked)
+
+    # Our own loader applies the same edits, and the exported checkpoint is verified like any of ours.
+    from monet.checkpoint import checkpoint_problem, load_checkpoint
+    from monet.edits import current_weights
+
+    assert checkpoint_problem(exported) is None
+    model, _ = load_checkpoint(exported)
+    deleted = sum(int((table >= 1).sum()) for index, table in current_weights(model).items()
+                  if table is not None and index % model.config.moe_groups == 0)
+    assert deleted == result["masked"]["cooking"]["masked_experts"]

@@ -78,22 +78,40 @@ def save_checkpoint(
     final = root / f"step-{step:07d}"
     tmp = temporary_sibling(final)
     try:
-        with quiet_transformers():
-            model.save_pretrained(tmp, state_dict=state_dict)
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).is_file():
-                    shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+        save_model_files(tmp, model, tokenizer_dir, state_dict)
         if training_state is not None:
             torch.save(training_state, tmp / TRAINING_STATE)
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                 for p in sorted(tmp.iterdir()) if p.is_file()}
-        atomic_write(tmp / MANIFEST, dumps({"step": step, "files": files, **(metadata or {})}) + "\n")
+        write_manifest(tmp, {"step": step, **(metadata or {})})
         replace_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def save_model_files(directory: str | os.PathLike, model: MonetForCausalLM,
+                     tokenizer_dir: str | os.PathLike | None = None,
+                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Fill `directory` (a temporary one: the caller renames it into place) with what `save_pretrained` writes
+    (weights, config.json with the remote-code `auto_map`, the expert edits when any are applied) and the
+    tokenizer files of `tokenizer_dir`; `write_manifest` finishes the checkpoint."""
+    directory = Path(directory)
+    with quiet_transformers():
+        model.save_pretrained(directory, state_dict=state_dict)
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copyfile(Path(tokenizer_dir) / name, directory / name)
+    return directory
+
+
+def write_manifest(directory: str | os.PathLike, metadata: dict[str, Any]) -> None:
+    """`checkpoint.json`, written last: `metadata` plus the size and SHA-256 of every other file of the
+    directory."""
+    directory = Path(directory)
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    atomic_write(directory / MANIFEST, dumps({**metadata, "files": files}) + "\n")
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:

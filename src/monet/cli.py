@@ -240,6 +240,14 @@ def run_unlearn(cmd: S.UnlearnSettings) -> None:
     print(printable(f"report: {Path(cmd.out) / REPORT_FILE}  heatmap: {Path(cmd.out) / 'heatmap.png'}"))
 
 
+def run_edits_export(cmd: S.EditsExport) -> None:
+    from monet.experiments.export import export_command
+
+    out = export_command(cmd)
+    print(printable(f"wrote {out}; evaluate it with: lm_eval --model hf --model_args "
+                    f"pretrained={out},trust_remote_code=True --tasks TASK"))
+
+
 def run_toxicity(cmd: S.ToxicitySettings) -> None:
     from monet.experiments.toxicity import format_rows, purge_report
 
@@ -271,6 +279,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "autointerp": (S.AutointerpSettings, run_autointerp),
     "unlearn": (S.UnlearnSettings, run_unlearn),
     "toxicity": (S.ToxicitySettings, run_toxicity),
+    "edits export": (S.EditsExport, run_edits_export),
     "bench": (S.BenchSettings, library("monet.experiments.bench:bench_command")),
     "vision train": (S.VisionTrainSettings, library("monet.vision:train_command")),
     "vision caption": (S.VisionCaptionSettings, library("monet.vision:caption_command")),
@@ -350,7 +359,8 @@ OUTPUT_FIELDS = ("out", "json", "markdown")   # settings fields naming what a co
 # command -> (marker kind, noun, replace_own) of its output directory, as its library function writes it
 OUTPUTS = {"data build": ("data build", "a dataset", True), "atlas build": ("atlas build", "an atlas", False),
            "probe": ("probe", "a probe report", True), "unlearn": ("unlearn", "an unlearning report", True),
-           "toxicity": ("toxicity", "a toxicity report", True)}
+           "toxicity": ("toxicity", "a toxicity report", True),
+           "edits export": ("edits export", "an exported checkpoint", True)}
 
 
 def input_paths(settings: Any) -> list[str]:

@@ -693,6 +693,35 @@ class UnlearnSettings(Settings):
                 raise MonetError(f"--dense-fractions must lie in (0, 1], got {share}")
 
 
+class EditsExport(Settings):
+    """Write an edited checkpoint (experts deleted or steered) that any Hugging Face client loads.
+
+    Select a label's experts from an atlas (the same skewness criterion and defaults as `monet unlearn`),
+    and/or take --steer specs and an --edits file, apply them to the model and save it as a checkpoint
+    directory: config.json (with the remote-code auto_map), model.safetensors (the weights, unchanged), the
+    edits in expert_edits.safetensors, the tokenizer files and checkpoint.json. `from_pretrained`, ours or
+    `AutoModelForCausalLM(..., trust_remote_code=True)` (so `lm_eval --model hf`), applies the edits."""
+
+    run: Positional[str]  # run directory (newest checkpoint) or checkpoint directory to edit
+    out: str  # checkpoint directory to write
+    atlas: str | None = None  # atlas of this model, to select --label's experts
+    label: tuple[str, ...] = ()  # delete the experts skewed towards this label (repeatable: several labels)
+    ratio: float = number(1.5, low=1)  # skewness: target mass >= RATIO x the next label's (as `monet unlearn`)
+    min_mass: float = number(0.0, low=0)  # minimum mean score per token on the label for an expert to be judged
+    steer: tuple[str, ...] = ()
+    """G:ID=ALPHA edits as in `monet generate --steer` (0 deletes, >1 amplifies); applied after the label's \
+deletions. Give it once per edit: every one is applied"""
+    edits: str | None = None  # also apply the expert edits saved in this expert_edits.safetensors file
+    no_verify: bool = False  # skip the SHA-256 check of the checkpoint
+    force: bool = False  # replace --out when it holds an earlier export; nothing else is ever replaced
+
+    def validate(self) -> None:
+        if bool(self.label) != (self.atlas is not None):
+            raise MonetError("--label and --atlas go together (the atlas gives each label's experts)")
+        if not self.label and not self.steer and self.edits is None:
+            raise MonetError("nothing to export: give --atlas ATLAS --label LABEL, --steer G:ID=ALPHA or --edits FILE")
+
+
 class ToxicitySettings(Settings):
     """Purge experts correlated with toxicity and measure the effect (paper §5.3).
 

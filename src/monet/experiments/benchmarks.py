@@ -159,7 +159,7 @@ def unlearning_accuracy(model: nn.Module, tokenizer: Any, targets: list[str], se
         with units_of(model).masked(selection):
             after = item_accuracies(model, tokenizer, benchmark, batch_size, limit)
         controls = []
-        for ids in random_masks(selection.counts(), seen, n=random_count, seed=seed):
+        for ids in random_masks(selection.counts(), seen, n=random_count, seed=seed) if random_count else []:
             control = Selection(selection.units_per_group, selection.groups, ids, criterion="random (seen units)")
             with units_of(model).masked(control):
                 controls.append(item_accuracies(model, tokenizer, benchmark, batch_size, limit))
