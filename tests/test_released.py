@@ -343,3 +343,53 @@ def test_exported_edits_give_unlearns_accuracy_in_lm_eval_command_line(released,
     deleted = sum(int((table >= 1).sum()) for index, table in current_weights(model).items()
                   if table is not None and index % model.config.moe_groups == 0)
     assert deleted == result["masked"]["cooking"]["masked_experts"]
+
+
+@pytest.mark.slow   # the unknown task makes lm-eval build its index of every task (~10 s)
+def test_lm_eval_tasks_as_a_labelled_corpus(released, tmp_path, capsys):
+    """`data build --source lm-eval --task LABEL=TASK`: each task's documents (prompt + gold answer), labelled,
+    tokenized with the checkpoint's tokenizer; a task lm-eval does not know, or a split a task lacks, is one line."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness not installed (pip install 'monet-lm[eval]')")
+    from transformers import AutoTokenizer
+
+    tasks = tmp_path / "tasks"
+    for topic in ("cooking", "sailing"):
+        write_topic_task(tasks, topic, items=8)
+    ck, out = str(released["checkpoint"]), tmp_path / "data"
+    base = ["data", "build", "--source", "lm-eval", "--lm-eval-include-path", str(tasks), "--tokenizer", ck,
+            "--validation-fraction", "0.3", "--quiet"]
+    assert main([*base, "--task", "cooking=topic_cooking", "--task", "boats=topic_sailing", "--lm-eval-split", "test",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    manifest = read_manifest(out)
+    assert manifest["source"] == "lm-eval" and manifest["labels"] == ["boats", "cooking"] and manifest["labelled"]
+    assert manifest["options"]["tasks"] == {"cooking": ["topic_cooking"], "boats": ["topic_sailing"]}
+    want, texts = {}, {}
+    for topic, label in (("cooking", "cooking"), ("sailing", "boats")):
+        for line in (tasks / f"{topic}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            text = row["context"] + " " + row["choices"][row["gold"]]   # the prompt, the delimiter, the gold choice
+            want[content_hash(text)], texts[content_hash(text)] = label, text
+    auto = AutoTokenizer.from_pretrained(ck, local_files_only=True)
+    got = {}
+    for split in ("train", "validation"):
+        dataset = TokenDataset(out, split)
+        for i in range(dataset.num_documents):
+            digest = dataset.document_meta(i)["sha256"]
+            got[digest] = dataset.document_label(i)
+            assert dataset.document(i).tolist() == auto(texts[digest]).input_ids + [auto.eos_token_id]
+    assert got == want and len(got) == 16
+
+    def error_of(*argv: str) -> str:
+        assert main(list(argv)) == 2
+        lines = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("monet: note:")]
+        assert len(lines) == 1
+        return lines[0]
+
+    assert "does not know the task(s) no_such_task_xyz" in error_of(*base, "--task", "x=no_such_task_xyz",
+                                                                     "--out", str(tmp_path / "a"))
+    assert "topic_cooking has no validation documents; it has: test" in error_of(
+        *base, "--task", "cooking=topic_cooking", "--out", str(tmp_path / "b"))
+    assert "--task LABEL=TASK" in error_of("data", "build", "--source", "lm-eval", "--tokenizer", ck,
+                                           "--out", str(tmp_path / "c"))
+    assert not any((tmp_path / name).exists() for name in "abc")

@@ -59,6 +59,16 @@ def run_data_build(cmd: S.DataBuild) -> None:
     if (Path(cmd.out) / "manifest.json").is_file() and not cmd.force:
         read_manifest(cmd.out)
         return print(printable(f"{cmd.out} already holds a complete dataset; pass --force to rebuild it"))
+    if cmd.source == "lm-eval":
+        from monet.data.build import build_task_corpus
+
+        path = build_task_corpus(list(cmd.task), cmd.out, cmd.tokenizer, include_path=cmd.lm_eval_include_path,
+                                 split=cmd.lm_eval_split, vocab_size=cmd.vocab_size, seed=cmd.seed,
+                                 max_bytes=S.parse_size(cmd.max_bytes) if cmd.max_bytes else None, fetch=cmd.fetch,
+                                 cache_dir=cmd.cache_dir, force=cmd.force, progress=not cmd.quiet,
+                                 validation_fraction=cmd.validation_fraction)
+        print(printable(format_table(read_manifest(path))))
+        return print(printable(f"wrote {path}"))
     if cmd.source == "files":
         path = build_files_corpus(list(cmd.from_), cmd.out, cmd.tokenizer, text_field=cmd.text_field,
                                   label_field=cmd.label_field, vocab_size=cmd.vocab_size, seed=cmd.seed,

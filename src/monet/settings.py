@@ -261,19 +261,27 @@ class DataBuild(Settings):
     """Build a labelled corpus, its tokenizer and memory-mapped tokens.
 
     Collect labelled documents from local packages (code: programming languages; domains: GCIDE subject
-    tags; languages: gettext translations; toxicity: classifier-scored English) or from your own files
-    (files: JSONL/JSON, CSV, Parquet, text, a folder per label, a saved `datasets` directory), split
+    tags; languages: gettext translations; toxicity: classifier-scored English), from your own files
+    (files: JSONL/JSON, CSV, Parquet, text, a folder per label, a saved `datasets` directory) or from lm-eval
+    tasks (lm-eval: each task's prompts and gold answers, labelled by --task LABEL=TASK), split
     train/validation by content hash, tokenize (a byte-level BPE trained on the corpus, GPT-2's vocabulary, or
     a checkpoint's own tokenizer) and write memory-mapped tokens. The directory appears only when the build is
     complete."""
 
-    source: Literal["code", "domains", "languages", "toxicity", "files"]  # which corpus to build
+    source: Literal["code", "domains", "languages", "toxicity", "files", "lm-eval"]  # which corpus to build
     out: str  # output dataset directory
     from_: Annotated[tuple[str, ...], tyro.conf.arg(name="from")] = ()
     """files source: JSONL/JSON, CSV, Parquet or text files, folders (one subfolder of text files per label),
     a saved `datasets` directory, or a hub dataset name (online)"""
     text_field: str = "text"  # files source: the column holding the text
     label_field: str | None = None  # files source: the column holding the label (default: no labels)
+    task: tuple[str, ...] = ()
+    """lm-eval source: LABEL=TASK (repeatable; a label may name several tasks or a group such as mmlu_stem): the
+    task's documents (prompt + gold answer) become documents of LABEL"""
+    lm_eval_include_path: str | None = None  # lm-eval source: directory of local task YAML files (--include_path)
+    lm_eval_split: Literal["train", "validation", "test", "fewshot"] = "validation"
+    """lm-eval source: which of the task's documents to read (test: the items lm-eval evaluates by default, so \
+experts would be selected on the items they are judged on)"""
     max_bytes: str | None = None
     """text budget over all labels, e.g. 8M or 500k (default per source: code 8M, others 4M; files: all)"""
     vocab_size: int = number(8192, low=512, high=1 << 20)  # BPE vocabulary size (bpe only)
@@ -299,6 +307,11 @@ class DataBuild(Settings):
                              else "--from goes with --source files")
         if self.source != "files" and (self.label_field is not None or self.text_field != "text"):
             raise MonetError("--text-field and --label-field go with --source files")
+        if (self.source == "lm-eval") != bool(self.task):
+            raise MonetError("--source lm-eval needs --task LABEL=TASK [--task ...]" if self.source == "lm-eval"
+                             else "--task goes with --source lm-eval")
+        if self.source != "lm-eval" and (self.lm_eval_include_path is not None or self.lm_eval_split != "validation"):
+            raise MonetError("--lm-eval-include-path and --lm-eval-split go with --source lm-eval")
 
 
 class DataInfo(Settings):

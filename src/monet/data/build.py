@@ -9,7 +9,7 @@ to ``OUT`` at the very end: a failed or interrupted build leaves no half-written
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tqdm import tqdm
@@ -22,6 +22,7 @@ from monet.data.languages import language_documents
 from monet.data.lock import corpus_lock_record
 from monet.data.packages import cache_dir as default_cache_dir
 from monet.data.storage import FORMAT_VERSION, MANIFEST, SPLITS, SplitWriter, read_manifest, token_dtype, write_split
+from monet.data.tasks import TASK_SPLITS, checked_manager, iter_task_documents, parse_task_specs
 from monet.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     copy_tokenizer,
@@ -240,17 +241,56 @@ def build_files_corpus(
     cache_dir: str | Path | None = None, force: bool = False, validation_fraction: float = VALIDATION_FRACTION,
     progress: bool = True,
 ) -> Path:
-    """Build dataset ``out_dir`` from a user's files (``monet.data.files``), streaming: documents are read,
+    """Build dataset ``out_dir`` from a user's files (``monet.data.files``); see ``build_streamed_corpus``."""
+    if not inputs:
+        raise MonetError("--source files needs --from PATH [PATH ...] (files, folders or a saved datasets directory)")
+    return build_streamed_corpus(
+        lambda: iter_documents(inputs, text_field, label_field), out_dir, tokenizer, source="files",
+        labelled=label_field is not None or None, where=", ".join(map(str, inputs)),
+        options={"inputs": [str(p) for p in inputs], "text_field": text_field, "label_field": label_field},
+        max_bytes=max_bytes, vocab_size=vocab_size, seed=seed, fetch=fetch, cache_dir=cache_dir, force=force,
+        validation_fraction=validation_fraction, progress=progress)
+
+
+def build_task_corpus(
+    specs: list[str], out_dir: str | Path, tokenizer: str, *, include_path: str | Path | None = None,
+    split: str = "validation", max_bytes: int | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0,
+    fetch: bool = False, cache_dir: str | Path | None = None, force: bool = False,
+    validation_fraction: float = VALIDATION_FRACTION, progress: bool = True,
+) -> Path:
+    """Build dataset ``out_dir`` from lm-eval tasks' documents (``monet.data.tasks``): LABEL=TASK specs, each
+    task's `split` documents as prompt + gold answer, labelled LABEL. Task names are checked before anything
+    is read or written (an unknown task is one clear line)."""
+    if split not in TASK_SPLITS:
+        raise MonetError(f"--lm-eval-split must be one of {', '.join(TASK_SPLITS)}, got {split!r}")
+    task_specs = parse_task_specs(specs, option="--task")
+    check_tokenizer(tokenizer)
+    manager = checked_manager([t for tasks in task_specs.values() for t in tasks], include_path)
+    return build_streamed_corpus(
+        lambda: iter_task_documents(task_specs, manager, split), out_dir, tokenizer, source="lm-eval",
+        labelled=True, where="the lm-eval tasks " + ", ".join(t for tasks in task_specs.values() for t in tasks),
+        options={"tasks": task_specs, "lm_eval_include_path": str(include_path) if include_path else None,
+                 "lm_eval_split": split},
+        max_bytes=max_bytes, vocab_size=vocab_size, seed=seed, fetch=fetch, cache_dir=cache_dir, force=force,
+        validation_fraction=validation_fraction, progress=progress)
+
+
+def build_streamed_corpus(
+    read: Callable[[], Iterator[Document]], out_dir: str | Path, tokenizer: str, *, source: str,
+    labelled: bool | None, where: str, options: dict, max_bytes: int | None = None,
+    vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0, fetch: bool = False, cache_dir: str | Path | None = None,
+    force: bool = False, validation_fraction: float = VALIDATION_FRACTION, progress: bool = True,
+) -> Path:
+    """Build dataset ``out_dir`` from the documents ``read()`` yields, streaming: documents are read,
     tokenized and written ``ENCODE_BATCH`` at a time, so memory does not grow with the corpus.
 
     Unlike the built-in sources, documents are kept as they come (no label balancing, no dedup: an exact
     duplicate lands in the same split as its twin, so no text leaks from train into validation); the split is
     the same content hash. ``max_bytes`` stops reading after that much text. ``tokenizer`` bpe trains on a
-    first pass over the training split (the text is read twice).
+    first pass over the training split (``read`` is called twice). ``labelled`` None: labelled unless every
+    document has the one label ``UNLABELLED``.
     """
     check_tokenizer(tokenizer)
-    if not inputs:
-        raise MonetError("--source files needs --from PATH [PATH ...] (files, folders or a saved datasets directory)")
     if tokenizer == "bpe" and vocab_size < 512:
         raise MonetError(f"vocab size {vocab_size} is too small for a byte-level BPE; use at least 512")
     if not 0 < validation_fraction < 1:
@@ -265,7 +305,7 @@ def build_files_corpus(
 
     def documents():
         used = 0
-        for doc in iter_documents(inputs, text_field, label_field):
+        for doc in read():
             used += len(doc.text.encode("utf-8"))
             if max_bytes is not None and used > max_bytes and used > len(doc.text.encode("utf-8")):
                 return
@@ -317,7 +357,7 @@ def build_files_corpus(
                 flush(batch)
                 bar.update(len(batch))
         if total["documents"] == 0:
-            raise MonetError(f"no documents with text in {', '.join(map(str, inputs))}")
+            raise MonetError(f"no documents with text in {where}")
         empty = [split for split in SPLITS if writers[split].documents == 0]
         if empty:
             raise MonetError(f"only {total['documents']} documents and the {empty[0]} split got none; add text or "
@@ -331,9 +371,9 @@ def build_files_corpus(
                                                                                  "bytes": 0}) for label in labels}}
         manifest = {
             "format_version": FORMAT_VERSION,
-            "source": "files",
+            "source": source,
             "labels": labels,
-            "labelled": label_field is not None or labels != [UNLABELLED],
+            "labelled": labelled if labelled is not None else labels != [UNLABELLED],
             "vocab_size": vocab,
             "tokenizer": tokenizer_name(tokenizer),
             "tokenizer_sha256": sha256_file(tmp / "tokenizer.json"),
@@ -341,9 +381,9 @@ def build_files_corpus(
             "dtype": token_dtype(vocab).name,
             "splits": splits,
             "provenance": [],
-            "options": {"inputs": [str(p) for p in inputs], "text_field": text_field, "label_field": label_field,
-                        "max_bytes": max_bytes, "vocab_size": vocab_size, "tokenizer": tokenizer_name(tokenizer),
-                        "seed": seed, "fetch": fetch, "validation_fraction": validation_fraction,
+            "options": {**options, "max_bytes": max_bytes, "vocab_size": vocab_size,
+                        "tokenizer": tokenizer_name(tokenizer), "seed": seed, "fetch": fetch,
+                        "validation_fraction": validation_fraction,
                         "documents": total["documents"], "bytes": total["bytes"]},
         }
         write_json(tmp / MANIFEST, manifest)

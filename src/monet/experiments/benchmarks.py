@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from monet.data.tasks import checked_manager, parse_task_specs
 from monet.errors import MonetError
 from monet.experiments.protocol_stats import random_masks
 from monet.interp.criteria import Selection
@@ -61,46 +62,8 @@ def prepare_benchmark(specs: Iterable[str], include_path: str | Path | None, tar
         raise MonetError(f"--lm-eval-task names label(s) {', '.join(missing)} that are not unlearned here; "
                          f"the labels are: {', '.join(targets)}")
     benchmark = Benchmark(task_specs, None)
-    # lm-eval's own index of ~15k tasks takes a minute to build: skip it when the local tasks are all there are.
-    manager = task_manager(include_path, include_defaults=False) if include_path is not None else None
-    if manager is None or any(task not in set(manager.all_tasks) for task in benchmark.tasks):
-        manager = task_manager(include_path)
-    check_tasks(benchmark.tasks, manager)
-    benchmark.manager = manager
+    benchmark.manager = checked_manager(benchmark.tasks, include_path)
     return benchmark
-
-
-def parse_task_specs(specs: Iterable[str]) -> dict[str, list[str]]:
-    """{label: [task, ...]} from LABEL=TASK strings (a label may name several tasks)."""
-    tasks: dict[str, list[str]] = {}
-    for spec in specs:
-        label, sep, task = spec.partition("=")
-        if not sep or not label.strip() or not task.strip():
-            raise MonetError(f"--lm-eval-task takes LABEL=TASK (e.g. chemistry=mmlu_college_chemistry), got {spec!r}")
-        tasks.setdefault(label.strip(), [])
-        if task.strip() not in tasks[label.strip()]:
-            tasks[label.strip()].append(task.strip())
-    return tasks
-
-
-def task_manager(include_path: str | Path | None = None, include_defaults: bool = True) -> Any:
-    """lm-eval's TaskManager (with the YAML tasks under `include_path`), with a clear error when lm-eval is missing."""
-    try:
-        from lm_eval.tasks import TaskManager
-    except ImportError as exc:
-        raise MonetError("--lm-eval-task needs lm-evaluation-harness: pip install 'monet-lm[eval]'") from exc
-    if include_path is not None and not Path(include_path).is_dir():
-        raise MonetError(f"--lm-eval-include-path {include_path} is not a directory of lm-eval task YAML files")
-    return TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_defaults)
-
-
-def check_tasks(tasks: Iterable[str], manager: Any) -> None:
-    """MonetError naming the tasks lm-eval does not know (before any model work)."""
-    known = set(manager.all_tasks)
-    unknown = [task for task in tasks if task not in known]
-    if unknown:
-        raise MonetError(f"lm-eval does not know the task(s) {', '.join(unknown)}; list them with `lm_eval --tasks "
-                         "list`, or pass --lm-eval-include-path DIR for a local YAML task")
 
 
 def item_accuracies(model: nn.Module, tokenizer: Any, benchmark: Benchmark, batch_size: int = 16,
