@@ -173,6 +173,8 @@ def test_unlabelled_files_and_bad_input(released, tmp_path, capsys):
                                             "--out", str(tmp_path / "a"))
     (tmp_path / "empty.jsonl").write_text("")
     assert "is empty" in error_of(*base, "--from", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "b"))
+    (tmp_path / "broken.jsonl").write_text('{"body": "a b", "topic": "x"}\n{"body": "c')   # cut off mid-row
+    assert "cannot read" in error_of(*base, "--from", str(tmp_path / "broken.jsonl"), "--out", str(tmp_path / "a"))
     (tmp_path / "notes.docx").write_text("x")
     assert "unknown format" in error_of(*base, "--from", str(tmp_path / "notes.docx"), "--out", str(tmp_path / "c"))
     for name in "abc":
@@ -294,8 +296,8 @@ def test_unlearn_reports_lm_eval_accuracy_matrix(released, tmp_path, capsys):
     assert (out / "lm_eval_heatmap.png").is_file()
 
 
-@pytest.mark.slow   # an atlas, one unlearn run under lm-eval, an export and lm-eval's command line (~1 min)
-def test_exported_edits_give_unlearns_accuracy_in_lm_eval_command_line(released, tmp_path, capsys):
+@pytest.mark.slow   # one unlearn run under lm-eval, an export and lm-eval's command line (~1 min)
+def test_exported_edits_give_unlearns_accuracy_in_lm_eval_command_line(released, released_atlas, tmp_path, capsys):
     """`monet edits export` writes the edited model as a checkpoint; lm-eval's command line (a subprocess that
     never imports monet itself: the checkpoint's remote-code shim does) gives the accuracy that `unlearn
     --lm-eval-task` measured in memory for the same mask, and not the unedited model's."""
@@ -303,9 +305,7 @@ def test_exported_edits_give_unlearns_accuracy_in_lm_eval_command_line(released,
     from test_tools import client_env, lm_eval_command
 
     ck, data = str(released["checkpoint"]), str(released["data"])
-    atlas, tasks = tmp_path / "atlas", write_next_word_task(tmp_path / "tasks", "cooking")
-    assert main(["atlas", "build", ck, "--data", data, "--out", str(atlas), "--max-tokens", "2000", "--device", "cpu",
-                 "--quiet", "--seq-len", "32"]) == 0
+    atlas, tasks = released_atlas, write_next_word_task(tmp_path / "tasks", "cooking")
     assert main(["unlearn", ck, "--data", data, "--atlas", str(atlas), "--target", "cooking", "--ratio", "1.0",
                  "--eval-tokens", "64", "--random-masks", "0", "--sweep", "--sweep-tokens", "64", "--batch-size", "4",
                  "--seq-len", "32", "--mc-items", "0", "--device", "cpu", "--quiet", "--out", str(tmp_path / "report"),
@@ -393,3 +393,120 @@ def test_lm_eval_tasks_as_a_labelled_corpus(released, tmp_path, capsys):
     assert "--task LABEL=TASK" in error_of("data", "build", "--source", "lm-eval", "--tokenizer", ck,
                                            "--out", str(tmp_path / "c"))
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+@pytest.fixture(scope="module")
+def released_atlas(released) -> Path:
+    """An atlas of the released-layout checkpoint on its JSONL data."""
+    atlas = released["root"] / "shared-atlas"
+    assert main(["atlas", "build", str(released["checkpoint"]), "--data", str(released["data"]), "--out", str(atlas),
+                 "--max-tokens", "2000", "--device", "cpu", "--quiet", "--seq-len", "32"]) == 0
+    return atlas
+
+
+def viewer_get(url: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=120) as response:
+        assert response.status == 200, url
+        return json.loads(response.read())
+
+
+def viewer_post(url: str, body: dict) -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert response.status == 200, url
+        return json.loads(response.read())
+
+
+@pytest.mark.slow   # starts `monet view --run` in a subprocess (imports torch, loads the 32k tokenizer)
+def test_view_run_serves_a_released_checkpoint(released, released_atlas, tmp_path):
+    """`monet view ATLAS --run CHECKPOINT` on the released layout: the command line serves the atlas, and the
+    endpoints that need the model (activation on typed text, steering) run it with its own tokenizer."""
+    import sys
+
+    from test_tools import client_env
+
+    from monet.interp.query import Atlas
+
+    atlas = Atlas(released_atlas)
+    group, expert = max(((g, e) for g in atlas.groups for e in range(atlas.num_experts)),
+                        key=lambda ge: atlas.expert(*ge)["count"])
+    log = tmp_path / "view.log"
+    with open(log, "w") as err:
+        server = subprocess.Popen([sys.executable, "-m", "monet", "view", str(released_atlas), "--run",
+                                   str(released["checkpoint"]), "--port", "0", "--device", "cpu"],
+                                  stdout=subprocess.PIPE, stderr=err, text=True,
+                                  env={**client_env(tmp_path), "PYTHONUNBUFFERED": "1"})
+        try:
+            line = server.stdout.readline()   # "monet view: serving ATLAS at http://127.0.0.1:PORT/ ..."
+            assert "serving" in line, line + log.read_text()[-3000:]
+            url = line.split(" at ")[1].split()[0].rstrip("/")
+            info = viewer_get(url + "/api/info")
+            assert info["has_model"] and info["labels"] == sorted(TOPICS) and info["experts"] == 36
+            page = viewer_get(url + f"/api/expert/{group}/{expert}")
+            assert page["contexts"] and page["count"] == atlas.expert(group, expert)["count"]
+            text = "Stir the onions in butter until golden"
+            active = viewer_post(url + "/api/activation", {"group": group, "expert": expert, "text": text})
+            from transformers import AutoTokenizer
+
+            pieces = AutoTokenizer.from_pretrained(str(released["checkpoint"]), local_files_only=True)(text).input_ids
+            assert len(active["values"]) == len(active["pieces"]) in (len(pieces), len(pieces) - 1)   # with/without <s>
+            steer = viewer_post(url + "/api/steer", {"group": group, "expert": expert, "alpha": 0, "prompt": text,
+                                                     "max_new_tokens": 3})
+            assert steer["unsteered"] and "steered" in steer
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    assert "has no checkpoint.json" in log.read_text()   # the released-layout note, not an error
+
+
+@pytest.mark.slow   # builds a scored corpus, correlates, samples continuations under two masks
+def test_toxicity_on_a_released_checkpoint(released, tmp_path):
+    """`monet toxicity` on the released layout with its 32k tokenizer: a classifier-scored corpus tokenized with the
+    checkpoint's tokenizer (the library's `texts` option stands in for the packaged corpus, as in test_unlearn)."""
+    pytest.importorskip("profanity_check", reason="alt-profanity-check (extra monet-lm[toxicity]) is not installed")
+    from monet.data import build_corpus
+
+    ck = str(released["checkpoint"])
+    texts = [(f"you stupid idiot shut up {i} damn you", f"t{i}") for i in range(30)] + [
+        (f"the file number {i} was saved to the disk without errors", f"n{i}") for i in range(30)]
+    data = build_corpus("toxicity", tmp_path / "data", max_bytes=100_000, tokenizer=ck, progress=False,
+                        source_options={"texts": texts}, validation_fraction=0.2)
+    assert read_manifest(data)["vocab_size"] == 32000
+    out = tmp_path / "report"
+    assert main(["toxicity", ck, "--data", str(data), "--out", str(out), "--thresholds", "0.2", "0.05",
+                 "--prompts", "2", "--samples", "2", "--max-new-tokens", "4", "--corr-tokens", "2000",
+                 "--max-batches", "1", "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [row["threshold"] for row in report["rows"]] == [None, 0.2, 0.05]
+    assert all(0.0 <= row["expected_max_toxicity"] <= 1.0 for row in report["rows"])
+    assert report["max_correlation"] and all(abs(c) <= 1 + 1e-9 for c in report["max_correlation"])
+
+
+def test_edits_export_bad_input(released, released_atlas, tmp_path, capsys):
+    """`monet edits export` refuses, in one line and before writing anything: nothing to export, a label the atlas
+    does not have, --label without --atlas, an atlas of another model, and a skewness no expert reaches."""
+    ck = str(released["checkpoint"])
+
+    def error_of(*argv: str, run: str = ck) -> str:
+        assert main(["edits", "export", run, "--out", str(tmp_path / "out"), *argv]) == 2
+        lines = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("monet: note:")]
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    label = ["--atlas", str(released_atlas), "--label"]
+    assert "nothing to export" in error_of()
+    assert "--label and --atlas go together" in error_of("--label", "cooking")
+    assert "unknown label 'baking'" in error_of(*label, "baking")
+    assert "no expert is skewed towards cooking" in error_of(*label, "cooking", "--ratio", "1e9")
+    assert "routing group 7 does not exist" in error_of("--steer", "7:1=0")
+    other = tmp_path / "other-model"   # same shape, other weights
+    write_official_dir(other, {**OFFICIAL_CONFIG, "vocab_size": 32000, "max_position_embeddings": 64,
+                               "rms_norm_eps": 1e-5})
+    shutil.copyfile(released["tokenizer"] / "tokenizer.json", other / "tokenizer.json")
+    assert "built from a different model" in error_of(*label, "cooking", run=str(other))
+    assert not (tmp_path / "out").exists()

@@ -11,7 +11,9 @@ per-label statistics worth reading and ``monet unlearn`` refuses it).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +135,25 @@ def _hub_documents(name: str, text_field: str, label_field: str | None) -> Itera
     yield from _row_documents(rows, name, text_field, label_field)
 
 
+@contextmanager
+def _datasets_quiet() -> Iterator[None]:
+    """No log lines from `datasets` inside the block: a malformed file is reported once, by our one-line error
+    (its JSON reader logs "Failed to load JSON ..." before raising)."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _row_documents(rows: Iterable[dict], where: str, text_field: str, label_field: str | None) -> Iterator[Document]:
+    with _datasets_quiet():
+        yield from _checked_rows(rows, where, text_field, label_field)
+
+
+def _checked_rows(rows: Iterable[dict], where: str, text_field: str, label_field: str | None) -> Iterator[Document]:
     count = 0
     try:
         for index, row in enumerate(rows):
