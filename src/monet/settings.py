@@ -276,8 +276,8 @@ class DataBuild(Settings):
     text_field: str = "text"  # files source: the column holding the text
     label_field: str | None = None  # files source: the column holding the label (default: no labels)
     task: tuple[str, ...] = ()
-    """lm-eval source: LABEL=TASK (repeatable; a label may name several tasks or a group such as mmlu_stem): the
-    task's documents (prompt + gold answer) become documents of LABEL"""
+    """lm-eval source: LABEL=TASK, the task's documents (prompt + gold answer) become documents of LABEL; a label
+    may name several tasks, or a group such as mmlu_stem"""
     lm_eval_include_path: str | None = None  # lm-eval source: directory of local task YAML files (--include_path)
     lm_eval_split: Literal["train", "validation", "test", "fewshot"] = "validation"
     """lm-eval source: which of the task's documents to read (test: the items lm-eval evaluates by default, so \
@@ -712,13 +712,13 @@ class EditsExport(Settings):
     Select a label's experts from an atlas (the same skewness criterion and defaults as `monet unlearn`),
     and/or take --steer specs and an --edits file, apply them to the model and save it as a checkpoint
     directory: config.json (with the remote-code auto_map), model.safetensors (the weights, unchanged), the
-    edits in expert_edits.safetensors, the tokenizer files and checkpoint.json. `from_pretrained`, ours or
-    `AutoModelForCausalLM(..., trust_remote_code=True)` (so `lm_eval --model hf`), applies the edits."""
+    edits in expert_edits.safetensors, the tokenizer files and checkpoint.json. `from_pretrained` applies the
+    edits, ours or `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` (so `lm_eval --model hf`)."""
 
     run: Positional[str]  # run directory (newest checkpoint) or checkpoint directory to edit
     out: str  # checkpoint directory to write
     atlas: str | None = None  # atlas of this model, to select --label's experts
-    label: tuple[str, ...] = ()  # delete the experts skewed towards this label (repeatable: several labels)
+    label: tuple[str, ...] = ()  # delete the experts skewed towards this label; several labels: each one's experts
     ratio: float = number(1.5, low=1)  # skewness: target mass >= RATIO x the next label's (as `monet unlearn`)
     min_mass: float = number(0.0, low=0)  # minimum mean score per token on the label for an expert to be judged
     steer: tuple[str, ...] = ()

@@ -37,8 +37,8 @@ NOUN = "an exported checkpoint"
 
 def export_command(cmd: EditsExport) -> Path:
     """Apply the label deletions, --edits and --steer of `cmd` to the checkpoint and write it to `cmd.out`."""
-    source = resolve_checkpoint(cmd.run, verify=not cmd.no_verify)
-    model, _ = load_checkpoint(source, verify=not cmd.no_verify)   # the tokenizer too: checked to fit the model
+    source = resolve_checkpoint(cmd.run, verify=not cmd.no_verify)   # files checked once, here
+    model, _ = load_checkpoint(source, verify=False)   # the tokenizer too: checked to fit the model
     units_of(model, "monet", cmd.run, hint=": expert edits need a Monet model")
     record: dict[str, Any] = {"source": str(source), "labels": {}, "steer": list(cmd.steer), "edits_file": cmd.edits}
     if cmd.label:
