@@ -510,3 +510,32 @@ def test_edits_export_bad_input(released, released_atlas, tmp_path, capsys):
     shutil.copyfile(released["tokenizer"] / "tokenizer.json", other / "tokenizer.json")
     assert "built from a different model" in error_of(*label, "cooking", run=str(other))
     assert not (tmp_path / "out").exists()
+
+
+def test_edits_export_of_steering_loads_everywhere(released, tmp_path, capsys):
+    """--steer specs travel in the export: our loader and `AutoModelForCausalLM(..., trust_remote_code=True)` both
+    load the same edit tables (1 - alpha on the named experts, 0 elsewhere), and the logits change."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from monet.checkpoint import load_checkpoint
+    from monet.edits import current_weights
+
+    out = tmp_path / "steered"
+    assert main(["edits", "export", str(released["checkpoint"]), "--steer", "0:5=0", "--steer", "1:7=3",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    ours, _ = load_checkpoint(out)
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    per_group = ours.config.moe_groups
+    for model in (ours, theirs):
+        tables = current_weights(model)
+        for index, table in tables.items():
+            want = torch.zeros(36)
+            want[5 if index // per_group == 0 else 7] = 1.0 if index // per_group == 0 else -2.0
+            assert torch.equal(table.cpu(), want), index
+    plain, _ = load_checkpoint(released["checkpoint"])
+    ids = torch.tensor([[1, 22557, 1526, 349, 264, 1369]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+        assert not torch.allclose(ours(ids).logits, plain(ids).logits)
