@@ -11,6 +11,7 @@ the first time, like the GPT-2 vocabulary; it is never committed. The model is t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -174,7 +175,15 @@ def test_unlabelled_files_and_bad_input(released, tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("")
     assert "is empty" in error_of(*base, "--from", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "b"))
     (tmp_path / "broken.jsonl").write_text('{"body": "a b", "topic": "x"}\n{"body": "c')   # cut off mid-row
-    assert "cannot read" in error_of(*base, "--from", str(tmp_path / "broken.jsonl"), "--out", str(tmp_path / "a"))
+    logged: list[logging.LogRecord] = []   # `datasets` logs to its own stderr handler, which capsys does not see
+    handler = logging.Handler()
+    handler.emit = logged.append
+    logging.getLogger("datasets").addHandler(handler)
+    try:
+        assert "cannot read" in error_of(*base, "--from", str(tmp_path / "broken.jsonl"), "--out", str(tmp_path / "a"))
+    finally:
+        logging.getLogger("datasets").removeHandler(handler)
+    assert not [r.getMessage() for r in logged if r.levelno >= logging.WARNING]   # our one line, not a second
     (tmp_path / "notes.docx").write_text("x")
     assert "unknown format" in error_of(*base, "--from", str(tmp_path / "notes.docx"), "--out", str(tmp_path / "c"))
     for name in "abc":
