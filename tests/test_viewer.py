@@ -213,8 +213,10 @@ def test_routes_and_json(viewer):
     assert info["groups"] == [0, 1] and info["experts"] == 64 and info["has_model"] and info["has_values"]
     group, expert = busiest(atlas)
     data = json.loads(get(url + f"/api/expert/{group}/{expert}")[1])
-    assert {"contexts", "bands", "label_share", "label_count", "histogram", "histogram_view", "count",
-            "logits"} <= set(data)
+    assert {"contexts", "bands", "label_share", "label_count", "histogram", "histogram_view", "count"} <= set(data)
+    logits = json.loads(get(url + f"/api/logits/{group}/{expert}")[1])["logits"]   # the model's part, on its own
+    assert len(logits["pos_str"]) == len(logits["pos_values"]) > 0 and logits["pos_values"][0] >= logits["neg_values"][0]
+    assert "needs the model" in json.loads(get(viewer["bare"] + f"/api/logits/{group}/{expert}")[1])["error"]
     ctx = data["contexts"][0]
     assert len(ctx["values"]) == len(ctx["pieces"]) and ctx["values"][ctx["target"]] == pytest.approx(ctx["percent"])
     assert sum(data["label_count"].values()) == data["count"] == sum(band["count"] for band in data["bands"])
@@ -716,6 +718,7 @@ def test_steering_reports_activity_and_offers_a_context_in_chromium(viewer, page
     assert f"active on {sum(v > 0 for v in active['values'])} of the {len(active['values'])} prompt tokens" in shown
     assert ("including the last one" in shown) == (active["values"][-1] > 0)
     # Promoted and suppressed tokens show their logit values.
+    page.wait_for_selector(".tokens .logit .value")
     values = page.locator(".tokens .logit .value").all_inner_texts()
     assert values and all(v[0] in "+-" and float(v) == float(v) for v in values)
     snap(page, "steer-active")

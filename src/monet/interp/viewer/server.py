@@ -5,8 +5,10 @@ Routes and safety rules are described in docs/atlas.md ("Viewer"): only the page
 API request gets 403 (DNS rebinding); POST bodies must be application/json (a cross-site form cannot send that
 without a CORS preflight, never answered here) of at most 64 KB; bad input answers 400 with a message; JSON
 answers pass through `monet.io.printable` under a Content-Security-Policy; the model runs under one lock.
-Long work never holds that lock for long: similar experts are computed by a background thread in short locked
-steps, and a request for them waits at most `SIMILAR_WAIT` seconds (the page polls while they are computing).
+Long work never holds that lock for long: every group's expert statistics and the "interesting" picks are
+read before serving, similar experts are computed by a background thread in short locked steps, and a request
+for them waits at most `SIMILAR_WAIT` seconds (the page polls while they are computing); an expert's output
+direction (promoted tokens, similar experts) and an unsteered continuation are computed once and cached.
 A client that closes its connection early is not an error worth a traceback.
 """
 
@@ -34,8 +36,8 @@ from monet.checkpoint import load_checkpoint
 from monet.edits import ExpertEdits, edited
 from monet.errors import MonetError
 from monet.generate import generate_text
-from monet.interp.explain import expert_logits
-from monet.interp.export import expert_direction, expert_page, similar_experts
+from monet.interp.explain import expert_direction, expert_logits
+from monet.interp.export import expert_page, similar_experts
 from monet.interp.query import Atlas, activation_on_text, compact_histogram, document_values, experts_for_text
 from monet.io import dumps, printable
 from monet.runtime import resolve_device
@@ -56,8 +58,9 @@ LIMITS = {"text_chars": 2000, "text_tokens": 512, "prompt_chars": 1000, "max_new
           "body_bytes": 65536, "body_depth": 8}
 # GET /api/ROUTE/ARG...: the names of each route's path arguments (ids, except a label's name)
 API_ARGS = {"info": (), "random": (), "token": (), "expert": ("group", "expert"), "similar": ("group", "expert"),
-            "export": ("group", "expert"), "label": ("label",), "document": ("document", "position"), "text": ()}
-SIMILAR_WAIT = 1.5       # seconds a /api/similar request waits for the background thread before "computing"
+            "logits": ("group", "expert"), "export": ("group", "expert"), "label": ("label",),
+            "document": ("document", "position"), "text": ()}
+SIMILAR_WAIT = 1.0       # seconds a /api/similar request waits for the background thread before "computing"
 SIMILAR_DIRECTIONS = 12  # co-active experts whose output direction is compared (one short locked step each)
 _ID = re.compile(r"[0-9]{1,9}")          # ASCII digits only: "²".isdigit() is True in Python
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
@@ -135,10 +138,10 @@ class SimilarJobs:
             if not todo:
                 return
             with state.lock:
-                mine = expert_direction(state.model, state.atlas, group, expert, k)
+                mine = state.direction(group, expert, k)
             for done, row in enumerate(todo, 1):
                 with state.lock:
-                    theirs = expert_direction(state.model, state.atlas, group, row["expert"], k)
+                    theirs = state.direction(group, row["expert"], k)
                 norm = float(mine.norm() * theirs.norm())
                 row["cosine"] = float(mine @ theirs) / norm if norm > 0 else None
                 self._update(entry, directions_done=done, status="done" if done == len(todo) else "computing")
@@ -148,17 +151,21 @@ class SimilarJobs:
 
 
 class ViewerState:
-    """What the handlers share: the atlas, the optional model and tokenizer, caches, one lock."""
+    """What the handlers share: the atlas, the optional model and tokenizer, caches, one lock.
+
+    Built before the server listens: every group's expert statistics are read into memory (`Atlas.preload`,
+    seconds) and the "interesting" picks computed from them, so no page ever waits for either."""
 
     def __init__(self, atlas, model: Any = None, tokenizer: Any = None) -> None:
         self.atlas, self.model, self.tokenizer = atlas, model, tokenizer
-        self.lock = threading.Lock()   # pyarrow reads and the model are used by one request at a time
-        self.logits = lru_cache(256)(partial(expert_logits, model, atlas))
+        self.lock = threading.Lock()   # the model is used by one request at a time (tables have their own)
+        # One measured output direction per expert (K forward passes), shared by promoted tokens and similar
+        # experts; 256 directions of a 2,048-wide model are 2 MB.
+        self.direction = lru_cache(256)(partial(expert_direction, model, atlas))
+        self._plain: dict[tuple[str, int], str] = {}   # unsteered continuations: they do not depend on alpha
         self.similar = SimilarJobs(self)
-        self._interesting: list[tuple[int, int]] | None = None
-        self._interesting_lock = threading.Lock()
-        # Ready before the first click: one short locked read per label and group, in the background.
-        threading.Thread(target=self.interesting, name="monet-view-specialists", daemon=True).start()
+        atlas.preload()
+        self._interesting = self._specialists()
 
     def need_model(self, what: str) -> None:
         if self.model is None or self.tokenizer is None:
@@ -174,16 +181,25 @@ class ViewerState:
                 "samples": (m.get("bands") or {}).get("samples", 0), "limits": LIMITS}
 
     def expert(self, group: int, expert: int) -> dict[str, Any]:
+        """The atlas's page of an expert: reads only (the statistics are in memory, each table reads one row
+        group under its own lock), so it never waits for the model; promoted tokens come from /api/logits."""
         atlas = self.atlas
-        with self.lock:
-            result = {**atlas.expert(group, expert), "contexts": atlas.top_contexts(group, expert),
-                      "bands": atlas.band_samples(group, expert)}
-            result["histogram_view"] = compact_histogram(**result["histogram"])
-            if atlas.manifest["kind"] == "monet" and atlas.manifest.get("experts_per_side"):
-                result["i"], result["j"] = divmod(int(expert), int(atlas.manifest["experts_per_side"]))
-            if self.model is not None:
-                result["logits"] = self.logits(group, expert) if result["contexts"] else None
+        result = {**atlas.expert(group, expert), "contexts": atlas.top_contexts(group, expert),
+                  "bands": atlas.band_samples(group, expert)}
+        result["histogram_view"] = compact_histogram(**result["histogram"])
+        if atlas.manifest["kind"] == "monet" and atlas.manifest.get("experts_per_side"):
+            result["i"], result["j"] = divmod(int(expert), int(atlas.manifest["experts_per_side"]))
         return result
+
+    def expert_logits(self, group: int, expert: int) -> dict[str, Any]:
+        """Promoted and suppressed tokens ({"logits": None} for an expert without contexts), under the model's
+        lock: a page waits for at most one step of a similar-experts job."""
+        self.need_model("Promoted tokens")
+        self.atlas.check_expert(group, expert)
+        if not self.atlas.expert(group, expert, histogram=False)["count"]:
+            return {"group": group, "expert": expert, "logits": None}
+        with self.lock:
+            return {"group": group, "expert": expert, "logits": self.logits(group, expert)}
 
     def export(self, group: int, expert: int) -> dict[str, Any]:
         with self.lock:
@@ -198,22 +214,26 @@ class ViewerState:
             raise MonetError(entry["error"])
         return entry
 
-    def interesting(self) -> list[tuple[int, int]]:
+    def logits(self, group: int, expert: int) -> dict[str, list]:
+        """Promoted and suppressed tokens (as `monet atlas export --run` lists them: over the top 10 contexts),
+        from the cached output direction (similar experts use the same one when the atlas keeps 10)."""
+        return expert_logits(self.model, self.atlas, group, expert, k=10, direction=self.direction(group, expert, 10))
+
+    def _specialists(self) -> list[tuple[int, int]]:
         """Label specialists: per label and group, the most skewed experts (paper §5.1) among those with a full
         set of top contexts, so that a random pick shows an expert with a clear topic, not a busy generic one."""
-        with self._interesting_lock:
-            if self._interesting is None:
-                least = max(10, int(self.atlas.manifest["options"]["top_k"]))
-                picks = set()
-                for label in self.atlas.labels:
-                    for group in self.atlas.groups:
-                        with self.lock:   # per label and group, so that pages are served in between
-                            rows = self.atlas.experts_for_label(label, 20, min_count=least, group=group)
-                        picks |= {(row["group"], row["expert"]) for row in rows if row["skewness"] >= 2}
-                if not picks:   # a tiny atlas: fall back to the experts with the most examples
-                    with self.lock:
-                        picks = set(self.atlas.interesting_experts())
-                self._interesting = sorted(picks)
+        least = max(10, int(self.atlas.manifest["options"]["top_k"]))
+        picks = set()
+        for label in self.atlas.labels:
+            for group in self.atlas.groups:
+                rows = self.atlas.experts_for_label(label, 20, min_count=least, group=group)
+                picks |= {(row["group"], row["expert"]) for row in rows if row["skewness"] >= 2}
+        if not picks:   # a tiny atlas: fall back to the experts with the most examples
+            picks = set(self.atlas.interesting_experts())
+        return sorted(picks)
+
+    def interesting(self) -> list[tuple[int, int]]:
+        """The experts "random interesting expert" picks from (see `_specialists`)."""
         return self._interesting
 
     def random_expert(self, group: int | None) -> dict[str, int]:
@@ -249,23 +269,21 @@ class ViewerState:
             raise MonetError("a search is at most 200 characters")
         if match not in ("exact", "substring"):
             raise MonetError(f"match must be exact or substring, got {match!r}")
-        with self.lock:
-            if match == "substring":
-                return {"match": "substring", **self.atlas.experts_for_substring(text, 50)}
-            rows = self.atlas.experts_for_token(text, 50)
+        if match == "substring":   # atlas reads only: no need for the model's lock
+            return {"match": "substring", **self.atlas.experts_for_substring(text, 50)}
+        rows = self.atlas.experts_for_token(text, 50)
         return {"match": "exact", "tokens": len({r["token"] for r in rows}), "experts": rows}
 
     def label(self, name: str, min_count: int) -> dict[str, Any]:
         atlas, min_count = self.atlas, max(min_count, 1)
         # The page knows the labels as `printable` shows them.
         label = next((known for known in atlas.labels if printable(known) == name), name)
-        with self.lock:
-            rows = atlas.experts_for_label(label, 50, min_count=min_count)
-            for row in rows:
-                stats = atlas.expert(row["group"], row["expert"])
-                row["label_share"] = stats["label_share"][label]
-                row["label_count"] = (stats["label_count"] or {}).get(label)
-                row["max_percent"] = stats["max_percent"]
+        rows = atlas.experts_for_label(label, 50, min_count=min_count)   # in-memory statistics: no lock
+        for row in rows:
+            stats = atlas.expert(row["group"], row["expert"], histogram=False)
+            row["label_share"] = stats["label_share"][label]
+            row["label_count"] = (stats["label_count"] or {}).get(label)
+            row["max_percent"] = stats["max_percent"]
         return {"label": label, "min_count": min_count, "experts": rows}
 
     def document(self, doc: int, pos: int, group: int | None, expert: int | None) -> dict[str, Any]:
@@ -274,7 +292,7 @@ class ViewerState:
             view["values"] = None
             if group is not None and expert is not None:
                 view["group"], view["expert"] = group, expert
-                view["max_percent"] = self.atlas.expert(group, expert)["max_percent"]
+                view["max_percent"] = self.atlas.expert(group, expert, histogram=False)["max_percent"]
                 if self.model is not None:
                     view["values"] = document_values(self.model, self.atlas, view, group, expert)
         return view
@@ -290,7 +308,7 @@ class ViewerState:
         text = _field_text(body, "text", LIMITS["text_chars"])
         with self.lock:
             out = activation_on_text(self.model, self.tokenizer, text, group, expert, LIMITS["text_tokens"])
-            out["max_percent"] = self.atlas.expert(group, expert)["max_percent"]
+            out["max_percent"] = self.atlas.expert(group, expert, histogram=False)["max_percent"]
         return out
 
     def steer(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -311,7 +329,11 @@ class ViewerState:
             # Steering scales the expert's term where it is routed: on a prompt where it never fires, the
             # first new tokens cannot change, so the page says how active it was.
             activity = activation_on_text(self.model, self.tokenizer, prompt, group, expert, 10**6)
-            plain = generate_text(self.model, self.tokenizer, prompt, **options)[0]
+            plain = self._plain.get((prompt, tokens))
+            if plain is None:   # greedy and unedited: the same for every alpha and expert, so computed once
+                plain = self._plain[(prompt, tokens)] = generate_text(self.model, self.tokenizer, prompt, **options)[0]
+                while len(self._plain) > 64:
+                    del self._plain[next(iter(self._plain))]
             with edited(self.model, ExpertEdits().scale(group, expert, float(alpha))):
                 steered = generate_text(self.model, self.tokenizer, prompt, **options)[0]
         active = [value for value in activity["values"] if value > 0]
@@ -452,6 +474,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(state.export(*args), download=True,
                               extra={"Content-Disposition": f'attachment; filename="{name}"'})
         answers = {"info": state.info, "expert": state.expert, "similar": state.similar_experts,
+                   "logits": state.expert_logits,
                    "random": lambda: state.random_expert(_query_id(query, "group")),
                    "text": lambda: state.text_experts(query.get("q", [""])[0]),
                    "token": lambda: state.token(query.get("q", [""])[0], query.get("match", ["exact"])[0]),
@@ -518,8 +541,8 @@ class ViewerServer(ThreadingHTTPServer):
 
 def make_server(atlas, host: str = "127.0.0.1", port: int = 8765, model: Any = None, tokenizer: Any = None,
                 allow_hosts: tuple[str, ...] | list[str] = ()) -> ThreadingHTTPServer:
-    """A ready server (not yet serving); port 0 picks a free port (see `server.server_address`)."""
-    state = ViewerState(atlas, model, tokenizer)   # what the handlers share, as `self.server.state`
+    """A ready server (not yet serving); port 0 picks a free port (see `server.server_address`). The port is
+    bound first, so a busy one is reported before the atlas's statistics are read."""
     try:
         server = ViewerServer((host, port), Handler)
     except OSError as exc:
@@ -529,7 +552,11 @@ def make_server(atlas, host: str = "127.0.0.1", port: int = 8765, model: Any = N
     except OverflowError as exc:
         raise MonetError(f"--port must lie in 0..65535, got {port}") from exc
     server.daemon_threads = True
-    server.state = state
+    try:
+        server.state = ViewerState(atlas, model, tokenizer)   # what the handlers share
+    except BaseException:
+        server.server_close()
+        raise
     server.allowed_names, server.any_ip = allowed_hosts(host, server.server_address[1], allow_hosts)
     return server
 
@@ -541,6 +568,7 @@ def view_command(cmd: ViewCommand) -> None:
     if cmd.run:
         model, tokenizer = load_checkpoint(cmd.run, resolve_device(cmd.device))
         atlas.check_model(model)
+    print(f"monet view: reading the expert statistics of {len(atlas.groups)} group(s)...", flush=True)
     server = make_server(atlas, cmd.host, cmd.port, model, tokenizer, cmd.allow_host)
     address, bound = server.server_address[:2]
     shown = f"[{address}]" if ":" in address else address

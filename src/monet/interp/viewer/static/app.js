@@ -195,16 +195,32 @@ async function showExpert(nav, group, expert) {
   } else {
     nodes.push(el("p", { cls: "hint", text: "No activations." }));
   }
-  if (data.logits) {
-    nodes.push(el("h3", { text: "Promoted tokens (logit change)" }),
-               tokenList(data.logits.pos_str, data.logits.pos_values, false));
-    nodes.push(el("h3", { text: "Suppressed tokens (logit change)" }),
-               tokenList(data.logits.neg_str, data.logits.neg_values, true));
+  if (INFO.has_model && data.count) {
+    // Computed with the model (a forward pass per top context): the page shows the atlas at once and fills
+    // this in when it arrives.
+    nodes.push(el("div", { id: "logits" }, el("p", { cls: "hint loading", text: "computing promoted tokens…" })));
   }
   nodes.push(...modelSections(group, expert, max, data.contexts));
   if (!show(nav, ...nodes)) return;
   document.title = `Expert ${group}:${expert} – Monet atlas`;
-  if (INFO.has_model) loadSimilar(nav, group, expert);
+  if (INFO.has_model) loadModelParts(nav, group, expert, data.count > 0);
+}
+
+async function loadModelParts(nav, group, expert, logits) {
+  if (logits) {
+    try {
+      const out = await api(`/api/logits/${group}/${expert}`);
+      if (nav !== NAV || !$("logits")) return;
+      $("logits").replaceChildren(
+        el("h3", { text: "Promoted tokens (logit change)" }),
+        tokenList(out.logits.pos_str, out.logits.pos_values, false),
+        el("h3", { text: "Suppressed tokens (logit change)" }),
+        tokenList(out.logits.neg_str, out.logits.neg_values, true));
+    } catch (error) {
+      if (nav === NAV && $("logits")) $("logits").replaceChildren(el("p", { cls: "error", text: String(error.message) }));
+    }
+  }
+  loadSimilar(nav, group, expert);
 }
 
 function modelSections(group, expert, max, contexts) {
