@@ -6,7 +6,8 @@ Starts `monet view` in-process on a free port (the atlas opened and verified, th
 does), then walks the pages as a user would: the random button, an expert page while its similar experts are
 computing (the page polls /api/similar every 0.7 s, as app.js does), a second expert page in the meantime,
 token search (exact and substring), a label's specialists, a document view, text -> experts, test activation
-and steering. Prints one line per request (seconds, status) and the slowest answer per endpoint; the bar
+and steering (an older checkout, whose /api/expert includes the promoted tokens, is measured as its page
+calls it). Prints one line per request (seconds, status) and the slowest answer per endpoint; the bar
 is 2 s (issue 29). Run it alternately with two checkouts on PYTHONPATH to compare them; the machine's load
 average is printed with the numbers.
 """
@@ -62,11 +63,15 @@ def main() -> None:
     picks = [call("random", "/api/random") for _ in range(3)]
     first, second = (picks[0]["group"], picks[0]["expert"]), (picks[1]["group"], picks[1]["expert"])
     page = call("expert", f"/api/expert/{first[0]}/{first[1]}")
+    logits = f"/api/logits/{first[0]}/{first[1]}"
+    if "logits" not in page:          # this checkout serves promoted tokens on their own endpoint, as app.js asks
+        call("logits", logits)
     polls = 0
     while call("similar", f"/api/similar/{first[0]}/{first[1]}")["status"] != "done" and polls < 200:
         polls += 1
         if polls == 1:   # the user opens another expert while the first one's similar experts are computing
-            call("expert", f"/api/expert/{second[0]}/{second[1]}")
+            if "logits" not in call("expert", f"/api/expert/{second[0]}/{second[1]}"):
+                call("logits", f"/api/logits/{second[0]}/{second[1]}")
         time.sleep(0.7)
     call("expert", f"/api/expert/{picks[2]['group']}/{picks[2]['expert']}")
     call("token", "/api/token?q=%20def&match=exact")

@@ -215,7 +215,8 @@ def test_routes_and_json(viewer):
     data = json.loads(get(url + f"/api/expert/{group}/{expert}")[1])
     assert {"contexts", "bands", "label_share", "label_count", "histogram", "histogram_view", "count"} <= set(data)
     logits = json.loads(get(url + f"/api/logits/{group}/{expert}")[1])["logits"]   # the model's part, on its own
-    assert len(logits["pos_str"]) == len(logits["pos_values"]) > 0 and logits["pos_values"][0] >= logits["neg_values"][0]
+    assert len(logits["pos_str"]) == len(logits["pos_values"]) > 0
+    assert logits["pos_values"][0] >= logits["neg_values"][0]
     assert "needs the model" in json.loads(get(viewer["bare"] + f"/api/logits/{group}/{expert}")[1])["error"]
     ctx = data["contexts"][0]
     assert len(ctx["values"]) == len(ctx["pieces"]) and ctx["values"][ctx["target"]] == pytest.approx(ctx["percent"])
@@ -752,3 +753,28 @@ def test_experts_per_token_page_and_loading_state_in_chromium(viewer, page, monk
     page.wait_for_selector("#loading")
     page.wait_for_selector("#expert-title")
     assert page.locator("#loading").count() == 0
+
+
+def test_pages_go_before_background_steps():
+    """The similar-experts thread takes the model's lock in many short steps. Releasing it after a step and asking
+    again at once must not win over a page that is already waiting (with a plain Lock it does: the releasing
+    thread still holds the GIL; a page's promoted tokens waited 7 s on the demo's atlas under load)."""
+    from monet.interp.viewer.server import ModelLock
+
+    lock, order = ModelLock(), []
+
+    def page():
+        with lock:
+            order.append("page")
+
+    with lock.background():
+        order.append("step 1")
+        waiting = threading.Thread(target=page)
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while lock._waiting == 0 and time.monotonic() < deadline:   # the page now waits for this step
+            time.sleep(0.001)
+    with lock.background():                                          # the next step, asked for at once
+        order.append("step 2")
+    waiting.join(10)
+    assert order == ["step 1", "page", "step 2"]

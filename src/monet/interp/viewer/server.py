@@ -23,8 +23,8 @@ import re
 import socket
 import sys
 import threading
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from functools import lru_cache, partial
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -75,6 +75,46 @@ class _HTTPError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class ModelLock:
+    """The model's lock, requests first: `with lock:` (a page) waits for the current holder only, while
+    `with lock.background():` (a similar-experts step) also waits until no page is waiting. With a plain Lock
+    the background thread, still running when it releases, takes it straight back for its next step, so a page
+    could wait for the whole job."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._waiting = 0
+
+    def __enter__(self) -> ModelLock:
+        with self._changed:
+            self._waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._changed:
+                self._waiting -= 1
+                self._changed.notify_all()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._lock.release()
+
+    @contextmanager
+    def background(self) -> Iterator[None]:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._waiting == 0)
+            if self._lock.acquire(timeout=0.05):
+                if self._waiting == 0:    # a page that came in meanwhile goes first
+                    break
+                self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.release()
 
 
 class SimilarJobs:
@@ -128,7 +168,7 @@ class SimilarJobs:
     def _compute(self, key: tuple[int, int], entry: dict[str, Any]) -> None:
         state, (group, expert) = self.state, key
         try:
-            with state.lock:
+            with state.lock.background():
                 table = similar_experts(state.model, state.atlas, group, expert, directions=0)
                 k = int(state.atlas.manifest["options"]["top_k"])
             rows = table["experts"]
@@ -137,10 +177,10 @@ class SimilarJobs:
                          directions_done=0, directions=len(todo))
             if not todo:
                 return
-            with state.lock:
+            with state.lock.background():
                 mine = state.direction(group, expert, k)
             for done, row in enumerate(todo, 1):
-                with state.lock:
+                with state.lock.background():
                     theirs = state.direction(group, row["expert"], k)
                 norm = float(mine.norm() * theirs.norm())
                 row["cosine"] = float(mine @ theirs) / norm if norm > 0 else None
@@ -158,7 +198,7 @@ class ViewerState:
 
     def __init__(self, atlas, model: Any = None, tokenizer: Any = None) -> None:
         self.atlas, self.model, self.tokenizer = atlas, model, tokenizer
-        self.lock = threading.Lock()   # the model is used by one request at a time (tables have their own)
+        self.lock = ModelLock()   # the model is used by one request at a time (tables have their own)
         # One measured output direction per expert (K forward passes), shared by promoted tokens and similar
         # experts; 256 directions of a 2,048-wide model are 2 MB.
         self.direction = lru_cache(256)(partial(expert_direction, model, atlas))
@@ -579,5 +619,5 @@ def view_command(cmd: ViewCommand) -> None:
         server.serve_forever()
 
 
-__all__ = ["Handler", "SimilarJobs", "ViewerServer", "ViewerState", "allowed_hosts", "host_allowed", "make_server",
-           "view_command"]
+__all__ = ["Handler", "ModelLock", "SimilarJobs", "ViewerServer", "ViewerState", "allowed_hosts", "host_allowed",
+           "make_server", "view_command"]
