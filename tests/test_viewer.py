@@ -778,3 +778,38 @@ def test_pages_go_before_background_steps():
         order.append("step 2")
     waiting.join(10)
     assert order == ["step 1", "page", "step 2"]
+
+
+@needs_chromium
+def test_expert_page_shows_before_the_model_answers_in_chromium(viewer, page, monkeypatch):
+    """The atlas's part of an expert page shows at once; promoted tokens (a forward pass per top context: seconds
+    on the demo's model under load) arrive after it, under their heading with a loading line meanwhile. A label
+    the expert never fired on has an empty bar (it showed a 1-pixel sliver, as a tiny value does)."""
+    atlas = viewer["atlas"]
+    group, expert = next((g, e) for g in atlas.groups for e in range(atlas.num_experts)
+                         if atlas.expert(g, e)["count"] and 0 in atlas.expert(g, e)["label_count"].values())
+    original, gate = ViewerState.expert_logits, threading.Event()
+
+    def held(self, group, expert):
+        gate.wait(60)
+        return original(self, group, expert)
+
+    monkeypatch.setattr(ViewerState, "expert_logits", held)
+    try:
+        page.goto(f"{viewer['url']}/#/expert/{group}/{expert}")
+        page.wait_for_selector("#expert-title")
+        assert page.locator("#logits-computing.loading").count() == 1 and page.locator(".tokens .logit").count() == 0
+        assert "Promoted and suppressed tokens" in page.inner_text("#logits")
+        snap(page, "expert-before-logits")
+    finally:
+        gate.set()
+    page.wait_for_selector(".tokens .logit .value")
+    assert page.locator("#logits-computing").count() == 0
+    zero = [label for label, n in atlas.expert(group, expert)["label_count"].items() if n == 0]
+    rows = page.locator("#labels .name").all_inner_texts()
+    bars = page.locator("#labels .bar")
+    for label in zero:
+        box = bars.nth(rows.index(printable(label))).bounding_box()
+        assert box is not None and box["width"] == 0, label
+    busy = bars.nth(0).bounding_box()
+    assert busy is not None and busy["width"] > 10
