@@ -813,3 +813,16 @@ def test_expert_page_shows_before_the_model_answers_in_chromium(viewer, page, mo
         assert box is not None and box["width"] == 0, label
     busy = bars.nth(0).bounding_box()
     assert busy is not None and busy["width"] > 10
+
+
+def test_largest_is_a_stable_descending_sort():
+    """`query._largest` (the label specialists' top n, computed before the viewer serves, without sorting a whole
+    group: 16 full sorts of 262,144 took 2.3 s of its start-up) = a stable argsort, ties and infinities included."""
+    from monet.interp.query import _largest
+
+    rng = np.random.default_rng(0)
+    for size, n in ((1000, 20), (50, 50), (50, 80), (7, 0)):
+        values = rng.integers(0, 5, size).astype(np.float64)            # many ties
+        values[rng.choice(size, min(size, 6), replace=False)] = np.inf
+        values[rng.choice(size, min(size, 6), replace=False)] = -np.inf
+        assert _largest(values, n).tolist() == np.argsort(-values, kind="stable")[:n].tolist()

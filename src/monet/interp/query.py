@@ -449,7 +449,7 @@ class Atlas:
             skew = skewness(self.label_probability(g), index)
             count = self._group(g)["count"]
             skew = np.where(count >= min_count, skew, -np.inf)
-            best = np.argsort(-skew, kind="stable")[:n]
+            best = _largest(skew, n)
             rows += [(float(skew[e]), g, int(e), int(count[e])) for e in best if skew[e] > -np.inf]
         rows.sort(key=lambda r: (-r[0], r[1], r[2]))
         return [{"group": g, "expert": e, "id": f"{g}:{e}", "skewness": s, "count": c} for s, g, e, c in rows[:n]]
@@ -495,6 +495,18 @@ class Atlas:
             best = np.argsort(-count, kind="stable")[:n]
             out += [(g, int(e)) for e in best if count[e] > 0]
         return out
+
+
+def _largest(values: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the `n` largest values, ties by index: `np.argsort(-values, kind="stable")[:n]` without
+    sorting all 262,144 of a group (a partition finds the n-th largest, then only the candidates are sorted)."""
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    if n >= len(values):
+        return np.argsort(-values, kind="stable")[:n]
+    kth = np.partition(values, len(values) - n)[len(values) - n]
+    candidates = np.flatnonzero(values >= kth)
+    return candidates[np.argsort(-values[candidates], kind="stable")][:n]
 
 
 def parse_expert(text: str, atlas: Atlas | None = None) -> tuple[int, int]:
