@@ -826,3 +826,35 @@ def test_largest_is_a_stable_descending_sort():
         values[rng.choice(size, min(size, 6), replace=False)] = np.inf
         values[rng.choice(size, min(size, 6), replace=False)] = -np.inf
         assert _largest(values, n).tolist() == np.argsort(-values, kind="stable")[:n].tolist()
+
+
+def test_a_left_page_pauses_its_similar_experts(viewer, monkeypatch):
+    """A similar-experts job whose page stopped asking (the user went elsewhere) pauses before its next step, so
+    it does not keep the model from the page the user is on; asked again, it goes on where it stopped."""
+    from monet.interp.viewer import server
+
+    url, atlas = viewer["url"], viewer["atlas"]
+    state = viewer["servers"]["url"].state
+    real = state.direction
+
+    def slow(group, expert, k=10):
+        time.sleep(0.3)
+        return real.__wrapped__(group, expert, k)
+
+    monkeypatch.setattr(state, "direction", slow)
+    monkeypatch.setattr(server, "SIMILAR_IDLE", 0.5)
+    group, expert = busiest(atlas)
+    state.similar.entries.clear()
+    get(url + f"/api/similar/{group}/{expert}")             # asked once, then never again
+    deadline = time.monotonic() + 60
+    while (group, expert) not in state.similar.paused and time.monotonic() < deadline:
+        time.sleep(0.1)
+    entry = state.similar.entries[(group, expert)]
+    assert (group, expert) in state.similar.paused and entry["status"] == "computing"
+    done = entry.get("directions_done", 0)
+    time.sleep(1.5)
+    assert entry.get("directions_done", 0) == done           # nothing computed while nobody asks
+    monkeypatch.setattr(server, "SIMILAR_IDLE", 60.0)
+    table = similar_table(url, group, expert)
+    assert table["status"] == "done" and table["directions_done"] == table["directions"] > done
+    assert all(isinstance(r["cosine"], float) for r in table["experts"][:table["directions"]])

@@ -23,6 +23,7 @@ import re
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from functools import lru_cache, partial
@@ -62,6 +63,7 @@ API_ARGS = {"info": (), "random": (), "token": (), "expert": ("group", "expert")
             "document": ("document", "position"), "text": ()}
 SIMILAR_WAIT = 1.0       # seconds a /api/similar request waits for the background thread before "computing"
 SIMILAR_DIRECTIONS = 12  # co-active experts whose output direction is compared (one short locked step each)
+SIMILAR_IDLE = 5.0       # seconds without a request after which a similar-experts job pauses (its page was left)
 _ID = re.compile(r"[0-9]{1,9}")          # ASCII digits only: "²".isdigit() is True in Python
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
 WILDCARDS = ("", "0.0.0.0", "::")
@@ -122,11 +124,15 @@ class SimilarJobs:
 
     Each job is a few short steps, each under the viewer's lock: the co-activation table (the expert's top
     contexts through the model), then one output direction per step, so a page waits at most one step for the
-    lock. An entry is {"status": "computing" | "done" | "error", ...the table so far}."""
+    lock. A job nobody has asked about for `SIMILAR_IDLE` seconds (the page polls while it is open) is paused
+    before its next step, so a page the user has left does not keep the model busy; asked again, it goes on
+    where it stopped. An entry is {"status": "computing" | "done" | "error", ...the table so far}."""
 
     def __init__(self, state: ViewerState, cache: int = 64) -> None:
         self.state, self.cache = state, cache
         self.entries: dict[tuple[int, int], dict[str, Any]] = {}
+        self.asked: dict[tuple[int, int], float] = {}    # when each job's page last asked (time.monotonic)
+        self.paused: set[tuple[int, int]] = set()
         self.queue: list[tuple[int, int]] = []
         self.changed = threading.Condition()
         self.worker: threading.Thread | None = None
@@ -134,15 +140,19 @@ class SimilarJobs:
     def get(self, group: int, expert: int, wait: float = SIMILAR_WAIT) -> dict[str, Any]:
         key = (group, expert)
         with self.changed:
+            self.asked[key] = time.monotonic()
             entry = self.entries.get(key)
-            if entry is None or entry["status"] == "error":
-                entry = self.entries[key] = {"status": "computing", "group": group, "expert": expert}
+            if entry is None or entry["status"] == "error" or key in self.paused:
+                if entry is None or entry["status"] == "error":
+                    entry = self.entries[key] = {"status": "computing", "group": group, "expert": expert}
+                self.paused.discard(key)
                 self.queue.append(key)
                 while len(self.entries) > self.cache:   # forget the oldest finished entry
                     old = next((k for k, e in self.entries.items() if e["status"] in ("done", "error")), None)
                     if old is None:
                         break
                     del self.entries[old]
+                    self.asked.pop(old, None)
                 if self.worker is None or not self.worker.is_alive():
                     self.worker = threading.Thread(target=self._work, name="monet-view-similar", daemon=True)
                     self.worker.start()
@@ -157,7 +167,7 @@ class SimilarJobs:
                     return
                 key = self.queue.pop()          # the newest request: the page the user is looking at
                 entry = self.entries.get(key)
-            if entry is not None and "experts" not in entry and entry["status"] == "computing":
+            if entry is not None and entry["status"] == "computing" and key not in self.paused:
                 self._compute(key, entry)
 
     def _update(self, entry: dict[str, Any], **values: Any) -> None:
@@ -165,26 +175,33 @@ class SimilarJobs:
             entry.update(values)
             self.changed.notify_all()
 
+    def _left(self, key: tuple[int, int]) -> bool:
+        """Pause the job when its page has not asked for `SIMILAR_IDLE` s (True: stop before the next step)."""
+        with self.changed:
+            if time.monotonic() - self.asked.get(key, 0.0) > SIMILAR_IDLE:
+                self.paused.add(key)
+            return key in self.paused
+
     def _compute(self, key: tuple[int, int], entry: dict[str, Any]) -> None:
         state, (group, expert) = self.state, key
+        k = int(state.atlas.manifest["options"]["top_k"])
         try:
-            with state.lock.background():
-                table = similar_experts(state.model, state.atlas, group, expert, directions=0)
-                k = int(state.atlas.manifest["options"]["top_k"])
-            rows = table["experts"]
-            todo = rows[:SIMILAR_DIRECTIONS]
-            self._update(entry, status="computing" if todo else "done", contexts=table["contexts"], experts=rows,
-                         directions_done=0, directions=len(todo))
-            if not todo:
-                return
-            with state.lock.background():
-                mine = state.direction(group, expert, k)
-            for done, row in enumerate(todo, 1):
+            if "experts" not in entry:
                 with state.lock.background():
-                    theirs = state.direction(group, row["expert"], k)
+                    table = similar_experts(state.model, state.atlas, group, expert, directions=0)
+                todo = len(table["experts"][:SIMILAR_DIRECTIONS])
+                self._update(entry, status="computing" if todo else "done", contexts=table["contexts"],
+                             experts=table["experts"], directions_done=0, directions=todo)
+            rows = entry["experts"][:entry["directions"]]
+            for done in range(entry["directions_done"], len(rows)):
+                if self._left(key):
+                    return
+                with state.lock.background():
+                    mine = state.direction(group, expert, k)          # computed once, then cached
+                    theirs = state.direction(group, rows[done]["expert"], k)
                 norm = float(mine.norm() * theirs.norm())
-                row["cosine"] = float(mine @ theirs) / norm if norm > 0 else None
-                self._update(entry, directions_done=done, status="done" if done == len(todo) else "computing")
+                rows[done]["cosine"] = float(mine @ theirs) / norm if norm > 0 else None
+                self._update(entry, directions_done=done + 1, status="done" if done + 1 == len(rows) else "computing")
         except Exception as exc:   # shown on the page; asked again, the job is retried
             self._update(entry, status="error", error=str(exc) if isinstance(exc, MonetError)
                          else f"{type(exc).__name__}: {exc}")
