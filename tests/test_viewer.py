@@ -213,8 +213,11 @@ def test_routes_and_json(viewer):
     assert info["groups"] == [0, 1] and info["experts"] == 64 and info["has_model"] and info["has_values"]
     group, expert = busiest(atlas)
     data = json.loads(get(url + f"/api/expert/{group}/{expert}")[1])
-    assert {"contexts", "bands", "label_share", "label_count", "histogram", "histogram_view", "count",
-            "logits"} <= set(data)
+    assert {"contexts", "bands", "label_share", "label_count", "histogram", "histogram_view", "count"} <= set(data)
+    logits = json.loads(get(url + f"/api/logits/{group}/{expert}")[1])["logits"]   # the model's part, on its own
+    assert len(logits["pos_str"]) == len(logits["pos_values"]) > 0
+    assert logits["pos_values"][0] >= logits["neg_values"][0]
+    assert "needs the model" in json.loads(get(viewer["bare"] + f"/api/logits/{group}/{expert}")[1])["error"]
     ctx = data["contexts"][0]
     assert len(ctx["values"]) == len(ctx["pieces"]) and ctx["values"][ctx["target"]] == pytest.approx(ctx["percent"])
     assert sum(data["label_count"].values()) == data["count"] == sum(band["count"] for band in data["bands"])
@@ -716,6 +719,7 @@ def test_steering_reports_activity_and_offers_a_context_in_chromium(viewer, page
     assert f"active on {sum(v > 0 for v in active['values'])} of the {len(active['values'])} prompt tokens" in shown
     assert ("including the last one" in shown) == (active["values"][-1] > 0)
     # Promoted and suppressed tokens show their logit values.
+    page.wait_for_selector(".tokens .logit .value")
     values = page.locator(".tokens .logit .value").all_inner_texts()
     assert values and all(v[0] in "+-" and float(v) == float(v) for v in values)
     snap(page, "steer-active")
@@ -749,3 +753,108 @@ def test_experts_per_token_page_and_loading_state_in_chromium(viewer, page, monk
     page.wait_for_selector("#loading")
     page.wait_for_selector("#expert-title")
     assert page.locator("#loading").count() == 0
+
+
+def test_pages_go_before_background_steps():
+    """The similar-experts thread takes the model's lock in many short steps. Releasing it after a step and asking
+    again at once must not win over a page that is already waiting (with a plain Lock it does: the releasing
+    thread still holds the GIL; a page's promoted tokens waited 7 s on the demo's atlas under load)."""
+    from monet.interp.viewer.server import ModelLock
+
+    lock, order = ModelLock(), []
+
+    def page():
+        with lock:
+            order.append("page")
+
+    with lock.background():
+        order.append("step 1")
+        waiting = threading.Thread(target=page)
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while lock._waiting == 0 and time.monotonic() < deadline:   # the page now waits for this step
+            time.sleep(0.001)
+    with lock.background():                                          # the next step, asked for at once
+        order.append("step 2")
+    waiting.join(10)
+    assert order == ["step 1", "page", "step 2"]
+
+
+@needs_chromium
+def test_expert_page_shows_before_the_model_answers_in_chromium(viewer, page, monkeypatch):
+    """The atlas's part of an expert page shows at once; promoted tokens (a forward pass per top context: seconds
+    on the demo's model under load) arrive after it, under their heading with a loading line meanwhile. A label
+    the expert never fired on has an empty bar (it showed a 1-pixel sliver, as a tiny value does)."""
+    atlas = viewer["atlas"]
+    group, expert = next((g, e) for g in atlas.groups for e in range(atlas.num_experts)
+                         if atlas.expert(g, e)["count"] and 0 in atlas.expert(g, e)["label_count"].values())
+    original, gate = ViewerState.expert_logits, threading.Event()
+
+    def held(self, group, expert):
+        gate.wait(60)
+        return original(self, group, expert)
+
+    monkeypatch.setattr(ViewerState, "expert_logits", held)
+    try:
+        page.goto(f"{viewer['url']}/#/expert/{group}/{expert}")
+        page.wait_for_selector("#expert-title")
+        assert page.locator("#logits-computing.loading").count() == 1 and page.locator(".tokens .logit").count() == 0
+        assert "Promoted and suppressed tokens" in page.inner_text("#logits")
+        snap(page, "expert-before-logits")
+    finally:
+        gate.set()
+    page.wait_for_selector(".tokens .logit .value")
+    assert page.locator("#logits-computing").count() == 0
+    zero = [label for label, n in atlas.expert(group, expert)["label_count"].items() if n == 0]
+    rows = page.locator("#labels .name").all_inner_texts()
+    bars = page.locator("#labels .bar")
+    for label in zero:
+        box = bars.nth(rows.index(printable(label))).bounding_box()
+        assert box is not None and box["width"] == 0, label
+    busy = bars.nth(0).bounding_box()
+    assert busy is not None and busy["width"] > 10
+
+
+def test_largest_is_a_stable_descending_sort():
+    """`query._largest` (the label specialists' top n, computed before the viewer serves, without sorting a whole
+    group: 16 full sorts of 262,144 took 2.3 s of its start-up) = a stable argsort, ties and infinities included."""
+    from monet.interp.query import _largest
+
+    rng = np.random.default_rng(0)
+    for size, n in ((1000, 20), (50, 50), (50, 80), (7, 0)):
+        values = rng.integers(0, 5, size).astype(np.float64)            # many ties
+        values[rng.choice(size, min(size, 6), replace=False)] = np.inf
+        values[rng.choice(size, min(size, 6), replace=False)] = -np.inf
+        assert _largest(values, n).tolist() == np.argsort(-values, kind="stable")[:n].tolist()
+
+
+def test_a_left_page_pauses_its_similar_experts(viewer, monkeypatch):
+    """A similar-experts job whose page stopped asking (the user went elsewhere) pauses before its next step, so
+    it does not keep the model from the page the user is on; asked again, it goes on where it stopped."""
+    from monet.interp.viewer import server
+
+    url, atlas = viewer["url"], viewer["atlas"]
+    state = viewer["servers"]["url"].state
+    real = state.direction
+
+    def slow(group, expert, k=10):
+        time.sleep(0.3)
+        return real.__wrapped__(group, expert, k)
+
+    monkeypatch.setattr(state, "direction", slow)
+    monkeypatch.setattr(server, "SIMILAR_IDLE", 0.5)
+    group, expert = busiest(atlas)
+    state.similar.entries.clear()
+    get(url + f"/api/similar/{group}/{expert}")             # asked once, then never again
+    deadline = time.monotonic() + 60
+    while (group, expert) not in state.similar.paused and time.monotonic() < deadline:
+        time.sleep(0.1)
+    entry = state.similar.entries[(group, expert)]
+    assert (group, expert) in state.similar.paused and entry["status"] == "computing"
+    done = entry.get("directions_done", 0)
+    time.sleep(1.5)
+    assert entry.get("directions_done", 0) == done           # nothing computed while nobody asks
+    monkeypatch.setattr(server, "SIMILAR_IDLE", 60.0)
+    table = similar_table(url, group, expert)
+    assert table["status"] == "done" and table["directions_done"] == table["directions"] > done
+    assert all(isinstance(r["cosine"], float) for r in table["experts"][:table["directions"]])

@@ -143,11 +143,13 @@ FIGURES = {
     "heatmap.png": "Change of validation loss (nats/token, masked minus unmasked, same windows) on each evaluated "
                    "label (rows) when the units selected for each label (columns) are masked; red: the loss rose "
                    "(knowledge lost), blue: it fell; one colour scale for all panels (the colour bar, in "
-                   "nats/token). The diagonal is each label's Δ target; whether a label passes the bar is in the "
-                   "table's `grade` column.",
+                   "nats/token). The diagonal is each label's Δ target, outlined by its grade (solid green: "
+                   "robust, dashed orange: marginal, dotted black: failing; the table's `grade` column), which "
+                   "is also written under its column.",
     "forget_retain.png": "One panel per label: Δ target (forgetting, nats/token) against Δ others (collateral "
-                         "damage, nats/token) along the selection sweep (Monet: the skewness ratios of --ratio and "
-                         "--sweep; the dense baseline: its shares of neurons); the ringed point is the operating "
+                         "damage, nats/token) along the selection sweep, each point labelled (Monet: its skewness "
+                         "ratio, ≥ r, from --ratio and --sweep; the dense baseline: its share of neurons, %); the "
+                         "ringed point is the operating "
                          "point, the dotted line the random control's 95th percentile, the grey dashed line "
                          "Δ target = 5 x Δ others (the bar's selectivity). Up and to the left is better.",
 }

@@ -744,65 +744,135 @@ def _models(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     return models
 
 
-def plot_heatmap(report: dict[str, Any], path: Path) -> None:
-    """Fig. 3-style heatmap(s) of the loss change: rows evaluated label, columns masked label."""
+# How a grade is drawn: the outline of a label's own (diagonal) cell in the heatmap (colour, line style).
+GRADE_STYLE = {"robust": ("tab:green", "-"), "marginal": ("tab:orange", "--"), "failing": ("black", ":")}
+LOSS_UNIT = "nats/token"
+
+
+def _grades(report: dict[str, Any], result: dict[str, Any]) -> dict[str, str]:
+    """Per masked label, the grade of the bar on interval bounds (robust / marginal / failing), as the table."""
+    rows = report.get("summary") if result is report["monet"] and "summary" in report else summary_rows(result)
+    return {label: row.get("grade", "failing") for label, row in rows.items()}
+
+
+def heatmap_figure(report: dict[str, Any]) -> Any:
+    """Fig. 3-style heatmap(s) of the loss change (a matplotlib Figure): rows evaluated label, columns masked
+    label, one colour scale (the colour bar, in nats/token); each label's own cell is outlined by its grade
+    and the grade is written under its column."""
     from matplotlib.figure import Figure  # imported late: matplotlib is slow to import and only plots need it
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
 
     models = _models(report)
     mats = [delta_matrix(result) for _, _, result in models]
     vmax = max(float(np.nanmax(np.abs(m[2]))) if np.isfinite(m[2]).any() else 1.0 for m in mats) or 1.0
     size = max(len(mats[0][0]), 3)
-    fig = Figure(figsize=(1.0 + 0.8 * size * len(mats), 0.7 * size + 1.6))
+    fig = Figure(figsize=(1.0 + 0.8 * size * len(mats), 0.7 * size + 2.4))
     axes = fig.subplots(1, len(mats), squeeze=False)
-    for ax, (_, title, _), (evaluated, masked_labels, values) in zip(axes[0], models, mats, strict=True):
+    for ax, (_, title, result), (evaluated, masked_labels, values) in zip(axes[0], models, mats, strict=True):
         image = ax.imshow(values, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")   # red: loss rose
-        ax.set_xticks(range(len(masked_labels)), masked_labels, rotation=45, ha="right")
+        grades = _grades(report, result)
+        ax.set_xticks(range(len(masked_labels)),
+                      [f"{label} · {grades[label]}" if label in grades else label for label in masked_labels],
+                      rotation=45, ha="right")
         ax.set_yticks(range(len(evaluated)), evaluated)
-        ax.set(xlabel="units masked for", ylabel="evaluated on", title=f"{title}: Δ validation loss")
+        ax.set(xlabel="units masked for (grade)", ylabel="evaluated on", title=f"{title}: Δ validation loss")
         for (r, c), value in np.ndenumerate(values):
             if np.isfinite(value):
                 ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if abs(value) > 0.6 * vmax else "black")
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        for c, label in enumerate(masked_labels):
+            if label in grades and label in evaluated:
+                colour, style = GRADE_STYLE[grades[label]]
+                ax.add_patch(Rectangle((c - 0.46, evaluated.index(label) - 0.46), 0.92, 0.92, fill=False,
+                                       edgecolor=colour, linestyle=style, linewidth=2.2, gid=f"grade:{label}"))
+        bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        bar.set_label(f"Δ loss ({LOSS_UNIT}, masked − unmasked)")
+    handles = [Line2D([], [], color=colour, linestyle=style, linewidth=2.2, label=grade)
+               for grade, (colour, style) in GRADE_STYLE.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False,
+               title="own cell outlined by the label's grade (Δ target's interval against the bar)", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
 
 
-def plot_forget_retain(report: dict[str, Any], path: Path) -> None:
-    """One panel per target: Δ target (y) against Δ others (x) along each model's selection sweep; the
-    operating point is the large marker, the dotted line the random control's p95."""
+def plot_heatmap(report: dict[str, Any], path: Path) -> None:
+    heatmap_figure(report).savefig(path, dpi=110)
+
+
+def _point_names(report: dict[str, Any], model: str, entry: dict[str, Any]) -> dict[tuple[float, float], str]:
+    """(Δ others, Δ target) -> what each point of a sweep is: Monet's skewness ratio (≥ r), the dense
+    baseline's share of neurons (%: its sweep's fractions; at the operating point, Monet's share)."""
+    points = [*entry.get("sweep", []), *([{**entry, "operating": True}] if entry["masked_experts"] else [])]
+    names = {}
+    for point in points:
+        parameter = report.get("ratio") if point.get("operating") else point.get("parameter")
+        if model == "Monet" and parameter is not None:
+            name = f"≥{parameter:g}"
+        else:
+            share = point["masking_ratio"] if point.get("operating") or parameter is None else parameter
+            name = f"{100 * share:.2g}%"
+        names[(point["delta_others"], point["delta_target"])] = name
+    return names
+
+
+def forget_retain_figure(report: dict[str, Any]) -> Any:
+    """One panel per target (a matplotlib Figure): Δ target (y) against Δ others (x), both in nats/token,
+    along each model's selection sweep, each point labelled (Monet: its skewness ratio; dense: its share of
+    neurons); the operating point is ringed, the dotted line is the random control's p95, the dashed one the
+    bar's selectivity; one legend for all panels."""
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     targets = list(report["monet"]["masked"])
     cols = min(4, max(1, len(targets)))
     rows = -(-len(targets) // cols)
-    fig = Figure(figsize=(3.2 * cols, 2.8 * rows))
+    fig = Figure(figsize=(3.4 * cols, 3.0 * rows + 0.6))
     axes = fig.subplots(rows, cols, squeeze=False)
+    models = list(zip(_models(report), ("tab:red", "tab:blue"), strict=False))
     for ax, target in zip(axes.flat, targets, strict=False):
-        for (name, _, result), colour in zip(_models(report), ("tab:red", "tab:blue"), strict=False):
+        for (name, _, result), colour in models:
             entry = result["masked"][target]
             curve = curve_points(entry)
+            names = _point_names(report, name, entry)
             if curve:
-                ax.plot([p["delta_others"] for p in curve], [p["delta_target"] for p in curve], "o-", ms=3,
-                        color=colour, label=name)
-            if entry["masked_experts"]:
-                ax.plot(entry["delta_others"], entry["delta_target"], "o", ms=8, color=colour, mfc="none")
+                xs, ys = [p["delta_others"] for p in curve], [p["delta_target"] for p in curve]
+                ax.plot(xs, ys, "o-", ms=3, color=colour)
+            operating = (entry["delta_others"], entry["delta_target"]) if entry["masked_experts"] else None
+            for (x, y), text in names.items():   # the operating point's label above-left: sweep points lie near
+                ax.annotate(text, (x, y), xytext=(-5, 4) if (x, y) == operating else (4, -4),
+                            textcoords="offset points", fontsize=6, color=colour,
+                            ha="right" if (x, y) == operating else "left", gid=f"point:{name}:{text}")
+            if operating is not None:
+                ax.plot(*operating, "o", ms=8, color=colour, mfc="none")
         p95 = report["monet"]["masked"][target].get("random", {}).get("p95")
         if p95 is not None:
             ax.axhline(p95, color="tab:red", ls=":", lw=1)
         ax.axline((0, 0), slope=SELECTIVITY, color="grey", lw=0.6, ls="--")
         ax.axhline(0, color="black", lw=0.5)
         ax.axvline(0, color="black", lw=0.5)
+        ax.margins(x=0.15)
         ax.set_title(target, fontsize=9)
-        ax.set_xlabel("Δ others", fontsize=8)
-        ax.set_ylabel("Δ target", fontsize=8)
+        ax.set_xlabel(f"Δ others ({LOSS_UNIT})", fontsize=8)
+        ax.set_ylabel(f"Δ target ({LOSS_UNIT})", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(targets):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"forget-retain (grey: Δ target = {SELECTIVITY:g} x Δ others; dotted: random p95)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    handles = [Line2D([], [], color=colour, marker="o", ms=3,
+                      label=f"{name} sweep (" + ("skewness ratio ≥ r" if name == "Monet" else "% of neurons") + ")")
+               for (name, _, _), colour in models]
+    handles += [Line2D([], [], color="grey", marker="o", ms=8, mfc="none", ls="none", label="operating point"),
+                Line2D([], [], color="tab:red", ls=":", lw=1, label="random control p95 (Monet)"),
+                Line2D([], [], color="grey", ls="--", lw=0.6, label=f"Δ target = {SELECTIVITY:g} × Δ others")]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=7, frameon=False)
+    fig.suptitle("Forget–retain: forgetting (Δ target) against collateral damage (Δ others); up and to the left "
+                 "is better", fontsize=9)
+    fig.tight_layout(rect=(0, 0.35 / (3.0 * rows + 0.6), 1, 1))
+    return fig
+
+
+def plot_forget_retain(report: dict[str, Any], path: Path) -> None:
+    forget_retain_figure(report).savefig(path, dpi=110)
 
 
 def windows_csv(windows: dict[str, list[tuple]]) -> bytes:

@@ -74,9 +74,12 @@ def expert_direction(model: torch.nn.Module, atlas, group: int, expert: int, k: 
 
 
 @torch.no_grad()
-def expert_logits(model: torch.nn.Module, atlas, group: int, expert: int, n: int = 10, k: int = 10) -> dict[str, list]:
-    """Tokens the expert promotes and suppresses: top/bottom of W_U (norm_gain * direction)."""
-    direction = expert_direction(model, atlas, group, expert, k)
+def expert_logits(model: torch.nn.Module, atlas, group: int, expert: int, n: int = 10, k: int = 10,
+                  direction: torch.Tensor | None = None) -> dict[str, list]:
+    """Tokens the expert promotes and suppresses: top/bottom of W_U (norm_gain * direction); `direction` is
+    `expert_direction(model, atlas, group, expert, k)`, computed here unless the caller has it already."""
+    if direction is None:
+        direction = expert_direction(model, atlas, group, expert, k)
     logits = model.lm_head.weight.float() @ (model.model.norm.weight.float() * direction)
     n = min(n, logits.numel())
     up, down = logits.topk(n), (-logits).topk(n)

@@ -1,14 +1,16 @@
 """Reading an expert atlas: `Atlas(path)` answers the questions of `monet atlas query` and the viewer.
 
-Per-expert statistics of a group are read once into numpy arrays (a few MB for 262,144 experts); contexts,
-samples and the token index are read with Parquet row-group filters, so a query touches only one expert's
-or one token's rows. Format, verification and format-1 compatibility: docs/atlas.md.
+Per-expert statistics of a group (all but the histogram) are read once into numpy arrays (about 40 MB for
+262,144 experts); every table's footer is read once, and a query reads only the row groups whose statistics
+can hold its expert's or tokens' rows (`_RowGroups`), so it decodes one row group, not the file, and the
+rows are then picked with numpy. Format, verification and format-1 compatibility: docs/atlas.md.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,48 @@ def _manifest_problem(manifest: dict[str, Any]) -> str | None:
     return None
 
 
+class _RowGroups:
+    """A Parquet table whose footer is read once, read by row group: `read(columns, group=0, expert=7)` decodes
+    only the row groups whose min/max statistics can hold rows with those values, then keeps the rows that
+    match. The atlas's tables are written sorted by their key (docs/atlas.md), so an expert's or a token's rows
+    lie in one or two row groups; a table without statistics is still read correctly, only more slowly. One read
+    at a time per table (a lock), so threads (the viewer's requests) may share it."""
+
+    def __init__(self, path: Path) -> None:
+        self.lock = threading.Lock()
+        self.file = pq.ParquetFile(path)
+        self.names: list[str] = list(self.file.schema_arrow.names)
+        meta = self.file.metadata
+        self.ranges: dict[str, np.ndarray] = {}     # column -> [row groups, 2] (min, max); +-inf where unknown
+        for index, name in enumerate(self.names):
+            if self.file.schema_arrow.field(name).type.num_fields:   # list columns: never filtered on
+                continue
+            bounds = np.tile([-np.inf, np.inf], (meta.num_row_groups, 1))
+            for rg in range(meta.num_row_groups):
+                stats = meta.row_group(rg).column(index).statistics
+                if stats is not None and stats.has_min_max and isinstance(stats.min, (int, float)):
+                    bounds[rg] = stats.min, stats.max
+            self.ranges[name] = bounds
+
+    def read(self, columns: list[str] | None = None, **equal: Any) -> Any:
+        keep = np.ones(self.file.metadata.num_row_groups, bool)
+        for name, value in equal.items():
+            values = np.sort(np.atleast_1d(np.asarray(value, np.float64)))
+            low, high = self.ranges[name][:, 0], self.ranges[name][:, 1]
+            first = np.searchsorted(values, low)            # the first wanted value >= each row group's min
+            keep &= (first < len(values)) & (values[np.minimum(first, len(values) - 1)] <= high)
+        wanted = None if columns is None else list(dict.fromkeys([*columns, *equal]))
+        with self.lock:
+            table = self.file.read_row_groups(np.flatnonzero(keep).tolist(), columns=wanted) if keep.any() else \
+                self.file.schema_arrow.empty_table().select(wanted or self.names)
+        if equal:
+            mask = np.ones(table.num_rows, bool)
+            for name, value in equal.items():
+                mask &= np.isin(table.column(name).to_numpy(), np.atleast_1d(value))
+            table = table.filter(mask)
+        return table if columns is None else table.select(columns)
+
+
 class Atlas:
     """An atlas directory written by `monet atlas` (see `monet.interp.atlas.build_atlas`)."""
 
@@ -86,6 +130,8 @@ class Atlas:
         if problem:
             raise MonetError(f"{manifest_path} is damaged: {problem}; {self._rebuild}")
         self._group_cache: dict[int, dict[str, np.ndarray]] = {}
+        self._files: dict[str, _RowGroups] = {}
+        self._files_lock = threading.Lock()
         self._dataset: Any = None
         if verify:
             self.verify()
@@ -150,32 +196,54 @@ class Atlas:
 
     # -------------------------------------------------------------------------------------- tables
 
-    def _table(self, name: str, *filters: tuple) -> Any:
-        """Table `name` (a pyarrow Table), only the row groups holding rows that match `filters`."""
-        return pq.read_table(self.path / name, filters=list(filters) or None)
+    def _file(self, name: str) -> _RowGroups:
+        """Table `name`, its footer read once."""
+        with self._files_lock:
+            if name not in self._files:
+                self._files[name] = _RowGroups(self.path / name)
+            return self._files[name]
 
-    def _experts(self, *filters: tuple) -> dict[str, np.ndarray]:
-        """The experts.parquet rows matching `filters`, sorted by expert: a [rows] array per column, with
-        `mass` (and `label_count` where recorded) [num_labels, rows] and `hist` [rows, bins]."""
-        table = self._table("experts.parquet", *filters).sort_by("expert")
-        columns = {name: table.column(name).to_numpy() for name in table.column_names}
-        columns["mass"] = np.stack([columns.pop(f"mass_{label}") for label in self.labels])
-        if all(f"count_{label}" in columns for label in self.labels):
-            columns["label_count"] = np.stack([columns.pop(f"count_{label}") for label in self.labels])
-        bins = sorted(k for k in columns if k.startswith("hist_"))
-        columns["hist"] = np.stack([columns.pop(k) for k in bins], axis=1)
-        return columns
+    def _table(self, name: str, columns: list[str] | None = None, **equal: Any) -> Any:
+        """The rows of table `name` (a pyarrow Table) whose columns equal the values in `equal` (a list: any
+        of them), read from the row groups that can hold them only."""
+        return self._file(name).read(columns, **equal)
+
+    def _experts(self, group: int, expert: int | None = None, hist: bool = True) -> dict[str, np.ndarray]:
+        """experts.parquet rows of `group` (one `expert`'s only, when given), sorted by expert: a [rows] array
+        per column, with `mass` (and `label_count` where recorded) [num_labels, rows] and, with `hist`,
+        `hist` [rows, bins]."""
+        names = self._file("experts.parquet").names
+        columns = None if hist else [n for n in names if not n.startswith("hist_")]
+        table = self._table("experts.parquet", columns, group=int(group),
+                            **({} if expert is None else {"expert": int(expert)}))
+        out = {name: table.column(name).to_numpy() for name in table.column_names}
+        order = np.argsort(out["expert"], kind="stable")
+        if np.any(order != np.arange(len(order))):     # written sorted; sort anyway if another writer did not
+            out = {name: values[order] for name, values in out.items()}
+        out["mass"] = np.stack([out.pop(f"mass_{label}") for label in self.labels])
+        if all(f"count_{label}" in out for label in self.labels):
+            out["label_count"] = np.stack([out.pop(f"count_{label}") for label in self.labels])
+        if hist:
+            bins = sorted(k for k in out if k.startswith("hist_"))
+            out["hist"] = np.stack([out.pop(k) for k in bins], axis=1)
+        return out
 
     def _group(self, group: int) -> dict[str, np.ndarray]:
-        """All per-expert columns of one group (read once, then cached)."""
+        """All per-expert columns of one group but the histogram (read once, then cached)."""
         if group not in self._group_cache:
             self.check_expert(group, 0)
-            columns = self._experts(("group", "=", group))
+            columns = self._experts(group, hist=False)
             if len(columns["expert"]) != self.num_experts:
                 raise MonetError(f"{self.path / 'experts.parquet'} has {len(columns['expert'])} rows for group "
                                  f"{group}, expected {self.num_experts}; {self._rebuild}")
             self._group_cache[group] = columns
         return self._group_cache[group]
+
+    def preload(self) -> None:
+        """Read every group's per-expert statistics now (what the viewer does before serving), so that no
+        query waits for them later."""
+        for group in self.groups:
+            self._group(group)
 
     @cached_property
     def vocab(self) -> list[str]:
@@ -209,22 +277,33 @@ class Atlas:
         "routing probability for that domain" of paper §5.1 / appendix D.1."""
         return self._group(group)["mass"] / np.maximum(self.label_tokens, 1.0)[:, None]
 
-    def _row(self, group: int, expert: int) -> dict[str, Any]:
-        """One expert's columns: from the cached group arrays, else from its Parquet row group only."""
+    def _row(self, group: int, expert: int, hist: bool = True) -> dict[str, Any]:
+        """One expert's columns: from the cached group arrays (the histogram, with `hist`, from its row group),
+        else all from its Parquet row group only."""
         if group in self._group_cache:
-            columns, index = self._group_cache[group], expert
-        else:
-            columns, index = self._experts(("group", "=", int(group)), ("expert", "=", int(expert))), 0
-        return {k: v[:, index] if k in ("mass", "label_count") else v[index] for k, v in columns.items()}
+            cached = self._group_cache[group]
+            row = {k: v[:, expert] if k in ("mass", "label_count") else v[expert] for k, v in cached.items()}
+            if not hist:
+                return row
+            names = self._file("experts.parquet").names
+            bins = sorted(n for n in names if n.startswith("hist_"))
+            table = self._table("experts.parquet", bins, group=int(group), expert=int(expert))
+            row["hist"] = np.array([table.column(name)[0].as_py() for name in bins])
+            return row
+        columns = self._experts(group, expert)
+        if not len(columns["expert"]):
+            raise MonetError(f"{self.path / 'experts.parquet'} has no row for expert {group}:{expert}; {self._rebuild}")
+        return {k: v[:, 0] if k in ("mass", "label_count") else v[0] for k, v in columns.items()}
 
-    def expert(self, group: int, expert: int) -> dict[str, Any]:
-        """Statistics of one expert: count, density, mean/max score, label mass, histogram."""
+    def expert(self, group: int, expert: int, histogram: bool = True) -> dict[str, Any]:
+        """Statistics of one expert: count, density, mean/max score, label mass, histogram (left out without
+        `histogram`: it is the one part read from disk once a group's statistics are in memory)."""
         self.check_expert(group, expert)
-        row = self._row(group, expert)
+        row = self._row(group, expert, hist=histogram)
         mass = np.asarray(row["mass"], np.float64)
         prob = mass / np.maximum(self.label_tokens, 1.0)
         share = prob / prob.sum() if prob.sum() > 0 else np.zeros_like(prob)
-        return {
+        out = {
             "group": int(group), "expert": int(expert), "id": f"{group}:{expert}",
             "count": int(row["count"]), "density": float(row["density"]),
             "mean_score": float(row["mean_score"]), "max_score": float(row["max_score"]),
@@ -232,9 +311,11 @@ class Atlas:
             "label_mass": self._by_label(mass, float), "label_share": self._by_label(share, float),
             "label_count": self._by_label(row["label_count"], int) if "label_count" in row else None,
             "label_tokens": self._by_label(self.label_tokens, int),
-            "histogram": {"edges": [e * 100.0 for e in self.manifest["hist_edges"]],
-                          "counts": np.asarray(row["hist"]).astype(int).tolist()},
         }
+        if histogram:
+            out["histogram"] = {"edges": [e * 100.0 for e in self.manifest["hist_edges"]],
+                                "counts": np.asarray(row["hist"]).astype(int).tolist()}
+        return out
 
     def _by_label(self, values: Any, kind: type) -> dict[str, Any]:
         return {label: kind(value) for label, value in zip(self.labels, values, strict=True)}
@@ -244,7 +325,7 @@ class Atlas:
         (tokens outside the document are left out), `target` is the index of the activating token, `values`
         the expert's percentage at each token (None where unknown; None altogether for format-1 atlases)."""
         self.check_expert(group, expert)
-        rows = self._table("contexts.parquet", ("group", "=", int(group)), ("expert", "=", int(expert))).to_pylist()
+        rows = self._table("contexts.parquet", group=int(group), expert=int(expert)).to_pylist()
         rows.sort(key=lambda r: r["rank"])
         if k is not None:
             rows = rows[:max(int(k), 0)]
@@ -281,7 +362,7 @@ class Atlas:
         hist = np.asarray(self._row(group, expert)["hist"], np.int64)
         counts = hist.reshape(-1, per).sum(axis=1)
         total = max(int(counts.sum()), 1)
-        rows = self._table("samples.parquet", ("group", "=", int(group)), ("expert", "=", int(expert))).to_pylist()
+        rows = self._table("samples.parquet", group=int(group), expert=int(expert)).to_pylist()
         out = []
         for band in range(len(edges) - 2, -1, -1):
             if counts[band] == 0:
@@ -307,15 +388,21 @@ class Atlas:
             raise MonetError(f"no vocabulary token reads {token!r}; try a single token such as ' def' or an id")
         return ids
 
+    def _token_rows(self, ids: list[int]) -> dict[str, np.ndarray]:
+        """token_index.parquet rows of the tokens `ids` as arrays (token, group, expert, contexts, max_score)."""
+        table = self._table("token_index.parquet", ["token", "group", "expert", "contexts", "max_score"], token=ids)
+        return {name: table.column(name).to_numpy() for name in table.column_names}
+
     def experts_for_token(self, token: str | int, n: int = 20) -> list[dict[str, Any]]:
         """Experts whose top contexts most often activate on `token` (then by their best score on it)."""
-        rows = self._table("token_index.parquet", ("token", "in", self.token_ids(token))).to_pylist()
+        rows = self._token_rows(self.token_ids(token))
         top_k = max(int(self.manifest["options"]["top_k"]), 1)
-        rows.sort(key=lambda r: (-r["contexts"], -r["max_score"], r["group"], r["expert"]))
-        return [{"group": r["group"], "expert": r["expert"], "id": f"{r['group']}:{r['expert']}",
-                 "token": r["token"], "piece": self.piece(r["token"]), "contexts": r["contexts"],
-                 "share_of_top": r["contexts"] / top_k, "max_percent": self.percent(r["max_score"])}
-                for r in rows[:n]]
+        best = np.lexsort((rows["expert"], rows["group"], -rows["max_score"], -rows["contexts"]))[:n]
+        return [{"group": int(rows["group"][i]), "expert": int(rows["expert"][i]),
+                 "id": f"{rows['group'][i]}:{rows['expert'][i]}", "token": int(rows["token"][i]),
+                 "piece": self.piece(int(rows["token"][i])), "contexts": int(rows["contexts"][i]),
+                 "share_of_top": int(rows["contexts"][i]) / top_k, "max_percent": self.percent(rows["max_score"][i])}
+                for i in best]
 
     def vocab_matches(self, text: str, limit: int = 1000) -> list[int]:
         """Ids of the vocabulary pieces that contain `text` (case-insensitive), at most `limit`, shortest first."""
@@ -334,18 +421,22 @@ class Atlas:
         first. Returns {"tokens": number of matching vocabulary tokens, "experts": [...]}."""
         ids = self.vocab_matches(text)
         top_k = max(int(self.manifest["options"]["top_k"]), 1)
-        experts: dict[tuple[int, int], dict[str, Any]] = {}
-        for r in self._table("token_index.parquet", ("token", "in", ids)).to_pylist():
-            entry = experts.setdefault((r["group"], r["expert"]), {"contexts": 0, "max_score": 0.0, "tokens": []})
-            entry["contexts"] += r["contexts"]
-            entry["max_score"] = max(entry["max_score"], r["max_score"])
-            entry["tokens"].append((r["contexts"], r["token"]))
-        ranked = sorted(experts.items(), key=lambda kv: (-kv[1]["contexts"], -kv[1]["max_score"], kv[0]))
-        rows = [{"group": g, "expert": e, "id": f"{g}:{e}", "contexts": v["contexts"],
-                 "share_of_top": v["contexts"] / top_k, "max_percent": self.percent(v["max_score"]),
-                 "pieces": [self.piece(t) for _, t in sorted(v["tokens"], key=lambda ct: (-ct[0], ct[1]))[:5]]}
-                for (g, e), v in ranked[:n]]
-        return {"tokens": len(ids), "experts": rows}
+        rows = self._token_rows(ids)
+        # One entry per expert, summed over its matching tokens (numpy: a common letter matches ~10^5 rows).
+        key = rows["group"].astype(np.int64) * self.num_experts + rows["expert"]
+        experts, which = np.unique(key, return_inverse=True)
+        contexts = np.bincount(which, weights=rows["contexts"], minlength=len(experts)).astype(np.int64)
+        max_score = np.zeros(len(experts), np.float64)
+        np.maximum.at(max_score, which, rows["max_score"].astype(np.float64))
+        out = []
+        for e in np.lexsort((experts, -max_score, -contexts))[:n]:
+            mine = np.flatnonzero(which == e)
+            tokens = mine[np.lexsort((rows["token"][mine], -rows["contexts"][mine]))[:5]]
+            group, expert = divmod(int(experts[e]), self.num_experts)
+            out.append({"group": group, "expert": expert, "id": f"{group}:{expert}", "contexts": int(contexts[e]),
+                        "share_of_top": int(contexts[e]) / top_k, "max_percent": self.percent(max_score[e]),
+                        "pieces": [self.piece(int(rows["token"][t])) for t in tokens]})
+        return {"tokens": len(ids), "experts": out}
 
     def experts_for_label(self, label: str, n: int = 20, min_count: int = 10,
                           group: int | None = None) -> list[dict[str, Any]]:
@@ -358,7 +449,7 @@ class Atlas:
             skew = skewness(self.label_probability(g), index)
             count = self._group(g)["count"]
             skew = np.where(count >= min_count, skew, -np.inf)
-            best = np.argsort(-skew, kind="stable")[:n]
+            best = _largest(skew, n)
             rows += [(float(skew[e]), g, int(e), int(count[e])) for e in best if skew[e] > -np.inf]
         rows.sort(key=lambda r: (-r[0], r[1], r[2]))
         return [{"group": g, "expert": e, "id": f"{g}:{e}", "skewness": s, "count": c} for s, g, e, c in rows[:n]]
@@ -404,6 +495,18 @@ class Atlas:
             best = np.argsort(-count, kind="stable")[:n]
             out += [(g, int(e)) for e in best if count[e] > 0]
         return out
+
+
+def _largest(values: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the `n` largest values, ties by index: `np.argsort(-values, kind="stable")[:n]` without
+    sorting all 262,144 of a group (a partition finds the n-th largest, then only the candidates are sorted)."""
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    if n >= len(values):
+        return np.argsort(-values, kind="stable")[:n]
+    kth = np.partition(values, len(values) - n)[len(values) - n]
+    candidates = np.flatnonzero(values >= kth)
+    return candidates[np.argsort(-values[candidates], kind="stable")][:n]
 
 
 def parse_expert(text: str, atlas: Atlas | None = None) -> tuple[int, int]:

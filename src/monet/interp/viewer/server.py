@@ -5,8 +5,10 @@ Routes and safety rules are described in docs/atlas.md ("Viewer"): only the page
 API request gets 403 (DNS rebinding); POST bodies must be application/json (a cross-site form cannot send that
 without a CORS preflight, never answered here) of at most 64 KB; bad input answers 400 with a message; JSON
 answers pass through `monet.io.printable` under a Content-Security-Policy; the model runs under one lock.
-Long work never holds that lock for long: similar experts are computed by a background thread in short locked
-steps, and a request for them waits at most `SIMILAR_WAIT` seconds (the page polls while they are computing).
+Long work never holds that lock for long: every group's expert statistics and the "interesting" picks are
+read before serving, similar experts are computed by a background thread in short locked steps, and a request
+for them waits at most `SIMILAR_WAIT` seconds (the page polls while they are computing); an expert's output
+direction (promoted tokens, similar experts) and an unsteered continuation are computed once and cached.
 A client that closes its connection early is not an error worth a traceback.
 """
 
@@ -21,8 +23,9 @@ import re
 import socket
 import sys
 import threading
-from collections.abc import Callable
-from contextlib import suppress
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from functools import lru_cache, partial
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,8 +37,8 @@ from monet.checkpoint import load_checkpoint
 from monet.edits import ExpertEdits, edited
 from monet.errors import MonetError
 from monet.generate import generate_text
-from monet.interp.explain import expert_logits
-from monet.interp.export import expert_direction, expert_page, similar_experts
+from monet.interp.explain import expert_direction, expert_logits
+from monet.interp.export import expert_page, similar_experts
 from monet.interp.query import Atlas, activation_on_text, compact_histogram, document_values, experts_for_text
 from monet.io import dumps, printable
 from monet.runtime import resolve_device
@@ -56,9 +59,11 @@ LIMITS = {"text_chars": 2000, "text_tokens": 512, "prompt_chars": 1000, "max_new
           "body_bytes": 65536, "body_depth": 8}
 # GET /api/ROUTE/ARG...: the names of each route's path arguments (ids, except a label's name)
 API_ARGS = {"info": (), "random": (), "token": (), "expert": ("group", "expert"), "similar": ("group", "expert"),
-            "export": ("group", "expert"), "label": ("label",), "document": ("document", "position"), "text": ()}
-SIMILAR_WAIT = 1.5       # seconds a /api/similar request waits for the background thread before "computing"
+            "logits": ("group", "expert"), "export": ("group", "expert"), "label": ("label",),
+            "document": ("document", "position"), "text": ()}
+SIMILAR_WAIT = 1.0       # seconds a /api/similar request waits for the background thread before "computing"
 SIMILAR_DIRECTIONS = 12  # co-active experts whose output direction is compared (one short locked step each)
+SIMILAR_IDLE = 5.0       # seconds without a request after which a similar-experts job pauses (its page was left)
 _ID = re.compile(r"[0-9]{1,9}")          # ASCII digits only: "²".isdigit() is True in Python
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
 WILDCARDS = ("", "0.0.0.0", "::")
@@ -74,16 +79,60 @@ class _HTTPError(Exception):
         self.status = status
 
 
+class ModelLock:
+    """The model's lock, requests first: `with lock:` (a page) waits for the current holder only, while
+    `with lock.background():` (a similar-experts step) also waits until no page is waiting. With a plain Lock
+    the background thread, still running when it releases, takes it straight back for its next step, so a page
+    could wait for the whole job."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._waiting = 0
+
+    def __enter__(self) -> ModelLock:
+        with self._changed:
+            self._waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._changed:
+                self._waiting -= 1
+                self._changed.notify_all()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._lock.release()
+
+    @contextmanager
+    def background(self) -> Iterator[None]:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._waiting == 0)
+            if self._lock.acquire(timeout=0.05):
+                if self._waiting == 0:    # a page that came in meanwhile goes first
+                    break
+                self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+
 class SimilarJobs:
     """Similar experts, computed on demand by one background thread and cached (the newest request first).
 
     Each job is a few short steps, each under the viewer's lock: the co-activation table (the expert's top
     contexts through the model), then one output direction per step, so a page waits at most one step for the
-    lock. An entry is {"status": "computing" | "done" | "error", ...the table so far}."""
+    lock. A job nobody has asked about for `SIMILAR_IDLE` seconds (the page polls while it is open) is paused
+    before its next step, so a page the user has left does not keep the model busy; asked again, it goes on
+    where it stopped. An entry is {"status": "computing" | "done" | "error", ...the table so far}."""
 
     def __init__(self, state: ViewerState, cache: int = 64) -> None:
         self.state, self.cache = state, cache
         self.entries: dict[tuple[int, int], dict[str, Any]] = {}
+        self.asked: dict[tuple[int, int], float] = {}    # when each job's page last asked (time.monotonic)
+        self.paused: set[tuple[int, int]] = set()
         self.queue: list[tuple[int, int]] = []
         self.changed = threading.Condition()
         self.worker: threading.Thread | None = None
@@ -91,15 +140,19 @@ class SimilarJobs:
     def get(self, group: int, expert: int, wait: float = SIMILAR_WAIT) -> dict[str, Any]:
         key = (group, expert)
         with self.changed:
+            self.asked[key] = time.monotonic()
             entry = self.entries.get(key)
-            if entry is None or entry["status"] == "error":
-                entry = self.entries[key] = {"status": "computing", "group": group, "expert": expert}
+            if entry is None or entry["status"] == "error" or key in self.paused:
+                if entry is None or entry["status"] == "error":
+                    entry = self.entries[key] = {"status": "computing", "group": group, "expert": expert}
+                self.paused.discard(key)
                 self.queue.append(key)
                 while len(self.entries) > self.cache:   # forget the oldest finished entry
                     old = next((k for k, e in self.entries.items() if e["status"] in ("done", "error")), None)
                     if old is None:
                         break
                     del self.entries[old]
+                    self.asked.pop(old, None)
                 if self.worker is None or not self.worker.is_alive():
                     self.worker = threading.Thread(target=self._work, name="monet-view-similar", daemon=True)
                     self.worker.start()
@@ -114,7 +167,7 @@ class SimilarJobs:
                     return
                 key = self.queue.pop()          # the newest request: the page the user is looking at
                 entry = self.entries.get(key)
-            if entry is not None and "experts" not in entry and entry["status"] == "computing":
+            if entry is not None and entry["status"] == "computing" and key not in self.paused:
                 self._compute(key, entry)
 
     def _update(self, entry: dict[str, Any], **values: Any) -> None:
@@ -122,43 +175,54 @@ class SimilarJobs:
             entry.update(values)
             self.changed.notify_all()
 
+    def _left(self, key: tuple[int, int]) -> bool:
+        """Pause the job when its page has not asked for `SIMILAR_IDLE` s (True: stop before the next step)."""
+        with self.changed:
+            if time.monotonic() - self.asked.get(key, 0.0) > SIMILAR_IDLE:
+                self.paused.add(key)
+            return key in self.paused
+
     def _compute(self, key: tuple[int, int], entry: dict[str, Any]) -> None:
         state, (group, expert) = self.state, key
+        k = int(state.atlas.manifest["options"]["top_k"])
         try:
-            with state.lock:
-                table = similar_experts(state.model, state.atlas, group, expert, directions=0)
-                k = int(state.atlas.manifest["options"]["top_k"])
-            rows = table["experts"]
-            todo = rows[:SIMILAR_DIRECTIONS]
-            self._update(entry, status="computing" if todo else "done", contexts=table["contexts"], experts=rows,
-                         directions_done=0, directions=len(todo))
-            if not todo:
-                return
-            with state.lock:
-                mine = expert_direction(state.model, state.atlas, group, expert, k)
-            for done, row in enumerate(todo, 1):
-                with state.lock:
-                    theirs = expert_direction(state.model, state.atlas, group, row["expert"], k)
+            if "experts" not in entry:
+                with state.lock.background():
+                    table = similar_experts(state.model, state.atlas, group, expert, directions=0)
+                todo = len(table["experts"][:SIMILAR_DIRECTIONS])
+                self._update(entry, status="computing" if todo else "done", contexts=table["contexts"],
+                             experts=table["experts"], directions_done=0, directions=todo)
+            rows = entry["experts"][:entry["directions"]]
+            for done in range(entry["directions_done"], len(rows)):
+                if self._left(key):
+                    return
+                with state.lock.background():
+                    mine = state.direction(group, expert, k)          # computed once, then cached
+                    theirs = state.direction(group, rows[done]["expert"], k)
                 norm = float(mine.norm() * theirs.norm())
-                row["cosine"] = float(mine @ theirs) / norm if norm > 0 else None
-                self._update(entry, directions_done=done, status="done" if done == len(todo) else "computing")
+                rows[done]["cosine"] = float(mine @ theirs) / norm if norm > 0 else None
+                self._update(entry, directions_done=done + 1, status="done" if done + 1 == len(rows) else "computing")
         except Exception as exc:   # shown on the page; asked again, the job is retried
             self._update(entry, status="error", error=str(exc) if isinstance(exc, MonetError)
                          else f"{type(exc).__name__}: {exc}")
 
 
 class ViewerState:
-    """What the handlers share: the atlas, the optional model and tokenizer, caches, one lock."""
+    """What the handlers share: the atlas, the optional model and tokenizer, caches, one lock.
+
+    Built before the server listens: every group's expert statistics are read into memory (`Atlas.preload`,
+    seconds) and the "interesting" picks computed from them, so no page ever waits for either."""
 
     def __init__(self, atlas, model: Any = None, tokenizer: Any = None) -> None:
         self.atlas, self.model, self.tokenizer = atlas, model, tokenizer
-        self.lock = threading.Lock()   # pyarrow reads and the model are used by one request at a time
-        self.logits = lru_cache(256)(partial(expert_logits, model, atlas))
+        self.lock = ModelLock()   # the model is used by one request at a time (tables have their own)
+        # One measured output direction per expert (K forward passes), shared by promoted tokens and similar
+        # experts; 256 directions of a 2,048-wide model are 2 MB.
+        self.direction = lru_cache(256)(partial(expert_direction, model, atlas))
+        self._plain: dict[tuple[str, int], str] = {}   # unsteered continuations: they do not depend on alpha
         self.similar = SimilarJobs(self)
-        self._interesting: list[tuple[int, int]] | None = None
-        self._interesting_lock = threading.Lock()
-        # Ready before the first click: one short locked read per label and group, in the background.
-        threading.Thread(target=self.interesting, name="monet-view-specialists", daemon=True).start()
+        atlas.preload()
+        self._interesting = self._specialists()
 
     def need_model(self, what: str) -> None:
         if self.model is None or self.tokenizer is None:
@@ -174,16 +238,25 @@ class ViewerState:
                 "samples": (m.get("bands") or {}).get("samples", 0), "limits": LIMITS}
 
     def expert(self, group: int, expert: int) -> dict[str, Any]:
+        """The atlas's page of an expert: reads only (the statistics are in memory, each table reads one row
+        group under its own lock), so it never waits for the model; promoted tokens come from /api/logits."""
         atlas = self.atlas
-        with self.lock:
-            result = {**atlas.expert(group, expert), "contexts": atlas.top_contexts(group, expert),
-                      "bands": atlas.band_samples(group, expert)}
-            result["histogram_view"] = compact_histogram(**result["histogram"])
-            if atlas.manifest["kind"] == "monet" and atlas.manifest.get("experts_per_side"):
-                result["i"], result["j"] = divmod(int(expert), int(atlas.manifest["experts_per_side"]))
-            if self.model is not None:
-                result["logits"] = self.logits(group, expert) if result["contexts"] else None
+        result = {**atlas.expert(group, expert), "contexts": atlas.top_contexts(group, expert),
+                  "bands": atlas.band_samples(group, expert)}
+        result["histogram_view"] = compact_histogram(**result["histogram"])
+        if atlas.manifest["kind"] == "monet" and atlas.manifest.get("experts_per_side"):
+            result["i"], result["j"] = divmod(int(expert), int(atlas.manifest["experts_per_side"]))
         return result
+
+    def expert_logits(self, group: int, expert: int) -> dict[str, Any]:
+        """Promoted and suppressed tokens ({"logits": None} for an expert without contexts), under the model's
+        lock: a page waits for at most one step of a similar-experts job."""
+        self.need_model("Promoted tokens")
+        self.atlas.check_expert(group, expert)
+        if not self.atlas.expert(group, expert, histogram=False)["count"]:
+            return {"group": group, "expert": expert, "logits": None}
+        with self.lock:
+            return {"group": group, "expert": expert, "logits": self.logits(group, expert)}
 
     def export(self, group: int, expert: int) -> dict[str, Any]:
         with self.lock:
@@ -198,22 +271,26 @@ class ViewerState:
             raise MonetError(entry["error"])
         return entry
 
-    def interesting(self) -> list[tuple[int, int]]:
+    def logits(self, group: int, expert: int) -> dict[str, list]:
+        """Promoted and suppressed tokens (as `monet atlas export --run` lists them: over the top 10 contexts),
+        from the cached output direction (similar experts use the same one when the atlas keeps 10)."""
+        return expert_logits(self.model, self.atlas, group, expert, k=10, direction=self.direction(group, expert, 10))
+
+    def _specialists(self) -> list[tuple[int, int]]:
         """Label specialists: per label and group, the most skewed experts (paper §5.1) among those with a full
         set of top contexts, so that a random pick shows an expert with a clear topic, not a busy generic one."""
-        with self._interesting_lock:
-            if self._interesting is None:
-                least = max(10, int(self.atlas.manifest["options"]["top_k"]))
-                picks = set()
-                for label in self.atlas.labels:
-                    for group in self.atlas.groups:
-                        with self.lock:   # per label and group, so that pages are served in between
-                            rows = self.atlas.experts_for_label(label, 20, min_count=least, group=group)
-                        picks |= {(row["group"], row["expert"]) for row in rows if row["skewness"] >= 2}
-                if not picks:   # a tiny atlas: fall back to the experts with the most examples
-                    with self.lock:
-                        picks = set(self.atlas.interesting_experts())
-                self._interesting = sorted(picks)
+        least = max(10, int(self.atlas.manifest["options"]["top_k"]))
+        picks = set()
+        for label in self.atlas.labels:
+            for group in self.atlas.groups:
+                rows = self.atlas.experts_for_label(label, 20, min_count=least, group=group)
+                picks |= {(row["group"], row["expert"]) for row in rows if row["skewness"] >= 2}
+        if not picks:   # a tiny atlas: fall back to the experts with the most examples
+            picks = set(self.atlas.interesting_experts())
+        return sorted(picks)
+
+    def interesting(self) -> list[tuple[int, int]]:
+        """The experts "random interesting expert" picks from (see `_specialists`)."""
         return self._interesting
 
     def random_expert(self, group: int | None) -> dict[str, int]:
@@ -249,23 +326,21 @@ class ViewerState:
             raise MonetError("a search is at most 200 characters")
         if match not in ("exact", "substring"):
             raise MonetError(f"match must be exact or substring, got {match!r}")
-        with self.lock:
-            if match == "substring":
-                return {"match": "substring", **self.atlas.experts_for_substring(text, 50)}
-            rows = self.atlas.experts_for_token(text, 50)
+        if match == "substring":   # atlas reads only: no need for the model's lock
+            return {"match": "substring", **self.atlas.experts_for_substring(text, 50)}
+        rows = self.atlas.experts_for_token(text, 50)
         return {"match": "exact", "tokens": len({r["token"] for r in rows}), "experts": rows}
 
     def label(self, name: str, min_count: int) -> dict[str, Any]:
         atlas, min_count = self.atlas, max(min_count, 1)
         # The page knows the labels as `printable` shows them.
         label = next((known for known in atlas.labels if printable(known) == name), name)
-        with self.lock:
-            rows = atlas.experts_for_label(label, 50, min_count=min_count)
-            for row in rows:
-                stats = atlas.expert(row["group"], row["expert"])
-                row["label_share"] = stats["label_share"][label]
-                row["label_count"] = (stats["label_count"] or {}).get(label)
-                row["max_percent"] = stats["max_percent"]
+        rows = atlas.experts_for_label(label, 50, min_count=min_count)   # in-memory statistics: no lock
+        for row in rows:
+            stats = atlas.expert(row["group"], row["expert"], histogram=False)
+            row["label_share"] = stats["label_share"][label]
+            row["label_count"] = (stats["label_count"] or {}).get(label)
+            row["max_percent"] = stats["max_percent"]
         return {"label": label, "min_count": min_count, "experts": rows}
 
     def document(self, doc: int, pos: int, group: int | None, expert: int | None) -> dict[str, Any]:
@@ -274,7 +349,7 @@ class ViewerState:
             view["values"] = None
             if group is not None and expert is not None:
                 view["group"], view["expert"] = group, expert
-                view["max_percent"] = self.atlas.expert(group, expert)["max_percent"]
+                view["max_percent"] = self.atlas.expert(group, expert, histogram=False)["max_percent"]
                 if self.model is not None:
                     view["values"] = document_values(self.model, self.atlas, view, group, expert)
         return view
@@ -290,7 +365,7 @@ class ViewerState:
         text = _field_text(body, "text", LIMITS["text_chars"])
         with self.lock:
             out = activation_on_text(self.model, self.tokenizer, text, group, expert, LIMITS["text_tokens"])
-            out["max_percent"] = self.atlas.expert(group, expert)["max_percent"]
+            out["max_percent"] = self.atlas.expert(group, expert, histogram=False)["max_percent"]
         return out
 
     def steer(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -311,7 +386,11 @@ class ViewerState:
             # Steering scales the expert's term where it is routed: on a prompt where it never fires, the
             # first new tokens cannot change, so the page says how active it was.
             activity = activation_on_text(self.model, self.tokenizer, prompt, group, expert, 10**6)
-            plain = generate_text(self.model, self.tokenizer, prompt, **options)[0]
+            plain = self._plain.get((prompt, tokens))
+            if plain is None:   # greedy and unedited: the same for every alpha and expert, so computed once
+                plain = self._plain[(prompt, tokens)] = generate_text(self.model, self.tokenizer, prompt, **options)[0]
+                while len(self._plain) > 64:
+                    del self._plain[next(iter(self._plain))]
             with edited(self.model, ExpertEdits().scale(group, expert, float(alpha))):
                 steered = generate_text(self.model, self.tokenizer, prompt, **options)[0]
         active = [value for value in activity["values"] if value > 0]
@@ -452,6 +531,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(state.export(*args), download=True,
                               extra={"Content-Disposition": f'attachment; filename="{name}"'})
         answers = {"info": state.info, "expert": state.expert, "similar": state.similar_experts,
+                   "logits": state.expert_logits,
                    "random": lambda: state.random_expert(_query_id(query, "group")),
                    "text": lambda: state.text_experts(query.get("q", [""])[0]),
                    "token": lambda: state.token(query.get("q", [""])[0], query.get("match", ["exact"])[0]),
@@ -518,8 +598,8 @@ class ViewerServer(ThreadingHTTPServer):
 
 def make_server(atlas, host: str = "127.0.0.1", port: int = 8765, model: Any = None, tokenizer: Any = None,
                 allow_hosts: tuple[str, ...] | list[str] = ()) -> ThreadingHTTPServer:
-    """A ready server (not yet serving); port 0 picks a free port (see `server.server_address`)."""
-    state = ViewerState(atlas, model, tokenizer)   # what the handlers share, as `self.server.state`
+    """A ready server (not yet serving); port 0 picks a free port (see `server.server_address`). The port is
+    bound first, so a busy one is reported before the atlas's statistics are read."""
     try:
         server = ViewerServer((host, port), Handler)
     except OSError as exc:
@@ -529,7 +609,11 @@ def make_server(atlas, host: str = "127.0.0.1", port: int = 8765, model: Any = N
     except OverflowError as exc:
         raise MonetError(f"--port must lie in 0..65535, got {port}") from exc
     server.daemon_threads = True
-    server.state = state
+    try:
+        server.state = ViewerState(atlas, model, tokenizer)   # what the handlers share
+    except BaseException:
+        server.server_close()
+        raise
     server.allowed_names, server.any_ip = allowed_hosts(host, server.server_address[1], allow_hosts)
     return server
 
@@ -541,6 +625,7 @@ def view_command(cmd: ViewCommand) -> None:
     if cmd.run:
         model, tokenizer = load_checkpoint(cmd.run, resolve_device(cmd.device))
         atlas.check_model(model)
+    print(f"monet view: reading the expert statistics of {len(atlas.groups)} group(s)...", flush=True)
     server = make_server(atlas, cmd.host, cmd.port, model, tokenizer, cmd.allow_host)
     address, bound = server.server_address[:2]
     shown = f"[{address}]" if ":" in address else address
@@ -551,5 +636,5 @@ def view_command(cmd: ViewCommand) -> None:
         server.serve_forever()
 
 
-__all__ = ["Handler", "SimilarJobs", "ViewerServer", "ViewerState", "allowed_hosts", "host_allowed", "make_server",
-           "view_command"]
+__all__ = ["Handler", "ModelLock", "SimilarJobs", "ViewerServer", "ViewerState", "allowed_hosts", "host_allowed",
+           "make_server", "view_command"]

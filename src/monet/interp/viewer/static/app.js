@@ -120,7 +120,7 @@ function bars(entries, id) {
   for (const [name, value, text] of entries) {
     box.appendChild(el("span", { cls: "name", text: name }));
     const holder = el("span", { cls: "track" });
-    const bar = el("div", { cls: "bar" });
+    const bar = el("div", { cls: value > 0 ? "bar" : "bar zero" });   // a tiny value shows a sliver; 0 none
     bar.style.width = `${(100 * value) / top}%`;
     holder.appendChild(bar);
     box.appendChild(holder);
@@ -195,16 +195,33 @@ async function showExpert(nav, group, expert) {
   } else {
     nodes.push(el("p", { cls: "hint", text: "No activations." }));
   }
-  if (data.logits) {
-    nodes.push(el("h3", { text: "Promoted tokens (logit change)" }),
-               tokenList(data.logits.pos_str, data.logits.pos_values, false));
-    nodes.push(el("h3", { text: "Suppressed tokens (logit change)" }),
-               tokenList(data.logits.neg_str, data.logits.neg_values, true));
+  if (INFO.has_model && data.count) {
+    // Computed with the model (a forward pass per top context): the page shows the atlas at once and fills
+    // this in when it arrives.
+    nodes.push(el("div", { id: "logits" }, el("h3", { text: "Promoted and suppressed tokens (logit change)" }),
+                  el("p", { cls: "hint loading", id: "logits-computing", text: "computing with the model…" })));
   }
   nodes.push(...modelSections(group, expert, max, data.contexts));
   if (!show(nav, ...nodes)) return;
   document.title = `Expert ${group}:${expert} – Monet atlas`;
-  if (INFO.has_model) loadSimilar(nav, group, expert);
+  if (INFO.has_model) loadModelParts(nav, group, expert, data.count > 0);
+}
+
+async function loadModelParts(nav, group, expert, logits) {
+  if (logits) {
+    try {
+      const out = await api(`/api/logits/${group}/${expert}`);
+      if (nav !== NAV || !$("logits")) return;
+      $("logits").replaceChildren(
+        el("h3", { text: "Promoted tokens (logit change)" }),
+        tokenList(out.logits.pos_str, out.logits.pos_values, false),
+        el("h3", { text: "Suppressed tokens (logit change)" }),
+        tokenList(out.logits.neg_str, out.logits.neg_values, true));
+    } catch (error) {
+      if (nav === NAV && $("logits")) $("logits").replaceChildren(el("p", { cls: "error", text: String(error.message) }));
+    }
+  }
+  loadSimilar(nav, group, expert);
 }
 
 function modelSections(group, expert, max, contexts) {
@@ -264,7 +281,7 @@ function modelSections(group, expert, max, contexts) {
   return [
     el("h3", { text: "Test activation" }), probeText, el("div", { cls: "row" }, probeRun), probeOut,
     el("h3", { text: "Similar experts" }),
-    el("div", { id: "similar" }, el("p", { cls: "hint", text: "computing co-activation and output directions…" })),
+    el("div", { id: "similar" }, el("p", { cls: "hint loading", text: "computing co-activation and output directions…" })),
     el("h3", { text: "Steering (greedy decoding, this expert's term scaled by α in every layer of its group)" }),
     el("p", { cls: "hint", text: "Scaling acts only where the router picks the expert: on a prompt where it never " +
       "fires nothing changes until it does; a top context as the prompt (cut after the token it fires on) " +
