@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from atlas_fixtures import save_run, tiny_config
+from PIL import Image
 from runs import weights
 from safetensors.torch import load_file, save_file
 
@@ -230,3 +232,112 @@ def test_token_pieces_keep_characters_split_over_tokens_whole(corpus: Path) -> N
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     pieces = token_pieces(tokenizer, ids)
     assert len(pieces) == len(ids) and "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
+# ------------------------------------------------------------------------------ image tokens in the atlas
+
+
+@pytest.fixture(scope="module")
+def vision_atlas(pairs: Path, text_run: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> tuple[Path, Path]:
+    """(vision run, its atlas built by `monet atlas build RUN --data CORPUS --images PAIRS`)."""
+    from monet.interp.atlas import build_atlas_command
+    from monet.settings import AtlasBuild
+
+    base = tmp_path_factory.mktemp("vision-atlas")
+    train_vision(settings(pairs, text_run, base / "run", max_steps=1))
+    build_atlas_command(AtlasBuild(run=str(base / "run"), data=str(corpus), out=str(base / "atlas"),
+                                   images=str(pairs), max_tokens=1500, top_k=3, batch_size=4, device="cpu",
+                                   quiet=True))
+    return base / "run", base / "atlas"
+
+
+def patch_scores(model, tokenizer, images: np.ndarray, batch: int) -> list[np.ndarray]:
+    """Oracle: per group, the dense [images, P, N] table of every expert's score at every patch (images alone)."""
+    from monet.interp.capture import capture_routing
+    from monet.vision import image_prompt, pixels
+
+    prompt = image_prompt(model.config, tokenizer.bos_token_id)
+    count, experts = model.config.num_image_tokens, model.config.text_config.moe_experts ** 2
+    out = [np.zeros((len(images), count, experts), np.float32)
+           for _ in range(model.config.text_config.num_routing_groups)]
+    for start in range(0, len(images), batch):
+        chunk = images[start : start + batch]
+        with torch.no_grad(), capture_routing(model.language_model) as capture:
+            model(input_ids=torch.tensor([prompt] * len(chunk)), pixel_values=pixels(chunk, model.config),
+                  use_cache=False)
+            for group, table in enumerate(out):
+                token, expert, score = (t.numpy() for t in capture.experts(group).entries())
+                row, position = np.divmod(token, len(prompt))
+                patch = position - (len(prompt) - count)
+                keep = patch >= 0   # not <s>
+                table[start + row[keep], patch[keep], expert[keep]] = score[keep]
+    return out
+
+
+def test_atlas_build_records_image_patches_beside_text(vision_atlas: tuple[Path, Path], pairs: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    from monet.cli import main
+    from monet.interp.query import Atlas
+
+    run, path = vision_atlas
+    atlas = Atlas(path)   # verifies every table, the image tables included, against the manifest's hashes
+    section = atlas.manifest["images"]
+    assert atlas.version == 3 and atlas.has_images and "images.parquet" in atlas.manifest["tables"]
+    assert section["images"] == 16 and section["patches"] == 4 and section["grid"] == 2
+    assert set(section["labels"]) == set(COLOURS)
+    # The text side is an ordinary atlas of the language model on the corpus.
+    assert atlas.manifest["tokens"] == 1500 and any(atlas.top_contexts(0, e) for e in range(atlas.num_experts))
+
+    model, tokenizer = load_vision(run)
+    data = read_pairs(pairs, "train")
+    dense = patch_scores(model, tokenizer, data.images, batch=4)   # the build's batches: the same numbers
+    checked = 0
+    for group, table in enumerate(dense):
+        best = table.max(axis=1)                       # [images, N]: an image's best patch per expert
+        for expert in range(atlas.num_experts):
+            found = atlas.image_examples(group, expert)
+            order = sorted((i for i in range(len(best)) if best[i, expert] > 0), key=lambda i: (-best[i, expert], i))
+            assert [r["image"] for r in found] == order[:3], (group, expert)
+            for r in found:
+                assert r["score"] == pytest.approx(float(best[r["image"], expert]), rel=1e-6, abs=1e-9)
+                assert r["patch"] == int(np.argmax(table[r["image"], :, expert]))   # first best patch
+                assert (r["row"], r["col"]) == divmod(r["patch"], 2)
+                assert r["label"] == data.groups[r["image"]] and r["caption"] == data.texts[r["image"]]
+            checked += len(found)
+    assert checked > 0
+
+    group, expert = next((g, e) for g in atlas.groups for e in range(atlas.num_experts)
+                         if atlas.image_examples(g, e))
+    image = atlas.image_examples(group, expert)[0]["image"]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(atlas.image_png(image)))), data.images[image])
+    assert main(["atlas", "query", str(path), "--expert", f"{group}:{expert}"]) == 0
+    out = capsys.readouterr().out
+    assert "top images" in out and f"image {image} (" in out and "patch" in out
+
+
+def test_image_atlas_refusals_and_damage(vision_atlas: tuple[Path, Path], pairs: Path, text_run: Path,
+                                         corpus: Path, tmp_path: Path) -> None:
+    from monet.interp.atlas import build_atlas_command
+    from monet.interp.query import Atlas
+    from monet.settings import AtlasBuild
+
+    with pytest.raises(MonetError, match="--images records image examples of a VisionMonet"):
+        build_atlas_command(AtlasBuild(run=str(text_run), data=str(corpus), out=str(tmp_path / "a"),
+                                       images=str(pairs), max_tokens=100, device="cpu", quiet=True))
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(MonetError, match="no validation pairs"):
+        build_atlas_command(AtlasBuild(run=str(vision_atlas[0]), data=str(corpus), out=str(tmp_path / "b"),
+                                       images=str(pairs), split="validation", max_tokens=100, device="cpu",
+                                       quiet=True))
+    assert not (tmp_path / "b").exists()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(vision_atlas[1], damaged)
+    with open(damaged / "images.parquet", "r+b") as handle:
+        handle.seek(40)
+        handle.write(b"\0" * 8)
+    with pytest.raises(MonetError, match="images.parquet is damaged"):
+        Atlas(damaged)
+    atlas = Atlas(vision_atlas[1])
+    with pytest.raises(MonetError, match="not stored in this atlas"):
+        atlas.image_png(10**6)

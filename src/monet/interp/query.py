@@ -19,7 +19,7 @@ import torch
 
 from monet.data import TokenDataset
 from monet.errors import MonetError
-from monet.interp.atlas import READABLE_VERSIONS, TABLES, TABLES_V1, model_identity
+from monet.interp.atlas import IMAGE_TABLES, READABLE_VERSIONS, TABLES, TABLES_V1, model_identity
 from monet.interp.criteria import skewness
 from monet.interp.units import units_of
 from monet.io import marker_kind, printable, sha256_file
@@ -72,6 +72,8 @@ class Atlas:
                              f"{', '.join(map(str, READABLE_VERSIONS))}; {self._rebuild}")
         self.version: int = int(version)
         self.tables = TABLES if self.version >= 2 else TABLES_V1
+        if self.version >= 3:
+            self.tables += IMAGE_TABLES
         missing = [name for name in self.tables if not (self.path / name).is_file()]
         if missing:
             raise MonetError(f"{self.path} is not a complete atlas (missing {', '.join(missing)}); {self._rebuild}")
@@ -267,6 +269,47 @@ class Atlas:
         if "band" in row:
             out["band"] = row["band"]
         return out
+
+    @property
+    def has_images(self) -> bool:
+        """Whether the atlas records image examples (format 3: a VisionMonet built with an image–caption set)."""
+        return self.version >= 3 and isinstance(self.manifest.get("images"), dict)
+
+    def image_examples(self, group: int, expert: int, k: int | None = None) -> list[dict[str, Any]]:
+        """The expert's top images, best first (each image once, at its best patch): image index and id, label,
+        caption, `patch` and its `row`/`col` in the `grid` x `grid` patch grid, score and percentage. Empty when
+        the atlas records no images."""
+        self.check_expert(group, expert)
+        if not self.has_images:
+            return []
+        rows = self._table("image_contexts.parquet", ("group", "=", int(group)),
+                           ("expert", "=", int(expert))).to_pylist()
+        rows = sorted(rows, key=lambda r: r["rank"])[:None if k is None else max(int(k), 0)]
+        if not rows:
+            return []
+        meta = self._table("images.parquet", ("image", "in", [r["image"] for r in rows])).select(
+            ["image", "id", "label", "caption"]).to_pylist()
+        about = {m["image"]: m for m in meta}
+        grid = int(self.manifest["images"]["grid"])
+        out = []
+        for r in rows:
+            if r["image"] not in about:
+                raise MonetError(f"{self.path / 'images.parquet'} lacks image {r['image']}; {self._rebuild}")
+            out.append({"rank": r["rank"], "image": r["image"], "id": about[r["image"]]["id"],
+                        "label": about[r["image"]]["label"], "caption": about[r["image"]]["caption"],
+                        "patch": r["patch"], "row": r["patch"] // grid, "col": r["patch"] % grid, "grid": grid,
+                        "score": r["score"], "percent": self.percent(r["score"])})
+        return out
+
+    def image_png(self, image: int) -> bytes:
+        """A stored image (one that is some expert's top example) as PNG bytes."""
+        if not self.has_images:
+            raise MonetError(f"the atlas {self.path} records no images (build it from a VisionMonet with --images)")
+        found = self._table("images.parquet", ("image", "=", int(image))).column("png").to_pylist()
+        if not found:
+            raise MonetError(f"image {image} is not stored in this atlas (it keeps the images that are some "
+                             "expert's top example)")
+        return found[0]
 
     def band_samples(self, group: int, expert: int) -> list[dict[str, Any]]:
         """Examples by activation band, strongest band first: per band of score / H (10 log-spaced bands, see

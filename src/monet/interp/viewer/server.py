@@ -56,7 +56,8 @@ LIMITS = {"text_chars": 2000, "text_tokens": 512, "prompt_chars": 1000, "max_new
           "body_bytes": 65536, "body_depth": 8}
 # GET /api/ROUTE/ARG...: the names of each route's path arguments (ids, except a label's name)
 API_ARGS = {"info": (), "random": (), "token": (), "expert": ("group", "expert"), "similar": ("group", "expert"),
-            "export": ("group", "expert"), "label": ("label",), "document": ("document", "position"), "text": ()}
+            "export": ("group", "expert"), "label": ("label",), "document": ("document", "position"), "text": (),
+            "image": ("image",)}
 SIMILAR_WAIT = 1.5       # seconds a /api/similar request waits for the background thread before "computing"
 SIMILAR_DIRECTIONS = 12  # co-active experts whose output direction is compared (one short locked step each)
 _ID = re.compile(r"[0-9]{1,9}")          # ASCII digits only: "²".isdigit() is True in Python
@@ -171,19 +172,27 @@ class ViewerState:
                 "tokens": m["tokens"], "kind": m["kind"], "model": m["model"], "top_k": m["options"]["top_k"],
                 "experts_per_side": m.get("experts_per_side"), "has_model": self.model is not None,
                 "format_version": atlas.version, "has_values": atlas.has_values,
-                "samples": (m.get("bands") or {}).get("samples", 0), "limits": LIMITS}
+                "samples": (m.get("bands") or {}).get("samples", 0), "limits": LIMITS,
+                "has_images": atlas.has_images}
 
     def expert(self, group: int, expert: int) -> dict[str, Any]:
         atlas = self.atlas
         with self.lock:
             result = {**atlas.expert(group, expert), "contexts": atlas.top_contexts(group, expert),
                       "bands": atlas.band_samples(group, expert)}
+            if atlas.has_images:   # a VisionMonet atlas: top images, each with its best patch
+                result["images"] = atlas.image_examples(group, expert)
             result["histogram_view"] = compact_histogram(**result["histogram"])
             if atlas.manifest["kind"] == "monet" and atlas.manifest.get("experts_per_side"):
                 result["i"], result["j"] = divmod(int(expert), int(atlas.manifest["experts_per_side"]))
             if self.model is not None:
                 result["logits"] = self.logits(group, expert) if result["contexts"] else None
         return result
+
+    def image(self, image: int) -> bytes:
+        """A stored image of a VisionMonet atlas, PNG."""
+        with self.lock:
+            return self.atlas.image_png(image)
 
     def export(self, group: int, expert: int) -> dict[str, Any]:
         with self.lock:
@@ -447,6 +456,8 @@ class Handler(BaseHTTPRequestHandler):
             raise NotFound
         args = [text if name == "label" else _integer(text, name) for name, text in zip(names, parts[2:], strict=True)]
         route, state = parts[1], self.server.state
+        if route == "image":
+            return self._send(200, state.image(*args), "image/png")
         if route == "export":
             name = f"monet-expert-{args[0]}-{args[1]}.json"
             return self._json(state.export(*args), download=True,
