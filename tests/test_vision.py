@@ -341,3 +341,73 @@ def test_image_atlas_refusals_and_damage(vision_atlas: tuple[Path, Path], pairs:
     atlas = Atlas(vision_atlas[1])
     with pytest.raises(MonetError, match="not stored in this atlas"):
         atlas.image_png(10**6)
+
+
+def test_viewer_shows_image_examples_in_headless_chromium(vision_atlas: tuple[Path, Path], pairs: Path,
+                                                          tmp_path: Path) -> None:
+    """`monet view` on a VisionMonet atlas: an expert's top images, the patch outlined, beside its text contexts."""
+    import json
+    import os
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from monet.interp.query import Atlas
+    from monet.interp.viewer.server import make_server
+
+    atlas = Atlas(vision_atlas[1])
+    group, expert = max(((g, e) for g in atlas.groups for e in range(atlas.num_experts)),
+                        key=lambda ge: (len(atlas.image_examples(*ge)), bool(atlas.top_contexts(*ge)), -ge[1]))
+    wanted = atlas.image_examples(group, expert)
+    assert len(wanted) == 3
+    server = make_server(atlas, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        def get(path: str) -> tuple[bytes, str]:
+            with urllib.request.urlopen(base + path, timeout=30) as answer:
+                return answer.read(), answer.headers["Content-Type"]
+
+        assert json.loads(get("/api/info")[0])["has_images"] is True
+        page_data = json.loads(get(f"/api/expert/{group}/{expert}")[0])
+        assert [r["image"] for r in page_data["images"]] == [r["image"] for r in wanted]
+        png, kind = get(f"/api/image/{wanted[0]['image']}")
+        assert kind == "image/png" and png == atlas.image_png(wanted[0]["image"])
+        for bad in ("/api/image/99999", "/api/image/-1", "/api/image/x"):
+            with pytest.raises(urllib.error.HTTPError) as error:
+                get(bad)
+            assert error.value.code in (400, 404)
+
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+        if chromium is None:
+            pytest.skip("chromium is not installed (apt-get install -y chromium)")
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                        args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{base}/#/expert/{group}/{expert}")
+            page.wait_for_selector("#images .tile img")
+            tiles = page.locator("#images .tile")
+            assert tiles.count() == len(wanted) and page.locator("#images .tile .patch").count() == len(wanted)
+            assert page.locator("#contexts").count() == 1    # the text contexts are on the same page
+            page.wait_for_function("[...document.querySelectorAll('#images img')].every(i => i.complete)")
+            widths = page.eval_on_selector_all("#images img", "images => images.map(i => i.naturalWidth)")
+            assert widths == [16] * len(wanted)                 # the stored 16x16 images, loaded
+            for tile, record in zip(tiles.all(), wanted, strict=True):
+                frame, patch = tile.locator(".frame").bounding_box(), tile.locator(".patch").bounding_box()
+                side = frame["width"] / record["grid"]
+                assert patch["x"] - frame["x"] == pytest.approx(record["col"] * side, abs=2)
+                assert patch["y"] - frame["y"] == pytest.approx(record["row"] * side, abs=2)
+                assert patch["width"] == pytest.approx(side, abs=2)
+                assert record["label"] in tile.inner_text() and record["caption"] in tile.inner_text()
+            shots = Path(os.environ.get("MONET_SCREENSHOT", tmp_path))
+            shots.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shots / "viewer-image-examples.png"), full_page=True)
+            browser.close()
+        assert errors == []
+    finally:
+        server.shutdown()
+        server.server_close()
