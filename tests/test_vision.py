@@ -393,7 +393,10 @@ def test_viewer_shows_image_examples_in_headless_chromium(vision_atlas: tuple[Pa
             tiles = page.locator("#images .tile")
             assert tiles.count() == len(wanted) and page.locator("#images .tile .patch").count() == len(wanted)
             assert page.locator("#contexts").count() == 1    # the text contexts are on the same page
-            page.wait_for_function("[...document.querySelectorAll('#images img')].every(i => i.complete)")
+            for _ in range(600):   # (a wait_for_function string would be eval'd, which the CSP forbids)
+                if all(page.eval_on_selector_all("#images img", "images => images.map(i => i.complete)")):
+                    break
+                page.wait_for_timeout(100)
             widths = page.eval_on_selector_all("#images img", "images => images.map(i => i.naturalWidth)")
             assert widths == [16] * len(wanted)                 # the stored 16x16 images, loaded
             for tile, record in zip(tiles.all(), wanted, strict=True):
