@@ -241,14 +241,13 @@ def test_token_pieces_keep_characters_split_over_tokens_whole(corpus: Path) -> N
 def vision_atlas(pairs: Path, text_run: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory
                  ) -> tuple[Path, Path]:
     """(vision run, its atlas built by `monet atlas build RUN --data CORPUS --images PAIRS`)."""
-    from monet.interp.atlas import build_atlas_command
-    from monet.settings import AtlasBuild
+    from monet.cli import main
 
     base = tmp_path_factory.mktemp("vision-atlas")
     train_vision(settings(pairs, text_run, base / "run", max_steps=1))
-    build_atlas_command(AtlasBuild(run=str(base / "run"), data=str(corpus), out=str(base / "atlas"),
-                                   images=str(pairs), max_tokens=1500, top_k=3, batch_size=4, device="cpu",
-                                   quiet=True))
+    assert main(["atlas", "build", str(base / "run"), "--data", str(corpus), "--out", str(base / "atlas"), "--images",
+                 str(pairs), "--max-tokens", "1500", "--top-k", "3", "--batch-size", "4", "--device", "cpu",
+                 "--quiet"]) == 0
     return base / "run", base / "atlas"
 
 
@@ -319,18 +318,22 @@ def test_atlas_build_records_image_patches_beside_text(vision_atlas: tuple[Path,
 def test_image_atlas_refusals_and_damage(vision_atlas: tuple[Path, Path], pairs: Path, text_run: Path,
                                          corpus: Path, tmp_path: Path) -> None:
     from monet.interp.atlas import build_atlas_command
+    from monet.interp.image_examples import vision_atlas_parts
     from monet.interp.query import Atlas
     from monet.settings import AtlasBuild
 
+    def build(run: Path, out: Path, **values) -> None:
+        build_atlas_command(AtlasBuild(run=str(run), data=str(corpus), out=str(out), images=str(pairs),
+                                       max_tokens=100, device="cpu", quiet=True, **values), vision=vision_atlas_parts)
+
     with pytest.raises(MonetError, match="--images records image examples of a VisionMonet"):
-        build_atlas_command(AtlasBuild(run=str(text_run), data=str(corpus), out=str(tmp_path / "a"),
-                                       images=str(pairs), max_tokens=100, device="cpu", quiet=True))
-    assert not (tmp_path / "a").exists()
+        build(text_run, tmp_path / "a")
     with pytest.raises(MonetError, match="no validation pairs"):
-        build_atlas_command(AtlasBuild(run=str(vision_atlas[0]), data=str(corpus), out=str(tmp_path / "b"),
-                                       images=str(pairs), split="validation", max_tokens=100, device="cpu",
-                                       quiet=True))
-    assert not (tmp_path / "b").exists()
+        build(vision_atlas[0], tmp_path / "b", split="validation")
+    with pytest.raises(MonetError, match="is a VisionMonet checkpoint"):   # a library call without the loader
+        build_atlas_command(AtlasBuild(run=str(vision_atlas[0]), data=str(corpus), out=str(tmp_path / "c"),
+                                       device="cpu", quiet=True))
+    assert not any((tmp_path / name).exists() for name in "abc")
     damaged = tmp_path / "damaged"
     shutil.copytree(vision_atlas[1], damaged)
     with open(damaged / "images.parquet", "r+b") as handle:

@@ -41,7 +41,7 @@ from monet.edits import ExpertEdits, edited
 from monet.experiments.protocol_stats import delta_ci, random_masks
 from monet.interp.atlas import build_atlas_command
 from monet.interp.capture import capture_routing
-from monet.interp.image_examples import top_examples, write_image_atlas
+from monet.interp.image_examples import top_examples, vision_atlas_parts, write_image_atlas
 from monet.model import causal_lm_loss
 from monet.settings import AtlasBuild, TrainSettings, VisionTrainSettings
 from monet.train import train
@@ -366,7 +366,7 @@ def main() -> None:
     log("expert atlas with image tokens")
     atlas = build_atlas_command(AtlasBuild(run=str(vision_run), data=str(text_dir), out=str(args.out / "atlas"),
                                            images=str(pairs_dir), split="train", max_tokens=None, top_k=TOP_K,
-                                           device="cpu", quiet=True, force=True))
+                                           device="cpu", quiet=True, force=True), vision=vision_atlas_parts)
     manifest = json.loads((atlas / "manifest.json").read_text(encoding="utf-8"))
     metrics = {name: (args.out / name / "metrics.csv").read_text().strip().splitlines()[-1]
                for name in ("text-run", "vision-run")}

@@ -141,6 +141,13 @@ def run_generate(cmd: S.GenerateCommand) -> None:
         print(printable(text))
 
 
+def run_atlas_build(cmd: S.AtlasBuild) -> None:
+    from monet.interp.atlas import build_atlas_command
+    from monet.interp.image_examples import vision_atlas_parts  # a VisionMonet checkpoint: + its image tokens
+
+    build_atlas_command(cmd, vision=vision_atlas_parts)
+
+
 def run_atlas_query(cmd: S.AtlasQuery) -> None:
     from monet.checkpoint import load_checkpoint
     from monet.interp.explain import expert_logits
@@ -269,7 +276,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "train": (S.TrainSettings, run_train),
     "eval": (S.EvalCommand, run_eval),
     "generate": (S.GenerateCommand, run_generate),
-    "atlas build": (S.AtlasBuild, library("monet.interp.atlas:build_atlas_command")),
+    "atlas build": (S.AtlasBuild, run_atlas_build),
     "atlas query": (S.AtlasQuery, run_atlas_query),
     "atlas export": (S.AtlasExport, run_atlas_export),
     "view": (S.ViewCommand, library("monet.interp.viewer.server:view_command")),

@@ -420,18 +420,24 @@ def _values_array(path: Path, rows: int) -> np.ndarray:
     return array
 
 
-def build_atlas_command(cmd: AtlasBuild) -> Path:
+# A VisionMonet's loader for `build_atlas_command`: (settings, checkpoint, device) -> (its language model, tokenizer,
+# the writer of the image tables or None); `monet.interp.image_examples.vision_atlas_parts`, which the CLI passes.
+VisionLoader = Callable[[AtlasBuild, Path, Any], tuple[torch.nn.Module, Any, Callable[[Path], dict] | None]]
+
+
+def build_atlas_command(cmd: AtlasBuild, vision: VisionLoader | None = None) -> Path:
     """`monet atlas build`: load the run (under torchrun: start the process group, one device per rank),
-    check that the data was tokenized for it, build, and print a summary line."""
+    check that the data was tokenized for it, build, and print a summary line. A VisionMonet checkpoint is
+    loaded by `vision` (the text atlas of its language model, plus its image tokens with --images)."""
     _, _, device = start_distributed(resolve_device(cmd.device))
     checkpoint = resolve_checkpoint(cmd.run, verify=not cmd.no_verify)
     options = cmd.options()
     images = None
-    if _model_type(checkpoint) == "vision_monet":   # the text atlas of its language model, plus its images
-        from monet.interp.image_examples import vision_atlas_parts
-
-        model, tokenizer, images = vision_atlas_parts(checkpoint, cmd.data, cmd.images, options.split, options.top_k,
-                                                      options.batch_size, device, progress=not cmd.quiet)
+    if _model_type(checkpoint) == "vision_monet":
+        if vision is None:
+            raise MonetError(f"{checkpoint} is a VisionMonet checkpoint: build its atlas with `monet atlas build`, or "
+                             "pass vision=monet.interp.image_examples.vision_atlas_parts")
+        model, tokenizer, images = vision(cmd, checkpoint, device)
     else:
         if cmd.images is not None:
             raise MonetError(f"--images records image examples of a VisionMonet checkpoint; {checkpoint} is a "

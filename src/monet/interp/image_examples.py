@@ -33,6 +33,7 @@ from monet.interp.atlas import TopK
 from monet.interp.capture import capture_routing
 from monet.io import atomic_write
 from monet.model import MonetForCausalLM
+from monet.settings import AtlasBuild
 from monet.vision import VisionMonetForCausalLM, image_prompt, load_vision, pixels
 
 
@@ -266,12 +267,12 @@ def write_image_tables(directory: Path, tops: list[TopK], pairs: Pairs, model: V
             "routed": "each image alone: <s> then its image tokens; an image counts once per expert, at its best patch"}
 
 
-def vision_atlas_parts(checkpoint: Path, data_dir: str | Path, images_dir: str | Path | None, split: str,
-                       top_k: int, batch: int, device: Any = None, progress: bool = True
+def vision_atlas_parts(cmd: AtlasBuild, checkpoint: Path, device: Any = None
                        ) -> tuple[MonetForCausalLM, Any, Callable[[Path], dict] | None]:
-    """What `monet atlas build` needs for a VisionMonet checkpoint: its language model (the text contexts are
-    those of the captions' language model, routed as text), its tokenizer, and -- with an image–caption set --
-    the function that writes the image tables into the atlas and returns the manifest's "images" section."""
+    """What `monet atlas build` (`monet.interp.atlas.build_atlas_command`) needs for a VisionMonet checkpoint: its
+    language model (the text contexts are routed as text), its tokenizer, and -- with `cmd.images`, an image–caption
+    set -- the function that writes the image tables into the atlas and returns the manifest's "images" section."""
+    data_dir, images_dir, split = cmd.data, cmd.images, cmd.split
     model, tokenizer = load_vision(checkpoint, device=device, verify=False)
     manifest = read_data_manifest(data_dir)
     data_hash, model_hash = manifest.get("tokenizer_sha256") or tokenizer_hash(data_dir), tokenizer_hash(checkpoint)
@@ -288,7 +289,7 @@ def vision_atlas_parts(checkpoint: Path, data_dir: str | Path, images_dir: str |
 
     def write(directory: Path) -> dict:
         started = time.time()
-        tops = image_tops(model, tokenizer, pairs.images, top_k, batch, progress)
+        tops = image_tops(model, tokenizer, pairs.images, cmd.top_k, cmd.batch_size, progress=not cmd.quiet)
         section = write_image_tables(directory, tops, pairs, model)
         return {"pairs": str(Path(images_dir).resolve()), "split": split, **section,
                 "seconds": round(time.time() - started, 2)}
