@@ -334,6 +334,14 @@ def test_image_atlas_refusals_and_damage(vision_atlas: tuple[Path, Path], pairs:
         build_atlas_command(AtlasBuild(run=str(vision_atlas[0]), data=str(corpus), out=str(tmp_path / "c"),
                                        device="cpu", quiet=True))
     assert not any((tmp_path / name).exists() for name in "abc")
+    # Without --images a VisionMonet gets a text-only atlas of its language model: format 2, as before.
+    build_atlas_command(AtlasBuild(run=str(vision_atlas[0]), data=str(corpus), out=str(tmp_path / "text"),
+                                   max_tokens=200, device="cpu", quiet=True), vision=vision_atlas_parts)
+    text_only = Atlas(tmp_path / "text")
+    assert text_only.version == 2 and not text_only.has_images and "images" not in text_only.manifest
+    assert not (tmp_path / "text" / "images.parquet").exists() and text_only.image_examples(0, 0) == []
+    with pytest.raises(MonetError, match="records no images"):
+        text_only.image_png(0)
     damaged = tmp_path / "damaged"
     shutil.copytree(vision_atlas[1], damaged)
     with open(damaged / "images.parquet", "r+b") as handle:
