@@ -354,6 +354,7 @@ def test_image_atlas_refusals_and_damage(vision_atlas: tuple[Path, Path], pairs:
         atlas.image_png(10**6)
 
 
+@pytest.mark.slow
 def test_viewer_shows_image_examples_in_headless_chromium(vision_atlas: tuple[Path, Path], pairs: Path,
                                                           tmp_path: Path) -> None:
     """`monet view` on a VisionMonet atlas: an expert's top images, the patch outlined, beside its text contexts."""
