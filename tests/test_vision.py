@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -349,6 +350,12 @@ def test_image_atlas_refusals_and_damage(vision_atlas: tuple[Path, Path], pairs:
         handle.write(b"\0" * 8)
     with pytest.raises(MonetError, match="images.parquet is damaged"):
         Atlas(damaged)
+    shutil.copy(vision_atlas[1] / "images.parquet", damaged / "images.parquet")
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    manifest["images"]["grid"] = 0
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MonetError, match="images.grid must be a positive integer"):
+        Atlas(damaged)
     atlas = Atlas(vision_atlas[1])
     with pytest.raises(MonetError, match="not stored in this atlas"):
         atlas.image_png(10**6)
@@ -358,7 +365,6 @@ def test_image_atlas_refusals_and_damage(vision_atlas: tuple[Path, Path], pairs:
 def test_viewer_shows_image_examples_in_headless_chromium(vision_atlas: tuple[Path, Path], pairs: Path,
                                                           tmp_path: Path) -> None:
     """`monet view` on a VisionMonet atlas: an expert's top images, the patch outlined, beside its text contexts."""
-    import json
     import os
     import threading
     import urllib.error

@@ -1,7 +1,7 @@
 """Image examples of experts (VisionMonet): each expert's top images — with the patch that routed to it most — and
 its top captions, and a static page that shows them (the image with the patch outlined beside the captions with
 the token highlighted). The same image records go into the expert atlas (`monet atlas build RUN --images PAIRS`,
-atlas format 3: `image_contexts.parquet` and `images.parquet`, see `atlas_images` and docs/atlas.md), where
+atlas format 3: `image_contexts.parquet` and `images.parquet`; `vision_atlas_parts`, docs/atlas.md), where
 `monet atlas query` and `monet view` show them beside the expert's text contexts.
 
 Scores are those of `capture.active_experts` (expert (i, j) of a routing group: sum_h g1_hi g2_hj), never the

@@ -47,6 +47,10 @@ def _manifest_problem(manifest: dict[str, Any]) -> str | None:
             return f"{name} must be an integer in 1..{high:,}, got {str(value)[:40]!r}"
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
         return f"score_scale must be a positive finite number, got {str(scale)[:40]!r}"
+    images = manifest.get("images")
+    grid = images.get("grid") if isinstance(images, dict) else None
+    if manifest.get("format_version") == 3 and (isinstance(grid, bool) or not isinstance(grid, int) or grid < 1):
+        return f"images.grid must be a positive integer, got {str(grid)[:40]!r}"
     return None
 
 
