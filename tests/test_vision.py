@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from atlas_fixtures import save_run, tiny_config
+from PIL import Image
 from runs import weights
 from safetensors.torch import load_file, save_file
 
@@ -230,3 +233,202 @@ def test_token_pieces_keep_characters_split_over_tokens_whole(corpus: Path) -> N
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     pieces = token_pieces(tokenizer, ids)
     assert len(pieces) == len(ids) and "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
+# ------------------------------------------------------------------------------ image tokens in the atlas
+
+
+@pytest.fixture(scope="module")
+def vision_atlas(pairs: Path, text_run: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> tuple[Path, Path]:
+    """(vision run, its atlas built by `monet atlas build RUN --data CORPUS --images PAIRS`)."""
+    from monet.cli import main
+
+    base = tmp_path_factory.mktemp("vision-atlas")
+    train_vision(settings(pairs, text_run, base / "run", max_steps=1))
+    assert main(["atlas", "build", str(base / "run"), "--data", str(corpus), "--out", str(base / "atlas"), "--images",
+                 str(pairs), "--max-tokens", "1500", "--top-k", "3", "--batch-size", "4", "--device", "cpu",
+                 "--quiet"]) == 0
+    return base / "run", base / "atlas"
+
+
+def patch_scores(model, tokenizer, images: np.ndarray, batch: int) -> list[np.ndarray]:
+    """Oracle: per group, the dense [images, P, N] table of every expert's score at every patch (images alone)."""
+    from monet.interp.capture import capture_routing
+    from monet.vision import image_prompt, pixels
+
+    prompt = image_prompt(model.config, tokenizer.bos_token_id)
+    count, experts = model.config.num_image_tokens, model.config.text_config.moe_experts ** 2
+    out = [np.zeros((len(images), count, experts), np.float32)
+           for _ in range(model.config.text_config.num_routing_groups)]
+    for start in range(0, len(images), batch):
+        chunk = images[start : start + batch]
+        with torch.no_grad(), capture_routing(model.language_model) as capture:
+            model(input_ids=torch.tensor([prompt] * len(chunk)), pixel_values=pixels(chunk, model.config),
+                  use_cache=False)
+            for group, table in enumerate(out):
+                token, expert, score = (t.numpy() for t in capture.experts(group).entries())
+                row, position = np.divmod(token, len(prompt))
+                patch = position - (len(prompt) - count)
+                keep = patch >= 0   # not <s>
+                table[start + row[keep], patch[keep], expert[keep]] = score[keep]
+    return out
+
+
+def test_atlas_build_records_image_patches_beside_text(vision_atlas: tuple[Path, Path], pairs: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    from monet.cli import main
+    from monet.interp.query import Atlas
+
+    run, path = vision_atlas
+    atlas = Atlas(path)   # verifies every table, the image tables included, against the manifest's hashes
+    section = atlas.manifest["images"]
+    assert atlas.version == 3 and atlas.has_images and "images.parquet" in atlas.manifest["tables"]
+    assert section["images"] == 16 and section["patches"] == 4 and section["grid"] == 2
+    assert set(section["labels"]) == set(COLOURS)
+    # The text side is an ordinary atlas of the language model on the corpus.
+    assert atlas.manifest["tokens"] == 1500 and any(atlas.top_contexts(0, e) for e in range(atlas.num_experts))
+
+    model, tokenizer = load_vision(run)
+    data = read_pairs(pairs, "train")
+    dense = patch_scores(model, tokenizer, data.images, batch=4)   # the build's batches: the same numbers
+    checked = 0
+    for group, table in enumerate(dense):
+        best = table.max(axis=1)                       # [images, N]: an image's best patch per expert
+        for expert in range(atlas.num_experts):
+            found = atlas.image_examples(group, expert)
+            order = sorted((i for i in range(len(best)) if best[i, expert] > 0), key=lambda i: (-best[i, expert], i))
+            assert [r["image"] for r in found] == order[:3], (group, expert)
+            for r in found:
+                assert r["score"] == pytest.approx(float(best[r["image"], expert]), rel=1e-6, abs=1e-9)
+                assert r["patch"] == int(np.argmax(table[r["image"], :, expert]))   # first best patch
+                assert (r["row"], r["col"]) == divmod(r["patch"], 2)
+                assert r["label"] == data.groups[r["image"]] and r["caption"] == data.texts[r["image"]]
+            checked += len(found)
+    assert checked > 0
+
+    group, expert = next((g, e) for g in atlas.groups for e in range(atlas.num_experts)
+                         if atlas.image_examples(g, e))
+    image = atlas.image_examples(group, expert)[0]["image"]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(atlas.image_png(image)))), data.images[image])
+    assert main(["atlas", "query", str(path), "--expert", f"{group}:{expert}"]) == 0
+    out = capsys.readouterr().out
+    assert "top images" in out and f"image {image} (" in out and "patch" in out
+
+
+def test_image_atlas_refusals_and_damage(vision_atlas: tuple[Path, Path], pairs: Path, text_run: Path,
+                                         corpus: Path, tmp_path: Path) -> None:
+    from monet.interp.atlas import build_atlas_command
+    from monet.interp.image_examples import vision_atlas_parts
+    from monet.interp.query import Atlas
+    from monet.settings import AtlasBuild
+
+    def build(run: Path, out: Path, **values) -> None:
+        build_atlas_command(AtlasBuild(run=str(run), data=str(corpus), out=str(out), images=str(pairs),
+                                       max_tokens=100, device="cpu", quiet=True, **values), vision=vision_atlas_parts)
+
+    with pytest.raises(MonetError, match="--images records image examples of a VisionMonet"):
+        build(text_run, tmp_path / "a")
+    with pytest.raises(MonetError, match="no validation pairs"):
+        build(vision_atlas[0], tmp_path / "b", split="validation")
+    with pytest.raises(MonetError, match="is a VisionMonet checkpoint"):   # a library call without the loader
+        build_atlas_command(AtlasBuild(run=str(vision_atlas[0]), data=str(corpus), out=str(tmp_path / "c"),
+                                       device="cpu", quiet=True))
+    assert not any((tmp_path / name).exists() for name in "abc")
+    # Without --images a VisionMonet gets a text-only atlas of its language model: format 2, as before.
+    build_atlas_command(AtlasBuild(run=str(vision_atlas[0]), data=str(corpus), out=str(tmp_path / "text"),
+                                   max_tokens=200, device="cpu", quiet=True), vision=vision_atlas_parts)
+    text_only = Atlas(tmp_path / "text")
+    assert text_only.version == 2 and not text_only.has_images and "images" not in text_only.manifest
+    assert not (tmp_path / "text" / "images.parquet").exists() and text_only.image_examples(0, 0) == []
+    with pytest.raises(MonetError, match="records no images"):
+        text_only.image_png(0)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(vision_atlas[1], damaged)
+    with open(damaged / "images.parquet", "r+b") as handle:
+        handle.seek(40)
+        handle.write(b"\0" * 8)
+    with pytest.raises(MonetError, match="images.parquet is damaged"):
+        Atlas(damaged)
+    shutil.copy(vision_atlas[1] / "images.parquet", damaged / "images.parquet")
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    manifest["images"]["grid"] = 0
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MonetError, match="images.grid must be a positive integer"):
+        Atlas(damaged)
+    atlas = Atlas(vision_atlas[1])
+    with pytest.raises(MonetError, match="not stored in this atlas"):
+        atlas.image_png(10**6)
+
+
+@pytest.mark.slow
+def test_viewer_shows_image_examples_in_headless_chromium(vision_atlas: tuple[Path, Path], pairs: Path,
+                                                          tmp_path: Path) -> None:
+    """`monet view` on a VisionMonet atlas: an expert's top images, the patch outlined, beside its text contexts."""
+    import os
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from monet.interp.query import Atlas
+    from monet.interp.viewer.server import make_server
+
+    atlas = Atlas(vision_atlas[1])
+    group, expert = max(((g, e) for g in atlas.groups for e in range(atlas.num_experts)),
+                        key=lambda ge: (len(atlas.image_examples(*ge)), bool(atlas.top_contexts(*ge)), -ge[1]))
+    wanted = atlas.image_examples(group, expert)
+    assert len(wanted) == 3
+    server = make_server(atlas, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        def get(path: str) -> tuple[bytes, str]:
+            with urllib.request.urlopen(base + path, timeout=30) as answer:
+                return answer.read(), answer.headers["Content-Type"]
+
+        assert json.loads(get("/api/info")[0])["has_images"] is True
+        page_data = json.loads(get(f"/api/expert/{group}/{expert}")[0])
+        assert [r["image"] for r in page_data["images"]] == [r["image"] for r in wanted]
+        png, kind = get(f"/api/image/{wanted[0]['image']}")
+        assert kind == "image/png" and png == atlas.image_png(wanted[0]["image"])
+        for bad in ("/api/image/99999", "/api/image/-1", "/api/image/x"):
+            with pytest.raises(urllib.error.HTTPError) as error:
+                get(bad)
+            assert error.value.code in (400, 404)
+
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+        if chromium is None:
+            pytest.skip("chromium is not installed (apt-get install -y chromium)")
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                        args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{base}/#/expert/{group}/{expert}")
+            page.wait_for_selector("#images .tile img")
+            tiles = page.locator("#images .tile")
+            assert tiles.count() == len(wanted) and page.locator("#images .tile .patch").count() == len(wanted)
+            assert page.locator("#contexts").count() == 1    # the text contexts are on the same page
+            for _ in range(600):   # (a wait_for_function string would be eval'd, which the CSP forbids)
+                if all(page.eval_on_selector_all("#images img", "images => images.map(i => i.complete)")):
+                    break
+                page.wait_for_timeout(100)
+            widths = page.eval_on_selector_all("#images img", "images => images.map(i => i.naturalWidth)")
+            assert widths == [16] * len(wanted)                 # the stored 16x16 images, loaded
+            for tile, record in zip(tiles.all(), wanted, strict=True):
+                frame, patch = tile.locator(".frame").bounding_box(), tile.locator(".patch").bounding_box()
+                side = frame["width"] / record["grid"]
+                assert patch["x"] - frame["x"] == pytest.approx(record["col"] * side, abs=2)
+                assert patch["y"] - frame["y"] == pytest.approx(record["row"] * side, abs=2)
+                assert patch["width"] == pytest.approx(side, abs=2)
+                assert record["label"] in tile.inner_text() and record["caption"] in tile.inner_text()
+            shots = Path(os.environ.get("MONET_SCREENSHOT", tmp_path))
+            shots.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shots / "viewer-image-examples.png"), full_page=True)
+            browser.close()
+        assert errors == []
+    finally:
+        server.shutdown()
+        server.server_close()

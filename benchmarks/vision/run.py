@@ -14,6 +14,8 @@
 5. Cross-modal unlearning: the experts of one group (top images AND top captions of that group, selected on the
    train pairs) are deleted; Δ caption loss given the image on held-out pairs of that group and of the others,
    with a paired bootstrap CI and a control of as many random active experts.
+6. The expert atlas of the fine-tuned model with image tokens (`monet atlas build RUN --data TEXT --images PAIRS`):
+   `monet view OUT/atlas` shows each expert's top images (patch outlined) beside its top caption contexts.
 
 Finished steps are reused when --out already holds them. Writes results.json, RESULTS.md and figure.png into
 --write.
@@ -37,10 +39,11 @@ from monet.data.images import openmoji_items, rasterise, read_pairs, write_pairs
 from monet.data.packages import cache_dir
 from monet.edits import ExpertEdits, edited
 from monet.experiments.protocol_stats import delta_ci, random_masks
+from monet.interp.atlas import build_atlas_command
 from monet.interp.capture import capture_routing
-from monet.interp.image_examples import top_examples, write_image_atlas
+from monet.interp.image_examples import top_examples, vision_atlas_parts, write_image_atlas
 from monet.model import causal_lm_loss
-from monet.settings import TrainSettings, VisionTrainSettings
+from monet.settings import AtlasBuild, TrainSettings, VisionTrainSettings
 from monet.train import train
 from monet.vision import collate_pairs, image_prompt, load_vision, tokenize_captions, train_vision
 
@@ -314,6 +317,9 @@ def markdown(result: dict) -> str:
                      f"{row['random_delta_others_mean']:+.3f} |")
     lines += ["", "Image examples of the figure's experts (patch outlined, token marked): "
               "[image-examples/index.html](image-examples/index.html).", "",
+              f"Expert atlas with image tokens (format {result['atlas']['format_version']}: "
+              f"{result['atlas']['tokens']:,} caption tokens and {result['atlas']['images']:,} images of the train "
+              f"split, {result['atlas']['build_seconds']:.0f} s): `monet view {result['atlas']['path']}`.", "",
               f"Training: {json.dumps(result['training'])}", ""]
     return "\n".join(lines)
 
@@ -357,6 +363,11 @@ def main() -> None:
     write_image_atlas(examples, everything.images, tokenize_captions(tokenizer, everything.texts), tokenizer,
                       write / "image-examples", experts=[(r["group"], r["expert"]) for r in shown],
                       names=[t.split(":")[0] for t in everything.texts])
+    log("expert atlas with image tokens")
+    atlas = build_atlas_command(AtlasBuild(run=str(vision_run), data=str(text_dir), out=str(args.out / "atlas"),
+                                           images=str(pairs_dir), split="train", max_tokens=None, top_k=TOP_K,
+                                           device="cpu", quiet=True, force=True), vision=vision_atlas_parts)
+    manifest = json.loads((atlas / "manifest.json").read_text(encoding="utf-8"))
     metrics = {name: (args.out / name / "metrics.csv").read_text().strip().splitlines()[-1]
                for name in ("text-run", "vision-run")}
     result = {"command": f"python benchmarks/vision/run.py --out {args.out} --threads {args.threads}",
@@ -365,7 +376,9 @@ def main() -> None:
                          f"{os.getloadavg()[0]:.1f} at the end",
               "pairs": {"train": len(train_pairs.texts), "validation": len(val_pairs.texts)},
               "training": {"text_steps": args.text_steps, "vision_steps": args.vision_steps, "last_rows": metrics},
-              "image_use": uses, "multimodal": share, "figure_experts": shown, "unlearning": forget}
+              "image_use": uses, "multimodal": share, "figure_experts": shown, "unlearning": forget,
+              "atlas": {"path": str(atlas), "format_version": manifest["format_version"], "tokens": manifest["tokens"],
+                        "images": manifest["images"]["images"], "build_seconds": manifest["build_seconds"]}}
     (write / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (write / "RESULTS.md").write_text(markdown(result), encoding="utf-8")
     log(f"done in {result['seconds']:.0f} s; wrote {write}")

@@ -151,6 +151,13 @@ def run_generate(cmd: S.GenerateCommand) -> None:
         print(printable(text))
 
 
+def run_atlas_build(cmd: S.AtlasBuild) -> None:
+    from monet.interp.atlas import build_atlas_command
+    from monet.interp.image_examples import vision_atlas_parts  # a VisionMonet checkpoint: + its image tokens
+
+    build_atlas_command(cmd, vision=vision_atlas_parts)
+
+
 def run_atlas_query(cmd: S.AtlasQuery) -> None:
     from monet.checkpoint import load_checkpoint
     from monet.interp.explain import expert_logits
@@ -172,6 +179,13 @@ def run_atlas_query(cmd: S.AtlasQuery) -> None:
                   f"mean score {result['mean_score']:.4f}, max {result['max_percent']:.1f}%",
                   "labels: " + ", ".join(f"{label} {100 * share:.1f}%" for label, share in shares)]
         lines += [f"  {ctx['percent']:6.2f}%  {ctx['label']:<12} {format_context(ctx)}" for ctx in result["contexts"]]
+        if atlas.has_images:   # a VisionMonet atlas (format 3): the expert's top images, at their best patch
+            result["images"] = atlas.image_examples(group, expert, cmd.top)
+            lines.append(f"top images ({len(result['images'])}; patch = row, column of the "
+                         f"{atlas.manifest['images']['grid']}x{atlas.manifest['images']['grid']} grid):")
+            lines += [f"  {im['percent']:6.2f}%  {im['label']:<12} image {im['image']} ({im['id']}) patch "
+                      f"{im['patch']} (row {im['row']}, col {im['col']}): {im['caption'][:70]}"
+                      for im in result["images"]]
         result["bands"] = atlas.band_samples(group, expert)
         for band in result["bands"]:
             lines.append(f"band {band['low_percent']:.3g}-{band['high_percent']:.3g}%: {100 * band['share']:.1f}% of "
@@ -280,7 +294,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None]]] = {
     "train": (S.TrainSettings, run_train),
     "eval": (S.EvalCommand, run_eval),
     "generate": (S.GenerateCommand, run_generate),
-    "atlas build": (S.AtlasBuild, library("monet.interp.atlas:build_atlas_command")),
+    "atlas build": (S.AtlasBuild, run_atlas_build),
     "atlas query": (S.AtlasQuery, run_atlas_query),
     "atlas export": (S.AtlasExport, run_atlas_export),
     "view": (S.ViewCommand, library("monet.interp.viewer.server:view_command")),

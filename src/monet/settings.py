@@ -472,6 +472,9 @@ class AtlasBuild(AtlasOptions):
     run: Positional[str]  # run directory (newest checkpoint) or checkpoint directory
     data: str  # dataset directory from `monet data build` (built with the model's tokenizer)
     out: str  # atlas directory to write
+    images: str | None = None
+    """an image–caption set (VisionMonet checkpoints only, docs/vision.md): also record each expert's top images \
+and the patch of each (atlas format 3)"""
     device: Device = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
     force: bool = False  # replace --out when it holds an earlier atlas; nothing else is ever replaced
     no_verify: bool = False  # skip the SHA-256 check of the checkpoint

@@ -15,7 +15,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,8 @@ from monet.runtime import distributed, resolve_device, start_distributed
 from monet.settings import AtlasBuild, AtlasOptions
 
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+IMAGE_FORMAT_VERSION = 3                   # format 2 plus image tables (VisionMonet); text-only atlases stay format 2
+READABLE_VERSIONS = (1, 2, 3)
 CONTEXT_BEFORE = 12
 CONTEXT_AFTER = 4
 CONTEXT_WIDTH = CONTEXT_BEFORE + 1 + CONTEXT_AFTER
@@ -46,6 +47,7 @@ BANDS = len(BAND_EDGES) - 1
 BUFFER_ROWS = 4_000_000                    # candidate rows kept before a prune, per group
 TABLES = ("experts.parquet", "contexts.parquet", "samples.parquet", "token_index.parquet", "vocab.parquet")
 TABLES_V1 = ("experts.parquet", "contexts.parquet", "token_index.parquet", "vocab.parquet")
+IMAGE_TABLES = ("image_contexts.parquet", "images.parquet")   # format 3 (monet.interp.image_examples)
 
 
 # --------------------------------------------------------------------------------------------- top-K
@@ -330,10 +332,12 @@ def label_tokens(dataset, windows: np.ndarray) -> np.ndarray:
 
 def build_atlas(model: torch.nn.Module, tokenizer: Any, data_dir: str | Path, out: str | Path,
                 options: AtlasOptions | None = None, *, force: bool = False, progress: bool = True,
-                run: str | None = None) -> Path:
+                run: str | None = None, images: Callable[[Path], dict] | None = None) -> Path:
     """Build the atlas of `model` on the `options.split` split of the dataset at `data_dir` into `out`
     (through a temporary sibling, see `monet.io.output_directory`: a non-empty `out` that is not an atlas is
-    refused unless `force`). Under torchrun each rank runs a contiguous slice of the windows; rank 0 merges."""
+    refused unless `force`). Under torchrun each rank runs a contiguous slice of the windows; rank 0 merges.
+    `images` (a VisionMonet's image examples, `monet.interp.image_examples.vision_atlas_parts`) writes the
+    IMAGE_TABLES into the atlas directory on rank 0 and returns the manifest's "images" section (format 3)."""
     options = options or AtlasOptions()
     limit = getattr(model.config, "max_position_embeddings", None)
     if options.seq_len is None:
@@ -395,10 +399,15 @@ def build_atlas(model: torch.nn.Module, tokenizer: Any, data_dir: str | Path, ou
         del values
         shutil.rmtree(shards, ignore_errors=True)
         seconds["write"] = time.time() - started - sum(seconds.values())
+        tables = TABLES
+        if images is not None:
+            manifest.update(format_version=IMAGE_FORMAT_VERSION, images=images(Path(tmp)))
+            seconds["images"] = time.time() - started - sum(seconds.values())
+            tables = TABLES + IMAGE_TABLES
         manifest["build_seconds"] = round(time.time() - started, 1)
         manifest["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
         manifest["tables"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-                              for name in TABLES}
+                              for name in tables}
         write_json(tmp / "manifest.json", manifest)
     return Path(out)
 
@@ -411,24 +420,48 @@ def _values_array(path: Path, rows: int) -> np.ndarray:
     return array
 
 
-def build_atlas_command(cmd: AtlasBuild) -> Path:
+# A VisionMonet's loader for `build_atlas_command`: (settings, checkpoint, device) -> (its language model, tokenizer,
+# the writer of the image tables or None); `monet.interp.image_examples.vision_atlas_parts`, which the CLI passes.
+VisionLoader = Callable[[AtlasBuild, Path, Any], tuple[torch.nn.Module, Any, Callable[[Path], dict] | None]]
+
+
+def build_atlas_command(cmd: AtlasBuild, vision: VisionLoader | None = None) -> Path:
     """`monet atlas build`: load the run (under torchrun: start the process group, one device per rank),
-    check that the data was tokenized for it, build, and print a summary line."""
+    check that the data was tokenized for it, build, and print a summary line. A VisionMonet checkpoint is
+    loaded by `vision` (the text atlas of its language model, plus its image tokens with --images)."""
     _, _, device = start_distributed(resolve_device(cmd.device))
     checkpoint = resolve_checkpoint(cmd.run, verify=not cmd.no_verify)
-    check_data_fits(checkpoint, cmd.data)
-    model, tokenizer = load_checkpoint(checkpoint, device=device, verify=False)
     options = cmd.options()
+    images = None
+    if _model_type(checkpoint) == "vision_monet":
+        if vision is None:
+            raise MonetError(f"{checkpoint} is a VisionMonet checkpoint: build its atlas with `monet atlas build`, or "
+                             "pass vision=monet.interp.image_examples.vision_atlas_parts")
+        model, tokenizer, images = vision(cmd, checkpoint, device)
+    else:
+        if cmd.images is not None:
+            raise MonetError(f"--images records image examples of a VisionMonet checkpoint; {checkpoint} is a "
+                             "text-only model (train one with `monet vision train`, docs/vision.md)")
+        check_data_fits(checkpoint, cmd.data)
+        model, tokenizer = load_checkpoint(checkpoint, device=device, verify=False)
     if options.seq_len is None:
         options.seq_len = trained_seq_len(checkpoint, model)
     out = build_atlas(model, tokenizer, cmd.data, cmd.out, options, force=cmd.force, progress=not cmd.quiet,
-                      run=cmd.run)
+                      run=cmd.run, images=images)
     if not distributed() or dist.get_rank() == 0:
         manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-        print(f"wrote {out}: {manifest['tokens']:,} tokens, {manifest['groups']} groups x "
+        shown = f", {manifest['images']['images']:,} images" if manifest.get("images") else ""
+        print(f"wrote {out}: {manifest['tokens']:,} tokens{shown}, {manifest['groups']} groups x "
               f"{manifest['units_per_group']:,} experts, labels {', '.join(manifest['labels'])} "
               f"({manifest['build_seconds']} s)")
     return out
+
+
+def _model_type(checkpoint: Path) -> str | None:
+    """config.json's model_type (None when unreadable: `load_checkpoint` then says what is wrong)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return json.loads((checkpoint / "config.json").read_text(encoding="utf-8")).get("model_type")
+    return None
 
 
 def save_shard(path: Path, stats: list[GroupStats]) -> None:

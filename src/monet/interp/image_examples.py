@@ -1,6 +1,8 @@
 """Image examples of experts (VisionMonet): each expert's top images — with the patch that routed to it most — and
 its top captions, and a static page that shows them (the image with the patch outlined beside the captions with
-the token highlighted).
+the token highlighted). The same image records go into the expert atlas (`monet atlas build RUN --images PAIRS`,
+atlas format 3: `image_contexts.parquet` and `images.parquet`; `vision_atlas_parts`, docs/atlas.md), where
+`monet atlas query` and `monet view` show them beside the expert's text contexts.
 
 Scores are those of `capture.active_experts` (expert (i, j) of a routing group: sum_h g1_hi g2_hj), never the
 E^2 grid per token: per batch only an [examples, N] table of each example's best score per expert is formed, and
@@ -11,18 +13,28 @@ in the paper's Figures 9–10, so an expert's image and text examples are indepe
 from __future__ import annotations
 
 import html
+import io
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from monet.checkpoint import check_vocab_fits, tokenizer_hash
+from monet.data import read_manifest as read_data_manifest
+from monet.data.images import Pairs, read_pairs
 from monet.errors import MonetError
+from monet.interp.atlas import TopK
 from monet.interp.capture import capture_routing
 from monet.io import atomic_write
-from monet.vision import VisionMonetForCausalLM, image_prompt, pixels
+from monet.model import MonetForCausalLM
+from monet.settings import AtlasBuild
+from monet.vision import VisionMonetForCausalLM, image_prompt, load_vision, pixels
 
 
 @dataclass
@@ -171,6 +183,118 @@ def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
         pieces.append(text[len(before):] if text.startswith(before) else text)
         before = text
     return pieces
+
+
+# ------------------------------------------------------------------------- image records in the expert atlas
+
+
+@torch.no_grad()
+def image_tops(model: VisionMonetForCausalLM, tokenizer: Any, images: np.ndarray, top_k: int, batch: int = 32,
+               progress: bool = False) -> list[TopK]:
+    """Per routing group, a `monet.interp.atlas.TopK` of every expert's k best images as (score, doc = image
+    index, pos = patch index). Each image is routed alone (`<s>` then its P image tokens; causal attention makes
+    these the routings the image tokens get before any caption), and counts once per expert, at its best patch
+    (ties: the first patch), so an expert's top examples are k different images. Only the active (patch, expert)
+    entries are formed, never the E^2 grid; ties between images are broken by the smallest (image, patch), as
+    the atlas breaks them between contexts."""
+    text = model.config.text_config
+    experts = text.moe_experts ** 2
+    tops = [TopK(experts, top_k) for _ in range(text.num_routing_groups)]
+    prompt = image_prompt(model.config, tokenizer.bos_token_id)
+    first = len(prompt) - model.config.num_image_tokens   # the position of patch 0
+    device = next(model.parameters()).device
+    model.eval()
+    with capture_routing(model.language_model) as capture, \
+            tqdm(total=len(images), unit="img", desc="atlas images", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(images), batch):
+            chunk = images[start : start + batch]
+            ids = torch.tensor([prompt] * len(chunk), device=device)
+            model(input_ids=ids, pixel_values=pixels(chunk, model.config).to(device), use_cache=False)
+            for group, top in enumerate(tops):
+                token, expert, score = (t.cpu().numpy() for t in capture.experts(group).entries())
+                row, position = np.divmod(token, len(prompt))
+                keep = position >= first
+                image, patch = row[keep] + start, position[keep] - first
+                expert, score = expert[keep].astype(np.int64), score[keep].astype(np.float32)
+                best = _best_patch(image, expert, patch, score, experts)
+                top.add(expert[best], score[best], image[best], patch[best])
+            bar.update(len(chunk))
+    return tops
+
+
+def _best_patch(image: np.ndarray, expert: np.ndarray, patch: np.ndarray, score: np.ndarray, experts: int
+                ) -> np.ndarray:
+    """Indices of the best entry of each (image, expert): the highest score, then the first patch."""
+    key = image.astype(np.int64) * experts + expert
+    order = np.lexsort((patch, -score, key))
+    starts = np.ones(len(order), bool)
+    starts[1:] = key[order][1:] != key[order][:-1]
+    return order[starts]
+
+
+def write_image_tables(directory: Path, tops: list[TopK], pairs: Pairs, model: VisionMonetForCausalLM) -> dict:
+    """`image_contexts.parquet` (group, expert, rank, image, patch, score, label; sorted by (group, expert,
+    rank)) and `images.parquet` (image, id, label, caption, png: each image that is some expert's top example,
+    as PNG) in `directory`; returns the atlas manifest's "images" section."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image  # the `vision` extra
+
+    labels = sorted(set(pairs.groups))
+    label_of = np.array([labels.index(g) for g in pairs.groups], np.int16)
+    parts = []
+    for group, top in enumerate(tops):
+        unit, rank, score, image, patch = top.rows()
+        parts.append(pa.table({"group": np.full(len(unit), group, np.int16), "expert": unit.astype(np.int32),
+                               "rank": rank.astype(np.int16), "image": image.astype(np.int32),
+                               "patch": patch.astype(np.int16), "score": score.astype(np.float32),
+                               "label": label_of[image]}))
+    contexts = pa.concat_tables(parts)
+    pq.write_table(contexts, directory / "image_contexts.parquet", row_group_size=32_768)
+    stored = np.unique(contexts.column("image").to_numpy()).tolist()
+    pngs = []
+    for index in stored:
+        buffer = io.BytesIO()
+        Image.fromarray(pairs.images[index]).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    pq.write_table(pa.table({"image": pa.array(stored, pa.int32()), "id": [pairs.ids[i] for i in stored],
+                             "label": [pairs.groups[i] for i in stored], "caption": [pairs.texts[i] for i in stored],
+                             "png": pa.array(pngs, pa.binary())}), directory / "images.parquet", row_group_size=256)
+    patches = model.config.num_image_tokens
+    return {"images": len(pairs.images), "stored_images": len(stored), "image_size": int(pairs.images.shape[1]),
+            "patches": patches, "grid": int(round(patches ** 0.5)), "labels": labels, "top_k": tops[0].k,
+            "image_token_id": model.config.image_token_id,
+            "routed": "each image alone: <s> then its image tokens; an image counts once per expert, at its best patch"}
+
+
+def vision_atlas_parts(cmd: AtlasBuild, checkpoint: Path, device: Any = None
+                       ) -> tuple[MonetForCausalLM, Any, Callable[[Path], dict] | None]:
+    """What `monet atlas build` (`monet.interp.atlas.build_atlas_command`) needs for a VisionMonet checkpoint: its
+    language model (the text contexts are routed as text), its tokenizer, and -- with `cmd.images`, an image–caption
+    set -- the function that writes the image tables into the atlas and returns the manifest's "images" section."""
+    data_dir, images_dir, split = cmd.data, cmd.images, cmd.split
+    model, tokenizer = load_vision(checkpoint, device=device, verify=False)
+    manifest = read_data_manifest(data_dir)
+    data_hash, model_hash = manifest.get("tokenizer_sha256") or tokenizer_hash(data_dir), tokenizer_hash(checkpoint)
+    if data_hash and model_hash and data_hash != model_hash:
+        raise MonetError(f"the dataset {data_dir} was tokenized with another tokenizer than the model in {checkpoint}; "
+                         "use the text data the language model was trained on")
+    check_vocab_fits(int(manifest["vocab_size"]), model.config.text_config.vocab_size, where=str(data_dir))
+    if images_dir is None:
+        return model.language_model, tokenizer, None
+    pairs = read_pairs(Path(images_dir), split)
+    if pairs.images.ndim != 4 or pairs.images.shape[-1] != 3 or pairs.images.dtype != np.uint8:
+        raise MonetError(f"{images_dir}/images.npy holds {pairs.images.dtype} {list(pairs.images.shape)}, not uint8 "
+                         "[N, H, W, 3] images; rebuild the image–caption set")
+
+    def write(directory: Path) -> dict:
+        started = time.time()
+        tops = image_tops(model, tokenizer, pairs.images, cmd.top_k, cmd.batch_size, progress=not cmd.quiet)
+        section = write_image_tables(directory, tops, pairs, model)
+        return {"pairs": str(Path(images_dir).resolve()), "split": split, **section,
+                "seconds": round(time.time() - started, 2)}
+
+    return model.language_model, tokenizer, write
 
 
 PAGE = """<!doctype html>

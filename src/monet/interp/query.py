@@ -21,7 +21,7 @@ import torch
 
 from monet.data import TokenDataset
 from monet.errors import MonetError
-from monet.interp.atlas import READABLE_VERSIONS, TABLES, TABLES_V1, model_identity
+from monet.interp.atlas import IMAGE_TABLES, READABLE_VERSIONS, TABLES, TABLES_V1, model_identity
 from monet.interp.criteria import skewness
 from monet.interp.units import units_of
 from monet.io import marker_kind, printable, sha256_file
@@ -49,6 +49,10 @@ def _manifest_problem(manifest: dict[str, Any]) -> str | None:
             return f"{name} must be an integer in 1..{high:,}, got {str(value)[:40]!r}"
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
         return f"score_scale must be a positive finite number, got {str(scale)[:40]!r}"
+    images = manifest.get("images")
+    grid = images.get("grid") if isinstance(images, dict) else None
+    if manifest.get("format_version") == 3 and (isinstance(grid, bool) or not isinstance(grid, int) or grid < 1):
+        return f"images.grid must be a positive integer, got {str(grid)[:40]!r}"
     return None
 
 
@@ -116,6 +120,8 @@ class Atlas:
                              f"{', '.join(map(str, READABLE_VERSIONS))}; {self._rebuild}")
         self.version: int = int(version)
         self.tables = TABLES if self.version >= 2 else TABLES_V1
+        if self.version >= 3:
+            self.tables += IMAGE_TABLES
         missing = [name for name in self.tables if not (self.path / name).is_file()]
         if missing:
             raise MonetError(f"{self.path} is not a complete atlas (missing {', '.join(missing)}); {self._rebuild}")
@@ -348,6 +354,46 @@ class Atlas:
         if "band" in row:
             out["band"] = row["band"]
         return out
+
+    @property
+    def has_images(self) -> bool:
+        """Whether the atlas records image examples (format 3: a VisionMonet built with an image–caption set)."""
+        return self.version >= 3 and isinstance(self.manifest.get("images"), dict)
+
+    def image_examples(self, group: int, expert: int, k: int | None = None) -> list[dict[str, Any]]:
+        """The expert's top images, best first (each image once, at its best patch): image index and id, label,
+        caption, `patch` and its `row`/`col` in the `grid` x `grid` patch grid, score and percentage. Empty when
+        the atlas records no images."""
+        self.check_expert(group, expert)
+        if not self.has_images:
+            return []
+        rows = self._table("image_contexts.parquet", group=int(group), expert=int(expert)).to_pylist()
+        rows = sorted(rows, key=lambda r: r["rank"])[:None if k is None else max(int(k), 0)]
+        if not rows:
+            return []
+        meta = self._table("images.parquet", ["image", "id", "label", "caption"],
+                           image=[r["image"] for r in rows]).to_pylist()
+        about = {m["image"]: m for m in meta}
+        grid = int(self.manifest["images"]["grid"])
+        out = []
+        for r in rows:
+            if r["image"] not in about:
+                raise MonetError(f"{self.path / 'images.parquet'} lacks image {r['image']}; {self._rebuild}")
+            out.append({"rank": r["rank"], "image": r["image"], "id": about[r["image"]]["id"],
+                        "label": about[r["image"]]["label"], "caption": about[r["image"]]["caption"],
+                        "patch": r["patch"], "row": r["patch"] // grid, "col": r["patch"] % grid, "grid": grid,
+                        "score": r["score"], "percent": self.percent(r["score"])})
+        return out
+
+    def image_png(self, image: int) -> bytes:
+        """A stored image (one that is some expert's top example) as PNG bytes."""
+        if not self.has_images:
+            raise MonetError(f"the atlas {self.path} records no images (build it from a VisionMonet with --images)")
+        found = self._table("images.parquet", ["png"], image=int(image)).column("png").to_pylist()
+        if not found:
+            raise MonetError(f"image {image} is not stored in this atlas (it keeps the images that are some "
+                             "expert's top example)")
+        return found[0]
 
     def band_samples(self, group: int, expert: int) -> list[dict[str, Any]]:
         """Examples by activation band, strongest band first: per band of score / H (10 log-spaced bands, see

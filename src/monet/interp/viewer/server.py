@@ -60,7 +60,7 @@ LIMITS = {"text_chars": 2000, "text_tokens": 512, "prompt_chars": 1000, "max_new
 # GET /api/ROUTE/ARG...: the names of each route's path arguments (ids, except a label's name)
 API_ARGS = {"info": (), "random": (), "token": (), "expert": ("group", "expert"), "similar": ("group", "expert"),
             "logits": ("group", "expert"), "export": ("group", "expert"), "label": ("label",),
-            "document": ("document", "position"), "text": ()}
+            "document": ("document", "position"), "text": (), "image": ("image",)}
 SIMILAR_WAIT = 1.0       # seconds a /api/similar request waits for the background thread before "computing"
 SIMILAR_DIRECTIONS = 12  # co-active experts whose output direction is compared (one short locked step each)
 SIMILAR_IDLE = 5.0       # seconds without a request after which a similar-experts job pauses (its page was left)
@@ -235,7 +235,8 @@ class ViewerState:
                 "tokens": m["tokens"], "kind": m["kind"], "model": m["model"], "top_k": m["options"]["top_k"],
                 "experts_per_side": m.get("experts_per_side"), "has_model": self.model is not None,
                 "format_version": atlas.version, "has_values": atlas.has_values,
-                "samples": (m.get("bands") or {}).get("samples", 0), "limits": LIMITS}
+                "samples": (m.get("bands") or {}).get("samples", 0), "limits": LIMITS,
+                "has_images": atlas.has_images}
 
     def expert(self, group: int, expert: int) -> dict[str, Any]:
         """The atlas's page of an expert: reads only (the statistics are in memory, each table reads one row
@@ -243,6 +244,8 @@ class ViewerState:
         atlas = self.atlas
         result = {**atlas.expert(group, expert), "contexts": atlas.top_contexts(group, expert),
                   "bands": atlas.band_samples(group, expert)}
+        if atlas.has_images:   # a VisionMonet atlas: top images, each with its best patch
+            result["images"] = atlas.image_examples(group, expert)
         result["histogram_view"] = compact_histogram(**result["histogram"])
         if atlas.manifest["kind"] == "monet" and atlas.manifest.get("experts_per_side"):
             result["i"], result["j"] = divmod(int(expert), int(atlas.manifest["experts_per_side"]))
@@ -257,6 +260,10 @@ class ViewerState:
             return {"group": group, "expert": expert, "logits": None}
         with self.lock:
             return {"group": group, "expert": expert, "logits": self.logits(group, expert)}
+
+    def image(self, image: int) -> bytes:
+        """A stored image of a VisionMonet atlas, PNG (a read of the atlas: no model lock)."""
+        return self.atlas.image_png(image)
 
     def export(self, group: int, expert: int) -> dict[str, Any]:
         with self.lock:
@@ -526,6 +533,8 @@ class Handler(BaseHTTPRequestHandler):
             raise NotFound
         args = [text if name == "label" else _integer(text, name) for name, text in zip(names, parts[2:], strict=True)]
         route, state = parts[1], self.server.state
+        if route == "image":
+            return self._send(200, state.image(*args), "image/png")
         if route == "export":
             name = f"monet-expert-{args[0]}-{args[1]}.json"
             return self._json(state.export(*args), download=True,

@@ -165,6 +165,11 @@ async function showExpert(nav, group, expert) {
   nodes.push(el("h3", { text: "Top activating contexts" }));
   nodes.push(data.contexts.length ? contextTable(data.contexts, max, group, expert, "contexts")
                                   : el("p", { cls: "hint", text: "No contexts: this expert never fired on the atlas corpus." }));
+  if (INFO.has_images) {   // a VisionMonet atlas (format 3)
+    nodes.push(el("h3", { text: "Top images (each routed alone; outlined: the patch that routed most to the expert)" }));
+    nodes.push(data.images && data.images.length ? imageTiles(data.images)
+               : el("p", { cls: "hint", text: "No images: this expert never fired on the atlas's images." }));
+  }
   nodes.push(el("h3", { text: "Examples by activation band" }));
   if (!INFO.has_values || INFO.samples === 0) {
     nodes.push(el("p", { cls: "hint", text: "This atlas keeps no samples by activation band (rebuild it with this monet)." }));
@@ -222,6 +227,22 @@ async function loadModelParts(nav, group, expert, logits) {
     }
   }
   loadSimilar(nav, group, expert);
+}
+
+function imageTiles(images) {
+  // Each image at its stored pixels, scaled up; the patch is a box placed in percent of the image's side.
+  const box = el("div", { id: "images", cls: "images" });
+  for (const im of images) {
+    const side = 100 / im.grid;
+    const patch = el("span", { cls: "patch", title: `patch ${im.patch} (row ${im.row}, column ${im.col})` });
+    Object.assign(patch.style, { left: `${im.col * side}%`, top: `${im.row * side}%`, width: `${side}%`,
+                                 height: `${side}%` });
+    const frame = el("div", { cls: "frame" }, el("img", { src: `/api/image/${im.image}`, alt: safe(im.id) }), patch);
+    box.appendChild(el("figure", { cls: "tile", title: safe(im.caption) }, frame,
+      el("figcaption", { text: `${pct(im.percent)} · ${im.label}` }),
+      el("figcaption", { cls: "caption", text: im.caption })));
+  }
+  return box;
 }
 
 function modelSections(group, expert, max, contexts) {
