@@ -16,7 +16,10 @@ Optional: `pip install monet[gpu]` (triton). Without CUDA, the kernels run under
 interpreter (TRITON_INTERPRET=1, set before triton is imported), which is how the tests check them
 against the float64 naive sum. Edits (masks, steering) and the routing mixes stay in `monet.sparse`
 (index_add on the pair inputs before the scatter), so the kernels see already-edited inputs.
-Host syncs: the layout (`monet.sparse.side`) still reads per-half counts; the kernels add none.
+Host syncs: the kernels add none, and `device_block_table` builds their block table from per-half counts
+left on the device (a grid of cdiv(pairs, BLOCK_P) + E programs, the unused ones empty). The layout the
+sparse path builds (`monet.sparse.side`: `nonzero`, `counts.tolist()`; the edited pairs: `nonzero` and a
+ragged total) still syncs; docs/performance.md ("Toward a sync-free kernel path") says what is left.
 """
 
 from __future__ import annotations
