@@ -228,10 +228,10 @@ class EvalPlan:
         """Per-window mean loss of the picked windows of each label (model as it is now, edits included).
 
         The windows of every label share forward passes (`batch_size` windows each): a control mask reads
-        a few windows per label, and one pass over all of them costs about what one pass over a single
-        window did (per-call overhead dominates at these sizes). Each window's loss is its own row's (the
-        model is causal and per-sequence), so the values are those of one pass per label;
-        tests/test_unlearn.py checks they are bitwise equal.
+        a few windows per label, and one pass over all of them costs much less than one pass per label
+        (per-call overhead dominates at one window). Each window's loss is computed from its own row (the
+        model is causal and per-sequence, and a pass is never larger than before, so the expert path is
+        the same), so the values are those of one pass per label: tests/test_unlearn.py checks them bitwise.
         """
         if not picks:
             return {}
