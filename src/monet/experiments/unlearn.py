@@ -230,7 +230,7 @@ class EvalPlan:
         The windows of every label share forward passes (`batch_size` windows each): a control mask reads
         a few windows per label, and one pass over all of them costs much less than one pass per label
         (per-call overhead dominates at one window). Each window's loss is computed from its own row (the
-        model is causal and per-sequence, and a pass is never larger than before, so the expert path is
+        model is causal and per-sequence; a pass holds at most `batch_size` windows, as before, so the expert path is
         the same), so the values are those of one pass per label: tests/test_unlearn.py checks them bitwise.
         """
         if not picks:
