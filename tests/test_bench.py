@@ -85,6 +85,17 @@ def test_saved_bytes_counts_distinct_saved_storages():
     assert bench.saved_bytes(lambda: (x * w).sin(), [x, w]) == 4000
 
 
+def test_path_decode_times_the_block_on_the_kept_halves(tmp_path):
+    """`--path decode` is accepted and runs the block cases on the kept halves (no sparse routing structure)."""
+    out = tmp_path / "decode.json"
+    assert main(["bench", "--quick", "--path", "decode", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    shape = report["shapes"]["tiny"]
+    assert shape["sparse_path"] == {"hd": False, "vd": False} and "prep" not in shape["forward"]
+    assert "--path decode" in report["command"]
+    assert all(_finite_positive(v) for v in report["ratios"]["sparse_vs_dense"].values())
+
+
 def test_bad_arguments_are_clear_errors(capsys):
     assert main(["bench", "--quick", "--tokens", "0"]) == 2
     assert "--tokens must be a positive" in capsys.readouterr().err

@@ -52,9 +52,29 @@ def test_block_table_covers_every_pair_once_by_half():
     assert torch.equal(torch.repeat_interleave(half, stop - start), expected)
 
 
-@pytest.mark.parametrize("width,depth", [(4, 8), (6, 19), (17, 33)])
-def test_gather_and_scatter_kernels_equal_the_loops_with_every_gradient(width, depth):
+def _device_table(layout):
+    """The block table built from device counts (no host sync), as the kernels would get it on a GPU."""
+    return kernels.device_block_table(torch.tensor(layout.counts), layout.size, kernels.BLOCK_P)
+
+
+def test_device_block_table_is_the_host_table_padded_with_empty_blocks():
+    for layout in (_layout(), _layout(tokens=1, seed=3), _layout(tokens=70, experts=5, seed=5)):
+        half, start, stop = _device_table(layout)
+        used = stop > start
+        for got, want in zip((half[used], start[used], stop[used]), layout.table(), strict=True):
+            assert torch.equal(got, want)
+        assert not used[used.sum():].any()                          # the padding comes last ...
+        assert (start[~used] == 0).all() and (stop[~used] == 0).all() and (half[~used] == 0).all()   # ... empty
+        assert half.shape[0] == -(-layout.size // kernels.BLOCK_P) + layout.experts
+    half, start, stop = kernels.device_block_table(torch.zeros(4, dtype=torch.int64), 0, kernels.BLOCK_P)
+    assert half.shape == (4,) and not (stop > start).any()          # no pair at all: every block empty
+
+
+@pytest.mark.parametrize("width,depth,table", [(4, 8, "host"), (6, 19, "host"), (17, 33, "host"), (6, 19, "device")])
+def test_gather_and_scatter_kernels_equal_the_loops_with_every_gradient(width, depth, table):
     layout = _layout(seed=width)
+    if table == "device":       # padded with empty blocks: they must add nothing, values or gradients
+        layout._table = _device_table(layout)
     tokens, experts = layout.num_tokens, layout.experts
     x = torch.randn(tokens, depth, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(experts, width, depth, dtype=torch.float64, requires_grad=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -16,9 +17,10 @@ from monet.cli import main
 from monet.data import PackedSequences, TokenDataset
 from monet.edits import current_weights, neuron_masks
 from monet.errors import MonetError
-from monet.evaluate import window_losses
+from monet.evaluate import label_window_sets, window_losses
 from monet.experiments.protocol_stats import delta_ci
 from monet.experiments.unlearn import (
+    EvalPlan,
     atlas_label_means,
     choice_scores,
     headword_items,
@@ -28,6 +30,7 @@ from monet.experiments.unlearn import (
     spaced,
     unlearn,
 )
+from monet.interp.criteria import select_top
 from monet.interp.query import Atlas
 from monet.interp.units import units_of
 from monet.settings import DemoSettings, ToxicitySettings, TrainSettings, UnlearnSettings
@@ -164,6 +167,34 @@ def test_masked_evaluation_reproduces_report(demo: Path) -> None:
     entry = report["monet"]["masked"][target]
     assert float(before.mean()) == pytest.approx(report["monet"]["before"][target]["loss"], abs=1e-5)
     assert float((after - before).mean()) == pytest.approx(entry["delta_target"], abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["monet", "dense"])
+def test_packed_measurement_equals_one_pass_per_label(demo: Path, kind: str) -> None:
+    """`EvalPlan.measure` runs the windows of every label in shared forward passes; each window's loss must be
+    bitwise the one of the earlier evaluation (one pass per label, and one pass per window), unmasked and
+    under a mask, so that batching the protocol's measurements changes no number of the report."""
+    model, _ = load_checkpoint(demo / ("run" if kind == "monet" else "dense-run"), load_tokenizer=False)
+    atlas = Atlas(demo / ("atlas" if kind == "monet" else "dense-atlas"), model=model)
+    labels, means = atlas_label_means(atlas)
+    dataset = TokenDataset(demo / "data", "validation")
+    sets, _ = label_window_sets(dataset, 32)
+    plan = EvalPlan.build(sets, 32, eval_tokens=32 * 7, batch_size=4)   # 7 windows: batches of 4 straddle labels
+    picks = {label: plan.positions(label, 32 * (1 + i % 3)) for i, label in enumerate(sets)}
+    selection = (select_for_label(means, labels, labels[0], ratio=1.5) if kind == "monet"
+                 else select_top(means, 0, 16, normalize=False))
+    assert selection.total > 0
+    measured = {}
+    for masked in (False, True):
+        with units_of(model).masked(selection) if masked else contextlib.nullcontext():
+            packed = plan.measure(model, picks)
+            for label, positions in picks.items():
+                ids = plan.windows[label][positions].tolist()
+                per_label = window_losses(model, sets[label], plan.batch_size, indices=ids).numpy()
+                per_window = np.concatenate([window_losses(model, sets[label], 1, indices=[i]).numpy() for i in ids])
+                assert packed[label].tobytes() == per_label.tobytes() == per_window.tobytes(), (label, masked)
+        measured[masked] = np.concatenate(list(packed.values()))
+    assert not np.array_equal(measured[True], measured[False])   # the mask was in force
 
 
 def test_cli_single_target_and_bad_inputs(demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

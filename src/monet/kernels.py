@@ -16,7 +16,10 @@ Optional: `pip install monet[gpu]` (triton). Without CUDA, the kernels run under
 interpreter (TRITON_INTERPRET=1, set before triton is imported), which is how the tests check them
 against the float64 naive sum. Edits (masks, steering) and the routing mixes stay in `monet.sparse`
 (index_add on the pair inputs before the scatter), so the kernels see already-edited inputs.
-Host syncs: the layout (`monet.sparse.side`) still reads per-half counts; the kernels add none.
+Host syncs: the kernels add none, and `device_block_table` builds their block table from per-half counts
+left on the device (a grid of cdiv(pairs, BLOCK_P) + E programs, the unused ones empty). The layout the
+sparse path builds (`monet.sparse.side`: `nonzero`, `counts.tolist()`; the edited pairs: `nonzero` and a
+ragged total) still syncs; docs/performance.md ("Toward a sync-free kernel path") says what is left.
 """
 
 from __future__ import annotations
@@ -65,6 +68,28 @@ def block_table(counts: list[int], block: int, device: torch.device) -> tuple[to
         start += count
     table = torch.tensor([halves, starts, stops], dtype=torch.int64)
     return tuple(table.to(device, non_blocking=True).unbind(0))
+
+
+def device_block_table(counts: torch.Tensor, pairs: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`block_table` from per-half counts on the device ([E] integers summing to `pairs`), without a host sync.
+
+    The grid cannot depend on the counts' values, so it has an upper bound of blocks, cdiv(pairs, block) + E
+    (each half adds at most one partial block); block b finds its half by a search over the running block
+    counts, and the blocks past the last one get start == stop (the kernels mask everything out).
+    """
+    experts = counts.shape[0]
+    counts = counts.to(torch.int64)
+    per_half = (counts + block - 1) // block
+    ends = per_half.cumsum(0)                                       # blocks up to and including each half
+    index = torch.arange(triton_cdiv(pairs, block) + experts, device=counts.device)
+    half = torch.searchsorted(ends, index, right=True)              # the half whose blocks include `index`
+    used = half < experts
+    half = half.clamp(max=max(experts - 1, 0))
+    first = counts.cumsum(0) - counts                               # first pair of each half
+    start = first[half] + (index - (ends[half] - per_half[half])) * block
+    stop = torch.minimum(start + block, first[half] + counts[half])
+    zero = torch.zeros_like(start)
+    return torch.where(used, half, zero), torch.where(used, start, zero), torch.where(used, stop, zero)
 
 
 @functools.cache
@@ -140,7 +165,7 @@ def _kernels():
                      other=0.0)
         acc = tl.dot(lt, rt, input_precision=PRECISION, out_dtype=ACC)
         tl.atomic_add(g_ptr + half * sg_half + ks[:, None] * sg_k + cs[None, :] * sg_c, acc.to(g_ptr.dtype.element_ty),
-                      mask=(ks[:, None] < width) & (cs[None, :] < depth))
+                      mask=(ks[:, None] < width) & (cs[None, :] < depth) & (ks[:, None] * 0 + start < stop))
 
     return gather_mm, scatter_mm, half_outer
 
@@ -293,4 +318,5 @@ class ScatterMatmulKernel(torch.autograd.Function):
         return (grad_c, None, None, None, *grads)
 
 
-__all__ = ["GatherMatmulKernel", "ScatterMatmulKernel", "available", "block_table", "interpreted"]
+__all__ = ["GatherMatmulKernel", "ScatterMatmulKernel", "available", "block_table", "device_block_table",
+           "interpreted"]

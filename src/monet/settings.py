@@ -773,7 +773,9 @@ class BenchSettings(Settings):
     warmup: int = number(1, low=0)  # untimed rounds first
     threads: int = number(1, low=1, high=1024)  # torch threads (1 gives stable ratios on a shared machine)
     clock: Literal["wall", "cpu"] = "wall"  # on CPU: wall time, or the timing thread's CPU time (robust to load)
-    path: Literal["auto", "dense", "sparse"] = "auto"  # expert computation: auto (monet.sparse's rule), dense or sparse
+    path: Literal["auto", "dense", "sparse", "decode"] = "auto"
+    """expert computation of the block cases: auto (monet.sparse's rule), dense, sparse or decode (the kept
+    halves' weights only); the decode section always times the decode path"""
     profile: bool = False  # keep a torch.profiler table of each expert forward in the report
     quick: bool = False  # a tiny shape and 2 rounds: a smoke run of seconds
     json: str | None = None  # write the full report as JSON to this file

@@ -159,7 +159,9 @@ def bench_shape(config: MonetConfig, args: BenchSettings) -> dict:
         forward[f"{kind}_dense_path"] = dense_path(lambda layer=layer: layer(x, g1, g2))
         train[kind] = forced(lambda layer=layer: _backward(layer(xg, *routing), [xg, *routing, *layer.parameters()]))
     with sparse.expert_path(args.path), torch.no_grad():
-        sparse_path = {kind: sparse.choose(layer, x, g1, g2) is not None for kind, layer in layers.items()}
+        # Only the sparse path builds the routing structure (`prep`); the decode path gathers weights instead.
+        sparse_path = {kind: isinstance(sparse.choose(layer, x, g1, g2), sparse.Routing)
+                       for kind, layer in layers.items()}
     if any(sparse_path.values()):     # the structure a routing group's first layer builds (cached after)
         forward["prep"] = lambda: sparse.sparse_routing(g1, g2)
     result: dict = {"tokens": args.tokens, "sparse_path": sparse_path,
