@@ -152,19 +152,27 @@ class QuietPool:
 def quiet_pool(model: Any, atlas: Any, size: int, batch_size: int, seed: int, width: int = 17) -> QuietPool:
     """About `size` windows of `width` tokens at random places of the atlas's corpus: random build windows
     (documents cut every seq_len tokens from their start, each run whole, so the values are those the build
-    saw), each cut into as many non-overlapping `width`-token windows as fit (3 of 64 tokens)."""
+    saw), each cut into as many non-overlapping `width`-token windows as fit (3 of 64 tokens). Build windows
+    shorter than `width` (short documents, documents' tails) give none: every window has `width` tokens, since
+    a shorter one is both likelier to be quiet and less likely to contain any explanation's terms, which
+    would lift every explanation's specificity, the random control's included."""
     dataset = atlas.dataset()
     seq_len = int(atlas.manifest["options"]["seq_len"])
     rng = np.random.default_rng([seed, 2])
     lengths = (dataset.docs[:, 1] - dataset.docs[:, 0]).astype(np.int64)
+    if min(seq_len, int(lengths.max(initial=0))) < width:
+        raise MonetError(f"the atlas's corpus has no {width}-token window (seq_len {seq_len}, longest document "
+                         f"{int(lengths.max(initial=0))} tokens) to draw non-activating contexts from")
     plans: list[tuple[int, int, int, list[int]]] = []     # (doc, window start, window length, sub-window starts)
     total = 0
     while total < size:
         doc = int(rng.choice(len(lengths), p=lengths / lengths.sum()))
         start = int(rng.integers(0, lengths[doc])) // seq_len * seq_len
         length = min(seq_len, int(lengths[doc]) - start)
-        first = int(rng.integers(0, length % width + 1)) if length >= width else 0
-        subs = list(range(first, max(length - width, 0) + 1, width))[:size - total]
+        if length < width:
+            continue
+        first = int(rng.integers(0, length % width + 1))
+        subs = list(range(first, length - width + 1, width))[:size - total]
         plans.append((doc, start, length, subs))
         total += len(subs)
     groups = len(atlas.groups)
