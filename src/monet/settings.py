@@ -569,7 +569,8 @@ class ProbeSettings(Settings):
     force: bool = False  # unneeded for an earlier probe report (replaced anyway); nothing else is ever replaced
     quiet: bool = False  # no progress bars
     format: Literal["monet", "saebench"] = "monet"
-    """saebench: also write OUT/saebench/*_eval_results.json in SAEBench's sparse-probing layout (needs --baseline)"""
+    """saebench: also write OUT/saebench/sparse_probing/*_eval_results.json in SAEBench's sparse-probing layout
+    (needs --baseline)"""
 
     def validate(self) -> None:
         if not self.ks:
