@@ -1,7 +1,9 @@
 """Automated interpretability: how well does an explanation of an expert predict where it fires? (`monet autointerp`)
 
 The protocol follows EleutherAI's delphi (Paulo et al. 2024, "Automatically Interpreting Millions of Features
-in Large Language Models") and SAEBench's autointerp, with the atlas in place of their activation caches:
+in Large Language Models") and SAEBench's autointerp, with the atlas in place of their activation caches. It
+reads units through `monet.interp.units`, so a dense baseline's atlas (MLP neurons, a group per layer) goes
+through the same sampling, explanations and judges as a Monet atlas (experts, a group per routing group):
 
 * **Experts**: per group, `--experts` units with at least `--min-count` activations, stratified by density
   (equal numbers from each of `--strata` log-density quantile bins), seeded.
@@ -566,9 +568,10 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             return "-"
         return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
+    group = "layer" if meta["kind"] == "dense" else "group"     # a dense model's group is a layer
     lines = [f"Autointerp of {meta['atlas']} ({meta['kind']}), judge `{meta['judge']}`; balanced accuracy "
              "(embedding: AUROC) and F1 per expert, mean [bootstrap 95% interval over experts]; chance 0.5.", "",
-             "| group | source | scorer | experts | balanced accuracy | F1 | minus random |",
+             f"| {group} | source | scorer | experts | balanced accuracy | F1 | minus random |",
              "|---|---|---|---|---|---|---|"]
     for e in summary:
         lines.append(f"| {e['group']} | {e['source']} | {e['scorer']} | {e['experts']} | "
