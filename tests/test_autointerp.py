@@ -23,6 +23,7 @@ from monet.interp.autointerp import (
     explain_all,
     explanation_terms,
     fuzzing_examples,
+    held_out_activating,
     parse_answers,
     sample_experts,
     top_tokens_explanation,
@@ -75,6 +76,31 @@ def test_classification_metrics():
     assert (m["tp"], m["fn"], m["tn"], m["fp"]) == (1, 1, 2, 0)
     assert m["balanced_accuracy"] == pytest.approx(0.75) and m["precision"] == 1.0 and m["f1"] == pytest.approx(2 / 3)
     assert classification([True], [True])["balanced_accuracy"] is None   # no negatives: undefined
+
+
+def test_weighted_classification_and_band_weights():
+    # weights count examples in proportion: a miss of weight 3 outweighs a hit of weight 1
+    m = classification([True, True, False], [True, False, False], weights=[1.0, 3.0, 1.0])
+    assert m["recall"] == pytest.approx(0.25) and m["balanced_accuracy"] == pytest.approx(0.625)
+    assert (m["n_pos"], m["n_neg"]) == (2, 1)
+    assert classification([True, False], [True, True], [2.0, 1.0]) == {**classification([True, False], [True, True]),
+                                                                      "tp": 2.0, "fp": 1.0, "tn": 0.0, "fn": 0.0,
+                                                                      "precision": pytest.approx(2 / 3),
+                                                                      "f1": pytest.approx(0.8)}
+
+    class FakeAtlas:   # band 9 holds 90 % of the activations, band 2 10 %; 3 samples each
+        def band_samples(self, group, expert):
+            def ctx(n):
+                return {"doc": n, "pos": 0, "pieces": ["a"], "tokens": [1], "values": [1.0], "target": 0,
+                        "percent": 1.0}
+            return [{"band": 9, "share": 0.9, "contexts": [ctx(n) for n in range(3)]},
+                    {"band": 2, "share": 0.1, "contexts": [ctx(n) for n in range(3, 6)]}]
+
+    examples = held_out_activating(FakeAtlas(), 0, 0, top=[], limit=100)
+    weights = {ex.band: ex.weight for ex in examples}
+    assert len(examples) == 6 and np.mean([ex.weight for ex in examples]) == pytest.approx(1.0)
+    assert weights[9] / weights[2] == pytest.approx(9.0)
+    assert fuzzing_examples(examples, np.random.default_rng(0))[0].weight == examples[0].weight
 
 
 def test_fuzzing_marks_true_and_wrong_tokens():

@@ -69,13 +69,15 @@ STOPWORDS = frozenset("a an and are as at be by for from in is it of on or that 
 @dataclass
 class Example:
     """One context shown to a judge: token pieces, the unit's value at each (share of routing, 0 where
-    inactive), whether it is an activating example, its activation band (-1: non-activating) and marks."""
+    inactive), whether it is an activating example, its activation band (-1: non-activating), marks, and its
+    weight under `--weighting activations` (see `held_out_activating`; 1 for a non-activating example)."""
 
     pieces: list[str]
     values: list[float]
     activating: bool
     band: int = -1
     marked: list[int] = field(default_factory=list)   # token indices highlighted (fuzzing)
+    weight: float = 1.0
 
     def text(self, marks: bool = False) -> str:
         return "".join(f"<<{p}>>" if marks and i in self.marked else p for i, p in enumerate(self.pieces))
@@ -124,15 +126,27 @@ def _example(ctx: dict[str, Any], activating: bool, band: int = -1) -> Example:
 
 def held_out_activating(atlas: Any, group: int, expert: int, top: list[dict[str, Any]], limit: int) -> list[Example]:
     """The expert's band samples that are not top contexts, round-robin over bands (strongest first), at most
-    `limit`: delphi's examples drawn from every activation quantile."""
+    `limit`: examples from every activation band, as delphi draws them from every activation quantile.
+
+    The bands are log-spaced in absolute value, not quantiles: equal numbers per band over-represent the bands
+    that hold few of the unit's activations (a dense neuron, positive on about half the tokens, spreads over all
+    10). Each example's `weight` is its band's share of the unit's activations over the examples drawn from
+    that band (mean 1), so that weighted rates estimate rates over the unit's activations -- what sampling by
+    quantiles gives (stratified sampling, reweighted)."""
     seen = {(c["doc"], c["pos"]) for c in top}
+    bands = atlas.band_samples(group, expert)
+    share = {b["band"]: float(b["share"]) for b in bands}
     per_band = [[_example(c, True, b["band"]) for c in b["contexts"] if (c["doc"], c["pos"]) not in seen]
-                for b in atlas.band_samples(group, expert)]
+                for b in bands]
     out: list[Example] = []
     depth = 0
     while len(out) < limit and any(depth < len(part) for part in per_band):
         out += [part[depth] for part in per_band if depth < len(part)][:limit - len(out)]
         depth += 1
+    drawn = Counter(ex.band for ex in out)
+    raw = [share[ex.band] / drawn[ex.band] for ex in out]
+    for ex, w in zip(out, raw, strict=True):
+        ex.weight = w * len(out) / sum(raw) if sum(raw) > 0 else 1.0
     return out
 
 
@@ -223,10 +237,10 @@ def fuzzing_examples(examples: list[Example], rng: np.random.Generator) -> list[
         if not active:
             continue
         if n % 2 == 0 or len(others) < len(active):
-            out.append(Example(ex.pieces, ex.values, True, ex.band, active))
+            out.append(Example(ex.pieces, ex.values, True, ex.band, active, ex.weight))
         else:
             wrong = sorted(rng.choice(others, size=len(active), replace=False).tolist())
-            out.append(Example(ex.pieces, ex.values, False, ex.band, wrong))
+            out.append(Example(ex.pieces, ex.values, False, ex.band, wrong, ex.weight))
     return out
 
 
@@ -416,17 +430,22 @@ class Embedder:
 
 # -------------------------------------------------------------------------------------------- metrics
 
-def classification(truth: list[bool], predicted: list[bool]) -> dict[str, Any]:
+def classification(truth: list[bool], predicted: list[bool], weights: list[float] | None = None) -> dict[str, Any]:
     """Counts, balanced accuracy (mean of the true-positive and true-negative rates; None when a class is
-    missing), precision, recall and F1 (0 when undefined)."""
+    missing), precision, recall and F1 (0 when undefined). With `weights`, tp/fp/tn/fn and the rates are
+    weighted sums (n_pos, n_neg stay numbers of examples)."""
     t, p = np.asarray(truth, bool), np.asarray(predicted, bool)
-    tp, fp = int((t & p).sum()), int((~t & p).sum())
-    tn, fn = int((~t & ~p).sum()), int((t & ~p).sum())
+    if weights is None:
+        tp, fp = int((t & p).sum()), int((~t & p).sum())
+        tn, fn = int((~t & ~p).sum()), int((t & ~p).sum())
+    else:
+        w = np.asarray(weights, np.float64)
+        tp, fp, tn, fn = (float(w[mask].sum()) for mask in (t & p, ~t & p, ~t & ~p, t & ~p))
     recall = tp / (tp + fn) if tp + fn else None
     specificity = tn / (tn + fp) if tn + fp else None
     precision = tp / (tp + fp) if tp + fp else 0.0
     r = recall or 0.0
-    return {"n_pos": tp + fn, "n_neg": tn + fp, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+    return {"n_pos": int(t.sum()), "n_neg": int((~t).sum()), "tp": tp, "fp": fp, "tn": tn, "fn": fn,
             "balanced_accuracy": None if recall is None or specificity is None else (recall + specificity) / 2,
             "precision": precision, "recall": recall,
             "f1": 2 * precision * r / (precision + r) if precision + r else 0.0}
@@ -484,8 +503,9 @@ def explain_all(atlas: Any, group: int, experts: np.ndarray, tops: dict[int, lis
 
 def score_expert(explanations: dict[str, str], activating: list[Example], quiet: list[Example],
                  judge: Judge, scorers: tuple[str, ...], embedder: Embedder | None,
-                 rng: np.random.Generator) -> list[dict[str, Any]]:
-    """Rows of one expert: per explanation source and scorer, the counts and metrics."""
+                 rng: np.random.Generator, weighted: bool = False) -> list[dict[str, Any]]:
+    """Rows of one expert: per explanation source and scorer, the counts and metrics (`weighted`: each example
+    counts with its `weight`)."""
     rows = []
     fuzz = fuzzing_examples(activating, rng) if "fuzzing" in scorers else []
     vectors = embedder([ex.text() for ex in activating + quiet]) if embedder is not None and "embedding" in scorers \
@@ -505,7 +525,8 @@ def score_expert(explanations: dict[str, str], activating: list[Example], quiet:
                 continue
             predicted = judge(text, examples, scorer)
             rows.append({"source": source, "scorer": scorer, "judge": judge.name,
-                         **classification([ex.activating for ex in examples], predicted)})
+                         **classification([ex.activating for ex in examples], predicted,
+                                          [ex.weight for ex in examples] if weighted else None)})
     return rows
 
 
@@ -635,7 +656,8 @@ def autointerp(cmd: Any) -> dict[str, Any]:
             n_quiet.append(len(quiet))
             sampled += 1
             mine = {source: by_expert[expert] for source, by_expert in explanations.items() if source in cmd.sources}
-            for row in score_expert(mine, activating, quiet, judge, tuple(cmd.scorers), embedder, rng):
+            for row in score_expert(mine, activating, quiet, judge, tuple(cmd.scorers), embedder, rng,
+                                    cmd.weighting == "activations"):
                 rows.append({"group": group, "expert": expert, "count": int(counts[expert]),
                              "density": float(counts[expert]) / float(atlas.manifest["tokens"]),
                              "explanation": mine[row["source"]], **row})
@@ -646,7 +668,8 @@ def autointerp(cmd: Any) -> dict[str, Any]:
     meta = {"atlas": str(Path(cmd.atlas).resolve()), "kind": atlas.manifest["kind"], "run": str(run),
             "judge": judge.name if cmd.judge == "overlap" else cmd.judge, "sources": list(cmd.sources),
             "scorers": list(cmd.scorers), "groups": groups, "experts_per_group": cmd.experts, "strata": cmd.strata,
-            "min_count": cmd.min_count, "quiet": cmd.quiet, "pool": cmd.pool, "seed": cmd.seed,
+            "min_count": cmd.min_count, "quiet": cmd.quiet, "weighting": cmd.weighting, "pool": cmd.pool,
+            "seed": cmd.seed,
             "bootstrap": cmd.bootstrap, "activating_max": cmd.max_activating,
             "experts_scored": sampled, "experts_without_held_out": skipped,
             "experts_without_negatives": int(sum(n == 0 for n in n_quiet)),
