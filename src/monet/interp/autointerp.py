@@ -590,7 +590,9 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
     group = "layer" if meta["kind"] == "dense" else "group"     # a dense model's group is a layer
-    lines = [f"Autointerp of {meta['atlas']} ({meta['kind']}), judge `{meta['judge']}`; balanced accuracy "
+    weighting = " (held-out examples weighted by their band's share of activations)" \
+        if meta.get("weighting") == "activations" else ""
+    lines = [f"Autointerp of {meta['atlas']} ({meta['kind']}), judge `{meta['judge']}`{weighting}; balanced accuracy "
              "(embedding: AUROC) and F1 per expert, mean [bootstrap 95% interval over experts]; chance 0.5.", "",
              f"| {group} | source | scorer | experts | balanced accuracy | F1 | minus random |",
              "|---|---|---|---|---|---|---|"]
