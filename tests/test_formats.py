@@ -3,7 +3,9 @@
 file. The checkers below restate those formats' published keys and types (SAEBench:
 sae_bench/evals/sparse_probing/eval_output_schema_sparse_probing.json and base_eval_output.py; Neuronpedia:
 apps/webapp/prisma/schema.prisma, models Neuron and Activation; SAEDashboard:
-sae_dashboard/neuronpedia/neuronpedia_dashboard.py and tests/acceptance/test_simple/batch-0.json)."""
+sae_dashboard/neuronpedia/neuronpedia_dashboard.py and tests/acceptance/test_simple/batch-0.json), and what
+SAEBench's result reader takes from a file (sae_bench_utils/graphing_utils.py). Checked against those files at
+SAEBench 8042bb3, SAEDashboard db4839a and Neuronpedia ebb8426 (2026); nothing of them is vendored."""
 
 from __future__ import annotations
 
@@ -64,6 +66,27 @@ def check_saebench(result: dict) -> None:
         assert not any(isinstance(v, dict) for v in section.values())
 
 
+def read_like_saebench(folder: Path) -> dict[str, dict]:
+    """What SAEBench's result reader (sae_bench_utils/graphing_utils.py: find_eval_results_files, then
+    get_eval_results) takes from the files under `folder`, restated: every *eval_results.json below it; the
+    eval is told by its name in the path (tpp, scr, absorption and autointerp are tried before sparse_probing);
+    for sparse probing it keeps eval_result_metrics["sae"], eval_config, sae_cfg_dict["architecture"] and
+    sae_cfg_dict["d_sae"] (rounded to thousands), keyed by the file name without _eval_results.json."""
+    out = {}
+    for path in sorted(folder.rglob("*eval_results.json")):
+        where = str(path.relative_to(folder.parent))
+        assert "sparse_probing" in where and not any(n in where for n in ("tpp", "scr", "absorption", "autointerp")), \
+            f"{where}: SAEBench's reader would not take this for a sparse-probing result"
+        result = json.loads(path.read_text())
+        entry = dict(result["eval_result_metrics"]["sae"])
+        entry["eval_config"] = result["eval_config"]
+        cfg = result["sae_cfg_dict"]
+        assert isinstance(cfg["architecture"], str) and isinstance(cfg["d_sae"], int)
+        entry["sae_class"], entry["d_sae"] = cfg["architecture"], f"{round(cfg['d_sae'] / 1000)}k"
+        out[path.name.replace("_eval_results.json", "")] = entry
+    return out
+
+
 def fake_report() -> dict:
     def group(g: int, layers: list[int], base: float) -> dict:
         return {"group": g, "layers": layers,
@@ -105,6 +128,18 @@ def test_saebench_mapping_and_schema():
         saebench_results(report)
 
 
+def test_saebench_files_load_in_its_reader(tmp_path):
+    from monet.interp.saebench import write_saebench
+
+    paths = write_saebench(fake_report(), tmp_path / "probe", seed=0)
+    assert [p.relative_to(tmp_path / "probe").as_posix() for p in paths] == [
+        f"saebench/sparse_probing/run_group_{g}_eval_results.json" for g in (0, 1)]
+    loaded = read_like_saebench(tmp_path / "probe" / "saebench")
+    assert sorted(loaded) == ["run_group_0", "run_group_1"]
+    assert loaded["run_group_1"]["sae_top_5_test_accuracy"] == pytest.approx(0.8)
+    assert loaded["run_group_0"]["sae_class"] == "monet" and loaded["run_group_0"]["d_sae"] == "262k"
+
+
 @pytest.mark.slow
 def test_probe_format_saebench_command(corpus: Path, tmp_path: Path) -> None:
     pytest.importorskip("sklearn")
@@ -115,7 +150,7 @@ def test_probe_format_saebench_command(corpus: Path, tmp_path: Path) -> None:
             "--split", "train", "--train-tokens", "300", "--test-tokens", "150", "--ks", "1", "2", "5", "20",
             "--bootstrap", "20", "--seq-len", "32", "--device", "cpu", "--quiet", "--format", "saebench"]
     assert main(args) == 0
-    files = sorted((out / "saebench").glob("*_eval_results.json"))
+    files = sorted((out / "saebench" / "sparse_probing").glob("*_eval_results.json"))
     assert [f.name for f in files] == ["run_group_0_eval_results.json", "run_group_1_eval_results.json"]
     report = json.loads((out / "probe.json").read_text())
     for path in files:
@@ -124,6 +159,7 @@ def test_probe_format_saebench_command(corpus: Path, tmp_path: Path) -> None:
         group = int(path.name.split("_group_")[1].split("_")[0])
         assert result["eval_result_metrics"]["sae"]["sae_top_5_test_accuracy"] == \
             report["models"][0]["groups"][group]["binary"]["5"]["accuracy"]
+    assert sorted(read_like_saebench(out / "saebench")) == ["run_group_0", "run_group_1"]
     assert main(["probe", "r", "--data", "d", "--out", "o", "--format", "saebench"]) == 2   # no baseline
 
 

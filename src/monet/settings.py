@@ -585,7 +585,8 @@ class ProbeSettings(Settings):
     force: bool = False  # unneeded for an earlier probe report (replaced anyway); nothing else is ever replaced
     quiet: bool = False  # no progress bars
     format: Literal["monet", "saebench"] = "monet"
-    """saebench: also write OUT/saebench/*_eval_results.json in SAEBench's sparse-probing layout (needs --baseline)"""
+    """saebench: also write OUT/saebench/sparse_probing/*_eval_results.json in SAEBench's sparse-probing layout
+    (needs --baseline)"""
 
     def validate(self) -> None:
         if not self.ks:
@@ -630,6 +631,9 @@ class AutointerpSettings(Settings):
     quiet: float = number(0.01, low=0, below=1)
     """a window is non-activating when the unit stays at or below this fraction of its largest atlas value"""
     pool: int = number(2000, low=1)  # random corpus windows the non-activating examples are drawn from
+    weighting: Literal["bands", "activations"] = "bands"
+    """bands: every held-out example counts once (equal numbers per activation band); activations: weighted by
+    its band's share of the unit's activations, as sampling by activation quantiles (delphi) would count it"""
     batch_size: int = number(16, low=1)  # windows per forward pass
     bootstrap: int = number(1000, low=0)  # bootstrap rounds over experts for the 95% intervals
     seed: int = number(0, low=0)  # expert sample, examples, control

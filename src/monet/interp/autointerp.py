@@ -1,7 +1,9 @@
 """Automated interpretability: how well does an explanation of an expert predict where it fires? (`monet autointerp`)
 
 The protocol follows EleutherAI's delphi (Paulo et al. 2024, "Automatically Interpreting Millions of Features
-in Large Language Models") and SAEBench's autointerp, with the atlas in place of their activation caches:
+in Large Language Models") and SAEBench's autointerp, with the atlas in place of their activation caches. It
+reads units through `monet.interp.units`, so a dense baseline's atlas (MLP neurons, a group per layer) goes
+through the same sampling, explanations and judges as a Monet atlas (experts, a group per routing group):
 
 * **Experts**: per group, `--experts` units with at least `--min-count` activations, stratified by density
   (equal numbers from each of `--strata` log-density quantile bins), seeded.
@@ -67,13 +69,15 @@ STOPWORDS = frozenset("a an and are as at be by for from in is it of on or that 
 @dataclass
 class Example:
     """One context shown to a judge: token pieces, the unit's value at each (share of routing, 0 where
-    inactive), whether it is an activating example, its activation band (-1: non-activating) and marks."""
+    inactive), whether it is an activating example, its activation band (-1: non-activating), marks, and its
+    weight under `--weighting activations` (see `held_out_activating`; 1 for a non-activating example)."""
 
     pieces: list[str]
     values: list[float]
     activating: bool
     band: int = -1
     marked: list[int] = field(default_factory=list)   # token indices highlighted (fuzzing)
+    weight: float = 1.0
 
     def text(self, marks: bool = False) -> str:
         return "".join(f"<<{p}>>" if marks and i in self.marked else p for i, p in enumerate(self.pieces))
@@ -122,15 +126,27 @@ def _example(ctx: dict[str, Any], activating: bool, band: int = -1) -> Example:
 
 def held_out_activating(atlas: Any, group: int, expert: int, top: list[dict[str, Any]], limit: int) -> list[Example]:
     """The expert's band samples that are not top contexts, round-robin over bands (strongest first), at most
-    `limit`: delphi's examples drawn from every activation quantile."""
+    `limit`: examples from every activation band, as delphi draws them from every activation quantile.
+
+    The bands are log-spaced in absolute value, not quantiles: equal numbers per band over-represent the bands
+    that hold few of the unit's activations (a dense neuron, positive on about half the tokens, spreads over all
+    10). Each example's `weight` is its band's share of the unit's activations over the examples drawn from
+    that band (mean 1), so that weighted rates estimate rates over the unit's activations -- what sampling by
+    quantiles gives (stratified sampling, reweighted)."""
     seen = {(c["doc"], c["pos"]) for c in top}
+    bands = atlas.band_samples(group, expert)
+    share = {b["band"]: float(b["share"]) for b in bands}
     per_band = [[_example(c, True, b["band"]) for c in b["contexts"] if (c["doc"], c["pos"]) not in seen]
-                for b in atlas.band_samples(group, expert)]
+                for b in bands]
     out: list[Example] = []
     depth = 0
     while len(out) < limit and any(depth < len(part) for part in per_band):
         out += [part[depth] for part in per_band if depth < len(part)][:limit - len(out)]
         depth += 1
+    drawn = Counter(ex.band for ex in out)
+    raw = [share[ex.band] / drawn[ex.band] for ex in out]
+    for ex, w in zip(out, raw, strict=True):
+        ex.weight = w * len(out) / sum(raw) if sum(raw) > 0 else 1.0
     return out
 
 
@@ -152,19 +168,27 @@ class QuietPool:
 def quiet_pool(model: Any, atlas: Any, size: int, batch_size: int, seed: int, width: int = 17) -> QuietPool:
     """About `size` windows of `width` tokens at random places of the atlas's corpus: random build windows
     (documents cut every seq_len tokens from their start, each run whole, so the values are those the build
-    saw), each cut into as many non-overlapping `width`-token windows as fit (3 of 64 tokens)."""
+    saw), each cut into as many non-overlapping `width`-token windows as fit (3 of 64 tokens). Build windows
+    shorter than `width` (short documents, documents' tails) give none: every window has `width` tokens, since
+    a shorter one is both likelier to be quiet and less likely to contain any explanation's terms, which
+    would lift every explanation's specificity, the random control's included."""
     dataset = atlas.dataset()
     seq_len = int(atlas.manifest["options"]["seq_len"])
     rng = np.random.default_rng([seed, 2])
     lengths = (dataset.docs[:, 1] - dataset.docs[:, 0]).astype(np.int64)
+    if min(seq_len, int(lengths.max(initial=0))) < width:
+        raise MonetError(f"the atlas's corpus has no {width}-token window (seq_len {seq_len}, longest document "
+                         f"{int(lengths.max(initial=0))} tokens) to draw non-activating contexts from")
     plans: list[tuple[int, int, int, list[int]]] = []     # (doc, window start, window length, sub-window starts)
     total = 0
     while total < size:
         doc = int(rng.choice(len(lengths), p=lengths / lengths.sum()))
         start = int(rng.integers(0, lengths[doc])) // seq_len * seq_len
         length = min(seq_len, int(lengths[doc]) - start)
-        first = int(rng.integers(0, length % width + 1)) if length >= width else 0
-        subs = list(range(first, max(length - width, 0) + 1, width))[:size - total]
+        if length < width:
+            continue
+        first = int(rng.integers(0, length % width + 1))
+        subs = list(range(first, length - width + 1, width))[:size - total]
         plans.append((doc, start, length, subs))
         total += len(subs)
     groups = len(atlas.groups)
@@ -213,10 +237,10 @@ def fuzzing_examples(examples: list[Example], rng: np.random.Generator) -> list[
         if not active:
             continue
         if n % 2 == 0 or len(others) < len(active):
-            out.append(Example(ex.pieces, ex.values, True, ex.band, active))
+            out.append(Example(ex.pieces, ex.values, True, ex.band, active, ex.weight))
         else:
             wrong = sorted(rng.choice(others, size=len(active), replace=False).tolist())
-            out.append(Example(ex.pieces, ex.values, False, ex.band, wrong))
+            out.append(Example(ex.pieces, ex.values, False, ex.band, wrong, ex.weight))
     return out
 
 
@@ -406,17 +430,22 @@ class Embedder:
 
 # -------------------------------------------------------------------------------------------- metrics
 
-def classification(truth: list[bool], predicted: list[bool]) -> dict[str, Any]:
+def classification(truth: list[bool], predicted: list[bool], weights: list[float] | None = None) -> dict[str, Any]:
     """Counts, balanced accuracy (mean of the true-positive and true-negative rates; None when a class is
-    missing), precision, recall and F1 (0 when undefined)."""
+    missing), precision, recall and F1 (0 when undefined). With `weights`, tp/fp/tn/fn and the rates are
+    weighted sums (n_pos, n_neg stay numbers of examples)."""
     t, p = np.asarray(truth, bool), np.asarray(predicted, bool)
-    tp, fp = int((t & p).sum()), int((~t & p).sum())
-    tn, fn = int((~t & ~p).sum()), int((t & ~p).sum())
+    if weights is None:
+        tp, fp = int((t & p).sum()), int((~t & p).sum())
+        tn, fn = int((~t & ~p).sum()), int((t & ~p).sum())
+    else:
+        w = np.asarray(weights, np.float64)
+        tp, fp, tn, fn = (float(w[mask].sum()) for mask in (t & p, ~t & p, ~t & ~p, t & ~p))
     recall = tp / (tp + fn) if tp + fn else None
     specificity = tn / (tn + fp) if tn + fp else None
     precision = tp / (tp + fp) if tp + fp else 0.0
     r = recall or 0.0
-    return {"n_pos": tp + fn, "n_neg": tn + fp, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+    return {"n_pos": int(t.sum()), "n_neg": int((~t).sum()), "tp": tp, "fp": fp, "tn": tn, "fn": fn,
             "balanced_accuracy": None if recall is None or specificity is None else (recall + specificity) / 2,
             "precision": precision, "recall": recall,
             "f1": 2 * precision * r / (precision + r) if precision + r else 0.0}
@@ -474,8 +503,9 @@ def explain_all(atlas: Any, group: int, experts: np.ndarray, tops: dict[int, lis
 
 def score_expert(explanations: dict[str, str], activating: list[Example], quiet: list[Example],
                  judge: Judge, scorers: tuple[str, ...], embedder: Embedder | None,
-                 rng: np.random.Generator) -> list[dict[str, Any]]:
-    """Rows of one expert: per explanation source and scorer, the counts and metrics."""
+                 rng: np.random.Generator, weighted: bool = False) -> list[dict[str, Any]]:
+    """Rows of one expert: per explanation source and scorer, the counts and metrics (`weighted`: each example
+    counts with its `weight`)."""
     rows = []
     fuzz = fuzzing_examples(activating, rng) if "fuzzing" in scorers else []
     vectors = embedder([ex.text() for ex in activating + quiet]) if embedder is not None and "embedding" in scorers \
@@ -495,7 +525,8 @@ def score_expert(explanations: dict[str, str], activating: list[Example], quiet:
                 continue
             predicted = judge(text, examples, scorer)
             rows.append({"source": source, "scorer": scorer, "judge": judge.name,
-                         **classification([ex.activating for ex in examples], predicted)})
+                         **classification([ex.activating for ex in examples], predicted,
+                                          [ex.weight for ex in examples] if weighted else None)})
     return rows
 
 
@@ -558,9 +589,12 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             return "-"
         return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
-    lines = [f"Autointerp of {meta['atlas']} ({meta['kind']}), judge `{meta['judge']}`; balanced accuracy "
+    group = "layer" if meta["kind"] == "dense" else "group"     # a dense model's group is a layer
+    weighting = " (held-out examples weighted by their band's share of activations)" \
+        if meta.get("weighting") == "activations" else ""
+    lines = [f"Autointerp of {meta['atlas']} ({meta['kind']}), judge `{meta['judge']}`{weighting}; balanced accuracy "
              "(embedding: AUROC) and F1 per expert, mean [bootstrap 95% interval over experts]; chance 0.5.", "",
-             "| group | source | scorer | experts | balanced accuracy | F1 | minus random |",
+             f"| {group} | source | scorer | experts | balanced accuracy | F1 | minus random |",
              "|---|---|---|---|---|---|---|"]
     for e in summary:
         lines.append(f"| {e['group']} | {e['source']} | {e['scorer']} | {e['experts']} | "
@@ -624,7 +658,8 @@ def autointerp(cmd: Any) -> dict[str, Any]:
             n_quiet.append(len(quiet))
             sampled += 1
             mine = {source: by_expert[expert] for source, by_expert in explanations.items() if source in cmd.sources}
-            for row in score_expert(mine, activating, quiet, judge, tuple(cmd.scorers), embedder, rng):
+            for row in score_expert(mine, activating, quiet, judge, tuple(cmd.scorers), embedder, rng,
+                                    cmd.weighting == "activations"):
                 rows.append({"group": group, "expert": expert, "count": int(counts[expert]),
                              "density": float(counts[expert]) / float(atlas.manifest["tokens"]),
                              "explanation": mine[row["source"]], **row})
@@ -635,7 +670,8 @@ def autointerp(cmd: Any) -> dict[str, Any]:
     meta = {"atlas": str(Path(cmd.atlas).resolve()), "kind": atlas.manifest["kind"], "run": str(run),
             "judge": judge.name if cmd.judge == "overlap" else cmd.judge, "sources": list(cmd.sources),
             "scorers": list(cmd.scorers), "groups": groups, "experts_per_group": cmd.experts, "strata": cmd.strata,
-            "min_count": cmd.min_count, "quiet": cmd.quiet, "pool": cmd.pool, "seed": cmd.seed,
+            "min_count": cmd.min_count, "quiet": cmd.quiet, "weighting": cmd.weighting, "pool": cmd.pool,
+            "seed": cmd.seed,
             "bootstrap": cmd.bootstrap, "activating_max": cmd.max_activating,
             "experts_scored": sampled, "experts_without_held_out": skipped,
             "experts_without_negatives": int(sum(n == 0 for n in n_quiet)),

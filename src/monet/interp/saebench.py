@@ -28,7 +28,9 @@ from monet.errors import MonetError
 from monet.io import write_json
 
 SAEBENCH_KS = (1, 2, 5, 10, 20, 50, 100)     # the k of SAEBench's metric fields
-DIRECTORY = "saebench"
+# SAEBench writes eval_results/sparse_probing/<release>_<id>_eval_results.json, and its result reader
+# (sae_bench_utils/graphing_utils.get_eval_results) picks the metrics by the eval's name in the file's path
+DIRECTORY = "saebench/sparse_probing"
 
 
 def _accuracy(group: dict[str, Any], k: int, label: str | None = None) -> float | None:
@@ -115,7 +117,8 @@ def saebench_results(report: dict[str, Any], seed: int | None = None) -> dict[st
 
 
 def write_saebench(report: dict[str, Any], out: str | Path, seed: int | None = None) -> list[Path]:
-    """Write `saebench_results(report)` under OUT/saebench/ (one file per routing group); returns the paths."""
+    """Write `saebench_results(report)` under OUT/saebench/sparse_probing/ (one file per routing group); returns
+    the paths."""
     directory = Path(out) / DIRECTORY
     directory.mkdir(parents=True, exist_ok=True)
     return [write_json(directory / name, result) for name, result in saebench_results(report, seed).items()]
