@@ -1,12 +1,13 @@
 """Monet against fairer baselines on one finished demo: dense rules and an SAE (issue 23, item 4; not run in CI).
 
-    python benchmarks/unlearning/baselines.py --demo DEMO --out OUT [--dense attribution:zero class-mean:mean]
-                                              [--sae-latents 1024 --sae-k 32 --sae-steps 600] [--no-sae]
+    python benchmarks/unlearning/baselines.py --demo DEMO --out OUT [--dense attribution:zero attribution:mean]
+                                              [--fractions 0.15 0.4] [--sae-latents 1024 --sae-k 32] [--no-sae]
 
 DEMO is a `monet demo` directory (data/, run/, dense-run/, report/). Monet's numbers are read from its
-report (nothing Monet is re-run); each baseline goes through the same protocol (`unlearn.run_protocol`) on
-the same validation windows (the same `EvalPlan` as the report's): per target label the same share of units
-as Monet masked (operating point) and a sweep over --fractions. Baselines:
+report (nothing Monet is re-run); each baseline is measured by the protocol's own `unlearn.edit_effect`
+(paired Δ, CIs clustered by document) on the report's windows, every point sized like the report's sweep
+points (the report's sweep_tokens of the target, a quarter of that per other label: a subset of the operating point's
+windows): per target label the same share of units as Monet masked, and a sweep over --fractions. Baselines:
 
 * dense rules `RULE:ABLATION` (`--dense`): neurons ranked by `attribution` (activation x gradient, the
   estimated loss rise on the target minus the others' mean) or `class-mean` (signed class-mean difference),
@@ -16,8 +17,8 @@ as Monet masked (operating point) and a sweep over --fractions. Baselines:
   SAE error kept); its reconstruction cost (every MLP output replaced by the reconstruction) is measured on
   the same windows.
 
-No control masks are drawn (the comparison is along forget-retain curves). Writes OUT/baselines.json and
-OUT/baselines.md: per label Monet's Δ target and Δ others, and each baseline's Δ others at Monet's Δ target
+No control masks are drawn and no ceiling is measured (the comparison is along forget-retain curves; the
+report has the dense ceiling). Writes OUT/baselines.json and OUT/baselines.md: per label Monet's Δ target and Δ others, and each baseline's Δ others at Monet's Δ target
 (interpolated on its curve, which starts at (0, 0): nothing deleted), its operating point and its largest
 Δ target.
 """
