@@ -19,8 +19,8 @@ windows): per target label the same share of units as Monet masked, and a sweep 
 
 No control masks are drawn and no ceiling is measured (the comparison is along forget-retain curves; the
 report has the dense ceiling). Writes OUT/baselines.json and OUT/baselines.md: per label Monet's Δ target
-and Δ others, and each baseline's Δ others at Monet's Δ target (interpolated on its curve, which starts at (0, 0): nothing deleted), its operating point and its largest
-Δ target.
+and Δ others, and each baseline's Δ others at Monet's Δ target (interpolated on its curve, which starts at
+(0, 0): nothing deleted), its operating point and its largest Δ target.
 """
 
 from __future__ import annotations
