@@ -143,6 +143,17 @@ def markdown(comparison: dict, names: list[str], reconstruction: dict | None) ->
             cells.append("-" if cell is None else
                          f"{num(cell['others_at_monet_target'])} ({num(cell['max_delta_target'])})")
         lines.append("| " + " | ".join(cells) + " |")
+    monet_others = [row["monet"]["delta_others"] for row in comparison.values()]
+    cells = ["mean (labels reached)", "", num(float(np.mean(monet_others)))]
+    for n in names:
+        reached = [(row[n]["others_at_monet_target"], row["monet"]["delta_others"]) for row in comparison.values()
+                   if n in row and row[n]["others_at_monet_target"] is not None]
+        if reached:
+            theirs, ours = (num(float(np.mean(column))) for column in zip(*reached, strict=True))
+            cells.append(f"{theirs} vs Monet {ours} ({len(reached)}/{len(comparison)})")
+        else:
+            cells.append(f"- (0/{len(comparison)})")
+    lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Operating point (the same share of units as Monet masked): Δ target / Δ others", "",
               "| label | Monet | " + " | ".join(names) + " |", "|" + "---|" * (2 + len(names))]
     for label, row in comparison.items():
@@ -173,11 +184,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sae-steps", type=int, default=500)
     parser.add_argument("--sae-batch", type=int, default=512)
     parser.add_argument("--targets", nargs="*", default=None, help="labels (default: the report's)")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="only combine these earlier OUT directories' baselines.json into OUT (nothing is run)")
     args = parser.parse_args(argv)
 
     demo, out = Path(args.demo), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = json.loads((demo / "report" / "report.json").read_text())
+    if args.merge:
+        runs = [json.loads((Path(d) / "baselines.json").read_text()) for d in args.merge]
+        results = {name: result for run in runs for name, result in run["results"].items()}
+        reconstruction = next((run["sae_reconstruction"] for run in runs if run.get("sae_reconstruction")), None)
+        comparison = compare(report["monet"], results)
+        write_json(out / "baselines.json", {"demo": str(demo), "command": " ".join(sys.argv), "merged": args.merge,
+                                            "commands": [run["command"] for run in runs], "results": results,
+                                            "comparison": comparison, "sae_reconstruction": reconstruction})
+        text = markdown(comparison, list(results), reconstruction)
+        (out / "baselines.md").write_text(text)
+        print(text)
+        return 0
     targets = args.targets or list(report["monet"]["masked"])
     shares = {t: report["summary"][t]["masking_ratio"] for t in targets}
     model, _ = load_checkpoint(demo / "dense-run", device="cpu", load_tokenizer=False)
