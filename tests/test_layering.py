@@ -25,11 +25,10 @@ ORDER = [
     "monet.interp.autointerp",
     "monet.interp.viewer.server",
     "monet.interp.viewer", "monet.interp",
-    "monet.experiments.protocol_stats", "monet.experiments.dense_rules", "monet.experiments.sae",
-    "monet.experiments.benchmarks",
+    "monet.experiments.protocol_stats", "monet.experiments.dense_rules", "monet.experiments.benchmarks",
     "monet.experiments.unlearn",
     "monet.experiments.toxicity",
-    "monet.experiments.bench", "monet.experiments.demo",
+    "monet.experiments.bench", "monet.experiments.demo", "monet.experiments.sae",
     "monet.experiments", "monet.cli", "monet.__main__", "monet",
 ]
 # Function-local imports of our own modules are allowed only where they are deliberate lazy imports.
