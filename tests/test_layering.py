@@ -29,7 +29,7 @@ ORDER = [
     "monet.experiments.protocol_stats", "monet.experiments.dense_rules", "monet.experiments.benchmarks",
     "monet.experiments.unlearn", "monet.experiments.export",
     "monet.experiments.toxicity",
-    "monet.experiments.bench", "monet.experiments.demo",
+    "monet.experiments.bench", "monet.experiments.demo", "monet.experiments.sae",
     "monet.experiments", "monet.cli", "monet.__main__", "monet",
 ]
 # Function-local imports of our own modules are allowed only where they are deliberate lazy imports.

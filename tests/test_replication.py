@@ -39,3 +39,13 @@ def test_replication_grades_and_provenance():
     # Reports from before issue 23 carry no grade: no verdict is invented for them.
     old = {0: {"summary": {"c": {k: v for k, v in _report({"c": "robust"})["summary"]["c"].items() if k != "grade"}}}}
     assert "replication" not in run.aggregate(old)["monet"]["c"]
+
+
+def test_a_rerun_keeps_the_hand_written_sections(tmp_path):
+    run = _run_module()
+    path = tmp_path / "RESULTS.md"
+    assert run.kept_sections(path) == ""
+    path.write_text("# old table\n\nrows\n", encoding="utf-8")
+    assert run.kept_sections(path) == ""   # no marker: everything is the generated table
+    path.write_text(f"# old table\n\nrows\n\n{run.KEEP}\n\n## Baselines\n\ntext\n", encoding="utf-8")
+    assert run.kept_sections(path) == f"\n{run.KEEP}\n\n## Baselines\n\ntext\n"

@@ -245,20 +245,23 @@ def test_out_never_deletes_what_it_did_not_create(demo: Path, tmp_path: Path, ca
     assert json.loads((report / "report.json").read_text())["eval_tokens"] == 64
 
 
-def test_dense_rules_run_through_the_protocol(demo: Path, tmp_path: Path) -> None:
-    """--dense-rule class-mean --dense-ablation mean: the dense baseline selects by the signed class-mean
-    difference and ablates to the mean; its numbers come back from windows.csv.gz."""
+@pytest.mark.parametrize(("rule", "ablation", "named"), [("class-mean", "mean", "class-mean difference"),
+                                                         ("attribution", "zero", "attribution")])
+def test_dense_rules_run_through_the_protocol(demo: Path, tmp_path: Path, rule: str, ablation: str,
+                                              named: str) -> None:
+    """--dense-rule class-mean --dense-ablation mean (or attribution, zero): the dense baseline selects by
+    the rule and ablates as asked; its numbers come back from windows.csv.gz."""
     report = json.loads((demo / "report" / "report.json").read_text())
     target = max(report["monet"]["masked"], key=lambda t: report["monet"]["masked"][t]["masked_experts"])
     out = unlearn(UnlearnSettings(run=str(demo / "run"), data=str(demo / "data"), atlas=str(demo / "atlas"),
                                   out=str(tmp_path / "r"), target=target, eval_tokens=128, others_tokens=64,
                                   random_masks=2, random_tokens=64, sweep=(), batch_size=4, quiet=True,
                                   baseline=str(demo / "dense-run"), baseline_atlas=str(demo / "dense-atlas"),
-                                  dense_rule="class-mean", dense_ablation="mean", dense_rule_tokens=2_000))
-    assert out["dense_rule"] == "class-mean" and out["dense_ablation"] == "mean"
+                                  dense_rule=rule, dense_ablation=ablation, dense_rule_tokens=2_000))
+    assert out["dense_rule"] == rule and out["dense_ablation"] == ablation
     entry = out["dense_protocol"]["masked"][target]
-    assert "class-mean difference" in entry["selection"]["criterion"]
-    assert entry["sweep"] and all("class-mean difference" in p["criterion"] for p in entry["sweep"])
+    assert named in entry["selection"]["criterion"]
+    assert entry["sweep"] and all(named in p["criterion"] for p in entry["sweep"])
     assert np.isfinite(entry["delta_target"]) and np.isfinite(out["dense_protocol"]["ceiling"]["delta"][target])
     rows = [r for r in read_windows(tmp_path / "r" / "windows.csv.gz")
             if r["model"] == "dense" and r["point"] == "operating" and r["label"] == target]

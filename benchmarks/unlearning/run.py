@@ -38,6 +38,17 @@ def run_seed(seed: int, out: Path, source: str) -> Path:
     return directory
 
 
+KEEP = "<!-- run.py keeps everything below this line -->"
+
+
+def kept_sections(path: Path) -> str:
+    """The hand-written sections of an existing RESULTS.md (from the KEEP marker on), which a rerun keeps."""
+    if not path.is_file():
+        return ""
+    text = path.read_text(encoding="utf-8")
+    return "\n" + text[text.index(KEEP):] if KEEP in text else ""
+
+
 def mean_sd(values: list[float]) -> dict[str, float]:
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
@@ -181,7 +192,7 @@ def main() -> int:
          "per_seed": {str(s): {"summary": r["summary"], "dense": r.get("dense"), "equal_target": r.get("equal_target")}
                       for s, r in reports.items()}}, indent=1, default=str) + "\n", encoding="utf-8")
     text = markdown(result, args.seeds, command)
-    (args.write / "RESULTS.md").write_text(text, encoding="utf-8")
+    (args.write / "RESULTS.md").write_text(text + kept_sections(args.write / "RESULTS.md"), encoding="utf-8")
     print(text)
     return 0
 

@@ -686,9 +686,10 @@ class UnlearnSettings(Settings):
     # and fairer dense baselines (docs/editing.md).
     random_others_tokens: int = number(64, low=2)  # tokens per other label each control mask is evaluated on
     uniform_control: bool = False  # control masks drawn uniformly from the seen units (earlier reports)
-    dense_rule: Literal["specificity", "class-mean"] = "specificity"
-    """how dense neurons are ranked: specificity of the atlas's positive part, or the signed class-mean
-    difference (target mean minus the other labels' mean, measured on --dense-rule-tokens training tokens)"""
+    dense_rule: Literal["specificity", "class-mean", "attribution"] = "specificity"
+    """how dense neurons are ranked: specificity of the atlas's positive part, the signed class-mean
+    difference (target mean minus the other labels' mean), or attribution (activation x gradient: the
+    estimated loss rise on the target minus the other labels' mean), both on --dense-rule-tokens training tokens"""
     dense_ablation: Literal["zero", "mean"] = "zero"  # deleted dense neurons output 0, or their mean input
     dense_rule_tokens: int = number(160_000, low=1)  # training tokens for the signed neuron means
     lm_eval_task: tuple[str, ...] = ()

@@ -38,8 +38,10 @@ from monet.evaluate import label_window_sets, window_indices, window_losses
 from monet.experiments.benchmarks import HEATMAP as LM_EVAL_HEATMAP
 from monet.experiments.benchmarks import plot_accuracy_heatmap, prepare_benchmark, unlearning_accuracy
 from monet.experiments.dense_rules import (
+    attribution_rises,
     class_mean_difference,
     mean_ablated,
+    neuron_attributions,
     neuron_label_means,
     overall_means,
     top_by_score,
@@ -691,27 +693,31 @@ def unlearn(settings: UnlearnSettings) -> dict[str, Any]:
 
 def dense_rule(settings: UnlearnSettings, model: nn.Module, seq_len: int) -> dict[str, Any] | None:
     """The dense baseline's rule when it is not the default (specificity, zero ablation): {"select":
-    (target, n) -> Selection, "mask": (model, Selection) -> context}; signed neuron means are measured on
-    `dense_rule_tokens` training tokens spread over every label (`dense_rules`)."""
+    (target, n) -> Selection, "mask": (model, Selection) -> context}; signed neuron means (and, for the
+    attribution rule, activation x gradient) are measured on `dense_rule_tokens` training tokens spread over
+    every label (`dense_rules`)."""
     if settings.dense_rule == "specificity" and settings.dense_ablation == "zero":
         return None
     train = TokenDataset(settings.data, split="train")
-    means, counts = neuron_label_means(model, train, plan_windows(train.docs, seq_len, settings.dense_rule_tokens),
-                                       settings.batch_size)
+    windows = plan_windows(train.docs, seq_len, settings.dense_rule_tokens)
+    means, counts = neuron_label_means(model, train, windows, settings.batch_size)
     width, layers = means[0].shape[1], len(means)
+    centre = overall_means(means, counts) if settings.dense_ablation == "mean" else None
+    if settings.dense_rule == "attribution":   # the estimated rise under the ablation actually applied
+        means = attribution_rises(*neuron_attributions(model, train, windows, settings.batch_size), centre)
+    name = {"class-mean": "class-mean difference", "attribution": "attribution (target rise - others')"}
 
     def select(target: str, n: int) -> Selection:
         scores = [class_mean_difference(m, train.labels.index(target), counts) for m in means]
-        return Selection(width, layers, top_by_score(scores, n), criterion=f"top {n} by class-mean difference")
+        return Selection(width, layers, top_by_score(scores, n),
+                         criterion=f"top {n} by {name[settings.dense_rule]}")
 
-    if settings.dense_ablation == "mean":
-        centre = overall_means(means, counts)
-
+    if centre is not None:
         def mask(model: nn.Module, selection: Selection) -> Any:
             return mean_ablated(model, selection.ids, centre)
     else:
         mask = unit_mask
-    return {"select": select if settings.dense_rule == "class-mean" else None, "mask": mask}
+    return {"select": select if settings.dense_rule in name else None, "mask": mask}
 
 
 # ----------------------------------------------------------------------------------------------------------
