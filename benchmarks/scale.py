@@ -170,16 +170,33 @@ def per_token(stats: dict, tokens: int, weights_bytes: int) -> dict:
             "working_set_bytes": stats["peak_rss_bytes"] - weights_bytes}
 
 
-def unlearn_tokens(report_dir: Path, seq_len: int) -> int:
-    """Tokens the unlearning evaluation ran through the model, as (per-window losses in windows.csv.gz:
-    unmasked, masked and ceiling passes) x seq_len: an upper bound, a window at a document's end is shorter."""
+def unlearn_tokens(report_dir: Path, seq_len: int) -> dict:
+    """What the unlearning evaluation ran through the model: the per-window losses of windows.csv.gz (unmasked
+    and masked passes) x seq_len (an upper bound: a window at a document's end is shorter), plus the ceiling
+    pass (every expert masked; its exact token counts are in report.json), and the size of the mask."""
     import gzip
 
-    path = report_dir / "windows.csv.gz"
-    if not path.is_file():
-        return 0
-    with gzip.open(path, "rt") as handle:
-        return (sum(1 for _ in handle) - 1) * seq_len
+    found = {"window_tokens": 0, "ceiling_tokens": 0, "masked_experts": None}
+    if (report_dir / "windows.csv.gz").is_file():
+        with gzip.open(report_dir / "windows.csv.gz", "rt") as handle:
+            found["window_tokens"] = (sum(1 for _ in handle) - 1) * seq_len
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "ceiling" and isinstance(value, dict):
+                    found["ceiling_tokens"] += sum(value.get("tokens", {}).values())
+                elif key == "masked_experts" and found["masked_experts"] is None and isinstance(value, int):
+                    found["masked_experts"] = value
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    if (report_dir / "report.json").is_file():
+        walk(json.loads((report_dir / "report.json").read_text()))
+    return {**found, "tokens": found["window_tokens"] + found["ceiling_tokens"]}
 
 
 def run_shape(shape: str, dtype: str, args: argparse.Namespace, scratch: Path, data: Path, tokenizer: Path,
@@ -221,13 +238,14 @@ def run_shape(shape: str, dtype: str, args: argparse.Namespace, scratch: Path, d
             "per_1000_tokens_bytes": round(1000 * growth / (last["tokens"] - first["tokens"])),
             "relative": round(growth / max(first["working_set_bytes"], 1), 3)}
     atlas = scratch / f"atlas-{shape}-{dtype}-{max(args.tokens)}"
-    if (atlas / "manifest.json").is_file():
+    if args.unlearn and (atlas / "manifest.json").is_file():
         report = scratch / f"unlearn-{shape}-{dtype}"
         stats = timed([*monet, "unlearn", str(checkpoint), "--data", str(data), "--atlas", str(atlas), "--out",
                        str(report), "--target", args.target, "--eval-tokens", str(args.eval_tokens),
                        "--random-masks", "0", "--sweep", "--mc-items", "0", *common],
                       env, args.timeout, scratch / "log.txt")
-        record["unlearn"] = per_token(stats, unlearn_tokens(report, args.seq_len), weights)
+        counted = unlearn_tokens(report, args.seq_len)
+        record["unlearn"] = {**per_token(stats, counted.pop("tokens"), weights), **counted}
         shutil.rmtree(report, ignore_errors=True)
     for tokens in args.tokens:
         shutil.rmtree(scratch / f"atlas-{shape}-{dtype}-{tokens}", ignore_errors=True)
@@ -259,10 +277,14 @@ def markdown(results: dict) -> str:
                 f"{gib(weights)} | {gib(e['working_set_bytes'])} | {e['load_before'][0]}-{e['load_after'][0]} |")
     lines.append("")
     for key, record in results["runs"].items():
-        growth = record.get("working_set_growth")
-        if growth:
-            lines.append(f"- {key}: working set {growth['tokens'][0]:,} -> {growth['tokens'][1]:,} tokens: "
-                         f"{growth['bytes'] / 2**20:+.0f} MiB ({growth['relative']:+.1%}).")
+        done = [e for e in record.get("atlas", {}).values() if e["returncode"] == 0]
+        if len(done) >= 2:   # the difference of two runs: the start-up cost cancels
+            first, last = done[0], done[-1]
+            tokens = last["tokens"] - first["tokens"]
+            growth = last["working_set_bytes"] - first["working_set_bytes"]
+            lines.append(f"- {key}: atlas working set {first['tokens']:,} -> {last['tokens']:,} tokens: "
+                         f"{growth / 2**20:+.0f} MiB ({growth / first['working_set_bytes']:+.1%}); marginal "
+                         f"{(last['cpu_s'] - first['cpu_s']) / tokens:.3f} CPU-s per atlas token (both passes).")
     return "\n".join(lines) + "\n"
 
 
@@ -275,6 +297,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--eval-tokens", type=int, default=128, help="unlearn: validation tokens per label")
     parser.add_argument("--target", default="python", help="unlearn: the label whose experts are masked")
+    parser.add_argument("--no-unlearn", dest="unlearn", action="store_false", help="atlas builds only")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every command")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per command")
     parser.add_argument("--device", default="cpu")
@@ -284,7 +307,11 @@ def main() -> None:
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--append", action="store_true", help="add to the runs already in --json")
     parser.add_argument("--make-checkpoint", nargs=6, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--report-only", action="store_true", help="rewrite --markdown from --json, run nothing")
     args = parser.parse_args()
+    if args.report_only:
+        Path(args.markdown).write_text(markdown(json.loads(Path(args.json).read_text())))
+        return
     if args.make_checkpoint:
         shape, dtype, data, tokenizer, out, seq_len = args.make_checkpoint
         print(json.dumps(make_checkpoint(shape, dtype, Path(data), Path(tokenizer), Path(out), int(seq_len))))
