@@ -11,6 +11,8 @@ import torch
 
 from monet import MonetForCausalLM, preset
 from monet.checkpoint import (
+    MAX_WEIGHT,
+    check_finite_weights,
     checkpoint_problem,
     latest_checkpoint,
     list_checkpoints,
@@ -146,3 +148,20 @@ def test_training_state_missing_or_corrupt(tmp_path: Path) -> None:
     (path / "training_state.pt").write_bytes(b"garbage")
     with pytest.raises(MonetError, match="corrupt"):
         load_training_state(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_weight_check_names_the_parameter_and_the_cause(dtype: torch.dtype) -> None:
+    model = MonetForCausalLM(preset("tiny")).to(dtype)
+    check_finite_weights(model, "ck")   # random weights pass
+    name, param = list(model.named_parameters())[3]
+    for value, cause in [(float("nan"), "NaN or infinity"), (float("inf"), "NaN or infinity"),
+                         (float("-inf"), "NaN or infinity"), (-1e30, "values beyond"), (1e30, "values beyond"),
+                         (2 * MAX_WEIGHT, "values beyond")]:
+        saved = param.data.view(-1)[-1].item()
+        param.data.view(-1)[-1] = value
+        with pytest.raises(MonetError, match=f"weight {name} holds {cause}"):
+            check_finite_weights(model, "ck")
+        param.data.view(-1)[-1] = saved
+    param.data.view(-1)[-1] = -MAX_WEIGHT / 2   # large but within the bound
+    check_finite_weights(model, "ck")

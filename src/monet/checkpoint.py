@@ -300,10 +300,16 @@ def check_finite_weights(model: torch.nn.Module, where: str | os.PathLike) -> No
     file written so matches its own hash)."""
     for name, param in model.named_parameters():
         data = param.detach()
+        if not data.numel():
+            continue
+        # One pass without temporaries (isfinite + abs().max() took ~11 s on an 850M model on this CPU):
+        # NaN propagates into aminmax and fails both comparisons; the exact cause is looked up on failure only.
+        low, high = torch.aminmax(data)
+        if bool(low >= -MAX_WEIGHT) and bool(high <= MAX_WEIGHT):
+            continue
         if not bool(torch.isfinite(data).all()):
             raise MonetError(f"{where}: weight {name} holds NaN or infinity; this checkpoint cannot be used")
-        if data.numel() and float(data.abs().max()) > MAX_WEIGHT:
-            raise MonetError(f"{where}: weight {name} holds values beyond {MAX_WEIGHT:g}; this checkpoint is damaged")
+        raise MonetError(f"{where}: weight {name} holds values beyond {MAX_WEIGHT:g}; this checkpoint is damaged")
 
 
 def tokenizer_hash(directory: str | os.PathLike) -> str | None:
