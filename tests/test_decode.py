@@ -60,7 +60,7 @@ def test_auto_rule_picks_decoding_for_a_few_tokens_without_autograd(monkeypatch)
     g1, g2 = router(x)
 
     def choose(x, g1, g2):
-        return sparse.choose(layer, x, g1, g2, RoutingGroup(g1, g2))
+        return sparse.choose(layer, x, g1, g2, lambda: RoutingGroup(g1, g2).sparse_routing(g1, g2, x.dtype))
 
     with torch.no_grad():
         assert isinstance(choose(x, g1, g2), sparse.KeptHalves)

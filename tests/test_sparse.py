@@ -327,17 +327,21 @@ def test_dispatch_rule_and_switch(monkeypatch):
     x = torch.randn(1, 3, 8, dtype=torch.float64)
     g1, g2 = router(x)
     group = RoutingGroup(g1, g2)
-    assert sparse.choose(layer, x, g1, g2, group) is None                # auto: far too little work per half
+
+    def choose():
+        return sparse.choose(layer, x, g1, g2, lambda: group.sparse_routing(g1, g2, x.dtype))
+
+    assert choose() is None    # auto: far too little work per half
     with sparse.expert_path("sparse"):
-        assert isinstance(sparse.choose(layer, x, g1, g2, group), sparse.Routing)
+        assert isinstance(choose(), sparse.Routing)
         with sparse.expert_path("dense"):                                # the innermost block wins
-            assert sparse.choose(layer, x, g1, g2, group) is None
+            assert choose() is None
         with sparse.expert_path("decode"):
-            assert isinstance(sparse.choose(layer, x, g1, g2, group), sparse.KeptHalves)
-    assert sparse.choose(layer, x, g1, g2, group) is None                # back to auto after the block
+            assert isinstance(choose(), sparse.KeptHalves)
+    assert choose() is None    # back to auto after the block
     with pytest.raises(ValueError, match="expert path"), sparse.expert_path("fast"):
         pass
     monkeypatch.setattr(sparse, "SPARSE_MIN_WORK_PER_HALF", 0)
-    assert sparse.choose(layer, x, g1, g2, group) is None                # k = 2 of E = 5 per head: too dense
+    assert choose() is None    # k = 2 of E = 5 per head: too dense
     monkeypatch.setattr(sparse, "SPARSE_MAX_ACTIVE_FRACTION", 1.0)
-    assert sparse.choose(layer, x, g1, g2, group) is not None
+    assert choose() is not None

@@ -213,7 +213,7 @@ class MonetHorizontalExperts(nn.Module):
     def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
                 group: RoutingGroup | None = None) -> torch.Tensor:
         group = RoutingGroup(g1, g2) if group is None else group
-        plan = sparse.choose(self, x, g1, g2, group)
+        plan = sparse.choose(self, x, g1, g2, partial(group.sparse_routing, g1, g2, x.dtype))
         if isinstance(plan, sparse.Routing):         # only the active (token, half) pairs (monet.sparse), same value
             return sparse.hd_forward(self, x, plan)
         u, v, b, table = self.u, self.v, self.b, group.edit_weights
@@ -255,7 +255,7 @@ class MonetVerticalExperts(nn.Module):
     def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
                 group: RoutingGroup | None = None) -> torch.Tensor:
         group = RoutingGroup(g1, g2) if group is None else group
-        plan = sparse.choose(self, x, g1, g2, group)
+        plan = sparse.choose(self, x, g1, g2, partial(group.sparse_routing, g1, g2, x.dtype))
         if isinstance(plan, sparse.Routing):         # only the active (token, half) pairs (monet.sparse), same value
             return sparse.vd_forward(self, x, plan)
         u1, u2, v11, v12, v21, v22 = self.u1, self.u2, self.v11, self.v12, self.v21, self.v22

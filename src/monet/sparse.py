@@ -35,18 +35,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from monet import kernels
-
-if TYPE_CHECKING:
-    from monet.model import RoutingGroup
 
 # ----------------------------------------------------------------------------------------------------------
 # Ragged routing structures
@@ -585,10 +581,10 @@ def expert_path(path: str) -> Iterator[None]:
 
 
 def choose(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
-           group: RoutingGroup) -> Routing | KeptHalves | None:
-    """How this call computes the experts: the sparse routing (`Routing`: the active (token, half) pairs,
-    built once per routing group by `group`), the kept halves (`KeptHalves`: the dense formula on their
-    weights only) or None (the dense path).
+           structure: Callable[[], Routing]) -> Routing | KeptHalves | None:
+    """How this call computes the experts: the sparse routing (`Routing`: the active (token, half) pairs, from
+    `structure`, which builds it once per routing group: `monet.model.RoutingGroup.sparse_routing`), the kept
+    halves (`KeptHalves`: the dense formula on their weights only) or None (the dense path).
 
     Auto, CPU only (see the module docstring for GPUs): at most DECODE_MAX_TOKENS tokens without autograd
     (generation, evaluation) -> the kept halves if they are at most DECODE_MAX_ACTIVE_FRACTION of E
@@ -609,7 +605,7 @@ def choose(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
         width = getattr(layer, "expert_dim", None) or 2 * layer.half_dim
         if x.numel() * width < SPARSE_MIN_WORK_PER_HALF:      # tokens * d * m
             return None
-    routing = group.sparse_routing(g1, g2, x.dtype)
+    routing = structure()
     if path == "auto" and routing.active_fraction > SPARSE_MAX_ACTIVE_FRACTION:
         return None
     return routing

@@ -163,7 +163,8 @@ def bench_shape(config: MonetConfig, args: BenchSettings) -> dict:
         train[kind] = forced(lambda layer=layer: _backward(layer(xg, *routing, group=train_group),
                                                            [xg, *routing, *layer.parameters()]))
     with sparse.expert_path(args.path), torch.no_grad():
-        sparse_path = {kind: sparse.choose(layer, x, g1, g2, group) is not None for kind, layer in layers.items()}
+        sparse_path = {kind: sparse.choose(layer, x, g1, g2, lambda: group.sparse_routing(g1, g2, x.dtype)) is not None
+                       for kind, layer in layers.items()}
     if any(sparse_path.values()):     # the structure a routing group's first layer builds (reused after)
         forward["prep"] = lambda: sparse.sparse_routing(g1, g2)
     result: dict = {"tokens": args.tokens, "sparse_path": sparse_path,
@@ -254,7 +255,7 @@ def bench_decode(layers: dict[str, nn.Module], mlp: nn.Module, router: MonetRout
             cases[f"{kind}/b{batch}"] = decode(functools.partial(layer, tokens, g1, g2))
             cases[f"{kind}_dense_path/b{batch}"] = dense_path(functools.partial(layer, tokens, g1, g2))
             with torch.no_grad():
-                plan = sparse.choose(layer, tokens, g1, g2, RoutingGroup(g1, g2))
+                plan = sparse.choose(layer, tokens, g1, g2, lambda: sparse.sparse_routing(g1, g2))
             auto_path[f"{kind}/b{batch}"] = "decode" if isinstance(plan, sparse.KeptHalves) else \
                 "sparse" if isinstance(plan, sparse.Routing) else "dense"
         kept[f"b{batch}"] = sparse.kept_halves(g1, g2).active_fraction
