@@ -255,7 +255,7 @@ def bench_decode(layers: dict[str, nn.Module], mlp: nn.Module, router: MonetRout
             cases[f"{kind}/b{batch}"] = decode(functools.partial(layer, tokens, g1, g2))
             cases[f"{kind}_dense_path/b{batch}"] = dense_path(functools.partial(layer, tokens, g1, g2))
             with torch.no_grad():
-                plan = sparse.choose(layer, tokens, g1, g2, lambda: sparse.sparse_routing(g1, g2))
+                plan = sparse.choose(layer, tokens, g1, g2, functools.partial(sparse.sparse_routing, g1, g2))
             auto_path[f"{kind}/b{batch}"] = "decode" if isinstance(plan, sparse.KeptHalves) else \
                 "sparse" if isinstance(plan, sparse.Routing) else "dense"
         kept[f"b{batch}"] = sparse.kept_halves(g1, g2).active_fraction
