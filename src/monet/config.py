@@ -128,10 +128,6 @@ class MonetConfig(PretrainedConfig):
         """Layer l computes routing when l % moe_groups == 0; later layers of its group reuse it."""
         return layer_idx % self.moe_groups == 0
 
-    def group_of(self, layer_idx: int) -> int:
-        """The routing group of decoder layer l (its routing layer is the group's first)."""
-        return layer_idx // self.moe_groups
-
     def group_layers(self, group: int) -> range:
         """The decoder layers of routing group g (the last group may be shorter)."""
         return range(group * self.moe_groups, min((group + 1) * self.moe_groups, self.num_hidden_layers))
