@@ -6,6 +6,7 @@ Run it alternately with two checkouts on PYTHONPATH (e.g. before and after a cha
 prints one JSON line (code path, seconds, tokens, tokens/s, load average). Results: docs/performance.md.
 """
 
+import inspect
 import json
 import os
 import sys
@@ -17,13 +18,18 @@ import monet
 from monet.data import TokenDataset, load_tokenizer
 
 
-def atlas_entry_points():
+def build(model, tokenizer, data: str, out: str, **options) -> None:
+    """`build_atlas` of whichever layout the checkout has (settings object; before: options + keywords)."""
     try:
         from monet.interp.atlas import build_atlas
-        from monet.settings import AtlasOptions
+        from monet.settings import AtlasBuild, AtlasOptions
     except ImportError:   # the layout before the issue-10 refactor
         from monet.analysis.atlas import AtlasOptions, build_atlas
-    return AtlasOptions, build_atlas
+        AtlasBuild = None
+    if AtlasBuild is not None and "settings" in inspect.signature(build_atlas).parameters:
+        build_atlas(model, tokenizer, AtlasBuild(run="", data=data, out=out, force=True, quiet=True, **options))
+    else:
+        build_atlas(model, tokenizer, data, out, AtlasOptions(**options), force=True, progress=False)
 
 
 def main() -> None:
@@ -34,10 +40,8 @@ def main() -> None:
     torch.manual_seed(0)
     config = monet.preset("monet-vd-850m", vocab_size=max(vocab, 512))
     model = monet.MonetForCausalLM(config).eval()
-    atlas_options, build_atlas = atlas_entry_points()
-    options = atlas_options(max_tokens=tokens, top_k=10, split="train", batch_size=4, seq_len=256)
     started = time.perf_counter()
-    build_atlas(model, tokenizer, data, out, options, force=True, progress=False)
+    build(model, tokenizer, data, out, max_tokens=tokens, top_k=10, split="train", batch_size=4, seq_len=256)
     seconds = time.perf_counter() - started
     with open(os.path.join(out, "manifest.json")) as handle:
         manifest = json.load(handle)

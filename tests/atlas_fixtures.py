@@ -3,6 +3,7 @@ saved as checkpoints, and atlases built from them (cached under pytest's session
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -16,6 +17,7 @@ import torch
 import monet
 from monet.checkpoint import save_checkpoint
 from monet.interp.atlas import AtlasOptions, build_atlas
+from monet.settings import AtlasBuild
 
 OPTIONS = AtlasOptions(max_tokens=3000, top_k=3, split="validation", batch_size=4, seq_len=32)
 HOSTILE = [
@@ -65,10 +67,16 @@ def load(run: Path):
     return load_checkpoint(run)
 
 
+def build_settings(run: Path, data: Path, out: Path, options: AtlasOptions = OPTIONS, **more) -> AtlasBuild:
+    """`monet atlas build`'s settings for these options, quiet."""
+    return AtlasBuild(run=str(run), data=str(data), out=str(out), quiet=True,
+                      **{**dataclasses.asdict(options), **more})
+
+
 def atlas_of(run: Path, data: Path, out: Path, options: AtlasOptions = OPTIONS) -> Path:
     if not (out / "manifest.json").is_file():
         model, tokenizer = load(run)
-        build_atlas(model, tokenizer, data, out, options, progress=False, run=str(run), force=True)
+        build_atlas(model, tokenizer, build_settings(run, data, out, options, force=True))
     return out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from atlas_fixtures import OPTIONS, atlas_of, corpus, load, save_run, tiny_config, window_tokens
+from atlas_fixtures import OPTIONS, atlas_of, build_settings, corpus, load, save_run, tiny_config, window_tokens
 
 from monet.data import TokenDataset
 from monet.errors import MonetError
@@ -269,12 +269,12 @@ def test_bad_inputs(setup, tmp_path):
     with pytest.raises(MonetError, match="no vocabulary token"):
         atlas.experts_for_token("\u2603\u2603\u2603 not a token")
     model, tokenizer = load(setup["run"])
-    from monet.interp.atlas import AtlasOptions, build_atlas
+    from monet.interp.atlas import build_atlas
 
     with pytest.raises(MonetError, match="already exists"):
-        build_atlas(model, tokenizer, setup["data"], setup["atlas"], OPTIONS)
+        build_atlas(model, tokenizer, build_settings(setup["run"], setup["data"], setup["atlas"]))
     with pytest.raises(MonetError, match="top-k"):
-        build_atlas(model, tokenizer, setup["data"], tmp_path / "a", AtlasOptions(top_k=0))
+        build_atlas(model, tokenizer, build_settings(setup["run"], setup["data"], tmp_path / "a", top_k=0))
     assert not (tmp_path / "a").exists() and not (tmp_path / "a.tmp").exists()
 
 

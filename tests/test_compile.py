@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import monet
-from monet import ops
 
 
 @pytest.mark.slow
@@ -39,21 +38,3 @@ def test_training_step_compiles_and_matches_eager() -> None:
     loss_compiled.backward()
     for (name, a), b in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, msg=name)
-
-
-def test_compile_switch_is_off_by_default_and_falls_back(monkeypatch):
-    monkeypatch.delenv("MONET_COMPILE", raising=False)
-    assert ops.maybe_compile(ops.hd_mix) is ops.hd_mix
-    monkeypatch.setenv("MONET_COMPILE", "1")
-
-    def broken(fn, **kwargs):
-        raise RuntimeError("no compiler here")
-
-    monkeypatch.setattr(torch, "compile", broken)
-    wrapped = ops.maybe_compile(ops.hd_mix)
-    hidden, g = torch.randn(1, 2, 4, 3), torch.softmax(torch.randn(1, 2, 2, 4), -1)
-    with pytest.warns(UserWarning, match="torch.compile failed"):
-        top, weight = wrapped(hidden, g, g)
-    want_top, want_weight = ops.hd_mix(hidden, g, g)
-    torch.testing.assert_close(top, want_top)
-    torch.testing.assert_close(weight, want_weight)

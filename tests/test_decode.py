@@ -9,6 +9,7 @@ from test_sparse import LAYERS, _edit_table, _layer, _run
 import monet
 from monet import sparse
 from monet.edits import ExpertEdits, apply_edits
+from monet.model import RoutingGroup
 
 
 def _halves_outside(layer, keep1: torch.Tensor, keep2: torch.Tensor) -> None:
@@ -41,32 +42,35 @@ def test_decode_reads_only_the_kept_halves(cls, edit):
     """NaN in every weight of the halves no token kept: the decode path's output is still the dense value
     (a path that read those weights would return NaN, as the dense path does)."""
     layer, router = _layer(cls, 12, 16, 4, 2, 2, seed=5)
-    if edit:
-        layer.edit_weights = _edit_table(16, seed=6)[0]
+    table = _edit_table(16, seed=6)[0] if edit else None
     x = torch.randn(3, 1, 12, dtype=torch.float64)
     with torch.no_grad():
         g1, g2 = router(x)
-        want = _run(layer, "dense", x, g1, g2)
+        want = _run(layer, "dense", x, g1, g2, table)
         plan = sparse.kept_halves(g1, g2)
         assert plan.first.numel() < 16 and plan.second.numel() < 16     # something left out on both sides
         _halves_outside(layer, plan.first, plan.second)
-        assert _run(layer, "dense", x, g1, g2).isnan().any()
-        torch.testing.assert_close(_run(layer, "decode", x, g1, g2), want, rtol=1e-12, atol=1e-12)
+        assert _run(layer, "dense", x, g1, g2, table).isnan().any()
+        torch.testing.assert_close(_run(layer, "decode", x, g1, g2, table), want, rtol=1e-12, atol=1e-12)
 
 
 def test_auto_rule_picks_decoding_for_a_few_tokens_without_autograd(monkeypatch):
     layer, router = _layer(LAYERS[0], 12, 32, 4, 2, 2)
     x = torch.randn(2, 1, 12, dtype=torch.float64)
     g1, g2 = router(x)
+
+    def choose(x, g1, g2):
+        return sparse.choose(layer, x, g1, g2, lambda: RoutingGroup(g1, g2).sparse_routing(g1, g2, x.dtype))
+
     with torch.no_grad():
-        assert isinstance(sparse.choose(layer, x, g1, g2), sparse.KeptHalves)
+        assert isinstance(choose(x, g1, g2), sparse.KeptHalves)
         many = torch.randn(1, sparse.DECODE_MAX_TOKENS + 1, 12, dtype=torch.float64)
-        assert not isinstance(sparse.choose(layer, many, *router(many)), sparse.KeptHalves)
+        assert not isinstance(choose(many, *router(many)), sparse.KeptHalves)
         monkeypatch.setattr(sparse, "DECODE_MAX_ACTIVE_FRACTION", 0.01)      # the halves are too large a share
-        assert sparse.choose(layer, x, g1, g2) is None
+        assert choose(x, g1, g2) is None
         with sparse.expert_path("decode"):                                  # forced: any size
-            assert isinstance(sparse.choose(layer, many, *router(many)), sparse.KeptHalves)
-    assert sparse.choose(layer, x, g1, g2) is None                          # autograd on: training keeps its paths
+            assert isinstance(choose(many, *router(many)), sparse.KeptHalves)
+    assert choose(x, g1, g2) is None                                        # autograd on: training keeps its paths
 
 
 def _model(decompose, dtype):

@@ -79,17 +79,16 @@ def test_top_half_and_merge_and_ratio():
     E = model.config.moe_experts
     edits = ExpertEdits().scale_top(0, 2, 0.0).merge(ExpertEdits().delete(1, [5, 6]))
     apply_edits(model, edits)
-    table = model.model.layers[0].moe.edit_weights
-    assert table.shape == (E * E,)
+    table = current_weights(model)[0]
+    assert table.shape == (E * E,) and table is model.model.layers[0].router.edit_weights   # one table per group
     expected = torch.zeros(E, E)
     expected[:, 2] = 1.0
     torch.testing.assert_close(table, expected.flatten())
-    assert model.model.layers[1].moe.edit_weights is model.model.layers[1].moe.edit_weights
     assert masking_ratio(model) == pytest.approx((E + 2) / (2 * E * E))
     # Composition: scaling a deleted expert keeps it deleted; halving twice keeps a quarter.
     apply_edits(model, ExpertEdits().scale(1, 5, 3.0).scale(1, 9, 0.5))
     apply_edits(model, ExpertEdits().scale(1, 9, 0.5))
-    table = model.model.layers[2].moe.edit_weights
+    table = current_weights(model)[1]
     assert float(table[5]) == 1.0 and float(table[9]) == pytest.approx(0.75)
     clear_edits(model)
     assert all(w is None for w in current_weights(model).values())
@@ -100,7 +99,7 @@ def test_edited_restores_previous_state_on_error():
     apply_edits(model, ExpertEdits().delete(0, [3]))
     before = current_weights(model)
     with pytest.raises(RuntimeError), edited(model, ExpertEdits().delete(1, [4])):
-        assert model.model.layers[2].moe.edit_weights is not None
+        assert current_weights(model)[1] is not None
         raise RuntimeError("boom")
     assert current_weights(model) == before
 
@@ -212,6 +211,6 @@ def test_parse_steer_and_cli_arguments(tmp_path):
     clear_edits(model)
     apply_steering(model, ["1:2,3=2.5", "0:9=0"], tmp_path / EXPERT_EDITS_FILE)
     E = model.config.moe_experts
-    assert float(model.model.layers[2].moe.edit_weights[2 * E + 3]) == pytest.approx(-1.5)
-    table = model.model.layers[0].moe.edit_weights
+    assert float(current_weights(model)[1][2 * E + 3]) == pytest.approx(-1.5)
+    table = current_weights(model)[0]
     assert float(table[1]) == 1.0 and float(table[9]) == 1.0 and int(torch.count_nonzero(table)) == 2

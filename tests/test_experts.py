@@ -5,7 +5,7 @@ import torch
 from naive import naive_layer
 
 from monet import MonetConfig
-from monet.model import MonetHorizontalExperts, MonetRouter, MonetVerticalExperts
+from monet.model import MonetHorizontalExperts, MonetRouter, MonetVerticalExperts, RoutingGroup
 
 SHAPES = [
     # (hidden, experts E, moe_dim m, heads H, topk k, batch, length)
@@ -80,8 +80,7 @@ def test_edited_factored_equals_naive_masked_and_steered_sum(cls, shape):
         table[i * experts + j] = 1.0                  # delete: remove the whole term
     for (i, j), alpha in steered.items():
         table[i * experts + j] = 1.0 - alpha          # steer: keep alpha times the term
-    layer.edit_weights = table
-    out = layer(x, g1, g2)
+    out = layer(x, g1, g2, group=RoutingGroup(g1, g2, table))   # the group's edit table, as the decoder passes it
     ref = naive_layer(layer, x, g1, g2, mask=masked, scale=steered)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     probe = torch.randn_like(out)
@@ -90,5 +89,5 @@ def test_edited_factored_equals_naive_masked_and_steered_sum(cls, shape):
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
     # An all-zero table is the unedited layer.
-    layer.edit_weights = torch.zeros_like(table)
-    torch.testing.assert_close(layer(x, g1, g2), naive_layer(layer, x, g1, g2))
+    zero = RoutingGroup(g1, g2, torch.zeros_like(table))
+    torch.testing.assert_close(layer(x, g1, g2, group=zero), naive_layer(layer, x, g1, g2))

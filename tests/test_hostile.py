@@ -290,14 +290,14 @@ def test_an_edits_file_with_nan_is_refused(world, tmp_path, capsys) -> None:
     from safetensors.torch import save_file
 
     from monet.checkpoint import load_checkpoint
-    from monet.edits import EDITS_FORMAT, EDITS_VERSION, expert_layers, model_shape
+    from monet.edits import EDITS_FORMAT, EDITS_VERSION, model_shape
 
     model, _ = load_checkpoint(world["run"], load_tokenizer=False)
     experts, groups, per_group = model_shape(model)
     metadata = {"format": EDITS_FORMAT, "version": EDITS_VERSION, "moe_experts": str(experts),
                 "routing_groups": str(groups), "moe_groups": str(per_group),
-                "num_layers": str(len(expert_layers(model)))}
-    index = expert_layers(model)[0][0]
+                "num_layers": str(model.config.num_hidden_layers)}
+    index = 0
     edits = tmp_path / "expert_edits.safetensors"
     save_file({f"layers.{index}.ids": torch_tensor([0, 1], "int64"),
                f"layers.{index}.removal": torch_tensor([float("nan"), 1e30], "float32")}, edits, metadata=metadata)

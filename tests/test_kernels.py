@@ -114,12 +114,12 @@ def test_layers_on_the_kernels_equal_the_naive_sum(cls, shape, edit, monkeypatch
                             lambda *a, original=original, name=name: calls.append(name) or original(*a))
     hidden, experts, moe_dim, heads, topk, batch, length = shape
     layer, router = _layer(cls, hidden, experts, moe_dim, heads, topk)
-    masked = steered = None
+    table = masked = steered = None
     if edit:
-        layer.edit_weights, masked, steered = _edit_table(experts)
+        table, masked, steered = _edit_table(experts)
     x = torch.randn(batch, length, hidden, dtype=torch.float64, requires_grad=True)
     g1, g2 = router(x)
-    out = _run(layer, "sparse", x, g1, g2)
+    out = _run(layer, "sparse", x, g1, g2, table)
     assert {"GatherMatmulKernel", "ScatterMatmulKernel"} <= set(calls)
     ref = naive_layer(layer, x, g1, g2, mask=masked, scale=steered)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)

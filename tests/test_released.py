@@ -349,8 +349,7 @@ def test_exported_edits_give_unlearns_accuracy_in_lm_eval_command_line(released,
 
     assert checkpoint_problem(exported) is None
     model, _ = load_checkpoint(exported)
-    deleted = sum(int((table >= 1).sum()) for index, table in current_weights(model).items()
-                  if table is not None and index % model.config.moe_groups == 0)
+    deleted = sum(int((table >= 1).sum()) for table in current_weights(model).values() if table is not None)
     assert deleted == result["masked"]["cooking"]["masked_experts"]
 
 
@@ -536,13 +535,13 @@ def test_edits_export_of_steering_loads_everywhere(released, tmp_path, capsys):
     capsys.readouterr()
     ours, _ = load_checkpoint(out)
     theirs = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
-    per_group = ours.config.moe_groups
     for model in (ours, theirs):
-        tables = current_weights(model)
-        for index, table in tables.items():
+        tables = current_weights(model)      # one edit table per routing group
+        assert sorted(tables) == [0, 1]
+        for group, table in tables.items():
             want = torch.zeros(36)
-            want[5 if index // per_group == 0 else 7] = 1.0 if index // per_group == 0 else -2.0
-            assert torch.equal(table.cpu(), want), index
+            want[5 if group == 0 else 7] = 1.0 if group == 0 else -2.0
+            assert torch.equal(table.cpu(), want), group
     plain, _ = load_checkpoint(released["checkpoint"])
     ids = torch.tensor([[1, 22557, 1526, 349, 264, 1369]])
     with torch.no_grad():

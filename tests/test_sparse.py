@@ -10,7 +10,7 @@ import monet
 from monet import sparse
 from monet.edits import ExpertEdits, apply_edits
 from monet.interp.capture import active_experts
-from monet.model import MonetHorizontalExperts, MonetRouter, MonetVerticalExperts
+from monet.model import MonetHorizontalExperts, MonetRouter, MonetVerticalExperts, RoutingGroup
 from monet.ops import edited_entries
 
 SHAPES = [
@@ -49,12 +49,10 @@ def _edit_table(experts, seed=1):
     return table, masked, steered
 
 
-def _run(layer, path, x, g1, g2):
-    layer.expert_path = path
-    try:
-        return layer(x, g1, g2)
-    finally:
-        layer.expert_path = None
+def _run(layer, path, x, g1, g2, table=None, group=None):
+    """The layer on one expert path, as a routing group with edit table `table` passes it (or in `group`)."""
+    with sparse.expert_path(path):
+        return layer(x, g1, g2, group=group or RoutingGroup(g1, g2, table))
 
 
 def _grads(out, inputs, probe):
@@ -71,12 +69,12 @@ def test_sparse_equals_naive_through_the_router(cls, shape, edit, path):
     on the sparse path and on the decode path (`KeptHalves`)."""
     hidden, experts, moe_dim, heads, topk, batch, length = shape
     layer, router = _layer(cls, hidden, experts, moe_dim, heads, topk)
-    masked = steered = None
+    table = masked = steered = None
     if edit:
-        layer.edit_weights, masked, steered = _edit_table(experts)
+        table, masked, steered = _edit_table(experts)
     x = torch.randn(batch, length, hidden, dtype=torch.float64, requires_grad=True)
     g1, g2 = router(x)
-    out = _run(layer, path, x, g1, g2)
+    out = _run(layer, path, x, g1, g2, table)
     ref = naive_layer(layer, x, g1, g2, mask=masked, scale=steered)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     probe = torch.randn_like(out)
@@ -95,14 +93,13 @@ def test_sparse_equals_dense_for_routing_inputs(cls, shape, edit, path):
     reads those entries)."""
     hidden, experts, moe_dim, heads, topk, batch, length = shape
     layer, router = _layer(cls, hidden, experts, moe_dim, heads, topk, seed=2)
-    if edit:
-        layer.edit_weights = _edit_table(experts, seed=3)[0]
+    table = _edit_table(experts, seed=3)[0] if edit else None
     x = torch.randn(batch, length, hidden, dtype=torch.float64, requires_grad=True)
     with torch.no_grad():
         g1, g2 = router(x)
     g1.requires_grad_(True)
     g2.requires_grad_(True)
-    dense, sparse_out = _run(layer, "dense", x, g1, g2), _run(layer, path, x, g1, g2)
+    dense, sparse_out = _run(layer, "dense", x, g1, g2, table), _run(layer, path, x, g1, g2, table)
     torch.testing.assert_close(sparse_out, dense, rtol=1e-10, atol=1e-10)
     probe = torch.randn_like(dense)
     inputs = [x, g1, g2, *layer.parameters()]
@@ -242,12 +239,12 @@ def test_outlier_tokens_stay_within_the_memory_bound(cls):
     tokens, heads, experts, hidden, moe_dim = 256, 2, 64, 16, 4
     layer, _ = _layer(cls, hidden, experts, moe_dim, heads, 2)
     layer.float()
-    layer.edit_weights = torch.zeros(experts * experts)
-    layer.edit_weights[::5] = 1.0
+    table = torch.zeros(experts * experts)
+    table[::5] = 1.0
     g1 = _outlier_routing(tokens, heads, experts, 2, seed=3).float().requires_grad_(True)
     g2 = _outlier_routing(tokens, heads, experts, 2, seed=4).float().requires_grad_(True)
     x = torch.randn(1, tokens, hidden, requires_grad=True)
-    out, seen = _saved_bytes(lambda: _run(layer, "sparse", x, g1.unsqueeze(0), g2.unsqueeze(0)))
+    out, seen = _saved_bytes(lambda: _run(layer, "sparse", x, g1.unsqueeze(0), g2.unsqueeze(0), table))
     parameters = {p.untyped_storage().data_ptr() for p in [*layer.parameters(), x, g1, g2]}
     saved = sum(n for ptr, n in seen.items() if ptr not in parameters)
     pairs = int(((g1 > 0).sum(-1) * (g2 > 0).sum(-1)).sum())          # real per-head active pairs
@@ -277,15 +274,14 @@ def test_outlier_tokens_never_create_a_tensor_of_batch_max_size(cls):
     tokens, heads, experts, hidden, moe_dim = 256, 2, 64, 16, 4
     layer, _ = _layer(cls, hidden, experts, moe_dim, heads, 2)
     layer.float()
-    layer.edit_weights = torch.zeros(experts * experts)
-    layer.edit_weights[::5] = 1.0
+    table = torch.zeros(experts * experts)
+    table[::5] = 1.0
     g1 = _outlier_routing(tokens, heads, experts, 2, seed=5).float().requires_grad_(True)
     g2 = _outlier_routing(tokens, heads, experts, 2, seed=6).float().requires_grad_(True)
     x = torch.randn(1, tokens, hidden, requires_grad=True)
     pairs = int(((g1 > 0).sum(-1) * (g2 > 0).sum(-1)).sum())
-    sparse.clear_cache()
     with Largest():
-        out = _run(layer, "sparse", x, g1.unsqueeze(0), g2.unsqueeze(0))
+        out = _run(layer, "sparse", x, g1.unsqueeze(0), g2.unsqueeze(0), table)
         out.square().sum().backward()
         active_experts(g1.detach().unsqueeze(0), g2.detach().unsqueeze(0))
         sparse.active_pairs(g1.detach().unsqueeze(0), g2.detach().unsqueeze(0))   # the per-head pairs
@@ -294,66 +290,58 @@ def test_outlier_tokens_never_create_a_tensor_of_batch_max_size(cls):
 
 
 def test_routing_structure_is_built_once_per_group_and_survives_backward(monkeypatch):
-    """The layers of a routing group share g1, g2: the index structure is built by the first and reused
-    (values are gathered again per call, so repeated forward+backward on the same g works)."""
-    builds = []
-    original = sparse.sparse_routing
+    """The decoder passes each routing group down its layers: the index structure (with the edited pairs of
+    the group's one edit table) is built by the first layer and reused by the others (values are gathered
+    again per call, so repeated forward+backward on the same group works)."""
+    builds, edits = [], []
+    original, original_edits = sparse.sparse_routing, sparse.edited_entries
     monkeypatch.setattr(sparse, "sparse_routing", lambda *a: builds.append(1) or original(*a))
+    monkeypatch.setattr(sparse, "edited_entries", lambda *a: edits.append(1) or original_edits(*a))
     model = _tiny_model("vertical").train()          # 4 layers, moe_groups 2: two routing groups
+    apply_edits(model, ExpertEdits().delete(0, [1, 7]).scale(1, 8, 2.0))
     ids = torch.randint(3, 256, (2, 6))
     with sparse.expert_path("sparse"):
         model(ids, labels=ids).loss.backward()
-    assert len(builds) == 2
+    assert len(builds) == 2 and len(edits) == 2
     layer, router = _layer(MonetHorizontalExperts, 8, 5, 4, 2, 2)
     x = torch.randn(1, 4, 8, dtype=torch.float64, requires_grad=True)
     g1, g2 = (g.detach().requires_grad_(True) for g in router(x))
-    layer.edit_weights = _edit_table(5)[0]
+    group = RoutingGroup(g1, g2, _edit_table(5)[0])
+    builds.clear()
     grads = []
     for _ in range(2):
-        out = _run(layer, "sparse", x, g1, g2)
+        out = _run(layer, "sparse", x, g1, g2, group=group)
         grads.append(torch.autograd.grad(out.square().sum(), [x, g1, g2, *layer.parameters()]))
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    with torch.no_grad():
-        g1.mul_(1.0)                                  # in-place change: a new version, rebuilt
-    builds.clear()
-    _run(layer, "sparse", x, g1, g2)
     assert len(builds) == 1
+    # A routing that is not the group's own (a hook replaced it) gets a structure of its own.
+    other = torch.roll(g1.detach(), 1, dims=-1)
+    torch.testing.assert_close(_run(layer, "sparse", x, other, g2, group=group),
+                               _run(layer, "dense", x, other, g2, group.edit_weights), rtol=1e-10, atol=1e-12)
+    assert len(builds) == 2
 
 
-def test_equal_edit_tables_share_one_enumeration(monkeypatch):
-    calls = []
-    original = sparse.edited_entries
-    monkeypatch.setattr(sparse, "edited_entries", lambda *a: calls.append(1) or original(*a))
-    layer, router = _layer(MonetVerticalExperts, 8, 5, 4, 2, 2)
-    x = torch.randn(2, 3, 8, dtype=torch.float64)
-    with torch.no_grad():
-        g1, g2 = router(x)
-        table = _edit_table(5)[0]
-        for copy in (table, table.clone(), table.clone()):       # as the layers of a group may hold
-            layer.edit_weights = copy
-            _run(layer, "sparse", x, g1, g2)
-    assert len(calls) == 1
-
-
-def test_dispatch_rule_and_switches(monkeypatch):
+def test_dispatch_rule_and_switch(monkeypatch):
     layer, router = _layer(MonetHorizontalExperts, 8, 5, 4, 2, 2)
     x = torch.randn(1, 3, 8, dtype=torch.float64)
     g1, g2 = router(x)
-    assert sparse.choose(layer, x, g1, g2) is None                # auto: far too little work per half
-    monkeypatch.setenv("MONET_EXPERT_PATH", "sparse")
-    assert sparse.choose(layer, x, g1, g2) is not None
-    with sparse.expert_path("dense"):                              # the context manager beats the environment
-        assert sparse.choose(layer, x, g1, g2) is None
-        layer.expert_path = "sparse"                               # and the layer attribute beats both
-        assert sparse.choose(layer, x, g1, g2) is not None
-    layer.expert_path = None
-    monkeypatch.setenv("MONET_EXPERT_PATH", "fast")
-    with pytest.raises(ValueError, match="MONET_EXPERT_PATH"):
-        sparse.choose(layer, x, g1, g2)
-    monkeypatch.setenv("MONET_EXPERT_PATH", "auto")
-    monkeypatch.setattr(sparse, "SPARSE_MIN_WORK_PER_HALF", 0)
-    assert sparse.choose(layer, x, g1, g2) is None                # k = 2 of E = 5 per head: too dense
-    monkeypatch.setattr(sparse, "SPARSE_MAX_ACTIVE_FRACTION", 1.0)
-    assert sparse.choose(layer, x, g1, g2) is not None
+    group = RoutingGroup(g1, g2)
 
+    def choose():
+        return sparse.choose(layer, x, g1, g2, lambda: group.sparse_routing(g1, g2, x.dtype))
+
+    assert choose() is None    # auto: far too little work per half
+    with sparse.expert_path("sparse"):
+        assert isinstance(choose(), sparse.Routing)
+        with sparse.expert_path("dense"):                                # the innermost block wins
+            assert choose() is None
+        with sparse.expert_path("decode"):
+            assert isinstance(choose(), sparse.KeptHalves)
+    assert choose() is None    # back to auto after the block
+    with pytest.raises(ValueError, match="expert path"), sparse.expert_path("fast"):
+        pass
+    monkeypatch.setattr(sparse, "SPARSE_MIN_WORK_PER_HALF", 0)
+    assert choose() is None    # k = 2 of E = 5 per head: too dense
+    monkeypatch.setattr(sparse, "SPARSE_MAX_ACTIVE_FRACTION", 1.0)
+    assert choose() is not None

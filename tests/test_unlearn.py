@@ -28,6 +28,7 @@ from monet.experiments.unlearn import (
     read_windows,
     select_for_label,
     spaced,
+    summary_rows,
     unlearn,
 )
 from monet.interp.criteria import select_top
@@ -87,13 +88,14 @@ def test_report_files_and_consistency(demo: Path) -> None:
                       "masked_experts", "masking_ratio"):
             assert field in row and field in report["dense"][target], field
         assert row["delta_target"] == entry["delta_target"]
-        bar = (row["delta_target"] >= 0.10 and row["delta_target"] >= 5 * max(row["delta_others"], 0)
-               and row["random_delta_target_p95"] is not None and row["delta_target"] > row["random_delta_target_p95"])
-        assert row["passed"] == bar
-        lo, hi = row["delta_target_ci95"][0], row["delta_others_ci95"][1]
-        robust = (lo >= 0.10 and lo >= 5 * max(hi, 0) and bool(row["control_selection_below"])
-                  and entry["masked_experts"] > 0)
-        assert (row["grade"] == "robust") == robust and row["grade"] in ("robust", "marginal", "failing")
+        # The bar and the grade are the report's own numbers put through the rules (whose values are checked
+        # by hand in test_summary_rows_apply_the_bar_to_hand_made_entries and test_protocol_stats).
+        assert report["bar"]["min_delta"] == 0.10 and report["bar"]["selectivity"] == 5.0
+        assert row["grade"] in ("robust", "marginal", "failing")
+        assert row["passed"] == (entry["masked_experts"] > 0 and row["random_delta_target_p95"] is not None and all(
+            row[check] for check in ("min_delta", "selective", "beats_random")))
+        if row["grade"] == "robust":
+            assert row["interval_min_delta_lo"] and row["interval_selective_lo"] and row["control_selection_below"]
         dense = report["dense_protocol"]["masked"][target]   # the dense operating point: Monet's share of units
         units = sum(report["dense_protocol"]["masked"][target]["selection"]["selected_per_group"].values())
         assert dense["masked_experts"] == units
@@ -116,6 +118,34 @@ def test_report_files_and_consistency(demo: Path) -> None:
     assert rows[0][1:] == ["unmasked loss", *report["monet"]["masked"]]
     assert [r[0] for r in rows[1:]] == [*labels, "Δ Target", "Δ Others", "random p95"]
     assert float(rows[1][1]) == pytest.approx(report["monet"]["before"][labels[0]]["loss"], abs=1e-4)
+
+
+def _entry(delta_target, target_ci, delta_others, others_ci, p95=0.05, below=True, masked=10):
+    """One masked label of a protocol result, with its control, as `run_protocol` writes it."""
+    return {"delta_target": delta_target, "delta_target_ci95": target_ci, "delta_others": delta_others,
+            "delta_others_ci95": others_ci, "worst_other": None, "masked_experts": masked, "masking_ratio": 0.01,
+            "target_vs_others": None, "random": {"p95": p95, "selection_delta": delta_target,
+                                                 "comparison": {"selection_below": below, "p_value": 0.01}}}
+
+
+def test_summary_rows_apply_the_bar_to_hand_made_entries() -> None:
+    """The point bar (Δ target >= 0.10, >= 5 x max(Δ others, 0), > control p95) and the grades on interval
+    bounds, on entries whose outcome is worked out by hand."""
+    rows = summary_rows({"masked": {
+        "robust": _entry(0.30, [0.20, 0.40], 0.01, [-0.01, 0.03]),                # 0.20 >= 0.10 and >= 5 x 0.03
+        "wide": _entry(0.30, [0.05, 0.55], 0.01, [-0.01, 0.03]),                  # lower bound under 0.10
+        "leaky": _entry(0.30, [0.20, 0.40], 0.05, [0.03, 0.07]),                  # 0.20 < 5 x 0.07; 0.30 >= 5 x 0.05
+        "small": _entry(0.08, [0.06, 0.10], 0.0, [-0.01, 0.01]),                  # under 0.10 even as a point
+        "control": _entry(0.30, [0.20, 0.40], 0.01, [-0.01, 0.03], p95=0.35, below=False),
+        "empty": _entry(0.0, [0.0, 0.0], 0.0, [0.0, 0.0], p95=None, below=None, masked=0),
+    }})
+    assert {label: row["grade"] for label, row in rows.items()} == {
+        "robust": "robust", "wide": "marginal", "leaky": "marginal", "small": "failing", "control": "marginal",
+        "empty": "failing"}
+    assert {label: row["passed"] for label, row in rows.items()} == {
+        "robust": True, "wide": True, "leaky": True, "small": False, "control": False, "empty": False}
+    assert rows["control"]["beats_random"] is False and rows["small"]["min_delta"] is False
+    assert rows["leaky"]["interval_selective_lo"] is False and rows["wide"]["interval_min_delta_lo"] is False
 
 
 def test_windows_file_recomputes_the_report(demo: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from atlas_fixtures import HOSTILE, corpus, start_dataset_like, tiny_config
+from atlas_fixtures import HOSTILE, build_settings, corpus, start_dataset_like, tiny_config
 
 import monet
 from monet.checkpoint import load_checkpoint, save_checkpoint
@@ -112,8 +112,8 @@ def viewer(tmp_path_factory: pytest.TempPathFactory):
     hostile = viewer_dataset(data, work / "hostile-data")
     run = calibrated_run(work / "run", data)
     model, tokenizer = load_checkpoint(run)
-    build_atlas(model, tokenizer, hostile, work / "atlas",
-                AtlasOptions(max_tokens=None, top_k=5, seq_len=32, batch_size=8, samples=3), progress=False)
+    options = AtlasOptions(max_tokens=None, top_k=5, seq_len=32, batch_size=8, samples=3)
+    build_atlas(model, tokenizer, build_settings(run, hostile, work / "atlas", options))
     give_a_piece_an_rtl_override(work / "atlas")
     atlas = Atlas(work / "atlas", model)
     servers = {"url": make_server(atlas, "127.0.0.1", 0, model, tokenizer),

@@ -122,9 +122,15 @@ class MonetConfig(PretrainedConfig):
         """N = E^2 experts per layer."""
         return self.moe_experts**2
 
+    # Routing groups and their layers: the one place that maps one to the other.
+
     def is_routing_layer(self, layer_idx: int) -> bool:
         """Layer l computes routing when l % moe_groups == 0; later layers of its group reuse it."""
         return layer_idx % self.moe_groups == 0
+
+    def group_layers(self, group: int) -> range:
+        """The decoder layers of routing group g (the last group may be shorter)."""
+        return range(group * self.moe_groups, min((group + 1) * self.moe_groups, self.num_hidden_layers))
 
     @property
     def num_routing_groups(self) -> int:

@@ -5,17 +5,17 @@ keep: alpha = 0 deletes it, 0 < alpha < 1 damps it, alpha > 1 amplifies it (stee
 halves (every expert with that i) or top halves (every expert with that j) can be scaled at once.
 Alphas that meet on one expert multiply.
 
-`apply_edits` turns an `ExpertEdits` into the [E*E] `edit_weights` table (1 - alpha per expert) of each
-expert module of the group's layers (see `monet.model`). The table is per model, never per token, and
-the forward pass only looks up each token's active pairs, so an edited model costs little more than a
-plain one in training, evaluation and KV-cache generation alike.
+`apply_edits` turns an `ExpertEdits` into one [E*E] `edit_weights` table (1 - alpha per expert) per routing
+group, held by the group's router and passed down its layers (`monet.model.RoutingGroup`). The table is
+per model, never per token, and the forward pass only looks up each token's active pairs, so an edited
+model costs little more than a plain one in training, evaluation and KV-cache generation alike.
 
     edits = ExpertEdits().delete(0, [1234, 99]).scale(1, 77, 2.0)
     with edited(model, edits):          # temporary; the previous state comes back afterwards
         loss = model(ids, labels=ids).loss
     apply_edits(model, edits)           # persistent: saved by save_pretrained, reloaded by from_pretrained
 
-Edits persist in `expert_edits.safetensors` beside `model.safetensors` (sparse per layer), with the
+Edits persist in `expert_edits.safetensors` beside `model.safetensors` (sparse, under each layer), with the
 model shape they belong to, so a mask made for another model is refused instead of scaling the wrong experts.
 """
 
@@ -157,28 +157,25 @@ def _check_index(index: int, size: int, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The model's expert modules
+# The model's routing groups (one edit table each, held by the group's router)
 
 
-def expert_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
-    """(layer index, expert module) of every Monet expert layer, in layer order.
-
-    An expert layer is a decoder layer's `moe` module holding an `edit_weights` table (see
-    `monet.model`); looking them up by that attribute keeps this module free of the model classes.
-    """
-    found = [(layer.layer_idx, layer.moe) for layer in model.modules()
-             if hasattr(layer, "layer_idx") and hasattr(getattr(layer, "moe", None), "edit_weights")]
+def group_routers(model: nn.Module) -> list[nn.Module]:
+    """The router of every routing group, in group order: it holds the group's edit table `edit_weights`
+    (see `monet.model.RoutingGroup`). Found by that attribute, which keeps this module free of the model classes."""
+    found = sorted(((layer.layer_idx, layer.router) for layer in model.modules()
+                    if hasattr(layer, "layer_idx") and hasattr(getattr(layer, "router", None), "edit_weights")),
+                   key=lambda item: item[0])
     if not found:
         raise MonetError("this model has no Monet expert layers (a dense or PEER baseline?); expert edits need "
                          "mlp_type='monet' — mask a dense model's neurons with monet.edits.neuron_masks")
-    return sorted(found, key=lambda item: item[0])
+    return [router for _, router in found]
 
 
 def model_shape(model: nn.Module) -> tuple[int, int, int]:
     """(E per side, routing groups, layers per group) of a Monet model."""
     config = model.config
-    groups = expert_layers(model)[-1][0] // config.moe_groups + 1   # expert_layers are in layer order
-    return int(config.moe_experts), groups, int(config.moe_groups)
+    return int(config.moe_experts), len(group_routers(model)), int(config.moe_groups)
 
 
 def check_fits(model: nn.Module, edits: ExpertEdits) -> None:
@@ -196,8 +193,8 @@ def check_fits(model: nn.Module, edits: ExpertEdits) -> None:
 
 
 def current_weights(model: nn.Module) -> dict[int, torch.Tensor | None]:
-    """Each expert layer's edit table (None where unedited), by layer index."""
-    return {index: module.edit_weights for index, module in expert_layers(model)}
+    """Each routing group's edit table (None where unedited), by group."""
+    return dict(enumerate(router.edit_weights for router in group_routers(model)))
 
 
 def apply_edits(model: nn.Module, edits: ExpertEdits, replace: bool = False) -> nn.Module:
@@ -207,22 +204,21 @@ def apply_edits(model: nn.Module, edits: ExpertEdits, replace: bool = False) -> 
     unless `replace`, which first clears every existing edit.
     """
     check_fits(model, edits)
-    experts, _, per_group = model_shape(model)
-    tables = {group: edits.table(group, experts) for group in edits.groups}
-    _compose(model, {index: tables.get(index // per_group) for index, _ in expert_layers(model)}, replace)
+    experts = int(model.config.moe_experts)
+    _compose(model, {group: edits.table(group, experts) for group in edits.groups}, replace)
     return model
 
 
 def _compose(model: nn.Module, tables: dict[int, torch.Tensor | None], replace: bool) -> None:
-    """Apply removal tables (by layer index) after the current ones, or instead of them with `replace`:
+    """Apply removal tables (by group) after the current ones, or instead of them with `replace`:
     kept fractions multiply, 1 - (1 - old)(1 - new)."""
-    for index, module in expert_layers(model):
-        old, new = None if replace else module.edit_weights, tables.get(index)
+    for group, router in enumerate(group_routers(model)):
+        old, new = None if replace else router.edit_weights, tables.get(group)
         if new is not None:
-            new = new.to(next(module.parameters()).device)
+            new = new.to(next(router.parameters()).device)
             if old is not None:
                 new = 1.0 - (1.0 - old) * (1.0 - new.to(old.dtype))
-        module.edit_weights = old if new is None else new
+        router.edit_weights = old if new is None else new
 
 
 def clear_edits(model: nn.Module) -> nn.Module:
@@ -243,9 +239,8 @@ def edited(model: nn.Module, edits: ExpertEdits, replace: bool = False) -> Itera
 
 def masking_ratio(model: nn.Module) -> float:
     """Share of all groups x N experts whose term is fully removed (edit weight 1)."""
-    experts, groups, per_group = model_shape(model)
-    deleted = sum(int((module.edit_weights >= 1.0).sum()) for index, module in expert_layers(model)
-                  if index % per_group == 0 and module.edit_weights is not None)
+    experts, groups, _ = model_shape(model)
+    deleted = sum(int((table >= 1.0).sum()) for table in current_weights(model).values() if table is not None)
     return deleted / (groups * experts * experts)
 
 
@@ -294,19 +289,21 @@ def edits_path(directory: str | os.PathLike) -> Path:
 
 
 def save_edits(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the model's edit tables, sparse (ids + removal fractions per layer), atomically."""
+    """Write the model's edit tables, sparse (ids + removal fractions), atomically. The format keeps one entry
+    per decoder layer (the group's table under each of its layers), as written before tables were per group."""
     experts, groups, per_group = model_shape(model)
     tensors: dict[str, torch.Tensor] = {}
-    for index, module in expert_layers(model):
-        if module.edit_weights is None:
+    for group, table in current_weights(model).items():
+        if table is None:
             continue
-        table = module.edit_weights.detach().float().cpu()
+        table = table.detach().float().cpu()
         ids = torch.nonzero(table).flatten()
-        tensors[f"layers.{index}.ids"] = ids.to(torch.int64).contiguous()
-        tensors[f"layers.{index}.removal"] = table[ids].contiguous()
+        for index in model.config.group_layers(group):   # a copy each: safetensors refuses shared storage
+            tensors[f"layers.{index}.ids"] = ids.to(torch.int64).clone()
+            tensors[f"layers.{index}.removal"] = table[ids].clone()
     metadata = {"format": EDITS_FORMAT, "version": EDITS_VERSION, "moe_experts": str(experts),
                 "routing_groups": str(groups), "moe_groups": str(per_group),
-                "num_layers": str(len(expert_layers(model)))}
+                "num_layers": str(model.config.num_hidden_layers)}
     path = edits_path(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda handle: handle.write(save(tensors, metadata=metadata)))
@@ -324,7 +321,8 @@ def load_edits(model: nn.Module, directory: str | os.PathLike, replace: bool = T
 
 
 def read_edit_tables(model: nn.Module, directory: str | os.PathLike) -> dict[int, torch.Tensor]:
-    """Layer index -> removal table [E*E] from an edits file, checked against the model's shape."""
+    """Routing group -> removal table [E*E] from an edits file, checked against the model's shape (the layers
+    of a group must hold the same edits)."""
     path = edits_path(directory) if Path(directory).is_dir() else Path(directory)
     if not path.is_file():
         raise MonetError(f"no expert edits file at {path}")
@@ -337,30 +335,42 @@ def read_edit_tables(model: nn.Module, directory: str | os.PathLike) -> dict[int
     if metadata.get("format") != EDITS_FORMAT:
         raise MonetError(f"{path} is not a Monet expert-edits file (format {metadata.get('format')!r})")
     experts, groups, per_group = model_shape(model)
-    layers = dict(expert_layers(model))
+    config = model.config
     saved = tuple(map(metadata.get, ("moe_experts", "routing_groups", "moe_groups", "num_layers")))
-    if saved != (str(experts), str(groups), str(per_group), str(len(layers))):
+    if saved != (str(experts), str(groups), str(per_group), str(config.num_hidden_layers)):
         raise MonetError(
             f"{path} was saved for a model with moe_experts={saved[0]}, {saved[1]} routing groups of {saved[2]} "
             f"layers, {saved[3]} expert layers; this model has moe_experts={experts}, {groups} groups of "
-            f"{per_group}, {len(layers)} layers: these edits belong to another model"
+            f"{per_group}, {config.num_hidden_layers} layers: these edits belong to another model"
         )
+    layers = {index: _layer_table(path, tensors, index, experts) for index in range(config.num_hidden_layers)}
     weights: dict[int, torch.Tensor] = {}
-    for index, module in layers.items():
-        ids, removal = tensors.get(f"layers.{index}.ids"), tensors.get(f"layers.{index}.removal")
-        if ids is None and removal is None:
-            continue
-        if ids is None or removal is None or ids.shape != removal.shape or ids.dim() != 1:
-            raise MonetError(f"{path}: layer {index} has malformed edit tensors; re-save the edits")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= experts * experts):
-            raise MonetError(f"{path}: layer {index} names expert ids outside [0, {experts * experts})")
-        if removal.numel() and not bool((removal.float().abs() <= MAX_REMOVAL).all()):   # NaN fails too
-            raise MonetError(f"{path}: layer {index} holds edit values that are NaN, infinite or beyond "
-                             f"{MAX_REMOVAL:g}; re-save the edits")
-        table = torch.zeros(experts * experts, dtype=torch.float32)
-        table[ids.long()] = removal.float()
-        weights[index] = table.to(next(module.parameters()).device)
+    for group, router in enumerate(group_routers(model)):
+        first, *rest = (layers[index] for index in config.group_layers(group))
+        if any((table is None) != (first is None) or (first is not None and not torch.equal(table, first))
+               for table in rest):
+            raise MonetError(f"{path}: the layers of routing group {group} hold different edits; edits are per "
+                             "routing group (give every layer of the group the same ids and values)")
+        if first is not None:
+            weights[group] = first.to(next(router.parameters()).device)
     return weights
+
+
+def _layer_table(path: Path, tensors: dict[str, torch.Tensor], index: int, experts: int) -> torch.Tensor | None:
+    """The removal table [E*E] stored under decoder layer `index` of an edits file, validated (None: absent)."""
+    ids, removal = tensors.get(f"layers.{index}.ids"), tensors.get(f"layers.{index}.removal")
+    if ids is None and removal is None:
+        return None
+    if ids is None or removal is None or ids.shape != removal.shape or ids.dim() != 1:
+        raise MonetError(f"{path}: layer {index} has malformed edit tensors; re-save the edits")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= experts * experts):
+        raise MonetError(f"{path}: layer {index} names expert ids outside [0, {experts * experts})")
+    if removal.numel() and not bool((removal.float().abs() <= MAX_REMOVAL).all()):   # NaN fails too
+        raise MonetError(f"{path}: layer {index} holds edit values that are NaN, infinite or beyond "
+                         f"{MAX_REMOVAL:g}; re-save the edits")
+    table = torch.zeros(experts * experts, dtype=torch.float32)
+    table[ids.long()] = removal.float()
+    return table
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -412,5 +422,5 @@ def apply_steering(model: nn.Module, steer: Iterable[str] = (), edits_file: str 
 
 
 __all__ = ["EXPERT_EDITS_FILE", "ExpertEdits", "apply_edits", "apply_steering", "check_fits", "clear_edits",
-           "current_weights", "edited", "expert_layers", "load_edits", "masking_ratio", "model_shape",
+           "current_weights", "edited", "group_routers", "load_edits", "masking_ratio", "model_shape",
            "neuron_masks", "parse_steer", "read_edit_tables", "save_edits"]

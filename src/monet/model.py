@@ -8,7 +8,12 @@ replaced by Monet experts (paper §3): 1. `MonetRouter` and the auxiliary losses
 State-dict keys are the official ones, so a directory written by the official modeling code loads with
 `MonetForCausalLM.from_pretrained(dir)`. With `output_router_probs=True` the output carries one entry per
 decoder layer: the (g1, g2) pair ([B, T, H, E] each) on routing layers, None on layers that reuse the
-group's routing (the official convention). Exact fast paths live beside this file in `monet.ops`.
+group's routing (the official convention). Exact fast paths live beside this file in `monet.ops` and
+`monet.sparse`.
+
+A routing group (`moe_groups` consecutive layers sharing one router) travels down the decoder as one
+`RoutingGroup`: the routing its first layer computed, the group's one edit table (held by its router) and
+the sparse structure of its routing, built by the first layer that needs it and reused by the others.
 
 Host syncs: the forward pass has none on its main path (so `torch.compile(model)` captures it whole and a
 GPU never waits), except where data decide a shape: the expert-edit correction gathers only the edited
@@ -18,7 +23,7 @@ batches keep SDPA's causal fast path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from statistics import NormalDist
@@ -63,6 +68,9 @@ class MonetRouter(nn.Module):
     so each head's g sums to 1 — the fact the factored expert sums rely on. Only the keep/drop decision
     depends on the statistics, and a comparison has no gradient: they are computed without autograd and,
     under data parallelism, over the global batch (`ops.batch_statistics`).
+
+    The router is the one module of its routing group, so it also holds the group's edit table
+    (`edit_weights`, see "Editing" below; not saved with the weights).
     """
 
     def __init__(self, config: MonetConfig) -> None:
@@ -74,6 +82,7 @@ class MonetRouter(nn.Module):
         # affine=False BatchNorm modules only hold the running statistics (official key names).
         self.norm1 = nn.BatchNorm1d(self.heads, affine=False)
         self.norm2 = nn.BatchNorm1d(self.heads, affine=False)
+        self.register_buffer("edit_weights", None, persistent=False)
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> Routing:
         """x [B, T, d] -> (g1, g2), each [B, T, H, E] in float32 (float64 for float64 input), rows summing
@@ -97,6 +106,31 @@ class MonetRouter(nn.Module):
             cut = (mean + self.threshold * torch.sqrt(var + norm.eps))[:, None]   # [H, 1], -inf when k = E
             keep = z >= torch.minimum(z.amax(dim=-1, keepdim=True), cut)
         return ops.KeptSoftmax.apply(x, keys.weight, z, keep)
+
+
+@dataclass(eq=False)
+class RoutingGroup:
+    """One routing group as the decoder passes it down its layers: the routing (g1, g2) of its first layer,
+    the group's edit table (its router's `edit_weights`; None: unedited) and the sparse structure of the
+    routing (`monet.sparse.Routing`), built by the first layer that takes the sparse path and reused by the
+    group's other layers."""
+
+    g1: torch.Tensor
+    g2: torch.Tensor
+    edit_weights: torch.Tensor | None = None
+    structures: dict[torch.dtype, sparse.Routing] = field(default_factory=dict, repr=False)
+
+    def sparse_routing(self, g1: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype) -> sparse.Routing:
+        """The sparse structure of (g1, g2) with values in dtype, gathered again on every call (each layer has
+        its own autograd graph). Built once per dtype for the group's own routing; a routing that is not the
+        group's (a hook replaced a layer's g1, g2) gets a structure of its own."""
+        g1c, g2c = g1.to(dtype), g2.to(dtype)
+        if g1 is not self.g1 or g2 is not self.g2:
+            return sparse.sparse_routing(g1c, g2c, self.edit_weights)
+        if dtype not in self.structures:
+            self.structures[dtype] = sparse.sparse_routing(g1c, g2c, self.edit_weights)
+            return self.structures[dtype]
+        return self.structures[dtype].bind(g1c, g2c)
 
 
 def token_mean(g: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -148,19 +182,17 @@ def ambiguity_loss(g1: torch.Tensor, g2: torch.Tensor, token_mask: torch.Tensor 
 # vectors (g1, g2 per head) meet the E*m hidden units (exact because each head's g1, g2 sum to 1).
 # Hidden units are laid out expert-major ([E, m]). Shapes: x [B, T, d]; g1, g2 [B, T, H, E]; out [B, T, d].
 #
-# Editing (masking, steering; `monet.edits`): a layer may carry `edit_weights`, an [E*E] table holding for
-# expert (i, j) at i*E + j the fraction of its term to remove (1 deletes it, 1 - alpha scales it by alpha).
-# Only each token's active (i, j) pairs are looked up: their terms g1_hi g2_hj E_ij(x) are subtracted from
-# the E-sized intermediate sums before the output projections, so an edited forward stays exact.
+# Editing (masking, steering; `monet.edits`): a routing group may carry an edit table (`RoutingGroup`), an
+# [E*E] table holding for expert (i, j) at i*E + j the fraction of its term to remove (1 deletes it, 1 - alpha
+# scales it by alpha). Only each token's active (i, j) pairs are looked up: their terms g1_hi g2_hj E_ij(x)
+# are subtracted from the E-sized intermediate sums before the output projections, so an edited forward stays
+# exact. The expert layers take (x, g1, g2) positionally (the hook points of docs/tools.md) and the group as a
+# keyword; called alone, without a group, they compute the unedited layer.
 
 
 def activation(name: str):
     """The expert nonlinearity by its Hugging Face name; the released models use "relu2", relu(x)^2."""
     return ACT2FN[name]
-
-
-_hd_mix = ops.maybe_compile(ops.hd_mix)
-_vd_mix = ops.maybe_compile(ops.vd_mix)
 
 
 class MonetHorizontalExperts(nn.Module):
@@ -177,21 +209,21 @@ class MonetHorizontalExperts(nn.Module):
         self.u = nn.Linear(config.hidden_size, width)
         self.v = nn.Linear(width, config.hidden_size, bias=False)
         self.b = nn.Parameter(torch.zeros(self.experts, config.hidden_size))
-        self.register_buffer("edit_weights", None, persistent=False)
-        self.expert_path: str | None = None     # "dense" | "sparse" | "decode" | "auto"; None: see monet.sparse
 
-    def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
-        plan = sparse.choose(self, x, g1, g2)
+    def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
+                group: RoutingGroup | None = None) -> torch.Tensor:
+        group = RoutingGroup(g1, g2) if group is None else group
+        plan = sparse.choose(self, x, g1, g2, partial(group.sparse_routing, g1, g2, x.dtype))
         if isinstance(plan, sparse.Routing):         # only the active (token, half) pairs (monet.sparse), same value
-            return sparse.hd_forward(self, x, g1, g2, plan)
-        u, v, b, table = self.u, self.v, self.b, self.edit_weights
+            return sparse.hd_forward(self, x, plan)
+        u, v, b, table = self.u, self.v, self.b, group.edit_weights
         if plan is not None:                          # decoding: the same sum over the kept halves' weights only
             g1, g2 = plan.routing(g1, g2)
             u = partial(F.linear, weight=plan.rows(u.weight, 1), bias=plan.rows(u.bias, 1))
             v, b, table = partial(plan.project, v.weight, side=2), plan.rows(b, 2), plan.table(table)
         g1, g2 = g1.to(x.dtype), g2.to(x.dtype)
         hidden = self.act(u(x)).unflatten(-1, (g1.shape[-1], self.expert_dim))   # sigma(U_i x + b1_i) [B, T, E, m]
-        top_input, bias_weight = _hd_mix(hidden, g1, g2)
+        top_input, bias_weight = ops.hd_mix(hidden, g1, g2)
         if table is not None:
             token, i, j, c = ops.edited_entries(g1, g2, table)
             # Remove c_ij (V_j sigma(U_i x + b1_i) + b2_j) for every edited active pair.
@@ -219,15 +251,15 @@ class MonetVerticalExperts(nn.Module):
         self.u1, self.u2 = (nn.Linear(config.hidden_size, width) for _ in range(2))
         self.v11, self.v12, self.v21, self.v22 = (nn.Linear(width, half_out, bias=False) for _ in range(4))
         self.b1, self.b2 = (nn.Parameter(torch.zeros(self.experts, half_out)) for _ in range(2))
-        self.register_buffer("edit_weights", None, persistent=False)
-        self.expert_path: str | None = None     # "dense" | "sparse" | "decode" | "auto"; None: see monet.sparse
 
-    def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
-        plan = sparse.choose(self, x, g1, g2)
+    def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
+                group: RoutingGroup | None = None) -> torch.Tensor:
+        group = RoutingGroup(g1, g2) if group is None else group
+        plan = sparse.choose(self, x, g1, g2, partial(group.sparse_routing, g1, g2, x.dtype))
         if isinstance(plan, sparse.Routing):         # only the active (token, half) pairs (monet.sparse), same value
-            return sparse.vd_forward(self, x, g1, g2, plan)
+            return sparse.vd_forward(self, x, plan)
         u1, u2, v11, v12, v21, v22 = self.u1, self.u2, self.v11, self.v12, self.v21, self.v22
-        b1, b2, table = self.b1, self.b2, self.edit_weights
+        b1, b2, table = self.b1, self.b2, group.edit_weights
         if plan is not None:                          # decoding: the same sum over the kept halves' weights only
             g1, g2 = plan.routing(g1, g2)
             # Left halves and what is indexed by i (V11_i, V12_i, b12_i) from side 1, the rest from side 2.
@@ -239,7 +271,7 @@ class MonetVerticalExperts(nn.Module):
         g1, g2 = g1.to(x.dtype), g2.to(x.dtype)
         h1 = self.act(u1(x)).unflatten(-1, (g1.shape[-1], self.half_dim))   # sigma(U1_i x + b11_i) [B, T, E, m/2]
         h2 = self.act(u2(x)).unflatten(-1, (g2.shape[-1], self.half_dim))   # sigma(U2_j x + b21_j)
-        straight1, straight2, cross12, cross21, s1, s2 = _vd_mix(h1, h2, g1, g2)
+        straight1, straight2, cross12, cross21, s1, s2 = ops.vd_mix(h1, h2, g1, g2)
         if table is not None:
             token, i, j, c = ops.edited_entries(g1, g2, table)
             # Remove c_ij E_ij(x): row sums over j and column sums over i of c, and the cross terms.
@@ -490,22 +522,25 @@ class MonetDecoderLayer(GradientCheckpointingLayer):
         rotary: tuple[torch.Tensor, torch.Tensor],
         attn_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
-        previous_routing: Routing | None = None,
+        group: RoutingGroup | None = None,
         token_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, Routing | None]:
-        """Returns (hidden_states, attention weights or None, this layer's new routing or None)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, RoutingGroup | None]:
+        """`group` is the routing group of the layers before (None before the first). Returns (hidden_states,
+        attention weights or None, the group this layer's router starts or None)."""
         attended, weights = self.self_attn(
             self.input_layernorm(hidden_states), rotary, attn_mask, past_key_values, output_attentions
         )
         hidden_states = hidden_states + attended
         normed = self.post_attention_layernorm(hidden_states)
-        routing = self.router(normed, token_mask) if hasattr(self, "router") else None
+        new_group = None
+        if hasattr(self, "router"):
+            group = new_group = RoutingGroup(*self.router(normed, token_mask), self.router.edit_weights)
         if hasattr(self, "moe"):
-            update = self.moe(normed, *(routing if routing is not None else previous_routing))
+            update = self.moe(normed, group.g1, group.g2, group=group)
         else:
             update = self.mlp(normed)
-        return hidden_states + update, weights, routing
+        return hidden_states + update, weights, new_group
 
 
 class MonetPreTrainedModel(PreTrainedModel):
@@ -649,22 +684,22 @@ class MonetModel(MonetPreTrainedModel):
         all_hidden = () if output_hidden_states else None
         all_attn = () if output_attentions else None
         all_routing = () if output_router_probs else None
-        unif, amb, routing = [], [], None
+        unif, amb, group = [], [], None
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden += (hidden_states,)
-            hidden_states, weights, new_routing = layer(
-                hidden_states, rotary, attn_mask, past_key_values, routing, token_mask, output_attentions
+            hidden_states, weights, new_group = layer(
+                hidden_states, rotary, attn_mask, past_key_values, group, token_mask, output_attentions
             )
-            if new_routing is not None:
-                routing = new_routing
+            if new_group is not None:
+                group = new_group
                 if output_aux_loss:
-                    unif.append(uniformity_loss(*routing, token_mask))
-                    amb.append(ambiguity_loss(*routing, token_mask))
+                    unif.append(uniformity_loss(group.g1, group.g2, token_mask))
+                    amb.append(ambiguity_loss(group.g1, group.g2, token_mask))
             if output_attentions:
                 all_attn += (weights,)
             if output_router_probs:
-                all_routing += (new_routing,)
+                all_routing += (None if new_group is None else (new_group.g1, new_group.g2),)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden += (hidden_states,)

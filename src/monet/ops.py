@@ -2,16 +2,12 @@
 
 Router (`MonetRouter`): BatchNorm statistics without a float64 copy or a host sync (`batch_statistics`) and
 the kept-entry softmax with a sparse backward (`KeptSoftmax`). Experts: the E-sized routing contractions
-`hd_mix` / `vd_mix` (optionally compiled) and the edit correction of the dense path (`edited_entries`); the
+`hd_mix` / `vd_mix` and the edit correction of the dense path (`edited_entries`); the
 sparse expert path itself lives in `monet.sparse`. Everything is checked against the plain formulation and,
 through the model, against the float64 naive sum over all N = E^2 experts (tests/naive.py).
 """
 
 from __future__ import annotations
-
-import os
-import warnings
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -162,30 +158,6 @@ def vd_mix(h1: torch.Tensor, h2: torch.Tensor, g1: torch.Tensor, g2: torch.Tenso
     cross12 = g1.transpose(-1, -2) @ (g2 @ h2)      # [B, T, E(i), m/2]
     cross21 = g2.transpose(-1, -2) @ (g1 @ h1)      # [B, T, E(j), m/2]
     return straight1, straight2, cross12, cross21, s1, s2
-
-
-def maybe_compile(fn: Callable) -> Callable:
-    """`torch.compile(fn)` when MONET_COMPILE=1, falling back to `fn` (with a warning) if that fails."""
-    if os.environ.get("MONET_COMPILE", "0") != "1":
-        return fn
-    active: Callable | None = None
-
-    def run(*args):
-        nonlocal active
-        try:
-            if active is None:
-                active = torch.compile(fn, dynamic=True)
-            return active(*args)
-        except Exception as exc:  # no compiler toolchain, unsupported platform, a graph it cannot compile, ...
-            if active is fn:
-                raise
-            warnings.warn(f"MONET_COMPILE=1 but torch.compile failed for {fn.__name__} ({type(exc).__name__}: "
-                          f"{exc}); using eager", stacklevel=2)
-            active = fn
-            return fn(*args)
-
-    run.__wrapped__ = fn
-    return run
 
 
 # ----------------------------------------------------------------------------------------------------------

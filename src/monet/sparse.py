@@ -24,15 +24,18 @@ Host synchronisation: the per-half loop needs each half's pair count on the host
 one device sync per side and group on a GPU (plus one for the number of active per-head pairs when
 edits are present). So the automatic dispatch (`choose`) picks the dense path on non-CPU devices, where
 the dense matmuls are fast and a loop over E halves would be launch-bound; the sparse path still runs
-there when forced (6-55x slower on an H100: docs/performance.md, "GPU checks"). Switch: `requested_path`.
+there when forced (6-55x slower on an H100: docs/performance.md, "GPU checks"). Switch: `expert_path`.
+
+The structure of a group's routing (`Routing`, with the edited pairs of the group's edit table) is built
+once per routing group and forward call: the decoder passes it down the group's layers inside its
+`monet.model.RoutingGroup`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -376,13 +379,13 @@ def _spread(entries: KeptEntries, per_head: torch.Tensor, size: int) -> torch.Te
 @dataclass
 class Routing:
     """Both sides of one routing group's sparse structure ([tokens, H, E] flattened): kept entries with
-    values and their layouts (`side`), and the edited pairs of the edit tables seen so far."""
+    values and their layouts (`side`), and the edited active pairs of the group's edit table (None: unedited)."""
 
     first: KeptEntries
     layout1: HalfLayout
     second: KeptEntries
     layout2: HalfLayout
-    edits: list = dataclasses.field(default_factory=list)   # [(table, EditedEntries)], shared by `bind` copies
+    edit: EditedEntries | None = None
 
     @property
     def active_fraction(self) -> float:
@@ -394,66 +397,27 @@ class Routing:
         """The same structure with values gathered from g1, g2 [..., H, E] (this call's autograd graph)."""
         return dataclasses.replace(self, first=self.first.bind(g1), second=self.second.bind(g2))
 
-    def edited(self, table: torch.Tensor) -> EditedEntries:
-        """`edited_entries` of an edit table, enumerated once per group for each distinct table (the
-        layers of a group hold equal tables, not always the same object; the last 4 are kept)."""
-        for cached, edit in self.edits:
-            if cached.device == table.device and torch.equal(cached, table):
-                return edit
-        edit = edited_entries(self.first, self.second, table, self.layout1.experts)
-        self.edits[:] = [(table.detach().clone(), edit), *self.edits][:4]
-        return edit
 
 
-def sparse_routing(g1: torch.Tensor, g2: torch.Tensor) -> Routing:
-    """Kept entries, layouts and bag offsets of g1, g2 [..., H, E] (flattened over the leading dims)."""
-    return Routing(*side(g1), *side(g2))
+def sparse_routing(g1: torch.Tensor, g2: torch.Tensor, edit_weights: torch.Tensor | None = None) -> Routing:
+    """Kept entries, layouts and bag offsets of g1, g2 [..., H, E] (flattened over the leading dims), and the
+    edited active pairs of an [E*E] edit table."""
+    first, layout1 = side(g1)
+    second, layout2 = side(g2)
+    edit = None if edit_weights is None else edited_entries(first, second, edit_weights, layout1.experts)
+    return Routing(first, layout1, second, layout2, edit)
 
 
-_last: dict = {}
-
-
-def routing_for(g1: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype) -> Routing:
-    """`sparse_routing` of (g1, g2) with values in dtype; the structure is shared by a routing group.
-
-    The layers of a group receive the same g1, g2 objects: the last structure is kept while they are
-    alive and unmodified (same objects and version counters) and reused, only the values are gathered
-    again (so each call has its own autograd graph). The cache is dropped when g1 is collected.
-    """
-    versions = (g1._version, g2._version)
-    cached = _last.get("routing")
-    g1c, g2c = g1.to(dtype), g2.to(dtype)
-    if cached is not None and cached[1]() is g1 and cached[2]() is g2 and cached[0] == versions:
-        return cached[3].bind(g1c, g2c)
-    routing = sparse_routing(g1c, g2c)
-    _last["routing"] = (versions, weakref.ref(g1, _forget), weakref.ref(g2), routing)
-    return routing
-
-
-def _forget(ref: weakref.ref) -> None:
-    """g1 was collected: drop the cached structure if it is still the one built for that g1."""
-    cached = _last.get("routing")
-    if cached is not None and cached[1] is ref:
-        _last.clear()
-
-
-def clear_cache() -> None:
-    """Drop the cached routing structure (benchmarks time a group's first layer with it)."""
-    _last.clear()
-
-
-def hd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
-               routing: Routing | None = None) -> torch.Tensor:
+def hd_forward(layer, x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """MonetHorizontalExperts on the active halves only (eq. 12); same value as the dense layer."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    routing = routing or routing_for(g1, g2, x.dtype)
     first, second, layout1, layout2 = routing.first, routing.second, routing.layout1, routing.layout2
     hidden = _up(layer, layer.u, x2, layout1)                                      # [P1, m]: sigma(U_i x + b1_i)
     per_head = _bag(first.pair, hidden, first.offsets, first.value)                # sum_i g1_hi sigma(...)
     top_input = _spread(second, per_head, layout2.size)                            # [P2, m+1]: [c_tj, s2_tj]
-    if layer.edit_weights is not None:
-        edit = routing.edited(layer.edit_weights)
+    edit = routing.edit
+    if edit is not None:
         p, q = first.pair[edit.first], second.pair[edit.second]
         # Remove c (V_j sigma(U_i x + b1_i) + b2_j): [V_j | b2_j] meets [sigma(U_i x + b1_i), 1].
         c = edit.coefficient(first, second).unsqueeze(-1)
@@ -463,12 +427,10 @@ def hd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
     return out.view(shape)
 
 
-def vd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
-               routing: Routing | None = None) -> torch.Tensor:
+def vd_forward(layer, x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """MonetVerticalExperts on the active halves only (appendix A.1, six terms); same value as dense."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    routing = routing or routing_for(g1, g2, x.dtype)
     first, second, layout1, layout2 = routing.first, routing.second, routing.layout1, routing.layout2
     left = _up(layer, layer.u1, x2, layout1)                       # a1 [P1, m/2]
     right = _up(layer, layer.u2, x2, layout2)                      # a2 [P2, m/2]
@@ -479,8 +441,8 @@ def vd_forward(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
     s1, s2 = cross12[:, -1:], cross21[:, -1:]
     top_input = torch.cat((s1 * left, cross12), dim=1)                         # [V11_i | V12_i | b12_i]
     bottom_input = torch.cat((cross21[:, :-1], s2 * right, s2), dim=1)          # [V21_j | V22_j | b22_j]
-    if layer.edit_weights is not None:
-        edit = routing.edited(layer.edit_weights)
+    edit = routing.edit
+    if edit is not None:
         p, q = first.pair[edit.first], second.pair[edit.second]
         # Remove c E_ij(x): both output blocks of expert (i, j) read [a1_ti, a2_tj, 1] (eq. 21).
         c = edit.coefficient(first, second).unsqueeze(-1)
@@ -602,12 +564,13 @@ SPARSE_MIN_WORK_PER_HALF = 1 << 22
 DECODE_MAX_TOKENS = 8
 DECODE_MAX_ACTIVE_FRACTION = 0.5
 
-_forced: list[str] = []
+_forced: list[str] = []   # the paths of the `expert_path` blocks entered, innermost last
 
 
 @contextmanager
 def expert_path(path: str) -> Iterator[None]:
-    """Force the dense, sparse or decode expert computation ("auto" restores the rule) within the block."""
+    """The one switch of the expert computation: force the dense, sparse or decode path within the block
+    ("auto", the default outside any block, restores the rule of `choose`; `monet bench --path` sets it)."""
     if path not in PATHS:
         raise ValueError(f"expert path must be one of {PATHS}, got {path!r}")
     _forced.append(path)
@@ -617,26 +580,18 @@ def expert_path(path: str) -> Iterator[None]:
         _forced.pop()
 
 
-def requested_path(layer) -> str:
-    """The layer's `expert_path` attribute, else `with expert_path(...)`, else $MONET_EXPERT_PATH
-    (auto|dense|sparse|decode), else "auto"."""
-    path = getattr(layer, "expert_path", None) or (_forced[-1] if _forced else None)
-    path = path or os.environ.get("MONET_EXPERT_PATH", "auto")
-    if path not in PATHS:
-        raise ValueError(f"MONET_EXPERT_PATH / expert_path must be one of {PATHS}, got {path!r}")
-    return path
-
-
-def choose(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> Routing | KeptHalves | None:
-    """How this call computes the experts: the sparse routing (`Routing`: the active (token, half) pairs),
-    the kept halves (`KeptHalves`: the dense formula on their weights only) or None (the dense path).
+def choose(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
+           structure: Callable[[], Routing]) -> Routing | KeptHalves | None:
+    """How this call computes the experts: the sparse routing (`Routing`: the active (token, half) pairs, from
+    `structure`, which builds it once per routing group: `monet.model.RoutingGroup.sparse_routing`), the kept
+    halves (`KeptHalves`: the dense formula on their weights only) or None (the dense path).
 
     Auto, CPU only (see the module docstring for GPUs): at most DECODE_MAX_TOKENS tokens without autograd
     (generation, evaluation) -> the kept halves if they are at most DECODE_MAX_ACTIVE_FRACTION of E
     (training keeps its paths); else sparse with enough work per half
     (tokens * d * m) and at most SPARSE_MAX_ACTIVE_FRACTION of the (token, half) pairs active; else dense.
     """
-    path = requested_path(layer)
+    path = _forced[-1] if _forced else "auto"
     if path == "dense":
         return None
     if path == "decode":
@@ -650,7 +605,7 @@ def choose(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> Routin
         width = getattr(layer, "expert_dim", None) or 2 * layer.half_dim
         if x.numel() * width < SPARSE_MIN_WORK_PER_HALF:      # tokens * d * m
             return None
-    routing = routing_for(g1, g2, x.dtype)
+    routing = structure()
     if path == "auto" and routing.active_fraction > SPARSE_MAX_ACTIVE_FRACTION:
         return None
     return routing
@@ -658,7 +613,6 @@ def choose(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> Routin
 
 __all__ = [
     "ActivePairs", "EditedEntries", "GatherMatmul", "HalfLayout", "KeptEntries", "KeptHalves", "Routing",
-    "ScatterMatmul", "active_pairs", "bag_offsets", "choose", "clear_cache",
-    "combinations", "edited_entries", "expert_path", "hd_forward", "kept_entries", "kept_halves", "merged_experts",
-    "requested_path", "routing_for", "side", "sparse_routing", "vd_forward"
+    "ScatterMatmul", "active_pairs", "bag_offsets", "choose", "combinations", "edited_entries", "expert_path",
+    "hd_forward", "kept_entries", "kept_halves", "merged_experts", "side", "sparse_routing", "vd_forward"
 ]

@@ -32,7 +32,7 @@ from monet.config import MonetConfig, preset
 from monet.errors import MonetError
 from monet.interp.capture import capture_routing
 from monet.io import atomic_write, write_json
-from monet.model import MonetForCausalLM, MonetRouter, build_experts
+from monet.model import MonetForCausalLM, MonetRouter, RoutingGroup, build_experts
 from monet.runtime import resolve_device
 from monet.settings import BenchSettings, flag_name
 
@@ -45,8 +45,8 @@ QUICK = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, moe_e
              moe_topk=2, moe_groups=2, vocab_size=256)
 
 
-def machine_info() -> dict:
-    """CPU model, cores, torch version and threads, load average, GPU if any."""
+def machine_info(expert_path: str = "auto") -> dict:
+    """CPU model, cores, torch version and threads, load average, GPU if any, and the forced expert path."""
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError, StopIteration):
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -54,7 +54,7 @@ def machine_info() -> dict:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "gpu": gpu, "load_average": list(os.getloadavg()),
-            "expert_path": os.environ.get("MONET_EXPERT_PATH", "auto")}
+            "expert_path": expert_path}
 
 
 class Timer:
@@ -154,15 +154,20 @@ def bench_shape(config: MonetConfig, args: BenchSettings) -> dict:
     train = {"dense": lambda: _backward(mlp(xg), [xg, *mlp.parameters()]),
              "router": lambda: _backward(torch.cat([g.flatten() for g in router(xg)]),
                                          [xg, *router.parameters()])}
+    # As in a model, the layers share their routing group, so its sparse structure is built once (in the
+    # warm-up) and timed apart ("prep").
+    group, train_group = RoutingGroup(g1, g2), RoutingGroup(*routing)
     for kind, layer in layers.items():
-        forward[kind] = forced(lambda layer=layer: layer(x, g1, g2))
-        forward[f"{kind}_dense_path"] = dense_path(lambda layer=layer: layer(x, g1, g2))
-        train[kind] = forced(lambda layer=layer: _backward(layer(xg, *routing), [xg, *routing, *layer.parameters()]))
+        forward[kind] = forced(lambda layer=layer: layer(x, g1, g2, group=group))
+        forward[f"{kind}_dense_path"] = dense_path(lambda layer=layer: layer(x, g1, g2, group=group))
+        train[kind] = forced(lambda layer=layer: _backward(layer(xg, *routing, group=train_group),
+                                                           [xg, *routing, *layer.parameters()]))
     with sparse.expert_path(args.path), torch.no_grad():
         # Only the sparse path builds the routing structure (`prep`); the decode path gathers weights instead.
-        sparse_path = {kind: isinstance(sparse.choose(layer, x, g1, g2), sparse.Routing)
+        sparse_path = {kind: isinstance(sparse.choose(layer, x, g1, g2, lambda: group.sparse_routing(g1, g2, x.dtype)),
+                                        sparse.Routing)
                        for kind, layer in layers.items()}
-    if any(sparse_path.values()):     # the structure a routing group's first layer builds (cached after)
+    if any(sparse_path.values()):     # the structure a routing group's first layer builds (reused after)
         forward["prep"] = lambda: sparse.sparse_routing(g1, g2)
     result: dict = {"tokens": args.tokens, "sparse_path": sparse_path,
                     "kept_per_head": float((g1 > 0).sum(-1).float().mean()),
@@ -178,12 +183,13 @@ def bench_shape(config: MonetConfig, args: BenchSettings) -> dict:
             result["cuda_peak_mib"][case] = torch.cuda.max_memory_allocated() / 2**20
     weights = [*mlp.parameters(), *router.parameters(), *[p for layer in layers.values() for p in layer.parameters()]]
     memory = {"dense": lambda: mlp(xg), "router": lambda: router(xg),
-              **{kind: forced(lambda layer=layer: layer(xg, *routing)) for kind, layer in layers.items()}}
+              **{kind: forced(lambda layer=layer: layer(xg, *routing, group=train_group))
+                 for kind, layer in layers.items()}}
     result["saved_mib"] = {k: saved_bytes(fn, [xg, *routing, *weights]) / 2**20 for k, fn in memory.items()}
     result["masking"] = bench_masking(layers, x, g1, g2, args, timer, any(sparse_path.values()))
     result["decode"] = bench_decode(layers, mlp, router, x, args, timer)
     if args.profile:
-        result["profiles"] = {kind: _profile(forced(lambda layer=layer: layer(x, g1, g2)))
+        result["profiles"] = {kind: _profile(forced(lambda layer=layer: layer(x, g1, g2, group=group)))
                               for kind, layer in layers.items()}
     return result
 
@@ -206,20 +212,18 @@ def bench_masking(layers: dict[str, nn.Module], x: torch.Tensor, g1: torch.Tenso
         deleted = torch.randperm(n, generator=generator)[: max(1, round(fraction * n))]
         tables[f"{100 * fraction:g}%"] = torch.zeros(n).index_fill_(0, deleted, 1.0).to(x.device)
 
-    def masked(layer: nn.Module, table: torch.Tensor | None) -> object:
-        layer.edit_weights = table
-        try:
-            with sparse.expert_path(args.path):
-                return layer(x, g1, g2)
-        finally:
-            layer.edit_weights = None
+    # One routing group per table, as the decoder passes it: structure and edited pairs built once, timed apart.
+    groups = {label: RoutingGroup(g1, g2, table) for label, table in [("none", None), *tables.items()]}
 
-    cases = {f"{kind}/{label}": functools.partial(masked, layer, table) for kind, layer in layers.items()
-             for label, table in [("none", None), *tables.items()]}
+    def masked(layer: nn.Module, group: RoutingGroup) -> object:
+        with sparse.expert_path(args.path):
+            return layer(x, g1, g2, group=group)
+
+    cases = {f"{kind}/{label}": functools.partial(masked, layer, group) for kind, layer in layers.items()
+             for label, group in groups.items()}
     if prep:
-        cases["prep/none"] = lambda: sparse.sparse_routing(g1, g2)
-        for label, table in tables.items():
-            cases[f"prep/{label}"] = lambda table=table: sparse.sparse_routing(g1, g2).edited(table)
+        for label, table in [("none", None), *tables.items()]:
+            cases[f"prep/{label}"] = lambda table=table: sparse.sparse_routing(g1, g2, table)
     with torch.no_grad():
         times = interleaved(cases, args.repeats, args.warmup, timer)
     return {k: summarise(v) for k, v in times.items()}
@@ -253,7 +257,7 @@ def bench_decode(layers: dict[str, nn.Module], mlp: nn.Module, router: MonetRout
             cases[f"{kind}/b{batch}"] = decode(functools.partial(layer, tokens, g1, g2))
             cases[f"{kind}_dense_path/b{batch}"] = dense_path(functools.partial(layer, tokens, g1, g2))
             with torch.no_grad():
-                plan = sparse.choose(layer, tokens, g1, g2)
+                plan = sparse.choose(layer, tokens, g1, g2, functools.partial(sparse.sparse_routing, g1, g2))
             auto_path[f"{kind}/b{batch}"] = "decode" if isinstance(plan, sparse.KeptHalves) else \
                 "sparse" if isinstance(plan, sparse.Routing) else "dense"
         kept[f"b{batch}"] = sparse.kept_halves(g1, g2).active_fraction
@@ -367,7 +371,7 @@ def run(args: BenchSettings) -> dict:
     torch.set_num_threads(args.threads)
     shapes = {"tiny": MonetConfig(**QUICK)} if args.quick else {name: preset(name) for name in args.shapes}
     report: dict = {"command": command_line(args), "device": args.device, "dtype": args.dtype,
-                    "machine": machine_info(), "load_average_start": list(os.getloadavg()), "shapes": {}}
+                    "machine": machine_info(args.path), "load_average_start": list(os.getloadavg()), "shapes": {}}
     for name, config in shapes.items():
         print(f"monet bench: {name} ({args.tokens} tokens, {args.repeats} repeats)", file=sys.stderr, flush=True)
         report["shapes"][name] = {"groups": config.moe_groups, **bench_shape(config, args)}

@@ -23,7 +23,7 @@ from monet.data import build_corpus
 from monet.experiments.unlearn import REPORT_FILE, format_summary, unlearn
 from monet.interp.atlas import build_atlas
 from monet.io import MARKER, atomic_write, check_output, marker_kind
-from monet.settings import AtlasOptions, DemoSettings, TrainSettings, UnlearnSettings
+from monet.settings import AtlasBuild, DemoSettings, TrainSettings, UnlearnSettings
 from monet.train import train
 
 SUMMARY_FILE = "summary.md"   # beside report.json: the printed table, the figures' captions, the commands
@@ -208,9 +208,10 @@ def run_demo(settings: DemoSettings, plan: DemoPlan | None = None) -> dict[str, 
         started = _step(f"3/4 building the {name} atlas ({plan.atlas_tokens:,} training tokens)", done)
         if not done:
             model, tokenizer = load_checkpoint(run_dir)
-            options = AtlasOptions(max_tokens=plan.atlas_tokens, top_k=plan.atlas_top_k, split="train",
-                                   batch_size=16, seq_len=train_options["seq_len"])
-            build_atlas(model, tokenizer, data, atlas_dir, options, force=True, progress=progress, run=str(run_dir))
+            build_atlas(model, tokenizer, AtlasBuild(
+                run=str(run_dir), data=str(data), out=str(atlas_dir), force=True, quiet=not progress,
+                max_tokens=plan.atlas_tokens, top_k=plan.atlas_top_k, split="train", batch_size=16,
+                seq_len=train_options["seq_len"]))
         timings[f"atlas_{atlas_dir.name}_s"] = time.perf_counter() - started
 
     done = (report_dir / REPORT_FILE).is_file()

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
@@ -62,6 +61,7 @@ from monet.interp.criteria import Selection, select_skewed, select_top
 from monet.interp.query import Atlas
 from monet.interp.units import units_of
 from monet.io import output_directory, write_json
+from monet.model import causal_lm_loss
 from monet.runtime import resolve_device
 from monet.settings import UnlearnSettings
 
@@ -157,7 +157,8 @@ def headword_items(dataset: Any, label: str, max_items: int = 40, choices: int =
 @torch.no_grad()
 def choice_scores(model: nn.Module, tokenizer: Any, prefixes: list[str], texts: list[str], batch_size: int = 16,
                   bos_id: int | None = None) -> list[float]:
-    """log p(text[len(prefix):] | <s> prefix) for each (prefix, full text) pair, summed over tokens."""
+    """log p(text[len(prefix):] | <s> prefix) for each (prefix, full text) pair, summed over tokens: minus the
+    model's own loss (`causal_lm_loss`) summed over the continuation's tokens."""
     device = next(model.parameters()).device
     lead = [bos_id] if bos_id is not None else []
     sequences, starts = [], []
@@ -165,19 +166,16 @@ def choice_scores(model: nn.Module, tokenizer: Any, prefixes: list[str], texts: 
         head = tokenizer(prefix, add_special_tokens=False)["input_ids"]
         full = tokenizer(text, add_special_tokens=False)["input_ids"]
         start = len(head) if full[: len(head)] == head and len(full) > len(head) else 0
-        sequences.append(lead + full)
-        starts.append(start + len(lead))
-    scores = []
+        sequences.append(torch.tensor(lead + full, dtype=torch.long))
+        starts.append(max(start + len(lead), 1))         # the first token has nothing to be predicted from
+    scores: list[float] = []
     for begin in range(0, len(sequences), batch_size):
         chunk = sequences[begin : begin + batch_size]
-        ids = pad_sequence([torch.tensor(seq, dtype=torch.long) for seq in chunk], batch_first=True)
         # Right padding: causal attention keeps the real tokens' logits exact, no mask needed.
-        logprobs = F.log_softmax(model(input_ids=ids.to(device), use_cache=False).logits.float(), dim=-1)
-        for row, seq in enumerate(chunk):
-            start = max(starts[begin + row], 1)
-            targets = torch.tensor(seq[start:], device=device)
-            picked = logprobs[row, start - 1 : len(seq) - 1].gather(-1, targets[:, None])
-            scores.append(float(picked.sum()))
+        ids = pad_sequence(chunk, batch_first=True).to(device)
+        losses = causal_lm_loss(model(input_ids=ids, use_cache=False).logits, ids, reduction="none")   # [B, T-1]
+        scores += [-float(loss[start - 1 : len(seq) - 1].sum())
+                   for loss, seq, start in zip(losses, chunk, starts[begin : begin + batch_size], strict=True)]
     return scores
 
 

@@ -330,18 +330,20 @@ def label_tokens(dataset, windows: np.ndarray) -> np.ndarray:
     return np.bincount(labels, weights=windows[:, 2], minlength=len(dataset.labels)).astype(np.int64)
 
 
-def build_atlas(model: torch.nn.Module, tokenizer: Any, data_dir: str | Path, out: str | Path,
-                options: AtlasOptions | None = None, *, force: bool = False, progress: bool = True,
-                run: str | None = None, images: Callable[[Path], dict] | None = None) -> Path:
-    """Build the atlas of `model` on the `options.split` split of the dataset at `data_dir` into `out`
-    (through a temporary sibling, see `monet.io.output_directory`: a non-empty `out` that is not an atlas is
-    refused unless `force`). Under torchrun each rank runs a contiguous slice of the windows; rank 0 merges.
-    `images` (a VisionMonet's image examples, `monet.interp.image_examples.vision_atlas_parts`) writes the
-    IMAGE_TABLES into the atlas directory on rank 0 and returns the manifest's "images" section (format 3)."""
-    options = options or AtlasOptions()
-    limit = getattr(model.config, "max_position_embeddings", None)
+def build_atlas(model: torch.nn.Module, tokenizer: Any, settings: AtlasBuild,
+                images: Callable[[Path], dict] | None = None) -> Path:
+    """Build the atlas of `model` (loaded from `settings.run`, which the manifest records) on the
+    `settings.split` split of the dataset at `settings.data` into `settings.out` (through a temporary sibling,
+    see `monet.io.output_directory`: a non-empty `out` that is not an atlas is refused unless `settings.force`).
+    Windows of `settings.seq_len` tokens, by default the run's training length. Under torchrun each rank runs a
+    contiguous slice of the windows; rank 0 merges. `images` (a VisionMonet's image examples,
+    `monet.interp.image_examples.vision_atlas_parts`) writes the IMAGE_TABLES into the atlas directory on rank 0
+    and returns the manifest's "images" section (format 3)."""
+    options = settings.options()
     if options.seq_len is None:
-        options.seq_len = min(256, limit or 256)
+        options.seq_len = trained_seq_len(settings.run, model)
+    data_dir, out, force, progress, run = settings.data, settings.out, settings.force, not settings.quiet, settings.run
+    limit = getattr(model.config, "max_position_embeddings", None)
     if limit and options.seq_len > limit:
         raise MonetError(f"--seq-len {options.seq_len} exceeds the model's max_position_embeddings {limit}")
     dataset = TokenDataset(data_dir, options.split)
@@ -431,7 +433,6 @@ def build_atlas_command(cmd: AtlasBuild, vision: VisionLoader | None = None) -> 
     loaded by `vision` (the text atlas of its language model, plus its image tokens with --images)."""
     _, _, device = start_distributed(resolve_device(cmd.device))
     checkpoint = resolve_checkpoint(cmd.run, verify=not cmd.no_verify)
-    options = cmd.options()
     images = None
     if _model_type(checkpoint) == "vision_monet":
         if vision is None:
@@ -444,10 +445,7 @@ def build_atlas_command(cmd: AtlasBuild, vision: VisionLoader | None = None) -> 
                              "text-only model (train one with `monet vision train`, docs/vision.md)")
         check_data_fits(checkpoint, cmd.data)
         model, tokenizer = load_checkpoint(checkpoint, device=device, verify=False)
-    if options.seq_len is None:
-        options.seq_len = trained_seq_len(checkpoint, model)
-    out = build_atlas(model, tokenizer, cmd.data, cmd.out, options, force=cmd.force, progress=not cmd.quiet,
-                      run=cmd.run, images=images)
+    out = build_atlas(model, tokenizer, cmd, images=images)
     if not distributed() or dist.get_rank() == 0:
         manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
         shown = f", {manifest['images']['images']:,} images" if manifest.get("images") else ""

@@ -83,7 +83,7 @@ def top_examples(model: VisionMonetForCausalLM, tokenizer: Any, images: np.ndarr
     if top_k < 1:
         raise MonetError(f"top_k must be >= 1, got {top_k}")
     text = model.config.text_config
-    experts, groups = text.moe_experts ** 2, text.num_hidden_layers // text.moe_groups
+    experts, groups = text.moe_experts ** 2, text.num_routing_groups
     device = next(model.parameters()).device
     model.eval()
     tables = []

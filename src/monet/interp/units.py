@@ -105,7 +105,7 @@ class MonetExperts(Units):
         self.scale = float(self.config.moe_heads)
 
     def layers(self, group: int) -> list[int]:
-        return [layer for layer in range(self.config.num_hidden_layers) if layer // self.config.moe_groups == group]
+        return list(self.config.group_layers(group))
 
     def layout_fields(self) -> dict[str, Any]:
         return {"experts_per_side": int(self.config.moe_experts), "layers_per_group": int(self.config.moe_groups)}
