@@ -50,12 +50,23 @@ def test_expert_output_equals_layer_with_one_hot_routing(decompose):
 
 
 @pytest.mark.slow
-def test_expert_direction_and_logits(setup):
+@pytest.mark.parametrize("group", [0, 1])
+def test_expert_direction_and_logits(setup, group):
     model, _ = load(setup["run"])
     atlas = Atlas(setup["atlas"], model)
-    group, expert = 1, max(range(64), key=lambda e: atlas.expert(1, e)["count"])
+    expert = max(range(64), key=lambda e: atlas.expert(group, e)["count"])
+    layers = (0, 1) if group == 0 else (2, 3)
+    above = [n for n in range(model.config.num_hidden_layers) if n > layers[-1]]
+    ran = []   # layers above the group's: expert_direction stops before them (and before the LM head)
+    counters = [model.model.layers[n].register_forward_hook(lambda m, a, o, n=n: ran.append(n)) for n in above]
+    counters.append(model.lm_head.register_forward_hook(lambda m, a, o: ran.append("lm_head")))
     direction = expert_direction(model, atlas, group, expert, k=2)
-    # Recompute by hand for the best context: hidden inputs of layers 2 and 3 at the activating token.
+    one = expert_direction(model, atlas, group, expert, k=1)
+    for h in counters:
+        h.remove()
+    assert ran == []
+    # Recompute by hand for the best context from a whole forward pass: the hidden inputs of the group's
+    # layers at the activating token.
     ctx = atlas.top_contexts(group, expert, 1)[0]
     from monet.data import TokenDataset
 
@@ -64,14 +75,13 @@ def test_expert_direction_and_logits(setup):
     prefix = torch.tensor([list(doc[(ctx["pos"] // seq_len) * seq_len:ctx["pos"] + 1])], dtype=torch.long)
     seen = {}
     hooks = [model.model.layers[n].moe.register_forward_hook(
-        lambda m, a, o, n=n: seen.__setitem__(n, a[0][0, -1])) for n in (2, 3)]
+        lambda m, a, o, n=n: seen.__setitem__(n, a[0][0, -1])) for n in layers]
     with torch.no_grad():
         model(prefix)
     for h in hooks:
         h.remove()
     i, j = divmod(expert, model.config.moe_experts)
-    first = sum(expert_output(model.model.layers[n].moe, seen[n], i, j) for n in (2, 3))
-    one = expert_direction(model, atlas, group, expert, k=1)
+    first = sum(expert_output(model.model.layers[n].moe, seen[n], i, j) for n in layers)
     torch.testing.assert_close(one, first, rtol=1e-4, atol=1e-5)
     assert direction.shape == (model.config.hidden_size,)
     logits = expert_logits(model, atlas, group, expert, n=5)

@@ -60,17 +60,30 @@ def expert_direction(model: torch.nn.Module, atlas, group: int, expert: int, k: 
     device = next(model.parameters()).device
     total = torch.zeros(model.config.hidden_size, device=device)
     inputs: dict[int, torch.Tensor] = {}
-    hooks = [layer.moe.register_forward_hook(lambda mod, args, out, n=n: inputs.__setitem__(n, args[0][0, -1]))
+
+    def keep_input(module, args, n: int) -> None:
+        inputs[n] = args[0][0, -1]
+        if n == len(layers) - 1:   # every input needed is known: skip the layers above and the LM head
+            raise _EnoughLayers
+
+    hooks = [layer.moe.register_forward_pre_hook(lambda mod, args, n=n: keep_input(mod, args, n))
              for n, layer in enumerate(layers)]
     try:
         for prefix in prefixes:
-            model(input_ids=torch.tensor([prefix], device=device), use_cache=False)
+            try:
+                model.model(input_ids=torch.tensor([prefix], device=device), use_cache=False)
+            except _EnoughLayers:
+                pass
             for n, layer in enumerate(layers):
                 total += expert_output(layer.moe, inputs[n].float(), i, j).float()
     finally:
         for hook in hooks:
             hook.remove()
     return total / len(prefixes)
+
+
+class _EnoughLayers(Exception):
+    """Raised by `expert_direction`'s hook once the group's last expert layer has its input."""
 
 
 @torch.no_grad()
