@@ -221,12 +221,14 @@ def markdown(results: dict) -> str:
 
     lines = []
     for name, rows in results.items():
-        lines += [f"{name}:", "", "| label | share masked | Δ same-project val | Δ held-out project | "
-                  "Δ other languages' held-out (mean) | worst other held-out |", "|---|---|---|---|---|---|"]
+        lines += [f"{name}:", "", "| label | share masked | loss before: same / held-out | Δ same-project val | "
+                  "Δ held-out project | held-out / same | Δ other languages' held-out (mean) | worst other held-out |",
+                  "|---|---|---|---|---|---|---|---|"]
         for label, r in rows.items():
-            worst = r["heldout_others"]["worst"]
-            lines.append(f"| {label} | {r['masking_ratio']:.3f} | {cell(r['same_project'])} | {cell(r['heldout'])} | "
-                         f"{cell(r['heldout_others'])} | {worst['label']} {cell(worst)} |")
+            worst, same, held = r["heldout_others"]["worst"], r["same_project"], r["heldout"]
+            lines.append(f"| {label} | {r['masking_ratio']:.3f} | {same['before']:.2f} / {held['before']:.2f} | "
+                         f"{cell(same)} | {cell(held)} | {held['delta'] / same['delta']:.2f} | "
+                         f"{cell(r['heldout_others'])} | {worst['label'].removesuffix(SUFFIX)} {cell(worst)} |")
         lines.append("")
     return "\n".join(lines)
 
