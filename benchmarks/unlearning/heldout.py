@@ -1,7 +1,7 @@
 """Held-out projects: each language's Monet mask applied to a project the atlas never saw (issue 23, item 5b).
 
     OMP_NUM_THREADS=1 python benchmarks/unlearning/heldout.py --demo DEMO --out OUT [--tokens 8192]
-                                                             [--dense-rule attribution] [--fetch]
+                                                             [--dense-rule attribution] [--control N] [--fetch]
 
 DEMO is a finished `monet demo` directory (data/, run/, atlas/, report/; dense-run/ for --dense-rule). For
 each language of `HELD_OUT` a second project (its own package, recorded with its version) is read by the
@@ -16,6 +16,10 @@ report's ratio and min_mass) and measured by the protocol's `edit_effect` (paire
   mean, documents resampled within each language, and the worst one): selectivity off the atlas's data;
 * same-project: Δ on the demo's own validation windows of the language (the split `monet unlearn` reads),
   measured here on the same number of tokens.
+
+`--control N` measures N random masks per language, matched to the selection on the target's routing mass
+(`unlearn.random_control`, as `monet unlearn` draws them), on a subset of the held-out windows: Δ target
+and Δ others of each, and the protocol's `control_comparison` (p-value).
 
 `--dense-rule attribution` also runs the dense model's attribution rule (h23, `monet.experiments.dense_rules`;
 zero ablation), as many neurons per language as Monet masked experts (share of units). Writes OUT/heldout.json
@@ -53,7 +57,10 @@ from monet.experiments.unlearn import (
     atlas_label_means,
     edit_effect,
     open_atlas,
+    random_control,
+    seen_units,
     select_for_label,
+    target_mass,
 )
 from monet.interp.atlas import plan_windows
 from monet.interp.criteria import Selection
@@ -129,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-bytes", type=int, default=1_600_000, help="held-out corpus budget (all labels)")
     parser.add_argument("--dense-rule", choices=["attribution"], default=None)
     parser.add_argument("--rule-tokens", type=int, default=40_000)
+    parser.add_argument("--control", type=int, default=0,
+                        help="matched random masks per language on the held-out projects (Monet; 0: none)")
+    parser.add_argument("--control-tokens", type=int, default=1024,
+                        help="held-out target tokens per control mask (a quarter of that per other language)")
     parser.add_argument("--fetch", action="store_true", help="download the held-out packages into the cache")
     args = parser.parse_args(argv)
     demo, out = Path(args.demo), Path(args.out)
@@ -147,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     def measure_all(model) -> dict[str, np.ndarray]:
         return plan.measure(model, {label: plan.positions(label, None) for label in plan.sets})
 
-    def effects(model, select) -> dict[str, dict]:
+    def effects(model, select, control=None) -> dict[str, dict]:
         before = measure_all(model)
         rows = {}
         for target in labels:
@@ -171,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
                 "heldout_per_label": {k.removesuffix(SUFFIX): {"delta": h["delta"][k], "ci95": h["delta_ci95"][k]}
                                       for k in h["delta"]},
             }
+            if control is not None:   # (pools, target -> per-group target mass): matched random masks
+                c = random_control(model, held, before, selection, h["windows"], control[0], f"{target}{SUFFIX}",
+                                   args.control, args.control_tokens, args.control_tokens // 4, control[1](target),
+                                   seed)
+                c.pop("windows")
+                rows[target]["heldout_control"] = c
             r = rows[target]
             log(f"{target}: same {r['same_project']['delta']:+.3f} held-out {r['heldout']['delta']:+.3f} "
                 f"held-out others {r['heldout_others']['delta']:+.3f}")
@@ -182,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     atlas = open_atlas(demo / "atlas", model, demo / "data")
     atlas_labels, means = atlas_label_means(atlas)
     ratio, min_mass = report["ratio"], report["min_mass"]
-    results = {"monet": effects(model, lambda t: select_for_label(means, atlas_labels, t, ratio, min_mass))}
+    control = (seen_units(means), target_mass(means, atlas_labels)) if args.control else None
+    results = {"monet": effects(model, lambda t: select_for_label(means, atlas_labels, t, ratio, min_mass), control)}
     log(f"monet: {time.perf_counter() - started:.0f} s")
 
     if args.dense_rule:
@@ -230,6 +248,19 @@ def markdown(results: dict) -> str:
                          f"{cell(same)} | {cell(held)} | {held['delta'] / same['delta']:.2f} | "
                          f"{cell(r['heldout_others'])} | {worst['label'].removesuffix(SUFFIX)} {cell(worst)} |")
         lines.append("")
+        controlled = {label: r["heldout_control"] for label, r in rows.items() if "heldout_control" in r}
+        if controlled:
+            lines += [f"{name}, matched random masks on the held-out projects (a subset of the windows above):", "",
+                      "| label | masks | selection Δ target / Δ others | masks' Δ target p95 | masks' Δ others "
+                      "median | masks' Δ others near the selection's Δ target | p (dominated) |",
+                      "|---|---|---|---|---|---|---|"]
+            for label, c in controlled.items():
+                comparison = c["comparison"]
+                lines.append(f"| {label} | {len(c['deltas'])} | {c['selection_delta']:+.3f} / "
+                             f"{c['selection_delta_others']:+.3f} | {c['p95']:+.3f} | "
+                             f"{float(np.median(c['others_deltas'])):+.3f} | {comparison['others_near']:+.3f} | "
+                             f"{comparison['p_value']:.3f} |")
+            lines.append("")
     return "\n".join(lines)
 
 
