@@ -91,7 +91,11 @@ def log(message: str) -> None:
 def resolve(source: CodeSource, cache: Path, fetch: bool) -> tuple[list[str], str]:
     """(roots, version) of a held-out project."""
     if source.kind == "pypi":
-        dist = importlib.metadata.distribution(source.package)
+        try:
+            dist = importlib.metadata.distribution(source.package)
+        except importlib.metadata.PackageNotFoundError:
+            raise SystemExit(f"{source.package} is not installed: pip install {source.package}==15.0.0 "
+                             "(the version measured here)") from None
         return [str(dist.locate_file(source.inner))], dist.version
     if source.kind == "system":
         return [source.inner], _dpkg_version(source.package) or "unknown"   # the package that installed it
