@@ -16,7 +16,7 @@ a neutral value for a neuron whose mean is far from 0. Here:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -61,13 +61,26 @@ def neuron_label_means(model: nn.Module, dataset: Any, windows: np.ndarray, batc
     """(per layer [num_labels, width] signed mean of each neuron's down_proj input per token of each label,
     token counts per label). `windows`: [n, 3] (doc, start in the document, length) rows, e.g. from
     `plan_windows` on the training split; a token's label is its document's."""
-    mlps = dense_layers(model)
+    downs = [mlp.down_proj for mlp in dense_layers(model)]
+    return label_means(model, dataset, windows, downs, [down.in_features for down in downs],
+                       lambda layer, acts: acts, batch_size, read_input=True)
+
+
+@torch.no_grad()
+def label_means(model: nn.Module, dataset: Any, windows: np.ndarray, modules: list[nn.Module], widths: list[int],
+                features: Callable[[int, torch.Tensor], torch.Tensor], batch_size: int = 16,
+                read_input: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
+    """(per module [num_labels, width] mean of `features(index, tensor)` per real token of each label, token
+    counts per label): the tensor is each module's output (its input with `read_input`), captured by a hook
+    while the windows (rows as for `neuron_label_means`) run through the model in evaluation mode."""
     num_labels = len(dataset.labels)
-    sums = [np.zeros((num_labels, mlp.down_proj.in_features)) for mlp in mlps]
+    sums = [np.zeros((num_labels, width)) for width in widths]
     counts = np.zeros(num_labels)
     captured: list[torch.Tensor] = []
-    hooks = [mlp.down_proj.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
-             for mlp in mlps]
+    hooks = [module.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+             if read_input else
+             module.register_forward_hook(lambda module, args, out: captured.append(out.detach()))
+             for module in modules]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -77,8 +90,9 @@ def neuron_label_means(model: nn.Module, dataset: Any, windows: np.ndarray, batc
             model(input_ids=ids.to(device), use_cache=False)   # right padding: real tokens are unaffected
             onehot = torch.nn.functional.one_hot(labels, num_labels).double()                   # [B, labels]
             weights = (real.double()[:, :, None] * onehot[:, None, :]).reshape(-1, num_labels)  # [B*T, labels]
-            for layer, acts in enumerate(captured):
-                sums[layer] += (weights.T @ acts.reshape(-1, acts.shape[-1]).double().cpu()).numpy()
+            for index, tensor in enumerate(captured):
+                values = features(index, tensor).reshape(-1, widths[index]).double().cpu()
+                sums[index] += (weights.T @ values).numpy()
             counts += weights.sum(0).numpy()
     finally:
         for hook in hooks:
@@ -192,5 +206,5 @@ def mean_ablated(model: nn.Module, neurons: dict[int, np.ndarray], means: list[n
             handle.remove()
 
 
-__all__ = ["attribution_rises", "class_mean_difference", "dense_layers", "mean_ablated", "neuron_attributions",
-           "neuron_label_means", "overall_means", "top_by_score", "window_batches"]
+__all__ = ["attribution_rises", "class_mean_difference", "dense_layers", "label_means", "mean_ablated",
+           "neuron_attributions", "neuron_label_means", "overall_means", "top_by_score", "window_batches"]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from monet.errors import MonetError
-from monet.experiments.dense_rules import dense_layers, window_batches
+from monet.experiments.dense_rules import dense_layers, label_means, window_batches
 from monet.io import atomic_write, write_json
 
 SAE_CONFIG = "sae.json"
@@ -193,31 +193,8 @@ def latent_label_means(model: nn.Module, saes: list[TopKSAE], dataset: Any, wind
                        batch_size: int = 16) -> tuple[list[np.ndarray], np.ndarray]:
     """(per layer [num_labels, latents] mean activation of each latent per token of each label, token
     counts per label), on the real tokens of `windows` (rows as for `dense_rules.neuron_label_means`)."""
-    mlps = dense_layers(model)
-    num_labels = len(dataset.labels)
-    sums = [np.zeros((num_labels, sae.config.latents)) for sae in saes]
-    counts = np.zeros(num_labels)
-    captured: list[torch.Tensor] = []
-    hooks = [mlp.register_forward_hook(lambda module, args, out: captured.append(out.detach())) for mlp in mlps]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        for ids, real, labels in window_batches(dataset, windows, batch_size):
-            captured.clear()
-            model(input_ids=ids.to(device), use_cache=False)
-            onehot = F.one_hot(labels, num_labels).double()                                     # [B, labels]
-            weights = (real.double()[:, :, None] * onehot[:, None, :]).reshape(-1, num_labels)  # [B*T, labels]
-            for layer, (out, sae) in enumerate(zip(captured, saes, strict=True)):
-                z = sae.to(out.device).encode(out.float()).reshape(-1, sae.config.latents).double().cpu()
-                sums[layer] += (weights.T @ z).numpy()
-            counts += weights.sum(0).numpy()
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    safe = np.maximum(counts, 1)[:, None]
-    return [s / safe for s in sums], counts
+    return label_means(model, dataset, windows, dense_layers(model), [sae.config.latents for sae in saes],
+                       lambda layer, out: saes[layer].to(out.device).encode(out.float()), batch_size)
 
 
 def save_saes(saes: list[TopKSAE], directory: str | Path, stats: list[dict[str, float]] | None = None) -> None:
