@@ -49,3 +49,22 @@ def test_a_rerun_keeps_the_hand_written_sections(tmp_path):
     assert run.kept_sections(path) == ""   # no marker: everything is the generated table
     path.write_text(f"# old table\n\nrows\n\n{run.KEEP}\n\n## Baselines\n\ntext\n", encoding="utf-8")
     assert run.kept_sections(path) == f"\n{run.KEEP}\n\n## Baselines\n\ntext\n"
+
+
+def test_replication_table_carries_the_dense_baselines_at_equal_target():
+    run = _run_module()
+    reports = {3: _report({"c": "robust"}), 4: _report({"c": "robust"})}
+    for seed, at in ((3, 0.2), (4, None)):
+        reports[seed]["equal_target"] = {"c": {"monet_delta_others": 0.02, "dense_delta_others": at}}
+    result = run.aggregate(reports)
+    # One seed's attribution curve reaches Monet's Δ target (Δ others 0.15), the other's never does.
+    baselines = {3: {"comparison": {"c": {"monet": {"delta_others": 0.03},
+                                          "attribution:zero": {"others_at_monet_target": 0.15}}}},
+                 4: {"comparison": {"c": {"monet": {"delta_others": 0.05},
+                                          "attribution:zero": {"others_at_monet_target": None}}}}}
+    rows = run.baseline_rows(baselines, "attribution:zero")
+    assert rows["c"]["reached"] == 1 and rows["c"]["seeds"] == 2
+    assert rows["c"]["rule"]["mean"] == 0.15 and rows["c"]["monet"]["mean"] == 0.03
+    text = run.replication_markdown(result, [3, 4], "cmd", [], baselines)
+    assert "| c | +0.020 ± 0.000 | +0.200 ± 0.000 (1/2) | +0.030 ± 0.000 | +0.150 ± 0.000 (1/2) |" in text
+    assert "attribution:zero" not in run.replication_markdown(result, [3, 4], "cmd", [])

@@ -42,7 +42,8 @@ KEEP = "<!-- run.py keeps everything below this line -->"
 
 
 def kept_sections(path: Path) -> str:
-    """The hand-written sections of an existing RESULTS.md (from the KEEP marker on), which a rerun keeps."""
+    """The hand-written sections of an existing RESULTS.md or REPLICATION.md (from the KEEP marker on),
+    which a rerun keeps."""
     if not path.is_file():
         return ""
     text = path.read_text(encoding="utf-8")
@@ -112,8 +113,26 @@ def provenance_check(reports: dict[int, dict], lock_sha256: str | None) -> list[
     return problems
 
 
-def replication_markdown(result: dict, seeds: list[int], command: str, problems: list[str]) -> str:
-    """The pre-registered table (PREREGISTRATION.md): per label its grade on each seed and over the seeds."""
+def baseline_rows(baselines: dict[int, dict], rule: str) -> dict[str, dict]:
+    """Per label over seeds, from `baselines.py` results: the dense rule's Δ others where it forgets as much as
+    Monet (mean ± sd over the seeds where its curve reaches Monet's Δ target) beside Monet's on those seeds."""
+    rows: dict[str, dict] = {}
+    for result in baselines.values():
+        for label, entry in result["comparison"].items():
+            row = rows.setdefault(label, {"rule": [], "monet": [], "seeds": 0})
+            row["seeds"] += 1
+            at = entry.get(rule, {}).get("others_at_monet_target")
+            if at is not None:
+                row["rule"].append(at)
+                row["monet"].append(entry["monet"]["delta_others"])
+    return {label: {"rule": mean_sd(row["rule"]), "monet": mean_sd(row["monet"]), "reached": len(row["rule"]),
+                    "seeds": row["seeds"]} for label, row in rows.items()}
+
+
+def replication_markdown(result: dict, seeds: list[int], command: str, problems: list[str],
+                         baselines: dict[int, dict] | None = None, rule: str = "attribution:zero") -> str:
+    """The pre-registered table (PREREGISTRATION.md): per label its grade on each seed and over the seeds,
+    and the dense baselines at Monet's Δ target on the same seeds."""
     lines = [f"# Pre-registered replication: seeds {', '.join(map(str, seeds))}", "", f"Command: `{command}`", "",
              "Grades per seed (bar on interval bounds, see PREREGISTRATION.md): robust = Δt_lo >= 0.10 and >= 5 x",
              "Δo_hi and the matched control p < 0.05; marginal = only the point estimates pass; failing = they do",
@@ -128,6 +147,26 @@ def replication_markdown(result: dict, seeds: list[int], command: str, problems:
                      f"{fmt(dense['delta_target']) if dense else '-'} |")
     robust = sum(row.get("replication") == "robust" for row in result["monet"].values())
     lines += ["", f"{robust} of {len(result['monet'])} labels robust (pre-registered success: at least 6 of 8)."]
+    lines += ["", "Monet against the dense baselines at equal Δ target, same seeds: the dense model's Δ others",
+              "where its sweep forgets as much of the target as Monet's selection (linear interpolation from",
+              "(0, 0); mean ± sd over the seeds where it gets there, reached / seeds), beside Monet's Δ others",
+              "on those seeds. "
+              "specificity = the demo's own dense rule (its report's `equal_target`)"
+              + (f"; {rule} = `baselines.py` on each seed's dense run." if baselines else "."), ""]
+    header = "| label | Monet Δ others | specificity: Δ others at Monet's Δ target |"
+    if baselines:
+        header += f" Monet Δ others (seeds {rule} reaches) | {rule}: Δ others at Monet's Δ target |"
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    attribution = baseline_rows(baselines, rule) if baselines else {}
+    for label, row in result["monet"].items():
+        equal = result["equal_target"].get(label)
+        cells = [label, fmt(row["delta_others"]),
+                 f"{fmt(equal['dense_delta_others'])} ({equal['dense_reached']}/{row['seeds']})" if equal else "-"]
+        if baselines:
+            base = attribution.get(label)
+            cells += [fmt(base["monet"]) if base else "-",
+                      f"{fmt(base['rule'])} ({base['reached']}/{base['seeds']})" if base else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -163,7 +202,17 @@ def main() -> int:
     parser.add_argument("--replication", metavar="LOCK_SHA256", default=None,
                         help="a pre-registered replication: write replication.json and REPLICATION.md (kept apart "
                              "from RESULTS.md) and check every report against this corpus lock hash")
+    parser.add_argument("--baselines", nargs="*", default=[],
+                        help="SEED=DIR: a `baselines.py --out DIR` run on that seed's demo (its dense rules at "
+                             "Monet's Δ target go into REPLICATION.md)")
+    parser.add_argument("--baseline-rule", default="attribution:zero")
     args = parser.parse_args()
+    baselines = {}
+    for item in args.baselines:
+        seed, _, directory = item.partition("=")
+        if not seed.isdigit() or not directory:
+            parser.error(f"--baselines takes SEED=DIR, got {item!r}")
+        baselines[int(seed)] = json.loads((Path(directory) / "baselines.json").read_text(encoding="utf-8"))
     existing = {}
     for item in args.existing:
         seed, _, directory = item.partition("=")
@@ -183,8 +232,9 @@ def main() -> int:
             {"command": command, "seeds": args.seeds, "problems": problems, "aggregate": result,
              "per_seed": {str(s): {"summary": r["summary"], "dense": r.get("dense"), "provenance": r.get("provenance")}
                           for s, r in reports.items()}}, indent=1, default=str) + "\n", encoding="utf-8")
-        text = replication_markdown(result, args.seeds, command, problems)
-        (args.write / "REPLICATION.md").write_text(text, encoding="utf-8")
+        text = replication_markdown(result, args.seeds, command, problems, baselines, args.baseline_rule)
+        (args.write / "REPLICATION.md").write_text(text + kept_sections(args.write / "REPLICATION.md"),
+                                                   encoding="utf-8")
         print(text)
         return 0
     (args.write / "results.json").write_text(json.dumps(
