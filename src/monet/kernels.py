@@ -196,7 +196,7 @@ def gather(x: torch.Tensor, token: torch.Tensor, table: tuple, weight: torch.Ten
     width = weight.shape[2] if transposed else weight.shape[1]
     depth = x.shape[1]
     s_half, s_k, s_c = (weight.stride(0), weight.stride(2), weight.stride(1)) if transposed else weight.stride()
-    out = x.new_empty(pairs, width)
+    out = x.new_zeros(pairs, width)     # rows no block covers (the static layout's unused slots) stay 0
     blocks = table[0].shape[0]
     if blocks and width:
         bw = _block(width)
@@ -243,21 +243,23 @@ def triton_cdiv(a: int, b: int) -> int:
 class GatherMatmulKernel(torch.autograd.Function):
     """`monet.sparse.GatherMatmul` on the kernels: r_p = U_{half(p)} x_{token(p)} + b_{half(p)}, [P, w].
 
-    forward(x [n, d], token [P], table, weight [E, w, d], bias [E, w]). Backward: grad_x by the scatter
-    kernel (grad_r U_i onto the tokens), grad_U by the per-half outer product, grad_b by a segment sum.
+    forward(x [n, d], token [P], table, weight [E, w, d], bias [E, w], half_of_row [P] or None). Backward:
+    grad_x by the scatter kernel (grad_r U_i onto the tokens), grad_U by the per-half outer product, grad_b
+    by a sum per half: over `half_of_row` (E: a row no block covers, left out) where given, else over the
+    table's blocks, which must then cover every row.
     """
 
     @staticmethod
-    def forward(ctx, x, token, table, weight, bias):
+    def forward(ctx, x, token, table, weight, bias, half_of_row=None):
         ctx.table = table
-        ctx.save_for_backward(x, token, weight)
+        ctx.save_for_backward(x, token, weight, half_of_row)
         return gather(x, token, table, weight, bias, token.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, token, weight = ctx.saved_tensors
+        x, token, weight, half_of_row = ctx.saved_tensors
         table = ctx.table
-        need_x, _, _, need_w, need_b = ctx.needs_input_grad
+        need_x, _, _, need_w, need_b, _ = ctx.needs_input_grad
         grad_out = grad_out.contiguous()
         grad_x = grad_w = grad_b = None
         if need_x:      # W(h, k, n) = weight[h, k, n]: k over w, n over d
@@ -266,10 +268,12 @@ class GatherMatmulKernel(torch.autograd.Function):
             grad_w = _accumulator(weight, tuple(weight.shape))
             outer(grad_out, x, token, table, grad_w, grad_w.stride())
             grad_w = grad_w.to(weight.dtype)
-        if need_b:      # a segment sum per half (the blocks are in pair order)
-            half = torch.repeat_interleave(table[0], table[2] - table[1], output_size=token.shape[0])
-            grad_b = grad_out.new_zeros(weight.shape[:2]).index_add_(0, half, grad_out).to(weight.dtype)
-        return grad_x, None, None, grad_w, grad_b
+        if need_b:      # a sum per half (row E, the uncovered rows, is dropped)
+            if half_of_row is None:     # the blocks are in pair order and cover every row
+                half_of_row = torch.repeat_interleave(table[0], table[2] - table[1], output_size=token.shape[0])
+            grad_b = grad_out.new_zeros(weight.shape[0] + 1, weight.shape[1]).index_add_(0, half_of_row, grad_out)
+            grad_b = grad_b[:-1].to(weight.dtype)
+        return grad_x, None, None, grad_w, grad_b, None
 
 
 class ScatterMatmulKernel(torch.autograd.Function):
