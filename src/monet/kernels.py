@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -167,7 +168,53 @@ def _kernels():
         tl.atomic_add(g_ptr + half * sg_half + ks[:, None] * sg_k + cs[None, :] * sg_c, acc.to(g_ptr.dtype.element_ty),
                       mask=(ks[:, None] < width) & (cs[None, :] < depth) & (ks[:, None] * 0 + start < stop))
 
-    return gather_mm, scatter_mm, half_outer
+    @triton.jit
+    def mix_scatter_mm(src_ptr, gs_ptr, go_ptr, other_half_ptr, edit_ptr, order_ptr, token_ptr, w_ptr, y_ptr,
+                       half_ptr, start_ptr, stop_ptr, inner, outer, ss, experts, sw_half, sw_k, sw_n, sy,
+                       MODE: tl.constexpr, SELF_FIRST: tl.constexpr, HAS_EDIT: tl.constexpr, SLOTS: tl.constexpr,
+                       ACC: tl.constexpr, PRECISION: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
+                       BN: tl.constexpr):
+        """`scatter_mm` whose input rows are mixed here from the bag's slots of the other side (`Mix`):
+        coef_a = g_self g_a (1 - edit[i*E + j]); row = sum_a coef_a src[a] (MODE 0), (sum_a coef_a) src[slot]
+        (MODE 1) or sum_a coef_a (MODE 2, one column); y[token] += row W(half)."""
+        block = tl.program_id(0)
+        half, start, stop = tl.load(half_ptr + block), tl.load(start_ptr + block), tl.load(stop_ptr + block)
+        pairs = start + tl.arange(0, BP)
+        valid = pairs < stop
+        rows = tl.load(token_ptr + pairs, mask=valid, other=0)
+        slot = tl.load(order_ptr + pairs, mask=valid, other=0)         # the row's own slot (token, head, s)
+        g_self = tl.load(gs_ptr + slot, mask=valid, other=0.0).to(ACC)
+        ns = tl.program_id(1) * BN + tl.arange(0, BN)
+        acc = tl.zeros((BP, BN), dtype=ACC)
+        for k0 in range(0, inner, BK):
+            ks = k0 + tl.arange(0, BK)
+            inside = valid[:, None] & (ks[None, :] < inner)
+            cs = tl.zeros((BP, BK), dtype=ACC)
+            mass = tl.zeros((BP,), dtype=ACC)
+            for a in range(SLOTS):                                       # the bag's slots of the other side
+                partner = (slot // SLOTS) * SLOTS + a
+                coef = g_self * tl.load(go_ptr + partner, mask=valid, other=0.0).to(ACC)
+                if HAS_EDIT:
+                    other = tl.load(other_half_ptr + partner, mask=valid, other=0)
+                    expert = half * experts + other if SELF_FIRST else other * experts + half
+                    coef = coef * (1.0 - tl.load(edit_ptr + expert, mask=valid, other=0.0).to(ACC))
+                if MODE == 0:
+                    cs += coef[:, None] * tl.load(src_ptr + partner[:, None] * ss + ks[None, :], mask=inside,
+                                                  other=0.0).to(ACC)
+                else:
+                    mass += coef
+            if MODE == 1:
+                cs = mass[:, None] * tl.load(src_ptr + slot[:, None] * ss + ks[None, :], mask=inside,
+                                             other=0.0).to(ACC)
+            if MODE == 2:
+                cs = tl.where(inside, mass[:, None] + cs, 0.0)
+            ws = tl.load(w_ptr + half * sw_half + ks[:, None] * sw_k + ns[None, :] * sw_n,
+                         mask=(ks[:, None] < inner) & (ns[None, :] < outer), other=0.0)
+            acc += tl.dot(cs.to(ws.dtype), ws, input_precision=PRECISION, out_dtype=ACC)
+        tl.atomic_add(y_ptr + rows[:, None] * sy + ns[None, :], acc.to(y_ptr.dtype.element_ty),
+                      mask=valid[:, None] & (ns[None, :] < outer))
+
+    return gather_mm, scatter_mm, half_outer, mix_scatter_mm
 
 
 def _numerics(t: torch.Tensor) -> dict:
@@ -301,26 +348,145 @@ class ScatterMatmulKernel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         c, token, *weights = ctx.saved_tensors
-        table = ctx.table
-        need_c, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[4:]
-        grad_y = grad_y.contiguous()
-        grad_c = None
-        if need_c:      # grad_c[p, k] = sum_n grad_y[token[p], n] weight[n, half, k]: weight as [E, d_out, w]
-            grad_c = torch.cat([gather(grad_y, token, table, w.transpose(0, 1), None, token.shape[0],
-                                       transposed=True) for w in weights], dim=1).to(c.dtype)
-        grads, offset = [], 0
-        for weight, need in zip(weights, need_w, strict=True):
-            width = weight.shape[2]
-            if need:    # grad_W[n, half, k] = sum_p c[p, k] grad_y[token[p], n]
-                grad = _accumulator(weight, tuple(weight.shape))
-                outer(c[:, offset:offset + width], grad_y, token, table, grad,
-                      (grad.stride(1), grad.stride(2), grad.stride(0)))
-                grads.append(grad.to(weight.dtype))
-            else:
-                grads.append(None)
-            offset += width
+        grad_c, grads = _scatter_backward(c, token, ctx.table, weights, ctx.needs_input_grad[0],
+                                          ctx.needs_input_grad[4:], grad_y)
         return (grad_c, None, None, None, *grads)
 
 
-__all__ = ["GatherMatmulKernel", "ScatterMatmulKernel", "available", "block_table", "device_block_table",
-           "interpreted"]
+def _scatter_backward(c: torch.Tensor, token: torch.Tensor, table: tuple, weights: list[torch.Tensor], need_c: bool,
+                      need_w: tuple[bool, ...], grad_y: torch.Tensor) -> tuple[torch.Tensor | None, list]:
+    """Gradients of y = scatter(c, token, table, *weights): grad_c by the gather kernel (W_j^T grad_y rows; 0 on
+    rows no block covers), grad_W by the per-half outer product (grad_y rows x c)."""
+    grad_y = grad_y.contiguous()
+    grad_c = None
+    if need_c:          # grad_c[p, k] = sum_n grad_y[token[p], n] weight[n, half, k]: weight as [E, d_out, w]
+        grad_c = torch.cat([gather(grad_y, token, table, w.transpose(0, 1), None, token.shape[0], transposed=True)
+                            for w in weights], dim=1).to(c.dtype)
+    grads, offset = [], 0
+    for weight, need in zip(weights, need_w, strict=True):
+        width = weight.shape[2]
+        if need:        # grad_W[n, half, k] = sum_p c[p, k] grad_y[token[p], n]
+            grad = _accumulator(weight, tuple(weight.shape))
+            outer(c[:, offset:offset + width], grad_y, token, table, grad,
+                  (grad.stride(1), grad.stride(2), grad.stride(0)))
+            grads.append(grad.to(weight.dtype))
+        else:
+            grads.append(None)
+        offset += width
+    return grad_c, grads
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fused input stage: routing mixes and edits inside the scatter kernel
+
+MODES = {"other": 0, "self": 1, "ones": 2}
+
+
+@dataclass(eq=False)
+class Mix:
+    """The input stage of a fused scatter (`MixScatterKernel`) over the slots of a static layout
+    (`monet.sparse.static_side`: K slots per (token, head) bag, unused slots with g = 0).
+
+    The rows are the "self" side's slots sorted by half (`order`: the slot of each row, `token`, `table`). Each
+    mixes the K slots of its bag on the other side: coef_a = g_self g_a keep_a, keep_a = 1 - edit[i*E + j]
+    (i from side 1, j from side 2: `self_first` says whether the self side is side 1; keep = 1 without an edit
+    table). Per weight piece, `modes`: "other" sum_a coef_a other_rows_a, "self" (sum_a coef_a) self_rows_slot,
+    "ones" sum_a coef_a (one column: the bias). So the edit table is read for the K x K combinations of each
+    bag inside the kernel: in forward no input row, combination tensor or edited-pair list is formed.
+    """
+
+    order: torch.Tensor
+    token: torch.Tensor
+    table: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    self_half: torch.Tensor     # [slots] the halves of the self side's slots (slot order)
+    other_half: torch.Tensor    # [slots] the other side's
+    slots: int                  # K
+    experts: int
+    self_first: bool
+    modes: tuple[str, ...]
+    edit: torch.Tensor | None = None     # [E * E] in the routing values' dtype
+
+
+def mix_rows(mix: Mix, g_self: torch.Tensor, g_other: torch.Tensor, self_rows: torch.Tensor | None,
+             other_rows: torch.Tensor | None, widths: list[int]) -> torch.Tensor:
+    """The input rows the kernel mixes, with torch ops (backward recomputes them): [rows, sum widths], sorted.
+
+    Forms each bag's K x K combinations (O(tokens H K^2), never E^2): only backward pays for it."""
+    k = mix.slots
+    coef = g_self.reshape(-1, k, 1) * g_other.reshape(-1, 1, k)                  # [bags, K self, K other]
+    if mix.edit is not None:
+        mine, theirs = mix.self_half.view(-1, k, 1), mix.other_half.view(-1, 1, k)
+        expert = mine * mix.experts + theirs if mix.self_first else theirs * mix.experts + mine
+        coef = coef * (1 - mix.edit[expert])
+    mass = coef.sum(-1, keepdim=True)
+    parts = []
+    for mode, width in zip(mix.modes, widths, strict=True):
+        if mode == "other":
+            parts.append(torch.einsum("bsa,baw->bsw", coef, other_rows.reshape(-1, k, width)))
+        elif mode == "self":
+            parts.append(mass * self_rows.reshape(-1, k, width))
+        else:
+            parts.append(mass)
+    return torch.cat(parts, dim=-1).flatten(0, 1).index_select(0, mix.order)
+
+
+def mix_scatter(mix: Mix, g_self: torch.Tensor, g_other: torch.Tensor, self_rows: torch.Tensor | None,
+                other_rows: torch.Tensor | None, rows: int, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """y[token] += (mixed row) W(half) for every row of the self side: [rows, d_out] (an accumulator)."""
+    mix_scatter_mm = _kernels()[3]
+    out_dim = weights[0].shape[0]
+    like = other_rows if other_rows is not None else self_rows
+    y = _accumulator(like, (rows, out_dim))
+    g_self, g_other = g_self.contiguous(), g_other.contiguous()
+    edit = mix.edit if mix.edit is not None else g_self
+    blocks = mix.table[0].shape[0]
+    for mode, weight in zip(mix.modes, weights, strict=True):
+        width = weight.shape[2]
+        if not (blocks and width and out_dim):
+            continue
+        source = (other_rows if mode == "other" else self_rows if mode == "self" else like).contiguous()
+        bn = _block(out_dim)
+        mix_scatter_mm[(blocks, triton_cdiv(out_dim, bn))](
+            source, g_self, g_other, mix.other_half, edit, mix.order, mix.token, weight, y, *mix.table, width,
+            out_dim, source.stride(0), mix.experts, weight.stride(1), weight.stride(2), weight.stride(0),
+            y.stride(0), MODE=MODES[mode], SELF_FIRST=mix.self_first, HAS_EDIT=mix.edit is not None,
+            SLOTS=mix.slots, BP=BLOCK_P, BK=_block(width), BN=bn, **_numerics(like))
+    return y
+
+
+class MixScatterKernel(torch.autograd.Function):
+    """y_t = sum over the self side's slots s of token t of W_{half(s)} row_s, the rows mixed inside the kernel
+    (`Mix`: routing weights, edits). forward(mix, rows, g_self [slots], g_other [slots], self_rows [slots, w]
+    or None, other_rows [slots, w] or None, *weights [d_out, E, w_k]). Backward recomputes the rows with torch
+    (`mix_rows`) and takes the scatter's gradients (`_scatter_backward`) through them.
+    """
+
+    @staticmethod
+    def forward(ctx, mix, rows, g_self, g_other, self_rows, other_rows, *weights):
+        ctx.mix = mix
+        ctx.save_for_backward(g_self, g_other, self_rows, other_rows, *weights)
+        like = other_rows if other_rows is not None else self_rows
+        return mix_scatter(mix, g_self, g_other, self_rows, other_rows, rows, weights).to(like.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        g_self, g_other, self_rows, other_rows, *weights = ctx.saved_tensors
+        mix = ctx.mix
+        inputs, needs = (g_self, g_other, self_rows, other_rows), ctx.needs_input_grad[2:6]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(need) if t is not None else None
+                      for t, need in zip(inputs, needs, strict=True)]
+            c = mix_rows(mix, *leaves, [w.shape[2] for w in weights])
+        wanted = [n for n, (t, need) in enumerate(zip(leaves, needs, strict=True)) if need and t is not None]
+        grad_c, grad_w = _scatter_backward(c.detach(), mix.token, mix.table, weights, bool(wanted),
+                                           ctx.needs_input_grad[6:], grad_y)
+        grads = [None] * 4
+        if wanted:
+            found = torch.autograd.grad(c, [leaves[n] for n in wanted], grad_c, allow_unused=True)
+            for n, grad in zip(wanted, found, strict=True):
+                grads[n] = grad if grad is not None else torch.zeros_like(leaves[n])
+        return (None, None, *grads, *grad_w)
+
+
+__all__ = ["GatherMatmulKernel", "Mix", "MixScatterKernel", "ScatterMatmulKernel", "available", "block_table",
+           "device_block_table", "interpreted", "mix_rows"]

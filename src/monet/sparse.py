@@ -442,95 +442,80 @@ def static_side(g: torch.Tensor, capacity: int) -> StaticSide:
 
 @dataclass
 class StaticRouting:
-    """Both sides of a routing group's static layout (`static_side`) and, with an edit table, the weight of
-    every per-head combination (i, j) of kept slots, `keep` = 1 - edit[i*E + j] ([T, H, K, K]: 0 deletes the
-    expert's term, alpha steers it by alpha; None: unedited). `active_fraction`: as `Routing`'s, on the device."""
+    """Both sides of a routing group's static layout (`static_side`), the group's [E*E] edit table in the routing
+    values' dtype (None: unedited; the kernels read it for each bag's K x K combinations) and, as `Routing`'s,
+    the active fraction (on the device)."""
 
     first: StaticSide
     second: StaticSide
     num_tokens: int
-    keep: torch.Tensor | None
+    experts: int
+    capacity: int
+    edit: torch.Tensor | None
     active_fraction: torch.Tensor
 
     def bind(self, g1: torch.Tensor, g2: torch.Tensor) -> StaticRouting:
         return dataclasses.replace(self, first=self.first.bind(g1), second=self.second.bind(g2))
 
+    def mix(self, self_first: bool, modes: tuple[str, ...]) -> kernels.Mix:
+        """The fused scatter's input stage over side 1's slots (self_first) or side 2's (`kernels.Mix`)."""
+        mine, other = (self.first, self.second) if self_first else (self.second, self.first)
+        return kernels.Mix(mine.order, mine.token, mine.table, mine.half.reshape(-1), other.half.reshape(-1),
+                           self.capacity, self.experts, self_first, modes, self.edit)
+
 
 def static_routing(g1: torch.Tensor, g2: torch.Tensor, edit_weights: torch.Tensor | None = None) -> StaticRouting:
-    """The kernel path's layout of g1, g2 [..., H, E] and the edit weights of an [E*E] table: no host sync."""
+    """The kernel path's layout of g1, g2 [..., H, E] and an [E*E] edit table: no host sync."""
     experts = g1.shape[-1]
     capacity = kernel_capacity(experts)
     first, second = static_side(g1, capacity), static_side(g2, capacity)
-    keep = None
-    if edit_weights is not None:       # looked up for the K x K combinations of each bag, never for E^2 experts
-        table = edit_weights.to(device=g1.device, dtype=first.value.dtype)
-        keep = 1 - table[first.half.unsqueeze(-1) * experts + second.half.unsqueeze(-2)]
+    edit = None if edit_weights is None else edit_weights.to(device=g1.device, dtype=first.value.dtype)
     with torch.no_grad():
         active = [(g.reshape(-1, *g.shape[-2:]) > 0).any(dim=-2).sum() for g in (g1, g2)]
         fraction = torch.maximum(*active) / max(1, first.half.shape[0] * experts)
-    return StaticRouting(first, second, first.half.shape[0], keep, fraction)
+    return StaticRouting(first, second, first.half.shape[0], experts, capacity, edit, fraction)
 
 
 def _slots(layer, linear, x2: torch.Tensor, side: StaticSide) -> torch.Tensor:
-    """sigma(U_i x + b_i) for every slot of the side (the gather kernel over the sorted rows): [T, H, K, w]."""
+    """sigma(U_i x + b_i) for every slot of the side (the gather kernel over the sorted rows): [T*H*K, w]."""
     weight, bias = linear.weight.unflatten(0, (layer.experts, -1)), linear.bias.view(layer.experts, -1)
     rows = kernels.GatherMatmulKernel.apply(x2, side.token, side.table, weight, bias, side.half_of_row)
-    return layer.act(rows).index_select(0, side.row).view(*side.half.shape, -1)
-
-
-def _scatter(inputs: torch.Tensor, side: StaticSide, tokens: int, *weights: torch.Tensor) -> torch.Tensor:
-    """sum over the side's slots of W_{half} input_slot onto the slots' tokens (the scatter kernel): [T, d_out]."""
-    rows = inputs.reshape(-1, inputs.shape[-1]).index_select(0, side.order)
-    return kernels.ScatterMatmulKernel.apply(rows, side.token, side.table, tokens, *weights)
-
-
-def _ones(t: torch.Tensor) -> torch.Tensor:
-    """[t | 1] along the last dim (`_with_ones` for any rank)."""
-    return torch.cat((t, t.new_ones(*t.shape[:-1], 1)), dim=-1)
+    return layer.act(rows).index_select(0, side.row)
 
 
 def kernel_hd_forward(layer, x: torch.Tensor, routing: StaticRouting) -> torch.Tensor:
-    """MonetHorizontalExperts on the kernels and the static layout (eq. 12, one input row per kept g2 slot):
-    y_t = sum_{h, j} [V_j | b2_j] g2_hj sum_i g1_hi keep_ij [sigma(U_i x_t + b1_i) ; 1]."""
+    """MonetHorizontalExperts on the kernels and the static layout (eq. 12): one input row per g2 slot (h, j),
+    mixed inside the scatter kernel: y_t = sum_{h, j} [V_j | b2_j] sum_i g2_hj g1_hi keep_ij [sigma(U_i x_t + b1_i) ; 1]
+    (keep_ij = 1 - edit[i*E + j], 1 unedited)."""
     shape = x.shape
     first, second = routing.first, routing.second
-    hidden = _ones(_slots(layer, layer.u, x.reshape(-1, shape[-1]), first))          # [T, H, K, m+1]
-    if routing.keep is None:                   # one mix per head, shared by its g2 slots
-        mixed = torch.einsum("tha,tham->thm", first.value, hidden).unsqueeze(2)
-    else:                                      # each combination (i, j) weighted by 1 - edit[i*E + j]
-        mixed = torch.einsum("tha,thab,tham->thbm", first.value, routing.keep, hidden)
-    top_input = second.value.unsqueeze(-1) * mixed                                    # [T, H, K, m+1]
+    hidden = _slots(layer, layer.u, x.reshape(-1, shape[-1]), first)                  # [T*H*K, m]
     weight_v = layer.v.weight.unflatten(1, (layer.experts, -1))
-    return _scatter(top_input, second, routing.num_tokens, weight_v, layer.b.t().unsqueeze(-1)).view(shape)
+    out = kernels.MixScatterKernel.apply(routing.mix(False, ("other", "ones")), routing.num_tokens,
+                                         second.value.reshape(-1), first.value.reshape(-1), None, hidden,
+                                         weight_v, layer.b.t().unsqueeze(-1))
+    return out.view(shape)
 
 
 def kernel_vd_forward(layer, x: torch.Tensor, routing: StaticRouting) -> torch.Tensor:
     """MonetVerticalExperts on the kernels and the static layout (A.1): with w_hij = g1_hi g2_hj keep_ij, the
     g1 slot (h, i) feeds [V11_i | V12_i | b12_i] with [sum_j w a1_i ; sum_j w a2_j ; sum_j w] and the g2 slot
-    (h, j) feeds [V21_j | V22_j | b22_j] with [sum_i w a1_i ; sum_i w a2_j ; sum_i w] (eq. 23-28)."""
+    (h, j) feeds [V21_j | V22_j | b22_j] with [sum_i w a1_i ; sum_i w a2_j ; sum_i w] (eq. 23-28), each row
+    mixed inside the scatter kernel."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     first, second = routing.first, routing.second
-    left, right = _slots(layer, layer.u1, x2, first), _slots(layer, layer.u2, x2, second)   # [T, H, K, m/2]
-    g1, g2 = first.value, second.value
-    if routing.keep is None:                   # w = g1 g2 factorises: the sums over the other side per head
-        s1, s2 = g1 * g2.sum(-1, keepdim=True), g2 * g1.sum(-1, keepdim=True)
-        cross12 = g1.unsqueeze(-1) * torch.einsum("thb,thbm->thm", g2, right).unsqueeze(2)
-        cross21 = g2.unsqueeze(-1) * torch.einsum("tha,tham->thm", g1, left).unsqueeze(2)
-    else:
-        w = g1.unsqueeze(-1) * g2.unsqueeze(-2) * routing.keep                        # [T, H, K1, K2]
-        s1, s2 = w.sum(-1), w.sum(-2)
-        cross12, cross21 = torch.einsum("thab,thbm->tham", w, right), torch.einsum("thab,tham->thbm", w, left)
-    top_input = torch.cat((s1.unsqueeze(-1) * left, cross12, s1.unsqueeze(-1)), dim=-1)
-    bottom_input = torch.cat((cross21, s2.unsqueeze(-1) * right, s2.unsqueeze(-1)), dim=-1)
+    left, right = _slots(layer, layer.u1, x2, first), _slots(layer, layer.u2, x2, second)   # [T*H*K, m/2]
+    g1, g2 = first.value.reshape(-1), second.value.reshape(-1)
 
     def blocks(linear):
         return linear.weight.unflatten(1, (layer.experts, -1))
 
-    top = _scatter(top_input, first, routing.num_tokens, blocks(layer.v11), blocks(layer.v12),
-                   layer.b1.t().unsqueeze(-1))
-    bottom = _scatter(bottom_input, second, routing.num_tokens, blocks(layer.v21), blocks(layer.v22),
-                      layer.b2.t().unsqueeze(-1))
+    top = kernels.MixScatterKernel.apply(routing.mix(True, ("self", "other", "ones")), routing.num_tokens, g1, g2,
+                                         left, right, blocks(layer.v11), blocks(layer.v12), layer.b1.t().unsqueeze(-1))
+    bottom = kernels.MixScatterKernel.apply(routing.mix(False, ("other", "self", "ones")), routing.num_tokens, g2,
+                                            g1, right, left, blocks(layer.v21), blocks(layer.v22),
+                                            layer.b2.t().unsqueeze(-1))
     return torch.cat((top, bottom), dim=-1).view(shape)
 
 
