@@ -306,7 +306,7 @@ class GatherMatmulKernel(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, token, weight, half_of_row = ctx.saved_tensors
         table = ctx.table
-        need_x, _, _, need_w, need_b, _ = ctx.needs_input_grad
+        need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
         grad_out = grad_out.contiguous()
         grad_x = grad_w = grad_b = None
         if need_x:      # W(h, k, n) = weight[h, k, n]: k over w, n over d
@@ -320,7 +320,7 @@ class GatherMatmulKernel(torch.autograd.Function):
                 half_of_row = torch.repeat_interleave(table[0], table[2] - table[1], output_size=token.shape[0])
             grad_b = grad_out.new_zeros(weight.shape[0] + 1, weight.shape[1]).index_add_(0, half_of_row, grad_out)
             grad_b = grad_b[:-1].to(weight.dtype)
-        return grad_x, None, None, grad_w, grad_b, None
+        return (grad_x, None, None, grad_w, grad_b, None)[:len(ctx.needs_input_grad)]
 
 
 class ScatterMatmulKernel(torch.autograd.Function):
