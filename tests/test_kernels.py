@@ -115,13 +115,14 @@ def _count_kernel_calls(monkeypatch) -> list[str]:
     return calls
 
 
-CASES = [(cls, shape, edit) for shape in SHAPES for cls in LAYERS for edit in (False, True)]
+# Every shape, HD and VD, plain and edited; the interpreter takes over 10 s for VD at E = 11 (slow).
+CASES = [pytest.param(cls, shape, edit, marks=[pytest.mark.slow] if cls is LAYERS[1] and shape[1] == 11 else [],
+                      id=f"{'hd' if cls is LAYERS[0] else 'vd'}-E{shape[1]}-m{shape[2]}-H{shape[3]}-k{shape[4]}-"
+                         f"{'edited' if edit else 'plain'}")
+         for shape in SHAPES for cls in LAYERS for edit in (False, True)]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("cls,shape,edit", CASES,
-                         ids=[f"{c.__name__[5:7]}-{'-'.join(map(str, s[1:5]))}-{'edited' if e else 'plain'}"
-                              for c, s, e in CASES])
+@pytest.mark.parametrize("cls,shape,edit", CASES)
 def test_layers_on_the_kernels_equal_the_naive_sum(cls, shape, edit, monkeypatch):
     """HD and VD on the kernel path: value and gradients w.r.t. x (through the router) and every router and
     expert weight equal the naive N-sum in float64, with masks and steering; the kernels must have run."""
@@ -281,6 +282,29 @@ def test_the_kernel_path_makes_no_host_sync_and_its_sizes_are_static(cls):
     assert first.syncs == [] and second.syncs == []
     assert any(name == "topk" for name, _ in first.ops)                    # the recorder saw the layout
     assert first.ops == second.ops
+
+
+def test_bench_sync_check_runs_every_case_under_the_error_mode(monkeypatch):
+    """`monet bench --sync-check` (CUDA only; here with torch.cuda's sync calls stubbed, on the interpreter): every
+    case runs once between set_sync_debug_mode("error") and "default", and a case that raises is reported."""
+    from monet.experiments.bench import sync_check
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    layers = {kind: _layer(cls, 8, 5, 4, 2, 2)[0] for kind, cls in zip(("hd", "vd"), LAYERS, strict=True)}
+    router = _layer(LAYERS[0], 8, 5, 4, 2, 2)[1]
+    x = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
+    routing = [g.detach().requires_grad_() for g in router(x)]
+    found = sync_check(layers, router, x, routing, "sparse")
+    assert found == {name: "none" for name in ("router_train", "hd_forward", "hd_train", "hd_masked", "vd_forward",
+                                               "vd_train", "vd_masked")}
+    assert modes == ["error", "default"] * 7
+
+    def syncing(*args, **kwargs):
+        raise RuntimeError("called a synchronizing CUDA operation\nmore")
+    monkeypatch.setattr(kernels, "mix_scatter", syncing)
+    assert sync_check(layers, router, x, routing, "sparse")["hd_forward"] == "called a synchronizing CUDA operation"
 
 
 def test_switch(monkeypatch):
