@@ -1,25 +1,25 @@
-"""Triton kernels for the two grouped projections of the exact sparse expert path (`monet.sparse`).
+"""Triton kernels for the exact sparse expert path (`monet.sparse`, where `sparse.use_kernels`).
 
-The sparse path computes, for the (token, half) pairs of one side sorted by half (`HalfLayout`),
+The sparse path computes, for rows (kept routing slots) sorted by half,
 
     gather:   r_p = W_{half(p)} x_{token(p)} + b_{half(p)}          (U_i x + b1_i: eq. 12, A.1)
-    scatter:  y_t += sum over pairs p of token t of W_{half(p)} c_p  ([V_j | b2_j] [c ; s]: eq. 12, A.1)
+    scatter:  y_t += sum over rows p of token t of W_{half(p)} c_p  ([V_j | b2_j] [c ; s]: eq. 12, A.1)
 
 On the CPU it loops over the halves in Python (one matmul each). Here each Triton program takes a block
-of up to BLOCK_P pairs of ONE half (a block table built from the layout's per-half counts), gathers the
-rows of x straight into a tile product with that half's weights (tl.dot) and either stores r_p or adds
-its products into y with atomics: nothing of size [pairs, d] is formed, the launch count does not grow
-with E, and weights are read once per block instead of once per pair. Backward uses the same three
-kernels with transposed strides (grad_x: scatter; grad_W: a per-half outer-product accumulation).
+of up to BLOCK_P rows of ONE half (a block table), gathers the rows of x straight into a tile product with
+that half's weights (tl.dot) and either stores r_p or adds its products into y with atomics: nothing of size
+[rows, d] is formed, the launch count does not grow with E, and weights are read once per block instead of
+once per row. `mix_scatter_mm` forms the scatter's input rows inside the kernel from the routing weights of
+each (token, head) bag and the edit table (`Mix`: masks and steering, read for the bag's K x K combinations,
+never E^2). Backward uses the same kernels with transposed strides (grad_x: scatter; grad_W: a per-half
+outer-product accumulation) and recomputes the mixed rows with torch (`mix_rows`).
 
 Optional: `pip install monet[gpu]` (triton). Without CUDA, the kernels run under Triton's CPU
 interpreter (TRITON_INTERPRET=1, set before triton is imported), which is how the tests check them
-against the float64 naive sum. Edits (masks, steering) and the routing mixes stay in `monet.sparse`
-(index_add on the pair inputs before the scatter), so the kernels see already-edited inputs.
-Host syncs: the kernels add none, and `device_block_table` builds their block table from per-half counts
-left on the device (a grid of cdiv(pairs, BLOCK_P) + E programs, the unused ones empty). The layout the
-sparse path builds (`monet.sparse.side`: `nonzero`, `counts.tolist()`; the edited pairs: `nonzero` and a
-ragged total) still syncs; docs/performance.md ("Toward a sync-free kernel path") says what is left.
+against the float64 naive sum. Host syncs: none. The kernel path's layout (`monet.sparse.static_routing`)
+has a static size, and `device_block_table` builds the block table from per-half counts left on the device
+(a grid of cdiv(rows, BLOCK_P) + E programs, the unused ones empty); docs/performance.md ("The kernel path")
+says how that is checked on the CPU and what is open without a GPU.
 """
 
 from __future__ import annotations

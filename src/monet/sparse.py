@@ -25,6 +25,8 @@ one device sync per side and group on a GPU (plus one for the number of active p
 edits are present). So the automatic dispatch (`choose`) picks the dense path on non-CPU devices, where
 the dense matmuls are fast and a loop over E halves would be launch-bound; the sparse path still runs
 there when forced (6-55x slower on an H100: docs/performance.md, "GPU checks"). Switch: `expert_path`.
+Where `use_kernels` (CUDA + triton), the sparse path runs on `monet.kernels` over a layout of static size
+instead (`static_routing`: K slots per (token, head), no host sync; edits applied inside the kernel).
 
 The structure of a group's routing (`Routing`, with the edited pairs of the group's edit table) is built
 once per routing group and forward call: the decoder passes it down the group's layers inside its
