@@ -174,6 +174,20 @@ def test_whole_model_on_the_kernels_equals_the_dense_path(decompose, monkeypatch
 
 
 @pytest.mark.parametrize("cls", LAYERS)
+def test_float32_on_the_kernels_matches_the_dense_path(cls):
+    """float32 (IEEE products, float32 accumulation): within float32 rounding of the dense path, with edits."""
+    layer, router = _layer(cls, 16, 7, 4, 2, 3)
+    layer, router = layer.float(), router.float()
+    table = _edit_table(7)[0].float()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        g1, g2 = router(x)
+        out, ref = _run(layer, "sparse", x, g1, g2, table), _run(layer, "dense", x, g1, g2, table)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
 def test_edits_add_nothing_to_what_the_kernel_path_saves_for_backward(cls):
     """Masks and steering are read inside the kernel: an edited forward saves exactly the tensors an unedited
     one saves (the issue's <= 5 % more memory when masked; no edited-pair list, no combination tensor)."""
