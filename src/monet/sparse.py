@@ -383,7 +383,7 @@ def _spread(entries: KeptEntries, per_head: torch.Tensor, size: int) -> torch.Te
 # than de-duplicated (token, half) pairs: a half kept by two heads of a token is projected twice (4-5 % more
 # rows at the released shapes), and the sums over heads add the duplicates (eq. 10 as written).
 
-KERNEL_CAPACITY = 32     # K: kept entries per (token, head) the static layout holds (about 4 k at the released k = 8)
+KERNEL_CAPACITY = 64     # K per (token, head): 8 k at the released k = 8; the trained demo model keeps at most 36
 
 
 def kernel_capacity(experts: int) -> int:
