@@ -216,6 +216,8 @@ def test_static_side_sorts_the_kept_entries_by_half_and_covers_only_them():
     side = sparse.static_side(g, capacity=4)
     kept = int((g > 0).sum())
     assert side.half.shape == (9, 3, 4) and side.order.shape == (9 * 3 * 4,)      # static: T, H, K
+    assert torch.equal(side.kept, (g > 0).sum(-1).flatten())                       # each bag's kept slots ...
+    assert torch.equal(side.value > 0, torch.arange(4) < side.kept.view(9, 3, 1))  # ... come first (the mix loop)
     assert side.half_of_row[:kept].le(6).all() and side.half_of_row[kept:].eq(7).all()   # unused slots last
     assert (side.half_of_row[1:] >= side.half_of_row[:-1]).all()                  # sorted by half
     slot_token, slot_head = side.order // 12, side.order // 4 % 3

@@ -169,14 +169,15 @@ def _kernels():
                       mask=(ks[:, None] < width) & (cs[None, :] < depth) & (ks[:, None] * 0 + start < stop))
 
     @triton.jit
-    def mix_scatter_mm(src_ptr, gs_ptr, go_ptr, other_half_ptr, edit_ptr, order_ptr, token_ptr, w_ptr, y_ptr,
-                       half_ptr, start_ptr, stop_ptr, inner, outer, ss, experts, sw_half, sw_k, sw_n, sy,
+    def mix_scatter_mm(src_ptr, gs_ptr, go_ptr, other_half_ptr, count_ptr, edit_ptr, order_ptr, token_ptr, w_ptr,
+                       y_ptr, half_ptr, start_ptr, stop_ptr, inner, outer, ss, experts, sw_half, sw_k, sw_n, sy,
                        MODE: tl.constexpr, SELF_FIRST: tl.constexpr, HAS_EDIT: tl.constexpr, SLOTS: tl.constexpr,
                        ACC: tl.constexpr, PRECISION: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
                        BN: tl.constexpr):
         """`scatter_mm` whose input rows are mixed here from the bag's slots of the other side (`Mix`):
         coef_a = g_self g_a (1 - edit[i*E + j]); row = sum_a coef_a src[a] (MODE 0), (sum_a coef_a) src[slot]
-        (MODE 1) or sum_a coef_a (MODE 2, one column); y[token] += row W(half)."""
+        (MODE 1) or sum_a coef_a (MODE 2, one column); y[token] += row W(half). The other side's slots of a bag
+        hold its kept entries first (`count` of them): the loop stops at the block's largest count."""
         block = tl.program_id(0)
         half, start, stop = tl.load(half_ptr + block), tl.load(start_ptr + block), tl.load(stop_ptr + block)
         pairs = start + tl.arange(0, BP)
@@ -184,6 +185,7 @@ def _kernels():
         rows = tl.load(token_ptr + pairs, mask=valid, other=0)
         slot = tl.load(order_ptr + pairs, mask=valid, other=0)         # the row's own slot (token, head, s)
         g_self = tl.load(gs_ptr + slot, mask=valid, other=0.0).to(ACC)
+        used = tl.max(tl.load(count_ptr + slot // SLOTS, mask=valid, other=0), axis=0)   # slots to mix, <= K
         ns = tl.program_id(1) * BN + tl.arange(0, BN)
         acc = tl.zeros((BP, BN), dtype=ACC)
         for k0 in range(0, inner, BK):
@@ -191,7 +193,7 @@ def _kernels():
             inside = valid[:, None] & (ks[None, :] < inner)
             cs = tl.zeros((BP, BK), dtype=ACC)
             mass = tl.zeros((BP,), dtype=ACC)
-            for a in range(SLOTS):                                       # the bag's slots of the other side
+            for a in range(0, used):                                     # the bag's kept slots of the other side
                 partner = (slot // SLOTS) * SLOTS + a
                 coef = g_self * tl.load(go_ptr + partner, mask=valid, other=0.0).to(ACC)
                 if HAS_EDIT:
@@ -400,6 +402,7 @@ class Mix:
     table: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     self_half: torch.Tensor     # [slots] the halves of the self side's slots (slot order)
     other_half: torch.Tensor    # [slots] the other side's
+    other_count: torch.Tensor   # [bags] the other side's kept slots per bag (they come first in the bag)
     slots: int                  # K
     experts: int
     self_first: bool
@@ -447,9 +450,9 @@ def mix_scatter(mix: Mix, g_self: torch.Tensor, g_other: torch.Tensor, self_rows
         source = (other_rows if mode == "other" else self_rows if mode == "self" else like).contiguous()
         bn = _block(out_dim)
         mix_scatter_mm[(blocks, triton_cdiv(out_dim, bn))](
-            source, g_self, g_other, mix.other_half, edit, mix.order, mix.token, weight, y, *mix.table, width,
-            out_dim, source.stride(0), mix.experts, weight.stride(1), weight.stride(2), weight.stride(0),
-            y.stride(0), MODE=MODES[mode], SELF_FIRST=mix.self_first, HAS_EDIT=mix.edit is not None,
+            source, g_self, g_other, mix.other_half, mix.other_count, edit, mix.order, mix.token, weight, y,
+            *mix.table, width, out_dim, source.stride(0), mix.experts, weight.stride(1), weight.stride(2),
+            weight.stride(0), y.stride(0), MODE=MODES[mode], SELF_FIRST=mix.self_first, HAS_EDIT=mix.edit is not None,
             SLOTS=mix.slots, BP=BLOCK_P, BK=_block(width), BN=bn, **_numerics(like))
     return y
 

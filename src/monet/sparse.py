@@ -399,10 +399,11 @@ class StaticSide:
     """One side's kept entries at a static capacity of K slots per (token, head), for the kernels.
 
     Slot (t, h, s) holds the s-th largest g of head h at token t: its `half` and `flat` position in
-    g.reshape(-1) ([T, H, K]; an unused slot has g = 0). The kernels see the slots sorted by half, the unused
-    ones last: `order` (the slot of each sorted row), `token` and `half_of_row` (E for an unused slot) per
-    sorted row, `row` (the sorted row of each slot) and the block table `table` built from per-half counts
-    that stay on the device. `value` = g at the slots (an autograd-tracked gather, [T, H, K]).
+    g.reshape(-1) ([T, H, K]; the bag's `kept` [T*H] entries first, an unused slot has g = 0). The kernels see
+    the slots sorted by half, the unused ones last: `order` (the slot of each sorted row), `token` and
+    `half_of_row` (E for an unused slot) per sorted row, `row` (the sorted row of each slot) and the block
+    table `table` built from per-half counts that stay on the device. `value` = g at the slots (an
+    autograd-tracked gather, [T, H, K]).
     """
 
     half: torch.Tensor
@@ -412,6 +413,7 @@ class StaticSide:
     half_of_row: torch.Tensor
     row: torch.Tensor
     table: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    kept: torch.Tensor
     value: torch.Tensor | None = None
 
     def bind(self, g: torch.Tensor) -> StaticSide:
@@ -428,7 +430,7 @@ def static_side(g: torch.Tensor, capacity: int) -> StaticSide:
     g = g.reshape(-1, *g.shape[-2:])
     tokens, heads, experts = g.shape
     with torch.no_grad():
-        top, half = g.topk(capacity, dim=-1, sorted=False)                     # [T, H, K]
+        top, half = g.topk(capacity, dim=-1)                                   # [T, H, K], kept slots first
         torch._assert_async(((g > 0).sum(dim=-1) <= capacity).all(),
                             f"a routing head kept more than {capacity} halves, the kernel path's static capacity: "
                             f"set MONET_KERNEL_CAPACITY higher (at most E = {experts}) or MONET_KERNELS=off")
@@ -439,7 +441,8 @@ def static_side(g: torch.Tensor, capacity: int) -> StaticSide:
         counts.index_add_(0, key, torch.ones_like(key))
         table = kernels.device_block_table(counts[:experts], key.shape[0], kernels.BLOCK_P)
         flat = torch.arange(tokens * heads, device=g.device).view(tokens, heads, 1) * experts + half
-    return StaticSide(half, flat, order, order // (heads * capacity), key[order], row, table).bind(g)
+        kept = (top > 0).sum(dim=-1).flatten()                                 # [T * H]
+    return StaticSide(half, flat, order, order // (heads * capacity), key[order], row, table, kept).bind(g)
 
 
 @dataclass
@@ -463,7 +466,7 @@ class StaticRouting:
         """The fused scatter's input stage over side 1's slots (self_first) or side 2's (`kernels.Mix`)."""
         mine, other = (self.first, self.second) if self_first else (self.second, self.first)
         return kernels.Mix(mine.order, mine.token, mine.table, mine.half.reshape(-1), other.half.reshape(-1),
-                           self.capacity, self.experts, self_first, modes, self.edit)
+                           other.kept, self.capacity, self.experts, self_first, modes, self.edit)
 
 
 def static_routing(g1: torch.Tensor, g2: torch.Tensor, edit_weights: torch.Tensor | None = None) -> StaticRouting:
