@@ -188,6 +188,18 @@ def test_float32_on_the_kernels_matches_the_dense_path(cls):
 
 
 @pytest.mark.parametrize("cls", LAYERS)
+def test_an_empty_batch_on_the_kernels(cls):
+    """No token: every block of the grid is empty; the output and the gradients are empty, the weights' zero."""
+    layer, router = _layer(cls, 8, 5, 4, 2, 2)
+    x = torch.randn(0, 3, 8, dtype=torch.float64, requires_grad=True)
+    g1, g2 = (g.detach() for g in router.eval()(x))
+    out = _run(layer, "sparse", x, g1, g2, _edit_table(5)[0])
+    grads = torch.autograd.grad(out.sum(), [x, *layer.parameters()], allow_unused=True)
+    assert out.shape == (0, 3, 8) and grads[0].shape == (0, 3, 8)
+    assert all(g is None or not g.any() for g in grads[1:])
+
+
+@pytest.mark.parametrize("cls", LAYERS)
 def test_edits_add_nothing_to_what_the_kernel_path_saves_for_backward(cls):
     """Masks and steering are read inside the kernel: an edited forward saves exactly the tensors an unedited
     one saves (the issue's <= 5 % more memory when masked; no edited-pair list, no combination tensor)."""
