@@ -51,7 +51,8 @@ def _layout(tokens=37, experts=6, seed=0):
 
 def test_block_table_covers_every_pair_once_by_half():
     layout = _layout()
-    half, start, stop = layout.table()
+    half, start, stop, count = layout.table()
+    assert count.tolist() == [half.shape[0]]
     assert layout.counts[1] > kernels.BLOCK_P and layout.counts[4] == 0
     covered = torch.cat([torch.arange(a, b) for a, b in zip(start.tolist(), stop.tolist(), strict=True)])
     assert torch.equal(covered, torch.arange(layout.size))
@@ -67,15 +68,15 @@ def _device_table(layout):
 
 def test_device_block_table_is_the_host_table_padded_with_empty_blocks():
     for layout in (_layout(), _layout(tokens=1, seed=3), _layout(tokens=70, experts=5, seed=5)):
-        half, start, stop = _device_table(layout)
+        half, start, stop, count = _device_table(layout)
         used = stop > start
-        for got, want in zip((half[used], start[used], stop[used]), layout.table(), strict=True):
-            assert torch.equal(got, want)
+        for got, want in zip((half[used], start[used], stop[used], count), layout.table(), strict=True):
+            assert torch.equal(got, want)                           # the used blocks and their count
         assert not used[used.sum():].any()                          # the padding comes last ...
         assert (start[~used] == 0).all() and (stop[~used] == 0).all() and (half[~used] == 0).all()   # ... empty
         assert half.shape[0] == -(-layout.size // kernels.BLOCK_P) + layout.experts
-    half, start, stop = kernels.device_block_table(torch.zeros(4, dtype=torch.int64), 0, kernels.BLOCK_P)
-    assert half.shape == (4,) and not (stop > start).any()          # no pair at all: every block empty
+    half, start, stop, count = kernels.device_block_table(torch.zeros(4, dtype=torch.int64), 0, kernels.BLOCK_P)
+    assert half.shape == (4,) and not (stop > start).any() and count.item() == 0   # no pair: every block empty
 
 
 @pytest.mark.parametrize("width,depth,table", [(4, 8, "host"), (6, 19, "host"), (17, 33, "host"), (6, 19, "device")])
@@ -239,8 +240,9 @@ def test_static_side_sorts_the_kept_entries_by_half_and_covers_only_them():
     assert torch.equal(side.token, slot_token) and torch.equal(side.order[side.row], torch.arange(108))
     torch.testing.assert_close(side.value.reshape(-1)[side.order[:kept]],
                                g[slot_token[:kept], slot_head[:kept], side.half_of_row[:kept]])
-    half, start, stop = side.table
+    half, start, stop, count = side.table
     used = stop > start
+    assert count.item() == used.sum()                                              # the kernels loop up to it
     covered = torch.cat([torch.arange(a, b) for a, b in zip(start[used].tolist(), stop[used].tolist(), strict=True)])
     assert torch.equal(covered, torch.arange(kept))                               # the kept rows, once, in order
     assert torch.equal(torch.repeat_interleave(half[used], (stop - start)[used]), side.half_of_row[:kept])

@@ -54,8 +54,9 @@ def available(x: torch.Tensor) -> bool:
     return _triton() is not None and (x.is_cuda or (interpreted() and x.device.type == "cpu"))
 
 
-def block_table(counts: list[int], block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(half, start, stop) of every block of at most `block` consecutive pairs of one half, [blocks] each.
+def block_table(counts: list[int], block: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(half, start, stop) of every block of at most `block` consecutive pairs of one half, [blocks] each, and
+    the number of blocks ([1]: the kernels' persistent programs loop up to it).
 
     Built on the host from the layout's counts (already there: no extra sync), then copied to the device.
     """
@@ -68,15 +69,19 @@ def block_table(counts: list[int], block: int, device: torch.device) -> tuple[to
             stops.append(start + min(count, offset + block))
         start += count
     table = torch.tensor([halves, starts, stops], dtype=torch.int64)
-    return tuple(table.to(device, non_blocking=True).unbind(0))
+    count = torch.tensor([len(halves)], dtype=torch.int64)
+    return (*table.to(device, non_blocking=True).unbind(0), count.to(device, non_blocking=True))
 
 
-def device_block_table(counts: torch.Tensor, pairs: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`block_table` from per-half counts on the device ([E] integers summing to `pairs`), without a host sync.
+def device_block_table(counts: torch.Tensor, pairs: int, block: int) -> tuple[torch.Tensor, ...]:
+    """`block_table` from per-half counts on the device ([E] integers summing to at most `pairs`), without a
+    host sync.
 
-    The grid cannot depend on the counts' values, so it has an upper bound of blocks, cdiv(pairs, block) + E
-    (each half adds at most one partial block); block b finds its half by a search over the running block
-    counts, and the blocks past the last one get start == stop (the kernels mask everything out).
+    The table's size cannot depend on the counts' values, so it has an upper bound of blocks, cdiv(pairs,
+    block) + E (each half adds at most one partial block); block b finds its half by a search over the running
+    block counts, and the blocks past the last one get start == stop (the kernels mask everything out). The
+    number of used blocks stays on the device ([1]): the kernels' persistent programs stop there, so the
+    launch grid need not cover the empty ones.
     """
     experts = counts.shape[0]
     counts = counts.to(torch.int64)
@@ -90,7 +95,8 @@ def device_block_table(counts: torch.Tensor, pairs: int, block: int) -> tuple[to
     start = first[half] + (index - (ends[half] - per_half[half])) * block
     stop = torch.minimum(start + block, first[half] + counts[half])
     zero = torch.zeros_like(start)
-    return torch.where(used, half, zero), torch.where(used, start, zero), torch.where(used, stop, zero)
+    return (torch.where(used, half, zero), torch.where(used, start, zero), torch.where(used, stop, zero),
+            per_half.sum().reshape(1))
 
 
 @functools.cache
@@ -100,121 +106,123 @@ def _kernels():
     tl = triton.language
 
     @triton.jit
-    def gather_mm(x_ptr, token_ptr, w_ptr, b_ptr, out_ptr, half_ptr, start_ptr, stop_ptr,
+    def gather_mm(x_ptr, token_ptr, w_ptr, b_ptr, out_ptr, half_ptr, start_ptr, stop_ptr, nblocks_ptr,
                   width, depth, sx, sw_half, sw_k, sw_c, sb_half, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                   PRECISION: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr):
         """out[p, k] = sum_c x[token[p], c] W(half, k, c) (+ b[half, k]) for the pairs of one block."""
-        block = tl.program_id(0)
-        half, start, stop = tl.load(half_ptr + block), tl.load(start_ptr + block), tl.load(stop_ptr + block)
-        pairs = start + tl.arange(0, BP)
-        valid = pairs < stop
-        rows = tl.load(token_ptr + pairs, mask=valid, other=0)
-        ks = tl.program_id(1) * BW + tl.arange(0, BW)
-        acc = tl.zeros((BP, BW), dtype=ACC)
-        for c0 in range(0, depth, BD):
-            cs = c0 + tl.arange(0, BD)
-            xs = tl.load(x_ptr + rows[:, None] * sx + cs[None, :], mask=valid[:, None] & (cs[None, :] < depth),
-                         other=0.0)
-            ws = tl.load(w_ptr + half * sw_half + cs[:, None] * sw_c + ks[None, :] * sw_k,
-                         mask=(cs[:, None] < depth) & (ks[None, :] < width), other=0.0)
-            acc += tl.dot(xs, ws, input_precision=PRECISION, out_dtype=ACC)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + half * sb_half + ks, mask=ks < width, other=0.0)[None, :]
-        tl.store(out_ptr + pairs[:, None] * width + ks[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=valid[:, None] & (ks[None, :] < width))
+        for block in range(tl.program_id(0), tl.load(nblocks_ptr), tl.num_programs(0)):   # persistent
+            half, start, stop = tl.load(half_ptr + block), tl.load(start_ptr + block), tl.load(stop_ptr + block)
+            pairs = start + tl.arange(0, BP)
+            valid = pairs < stop
+            rows = tl.load(token_ptr + pairs, mask=valid, other=0)
+            ks = tl.program_id(1) * BW + tl.arange(0, BW)
+            acc = tl.zeros((BP, BW), dtype=ACC)
+            for c0 in range(0, depth, BD):
+                cs = c0 + tl.arange(0, BD)
+                xs = tl.load(x_ptr + rows[:, None] * sx + cs[None, :], mask=valid[:, None] & (cs[None, :] < depth),
+                             other=0.0)
+                ws = tl.load(w_ptr + half * sw_half + cs[:, None] * sw_c + ks[None, :] * sw_k,
+                             mask=(cs[:, None] < depth) & (ks[None, :] < width), other=0.0)
+                acc += tl.dot(xs, ws, input_precision=PRECISION, out_dtype=ACC)
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + half * sb_half + ks, mask=ks < width, other=0.0)[None, :]
+            tl.store(out_ptr + pairs[:, None] * width + ks[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=valid[:, None] & (ks[None, :] < width))
 
     @triton.jit
-    def scatter_mm(c_ptr, token_ptr, w_ptr, y_ptr, half_ptr, start_ptr, stop_ptr,
+    def scatter_mm(c_ptr, token_ptr, w_ptr, y_ptr, half_ptr, start_ptr, stop_ptr, nblocks_ptr,
                    inner, outer, sc, sw_half, sw_k, sw_n, sy, ACC: tl.constexpr, PRECISION: tl.constexpr,
                    BP: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
         """y[token[p], n] += sum_k c[p, k] W(half, k, n) for the pairs of one block (atomics)."""
-        block = tl.program_id(0)
-        half, start, stop = tl.load(half_ptr + block), tl.load(start_ptr + block), tl.load(stop_ptr + block)
-        pairs = start + tl.arange(0, BP)
-        valid = pairs < stop
-        rows = tl.load(token_ptr + pairs, mask=valid, other=0)
-        ns = tl.program_id(1) * BN + tl.arange(0, BN)
-        acc = tl.zeros((BP, BN), dtype=ACC)
-        for k0 in range(0, inner, BK):
-            ks = k0 + tl.arange(0, BK)
-            cs = tl.load(c_ptr + pairs[:, None] * sc + ks[None, :], mask=valid[:, None] & (ks[None, :] < inner),
-                         other=0.0)
-            ws = tl.load(w_ptr + half * sw_half + ks[:, None] * sw_k + ns[None, :] * sw_n,
-                         mask=(ks[:, None] < inner) & (ns[None, :] < outer), other=0.0)
-            acc += tl.dot(cs, ws, input_precision=PRECISION, out_dtype=ACC)
-        tl.atomic_add(y_ptr + rows[:, None] * sy + ns[None, :], acc.to(y_ptr.dtype.element_ty),
-                      mask=valid[:, None] & (ns[None, :] < outer))
+        for block in range(tl.program_id(0), tl.load(nblocks_ptr), tl.num_programs(0)):   # persistent
+            half, start, stop = tl.load(half_ptr + block), tl.load(start_ptr + block), tl.load(stop_ptr + block)
+            pairs = start + tl.arange(0, BP)
+            valid = pairs < stop
+            rows = tl.load(token_ptr + pairs, mask=valid, other=0)
+            ns = tl.program_id(1) * BN + tl.arange(0, BN)
+            acc = tl.zeros((BP, BN), dtype=ACC)
+            for k0 in range(0, inner, BK):
+                ks = k0 + tl.arange(0, BK)
+                cs = tl.load(c_ptr + pairs[:, None] * sc + ks[None, :], mask=valid[:, None] & (ks[None, :] < inner),
+                             other=0.0)
+                ws = tl.load(w_ptr + half * sw_half + ks[:, None] * sw_k + ns[None, :] * sw_n,
+                             mask=(ks[:, None] < inner) & (ns[None, :] < outer), other=0.0)
+                acc += tl.dot(cs, ws, input_precision=PRECISION, out_dtype=ACC)
+            tl.atomic_add(y_ptr + rows[:, None] * sy + ns[None, :], acc.to(y_ptr.dtype.element_ty),
+                          mask=valid[:, None] & (ns[None, :] < outer))
 
     @triton.jit
-    def half_outer(left_ptr, right_ptr, token_ptr, g_ptr, half_ptr, start_ptr, stop_ptr,
+    def half_outer(left_ptr, right_ptr, token_ptr, g_ptr, half_ptr, start_ptr, stop_ptr, nblocks_ptr,
                    width, depth, sl, sr, sg_half, sg_k, sg_c, GATHER: tl.constexpr, ACC: tl.constexpr,
                    PRECISION: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr):
         """G(half, k, c) += sum_p left[p, k] right[row(p), c], row = token[p] (GATHER) or p (atomics)."""
-        block = tl.program_id(0)
-        half, start, stop = tl.load(half_ptr + block), tl.load(start_ptr + block), tl.load(stop_ptr + block)
-        pairs = start + tl.arange(0, BP)
-        valid = pairs < stop
-        if GATHER:
-            rows = tl.load(token_ptr + pairs, mask=valid, other=0)
-        else:
-            rows = pairs
-        ks = tl.program_id(1) * BW + tl.arange(0, BW)
-        cs = tl.program_id(2) * BD + tl.arange(0, BD)
-        lt = tl.load(left_ptr + pairs[None, :] * sl + ks[:, None], mask=valid[None, :] & (ks[:, None] < width),
-                     other=0.0)
-        rt = tl.load(right_ptr + rows[:, None] * sr + cs[None, :], mask=valid[:, None] & (cs[None, :] < depth),
-                     other=0.0)
-        acc = tl.dot(lt, rt, input_precision=PRECISION, out_dtype=ACC)
-        tl.atomic_add(g_ptr + half * sg_half + ks[:, None] * sg_k + cs[None, :] * sg_c, acc.to(g_ptr.dtype.element_ty),
-                      mask=(ks[:, None] < width) & (cs[None, :] < depth) & (ks[:, None] * 0 + start < stop))
+        for block in range(tl.program_id(0), tl.load(nblocks_ptr), tl.num_programs(0)):   # persistent
+            half, start, stop = tl.load(half_ptr + block), tl.load(start_ptr + block), tl.load(stop_ptr + block)
+            pairs = start + tl.arange(0, BP)
+            valid = pairs < stop
+            if GATHER:
+                rows = tl.load(token_ptr + pairs, mask=valid, other=0)
+            else:
+                rows = pairs
+            ks = tl.program_id(1) * BW + tl.arange(0, BW)
+            cs = tl.program_id(2) * BD + tl.arange(0, BD)
+            lt = tl.load(left_ptr + pairs[None, :] * sl + ks[:, None], mask=valid[None, :] & (ks[:, None] < width),
+                         other=0.0)
+            rt = tl.load(right_ptr + rows[:, None] * sr + cs[None, :], mask=valid[:, None] & (cs[None, :] < depth),
+                         other=0.0)
+            acc = tl.dot(lt, rt, input_precision=PRECISION, out_dtype=ACC)
+            tl.atomic_add(g_ptr + half * sg_half + ks[:, None] * sg_k + cs[None, :] * sg_c,
+                          acc.to(g_ptr.dtype.element_ty),
+                          mask=(ks[:, None] < width) & (cs[None, :] < depth) & (ks[:, None] * 0 + start < stop))
 
     @triton.jit
-    def mix_scatter_mm(src_ptr, gs_ptr, go_ptr, other_half_ptr, count_ptr, edit_ptr, order_ptr, token_ptr, w_ptr,
-                       y_ptr, half_ptr, start_ptr, stop_ptr, inner, outer, ss, experts, sw_half, sw_k, sw_n, sy,
+    def mix_scatter_mm(src_ptr, gs_ptr, go_ptr, other_half_ptr, kept_ptr, edit_ptr, order_ptr, token_ptr, w_ptr,
+                       y_ptr, half_ptr, start_ptr, stop_ptr, nblocks_ptr, inner, outer, ss, experts, sw_half, sw_k,
+                       sw_n, sy,
                        MODE: tl.constexpr, SELF_FIRST: tl.constexpr, HAS_EDIT: tl.constexpr, SLOTS: tl.constexpr,
                        ACC: tl.constexpr, PRECISION: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
                        BN: tl.constexpr):
         """`scatter_mm` whose input rows are mixed here from the bag's slots of the other side (`Mix`):
         coef_a = g_self g_a (1 - edit[i*E + j]); row = sum_a coef_a src[a] (MODE 0), (sum_a coef_a) src[slot]
         (MODE 1) or sum_a coef_a (MODE 2, one column); y[token] += row W(half). The other side's slots of a bag
-        hold its kept entries first (`count` of them): the loop stops at the block's largest count."""
-        block = tl.program_id(0)
-        half, start, stop = tl.load(half_ptr + block), tl.load(start_ptr + block), tl.load(stop_ptr + block)
-        pairs = start + tl.arange(0, BP)
-        valid = pairs < stop
-        rows = tl.load(token_ptr + pairs, mask=valid, other=0)
-        slot = tl.load(order_ptr + pairs, mask=valid, other=0)         # the row's own slot (token, head, s)
-        g_self = tl.load(gs_ptr + slot, mask=valid, other=0.0).to(ACC)
-        used = tl.max(tl.load(count_ptr + slot // SLOTS, mask=valid, other=0), axis=0)   # slots to mix, <= K
-        ns = tl.program_id(1) * BN + tl.arange(0, BN)
-        acc = tl.zeros((BP, BN), dtype=ACC)
-        for k0 in range(0, inner, BK):
-            ks = k0 + tl.arange(0, BK)
-            inside = valid[:, None] & (ks[None, :] < inner)
-            cs = tl.zeros((BP, BK), dtype=ACC)
-            mass = tl.zeros((BP,), dtype=ACC)
-            for a in range(0, used):                                     # the bag's kept slots of the other side
-                partner = (slot // SLOTS) * SLOTS + a
-                coef = g_self * tl.load(go_ptr + partner, mask=valid, other=0.0).to(ACC)
-                if HAS_EDIT:
-                    other = tl.load(other_half_ptr + partner, mask=valid, other=0)
-                    expert = half * experts + other if SELF_FIRST else other * experts + half
-                    coef = coef * (1.0 - tl.load(edit_ptr + expert, mask=valid, other=0.0).to(ACC))
-                if MODE == 0:
-                    cs += coef[:, None] * tl.load(src_ptr + partner[:, None] * ss + ks[None, :], mask=inside,
-                                                  other=0.0).to(ACC)
-                else:
-                    mass += coef
-            if MODE == 1:
-                cs = mass[:, None] * tl.load(src_ptr + slot[:, None] * ss + ks[None, :], mask=inside,
-                                             other=0.0).to(ACC)
-            if MODE == 2:
-                cs = tl.where(inside, mass[:, None] + cs, 0.0)
-            ws = tl.load(w_ptr + half * sw_half + ks[:, None] * sw_k + ns[None, :] * sw_n,
-                         mask=(ks[:, None] < inner) & (ns[None, :] < outer), other=0.0)
-            acc += tl.dot(cs.to(ws.dtype), ws, input_precision=PRECISION, out_dtype=ACC)
-        tl.atomic_add(y_ptr + rows[:, None] * sy + ns[None, :], acc.to(y_ptr.dtype.element_ty),
-                      mask=valid[:, None] & (ns[None, :] < outer))
+        hold its kept entries first (`kept` of them): the loop stops at the block's largest count."""
+        for block in range(tl.program_id(0), tl.load(nblocks_ptr), tl.num_programs(0)):   # persistent
+            half, start, stop = tl.load(half_ptr + block), tl.load(start_ptr + block), tl.load(stop_ptr + block)
+            pairs = start + tl.arange(0, BP)
+            valid = pairs < stop
+            rows = tl.load(token_ptr + pairs, mask=valid, other=0)
+            slot = tl.load(order_ptr + pairs, mask=valid, other=0)         # the row's own slot (token, head, s)
+            g_self = tl.load(gs_ptr + slot, mask=valid, other=0.0).to(ACC)
+            used = tl.max(tl.load(kept_ptr + slot // SLOTS, mask=valid, other=0), axis=0)   # slots to mix, <= K
+            ns = tl.program_id(1) * BN + tl.arange(0, BN)
+            acc = tl.zeros((BP, BN), dtype=ACC)
+            for k0 in range(0, inner, BK):
+                ks = k0 + tl.arange(0, BK)
+                inside = valid[:, None] & (ks[None, :] < inner)
+                cs = tl.zeros((BP, BK), dtype=ACC)
+                mass = tl.zeros((BP,), dtype=ACC)
+                for a in range(0, used):                                 # the bag's kept slots of the other side
+                    partner = (slot // SLOTS) * SLOTS + a
+                    coef = g_self * tl.load(go_ptr + partner, mask=valid, other=0.0).to(ACC)
+                    if HAS_EDIT:
+                        other = tl.load(other_half_ptr + partner, mask=valid, other=0)
+                        expert = half * experts + other if SELF_FIRST else other * experts + half
+                        coef = coef * (1.0 - tl.load(edit_ptr + expert, mask=valid, other=0.0).to(ACC))
+                    if MODE == 0:
+                        cs += coef[:, None] * tl.load(src_ptr + partner[:, None] * ss + ks[None, :], mask=inside,
+                                                      other=0.0).to(ACC)
+                    else:
+                        mass += coef
+                if MODE == 1:
+                    cs = mass[:, None] * tl.load(src_ptr + slot[:, None] * ss + ks[None, :], mask=inside,
+                                                 other=0.0).to(ACC)
+                if MODE == 2:
+                    cs = tl.where(inside, mass[:, None] + cs, 0.0)
+                ws = tl.load(w_ptr + half * sw_half + ks[:, None] * sw_k + ns[None, :] * sw_n,
+                             mask=(ks[:, None] < inner) & (ns[None, :] < outer), other=0.0)
+                acc += tl.dot(cs.to(ws.dtype), ws, input_precision=PRECISION, out_dtype=ACC)
+            tl.atomic_add(y_ptr + rows[:, None] * sy + ns[None, :], acc.to(y_ptr.dtype.element_ty),
+                          mask=valid[:, None] & (ns[None, :] < outer))
 
     return gather_mm, scatter_mm, half_outer, mix_scatter_mm
 
@@ -249,7 +257,7 @@ def gather(x: torch.Tensor, token: torch.Tensor, table: tuple, weight: torch.Ten
     blocks = table[0].shape[0]
     if blocks and width:
         bw = _block(width)
-        gather_mm[(blocks, triton_cdiv(width, bw))](
+        gather_mm[(programs(x, blocks), triton_cdiv(width, bw))](
             x, token, weight, bias if bias is not None else weight, out, *table, width, depth, x.stride(0),
             s_half, s_k, s_c, bias.stride(0) if bias is not None else 0, HAS_BIAS=bias is not None,
             BP=BLOCK_P, BW=bw, BD=BLOCK_D, **_numerics(x))
@@ -265,7 +273,7 @@ def scatter(c: torch.Tensor, token: torch.Tensor, table: tuple, weight: torch.Te
     blocks = table[0].shape[0]
     if blocks and c.shape[1] and out_dim:
         bn = _block(out_dim)
-        scatter_mm[(blocks, triton_cdiv(out_dim, bn))](
+        scatter_mm[(programs(c, blocks), triton_cdiv(out_dim, bn))](
             c, token, weight, y, *table, c.shape[1], out_dim, c.stride(0), *strides, y.stride(0),
             BP=BLOCK_P, BK=_block(c.shape[1]), BN=bn, **_numerics(c))
     return y
@@ -280,13 +288,26 @@ def outer(left: torch.Tensor, right: torch.Tensor, token: torch.Tensor | None, t
     blocks = table[0].shape[0]
     if blocks and width and depth:
         bw, bd = _block(width), _block(depth)
-        half_outer[(blocks, triton_cdiv(width, bw), triton_cdiv(depth, bd))](
+        half_outer[(programs(left, blocks), triton_cdiv(width, bw), triton_cdiv(depth, bd))](
             left, right, token if token is not None else table[0], grad, *table, width, depth, left.stride(0),
             right.stride(0), *strides, GATHER=token is not None, BP=BLOCK_P, BW=bw, BD=bd, **_numerics(left))
 
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+PROGRAMS_PER_SM = 8       # persistent programs per multiprocessor (each loops over blocks up to the table's count)
+INTERPRETED_PROGRAMS = 3  # under the interpreter: few, so that the tests run several blocks per program
+
+
+def programs(like: torch.Tensor, blocks: int) -> int:
+    """The launch grid's first dimension for a table of `blocks` rows (an upper bound): persistent programs,
+    at most PROGRAMS_PER_SM per multiprocessor on CUDA (a host property, no sync)."""
+    limit = INTERPRETED_PROGRAMS
+    if like.is_cuda:
+        limit = PROGRAMS_PER_SM * torch.cuda.get_device_properties(like.device).multi_processor_count
+    return max(1, min(blocks, limit))
 
 
 class GatherMatmulKernel(torch.autograd.Function):
@@ -399,7 +420,7 @@ class Mix:
 
     order: torch.Tensor
     token: torch.Tensor
-    table: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    table: tuple[torch.Tensor, ...]
     self_half: torch.Tensor     # [slots] the halves of the self side's slots (slot order)
     other_half: torch.Tensor    # [slots] the other side's
     other_count: torch.Tensor   # [bags] the other side's kept slots per bag (they come first in the bag)
@@ -449,7 +470,7 @@ def mix_scatter(mix: Mix, g_self: torch.Tensor, g_other: torch.Tensor, self_rows
             continue
         source = (other_rows if mode == "other" else self_rows if mode == "self" else like).contiguous()
         bn = _block(out_dim)
-        mix_scatter_mm[(blocks, triton_cdiv(out_dim, bn))](
+        mix_scatter_mm[(programs(like, blocks), triton_cdiv(out_dim, bn))](
             source, g_self, g_other, mix.other_half, mix.other_count, edit, mix.order, mix.token, weight, y,
             *mix.table, width, out_dim, source.stride(0), mix.experts, weight.stride(1), weight.stride(2),
             weight.stride(0), y.stride(0), MODE=MODES[mode], SELF_FIRST=mix.self_first, HAS_EDIT=mix.edit is not None,

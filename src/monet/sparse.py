@@ -94,8 +94,9 @@ class HalfLayout:
     experts: int
     _table: tuple | None = None
 
-    def table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(half, start, stop) per block of pairs of one half, for `monet.kernels` (built once per layout)."""
+    def table(self) -> tuple[torch.Tensor, ...]:
+        """(half, start, stop) per block of pairs of one half and the block count, for `monet.kernels` (built
+        once per layout)."""
         if self._table is None:
             self._table = kernels.block_table(self.counts, kernels.BLOCK_P, self.token.device)
         return self._table
@@ -412,7 +413,7 @@ class StaticSide:
     token: torch.Tensor
     half_of_row: torch.Tensor
     row: torch.Tensor
-    table: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    table: tuple[torch.Tensor, ...]
     kept: torch.Tensor
     value: torch.Tensor | None = None
 
