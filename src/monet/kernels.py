@@ -18,8 +18,9 @@ Optional: `pip install monet[gpu]` (triton). Without CUDA, the kernels run under
 interpreter (TRITON_INTERPRET=1, set before triton is imported), which is how the tests check them
 against the float64 naive sum. Host syncs: none. The kernel path's layout (`monet.sparse.static_routing`)
 has a static size, and `device_block_table` builds the block table from per-half counts left on the device
-(a grid of cdiv(rows, BLOCK_P) + E programs, the unused ones empty); docs/performance.md ("The kernel path")
-says how that is checked on the CPU and what is open without a GPU.
+(at most cdiv(rows, BLOCK_P) + E blocks, the unused ones empty, and their count, which the kernels'
+persistent programs read: the launch grid is a few programs per multiprocessor, `programs`);
+docs/performance.md ("The kernel path") says how that is checked on the CPU and what is open without a GPU.
 """
 
 from __future__ import annotations
