@@ -436,17 +436,24 @@ def mix_rows(mix: Mix, g_self: torch.Tensor, g_other: torch.Tensor, self_rows: t
              other_rows: torch.Tensor | None, widths: list[int]) -> torch.Tensor:
     """The input rows the kernel mixes, with torch ops (backward recomputes them): [rows, sum widths], sorted.
 
-    Forms each bag's K x K combinations (O(tokens H K^2), never E^2): only backward pays for it."""
+    With an edit table it forms each bag's K x K combinations (O(tokens H K^2), never E^2; only backward pays
+    for it); without one the coefficients factorise (g_self times a sum over the other side)."""
     k = mix.slots
-    coef = g_self.reshape(-1, k, 1) * g_other.reshape(-1, 1, k)                  # [bags, K self, K other]
+    mine = g_self.reshape(-1, k, 1)
     if mix.edit is not None:
-        mine, theirs = mix.self_half.view(-1, k, 1), mix.other_half.view(-1, 1, k)
-        expert = mine * mix.experts + theirs if mix.self_first else theirs * mix.experts + mine
+        coef = mine * g_other.reshape(-1, 1, k)                                      # [bags, K self, K other]
+        halves, theirs = mix.self_half.view(-1, k, 1), mix.other_half.view(-1, 1, k)
+        expert = halves * mix.experts + theirs if mix.self_first else theirs * mix.experts + halves
         coef = coef * (1 - mix.edit[expert])
-    mass = coef.sum(-1, keepdim=True)
+        mass = coef.sum(-1, keepdim=True)
+    else:
+        mass = mine * g_other.reshape(-1, 1, k).sum(-1, keepdim=True)
     parts = []
     for mode, width in zip(mix.modes, widths, strict=True):
-        if mode == "other":
+        if mode == "other" and mix.edit is None:
+            parts.append(mine * torch.einsum("ba,baw->bw", g_other.reshape(-1, k), other_rows.reshape(-1, k, width))
+                         .unsqueeze(1))
+        elif mode == "other":
             parts.append(torch.einsum("bsa,baw->bsw", coef, other_rows.reshape(-1, k, width)))
         elif mode == "self":
             parts.append(mass * self_rows.reshape(-1, k, width))
