@@ -146,7 +146,7 @@ def test_layers_on_the_kernels_equal_the_naive_sum(cls, shape, edit, monkeypatch
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("decompose", [pytest.param("vertical", marks=pytest.mark.slow), "horizontal"])
+@pytest.mark.parametrize("decompose", ["vertical", "horizontal"])
 def test_whole_model_on_the_kernels_equals_the_dense_path(decompose, monkeypatch):
     """A model in training mode on a left-padded batch with masks and steering: the loss and every parameter
     gradient on the kernel path (one static layout per routing group, shared by its layers) equal the dense
@@ -344,7 +344,7 @@ def _record_kernel_path(cls, shape, seed) -> _SyncRecorder:
     return recorder
 
 
-@pytest.mark.parametrize("cls", [LAYERS[0], pytest.param(LAYERS[1], marks=pytest.mark.slow)])
+@pytest.mark.parametrize("cls", LAYERS)
 def test_the_kernel_path_makes_no_host_sync_and_its_sizes_are_static(cls):
     """The CPU proxy for set_sync_debug_mode("error"): layout, mixes, edits, forward and backward run no op that
     syncs on CUDA (nonzero, item, unique, bincount, boolean indexing, repeat_interleave without its size, ...)
@@ -357,7 +357,6 @@ def test_the_kernel_path_makes_no_host_sync_and_its_sizes_are_static(cls):
     assert first.ops == second.ops
 
 
-@pytest.mark.slow
 def test_bench_sync_check_runs_every_case_under_the_error_mode(monkeypatch):
     """`monet bench --sync-check` (CUDA only; here with torch.cuda's sync calls stubbed, on the interpreter): every
     case runs once between set_sync_debug_mode("error") and "default", and a case that raises is reported."""
