@@ -782,6 +782,9 @@ class BenchSettings(Settings):
     """expert computation of the block cases: auto (monet.sparse's rule), dense, sparse or decode (the kept
     halves' weights only); the decode section always times the decode path"""
     profile: bool = False  # keep a torch.profiler table of each expert forward in the report
+    sync_check: bool = False
+    """on cuda: run the router and each expert case (forward, training step, masked) once under
+    torch.cuda.set_sync_debug_mode("error") and report the first host sync of each ("host_syncs")"""
     quick: bool = False  # a tiny shape and 2 rounds: a smoke run of seconds
     json: str | None = None  # write the full report as JSON to this file
     markdown: str | None = None  # write a markdown page generated from the report to this file
@@ -791,6 +794,8 @@ class BenchSettings(Settings):
         unknown = sorted(set(self.shapes) - set(PRESETS))
         if unknown:
             raise MonetError(f"unknown preset(s) in --shapes: {', '.join(unknown)}; available: {', '.join(PRESETS)}")
+        if self.sync_check and self.device != "cuda":
+            raise MonetError("--sync-check uses torch.cuda.set_sync_debug_mode: add --device cuda")
 
 
 class DemoSettings(Settings):

@@ -25,6 +25,8 @@ one device sync per side and group on a GPU (plus one for the number of active p
 edits are present). So the automatic dispatch (`choose`) picks the dense path on non-CPU devices, where
 the dense matmuls are fast and a loop over E halves would be launch-bound; the sparse path still runs
 there when forced (6-55x slower on an H100: docs/performance.md, "GPU checks"). Switch: `expert_path`.
+Where `use_kernels` (CUDA + triton), the sparse path runs on `monet.kernels` over a layout of static size
+instead (`static_routing`: K slots per (token, head), no host sync; edits applied inside the kernel).
 
 The structure of a group's routing (`Routing`, with the edited pairs of the group's edit table) is built
 once per routing group and forward call: the decoder passes it down the group's layers inside its
@@ -92,8 +94,9 @@ class HalfLayout:
     experts: int
     _table: tuple | None = None
 
-    def table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(half, start, stop) per block of pairs of one half, for `monet.kernels` (built once per layout)."""
+    def table(self) -> tuple[torch.Tensor, ...]:
+        """(half, start, stop) per block of pairs of one half and the block count, for `monet.kernels` (built
+        once per layout)."""
         if self._table is None:
             self._table = kernels.block_table(self.counts, kernels.BLOCK_P, self.token.device)
         return self._table
@@ -331,16 +334,12 @@ def use_kernels(x: torch.Tensor) -> bool:
 
 
 def gather_matmul(x: torch.Tensor, layout: HalfLayout, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """`GatherMatmul` (per-half loop) or, where `use_kernels`, its Triton kernel: same value."""
-    if use_kernels(x):
-        return kernels.GatherMatmulKernel.apply(x, layout.token, layout.table(), weight, bias)
+    """`GatherMatmul`: the per-half loop (the kernels have their own layout: `static_routing`)."""
     return GatherMatmul.apply(x, layout, weight, bias)
 
 
 def scatter_matmul(c: torch.Tensor, layout: HalfLayout, *weights: torch.Tensor) -> torch.Tensor:
-    """`ScatterMatmul` (per-half loop) or, where `use_kernels`, its Triton kernel: same value."""
-    if use_kernels(c):
-        return kernels.ScatterMatmulKernel.apply(c, layout.token, layout.table(), layout.num_tokens, *weights)
+    """`ScatterMatmul`: the per-half loop (the kernels have their own layout: `static_routing`)."""
     return ScatterMatmul.apply(c, layout, *weights)
 
 
@@ -373,35 +372,198 @@ def _spread(entries: KeptEntries, per_head: torch.Tensor, size: int) -> torch.Te
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The kernel path: a static layout (no host synchronisation)
+#
+# On a GPU every size the host needs (a tensor's shape, a loop's length, a launch grid) costs a sync when it
+# depends on the routing's values. The router keeps a data-dependent number of entries per head (a threshold,
+# eq. 9, not a top-k), so this layout holds a static capacity of K entries per (token, head), and every size is
+# a function of (tokens, H, K, E) alone: entries from `topk` instead of `nonzero`, sorted by half with
+# `argsort`, counted per half with `index_add_` into the kernels' block table (`kernels.device_block_table`),
+# and each bag's K x K combinations (the active experts, never E^2) for the edit table. Unused slots have
+# g = 0 and sort behind every kept entry, so no kernel block reads or writes them. Entries are used rather
+# than de-duplicated (token, half) pairs: a half kept by two heads of a token is projected twice (4-5 % more
+# rows at the released shapes), and the sums over heads add the duplicates (eq. 10 as written).
+
+KERNEL_CAPACITY = 64     # K per (token, head): 8 k at the released k = 8; the trained demo model keeps at most 36
+
+
+def kernel_capacity(experts: int) -> int:
+    """K for E halves: $MONET_KERNEL_CAPACITY (default KERNEL_CAPACITY), at most E (K = E is always exact)."""
+    value = os.environ.get("MONET_KERNEL_CAPACITY", str(KERNEL_CAPACITY))
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"MONET_KERNEL_CAPACITY must be a positive integer, got {value!r}")
+    return min(int(value), experts)
+
+
+@dataclass
+class StaticSide:
+    """One side's kept entries at a static capacity of K slots per (token, head), for the kernels.
+
+    Slot (t, h, s) holds the s-th largest g of head h at token t: its `half` and `flat` position in
+    g.reshape(-1) ([T, H, K]; the bag's `kept` [T*H] entries first, an unused slot has g = 0). The kernels see
+    the slots sorted by half, the unused ones last: `order` (the slot of each sorted row), `token` and
+    `half_of_row` (E for an unused slot) per sorted row, `row` (the sorted row of each slot) and the block
+    table `table` built from per-half counts that stay on the device. `value` = g at the slots (an
+    autograd-tracked gather, [T, H, K]).
+    """
+
+    half: torch.Tensor
+    flat: torch.Tensor
+    order: torch.Tensor
+    token: torch.Tensor
+    half_of_row: torch.Tensor
+    row: torch.Tensor
+    table: tuple[torch.Tensor, ...]
+    kept: torch.Tensor
+    value: torch.Tensor | None = None
+
+    def bind(self, g: torch.Tensor) -> StaticSide:
+        """A copy whose values are gathered from g (same kept pattern): one gather, autograd-tracked."""
+        return dataclasses.replace(self, value=g.reshape(-1).index_select(0, self.flat.view(-1)).view(self.flat.shape))
+
+
+def static_side(g: torch.Tensor, capacity: int) -> StaticSide:
+    """The static layout of g [..., H, E] (tokens = the flattened leading dims) at K = capacity slots per head.
+
+    No host sync: `topk` (not `nonzero`), a stable `argsort` of the slots' halves (unused slots get the key E),
+    per-half counts by `index_add_`. That no head kept more than K entries is checked on the device
+    (`torch._assert_async`: an error, never a silently dropped entry)."""
+    g = g.reshape(-1, *g.shape[-2:])
+    tokens, heads, experts = g.shape
+    with torch.no_grad():
+        top, half = g.topk(capacity, dim=-1)                                   # [T, H, K], kept slots first
+        torch._assert_async(((g > 0).sum(dim=-1) <= capacity).all(),
+                            f"a routing head kept more than {capacity} halves, the kernel path's static capacity: "
+                            f"set MONET_KERNEL_CAPACITY higher (at most E = {experts}) or MONET_KERNELS=off")
+        key = torch.where(top > 0, half, experts).reshape(-1)
+        order = torch.argsort(key, stable=True)                                # by half, then token; unused last
+        row = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=g.device))
+        counts = torch.zeros(experts + 1, dtype=torch.int64, device=g.device)
+        counts.index_add_(0, key, torch.ones_like(key))
+        table = kernels.device_block_table(counts[:experts], key.shape[0], kernels.BLOCK_P)
+        flat = torch.arange(tokens * heads, device=g.device).view(tokens, heads, 1) * experts + half
+        kept = (top > 0).sum(dim=-1).flatten()                                 # [T * H]
+    return StaticSide(half, flat, order, order // (heads * capacity), key[order], row, table, kept).bind(g)
+
+
+@dataclass
+class StaticRouting:
+    """Both sides of a routing group's static layout (`static_side`), the group's [E*E] edit table in the routing
+    values' dtype (None: unedited; the kernels read it for each bag's K x K combinations) and, as `Routing`'s,
+    the active fraction (on the device)."""
+
+    first: StaticSide
+    second: StaticSide
+    num_tokens: int
+    experts: int
+    capacity: int
+    edit: torch.Tensor | None
+    active_fraction: torch.Tensor
+
+    def bind(self, g1: torch.Tensor, g2: torch.Tensor) -> StaticRouting:
+        return dataclasses.replace(self, first=self.first.bind(g1), second=self.second.bind(g2))
+
+    def mix(self, self_first: bool, modes: tuple[str, ...]) -> kernels.Mix:
+        """The fused scatter's input stage over side 1's slots (self_first) or side 2's (`kernels.Mix`)."""
+        mine, other = (self.first, self.second) if self_first else (self.second, self.first)
+        return kernels.Mix(mine.order, mine.token, mine.table, mine.half.reshape(-1), other.half.reshape(-1),
+                           other.kept, self.capacity, self.experts, self_first, modes, self.edit)
+
+
+def static_routing(g1: torch.Tensor, g2: torch.Tensor, edit_weights: torch.Tensor | None = None) -> StaticRouting:
+    """The kernel path's layout of g1, g2 [..., H, E] and an [E*E] edit table: no host sync."""
+    experts = g1.shape[-1]
+    capacity = kernel_capacity(experts)
+    first, second = static_side(g1, capacity), static_side(g2, capacity)
+    edit = None if edit_weights is None else edit_weights.to(device=g1.device, dtype=first.value.dtype)
+    with torch.no_grad():
+        active = [(g.reshape(-1, *g.shape[-2:]) > 0).any(dim=-2).sum() for g in (g1, g2)]
+        fraction = torch.maximum(*active) / max(1, first.half.shape[0] * experts)
+    return StaticRouting(first, second, first.half.shape[0], experts, capacity, edit, fraction)
+
+
+def _slots(layer, linear, x2: torch.Tensor, side: StaticSide) -> torch.Tensor:
+    """sigma(U_i x + b_i) for every slot of the side (the gather kernel over the sorted rows): [T*H*K, w]."""
+    weight, bias = linear.weight.unflatten(0, (layer.experts, -1)), linear.bias.view(layer.experts, -1)
+    rows = kernels.GatherMatmulKernel.apply(x2, side.token, side.table, weight, bias, side.half_of_row)
+    return layer.act(rows).index_select(0, side.row)
+
+
+def kernel_hd_forward(layer, x: torch.Tensor, routing: StaticRouting) -> torch.Tensor:
+    """MonetHorizontalExperts on the kernels and the static layout (eq. 12): one input row per g2 slot (h, j),
+    mixed inside the scatter kernel: y_t = sum_{h, j} [V_j | b2_j] sum_i g2_hj g1_hi keep_ij [sigma(U_i x_t + b1_i) ; 1]
+    (keep_ij = 1 - edit[i*E + j], 1 unedited)."""
+    shape = x.shape
+    first, second = routing.first, routing.second
+    hidden = _slots(layer, layer.u, x.reshape(-1, shape[-1]), first)                  # [T*H*K, m]
+    weight_v = layer.v.weight.unflatten(1, (layer.experts, -1))
+    out = kernels.MixScatterKernel.apply(routing.mix(False, ("other", "ones")), routing.num_tokens,
+                                         second.value.reshape(-1), first.value.reshape(-1), None, hidden,
+                                         weight_v, layer.b.t().unsqueeze(-1))
+    return out.view(shape)
+
+
+def kernel_vd_forward(layer, x: torch.Tensor, routing: StaticRouting) -> torch.Tensor:
+    """MonetVerticalExperts on the kernels and the static layout (A.1): with w_hij = g1_hi g2_hj keep_ij, the
+    g1 slot (h, i) feeds [V11_i | V12_i | b12_i] with [sum_j w a1_i ; sum_j w a2_j ; sum_j w] and the g2 slot
+    (h, j) feeds [V21_j | V22_j | b22_j] with [sum_i w a1_i ; sum_i w a2_j ; sum_i w] (eq. 23-28), each row
+    mixed inside the scatter kernel."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    first, second = routing.first, routing.second
+    left, right = _slots(layer, layer.u1, x2, first), _slots(layer, layer.u2, x2, second)   # [T*H*K, m/2]
+    g1, g2 = first.value.reshape(-1), second.value.reshape(-1)
+
+    def blocks(linear):
+        return linear.weight.unflatten(1, (layer.experts, -1))
+
+    top = kernels.MixScatterKernel.apply(routing.mix(True, ("self", "other", "ones")), routing.num_tokens, g1, g2,
+                                         left, right, blocks(layer.v11), blocks(layer.v12), layer.b1.t().unsqueeze(-1))
+    bottom = kernels.MixScatterKernel.apply(routing.mix(False, ("other", "self", "ones")), routing.num_tokens, g2,
+                                            g1, right, left, blocks(layer.v21), blocks(layer.v22),
+                                            layer.b2.t().unsqueeze(-1))
+    return torch.cat((top, bottom), dim=-1).view(shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The layers
 
 
 @dataclass
 class Routing:
     """Both sides of one routing group's sparse structure ([tokens, H, E] flattened): kept entries with
-    values and their layouts (`side`), and the edited active pairs of the group's edit table (None: unedited)."""
+    values and their layouts (`side`), and the edited active pairs of the group's edit table (None: unedited).
+    On the Triton kernels (`use_kernels`) only `static` is set: the sync-free layout of `static_routing`."""
 
-    first: KeptEntries
-    layout1: HalfLayout
-    second: KeptEntries
-    layout2: HalfLayout
+    first: KeptEntries | None
+    layout1: HalfLayout | None
+    second: KeptEntries | None
+    layout2: HalfLayout | None
     edit: EditedEntries | None = None
+    static: StaticRouting | None = None
 
     @property
     def active_fraction(self) -> float:
-        """Active (token, half) pairs over tokens * E, the larger of the two sides (host ints)."""
+        """Active (token, half) pairs over tokens * E, the larger of the two sides (host ints; on the kernel
+        path read from the device: a sync, only `choose`'s auto rule asks, and never off the CPU)."""
+        if self.static is not None:
+            return float(self.static.active_fraction)
         total = max(1, self.layout1.num_tokens * self.layout1.experts)
         return max(self.layout1.size, self.layout2.size) / total
 
     def bind(self, g1: torch.Tensor, g2: torch.Tensor) -> Routing:
         """The same structure with values gathered from g1, g2 [..., H, E] (this call's autograd graph)."""
+        if self.static is not None:
+            return dataclasses.replace(self, static=self.static.bind(g1, g2))
         return dataclasses.replace(self, first=self.first.bind(g1), second=self.second.bind(g2))
 
 
 
 def sparse_routing(g1: torch.Tensor, g2: torch.Tensor, edit_weights: torch.Tensor | None = None) -> Routing:
     """Kept entries, layouts and bag offsets of g1, g2 [..., H, E] (flattened over the leading dims), and the
-    edited active pairs of an [E*E] edit table."""
+    edited active pairs of an [E*E] edit table. Where `use_kernels`: the static layout (`static_routing`)."""
+    if use_kernels(g1):
+        return Routing(None, None, None, None, static=static_routing(g1, g2, edit_weights))
     first, layout1 = side(g1)
     second, layout2 = side(g2)
     edit = None if edit_weights is None else edited_entries(first, second, edit_weights, layout1.experts)
@@ -410,6 +572,8 @@ def sparse_routing(g1: torch.Tensor, g2: torch.Tensor, edit_weights: torch.Tenso
 
 def hd_forward(layer, x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """MonetHorizontalExperts on the active halves only (eq. 12); same value as the dense layer."""
+    if routing.static is not None:
+        return kernel_hd_forward(layer, x, routing.static)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     first, second, layout1, layout2 = routing.first, routing.second, routing.layout1, routing.layout2
@@ -429,6 +593,8 @@ def hd_forward(layer, x: torch.Tensor, routing: Routing) -> torch.Tensor:
 
 def vd_forward(layer, x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """MonetVerticalExperts on the active halves only (appendix A.1, six terms); same value as dense."""
+    if routing.static is not None:
+        return kernel_vd_forward(layer, x, routing.static)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     first, second, layout1, layout2 = routing.first, routing.second, routing.layout1, routing.layout2
@@ -613,6 +779,7 @@ def choose(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
 
 __all__ = [
     "ActivePairs", "EditedEntries", "GatherMatmul", "HalfLayout", "KeptEntries", "KeptHalves", "Routing",
-    "ScatterMatmul", "active_pairs", "bag_offsets", "choose", "combinations", "edited_entries", "expert_path",
-    "hd_forward", "kept_entries", "kept_halves", "merged_experts", "side", "sparse_routing", "vd_forward"
+    "ScatterMatmul", "StaticRouting", "StaticSide", "active_pairs", "bag_offsets", "choose", "combinations",
+    "edited_entries", "expert_path", "hd_forward", "kept_entries", "kept_halves", "merged_experts", "side",
+    "sparse_routing", "static_routing", "static_side", "vd_forward"
 ]

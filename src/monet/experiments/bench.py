@@ -188,10 +188,43 @@ def bench_shape(config: MonetConfig, args: BenchSettings) -> dict:
     result["saved_mib"] = {k: saved_bytes(fn, [xg, *routing, *weights]) / 2**20 for k, fn in memory.items()}
     result["masking"] = bench_masking(layers, x, g1, g2, args, timer, any(sparse_path.values()))
     result["decode"] = bench_decode(layers, mlp, router, x, args, timer)
+    if args.sync_check:
+        result["host_syncs"] = sync_check(layers, router, xg, routing, args.path)
     if args.profile:
         result["profiles"] = {kind: _profile(forced(lambda layer=layer: layer(x, g1, g2, group=group)))
                               for kind, layer in layers.items()}
     return result
+
+
+def sync_check(layers: dict[str, nn.Module], router: MonetRouter, x: torch.Tensor, routing: list[torch.Tensor],
+               path: str) -> dict:
+    """Each case once under torch.cuda.set_sync_debug_mode("error"), after a synchronisation: "none", or the first
+    line of the error the first host sync raised. The expert cases get a fresh routing group, so the routing
+    structure (on the kernel path: `monet.sparse.static_routing`) is built inside the check; "masked" deletes
+    1 % of the experts (an edit table on the group)."""
+    experts = next(iter(layers.values())).experts
+    table = torch.zeros(experts * experts, device=x.device)
+    table[torch.randperm(experts * experts, device=x.device)[: max(1, experts * experts // 100)]] = 1.0
+    g1, g2 = (g.detach() for g in routing)
+    cases = {"router_train": lambda: _backward(torch.cat([g.flatten() for g in router(x)]), [x, *router.parameters()])}
+    for kind, layer in layers.items():
+        cases[f"{kind}_forward"] = lambda layer=layer: layer(x.detach(), g1, g2, group=RoutingGroup(g1, g2))
+        cases[f"{kind}_train"] = lambda layer=layer: _backward(layer(x, *routing, group=RoutingGroup(*routing)),
+                                                               [x, *routing, *layer.parameters()])
+        cases[f"{kind}_masked"] = lambda layer=layer: layer(x.detach(), g1, g2, group=RoutingGroup(g1, g2, table))
+    found = {}
+    with sparse.expert_path(path):
+        for name, fn in cases.items():
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                fn()
+                found[name] = "none"
+            except RuntimeError as error:
+                found[name] = (str(error).strip().splitlines() or ["sync"])[0]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    return found
 
 
 class _ReLU2(nn.Module):
@@ -419,4 +452,4 @@ def command_line(args: BenchSettings) -> str:
              f"--repeats {args.repeats}", f"--warmup {args.warmup}", f"--threads {args.threads}", f"--path {args.path}"]
     words += [f"--clock {args.clock}"] if args.clock != "wall" else []
     words += ["--quick"] if args.quick else ["--shapes " + " ".join(args.shapes)]
-    return " ".join(words + (["--profile"] if args.profile else []))
+    return " ".join(words + (["--profile"] if args.profile else []) + (["--sync-check"] if args.sync_check else []))
