@@ -94,6 +94,7 @@ class MonetRouter(nn.Module):
         """Keeps the entries whose normalised logit (z - mean) / sqrt(var + eps) reaches min(the head's best,
         sigma). Normalising is monotone, so the test is done on the raw logits as
         z >= min(max z, mean + sigma * sqrt(var + eps)): one cut per head, no normalised copy."""
+        tracked = torch.is_grad_enabled()
         with torch.no_grad():   # the logits only choose entries here; their gradient flows in KeptSoftmax
             dtype = torch.promote_types(x.dtype, torch.float32)
             z = F.linear(x, keys.weight).view(*x.shape[:-1], self.heads, self.experts).to(dtype)
@@ -104,7 +105,10 @@ class MonetRouter(nn.Module):
             else:
                 mean, var = norm.running_mean.to(dtype), norm.running_var.to(dtype)
             cut = (mean + self.threshold * torch.sqrt(var + norm.eps))[:, None]   # [H, 1], -inf when k = E
-            keep = z >= torch.minimum(z.amax(dim=-1, keepdim=True), cut)
+            bar = torch.minimum(z.amax(dim=-1, keepdim=True), cut)
+            if not tracked:                    # decoding, evaluation: KeptSoftmax's forward, fewer ops
+                return torch.softmax(z.masked_fill_(z < bar, float("-inf")), dim=-1)
+            keep = z >= bar
         return ops.KeptSoftmax.apply(x, keys.weight, z, keep)
 
 
