@@ -46,9 +46,7 @@ def main() -> None:
         report["shapes"][name] = result
         for kind in layers:
             for ratio, batch in (("decode_vs_dense", 1), ("decode_batch4_vs_dense", 4)):
-                router_share = result[f"router/b{batch}"]["median_ms"] / config.moe_groups
-                step = result[f"{kind}/b{batch}"]["median_ms"] + router_share
-                report["ratios"][ratio][f"{name}/{kind}"] = step / result[f"dense/b{batch}"]["median_ms"]
+                report["ratios"][ratio][f"{name}/{kind}"] = bench.decode_step(result, kind, batch, config.moe_groups)
     report["load_average_end"] = list(os.getloadavg())
     if args.json:
         write_json(args.json, report)
