@@ -36,15 +36,13 @@ def _halves_outside(layer, keep1: torch.Tensor, keep2: torch.Tensor) -> None:
             columns(layer.v21.weight, drop2), columns(layer.v22.weight, drop2)
 
 
-@pytest.mark.parametrize("loop", [False, True], ids=["gathered", "per-half"])
 @pytest.mark.parametrize("tokens", [1, 3])
 @pytest.mark.parametrize("edit", [False, True], ids=["plain", "edited"])
 @pytest.mark.parametrize("cls", LAYERS)
-def test_decode_reads_only_the_kept_halves(cls, edit, tokens, loop, monkeypatch):
+def test_decode_reads_only_the_kept_halves(cls, edit, tokens):
     """NaN in every weight of the halves no token kept: the decode path's output is still the dense value
-    (a path that read those weights would return NaN, as the dense path does). One token takes the per-half
-    products when the halves are large enough (`DECODE_LOOP_MIN_HALF`; forced here), else the gathered rows."""
-    monkeypatch.setattr(sparse, "DECODE_LOOP_MIN_HALF", 0 if loop else 1 << 62)
+    (a path that read those weights would return NaN, as the dense path does); one token (every half of the
+    union is its own) and several."""
     layer, router = _layer(cls, 12, 16, 4, 2, 2, seed=5)
     table = _edit_table(16, seed=6)[0] if edit else None
     x = torch.randn(tokens, 1, 12, dtype=torch.float64)
@@ -94,10 +92,8 @@ def _model(decompose, dtype):
 @pytest.mark.parametrize("decompose", ["vertical", "horizontal"])
 def test_greedy_decoding_gives_the_dense_paths_tokens_and_logits(decompose, edited, dtype, batch, monkeypatch):
     """`generate` on the auto rule (which decodes on KeptHalves) = on the dense path: same tokens, logits within
-    float rounding; with masks and steering too; one sequence (one token per step: the per-half products,
-    forced for these small halves) and two. The decode path must actually have run, its plan built once
-    per routing group and step."""
-    monkeypatch.setattr(sparse, "DECODE_LOOP_MIN_HALF", 0)
+    float rounding; with masks and steering too; one sequence (one token per step) and two. The decode path
+    must actually have run, its plan built once per routing group and forward call."""
     model = _model(decompose, dtype)
     if edited:
         apply_edits(model, ExpertEdits().delete(0, [1, 40, 200, 333]).scale(1, 70, 2.5).scale_bottom(0, 3, 0.5))

@@ -511,13 +511,6 @@ class KeptHalves:
     def halves(self, side: int) -> torch.Tensor:
         return self.first if side == 1 else self.second
 
-    def ids(self, side: int) -> list[int]:
-        """The side's kept halves as host ints (the one-token loop of `_kept_up`; one sync per group)."""
-        key = ("ids", side)
-        if key not in self._cache:
-            self._cache[key] = self.halves(side).tolist()
-        return self._cache[key]
-
     def restrict(self, g1: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype,
                  edit_weights: torch.Tensor | None = None) -> KeptRouting:
         """g1, g2 [..., H, E] on the kept halves' columns (every other column is 0), in dtype, with the bias
@@ -613,26 +606,14 @@ def kept_halves(g1: torch.Tensor, g2: torch.Tensor) -> KeptHalves:
     return KeptHalves(first, second, experts)
 
 
-def _kept_up(layer, linear, x2: torch.Tensor, plan: KeptHalves, side: int) -> torch.Tensor:
-    """sigma(U_i x + b_i) for the side's kept halves i: [tokens, E_s, w].
-
-    One token without autograd (a generation step of one sequence) and halves of at least
-    DECODE_LOOP_MIN_HALF values: one product per half, reading U_i (w * d contiguous values) in place.
-    Otherwise the halves' rows are gathered into one matrix for one product: the copy costs a write and a
-    second read, but one product beats E_s small ones from a few tokens on, or for VD's narrow halves
-    (measured: docs/performance.md, "Decode results").
-    """
-    weight = linear.weight.unflatten(0, (layer.experts, -1))                                # [E, w, d]
-    bias = linear.bias.view(layer.experts, -1)                                              # [E, w]
-    if x2.shape[0] == 1 and not torch.is_grad_enabled() and weight[0].numel() >= DECODE_LOOP_MIN_HALF:
-        out = x2.new_empty(plan.halves(side).numel(), weight.shape[1])
-        token = x2[0]
-        for row, half in enumerate(plan.ids(side)):
-            torch.addmv(bias[half], weight[half], token, out=out[row])
-        return layer.act(out).unsqueeze(0)
-    halves = plan.halves(side)
-    weight, bias = weight.index_select(0, halves).flatten(0, 1), bias.index_select(0, halves).view(-1)
-    return layer.act(F.linear(x2, weight, bias)).view(x2.shape[0], halves.numel(), -1)
+def _kept_up(layer, linear, x2: torch.Tensor, halves: torch.Tensor) -> torch.Tensor:
+    """sigma(U_i x + b_i) for the kept halves i: [tokens, E_s, w]. The halves' rows of U (w * d contiguous
+    values each) are gathered into one matrix for one product: the copy costs a write and a second read
+    from the cache, yet beat one product per half read in place at one token of both released shapes
+    (the Python loop dispatches four ops per half; docs/performance.md, "Decode results")."""
+    weight = linear.weight.unflatten(0, (layer.experts, -1)).index_select(0, halves)     # [E_s, w, d]
+    bias = linear.bias.view(layer.experts, -1).index_select(0, halves)                    # [E_s, w]
+    return layer.act(F.linear(x2, weight.flatten(0, 1), bias.view(-1))).view(x2.shape[0], halves.numel(), -1)
 
 
 def _kept_project(plan: KeptHalves, weight: torch.Tensor, inputs: torch.Tensor, side: int) -> torch.Tensor:
@@ -659,7 +640,7 @@ def hd_decode(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, plan: 
         return x.new_zeros(shape)
     x2 = x.reshape(-1, shape[-1])
     routing = plan.restrict(g1, g2, x.dtype, edit_weights)
-    hidden = _kept_up(layer, layer.u, x2, plan, 1)                              # [N, E1, m]
+    hidden = _kept_up(layer, layer.u, x2, plan.first)                              # [N, E1, m]
     top_input = torch.bmm(routing.g2.transpose(1, 2), torch.bmm(routing.g1, hidden))   # [N, E2, m]
     if routing.edit is not None:
         token, i, j, c = routing.edit
@@ -679,8 +660,8 @@ def vd_decode(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, plan: 
     x2 = x.reshape(-1, shape[-1])
     routing = plan.restrict(g1, g2, x.dtype, edit_weights)
     g1, g2 = routing.g1, routing.g2
-    h1 = _kept_up(layer, layer.u1, x2, plan, 1)                  # a1 [N, E1, m/2]
-    h2 = _kept_up(layer, layer.u2, x2, plan, 2)                 # a2 [N, E2, m/2]
+    h1 = _kept_up(layer, layer.u1, x2, plan.first)                  # a1 [N, E1, m/2]
+    h2 = _kept_up(layer, layer.u2, x2, plan.second)                 # a2 [N, E2, m/2]
     cross12 = torch.bmm(g1.transpose(1, 2), torch.bmm(g2, h2))      # X12 (eq. 26) [N, E1, m/2]
     cross21 = torch.bmm(g2.transpose(1, 2), torch.bmm(g1, h1))      # X21 (eq. 27) [N, E2, m/2]
     if routing.edit is not None:
@@ -713,9 +694,6 @@ SPARSE_MIN_WORK_PER_HALF = 1 << 22
 # the gathered weights cost about their share of the dense time plus the copy, docs/performance.md).
 DECODE_MAX_TOKENS = 8
 DECODE_MAX_ACTIVE_FRACTION = 0.5
-# One token: U_i x per kept half in place when a half holds at least this many weights (w * d; HD 850M 18,432,
-# 1.4B 32,768, VD 1.4B 16,384), else one product over the gathered rows (VD 850M's 9,216: measured faster).
-DECODE_LOOP_MIN_HALF = 1 << 14
 
 _forced: list[str] = []   # the paths of the `expert_path` blocks entered, innermost last
 
