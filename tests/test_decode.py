@@ -36,16 +36,18 @@ def _halves_outside(layer, keep1: torch.Tensor, keep2: torch.Tensor) -> None:
             columns(layer.v21.weight, drop2), columns(layer.v22.weight, drop2)
 
 
-@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("tokens", ["one", "three", "repeated"])
 @pytest.mark.parametrize("edit", [False, True], ids=["plain", "edited"])
 @pytest.mark.parametrize("cls", LAYERS)
 def test_decode_reads_only_the_kept_halves(cls, edit, tokens):
     """NaN in every weight of the halves no token kept: the decode path's output is still the dense value
     (a path that read those weights would return NaN, as the dense path does); one token (every half of the
-    union is its own) and several."""
+    union is its own), several, and several that all keep every half of the union (bags without a gather)."""
     layer, router = _layer(cls, 12, 16, 4, 2, 2, seed=5)
     table = _edit_table(16, seed=6)[0] if edit else None
-    x = torch.randn(tokens, 1, 12, dtype=torch.float64)
+    x = torch.randn({"one": 1, "three": 3, "repeated": 1}[tokens], 1, 12, dtype=torch.float64)
+    if tokens == "repeated":
+        x = x.expand(3, 1, 12)
     with torch.no_grad():
         g1, g2 = router(x)
         want = _run(layer, "dense", x, g1, g2, table)

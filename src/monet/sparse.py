@@ -574,8 +574,11 @@ class KeptHalves:
         if key not in self._cache:
             ids, offsets, select = self.bias_bag(side)
             step = torch.arange(width, device=ids.device)
-            select = None if select is None else ((select * width).unsqueeze(1) + step).reshape(-1)
-            self._cache[key] = ((ids * width).unsqueeze(1) + step).reshape(-1), offsets * width, select
+            if select is not None:
+                select = ((select * width).unsqueeze(1) + step).view(-1)
+            if offsets.numel() > 1:                                        # one token: [0] as it is
+                offsets = offsets * width
+            self._cache[key] = ((ids * width).unsqueeze(1) + step).view(-1), offsets, select
         return self._cache[key]
 
     def table(self, edit_weights: torch.Tensor | None) -> torch.Tensor | None:
@@ -594,7 +597,7 @@ def column_major(weight: torch.Tensor) -> torch.Tensor:
     weight^T), `save_pretrained` writes contiguous copies, and the sparse path's column blocks become
     contiguous too; only the decode path needs it.
     """
-    if not weight.t().is_contiguous():
+    if weight.stride() != (1, weight.shape[0]):            # read on every decode call: no tensor op
         weight.data = weight.data.t().contiguous().t()
     return weight.t()
 
