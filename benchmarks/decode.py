@@ -1,6 +1,7 @@
 """The `decode` section of `monet bench` alone, at the released layer shapes (minutes instead of the whole
-suite's half hour): per shape, HD and VD, 1 and 4 sequences, the decode path and the dense path of the
-experts, the eval router and the dense MLP, interleaved; prints the section and `decode_vs_dense` as JSON.
+suite's half hour): per shape, HD and VD, 1 and 4 sequences, the experts on the decode path (as the first
+layer of a routing group, which builds the plan, and as one of the others) and on the dense path, the eval
+router and the dense MLP, interleaved; prints the section and `decode_vs_dense` (`bench.decode_step`) as JSON.
 
     PYTHONPATH=src python benchmarks/decode.py --repeats 7 --clock cpu [--json OUT]
 """

@@ -28,7 +28,8 @@ there when forced (6-55x slower on an H100: docs/performance.md, "GPU checks"). 
 
 The structure of a group's routing (`Routing`, with the edited pairs of the group's edit table) is built
 once per routing group and forward call: the decoder passes it down the group's layers inside its
-`monet.model.RoutingGroup`.
+`monet.model.RoutingGroup`. So is the decode path's plan (`KeptHalves`: 1-8 tokens, the dense formula on
+the kept halves' weights only; `hd_decode`, `vd_decode`).
 """
 
 from __future__ import annotations
