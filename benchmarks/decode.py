@@ -1,6 +1,7 @@
 """The `decode` section of `monet bench` alone, at the released layer shapes (minutes instead of the whole
-suite's half hour): per shape, HD and VD, 1 and 4 sequences, the decode path and the dense path of the
-experts, the eval router and the dense MLP, interleaved; prints the section and `decode_vs_dense` as JSON.
+suite's half hour): per shape, HD and VD, 1 and 4 sequences, the experts on the decode path (as the first
+layer of a routing group, which builds the plan, and as one of the others) and on the dense path, the eval
+router and the dense MLP, interleaved; prints the section and `decode_vs_dense` (`bench.decode_step`) as JSON.
 
     PYTHONPATH=src python benchmarks/decode.py --repeats 7 --clock cpu [--json OUT]
 """
@@ -46,9 +47,7 @@ def main() -> None:
         report["shapes"][name] = result
         for kind in layers:
             for ratio, batch in (("decode_vs_dense", 1), ("decode_batch4_vs_dense", 4)):
-                router_share = result[f"router/b{batch}"]["median_ms"] / config.moe_groups
-                step = result[f"{kind}/b{batch}"]["median_ms"] + router_share
-                report["ratios"][ratio][f"{name}/{kind}"] = step / result[f"dense/b{batch}"]["median_ms"]
+                report["ratios"][ratio][f"{name}/{kind}"] = bench.decode_step(result, kind, batch, config.moe_groups)
     report["load_average_end"] = list(os.getloadavg())
     if args.json:
         write_json(args.json, report)

@@ -50,7 +50,8 @@ def test_quick_report_sections(quick_report):
             assert 0 < stats["min_ms"] <= stats["median_ms"] <= stats["max_ms"] and stats["runs"] == 2
     assert all(v > 0 for v in shape["saved_mib"].values())
     decode = shape["decode"]
-    cases = {f"{k}/b{b}" for k in ("dense", "router", "hd", "vd", "hd_dense_path", "vd_dense_path")
+    cases = {f"{k}/b{b}" for k in ("dense", "router", "hd", "vd", "hd_first", "vd_first", "hd_dense_path",
+                                   "vd_dense_path")
              for b in bench.DECODE_BATCHES}
     assert set(decode) == {"batches", "auto_path", "kept_halves_fraction", *cases}
     assert all(decode[case]["runs"] == 2 for case in cases)

@@ -36,14 +36,18 @@ def _halves_outside(layer, keep1: torch.Tensor, keep2: torch.Tensor) -> None:
             columns(layer.v21.weight, drop2), columns(layer.v22.weight, drop2)
 
 
+@pytest.mark.parametrize("tokens", ["one", "three", "repeated"])
 @pytest.mark.parametrize("edit", [False, True], ids=["plain", "edited"])
 @pytest.mark.parametrize("cls", LAYERS)
-def test_decode_reads_only_the_kept_halves(cls, edit):
+def test_decode_reads_only_the_kept_halves(cls, edit, tokens):
     """NaN in every weight of the halves no token kept: the decode path's output is still the dense value
-    (a path that read those weights would return NaN, as the dense path does)."""
+    (a path that read those weights would return NaN, as the dense path does); one token (every half of the
+    union is its own), several, and several that all keep every half of the union (bags without a gather)."""
     layer, router = _layer(cls, 12, 16, 4, 2, 2, seed=5)
     table = _edit_table(16, seed=6)[0] if edit else None
-    x = torch.randn(3, 1, 12, dtype=torch.float64)
+    x = torch.randn({"one": 1, "three": 3, "repeated": 1}[tokens], 1, 12, dtype=torch.float64)
+    if tokens == "repeated":
+        x = x.expand(3, 1, 12)
     with torch.no_grad():
         g1, g2 = router(x)
         want = _run(layer, "dense", x, g1, g2, table)
@@ -84,23 +88,27 @@ def _model(decompose, dtype):
     return model.eval()
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("edited", [False, True], ids=["plain", "edited"])
 @pytest.mark.parametrize("decompose", ["vertical", "horizontal"])
-def test_greedy_decoding_gives_the_dense_paths_tokens_and_logits(decompose, edited, dtype, monkeypatch):
+def test_greedy_decoding_gives_the_dense_paths_tokens_and_logits(decompose, edited, dtype, batch, monkeypatch):
     """`generate` on the auto rule (which decodes on KeptHalves) = on the dense path: same tokens, logits within
-    float rounding; with masks and steering too. The decode path must actually have run."""
+    float rounding; with masks and steering too; one sequence (one token per step) and two. The decode path
+    must actually have run, its plan built once per routing group and forward call."""
     model = _model(decompose, dtype)
     if edited:
         apply_edits(model, ExpertEdits().delete(0, [1, 40, 200, 333]).scale(1, 70, 2.5).scale_bottom(0, 3, 0.5))
     calls = []
     original = sparse.kept_halves
     monkeypatch.setattr(sparse, "kept_halves", lambda g1, g2: calls.append(1) or original(g1, g2))
-    ids = torch.randint(3, 256, (2, 6))
+    ids = torch.randint(3, 256, (batch, 6))
     options = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=True,
                    attention_mask=torch.ones_like(ids), output_logits=True, return_dict_in_generate=True)
     auto = model.generate(ids, **options)
-    assert calls, "the decode path did not run"
+    groups = model.config.num_hidden_layers // model.config.moe_groups
+    forwards = 8 if ids.numel() <= sparse.DECODE_MAX_TOKENS else 7     # the prompt too if it is short enough
+    assert len(calls) == forwards * groups, "the decode path did not run once per group and forward call"
     with sparse.expert_path("dense"):
         dense = model.generate(ids, **options)
     assert torch.equal(auto.sequences, dense.sequences)
@@ -125,3 +133,50 @@ def test_column_major_weights_keep_values_and_save_as_before(tmp_path):
         assert torch.equal(p, before[name]), name
     with torch.no_grad():      # float32 logits: a matmul over either layout sums in its own order
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_plan_is_built_once_per_group_and_follows_its_routing_and_edits():
+    """The decoder passes one plan per routing group: its layers reuse it (same restricted routing object when
+    nothing is differentiated), a routing that is not the group's gets a plan of its own, another edit table
+    gets its own edited pairs, and a tracked call gathers again (repeated forward+backward works)."""
+    layer, router = _layer(LAYERS[1], 12, 16, 4, 2, 2, seed=8)
+    tables = [_edit_table(16, seed=s)[0] for s in (9, 10)]
+    x = torch.randn(2, 1, 12, dtype=torch.float64)
+    with torch.no_grad():
+        g1, g2 = router(x)
+        group = RoutingGroup(g1, g2, tables[0])
+        outs = [_run(layer, "decode", x, g1, g2, group=group) for _ in range(2)]
+        plan = group.halves
+        assert group.kept_halves(g1, g2) is plan and plan.restrict(g1, g2, x.dtype, tables[0]) is \
+            plan.restrict(g1, g2, x.dtype, tables[0])
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+        torch.testing.assert_close(outs[0], _run(layer, "dense", x, g1, g2, tables[0]), rtol=1e-12, atol=1e-12)
+        other = torch.roll(g1, 1, dims=-1)                   # a hook replaced the routing: not the group's plan
+        assert group.kept_halves(other, g2) is not plan
+        torch.testing.assert_close(_run(layer, "decode", x, other, g2, group=group),
+                                   _run(layer, "dense", x, other, g2, tables[0]), rtol=1e-12, atol=1e-12)
+        for table in (tables[1], None, tables[0]):         # the same plan with other tables
+            got = sparse.vd_decode(layer, x, g1, g2, plan, table)
+            torch.testing.assert_close(got, _run(layer, "dense", x, g1, g2, table), rtol=1e-12, atol=1e-12)
+    g1, g2 = (g.detach().requires_grad_(True) for g in (g1, g2))
+    group = RoutingGroup(g1, g2, tables[0])
+    grads = []
+    for _ in range(2):
+        out = _run(layer, "decode", x, g1, g2, group=group)
+        grads.append(torch.autograd.grad(out.square().sum(), [g1, g2, *layer.parameters()]))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_router_without_autograd_gives_the_same_routing():
+    """The router's no-autograd shortcut (decoding, evaluation) computes KeptSoftmax's forward: same g, bit for bit."""
+    _, router = _layer(LAYERS[0], 12, 16, 4, 3, 2, seed=11)
+    x = torch.randn(4, 3, 12, dtype=torch.float64)
+    router(torch.randn(64, 12, dtype=torch.float64))            # running statistics from a batch
+    router.eval()
+    with torch.no_grad():
+        fast = router(x)
+    slow = router(x)
+    assert all(g.grad_fn is not None for g in slow)
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.equal(a, b.detach())

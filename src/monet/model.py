@@ -94,6 +94,7 @@ class MonetRouter(nn.Module):
         """Keeps the entries whose normalised logit (z - mean) / sqrt(var + eps) reaches min(the head's best,
         sigma). Normalising is monotone, so the test is done on the raw logits as
         z >= min(max z, mean + sigma * sqrt(var + eps)): one cut per head, no normalised copy."""
+        tracked = torch.is_grad_enabled()
         with torch.no_grad():   # the logits only choose entries here; their gradient flows in KeptSoftmax
             dtype = torch.promote_types(x.dtype, torch.float32)
             z = F.linear(x, keys.weight).view(*x.shape[:-1], self.heads, self.experts).to(dtype)
@@ -104,7 +105,10 @@ class MonetRouter(nn.Module):
             else:
                 mean, var = norm.running_mean.to(dtype), norm.running_var.to(dtype)
             cut = (mean + self.threshold * torch.sqrt(var + norm.eps))[:, None]   # [H, 1], -inf when k = E
-            keep = z >= torch.minimum(z.amax(dim=-1, keepdim=True), cut)
+            bar = torch.minimum(z.amax(dim=-1, keepdim=True), cut)
+            if not tracked:                    # decoding, evaluation: KeptSoftmax's forward, fewer ops
+                return torch.softmax(z.masked_fill_(z < bar, float("-inf")), dim=-1)
+            keep = z >= bar
         return ops.KeptSoftmax.apply(x, keys.weight, z, keep)
 
 
@@ -112,13 +116,14 @@ class MonetRouter(nn.Module):
 class RoutingGroup:
     """One routing group as the decoder passes it down its layers: the routing (g1, g2) of its first layer,
     the group's edit table (its router's `edit_weights`; None: unedited) and the sparse structure of the
-    routing (`monet.sparse.Routing`), built by the first layer that takes the sparse path and reused by the
-    group's other layers."""
+    routing (`monet.sparse.Routing`) or its kept halves (`monet.sparse.KeptHalves`, the decode path), built by
+    the first layer that takes that path and reused by the group's other layers."""
 
     g1: torch.Tensor
     g2: torch.Tensor
     edit_weights: torch.Tensor | None = None
     structures: dict[torch.dtype, sparse.Routing] = field(default_factory=dict, repr=False)
+    halves: sparse.KeptHalves | None = field(default=None, repr=False)
 
     def sparse_routing(self, g1: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype) -> sparse.Routing:
         """The sparse structure of (g1, g2) with values in dtype, gathered again on every call (each layer has
@@ -131,6 +136,16 @@ class RoutingGroup:
             self.structures[dtype] = sparse.sparse_routing(g1c, g2c, self.edit_weights)
             return self.structures[dtype]
         return self.structures[dtype].bind(g1c, g2c)
+
+    def kept_halves(self, g1: torch.Tensor, g2: torch.Tensor) -> sparse.KeptHalves:
+        """The kept halves of (g1, g2) for the decode path, built once for the group's own routing (the plan
+        keeps its index lists and, without autograd, its restricted routing for the group's other layers); a
+        routing that is not the group's gets a plan of its own."""
+        if g1 is not self.g1 or g2 is not self.g2:
+            return sparse.kept_halves(g1, g2)
+        if self.halves is None:
+            self.halves = sparse.kept_halves(g1, g2)
+        return self.halves
 
 
 def token_mean(g: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -213,23 +228,22 @@ class MonetHorizontalExperts(nn.Module):
     def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
                 group: RoutingGroup | None = None) -> torch.Tensor:
         group = RoutingGroup(g1, g2) if group is None else group
-        plan = sparse.choose(self, x, g1, g2, partial(group.sparse_routing, g1, g2, x.dtype))
+        plan = sparse.choose(self, x, g1, g2, partial(group.sparse_routing, g1, g2, x.dtype),
+                             partial(group.kept_halves, g1, g2))
         if isinstance(plan, sparse.Routing):         # only the active (token, half) pairs (monet.sparse), same value
             return sparse.hd_forward(self, x, plan)
-        u, v, b, table = self.u, self.v, self.b, group.edit_weights
+        table = group.edit_weights
         if plan is not None:                          # decoding: the same sum over the kept halves' weights only
-            g1, g2 = plan.routing(g1, g2)
-            u = partial(F.linear, weight=plan.rows(u.weight, 1), bias=plan.rows(u.bias, 1))
-            v, b, table = partial(plan.project, v.weight, side=2), plan.rows(b, 2), plan.table(table)
+            return sparse.hd_decode(self, x, g1, g2, plan, table)
         g1, g2 = g1.to(x.dtype), g2.to(x.dtype)
-        hidden = self.act(u(x)).unflatten(-1, (g1.shape[-1], self.expert_dim))   # sigma(U_i x + b1_i) [B, T, E, m]
+        hidden = self.act(self.u(x)).unflatten(-1, (g1.shape[-1], self.expert_dim))   # sigma(U_i x + b1_i) [B, T, E, m]
         top_input, bias_weight = ops.hd_mix(hidden, g1, g2)
         if table is not None:
             token, i, j, c = ops.edited_entries(g1, g2, table)
             # Remove c_ij (V_j sigma(U_i x + b1_i) + b2_j) for every edited active pair.
             top_input = ops.add_rows(top_input, token, j, -c.unsqueeze(-1) * ops.gather_rows(hidden, token, i))
             bias_weight = ops.add_rows(bias_weight, token, j, -c)
-        return v(top_input.flatten(-2)) + bias_weight @ b
+        return self.v(top_input.flatten(-2)) + bias_weight @ self.b
 
 
 class MonetVerticalExperts(nn.Module):
@@ -255,22 +269,16 @@ class MonetVerticalExperts(nn.Module):
     def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
                 group: RoutingGroup | None = None) -> torch.Tensor:
         group = RoutingGroup(g1, g2) if group is None else group
-        plan = sparse.choose(self, x, g1, g2, partial(group.sparse_routing, g1, g2, x.dtype))
+        plan = sparse.choose(self, x, g1, g2, partial(group.sparse_routing, g1, g2, x.dtype),
+                             partial(group.kept_halves, g1, g2))
         if isinstance(plan, sparse.Routing):         # only the active (token, half) pairs (monet.sparse), same value
             return sparse.vd_forward(self, x, plan)
-        u1, u2, v11, v12, v21, v22 = self.u1, self.u2, self.v11, self.v12, self.v21, self.v22
-        b1, b2, table = self.b1, self.b2, group.edit_weights
+        table = group.edit_weights
         if plan is not None:                          # decoding: the same sum over the kept halves' weights only
-            g1, g2 = plan.routing(g1, g2)
-            # Left halves and what is indexed by i (V11_i, V12_i, b12_i) from side 1, the rest from side 2.
-            u1, u2 = (partial(F.linear, weight=plan.rows(u.weight, s), bias=plan.rows(u.bias, s))
-                      for u, s in ((u1, 1), (u2, 2)))
-            v11, v12, v21, v22 = (partial(plan.project, v.weight, side=s)
-                                  for v, s in ((v11, 1), (v12, 1), (v21, 2), (v22, 2)))
-            b1, b2, table = plan.rows(b1, 1), plan.rows(b2, 2), plan.table(table)
+            return sparse.vd_decode(self, x, g1, g2, plan, table)
         g1, g2 = g1.to(x.dtype), g2.to(x.dtype)
-        h1 = self.act(u1(x)).unflatten(-1, (g1.shape[-1], self.half_dim))   # sigma(U1_i x + b11_i) [B, T, E, m/2]
-        h2 = self.act(u2(x)).unflatten(-1, (g2.shape[-1], self.half_dim))   # sigma(U2_j x + b21_j)
+        h1 = self.act(self.u1(x)).unflatten(-1, (g1.shape[-1], self.half_dim))   # sigma(U1_i x + b11_i) [B, T, E, m/2]
+        h2 = self.act(self.u2(x)).unflatten(-1, (g2.shape[-1], self.half_dim))   # sigma(U2_j x + b21_j)
         straight1, straight2, cross12, cross21, s1, s2 = ops.vd_mix(h1, h2, g1, g2)
         if table is not None:
             token, i, j, c = ops.edited_entries(g1, g2, table)
@@ -282,8 +290,8 @@ class MonetVerticalExperts(nn.Module):
             cross12 = ops.add_rows(cross12, token, i, -c.unsqueeze(-1) * ops.gather_rows(h2, token, j))
             cross21 = ops.add_rows(cross21, token, j, -c.unsqueeze(-1) * ops.gather_rows(h1, token, i))
             s1, s2 = s1 - rows, s2 - cols
-        top = v11(straight1.flatten(-2)) + v12(cross12.flatten(-2)) + s1 @ b1
-        bottom = v21(cross21.flatten(-2)) + v22(straight2.flatten(-2)) + s2 @ b2
+        top = self.v11(straight1.flatten(-2)) + self.v12(cross12.flatten(-2)) + s1 @ self.b1
+        bottom = self.v21(cross21.flatten(-2)) + self.v22(straight2.flatten(-2)) + s2 @ self.b2
         return torch.cat((top, bottom), dim=-1)
 
 

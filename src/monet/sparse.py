@@ -30,7 +30,8 @@ instead (`static_routing`: K slots per (token, head), no host sync; edits applie
 
 The structure of a group's routing (`Routing`, with the edited pairs of the group's edit table) is built
 once per routing group and forward call: the decoder passes it down the group's layers inside its
-`monet.model.RoutingGroup`.
+`monet.model.RoutingGroup`. So is the decode path's plan (`KeptHalves`: 1-8 tokens, the dense formula on
+the kept halves' weights only; `hd_decode`, `vd_decode`).
 """
 
 from __future__ import annotations
@@ -629,15 +630,37 @@ def vd_forward(layer, x: torch.Tensor, routing: Routing) -> torch.Tensor:
 
 
 @dataclass
+class KeptRouting:
+    """One call's routing values on the kept halves ([tokens, H, E1], [tokens, H, E2] in the layer's dtype),
+    with what every layer of the group reads from them: the bias weights s_s = sum_h g_s (edited: minus the
+    edited experts' coefficients, see `KeptHalves.restrict`) gathered for the bias bags, and the edited active
+    pairs (token, i, j, c) in kept-half indices (None: unedited)."""
+
+    g1: torch.Tensor
+    g2: torch.Tensor
+    s1: torch.Tensor                  # [tokens, E1]: weight of b12_i (VD) and of the straight flow s1 a1
+    s2: torch.Tensor                  # [tokens, E2]: weight of b2_j (HD) / b22_j (VD), straight flow s2 a2
+    bias1: torch.Tensor               # s1 at the (token, half) blocks of the bias bags of side 1
+    bias2: torch.Tensor
+    edit: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+    edit_weights: torch.Tensor | None
+
+
+@dataclass(eq=False)
 class KeptHalves:
     """The halves some token and head of the call kept, per side (sorted ids, [E1] and [E2] long).
 
     Decoding runs 1-8 tokens per call, so the union over tokens and heads stays a small share of E
     (61 of 512 at one token of the 1.4B model). The dense formula restricted to these halves is the
     same sum (every other half has g = 0 for every token: eq. 10 = eq. 8) and reads only their
-    weights: rows of U and b1 (`rows`, a copy), columns of V (`project`, an embedding bag), rows of b2,
+    weights: rows of U and b1 (a gather), columns of V and rows of b2 (embedding bags read in place),
     an [E1, E2] block of an edit table. Memory-bound decoding then reads about E1/E of the expert
-    weights. Host syncs: the union's size per side and the number of kept (token, half) blocks.
+    weights (`hd_decode`, `vd_decode`).
+
+    Built once per routing group (`monet.model.RoutingGroup.kept_halves`): the index lists of the
+    bags (`columns`, `bias_bag`) and, when autograd does not track the routing, its restricted values
+    and edited pairs (`restrict`) are kept here and reused by every layer of the group.
+    Host syncs: the union's size per side and the number of kept (token, half) blocks.
     Gradients: exact for x, every weight and g on its kept entries (off them: partial sums, unlike
     the dense path; the router's softmax backward never reads them).
     """
@@ -645,45 +668,85 @@ class KeptHalves:
     first: torch.Tensor
     second: torch.Tensor
     experts: int
-    kept: tuple[torch.Tensor, torch.Tensor] | None = None    # per side: [tokens, E_s] bool, set by `routing`
+    kept: tuple[torch.Tensor, torch.Tensor] | None = None    # per side: [tokens, E_s] bool (`restrict`, > 1 token)
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def active_fraction(self) -> float:
         return max(self.first.numel(), self.second.numel()) / max(1, self.experts)
 
-    def routing(self, g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """g1 [..., H, E1], g2 [..., H, E2]: the kept halves' columns (every other column is 0). Also notes
-        which (token, half) each token itself kept (any head), the blocks `project` reads."""
-        g1, g2 = g1.index_select(-1, self.first), g2.index_select(-1, self.second)
-        self.kept = tuple((g > 0).any(dim=-2).flatten(0, -2) for g in (g1, g2))
-        return g1, g2
+    def halves(self, side: int) -> torch.Tensor:
+        return self.first if side == 1 else self.second
 
-    def rows(self, weight: torch.Tensor, side: int) -> torch.Tensor:
-        """The side's row blocks of `weight` [E * w, ...] (w rows per half; w = 1 for [E, d]): [E_s * w, ...]."""
-        halves = self.first if side == 1 else self.second
-        return weight.unflatten(0, (self.experts, -1)).index_select(0, halves).flatten(0, 1)
+    def restrict(self, g1: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype,
+                 edit_weights: torch.Tensor | None = None) -> KeptRouting:
+        """g1, g2 [..., H, E] on the kept halves' columns (every other column is 0), in dtype, with the bias
+        weights and the edited active pairs of the [E * E] table `edit_weights` (ragged, `edited_entries`).
 
-    def project(self, weight: torch.Tensor, inputs: torch.Tensor, side: int) -> torch.Tensor:
-        """The output projection of the side's halves: inputs [..., E_s * w] -> [..., d_out], equal to
-        inputs @ (weight's column blocks of the halves)^T for weight [d_out, E * w].
-
-        Read as an embedding bag over the columns of weight, only for the (token, half) blocks the token
-        kept (`routing`): the inputs of the others are 0 by construction (g = 0 in every term), and their
-        gradient only reaches g off its kept entries, which the router never reads (as on the sparse path).
-        A column of a row-major [d_out, E * w] matrix is d_out scattered values, so the weight is stored
-        column-major first (`column_major`; same values and shape).
+        Edits (eq. 12 and A.1 with c E_ij(x) removed per edited active pair): the bias weights lose c at i
+        (VD b12_i) and j (b2_j / b22_j), and so do VD's straight flows s1 a1 and s2 a2, since
+        sum_(h,j edited) c a1_i is a1_i times the same sum; the layers remove the cross terms themselves.
+        Kept for the group's other layers when autograd does not track g1, g2 (decoding): a tracked call
+        gathers again, so no graph is shared between backward passes.
         """
-        halves = self.first if side == 1 else self.second
-        columns = column_major(weight)                                       # [E * w, d_out], rows contiguous
-        if halves.numel() == 0:                                              # no token at all
-            return inputs.new_zeros(*inputs.shape[:-1], columns.shape[1])
-        flat = inputs.reshape(-1, halves.numel(), inputs.shape[-1] // halves.numel())   # [N, E_s, w]
-        width = flat.shape[-1]
-        token, block = self.kept[side - 1].nonzero(as_tuple=True)            # token-major: bags in order
-        rows = (halves[block] * width).unsqueeze(1) + torch.arange(width, device=flat.device)
-        out = F.embedding_bag(rows.reshape(-1), columns, bag_offsets(token, flat.shape[0]) * width, mode="sum",
-                              per_sample_weights=flat[token, block].reshape(-1).to(columns.dtype))
-        return out.view(*inputs.shape[:-1], -1)
+        tracked = torch.is_grad_enabled() and (g1.requires_grad or g2.requires_grad)
+        cached = None if tracked else self._cache.get(dtype)
+        if cached is not None and cached.edit_weights is edit_weights:
+            return cached
+        g1, g2 = (g.reshape(-1, *g.shape[-2:]).index_select(-1, halves).to(dtype)
+                  for g, halves in ((g1, self.first), (g2, self.second)))
+        if self.kept is None and g1.shape[0] > 1:       # one token kept every half of the union
+            self.kept = ((g1 > 0).any(dim=1), (g2 > 0).any(dim=1))
+        s1, s2 = g1.sum(dim=1), g2.sum(dim=1)
+        edit = None
+        table = self.table(edit_weights)
+        if table is not None:
+            first, second = kept_entries(g1), kept_entries(g2)
+            edited = edited_entries(first, second, table, g2.shape[-1])      # row-major [E1, E2] block
+            token, i, j = first.token[edited.first], first.half[edited.first], second.half[edited.second]
+            c = edited.coefficient(first, second)
+            edit = (token, i, j, c)
+            s1 = s1.index_put((token, i), -c, accumulate=True)
+            s2 = s2.index_put((token, j), -c, accumulate=True)
+        (_, _, select1), (_, _, select2) = self.bias_bag(1), self.bias_bag(2)
+        bias1, bias2 = (s.reshape(-1) if select is None else s.reshape(-1).index_select(0, select)
+                        for s, select in ((s1, select1), (s2, select2)))
+        routing = KeptRouting(g1, g2, s1, s2, bias1, bias2, edit, edit_weights)
+        if not tracked:
+            self._cache[dtype] = routing
+        return routing
+
+    def bias_bag(self, side: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(ids, offsets, select) of an embedding bag over the rows of a side's [E, d_out] bias: per token,
+        the halves it kept (any head), and where their weights sit in a [tokens, E_s] tensor (None: all)."""
+        key = ("bias", side)
+        if key not in self._cache:
+            halves = self.halves(side)
+            if self.kept is None:       # one token (`restrict`): it kept every half of the union
+                self._cache[key] = halves, halves.new_zeros(1), None
+            else:
+                kept = self.kept[side - 1]
+                tokens, size = kept.shape
+                token, block = kept.nonzero(as_tuple=True)                   # token-major: bags in order
+                select = None if token.numel() == tokens * size else token * size + block
+                self._cache[key] = halves[block], bag_offsets(token, tokens), select
+        return self._cache[key]
+
+    def columns(self, side: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(ids, offsets, select) of an embedding bag over the columns of a side's output projection
+        [d_out, E * width]: per token, the `width` columns of each half it kept (the inputs of the others
+        are 0 by construction: g = 0 in every term), and where their inputs sit in a [tokens, E_s, width]
+        tensor (None: all of it, as at one token)."""
+        key = ("columns", side, width)
+        if key not in self._cache:
+            ids, offsets, select = self.bias_bag(side)
+            step = torch.arange(width, device=ids.device)
+            if select is not None:
+                select = ((select * width).unsqueeze(1) + step).view(-1)
+            if offsets.numel() > 1:                                        # one token: [0] as it is
+                offsets = offsets * width
+            self._cache[key] = ((ids * width).unsqueeze(1) + step).view(-1), offsets, select
+        return self._cache[key]
 
     def table(self, edit_weights: torch.Tensor | None) -> torch.Tensor | None:
         """The [E1 * E2] block of an [E * E] edit table (entry i*E2 + j: expert (first[i], second[j]))."""
@@ -701,7 +764,7 @@ def column_major(weight: torch.Tensor) -> torch.Tensor:
     weight^T), `save_pretrained` writes contiguous copies, and the sparse path's column blocks become
     contiguous too; only the decode path needs it.
     """
-    if not weight.t().is_contiguous():
+    if weight.stride() != (1, weight.shape[0]):            # read on every decode call: no tensor op
         weight.data = weight.data.t().contiguous().t()
     return weight.t()
 
@@ -711,6 +774,78 @@ def kept_halves(g1: torch.Tensor, g2: torch.Tensor) -> KeptHalves:
     experts = g1.shape[-1]
     first, second = ((g.reshape(-1, experts) > 0).any(dim=0).nonzero().squeeze(1) for g in (g1, g2))
     return KeptHalves(first, second, experts)
+
+
+def _kept_up(layer, linear, x2: torch.Tensor, halves: torch.Tensor) -> torch.Tensor:
+    """sigma(U_i x + b_i) for the kept halves i: [tokens, E_s, w]. The halves' rows of U (w * d contiguous
+    values each) are gathered into one matrix for one product: the copy costs a write and a second read
+    from the cache, yet beat one product per half read in place at one token of both released shapes
+    (the Python loop dispatches four ops per half; docs/performance.md, "Decode results")."""
+    weight = linear.weight.unflatten(0, (layer.experts, -1)).index_select(0, halves)     # [E_s, w, d]
+    bias = linear.bias.view(layer.experts, -1).index_select(0, halves)                    # [E_s, w]
+    return layer.act(F.linear(x2, weight.flatten(0, 1), bias.view(-1))).view(x2.shape[0], halves.numel(), -1)
+
+
+def _kept_project(plan: KeptHalves, weight: torch.Tensor, inputs: torch.Tensor, side: int) -> torch.Tensor:
+    """inputs [tokens, E_s, w] times the side's columns of weight [d_out, E * w] -> [tokens, d_out]: an
+    embedding bag over the columns the tokens kept (`KeptHalves.columns`), read in place from the
+    column-major weight (`column_major`: a column of a row-major matrix is d_out scattered values)."""
+    ids, offsets, select = plan.columns(side, inputs.shape[-1])
+    values = inputs.reshape(-1) if select is None else inputs.reshape(-1).index_select(0, select)
+    return F.embedding_bag(ids, column_major(weight), offsets, mode="sum", per_sample_weights=values)
+
+
+def _kept_bias(plan: KeptHalves, bias: torch.Tensor, weights: torch.Tensor, side: int) -> torch.Tensor:
+    """sum_j s_tj b_j over the halves each token kept, for a side's bias rows [E, d_out]: [tokens, d_out]."""
+    ids, offsets, _ = plan.bias_bag(side)
+    return F.embedding_bag(ids, bias, offsets, mode="sum", per_sample_weights=weights)
+
+
+def hd_decode(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, plan: KeptHalves,
+              edit_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """MonetHorizontalExperts on the kept halves' weights only (eq. 12 restricted to them); same value as
+    the dense layer, with the edits of `edit_weights` ([E * E]) applied."""
+    shape = x.shape
+    if plan.first.numel() == 0:                                     # no token at all
+        return x.new_zeros(shape)
+    x2 = x.reshape(-1, shape[-1])
+    routing = plan.restrict(g1, g2, x.dtype, edit_weights)
+    hidden = _kept_up(layer, layer.u, x2, plan.first)                              # [N, E1, m]
+    top_input = torch.bmm(routing.g2.transpose(1, 2), torch.bmm(routing.g1, hidden))   # [N, E2, m]
+    if routing.edit is not None:
+        token, i, j, c = routing.edit
+        # Remove c_ij V_j sigma(U_i x + b1_i) for every edited active pair (its c_ij b2_j left s2 already).
+        top_input = top_input.index_put((token, j), -c.unsqueeze(-1) * hidden[token, i], accumulate=True)
+    out = _kept_project(plan, layer.v.weight, top_input, 2) + _kept_bias(plan, layer.b, routing.bias2, 2)
+    return out.view(shape)
+
+
+def vd_decode(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, plan: KeptHalves,
+              edit_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """MonetVerticalExperts on the kept halves' weights only (appendix A.1, six terms, restricted to them);
+    same value as the dense layer, with the edits of `edit_weights` ([E * E]) applied."""
+    shape = x.shape
+    if plan.first.numel() == 0:
+        return x.new_zeros(shape)
+    x2 = x.reshape(-1, shape[-1])
+    routing = plan.restrict(g1, g2, x.dtype, edit_weights)
+    g1, g2 = routing.g1, routing.g2
+    h1 = _kept_up(layer, layer.u1, x2, plan.first)                  # a1 [N, E1, m/2]
+    h2 = _kept_up(layer, layer.u2, x2, plan.second)                 # a2 [N, E2, m/2]
+    cross12 = torch.bmm(g1.transpose(1, 2), torch.bmm(g2, h2))      # X12 (eq. 26) [N, E1, m/2]
+    cross21 = torch.bmm(g2.transpose(1, 2), torch.bmm(g1, h1))      # X21 (eq. 27) [N, E2, m/2]
+    if routing.edit is not None:
+        token, i, j, c = routing.edit
+        # Remove the cross terms of c_ij E_ij(x); its straight and bias terms left s1, s2 already.
+        c = c.unsqueeze(-1)
+        cross12 = cross12.index_put((token, i), -c * h2[token, j], accumulate=True)
+        cross21 = cross21.index_put((token, j), -c * h1[token, i], accumulate=True)
+    top = (_kept_project(plan, layer.v11.weight, routing.s1.unsqueeze(-1) * h1, 1)
+           + _kept_project(plan, layer.v12.weight, cross12, 1) + _kept_bias(plan, layer.b1, routing.bias1, 1))
+    bottom = (_kept_project(plan, layer.v21.weight, cross21, 2)
+              + _kept_project(plan, layer.v22.weight, routing.s2.unsqueeze(-1) * h2, 2)
+              + _kept_bias(plan, layer.b2, routing.bias2, 2))
+    return torch.cat((top, bottom), dim=-1).view(shape)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -746,11 +881,12 @@ def expert_path(path: str) -> Iterator[None]:
         _forced.pop()
 
 
-def choose(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
-           structure: Callable[[], Routing]) -> Routing | KeptHalves | None:
+def choose(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, structure: Callable[[], Routing],
+           halves: Callable[[], KeptHalves] | None = None) -> Routing | KeptHalves | None:
     """How this call computes the experts: the sparse routing (`Routing`: the active (token, half) pairs, from
     `structure`, which builds it once per routing group: `monet.model.RoutingGroup.sparse_routing`), the kept
-    halves (`KeptHalves`: the dense formula on their weights only) or None (the dense path).
+    halves (`KeptHalves`: the dense formula on their weights only; from `halves`, likewise once per group:
+    `RoutingGroup.kept_halves`; without it, built for this call) or None (the dense path).
 
     Auto, CPU only (see the module docstring for GPUs): at most DECODE_MAX_TOKENS tokens without autograd
     (generation, evaluation) -> the kept halves if they are at most DECODE_MAX_ACTIVE_FRACTION of E
@@ -760,14 +896,17 @@ def choose(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
     path = _forced[-1] if _forced else "auto"
     if path == "dense":
         return None
+    if halves is None:
+        def halves() -> KeptHalves:
+            return kept_halves(g1, g2)
     if path == "decode":
-        return kept_halves(g1, g2)
+        return halves()
     if path == "auto":
         if x.device.type != "cpu":
             return None
         if x.numel() <= DECODE_MAX_TOKENS * x.shape[-1] and not torch.is_grad_enabled():
-            halves = kept_halves(g1, g2)
-            return halves if halves.active_fraction <= DECODE_MAX_ACTIVE_FRACTION else None
+            plan = halves()
+            return plan if plan.active_fraction <= DECODE_MAX_ACTIVE_FRACTION else None
         width = getattr(layer, "expert_dim", None) or 2 * layer.half_dim
         if x.numel() * width < SPARSE_MIN_WORK_PER_HALF:      # tokens * d * m
             return None
@@ -779,7 +918,7 @@ def choose(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
 
 __all__ = [
     "ActivePairs", "EditedEntries", "GatherMatmul", "HalfLayout", "KeptEntries", "KeptHalves", "Routing",
-    "ScatterMatmul", "StaticRouting", "StaticSide", "active_pairs", "bag_offsets", "choose", "combinations",
-    "edited_entries", "expert_path", "hd_forward", "kept_entries", "kept_halves", "merged_experts", "side",
-    "sparse_routing", "static_routing", "static_side", "vd_forward"
+    "KeptRouting", "ScatterMatmul", "StaticRouting", "StaticSide", "active_pairs", "bag_offsets", "choose",
+    "combinations", "edited_entries", "expert_path", "hd_decode", "hd_forward", "kept_entries", "kept_halves",
+    "merged_experts", "side", "sparse_routing", "static_routing", "static_side", "vd_decode", "vd_forward"
 ]

@@ -262,10 +262,17 @@ def bench_masking(layers: dict[str, nn.Module], x: torch.Tensor, g1: torch.Tenso
     return {k: summarise(v) for k, v in times.items()}
 
 
+def _first_layer(layer: nn.Module, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+    """The layer as the first of a routing group: a new group, whose plans it builds."""
+    return layer(x, g1, g2, group=RoutingGroup(g1, g2))
+
+
 def bench_decode(layers: dict[str, nn.Module], mlp: nn.Module, router: MonetRouter, x: torch.Tensor,
                  args: BenchSettings, timer: Timer) -> dict:
     """One decoding step of 1 and 4 sequences (one new token each): the experts on the decode path
-    (`monet.sparse.KeptHalves`) and on the dense path, the eval router and the dense MLP on those tokens.
+    (`monet.sparse.KeptHalves`) as the first layer of a routing group (`{kind}_first`: builds the group's
+    plan) and as one of the others (`{kind}`: reuses it), on the dense path, the eval router and the dense
+    MLP on those tokens (`decode_step` combines them per layer).
 
     The router is an eval router whose running statistics are those of the section's batch, so each
     head keeps about k halves, as a trained model's does. `auto_path` records what the auto rule picks.
@@ -287,7 +294,10 @@ def bench_decode(layers: dict[str, nn.Module], mlp: nn.Module, router: MonetRout
         cases[f"dense/b{batch}"] = functools.partial(mlp, tokens)
         cases[f"router/b{batch}"] = functools.partial(router, tokens)
         for kind, layer in layers.items():
-            cases[f"{kind}/b{batch}"] = decode(functools.partial(layer, tokens, g1, g2))
+            # The group's first layer builds the decode plan (a fresh group each call); the others reuse it.
+            cases[f"{kind}_first/b{batch}"] = decode(functools.partial(_first_layer, layer, tokens, g1, g2))
+            group = RoutingGroup(g1, g2)
+            cases[f"{kind}/b{batch}"] = decode(functools.partial(layer, tokens, g1, g2, group=group))
             cases[f"{kind}_dense_path/b{batch}"] = dense_path(functools.partial(layer, tokens, g1, g2))
             with torch.no_grad():
                 plan = sparse.choose(layer, tokens, g1, g2, functools.partial(sparse.sparse_routing, g1, g2))
@@ -356,13 +366,21 @@ def ratios(report: dict, stat: str = "median_ms") -> dict:
             masked = {label: masking[f"{kind}/{label}"][stat] + router + per_group(masking, f"prep/{label}")
                       for label in labels}
             out["masked_vs_unmasked"][key] = max(v / masked["none"] for label, v in masked.items() if label != "none")
-            decode = result["decode"]
             for name, batch in (("decode_vs_dense", 1), ("decode_batch4_vs_dense", 4)):
-                step = decode[f"{kind}/b{batch}"][stat] + decode[f"router/b{batch}"][stat] / groups
-                out[name][key] = step / decode[f"dense/b{batch}"][stat]
+                out[name][key] = decode_step(result["decode"], kind, batch, groups, stat)
     capture = report["capture"]
     out["capture_vs_forward"] = capture["forward"][stat] / capture["capture"][stat]
     return out
+
+
+def decode_step(decode: dict, kind: str, batch: int, groups: int, stat: str = "median_ms") -> float:
+    """One layer's decoding step over the dense MLP's: a routing group's mean layer (the first builds the
+    plan, the other groups - 1 reuse it) plus the router's share, router / groups."""
+    def ms(case: str) -> float:
+        return decode[f"{case}/b{batch}"][stat]
+
+    layer = (ms(f"{kind}_first") + (groups - 1) * ms(kind)) / groups
+    return (layer + ms("router") / groups) / ms("dense")
 
 
 def _table(title: str, cases: dict) -> list[str]:
