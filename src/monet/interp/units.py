@@ -37,11 +37,13 @@ Lookup = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 class UnitBatch:
     """One batch of windows run through the model: the windows [B, 3] (doc, start, length), the real tokens'
     mask [B, T], and per group the active units on real tokens as flat arrays (b, t, unit id int64, score
-    float32), grouped by token in row-major order (in no order within a token)."""
+    float32), grouped by token in row-major order (in no order within a token). `kept`: what `Units.stored_lookup`
+    needs to answer score lookups on this batch without running the model again (`stream`'s `keep`), or None."""
 
     windows: np.ndarray
     valid: np.ndarray
     groups: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+    kept: Any = None
 
 
 class Units:
@@ -73,24 +75,41 @@ class Units:
         the order of the sum over heads."""
         raise NotImplementedError
 
+    def read(self, input_ids: torch.Tensor, keep: bool = False) -> tuple[list[tuple[torch.Tensor, ...]], Any]:
+        """`entries(input_ids)` and, with `keep`, a compact copy of what `lookup` reads from the same forward
+        pass (for `stored_lookup`); None where this kind has no compact form (then `lookup` reruns the model)."""
+        return self.entries(input_ids), None
+
+    def stored_lookup(self, kept: Any) -> list[Lookup]:
+        """`lookup` of the batch `kept` was read from, without a forward pass: the same numbers, bit for bit."""
+        raise NotImplementedError
+
     def masked(self, selection: Any) -> contextlib.AbstractContextManager:
         """A context in which the units of `selection` (a `criteria.Selection`: ids per group) are deleted."""
         raise NotImplementedError
 
     @torch.no_grad()
     def stream(self, dataset, windows: np.ndarray, batch_size: int, desc: str = "units",
-               progress: bool = False) -> Iterator[UnitBatch]:
-        """Run `windows` in batches of `batch_size` (in order) and yield each batch's active units."""
+               progress: bool = False, keep: int = 0) -> Iterator[UnitBatch]:
+        """Run `windows` in batches of `batch_size` (in order) and yield each batch's active units; with `keep`
+        (bytes), each batch's `kept` lookup state (`read`) as long as their total stays within `keep` bytes
+        (None for the later batches: the atlas's second pass reruns only those)."""
+        kept_bytes = 0
         for batch, input_ids, valid in run_windows(self.model, dataset, list(batches_of(windows, batch_size)),
                                                    desc, progress):
             width = valid.shape[1]
             groups = []
-            for token, ids, scores in self.entries(input_ids):
+            entries, kept = self.read(input_ids, keep=kept_bytes < keep)
+            if kept is not None:
+                kept_bytes += kept.nbytes
+                if kept_bytes > keep:
+                    kept = None
+            for token, ids, scores in entries:
                 b, t = np.divmod(token.cpu().numpy(), width)
-                keep = valid[b, t]   # right padding is not part of the corpus
-                groups.append((b[keep], t[keep], ids.cpu().numpy()[keep].astype(np.int64),
-                               scores.float().cpu().numpy()[keep]))
-            yield UnitBatch(batch, valid, groups)
+                real = valid[b, t]   # right padding is not part of the corpus
+                groups.append((b[real], t[real], ids.cpu().numpy()[real].astype(np.int64),
+                               scores.float().cpu().numpy()[real]))
+            yield UnitBatch(batch, valid, groups, kept)
 
 
 class MonetExperts(Units):
@@ -120,6 +139,15 @@ class MonetExperts(Units):
         # sum_h g1_hi g2_hj read from the captured routing for just the asked (i, j) (no active-pair lists)
         routing = _routing(self.model, input_ids).groups
         return [_MonetLookup(g1.float().numpy(), g2.float().numpy()) for g1, g2 in routing]
+
+    @torch.no_grad()
+    def read(self, input_ids: torch.Tensor, keep: bool = False) -> tuple[list[tuple[torch.Tensor, ...]], Any]:
+        capture = _routing(self.model, input_ids)
+        entries = [capture.experts(g).entries() for g in range(len(capture.groups))]
+        return entries, (KeptRouting.of(capture.groups) if keep else None)
+
+    def stored_lookup(self, kept: KeptRouting) -> list[Lookup]:
+        return kept.lookups()
 
     def masked(self, selection: Any) -> contextlib.AbstractContextManager:
         return edited(self.model, selection.to_edits(int(self.config.moe_experts)))
@@ -211,6 +239,38 @@ class _MonetLookup:
 
 
 @dataclass
+class KeptRouting:
+    """The routing of one batch, compact: per group and side, the flat positions and values of the nonzero
+    entries of g ([B, T, H, E], float32; about k of E per head, so ~2 k / E of the dense size). Rebuilding g
+    from them gives the captured tensors exactly (every other entry is +0.0; an entry stored as -0.0 is kept
+    as such, since only all-zero bit patterns are left out), so lookups from it equal `lookup`'s bit for bit."""
+
+    shape: tuple[int, ...]
+    sides: list[tuple[np.ndarray, np.ndarray]]     # (positions int64, values float32), g1 and g2 of each group
+
+    @classmethod
+    def of(cls, groups: list[tuple[torch.Tensor, torch.Tensor]]) -> KeptRouting:
+        sides = []
+        for g in (side for pair in groups for side in pair):
+            flat = g.float().reshape(-1)
+            where = torch.nonzero(flat.view(torch.int32) != 0).squeeze(1)   # nonzero bit patterns (-0.0 kept)
+            sides.append((where.numpy(), flat[where].numpy()))
+        return cls(tuple(groups[0][0].shape) if groups else (), sides)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(where.nbytes + values.nbytes for where, values in self.sides)
+
+    def lookups(self) -> list[Lookup]:
+        dense = []
+        for where, values in self.sides:
+            g = np.zeros(int(np.prod(self.shape)), np.float32)
+            g[where] = values
+            dense.append(g.reshape(self.shape))
+        return [_MonetLookup(g1, g2) for g1, g2 in zip(dense[::2], dense[1::2], strict=True)]
+
+
+@dataclass
 class _DenseLookup:
     scores: np.ndarray
 
@@ -253,5 +313,5 @@ def batch_inputs(dataset, batch: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
     return torch.from_numpy(ids), np.arange(width) < batch[:, 2, None]
 
 
-__all__ = ["DenseNeurons", "MonetExperts", "UnitBatch", "Units", "batch_inputs", "batches_of", "cut_document",
-           "run_windows", "units_of"]
+__all__ = ["DenseNeurons", "KeptRouting", "MonetExperts", "UnitBatch", "Units", "batch_inputs", "batches_of",
+           "cut_document", "run_windows", "units_of"]
