@@ -218,6 +218,12 @@ def test_kept_routing_rebuilds_the_captured_routing_exactly():
     np.testing.assert_array_equal(lookup.g1.view(np.int32), g1.numpy().view(np.int32))   # -0.0 stays -0.0
     np.testing.assert_array_equal(lookup.g2, g2.numpy())
     assert kept.nbytes == sum(w.nbytes + v.nbytes for w, v in kept.sides) and len(kept.sides[0][0]) == 3
+    # the flat-index gather is the fancy index g1[b, t, :, i] * g2[b, t, :, j] summed over heads, bit for bit
+    rng = np.random.default_rng(0)
+    b, t, unit = rng.integers(0, 2, 200), rng.integers(0, 3, 200), rng.integers(0, 25, 200)
+    g1, g2 = (torch.rand(2, 3, 2, 5) * (torch.rand(2, 3, 2, 5) > 0.3)).numpy(), torch.rand(2, 3, 2, 5).numpy()
+    i, j = np.divmod(unit, 5)
+    np.testing.assert_array_equal(type(lookup)(g1, g2)(b, t, unit), (g1[b, t, :, i] * g2[b, t, :, j]).sum(-1))
 
 
 def test_topk_prunes_to_k_with_deterministic_ties(monkeypatch):

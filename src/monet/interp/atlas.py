@@ -339,11 +339,13 @@ def fill_values(model: torch.nn.Module, dataset, options: AtlasOptions, windows:
     for batch, found in lookups():   # each position lies in one window: the order of the batches is free
         for g, lookup in enumerate(found):
             unit, _, pos = requests[g]
-            for b, (first, last) in enumerate(zip(*rows_meeting(batch, keys[g]), strict=True)):
-                rows = orders[g][first:last]                           # the requests meeting window b
-                t = pos[rows, None] + offsets - batch[b, 1]            # their positions in the window
-                r_i, o_i = np.nonzero((t >= 0) & (t < batch[b, 2]))
-                values[g][rows[r_i], o_i] = lookup(np.full(len(r_i), b), t[r_i, o_i], unit[rows[r_i]])
+            first, last = rows_meeting(batch, keys[g])
+            counts = last - first
+            b = np.repeat(np.arange(len(batch)), counts)                 # the window of each meeting
+            rows = orders[g][np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())]
+            t = pos[rows, None] + offsets - batch[b, 1, None]            # the requests' positions in the window
+            r_i, o_i = np.nonzero((t >= 0) & (t < batch[b, 2, None]))
+            values[g][rows[r_i], o_i] = lookup(b[r_i], t[r_i, o_i], unit[rows[r_i]])
 
 
 def label_tokens(dataset, windows: np.ndarray) -> np.ndarray:
