@@ -19,8 +19,10 @@ from monet.interp.atlas import (
     BUFFER_ROWS,
     CONTEXT_AFTER,
     CONTEXT_BEFORE,
+    TABLES,
     GroupStats,
     TopK,
+    build_atlas,
     collect,
     merge,
     plan_windows,
@@ -29,7 +31,7 @@ from monet.interp.atlas import (
 from monet.interp.criteria import skewness
 from monet.interp.monosemanticity import measure, summarize_atlas
 from monet.interp.query import Atlas, parse_expert
-from monet.interp.units import batch_inputs, batches_of
+from monet.interp.units import KeptRouting, batch_inputs, batches_of
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +172,58 @@ def test_merge_of_two_shards_equals_one_pass(setup):
         for got, want in zip(merged.sample.rows(), one.sample.rows(), strict=True):
             np.testing.assert_array_equal(got, want)
         assert len(one.sample.rows()[0]) > 0
+
+
+def test_one_pass_values_equal_a_second_pass_bitwise(setup, tmp_path, monkeypatch):
+    """The values read from the routing the first pass kept (`KeptRouting`) give the same files, byte for byte,
+    as running the batches again (KEEP_BYTES = 0, the two-pass build), also when only some batches fit the
+    budget; the kept batches are not run again."""
+    import monet.interp.atlas as atlas_module
+
+    model, tokenizer = load(setup["run"])
+    reruns: list[int] = []
+    original = atlas_module.run_windows
+
+    def counting(model, dataset, batches, desc, progress):
+        reruns.append(len(batches))
+        return original(model, dataset, batches, desc, progress)
+
+    monkeypatch.setattr(atlas_module, "run_windows", counting)
+    built = {}
+    for name, budget in (("two-pass", 0), ("one-pass", 1 << 40), ("mixed", None)):
+        if budget is None:   # room for about half of the batches
+            kept: list = []
+            collect(model, TokenDataset(setup["data"], "validation"), OPTIONS, progress=False, kept=kept)
+            budget = sum(k.nbytes for k in kept[: len(kept) // 2])
+        monkeypatch.setattr(atlas_module, "KEEP_BYTES", budget)
+        reruns.clear()
+        out = tmp_path / name
+        build_atlas(model, tokenizer, build_settings(setup["run"], setup["data"], out, force=True))
+        built[name] = (out, list(reruns))
+    batches = -(-len(plan_windows(TokenDataset(setup["data"], "validation").docs, OPTIONS.seq_len,
+                                  OPTIONS.max_tokens)) // OPTIONS.batch_size)
+    assert built["two-pass"][1][0] > 0 and built["one-pass"][1] == [0]
+    assert 0 < built["mixed"][1][0] < built["two-pass"][1][0] <= batches
+    for name in ("one-pass", "mixed"):
+        for table in TABLES:
+            assert (built[name][0] / table).read_bytes() == (built["two-pass"][0] / table).read_bytes(), (name, table)
+
+
+def test_kept_routing_rebuilds_the_captured_routing_exactly():
+    g1 = torch.zeros(2, 3, 2, 5)
+    g1[0, 1, 0, 2], g1[1, 2, 1, 4], g1[0, 0, 1, 1] = 0.25, 1.0, -0.0
+    g2 = torch.rand(2, 3, 2, 5) * (torch.rand(2, 3, 2, 5) > 0.5)
+    kept = KeptRouting.of([(g1, g2)])
+    (lookup,) = kept.lookups()
+    np.testing.assert_array_equal(lookup.g1.view(np.int32), g1.numpy().view(np.int32))   # -0.0 stays -0.0
+    np.testing.assert_array_equal(lookup.g2, g2.numpy())
+    assert kept.nbytes == sum(w.nbytes + v.nbytes for w, v in kept.sides) and len(kept.sides[0][0]) == 3
+    # the flat-index gather is the fancy index g1[b, t, :, i] * g2[b, t, :, j] summed over heads, bit for bit
+    rng = np.random.default_rng(0)
+    b, t, unit = rng.integers(0, 2, 200), rng.integers(0, 3, 200), rng.integers(0, 25, 200)
+    g1, g2 = (torch.rand(2, 3, 2, 5) * (torch.rand(2, 3, 2, 5) > 0.3)).numpy(), torch.rand(2, 3, 2, 5).numpy()
+    i, j = np.divmod(unit, 5)
+    np.testing.assert_array_equal(type(lookup)(g1, g2)(b, t, unit), (g1[b, t, :, i] * g2[b, t, :, j]).sum(-1))
 
 
 def test_topk_prunes_to_k_with_deterministic_ties(monkeypatch):

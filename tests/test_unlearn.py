@@ -199,6 +199,25 @@ def test_masked_evaluation_reproduces_report(demo: Path) -> None:
     assert float((after - before).mean()) == pytest.approx(entry["delta_target"], abs=1e-5)
 
 
+def test_mask_edits_equal_the_selections_own_edits() -> None:
+    """`units.deletions` (how `MonetExperts.masked` builds a mask, at once) gives the edits and removal tables of
+    `Selection.to_edits` (one validated call per expert), bit for bit; a selection of another size is refused alike."""
+    from monet.interp.criteria import Selection
+    from monet.interp.units import deletions
+
+    rng = np.random.default_rng(0)
+    ids = {0: rng.choice(64, 20, replace=False), 1: np.zeros(0, np.int64), 2: np.array([63, 0, 5])}
+    selection = Selection(64, 3, ids, criterion="test")
+    fast, slow = deletions(selection, 8), selection.to_edits(8)
+    assert fast.experts == slow.experts and (fast.num_experts, fast.num_groups) == (slow.num_experts, slow.num_groups)
+    assert fast.groups == slow.groups == [0, 2]
+    for group in range(3):
+        want, got = slow.table(group, 8), fast.table(group, 8)
+        assert (got is None and want is None) or got.numpy().tobytes() == want.numpy().tobytes()
+    with pytest.raises(MonetError, match="not E\\^2"):
+        deletions(selection, 4)
+
+
 @pytest.mark.parametrize("kind", ["monet", "dense"])
 def test_packed_measurement_equals_one_pass_per_label(demo: Path, kind: str) -> None:
     """`EvalPlan.measure` runs the windows of every label in shared forward passes; each window's loss must be

@@ -45,6 +45,10 @@ BINS_PER_BAND = 4
 BAND_EDGES = HIST_EDGES[::BINS_PER_BAND]   # 10 activation bands of 0.6 decade, for the samples
 BANDS = len(BAND_EDGES) - 1
 BUFFER_ROWS = 4_000_000                    # candidate rows kept before a prune, per group
+# The second pass reads the per-token scores of the stored contexts from each batch's routing kept by the first
+# (`units.KeptRouting`, ~12 bytes per kept (token, head, half): the demo's 160k tokens take ~0.2 GB) up to this
+# many bytes; only the batches beyond it are run through the model again.
+KEEP_BYTES = 512 << 20
 TABLES = ("experts.parquet", "contexts.parquet", "samples.parquet", "token_index.parquet", "vocab.parquet")
 TABLES_V1 = ("experts.parquet", "contexts.parquet", "token_index.parquet", "vocab.parquet")
 IMAGE_TABLES = ("image_contexts.parquet", "images.parquet")   # format 3 (monet.interp.image_examples)
@@ -277,15 +281,20 @@ def model_identity(model: torch.nn.Module) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------- build
 
 def collect(model: torch.nn.Module, dataset, options: AtlasOptions, windows: np.ndarray | None = None,
-            progress: bool = True) -> tuple[list[GroupStats], int]:
-    """Run the model over the planned windows (or the given ones); returns per-group stats and tokens."""
+            progress: bool = True, kept: list[Any] | None = None) -> tuple[list[GroupStats], int]:
+    """Run the model over the planned windows (or the given ones); returns per-group stats and tokens. With a
+    `kept` list, each batch's lookup state (`Units.stream`'s `kept`, within KEEP_BYTES; else None) is appended
+    to it, for `fill_values`."""
     units = units_of(model)
     stats = [GroupStats(units.per_group, len(dataset.labels), options.top_k, units.scale, options.samples)
              for _ in range(units.groups)]
     if windows is None:
         windows = plan_windows(dataset.docs, options.seq_len, options.max_tokens)
     label_of_doc = dataset.docs[:, 2].astype(np.int64)
-    for batch in units.stream(dataset, windows, options.batch_size, "atlas", progress):
+    for batch in units.stream(dataset, windows, options.batch_size, "atlas", progress,
+                              keep=KEEP_BYTES if kept is not None else 0):
+        if kept is not None:
+            kept.append(batch.kept)
         for group, (b, t, unit, score) in zip(stats, batch.groups, strict=True):
             doc = batch.windows[b, 0]
             group.add(unit, score.astype(np.float64), label_of_doc[doc], doc, batch.windows[b, 1] + t)
@@ -294,11 +303,13 @@ def collect(model: torch.nn.Module, dataset, options: AtlasOptions, windows: np.
 
 def fill_values(model: torch.nn.Module, dataset, options: AtlasOptions, windows: np.ndarray,
                 requests: list[tuple[np.ndarray, np.ndarray, np.ndarray]], values: list[np.ndarray],
-                progress: bool = True) -> None:
+                progress: bool = True, kept: list[Any] | None = None) -> None:
     """The second pass: per group, write into `values[g]` ([R, CONTEXT_WIDTH], NaN-filled by the caller)
     the score of unit `requests[g][0][r]` at each token around (doc, pos) = requests[g][1:][r] (0 where the
-    unit is inactive). Only the batches of `collect` holding a requested position are run, so every value is
-    the one the first pass saw, up to the order of the sum over heads; positions outside `windows` stay NaN."""
+    unit is inactive). Only the batches of `collect` holding a requested position are read, so every value is
+    the one the first pass saw, up to the order of the sum over heads; positions outside `windows` stay NaN.
+    A batch whose lookup state `collect` kept (`kept[i]` not None) is read from it, with the very numbers a
+    rerun gives (no forward pass); the others are run through the model again."""
     offsets = np.arange(-CONTEXT_BEFORE, CONTEXT_AFTER + 1)
     keys = [(doc.astype(np.int64) << 32) | pos.astype(np.int64) for _, doc, pos in requests]
     orders = [np.argsort(key, kind="stable") for key in keys]
@@ -312,16 +323,29 @@ def fill_values(model: torch.nn.Module, dataset, options: AtlasOptions, windows:
         return np.searchsorted(key, low), np.searchsorted(key, high)
 
     units = units_of(model)
-    batches = [batch for batch in batches_of(windows, options.batch_size)
-               if any((last > first).any() for first, last in (rows_meeting(batch, key) for key in keys))]
-    for batch, input_ids, _ in run_windows(model, dataset, batches, "atlas values", progress):
-        for g, lookup in enumerate(units.lookup(input_ids)):
+    batches = list(batches_of(windows, options.batch_size))
+    needed = [i for i, batch in enumerate(batches)
+              if any((last > first).any() for first, last in (rows_meeting(batch, key) for key in keys))]
+    kept = kept or []
+    stored = [i for i in needed if i < len(kept) and kept[i] is not None]
+    rerun = [batches[i] for i in needed if i >= len(kept) or kept[i] is None]
+
+    def lookups() -> Iterator[tuple[np.ndarray, list]]:
+        for i in stored:
+            yield batches[i], units.stored_lookup(kept[i])
+        for batch, input_ids, _ in run_windows(model, dataset, rerun, "atlas values", progress):
+            yield batch, units.lookup(input_ids)
+
+    for batch, found in lookups():   # each position lies in one window: the order of the batches is free
+        for g, lookup in enumerate(found):
             unit, _, pos = requests[g]
-            for b, (first, last) in enumerate(zip(*rows_meeting(batch, keys[g]), strict=True)):
-                rows = orders[g][first:last]                           # the requests meeting window b
-                t = pos[rows, None] + offsets - batch[b, 1]            # their positions in the window
-                r_i, o_i = np.nonzero((t >= 0) & (t < batch[b, 2]))
-                values[g][rows[r_i], o_i] = lookup(np.full(len(r_i), b), t[r_i, o_i], unit[rows[r_i]])
+            first, last = rows_meeting(batch, keys[g])
+            counts = last - first
+            b = np.repeat(np.arange(len(batch)), counts)                 # the window of each meeting
+            rows = orders[g][np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())]
+            t = pos[rows, None] + offsets - batch[b, 1, None]            # the requests' positions in the window
+            r_i, o_i = np.nonzero((t >= 0) & (t < batch[b, 2, None]))
+            values[g][rows[r_i], o_i] = lookup(b[r_i], t[r_i, o_i], unit[rows[r_i]])
 
 
 def label_tokens(dataset, windows: np.ndarray) -> np.ndarray:
@@ -364,7 +388,8 @@ def build_atlas(model: torch.nn.Module, tokenizer: Any, settings: AtlasBuild,
         if world > 1:
             dist.broadcast_object_list(box, src=0)
         shards = Path(box[0]) / "shards"
-        stats, _ = collect(model, dataset, options, mine, progress=show)
+        kept: list[Any] = []
+        stats, _ = collect(model, dataset, options, mine, progress=show, kept=kept)
         if world > 1:   # rank 0 merges the shards; every rank then reads the merged stored contexts
             save_shard(shards / f"rank-{rank:05d}.npz", stats)
             dist.barrier()
@@ -381,7 +406,8 @@ def build_atlas(model: torch.nn.Module, tokenizer: Any, settings: AtlasBuild,
             requests = [s.requests() for s in stats]
         seconds["statistics"] = time.time() - started
         values = [_values_array(shards / f"values-{rank:05d}-{g}.npy", len(r[0])) for g, r in enumerate(requests)]
-        fill_values(model, dataset, options, mine, requests, values, progress=show)
+        fill_values(model, dataset, options, mine, requests, values, progress=show, kept=kept)
+        del kept
         if world > 1:
             for array in values:
                 array.flush()
