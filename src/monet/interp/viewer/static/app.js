@@ -303,6 +303,7 @@ function modelSections(group, expert, max, contexts) {
   });
   if (!contexts.length) useContext.disabled = true;
   find.addEventListener("click", findAlpha);
+  prompt.addEventListener("input", () => suggestion.replaceChildren());   // a found α holds for its prompt only
   steerRun.addEventListener("click", async () => {
     steerOut.replaceChildren(el("p", { cls: "hint loading", text: "starting…" }));
     try {
@@ -385,8 +386,8 @@ function ladderNote(job, rerun) {
   const last = ladder.alphas[ladder.alphas.length - 1];
   const why = job.active_tokens ? `the expert is active on ${job.active_tokens} of the ${job.prompt_tokens} prompt ` +
     `tokens (at most ${pct(job.active_max_percent)} of a token's routing), and scaling its term up to ${last}× ` +
-    "never moves the greedy choice" : "the expert is not active on any prompt token, and the unsteered text never " +
-    "reaches one where it is, so scaling it cannot act";
+    "never moves the greedy choice" : "the expert is not active on any prompt token, so its term can act only on " +
+    `new tokens where it fires, and scaled up to ${last}× it never moves the greedy choice there`;
   return el("p", { id: "steer-ladder", cls: "warning", text: `No α up to ${last} changes the first ` +
     `${job.max_new_tokens} new tokens on this prompt: ${why}. Try “use a top context as the prompt”, another ` +
     "prompt or more new tokens." });
