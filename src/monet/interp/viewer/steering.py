@@ -103,7 +103,7 @@ class SteerJobs:
 
     def start(self, kind: str, group: int, expert: int, prompt: str, tokens: int, alpha: float | None) -> dict:
         """A new job (kind "steer": unsteered and steered text, and the ladder when α changes nothing; "alpha":
-        the ladder only); answers once it is done or after `STEER_WAIT` s, whichever comes first."""
+        the ladder only); answers once it is done or has its first new token, or after `STEER_WAIT` s."""
         with self.changed:
             if len(self.pending) >= STEER_PENDING:
                 raise MonetError(f"{len(self.pending)} steering requests are already waiting; try again when "
@@ -124,19 +124,19 @@ class SteerJobs:
             if self.worker is None or not self.worker.is_alive():
                 self.worker = threading.Thread(target=self._work, name="monet-view-steer", daemon=True)
                 self.worker.start()
-        return self.read(job_id, until_done=True)
+        return self.read(job_id, first_token=True)
 
     def read(self, job_id: int, seen: int | None = None, wait: float = STEER_WAIT,
-             until_done: bool = False) -> dict[str, Any]:
+             first_token: bool = False) -> dict[str, Any]:
         """The job as it stands: at once when it is finished, else once its version exceeds `seen` (default: the
-        version now; with `until_done`, once it is finished) or after `wait` s, whichever comes first."""
+        version now; with `first_token`, once it has a new token to show) or after `wait` s, whichever is first."""
         with self.changed:
             job = self.jobs.get(job_id)
             if job is None:
                 raise MonetError(f"no steering job {job_id} (finished jobs are kept for the last {STEER_JOBS})")
             seen = job["version"] if seen is None else seen
-            self.changed.wait_for(lambda: job["status"] != "running" or (not until_done and job["version"] > seen),
-                                  timeout=wait)
+            news = (lambda: job["unsteered_tokens"] > 0) if first_token else (lambda: job["version"] > seen)
+            self.changed.wait_for(lambda: job["status"] != "running" or news(), timeout=wait)
             return {key: value for key, value in job.items()} | {"ladder": _copy(job["ladder"])}
 
     def _update(self, job: dict[str, Any], **values: Any) -> None:
@@ -168,24 +168,24 @@ class SteerJobs:
             return tokenizer.decode(prompt_ids + ids, skip_special_tokens=True)
 
         self._update(job, stage="unsteered", unsteered=text([]))
+        key = (job["prompt"], job["max_new_tokens"])
+        plain = self._plain.get(key)
+        if plain is not None:   # shown at once
+            self._update(job, unsteered=text(plain), unsteered_tokens=len(plain))
         with state.lock:
-            # Steering scales the expert's term where it is routed: on a prompt where it never fires, the
-            # first new tokens cannot change, so the page says how active it was.
-            activity = activation_on_text(model, tokenizer, job["prompt"], group, expert, 10**6)
-            values = activity["values"]
-            active = [value for value in values if value > 0]
-            self._update(job, prompt_tokens=len(values), active_tokens=len(active),
-                         active_max_percent=max(active, default=0.0),
-                         last_token_active=bool(values) and values[-1] > 0)
-            key = (job["prompt"], job["max_new_tokens"])
-            plain = self._plain.get(key)
             if plain is None:   # greedy and unedited: the same for every α and expert, so computed once
                 plain = greedy_ids(model, tokenizer, prompt_ids, job["max_new_tokens"],
                                    report=lambda ids: self._update(job, unsteered=text(ids), unsteered_tokens=len(ids)))
                 self._plain[key] = plain
                 while len(self._plain) > 64:
                     self._plain.popitem(last=False)
-        self._update(job, unsteered=text(plain), unsteered_tokens=len(plain))
+            # Steering scales the expert's term where it is routed: on a prompt where it never fires, the
+            # first new tokens cannot change, so the page says how active it was.
+            values = activation_on_text(model, tokenizer, job["prompt"], group, expert, 10**6)["values"]
+        active = [value for value in values if value > 0]
+        self._update(job, unsteered=text(plain), unsteered_tokens=len(plain), prompt_tokens=len(values),
+                     active_tokens=len(active), active_max_percent=max(active, default=0.0),
+                     last_token_active=bool(values) and values[-1] > 0)
         if job["kind"] == "steer":
             self._update(job, stage="steered", steered=text([]))
             with state.lock, edited(model, ExpertEdits().scale(group, expert, float(job["alpha"]))):
