@@ -1,18 +1,19 @@
 """The viewer's steering: greedy continuations with an expert's term scaled by α, streamed, and the smallest α
 of a short ladder that is verified to change the text on the user's prompt (see docs/atlas.md, "Viewer").
 
-A steering request becomes a job run by one worker thread, in short steps under the model's lock (the prompt's
-activity and the unsteered continuation; the steered continuation; one ladder rung), so a page's model request
+A steering request becomes a job run by one worker thread, in short steps under the model's lock (the unsteered
+continuation and the prompt's activity; the steered continuation; one ladder rung), so a page's model request
 waits for one step at most. The job's text grows token by token and the page asks for it until it is done
 (`/api/steer/JOB`): the first words show within a fraction of a second, never a silent wait.
 
-Why a ladder is needed: steering scales the expert's term where the router picks it (paper Eq. 2-3), so
-whether a given α changes the greedy text depends on the prompt (issue 29: the suggestion from the expert's
-median share left expert 0:12487's text unchanged). A rung is checked with one teacher-forced forward pass of
-prompt + unsteered continuation under the edit: greedy decoding keeps the unsteered text exactly as long as the
-edited model's argmax agrees with it, so the first disagreement is where the steered text starts to differ. The
-rung found is then confirmed by a real steered generation (the page shows that text), since a cached decoding
-step and a full forward pass may round differently on a near tie.
+Why a ladder is needed: steering scales the expert's term, whose weight is its routing g¹_hi g²_hj (paper
+Eq. 8), so it acts only where the router picks the expert, and whether a given α changes the greedy text depends
+on the prompt (issue 29: the suggestion from the expert's median share left expert 0:12487's text unchanged).
+A rung is checked with one teacher-forced forward pass of prompt + unsteered continuation under the edit: greedy
+decoding keeps the unsteered text exactly as long as the edited model's argmax agrees with it, so the first
+disagreement is where the steered text starts to differ. The rung found is then confirmed by a real steered
+generation (the page shows that text), since a cached decoding step and a full forward pass may round
+differently on a near tie.
 """
 
 from __future__ import annotations
