@@ -932,9 +932,9 @@ def test_suggested_alpha_is_verified_to_steer(viewer):
     every = sorted(((g, e) for g in atlas.groups for e in range(atlas.num_experts) if atlas.expert(g, e)["count"]),
                    key=lambda ge: -atlas.expert(*ge)["count"])
     found = missed = 0
-    for group, expert in every[:2] + every[-2:]:
+    for n, (group, expert) in enumerate(every[:2] + every[-1:]):
         ctx = atlas.top_contexts(group, expert, 1)[0]
-        for prompt in (tokenizer.decode(ctx["tokens"][:ctx["target"] + 1]), "zz zz"):
+        for prompt in (tokenizer.decode(ctx["tokens"][:ctx["target"] + 1]), "zz zz")[:2 if n == 0 else 1]:
             status, out = steer(url, {"group": group, "expert": expert, "prompt": prompt, "max_new_tokens": 6},
                                 "/api/alpha")
             assert status == 200 and out["status"] == "done" and out["kind"] == "alpha", out

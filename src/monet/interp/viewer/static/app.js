@@ -281,16 +281,19 @@ function modelSections(group, expert, max, contexts) {
   const useContext = el("button", { type: "button", id: "steer-use-context", text: "use a top context as the prompt" });
   const request = () => ({ group, expert, prompt: prompt.value, max_new_tokens: Number(tokens.value) });
   const useAlpha = (value) => { alpha.value = String(value); };
+  let finding = 0, steering = 0;   // the latest search and steering: an older one stops showing itself
   const findAlpha = async () => {
     // The smallest α of a short ladder whose greedy text differs on this prompt, checked by the server.
+    const mine = ++finding;
+    const alive = () => suggestion.isConnected && mine === finding;
     suggestion.replaceChildren(el("p", { cls: "hint loading", text: "finding the smallest α that changes the text…" }));
     try {
-      const out = await follow(await api("/api/alpha", request()), suggestion, (job) => {
+      const out = await follow(await api("/api/alpha", request()), alive, (job) => {
         suggestion.replaceChildren(el("p", { cls: "hint loading", text: jobStage(job) }));
       });
       if (out && out.ladder.alpha !== null) useAlpha(out.ladder.alpha);
       if (out) suggestion.replaceChildren(ladderNote(out, null));
-    } catch (error) { suggestion.replaceChildren(el("p", { cls: "error", text: String(error.message) })); }
+    } catch (error) { if (alive()) suggestion.replaceChildren(el("p", { cls: "error", text: String(error.message) })); }
   };
   let nextContext = 0;
   useContext.addEventListener("click", () => {
@@ -303,14 +306,16 @@ function modelSections(group, expert, max, contexts) {
   });
   if (!contexts.length) useContext.disabled = true;
   find.addEventListener("click", findAlpha);
-  prompt.addEventListener("input", () => suggestion.replaceChildren());   // a found α holds for its prompt only
+  prompt.addEventListener("input", () => { finding++; suggestion.replaceChildren(); });   // α found holds for its prompt
   steerRun.addEventListener("click", async () => {
+    const mine = ++steering;
+    const alive = () => steerOut.isConnected && mine === steering;
     steerOut.replaceChildren(el("p", { cls: "hint loading", text: "starting…" }));
     try {
       // The text arrives as it is generated: the server answers within half a second with what is there.
-      await follow(await api("/api/steer", { ...request(), alpha: Number(alpha.value) }), steerOut,
+      await follow(await api("/api/steer", { ...request(), alpha: Number(alpha.value) }), alive,
                    (job) => steerOut.replaceChildren(...steerView(job, group, expert, useAlpha, steerRun)));
-    } catch (error) { steerOut.replaceChildren(el("p", { cls: "error", text: String(error.message) })); }
+    } catch (error) { if (alive()) steerOut.replaceChildren(el("p", { cls: "error", text: String(error.message) })); }
   });
   return [
     el("h3", { text: "Test activation" }), probeText, el("div", { cls: "row" }, probeRun), probeOut,
@@ -334,10 +339,11 @@ function modelSections(group, expert, max, contexts) {
 
 const LADDER_TEXT = "2, 5, 10, 20, 50, 100, 200, 500, 1000";   // steering.LADDER
 
-async function follow(job, box, render) {
-  // A steering job, read again as it grows until it is done; null when its box has left the page meanwhile.
+async function follow(job, alive, render) {
+  // A steering job, read again as it grows until it is done; null once `alive()` is false (the page or the
+  // section moved on: another expert, a newer request, an edited prompt).
   for (;;) {
-    if (!box.isConnected) return null;
+    if (!alive()) return null;
     if (job.status === "error") throw new Error(job.error);
     render(job);
     if (job.status !== "running") return job;
