@@ -1042,3 +1042,18 @@ def test_steering_streams_and_suggests_a_verified_alpha_in_chromium(viewer, page
     page.wait_for_selector("#steer-suggestion #steer-ladder.warning")
     assert "No α up to 1000 changes the first 8 new tokens" in page.inner_text("#steer-suggestion")
     snap(page, "steer-no-alpha")
+
+
+def test_coactivation_step_computes_no_direction(viewer, monkeypatch):
+    """The similar-experts job's first step asks for the co-activation table only (`directions=0`) and compares the
+    viewer's cached directions itself; that step computed the expert's own direction too (K more forward passes,
+    a third of its time on the demo's atlas), which a page waiting for the model's lock paid for."""
+    from monet.interp import export
+
+    atlas, model = viewer["atlas"], viewer["model"]
+    group, expert = busiest(atlas)
+    full = export.similar_experts(model, atlas, group, expert, directions=2)
+    monkeypatch.setattr(export, "expert_direction", lambda *args, **kwargs: pytest.fail("a direction was computed"))
+    table = export.similar_experts(model, atlas, group, expert, directions=0)
+    assert [r["expert"] for r in table["experts"]] == [r["expert"] for r in full["experts"]]
+    assert all(r["cosine"] is None for r in table["experts"]) and full["experts"][0]["cosine"] is not None
