@@ -6,10 +6,13 @@ Starts `monet view` in-process on a free port (the atlas opened and verified, th
 does), then walks the pages as a user would: the random button, an expert page while its similar experts are
 computing (the page polls /api/similar every 0.7 s, as app.js does), a second expert page in the meantime,
 token search (exact and substring), a label's specialists, a document view, text -> experts, test activation
-and steering (an older checkout, whose /api/expert includes the promoted tokens, is measured as its page
-calls it). Prints one line per request (seconds, status) and the slowest answer per endpoint; the bar
-is 2 s (issue 29). Run it alternately with two checkouts on PYTHONPATH to compare them; the machine's load
-average is printed with the numbers.
+and steering, read as the page reads it (POST /api/steer, then /api/steer/JOB until done), at α = 20 and 1000
+on a top context (the α ladder runs when α changes nothing), and "find α" (POST /api/alpha). An older checkout,
+whose /api/expert includes the promoted tokens and whose steering answers in one request, is measured as its
+page calls it. Prints one line per request (seconds, status), the slowest answer per endpoint, and per steering
+job the seconds until its first new token and until it is done; the bar is 2 s for any answer (issue 29). Run
+it alternately with two checkouts on PYTHONPATH to compare them; the machine's load average is printed with the
+numbers.
 """
 
 from __future__ import annotations
@@ -86,8 +89,29 @@ def main() -> None:
         prompt = "def main():\n    return"
     call("text", "/api/text?q=" + urllib.request.quote("for i in range(10):\n    print(i)"))
     call("activation", "/api/activation", {"group": first[0], "expert": first[1], "text": prompt})
-    call("steer", "/api/steer", {"group": first[0], "expert": first[1], "prompt": prompt, "alpha": 20.0,
-                                 "max_new_tokens": 24})
+    jobs = []
+    for name, path, alpha in (("steer", "/api/steer", 20.0), ("steer", "/api/steer", 1000.0),
+                              ("alpha", "/api/alpha", None)):
+        body = {"group": first[0], "expert": first[1], "prompt": prompt, "max_new_tokens": 24}
+        if alpha is not None:
+            body["alpha"] = alpha
+        t = time.perf_counter()
+        out = call(name, path, body)
+        first_token = None if "job" in out else time.perf_counter() - t   # one answer: nothing shown until it
+        while "job" in out:              # this checkout streams: read the job until it is done, as app.js does
+            if first_token is None and (out.get("unsteered_tokens") or out.get("steered_tokens") or
+                                        out["status"] != "running"):
+                first_token = time.perf_counter() - t
+            if out["status"] != "running":
+                break
+            out = call(name + "-job", f"/api/steer/{out['job']}?seen={out['version']}")
+        job = {"request": name, "alpha": alpha, "first_token_seconds": None if first_token is None
+               else round(first_token, 3), "done_seconds": round(time.perf_counter() - t, 3),
+               "changed_at": out.get("changed_at"), "ladder": out.get("ladder") and
+               {k: v for k, v in out["ladder"].items() if k != "steered"}}
+        jobs.append(job)
+        print(f"  {name} α={alpha}: first new token after {job['first_token_seconds']} s, done after "
+              f"{job['done_seconds']} s", flush=True)
     server.shutdown()
     worst: dict[str, float] = {}
     for row in rows:
@@ -97,7 +121,7 @@ def main() -> None:
     print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cores")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"startup_seconds": round(startup, 2), "requests": rows, "slowest": worst,
+            json.dump({"startup_seconds": round(startup, 2), "requests": rows, "slowest": worst, "steering": jobs,
                        "loadavg": load, "cpus": os.cpu_count()}, f, indent=2)
 
 

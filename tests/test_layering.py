@@ -24,7 +24,7 @@ ORDER = [
     "monet.interp.monosemanticity", "monet.interp.probe", "monet.interp.saebench",
     "monet.interp.query", "monet.interp.image_examples", "monet.interp.explain", "monet.interp.export",
     "monet.interp.autointerp",
-    "monet.interp.viewer.server",
+    "monet.interp.viewer.steering", "monet.interp.viewer.server",
     "monet.interp.viewer", "monet.interp",
     "monet.experiments.protocol_stats", "monet.experiments.dense_rules", "monet.experiments.benchmarks",
     "monet.experiments.unlearn", "monet.experiments.export",

@@ -468,7 +468,9 @@ def test_view_run_serves_a_released_checkpoint(released, released_atlas, tmp_pat
             assert len(active["values"]) == len(active["pieces"]) in (len(pieces), len(pieces) - 1)   # with/without <s>
             steer = viewer_post(url + "/api/steer", {"group": group, "expert": expert, "alpha": 0, "prompt": text,
                                                      "max_new_tokens": 3})
-            assert steer["unsteered"] and "steered" in steer
+            while steer["status"] == "running":   # a job: its text is read as it grows, as the page does
+                steer = viewer_get(url + f"/api/steer/{steer['job']}?seen={steer['version']}")
+            assert steer["status"] == "done" and steer["unsteered"] and steer["steered"]
         finally:
             server.terminate()
             server.wait(timeout=60)

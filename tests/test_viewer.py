@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -159,6 +160,16 @@ def post(url: str, body, content_type: str = "application/json") -> tuple[int, d
         return error.code, json.loads(error.read())
 
 
+def steer(url: str, body: dict, path: str = "/api/steer") -> tuple[int, dict]:
+    """A steering job read to its end as the page reads it (POST, then /api/steer/JOB until done)."""
+    status, out = post(url + path, body)
+    deadline = time.monotonic() + 120
+    while status == 200 and out["status"] == "running" and time.monotonic() < deadline:
+        status, raw, _ = get(url + f"/api/steer/{out['job']}?seen={out['version']}")
+        out = json.loads(raw)
+    return status, out
+
+
 def expert_showing(atlas: Atlas, text: str) -> tuple[int, int]:
     """An expert whose top contexts show `text`."""
     for group in atlas.groups:
@@ -277,17 +288,17 @@ def test_model_endpoints(viewer):
     # Steering on the context's own prefix (where the expert fires): scaled by 1000 the continuation changes;
     # it is the model's own greedy continuation with the edit, and the edit is undone afterwards.
     prompt = viewer["tokenizer"].decode(ctx["tokens"][:ctx["target"] + 1])
-    status, steer = post(url + "/api/steer", {"group": group, "expert": expert, "alpha": 1000, "prompt": prompt,
-                                              "max_new_tokens": 8})
-    assert status == 200 and steer["decoding"] == "greedy" and steer["steered"] != steer["unsteered"]
-    assert steer["last_token_active"] and 1 <= steer["active_tokens"] <= steer["prompt_tokens"] and steer["changed"]
+    status, out = steer(url, {"group": group, "expert": expert, "alpha": 1000, "prompt": prompt, "max_new_tokens": 8})
+    assert status == 200 and out["status"] == "done" and out["decoding"] == "greedy"
+    assert out["steered"] != out["unsteered"] and out["changed"] and out["changed_at"] >= 1
+    assert out["last_token_active"] and 1 <= out["active_tokens"] <= out["prompt_tokens"]
     model, tokenizer = viewer["model"], viewer["tokenizer"]
-    assert steer["unsteered"] == printable(generate_text(model, tokenizer, prompt, greedy=True, max_new_tokens=8)[0])
+    assert out["unsteered"] == printable(generate_text(model, tokenizer, prompt, greedy=True, max_new_tokens=8)[0])
     with edited(model, ExpertEdits().scale(group, expert, 1000)):
-        assert steer["steered"] == printable(generate_text(model, tokenizer, prompt, greedy=True, max_new_tokens=8)[0])
-    again = post(url + "/api/steer", {"group": group, "expert": expert, "alpha": 1, "prompt": prompt,
-                                      "max_new_tokens": 8})[1]
-    assert again["steered"] == again["unsteered"] == steer["unsteered"]   # alpha 1 changes nothing; edits undone
+        assert out["steered"] == printable(generate_text(model, tokenizer, prompt, greedy=True, max_new_tokens=8)[0])
+    again = steer(url, {"group": group, "expert": expert, "alpha": 1, "prompt": prompt, "max_new_tokens": 8})[1]
+    assert again["steered"] == again["unsteered"] == out["unsteered"]   # alpha 1 changes nothing; edits undone
+    assert again["changed_at"] is None and again["ladder"] is not None   # so the ladder looked for an α that does
     for body, status_code, message in (
             ({"group": group, "expert": expert, "text": ""}, 400, "give some text"),
             ({"group": group, "expert": expert, "text": "x" * 5000}, 400, "limit is 2,000"),
@@ -689,8 +700,8 @@ def test_steering_reports_activity_and_offers_a_context_in_chromium(viewer, page
     alpha = float(page.input_value("#steer-alpha"))
     shares = sorted(c["percent"] for c in atlas.top_contexts(group, expert))
     median = shares[len(shares) // 2]
-    assert alpha == max(2, round(100 / median))
-    assert "Suggested α" in page.inner_text("main")
+    assert alpha == max(2, round(100 / median))                  # a first guess, until "find α" checks one
+    assert f"α starts at a first guess, {alpha:g}" in page.inner_text("main")
     # A prompt without the expert: find one where it is inactive on every token.
     tokenizer, model = viewer["tokenizer"], viewer["model"]
     from monet.interp.query import activation_on_text
@@ -858,3 +869,191 @@ def test_a_left_page_pauses_its_similar_experts(viewer, monkeypatch):
     table = similar_table(url, group, expert)
     assert table["status"] == "done" and table["directions_done"] == table["directions"] > done
     assert all(isinstance(r["cosine"], float) for r in table["experts"][:table["directions"]])
+
+
+def test_steering_streams_its_text(viewer, monkeypatch):
+    """Issue 29: steering answered after 8-9 s (two generations) with nothing on the page meanwhile. POST
+    /api/steer now answers within `STEER_WAIT` with the text so far, /api/steer/JOB with each new token; every
+    partial text is the final continuation cut after that many tokens."""
+    from monet.generate import encode_prompt
+    from monet.interp.viewer import steering
+
+    url, atlas, model, tokenizer = viewer["url"], viewer["atlas"], viewer["model"], viewer["tokenizer"]
+    group, expert = busiest(atlas)
+    put = steering._Tokens.put
+
+    def slow(self, value):   # 0.15 s a token: 2 x 10 tokens cannot be done within the first answer's 0.5 s
+        put(self, value)
+        if self.ids:
+            time.sleep(0.15)
+
+    monkeypatch.setattr(steering._Tokens, "put", slow)
+    prompt = "int stream(void) {\n    return"
+    body = {"group": group, "expert": expert, "alpha": 1000, "prompt": prompt, "max_new_tokens": 10}
+    status, out = post(url + "/api/steer", body)
+    assert status == 200 and out["status"] == "running" and isinstance(out["job"], int)
+    reads = [out]
+    while out["status"] == "running":
+        status, raw, _ = get(url + f"/api/steer/{out['job']}?seen={out['version']}")
+        assert status == 200
+        out = json.loads(raw)
+        assert out["version"] > reads[-1]["version"] or out["status"] != "running"
+        reads.append(out)
+    assert out["status"] == "done" and out["stage"] == "done"
+    ids = encode_prompt(tokenizer, prompt)
+    plain = steering.greedy_ids(model, tokenizer, ids, 10)
+    with edited(model, ExpertEdits().scale(group, expert, 1000)):
+        steered = steering.greedy_ids(model, tokenizer, ids, 10)
+
+    def cut(new: list[int], n: int) -> str:
+        return printable(tokenizer.decode(ids + new[:n], skip_special_tokens=True))
+
+    partial = [r for r in reads if 0 < r["unsteered_tokens"] < len(plain) or 0 < r["steered_tokens"] < len(steered)]
+    assert len(partial) >= 3, [(r["unsteered_tokens"], r["steered_tokens"]) for r in reads]
+    for r in reads:
+        assert r["unsteered"] is None or r["unsteered"] == cut(plain, r["unsteered_tokens"])
+        assert r["steered"] is None or r["steered"] == cut(steered, r["steered_tokens"])
+    assert [r["unsteered_tokens"] for r in reads] == sorted(r["unsteered_tokens"] for r in reads)
+    assert out["unsteered"] == cut(plain, len(plain)) and out["steered"] == cut(steered, len(steered))
+    assert out["changed_at"] == steering.first_difference(steered, plain)
+    status, raw, _ = get(url + "/api/steer/999999")
+    assert status == 400 and "no steering job" in json.loads(raw)["error"]
+
+
+@pytest.mark.slow
+def test_suggested_alpha_is_verified_to_steer(viewer):
+    """Issue 29: the α suggested from the expert's median share left expert 0:12487's text unchanged on the demo's
+    atlas. /api/alpha gives the smallest α of a short ladder whose greedy text differs on the prompt, and from which
+    new token: checked here against the model's own steered generation at every α tried."""
+    from monet.generate import encode_prompt
+    from monet.interp.viewer import steering
+
+    url, atlas, model, tokenizer = viewer["url"], viewer["atlas"], viewer["model"], viewer["tokenizer"]
+    every = sorted(((g, e) for g in atlas.groups for e in range(atlas.num_experts) if atlas.expert(g, e)["count"]),
+                   key=lambda ge: -atlas.expert(*ge)["count"])
+    found = missed = 0
+    for n, (group, expert) in enumerate(every[:2] + every[-1:]):
+        ctx = atlas.top_contexts(group, expert, 1)[0]
+        for prompt in (tokenizer.decode(ctx["tokens"][:ctx["target"] + 1]), "zz zz")[:2 if n == 0 else 1]:
+            status, out = steer(url, {"group": group, "expert": expert, "prompt": prompt, "max_new_tokens": 6},
+                                "/api/alpha")
+            assert status == 200 and out["status"] == "done" and out["kind"] == "alpha", out
+            ladder, ids = out["ladder"], encode_prompt(tokenizer, prompt)
+            assert ladder["alphas"] == list(steering.LADDER)
+            plain = steering.greedy_ids(model, tokenizer, ids, 6)
+            tried = ladder["tried"]
+            assert [a for a, _ in tried] == ladder["alphas"][:len(tried)]
+            for alpha, at in tried:
+                with edited(model, ExpertEdits().scale(group, expert, alpha)):
+                    steered = steering.greedy_ids(model, tokenizer, ids, 6)
+                assert steering.first_difference(steered, plain) == at, (group, expert, prompt, alpha)
+            assert all(at is None for _, at in tried[:-1])
+            if ladder["alpha"] is None:
+                missed += 1
+                assert len(tried) == len(ladder["alphas"]) and ladder["steered"] is None
+            else:
+                found += 1
+                assert tried[-1] == [ladder["alpha"], ladder["changed_at"]]
+                assert ladder["steered"] == printable(tokenizer.decode(ids + steered, skip_special_tokens=True))
+    assert found >= 2   # the experts' own contexts can be steered
+
+
+def test_forced_difference_is_where_greedy_decoding_leaves_the_text(viewer):
+    """The ladder's one forward pass per α (teacher forcing on the unsteered continuation) finds the first new token
+    that greedy decoding with the edit changes (the oracle: generating with it)."""
+    from monet.generate import encode_prompt
+    from monet.interp.viewer import steering
+
+    atlas, model, tokenizer = viewer["atlas"], viewer["model"], viewer["tokenizer"]
+    group, expert = busiest(atlas)
+    ctx = atlas.top_contexts(group, expert, 1)[0]
+    seen = set()
+    for prompt in (tokenizer.decode(ctx["tokens"][:ctx["target"] + 1]), "int main(void) {", "zz zz"):
+        ids = encode_prompt(tokenizer, prompt)
+        plain = steering.greedy_ids(model, tokenizer, ids, 8)
+        for alpha in (0.0, 1.0, 3.0, 30.0, 1000.0):
+            with edited(model, ExpertEdits().scale(group, expert, alpha)):
+                steered = steering.greedy_ids(model, tokenizer, ids, 8)
+            at = steering.forced_difference(model, ids, plain, group, expert, alpha)
+            assert at == steering.first_difference(steered, plain), (prompt, alpha)
+            seen.add(at is None)
+    assert seen == {True, False}   # both outcomes occur
+    assert steering.first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert steering.first_difference([1, 2, 3], [1, 5, 3]) == 2 and steering.first_difference([1, 2], [1, 2, 3]) == 3
+
+
+@needs_chromium
+def test_steering_streams_and_suggests_a_verified_alpha_in_chromium(viewer, page, monkeypatch):
+    """The page shows the text as it is generated (a stage line with a spinner, the text so far); "use a top context"
+    sets α to the smallest that changes the text on it and says from which token; an α that changes nothing is
+    followed by the ladder's α with a button; and where no α up to the bound does, the page says why."""
+    from monet.interp.viewer import steering
+
+    url, atlas = viewer["url"], viewer["atlas"]
+    group, expert = busiest(atlas)
+    page.goto(f"{url}/#/expert/{group}/{expert}")
+    page.wait_for_selector("#steer-use-context")
+    page.fill("#steer-tokens", "8")
+    page.click("#steer-use-context")
+    page.wait_for_selector("#steer-suggestion #steer-ladder")
+    prompt = page.input_value("#steer-prompt")
+    body = {"group": group, "expert": expert, "prompt": prompt, "max_new_tokens": 8}
+    ladder = steer(url, body, "/api/alpha")[1]["ladder"]
+    assert ladder["alpha"] is not None
+    assert float(page.input_value("#steer-alpha")) == ladder["alpha"]
+    note = page.inner_text("#steer-suggestion #steer-ladder")
+    assert f"At α = {ladder['alpha']:g} the text changes from new token {ladder['changed_at']}" in note
+    snap(page, "steer-alpha-found")
+    put = steering._Tokens.put
+
+    def slow(self, value):
+        put(self, value)
+        if self.ids:
+            time.sleep(0.3)
+
+    monkeypatch.setattr(steering._Tokens, "put", slow)
+    page.fill("#steer-prompt", "int slow(void) {")   # not cached: both texts are generated, slowly
+    assert page.locator("#steer-suggestion #steer-ladder").count() == 0   # a found α holds for its prompt only
+    page.click("#steer-run")
+    page.wait_for_selector("#steer-stage.loading")
+    page.locator("#steer-stage", has_text=re.compile("unsteered text… [1-7] of 8 new tokens")).wait_for()
+    assert page.inner_text("#steer-plain").startswith("int slow(void) {") and page.inner_text("#steer-plain") != \
+        "int slow(void) {"                                      # the first new tokens are there, the rest to come
+    assert page.locator("#steer-steered").count() == 0          # the final column only once done
+    snap(page, "steer-streaming")
+    monkeypatch.setattr(steering._Tokens, "put", put)
+    page.wait_for_selector("#steer-activity", timeout=120_000)
+    # On the context's prompt α = 1 changes nothing; the ladder then offers the α found above, in one click.
+    page.fill("#steer-prompt", prompt)
+    page.fill("#steer-alpha", "1")
+    page.click("#steer-run")
+    page.wait_for_selector("#steer-out #steer-ladder")
+    assert "equals the unsteered one at α = 1" in page.inner_text("#steer-activity")
+    assert f"At α = {ladder['alpha']:g} the text changes" in page.inner_text("#steer-out #steer-ladder")
+    page.click("#steer-use-alpha")
+    page.locator("#steer-activity", has_text="differs from new token").wait_for()
+    assert float(page.input_value("#steer-alpha")) == ladder["alpha"]
+    assert page.inner_text("#steer-plain") != page.inner_text("#steer-steered")
+    assert f"differs from new token {ladder['changed_at']}" in page.inner_text("#steer-activity")
+    snap(page, "steer-after-ladder")
+    monkeypatch.setattr(steering, "forced_difference", lambda *args: None)   # no α of the ladder changes it
+    page.fill("#steer-prompt", "zz zz zz")
+    page.click("#steer-find")
+    page.wait_for_selector("#steer-suggestion #steer-ladder.warning")
+    assert "No α up to 1000 changes the first 8 new tokens" in page.inner_text("#steer-suggestion")
+    snap(page, "steer-no-alpha")
+
+
+def test_coactivation_step_computes_no_direction(viewer, monkeypatch):
+    """The similar-experts job's first step asks for the co-activation table only (`directions=0`) and compares the
+    viewer's cached directions itself; that step computed the expert's own direction too (K more forward passes,
+    a third of its time on the demo's atlas), which a page waiting for the model's lock paid for."""
+    from monet.interp import export
+
+    atlas, model = viewer["atlas"], viewer["model"]
+    group, expert = busiest(atlas)
+    full = export.similar_experts(model, atlas, group, expert, directions=2)
+    monkeypatch.setattr(export, "expert_direction", lambda *args, **kwargs: pytest.fail("a direction was computed"))
+    table = export.similar_experts(model, atlas, group, expert, directions=0)
+    assert [r["expert"] for r in table["experts"]] == [r["expert"] for r in full["experts"]]
+    assert all(r["cosine"] is None for r in table["experts"]) and full["experts"][0]["cosine"] is not None

@@ -95,7 +95,9 @@ def similar_experts(model: torch.nn.Module, atlas: Atlas, group: int, expert: in
                 seen.setdefault(int(other), []).append(float(score))
     density = atlas.densities(group)
     ranked = sorted(seen.items(), key=lambda kv: (-len(kv[1]), -sum(kv[1]) / len(kv[1]), kv[0]))[:n]
-    mine = expert_direction(model, atlas, group, expert, k)
+    # Only when cosines are asked for: the viewer asks for the table with directions=0 and compares its cached
+    # directions itself, so this pass (K more forward passes) would be wasted there.
+    mine = expert_direction(model, atlas, group, expert, k) if directions > 0 and ranked else None
     rows = []
     for rank, (other, scores) in enumerate(ranked):
         cosine = None

@@ -7,8 +7,9 @@ without a CORS preflight, never answered here) of at most 64 KB; bad input answe
 answers pass through `monet.io.printable` under a Content-Security-Policy; the model runs under one lock.
 Long work never holds that lock for long: every group's expert statistics and the "interesting" picks are
 read before serving, similar experts are computed by a background thread in short locked steps, and a request
-for them waits at most `SIMILAR_WAIT` seconds (the page polls while they are computing); an expert's output
-direction (promoted tokens, similar experts) and an unsteered continuation are computed once and cached.
+for them waits at most `SIMILAR_WAIT` seconds (the page polls while they are computing); steering is a job of
+short locked steps too, whose text the page reads as it grows (`steering.py`); an expert's output direction
+(promoted tokens, similar experts) and an unsteered continuation are computed once and cached.
 A client that closes its connection early is not an error worth a traceback.
 """
 
@@ -34,12 +35,11 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from monet.checkpoint import load_checkpoint
-from monet.edits import ExpertEdits, edited
 from monet.errors import MonetError
-from monet.generate import generate_text
 from monet.interp.explain import expert_direction, expert_logits
 from monet.interp.export import expert_page, similar_experts
 from monet.interp.query import Atlas, activation_on_text, compact_histogram, document_values, experts_for_text
+from monet.interp.viewer.steering import SteerJobs
 from monet.io import dumps, printable
 from monet.runtime import resolve_device
 from monet.settings import ViewCommand
@@ -60,7 +60,7 @@ LIMITS = {"text_chars": 2000, "text_tokens": 512, "prompt_chars": 1000, "max_new
 # GET /api/ROUTE/ARG...: the names of each route's path arguments (ids, except a label's name)
 API_ARGS = {"info": (), "random": (), "token": (), "expert": ("group", "expert"), "similar": ("group", "expert"),
             "logits": ("group", "expert"), "export": ("group", "expert"), "label": ("label",),
-            "document": ("document", "position"), "text": (), "image": ("image",)}
+            "document": ("document", "position"), "text": (), "image": ("image",), "steer": ("job",)}
 SIMILAR_WAIT = 1.0       # seconds a /api/similar request waits for the background thread before "computing"
 SIMILAR_DIRECTIONS = 12  # co-active experts whose output direction is compared (one short locked step each)
 SIMILAR_IDLE = 5.0       # seconds without a request after which a similar-experts job pauses (its page was left)
@@ -219,8 +219,9 @@ class ViewerState:
         # One measured output direction per expert (K forward passes), shared by promoted tokens and similar
         # experts; 256 directions of a 2,048-wide model are 2 MB.
         self.direction = lru_cache(256)(partial(expert_direction, model, atlas))
-        self._plain: dict[tuple[str, int], str] = {}   # unsteered continuations: they do not depend on alpha
+        self._logits = lru_cache(256)(self.logits)   # promoted tokens: one matrix product on the direction
         self.similar = SimilarJobs(self)
+        self.steering = SteerJobs(self, LIMITS["alpha"])   # streamed, in short locked steps
         atlas.preload()
         self._interesting = self._specialists()
 
@@ -259,7 +260,7 @@ class ViewerState:
         if not self.atlas.expert(group, expert, histogram=False)["count"]:
             return {"group": group, "expert": expert, "logits": None}
         with self.lock:
-            return {"group": group, "expert": expert, "logits": self.logits(group, expert)}
+            return {"group": group, "expert": expert, "logits": self._logits(group, expert)}
 
     def image(self, image: int) -> bytes:
         """A stored image of a VisionMonet atlas, PNG (a read of the atlas: no model lock)."""
@@ -376,36 +377,35 @@ class ViewerState:
         return out
 
     def steer(self, body: dict[str, Any]) -> dict[str, Any]:
-        group, expert = self._posted_expert(body, "Steering")
-        prompt = _field_text(body, "prompt", LIMITS["prompt_chars"])
+        """Start a steering job (see `monet.interp.viewer.steering`): the answer comes within `STEER_WAIT` s with
+        the text so far; the page reads the rest from /api/steer/JOB."""
+        group, expert, prompt, tokens = self._steering_request(body, "Steering")
         alpha = body.get("alpha")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
                 or abs(alpha) > LIMITS["alpha"]:
             raise MonetError(f"alpha must be a number between -{LIMITS['alpha']:g} and {LIMITS['alpha']:g}, "
                              f"got {alpha!r}")
+        return self.steering.start("steer", group, expert, prompt, tokens, float(alpha))
+
+    def find_alpha(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Start a search for the smallest α of the ladder that changes the greedy text on the prompt."""
+        group, expert, prompt, tokens = self._steering_request(body, "Finding an α that steers")
+        return self.steering.start("alpha", group, expert, prompt, tokens, None)
+
+    def steer_job(self, job: int, seen: int | None) -> dict[str, Any]:
+        """A steering job as it stands (once it has changed since version `seen`, or within `STEER_WAIT` s)."""
+        self.need_model("Steering")
+        return self.steering.read(job, seen)
+
+    def _steering_request(self, body: dict[str, Any], what: str) -> tuple[int, int, str, int]:
+        group, expert = self._posted_expert(body, what)
+        prompt = _field_text(body, "prompt", LIMITS["prompt_chars"])
         tokens = body.get("max_new_tokens", 24)
         if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= LIMITS["max_new_tokens"]:
             raise MonetError(f"max_new_tokens must be an integer from 1 to {LIMITS['max_new_tokens']}, got {tokens!r}")
         if self.atlas.manifest["kind"] != "monet":
             raise MonetError("steering scales Monet experts; this atlas is of a dense model")
-        options = {"greedy": True, "max_new_tokens": tokens}
-        with self.lock:
-            # Steering scales the expert's term where it is routed: on a prompt where it never fires, the
-            # first new tokens cannot change, so the page says how active it was.
-            activity = activation_on_text(self.model, self.tokenizer, prompt, group, expert, 10**6)
-            plain = self._plain.get((prompt, tokens))
-            if plain is None:   # greedy and unedited: the same for every alpha and expert, so computed once
-                plain = self._plain[(prompt, tokens)] = generate_text(self.model, self.tokenizer, prompt, **options)[0]
-                while len(self._plain) > 64:
-                    del self._plain[next(iter(self._plain))]
-            with edited(self.model, ExpertEdits().scale(group, expert, float(alpha))):
-                steered = generate_text(self.model, self.tokenizer, prompt, **options)[0]
-        active = [value for value in activity["values"] if value > 0]
-        return {"group": group, "expert": expert, "alpha": float(alpha), "prompt": prompt,
-                "unsteered": plain, "steered": steered, "max_new_tokens": tokens, "decoding": "greedy",
-                "prompt_tokens": len(activity["values"]), "active_tokens": len(active),
-                "active_max_percent": max(active, default=0.0), "last_token_active": bool(activity["values"])
-                and activity["values"][-1] > 0, "changed": plain != steered}
+        return group, expert, prompt, tokens
 
 
 def _field_id(body: dict[str, Any], name: str) -> int:
@@ -546,11 +546,14 @@ class Handler(BaseHTTPRequestHandler):
                    "token": lambda: state.token(query.get("q", [""])[0], query.get("match", ["exact"])[0]),
                    "label": lambda label: state.label(label, _query_id(query, "min_count", 10)),
                    "document": lambda doc, pos: state.document(doc, pos, _query_id(query, "group"),
-                                                               _query_id(query, "expert"))}
+                                                               _query_id(query, "expert")),
+                   "steer": lambda job: state.steer_job(job, _query_id(query, "seen"))}
         return self._json(answers[route](*args))
 
     def _post(self, parts: list[str], query: dict[str, list[str]]) -> None:
-        if len(parts) != 2 or parts[0] != "api" or parts[1] not in ("activation", "steer"):
+        routes = {"activation": self.server.state.activation, "steer": self.server.state.steer,
+                  "alpha": self.server.state.find_alpha}
+        if len(parts) != 2 or parts[0] != "api" or parts[1] not in routes:
             raise NotFound
         if self.headers.get_content_type() != "application/json":
             raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the request body as application/json")
@@ -570,8 +573,7 @@ class Handler(BaseHTTPRequestHandler):
             raise MonetError(f"the request body nests more than {LIMITS['body_depth']} levels deep")
         if not isinstance(body, dict):
             raise MonetError("the request body must be a JSON object")
-        state = self.server.state
-        return self._json(state.activation(body) if parts[1] == "activation" else state.steer(body))
+        return self._json(routes[parts[1]](body))
 
 
 def _depth(value: Any) -> int:

@@ -269,35 +269,53 @@ function modelSections(group, expert, max, contexts) {
   });
   const prompt = el("textarea", { id: "steer-prompt", rows: "3", maxlength: String(limits.prompt_chars),
                                   placeholder: "prompt (several lines are fine)" });
-  const suggested = suggestedAlpha(contexts);
-  const alpha = el("input", { id: "steer-alpha", type: "number", step: "any", value: String(suggested),
+  const guess = suggestedAlpha(contexts);
+  const alpha = el("input", { id: "steer-alpha", type: "number", step: "any", value: String(guess),
                               min: String(-limits.alpha), max: String(limits.alpha) });
   const tokens = el("input", { id: "steer-tokens", type: "number", min: "1", max: String(limits.max_new_tokens),
                                value: "24" });
   const steerOut = el("div", { id: "steer-out", cls: "steer" });
+  const suggestion = el("div", { id: "steer-suggestion" });
   const steerRun = el("button", { type: "button", id: "steer-run", text: "generate" });
+  const find = el("button", { type: "button", id: "steer-find", text: "find α" });
   const useContext = el("button", { type: "button", id: "steer-use-context", text: "use a top context as the prompt" });
+  const request = () => ({ group, expert, prompt: prompt.value, max_new_tokens: Number(tokens.value) });
+  const useAlpha = (value) => { alpha.value = String(value); };
+  let finding = 0, steering = 0;   // the latest search and steering: an older one stops showing itself
+  const findAlpha = async () => {
+    // The smallest α of a short ladder whose greedy text differs on this prompt, checked by the server.
+    const mine = ++finding;
+    const alive = () => suggestion.isConnected && mine === finding;
+    suggestion.replaceChildren(el("p", { cls: "hint loading", text: "finding the smallest α that changes the text…" }));
+    try {
+      const out = await follow(await api("/api/alpha", request()), alive, (job) => {
+        suggestion.replaceChildren(el("p", { cls: "hint loading", text: jobStage(job) }));
+      });
+      if (out && out.ladder.alpha !== null) useAlpha(out.ladder.alpha);
+      if (out) suggestion.replaceChildren(ladderNote(out, null));
+    } catch (error) { if (alive()) suggestion.replaceChildren(el("p", { cls: "error", text: String(error.message) })); }
+  };
   let nextContext = 0;
   useContext.addEventListener("click", () => {
     // The context up to and including its activating token: the expert usually fires on the prompt's last
     // token there (the stored context is a window, so the routing can differ a little), and steering then
-    // changes the very next token.
+    // changes the very next token. α is then found for this prompt.
     const ctx = contexts[nextContext++ % contexts.length];
     prompt.value = ctx.pieces.slice(0, ctx.target + 1).join("");
+    findAlpha();
   });
   if (!contexts.length) useContext.disabled = true;
+  find.addEventListener("click", findAlpha);
+  prompt.addEventListener("input", () => { finding++; suggestion.replaceChildren(); });   // α found holds for its prompt
   steerRun.addEventListener("click", async () => {
-    steerOut.replaceChildren(el("p", { cls: "hint loading", text: "generating twice (without and with steering)…" }));
+    const mine = ++steering;
+    const alive = () => steerOut.isConnected && mine === steering;
+    steerOut.replaceChildren(el("p", { cls: "hint loading", text: "starting…" }));
     try {
-      const out = await api("/api/steer", { group, expert, prompt: prompt.value, alpha: Number(alpha.value),
-                                            max_new_tokens: Number(tokens.value) });
-      steerOut.replaceChildren(
-        el("p", { id: "steer-activity", cls: out.active_tokens ? "hint" : "warning", text: steerActivity(out) }),
-        el("div", { cls: "columns" },
-          el("div", { cls: "column" }, el("h4", { text: "unsteered" }), el("pre", { id: "steer-plain", text: out.unsteered })),
-          el("div", { cls: "column" }, el("h4", { text: `expert ${group}:${expert} × ${out.alpha}` }),
-             el("pre", { id: "steer-steered", text: out.steered }))));
-    } catch (error) { steerOut.replaceChildren(el("p", { cls: "error", text: String(error.message) })); }
+      // The text arrives as it is generated: the server answers within half a second with what is there.
+      await follow(await api("/api/steer", { ...request(), alpha: Number(alpha.value) }), alive,
+                   (job) => steerOut.replaceChildren(...steerView(job, group, expert, useAlpha, steerRun)));
+    } catch (error) { if (alive()) steerOut.replaceChildren(el("p", { cls: "error", text: String(error.message) })); }
   });
   return [
     el("h3", { text: "Test activation" }), probeText, el("div", { cls: "row" }, probeRun), probeOut,
@@ -307,13 +325,78 @@ function modelSections(group, expert, max, contexts) {
     el("p", { cls: "hint", text: "Scaling acts only where the router picks the expert: on a prompt where it never " +
       "fires nothing changes until it does; a top context as the prompt (cut after the token it fires on) " +
       "usually makes it fire on the last prompt token. " +
-      `Suggested α ≈ ${suggested}: about 100% over its median share on its top contexts, so that its term ` +
-      "weighs as much as a whole token's routing." }),
+      `α starts at a first guess, ${guess} (100% over its median share on its top contexts, so that its term ` +
+      "weighs about a whole token's routing). Whether an α changes the text depends on the prompt: " +
+      `“find α” tries α = ${LADDER_TEXT} on yours and sets the smallest that changes the greedy text ` +
+      "(a top context as the prompt does this by itself)." }),
     prompt,
-    el("div", { cls: "row" }, useContext, el("label", { text: "α " }, alpha),
+    el("div", { cls: "row" }, useContext, el("label", { text: "α " }, alpha), find,
        el("label", { text: "new tokens " }, tokens), steerRun),
+    suggestion,
     steerOut,
   ];
+}
+
+const LADDER_TEXT = "2, 5, 10, 20, 50, 100, 200, 500, 1000";   // steering.LADDER
+
+async function follow(job, alive, render) {
+  // A steering job, read again as it grows until it is done; null once `alive()` is false (the page or the
+  // section moved on: another expert, a newer request, an edited prompt).
+  for (;;) {
+    if (!alive()) return null;
+    if (job.status === "error") throw new Error(job.error);
+    render(job);
+    if (job.status !== "running") return job;
+    job = await api(`/api/steer/${job.job}?seen=${job.version}`);
+  }
+}
+
+function jobStage(job) {
+  const of = (n) => `${n} of ${job.max_new_tokens} new tokens`;
+  if (job.stage === "queued") return "waiting for the model…";
+  if (job.stage === "unsteered") return `generating the unsteered text… ${of(job.unsteered_tokens)}`;
+  if (job.stage === "steered") return `generating with α = ${job.alpha}… ${of(job.steered_tokens)}`;
+  if (job.stage === "ladder") {
+    const tried = job.ladder.tried.length;
+    const next = job.ladder.alphas[Math.min(tried, job.ladder.alphas.length - 1)];
+    return (job.kind === "steer" ? `the text did not change at α = ${job.alpha}; ` : "") +
+      `trying α = ${next} (${tried + 1} of ${job.ladder.alphas.length})…`;
+  }
+  return "";
+}
+
+function steerView(job, group, expert, useAlpha, run) {
+  const nodes = [];
+  if (job.status === "running") nodes.push(el("p", { id: "steer-stage", cls: "hint loading", text: jobStage(job) }));
+  else nodes.push(el("p", { id: "steer-activity", cls: job.active_tokens ? "hint" : "warning", text: steerActivity(job) }));
+  const steered = job.steered === null ? "(after the unsteered text)" : job.steered;
+  nodes.push(el("div", { cls: "columns" },
+    el("div", { cls: "column" }, el("h4", { text: "unsteered" }), el("pre", { id: "steer-plain", text: job.unsteered || "" })),
+    el("div", { cls: "column" }, el("h4", { text: `expert ${group}:${expert} × ${job.alpha}` }),
+       el("pre", { id: job.status === "running" ? "steer-steered-partial" : "steer-steered", text: steered }))));
+  if (job.status !== "running" && job.ladder) nodes.push(ladderNote(job, () => { useAlpha(job.ladder.alpha); run.click(); }));
+  return nodes;
+}
+
+function ladderNote(job, rerun) {
+  // What the ladder found on this prompt: the smallest α that changes the greedy text, or why none does.
+  const ladder = job.ladder;
+  if (ladder.alpha !== null) {
+    const box = el("p", { id: "steer-ladder", cls: "hint", text: `At α = ${ladder.alpha} the text changes from new ` +
+      `token ${ladder.changed_at} (the smallest of α = ${ladder.alphas.join(", ")} that changes it on this prompt, ` +
+      "checked by generating it). " });
+    if (rerun) box.appendChild(el("button", { type: "button", id: "steer-use-alpha", text: `generate with α = ${ladder.alpha}` }));
+    if (rerun) box.lastChild.addEventListener("click", rerun);
+    return box;
+  }
+  const last = ladder.alphas[ladder.alphas.length - 1];
+  const why = job.active_tokens ? `the expert is active on ${job.active_tokens} of the ${job.prompt_tokens} prompt ` +
+    `tokens (at most ${pct(job.active_max_percent)} of a token's routing), and scaling its term up to ${last}× ` +
+    "never moves the greedy choice" : "the expert is not active on any prompt token, so its term can act only on " +
+    `new tokens where it fires, and scaled up to ${last}× it never moves the greedy choice there`;
+  return el("p", { id: "steer-ladder", cls: "warning", text: `No α up to ${last} changes the first ` +
+    `${job.max_new_tokens} new tokens on this prompt: ${why}. Try “use a top context as the prompt”, another ` +
+    "prompt or more new tokens." });
 }
 
 function suggestedAlpha(contexts) {
@@ -325,13 +408,13 @@ function suggestedAlpha(contexts) {
 
 function steerActivity(out) {
   const where = `The expert is active on ${out.active_tokens} of the ${out.prompt_tokens} prompt tokens`;
+  const change = out.changed_at ? ` The steered text differs from new token ${out.changed_at}.` : "";
   if (!out.active_tokens) {
-    return `${where}: α cannot act until the router picks it` + (out.changed ? "." : ", and the text did not change. " +
-      "Try “use a top context as the prompt”.");
+    return `${where}: α cannot act until the router picks it` + (out.changed ? "." + change : ", and the text did not change.");
   }
   const last = out.last_token_active ? " including the last one" : " (not the last one)";
   return `${where}${last}; at most ${pct(out.active_max_percent)} of a token's routing.` +
-    (out.changed ? "" : " The steered text equals the unsteered one: try a larger α.");
+    (out.changed ? change : ` The steered text equals the unsteered one at α = ${out.alpha}.`);
 }
 
 async function loadSimilar(nav, group, expert) {
