@@ -25,7 +25,8 @@ constant `--relearn-lr`, batch and window as in training) and measure the target
 `--relearn-every` steps; `half_recovery_step` counts the steps until half of the lost loss (L_start - L_full)
 is back. Models: the full Monet with its mask on (masked experts stay masked: the edit is applied during the
 fine-tune), the full dense model with the attribution rule's mask at Monet's Δ others (neurons stay zeroed),
-and both retrained-without models (how fast each learns a language it never saw).
+and both retrained-without models (how fast each learns a language it never saw); as a reference, the full
+model without a mask fine-tuned as long (the same text improves a model that lost nothing too).
 
 Writes OUT/retrain.json (every number, CIs, curves) and OUT/retrain.md (the tables).
 """
@@ -269,9 +270,11 @@ def fraction_at(points: list[dict[str, Any]], level: float, full: np.ndarray, wi
     upper = points[where["upper"]]["after_target"]
     masked = (1 - where["weight"]) * lower + where["weight"] * upper
     fraction = forgotten_fraction(full, masked, without, docs, seed=seed)
-    units = [0 if where["lower"] is None else points[where["lower"]]["units"], points[where["upper"]]["units"]]
+    shares = [0.0 if where["lower"] is None else points[where["lower"]]["masking_ratio"],
+              points[where["upper"]]["masking_ratio"]]
+    share = (1 - where["weight"]) * shares[0] + where["weight"] * shares[1]
     return {"delta_others": level, "delta_target": where["delta_target"], "F": fraction["F"],
-            "F_ci95": fraction["ci95"], "units": (1 - where["weight"]) * units[0] + where["weight"] * units[1],
+            "F_ci95": fraction["ci95"], "masking_ratio": share,
             "between": [None if where["lower"] is None else points[where["lower"]]["point"],
                         points[where["upper"]]["point"]]}
 
@@ -299,7 +302,11 @@ def dense_rule(demo: Path, model: torch.nn.Module, seq_len: int, batch: int, tok
     return select, width
 
 
-def measure(demo: Path, out: Path, labels: list[str], args: argparse.Namespace) -> dict[str, Any]:
+def measure(demo: Path, out: Path, labels: list[str], kind: str, args: argparse.Namespace,
+            monet: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One model kind's part of 5a and 5c: per target the oracle's gap, the sweep, F (Monet: at its operating
+    point; dense: at the Δ others of Monet's operating point, `monet[target]["operating"]`) and the relearning
+    curves (dense: the attribution mask of as many neurons as that Δ others takes, interpolated)."""
     report = json.loads((demo / "report" / "report.json").read_text())
     seq_len, batch, seed, ratio = report["seq_len"], report["batch_size"], report["seed"], report["ratio"]
     sets, _ = label_window_sets(TokenDataset(demo / "data", split="validation"), seq_len)
@@ -307,61 +314,62 @@ def measure(demo: Path, out: Path, labels: list[str], args: argparse.Namespace) 
     # A target is read on every window of the plan, another label on `others_tokens` of them (evenly spaced).
     keep = {label: full_plan.positions(label, args.others_tokens) for label in sets}
     read = {label: full_plan.positions(label, None) if label in labels else keep[label] for label in sets}
+    source = demo / ("run" if kind == "monet" else "dense-run")
+    model = load_eval(source)
+    started = time.process_time()
+    before_all = full_plan.measure(model, read)
+    if kind == "monet":
+        pick = monet_rule(demo, model, report["min_mass"])
 
-    def subset(values: dict[str, np.ndarray], target: str) -> dict[str, np.ndarray]:
-        return {label: values[label] if label == target or label not in labels else values[label][keep[label]]
-                for label in sets}
+        def selections(target: str) -> list[tuple[str, Selection]]:
+            return [(f"ratio {r:g}", pick(target, r)) for r in sorted({*args.ratios, ratio}, reverse=True)]
+    else:
+        pick, width = dense_rule(demo, model, seq_len, batch, args.rule_tokens)
+
+        def selections(target: str) -> list[tuple[str, Selection]]:
+            return [(f"{f:.1%} of neurons", pick(target, max(1, round(f * width)))) for f in sorted(args.fractions)]
 
     results: dict[str, Any] = {}
-    for kind in ("monet", "dense"):
-        model = load_eval(demo / ("run" if kind == "monet" else "dense-run"))
-        started = time.process_time()
-        before_all = full_plan.measure(model, read)
-        if kind == "monet":
-            pick = monet_rule(demo, model, report["min_mass"])
-
-            def selections(target: str, pick: Any = pick) -> list[tuple[str, Selection]]:
-                return [(f"ratio {r:g}", pick(target, r)) for r in sorted({*args.ratios, ratio}, reverse=True)]
-        else:
-            pick, width = dense_rule(demo, model, seq_len, batch, args.rule_tokens)
-
-            def selections(target: str, pick: Any = pick, width: int = width) -> list[tuple[str, Selection]]:
-                return [(f"{f:.1%} of neurons", pick(target, max(1, round(f * width)))) for f in sorted(args.fractions)]
-        results[kind] = {}
-        for target in labels:
-            # The target's windows, all; the others', a subset (the same ones before and after).
-            plan = EvalPlan(sets, {label: full_plan.windows[label][slice(None) if label == target else keep[label]]
-                                   for label in sets}, seq_len, batch)
-            before = subset(before_all, target)
-            without = load_eval(out / f"{kind}-without-{target}")
-            after_without = plan.measure(without, {label: plan.positions(label, None) for label in sets})
-            gap = oracle_gap(plan, before, after_without, target, seed)
-            log(f"{kind} {target}: L_without - L_full {gap['target']['delta']:+.3f} (others "
-                f"{gap['others']['delta']:+.3f})")
-            points = sweep(model, plan, before, target, selections(target), seed)
-            results[kind][target] = {"oracle": gap, "points": points,
-                                     "windows": {"target": len(plan.windows[target]), "docs": window_docs(plan, target),
-                                                 "full": before[target], "without": after_without[target]}}
-        log(f"{kind}: {time.process_time() - started:.0f} CPU-s")
-        results[kind]["_rule"] = pick   # for the relearning stage; left out of the JSON
-    # Equal Δ others: each model's curve read at Monet's operating point's Δ others.
     for target in labels:
-        monet_points = results["monet"][target]["points"]
-        operating = next(p for p in monet_points if p["point"] == f"ratio {ratio:g}")
-        level = max(operating["delta_others"], 0.0)
-        for kind in ("monet", "dense"):
-            entry = results[kind][target]
-            w = entry["windows"]
-            entry["at_monet_others"] = fraction_at(entry["points"], level, w["full"], w["without"], w["docs"], seed)
-        results["monet"][target]["operating"] = {
-            "point": operating["point"], "delta_target": operating["delta_target"],
-            "delta_others": operating["delta_others"],
-            **{k: v for k, v in forgotten_fraction(results["monet"][target]["windows"]["full"],
-                                                   operating["after_target"],
-                                                   results["monet"][target]["windows"]["without"],
-                                                   results["monet"][target]["windows"]["docs"], seed=seed).items()}}
+        # The target's windows, all; the others', the `keep` subset (the same ones before and after).
+        plan = EvalPlan(sets, {label: full_plan.windows[label][slice(None) if label == target else keep[label]]
+                               for label in sets}, seq_len, batch)
+        before = {label: before_all[label] if label == target or label not in labels
+                  else before_all[label][keep[label]] for label in sets}
+        without = load_eval(out / f"{kind}-without-{target}")
+        after_without = plan.measure(without, {label: plan.positions(label, None) for label in sets})
+        gap = oracle_gap(plan, before, after_without, target, seed)
+        log(f"{kind} {target}: L_without - L_full {gap['target']['delta']:+.3f} (others {gap['others']['delta']:+.3f})")
+        points = sweep(model, plan, before, target, selections(target), seed)
+        docs = window_docs(plan, target)
+        entry = {"oracle": gap, "points": points,
+                 "windows": {"docs": docs, "full": before[target], "without": after_without[target]}}
+        if kind == "monet":
+            operating = next(p for p in points if p["point"] == f"ratio {ratio:g}")
+            fraction = forgotten_fraction(before[target], operating["after_target"], after_without[target], docs,
+                                          seed=seed)
+            entry["operating"] = {key: operating[key] for key in ("point", "delta_target", "delta_others",
+                                                                  "masking_ratio")}
+            entry["operating"].update(F=fraction["F"], F_ci95=fraction["ci95"])
+            mask = pick(target, ratio)
+            what = f"ratio {ratio:g}, {mask.total} experts"
+        else:
+            operating = monet[target]["operating"]
+            at = fraction_at(points, max(operating["delta_others"], 0.0), before[target], after_without[target], docs,
+                             seed)
+            entry["at_monet_others"] = at
+            # Beyond the dense sweep: Monet's share of units instead.
+            n = max(1, round((at["masking_ratio"] if at else operating["masking_ratio"]) * width))
+            mask = pick(target, n)
+            what = f"attribution, {n} neurons per layer"
+            # The relearning mask itself, measured (the interpolated F above is between two sweep points).
+            point = sweep(model, plan, before, target, [(what, mask)], seed)[0]
+            entry["relearn_mask"] = {k: v for k, v in point.items() if k != "after_target"}
+        if not args.no_relearn:
+            entry["relearn"] = relearn(demo, out, kind, target, mask, what, args)
+        results[target] = entry
+    log(f"{kind}: {time.process_time() - started:.0f} CPU-s")
     return results
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -373,7 +381,7 @@ def fine_tune_curve(model: torch.nn.Module, examples: PackedSequences, evaluate:
     """Fine-tune `model` on `examples` (windows in the training loop's seeded order, `settings`' batch size,
     learning rate held constant, gradient clipping and weight decay as in training) with `mask` (a context:
     the deletion) on throughout, evaluating `evaluate(model)` (the target's validation loss) at step 0 and at
-    each step of `schedule`; stops once half of the lost loss is back."""
+    each step of `schedule`; stops once half of the lost loss (against `full_loss`) is back."""
     order = WindowOrder(len(examples), settings.seed)
     optimizer = build_optimizer(model, settings)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -400,54 +408,43 @@ def fine_tune_curve(model: torch.nn.Module, examples: PackedSequences, evaluate:
             "cpu_s": time.process_time() - started}
 
 
-def relearn(demo: Path, out: Path, labels: list[str], measured: dict[str, Any], args: argparse.Namespace
+def relearn(demo: Path, out: Path, kind: str, target: str, mask: Selection, what: str, args: argparse.Namespace
             ) -> dict[str, Any]:
+    """5c for one model kind and target: the full model fine-tuned with `mask` on, and the retrained-without
+    model fine-tuned, on the target's training text; both read on the same validation windows."""
     report = json.loads((demo / "report" / "report.json").read_text())
-    seq_len, batch, ratio = report["seq_len"], report["batch_size"], report["ratio"]
+    seq_len, batch = report["seq_len"], report["batch_size"]
     sets, _ = label_window_sets(TokenDataset(demo / "data", split="validation"), seq_len)
     plan = EvalPlan.build(sets, seq_len, args.eval_tokens, batch)
-    train_set = TokenDataset(demo / "data", split="train")
+    picks = {target: plan.positions(target, args.relearn_tokens)}
+
+    def evaluate(model: torch.nn.Module) -> float:
+        return float(plan.measure(model, picks)[target].mean())
+
+    examples = PackedSequences(TokenDataset(demo / "data", split="train"), seq_len, label=target)
     schedule = [s for s in RELEARN_SCHEDULE if s < args.relearn_steps] + [args.relearn_steps]
-    results: dict[str, Any] = {}
-    for target in labels:
-        picks = {target: plan.positions(target, args.relearn_tokens)}
-
-        def evaluate(model: torch.nn.Module, picks: dict = picks, target: str = target) -> float:
-            return float(plan.measure(model, picks)[target].mean())
-
-        examples = PackedSequences(train_set, seq_len, label=target)
-        results[target] = {"eval_tokens": plan.tokens(picks[target]), "train_windows": len(examples)}
-        for kind in ("monet", "dense"):
-            source = demo / ("run" if kind == "monet" else "dense-run")
-            settings = replace(demo_train_settings(source, demo / "data", out / "unused"), lr=args.relearn_lr)
-            full_model = load_eval(source)
-            full_loss = evaluate(full_model)
-            if kind == "monet":
-                operating = next(p for p in measured["monet"][target]["points"] if p["point"] == f"ratio {ratio:g}")
-                selection = measured["monet"]["_rule"](target, ratio)
-                what = f"mask: ratio {ratio:g}, {selection.total} experts ({operating['delta_target']:+.3f} / " \
-                       f"{operating['delta_others']:+.3f})"
-            else:
-                at = measured["dense"][target]["at_monet_others"]
-                width = full_model.model.layers[0].mlp.down_proj.in_features
-                n = max(1, round(at["units"] if at else operating["masking_ratio"] * width))
-                selection = measured["dense"]["_rule"](target, n)
-                what = f"mask: attribution, {n} neurons per layer (Monet's Δ others, interpolated count)"
-            curves = {}
-            log(f"relearn {kind} {target} masked ({what})")
-            curves["masked"] = fine_tune_curve(full_model, examples, evaluate, settings, schedule, full_loss,
-                                               units_of(full_model).masked(selection))
-            curves["masked"]["what"] = what
-            log(f"  half recovered at {curves['masked']['half_recovery_step']} (gap "
-                f"{curves['masked']['start_gap']:+.3f})")
-            log(f"relearn {kind} {target} retrained without")
-            curves["without"] = fine_tune_curve(load_eval(out / f"{kind}-without-{target}"), examples, evaluate,
-                                                settings, schedule, full_loss)
-            log(f"  half recovered at {curves['without']['half_recovery_step']} (gap "
-                f"{curves['without']['start_gap']:+.3f})")
-            results[target][kind] = curves
-    return results
-
+    source = demo / ("run" if kind == "monet" else "dense-run")
+    settings = replace(demo_train_settings(source, demo / "data", out / "unused"), lr=args.relearn_lr)
+    full_model = load_eval(source)
+    full_loss = evaluate(full_model)
+    result: dict[str, Any] = {"eval_tokens": plan.tokens(picks[target]), "train_windows": len(examples),
+                              "lr": args.relearn_lr, "mask": what}
+    log(f"relearn {kind} {target}: masked ({what})")
+    result["masked"] = fine_tune_curve(full_model, examples, evaluate, settings, schedule, full_loss,
+                                       units_of(full_model).masked(mask))
+    log(f"  half back at step {result['masked']['half_recovery_step']} (gap {result['masked']['start_gap']:+.3f})")
+    log(f"relearn {kind} {target}: retrained without")
+    result["without"] = fine_tune_curve(load_eval(out / f"{kind}-without-{target}"), examples, evaluate, settings,
+                                        schedule, full_loss)
+    log(f"  half back at step {result['without']['half_recovery_step']} (gap {result['without']['start_gap']:+.3f})")
+    # The reference: the full model itself fine-tuned as long (the same text also helps a model that lost
+    # nothing; "half back" above counts that gain too).
+    longest = max(result["masked"]["steps"][-1], result["without"]["steps"][-1])
+    if longest:
+        result["full"] = fine_tune_curve(load_eval(source), examples, evaluate, settings,
+                                         [s for s in schedule if s <= longest], full_loss)
+        log(f"  full model fine-tuned: {result['full']['losses'][-1] - full_loss:+.3f} after {longest} steps")
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -469,60 +466,65 @@ def plain(value: Any) -> Any:
     return value
 
 
-def _ci(value: float, ci: list[float]) -> str:
+def _ci(value: float | None, ci: list[float | None]) -> str:
+    if value is None or None in ci or not np.isfinite(value):   # nan is written as null
+        return "-"
     return f"{value:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
-def markdown(measured: dict[str, Any], relearned: dict[str, Any], labels: list[str]) -> str:
-    lines = ["Forgotten fraction F = Δt_mask / (L_without - L_full) on the target's validation windows; "
-             "Δ in nats/token, 95 % CIs clustered by document.", "",
-             "| label | model | L_without - L_full: target | others | mask | Δ target | Δ others | F |",
+def markdown(parts: dict[str, Any], labels: list[str]) -> str:
+    lines = ["| label | model | L_without - L_full: target | others | mask | Δ target | Δ others | F |",
              "|---|---|---|---|---|---|---|---|"]
     for target in labels:
         for kind in ("monet", "dense"):
-            entry = measured[kind][target]
+            entry = parts[kind][target]
             gap = entry["oracle"]
-            at = entry["at_monet_others"]
             if kind == "monet":
-                op = entry["operating"]
-                mask = f"{op['point']} (operating point)"
-                cells = f"{op['delta_target']:+.3f} | {op['delta_others']:+.3f} | {_ci(op['F'], op['ci95'])}"
-            elif at is None:
-                mask, cells = "attribution: never reaches Monet's Δ others", "- | - | -"
+                at = entry["operating"]
+                mask = f"{at['point']} (operating point, {at['masking_ratio']:.1%} of experts)"
             else:
-                mask = (f"attribution, {at['units']:.0f} neurons/layer (between {at['between'][0]} and "
+                at = entry["at_monet_others"]
+                mask = ("never reaches Monet's Δ others" if at is None else
+                        f"attribution, {at['masking_ratio']:.2%} of neurons (interpolated: {at['between'][0]} - "
                         f"{at['between'][1]})")
-                cells = f"{at['delta_target']:+.3f} | {at['delta_others']:+.3f} | {_ci(at['F'], at['F_ci95'])}"
+            cells = "- | - | -" if at is None else \
+                f"{at['delta_target']:+.3f} | {at['delta_others']:+.3f} | {_ci(at['F'], at['F_ci95'])}"
             lines.append(f"| {target} | {kind} | {_ci(gap['target']['delta'], gap['target']['ci95'])} | "
                          f"{_ci(gap['others']['delta'], gap['others']['ci95'])} | {mask} | {cells} |")
-    lines += ["", "Sweeps (Δ target / Δ others per point):", ""]
+    lines += ["", "Sweeps (Δ target / Δ others; CIs in the JSON):", ""]
     for target in labels:
         for kind in ("monet", "dense"):
             points = ", ".join(f"{p['point']}: {p['delta_target']:+.3f} / {p['delta_others']:+.3f}"
-                               for p in measured[kind][target]["points"])
+                               for p in parts[kind][target]["points"])
             lines.append(f"* {target}, {kind}: {points}")
-    if relearned:
-        lines += ["", "Relearning: fine-tuning steps until half of the lost target loss is back (loss at step 0 "
-                  "minus the full model's, on the relearning windows); - : not within the steps run.", "",
-                  "| label | model | start | gap at step 0 | steps to half | loss at steps |",
-                  "|---|---|---|---|---|---|"]
+    if any("relearn" in parts[kind][t] for kind in ("monet", "dense") for t in labels):
+        lines += ["", "| label | model | start of the fine-tune | lost loss at step 0 | steps to half back | "
+                  "target loss at evaluated steps |", "|---|---|---|---|---|---|"]
         for target in labels:
             for kind in ("monet", "dense"):
-                for start, curve in relearned[target][kind].items():
+                result = parts[kind][target].get("relearn")
+                if result is None:
+                    continue
+                for start, name in (("masked", f"full model, mask on ({result['mask']})"),
+                                    ("without", "retrained without"), ("full", "full model, no mask (reference)")):
+                    curve = result.get(start)
+                    if curve is None:
+                        continue
                     half = curve["half_recovery_step"]
                     trace = ", ".join(f"{s}: {v:.3f}" for s, v in zip(curve["steps"], curve["losses"], strict=True))
-                    lines.append(f"| {target} | {kind} | {start} | {curve['start_gap']:+.3f} | "
+                    lines.append(f"| {target} | {kind} | {name} | {curve['start_gap']:+.3f} | "
                                  f"{half if half is not None else '> ' + str(curve['max_steps'])} | {trace} |")
     return "\n".join(lines) + "\n"
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--labels", nargs="+", required=True)
-    parser.add_argument("--stage", choices=["train", "measure", "all"], default="all",
-                        help="train: the without models only; measure: F and relearning (models trained)")
+    parser.add_argument("--stage", choices=["train", "monet", "dense", "report", "all"], default="all",
+                        help="train: the without models; monet / dense: that model's measurements (dense after "
+                             "monet: it is read at Monet's Δ others), written to OUT/part-KIND.json; report: "
+                             "OUT/retrain.json and .md from the parts; all: everything in order")
     parser.add_argument("--kinds", nargs="+", choices=["monet", "dense"], default=["monet", "dense"],
                         help="models to train in the train stage")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="target validation tokens per label")
@@ -532,32 +534,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.035, 0.05, 0.08, 0.15],
                         help="dense sweep: shares of each layer's neurons")
     parser.add_argument("--rule-tokens", type=int, default=40_000, help="training tokens for the attribution rule")
-    parser.add_argument("--relearn-steps", type=int, default=100)
+    parser.add_argument("--relearn-steps", type=int, default=80)
     parser.add_argument("--relearn-lr", type=float, default=5e-4)
     parser.add_argument("--relearn-tokens", type=int, default=2048, help="target validation tokens per evaluation")
     parser.add_argument("--no-relearn", action="store_true")
     args = parser.parse_args(argv)
     demo, out = Path(args.demo), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.stage in ("train", "all"):
+    stages = ["train", "monet", "dense", "report"] if args.stage == "all" else [args.stage]
+    if "train" in stages:
         for label in args.labels:
             train_without(demo, out, label, tuple(args.kinds))
-    if args.stage == "train":
-        return 0
-    started = time.perf_counter()
-    measured = measure(demo, out, args.labels, args)
-    relearned = {} if args.no_relearn else relearn(demo, out, args.labels, measured, args)
-    write_json(out / "retrain.json", plain({
-        "demo": str(demo), "command": " ".join(sys.argv), "labels": args.labels, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "settings": {k: v for k, v in vars(args).items() if k not in ("demo", "out")},
-        "train": {kind: dataclasses.asdict(demo_train_settings(demo / ("run" if kind == "monet" else "dense-run"),
-                                                               "DATA", "OUT")) for kind in ("monet", "dense")},
-        "measured": measured, "relearned": relearned, "wall_s": time.perf_counter() - started}))
-    text = markdown(measured, relearned, args.labels)
-    atomic_write(out / "retrain.md", text)
-    print(text)
+    for kind in ("monet", "dense"):
+        if kind in stages:
+            monet = json.loads((out / "part-monet.json").read_text())["results"] if kind == "dense" else None
+            started = time.perf_counter()
+            results = measure(demo, out, args.labels, kind, args, monet)
+            write_json(out / f"part-{kind}.json", plain({
+                "command": " ".join(sys.argv), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "settings": {k: v for k, v in vars(args).items() if k not in ("demo", "out", "stage")},
+                "wall_s": time.perf_counter() - started, "results": results}))
+    if "report" in stages:
+        parts = {kind: json.loads((out / f"part-{kind}.json").read_text()) for kind in ("monet", "dense")}
+        write_json(out / "retrain.json", {
+            "demo": str(demo), "labels": args.labels,
+            "train": {kind: dataclasses.asdict(demo_train_settings(demo / ("run" if kind == "monet" else "dense-run"),
+                                                                   "DATA", "OUT")) for kind in ("monet", "dense")},
+            **{kind: part for kind, part in parts.items()}})
+        text = markdown({kind: part["results"] for kind, part in parts.items()}, args.labels)
+        atomic_write(out / "retrain.md", text)
+        print(text)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
