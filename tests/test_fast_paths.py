@@ -114,3 +114,14 @@ def test_router_gradient_reaches_only_kept_key_rows():
     used = (g1 > 0).reshape(-1, 128).any(0)
     assert bool((router.w1.weight.grad[~used] == 0).all())
     assert bool((router.w1.weight.grad[used] != 0).any())   # (a head keeping a single entry has g = 1: no grad)
+
+
+def test_router_backward_on_an_empty_batch_gives_zero_key_gradients():
+    """Zero tokens (an empty shard or window list) must not break the sparse router backward: the key
+    gradients are zeros of the keys' shape (it raised on reshaping the empty kept mask before)."""
+    x = torch.randn(0, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    z = (x @ weight.t()).detach().view(0, 2, 3)
+    g = ops.KeptSoftmax.apply(x, weight, z, torch.ones_like(z, dtype=torch.bool))
+    g.sum().backward()
+    assert x.grad.shape == (0, 4) and weight.grad.shape == (6, 4) and not weight.grad.any()

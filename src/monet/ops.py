@@ -106,7 +106,7 @@ class KeptSoftmax(torch.autograd.Function):
         x, weight, g = ctx.saved_tensors
         grad_z = g * (grad_g - (g * grad_g).sum(dim=-1, keepdim=True))   # softmax backward, 0 off kept
         x2d = x.reshape(-1, x.shape[-1])
-        kept = g.reshape(x2d.shape[0], -1) > 0                                # [tokens, H*E]
+        kept = g.reshape(x2d.shape[0], weight.shape[0]) > 0                   # [tokens, H*E] (0 tokens too)
         # On the CPU, one host sync (backward only) picks the sparse or the dense product by the kept fraction.
         dense = kept.device.type != "cpu" and not SPARSE_BACKWARD_OFF_CPU
         if dense or int(kept.sum()) > SPARSE_BACKWARD_MAX_FRACTION * kept.numel():
