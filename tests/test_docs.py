@@ -15,8 +15,8 @@ DOCS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
 AMBIGUOUS = {"model", "config", "tokenizer", "build", "code", "server"}
 FILE_SUFFIXES = {"py", "json", "yaml", "safetensors", "csv", "md", "png", "parquet", "npz", "npy", "txt", "jsonl", "gz"}
 # Functions of other packages (or formula symbols) that the docs write as calls.
-OUTSIDE = {"sha256", "int", "E_ij", "torch.load", "torch.topk", "torch.cuda.set_sync_debug_mode", "torch.compile", "predict_prob",
-           "p", "nnsight.LanguageModel", "down", "act", "TransformersModel", "datasets.load_dataset"}
+OUTSIDE = {"sha256", "int", "E_ij", "torch.load", "torch.topk", "torch.cuda.set_sync_debug_mode", "torch.compile",
+           "predict_prob", "p", "nnsight.LanguageModel", "down", "act", "TransformersModel", "datasets.load_dataset"}
 
 
 def modules() -> dict[str, str]:
