@@ -68,3 +68,21 @@ def test_replication_table_carries_the_dense_baselines_at_equal_target():
     text = run.replication_markdown(result, [3, 4], "cmd", [], baselines)
     assert "| c | +0.020 ± 0.000 | +0.200 ± 0.000 (1/2) | +0.030 ± 0.000 | +0.150 ± 0.000 (1/2) |" in text
     assert "attribution:zero" not in run.replication_markdown(result, [3, 4], "cmd", [])
+
+
+def test_an_incomplete_replication_says_what_is_already_decided():
+    """With seeds missing the table is marked incomplete; a label is robust for sure at 3 robust seeds, out of
+    reach when the missing seeds cannot bring it to 3, open otherwise."""
+    run = _run_module()
+    assert run.decided_verdict(["robust"] * 3, 1) == "robust"
+    assert run.decided_verdict(["robust", "robust", "marginal"], 1) == "open"
+    assert run.decided_verdict(["robust", "marginal", "marginal"], 1) == "not robust"
+    assert run.decided_verdict(["marginal"], 3) == "open"
+    reports = {3: _report({"c": "robust", "go": "marginal"}), 4: _report({"c": "robust", "go": "failing"}),
+               5: _report({"c": "robust", "go": "marginal"})}
+    text = run.replication_markdown(run.aggregate(reports), [3, 4, 5], "cmd", [])
+    assert "INCOMPLETE: seed 6 missing" in text and "pre-registered success: at least 6 of 8)." not in text
+    assert "robust already 1 (c), cannot be robust 1 (go)" in text and "already out of reach" in text
+    full = run.replication_markdown(run.aggregate({**reports, 6: _report({"c": "robust", "go": "robust"})}),
+                                    [3, 4, 5, 6], "cmd", [])
+    assert "INCOMPLETE" not in full and "1 of 2 labels robust" in full

@@ -24,6 +24,7 @@ from pathlib import Path
 from monet.experiments.protocol_stats import replication_grade
 
 FIELDS = ("delta_target", "delta_others", "random_delta_target_p95", "masking_ratio")
+REGISTERED_SEEDS = (3, 4, 5, 6)   # PREREGISTRATION.md
 
 
 def run_seed(seed: int, out: Path, source: str) -> Path:
@@ -129,6 +130,15 @@ def baseline_rows(baselines: dict[int, dict], rule: str) -> dict[str, dict]:
                     "seeds": row["seeds"]} for label, row in rows.items()}
 
 
+def decided_verdict(grades: list[str], missing: int, seeds: int = len(REGISTERED_SEEDS)) -> str:
+    """A label's registered verdict as far as it is already decided with `missing` of the `seeds` seeds still to
+    run: "robust" when robust on enough seeds whatever the rest give (3 of 4), "not robust" when it cannot reach
+    that any more, else "open"."""
+    need = math.ceil(0.75 * seeds)   # replication_grade's robust share
+    robust = sum(g == "robust" for g in grades)
+    return "robust" if robust >= need else "not robust" if robust + missing < need else "open"
+
+
 def replication_markdown(result: dict, seeds: list[int], command: str, problems: list[str],
                          baselines: dict[int, dict] | None = None, rule: str = "attribution:zero") -> str:
     """The pre-registered table (PREREGISTRATION.md): per label its grade on each seed and over the seeds,
@@ -146,7 +156,27 @@ def replication_markdown(result: dict, seeds: list[int], command: str, problems:
                      f"{fmt(row['delta_target'])} | {fmt(row['delta_others'])} | {fmt(row['worst_other'])} | "
                      f"{fmt(dense['delta_target']) if dense else '-'} |")
     robust = sum(row.get("replication") == "robust" for row in result["monet"].values())
-    lines += ["", f"{robust} of {len(result['monet'])} labels robust (pre-registered success: at least 6 of 8)."]
+    missing = [seed for seed in REGISTERED_SEEDS if seed not in seeds]
+    if not missing:
+        lines += ["", f"{robust} of {len(result['monet'])} labels robust (pre-registered success: at least 6 of 8)."]
+    else:
+        decided = {label: decided_verdict(row.get("grades", []), len(missing))
+                   for label, row in result["monet"].items()}
+
+        def named(verdict: str) -> str:
+            names = [label for label, v in decided.items() if v == verdict]
+            return f"{len(names)} ({', '.join(names) or 'none'})"
+
+        sure, out = named("robust"), named("not robust")
+        success = sum(v == "robust" for v in decided.values()) >= 6
+        lost = sum(v != "not robust" for v in decided.values()) < 6
+        lines[0] += f" (INCOMPLETE: seed{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} missing)"
+        lines += ["", f"**Incomplete: seeds {', '.join(map(str, missing))} of the registered "
+                  f"{', '.join(map(str, REGISTERED_SEEDS))} did not run**, so the verdict column applies the "
+                  "over-seeds rule to these seeds only and is not the registered verdict. Whatever the missing "
+                  f"seeds give: robust already {sure}, cannot be robust {out}, the rest open; the registered "
+                  "success (at least 6 of 8 robust) is "
+                  + ("already met." if success else "already out of reach." if lost else "open.")]
     lines += ["", "Monet against the dense baselines at equal Δ target, same seeds: the dense model's Δ others",
               "where its sweep forgets as much of the target as Monet's selection (linear interpolation from",
               "(0, 0); mean ± sd over the seeds where it gets there, reached / seeds), beside Monet's Δ others",
