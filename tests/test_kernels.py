@@ -13,11 +13,10 @@ os.environ["TRITON_INTERPRET"] = "1"     # conftest.py sets it before triton is 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from naive import naive_layer  # noqa: E402
-from test_sparse import LAYERS, _edit_table, _grads, _layer, _run, _tiny_model  # noqa: E402
+from test_sparse import LAYERS, _edit_table, _grads, _layer, _padded_edited_run, _run, _tiny_model  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from monet import kernels, sparse  # noqa: E402
-from monet.edits import ExpertEdits, apply_edits  # noqa: E402
 
 if os.environ.get("CI"):
     import triton  # noqa: F401   CI installs the gpu extra: these tests must run there, never skip
@@ -155,16 +154,7 @@ def test_whole_model_on_the_kernels_equals_the_dense_path(decompose, monkeypatch
     builds = []
     monkeypatch.setattr(sparse, "static_side", lambda *a, original=sparse.static_side: builds.append(1) or original(*a))
     model = _tiny_model(decompose).train()
-    apply_edits(model, ExpertEdits().delete(0, [1, 7, 20]).scale(1, 8, 2.0).scale_bottom(1, 3, 0.5))
-    ids = torch.randint(3, 256, (2, 7))
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
-    results = []
-    for path in ("dense", "sparse"):
-        model.zero_grad()
-        with sparse.expert_path(path):
-            loss = model(ids, attention_mask=mask, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    results = _padded_edited_run(model)
     layers, groups = model.config.num_hidden_layers, model.config.num_hidden_layers // model.config.moe_groups
     assert calls.count("GatherMatmulKernel") == layers * (1 if decompose == "horizontal" else 2)
     assert len(builds) == 2 * groups                     # one layout (two sides) per routing group

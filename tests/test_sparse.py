@@ -141,10 +141,9 @@ def _tiny_model(decompose, seed=0):
     return model
 
 
-@pytest.mark.parametrize("decompose", ["vertical", "horizontal"])
-def test_whole_model_with_padding_and_edits_sparse_equals_dense(decompose):
-    """Training-mode forward+backward of a model on a left-padded batch with edits: same loss, same grads."""
-    model = _tiny_model(decompose).train()
+def _padded_edited_run(model) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """(loss, every parameter gradient) of `model` with masks and steering on a left-padded batch, on the dense
+    path and then on the sparse one."""
     apply_edits(model, ExpertEdits().delete(0, [1, 7, 20]).scale(1, 8, 2.0).scale_bottom(1, 3, 0.5))
     ids = torch.randint(3, 256, (2, 7))
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
@@ -155,6 +154,13 @@ def test_whole_model_with_padding_and_edits_sparse_equals_dense(decompose):
             loss = model(ids, attention_mask=mask, labels=ids).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    return results
+
+
+@pytest.mark.parametrize("decompose", ["vertical", "horizontal"])
+def test_whole_model_with_padding_and_edits_sparse_equals_dense(decompose):
+    """Training-mode forward+backward of a model on a left-padded batch with edits: same loss, same grads."""
+    results = _padded_edited_run(_tiny_model(decompose).train())
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-12)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-8, atol=1e-11, msg=name)
