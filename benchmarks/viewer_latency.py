@@ -107,11 +107,13 @@ def main() -> None:
             out = call(name + "-job", f"/api/steer/{out['job']}?seen={out['version']}")
         job = {"request": name, "alpha": alpha, "first_token_seconds": None if first_token is None
                else round(first_token, 3), "done_seconds": round(time.perf_counter() - t, 3),
-               "changed_at": out.get("changed_at"), "ladder": out.get("ladder") and
+               "changed_at": out.get("changed_at"), "prompt_tokens": out.get("prompt_tokens"),
+               "active_tokens": out.get("active_tokens"), "ladder": out.get("ladder") and
                {k: v for k, v in out["ladder"].items() if k != "steered"}}
         jobs.append(job)
         print(f"  {name} α={alpha}: first new token after {job['first_token_seconds']} s, done after "
-              f"{job['done_seconds']} s", flush=True)
+              f"{job['done_seconds']} s; the expert active on {job['active_tokens']} of {job['prompt_tokens']} "
+              f"prompt tokens; changed at α {job['changed_at']}", flush=True)
     server.shutdown()
     worst: dict[str, float] = {}
     for row in rows:

@@ -153,6 +153,7 @@ def test_values_samples_and_label_counts_equal_brute_force(setup):
     assert checked > 1000
 
 
+@pytest.mark.slow
 def test_merge_of_two_shards_equals_one_pass(setup):
     model, _ = load(setup["run"])
     dataset = TokenDataset(setup["data"], "validation")

@@ -217,6 +217,7 @@ def test_a_closed_pipe_ends_quietly(monkeypatch, capsys) -> None:
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_head_on_a_long_output_ends_quietly(tmp_path) -> None:
     import subprocess
 

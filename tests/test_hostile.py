@@ -519,6 +519,7 @@ def test_defaults_follow_the_demo_protocol_and_select_on_train_text(world) -> No
     assert json.loads((world["atlas"] / "manifest.json").read_text())["data"]["split"] == "train"
 
 
+@pytest.mark.slow
 def test_atlas_on_the_evaluated_split_is_a_warning_on_the_terminal_and_in_the_report(world, tmp_path,
                                                                                      capsys) -> None:
     atlas = tmp_path / "validation-atlas"
@@ -537,6 +538,7 @@ def test_atlas_on_the_evaluated_split_is_a_warning_on_the_terminal_and_in_the_re
     assert json.loads((tmp_path / "clean" / "report.json").read_text())["warnings"] == []
 
 
+@pytest.mark.slow
 def test_help_names_positionals_and_states_each_default_once(capsys) -> None:
     import re
 

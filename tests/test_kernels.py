@@ -116,11 +116,15 @@ def _count_kernel_calls(monkeypatch) -> list[str]:
     return calls
 
 
-# Every shape, HD and VD, plain and edited (each a few seconds under the interpreter).
+# Every shape, HD and VD, plain and edited (one to three seconds each under the interpreter): the fast tier
+# keeps the first shape edited for each layer, the full suite runs them all.
 CASES = [pytest.param(cls, shape, edit,
                       id=f"{'hd' if cls is LAYERS[0] else 'vd'}-E{shape[1]}-m{shape[2]}-H{shape[3]}-k{shape[4]}-"
-                         f"{'edited' if edit else 'plain'}")
+                         f"{'edited' if edit else 'plain'}",
+                      marks=() if shape == SHAPES[0] and edit else pytest.mark.slow)
          for shape in SHAPES for cls in LAYERS for edit in (False, True)]
+# HD in the fast tier, VD (the slower one under the interpreter) in the full suite.
+LAYERS_HD_FAST = [LAYERS[0], pytest.param(LAYERS[1], marks=pytest.mark.slow, id=LAYERS[1].__name__)]
 
 
 @pytest.mark.parametrize("cls,shape,edit", CASES)
@@ -145,6 +149,7 @@ def test_layers_on_the_kernels_equal_the_naive_sum(cls, shape, edit, monkeypatch
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decompose", ["vertical", "horizontal"])
 def test_whole_model_on_the_kernels_equals_the_dense_path(decompose, monkeypatch):
     """A model in training mode on a left-padded batch with masks and steering: the loss and every parameter
@@ -189,7 +194,7 @@ def test_an_empty_batch_on_the_kernels(cls):
     assert all(g is None or not g.any() for g in grads[1:])
 
 
-@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("cls", LAYERS_HD_FAST)
 def test_edits_add_nothing_to_what_the_kernel_path_saves_for_backward(cls):
     """Masks and steering are read inside the kernel: an edited forward saves exactly the tensors an unedited
     one saves (the issue's <= 5 % more memory when masked; no edited-pair list, no combination tensor)."""
@@ -334,7 +339,7 @@ def _record_kernel_path(cls, shape, seed) -> _SyncRecorder:
     return recorder
 
 
-@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("cls", LAYERS_HD_FAST)
 def test_the_kernel_path_makes_no_host_sync_and_its_sizes_are_static(cls):
     """The CPU proxy for set_sync_debug_mode("error"): layout, mixes, edits, forward and backward run no op that
     syncs on CUDA (nonzero, item, unique, bincount, boolean indexing, repeat_interleave without its size, ...)
@@ -347,6 +352,7 @@ def test_the_kernel_path_makes_no_host_sync_and_its_sizes_are_static(cls):
     assert first.ops == second.ops
 
 
+@pytest.mark.slow
 def test_bench_sync_check_runs_every_case_under_the_error_mode(monkeypatch):
     """`monet bench --sync-check` (CUDA only; here with torch.cuda's sync calls stubbed, on the interpreter): every
     case runs once between set_sync_debug_mode("error") and "default", and a case that raises is reported."""

@@ -154,6 +154,7 @@ def test_released_checkpoint_through_every_command(released, capsys):
     assert capsys.readouterr().out.startswith("1. ")
 
 
+@pytest.mark.slow
 def test_unlabelled_files_and_bad_input(released, tmp_path, capsys):
     ck = str(released["checkpoint"])
     plain = tmp_path / "plain"
@@ -200,6 +201,7 @@ def test_unlabelled_files_and_bad_input(released, tmp_path, capsys):
                                        "--out", str(tmp_path / "e"), "--device", "cpu")
 
 
+@pytest.mark.slow
 def test_every_input_format_gives_the_same_documents(released, tmp_path):
     """CSV, Parquet, a folder per label and a saved `datasets` directory give the JSONL's documents and labels."""
     import datasets

@@ -201,6 +201,7 @@ def hold_lock(path: Path) -> subprocess.Popen:
     return process
 
 
+@pytest.mark.slow
 def test_a_second_train_on_the_same_out_is_refused_while_the_first_runs(tmp_path, capsys) -> None:
     run = tmp_path / "run"
     holder = hold_lock(run)

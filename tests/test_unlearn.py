@@ -148,6 +148,7 @@ def test_summary_rows_apply_the_bar_to_hand_made_entries() -> None:
     assert rows["leaky"]["interval_selective_lo"] is False and rows["wide"]["interval_min_delta_lo"] is False
 
 
+@pytest.mark.slow
 def test_windows_file_recomputes_the_report(demo: Path) -> None:
     """Every reported Δ, its clustered interval and the control's values come back from windows.csv.gz."""
     report = json.loads((demo / "report" / "report.json").read_text())
@@ -180,6 +181,7 @@ def test_windows_file_recomputes_the_report(demo: Path) -> None:
                 assert {(r["label"], r["window"]) for r in first} <= {(r["label"], r["window"]) for r in point}
 
 
+@pytest.mark.slow
 def test_masked_evaluation_reproduces_report(demo: Path) -> None:
     report = json.loads((demo / "report" / "report.json").read_text())
     target = max(report["monet"]["masked"], key=lambda t: report["monet"]["masked"][t]["masked_experts"])
@@ -218,6 +220,7 @@ def test_mask_edits_equal_the_selections_own_edits() -> None:
         deletions(selection, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["monet", "dense"])
 def test_packed_measurement_equals_one_pass_per_label(demo: Path, kind: str) -> None:
     """`EvalPlan.measure` runs the windows of every label in shared forward passes; each window's loss must be
@@ -246,6 +249,7 @@ def test_packed_measurement_equals_one_pass_per_label(demo: Path, kind: str) -> 
     assert not np.array_equal(measured[True], measured[False])   # the mask was in force
 
 
+@pytest.mark.slow
 def test_cli_single_target_and_bad_inputs(demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     report = json.loads((demo / "report" / "report.json").read_text())
     target = max(report["monet"]["masked"], key=lambda t: report["monet"]["masked"][t]["masked_experts"])
@@ -272,6 +276,7 @@ def test_cli_single_target_and_bad_inputs(demo: Path, tmp_path: Path, capsys: py
     assert not (tmp_path / "x").exists()   # nothing half-written
 
 
+@pytest.mark.slow
 def test_out_never_deletes_what_it_did_not_create(demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     common = [str(demo / "run"), "--data", str(demo / "data"), "--atlas", str(demo / "atlas"), "--eval-tokens", "128",
               "--random-masks", "0", "--sweep", "--quiet"]
@@ -296,6 +301,7 @@ def test_out_never_deletes_what_it_did_not_create(demo: Path, tmp_path: Path, ca
 
 @pytest.mark.parametrize(("rule", "ablation", "named"), [("class-mean", "mean", "class-mean difference"),
                                                          ("attribution", "zero", "attribution")])
+@pytest.mark.slow
 def test_dense_rules_run_through_the_protocol(demo: Path, tmp_path: Path, rule: str, ablation: str,
                                               named: str) -> None:
     """--dense-rule class-mean --dense-ablation mean (or attribution, zero): the dense baseline selects by
@@ -354,6 +360,7 @@ class _FakeDomains:
         return {"label": label, "headword": headword, "definition": definition}
 
 
+@pytest.mark.slow
 def test_headword_multiple_choice(demo: Path) -> None:
     entries = {"zoology": [(f"beast{i}", f"an animal number {i} with fur") for i in range(6)],
                "law": [("tort", "a civil wrong"), ("writ", "a court order")]}

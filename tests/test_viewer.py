@@ -269,6 +269,7 @@ def test_export_link_is_the_cli_export(viewer, tmp_path):
     assert sum(1 for v in act["values"] if v) >= 1 and page["monet"]["bands"][0]["activations"]
 
 
+@pytest.mark.slow
 def test_model_endpoints(viewer):
     url, atlas = viewer["url"], viewer["atlas"]
     group, expert = busiest(atlas)
@@ -451,6 +452,7 @@ def test_expert_page_in_headless_chromium(viewer, page):
     assert "unknown expert" in page.inner_text("main .error")
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_values_bands_labels_histogram_and_export_in_chromium(viewer, page):
     atlas = viewer["atlas"]
@@ -510,6 +512,7 @@ def test_values_bands_labels_histogram_and_export_in_chromium(viewer, page):
     snap(page, "specialists")
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_model_features_in_chromium(viewer, page):
     """Test activation on typed text, similar experts, steering side by side, a document coloured by values."""
@@ -584,6 +587,7 @@ def test_malformed_fragments_show_a_message(viewer, page, fragment, message):
     assert message in page.inner_text("main .error")
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_a_slow_answer_never_replaces_a_newer_page(viewer, page, monkeypatch):
     """The cause of a flaky wait for 'Experts of the token': the expert page of an earlier navigation (the
@@ -643,6 +647,7 @@ def test_similar_experts_never_stall_the_viewer(viewer, monkeypatch):
     assert time.monotonic() - started < 1
 
 
+@pytest.mark.slow
 def test_a_closed_connection_prints_no_traceback(viewer, capfd):
     """A tab closed mid-answer (here: a request whose reader hangs up at once) is not an error worth a traceback."""
     host, port = viewer["servers"]["url"].server_address[:2]
@@ -688,6 +693,7 @@ def test_experts_per_token_of_a_text(viewer):
     assert "needs the model" in json.loads(get(viewer["bare"] + "/api/text?q=x")[1])["error"]
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_steering_reports_activity_and_offers_a_context_in_chromium(viewer, page):
     """On a prompt where the expert never fires the page says so (issue 29: α = 200 changed nothing, silently);
@@ -736,6 +742,7 @@ def test_steering_reports_activity_and_offers_a_context_in_chromium(viewer, page
     snap(page, "steer-active")
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_experts_per_token_page_and_loading_state_in_chromium(viewer, page, monkeypatch):
     page.goto(f"{viewer['url']}/#/")
@@ -839,6 +846,7 @@ def test_largest_is_a_stable_descending_sort():
         assert _largest(values, n).tolist() == np.argsort(-values, kind="stable")[:n].tolist()
 
 
+@pytest.mark.slow
 def test_a_left_page_pauses_its_similar_experts(viewer, monkeypatch):
     """A similar-experts job whose page stopped asking (the user went elsewhere) pauses before its next step, so
     it does not keep the model from the page the user is on; asked again, it goes on where it stopped."""
@@ -871,6 +879,7 @@ def test_a_left_page_pauses_its_similar_experts(viewer, monkeypatch):
     assert all(isinstance(r["cosine"], float) for r in table["experts"][:table["directions"]])
 
 
+@pytest.mark.slow
 def test_steering_streams_its_text(viewer, monkeypatch):
     """Issue 29: steering answered after 8-9 s (two generations) with nothing on the page meanwhile. POST
     /api/steer now answers within `STEER_WAIT` with the text so far, /api/steer/JOB with each new token; every
@@ -958,6 +967,7 @@ def test_suggested_alpha_is_verified_to_steer(viewer):
     assert found >= 2   # the experts' own contexts can be steered
 
 
+@pytest.mark.slow
 def test_forced_difference_is_where_greedy_decoding_leaves_the_text(viewer):
     """The ladder's one forward pass per α (teacher forcing on the unsteered continuation) finds the first new token
     that greedy decoding with the edit changes (the oracle: generating with it)."""
@@ -982,6 +992,7 @@ def test_forced_difference_is_where_greedy_decoding_leaves_the_text(viewer):
     assert steering.first_difference([1, 2, 3], [1, 5, 3]) == 2 and steering.first_difference([1, 2], [1, 2, 3]) == 3
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_steering_streams_and_suggests_a_verified_alpha_in_chromium(viewer, page, monkeypatch):
     """The page shows the text as it is generated (a stage line with a spinner, the text so far); "use a top context"

@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "fractions": args.fractions, "threads": torch.get_num_threads(),
                                         "results": results, "comparison": comparison,
                                         "sae_reconstruction": reconstruction})
+    (out / "baselines.partial.json").unlink(missing_ok=True)   # kept only while later baselines could fail
     text = markdown(comparison, list(results), reconstruction)
     (out / "baselines.md").write_text(text)
     print(text)
