@@ -127,3 +127,30 @@ def test_export_page_shape(setup, tmp_path, capsys):
     assert main(["atlas", "export", str(setup["atlas"]), "--expert", "0:5", "--out",
                  str(tmp_path / "no" / "x.json")]) == 2
     assert "directory" in capsys.readouterr().err
+
+
+def test_what_a_kind_offers_comes_from_its_units_class():
+    """`units.kind_of`: the tools read what an atlas's kind offers from its units class, not from kind names."""
+    from monet.interp.units import kind_of
+
+    monet_kind, dense_kind = kind_of("monet"), kind_of("dense")
+    assert monet_kind.halves({"experts_per_side": 8}, 5 * 8 + 3) == (5, 3)
+    assert monet_kind.halves({}, 7) is None                      # an atlas that does not record E
+    assert dense_kind.halves({"experts_per_side": 8}, 7) is None
+    assert (monet_kind.steerable, monet_kind.coactive, monet_kind.group_word) == (True, True, "group")
+    assert (dense_kind.steerable, dense_kind.coactive, dense_kind.group_word) == (False, False, "layer")
+    with pytest.raises(MonetError, match="not mlp_type='peer'"):
+        kind_of("peer")
+
+
+@pytest.mark.slow
+def test_a_dense_atlas_names_no_halves_and_refuses_similar_experts(setup, tmp_path):
+    from monet.interp.export import similar_experts
+
+    run = save_run(tmp_path / "dense-run", tiny_config(mlp_type="dense"), setup["data"], seed=0)
+    atlas = Atlas(atlas_of(run, setup["data"], tmp_path / "dense-atlas"))
+    model = load(run)[0]
+    assert atlas.manifest["kind"] == "dense"
+    assert "i" not in expert_page(atlas, 0, 5)["monet"]
+    with pytest.raises(MonetError, match="Monet atlases only"):
+        similar_experts(model, atlas, 0, 5)

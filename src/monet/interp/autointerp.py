@@ -51,7 +51,7 @@ from monet.checkpoint import load_checkpoint
 from monet.errors import MonetError
 from monet.interp.explain import explain_expert
 from monet.interp.query import Atlas
-from monet.interp.units import units_of
+from monet.interp.units import kind_of, units_of
 from monet.io import output_directory, write_json
 from monet.runtime import resolve_device
 
@@ -589,7 +589,7 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             return "-"
         return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
-    group = "layer" if meta["kind"] == "dense" else "group"     # a dense model's group is a layer
+    group = kind_of(meta["kind"]).group_word
     weighting = " (held-out examples weighted by their band's share of activations)" \
         if meta.get("weighting") == "activations" else ""
     lines = [f"Autointerp of {meta['atlas']} ({meta['kind']}), judge `{meta['judge']}`{weighting}; balanced accuracy "

@@ -17,6 +17,7 @@ from monet.errors import MonetError
 from monet.interp.capture import capture_routing
 from monet.interp.explain import context_prefixes, expert_direction, expert_logits
 from monet.interp.query import Atlas, parse_expert
+from monet.interp.units import kind_of
 from monet.io import write_json
 from monet.settings import AtlasExport
 
@@ -49,8 +50,9 @@ def expert_page(atlas, group: int, expert: int, model: Any = None, k: int | None
                       for band in atlas.band_samples(group, expert)],
         },
     }
-    if atlas.manifest["kind"] == "monet" and atlas.manifest.get("experts_per_side"):
-        page["monet"]["i"], page["monet"]["j"] = divmod(int(expert), int(atlas.manifest["experts_per_side"]))
+    halves = kind_of(atlas.manifest["kind"]).halves(atlas.manifest, expert)
+    if halves is not None:
+        page["monet"]["i"], page["monet"]["j"] = halves
     if model is not None:
         page.update(expert_logits(model, atlas, group, expert))
     return page
@@ -78,7 +80,7 @@ def similar_experts(model: torch.nn.Module, atlas: Atlas, group: int, expert: in
     atlas corpus) and, for the `directions` most frequent, `cosine` between the two `expert_direction`s.
     Ranked by `contexts`, then `mean_percent`."""
     atlas.check_expert(group, expert)
-    if atlas.manifest["kind"] != "monet":
+    if not kind_of(atlas.manifest["kind"]).coactive:
         raise MonetError("similar experts are computed for Monet atlases only (routing co-activation)")
     k = k or int(atlas.manifest["options"]["top_k"])
     prefixes = context_prefixes(atlas, group, expert, k)

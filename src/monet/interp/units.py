@@ -53,6 +53,15 @@ class Units:
     groups: int             # routing groups (Monet) or layers (dense)
     per_group: int          # units per group
     scale: float            # a score divided by it is a share of 1 (Monet: H heads each spread 1 over experts)
+    # What the tools may offer for this kind; read from the class, so an atlas's manifest is enough (`kind_of`).
+    group_word: str = "group"   # what a group is called in reports
+    steerable: bool = False     # units scaled inside their layer (steering)
+    coactive: bool = False      # units compared by routing co-activation (the viewer's "similar experts")
+
+    @staticmethod
+    def halves(manifest: dict[str, Any], unit: int) -> tuple[int, int] | None:
+        """The unit's two halves (i, j) when its id is i * E + j (product-key experts), else None."""
+        return None
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model, self.config = model, model.config
@@ -117,11 +126,17 @@ class MonetExperts(Units):
     one routing)."""
 
     kind = "monet"
+    steerable = coactive = True
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)
         self.groups, self.per_group = self.config.num_routing_groups, self.config.moe_experts ** 2
         self.scale = float(self.config.moe_heads)
+
+    @staticmethod
+    def halves(manifest: dict[str, Any], unit: int) -> tuple[int, int] | None:
+        experts = manifest.get("experts_per_side")
+        return divmod(int(unit), int(experts)) if experts else None
 
     def layers(self, group: int) -> list[int]:
         return list(self.config.group_layers(group))
@@ -168,6 +183,7 @@ class DenseNeurons(Units):
     """A dense baseline's MLP neurons: `intermediate_size` per layer."""
 
     kind = "dense"
+    group_word = "layer"
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)
@@ -209,15 +225,21 @@ class DenseNeurons(Units):
 KINDS: dict[str, type[Units]] = {"monet": MonetExperts, "dense": DenseNeurons}
 
 
+def kind_of(kind: str) -> type[Units]:
+    """The units class of a kind ("monet", "dense": a model's `mlp_type`, an atlas manifest's "kind"); its class
+    attributes say what the tools may offer without a model (`group_word`, `steerable`, `coactive`, `halves`)."""
+    if kind not in KINDS:
+        raise MonetError(f"the interpretation tools support {' and '.join(KINDS)} models, not mlp_type={kind!r}")
+    return KINDS[kind]
+
+
 def units_of(model: torch.nn.Module, expect: str | None = None, what: str = "the model", hint: str = "") -> Units:
     """The units of `model` (its `mlp_type` picks the kind); with `expect`, MonetError unless it is that kind
     (naming `what` and adding `hint`)."""
     kind = getattr(model.config, "mlp_type", "monet")
     if expect is not None and kind != expect:
         raise MonetError(f"{what} is a {kind} model, not a {expect} one{hint}")
-    if kind not in KINDS:
-        raise MonetError(f"the interpretation tools support {' and '.join(KINDS)} models, not mlp_type={kind!r}")
-    return KINDS[kind](model)
+    return kind_of(kind)(model)
 
 
 # ------------------------------------------------------------------------------------------ Monet reads

@@ -39,6 +39,7 @@ from monet.errors import MonetError
 from monet.interp.explain import expert_direction, expert_logits
 from monet.interp.export import expert_page, similar_experts
 from monet.interp.query import Atlas, activation_on_text, compact_histogram, document_values, experts_for_text
+from monet.interp.units import kind_of
 from monet.interp.viewer.steering import SteerJobs
 from monet.io import dumps, printable
 from monet.runtime import resolve_device
@@ -248,8 +249,9 @@ class ViewerState:
         if atlas.has_images:   # a VisionMonet atlas: top images, each with its best patch
             result["images"] = atlas.image_examples(group, expert)
         result["histogram_view"] = compact_histogram(**result["histogram"])
-        if atlas.manifest["kind"] == "monet" and atlas.manifest.get("experts_per_side"):
-            result["i"], result["j"] = divmod(int(expert), int(atlas.manifest["experts_per_side"]))
+        halves = kind_of(atlas.manifest["kind"]).halves(atlas.manifest, expert)
+        if halves is not None:
+            result["i"], result["j"] = halves
         return result
 
     def expert_logits(self, group: int, expert: int) -> dict[str, Any]:
@@ -403,7 +405,7 @@ class ViewerState:
         tokens = body.get("max_new_tokens", 24)
         if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= LIMITS["max_new_tokens"]:
             raise MonetError(f"max_new_tokens must be an integer from 1 to {LIMITS['max_new_tokens']}, got {tokens!r}")
-        if self.atlas.manifest["kind"] != "monet":
+        if not kind_of(self.atlas.manifest["kind"]).steerable:
             raise MonetError("steering scales Monet experts; this atlas is of a dense model")
         return group, expert, prompt, tokens
 
