@@ -175,6 +175,7 @@ def test_merge_of_two_shards_equals_one_pass(setup):
         assert len(one.sample.rows()[0]) > 0
 
 
+@pytest.mark.slow
 def test_one_pass_values_equal_a_second_pass_bitwise(setup, tmp_path, monkeypatch):
     """The values read from the routing the first pass kept (`KeptRouting`) give the same files, byte for byte,
     as running the batches again (KEEP_BYTES = 0, the two-pass build), also when only some batches fit the

@@ -502,6 +502,7 @@ def test_toxicity_on_a_released_checkpoint(released, tmp_path):
     assert report["max_correlation"] and all(abs(c) <= 1 + 1e-9 for c in report["max_correlation"])
 
 
+@pytest.mark.slow
 def test_edits_export_bad_input(released, released_atlas, tmp_path, capsys):
     """`monet edits export` refuses, in one line and before writing anything: nothing to export, a label the atlas
     does not have, --label without --atlas, an atlas of another model, and a skewness no expert reaches."""

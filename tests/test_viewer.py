@@ -610,6 +610,7 @@ def test_a_slow_answer_never_replaces_a_newer_page(viewer, page, monkeypatch):
 
 # ---------------------------------------------------------------------------------------- issue 29
 
+@pytest.mark.slow
 def test_similar_experts_never_stall_the_viewer(viewer, monkeypatch):
     """Similar experts are slow on a large atlas (~36 s once, under the one lock). They are computed in the
     background in short locked steps: the request answers within SIMILAR_WAIT ("computing", then the table),
