@@ -59,7 +59,10 @@ def measure(demo: Path, out: Path, labels: list[str], kind: str, args: argparse.
     sets, _ = label_window_sets(TokenDataset(demo / "data", split="validation"), seq_len)
     full_plan = EvalPlan.build(sets, seq_len, args.eval_tokens, batch)
     keep = {label: full_plan.positions(label, args.others_tokens) for label in sets}
-    part = json.loads((out / f"part-{kind}.json").read_text())["results"]
+    part_file = out / f"part-{kind}.json"
+    if not part_file.is_file():
+        raise SystemExit(f"{part_file} not found: OUT must be a finished `retrain.py --out OUT` directory")
+    part = json.loads(part_file.read_text())["results"]
     demo_model = retrain.load_eval(demo / ("run" if kind == "monet" else "dense-run"))
     again = retrain.load_eval(out / f"{kind}-full-retrained" if reference is None else
                               reference[1] / f"{kind}-without-{reference[0]}")
@@ -105,8 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", help="LABEL=DIR: DIR/KIND-without-LABEL as the second full model")
     args = parser.parse_args(argv)
     demo, out = Path(args.demo), Path(args.out)
+    if not (demo / "report" / "report.json").is_file():
+        parser.error(f"--demo {demo} is not a finished `monet demo` directory (no report/report.json)")
     reference = None
     if args.reference:
+        if "=" not in args.reference:
+            parser.error(f"--reference takes LABEL=DIR (a retrain.py --out with DIR/KIND-without-LABEL), "
+                         f"got {args.reference!r}")
         label, where = args.reference.split("=", 1)
         reference = (label, Path(where))
     if args.stage in ("train", "all") and reference is None:

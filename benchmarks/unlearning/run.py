@@ -130,13 +130,13 @@ def baseline_rows(baselines: dict[int, dict], rule: str) -> dict[str, dict]:
                     "seeds": row["seeds"]} for label, row in rows.items()}
 
 
-def decided_verdict(grades: list[str], missing: int, seeds: int = len(REGISTERED_SEEDS)) -> str:
-    """A label's registered verdict as far as it is already decided with `missing` of the `seeds` seeds still to
-    run: "robust" when robust on enough seeds whatever the rest give (3 of 4), "not robust" when it cannot reach
-    that any more, else "open"."""
-    need = math.ceil(0.75 * seeds)   # replication_grade's robust share
-    robust = sum(g == "robust" for g in grades)
-    return "robust" if robust >= need else "not robust" if robust + missing < need else "open"
+def decided_verdict(grades: list[str], missing: int) -> str:
+    """A label's registered verdict as far as it is already decided with `missing` seeds still to run: "robust"
+    when `replication_grade` says robust even if every missing seed fails, "not robust" when it cannot say
+    robust even if every missing seed is robust, else "open"."""
+    if replication_grade([*grades, *["failing"] * missing]) == "robust":
+        return "robust"
+    return "not robust" if replication_grade([*grades, *["robust"] * missing]) != "robust" else "open"
 
 
 def replication_markdown(result: dict, seeds: list[int], command: str, problems: list[str],
