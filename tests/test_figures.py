@@ -21,6 +21,7 @@ def report() -> dict:
     return json.loads(REPORT.read_text(encoding="utf-8"))
 
 
+@pytest.mark.slow
 def test_heatmap_has_a_unit_and_grades(report):
     fig = heatmap_figure(report)
     images = [ax for ax in fig.axes if ax.images]

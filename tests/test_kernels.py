@@ -168,7 +168,7 @@ def test_whole_model_on_the_kernels_equals_the_dense_path(decompose, monkeypatch
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-8, atol=1e-11, msg=name)
 
 
-@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("cls", LAYERS_HD_FAST)
 def test_float32_on_the_kernels_matches_the_dense_path(cls):
     """float32 (IEEE products, float32 accumulation): within float32 rounding of the dense path, with edits."""
     layer, router = _layer(cls, 16, 7, 4, 2, 3)
@@ -242,7 +242,7 @@ def test_static_side_sorts_the_kept_entries_by_half_and_covers_only_them():
     assert torch.equal(torch.repeat_interleave(half[used], (stop - start)[used]), side.half_of_row[:kept])
 
 
-@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("cls", LAYERS_HD_FAST)
 def test_a_capacity_below_e_is_exact_and_an_overflow_is_an_error(cls, monkeypatch):
     """K < E slots per head: exact while no head keeps more than K (naive sum, with edits); a head keeping
     more raises (on a GPU asynchronously, `torch._assert_async`): never a silently dropped entry."""
@@ -339,7 +339,8 @@ def _record_kernel_path(cls, shape, seed) -> _SyncRecorder:
     return recorder
 
 
-@pytest.mark.parametrize("cls", LAYERS_HD_FAST)
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", LAYERS)
 def test_the_kernel_path_makes_no_host_sync_and_its_sizes_are_static(cls):
     """The CPU proxy for set_sync_debug_mode("error"): layout, mixes, edits, forward and backward run no op that
     syncs on CUDA (nonzero, item, unique, bincount, boolean indexing, repeat_interleave without its size, ...)

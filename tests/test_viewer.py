@@ -799,6 +799,7 @@ def test_pages_go_before_background_steps():
     assert order == ["step 1", "page", "step 2"]
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_expert_page_shows_before_the_model_answers_in_chromium(viewer, page, monkeypatch):
     """The atlas's part of an expert page shows at once; promoted tokens (a forward pass per top context: seconds
