@@ -328,6 +328,36 @@ def test_routing_structure_is_built_once_per_group_and_survives_backward(monkeyp
     assert len(builds) == 2
 
 
+@pytest.mark.parametrize("decompose", ["horizontal", "vertical"])
+def test_dense_path_enumerates_edited_pairs_once_per_group_without_autograd(decompose, monkeypatch):
+    """On the dense path an edited group's active pairs are enumerated by its first layer and reused by the
+    others when nothing is differentiated (evaluation), with the same logits as enumerating them per layer;
+    with autograd each layer enumerates its own (its own graph), and the gradients still match."""
+    from monet import ops
+
+    calls = []
+    original = ops.edited_entries
+    monkeypatch.setattr(ops, "edited_entries", lambda *a: calls.append(1) or original(*a))
+    model = _tiny_model(decompose).eval()            # 4 layers, moe_groups 2: two routing groups
+    apply_edits(model, ExpertEdits().delete(0, [1, 7, 12]).scale(1, 8, 2.0).delete(1, [3]))
+    ids = torch.randint(3, 256, (2, 6))
+    with sparse.expert_path("dense"), torch.no_grad():
+        cached = model(ids).logits
+    assert len(calls) == 2, "the dense path did not reuse its group's edited pairs"
+    calls.clear()
+    monkeypatch.setattr(monet.model.RoutingGroup, "edited_pairs",
+                        lambda self, g1, g2, dtype: original(g1.to(dtype), g2.to(dtype), self.edit_weights))
+    with sparse.expert_path("dense"), torch.no_grad():
+        per_layer = model(ids).logits
+    torch.testing.assert_close(cached, per_layer, rtol=0, atol=0)
+    monkeypatch.undo()
+    monkeypatch.setattr(ops, "edited_entries", lambda *a: calls.append(1) or original(*a))
+    calls.clear()
+    with sparse.expert_path("dense"):
+        model(ids, labels=ids).loss.backward()
+    assert len(calls) == 4
+
+
 def test_dispatch_rule_and_switch(monkeypatch):
     layer, router = _layer(MonetHorizontalExperts, 8, 5, 4, 2, 2)
     x = torch.randn(1, 3, 8, dtype=torch.float64)

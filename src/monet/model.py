@@ -124,6 +124,7 @@ class RoutingGroup:
     edit_weights: torch.Tensor | None = None
     structures: dict[torch.dtype, sparse.Routing] = field(default_factory=dict, repr=False)
     halves: sparse.KeptHalves | None = field(default=None, repr=False)
+    edits: dict[torch.dtype, tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False)
 
     def sparse_routing(self, g1: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype) -> sparse.Routing:
         """The sparse structure of (g1, g2) with values in dtype, gathered again on every call (each layer has
@@ -136,6 +137,18 @@ class RoutingGroup:
             self.structures[dtype] = sparse.sparse_routing(g1c, g2c, self.edit_weights)
             return self.structures[dtype]
         return self.structures[dtype].bind(g1c, g2c)
+
+    def edited_pairs(self, g1: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """The dense path's edited active pairs: `ops.edited_entries` of (g1, g2) in dtype against the group's
+        edit table. Every layer of a group reads the same pairs, so without autograd (evaluation: the
+        unlearning protocol's masked passes) they are enumerated once per dtype for the group's own routing;
+        a tracked call (each layer has its own graph) or another routing enumerates them again."""
+        tracked = torch.is_grad_enabled() and (g1.requires_grad or g2.requires_grad)
+        if tracked or g1 is not self.g1 or g2 is not self.g2:
+            return ops.edited_entries(g1.to(dtype), g2.to(dtype), self.edit_weights)
+        if dtype not in self.edits:
+            self.edits[dtype] = ops.edited_entries(g1.to(dtype), g2.to(dtype), self.edit_weights)
+        return self.edits[dtype]
 
     def kept_halves(self, g1: torch.Tensor, g2: torch.Tensor) -> sparse.KeptHalves:
         """The kept halves of (g1, g2) for the decode path, built once for the group's own routing (the plan
@@ -235,11 +248,12 @@ class MonetHorizontalExperts(nn.Module):
         table = group.edit_weights
         if plan is not None:                          # decoding: the same sum over the kept halves' weights only
             return sparse.hd_decode(self, x, g1, g2, plan, table)
+        edits = None if table is None else group.edited_pairs(g1, g2, x.dtype)
         g1, g2 = g1.to(x.dtype), g2.to(x.dtype)
         hidden = self.act(self.u(x)).unflatten(-1, (g1.shape[-1], self.expert_dim))   # sigma(U_i x + b1_i) [B, T, E, m]
         top_input, bias_weight = ops.hd_mix(hidden, g1, g2)
-        if table is not None:
-            token, i, j, c = ops.edited_entries(g1, g2, table)
+        if edits is not None:
+            token, i, j, c = edits
             # Remove c_ij (V_j sigma(U_i x + b1_i) + b2_j) for every edited active pair.
             top_input = ops.add_rows(top_input, token, j, -c.unsqueeze(-1) * ops.gather_rows(hidden, token, i))
             bias_weight = ops.add_rows(bias_weight, token, j, -c)
@@ -276,12 +290,13 @@ class MonetVerticalExperts(nn.Module):
         table = group.edit_weights
         if plan is not None:                          # decoding: the same sum over the kept halves' weights only
             return sparse.vd_decode(self, x, g1, g2, plan, table)
+        edits = None if table is None else group.edited_pairs(g1, g2, x.dtype)
         g1, g2 = g1.to(x.dtype), g2.to(x.dtype)
         h1 = self.act(self.u1(x)).unflatten(-1, (g1.shape[-1], self.half_dim))   # sigma(U1_i x + b11_i) [B, T, E, m/2]
         h2 = self.act(self.u2(x)).unflatten(-1, (g2.shape[-1], self.half_dim))   # sigma(U2_j x + b21_j)
         straight1, straight2, cross12, cross21, s1, s2 = ops.vd_mix(h1, h2, g1, g2)
-        if table is not None:
-            token, i, j, c = ops.edited_entries(g1, g2, table)
+        if edits is not None:
+            token, i, j, c = edits
             # Remove c_ij E_ij(x): row sums over j and column sums over i of c, and the cross terms.
             rows = ops.add_rows(torch.zeros_like(s1), token, i, c)
             cols = ops.add_rows(torch.zeros_like(s2), token, j, c)
