@@ -139,7 +139,8 @@ def test_what_a_kind_offers_comes_from_its_units_class():
     assert dense_kind.halves({"experts_per_side": 8}, 7) is None
     assert (monet_kind.steerable, monet_kind.coactive, monet_kind.group_word) == (True, True, "group")
     assert (dense_kind.steerable, dense_kind.coactive, dense_kind.group_word) == (False, False, "layer")
-    with pytest.raises(MonetError, match="not mlp_type='peer'"):
+    assert (monet_kind.unit_word, dense_kind.unit_word) == ("expert", "neuron")
+    with pytest.raises(MonetError, match="not 'peer'"):
         kind_of("peer")
 
 

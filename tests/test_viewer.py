@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from atlas_fixtures import HOSTILE, build_settings, corpus, start_dataset_like, tiny_config
+from atlas_fixtures import HOSTILE, build_settings, corpus, save_run, start_dataset_like, tiny_config
 
 import monet
 from monet.checkpoint import load_checkpoint, save_checkpoint
@@ -1070,3 +1070,40 @@ def test_coactivation_step_computes_no_direction(viewer, monkeypatch):
     table = export.similar_experts(model, atlas, group, expert, directions=0)
     assert [r["expert"] for r in table["experts"]] == [r["expert"] for r in full["experts"]]
     assert all(r["cosine"] is None for r in table["experts"]) and full["experts"][0]["cosine"] is not None
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_a_dense_atlas_page_names_layers_and_neurons_and_offers_only_what_works(viewer, page):
+    """A dense baseline's atlas in the viewer, with its model: the page says layer / neuron, tests activation,
+    and offers neither similar units (no routing to compare: /api/similar answers 400) nor steering (no term
+    to scale), so it shows no error; /api/info says what the page may offer."""
+    work = viewer["work"]
+    run = save_run(work / "dense-run", tiny_config(mlp_type="dense"), work / "hostile-data", seed=0)
+    model, tokenizer = load_checkpoint(run)
+    build_atlas(model, tokenizer, build_settings(run, work / "hostile-data", work / "dense-atlas",
+                                                 AtlasOptions(max_tokens=None, top_k=3, seq_len=32, batch_size=8)))
+    server = make_server(Atlas(work / "dense-atlas", model), "127.0.0.1", 0, model, tokenizer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host, port = server.server_address[:2]
+        url = f"http://{host}:{port}"
+        info = json.loads(get(url + "/api/info")[1])
+        assert (info["group_word"], info["unit_word"], info["coactive"], info["steerable"]) == \
+            ("layer", "neuron", False, False)
+        assert get(url + "/api/similar/0/0")[0] == 400
+        monet_info = json.loads(get(viewer["url"] + "/api/info")[1])
+        assert (monet_info["group_word"], monet_info["unit_word"], monet_info["coactive"]) == ("group", "expert", True)
+        busy = busiest(Atlas(work / "dense-atlas"))
+        page.goto(f"{url}/#/expert/{busy[0]}/{busy[1]}")
+        page.wait_for_selector(f"#expert-title:text-is('Layer {busy[0]} / Neuron {busy[1]}')")
+        assert "layers ×" in page.inner_text("#summary") and "neurons" in page.inner_text("#summary")
+        assert page.locator("#probe-text").count() == 1
+        assert page.locator("#similar").count() == 0 and page.locator("text=Steering").count() == 0
+        page.fill("#probe-text", "int main")
+        page.click("#probe-run")
+        page.wait_for_selector("#probe-out :not(.hint)")
+        assert page.locator("main .error").count() == 0
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -55,6 +55,7 @@ class Units:
     scale: float            # a score divided by it is a share of 1 (Monet: H heads each spread 1 over experts)
     # What the tools may offer for this kind; read from the class, so an atlas's manifest is enough (`kind_of`).
     group_word: str = "group"   # what a group is called in reports
+    unit_word: str = "unit"     # ... and a unit
     steerable: bool = False     # units scaled inside their layer (steering)
     coactive: bool = False      # units compared by routing co-activation (the viewer's "similar experts")
 
@@ -126,6 +127,7 @@ class MonetExperts(Units):
     one routing)."""
 
     kind = "monet"
+    unit_word = "expert"
     steerable = coactive = True
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -184,6 +186,7 @@ class DenseNeurons(Units):
 
     kind = "dense"
     group_word = "layer"
+    unit_word = "neuron"
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)
@@ -227,9 +230,11 @@ KINDS: dict[str, type[Units]] = {"monet": MonetExperts, "dense": DenseNeurons}
 
 def kind_of(kind: str) -> type[Units]:
     """The units class of a kind ("monet", "dense": a model's `mlp_type`, an atlas manifest's "kind"); its class
-    attributes say what the tools may offer without a model (`group_word`, `steerable`, `coactive`, `halves`)."""
+    attributes say what the tools may offer without a model (`group_word`, `unit_word`, `steerable`, `coactive`,
+    `halves`)."""
     if kind not in KINDS:
-        raise MonetError(f"the interpretation tools support {' and '.join(KINDS)} models, not mlp_type={kind!r}")
+        raise MonetError(f"the interpretation tools support {' and '.join(KINDS)} models, not {kind!r} (a model's "
+                         "mlp_type, or an atlas manifest's kind)")
     return KINDS[kind]
 
 

@@ -11,6 +11,10 @@ let LOADING = null;   // the timer that shows "loading…" when a page is slow t
 
 const HIDDEN = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]/g;
 
+function capital(word) {
+  return word.charAt(0).toUpperCase() + word.slice(1);
+}
+
 function safe(text) {
   return String(text).replace(HIDDEN, (c) => {
     const code = c.codePointAt(0);
@@ -149,7 +153,7 @@ async function showExpert(nav, group, expert) {
   const data = await api(`/api/expert/${group}/${expert}`);
   const max = Math.max(data.max_percent, 1e-9);
   const halves = data.i === undefined ? "" : ` (i ${data.i}, j ${data.j})`;
-  const title = el("h2", { id: "expert-title", text: `Group ${data.group} / Expert ${data.expert}` });
+  const title = el("h2", { id: "expert-title", text: `${capital(INFO.group_word)} ${data.group} / ${capital(INFO.unit_word)} ${data.expert}` });
   const tools = el("p", { cls: "tools" },
     el("span", { cls: "hint", text: `expert id ${data.group}:${data.expert}${halves} · ` }),
     el("a", { id: "export", href: `/api/export/${group}/${expert}`, download: `monet-expert-${group}-${expert}.json`,
@@ -208,7 +212,7 @@ async function showExpert(nav, group, expert) {
   }
   nodes.push(...modelSections(group, expert, max, data.contexts));
   if (!show(nav, ...nodes)) return;
-  document.title = `Expert ${group}:${expert} – Monet atlas`;
+  document.title = `${capital(INFO.unit_word)} ${group}:${expert} – Monet atlas`;
   if (INFO.has_model) loadModelParts(nav, group, expert, data.count > 0);
 }
 
@@ -226,7 +230,7 @@ async function loadModelParts(nav, group, expert, logits) {
       if (nav === NAV && $("logits")) $("logits").replaceChildren(el("p", { cls: "error", text: String(error.message) }));
     }
   }
-  loadSimilar(nav, group, expert);
+  if (INFO.coactive) loadSimilar(nav, group, expert);   // a dense model's neurons have no routing to compare
 }
 
 function imageTiles(images) {
@@ -317,24 +321,33 @@ function modelSections(group, expert, max, contexts) {
                    (job) => steerOut.replaceChildren(...steerView(job, group, expert, useAlpha, steerRun)));
     } catch (error) { if (alive()) steerOut.replaceChildren(el("p", { cls: "error", text: String(error.message) })); }
   });
-  return [
-    el("h3", { text: "Test activation" }), probeText, el("div", { cls: "row" }, probeRun), probeOut,
+  // A dense model's neurons have no routing to compare and no term to scale: no similar units, no steering.
+  const similar = INFO.coactive ? [
     el("h3", { text: "Similar experts" }),
     el("div", { id: "similar" }, el("p", { cls: "hint loading", text: "computing co-activation and output directions…" })),
-    el("h3", { text: "Steering (greedy decoding, this expert's term scaled by α in every layer of its group)" }),
-    el("p", { cls: "hint", text: "Scaling acts only where the router picks the expert: on a prompt where it never " +
-      "fires nothing changes until it does; a top context as the prompt (cut after the token it fires on) " +
-      "usually makes it fire on the last prompt token. " +
-      `α starts at a first guess, ${guess} (100% over its median share on its top contexts, so that its term ` +
-      "weighs about a whole token's routing). Whether an α changes the text depends on the prompt: " +
-      `“find α” tries α = ${LADDER_TEXT} on yours and sets the smallest that changes the greedy text ` +
-      "(a top context as the prompt does this by itself)." }),
-    prompt,
-    el("div", { cls: "row" }, useContext, el("label", { text: "α " }, alpha), find,
-       el("label", { text: "new tokens " }, tokens), steerRun),
-    suggestion,
-    steerOut,
+  ] : [];
+  return [
+    el("h3", { text: "Test activation" }), probeText, el("div", { cls: "row" }, probeRun), probeOut, ...similar,
+    ...(INFO.steerable ? steeringSection() : []),
   ];
+
+  function steeringSection() {
+    return [
+      el("h3", { text: "Steering (greedy decoding, this expert's term scaled by α in every layer of its group)" }),
+      el("p", { cls: "hint", text: "Scaling acts only where the router picks the expert: on a prompt where it never " +
+        "fires nothing changes until it does; a top context as the prompt (cut after the token it fires on) " +
+        "usually makes it fire on the last prompt token. " +
+        `α starts at a first guess, ${guess} (100% over its median share on its top contexts, so that its term ` +
+        "weighs about a whole token's routing). Whether an α changes the text depends on the prompt: " +
+        `“find α” tries α = ${LADDER_TEXT} on yours and sets the smallest that changes the greedy text ` +
+        "(a top context as the prompt does this by itself)." }),
+      prompt,
+      el("div", { cls: "row" }, useContext, el("label", { text: "α " }, alpha), find,
+         el("label", { text: "new tokens " }, tokens), steerRun),
+      suggestion,
+      steerOut,
+    ];
+  }
 }
 
 const LADDER_TEXT = "2, 5, 10, 20, 50, 100, 200, 500, 1000";   // steering.LADDER
@@ -614,7 +627,8 @@ async function start() {
   try {
     INFO = await api("/api/info");
   } catch (error) { fail(NAV, error); return; }
-  $("summary").textContent = safe(`${INFO.kind} model · ${INFO.groups.length} groups × ${count(INFO.experts)} experts · ` +
+  $("summary").textContent = safe(`${INFO.kind} model · ${INFO.groups.length} ${INFO.group_word}s × ` +
+    `${count(INFO.experts)} ${INFO.unit_word}s · ` +
     `${count(INFO.tokens)} tokens · labels: ${INFO.labels.join(", ")}` + (INFO.has_model ? " · model loaded" : ""));
   for (const g of INFO.groups) $("group").appendChild(el("option", { value: String(g), text: String(g) }));
   for (const l of INFO.labels) $("label").appendChild(el("option", { value: l, text: l }));
