@@ -155,3 +155,8 @@ def test_a_dense_atlas_names_no_halves_and_refuses_similar_experts(setup, tmp_pa
     assert "i" not in expert_page(atlas, 0, 5)["monet"]
     with pytest.raises(MonetError, match="Monet atlases only"):
         similar_experts(model, atlas, 0, 5)
+    # A neuron's output direction: its down-projection column times its largest score, no context read.
+    layer, neuron = 1, 5
+    want = model.model.layers[layer].mlp.down_proj.weight[:, neuron] * float(atlas.expert(layer, neuron)["max_score"])
+    torch.testing.assert_close(expert_direction(model, atlas, layer, neuron), want)
+    assert len(expert_logits(model, atlas, layer, neuron, n=3)["pos_str"]) == 3

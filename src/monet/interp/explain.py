@@ -18,7 +18,6 @@ from monet.errors import MonetError
 from monet.generate import generate_tokens
 from monet.interp.query import Atlas, parse_expert
 from monet.interp.units import units_of
-from monet.model import expert_output
 from monet.runtime import resolve_device
 from monet.settings import ExplainCommand
 
@@ -45,45 +44,12 @@ def context_prefixes(atlas, group: int, expert: int, k: int) -> list[list[int]]:
     return out
 
 
-@torch.no_grad()
 def expert_direction(model: torch.nn.Module, atlas, group: int, expert: int, k: int = 10) -> torch.Tensor:
-    """The expert's output [d], averaged over its top contexts and summed over its group's layers."""
+    """The expert's output [d], averaged over its top contexts and summed over its group's layers (a dense
+    neuron: its down-projection column times its largest score; `units.Units.output_direction`)."""
     atlas.check_expert(group, expert)
-    layers = [model.model.layers[layer] for layer in units_of(model).layers(group)]
-    if atlas.manifest["kind"] == "dense":
-        weight = layers[0].mlp.down_proj.weight[:, expert]
-        return weight * max(float(atlas.expert(group, expert)["max_score"]), 1e-6)
-    prefixes = context_prefixes(atlas, group, expert, k)
-    if not prefixes:
-        raise MonetError(f"expert {group}:{expert} has no contexts in this atlas, so it has no measured output")
-    i, j = divmod(int(expert), model.config.moe_experts)
-    device = next(model.parameters()).device
-    total = torch.zeros(model.config.hidden_size, device=device)
-    inputs: dict[int, torch.Tensor] = {}
-
-    def keep_input(module, args, n: int) -> None:
-        inputs[n] = args[0][0, -1]
-        if n == len(layers) - 1:   # every input needed is known: skip the layers above and the LM head
-            raise _EnoughLayers
-
-    hooks = [layer.moe.register_forward_pre_hook(lambda mod, args, n=n: keep_input(mod, args, n))
-             for n, layer in enumerate(layers)]
-    try:
-        for prefix in prefixes:
-            try:
-                model.model(input_ids=torch.tensor([prefix], device=device), use_cache=False)
-            except _EnoughLayers:
-                pass
-            for n, layer in enumerate(layers):
-                total += expert_output(layer.moe, inputs[n].float(), i, j).float()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return total / len(prefixes)
-
-
-class _EnoughLayers(Exception):
-    """Raised by `expert_direction`'s hook once the group's last expert layer has its input."""
+    return units_of(model).output_direction(group, expert, lambda: context_prefixes(atlas, group, expert, k),
+                                            float(atlas.expert(group, expert)["max_score"]))
 
 
 @torch.no_grad()

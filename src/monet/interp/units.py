@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from monet.edits import ExpertEdits, edited, neuron_masks
 from monet.errors import MonetError
 from monet.interp.capture import RoutingCapture, capture_routing
-from monet.model import MonetRouter
+from monet.model import MonetRouter, expert_output
 
 # Per group, a score lookup: (b, t, unit) arrays -> the unit's score at those tokens (0 where inactive).
 Lookup = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -96,6 +96,12 @@ class Units:
 
     def masked(self, selection: Any) -> contextlib.AbstractContextManager:
         """A context in which the units of `selection` (a `criteria.Selection`: ids per group) are deleted."""
+        raise NotImplementedError
+
+    def output_direction(self, group: int, unit: int, prefixes: Callable[[], list[list[int]]],
+                         max_score: float) -> torch.Tensor:
+        """What the unit writes into the residual stream, [d] (float32): `prefixes()` gives the token ids of its
+        top contexts up to their activating token, `max_score` its largest score in the atlas."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -169,6 +175,38 @@ class MonetExperts(Units):
     def masked(self, selection: Any) -> contextlib.AbstractContextManager:
         return edited(self.model, deletions(selection, int(self.config.moe_experts)))
 
+    @torch.no_grad()
+    def output_direction(self, group: int, unit: int, prefixes: Callable[[], list[list[int]]],
+                         max_score: float) -> torch.Tensor:
+        """The expert's output (`monet.model.expert_output`) on the input of each layer of its group at the last
+        token of each prefix, summed over the layers, averaged over the prefixes."""
+        contexts = prefixes()
+        if not contexts:
+            raise MonetError(f"expert {group}:{unit} has no contexts in this atlas, so it has no measured output")
+        layers = [self.model.model.layers[layer] for layer in self.layers(group)]
+        i, j = divmod(int(unit), self.config.moe_experts)
+        device = next(self.model.parameters()).device
+        total = torch.zeros(self.config.hidden_size, device=device)
+        inputs: dict[int, torch.Tensor] = {}
+
+        def keep_input(module, args, n: int) -> None:
+            inputs[n] = args[0][0, -1]
+            if n == len(layers) - 1:   # every input needed is known: skip the layers above and the LM head
+                raise _EnoughLayers
+
+        hooks = [layer.moe.register_forward_pre_hook(lambda mod, args, n=n: keep_input(mod, args, n))
+                 for n, layer in enumerate(layers)]
+        try:
+            for prefix in contexts:
+                with contextlib.suppress(_EnoughLayers):
+                    self.model.model(input_ids=torch.tensor([prefix], device=device), use_cache=False)
+                for n, layer in enumerate(layers):
+                    total += expert_output(layer.moe, inputs[n].float(), i, j).float()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return total / len(contexts)
+
 
 def deletions(selection: Any, num_experts: int) -> ExpertEdits:
     """`selection.to_edits(num_experts)` (every selected expert deleted), built from the id arrays at once rather
@@ -210,6 +248,12 @@ class DenseNeurons(Units):
     def masked(self, selection: Any) -> contextlib.AbstractContextManager:
         return neuron_masks(self.model, selection.ids)
 
+    @torch.no_grad()
+    def output_direction(self, group: int, unit: int, prefixes: Callable[[], list[list[int]]],
+                         max_score: float) -> torch.Tensor:
+        """The neuron's column of its layer's down projection times its largest score (no context needed)."""
+        return self.model.model.layers[group].mlp.down_proj.weight[:, unit].float() * max(max_score, 1e-6)
+
     def _scores(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """Per layer, max(act(gate x) * up x, 0) of every neuron of its MLP hidden layer ([B, T, units], CPU)."""
         found: list[torch.Tensor] = []
@@ -248,6 +292,10 @@ def units_of(model: torch.nn.Module, expect: str | None = None, what: str = "the
 
 
 # ------------------------------------------------------------------------------------------ Monet reads
+
+class _EnoughLayers(Exception):
+    """Raised by `MonetExperts.output_direction`'s hook once the group's last expert layer has its input."""
+
 
 class _RoutingDone(Exception):
     """Raised by a hook on the last router: the rest of the forward pass cannot change the routing."""
