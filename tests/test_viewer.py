@@ -1098,7 +1098,7 @@ def test_a_dense_atlas_page_names_layers_and_neurons_and_offers_only_what_works(
         page.goto(f"{url}/#/expert/{busy[0]}/{busy[1]}")
         page.wait_for_selector(f"#expert-title:text-is('Layer {busy[0]} / Neuron {busy[1]}')")
         assert "layers ×" in page.inner_text("#summary") and "neurons" in page.inner_text("#summary")
-        assert page.locator("#probe-text").count() == 1
+        assert page.get_attribute("#probe-text", "placeholder") == "Type text to see this neuron's value on each token"
         assert page.locator("#similar").count() == 0 and page.locator("text=Steering").count() == 0
         page.fill("#probe-text", "int main")
         page.click("#probe-run")

@@ -251,13 +251,17 @@ function imageTiles(images) {
 
 function modelSections(group, expert, max, contexts) {
   if (!INFO.has_model) {
-    return [el("h3", { text: "Test activation · similar experts · steering" }),
+    const unit = INFO.unit_word;
+    const titles = ["Test activation", ...(INFO.coactive ? [`similar ${unit}s`] : []), ...(INFO.steerable ? ["steering"] : [])];
+    const offers = [`test this ${unit} on your own text`, ...(INFO.coactive ? [`find similar ${unit}s`] : []),
+                    ...(INFO.steerable ? ["steer generation with it"] : [])];
+    return [el("h3", { text: titles.join(" · ") }),
             el("p", { cls: "hint", id: "needs-model", text: "Start the viewer with the model, `monet view ATLAS --run RUN`, " +
-              "to test this expert on your own text, find similar experts and steer generation with it." })];
+              `to ${offers.slice(0, -1).join(", ")}${offers.length > 1 ? " and " : ""}${offers[offers.length - 1]}.` })];
   }
   const limits = INFO.limits;
   const probeText = el("textarea", { id: "probe-text", rows: "3", maxlength: String(limits.text_chars),
-                                     placeholder: "Type text to see this expert's value on each token" });
+                                     placeholder: `Type text to see this ${INFO.unit_word}'s value on each token` });
   const probeOut = el("div", { id: "probe-out", cls: "probe" });
   const probeRun = el("button", { type: "button", id: "probe-run", text: "run" });
   probeRun.addEventListener("click", async () => {
@@ -268,7 +272,7 @@ function modelSections(group, expert, max, contexts) {
       const best = out.values.indexOf(out.max);
       probeOut.replaceChildren(tokenSpans(out.pieces, out.values, -1, scale, { cls: "tokens-line probe-line" }),
         el("p", { cls: "hint", text: out.max > 0 ? `highest ${pct(out.max)} on “${visible(out.pieces[best])}”`
-                                                 : "the expert is not active on any token of this text" }));
+                                                 : `the ${INFO.unit_word} is not active on any token of this text` }));
     } catch (error) { probeOut.replaceChildren(el("p", { cls: "error", text: String(error.message) })); }
   });
   const prompt = el("textarea", { id: "steer-prompt", rows: "3", maxlength: String(limits.prompt_chars),
