@@ -144,11 +144,13 @@ class RoutingGroup:
         unlearning protocol's masked passes) they are enumerated once per dtype for the group's own routing;
         a tracked call (each layer has its own graph) or another routing enumerates them again."""
         tracked = torch.is_grad_enabled() and (g1.requires_grad or g2.requires_grad)
-        if tracked or g1 is not self.g1 or g2 is not self.g2:
-            return ops.edited_entries(g1.to(dtype), g2.to(dtype), self.edit_weights)
-        if dtype not in self.edits:
-            self.edits[dtype] = ops.edited_entries(g1.to(dtype), g2.to(dtype), self.edit_weights)
-        return self.edits[dtype]
+        reusable = not tracked and g1 is self.g1 and g2 is self.g2
+        if reusable and dtype in self.edits:
+            return self.edits[dtype]
+        pairs = ops.edited_entries(g1.to(dtype), g2.to(dtype), self.edit_weights)
+        if reusable:
+            self.edits[dtype] = pairs
+        return pairs
 
     def kept_halves(self, g1: torch.Tensor, g2: torch.Tensor) -> sparse.KeptHalves:
         """The kept halves of (g1, g2) for the decode path, built once for the group's own routing (the plan

@@ -780,12 +780,12 @@ def _kept_up(layer, linear, x2: torch.Tensor, halves: torch.Tensor) -> torch.Ten
     """sigma(U_i x + b_i) for the kept halves i: [tokens, E_s, w]. At one token on the CPU, one product per
     half read in place (each half's rows of U are w * d contiguous values); otherwise the halves' rows are
     gathered into one matrix for one product (a copy: a write and a second read; at 4 tokens a loop won at
-    one shape and lost at another, and on a GPU it would be one launch per half). Interleaved at one token
-    (docs/performance.md, "Decode results"): HD 0.23 -> 0.17 of the dense MLP (850M), 0.30 -> 0.22 (1.4B);
-    VD 0.20 -> 0.19, 0.30 -> 0.28."""
+    one shape and lost at another, and on a GPU it would be one launch per half). At one token the loop
+    takes HD's layer from 0.30 to 0.21 of the dense MLP at 1.4B and leaves VD about even
+    (`benchmarks/decode_up_ab.py`; docs/performance.md, "Decode results")."""
     weight = linear.weight.unflatten(0, (layer.experts, -1))                               # [E, w, d]
     bias = linear.bias.view(layer.experts, -1)                                            # [E, w]
-    if x2.shape[0] == 1 and x2.device.type == "cpu":
+    if x2.shape[0] == 1 and x2.device.type == "cpu" and halves.numel():
         x1 = x2[0]
         products = [torch.addmv(bias[i], weight[i], x1) for i in halves.tolist()]
         return layer.act(torch.stack(products)).view(1, halves.numel(), -1)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from monet.checkpoint import check_data_fits, load_checkpoint, resolve_checkpoint, trained_seq_len
+from monet.checkpoint import check_data_fits, load_checkpoint, read_config, resolve_checkpoint, trained_seq_len
 from monet.data import TokenDataset
 from monet.errors import MonetError
 from monet.interp.units import Units, cut_document, units_of
@@ -358,11 +358,11 @@ def probe_command(cmd: ProbeSettings) -> dict[str, Any]:
         if run is None:
             continue
         checkpoint = resolve_checkpoint(run, verify=not cmd.no_verify)
+        if name == "baseline" and read_config(checkpoint).mlp_type != "dense":   # before loading the weights
+            raise MonetError(f"--baseline {run} is a {read_config(checkpoint).mlp_type} model; the baseline is a dense "
+                             "model (`monet train --model dense`) whose MLP neurons are compared with the experts")
         check_data_fits(checkpoint, cmd.data)
         model, _ = load_checkpoint(checkpoint, device=device, load_tokenizer=False, verify=False)
-        if name == "baseline":
-            units_of(model, "dense", f"--baseline {run}", hint=": the baseline is a dense model (`monet train --model "
-                     "dense`) whose MLP neurons are compared with the experts")
         if seq_len is None:
             seq_len = trained_seq_len(checkpoint, model)
         models.append((name, model))
