@@ -1104,6 +1104,7 @@ def test_a_dense_atlas_page_names_layers_and_neurons_and_offers_only_what_works(
         page.click("#probe-run")
         page.wait_for_selector("#probe-out :not(.hint)")
         assert page.locator("main .error").count() == 0
+        snap(page, "dense-neuron")
     finally:
         server.shutdown()
         server.server_close()
