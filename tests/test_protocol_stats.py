@@ -183,8 +183,10 @@ def test_matched_masks_fall_back_to_the_whole_bin_and_report_the_overlap():
     masks, overlap = matched_masks(mass, [np.arange(20)], selected, n=20, bins=5, seed=0)
     assert all(set(m[0]) <= {16, 17, 18, 19} and m[0].size == 3 for m in masks)
     assert 0.5 < overlap < 1.0
-    with pytest.raises(MonetError, match="no target mass"):
+    with pytest.raises(MonetError, match="unit 9 has no target mass"):
         matched_masks([np.zeros(5)], [np.arange(10)], {0: [1]}, n=1)
+    with pytest.raises(MonetError, match="unit -1 has no target mass"):   # a boolean lookup would wrap it
+        matched_masks([np.zeros(5)], [np.arange(5)], {0: [-1]}, n=1)
 
 
 def test_control_comparison_can_fail():

@@ -105,7 +105,9 @@ class ExpertEdits:
 
     def table(self, group: int, num_experts: int) -> torch.Tensor | None:
         """The group's removal table [E*E] (float32; 1 - alpha per expert), or None when nothing is edited."""
-        entries, bottom, top = dict(self.experts.get(group, {})), self.bottom.get(group, {}), self.top.get(group, {})
+        entries, bottom, top = self.experts.get(group, {}), self.bottom.get(group, {}), self.top.get(group, {})
+        if self.pairs.get(group):
+            entries = dict(entries)
         for (i, j), alpha in self.pairs.get(group, {}).items():
             _check_index(i, num_experts, f"bottom index of group {group}")
             _check_index(j, num_experts, f"top index of group {group}")
@@ -121,9 +123,12 @@ class ExpertEdits:
             keep[:, j] *= alpha
         keep = keep.flatten()
         if entries:
-            for index in (min(entries), max(entries)):
-                _check_index(index, num_experts * num_experts, f"expert id in group {group}")
-            keep[list(entries)] *= torch.tensor(list(entries.values()), dtype=torch.float64)
+            # From arrays, not lists: the unlearning control builds tables of ~10^4 entries for every mask.
+            index = torch.from_numpy(np.fromiter(entries, dtype=np.int64, count=len(entries)))
+            alpha = torch.from_numpy(np.fromiter(entries.values(), dtype=np.float64, count=len(entries)))
+            for extreme in (int(index.min()), int(index.max())):
+                _check_index(extreme, num_experts * num_experts, f"expert id in group {group}")
+            keep[index] *= alpha
         return (1.0 - keep).float()
 
 

@@ -115,18 +115,26 @@ def matched_masks(mass: Sequence[np.ndarray], pools: Sequence[Sequence[int]], se
     if n < 1 or bins < 1:
         raise MonetError(f"need n >= 1 masks and bins >= 1, got n={n}, bins={bins}")
     plans: dict[int, list[tuple[np.ndarray, int]]] = {}
+    is_selected: dict[int, np.ndarray] = {}   # group -> [units] bool: a lookup, not a set search per mask
     for group, chosen in sorted(selected.items()):
-        chosen = np.unique(np.asarray(chosen, dtype=np.int64))
-        pool = np.union1d(np.asarray(pools[group], dtype=np.int64), chosen)
         values = np.asarray(mass[group], dtype=np.float64)
-        if pool.size and (pool.max() >= values.size):
-            raise MonetError(f"group {group}: unit {pool.max()} has no target mass ({values.size} units)")
+        chosen, drawable = (np.asarray(ids, dtype=np.int64) for ids in (chosen, pools[group]))
+        for ids in (chosen, drawable):
+            if ids.size and (ids.min() < 0 or ids.max() >= values.size):
+                bad = ids.min() if ids.min() < 0 else ids.max()
+                raise MonetError(f"group {group}: unit {bad} has no target mass ({values.size} units)")
+        is_selected[group] = np.zeros(values.size, dtype=bool)
+        is_selected[group][chosen] = True
+        in_pool = is_selected[group].copy()
+        in_pool[drawable] = True
+        pool = np.flatnonzero(in_pool)   # the union of the two, sorted
         ranked = pool[np.lexsort((pool, values[pool]))]
         plans[group] = []
         for members in np.array_split(ranked, min(bins, max(ranked.size, 1))):
-            need = int(np.isin(members, chosen).sum())
+            taken = is_selected[group][members]
+            need = int(taken.sum())
             if need:
-                free = np.setdiff1d(members, chosen)
+                free = np.sort(members[~taken])
                 plans[group].append((free if free.size >= need else members, need))
     rng = np.random.default_rng(seed)
     masks, overlap, drawn = [], 0, 0
@@ -135,7 +143,7 @@ def matched_masks(mass: Sequence[np.ndarray], pools: Sequence[Sequence[int]], se
         for group, parts in plans.items():
             ids = [rng.choice(members, size=need, replace=False) for members, need in parts]
             mask[group] = np.sort(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
-            overlap += int(np.isin(mask[group], np.asarray(selected[group])).sum())
+            overlap += int(is_selected[group][mask[group]].sum())
             drawn += mask[group].size
         masks.append(mask)
     return masks, overlap / max(drawn, 1)
