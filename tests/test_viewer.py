@@ -1100,6 +1100,14 @@ def test_a_dense_atlas_page_names_layers_and_neurons_and_offers_only_what_works(
         assert "layers ×" in page.inner_text("#summary") and "neurons" in page.inner_text("#summary")
         assert page.get_attribute("#probe-text", "placeholder") == "Type text to see this neuron's value on each token"
         assert page.locator("#similar").count() == 0 and page.locator("text=Steering").count() == 0
+        # No "expert" or "routing" where the atlas has neurons: the header, the stats, the export's file name.
+        header = page.inner_text("header")
+        assert "random interesting neuron" in header and "neurons per token" in header and "expert" not in header
+        assert "routing" not in page.inner_text("main .stats")
+        assert "routing" not in page.locator("main .legend").first.inner_text()
+        assert page.get_attribute("#export", "download") == f"monet-neuron-{busy[0]}-{busy[1]}.json"
+        assert f"monet-neuron-{busy[0]}-{busy[1]}.json" in \
+            get(f"{url}/api/export/{busy[0]}/{busy[1]}")[2]["Content-Disposition"]
         page.fill("#probe-text", "int main")
         page.click("#probe-run")
         page.wait_for_selector("#probe-out :not(.hint)")

@@ -22,7 +22,7 @@ import torch
 from monet.checkpoint import check_data_fits, load_checkpoint, read_config, resolve_checkpoint, trained_seq_len
 from monet.data import TokenDataset
 from monet.errors import MonetError
-from monet.interp.units import Units, cut_document, units_of
+from monet.interp.units import Units, cut_document, expect_kind, units_of
 from monet.io import atomic_write, output_directory, write_json
 from monet.runtime import resolve_device
 from monet.settings import ProbeSettings
@@ -358,9 +358,9 @@ def probe_command(cmd: ProbeSettings) -> dict[str, Any]:
         if run is None:
             continue
         checkpoint = resolve_checkpoint(run, verify=not cmd.no_verify)
-        if name == "baseline" and read_config(checkpoint).mlp_type != "dense":   # before loading the weights
-            raise MonetError(f"--baseline {run} is a {read_config(checkpoint).mlp_type} model; the baseline is a dense "
-                             "model (`monet train --model dense`) whose MLP neurons are compared with the experts")
+        if name == "baseline":   # before loading the weights
+            expect_kind(read_config(checkpoint), "dense", f"--baseline {run}", "; the baseline is a dense model "
+                        "(`monet train --model dense`) whose MLP neurons are compared with the experts")
         check_data_fits(checkpoint, cmd.data)
         model, _ = load_checkpoint(checkpoint, device=device, load_tokenizer=False, verify=False)
         if seq_len is None:

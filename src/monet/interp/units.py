@@ -56,6 +56,7 @@ class Units:
     # What the tools may offer for this kind; read from the class, so an atlas's manifest is enough (`kind_of`).
     group_word: str = "group"   # what a group is called in reports
     unit_word: str = "unit"     # ... and a unit
+    score_word: str = "of its scale"   # what a score as a percentage of `scale` is (the viewer's "12% ...")
     steerable: bool = False     # units scaled inside their layer (steering)
     coactive: bool = False      # units compared by routing co-activation (the viewer's "similar experts")
 
@@ -134,6 +135,7 @@ class MonetExperts(Units):
 
     kind = "monet"
     unit_word = "expert"
+    score_word = "of a token's routing"
     steerable = coactive = True
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -225,6 +227,7 @@ class DenseNeurons(Units):
     kind = "dense"
     group_word = "layer"
     unit_word = "neuron"
+    score_word = "of an activation of 1"
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)
@@ -282,13 +285,19 @@ def kind_of(kind: str) -> type[Units]:
     return KINDS[kind]
 
 
-def units_of(model: torch.nn.Module, expect: str | None = None, what: str = "the model", hint: str = "") -> Units:
-    """The units of `model` (its `mlp_type` picks the kind); with `expect`, MonetError unless it is that kind
-    (naming `what` and adding `hint`)."""
-    kind = getattr(model.config, "mlp_type", "monet")
+def expect_kind(config: Any, expect: str | None = None, what: str = "the model", hint: str = "") -> str:
+    """The kind of units a model of `config` has (its `mlp_type`); with `expect`, MonetError unless it is that
+    kind (naming `what` and adding `hint`). Takes the config so that a command can check a checkpoint before
+    loading its weights."""
+    kind = getattr(config, "mlp_type", "monet")
     if expect is not None and kind != expect:
         raise MonetError(f"{what} is a {kind} model, not a {expect} one{hint}")
-    return kind_of(kind)(model)
+    return kind
+
+
+def units_of(model: torch.nn.Module, expect: str | None = None, what: str = "the model", hint: str = "") -> Units:
+    """The units of `model` (its `mlp_type` picks the kind); with `expect`, see `expect_kind`."""
+    return kind_of(expect_kind(model.config, expect, what, hint))(model)
 
 
 # ------------------------------------------------------------------------------------------ Monet reads
@@ -405,4 +414,4 @@ def batch_inputs(dataset, batch: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
 
 
 __all__ = ["DenseNeurons", "KeptRouting", "MonetExperts", "UnitBatch", "Units", "batch_inputs", "batches_of",
-           "cut_document", "run_windows", "units_of"]
+           "cut_document", "expect_kind", "run_windows", "units_of"]

@@ -234,7 +234,8 @@ class ViewerState:
     def info(self) -> dict[str, Any]:
         atlas, m = self.atlas, self.atlas.manifest
         units = kind_of(m["kind"])     # what the page calls a group and a unit, and which panels it offers
-        return {"group_word": units.group_word, "unit_word": units.unit_word, "coactive": units.coactive,
+        return {"group_word": units.group_word, "unit_word": units.unit_word, "score_word": units.score_word,
+                "coactive": units.coactive,
                 "steerable": units.steerable, "groups": atlas.groups, "experts": atlas.num_experts,
                 "labels": atlas.labels,
                 "tokens": m["tokens"], "kind": m["kind"], "model": m["model"], "top_k": m["options"]["top_k"],
@@ -541,7 +542,7 @@ class Handler(BaseHTTPRequestHandler):
         if route == "image":
             return self._send(200, state.image(*args), "image/png")
         if route == "export":
-            name = f"monet-expert-{args[0]}-{args[1]}.json"
+            name = f"monet-{kind_of(state.atlas.manifest['kind']).unit_word}-{args[0]}-{args[1]}.json"
             return self._json(state.export(*args), download=True,
                               extra={"Content-Disposition": f'attachment; filename="{name}"'})
         answers = {"info": state.info, "expert": state.expert, "similar": state.similar_experts,

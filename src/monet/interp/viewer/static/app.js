@@ -15,6 +15,10 @@ function capital(word) {
   return word.charAt(0).toUpperCase() + word.slice(1);
 }
 
+// What this atlas calls its units ("expert" for Monet, "neuron" for a dense baseline; /api/info).
+function unitWord(plural) { return plural ? `${INFO.unit_word}s` : INFO.unit_word; }
+function valueName() { return INFO.coactive ? "share of each token's routing" : "activation on each token"; }
+
 function safe(text) {
   return String(text).replace(HIDDEN, (c) => {
     const code = c.codePointAt(0);
@@ -155,20 +159,20 @@ async function showExpert(nav, group, expert) {
   const halves = data.i === undefined ? "" : ` (i ${data.i}, j ${data.j})`;
   const title = el("h2", { id: "expert-title", text: `${capital(INFO.group_word)} ${data.group} / ${capital(INFO.unit_word)} ${data.expert}` });
   const tools = el("p", { cls: "tools" },
-    el("span", { cls: "hint", text: `expert id ${data.group}:${data.expert}${halves} · ` }),
-    el("a", { id: "export", href: `/api/export/${group}/${expert}`, download: `monet-expert-${group}-${expert}.json`,
+    el("span", { cls: "hint", text: `${unitWord()} id ${data.group}:${data.expert}${halves} · ` }),
+    el("a", { id: "export", href: `/api/export/${group}/${expert}`, download: `monet-${unitWord()}-${group}-${expert}.json`,
               text: "JSON export (as monet atlas export)" }));
   const stats = el("p", { cls: "stats", text:
     `${count(data.count)} activations · density ${data.density.toExponential(2)} · ` +
     `mean ${pct(data.mean_percent)} · ` +
-    `best ${pct(data.max_percent)} of a token's routing` });
+    `best ${pct(data.max_percent)} ${INFO.score_word}` });
   const nodes = [title, tools, stats];
-  const note = INFO.has_values ? "colour: the expert's share of each token's routing (hover a token for its value)"
+  const note = INFO.has_values ? `colour: the ${unitWord()}'s ${valueName()} (hover a token for its value)`
                                : "this atlas (format 1) stores only the activating token's value";
   nodes.push(legend(max, note));
   nodes.push(el("h3", { text: "Top activating contexts" }));
   nodes.push(data.contexts.length ? contextTable(data.contexts, max, group, expert, "contexts")
-                                  : el("p", { cls: "hint", text: "No contexts: this expert never fired on the atlas corpus." }));
+                                  : el("p", { cls: "hint", text: `No contexts: this ${unitWord()} never fired on the atlas corpus.` }));
   if (INFO.has_images) {   // a VisionMonet atlas (format 3)
     nodes.push(el("h3", { text: "Top images (each routed alone; outlined: the patch that routed most to the expert)" }));
     nodes.push(data.images && data.images.length ? imageTiles(data.images)
@@ -182,7 +186,7 @@ async function showExpert(nav, group, expert) {
     for (const band of data.bands) {
       const low = band.band === 0 ? "below" : `${pct(band.low_percent)} –`;
       box.appendChild(el("h4", { cls: "band", text:
-        `${low} ${pct(band.high_percent)} of a token's routing · ${(100 * band.share).toFixed(1)}% of its ` +
+        `${low} ${pct(band.high_percent)} ${INFO.score_word} · ${(100 * band.share).toFixed(1)}% of its ` +
         `activations (${count(band.count)}), ${band.contexts.length} at random` }));
       box.appendChild(contextTable(band.contexts, max, group, expert));
     }
@@ -190,14 +194,14 @@ async function showExpert(nav, group, expert) {
   } else {
     nodes.push(el("p", { cls: "hint", text: "No activations." }));
   }
-  nodes.push(el("h3", { text: "Routing probability by label" }));
+  nodes.push(el("h3", { text: INFO.coactive ? "Routing probability by label" : "Activation by label" }));
   const labels = Object.entries(data.label_share).sort((a, b) => b[1] - a[1]).map(([label, share]) => {
     const n = data.label_count ? `${count(data.label_count[label])} act. / ` : "";
     return [label, share, `${pct(100 * share)} · ${n}${count(data.label_tokens[label])} tokens`];
   });
   nodes.push(bars(labels, "labels"));
   const hist = data.histogram_view;
-  nodes.push(el("h3", { text: "Score histogram (share of a token's routing; bins from the data)" }));
+  nodes.push(el("h3", { text: `Score histogram (${INFO.score_word}; bins from the data)` }));
   if (hist.counts.length) {
     nodes.push(bars(hist.counts.map((c, i) => [`${pct(hist.edges[i])} – ${pct(hist.edges[i + 1])}`, c, count(c)]),
                     "histogram"));
@@ -493,15 +497,15 @@ async function showToken(nav, text, match) {
   $("token").value = text;
   $("match").value = match;
   const data = await api(`/api/token?q=${encodeURIComponent(text)}&match=${match}`);
-  const what = match === "substring" ? `Experts of the tokens containing “${visible(text)}”`
-                                     : `Experts of the token “${visible(text)}”`;
+  const what = match === "substring" ? `${capital(unitWord(true))} of the tokens containing “${visible(text)}”`
+                                     : `${capital(unitWord(true))} of the token “${visible(text)}”`;
   const describe = match === "substring"
     ? (r) => `${r.contexts} of its top contexts on ${r.pieces.map((p) => `“${visible(p)}”`).join(", ")}, best ${pct(r.max_percent)}`
     : (r) => `${r.contexts} of its top contexts on “${visible(r.piece)}”, best ${pct(r.max_percent)}`;
   show(nav, el("h2", { text: what }),
-       el("p", { cls: "hint", text: `${count(data.tokens)} vocabulary token(s) matched · ${data.experts.length} experts` }),
+       el("p", { cls: "hint", text: `${count(data.tokens)} vocabulary token(s) matched · ${data.experts.length} ${unitWord(true)}` }),
        data.experts.length ? expertList(data.experts, describe)
-                           : el("p", { cls: "hint", text: "No expert has this token among its top contexts." }));
+                           : el("p", { cls: "hint", text: `No ${unitWord()} has this token among its top contexts.` }));
 }
 
 async function showLabel(nav, label, minCount) {
@@ -511,14 +515,14 @@ async function showLabel(nav, label, minCount) {
   const describe = (r) => {
     const skew = typeof r.skewness === "number" ? r.skewness.toFixed(2) : "∞ (this label only)";
     const own = r.label_count === null || r.label_count === undefined ? "" : `, ${count(r.label_count)} on “${label}”`;
-    return `skewness ${skew} · ${count(r.count)} activations${own} · ${pct(100 * r.label_share)} of its routing ` +
-           `probability · best ${pct(r.max_percent)}`;
+    return `skewness ${skew} · ${count(r.count)} activations${own} · ${pct(100 * r.label_share)} of its ` +
+           `${INFO.coactive ? "routing probability" : "activation"} · best ${pct(r.max_percent)}`;
   };
-  show(nav, el("h2", { text: `Experts most specific to “${label}”` }),
-       el("p", { cls: "hint", text: `experts with at least ${count(data.min_count)} activations, ranked by skewness ` +
-         "(routing probability on this label over the largest on any other)" }),
+  show(nav, el("h2", { text: `${capital(unitWord(true))} most specific to “${label}”` }),
+       el("p", { cls: "hint", text: `${unitWord(true)} with at least ${count(data.min_count)} activations, ranked by ` +
+         `skewness (${INFO.coactive ? "routing probability" : "activation"} on this label over the largest on any other)` }),
        data.experts.length ? expertList(data.experts, describe)
-                           : el("p", { cls: "hint", text: "No expert reaches the minimum count." }));
+                           : el("p", { cls: "hint", text: `No ${unitWord()} reaches the minimum count.` }));
 }
 
 async function showDocument(nav, doc, pos, group, expert) {
@@ -531,10 +535,10 @@ async function showDocument(nav, doc, pos, group, expert) {
   if (group !== null) {
     $("group").value = String(group);
     $("expert").value = String(expert);
-    nodes.push(el("p", { cls: "tools" }, el("span", { text: "expert " }), expertLink(group, expert)));
+    nodes.push(el("p", { cls: "tools" }, el("span", { text: `${unitWord()} ` }), expertLink(group, expert)));
     max = Math.max(data.max_percent || 0, ...(data.values || []).filter((v) => v !== null), 1e-9);
-    nodes.push(legend(max, data.values ? "colour: this expert's share of each token's routing"
-      : "the marked token is the context's; start the viewer with --run to colour every token by this expert"));
+    nodes.push(legend(max, data.values ? `colour: this ${unitWord()}'s ${valueName()}`
+      : `the marked token is the context's; start the viewer with --run to colour every token by this ${unitWord()}`));
   }
   const text = tokenSpans(data.pieces, data.values, data.target, max, { cls: "document", lines: true, targetValue: null });
   text.id = "document";
@@ -548,11 +552,11 @@ async function showDocument(nav, doc, pos, group, expert) {
 async function showText(nav, text) {
   // Which experts fire on each token of the user's text (as `monet atlas query --text`), top 3 per group.
   const box = el("textarea", { id: "text-input", rows: "4", maxlength: String(INFO.limits.text_chars),
-                               placeholder: "Type or paste text: each token is listed with its top experts per group" });
+                               placeholder: `Type or paste text: each token is listed with its top ${unitWord(true)} per ${INFO.group_word}` });
   box.value = text;
-  const go = el("button", { type: "button", id: "text-run", text: "show experts per token" });
+  const go = el("button", { type: "button", id: "text-run", text: `show ${unitWord(true)} per token` });
   go.addEventListener("click", () => { location.hash = `#/text/${encodeURIComponent(box.value)}`; });
-  const nodes = [el("h2", { text: "Experts per token" }), box, el("div", { cls: "row" }, go)];
+  const nodes = [el("h2", { text: `${capital(unitWord(true))} per token` }), box, el("div", { cls: "row" }, go)];
   if (!INFO.has_model) {
     nodes.push(el("p", { cls: "hint", id: "needs-model", text: "Start the viewer with the model, " +
       "`monet view ATLAS --run RUN`, to run your text through it." }));
@@ -563,7 +567,7 @@ async function showText(nav, text) {
   if (!text) { show(nav, ...nodes); return; }
   const data = await api(`/api/text?q=${encodeURIComponent(text)}`);
   const table = el("table", { cls: "per-token", id: "text-table" });
-  table.appendChild(el("tr", {}, el("th", { text: "token" }), ...data.groups.map((g) => el("th", { text: `group ${g}` }))));
+  table.appendChild(el("tr", {}, el("th", { text: "token" }), ...data.groups.map((g) => el("th", { text: `${INFO.group_word} ${g}` }))));
   for (const row of data.tokens) {
     const cells = row.groups.map((experts, g) => {
       const cell = el("td");
@@ -576,14 +580,15 @@ async function showText(nav, text) {
     });
     table.appendChild(el("tr", {}, el("td", { cls: "piece", text: visible(row.piece) }), ...cells));
   }
-  nodes.push(el("p", { cls: "hint", text: "Per token and routing group: the experts with the largest share of the " +
-    "token's routing (click one for its page)." }), table);
+  nodes.push(el("p", { cls: "hint", text: INFO.coactive
+    ? "Per token and routing group: the experts with the largest share of the token's routing (click one for its page)."
+    : `Per token and ${INFO.group_word}: the ${unitWord(true)} with the largest activation (click one for its page).` }), table);
   show(nav, ...nodes);
 }
 
 function home(nav) {
-  show(nav, el("p", { cls: "hint", text: "Pick an expert, press “random interesting expert” (a label specialist), " +
-    "search a token, or see which experts fire on each token of your own text." }));
+  show(nav, el("p", { cls: "hint", text: `Pick a ${unitWord()}, press “random interesting ${unitWord()}” (a label ` +
+    `specialist), search a token, or see which ${unitWord(true)} fire on each token of your own text.` }));
 }
 
 const ID = /^[0-9]{1,9}$/;
@@ -606,11 +611,11 @@ async function route() {
       parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
     } catch (error) {
       throw new Error(`This address is malformed (${error.message}): ${visible(location.hash)}. ` +
-                      "Expert pages look like #/expert/0/123.");
+                      `${capital(unitWord())} pages look like #/expert/0/123.`);
     }
     const [page, ...rest] = parts;
     if (page === "" && rest.length === 0) home(nav);
-    else if (page === "expert" && rest.length === 2) await showExpert(nav, number(rest[0], "group"), number(rest[1], "expert id"));
+    else if (page === "expert" && rest.length === 2) await showExpert(nav, number(rest[0], INFO.group_word), number(rest[1], `${unitWord()} id`));
     else if (page === "token" && rest.length >= 1) await showToken(nav, rest.join("/"), "exact");
     else if (page === "contains" && rest.length >= 1) await showToken(nav, rest.join("/"), "substring");
     else if (page === "text") await showText(nav, rest.join("/"));
@@ -618,8 +623,8 @@ async function route() {
       await showLabel(nav, rest[0], rest.length === 2 ? number(rest[1], "minimum count") : 10);
     } else if (page === "doc" && (rest.length === 2 || rest.length === 4)) {
       await showDocument(nav, number(rest[0], "document"), number(rest[1], "position"),
-                         rest.length === 4 ? number(rest[2], "group") : null,
-                         rest.length === 4 ? number(rest[3], "expert id") : null);
+                         rest.length === 4 ? number(rest[2], INFO.group_word) : null,
+                         rest.length === 4 ? number(rest[3], `${unitWord()} id`) : null);
     } else {
       throw new Error(`There is no page “${visible(location.hash)}”. Pages: #/expert/G/ID, #/token/TEXT, ` +
                       "#/contains/TEXT, #/label/NAME[/MIN], #/doc/DOC/POS[/G/ID], #/text/TEXT.");
@@ -634,6 +639,9 @@ async function start() {
   $("summary").textContent = safe(`${INFO.kind} model · ${INFO.groups.length} ${INFO.group_word}s × ` +
     `${count(INFO.experts)} ${INFO.unit_word}s · ` +
     `${count(INFO.tokens)} tokens · labels: ${INFO.labels.join(", ")}` + (INFO.has_model ? " · model loaded" : ""));
+  for (const word of document.querySelectorAll(".group-word")) word.textContent = INFO.group_word;
+  for (const word of document.querySelectorAll(".unit-word")) word.textContent = unitWord();
+  $("home").textContent = `Monet ${unitWord()} atlas`;
   for (const g of INFO.groups) $("group").appendChild(el("option", { value: String(g), text: String(g) }));
   for (const l of INFO.labels) $("label").appendChild(el("option", { value: l, text: l }));
   $("expert").max = String(INFO.experts - 1);
