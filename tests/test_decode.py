@@ -180,3 +180,24 @@ def test_router_without_autograd_gives_the_same_routing():
     assert all(g.grad_fn is not None for g in slow)
     for a, b in zip(fast, slow, strict=True):
         assert torch.equal(a, b.detach())
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_one_token_views_follow_the_weights_and_go_when_the_layer_is_cast(cls):
+    """The one-token loop reads each half through views kept on the layer: they see in-place updates, are
+    rebuilt for a replaced weight, and a cast (`.to`) drops them (nothing keeps the old weights alive)."""
+    layer, router = _layer(cls, 12, 16, 4, 2, 2, seed=5)
+    x = torch.randn(1, 1, 12, dtype=torch.float64)
+    up = layer.u if isinstance(layer, monet.model.MonetHorizontalExperts) else layer.u1
+    with torch.no_grad():
+        g1, g2 = router(x)
+        _run(layer, "decode", x, g1, g2, None)
+        assert "_half_views" in layer.__dict__
+        up.weight.mul_(-2.0)                                               # in place: the views see it
+        torch.testing.assert_close(_run(layer, "decode", x, g1, g2, None), _run(layer, "dense", x, g1, g2, None))
+        up.weight = torch.nn.Parameter(torch.randn_like(up.weight))       # replaced: views made again
+        torch.testing.assert_close(_run(layer, "decode", x, g1, g2, None), _run(layer, "dense", x, g1, g2, None))
+        layer.to(torch.float32)
+        assert "_half_views" not in layer.__dict__
+        x32, g1, g2 = x.float(), g1.float(), g2.float()
+        torch.testing.assert_close(_run(layer, "decode", x32, g1, g2, None), _run(layer, "dense", x32, g1, g2, None))

@@ -225,7 +225,17 @@ def activation(name: str):
     return ACT2FN[name]
 
 
-class MonetHorizontalExperts(nn.Module):
+class ExpertLayer(nn.Module):
+    """What the two expert layers share beyond their math: moving or casting one (`to`, `half`, ...: `_apply`)
+    drops the decode path's per-half views of its weights (`monet.sparse._half_views`), which would keep the
+    old weights alive."""
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_half_views", None)
+        return super()._apply(fn, recurse)
+
+
+class MonetHorizontalExperts(ExpertLayer):
     """MoHDE: E_ij(x) = V_j sigma(U_i x + b1_i) + b2_j (eq. 6), summed as eq. 12.
 
     `u` holds every U_i and b1_i (d -> E*m with bias), `v` every V_j (E*m -> d), `b` every b2_j ([E, d]).
@@ -262,7 +272,7 @@ class MonetHorizontalExperts(nn.Module):
         return self.v(top_input.flatten(-2)) + bias_weight @ self.b
 
 
-class MonetVerticalExperts(nn.Module):
+class MonetVerticalExperts(ExpertLayer):
     """MoVDE (eq. 13-15): each expert's first layer is split into a left half (from i) and a right
     half (from j), and its second layer into four blocks, giving the six terms of appendix A.1:
 

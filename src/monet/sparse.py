@@ -783,14 +783,30 @@ def _kept_up(layer, linear, x2: torch.Tensor, halves: torch.Tensor) -> torch.Ten
     one shape and lost at another, and on a GPU it would be one launch per half). At one token the loop
     takes HD's layer from 0.30 to 0.21 of the dense MLP at 1.4B and leaves VD about even
     (`benchmarks/decode_up_ab.py`; docs/performance.md, "Decode results")."""
+    if x2.shape[0] == 1 and x2.device.type == "cpu" and halves.numel() and not torch.is_grad_enabled():
+        x1 = x2[0]
+        weights, biases = _half_views(layer, linear)
+        products = [torch.addmv(biases[i], weights[i], x1) for i in halves.tolist()]
+        return layer.act(torch.stack(products)).view(1, halves.numel(), -1)
     weight = linear.weight.unflatten(0, (layer.experts, -1))                               # [E, w, d]
     bias = linear.bias.view(layer.experts, -1)                                            # [E, w]
-    if x2.shape[0] == 1 and x2.device.type == "cpu" and halves.numel():
-        x1 = x2[0]
-        products = [torch.addmv(bias[i], weight[i], x1) for i in halves.tolist()]
-        return layer.act(torch.stack(products)).view(1, halves.numel(), -1)
     weight, bias = weight.index_select(0, halves), bias.index_select(0, halves)
     return layer.act(F.linear(x2, weight.flatten(0, 1), bias.view(-1))).view(x2.shape[0], halves.numel(), -1)
+
+
+def _half_views(layer, linear) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Every half's rows of an up-projection as views, [w, d] and [w] (no autograd), made once per weight
+    and kept on the layer: indexing [E, w, d] per half and call is a tensor op each, 40 % of the one-token
+    loop. Keyed by the weights' addresses (a view keeps its storage alive, so a new weight cannot reuse
+    one); moving or casting the layer drops them (`monet.model.ExpertLayer._apply`)."""
+    cache = layer.__dict__.setdefault("_half_views", {})
+    key = (linear.weight.data_ptr(), linear.bias.data_ptr())
+    entry = cache.get(id(linear))
+    if entry is None or entry[0] != key:
+        with torch.no_grad():
+            entry = cache[id(linear)] = (key, linear.weight.unflatten(0, (layer.experts, -1)).unbind(0),
+                                         linear.bias.view(layer.experts, -1).unbind(0))
+    return entry[1], entry[2]
 
 
 def _kept_project(plan: KeptHalves, weight: torch.Tensor, inputs: torch.Tensor, side: int) -> torch.Tensor:
