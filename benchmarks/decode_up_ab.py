@@ -1,8 +1,9 @@
 """The decode path's up-projection at one token, before and after (issue 24): the kept halves' rows of U
 gathered into one matrix for one product ("gather", what `monet.sparse._kept_up` still does for 2-8 tokens)
-against one product per half read in place ("per_half", what it does at one token on the CPU), interleaved in
-one process with the dense MLP of equal width, thread CPU time, at the released 850M and 1.4B layer shapes,
-HD and VD. Prints each case's median (ms) and its ratio to the dense MLP.
+against one product per half read in place, each half indexed per call ("indexed", the loop of the first
+change) or read through views kept on the layer ("per_half", what `_kept_up` does at one token on the CPU
+now), interleaved in one process with the dense MLP of equal width, thread CPU time, at the released 850M and
+1.4B layer shapes, HD and VD. Prints each case's median (ms) and its ratio to the dense MLP.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/decode_up_ab.py --rounds 31 [--json OUT]
 """
@@ -33,6 +34,14 @@ def gather_up(layer, linear, x2: torch.Tensor, halves: torch.Tensor) -> torch.Te
     weight = linear.weight.unflatten(0, (layer.experts, -1)).index_select(0, halves)
     bias = linear.bias.view(layer.experts, -1).index_select(0, halves)
     return layer.act(F.linear(x2, weight.flatten(0, 1), bias.view(-1))).view(x2.shape[0], halves.numel(), -1)
+
+
+def indexed_up(layer, linear, x2: torch.Tensor, halves: torch.Tensor) -> torch.Tensor:
+    """The first one-token loop: one product per half, the half's rows indexed on every call."""
+    weight = linear.weight.unflatten(0, (layer.experts, -1))
+    bias = linear.bias.view(layer.experts, -1)
+    products = [torch.addmv(bias[i], weight[i], x2[0]) for i in halves.tolist()]
+    return layer.act(torch.stack(products)).view(1, halves.numel(), -1)
 
 
 def using(up: Callable, fn: Callable[[], object]) -> Callable[[], object]:
@@ -81,11 +90,13 @@ def main() -> None:
             layer = bench._init(build_experts(bench._with(config, moe_decompose=decompose)), 2)
             with torch.no_grad(), sparse.expert_path("decode"):
                 fresh_group = functools.partial(_first_layer_call, layer, token, g1, g2)
-                before, after = using(gather_up, fresh_group)(), fresh_group()
+                before, indexed = using(gather_up, fresh_group)(), using(indexed_up, fresh_group)()
+                after = fresh_group()
             equal[kind] = {"bitwise": bool(torch.equal(before, after)),
-                           "max_abs_difference": float((before - after).abs().max())}
+                           "max_abs_difference": float((before - after).abs().max()),
+                           "indexed_bitwise": bool(torch.equal(indexed, after))}
             group = RoutingGroup(g1, g2)            # the plan built once, as for a group's other layers
-            for tag, up in (("gather", gather_up), ("per_half", PER_HALF)):
+            for tag, up in (("gather", gather_up), ("indexed", indexed_up), ("per_half", PER_HALF)):
                 cases[f"{kind}_{tag}"] = using(up, functools.partial(layer, token, g1, g2, group=group))
         with torch.no_grad(), sparse.expert_path("decode"):
             times = bench.interleaved(cases, args.rounds, 2, timer)
