@@ -267,8 +267,8 @@ class MonetHorizontalExperts(ExpertLayer):
         if edits is not None:
             token, i, j, c = edits
             # Remove c_ij (V_j sigma(U_i x + b1_i) + b2_j) for every edited active pair.
-            top_input = ops.add_rows(top_input, token, j, -c.unsqueeze(-1) * ops.gather_rows(hidden, token, i))
-            bias_weight = ops.add_rows(bias_weight, token, j, -c)
+            top_input = sparse.add_rows(top_input, token, j, -c.unsqueeze(-1) * sparse.gather_rows(hidden, token, i))
+            bias_weight = sparse.add_rows(bias_weight, token, j, -c)
         return self.v(top_input.flatten(-2)) + bias_weight @ self.b
 
 
@@ -310,12 +310,12 @@ class MonetVerticalExperts(ExpertLayer):
         if edits is not None:
             token, i, j, c = edits
             # Remove c_ij E_ij(x): row sums over j and column sums over i of c, and the cross terms.
-            rows = ops.add_rows(torch.zeros_like(s1), token, i, c)
-            cols = ops.add_rows(torch.zeros_like(s2), token, j, c)
+            rows = sparse.add_rows(torch.zeros_like(s1), token, i, c)
+            cols = sparse.add_rows(torch.zeros_like(s2), token, j, c)
             straight1 = straight1 - rows.unsqueeze(-1) * h1
             straight2 = straight2 - cols.unsqueeze(-1) * h2
-            cross12 = ops.add_rows(cross12, token, i, -c.unsqueeze(-1) * ops.gather_rows(h2, token, j))
-            cross21 = ops.add_rows(cross21, token, j, -c.unsqueeze(-1) * ops.gather_rows(h1, token, i))
+            cross12 = sparse.add_rows(cross12, token, i, -c.unsqueeze(-1) * sparse.gather_rows(h2, token, j))
+            cross21 = sparse.add_rows(cross21, token, j, -c.unsqueeze(-1) * sparse.gather_rows(h1, token, i))
             s1, s2 = s1 - rows, s2 - cols
         top = self.v11(straight1.flatten(-2)) + self.v12(cross12.flatten(-2)) + s1 @ self.b1
         bottom = self.v21(cross21.flatten(-2)) + self.v22(straight2.flatten(-2)) + s2 @ self.b2

@@ -175,14 +175,3 @@ def edited_entries(g1: torch.Tensor, g2: torch.Tensor, edit_weights: torch.Tenso
     edit = sparse.edited_entries(first, second, edit_weights, g2.shape[-1])   # row-major [E1, E2] table
     return (first.token[edit.first], first.half[edit.first], second.half[edit.second],
             edit.coefficient(first, second))
-
-
-def gather_rows(hidden: torch.Tensor, token: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """hidden [..., E, w] at (token, index) pairs -> [P', w] (token over the flattened leading dims)."""
-    return hidden.reshape(-1, *hidden.shape[-2:])[token, index]
-
-
-def add_rows(target: torch.Tensor, token: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """target [..., E(, w)] plus values accumulated at (token, index) pairs; out of place (autograd)."""
-    flat = target.reshape(-1, *target.shape[target.dim() - values.dim():])   # [B*T, E(, w)]
-    return flat.index_put((token, index), values, accumulate=True).view_as(target)

@@ -213,6 +213,22 @@ def merged_experts(g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, to
     return token, ids, score
 
 
+def gather_rows(hidden: torch.Tensor, token: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """hidden [..., E, w] at (token, index) pairs -> [P', w] (token over the flattened leading dims)."""
+    return hidden.reshape(-1, *hidden.shape[-2:])[token, index]
+
+
+def add_rows(target: torch.Tensor, token: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """target [..., E(, w)] plus values accumulated at (token, index) pairs; out of place (autograd).
+
+    An `index_add` over the flat (token, index) rows, which sums repeated pairs in index order on any number
+    of threads: `index_put(accumulate=True)` on the CPU splits large index lists across threads and sums them
+    in an order that varies from run to run (docs/performance.md, "Run-to-run differences")."""
+    experts = target.shape[target.dim() - values.dim()]
+    flat = target.reshape(-1, *values.shape[1:])                              # [B*T*E(, w)]
+    return flat.index_add(0, token * experts + index, values).view_as(target)
+
+
 @dataclass
 class EditedEntries:
     """The active (token, head, i, j) whose edit weight is non-zero: indices into the two entry lists
@@ -706,8 +722,7 @@ class KeptHalves:
             token, i, j = first.token[edited.first], first.half[edited.first], second.half[edited.second]
             c = edited.coefficient(first, second)
             edit = (token, i, j, c)
-            s1 = s1.index_put((token, i), -c, accumulate=True)
-            s2 = s2.index_put((token, j), -c, accumulate=True)
+            s1, s2 = add_rows(s1, token, i, -c), add_rows(s2, token, j, -c)
         (_, _, select1), (_, _, select2) = self.bias_bag(1), self.bias_bag(2)
         bias1, bias2 = (s.reshape(-1) if select is None else s.reshape(-1).index_select(0, select)
                         for s, select in ((s1, select1), (s2, select2)))
@@ -838,7 +853,7 @@ def hd_decode(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, plan: 
     if routing.edit is not None:
         token, i, j, c = routing.edit
         # Remove c_ij V_j sigma(U_i x + b1_i) for every edited active pair (its c_ij b2_j left s2 already).
-        top_input = top_input.index_put((token, j), -c.unsqueeze(-1) * hidden[token, i], accumulate=True)
+        top_input = add_rows(top_input, token, j, -c.unsqueeze(-1) * hidden[token, i])
     out = _kept_project(plan, layer.v.weight, top_input, 2) + _kept_bias(plan, layer.b, routing.bias2, 2)
     return out.view(shape)
 
@@ -861,8 +876,8 @@ def vd_decode(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, plan: 
         token, i, j, c = routing.edit
         # Remove the cross terms of c_ij E_ij(x); its straight and bias terms left s1, s2 already.
         c = c.unsqueeze(-1)
-        cross12 = cross12.index_put((token, i), -c * h2[token, j], accumulate=True)
-        cross21 = cross21.index_put((token, j), -c * h1[token, i], accumulate=True)
+        cross12 = add_rows(cross12, token, i, -c * h2[token, j])
+        cross21 = add_rows(cross21, token, j, -c * h1[token, i])
     top = (_kept_project(plan, layer.v11.weight, routing.s1.unsqueeze(-1) * h1, 1)
            + _kept_project(plan, layer.v12.weight, cross12, 1) + _kept_bias(plan, layer.b1, routing.bias1, 1))
     bottom = (_kept_project(plan, layer.v21.weight, cross21, 2)
