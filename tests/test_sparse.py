@@ -381,3 +381,25 @@ def test_dispatch_rule_and_switch(monkeypatch):
     assert choose() is None    # k = 2 of E = 5 per head: too dense
     monkeypatch.setattr(sparse, "SPARSE_MAX_ACTIVE_FRACTION", 1.0)
     assert choose() is not None
+
+
+def test_add_rows_sums_repeated_pairs_in_index_order_on_any_number_of_threads():
+    """The edit corrections accumulate with `sparse.add_rows`: the same bits on every call and thread count
+    (index_put(accumulate=True) split 200k entries between two threads and gave ~280 different results in 300
+    calls, the run-to-run differences of masked evaluations), equal to the one-thread sum; rows and scalars."""
+    generator = torch.Generator().manual_seed(0)
+    entries = 200_000
+    token = torch.randint(0, 1024, (entries,), generator=generator)
+    half = torch.randint(0, 64, (entries,), generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        for values, target in ((torch.randn(entries, generator=generator), torch.zeros(16, 64, 64)),
+                               (torch.randn(entries, 3, generator=generator), torch.zeros(1024, 64, 3))):
+            torch.set_num_threads(1)
+            want = target.reshape(1024, 64, *values.shape[1:]).index_put((token, half), values, accumulate=True)
+            torch.set_num_threads(max(2, threads))
+            for _ in range(20):
+                got = sparse.add_rows(target, token, half, values)
+                assert got.shape == target.shape and torch.equal(got.reshape(want.shape), want)
+    finally:
+        torch.set_num_threads(threads)
