@@ -433,3 +433,18 @@ def test_damaged_tables_are_refused_with_the_file_named(setup, tmp_path, capsys)
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "contexts.parquet is damaged" in err and "Traceback" not in err
+
+
+def test_top_k_row_order_is_the_four_key_sort_with_a_sorted_table_first():
+    """`atlas._order` (one int64 key, then ties by (doc, pos)) equals lexsort by (unit, -score, doc, pos), when the
+    rows start with an already ordered table (as in a prune) and carry many tied scores and repeated units."""
+    from monet.interp.atlas import _order
+
+    rng = np.random.default_rng(3)
+    unit = rng.integers(0, 50, 5000)
+    score = rng.choice(np.float32([0.5, 0.25, 1e-3, 3.0, 7e-8]), 5000)
+    doc, pos = rng.integers(0, 40, 5000), rng.integers(0, 64, 5000)
+    table = np.lexsort((pos[:2000], doc[:2000], -score[:2000], unit[:2000]))   # an ordered table first
+    unit[:2000], score[:2000], doc[:2000], pos[:2000] = unit[table], score[table], doc[table], pos[table]
+    want = np.lexsort((pos, doc, -score, unit))
+    np.testing.assert_array_equal(_order(unit, score, doc, pos), want)

@@ -103,12 +103,15 @@ class TopK:
 
 def _order(unit, score, doc, pos) -> np.ndarray:
     """The permutation sorting rows by (unit, -score, doc, pos): one int64 key (unit, then the float32 score's
-    bits made order-preserving and reversed) sorted with quicksort, then only runs of equal keys (tied scores)
+    bits made order-preserving and reversed) sorted once, then only runs of equal keys (tied scores)
     re-sorted by (doc, pos) -- the same order as a four-key lexsort, about ten times faster."""
     bits = np.asarray(score, np.float32).view(np.int32).astype(np.int64)
     ordered = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)          # increasing with the float value
     key = (np.asarray(unit, np.int64) << 32) | ((2**31 - 1) - ordered)
-    order = np.argsort(key)
+    # Stable (a merge sort): the kept table arrives first, already in key order, and a merge sort runs over
+    # it in one pass (about half the time of a quicksort at the demo's 5M rows). The result does not
+    # depend on it: ties are ordered by (doc, pos) below.
+    order = np.argsort(key, kind="stable")
     sorted_key = key[order]
     tie = sorted_key[1:] == sorted_key[:-1]
     if tie.any():
