@@ -106,9 +106,10 @@ class ExpertEdits:
     def table(self, group: int, num_experts: int) -> torch.Tensor | None:
         """The group's removal table [E*E] (float32; 1 - alpha per expert), or None when nothing is edited."""
         entries, bottom, top = self.experts.get(group, {}), self.bottom.get(group, {}), self.top.get(group, {})
-        if self.pairs.get(group):
-            entries = dict(entries)
-        for (i, j), alpha in self.pairs.get(group, {}).items():
+        pairs = self.pairs.get(group, {})
+        if pairs:
+            entries = dict(entries)   # pair edits are folded in below; the stored edits stay as they are
+        for (i, j), alpha in pairs.items():
             _check_index(i, num_experts, f"bottom index of group {group}")
             _check_index(j, num_experts, f"top index of group {group}")
             entries[i * num_experts + j] = entries.get(i * num_experts + j, 1.0) * alpha

@@ -795,9 +795,10 @@ def _kept_up(layer, linear, x2: torch.Tensor, halves: torch.Tensor) -> torch.Ten
     """sigma(U_i x + b_i) for the kept halves i: [tokens, E_s, w]. At one token on the CPU, one product per
     half read in place (each half's rows of U are w * d contiguous values); otherwise the halves' rows are
     gathered into one matrix for one product (a copy: a write and a second read; at 4 tokens a loop won at
-    one shape and lost at another, and on a GPU it would be one launch per half). At one token the loop
-    takes HD's layer from 0.30 to 0.21 of the dense MLP at 1.4B and leaves VD about even
-    (`benchmarks/decode_up_ab.py`; docs/performance.md, "Decode results")."""
+    one shape and lost at another, and on a GPU it would be one launch per half). At one token, reading each
+    half through `_half_views`, the loop beats the gather for HD and VD at both released shapes (1.4B layer
+    over the dense MLP: HD 0.27 -> 0.16, VD 0.27 -> 0.25; `benchmarks/decode_up_ab.py`; docs/performance.md,
+    "Decode results")."""
     if x2.shape[0] == 1 and x2.device.type == "cpu" and halves.numel() and not torch.is_grad_enabled():
         x1 = x2[0]
         weights, biases = _half_views(layer, linear)
@@ -811,7 +812,7 @@ def _kept_up(layer, linear, x2: torch.Tensor, halves: torch.Tensor) -> torch.Ten
 
 def _half_views(layer, linear) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """Every half's rows of an up-projection as views, [w, d] and [w] (no autograd), made once per weight
-    and kept on the layer: indexing [E, w, d] per half and call is a tensor op each, 40 % of the one-token
+    and kept on the layer: indexing [E, w, d] per half and call is a tensor op each, a third of the one-token
     loop. Keyed by the weights' addresses (a view keeps its storage alive, so a new weight cannot reuse
     one); moving or casting the layer drops them (`monet.model.ExpertLayer._apply`)."""
     cache = layer.__dict__.setdefault("_half_views", {})

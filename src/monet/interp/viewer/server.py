@@ -235,9 +235,8 @@ class ViewerState:
         atlas, m = self.atlas, self.atlas.manifest
         units = kind_of(m["kind"])     # what the page calls a group and a unit, and which panels it offers
         return {"group_word": units.group_word, "unit_word": units.unit_word, "score_word": units.score_word,
-                "coactive": units.coactive,
-                "steerable": units.steerable, "groups": atlas.groups, "experts": atlas.num_experts,
-                "labels": atlas.labels,
+                "coactive": units.coactive, "steerable": units.steerable,
+                "groups": atlas.groups, "experts": atlas.num_experts, "labels": atlas.labels,
                 "tokens": m["tokens"], "kind": m["kind"], "model": m["model"], "top_k": m["options"]["top_k"],
                 "experts_per_side": m.get("experts_per_side"), "has_model": self.model is not None,
                 "format_version": atlas.version, "has_values": atlas.has_values,
