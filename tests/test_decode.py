@@ -118,15 +118,22 @@ def test_greedy_decoding_gives_the_dense_paths_tokens_and_logits(decompose, edit
 
 
 def test_column_major_weights_keep_values_and_save_as_before(tmp_path):
-    """The decode path stores output projections column-major (same values and shape); a model saved after
-    decoding loads with the same weights and gives the same logits (up to float rounding)."""
+    """The decode path stores output projections column-major, VD's in pairs sharing one table (same values
+    and shapes); state dicts hold unshared contiguous copies, and a model saved after decoding loads with the
+    same weights and gives the same logits (up to float rounding)."""
     model = _model("vertical", torch.float64)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     ids = torch.randint(3, 256, (1, 4))
     model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=None)
-    assert not model.model.layers[0].moe.v11.weight.is_contiguous()      # column-major now
+    moe = model.model.layers[0].moe
+    assert not moe.v11.weight.is_contiguous()                             # V11|V12 interleaved now
+    assert moe.v11.weight.untyped_storage().data_ptr() == moe.v12.weight.untyped_storage().data_ptr()
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
+    state = model.state_dict()                 # contiguous copies: safetensors refuses tensors sharing memory
+    assert all(state[f"model.layers.0.moe.{v}.weight"].is_contiguous() for v in ("v11", "v12", "v21", "v22"))
+    copy = state["model.layers.0.moe.v11.weight"]
+    assert moe.v11.weight.untyped_storage().data_ptr() != copy.untyped_storage().data_ptr()
     model.save_pretrained(tmp_path)
     loaded = monet.MonetForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
     for name, p in loaded.named_parameters():
@@ -175,17 +182,30 @@ def test_router_without_autograd_gives_the_same_routing():
     router(torch.randn(64, 12, dtype=torch.float64))            # running statistics from a batch
     router.eval()
     with torch.no_grad():
-        fast = router(x)
+        fast = fast_before = router(x)
     slow = router(x)
     assert all(g.grad_fn is not None for g in slow)
     for a, b in zip(fast, slow, strict=True):
         assert torch.equal(a, b.detach())
+    # The eval cut is kept until the running statistics change: in place, or replaced by another tensor.
+    for change in (lambda norm: norm.running_mean.sub_(50.0),                           # every entry kept
+                   lambda norm: setattr(norm, "running_mean", norm.running_mean + 50.0)):   # as before
+        for norm in (router.norm1, router.norm2):
+            change(norm)
+        with torch.no_grad():
+            fast = router(x)
+        slow = router(x)
+        for a, b in zip(fast, slow, strict=True):
+            assert torch.equal(a, b.detach())
+        assert not all(torch.equal(a, b) for a, b in zip(fast, fast_before, strict=True))
+        fast_before = fast
 
 
 @pytest.mark.parametrize("cls", LAYERS)
 def test_one_token_views_follow_the_weights_and_go_when_the_layer_is_cast(cls):
-    """The one-token loop reads each half through views kept on the layer: they see in-place updates, are
-    rebuilt for a replaced weight, and a cast (`.to`) drops them (nothing keeps the old weights alive)."""
+    """The one-token loop reads each half through views kept on the layer (and VD's output projections through
+    paired tables): they see in-place updates, are rebuilt for a replaced weight, and a cast (`.to`) drops
+    them (nothing keeps the old weights alive)."""
     layer, router = _layer(cls, 12, 16, 4, 2, 2, seed=5)
     x = torch.randn(1, 1, 12, dtype=torch.float64)
     up = layer.u if isinstance(layer, monet.model.MonetHorizontalExperts) else layer.u1
@@ -197,7 +217,14 @@ def test_one_token_views_follow_the_weights_and_go_when_the_layer_is_cast(cls):
         torch.testing.assert_close(_run(layer, "decode", x, g1, g2, None), _run(layer, "dense", x, g1, g2, None))
         up.weight = torch.nn.Parameter(torch.randn_like(up.weight))       # replaced: views made again
         torch.testing.assert_close(_run(layer, "decode", x, g1, g2, None), _run(layer, "dense", x, g1, g2, None))
+        if isinstance(layer, monet.model.MonetVerticalExperts):      # VD's paired output tables likewise
+            assert "_paired_columns" in layer.__dict__
+            layer.v12.weight.mul_(0.5)
+            torch.testing.assert_close(_run(layer, "decode", x, g1, g2, None), _run(layer, "dense", x, g1, g2, None))
+            layer.v21.weight = torch.nn.Parameter(torch.randn_like(layer.v21.weight))
+            torch.testing.assert_close(_run(layer, "decode", x, g1, g2, None), _run(layer, "dense", x, g1, g2, None))
+            assert layer.v21.weight.untyped_storage().data_ptr() == layer.v22.weight.untyped_storage().data_ptr()
         layer.to(torch.float32)
-        assert "_half_views" not in layer.__dict__
+        assert "_half_views" not in layer.__dict__ and "_paired_columns" not in layer.__dict__
         x32, g1, g2 = x.float(), g1.float(), g2.float()
         torch.testing.assert_close(_run(layer, "decode", x32, g1, g2, None), _run(layer, "dense", x32, g1, g2, None))

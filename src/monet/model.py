@@ -102,14 +102,32 @@ class MonetRouter(nn.Module):
                 count, mean, var = ops.batch_statistics(z, token_mask)
                 if not ops.recomputing_in_backward():   # activation checkpointing replays the forward once more
                     ops.update_running_statistics(norm, count, mean, var)
+                cut = (mean + self.threshold * torch.sqrt(var + norm.eps))[:, None]   # [H, 1], -inf when k = E
             else:
-                mean, var = norm.running_mean.to(dtype), norm.running_var.to(dtype)
-            cut = (mean + self.threshold * torch.sqrt(var + norm.eps))[:, None]   # [H, 1], -inf when k = E
+                cut = self.eval_cut(norm, dtype)
             bar = torch.minimum(z.amax(dim=-1, keepdim=True), cut)
             if not tracked:                    # decoding, evaluation: KeptSoftmax's forward, fewer ops
                 return torch.softmax(z.masked_fill_(z < bar, float("-inf")), dim=-1)
             keep = z >= bar
         return ops.KeptSoftmax.apply(x, keys.weight, z, keep)
+
+    def eval_cut(self, norm: nn.BatchNorm1d, dtype: torch.dtype) -> torch.Tensor:
+        """The cut of `gate` from the running statistics, [H, 1] in dtype, kept until they change (another tensor,
+        or an in-place update: its `_version`): at one token its five small ops per side are a tenth of the
+        router's time besides the keys' product (docs/performance.md, "Decode results")."""
+        mean, var = norm.running_mean, norm.running_var
+        key = (id(mean), mean._version, mean.data_ptr(), id(var), var._version, var.data_ptr(), dtype, self.threshold,
+               norm.eps)
+        cache = self.__dict__.setdefault("_eval_cuts", {})
+        entry = cache.get(id(norm))
+        if entry is None or entry[0] != key:       # the entry holds mean and var, so their ids are not reused
+            cut = (mean.to(dtype) + self.threshold * torch.sqrt(var.to(dtype) + norm.eps))[:, None]
+            entry = cache[id(norm)] = key, cut, (mean, var)
+        return entry[1]
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_eval_cuts", None)          # moved or cast: new statistics tensors
+        return super()._apply(fn, recurse)
 
 
 @dataclass(eq=False)
@@ -227,11 +245,12 @@ def activation(name: str):
 
 class ExpertLayer(nn.Module):
     """What the two expert layers share beyond their math: moving or casting one (`to`, `half`, ...: `_apply`)
-    drops the decode path's per-half views of its weights (`monet.sparse._half_views`), which would keep the
-    old weights alive."""
+    drops the decode path's per-half views of its weights (`monet.sparse._half_views`) and VD's paired output
+    tables (`monet.sparse.paired_columns`), which would keep the old weights alive."""
 
     def _apply(self, fn, recurse=True):
         self.__dict__.pop("_half_views", None)
+        self.__dict__.pop("_paired_columns", None)
         return super()._apply(fn, recurse)
 
 
@@ -291,6 +310,7 @@ class MonetVerticalExperts(ExpertLayer):
         self.u1, self.u2 = (nn.Linear(config.hidden_size, width) for _ in range(2))
         self.v11, self.v12, self.v21, self.v22 = (nn.Linear(width, half_out, bias=False) for _ in range(4))
         self.b1, self.b2 = (nn.Parameter(torch.zeros(self.experts, half_out)) for _ in range(2))
+        self.register_state_dict_post_hook(_unshare_paired_columns)
 
     def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
                 group: RoutingGroup | None = None) -> torch.Tensor:
@@ -320,6 +340,16 @@ class MonetVerticalExperts(ExpertLayer):
         top = self.v11(straight1.flatten(-2)) + self.v12(cross12.flatten(-2)) + s1 @ self.b1
         bottom = self.v21(cross21.flatten(-2)) + self.v22(straight2.flatten(-2)) + s2 @ self.b2
         return torch.cat((top, bottom), dim=-1)
+
+
+def _unshare_paired_columns(layer: MonetVerticalExperts, state_dict: dict, prefix: str, metadata: dict) -> None:
+    """After decoding, V11|V12 and V21|V22 share one table each (`monet.sparse.paired_columns`); state dicts get
+    contiguous copies of them, since safetensors and `save_pretrained` refuse tensors that share memory."""
+    if layer.__dict__.get("_paired_columns"):
+        for name in ("v11", "v12", "v21", "v22"):
+            key = f"{prefix}{name}.weight"
+            if key in state_dict and not isinstance(state_dict[key], nn.Parameter):
+                state_dict[key] = state_dict[key].contiguous()
 
 
 def build_experts(config: MonetConfig) -> nn.Module:

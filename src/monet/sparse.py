@@ -763,6 +763,15 @@ class KeptHalves:
             self._cache[key] = ((ids * width).unsqueeze(1) + step).view(-1), offsets, select
         return self._cache[key]
 
+    def column_pairs(self, side: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`columns` for a `paired_columns` table: each column id r becomes rows 2r and 2r + 1 (twice the entries
+        per bag; `select` unchanged, the values of the two projections are interleaved by the caller)."""
+        key = ("column_pairs", side, width)
+        if key not in self._cache:
+            ids, offsets, select = self.columns(side, width)
+            self._cache[key] = torch.stack((2 * ids, 2 * ids + 1), dim=1).view(-1), offsets * 2, select
+        return self._cache[key]
+
     def table(self, edit_weights: torch.Tensor | None) -> torch.Tensor | None:
         """The [E1 * E2] block of an [E * E] edit table (entry i*E2 + j: expert (first[i], second[j]))."""
         if edit_weights is None:
@@ -793,36 +802,57 @@ def kept_halves(g1: torch.Tensor, g2: torch.Tensor) -> KeptHalves:
 
 def _kept_up(layer, linear, x2: torch.Tensor, halves: torch.Tensor) -> torch.Tensor:
     """sigma(U_i x + b_i) for the kept halves i: [tokens, E_s, w]. At one token on the CPU, one product per
-    half read in place (each half's rows of U are w * d contiguous values); otherwise the halves' rows are
-    gathered into one matrix for one product (a copy: a write and a second read; at 4 tokens a loop won at
-    one shape and lost at another, and on a GPU it would be one launch per half). At one token, reading each
-    half through `_half_views`, the loop beats the gather for HD and VD at both released shapes (1.4B layer
-    over the dense MLP: HD 0.27 -> 0.16, VD 0.27 -> 0.25; `benchmarks/decode_up_ab.py`; docs/performance.md,
-    "Decode results")."""
+    half read in place (each half's rows of U are w * d contiguous values, seen through `_half_views`), the
+    biases added in one gather; otherwise the halves' rows are gathered into one matrix for one product (a
+    copy: a write and a second read; at 4 tokens a loop won at one shape and lost at another, and on a GPU it
+    would be one launch per half). `torch.mv` per half costs less than `torch.addmv` (0.38 against 0.50 ms for
+    48 halves of the 1.4B VD shape); the one-token loop's figures are in docs/performance.md, "Decode results"."""
     if x2.shape[0] == 1 and x2.device.type == "cpu" and halves.numel() and not torch.is_grad_enabled():
         x1 = x2[0]
-        weights, biases = _half_views(layer, linear)
-        products = [torch.addmv(biases[i], weights[i], x1) for i in halves.tolist()]
-        return layer.act(torch.stack(products)).view(1, halves.numel(), -1)
+        weights = _half_views(layer, linear)
+        products = torch.stack([torch.mv(weights[i], x1) for i in halves.tolist()])
+        products += linear.bias.view(layer.experts, -1).index_select(0, halves)
+        return layer.act(products).view(1, halves.numel(), -1)
     weight = linear.weight.unflatten(0, (layer.experts, -1))                               # [E, w, d]
     bias = linear.bias.view(layer.experts, -1)                                            # [E, w]
     weight, bias = weight.index_select(0, halves), bias.index_select(0, halves)
     return layer.act(F.linear(x2, weight.flatten(0, 1), bias.view(-1))).view(x2.shape[0], halves.numel(), -1)
 
 
-def _half_views(layer, linear) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """Every half's rows of an up-projection as views, [w, d] and [w] (no autograd), made once per weight
-    and kept on the layer: indexing [E, w, d] per half and call is a tensor op each, a third of the one-token
-    loop. Keyed by the weights' addresses (a view keeps its storage alive, so a new weight cannot reuse
-    one); moving or casting the layer drops them (`monet.model.ExpertLayer._apply`)."""
+def _half_views(layer, linear) -> tuple[torch.Tensor, ...]:
+    """Every half's rows of an up-projection as views [w, d] (no autograd), made once per weight and kept on
+    the layer: indexing [E, w, d] per half and call is a tensor op each, a third of the one-token loop. Keyed
+    by the weight's address (a view keeps its storage alive, so a new weight cannot reuse it); moving or
+    casting the layer drops them (`monet.model.ExpertLayer._apply`)."""
     cache = layer.__dict__.setdefault("_half_views", {})
-    key = (linear.weight.data_ptr(), linear.bias.data_ptr())
+    key = linear.weight.data_ptr()
     entry = cache.get(id(linear))
     if entry is None or entry[0] != key:
         with torch.no_grad():
-            entry = cache[id(linear)] = (key, linear.weight.unflatten(0, (layer.experts, -1)).unbind(0),
-                                         linear.bias.view(layer.experts, -1).unbind(0))
-    return entry[1], entry[2]
+            entry = cache[id(linear)] = key, linear.weight.unflatten(0, (layer.experts, -1)).unbind(0)
+    return entry[1]
+
+
+def paired_columns(layer, first: torch.nn.Linear, second: torch.nn.Linear) -> torch.Tensor:
+    """Two output projections that one side's halves read (VD: V11 and V12 for i, V21 and V22 for j; each
+    [d_out, E * w]) stored as one table [2 * E * w, d_out] whose rows alternate (column r of `first`, column r
+    of `second`), in place (`.data`: the same Parameters, values and shapes; strides (1, 2 * d_out)). A kept
+    half's columns of both are then one block of 2 * w * d_out contiguous values read by one embedding bag,
+    where two column-major weights took two bags over blocks half as long (VD's blocks were half HD's: issue
+    24, docs/performance.md). Kept on the layer and rebuilt if a weight was replaced; moving or casting the
+    layer drops it (`ExpertLayer._apply`), and state dicts hold contiguous copies (`MonetVerticalExperts`:
+    safetensors refuses tensors that share memory). Under autograd (a forced decode path) a differentiable copy
+    is made per call instead."""
+    if torch.is_grad_enabled() and (first.weight.requires_grad or second.weight.requires_grad):
+        return torch.stack((first.weight.t(), second.weight.t()), dim=1).flatten(0, 1)
+    cache = layer.__dict__.setdefault("_paired_columns", {})
+    entry = cache.get(id(first))
+    if entry is None or entry[0] != (first.weight.data_ptr(), second.weight.data_ptr()):
+        with torch.no_grad():
+            table = torch.stack((first.weight.t(), second.weight.t()), dim=1)       # [E * w, 2, d_out]
+            first.weight.data, second.weight.data = table[:, 0].t(), table[:, 1].t()
+        entry = cache[id(first)] = (first.weight.data_ptr(), second.weight.data_ptr()), table.flatten(0, 1)
+    return entry[1]
 
 
 def _kept_project(plan: KeptHalves, weight: torch.Tensor, inputs: torch.Tensor, side: int) -> torch.Tensor:
@@ -832,6 +862,15 @@ def _kept_project(plan: KeptHalves, weight: torch.Tensor, inputs: torch.Tensor, 
     ids, offsets, select = plan.columns(side, inputs.shape[-1])
     values = inputs.reshape(-1) if select is None else inputs.reshape(-1).index_select(0, select)
     return F.embedding_bag(ids, column_major(weight), offsets, mode="sum", per_sample_weights=values)
+
+
+def _paired_project(plan: KeptHalves, table: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
+                    side: int) -> torch.Tensor:
+    """first @ A^T + second @ B^T for the side's columns of two projections A, B stored as `paired_columns`'
+    table, first and second [tokens, E_s, w]: one embedding bag over both (`KeptHalves.column_pairs`)."""
+    ids, offsets, select = plan.column_pairs(side, first.shape[-1])
+    values = [t.reshape(-1) if select is None else t.reshape(-1).index_select(0, select) for t in (first, second)]
+    return F.embedding_bag(ids, table, offsets, mode="sum", per_sample_weights=torch.stack(values, dim=1).view(-1))
 
 
 def _kept_bias(plan: KeptHalves, bias: torch.Tensor, weights: torch.Tensor, side: int) -> torch.Tensor:
@@ -879,10 +918,11 @@ def vd_decode(layer, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, plan: 
         c = c.unsqueeze(-1)
         cross12 = add_rows(cross12, token, i, -c * h2[token, j])
         cross21 = add_rows(cross21, token, j, -c * h1[token, i])
-    top = (_kept_project(plan, layer.v11.weight, routing.s1.unsqueeze(-1) * h1, 1)
-           + _kept_project(plan, layer.v12.weight, cross12, 1) + _kept_bias(plan, layer.b1, routing.bias1, 1))
-    bottom = (_kept_project(plan, layer.v21.weight, cross21, 2)
-              + _kept_project(plan, layer.v22.weight, routing.s2.unsqueeze(-1) * h2, 2)
+    # V11|V12 and V21|V22 each read by one bag over their interleaved columns (`paired_columns`).
+    top_table, bottom_table = paired_columns(layer, layer.v11, layer.v12), paired_columns(layer, layer.v21, layer.v22)
+    top = (_paired_project(plan, top_table, routing.s1.unsqueeze(-1) * h1, cross12, 1)
+           + _kept_bias(plan, layer.b1, routing.bias1, 1))
+    bottom = (_paired_project(plan, bottom_table, cross21, routing.s2.unsqueeze(-1) * h2, 2)
               + _kept_bias(plan, layer.b2, routing.bias2, 2))
     return torch.cat((top, bottom), dim=-1).view(shape)
 
@@ -959,5 +999,6 @@ __all__ = [
     "ActivePairs", "EditedEntries", "GatherMatmul", "HalfLayout", "KeptEntries", "KeptHalves", "Routing",
     "KeptRouting", "ScatterMatmul", "StaticRouting", "StaticSide", "active_pairs", "bag_offsets", "choose",
     "combinations", "edited_entries", "expert_path", "hd_decode", "hd_forward", "kept_entries", "kept_halves",
-    "merged_experts", "side", "sparse_routing", "static_routing", "static_side", "vd_decode", "vd_forward"
+    "merged_experts", "paired_columns", "side", "sparse_routing", "static_routing", "static_side", "vd_decode",
+    "vd_forward"
 ]
