@@ -102,7 +102,7 @@ class MonetRouter(nn.Module):
                 count, mean, var = ops.batch_statistics(z, token_mask)
                 if not ops.recomputing_in_backward():   # activation checkpointing replays the forward once more
                     ops.update_running_statistics(norm, count, mean, var)
-                cut = (mean + self.threshold * torch.sqrt(var + norm.eps))[:, None]   # [H, 1], -inf when k = E
+                cut = self.cut(mean, var, norm.eps)
             else:
                 cut = self.eval_cut(norm, dtype)
             bar = torch.minimum(z.amax(dim=-1, keepdim=True), cut)
@@ -111,18 +111,23 @@ class MonetRouter(nn.Module):
             keep = z >= bar
         return ops.KeptSoftmax.apply(x, keys.weight, z, keep)
 
+    def cut(self, mean: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
+        """mean + sigma * sqrt(var + eps) per head, [H, 1] (-inf when k = E)."""
+        return (mean + self.threshold * torch.sqrt(var + eps))[:, None]
+
     def eval_cut(self, norm: nn.BatchNorm1d, dtype: torch.dtype) -> torch.Tensor:
         """The cut of `gate` from the running statistics, [H, 1] in dtype, kept until they change (another tensor,
         or an in-place update: its `_version`): at one token its five small ops per side are a tenth of the
         router's time besides the keys' product (docs/performance.md, "Decode results")."""
         mean, var = norm.running_mean, norm.running_var
+        if torch.compiler.is_compiling():          # a compiled graph computes it once anyway; no data pointers there
+            return self.cut(mean.to(dtype), var.to(dtype), norm.eps)
         key = (id(mean), mean._version, mean.data_ptr(), id(var), var._version, var.data_ptr(), dtype, self.threshold,
                norm.eps)
         cache = self.__dict__.setdefault("_eval_cuts", {})
         entry = cache.get(id(norm))
         if entry is None or entry[0] != key:       # the entry holds mean and var, so their ids are not reused
-            cut = (mean.to(dtype) + self.threshold * torch.sqrt(var.to(dtype) + norm.eps))[:, None]
-            entry = cache[id(norm)] = key, cut, (mean, var)
+            entry = cache[id(norm)] = key, self.cut(mean.to(dtype), var.to(dtype), norm.eps), (mean, var)
         return entry[1]
 
     def _apply(self, fn, recurse=True):
