@@ -1,7 +1,8 @@
 """One decode layer at one token, before and after the change of 2026-12-08 (issue 24): "before" reads VD's four
 output projections through four embedding bags over column-major weights and computes each kept half's up
 projection with `addmv`; "after" is `monet.sparse` now (VD: V11|V12 and V21|V22 in paired tables, one bag
-per side, `sparse.paired_columns`; both: `torch.mv` per half and one bias gather). Interleaved in one process
+per side, `sparse.paired_columns`; both: `torch.mv` per half and one bias gather), and the eval router with
+its cut recomputed per call ("router_before") or kept (`MonetRouter.eval_cut`). Interleaved in one process
 with the dense MLP of equal width, thread CPU time, one of a group's other layers (the plan built), at the
 released 850M and 1.4B shapes, HD and VD. Prints each case's median (ms), its ratio to the dense MLP and
 the largest difference between before and after.
@@ -26,9 +27,23 @@ from monet import sparse
 from monet.config import preset
 from monet.experiments import bench
 from monet.io import write_json
-from monet.model import RoutingGroup, build_experts
+from monet.model import MonetRouter, RoutingGroup, build_experts
 
 AFTER_UP = sparse._kept_up
+KEPT_CUT = MonetRouter.eval_cut
+
+
+def recomputed_cut(router: MonetRouter, norm: nn.BatchNorm1d, dtype: torch.dtype) -> torch.Tensor:
+    """The eval cut before: computed from the running statistics on every call."""
+    return router.cut(norm.running_mean.to(dtype), norm.running_var.to(dtype), norm.eps)
+
+
+def router_before(router: MonetRouter, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    MonetRouter.eval_cut = recomputed_cut
+    try:
+        return router(x)
+    finally:
+        MonetRouter.eval_cut = KEPT_CUT
 
 
 def addmv_up(layer, linear, x2: torch.Tensor, halves: torch.Tensor) -> torch.Tensor:
@@ -81,7 +96,12 @@ def main() -> None:
         token = torch.randn(1, 1, d, generator=torch.Generator().manual_seed(5))
         with torch.no_grad():
             g1, g2 = router(token)
-        cases: dict[str, Callable[[], object]] = {"dense": functools.partial(mlp, token)}
+        cases: dict[str, Callable[[], object]] = {"dense": functools.partial(mlp, token),
+                                                  "router_before": functools.partial(router_before, router, token),
+                                                  "router_after": functools.partial(router, token)}
+        with torch.no_grad():
+            before_routing, after_routing = router_before(router, token), router(token)
+            same_routing = all(torch.equal(a, b) for a, b in zip(before_routing, after_routing, strict=True))
         difference = {}
         for kind, decompose, before in (("hd", "horizontal", hd_before), ("vd", "vertical", vd_before)):
             layer = bench._init(build_experts(bench._with(config, moe_decompose=decompose)), 2)
@@ -102,6 +122,7 @@ def main() -> None:
             times = bench.interleaved(cases, args.rounds, 2, timer)
         medians = {case: 1e3 * statistics.median(seconds) for case, seconds in times.items()}
         report["shapes"][name] = {"median_ms": medians, "max_abs_difference": difference,
+                                  "router_bitwise_equal": same_routing,
                                   "vs_dense": {case: ms / medians["dense"] for case, ms in medians.items()
                                                if case != "dense"}}
     if args.json:
