@@ -142,6 +142,23 @@ def test_column_major_weights_keep_values_and_save_as_before(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("decompose", ["horizontal", "vertical"])
+def test_decoding_in_inference_mode_leaves_a_trainable_model(decompose):
+    """Decoding lays output projections out anew (column-major, VD's in pairs) and keeps the router's eval cut;
+    inside `torch.inference_mode()` those must still be normal tensors, or a later training step fails."""
+    model = _model(decompose, torch.float32)
+    ids = torch.randint(3, 256, (1, 4))
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert not model.model.layers[0].moe.get_parameter("v11.weight" if decompose == "vertical" else
+                                                       "v.weight").is_contiguous()      # laid out anew
+    assert not any(p.is_inference() for p in model.parameters())
+    model(ids, labels=ids).loss.backward()                   # eval mode, autograd: the kept cut is used
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for name, p in model.named_parameters() if ".moe." in name)
+
+
 def test_plan_is_built_once_per_group_and_follows_its_routing_and_edits():
     """The decoder passes one plan per routing group: its layers reuse it (same restricted routing object when
     nothing is differentiated), a routing that is not the group's gets a plan of its own, another edit table

@@ -127,7 +127,8 @@ class MonetRouter(nn.Module):
         cache = self.__dict__.setdefault("_eval_cuts", {})
         entry = cache.get(id(norm))
         if entry is None or entry[0] != key:       # the entry holds mean and var, so their ids are not reused
-            entry = cache[id(norm)] = key, self.cut(mean.to(dtype), var.to(dtype), norm.eps), (mean, var)
+            with torch.inference_mode(False):      # a normal tensor, usable later outside inference mode too
+                entry = cache[id(norm)] = key, self.cut(mean.to(dtype), var.to(dtype), norm.eps), (mean, var)
         return entry[1]
 
     def _apply(self, fn, recurse=True):

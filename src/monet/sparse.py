@@ -789,8 +789,17 @@ def column_major(weight: torch.Tensor) -> torch.Tensor:
     contiguous too; only the decode path needs it.
     """
     if weight.stride() != (1, weight.shape[0]):            # read on every decode call: no tensor op
-        weight.data = weight.data.t().contiguous().t()
+        with _normal_tensors():
+            weight.data = weight.data.t().contiguous().t()
     return weight.t()
+
+
+@contextmanager
+def _normal_tensors() -> Iterator[None]:
+    """No autograd, and not inference mode even inside `torch.inference_mode()`: a weight's new storage made
+    while decoding there would be an inference tensor, and training the model afterwards would fail."""
+    with torch.no_grad(), torch.inference_mode(False):
+        yield
 
 
 def kept_halves(g1: torch.Tensor, g2: torch.Tensor) -> KeptHalves:
@@ -848,7 +857,7 @@ def paired_columns(layer, first: torch.nn.Linear, second: torch.nn.Linear) -> to
     cache = layer.__dict__.setdefault("_paired_columns", {})
     entry = cache.get(id(first))
     if entry is None or entry[0] != (first.weight.data_ptr(), second.weight.data_ptr()):
-        with torch.no_grad():
+        with _normal_tensors():
             table = torch.stack((first.weight.t(), second.weight.t()), dim=1)       # [E * w, 2, d_out]
             first.weight.data, second.weight.data = table[:, 0].t(), table[:, 1].t()
         entry = cache[id(first)] = (first.weight.data_ptr(), second.weight.data_ptr()), table.flatten(0, 1)
