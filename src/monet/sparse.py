@@ -814,12 +814,15 @@ def _kept_up(layer, linear, x2: torch.Tensor, halves: torch.Tensor) -> torch.Ten
     half read in place (each half's rows of U are w * d contiguous values, seen through `_half_views`), the
     biases added in one gather; otherwise the halves' rows are gathered into one matrix for one product (a
     copy: a write and a second read; at 4 tokens a loop won at one shape and lost at another, and on a GPU it
-    would be one launch per half). `torch.mv` per half costs less than `torch.addmv` (0.38 against 0.50 ms for
-    48 halves of the 1.4B VD shape); the one-token loop's figures are in docs/performance.md, "Decode results"."""
+    would be one launch per half). `torch.mv` per half into rows of one tensor costs less than `torch.addmv` per
+    half and a stack (48 halves of the 1.4B VD shape, cold caches: 0.50 -> 0.38 ms with `mv`, 0.23 -> 0.17 ms
+    in a warm loop without the stack); figures in docs/performance.md, "Decode results"."""
     if x2.shape[0] == 1 and x2.device.type == "cpu" and halves.numel() and not torch.is_grad_enabled():
         x1 = x2[0]
         weights = _half_views(layer, linear)
-        products = torch.stack([torch.mv(weights[i], x1) for i in halves.tolist()])
+        products = x1.new_empty(halves.numel(), weights[0].shape[0])
+        for row, i in zip(products.unbind(0), halves.tolist(), strict=True):    # written in place: no stack
+            torch.mv(weights[i], x1, out=row)
         products += linear.bias.view(layer.experts, -1).index_select(0, halves)
         return layer.act(products).view(1, halves.numel(), -1)
     weight = linear.weight.unflatten(0, (layer.experts, -1))                               # [E, w, d]
