@@ -816,7 +816,7 @@ def _kept_up(layer, linear, x2: torch.Tensor, halves: torch.Tensor) -> torch.Ten
     copy: a write and a second read; at 4 tokens a loop won at one shape and lost at another, and on a GPU it
     would be one launch per half). `torch.mv` per half into rows of one tensor costs less than `torch.addmv` per
     half and a stack (48 halves of the 1.4B VD shape, cold caches: 0.50 -> 0.38 ms with `mv`, 0.23 -> 0.17 ms
-    in a warm loop without the stack); figures in docs/performance.md, "Decode results"."""
+    without the stack); figures in docs/performance.md, "Decode results"."""
     if x2.shape[0] == 1 and x2.device.type == "cpu" and halves.numel() and not torch.is_grad_enabled():
         x1 = x2[0]
         weights = _half_views(layer, linear)
