@@ -2,6 +2,8 @@
 only the kept halves' weights, and gives the dense path's tokens and logits under greedy decoding, with and
 without edits. Values and gradients against the naive N-sum are in tests/test_sparse.py (path "decode")."""
 
+import copy
+
 import pytest
 import torch
 from test_sparse import LAYERS, _edit_table, _layer, _run
@@ -216,6 +218,7 @@ def test_router_without_autograd_gives_the_same_routing():
             assert torch.equal(a, b.detach())
         assert not all(torch.equal(a, b) for a, b in zip(fast, fast_before, strict=True))
         fast_before = fast
+    assert "_eval_cuts" in router.__dict__ and "_eval_cuts" not in copy.deepcopy(router).__dict__
 
 
 @pytest.mark.parametrize("cls", LAYERS)
@@ -241,6 +244,9 @@ def test_one_token_views_follow_the_weights_and_go_when_the_layer_is_cast(cls):
             layer.v21.weight = torch.nn.Parameter(torch.randn_like(layer.v21.weight))
             torch.testing.assert_close(_run(layer, "decode", x, g1, g2, None), _run(layer, "dense", x, g1, g2, None))
             assert layer.v21.weight.untyped_storage().data_ptr() == layer.v22.weight.untyped_storage().data_ptr()
+        copied = copy.deepcopy(layer)                    # copies leave the caches (and their weights) behind
+        assert "_half_views" not in copied.__dict__ and "_paired_columns" not in copied.__dict__
+        torch.testing.assert_close(_run(copied, "decode", x, g1, g2, None), _run(layer, "dense", x, g1, g2, None))
         layer.to(torch.float32)
         assert "_half_views" not in layer.__dict__ and "_paired_columns" not in layer.__dict__
         x32, g1, g2 = x.float(), g1.float(), g2.float()

@@ -135,6 +135,9 @@ class MonetRouter(nn.Module):
         self.__dict__.pop("_eval_cuts", None)          # moved or cast: new statistics tensors
         return super()._apply(fn, recurse)
 
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in super().__getstate__().items() if key != "_eval_cuts"}
+
 
 @dataclass(eq=False)
 class RoutingGroup:
@@ -252,12 +255,19 @@ def activation(name: str):
 class ExpertLayer(nn.Module):
     """What the two expert layers share beyond their math: moving or casting one (`to`, `half`, ...: `_apply`)
     drops the decode path's per-half views of its weights (`monet.sparse._half_views`) and VD's paired output
-    tables (`monet.sparse.paired_columns`), which would keep the old weights alive."""
+    tables (`monet.sparse.paired_columns`), which would keep the old weights alive; copying or pickling one
+    leaves them out."""
+
+    CACHES = ("_half_views", "_paired_columns")
 
     def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_half_views", None)
-        self.__dict__.pop("_paired_columns", None)
+        for cache in self.CACHES:
+            self.__dict__.pop(cache, None)
         return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the caches behind (a deep copy would hold a second copy of the weights)."""
+        return {key: value for key, value in super().__getstate__().items() if key not in self.CACHES}
 
 
 class MonetHorizontalExperts(ExpertLayer):
