@@ -16,11 +16,10 @@ import argparse
 import copy
 import functools
 import json
-import statistics
 from collections.abc import Callable
 
 import torch
-from decode_up_ab import calibrated_router
+from decode_up_ab import one_token, over_dense
 from torch import nn
 
 from monet import sparse
@@ -90,12 +89,7 @@ def main() -> None:
     report: dict = {"machine": bench.machine_info(), "rounds": args.rounds, "shapes": {}}
     for name in ("monet-vd-850m", "monet-vd-1.4b"):
         config = preset(name)
-        d, width = config.hidden_size, config.moe_experts * config.moe_dim
-        mlp = bench._init(nn.Sequential(nn.Linear(d, width), bench._ReLU2(), nn.Linear(width, d, bias=False)), 0)
-        router = calibrated_router(config, torch.randn(1, 4096, d))
-        token = torch.randn(1, 1, d, generator=torch.Generator().manual_seed(5))
-        with torch.no_grad():
-            g1, g2 = router(token)
+        mlp, router, token, g1, g2 = one_token(name)
         cases: dict[str, Callable[[], object]] = {"dense": functools.partial(mlp, token),
                                                   "router_before": functools.partial(router_before, router, token),
                                                   "router_after": functools.partial(router, token)}
@@ -120,11 +114,8 @@ def main() -> None:
             cases[f"{kind}_after"] = functools.partial(layer, token, g1, g2, group=group_after)
         with torch.no_grad(), sparse.expert_path("decode"):
             times = bench.interleaved(cases, args.rounds, 2, timer)
-        medians = {case: 1e3 * statistics.median(seconds) for case, seconds in times.items()}
-        report["shapes"][name] = {"median_ms": medians, "max_abs_difference": difference,
-                                  "router_bitwise_equal": same_routing,
-                                  "vs_dense": {case: ms / medians["dense"] for case, ms in medians.items()
-                                               if case != "dense"}}
+        report["shapes"][name] = {**over_dense(times), "max_abs_difference": difference,
+                                  "router_bitwise_equal": same_routing}
     if args.json:
         write_json(args.json, report)
     print(json.dumps(report["shapes"], indent=1))

@@ -68,6 +68,26 @@ def calibrated_router(config, x: torch.Tensor) -> MonetRouter:
     return router.eval()
 
 
+def one_token(name: str) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """At a released shape: the dense MLP of equal width, an eval router calibrated on 4,096 random tokens, one
+    token, and its routing (g1, g2)."""
+    config = preset(name)
+    d, width = config.hidden_size, config.moe_experts * config.moe_dim
+    mlp = bench._init(nn.Sequential(nn.Linear(d, width), bench._ReLU2(), nn.Linear(width, d, bias=False)), 0)
+    router = calibrated_router(config, torch.randn(1, 4096, d))
+    token = torch.randn(1, 1, d, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        g1, g2 = router(token)
+    return mlp, router, token, g1, g2
+
+
+def over_dense(times: dict[str, list[float]]) -> dict:
+    """Median ms per case and each case's median over the dense MLP's (case "dense")."""
+    medians = {case: 1e3 * statistics.median(seconds) for case, seconds in times.items()}
+    return {"median_ms": medians,
+            "vs_dense": {case: ms / medians["dense"] for case, ms in medians.items() if case != "dense"}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=31)
@@ -78,12 +98,7 @@ def main() -> None:
     report: dict = {"machine": bench.machine_info(), "rounds": args.rounds, "shapes": {}}
     for name in ("monet-vd-850m", "monet-vd-1.4b"):
         config = preset(name)
-        d, width = config.hidden_size, config.moe_experts * config.moe_dim
-        mlp = bench._init(nn.Sequential(nn.Linear(d, width), bench._ReLU2(), nn.Linear(width, d, bias=False)), 0)
-        router = calibrated_router(config, torch.randn(1, 4096, d))
-        token = torch.randn(1, 1, d, generator=torch.Generator().manual_seed(5))
-        with torch.no_grad():
-            g1, g2 = router(token)
+        mlp, _, token, g1, g2 = one_token(name)
         cases: dict[str, Callable[[], object]] = {"dense": functools.partial(mlp, token)}
         equal = {}
         for kind, decompose in (("hd", "horizontal"), ("vd", "vertical")):
@@ -100,10 +115,7 @@ def main() -> None:
                 cases[f"{kind}_{tag}"] = using(up, functools.partial(layer, token, g1, g2, group=group))
         with torch.no_grad(), sparse.expert_path("decode"):
             times = bench.interleaved(cases, args.rounds, 2, timer)
-        medians = {case: 1e3 * statistics.median(seconds) for case, seconds in times.items()}
-        report["shapes"][name] = {"median_ms": medians, "equal": equal,
-                                  "vs_dense": {case: ms / medians["dense"] for case, ms in medians.items()
-                                               if case != "dense"}}
+        report["shapes"][name] = {**over_dense(times), "equal": equal}
     if args.json:
         write_json(args.json, report)
     print(json.dumps(report["shapes"], indent=1))
